@@ -1,0 +1,63 @@
+# runbook: build, dependencies, tests, sandbox and demo.
+PREFIX  ?= /usr/local
+CC      ?= cc
+CFLAGS  ?= -O2 -g
+WARN     = -Wall -Wextra
+LUA_INC := $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+# Lua is linked statically and its symbols exported (-Wl,-E), as lua5.4 does, so
+# modules and Debian's Lua C libraries (cjson, lyaml) bind to this one copy.
+LUA_LIB  = /usr/lib/x86_64-linux-gnu/liblua5.4.a
+ifeq ($(wildcard $(LUA_LIB)),)
+LUA_LIB  = -llua5.4
+endif
+
+HOST_SRC = $(wildcard host/*.c)
+MODULES  = exec http
+MODULE_SO = $(MODULES:%=lib/runbook/%.so)
+
+# Backend libraries, linked only into the module that uses them.
+LIBS_http  = -lcurl
+LIBS_kafka = -lrdkafka
+LIBS_pg    = -lpq
+LIBS_redis = -lhiredis
+
+DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
+  libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
+  postgresql postgresql-client redis-server redis-tools kcat curl python3 openssl tmux
+
+.PHONY: all deps test clean install sandbox sandbox-stop demo
+all: runbook $(MODULE_SO)
+
+runbook: $(HOST_SRC) host/runbook.h host/host.h
+	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) -lm -ldl -Wl,-E
+
+lib/runbook/%.so: modules/%.c host/runbook.h
+	@mkdir -p lib/runbook
+	$(CC) $(CFLAGS) $(WARN) -fPIC -shared $(LUA_INC) -Ihost -o $@ $< $(LIBS_$*)
+
+deps:
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $(DEB_PACKAGES)
+
+# Integration specs need the sandbox; starting it is idempotent.
+test: all
+	examples/sandbox/up >/dev/null
+	. examples/sandbox/.state/env && ./runbook test spec
+
+sandbox:
+	examples/sandbox/up
+
+sandbox-stop:
+	examples/sandbox/down
+
+demo: all
+	examples/demo
+
+install: all
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/runbook/runbook $(DESTDIR)$(PREFIX)/share/runbook
+	install -m 755 runbook $(DESTDIR)$(PREFIX)/bin/runbook
+	install -m 644 $(MODULE_SO) $(DESTDIR)$(PREFIX)/lib/runbook/runbook/
+	cp -R stdlib runbooks $(DESTDIR)$(PREFIX)/share/runbook/
+
+clean:
+	rm -rf runbook lib

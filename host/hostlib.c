@@ -1,0 +1,255 @@
+/*
+ * hostlib.c: "runbook.host", the private library the stdlib engine uses.
+ * Runbooks never see it: their environment is built without it.
+ */
+#include <errno.h>
+#include <pwd.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <lauxlib.h>
+#include "host.h"
+
+static int h_now(lua_State *L) { lua_pushnumber(L, rb_now()); return 1; }
+
+/* Wall-clock time with sub-second precision, for timestamps in output. */
+static int h_wallclock(lua_State *L)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    lua_pushnumber(L, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+    return 1;
+}
+
+/* Sleep, waking early on a signal or the step deadline; returns false when cut short. */
+static int h_sleep(lua_State *L)
+{
+    double secs = luaL_checknumber(L, 1);
+    double end = rb_now() + secs;
+    double dl = rb_get_deadline();
+    int cut = 0;
+    if (dl > 0 && dl < end) {
+        end = dl;
+        cut = 1;
+    }
+    for (;;) {
+        double left = end - rb_now();
+        if (rb_interrupted())
+            return luaL_error(L, "interrupted by %s", rb_last_signal() == 15 ? "SIGTERM" : "SIGINT");
+        if (left <= 0)
+            break;
+        if (left > 0.05) left = 0.05;   /* re-check signals often */
+        struct timespec ts = { (time_t)left, (long)((left - (double)(time_t)left) * 1e9) };
+        nanosleep(&ts, NULL);
+    }
+    if (cut)
+        return luaL_error(L, "step timed out");
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int h_isatty(lua_State *L)
+{
+    lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)));
+    return 1;
+}
+
+static int h_set_mode(lua_State *L)
+{
+    static const char *const names[] = { "run", "dry-run", NULL };
+    rb_set_mode((rb_mode)luaL_checkoption(L, 1, NULL, names));
+    return 0;
+}
+
+static int h_mode(lua_State *L)
+{
+    lua_pushstring(L, rb_get_mode() == RB_MODE_RUN ? "run" : "dry-run");
+    return 1;
+}
+
+/* set_deadline(t): absolute monotonic time, or nil/0 for none. */
+static int h_set_deadline(lua_State *L)
+{
+    rb_set_deadline(L, luaL_optnumber(L, 1, 0));
+    return 0;
+}
+
+static int h_deadline(lua_State *L)
+{
+    double d = rb_get_deadline();
+    if (d > 0) lua_pushnumber(L, d); else lua_pushnil(L);
+    return 1;
+}
+
+static int h_secret(lua_State *L)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    rb_secret_register(L, s, len);
+    return 0;
+}
+
+static int h_redact(lua_State *L)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    rb_push_redacted(L, s, len);
+    return 1;
+}
+
+/* The function the gate reports effects to (the engine's recorder), or nil. */
+static int h_set_effect_sink(lua_State *L)
+{
+    if (!lua_isnil(L, 1))
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_settop(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, RB_EFFECT_SINK);
+    return 0;
+}
+
+/*
+ * gate(module, op, target, summary, can_simulate) -> "perform"|"simulate"|"skip":
+ * the same decision C modules get, for effects written in Lua.
+ */
+static int h_gate(lua_State *L)
+{
+    rb_effect e = { luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                    luaL_checkstring(L, 4), lua_toboolean(L, 5) };
+    static const char *const names[] = { "perform", "simulate", "skip" };
+    lua_pushstring(L, names[rb_gate(L, &e)]);
+    return 1;
+}
+
+/* gate_done(module, op, target, summary, decision, ok, result) */
+static int h_gate_done(lua_State *L)
+{
+    static const char *const names[] = { "perform", "simulate", "skip", NULL };
+    rb_effect e = { luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                    luaL_checkstring(L, 4), 0 };
+    rb_decision d = (rb_decision)luaL_checkoption(L, 5, NULL, names);
+    int ok = lua_toboolean(L, 6);
+    lua_settop(L, 7);
+    rb_gate_done(L, &e, d, ok);
+    return 0;
+}
+
+/* raise(t): give t the structured error metatable and raise it. */
+static int h_raise(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    if (lua_getfield(L, 1, "message") == LUA_TSTRING) {
+        size_t len;
+        const char *m = lua_tolstring(L, -1, &len);
+        rb_push_redacted(L, m, len);
+        lua_setfield(L, 1, "message");
+    }
+    lua_pop(L, 1);
+    luaL_setmetatable(L, RB_ERROR_MT);
+    return lua_error(L);
+}
+
+static int h_interrupted(lua_State *L)
+{
+    int sig = rb_interrupted() ? rb_last_signal() : 0;
+    if (sig) lua_pushinteger(L, sig); else lua_pushnil(L);
+    return 1;
+}
+
+static int h_clear_interrupt(lua_State *L) { (void)L; rb_clear_interrupt(); return 0; }
+
+static int h_signals(lua_State *L) { (void)L; rb_signals_install(); return 0; }
+
+static int h_identity(lua_State *L)
+{
+    char host[256] = "unknown";
+    gethostname(host, sizeof host - 1);
+    struct passwd *pw = getpwuid(getuid());
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, pw ? pw->pw_name : "unknown");
+    lua_setfield(L, -2, "user");
+    lua_pushstring(L, host);
+    lua_setfield(L, -2, "host");
+    lua_pushinteger(L, getpid());
+    lua_setfield(L, -2, "pid");
+    return 1;
+}
+
+/* Read one line from the terminal (stdin), nil at end of input. Interrupt-aware. */
+static int h_read_line(lua_State *L)
+{
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (;;) {
+        char c;
+        ssize_t n = read(0, &c, 1);
+        if (n < 0 && errno == EINTR) {
+            if (rb_interrupted())
+                return luaL_error(L, "interrupted by %s", rb_last_signal() == 15 ? "SIGTERM" : "SIGINT");
+            continue;
+        }
+        if (n <= 0) {
+            if (luaL_bufflen(&b) == 0) { lua_pushnil(L); return 1; }
+            break;
+        }
+        if (c == '\n')
+            break;
+        luaL_addchar(&b, c);
+    }
+    luaL_pushresult(&b);
+    return 1;
+}
+
+static const luaL_Reg host_funcs[] = {
+    { "now", h_now },
+    { "wallclock", h_wallclock },
+    { "sleep", h_sleep },
+    { "isatty", h_isatty },
+    { "set_mode", h_set_mode },
+    { "mode", h_mode },
+    { "set_deadline", h_set_deadline },
+    { "deadline", h_deadline },
+    { "secret", h_secret },
+    { "redact", h_redact },
+    { "set_effect_sink", h_set_effect_sink },
+    { "gate", h_gate },
+    { "gate_done", h_gate_done },
+    { "raise", h_raise },
+    { "interrupted", h_interrupted },
+    { "clear_interrupt", h_clear_interrupt },
+    { "install_signal_handlers", h_signals },
+    { "identity", h_identity },
+    { "read_line", h_read_line },
+    { NULL, NULL }
+};
+
+/* The structured error's tostring: "module.op: message (code)". */
+static int error_tostring(lua_State *L)
+{
+    lua_getfield(L, 1, "module");
+    lua_getfield(L, 1, "op");
+    lua_getfield(L, 1, "message");
+    lua_getfield(L, 1, "code");
+    const char *mod = lua_tostring(L, 2), *op = lua_tostring(L, 3);
+    const char *msg = luaL_optstring(L, 4, "error"), *code = lua_tostring(L, 5);
+    if (mod && op) lua_pushfstring(L, "%s.%s: %s", mod, op, msg);
+    else if (mod) lua_pushfstring(L, "%s: %s", mod, msg);
+    else lua_pushstring(L, msg);
+    if (code && !strstr(msg, code))
+        lua_pushfstring(L, "%s (%s)", lua_tostring(L, -1), code);
+    return 1;
+}
+
+int luaopen_runbook_host(lua_State *L)
+{
+    if (luaL_newmetatable(L, RB_ERROR_MT)) {
+        lua_pushcfunction(L, error_tostring);
+        lua_setfield(L, -2, "__tostring");
+        lua_pushliteral(L, "runbook.error");
+        lua_setfield(L, -2, "__name");
+    }
+    luaL_newlib(L, host_funcs);
+    lua_pushvalue(L, -2);
+    lua_setfield(L, -2, "error_mt");
+    return 1;
+}

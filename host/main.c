@@ -1,0 +1,110 @@
+/*
+ * main.c: the runbook executable. It makes a Lua state, gives the stdlib its
+ * private host library, points require at stdlib/ and lib/, and hands the
+ * command line to the Lua CLI (stdlib/runbook/cli.lua), whose return value is
+ * the exit status. Everything runs under a protected call with a traceback.
+ */
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include "host.h"
+
+#define EXIT_LOAD 3   /* DESIGN.md: the runbook (here: the host's own Lua) cannot be loaded */
+
+/* The directory holding stdlib/ and lib/: next to the executable in a build
+ * tree, else ../share/runbook and ../lib/runbook after `make install`. */
+static void find_roots(char *stdlib, char *libdir, size_t size)
+{
+    char exe[PATH_MAX - 64];   /* room for the suffixes below */
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0) {
+        snprintf(stdlib, size, "stdlib");
+        snprintf(libdir, size, "lib");
+        return;
+    }
+    exe[n] = '\0';
+    char *slash = strrchr(exe, '/');
+    *slash = '\0';
+    snprintf(stdlib, size, "%s/stdlib/runbook/cli.lua", exe);
+    if (access(stdlib, R_OK) == 0) {
+        snprintf(stdlib, size, "%s/stdlib", exe);
+        snprintf(libdir, size, "%s/lib", exe);
+    } else {
+        snprintf(stdlib, size, "%s/../share/runbook/stdlib", exe);
+        snprintf(libdir, size, "%s/../lib/runbook", exe);
+    }
+}
+
+static void set_path(lua_State *L, const char *field, const char *mine)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, field);
+    lua_pushfstring(L, "%s;%s", mine, lua_tostring(L, -1));
+    lua_setfield(L, -3, field);
+    lua_pop(L, 2);
+}
+
+static int msghandler(lua_State *L)
+{
+    if (!lua_isstring(L, 1) && luaL_callmeta(L, 1, "__tostring"))
+        lua_replace(L, 1);
+    luaL_traceback(L, L, lua_tostring(L, 1), 1);
+    return 1;
+}
+
+static int pmain(lua_State *L)
+{
+    int argc = (int)lua_tointeger(L, 1);
+    char **argv = lua_touserdata(L, 2);
+    char stdlib[PATH_MAX], libdir[PATH_MAX];
+
+    luaL_openlibs(L);
+    luaL_requiref(L, "runbook.host", luaopen_runbook_host, 0);
+    lua_pop(L, 1);
+    find_roots(stdlib, libdir, sizeof stdlib);
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua", stdlib, stdlib);
+    set_path(L, "path", lua_tostring(L, -1));
+    lua_pushfstring(L, "%s/?.so", libdir);
+    set_path(L, "cpath", lua_tostring(L, -1));
+    lua_pop(L, 2);
+
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "runbook.cli");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "main");
+    lua_createtable(L, argc, 0);
+    for (int i = 1; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i);
+    }
+    lua_call(L, 1, 1);
+    return 1;
+}
+
+int main(int argc, char **argv)
+{
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        fputs("runbook: cannot create Lua state: not enough memory\n", stderr);
+        return EXIT_LOAD;
+    }
+    lua_pushcfunction(L, msghandler);
+    lua_pushcfunction(L, pmain);
+    lua_pushinteger(L, argc);
+    lua_pushlightuserdata(L, argv);
+    int status = lua_pcall(L, 2, 1, 1);
+    int code;
+    if (status != LUA_OK) {
+        fprintf(stderr, "runbook: internal error: %s\n", lua_tostring(L, -1));
+        code = EXIT_LOAD;
+    } else {
+        code = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+    }
+    fflush(stdout);
+    lua_close(L);
+    return code;
+}

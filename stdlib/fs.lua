@@ -1,0 +1,102 @@
+--- Files for runbooks: reads run freely; writes, renames and deletes go
+-- through the effect gate (in a dry run they are reported, not done).
+local gate = require "gate"
+local host = require "runbook.host"
+local lfs = require "lfs"
+
+local M = {}
+
+local function fail(op, path, err)
+  host.raise { module = "fs", op = op, message = ("%s: %s"):format(path, err), retryable = false }
+end
+
+function M.read(path)
+  local f, err = io.open(path, "rb")
+  if not f then fail("read", path, err) end
+  local data = f:read("a")
+  f:close()
+  return data
+end
+
+function M.exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+function M.lines(path)
+  local f, err = io.open(path, "rb")
+  if not f then fail("lines", path, err) end
+  return f:lines()
+end
+
+--- Write `data` to `path` (replacing it) through a temporary file and a rename,
+-- so a crash never leaves a half-written file. opts.append appends instead.
+function M.write(path, data, opts)
+  opts = opts or {}
+  data = tostring(data)
+  local verb = opts.append and "append" or "write"
+  return gate.effect {
+    module = "fs", op = verb, target = path,
+    summary = ("%s %d bytes to %s"):format(verb, #data, path),
+    perform = function()
+      if opts.append then
+        local f, err = io.open(path, "ab")
+        if not f then fail(verb, path, err) end
+        f:write(data)
+        f:close()
+      else
+        local tmp = path .. ".tmp-" .. host.identity().pid
+        local f, err = io.open(tmp, "wb")
+        if not f then fail(verb, path, err) end
+        local ok, werr = f:write(data)
+        f:close()
+        if not ok then os.remove(tmp); fail(verb, path, werr) end
+        local renamed, rerr = os.rename(tmp, path)
+        if not renamed then os.remove(tmp); fail(verb, path, rerr) end
+      end
+      return { bytes = #data }
+    end,
+  }
+end
+
+function M.remove(path)
+  return gate.effect {
+    module = "fs", op = "remove", target = path, summary = "remove " .. path,
+    perform = function()
+      local ok, err = os.remove(path)
+      if not ok then fail("remove", path, err) end
+      return { removed = path }
+    end,
+  }
+end
+
+function M.rename(from, to)
+  return gate.effect {
+    module = "fs", op = "rename", target = from, summary = ("rename %s to %s"):format(from, to),
+    perform = function()
+      local ok, err = os.rename(from, to)
+      if not ok then fail("rename", from, err) end
+      return { from = from, to = to }
+    end,
+  }
+end
+
+function M.mkdir(path)
+  return gate.effect {
+    module = "fs", op = "mkdir", target = path, summary = "create directory " .. path,
+    perform = function()
+      local at = path:sub(1, 1) == "/" and "" or "."
+      for part in path:gmatch("[^/]+") do
+        at = at .. "/" .. part
+        if lfs.attributes(at, "mode") ~= "directory" then
+          local ok, err = lfs.mkdir(at)
+          if not ok then fail("mkdir", at, err) end
+        end
+      end
+      return { created = path }
+    end,
+  }
+end
+
+return M

@@ -1,0 +1,242 @@
+--- The command line: `runbook COMMAND ...`. Returns the exit status
+-- (DESIGN.md: 0 ok, 1 step failed, 2 usage/params, 3 cannot load, 4 aborted).
+local events = require "runbook.events"
+local host = require "runbook.host"
+
+local M = {}
+
+M.VERSION = "0.1.0"
+
+local USAGE = [[
+usage: runbook COMMAND [ARGS]
+
+  run FILE|NAME [-p key=value]... [--params-file F] [--dry-run] [--step] [--yes]
+                [--output json] [--from STEP] [--undo-on-failure]
+                        run a runbook
+  describe FILE|NAME    show its params and steps (nothing runs)
+  lint FILE|NAME...     load and check runbooks (nothing runs)
+  list                  runbooks on RUNBOOK_PATH with their descriptions
+  test [PATH...]        run busted specs inside the host (default: spec/)
+  version               print the version
+  help                  this text
+
+Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
+3 runbook cannot be loaded, 4 aborted by the operator, 130/143 interrupted.
+]]
+
+local EXIT = require("runbook.engine").EXIT
+
+local function err(fmt, ...)
+  io.stderr:write(host.redact("runbook: " .. fmt:format(...) .. "\n"))
+end
+
+local function usage_error(fmt, ...)
+  err(fmt, ...)
+  io.stderr:write("Try 'runbook help'.\n")
+  return EXIT.usage
+end
+
+--- Directories searched for `run NAME` and `list`.
+local function search_path()
+  local dirs = {}
+  for d in (os.getenv("RUNBOOK_PATH") or "runbooks"):gmatch("[^:]+") do dirs[#dirs + 1] = d end
+  return dirs
+end
+
+local function resolve_runbook(ref)
+  if ref:match("%.lua$") or ref:find("/", 1, true) then return ref end
+  for _, d in ipairs(search_path()) do
+    local p = d .. "/" .. ref .. ".lua"
+    local f = io.open(p, "rb")
+    if f then f:close(); return p end
+  end
+  return nil, ("no runbook named '%s' on RUNBOOK_PATH (%s)"):format(ref, table.concat(search_path(), ":"))
+end
+
+--- Load a runbook by file or name; on failure print why and return nil, exit status.
+local function load_runbook(ref)
+  local path, perr = resolve_runbook(ref)
+  if not path then err("%s", perr); return nil, EXIT.load end
+  local loader = require "runbook.loader"
+  local ok, rb = pcall(loader.load, path)
+  if ok then return rb end
+  if getmetatable(rb) == loader.LoadError then
+    err("cannot load runbook: %s", rb.message)
+  else
+    err("internal error loading %s: %s", path, tostring(rb))
+  end
+  return nil, EXIT.load
+end
+
+--- Parse argv into {command, positional = {...}, flags}. `spec` maps each
+-- option to "flag", "value" or "list".
+local function parse(args, spec)
+  local o = { positional = {} }
+  local i = 1
+  while i <= #args do
+    local a = args[i]
+    local name, inline = a:match("^(%-%-?[%w%-]+)=(.*)$")
+    name = name or a
+    local kind = spec[name]
+    if kind == "flag" then
+      if inline then return nil, ("%s takes no value"):format(name) end
+      o[name] = true
+    elseif kind == "value" or kind == "list" then
+      local v = inline
+      if not v then i = i + 1; v = args[i] end
+      if v == nil then return nil, ("%s needs a value"):format(name) end
+      if kind == "list" then
+        o[name] = o[name] or {}
+        table.insert(o[name], v)
+      else
+        o[name] = v
+      end
+    elseif a:sub(1, 1) == "-" and a ~= "-" then
+      return nil, ("unknown option %s"):format(a)
+    else
+      o.positional[#o.positional + 1] = a
+    end
+    i = i + 1
+  end
+  return o
+end
+
+local function new_run_id()
+  local f = io.open("/dev/urandom", "rb")
+  local bytes = f and f:read(4) or tostring(host.now())
+  if f then f:close() end
+  return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
+local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "value", ["--dry-run"] = "flag",
+  ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag", ["--output"] = "value", ["--from"] = "value",
+  ["--undo-on-failure"] = "flag" }
+
+--- Refuse before anything runs when we would have to ask and cannot.
+local function check_can_ask(rb, o)
+  if o["--yes"] or host.isatty(0) then return true end
+  if o["--step"] then
+    return false, "--step asks before each step, but standard input is not a terminal; use --yes to run unattended"
+  end
+  if o["--dry-run"] then return true end
+  for _, s in ipairs(rb.steps) do
+    if s.confirm then
+      return false, ("step '%s' asks for confirmation (confirm = true), but standard input is not a terminal; "
+        .. "pass --yes to run it unattended"):format(s.name)
+    end
+  end
+  return true
+end
+
+local function install_sinks(o)
+  local output = require "runbook.output"
+  events.reset()
+  if o["--output"] == "json" then
+    events.add_sink(output.json(io.stdout))
+  else
+    events.add_sink(output.human(io.stdout, host.isatty(1)))
+  end
+  host.set_effect_sink(function(e)
+    e.event, e.step = "effect", events.step
+    events.emit(e)
+  end)
+end
+
+local commands = {}
+
+function commands.run(args)
+  local o, perr = parse(args, RUN_OPTS)
+  if not o then return usage_error("run: %s", perr) end
+  if #o.positional ~= 1 then return usage_error("run: expected one runbook FILE or NAME") end
+  if o["--output"] and o["--output"] ~= "json" and o["--output"] ~= "text" then
+    return usage_error("run: --output must be json or text")
+  end
+  local rb, code = load_runbook(o.positional[1])
+  if not rb then return code end
+  local params_mod = require "runbook.params"
+  local given = o["-p"] or {}
+  for _, kv in ipairs(o["--param"] or {}) do given[#given + 1] = kv end
+  local ok, values = pcall(params_mod.resolve, rb, given, o["--params-file"])
+  if not ok then
+    if getmetatable(values) == params_mod.ParamError then return usage_error("%s", values.message) end
+    error(values, 0)
+  end
+  if o["--from"] and not rb.steps_by_name[o["--from"]] then
+    return usage_error("--from: %s has no step named '%s'", rb.name, o["--from"])
+  end
+  local can, why = check_can_ask(rb, o)
+  if not can then return usage_error("%s", why) end
+  install_sinks(o)
+  host.install_signal_handlers()
+  math.randomseed(math.floor(host.wallclock() * 1000))
+  return require("runbook.engine").run(rb, {
+    params = values, redacted_params = params_mod.redacted(rb, values), run_id = new_run_id(),
+    dry_run = o["--dry-run"], step = o["--step"], yes = o["--yes"] or o["-y"], from = o["--from"],
+    undo_on_failure = o["--undo-on-failure"],
+  })
+end
+
+function commands.describe(args)
+  if #args ~= 1 then return usage_error("describe: expected one runbook FILE or NAME") end
+  local rb, code = load_runbook(args[1])
+  if not rb then return code end
+  print(require("runbook.describe").text(rb))
+  return EXIT.ok
+end
+
+function commands.lint(args)
+  if #args == 0 then return usage_error("lint: expected runbook FILEs or NAMEs") end
+  local worst = EXIT.ok
+  for _, ref in ipairs(args) do
+    local rb, code = load_runbook(ref)
+    if rb then print(("%s: ok (%d params, %d steps)"):format(rb.file, #rb.params, #rb.steps)) else worst = code end
+  end
+  return worst
+end
+
+function commands.list()
+  local lfs = require "lfs"
+  local loader = require "runbook.loader"
+  for _, d in ipairs(search_path()) do
+    if lfs.attributes(d, "mode") == "directory" then
+      local files = {}
+      for f in lfs.dir(d) do if f:match("%.lua$") then files[#files + 1] = f end end
+      table.sort(files)
+      for _, f in ipairs(files) do
+        local ok, rb = pcall(loader.load, d .. "/" .. f)
+        if ok then
+          print(("%-28s %s"):format(f:gsub("%.lua$", ""), rb.description:match("^[^\n]*")))
+        else
+          print(("%-28s (cannot load: %s)"):format(f:gsub("%.lua$", ""), tostring(rb)))
+        end
+      end
+    end
+  end
+  return EXIT.ok
+end
+
+function commands.test(args)
+  return require("runbook.test").run(args)
+end
+
+function commands.version()
+  print("runbook " .. M.VERSION .. " (" .. _VERSION .. ")")
+  return EXIT.ok
+end
+
+function commands.help()
+  io.stdout:write(USAGE)
+  return EXIT.ok
+end
+
+function M.main(args)
+  local cmd = args[1]
+  if cmd == "--help" or cmd == "-h" then cmd = "help" end
+  if cmd == "--version" then cmd = "version" end
+  if not cmd then io.stderr:write(USAGE); return EXIT.usage end
+  local fn = commands[cmd]
+  if not fn then return usage_error("unknown command '%s'", cmd) end
+  return fn(table.move(args, 2, #args, 1, {}))
+end
+
+return M

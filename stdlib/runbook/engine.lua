@@ -1,0 +1,246 @@
+--- The step engine: runs a loaded runbook's steps in order with their
+-- `when`, confirmation, timeout, retry and undo, in the mode the operator
+-- chose, emitting events for every sink. Returns the exit status.
+local events = require "runbook.events"
+local host = require "runbook.host"
+local prompt = require "runbook.prompt"
+
+local M = {}
+
+M.EXIT = { ok = 0, failed = 1, usage = 2, load = 3, aborted = 4, locked = 75 }
+
+--- The runbook's own file:line nearest the top of the stack, for error messages.
+local function runbook_position(file)
+  for level = 3, 60 do
+    local info = debug.getinfo(level, "Sl")
+    if not info then break end
+    if info.source == "@" .. file and info.currentline > 0 then
+      return ("%s:%d"):format(file, info.currentline)
+    end
+  end
+end
+
+--- Call fn(...) protected; on error return false and an error record
+-- {message, where, code, module, retryable, interrupted}.
+local function protected(rb, fn, ...)
+  local where
+  local ok, res = xpcall(fn, function(err)
+    where = runbook_position(rb.file)
+    return err
+  end, ...)
+  if ok then return true, res end
+  local rec = { where = where }
+  if type(res) == "table" then
+    rec.message, rec.code, rec.module = tostring(res.message or res), res.code, res.module
+    rec.op, rec.retryable = res.op, res.retryable
+    if getmetatable(res) and getmetatable(res).__tostring then rec.message = tostring(res) end
+  else
+    rec.message = tostring(res)
+  end
+  -- Lua's own position ("file:12: msg") duplicates `where` when they agree.
+  if where and rec.message:sub(1, #where + 2) == where .. ": " then rec.message = rec.message:sub(#where + 3) end
+  rec.message = host.redact(rec.message)
+  local sig = host.interrupted()
+  if sig then rec.interrupted, rec.signal = true, sig end
+  if rec.message:match("step timed out$") then rec.code = rec.code or "timeout" end
+  return false, rec
+end
+
+local function jitter_delay(retry, attempt)
+  local d = retry.base
+  if retry.backoff == "exponential" then d = retry.base * 2 ^ (attempt - 1) end
+  d = math.min(d, retry.max)
+  if retry.jitter then d = d / 2 + math.random() * d / 2 end
+  return d
+end
+
+--- The outputs earlier steps returned, by step name. Reading a step that did
+-- not run (skipped, or before --from) is an error that says so.
+local function outputs_table(rb, store)
+  return setmetatable({}, {
+    __index = function(_, name)
+      local v = store[name]
+      if v ~= nil then return v end
+      if not rb.steps_by_name[name] then
+        error(("ctx.outputs[%q]: there is no step of that name"):format(tostring(name)), 2)
+      end
+      error(("ctx.outputs[%q]: that step has not run in this run (skipped, not reached, or before --from), so it has no outputs")
+        :format(name), 2)
+    end,
+    __newindex = function() error("ctx.outputs is read-only: return a table from the step instead", 2) end,
+    __pairs = function() return next, store, nil end,
+  })
+end
+
+local function check_outputs(step, out)
+  if out == nil then return {} end
+  if type(out) ~= "table" then
+    error(("step '%s' returned a %s: a step returns a table of outputs (or nothing)"):format(step.name, type(out)), 0)
+  end
+  local ok, err = pcall(require("cjson").encode, out)
+  if not ok then
+    error(("step '%s' returned outputs that cannot be recorded as JSON: %s"):format(step.name, err), 0)
+  end
+  return out
+end
+
+--- One attempt of one step's function under its deadline.
+local function attempt(rb, step, ctx)
+  host.set_deadline(step.timeout and host.now() + step.timeout or 0)
+  local ok, res = protected(rb, function() return check_outputs(step, step.run(ctx)) end)
+  host.set_deadline(0)
+  if not ok and step.timeout and res.code == "timeout" then
+    res.message = ("timed out after %s"):format(require("duration").format(step.timeout))
+  end
+  return ok, res
+end
+
+--- Run a step with its retries. Returns ok, outputs-or-error, attempts.
+local function run_with_retries(rb, step, ctx)
+  local attempts = step.retry and step.retry.attempts or 1
+  local ok, res
+  for n = 1, attempts do
+    ctx.attempt = n
+    ok, res = attempt(rb, step, ctx)
+    if ok or res.interrupted or n == attempts then return ok, res, n end
+    local delay = jitter_delay(step.retry, n)
+    require("log").warn("attempt %d/%d failed: %s; retrying in %s", n, attempts, res.message,
+      require("duration").format(delay))
+    local slept, err = pcall(host.sleep, delay)
+    if not slept then
+      res = { message = tostring(err), interrupted = true, signal = host.interrupted() }
+      return false, res, n
+    end
+  end
+  return ok, res, attempts
+end
+
+local function new_ctx(run, step)
+  return setmetatable({ step = step.name }, { __index = run.ctx })
+end
+
+--- Run a step in dry-run mode to show what it would do, then restore the mode.
+local function preview(run, step)
+  local was = host.mode()
+  host.set_mode("dry-run")
+  events.emit { event = "preview_start", step = step.name }
+  local ok, res = attempt(run.rb, step, new_ctx(run, step))
+  host.set_mode(was)
+  events.emit { event = "preview_end", step = step.name, status = ok and "ok" or "failed",
+    error = not ok and res or nil }
+end
+
+--- Ask the operator about `step` until they decide. Returns "run", "skip", "all" or "quit".
+local function ask(run, step, total)
+  while true do
+    local choice = prompt.step(step, total, run.opts.step)
+    if choice ~= "preview" then return choice end
+    preview(run, step)
+  end
+end
+
+local function undo_completed(run)
+  for i = #run.completed, 1, -1 do
+    local step = run.completed[i]
+    if step.undo then
+      events.step = step.name
+      events.emit { event = "undo_start", step = step.name }
+      local t0 = host.now()
+      local ok, res = protected(run.rb, step.undo, new_ctx(run, step), run.outputs[step.name])
+      events.emit { event = "undo_end", step = step.name, status = ok and "ok" or "failed",
+        duration = host.now() - t0, error = not ok and res or nil }
+    end
+  end
+end
+
+--- Decide whether a step runs: its `when`, then --step / confirm prompts.
+-- Returns "run", "skip" (with a reason), "all" or "quit".
+local function decide(run, step, total)
+  if step.when then
+    local ok, res = protected(run.rb, step.when, new_ctx(run, step))
+    if not ok then return "error", res end
+    if not res then return "skip", "when" end
+  end
+  local asking = not run.opts.yes and (run.ask_all or (step.confirm and host.mode() == "run"))
+  if not asking then return "run" end
+  local choice = ask(run, step, total)
+  if choice == "skip" then return "skip", "operator" end
+  return choice
+end
+
+--- Run the runbook `rb`. opts: params (resolved), redacted_params, run_id,
+-- dry_run, step, yes, from (step name), undo_on_failure.
+function M.run(rb, opts)
+  local store = {}
+  local run = { rb = rb, opts = opts, outputs = store, completed = {}, ask_all = opts.step }
+  run.ctx = { params = setmetatable({}, { __index = opts.params,
+      __newindex = function() error("ctx.params is read-only", 2) end }),
+    outputs = outputs_table(rb, store), log = require("log"), run_id = opts.run_id,
+    dry_run = opts.dry_run or false, runbook = rb.name }
+  function run.ctx.remaining()
+    local d = host.deadline()
+    return d and math.max(0, d - host.now()) or math.huge
+  end
+  host.set_mode(opts.dry_run and "dry-run" or "run")
+
+  local total, t0 = #rb.steps, host.now()
+  local counts = { ok = 0, failed = 0, skipped = 0 }
+  events.emit { event = "run_start", run_id = opts.run_id, runbook = rb.name, version = rb.version,
+    file = rb.file, mode = opts.dry_run and "dry-run" or "run", params = opts.redacted_params,
+    steps = total }
+
+  local status, code, failure = "ok", M.EXIT.ok, nil
+  local from = opts.from and rb.steps_by_name[opts.from].index or 1
+  for i, step in ipairs(rb.steps) do
+    events.step = step.name
+    if i < from then goto continue end
+    local choice, reason = decide(run, step, total)
+    if choice == "error" then
+      failure = reason
+    elseif choice == "quit" then
+      events.emit { event = "step_end", step = step.name, index = i, status = "aborted", duration = 0 }
+      status, code = "aborted", M.EXIT.aborted
+      break
+    elseif choice == "skip" then
+      counts.skipped = counts.skipped + 1
+      events.emit { event = "step_end", step = step.name, index = i, status = "skipped", reason = reason, duration = 0 }
+      goto continue
+    elseif choice == "all" then
+      run.ask_all = false
+    end
+    do
+      events.emit { event = "step_start", step = step.name, index = i, total = total, description = step.description }
+      local s0 = host.now()
+      local ok, res, attempts
+      if failure then ok, res, attempts = false, failure, 0 else ok, res, attempts = run_with_retries(rb, step, new_ctx(run, step)) end
+      local dur = host.now() - s0
+      if ok then
+        store[step.name] = res
+        run.completed[#run.completed + 1] = step
+        counts.ok = counts.ok + 1
+        events.emit { event = "step_end", step = step.name, index = i, status = "ok", duration = dur,
+          attempts = attempts, outputs = res }
+      else
+        local st = res.interrupted and "interrupted" or "failed"
+        counts.failed = counts.failed + 1
+        events.emit { event = "step_end", step = step.name, index = i, status = st, duration = dur,
+          attempts = attempts, error = res }
+        if res.interrupted then
+          status, code = "interrupted", 128 + (res.signal or 2)
+        else
+          status, code = "failed", M.EXIT.failed
+          if rb.on_failure == "undo" or opts.undo_on_failure then undo_completed(run) end
+        end
+        break
+      end
+    end
+    ::continue::
+  end
+  events.step = nil
+  events.emit { event = "run_end", run_id = opts.run_id, status = status, exit_code = code,
+    duration = host.now() - t0, ok = counts.ok, failed = counts.failed, skipped = counts.skipped,
+    mode = opts.dry_run and "dry-run" or "run" }
+  return code
+end
+
+return M

@@ -1,0 +1,118 @@
+--- The environment a runbook file runs in. It has Lua's safe builtins, the
+-- runbook libraries (loaded on first use, so a runbook that never touches
+-- Kafka never loads librdkafka), and no way to write around the effect gate:
+-- os.execute, io.popen, os.remove, os.rename and io.open for writing raise an
+-- error naming the gate-aware function to use. Reading or assigning an
+-- undeclared global is an error (nmap's strict.lua, done with a metatable).
+local M = {}
+
+--- Libraries a runbook can name without require: global name -> module.
+M.libraries = {
+  json = "json", yaml = "yaml", log = "log", exec = "exec", http = "http", fs = "fs",
+  time = "time", duration = "duration", secret = "secret", gate = "gate",
+  k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify",
+}
+
+local SAFE = {
+  "assert", "error", "ipairs", "next", "pairs", "pcall", "rawequal", "rawget", "rawlen",
+  "rawset", "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type",
+  "xpcall", "_VERSION", "string", "table", "math", "utf8", "coroutine", "collectgarbage",
+}
+
+local function refuse(name, instead)
+  return function()
+    error(("%s is not available in a runbook: use %s, which goes through the effect gate"):format(name, instead), 2)
+  end
+end
+
+local function safe_open(path, mode)
+  mode = mode or "r"
+  if not mode:match("^r[b]?$") then
+    error(("io.open(%q, %q): runbooks write files with fs.write (or fs.remove), which goes through the effect gate"):format(
+      tostring(path), mode), 2)
+  end
+  return io.open(path, mode)
+end
+
+local function make_os()
+  return {
+    time = os.time, date = os.date, clock = os.clock, getenv = os.getenv, difftime = os.difftime,
+    execute = refuse("os.execute", "exec.run"), remove = refuse("os.remove", "fs.remove"),
+    rename = refuse("os.rename", "fs.rename"), exit = refuse("os.exit", "error() to fail a step"),
+    tmpname = os.tmpname,
+  }
+end
+
+local function make_io()
+  return {
+    open = safe_open, lines = io.lines, read = io.read, type = io.type,
+    write = function(...) return io.stdout:write(...) end,
+    popen = refuse("io.popen", "exec.run (exec.read for commands that only read)"),
+    stdout = io.stdout, stderr = io.stderr, stdin = io.stdin,
+  }
+end
+
+--- A require for runbooks: the runbook libraries by name, or a Lua file next
+-- to the runbook (a team's shared helpers), loaded into the same environment
+-- so it is held to the same rules. Nothing else: not the host's private
+-- library, not debug or package, not modules that write files.
+local function make_require(env, dir)
+  local loaded = {}
+  return function(name)
+    if type(name) ~= "string" then error("require: expected a module name", 2) end
+    for _, lib in pairs(M.libraries) do
+      if lib == name then return require(name) end
+    end
+    if loaded[name] == nil then
+      local path = dir and package.searchpath(name, dir .. "/?.lua")
+      if not path then
+        error(("require %q: not a runbook library and no %s.lua next to the runbook"):format(
+          name, name:gsub("%.", "/")), 2)
+      end
+      local chunk, err = loadfile(path, "t", env)
+      if not chunk then error(err, 2) end
+      loaded[name] = chunk(name) or true
+    end
+    return loaded[name]
+  end
+end
+
+--- A new environment. `declare` is a table of globals the DSL provides
+-- (param, step, ...), `fields` the names a runbook may assign at top level,
+-- and `dir` the runbook's directory (for require of local helpers).
+function M.new(declare, fields, dir)
+  local env = {}
+  for _, k in ipairs(SAFE) do env[k] = _G[k] end
+  env.os, env.io, env.require = make_os(), make_io(), make_require(env, dir)
+  env.print = function(...)
+    local parts = {}
+    for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
+    require("log").info(table.concat(parts, "\t"))
+  end
+  env.load = function(chunk, name, _, e) return load(chunk, name, "t", e or env) end
+  env._G = env
+  for k, v in pairs(declare) do env[k] = v end
+  local declared = {}
+  for k in pairs(fields) do declared[k] = true end
+  return setmetatable(env, {
+    __index = function(_, k)
+      local lib = M.libraries[k]
+      if lib then
+        local mod = require(lib)
+        rawset(env, k, mod)
+        return mod
+      end
+      if declared[k] then return nil end
+      error(("undeclared global '%s' (a typo? locals need 'local')"):format(tostring(k)), 2)
+    end,
+    __newindex = function(t, k, v)
+      if not declared[k] then
+        error(("assignment to undeclared global '%s' (use 'local %s', or one of the runbook fields)"):format(
+          tostring(k), tostring(k)), 2)
+      end
+      rawset(t, k, v)
+    end,
+  })
+end
+
+return M

@@ -1,0 +1,24 @@
+--- The event bus: the engine emits run_start, step_start, effect, log,
+-- step_end and run_end; every sink (terminal, JSON lines, journal) sees each.
+-- Sinks redact their own final text, so no secret leaves through any of them.
+local host = require "runbook.host"
+
+local M = { sinks = {}, step = nil }
+
+local function iso8601(t)
+  local secs = math.floor(t)
+  return os.date("!%Y-%m-%dT%H:%M:%S", secs) .. ("%03dZ"):format(math.floor((t - secs) * 1000))
+end
+M.iso8601 = iso8601
+
+function M.add_sink(fn) M.sinks[#M.sinks + 1] = fn end
+
+function M.reset() M.sinks, M.step = {}, nil end
+
+--- Send `ev` (a table with an `event` field) to every sink, stamped with the time.
+function M.emit(ev)
+  ev.time = iso8601(host.wallclock())
+  for _, sink in ipairs(M.sinks) do sink(ev) end
+end
+
+return M

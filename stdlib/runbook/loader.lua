@@ -1,0 +1,159 @@
+--- Loading a runbook file: its text is run in its own environment (env.lua),
+-- where `param "x" {...}` and `step "Name" {...}` record declarations in
+-- order, then the whole is checked. Every problem is raised as a load error
+-- carrying file:line, which the CLI turns into exit status 3.
+local duration = require "duration"
+local env = require "runbook.env"
+
+local M = {}
+
+--- Top-level fields a runbook may assign, with their expected types.
+local FIELDS = { name = "string", description = "string", version = "string", lock = "string",
+  on_failure = "string", notify = "table" }
+
+local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
+local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
+local STEP_KEYS = { description = true, run = true, confirm = true, timeout = true, retry = true,
+  undo = true, when = true, idempotent = true }
+local RETRY_KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true }
+
+local LoadError = {}
+LoadError.__index = LoadError
+LoadError.__tostring = function(e) return e.message end
+M.LoadError = LoadError
+
+local function load_error(message) return setmetatable({ message = message }, LoadError) end
+
+local function keys_of(t)
+  local ks = {}
+  for k in pairs(t) do ks[#ks + 1] = k end
+  table.sort(ks)
+  return table.concat(ks, ", ")
+end
+
+local function check_keys(t, allowed, what)
+  for k in pairs(t) do
+    if not allowed[k] then
+      error(("%s: unknown field '%s' (known: %s)"):format(what, tostring(k), keys_of(allowed)), 0)
+    end
+  end
+end
+
+local function check_param(name, spec)
+  local what = ("param '%s'"):format(name)
+  if type(spec) ~= "table" then error(what .. ": expected a table of options", 0) end
+  check_keys(spec, PARAM_KEYS, what)
+  if type(spec.type) == "table" then spec.type, spec.values = "enum", spec.type end
+  spec.type = spec.type or "string"
+  if not PARAM_TYPES[spec.type] then
+    error(("%s: unknown type '%s' (known: %s)"):format(what, tostring(spec.type), keys_of(PARAM_TYPES)), 0)
+  end
+  if spec.type == "enum" and (type(spec.values) ~= "table" or #spec.values == 0) then
+    error(what .. ": an enum needs values = {...}", 0)
+  end
+  spec.name = name
+  return spec
+end
+
+local function check_retry(r, what)
+  if type(r) == "number" then r = { attempts = r } end
+  if type(r) ~= "table" then error(what .. ": retry must be a table like {attempts = 3}", 0) end
+  check_keys(r, RETRY_KEYS, what .. " retry")
+  if math.type(r.attempts) ~= "integer" or r.attempts < 1 then
+    error(what .. ": retry.attempts must be a whole number >= 1", 0)
+  end
+  local backoff = r.backoff or "exponential"
+  if backoff ~= "exponential" and backoff ~= "fixed" then
+    error(what .. ": retry.backoff must be \"exponential\" or \"fixed\"", 0)
+  end
+  return {
+    attempts = r.attempts, backoff = backoff,
+    base = duration.check(r.base or "1s", what .. " retry.base"),
+    max = duration.check(r.max or "1m", what .. " retry.max"),
+    jitter = r.jitter == nil and true or r.jitter,
+  }
+end
+
+local function check_step(name, spec, index)
+  local what = ("step '%s'"):format(name)
+  if type(spec) ~= "table" then error(what .. ": expected a table with run = function(ctx) ... end", 0) end
+  local run = spec.run or spec[1]
+  spec[1] = nil
+  check_keys(spec, STEP_KEYS, what)
+  if type(run) ~= "function" then error(what .. ": run = function(ctx) ... end is missing", 0) end
+  for _, f in ipairs { "undo", "when" } do
+    if spec[f] ~= nil and type(spec[f]) ~= "function" then error(("%s: %s must be a function"):format(what, f), 0) end
+  end
+  return {
+    name = name, index = index, run = run, description = spec.description or "",
+    confirm = spec.confirm == true, idempotent = spec.idempotent == true,
+    timeout = spec.timeout and duration.check(spec.timeout, what .. " timeout"),
+    retry = spec.retry and check_retry(spec.retry, what),
+    undo = spec.undo, when = spec.when,
+  }
+end
+
+--- The DSL functions for one runbook being loaded; they fill `rb`.
+local function dsl(rb)
+  local function named(kind, fn)
+    return function(name)
+      if type(name) ~= "string" or name == "" then
+        error(("%s needs a name: %s \"name\" { ... }"):format(kind, kind), 2)
+      end
+      return function(spec) return fn(name, spec) end
+    end
+  end
+  return {
+    param = named("param", function(name, spec)
+      if rb.params_by_name[name] then error(("param '%s' is declared twice"):format(name), 0) end
+      local p = check_param(name, spec)
+      rb.params[#rb.params + 1], rb.params_by_name[name] = p, p
+    end),
+    step = named("step", function(name, spec)
+      if rb.steps_by_name[name] then error(("step '%s' is declared twice: step names must be unique"):format(name), 0) end
+      local s = check_step(name, spec, #rb.steps + 1)
+      rb.steps[#rb.steps + 1], rb.steps_by_name[name] = s, s
+    end),
+  }
+end
+
+local function read_file(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+--- Load and check the runbook at `path`. Returns the runbook, or raises a LoadError.
+function M.load(path)
+  local text, err = read_file(path)
+  if not text then error(load_error(("%s: cannot read runbook: %s"):format(path, err)), 0) end
+  local rb = { file = path, dir = path:match("^(.*)/[^/]*$") or ".", source = text,
+    params = {}, params_by_name = {}, steps = {}, steps_by_name = {} }
+  local e = env.new(dsl(rb), FIELDS, rb.dir)
+  local chunk, cerr = load(text, "@" .. path, "t", e)
+  if not chunk then error(load_error(cerr), 0) end
+  local ok, rerr = xpcall(chunk, function(m) return m end)
+  if not ok then error(load_error(tostring(rerr)), 0) end
+  for field, ty in pairs(FIELDS) do
+    local v = rawget(e, field)
+    if v ~= nil and type(v) ~= ty then
+      error(load_error(("%s:1: %s must be a %s, got %s"):format(path, field, ty, type(v))), 0)
+    end
+    rb[field] = v
+  end
+  for _, field in ipairs { "name", "description" } do
+    if not rb[field] or rb[field] == "" then
+      error(load_error(("%s:1: runbook has no %s (add: %s = \"...\")"):format(path, field, field)), 0)
+    end
+  end
+  if #rb.steps == 0 then error(load_error(("%s:1: runbook has no steps"):format(path)), 0) end
+  if rb.on_failure and rb.on_failure ~= "undo" and rb.on_failure ~= "stop" then
+    error(load_error(("%s:1: on_failure must be \"undo\" or \"stop\""):format(path)), 0)
+  end
+  rb.env = e
+  return rb
+end
+
+return M

@@ -1,0 +1,107 @@
+--- Output sinks for the event bus: a live view on a terminal, plain lines
+-- otherwise, and JSON Lines for --output json (schema in the README). Each
+-- redacts its final text.
+local duration = require "duration"
+local host = require "runbook.host"
+
+local M = {}
+
+local function writer(stream)
+  return function(s)
+    stream:write(host.redact(s))
+    stream:flush()
+  end
+end
+
+local function error_text(err)
+  if not err then return "" end
+  local s = err.message or "error"
+  if err.where then s = s .. "  (at " .. err.where .. ")" end
+  return s
+end
+
+local function result_text(r)
+  if type(r) == "string" then return r end
+  if type(r) == "table" and r.summary then return tostring(r.summary) end
+end
+
+--- The human view. `fancy` adds colour and symbols (a terminal).
+function M.human(stream, fancy)
+  local out = writer(stream)
+  local C = fancy and { ok = "\27[32m✓\27[0m", fail = "\27[31m✗\27[0m", skip = "\27[33m-\27[0m",
+    dim = "\27[2m", bold = "\27[1m", reset = "\27[0m", bar = "│" }
+    or { ok = "ok", fail = "FAILED", skip = "skipped", dim = "", bold = "", reset = "", bar = "|" }
+  local handlers = {}
+  function handlers.run_start(e)
+    out(("%s%s%s%s  %s%s run %s%s\n"):format(C.bold, e.runbook, e.version and (" " .. e.version) or "", C.reset,
+      e.mode == "dry-run" and "DRY RUN (nothing will change)  " or "", C.dim, e.run_id, C.reset))
+  end
+  function handlers.step_start(e)
+    out(("[%d/%d] %s%s%s%s\n"):format(e.index, e.total, C.bold, e.step, C.reset,
+      e.description ~= "" and (": " .. e.description) or ""))
+  end
+  function handlers.log(e)
+    local lvl = (e.level == "warn" or e.level == "error") and (e.level:upper() .. " ") or ""
+    out(("    %s %s%s\n"):format(C.bar, lvl, e.message))
+  end
+  function handlers.effect(e)
+    local res = result_text(e.result)
+    if e.decision == "performed" then
+      out(("    %s %s%s\n"):format(e.ok and "→" or "✗", e.summary, e.ok and "" or (": " .. tostring(e.result))))
+    elseif e.decision == "simulated" then
+      out(("    would %s%s\n"):format(e.summary, res and (" → " .. res) or ""))
+    else
+      out(("    would %s (not simulated, skipped)\n"):format(e.summary))
+    end
+  end
+  function handlers.step_end(e)
+    local d = duration.format(e.duration or 0)
+    if e.status == "ok" then
+      out(("  %s %s %s(%s%s)%s\n"):format(C.ok, e.step, C.dim, d,
+        (e.attempts or 1) > 1 and (", " .. e.attempts .. " attempts") or "", C.reset))
+    elseif e.status == "skipped" then
+      out(("  %s %s skipped%s\n"):format(C.skip, e.step,
+        e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)" or ""))
+    elseif e.status == "aborted" then
+      out(("  %s %s: aborted by the operator\n"):format(C.fail, e.step))
+    else
+      out(("  %s %s %s after %s: %s\n"):format(C.fail, e.step, e.status, d, error_text(e.error)))
+    end
+  end
+  function handlers.preview_start(e) out(("    preview of %s (dry run):\n"):format(e.step)) end
+  function handlers.preview_end(e)
+    if e.status ~= "ok" then out(("    preview failed: %s\n"):format(error_text(e.error))) end
+  end
+  function handlers.undo_start(e) out(("  undo %s\n"):format(e.step)) end
+  function handlers.undo_end(e)
+    out(("  %s undo %s%s\n"):format(e.status == "ok" and C.ok or C.fail, e.step,
+      e.status == "ok" and "" or (": " .. error_text(e.error))))
+  end
+  function handlers.run_end(e)
+    out(("\n%s%s%s: %d ok, %d failed, %d skipped in %s%s\n"):format(C.bold,
+      e.mode == "dry-run" and "dry run " .. e.status or e.status, C.reset, e.ok, e.failed, e.skipped,
+      duration.format(e.duration), e.mode == "dry-run" and " (nothing was changed)" or ""))
+  end
+  return function(e)
+    local h = handlers[e.event]
+    if h then h(e) end
+  end
+end
+
+--- JSON Lines: one object per event on `stream`.
+function M.json(stream)
+  local out = writer(stream)
+  local codec = require("cjson").new()
+  codec.encode_invalid_numbers(true)
+  return function(e)
+    local ok, line = pcall(codec.encode, e)
+    if not ok then
+      e.result = e.result ~= nil and tostring(e.result) or nil
+      ok, line = pcall(codec.encode, e)
+      if not ok then line = codec.encode { event = e.event, time = e.time, error = "unencodable event: " .. line } end
+    end
+    out(line .. "\n")
+  end
+end
+
+return M

@@ -1,0 +1,107 @@
+--- Resolving a runbook's params from -p key=value, --params-file and defaults.
+-- Every problem names the param; the CLI turns it into exit status 2 before
+-- any step runs.
+local duration = require "duration"
+local host = require "runbook.host"
+
+local M = {}
+
+local ParamError = {}
+ParamError.__tostring = function(e) return e.message end
+M.ParamError = ParamError
+
+local function fail(fmt, ...)
+  error(setmetatable({ message = fmt:format(...) }, ParamError), 0)
+end
+
+local BOOLEANS = { ["true"] = true, yes = true, ["1"] = true, on = true,
+  ["false"] = false, no = false, ["0"] = false, off = false }
+
+--- Convert `v` (a string from the command line, or a typed value from a file) to the param's type.
+local function convert(p, v)
+  local t = p.type
+  if t == "string" then
+    if type(v) == "string" or type(v) == "number" then return tostring(v) end
+  elseif t == "number" then
+    local n = tonumber(v)
+    if n then return n end
+  elseif t == "integer" then
+    local n = math.tointeger(tonumber(v))
+    if n then return n end
+  elseif t == "boolean" then
+    if type(v) == "boolean" then return v end
+    local b = BOOLEANS[tostring(v):lower()]
+    if b ~= nil then return b end
+  elseif t == "duration" then
+    local secs, err = duration.parse(v)
+    if secs then return secs end
+    fail("param '%s': %s", p.name, err)
+  elseif t == "enum" then
+    for _, allowed in ipairs(p.values) do
+      if tostring(allowed) == tostring(v) then return allowed end
+    end
+    fail("param '%s': %q is not one of: %s", p.name, tostring(v), table.concat(p.values, ", "))
+  end
+  local shown = p.secret and "***" or tostring(v)
+  fail("param '%s': expected %s %s, got %q", p.name, t == "integer" and "an" or "a", t, shown)
+end
+
+local function read_params_file(path)
+  local f, err = io.open(path, "rb")
+  if not f then fail("--params-file: %s", err) end
+  local text = f:read("a")
+  f:close()
+  local ok, doc
+  if path:match("%.json$") then
+    ok, doc = pcall(require("cjson").decode, text)
+  else
+    ok, doc = pcall(function() return require("lyaml").load(text) end)
+  end
+  if not ok then fail("--params-file %s: cannot parse: %s", path, tostring(doc)) end
+  if type(doc) ~= "table" then fail("--params-file %s: expected a mapping of param names to values", path) end
+  return doc
+end
+
+--- Resolve params. `given` is a list of "key=value" strings; `file` an optional path.
+-- Returns a table name -> typed value. Secret values are registered with the host.
+function M.resolve(rb, given, file)
+  local raw = {}
+  if file then
+    for k, v in pairs(read_params_file(file)) do raw[tostring(k)] = v end
+  end
+  for _, kv in ipairs(given or {}) do
+    local k, v = kv:match("^([^=]+)=(.*)$")
+    if not k then fail("-p %s: expected key=value", kv) end
+    raw[k] = v
+  end
+  for k in pairs(raw) do
+    if not rb.params_by_name[k] then
+      local known = {}
+      for _, p in ipairs(rb.params) do known[#known + 1] = p.name end
+      fail("unknown param '%s' (%s has: %s)", k, rb.name, #known > 0 and table.concat(known, ", ") or "no params")
+    end
+  end
+  local values = {}
+  for _, p in ipairs(rb.params) do
+    local v = raw[p.name]
+    if v == nil then v = p.default end
+    if v == nil then
+      if p.required then fail("missing required param '%s'%s", p.name, p.help and (" (" .. p.help .. ")") or "") end
+    else
+      if p.secret then host.secret(tostring(v)) end
+      values[p.name] = convert(p, v)
+    end
+  end
+  return values
+end
+
+--- The params with secret values shown as "***", for output and the journal.
+function M.redacted(rb, values)
+  local out = {}
+  for k, v in pairs(values) do
+    out[k] = rb.params_by_name[k].secret and "***" or v
+  end
+  return out
+end
+
+return M

@@ -1,0 +1,33 @@
+--- Asking the operator before a step (--step, or a step with confirm = true).
+local host = require "runbook.host"
+
+local M = {}
+
+local CHOICES = { y = "run", yes = "run", n = "skip", no = "skip", s = "skip", skip = "skip",
+  p = "preview", preview = "preview", a = "all", all = "all", q = "quit", quit = "quit" }
+
+local function say(s)
+  io.stdout:write(host.redact(s))
+  io.stdout:flush()
+end
+
+--- Show `[i/total] name: description` and ask until the answer is one of the
+-- choices. Returns "run", "skip", "preview", "all" or "quit" (also at end of input).
+function M.step(step, total, stepping)
+  local header = ("[%d/%d] %s"):format(step.index, total, step.name)
+  if step.description ~= "" then header = header .. ": " .. step.description end
+  if step.confirm then header = header .. "  (asks for confirmation)" end
+  say("\n" .. header .. "\n")
+  local question = stepping and "Run this step? [y]es [n]o/skip [p]review [a]ll [q]uit "
+    or "Run this step? [y]es [n]o/skip [p]review [q]uit "
+  while true do
+    say(question)
+    local line = host.read_line()
+    if line == nil then say("\n"); return "quit" end
+    local choice = CHOICES[line:lower():match("^%s*(.-)%s*$")]
+    if choice and (stepping or choice ~= "all") then return choice end
+    say("Please answer y, n, p" .. (stepping and ", a" or "") .. " or q.\n")
+  end
+end
+
+return M

@@ -1,0 +1,34 @@
+--- Time for runbooks: sleeping that respects the step deadline and Ctrl-C,
+-- polling with a deadline, and durations.
+local duration = require "duration"
+local host = require "runbook.host"
+
+local M = { parse = duration.parse, format = duration.format }
+
+--- Monotonic seconds (for measuring), and wall-clock seconds since the epoch.
+M.monotonic = host.now
+M.now = host.wallclock
+
+--- Sleep for a duration ("2s", 0.5); ends early with an error on Ctrl-C or when the step times out.
+function M.sleep(d)
+  host.sleep(duration.check(d, "time.sleep"))
+end
+
+--- Call fn() every `every` until it returns a truthy value (returned), or
+-- raise after `timeout`:  time.wait_until{timeout = "2m", every = "5s", what = "lag below 100"}(fn)
+function M.wait_until(opts, fn)
+  local timeout = duration.check(opts.timeout or "1m", "time.wait_until timeout")
+  local every = duration.check(opts.every or "1s", "time.wait_until every")
+  local deadline = host.now() + timeout
+  while true do
+    local v = fn()
+    if v then return v end
+    if host.now() + every > deadline then
+      host.raise { module = "time", op = "wait_until", code = "timeout", retryable = true,
+        message = ("gave up waiting for %s after %s"):format(opts.what or "the condition", duration.format(timeout)) }
+    end
+    host.sleep(every)
+  end
+end
+
+return M
