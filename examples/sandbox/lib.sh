@@ -1,0 +1,112 @@
+# Shared by up, down and ctl: where things live and how each part starts and stops.
+# Sourced, not run. Every function assumes SANDBOX_DIR and STATE_DIR are set.
+
+SANDBOX_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+STATE_DIR=$SANDBOX_DIR/.state
+PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
+KAFKA_TOOL=$STATE_DIR/bin/kafka-sandbox
+DEPLOYMENTS="backend frontend websocket recurring-task notification"
+
+say() { printf 'sandbox: %s\n' "$*" >&2; }
+die() { say "$*"; exit 1; }
+
+# A port the kernel considers free right now. The small race with other
+# programs is acceptable for a sandbox; it is what lets two checkouts coexist.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# A secret made once per checkout and kept, so a reused database keeps working.
+secret() {
+    local f=$STATE_DIR/secrets/$1
+    if [ ! -s "$f" ]; then
+        mkdir -p "$STATE_DIR/secrets" && chmod 700 "$STATE_DIR/secrets"
+        openssl rand -hex 12 >"$f"
+    fi
+    cat "$f"
+}
+
+# wait_for SECONDS DESCRIPTION COMMAND...: polls until COMMAND succeeds.
+wait_for() {
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || die "$what did not become ready (logs in $STATE_DIR/logs)"
+        sleep 0.05
+    done
+}
+
+pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Starts a long-running process detached from the caller's session (so make
+# returns and a terminal's Ctrl-C does not reach it) and records its pid.
+spawn() {
+    local name=$1
+    shift
+    setsid "$@" </dev/null >>"$STATE_DIR/logs/$name.log" 2>&1 &
+    echo $! >"$STATE_DIR/pids/$name"
+}
+
+# Stops the process recorded in a pid file: TERM, up to 5 s grace, then KILL.
+stop_pidfile() {
+    local f=$1 pid i
+    pid=$(cat "$f" 2>/dev/null) || return 0
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null
+        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    fi
+    rm -f "$f"
+}
+
+# ---- PostgreSQL ----
+
+# PostgreSQL refuses to run as root; as root it runs as the postgres user.
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_data() { echo "$STATE_DIR/postgres/data"; }
+
+pg_running() { as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" status >/dev/null 2>&1; }
+
+pg_start() {
+    local port
+    port=$(cat "$STATE_DIR/ports/postgres")
+    as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" -l "$STATE_DIR/postgres/server.log" \
+        -o "-p $port" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $STATE_DIR/postgres/server.log)"
+}
+
+pg_stop() {
+    pg_running || return 0
+    as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" -m fast -w -t 30 stop >/dev/null
+}
+
+# ---- Redis ----
+
+redis_start() {
+    local port
+    port=$(cat "$STATE_DIR/ports/redis")
+    mkdir -p "$STATE_DIR/redis"
+    # No persistence: every start is seeded with the same known state.
+    spawn redis redis-server --bind 127.0.0.1 --port "$port" --requirepass "$(secret redis)" \
+        --save '' --appendonly no --dir "$STATE_DIR/redis" --daemonize no --protected-mode yes
+}
+
+redis_cli() {
+    redis-cli --no-auth-warning -h 127.0.0.1 -p "$(cat "$STATE_DIR/ports/redis")" -a "$(secret redis)" "$@"
+}
+
+# ---- Kafka ----
+
+# One request to the Kafka program's control socket; prints its one-line reply.
+kafka_control() {
+    local port reply
+    port=$(cat "$STATE_DIR/kafka/control.port" 2>/dev/null) || die "Kafka is not running"
+    exec 3<>"/dev/tcp/127.0.0.1/$port" || die "Kafka control socket is not answering"
+    printf '%s\n' "$*" >&3
+    IFS= read -r reply <&3
+    exec 3<&-
+    echo "$reply"
+    [ "${reply%% *}" = ok ]
+}
