@@ -4,6 +4,7 @@
 --            cwd="/tmp", timeout="30s", read=true, check=true}
 --     -> {status=0, stdout=..., stderr=..., signal=nil, duration=secs}
 --   exec.run{shell="ps aux | wc -l", read=true}   runs /bin/sh -c
+--   exec.run{shell='pg_dump "$1" | gzip', db}     list items are the script's $1...
 --   exec.read{...}                               run with read=true
 --
 -- Options:
@@ -43,8 +44,8 @@ exec.parse_duration = parse_duration
 local function argv_of(opts)
   if opts.shell then
     if type(opts.shell) ~= "string" then error("shell must be a string", 3) end
-    if opts[1] ~= nil then error("give either shell or an argv list, not both", 3) end
-    return { "/bin/sh", "-c", opts.shell }
+    -- list items become $1, $2...: values reach the script unquoted and safe
+    return table.move(opts, 1, #opts, 5, { "/bin/sh", "-c", opts.shell, "sh" })
   end
   local argv = table.move(opts, 1, #opts, 1, {})
   if #argv == 0 then error("exec.run needs a command: {\"cmd\", \"arg\"...} or {shell=...}", 3) end

@@ -1,0 +1,113 @@
+--- http: HTTP requests from runbooks, over libcurl.
+--
+--   http.request{method="POST", url=..., headers={...}, body="..." or json={...},
+--                timeout=..., connect_timeout=..., cafile=..., insecure=..., follow=...}
+--     -> {status=200, headers={...}, body="...", json=<decoded when content-type is JSON>}
+--   http.get(url, opts)  http.head  http.post  http.put  http.patch  http.delete
+--   http.check(url, opts)  like curl -f: raises when the status is >= 400
+--
+-- Non-2xx statuses are returned by request and the method helpers; only
+-- check raises for them (code = the status, retryable for 5xx and 429).
+-- Connection failures always raise, with curl's reason as the code
+-- ("couldnt_connect", "operation_timedout", "peer_failed_verification").
+--
+-- GET, HEAD and OPTIONS are reads. Other methods go through the effect gate:
+-- dry-run skips them and they return {skipped=true}.
+--
+-- TLS is verified by default; insecure=true turns that off, with a warning.
+-- A password in the URL and Authorization header values never print.
+local native = require "runbook.http"
+local cjson = require "cjson"
+
+local http = {}
+
+local UNITS = { ms = 0.001, s = 1, m = 60, h = 3600 }
+
+-- Until stdlib has a shared duration helper: "1m30s", "500ms", 30, "30".
+local function parse_duration(d, what)
+  if d == nil or type(d) == "number" then return d end
+  if type(d) ~= "string" then error(what .. " must be a number or a duration string", 3) end
+  local total, rest = 0, d
+  while rest ~= "" do
+    local n, unit, tail = rest:match("^(%d+%.?%d*)(%a*)(.*)$")
+    local scale = UNITS[unit ~= "" and unit or "s"]
+    if not n or not scale then error(("bad duration %q"):format(d), 3) end
+    total, rest = total + tonumber(n) * scale, tail
+  end
+  return total
+end
+
+local function warn(msg)
+  local ok, log = pcall(require, "log")
+  if ok and type(log) == "table" and log.warn then
+    log.warn(msg)
+  else
+    io.stderr:write("warning: ", msg, "\n")
+  end
+end
+
+local function has_header(headers, name)
+  for k in pairs(headers) do
+    if type(k) == "string" and k:lower() == name then return true end
+  end
+  return false
+end
+
+-- A json= body is encoded and labelled, unless the caller set a content type.
+local function encode_body(opts, headers)
+  if opts.json == nil then return opts.body end
+  if opts.body ~= nil then error("give either body or json, not both", 3) end
+  if not has_header(headers, "content-type") then headers["Content-Type"] = "application/json" end
+  return cjson.encode(opts.json)
+end
+
+local function is_json(ctype)
+  ctype = (ctype or ""):lower():match("^[^;]*")
+  return ctype == "application/json" or ctype:match("%+json$") ~= nil
+end
+
+local function decode(r)
+  if r.skipped or not is_json(r.headers["content-type"]) or r.body == "" then return r end
+  local ok, doc = pcall(cjson.decode, r.body)
+  if ok then r.json = doc end
+  return r
+end
+
+function http.request(opts)
+  if type(opts) ~= "table" then error("http.request expects a table", 2) end
+  local headers = {}
+  for k, v in pairs(opts.headers or {}) do headers[k] = v end
+  local body = encode_body(opts, headers)
+  if opts.insecure then warn("TLS verification disabled for " .. tostring(opts.url)) end
+  return decode(native.request {
+    method = opts.method, url = opts.url, headers = headers, body = body,
+    timeout = parse_duration(opts.timeout, "timeout"),
+    connect_timeout = parse_duration(opts.connect_timeout, "connect_timeout"),
+    cafile = opts.cafile, insecure = opts.insecure, follow = opts.follow,
+  })
+end
+
+local function with(method, url, opts)
+  local o = {}
+  for k, v in pairs(opts or {}) do o[k] = v end
+  o.method, o.url = o.method or method, url
+  return o
+end
+
+for _, method in ipairs { "get", "head", "post", "put", "patch", "delete" } do
+  http[method] = function(url, opts)
+    return http.request(with(method:upper(), url, opts))
+  end
+end
+
+function http.check(url, opts)
+  local r = http.request(with("GET", url, opts))
+  if r.status and r.status >= 400 then
+    local method = (opts and opts.method or "GET"):upper()
+    native.raise(method, tostring(r.status), r.status >= 500 or r.status == 429,
+      ("%s %s: HTTP %d"):format(method, (url:gsub("//([^/@:]*):[^/@]*@", "//%1:***@")), r.status))
+  end
+  return r
+end
+
+return http
