@@ -38,6 +38,15 @@
 
 extern char **environ;
 
+/* Which signal interrupted the host, so the child gets the same one. Not in
+ * runbook.h yet; weak so the module still loads on a host without it. */
+extern int rb_last_signal(void) __attribute__((weak));
+
+static int interrupt_signal(void) {
+    int sig = rb_last_signal ? rb_last_signal() : 0;
+    return sig == SIGINT || sig == SIGTERM ? sig : SIGTERM;
+}
+
 static int exec_run(lua_State *L);
 static int exec_raise(lua_State *L);
 
@@ -465,9 +474,8 @@ static int run_child(lua_State *L, proc *p, double deadline, const char *cmd,
     ign.sa_handler = SIG_IGN;
     sigaction(SIGPIPE, &ign, &old);
     enum outcome o = wait_child(p, deadline);
-    int sig = rb_interrupted();
     if (o == TIMED_OUT || o == OUT_OF_MEMORY) terminate(p, SIGTERM);
-    if (o == INTERRUPTED) terminate(p, sig == SIGINT || sig == SIGTERM ? sig : SIGTERM);
+    if (o == INTERRUPTED) terminate(p, interrupt_signal());
     sigaction(SIGPIPE, &old, NULL);
     if (o == TIMED_OUT)
         return fail(L, e, d, "timeout", 1, lua_pushfstring(L, "%s: timed out, process group killed", cmd));

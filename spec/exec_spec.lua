@@ -123,10 +123,47 @@ describe("exec.run", function()
   end)
 end)
 
-describe("exec.parse_duration", function()
-  local cases = { { 30, 30 }, { "30", 30 }, { "500ms", 0.5 }, { "30s", 30 }, { "5m", 300 },
-                  { "1h", 3600 }, { "1m30s", 90 }, { "1.5s", 1.5 } }
-  for _, c in ipairs(cases) do
-    it(tostring(c[1]), function() assert.are.equal(c[2], exec.parse_duration(c[1])) end)
-  end
+describe("exec and the effect gate", function()
+  local host = require "runbook.host"
+  local effects
+
+  before_each(function()
+    effects = {}
+    host.set_effect_sink(function(e) effects[#effects + 1] = e end)
+  end)
+
+  after_each(function()
+    host.set_mode("run")
+    host.set_effect_sink(nil)
+  end)
+
+  it("records a run as an effect with a shell-quoted summary", function()
+    exec.run{ "printf", "%s", "a b" }
+    assert.are.equal(1, #effects)
+    local e = effects[1]
+    assert.are.same({ "exec", "run", "printf", "run printf %s 'a b'", "performed", true },
+      { e.module, e.op, e.target, e.summary, e.decision, e.ok })
+  end)
+
+  it("skips writes in dry-run and still runs reads", function()
+    host.set_mode("dry-run")
+    local dir = exec.read{ "mktemp", "-d" }.stdout:gsub("%s+$", "")
+    local r = exec.run{ "touch", dir .. "/written" }
+    assert.are.same({ skipped = true, status = 0, stdout = "", stderr = "" }, r)
+    assert.is_nil(io.open(dir .. "/written"))
+    assert.are.same({ "skipped", "run touch " .. dir .. "/written" }, { effects[1].decision, effects[1].summary })
+    host.set_mode("run")
+    exec.run{ "rmdir", dir }
+  end)
+
+  it("forwards Ctrl-C to the process group and raises interrupted", function()
+    host.install_signal_handlers()
+    local t0 = os.time()
+    local ok, err = pcall(exec.run, { shell = "kill -INT $PPID; sleep 30", timeout = 20 })
+    host.clear_interrupt()
+    assert.is_false(ok)
+    assert.are.equal("interrupted", err.code)
+    assert.is_true(os.time() - t0 < 5)
+    assert.is_false(effects[1].ok)
+  end)
 end)

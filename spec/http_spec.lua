@@ -174,3 +174,52 @@ describe("http over TLS", function()
     assert.are.equal(200, http.get(tls_base .. "/echo", { insecure = true }).status)
   end)
 end)
+
+describe("http and the effect gate", function()
+  local host = require "runbook.host"
+  local effects
+
+  before_each(function()
+    effects = {}
+    host.set_effect_sink(function(e) effects[#effects + 1] = e end)
+  end)
+
+  after_each(function()
+    host.set_mode("run")
+    host.set_effect_sink(nil)
+  end)
+
+  it("records writes, not reads", function()
+    http.get(base .. "/echo")
+    http.put(base .. "/echo", { body = "12345" })
+    assert.are.equal(1, #effects)
+    local e = effects[1]
+    assert.are.same({ "http", "PUT", base .. "/echo", "PUT " .. base .. "/echo (5 bytes)", "performed", true },
+      { e.module, e.op, e.target, e.summary, e.decision, e.ok })
+  end)
+
+  it("skips writes in dry-run; reads still reach the server", function()
+    host.set_mode("dry-run")
+    for _, method in ipairs { "post", "put", "patch", "delete" } do
+      assert.are.same({ skipped = true }, http[method](base .. "/dry-" .. method, { body = "x" }))
+    end
+    assert.are.equal(200, http.get(base .. "/echo").status)
+    host.set_mode("run")
+    for _, req in ipairs(http.get(base .. "/requests").json) do
+      assert.is_nil(req.path:match("^/dry%-"), "a skipped write reached the server: " .. req.path)
+    end
+    assert.are.equal(4, #effects)
+    assert.are.equal("skipped", effects[1].decision)
+  end)
+
+  it("keeps passwords and Authorization values out of effects and errors", function()
+    local url = "http://ops:url-s3cret@127.0.0.1:1/x"
+    local err = raises(function()
+      http.post(url, { headers = { Authorization = "Bearer tok-s3cret-123" } })
+    end)
+    local text = err.message .. effects[1].target .. effects[1].summary .. tostring(effects[1].result)
+    assert.is_nil(text:find("url-s3cret", 1, true))
+    assert.are.equal("***", host.redact("tok-s3cret-123"))
+    assert.are.equal("***", host.redact("Bearer tok-s3cret-123"))
+  end)
+end)

@@ -21,25 +21,9 @@
 -- Timeouts and Ctrl-C kill the process's whole group and raise errors with
 -- code "timeout" (retryable) and "interrupted".
 local native = require "runbook.exec"
+local duration = require "duration"
 
 local exec = {}
-
-local UNITS = { ms = 0.001, s = 1, m = 60, h = 3600 }
-
--- Until stdlib has a shared duration helper: "1m30s", "500ms", 30, "30".
-local function parse_duration(d)
-  if d == nil or type(d) == "number" then return d end
-  if type(d) ~= "string" then error("timeout must be a number or a duration string", 3) end
-  local total, rest = 0, d
-  while rest ~= "" do
-    local n, unit, tail = rest:match("^(%d+%.?%d*)(%a*)(.*)$")
-    local scale = UNITS[unit ~= "" and unit or "s"]
-    if not n or not scale then error(("bad duration %q"):format(d), 3) end
-    total, rest = total + tonumber(n) * scale, tail
-  end
-  return total
-end
-exec.parse_duration = parse_duration
 
 local function argv_of(opts)
   if opts.shell then
@@ -70,7 +54,8 @@ function exec.run(opts)
   local argv = argv_of(opts)
   local r = native.run {
     argv = argv, env = opts.env, clear_env = opts.clear_env, stdin = opts.stdin,
-    cwd = opts.cwd, timeout = parse_duration(opts.timeout), read = opts.read,
+    cwd = opts.cwd, read = opts.read,
+    timeout = opts.timeout and duration.check(opts.timeout, "exec.run timeout"),
   }
   if not r.skipped and opts.check ~= false then check_exit(argv, r) end
   return r

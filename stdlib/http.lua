@@ -18,24 +18,9 @@
 -- A password in the URL and Authorization header values never print.
 local native = require "runbook.http"
 local cjson = require "cjson"
+local duration = require "duration"
 
 local http = {}
-
-local UNITS = { ms = 0.001, s = 1, m = 60, h = 3600 }
-
--- Until stdlib has a shared duration helper: "1m30s", "500ms", 30, "30".
-local function parse_duration(d, what)
-  if d == nil or type(d) == "number" then return d end
-  if type(d) ~= "string" then error(what .. " must be a number or a duration string", 3) end
-  local total, rest = 0, d
-  while rest ~= "" do
-    local n, unit, tail = rest:match("^(%d+%.?%d*)(%a*)(.*)$")
-    local scale = UNITS[unit ~= "" and unit or "s"]
-    if not n or not scale then error(("bad duration %q"):format(d), 3) end
-    total, rest = total + tonumber(n) * scale, tail
-  end
-  return total
-end
 
 local function warn(msg)
   local ok, log = pcall(require, "log")
@@ -81,8 +66,8 @@ function http.request(opts)
   if opts.insecure then warn("TLS verification disabled for " .. tostring(opts.url)) end
   return decode(native.request {
     method = opts.method, url = opts.url, headers = headers, body = body,
-    timeout = parse_duration(opts.timeout, "timeout"),
-    connect_timeout = parse_duration(opts.connect_timeout, "connect_timeout"),
+    timeout = opts.timeout and duration.check(opts.timeout, "http timeout"),
+    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "http connect_timeout"),
     cafile = opts.cafile, insecure = opts.insecure, follow = opts.follow,
   })
 end
