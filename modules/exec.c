@@ -18,7 +18,9 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <dirent.h>
 #include <poll.h>
+#include <stdio.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -357,6 +359,33 @@ static void group_kill(proc *p, int sig) {
     if (pg > 0) kill(-pg, sig);
 }
 
+/* Whether a process of group pg is still running. Orphans reparented to an
+ * init that does not reap (common in containers) stay zombies in the group,
+ * so kill(-pg, 0) alone would wait out the whole grace period for nothing. */
+static int group_alive(pid_t pg) {
+    if (kill(-pg, 0) < 0 && errno == ESRCH) return 0;
+    DIR *d = opendir("/proc");
+    if (!d) return 1;
+    int alive = 0;
+    struct dirent *de;
+    while (!alive && (de = readdir(d))) {
+        char path[64], buf[512];
+        if (de->d_name[0] < '0' || de->d_name[0] > '9') continue;
+        snprintf(path, sizeof path, "/proc/%d/stat", atoi(de->d_name));
+        FILE *f = fopen(path, "re");
+        if (!f) continue;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = '\0';
+        char *rp = strrchr(buf, ')'), state;
+        int ppid, pgrp;
+        if (rp && sscanf(rp + 1, " %c %d %d", &state, &ppid, &pgrp) == 3)
+            alive = pgrp == pg && state != 'Z';
+    }
+    closedir(d);
+    return alive;
+}
+
 /* SIGTERM (or the forwarded signal), a grace period, then SIGKILL for any
  * member of the group still alive. */
 static void terminate(proc *p, int sig) {
@@ -365,7 +394,9 @@ static void terminate(proc *p, int sig) {
     double until = rb_now() + KILL_GRACE;
     while (rb_now() < until) {
         reap(p, WNOHANG);
-        if (kill(-pg, 0) < 0 && errno == ESRCH) break;
+        /* when we are PID 1, orphans of the group are ours to reap */
+        while (waitpid(-pg, NULL, WNOHANG) > 0) {}
+        if (!group_alive(pg)) break;
         poll(NULL, 0, 20);
     }
     group_kill(p, SIGKILL);
