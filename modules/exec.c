@@ -4,7 +4,8 @@
  *
  *   run(opts) -> {status, signal, stdout, stderr, duration} | {skipped=true,...}
  *     opts.argv      array of strings (no shell; stdlib/exec.lua builds sh -c)
- *     opts.env       table of NAME=value added to (or replacing) the environment
+ *     opts.env       table of NAME=value added to (or replacing) the environment;
+ *                    values of names like *PASSWORD*, *TOKEN*, *KEY* are secrets
  *     opts.clear_env true: the child sees only opts.env
  *     opts.stdin     string written to the child's stdin (else /dev/null)
  *     opts.cwd       working directory of the child
@@ -169,6 +170,15 @@ static int env_overridden(lua_State *L, const char *entry) {
     return found;
 }
 
+/* PGPASSWORD, REDIS_PASSWORD, API_TOKEN...: values passed this way are
+ * credentials, and a command may echo them on stderr into a failure. */
+static int secret_name(const char *name) {
+    static const char *const marks[] = {"PASS", "TOKEN", "SECRET", "KEY", "CREDENTIAL", NULL};
+    for (const char *const *m = marks; *m; m++)
+        if (strcasestr(name, *m)) return 1;
+    return 0;
+}
+
 /* Returns NULL when the child should inherit our environment unchanged. */
 static const char **build_env(lua_State *L, int anchor, const char **path) {
     *path = getenv("PATH");
@@ -191,6 +201,7 @@ static const char **build_env(lua_State *L, int anchor, const char **path) {
             (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER))
             luaL_argerror(L, 1, "env must map names to strings");
         const char *k = lua_tostring(L, -2), *v = lua_tostring(L, -1);
+        if (secret_name(k)) rb_secret_register(L, v, strlen(v));
         lua_pushfstring(L, "%s=%s", k, v);
         env[i++] = anchored(L, anchor);
         if (strcmp(k, "PATH") == 0) *path = v;

@@ -156,6 +156,14 @@ describe("exec and the effect gate", function()
     exec.run{ "rmdir", dir }
   end)
 
+  it("treats env values with credential-like names as secrets", function()
+    local ok, err = pcall(exec.run, { shell = 'echo "auth failed for $PGPASSWORD" >&2; exit 2',
+                                      env = { PGPASSWORD = "pw-s3cret-9" } })
+    assert.is_false(ok)
+    assert.is_nil(err.message:find("pw-s3cret-9", 1, true))
+    assert.are.equal("***", host.redact("pw-s3cret-9"))
+  end)
+
   it("forwards Ctrl-C to the process group and raises interrupted", function()
     host.install_signal_handlers()
     local t0 = os.time()
