@@ -1,0 +1,395 @@
+"""The API verbs over the store: get, list, create, update, patch, apply, delete."""
+import base64
+import copy
+import json
+import re
+import time
+
+import patch as P
+from store import ApiError, already_exists, conflict, not_found, now_iso
+
+IGNORED_META = ("resourceVersion", "managedFields")
+
+
+# Selectors ------------------------------------------------------------------------
+def parse_label_selector(text):
+    reqs = []
+    for part in re.findall(r'(?:[^,(]|\([^)]*\))+', text or ""):
+        part = part.strip()
+        m = re.match(r'^([\w./-]+)\s+(in|notin)\s+\(([^)]*)\)$', part)
+        if m:
+            reqs.append((m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}))
+            continue
+        m = re.match(r'^([\w./-]+)\s*(==|!=|=)\s*([\w./-]*)$', part)
+        if m:
+            reqs.append((m.group(1), "!=" if m.group(2) == "!=" else "=", m.group(3)))
+        elif part.startswith("!"):
+            reqs.append((part[1:], "!", None))
+        elif re.match(r'^[\w./-]+$', part):
+            reqs.append((part, "exists", None))
+        else:
+            raise ApiError(400, "BadRequest", "unable to parse requirement: invalid label selector %r" % text)
+    return reqs
+
+
+def labels_match(reqs, labels):
+    labels = labels or {}
+    for key, op, val in reqs:
+        have = labels.get(key)
+        if op == "=":
+            ok = have == val
+        elif op == "!=":
+            ok = have != val
+        elif op in ("in", "notin"):
+            ok = (have in val) == (op == "in")
+        else:
+            ok = (key in labels) == (op == "exists")
+        if not ok:
+            return False
+    return True
+
+
+def field_value(obj, path):
+    for p in path.split("."):
+        obj = obj.get(p) if isinstance(obj, dict) else None
+    return "" if obj is None else str(obj)
+
+
+def fields_match(text, obj):
+    for part in filter(None, (text or "").split(",")):
+        m = re.match(r'^([\w.]+)\s*(==|!=|=)\s*(.*)$', part)
+        if not m:
+            raise ApiError(400, "BadRequest", "invalid field selector %r" % part)
+        same = field_value(obj, m.group(1)) == m.group(3)
+        if same == (m.group(2) == "!="):
+            return False
+    return True
+
+
+def selector_of(sel):
+    return [(k, "=", v) for k, v in sorted((sel or {}).get("matchLabels", {}).items())] + \
+        [(e["key"], e["operator"].lower() if e["operator"] in ("In", "NotIn") else
+          ("exists" if e["operator"] == "Exists" else "!"), set(e.get("values", [])))
+         for e in (sel or {}).get("matchExpressions", [])]
+
+
+# Defaults -------------------------------------------------------------------------
+def default_pod_spec(spec):
+    spec.setdefault("restartPolicy", "Always")
+    spec.setdefault("terminationGracePeriodSeconds", 30)
+    spec.setdefault("dnsPolicy", "ClusterFirst")
+    spec.setdefault("schedulerName", "default-scheduler")
+    spec.setdefault("securityContext", {})
+    for c in spec.get("containers", []):
+        c.setdefault("imagePullPolicy", "Always" if c.get("image", "").endswith(":latest") else "IfNotPresent")
+        c.setdefault("terminationMessagePath", "/dev/termination-log")
+        c.setdefault("terminationMessagePolicy", "File")
+        c.setdefault("resources", {})
+        for p in c.get("ports", []):
+            p.setdefault("protocol", "TCP")
+
+
+def apply_defaults(res, obj):
+    spec = obj.setdefault("spec", {}) if res.name in (
+        "deployments", "replicasets", "pods", "services", "namespaces") else obj.get("spec")
+    if res.name in ("deployments", "replicasets"):
+        spec.setdefault("replicas", 1)
+        spec.setdefault("selector", {"matchLabels": obj["spec"].get("template", {}).get("metadata", {}).get("labels", {})})
+        tmpl = spec.setdefault("template", {})
+        tmpl.setdefault("metadata", {})
+        default_pod_spec(tmpl.setdefault("spec", {}))
+    if res.name == "deployments":
+        spec.setdefault("strategy", {"type": "RollingUpdate",
+                                     "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}})
+        spec.setdefault("revisionHistoryLimit", 10)
+        spec.setdefault("progressDeadlineSeconds", 600)
+    elif res.name == "pods":
+        default_pod_spec(spec)
+        obj.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
+    elif res.name == "services":
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        for p in spec.get("ports", []):
+            p.setdefault("protocol", "TCP")
+            p.setdefault("targetPort", p.get("port"))
+    elif res.name == "namespaces":
+        spec.setdefault("finalizers", ["kubernetes"])
+        obj.setdefault("status", {"phase": "Active"})
+    elif res.name == "secrets":
+        obj.setdefault("type", "Opaque")
+        for k, v in (obj.pop("stringData", None) or {}).items():
+            obj.setdefault("data", {})[k] = base64.b64encode(v.encode()).decode()
+
+
+def strip_volatile(obj):
+    o = copy.deepcopy(obj)
+    for k in IGNORED_META:
+        o.get("metadata", {}).pop(k, None)
+    return o
+
+
+class Api:
+    def __init__(self, store, next_cluster_ip):
+        self.store = store
+        self.next_cluster_ip = next_cluster_ip
+
+    # reads ---------------------------------------------------------------------
+    def get(self, res, ns, name):
+        obj = self.store.get(res.key, ns, name)
+        if obj is None:
+            raise not_found(res, name)
+        return obj
+
+    def list(self, res, ns, q):
+        reqs = parse_label_selector(q.get("labelSelector"))
+        items = [o for o in self.store.list(res.key, ns)
+                 if labels_match(reqs, o["metadata"].get("labels"))
+                 and fields_match(q.get("fieldSelector"), o)]
+        rv = str(self.store.rv)
+        start = 0
+        if q.get("continue"):
+            try:
+                tok = json.loads(base64.b64decode(q["continue"]))
+                start, rv = tok["start"], tok["rv"]
+            except (ValueError, KeyError):
+                raise ApiError(400, "BadRequest", "invalid continue token")
+        limit = int(q.get("limit") or 0)
+        meta = {"resourceVersion": rv}
+        page = items[start:start + limit] if limit else items[start:]
+        if limit and start + limit < len(items):
+            meta["continue"] = base64.b64encode(json.dumps(
+                {"start": start + limit, "rv": rv}).encode()).decode()
+            meta["remainingItemCount"] = len(items) - start - limit
+        return page, meta
+
+    # writes --------------------------------------------------------------------
+    def create(self, res, ns, obj, q, manager):
+        md = obj.setdefault("metadata", {})
+        if res.namespaced:
+            if md.get("namespace") and md["namespace"] != ns:
+                raise ApiError(400, "BadRequest", "the namespace of the provided object does not "
+                               "match the namespace sent on the request")
+            md["namespace"] = ns
+            if self.store.get("namespaces", "", ns) is None:
+                raise ApiError(404, "NotFound", 'namespaces "%s" not found' % ns,
+                               {"name": ns, "kind": "namespaces"})
+        else:
+            md.pop("namespace", None)
+        if not md.get("name"):
+            if not md.get("generateName"):
+                raise ApiError(422, "Invalid", "%s.%s \"\" is invalid: metadata.name: Required value: "
+                               "name or generateName is required" % (res.kind, res.group or "core"),
+                               {"kind": res.kind, "causes": [{"reason": "FieldValueRequired",
+                                                              "message": "Required value", "field": "metadata.name"}]})
+            md["name"] = md["generateName"] + _suffix()
+        if self.store.get(res.key, ns if res.namespaced else "", md["name"]) is not None:
+            raise already_exists(res, md["name"])
+        obj["kind"], obj["apiVersion"] = res.kind, res.api_version()
+        for k in ("resourceVersion", "uid", "creationTimestamp", "deletionTimestamp", "managedFields"):
+            md.pop(k, None)
+        if res.generation:
+            md["generation"] = 1
+        apply_defaults(res, obj)
+        if res.name == "services" and obj["spec"].get("type") != "ExternalName":
+            obj["spec"].setdefault("clusterIP", self.next_cluster_ip())
+            obj["spec"].setdefault("clusterIPs", [obj["spec"]["clusterIP"]])
+        set_owner(obj, manager, "Update", P.leaf_paths(obj), replace=True)
+        if q.get("dryRun"):
+            md.setdefault("uid", _uid())
+            md["creationTimestamp"] = now_iso()
+            return obj
+        return self.store.put(res.key, obj)
+
+    def commit(self, res, old, new, q, manager, operation="Update", applied=None):
+        """Write new over old: generation, ownership, no-op detection, dry run."""
+        new["kind"], new["apiVersion"] = res.kind, res.api_version()
+        md = new["metadata"]
+        for k in ("uid", "creationTimestamp", "namespace", "name"):
+            if k in old["metadata"]:
+                md[k] = old["metadata"][k]
+        apply_defaults(res, new)
+        if res.generation:
+            md["generation"] = old["metadata"].get("generation", 1)
+            if spec_of(new) != spec_of(old):
+                md["generation"] += 1
+        md["managedFields"] = old["metadata"].get("managedFields", [])
+        same_owner = operation != "Apply" or owners_of(old).get(manager) == P.leaf_paths(applied)
+        if same_owner and strip_volatile(new) == strip_volatile(old):
+            return old
+        if operation == "Apply":
+            set_owner(new, manager, "Apply", P.leaf_paths(applied), replace=True)
+        else:
+            changed = {p for p in P.leaf_paths(new) if P.value_at(new, p) != P.value_at(old, p)}
+            set_owner(new, manager, "Update", changed)
+        if q.get("dryRun"):
+            md["resourceVersion"] = old["metadata"]["resourceVersion"]
+            return new
+        return self.store.put(res.key, new)
+
+    def update(self, res, ns, name, obj, q, manager, subresource=None):
+        old = self.get(res, ns, name)
+        rv = obj.get("metadata", {}).get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise conflict(res, name)
+        if subresource == "status":
+            new = copy.deepcopy(old)
+            new["status"] = obj.get("status", {})
+        else:
+            new = copy.deepcopy(obj)
+            if "status" in old and res.name not in ("configmaps", "secrets"):
+                new["status"] = old["status"]
+        return self.commit(res, old, new, q, manager)
+
+    def patch(self, res, ns, name, body, ctype, q, manager, subresource=None):
+        if "apply-patch" in ctype:
+            return self.apply(res, ns, name, body, q, manager)
+        old = self.get(res, ns, name)
+        new = self.patched(res, old, body, ctype)
+        rv = new.get("metadata", {}).get("resourceVersion")
+        if rv and rv != old["metadata"]["resourceVersion"]:
+            raise conflict(res, name)
+        if subresource == "status":
+            keep = copy.deepcopy(old)
+            keep["status"] = new.get("status", {})
+            new = keep
+        elif "status" in old:
+            new["status"] = old["status"]
+        return self.commit(res, old, new, q, manager)
+
+    def patched(self, res, old, body, ctype):
+        try:
+            doc = json.loads(body or b"null")
+        except ValueError as e:
+            raise ApiError(400, "BadRequest", "error decoding patch: %s" % e)
+        if "json-patch" in ctype:
+            return P.json_patch(old, doc)
+        if "merge-patch" in ctype:
+            return P.merge_patch(old, doc)
+        if "strategic-merge-patch" in ctype:
+            if res.custom:
+                raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown "
+                               "format - accepted media types include: application/json-patch+json, "
+                               "application/merge-patch+json, application/apply-patch+yaml")
+            return P.strategic_merge(old, doc)
+        raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format")
+
+    def apply(self, res, ns, name, body, q, manager):
+        if not q.get("fieldManager"):
+            raise ApiError(422, "Invalid", "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: "
+                           "Required value: is required for apply patch")
+        try:
+            applied = json.loads(body)
+        except ValueError:
+            raise ApiError(400, "BadRequest", "apply patches must be JSON in this sandbox")
+        old = self.store.get(res.key, ns if res.namespaced else "", name)
+        if old is None:
+            obj = self.create(res, ns, copy.deepcopy(applied), q, manager)
+            if not q.get("dryRun"):
+                set_owner(obj, manager, "Apply", P.leaf_paths(applied), replace=True)
+                obj = self.store.put(res.key, obj)
+            return obj
+        owners = owners_of(old)
+        found = P.apply_conflicts(owners, manager, old, applied)
+        if found and q.get("force") != "true":
+            raise apply_conflict(res, name, found, res.api_version())
+        new = P.strategic_merge(old, applied)
+        stale = owners.get(manager, set()) - P.leaf_paths(applied)
+        others = set().union(*[p for m, p in owners.items() if m != manager] or [set()])
+        for path in stale - others:
+            delete_path(new, path)
+        return self.commit(res, old, new, q, manager, "Apply", applied)
+
+    def delete(self, res, ns, name, q, opts):
+        obj = self.get(res, ns, name)
+        if q.get("dryRun") or (opts or {}).get("dryRun"):
+            return obj
+        policy = q.get("propagationPolicy") or (opts or {}).get("propagationPolicy") or "Background"
+        self.cascade(obj["metadata"]["uid"], policy)
+        if res.name == "namespaces":
+            for key, n, nm in self.store.keys():
+                if n == name:
+                    self.store.remove(key, n, nm)
+        return self.store.remove(res.key, ns if res.namespaced else "", name)
+
+    def cascade(self, uid, policy):
+        for key, n, nm in self.store.owned_by(uid):
+            child = self.store.get(key, n, nm)
+            if child is None:
+                continue
+            if policy == "Orphan":
+                child["metadata"]["ownerReferences"] = [
+                    r for r in child["metadata"]["ownerReferences"] if r.get("uid") != uid]
+                self.store.put(key, child)
+            else:
+                self.cascade(child["metadata"]["uid"], policy)
+                self.store.remove(key, n, nm)
+
+
+def spec_of(obj):
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "kind", "apiVersion")}
+
+
+def owners_of(obj):
+    out = {}
+    for e in obj["metadata"].get("managedFields", []) or []:
+        out.setdefault(e["manager"], set()).update(flatten(e.get("fieldsV1", {})))
+    return out
+
+
+def flatten(tree, prefix=()):
+    out = set()
+    for k, v in tree.items():
+        if k == ".":
+            continue
+        out |= flatten(v, prefix + (k,)) if v else {prefix + (k,)}
+    return out
+
+
+def set_owner(obj, manager, operation, paths, replace=False):
+    md = obj["metadata"]
+    entries = [e for e in md.get("managedFields", []) or []]
+    mine = next((e for e in entries if e["manager"] == manager and e["operation"] == operation), None)
+    have = set() if replace or not mine else flatten(mine.get("fieldsV1", {}))
+    for e in entries:
+        if e is not mine:
+            e["fieldsV1"] = P.fields_v1(flatten(e.get("fieldsV1", {})) - set(paths))
+    entries = [e for e in entries if e is not mine and e["fieldsV1"]]
+    if paths or have:
+        entries.append({"manager": manager, "operation": operation, "apiVersion": obj["apiVersion"],
+                        "time": now_iso(), "fieldsType": "FieldsV1",
+                        "fieldsV1": P.fields_v1(have | set(paths))})
+    md["managedFields"] = entries
+
+
+def delete_path(obj, path):
+    parent = P.value_at(obj, path[:-1])
+    last = path[-1]
+    if isinstance(parent, dict) and last.startswith("f:"):
+        parent.pop(last[2:], None)
+    elif isinstance(parent, list):
+        item = P.value_at(obj, path)
+        if item in parent:
+            parent.remove(item)
+
+
+def apply_conflict(res, name, found, api_version):
+    msgs = ['conflict with "%s" using %s: %s' % (m, api_version, P.path_str(p)) for m, p in found]
+    text = "Apply failed with %d conflict%s: %s" % (len(found), "" if len(found) == 1 else "s",
+                                                    "\n".join(msgs))
+    causes = [{"type": "FieldManagerConflict", "message": 'conflict with "%s" using %s' % (m, api_version),
+               "field": P.path_str(p)} for m, p in found]
+    return ApiError(409, "Conflict", text, {"name": name, "group": res.group, "kind": res.name,
+                                            "causes": causes})
+
+
+_ALPHA = "bcdfghjklmnpqrstvwxz2456789"
+
+
+def _suffix(n=5):
+    import random
+    return "".join(random.choice(_ALPHA) for _ in range(n))
+
+
+def _uid():
+    import uuid
+    return str(uuid.uuid4())

@@ -1,0 +1,643 @@
+"""The control loop: deployments -> replicasets -> pods -> kubelet-like status.
+
+Every sync computes the wanted object and writes only when it differs, so a
+cluster at rest keeps its resourceVersions. Time comes in as `now` so the seed
+can play the first rollout two days in the past.
+"""
+import copy
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+
+from api import labels_match, selector_of
+from store import now_iso, parse_iso
+
+STARTUP = 1.0          # seconds from scheduling to Running and Ready
+CRASH_RUN = 1.5        # a crash-looping container lives this long
+OOM_PERIOD = 15.0      # an OOM-faulted container is killed this often
+EVICT_AFTER = 10.0     # pods on a NotReady node are evicted after this
+ALPHA = "bcdfghjklmnpqrstvwxz2456789"
+BAD_TAGS = ("does-not-exist", "doesnotexist", "nonexistent")
+REV = "deployment.kubernetes.io/revision"
+
+
+def template_hash(tmpl):
+    t = copy.deepcopy(tmpl)
+    t.get("metadata", {}).get("labels", {}).pop("pod-template-hash", None)
+    n = int(hashlib.sha1(json.dumps(t, sort_keys=True).encode()).hexdigest(), 16)
+    out = ""
+    for _ in range(10):
+        n, r = divmod(n, len(ALPHA))
+        out += ALPHA[r]
+    return out
+
+
+def bare_template(tmpl):
+    t = copy.deepcopy(tmpl)
+    labels = t.get("metadata", {}).get("labels")
+    if labels:
+        labels.pop("pod-template-hash", None)
+    return t
+
+
+def owner_ref(obj, controller=True):
+    return {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": obj["metadata"]["name"],
+            "uid": obj["metadata"]["uid"], "controller": controller, "blockOwnerDeletion": True}
+
+
+def owned(objs, owner):
+    uid = owner["metadata"]["uid"]
+    return [o for o in objs if any(r.get("uid") == uid and r.get("controller")
+                                   for r in o["metadata"].get("ownerReferences", []))]
+
+
+def pct(value, total, up):
+    if isinstance(value, int):
+        return value
+    n = int(str(value).rstrip("%")) * total / 100.0
+    return int(-(-n // 1)) if up else int(n)
+
+
+def drop_zero(status, keys):
+    for k in keys:
+        if not status.get(k):
+            status.pop(k, None)
+    return status
+
+
+class Faults:
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.crash = set()       # (namespace, deployment, image)
+        self.oom = set()         # (namespace, deployment)
+        self.bad_images = set()
+        self.notready = set()    # node names
+        self.api_error_rate = 0.0
+        self.api_error_code = 500
+        self.api_latency = 0.0
+        self.bad_image_undo = {}  # (ns, deployment) -> image to restore on reset
+
+    def describe(self):
+        return {"crashloop": sorted("%s/%s image=%s" % f for f in self.crash),
+                "oom": sorted("%s/%s" % f for f in self.oom),
+                "bad_images": sorted(self.bad_images), "node_notready": sorted(self.notready),
+                "api_errors": self.api_error_rate, "api_error_code": self.api_error_code,
+                "api_latency": self.api_latency}
+
+
+class Controller:
+    def __init__(self, store, state_dir):
+        self.store, self.state_dir = store, state_dir
+        self.faults = Faults()
+        self.rt = {}            # per-container runtime: (pod uid, container) -> next restart time
+        self.replicas_written = {}
+        self.stop = threading.Event()
+        self.ip_seq = 10
+
+    # plumbing ------------------------------------------------------------------
+    def save(self, key, old, new):
+        if old != new:
+            return self.store.put(key, new)
+        return old
+
+    def emit(self, obj, etype, reason, message, now, component="kubelet", host=None, field_path=None):
+        md = obj["metadata"]
+        ns = md.get("namespace") or "default"
+        for ev in self.store.list("events", ns):
+            io = ev["involvedObject"]
+            if io.get("uid") == md.get("uid") and ev["reason"] == reason and ev["message"] == message:
+                ev["count"] = ev.get("count", 1) + 1
+                ev["lastTimestamp"] = now_iso(now)
+                self.store.put("events", ev)
+                return
+        ev = {"kind": "Event", "apiVersion": "v1",
+              "metadata": {"name": "%s.%x" % (md["name"], random.getrandbits(60)), "namespace": ns,
+                           "creationTimestamp": now_iso(now)},
+              "involvedObject": {"kind": obj["kind"], "namespace": md.get("namespace"), "name": md["name"],
+                                 "uid": md.get("uid"), "apiVersion": obj["apiVersion"],
+                                 "resourceVersion": md.get("resourceVersion")},
+              "reason": reason, "message": message, "type": etype, "count": 1,
+              "source": {"component": component, **({"host": host} if host else {})},
+              "firstTimestamp": now_iso(now), "lastTimestamp": now_iso(now),
+              "reportingComponent": component, "reportingInstance": host or ""}
+        if field_path:
+            ev["involvedObject"]["fieldPath"] = field_path
+        if not md.get("namespace"):
+            ev["involvedObject"].pop("namespace")
+        self.store.put("events", ev)
+
+    def run(self):
+        while not self.stop.wait(0.2):
+            try:
+                self.tick(time.time())
+            except Exception as e:  # keep the loop alive; the log shows what broke
+                import traceback
+                traceback.print_exc()
+
+    def tick(self, now):
+        with self.store.lock:
+            self.sync_nodes(now)
+            for d in self.store.list("deployments.apps"):
+                self.sync_deployment(d, now)
+            for rs in self.store.list("replicasets.apps"):
+                self.sync_replicaset(rs, now)
+            for p in self.store.list("pods"):
+                self.sync_pod(p, now)
+            for rs in self.store.list("replicasets.apps"):
+                self.replicaset_status(rs)
+            for d in self.store.list("deployments.apps"):
+                self.deployment_status(d, now)
+            for s in self.store.list("services"):
+                self.sync_endpoints(s)
+            for h in self.store.list("horizontalpodautoscalers.autoscaling"):
+                self.sync_hpa(h)
+            self.write_replica_files()
+
+    # nodes ---------------------------------------------------------------------
+    def sync_nodes(self, now):
+        for n in self.store.list("nodes"):
+            new = copy.deepcopy(n)
+            bad = n["metadata"]["name"] in self.faults.notready
+            for c in new["status"]["conditions"]:
+                if c["type"] == "Ready":
+                    want = ("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.") if bad \
+                        else ("True", "KubeletReady", "kubelet is posting ready status")
+                    if (c["status"], c["reason"], c["message"]) != want:
+                        c["status"], c["reason"], c["message"] = want
+                        c["lastTransitionTime"] = c["lastHeartbeatTime"] = now_iso(now)
+                        self.emit(n, "Normal", "NodeNotReady" if bad else "NodeReady",
+                                  "Node %s status is now: %s" % (n["metadata"]["name"],
+                                                                 "NodeNotReady" if bad else "NodeReady"),
+                                  now, "node-controller")
+            taints = [t for t in new["spec"].get("taints", []) if t["key"] != "node.kubernetes.io/unreachable"]
+            if bad:
+                taints += [{"key": "node.kubernetes.io/unreachable", "effect": e, "timeAddedAt": now_iso(now)}
+                           for e in ("NoSchedule", "NoExecute")]
+                old_t = [t for t in n["spec"].get("taints", []) if t["key"] == "node.kubernetes.io/unreachable"]
+                if old_t:
+                    taints = [t for t in taints if t["key"] != "node.kubernetes.io/unreachable"] + old_t
+            if taints:
+                new["spec"]["taints"] = taints
+            else:
+                new["spec"].pop("taints", None)
+            self.save("nodes", n, new)
+
+    def node_ready(self, name):
+        n = self.store.get("nodes", "", name)
+        return n is not None and any(c["type"] == "Ready" and c["status"] == "True"
+                                     for c in n["status"]["conditions"])
+
+    # deployments -----------------------------------------------------------------
+    def sync_deployment(self, d, now):
+        rss = owned(self.store.list("replicasets.apps", d["metadata"]["namespace"]), d)
+        new_rs = next((r for r in rss if bare_template(r["spec"]["template"]) == bare_template(d["spec"]["template"])), None)
+        revs = [int(r["metadata"].get("annotations", {}).get(REV, "0")) for r in rss]
+        top = max(revs or [0])
+        if d["spec"].get("paused"):
+            return
+        if new_rs is None:
+            new_rs = self.create_replicaset(d, top + 1, now)
+        elif int(new_rs["metadata"]["annotations"].get(REV, "0")) < top:
+            r2 = copy.deepcopy(new_rs)
+            old_rev = r2["metadata"]["annotations"][REV]
+            hist = [h for h in r2["metadata"]["annotations"].get("deployment.kubernetes.io/revision-history", "").split(",") if h]
+            r2["metadata"]["annotations"]["deployment.kubernetes.io/revision-history"] = ",".join(hist + [old_rev])
+            r2["metadata"]["annotations"][REV] = str(top + 1)
+            new_rs = self.save("replicasets.apps", new_rs, r2)
+        rev = new_rs["metadata"]["annotations"][REV]
+        if d["metadata"].get("annotations", {}).get(REV) != rev:
+            d2 = copy.deepcopy(d)
+            d2["metadata"].setdefault("annotations", {})[REV] = rev
+            d = self.save("deployments.apps", d, d2)
+        self.scale_rollout(d, new_rs, [r for r in rss if r["metadata"]["uid"] != new_rs["metadata"]["uid"]], now)
+        self.cleanup_history(d, rss, new_rs)
+
+    def create_replicaset(self, d, revision, now):
+        h = template_hash(d["spec"]["template"])
+        tmpl = copy.deepcopy(d["spec"]["template"])
+        tmpl["metadata"].setdefault("labels", {})["pod-template-hash"] = h
+        sel = copy.deepcopy(d["spec"]["selector"])
+        sel.setdefault("matchLabels", {})["pod-template-hash"] = h
+        labels = dict(tmpl["metadata"]["labels"])
+        ann = {k: v for k, v in d["metadata"].get("annotations", {}).items()
+               if k not in (REV, "kubectl.kubernetes.io/last-applied-configuration")}
+        ann.update({REV: str(revision), "deployment.kubernetes.io/desired-replicas": str(d["spec"]["replicas"]),
+                    "deployment.kubernetes.io/max-replicas": str(d["spec"]["replicas"] + self.surge(d))})
+        rs = {"kind": "ReplicaSet", "apiVersion": "apps/v1",
+              "metadata": {"name": "%s-%s" % (d["metadata"]["name"], h), "namespace": d["metadata"]["namespace"],
+                           "labels": labels, "annotations": ann, "generation": 1,
+                           "creationTimestamp": now_iso(now), "ownerReferences": [owner_ref(d)]},
+              "spec": {"replicas": 0, "minReadySeconds": d["spec"].get("minReadySeconds", 0),
+                       "selector": sel, "template": tmpl},
+              "status": {"replicas": 0}}
+        return self.store.put("replicasets.apps", rs)
+
+    def surge(self, d):
+        s = d["spec"].get("strategy", {})
+        if s.get("type") == "Recreate":
+            return 0
+        return pct(s.get("rollingUpdate", {}).get("maxSurge", "25%"), d["spec"]["replicas"], True)
+
+    def scale_rollout(self, d, new_rs, olds, now):
+        want = d["spec"]["replicas"]
+        old_active = [r for r in olds if r["spec"].get("replicas", 0) > 0]
+        recreate = d["spec"].get("strategy", {}).get("type") == "Recreate"
+        if recreate and any(r.get("status", {}).get("replicas", 0) for r in olds):
+            new_target = 0
+        else:
+            new_target = want
+        self.scale(d, new_rs, new_target, now)
+        if not old_active:
+            return
+        avail = new_rs.get("status", {}).get("availableReplicas", 0)
+        budget = 0 if recreate else max(0, want - avail)
+        for r in sorted(old_active, key=lambda r: -int(r["metadata"]["annotations"].get(REV, "0"))):
+            keep = min(r["spec"]["replicas"], budget)
+            budget -= keep
+            self.scale(d, r, keep, now)
+
+    def scale(self, d, rs, n, now):
+        cur = rs["spec"].get("replicas", 0)
+        if cur == n:
+            return rs
+        r2 = copy.deepcopy(rs)
+        r2["spec"]["replicas"] = n
+        r2["metadata"]["generation"] = r2["metadata"].get("generation", 1) + 1
+        r2["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] = str(d["spec"]["replicas"])
+        r2["metadata"]["annotations"]["deployment.kubernetes.io/max-replicas"] = str(d["spec"]["replicas"] + self.surge(d))
+        self.emit(d, "Normal", "ScalingReplicaSet", "Scaled %s replica set %s from %d to %d" % (
+            "up" if n > cur else "down", rs["metadata"]["name"], cur, n), now, "deployment-controller")
+        return self.store.put("replicasets.apps", r2)
+
+    def cleanup_history(self, d, rss, new_rs):
+        limit = d["spec"].get("revisionHistoryLimit", 10)
+        idle = [r for r in rss if r["metadata"]["uid"] != new_rs["metadata"]["uid"]
+                and r["spec"].get("replicas", 0) == 0 and not r.get("status", {}).get("replicas")]
+        idle.sort(key=lambda r: int(r["metadata"]["annotations"].get(REV, "0")))
+        for r in idle[:max(0, len(idle) - limit)]:
+            self.store.remove("replicasets.apps", r["metadata"]["namespace"], r["metadata"]["name"])
+
+    def deployment_status(self, d, now):
+        ns = d["metadata"]["namespace"]
+        rss = owned(self.store.list("replicasets.apps", ns), d)
+        rev = d["metadata"].get("annotations", {}).get(REV)
+        new_rs = next((r for r in rss if r["metadata"]["annotations"].get(REV) == rev
+                       and bare_template(r["spec"]["template"]) == bare_template(d["spec"]["template"])), None)
+        want = d["spec"]["replicas"]
+        tot = lambda f: sum(r.get("status", {}).get(f, 0) for r in rss)
+        st = {"observedGeneration": d["metadata"].get("generation", 1), "replicas": tot("replicas"),
+              "updatedReplicas": new_rs.get("status", {}).get("replicas", 0) if new_rs else 0,
+              "readyReplicas": tot("readyReplicas"), "availableReplicas": tot("availableReplicas")}
+        st["unavailableReplicas"] = max(0, want - st["availableReplicas"])
+        if d["spec"].get("paused"):
+            st["observedGeneration"] = d.get("status", {}).get("observedGeneration", 1)
+        drop_zero(st, ["replicas", "updatedReplicas", "readyReplicas", "availableReplicas", "unavailableReplicas"])
+        max_unavail = pct(d["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxUnavailable", "25%"), want, False)
+        st["conditions"] = self.conditions(d, new_rs, st, want, max_unavail, now)
+        if "collisionCount" in d.get("status", {}):
+            st["collisionCount"] = d["status"]["collisionCount"]
+        if st != d.get("status"):
+            d2 = copy.deepcopy(d)
+            d2["status"] = st
+            self.store.put("deployments.apps", d2)
+
+    def conditions(self, d, new_rs, st, want, max_unavail, now):
+        old = {c["type"]: c for c in d.get("status", {}).get("conditions", [])}
+        avail_ok = st.get("availableReplicas", 0) >= want - max_unavail
+        name = new_rs["metadata"]["name"] if new_rs else d["metadata"]["name"]
+        done = (st.get("updatedReplicas", 0) == want and st.get("replicas", 0) == want
+                and st.get("availableReplicas", 0) == want)
+        if d["spec"].get("paused"):
+            prog = ("Unknown", "DeploymentPaused", "Deployment is paused")
+        elif done:
+            prog = ("True", "NewReplicaSetAvailable", 'ReplicaSet "%s" has successfully progressed.' % name)
+        else:
+            prog = ("True", "ReplicaSetUpdated", 'ReplicaSet "%s" is progressing.' % name)
+            last = parse_iso(old.get("Progressing", {}).get("lastUpdateTime")) or now
+            if old.get("Progressing", {}).get("reason") == "ProgressDeadlineExceeded" or \
+                    now - last > d["spec"].get("progressDeadlineSeconds", 600):
+                prog = ("False", "ProgressDeadlineExceeded", 'ReplicaSet "%s" has timed out progressing.' % name)
+        avail = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.") if avail_ok else \
+            ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+        progressed = (st.get("updatedReplicas"), st.get("availableReplicas")) != (
+            d.get("status", {}).get("updatedReplicas"), d.get("status", {}).get("availableReplicas"))
+        return [self.condition(old.get("Available"), "Available", avail, now, False),
+                self.condition(old.get("Progressing"), "Progressing", prog, now, progressed and not done)]
+
+    @staticmethod
+    def condition(old, ctype, want, now, touch):
+        status, reason, message = want
+        if old and (old["status"], old["reason"], old["message"]) == want and not touch:
+            return old
+        c = {"type": ctype, "status": status, "lastUpdateTime": now_iso(now),
+             "lastTransitionTime": now_iso(now), "reason": reason, "message": message}
+        if old and old["status"] == status:
+            c["lastTransitionTime"] = old["lastTransitionTime"]
+        return c
+
+    # replicasets -----------------------------------------------------------------
+    def sync_replicaset(self, rs, now):
+        ns = rs["metadata"]["namespace"]
+        pods = [p for p in owned(self.store.list("pods", ns), rs) if not p["metadata"].get("deletionTimestamp")]
+        want = rs["spec"].get("replicas", 0)
+        for _ in range(want - len(pods)):
+            self.create_pod(rs, now)
+        if len(pods) > want:
+            pods.sort(key=lambda p: (self.pod_is_ready(p), p["metadata"]["creationTimestamp"]), reverse=False)
+            for p in pods[:len(pods) - want]:
+                self.kill_pod(p, now)
+                self.emit(rs, "Normal", "SuccessfulDelete", "Deleted pod: " + p["metadata"]["name"], now,
+                          "replicaset-controller")
+
+    def create_pod(self, rs, now):
+        tmpl = copy.deepcopy(rs["spec"]["template"])
+        name = "%s-%s" % (rs["metadata"]["name"], "".join(random.choice(ALPHA) for _ in range(5)))
+        pod = {"kind": "Pod", "apiVersion": "v1",
+               "metadata": {"name": name, "generateName": rs["metadata"]["name"] + "-",
+                            "namespace": rs["metadata"]["namespace"],
+                            "labels": tmpl["metadata"].get("labels", {}), "creationTimestamp": now_iso(now),
+                            "ownerReferences": [owner_ref(rs)]},
+               "spec": tmpl["spec"], "status": {"phase": "Pending", "qosClass": "BestEffort"}}
+        if tmpl["metadata"].get("annotations"):
+            pod["metadata"]["annotations"] = tmpl["metadata"]["annotations"]
+        pod = self.store.put("pods", pod)
+        self.emit(rs, "Normal", "SuccessfulCreate", "Created pod: " + name, now, "replicaset-controller")
+        return pod
+
+    def kill_pod(self, p, now):
+        for c in p["spec"]["containers"]:
+            self.emit(p, "Normal", "Killing", "Stopping container " + c["name"], now,
+                      host=p["spec"].get("nodeName"), field_path="spec.containers{%s}" % c["name"])
+        self.store.remove("pods", p["metadata"]["namespace"], p["metadata"]["name"])
+
+    def pod_is_ready(self, p):
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
+
+    def replicaset_status(self, rs):
+        pods = owned(self.store.list("pods", rs["metadata"]["namespace"]), rs)
+        ready = sum(1 for p in pods if self.pod_is_ready(p))
+        st = {"replicas": len(pods), "fullyLabeledReplicas": len(pods), "readyReplicas": ready,
+              "availableReplicas": ready, "observedGeneration": rs["metadata"].get("generation", 1)}
+        drop_zero(st, ["fullyLabeledReplicas", "readyReplicas", "availableReplicas"])
+        if st != rs.get("status"):
+            r2 = copy.deepcopy(rs)
+            r2["status"] = st
+            self.store.put("replicasets.apps", r2)
+
+    # pods (scheduler + kubelet) ---------------------------------------------------
+    def sync_pod(self, p, now):
+        node = p["spec"].get("nodeName")
+        if not node:
+            return self.schedule(p, now)
+        if node in self.faults.notready:
+            return self.node_lost(p, now)
+        started = parse_iso(p["status"].get("startTime")) or now
+        if now - started < STARTUP:
+            return
+        new = copy.deepcopy(p)
+        mode = self.mode_of(p)
+        statuses = {c["name"]: c for c in p["status"].get("containerStatuses", [])}
+        new["status"]["containerStatuses"] = [
+            self.container(p, c, statuses.get(c["name"]), mode if i == 0 else "ok", now)
+            for i, c in enumerate(p["spec"]["containers"])]
+        self.pod_conditions(new, now)
+        self.save("pods", p, new)
+
+    def schedule(self, p, now):
+        nodes = [n for n in self.store.list("nodes") if self.node_ready(n["metadata"]["name"])
+                 and not n["spec"].get("unschedulable")]
+        if not nodes:
+            if not p["status"].get("conditions"):
+                new = copy.deepcopy(p)
+                new["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                                "message": "0/3 nodes are available.", "lastTransitionTime": now_iso(now)}]
+                self.save("pods", p, new)
+                self.emit(p, "Warning", "FailedScheduling", "0/3 nodes are available.", now, "default-scheduler")
+            return
+        load = {n["metadata"]["name"]: 0 for n in nodes}
+        for q in self.store.list("pods"):
+            if q["spec"].get("nodeName") in load:
+                load[q["spec"]["nodeName"]] += 1
+        node = min(nodes, key=lambda n: (load[n["metadata"]["name"]], n["metadata"]["name"]))
+        new = copy.deepcopy(p)
+        new["spec"]["nodeName"] = node["metadata"]["name"]
+        idx = sorted(load).index(node["metadata"]["name"])
+        self.ip_seq = self.ip_seq % 250 + 1
+        new["status"].update({
+            "phase": "Pending", "hostIP": node["status"]["addresses"][0]["address"],
+            "podIP": "10.244.%d.%d" % (idx, self.ip_seq), "startTime": now_iso(now),
+            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso(now)}],
+            "containerStatuses": [self.waiting(c, "ContainerCreating", None, 0) for c in p["spec"]["containers"]]})
+        new["status"]["podIPs"] = [{"ip": new["status"]["podIP"]}]
+        new["status"]["hostIPs"] = [{"ip": new["status"]["hostIP"]}]
+        self.save("pods", p, new)
+        self.emit(p, "Normal", "Scheduled", "Successfully assigned %s/%s to %s" % (
+            p["metadata"]["namespace"], p["metadata"]["name"], node["metadata"]["name"]), now, "default-scheduler")
+
+    def node_lost(self, p, now):
+        new = copy.deepcopy(p)
+        for c in new["status"].get("conditions", []):
+            if c["type"] == "Ready" and c["status"] != "False":
+                c.update(status="False", lastTransitionTime=now_iso(now))
+                self.emit(p, "Warning", "NodeNotReady", "Node is not ready", now, "node-controller")
+        new = self.save("pods", p, new)
+        lost = parse_iso(next((c["lastTransitionTime"] for c in new["status"].get("conditions", [])
+                               if c["type"] == "Ready"), None)) or now
+        if now - lost >= EVICT_AFTER and p["metadata"].get("ownerReferences"):
+            self.emit(p, "Normal", "TaintManagerEviction", "Marking for deletion Pod %s/%s" % (
+                p["metadata"]["namespace"], p["metadata"]["name"]), now, "taint-eviction-controller")
+            self.kill_pod(new, now)
+
+    def mode_of(self, p):
+        c = p["spec"]["containers"][0]
+        image = c.get("image", "")
+        if image in self.faults.bad_images or any(t in image.split(":")[-1] for t in BAD_TAGS):
+            return "badimage"
+        dep = self.deployment_of(p)
+        ns = p["metadata"]["namespace"]
+        if dep and (ns, dep, image) in self.faults.crash:
+            return "crash"
+        if dep and (ns, dep) in self.faults.oom:
+            return "oom"
+        return "ok"
+
+    def deployment_of(self, p):
+        for r in p["metadata"].get("ownerReferences", []):
+            if r["kind"] == "ReplicaSet":
+                rs = self.store.get("replicasets.apps", p["metadata"]["namespace"], r["name"])
+                for r2 in (rs or {}).get("metadata", {}).get("ownerReferences", []):
+                    if r2["kind"] == "Deployment":
+                        return r2["name"]
+        return None
+
+    @staticmethod
+    def waiting(c, reason, message, restarts, last=None):
+        st = {"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "started": False,
+              "restartCount": restarts, "state": {"waiting": {"reason": reason}}}
+        if message:
+            st["state"]["waiting"]["message"] = message
+        st["lastState"] = last or {}
+        return st
+
+    def running(self, p, c, restarts, now, ready, last=None):
+        digest = hashlib.sha256(c["image"].encode()).hexdigest()
+        return {"name": c["name"], "image": c["image"], "imageID": "%s@sha256:%s" % (c["image"].split(":")[0], digest),
+                "containerID": "containerd://" + hashlib.sha256(("%s%s%s" % (p["metadata"]["uid"], c["name"], restarts)).encode()).hexdigest(),
+                "ready": ready, "started": True, "restartCount": restarts,
+                "state": {"running": {"startedAt": now_iso(now)}}, "lastState": last or {}}
+
+    def container(self, p, c, cur, mode, now):
+        cur = cur or self.waiting(c, "ContainerCreating", None, 0)
+        state = cur.get("state", {})
+        restarts = cur.get("restartCount", 0)
+        fp = "spec.containers{%s}" % c["name"]
+        host = p["spec"].get("nodeName")
+        ev = lambda t, r, m: self.emit(p, t, r, m, now, host=host, field_path=fp)
+        if cur.get("image") != c["image"]:
+            cur = self.waiting(c, "ContainerCreating", None, restarts)
+            state = cur["state"]
+        if mode == "badimage":
+            w = state.get("waiting", {}).get("reason")
+            if w == "ImagePullBackOff":
+                return cur
+            if w == "ErrImagePull":
+                ev("Normal", "BackOff", 'Back-off pulling image "%s"' % c["image"])
+                ev("Warning", "Failed", "Error: ImagePullBackOff")
+                return self.waiting(c, "ImagePullBackOff", 'Back-off pulling image "%s"' % c["image"], restarts)
+            ev("Normal", "Pulling", 'Pulling image "%s"' % c["image"])
+            ev("Warning", "Failed", 'Failed to pull image "%s": rpc error: code = NotFound desc = failed to pull '
+               'and unpack image "%s": not found' % (c["image"], c["image"]))
+            ev("Warning", "Failed", "Error: ErrImagePull")
+            return self.waiting(c, "ErrImagePull", 'rpc error: code = NotFound desc = failed to pull and unpack '
+                                'image "%s": not found' % c["image"], restarts)
+        if "running" in state:
+            started = parse_iso(state["running"]["startedAt"])
+            if mode == "crash" and now - started >= CRASH_RUN:
+                return self.crash(p, c, cur, now, ev)
+            if mode == "oom" and (now - started >= OOM_PERIOD or not cur.get("lastState")):
+                last = {"terminated": {"exitCode": 137, "reason": "OOMKilled", "startedAt": state["running"]["startedAt"],
+                                       "finishedAt": now_iso(now), "containerID": cur.get("containerID", "")}}
+                ev("Normal", "Pulled", 'Container image "%s" already present on machine' % c["image"])
+                ev("Normal", "Started", "Started container " + c["name"])
+                return self.running(p, c, restarts + 1, now, True, last)
+            ready = mode != "crash"
+            if cur.get("ready") != ready:
+                cur = copy.deepcopy(cur)
+                cur["ready"] = ready
+            return cur
+        if state.get("waiting", {}).get("reason") == "CrashLoopBackOff":
+            if mode == "crash" and now < self.rt.get((p["metadata"]["uid"], c["name"]), 0):
+                return cur
+        ev("Normal", "Pulled", 'Container image "%s" already present on machine' % c["image"])
+        ev("Normal", "Created", "Created container " + c["name"])
+        ev("Normal", "Started", "Started container " + c["name"])
+        if state.get("waiting", {}).get("reason") in ("CrashLoopBackOff",) or restarts:
+            return self.running(p, c, restarts, now, mode != "crash", cur.get("lastState"))
+        return self.running(p, c, restarts, now, mode != "crash")
+
+    def crash(self, p, c, cur, now, ev):
+        restarts = cur.get("restartCount", 0) + 1
+        delay = min(2 ** (restarts - 1), 10)
+        self.rt[(p["metadata"]["uid"], c["name"])] = now + delay
+        last = {"terminated": {"exitCode": 1, "reason": "Error", "startedAt": cur["state"]["running"]["startedAt"],
+                               "finishedAt": now_iso(now), "containerID": cur.get("containerID", "")}}
+        ev("Warning", "BackOff", "Back-off restarting failed container %s in pod %s_%s(%s)" % (
+            c["name"], p["metadata"]["name"], p["metadata"]["namespace"], p["metadata"]["uid"]))
+        return self.waiting(c, "CrashLoopBackOff", "back-off %ds restarting failed container=%s pod=%s_%s(%s)" % (
+            delay * 10, c["name"], p["metadata"]["name"], p["metadata"]["namespace"], p["metadata"]["uid"]),
+            restarts, last)
+
+    def pod_conditions(self, p, now):
+        cs = p["status"]["containerStatuses"]
+        ready = all(c.get("ready") for c in cs)
+        started = all("running" in c.get("state", {}) for c in cs)
+        old = {c["type"]: c for c in p["status"].get("conditions", [])}
+
+        def cond(t, ok, reason=None):
+            s = "True" if ok else "False"
+            if t in old and old[t]["status"] == s:
+                return old[t]
+            c = {"type": t, "status": s, "lastTransitionTime": now_iso(now)}
+            if reason and not ok:
+                c["reason"] = reason
+            return c
+        p["status"]["conditions"] = [
+            cond("PodReadyToStartContainers", True), cond("Initialized", True),
+            cond("Ready", ready, "ContainersNotReady"), cond("ContainersReady", ready, "ContainersNotReady"),
+            cond("PodScheduled", True)]
+        p["status"]["phase"] = "Running" if started or any(c.get("restartCount") for c in cs) else "Pending"
+
+    # services, hpa, replica files ------------------------------------------------
+    def sync_endpoints(self, svc):
+        sel = svc["spec"].get("selector")
+        if not sel:
+            return
+        ns = svc["metadata"]["namespace"]
+        pods = [p for p in self.store.list("pods", ns) if labels_match([(k, "=", v) for k, v in sel.items()], p["metadata"].get("labels"))
+                and p["status"].get("podIP")]
+        addr = lambda p: {"ip": p["status"]["podIP"], "nodeName": p["spec"]["nodeName"],
+                          "targetRef": {"kind": "Pod", "name": p["metadata"]["name"], "namespace": ns,
+                                        "uid": p["metadata"]["uid"]}}
+        ready = [addr(p) for p in pods if self.pod_is_ready(p)]
+        unready = [addr(p) for p in pods if not self.pod_is_ready(p)]
+        ports = [{"name": sp["name"], "port": self.target_port(sp, pods), "protocol": sp.get("protocol", "TCP")}
+                 if sp.get("name") else {"port": self.target_port(sp, pods), "protocol": sp.get("protocol", "TCP")}
+                 for sp in svc["spec"].get("ports", [])]
+        subset = {}
+        if ready:
+            subset["addresses"] = sorted(ready, key=lambda a: a["ip"])
+        if unready:
+            subset["notReadyAddresses"] = sorted(unready, key=lambda a: a["ip"])
+        old = self.store.get("endpoints", ns, svc["metadata"]["name"])
+        new = copy.deepcopy(old) if old else {
+            "kind": "Endpoints", "apiVersion": "v1",
+            "metadata": {"name": svc["metadata"]["name"], "namespace": ns, "labels": svc["metadata"].get("labels", {})}}
+        new["subsets"] = [dict(subset, ports=ports)] if subset else []
+        if not new["subsets"]:
+            new.pop("subsets")
+        self.save("endpoints", old, new)
+
+    @staticmethod
+    def target_port(sp, pods):
+        tp = sp.get("targetPort", sp["port"])
+        if isinstance(tp, int):
+            return tp
+        for p in pods:
+            for c in p["spec"]["containers"]:
+                for cp in c.get("ports", []):
+                    if cp.get("name") == tp:
+                        return cp["containerPort"]
+        return sp["port"]
+
+    def sync_hpa(self, h):
+        ref = h["spec"]["scaleTargetRef"]
+        d = self.store.get("deployments.apps", h["metadata"]["namespace"], ref["name"])
+        if d is None:
+            return
+        new = copy.deepcopy(h)
+        st = new.setdefault("status", {})
+        st["currentReplicas"] = d.get("status", {}).get("replicas", 0)
+        st["desiredReplicas"] = max(h["spec"].get("minReplicas", 1), min(d["spec"]["replicas"], h["spec"]["maxReplicas"]))
+        self.save("horizontalpodautoscalers.autoscaling", h, new)
+
+    def write_replica_files(self):
+        if not self.state_dir:
+            return
+        for d in self.store.list("deployments.apps", "todo-chatbot"):
+            name, n = d["metadata"]["name"], d.get("status", {}).get("readyReplicas", 0)
+            if self.replicas_written.get(name) == n:
+                continue
+            short = d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+            folder = os.path.join(self.state_dir, "replicas")
+            os.makedirs(folder, exist_ok=True)
+            for fname in {name, short} - {None}:
+                tmp = os.path.join(folder, ".%s.tmp" % fname)
+                with open(tmp, "w") as f:
+                    f.write("%d\n" % n)
+                os.rename(tmp, os.path.join(folder, fname))
+            self.replicas_written[name] = n

@@ -1,0 +1,113 @@
+"""Faults the sandbox can inject, driven by `ctl k8s ...` through /_sandbox/."""
+import copy
+import re
+
+NS = "todo-chatbot"
+
+
+def find_deployment(store, name):
+    for ns, n in [(NS, name), (NS, "todo-chatbot-" + name)]:
+        d = store.get("deployments.apps", ns, n)
+        if d:
+            return d
+    for d in store.list("deployments.apps"):
+        if d["metadata"]["name"] == name:
+            return d
+    raise LookupError('deployment "%s" not found' % name)
+
+
+def duration(text):
+    m = re.match(r'^([\d.]+)(ms|s|m)?$', text)
+    if not m:
+        raise ValueError("bad duration %r (use 500ms, 2s, 1m)" % text)
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m.group(2)]
+
+
+def app_image(d):
+    return d["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def crashloop(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    f.crash.add((d["metadata"]["namespace"], d["metadata"]["name"], app_image(d)))
+    return "deployment %s: pods with image %s now crash-loop" % (d["metadata"]["name"], app_image(d))
+
+
+def oom(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    f.oom.add((d["metadata"]["namespace"], d["metadata"]["name"]))
+    return "deployment %s: app containers are OOM-killed every 15s" % d["metadata"]["name"]
+
+
+def bad_image(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    image = app_image(d)
+    bad = image.rsplit(":", 1)[0] + ":does-not-exist"
+    f.bad_images.add(bad)
+    f.bad_image_undo[(d["metadata"]["namespace"], d["metadata"]["name"])] = image
+    new = copy.deepcopy(d)
+    new["spec"]["template"]["spec"]["containers"][0]["image"] = bad
+    res = lookup_res("deployments")
+    cluster.api.commit(res, d, new, {}, "sandbox-fault")
+    return "deployment %s: image set to %s (cannot be pulled)" % (d["metadata"]["name"], bad)
+
+
+def node_notready(cluster, f, args):
+    if cluster.store.get("nodes", "", args[0]) is None:
+        raise LookupError('node "%s" not found' % args[0])
+    f.notready.add(args[0])
+    return "node %s stops posting status" % args[0]
+
+
+def api_errors(cluster, f, args):
+    rate = args[0]
+    f.api_error_rate = float(rate[:-1]) / 100 if rate.endswith("%") else float(rate)
+    if len(args) > 1:
+        f.api_error_code = int(args[1])
+    return "%.0f%% of API requests fail with %d" % (f.api_error_rate * 100, f.api_error_code)
+
+
+def api_latency(cluster, f, args):
+    f.api_latency = duration(args[0])
+    return "every API request is delayed by %gs" % f.api_latency
+
+
+def reset(cluster, f, args):
+    if args[:1] == ["--world"]:
+        cluster.reseed()
+        return "world reseeded, faults cleared"
+    for (ns, name), image in f.bad_image_undo.items():
+        d = cluster.store.get("deployments.apps", ns, name)
+        if d and d["spec"]["template"]["spec"]["containers"][0]["image"] in f.bad_images:
+            new = copy.deepcopy(d)
+            new["spec"]["template"]["spec"]["containers"][0]["image"] = image
+            cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
+    f.reset()
+    return "faults cleared"
+
+
+def status(cluster, f, args):
+    return f.describe()
+
+
+def lookup_res(name):
+    import resources
+    return resources.lookup("apps", "v1", name)
+
+
+COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_image, 1),
+            "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
+            "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0)}
+
+
+def run(cluster, cmd, args):
+    if cmd not in COMMANDS:
+        return 404, {"error": "unknown command %r; known: %s" % (cmd, ", ".join(sorted(COMMANDS)))}
+    fn, nargs = COMMANDS[cmd]
+    if len(args) < nargs:
+        return 400, {"error": "%s needs %d argument(s)" % (cmd, nargs)}
+    try:
+        with cluster.store.lock:
+            return 200, {"result": fn(cluster, cluster.controller.faults, args)}
+    except (LookupError, ValueError) as e:
+        return 400, {"error": str(e).strip("'\"")}

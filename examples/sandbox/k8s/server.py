@@ -1,0 +1,533 @@
+#!/usr/bin/python3
+"""A Kubernetes API server stand-in for the runbook sandbox.
+
+usage: server.py STATE_DIR PORT   (certificates and tokens are read from STATE_DIR/k8s/)
+"""
+import json
+import os
+import random
+import ssl
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import resources as R          # noqa: E402
+import workload as W           # noqa: E402
+from api import Api, labels_match, parse_label_selector, fields_match, selector_of  # noqa: E402
+from controller import Controller  # noqa: E402
+from seed import Seeder         # noqa: E402
+from store import ApiError, Store, now_iso  # noqa: E402
+
+VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0", "gitCommit": "sandbox",
+           "gitTreeState": "clean", "buildDate": "2024-12-11T00:00:00Z", "goVersion": "go1.23.3",
+           "compiler": "gc", "platform": "linux/amd64"}
+PUBLIC = ("/version", "/healthz", "/livez", "/readyz")
+
+
+class Cluster:
+    """Everything a request handler needs, built once at start."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+        self.store = Store()
+        self.ip = 100
+        self.api = Api(self.store, self.next_cluster_ip)
+        self.controller = Controller(self.store, state_dir)
+        kdir = os.path.join(state_dir, "k8s")
+        read = lambda n: open(os.path.join(kdir, n)).read().strip()
+        self.users = {read("token"): ("sandbox-admin", ["system:masters", "system:authenticated"]),
+                      read("exec-token"): ("sandbox-exec-user", ["system:masters", "system:authenticated"])}
+        self.admin_token = read("admin-token")
+        self.reseed()
+
+    def next_cluster_ip(self):
+        self.ip += 1
+        return "10.245.%d.%d" % (self.ip // 250, self.ip % 250 + 1)
+
+    def reseed(self):
+        with self.store.lock:
+            for key in self.store.keys():
+                self.store.remove(*key)
+            self.controller.faults.reset()
+            Seeder(self.store, self.controller, self.state_dir, self.next_cluster_ip).run()
+            self.store.log.clear()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sandbox-apiserver/1.32"
+    cluster = None
+
+    def log_message(self, fmt, *args):
+        if os.environ.get("K8S_SANDBOX_VERBOSE"):
+            sys.stderr.write("%s %s\n" % (now_iso(), fmt % args))
+
+    # plumbing ----------------------------------------------------------------
+    def body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def send_json(self, code, obj, headers=None):
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache, private")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def send_raw(self, code, ctype, data):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_chunked(self, ctype="application/json"):
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache, private")
+        self.end_headers()
+
+    def chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_chunked(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def user(self):
+        auth = self.headers.get("Authorization", "")
+        if auth.startswith("Bearer ") and auth[7:].strip() in self.cluster.users:
+            return self.cluster.users[auth[7:].strip()]
+        if auth.startswith("Bearer ") and auth[7:].strip() == self.cluster.admin_token:
+            return ("sandbox-ctl", ["system:masters"])
+        cert = self.connection.getpeercert() if hasattr(self.connection, "getpeercert") else None
+        if cert:
+            subject = dict(x[0] for x in cert.get("subject", ()))
+            return (subject.get("commonName", "unknown"), [subject.get("organizationName", "system:authenticated")])
+        return None
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
+
+    def dispatch(self):
+        url = urlsplit(self.path)
+        self.q = dict(parse_qsl(url.query, keep_blank_values=True))
+        self.raw_query = url.query
+        path = url.path.rstrip("/") or "/"
+        try:
+            if path.startswith("/_sandbox/"):
+                return self.admin(path)
+            faults = self.cluster.controller.faults
+            if faults.api_latency:
+                time.sleep(faults.api_latency)
+            if self.user() is None and path not in PUBLIC:
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            if faults.api_error_rate and random.random() < faults.api_error_rate:
+                raise injected_error(faults.api_error_code)
+            self.route(path)
+        except ApiError as e:
+            self.body_if_unread()
+            self.send_json(e.code, e.status(), e.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # a bug in the stand-in: answer like an apiserver, log the traceback
+            import traceback
+            traceback.print_exc()
+            try:
+                self.send_json(500, ApiError(500, "InternalError", "Internal error occurred: %s" % e).status())
+            except OSError:
+                pass
+
+    def body_if_unread(self):
+        if self.command in ("POST", "PUT", "PATCH") and not getattr(self, "_read", False):
+            self.body()
+
+    # routing ------------------------------------------------------------------
+    def route(self, path):
+        if path in PUBLIC:
+            return self.send_json(200, VERSION) if path == "/version" else self.send_raw(200, "text/plain", b"ok")
+        if path == "/api":
+            return self.send_json(200, {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [
+                {"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1:%d" % self.server.server_port}]})
+        if path == "/apis":
+            return self.send_json(200, R.group_list())
+        if path.startswith("/openapi/"):
+            return self.openapi(path)
+        parts = path.strip("/").split("/")
+        if parts[0] == "api" and len(parts) >= 2:
+            group, version, rest = "", parts[1], parts[2:]
+        elif parts[0] == "apis" and len(parts) >= 3:
+            group, version, rest = parts[1], parts[2], parts[3:]
+        elif parts[0] == "apis" and len(parts) == 2:
+            vs = dict(R.GROUPS).get(parts[1])
+            if not vs:
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            versions = [{"groupVersion": parts[1] + "/" + v, "version": v} for v in vs]
+            return self.send_json(200, {"kind": "APIGroup", "apiVersion": "v1", "name": parts[1],
+                                        "versions": versions, "preferredVersion": versions[0]})
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if not rest:
+            if (group and version not in dict(R.GROUPS).get(group, [])) or (not group and version != "v1"):
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
+            return self.send_json(200, R.api_resource_list(group, version))
+        self.resource(group, version, rest)
+
+    def resource(self, group, version, rest):
+        ns = None
+        if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
+            ns, rest = rest[1], rest[2:]
+        res = R.lookup(group, version, rest[0])
+        if res is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        self.gv = version
+        if res.virtual:
+            return self.virtual(res, ns, name)
+        if sub in ("log", "proxy", "eviction", "exec", "scale"):
+            return getattr(self, "sub_" + sub)(res, ns, name, "/".join(rest[3:]))
+        if sub and sub not in res.subs:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        self.verb(res, ns or "", name, sub)
+
+    def verb(self, res, ns, name, sub):
+        api, m, q = self.cluster.api, self.command, self.q
+        manager = q.get("fieldManager") or self.headers.get("User-Agent", "unknown").split("/")[0]
+        if m in ("GET", "HEAD") and name:
+            return self.reply(res, api.get(res, ns, name))
+        if m == "GET" and q.get("watch") in ("1", "true"):
+            return self.watch(res, ns or None)
+        if m == "GET":
+            return self.reply_list(res, ns or None)
+        if m == "POST" and not name:
+            obj = self.json_body()
+            out = api.create(res, ns, obj, q, manager)
+            return self.reply(res, out, 201)
+        if m == "PUT" and name:
+            return self.reply(res, api.update(res, ns, name, self.json_body(), q, manager, sub))
+        if m == "PATCH" and name:
+            body = self.body()
+            self._read = True
+            ctype = self.headers.get("Content-Type", "")
+            out = api.patch(res, ns, name, body, ctype, q, manager, sub)
+            return self.reply(res, out)
+        if m == "DELETE" and name:
+            body = self.body()
+            self._read = True
+            opts = json.loads(body) if body.strip() else {}
+            return self.reply(res, api.delete(res, ns, name, q, opts))
+        if m == "DELETE":
+            items, _ = api.list(res, ns or None, q)
+            for o in items:
+                api.delete(res, o["metadata"].get("namespace", ""), o["metadata"]["name"], q, {})
+            return self.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version(self.gv),
+                                        "metadata": {"resourceVersion": str(self.cluster.store.rv)}, "items": items})
+        raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def json_body(self):
+        data = self.body()
+        self._read = True
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ApiError(400, "BadRequest", "the object provided is unrecognized (must be JSON): %s" % e)
+
+    # responses -----------------------------------------------------------------
+    def as_version(self, res, obj):
+        obj["apiVersion"] = res.api_version(self.gv)
+        obj["kind"] = res.kind
+        return obj
+
+    def wants_table(self):
+        return "as=Table" in self.headers.get("Accept", "")
+
+    def reply(self, res, obj, code=200):
+        obj = self.as_version(res, obj)
+        if self.wants_table() and self.command == "GET":
+            return self.send_json(code, self.table(res, [obj], {"resourceVersion": obj["metadata"].get("resourceVersion", "")}))
+        self.send_json(code, obj)
+
+    def reply_list(self, res, ns):
+        items, meta = self.cluster.api.list(res, ns, self.q)
+        items = [self.as_version(res, o) for o in items]
+        if self.wants_table():
+            return self.send_json(200, self.table(res, items, meta))
+        self.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version(self.gv),
+                             "metadata": meta, "items": items})
+
+    def table(self, res, objs, meta):
+        cols = [{"name": n, "type": t, "format": "name" if n == "Name" else "", "description": d, "priority": p}
+                for n, t, p, _, d in res.columns]
+        full = self.q.get("includeObject") == "Object"
+        rows = [{"cells": [fn(o) for _, _, _, fn, _ in res.columns],
+                 "object": o if full else {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                           "metadata": o["metadata"]}} for o in objs]
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
+                "columnDefinitions": cols, "rows": rows}
+
+    # watch ---------------------------------------------------------------------
+    def watch(self, res, ns):
+        store, q = self.cluster.store, self.q
+        reqs = parse_label_selector(q.get("labelSelector"))
+        match = lambda o: (ns is None or o["metadata"].get("namespace") == ns) and \
+            labels_match(reqs, o["metadata"].get("labels")) and fields_match(q.get("fieldSelector"), o)
+        rv = q.get("resourceVersion") or "0"
+        timeout = min(float(q.get("timeoutSeconds") or 1800), 3600)
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        self.start_chunked()
+        with store.lock:
+            if rv == "0":
+                pos = store.rv
+                initial = [o for o in store.list(res.key, ns) if match(o)]
+            else:
+                pos, initial = int(rv), []
+        for o in initial:
+            self.send_event("ADDED", res, o)
+        deadline, last_mark = time.time() + timeout, time.time()
+        while time.time() < deadline:
+            with store.cond:
+                if store.rv <= pos:
+                    store.cond.wait(1.0)
+                evs = store.events_after(pos)
+                pos_now = store.rv
+            if evs is None:
+                self.send_line({"type": "ERROR", "object": ApiError(
+                    410, "Expired", "too old resource version: %s (%d)" % (pos, store.oldest_rv())).status()})
+                break
+            for erv, kind, key, obj in evs:
+                if key == res.key and match(obj):
+                    self.send_event(kind, res, obj)
+            pos = max(pos, pos_now)
+            if bookmarks and time.time() - last_mark > 5:
+                self.send_line({"type": "BOOKMARK", "object": {"kind": res.kind, "apiVersion": res.api_version(self.gv),
+                                                               "metadata": {"resourceVersion": str(pos)}}})
+                last_mark = time.time()
+        self.end_chunked()
+
+    def send_event(self, kind, res, obj):
+        import copy
+        obj = self.as_version(res, copy.deepcopy(obj))
+        if self.wants_table():
+            obj = self.table(res, [obj], {"resourceVersion": obj["metadata"]["resourceVersion"]})
+        self.send_line({"type": kind, "object": obj})
+
+    def send_line(self, ev):
+        self.chunk(json.dumps(ev, separators=(",", ":")).encode() + b"\n")
+
+    # subresources ----------------------------------------------------------------
+    def sub_scale(self, res, ns, name, _):
+        api, store = self.cluster.api, self.cluster.store
+        obj = api.get(res, ns, name)
+        if self.command == "GET":
+            return self.send_json(200, scale_of(obj))
+        if self.command == "PUT":
+            scale = self.json_body()
+            rv = scale.get("metadata", {}).get("resourceVersion")
+            if rv and rv != obj["metadata"]["resourceVersion"]:
+                from store import conflict
+                raise conflict(res, name)
+        elif self.command == "PATCH":
+            body = self.body()
+            self._read = True
+            scale = api.patched(res, scale_of(obj), body, self.headers.get("Content-Type", ""))
+        else:
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        new = json.loads(json.dumps(obj))
+        new["spec"]["replicas"] = int(scale.get("spec", {}).get("replicas", 0))
+        out = api.commit(res, obj, new, self.q, self.q.get("fieldManager") or "kubectl-scale")
+        self.send_json(200, scale_of(out))
+
+    def sub_log(self, res, ns, name, _):
+        pod = self.cluster.api.get(res, ns, name)
+        containers = [c["name"] for c in pod["spec"]["containers"]]
+        cname = self.q.get("container")
+        if not cname:
+            if len(containers) > 1:
+                raise ApiError(400, "BadRequest", "a container name must be specified for pod %s, choose one of: [%s]"
+                               % (name, " ".join(containers)))
+            cname = containers[0]
+        if cname not in containers:
+            raise ApiError(400, "BadRequest", "container %s is not valid for pod %s" % (cname, name))
+        previous = self.q.get("previous") in ("true", "1")
+        lines = W.container_logs(pod, cname, previous, time.time())
+        if lines is None:
+            if previous:
+                raise ApiError(400, "BadRequest", 'previous terminated container "%s" in pod "%s" not found' % (cname, name))
+            raise ApiError(400, "BadRequest", 'container "%s" in pod "%s" is waiting to start: ContainerCreating' % (cname, name))
+        data = self.format_logs(lines)
+        if self.q.get("follow") not in ("true", "1") or previous:
+            return self.send_raw(200, "text/plain", data)
+        self.follow_logs(res, ns, name, cname, data, lines[-1][0] if lines else 0)
+
+    def format_logs(self, lines, since_ok=True):
+        q = self.q
+        if q.get("sinceSeconds"):
+            cutoff = time.time() - int(q["sinceSeconds"])
+            lines = [l for l in lines if l[0] >= cutoff]
+        elif q.get("sinceTime"):
+            from store import parse_iso
+            cutoff = parse_iso(q["sinceTime"])
+            lines = [l for l in lines if l[0] >= cutoff]
+        if q.get("tailLines"):
+            n = int(q["tailLines"])
+            lines = lines[-n:] if n > 0 else []
+        stamp = q.get("timestamps") in ("true", "1")
+        text = "".join(("%s " % now_iso(t).replace("Z", ".000000000Z") if stamp else "") + l + "\n" for t, l in lines)
+        data = text.encode()
+        if q.get("limitBytes"):
+            data = data[:int(q["limitBytes"])]
+        return data
+
+    def follow_logs(self, res, ns, name, cname, data, last):
+        self.start_chunked("text/plain")
+        if data:
+            self.chunk(data)
+        while True:
+            time.sleep(1)
+            pod = self.cluster.store.get("pods", ns, name)
+            if pod is None:
+                break
+            lines = [l for l in (W.container_logs(pod, cname, False, time.time()) or []) if l[0] > last]
+            if lines:
+                self.chunk("".join(l + "\n" for _, l in lines).encode())
+                last = lines[-1][0]
+        self.end_chunked()
+
+    def sub_proxy(self, res, ns, name, rest):
+        name = name.split(":")[1] if name.count(":") == 2 else name.split(":")[0]
+        store = self.cluster.store
+        if res.name == "pods":
+            pod = self.cluster.api.get(res, ns, name)
+            pods = [pod] if self.cluster.controller.pod_is_ready(pod) else []
+            why = 'pod "%s" is not ready' % name
+        elif res.name == "services":
+            svc = self.cluster.api.get(res, ns, name)
+            sel = [(k, "=", v) for k, v in (svc["spec"].get("selector") or {}).items()]
+            pods = [p for p in store.list("pods", ns) if sel and labels_match(sel, p["metadata"].get("labels"))
+                    and self.cluster.controller.pod_is_ready(p)]
+            why = 'no endpoints available for service "%s"' % name
+        else:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        if not pods:
+            raise ApiError(503, "ServiceUnavailable", why)
+        app = pods[0]["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        port = W.app_port(self.cluster.state_dir, app)
+        if not port:
+            raise ApiError(503, "ServiceUnavailable", why)
+        body = self.body()
+        self._read = True
+        path = "/" + rest + ("?" + self.raw_query if self.raw_query else "")
+        try:
+            code, ctype, data = W.forward(port, self.command, path, body, dict(self.headers))
+        except OSError as e:
+            raise ApiError(503, "ServiceUnavailable", "error trying to reach service: %s" % e)
+        self.send_raw(code, ctype, data)
+
+    def sub_eviction(self, res, ns, name, _):
+        self.json_body()
+        self.cluster.api.delete(res, ns, name, self.q, {})
+        self.send_json(201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})
+
+    def sub_exec(self, res, ns, name, _):
+        raise ApiError(400, "BadRequest", "exec is not available in the sandbox API server; use pods/proxy "
+                       "to reach an app's HTTP endpoints")
+
+    def virtual(self, res, ns, name):
+        store = self.cluster.store
+        if res.name == "selfsubjectreviews":
+            self.json_body()
+            user, groups = self.user()
+            return self.send_json(201, {"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+                                        "metadata": {"creationTimestamp": None},
+                                        "status": {"userInfo": {"username": user, "groups": groups}}})
+        if res.name == "selfsubjectaccessreviews":
+            body = self.json_body()
+            body["status"] = {"allowed": True, "reason": "sandbox: every authenticated user is an administrator"}
+            return self.send_json(201, body)
+        av = res.api_version(self.gv)
+        if res.name == "pods":
+            pods = [p for p in store.list("pods", ns) if p["spec"].get("nodeName")]
+            reqs = parse_label_selector(self.q.get("labelSelector"))
+            items = [W.pod_metrics(p, av) for p in pods if labels_match(reqs, p["metadata"].get("labels"))
+                     and any("running" in c.get("state", {}) for c in p.get("status", {}).get("containerStatuses", []))]
+        else:
+            pods = store.list("pods")
+            items = [W.node_metrics(n, pods, av) for n in store.list("nodes")]
+        if name:
+            found = [i for i in items if i["metadata"]["name"] == name]
+            if not found:
+                raise ApiError(404, "NotFound", '%s.%s "%s" not found' % (res.name, res.group, name))
+            return self.send_json(200, found[0])
+        self.send_json(200, {"kind": res.kind + "List", "apiVersion": av, "metadata": {}, "items": items})
+
+    def openapi(self, path):
+        if path == "/openapi/v3":
+            return self.send_json(200, R.openapi_index())
+        parts = path.split("/")[3:]
+        if parts[:1] == ["api"] and parts[1:] == ["v1"]:
+            return self.send_json(200, R.openapi_group("", "v1"))
+        if parts[:1] == ["apis"] and len(parts) == 3:
+            return self.send_json(200, R.openapi_group(parts[1], parts[2]))
+        raise ApiError(404, "NotFound", "the server could not find the requested resource")
+
+    # sandbox control --------------------------------------------------------------
+    def admin(self, path):
+        if self.headers.get("Authorization", "") != "Bearer " + self.cluster.admin_token:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        import faults
+        body = self.json_body() if self.command == "POST" else {}
+        code, out = faults.run(self.cluster, path[len("/_sandbox/"):], body.get("args", []))
+        self.send_json(code, out)
+
+
+def injected_error(code):
+    reasons = {429: ("TooManyRequests", "the server has received too many requests and has asked us to try again later"),
+               500: ("InternalError", "Internal error occurred: injected by the sandbox (api-errors)"),
+               503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+               504: ("Timeout", "the server was unable to return a response in the time allotted")}
+    reason, msg = reasons.get(code, reasons[500])
+    return ApiError(code, reason, msg, {"retryAfterSeconds": 1} if code == 429 else None,
+                    {"Retry-After": "1"} if code in (429, 503) else None)
+
+
+def scale_of(obj):
+    md = obj["metadata"]
+    return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+            "metadata": {k: md[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp") if k in md},
+            "spec": {"replicas": obj["spec"].get("replicas", 1)},
+            "status": {"replicas": obj.get("status", {}).get("replicas", 0),
+                       "selector": ",".join("%s=%s" % kv for kv in sorted(obj["spec"]["selector"].get("matchLabels", {}).items()))}}
+
+
+def main():
+    state_dir, port = os.path.abspath(sys.argv[1]), int(sys.argv[2])
+    kdir = os.path.join(state_dir, "k8s")
+    Handler.cluster = cluster = Cluster(state_dir)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(os.path.join(kdir, "server.crt"), os.path.join(kdir, "server.key"))
+    ctx.load_verify_locations(os.path.join(kdir, "ca.crt"))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    httpd.daemon_threads = True
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=cluster.controller.run, daemon=True).start()
+    print("k8s stand-in listening on https://127.0.0.1:%d" % port, flush=True)
+    httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""In-memory object store: one global resourceVersion, an event log for watches.
+
+Objects are keyed by (resource key, namespace, name); a resource key is
+"deployments.apps" or "pods" for the core group. Every write bumps the global
+resourceVersion and appends to a bounded event log; watchers wait on `cond`.
+"""
+import collections
+import copy
+import datetime
+import threading
+import uuid
+
+HISTORY = 1000
+
+
+def now_iso(t=None):
+    t = datetime.datetime.now(datetime.timezone.utc) if t is None else \
+        datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(s):
+    if not s:
+        return None
+    s = s.replace("Z", "+00:00")
+    if "." in s:
+        head, tail = s.split(".", 1)
+        s = head + tail[tail.index("+"):] if "+" in tail else head
+    return datetime.datetime.fromisoformat(s).timestamp()
+
+
+class ApiError(Exception):
+    """A failure that becomes a Status object on the wire."""
+
+    def __init__(self, code, reason, message, details=None, headers=None):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+        self.details = details
+        self.headers = headers or {}
+
+    def status(self):
+        st = {"kind": "Status", "apiVersion": "v1", "metadata": {},
+              "status": "Failure", "message": self.message,
+              "reason": self.reason, "code": self.code}
+        if self.details:
+            st["details"] = self.details
+        return st
+
+
+def not_found(res, name):
+    return ApiError(404, "NotFound", '%s "%s" not found' % (res.qualified, name),
+                    {"name": name, "group": res.group, "kind": res.name})
+
+
+def already_exists(res, name):
+    return ApiError(409, "AlreadyExists", '%s "%s" already exists' % (res.qualified, name),
+                    {"name": name, "group": res.group, "kind": res.name})
+
+
+def conflict(res, name):
+    return ApiError(409, "Conflict",
+                    'Operation cannot be fulfilled on %s "%s": the object has been modified; '
+                    'please apply your changes to the latest version and try again'
+                    % (res.qualified, name),
+                    {"name": name, "group": res.group, "kind": res.name})
+
+
+class Store:
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.objects = {}
+        self.rv = 100
+        self.log = collections.deque(maxlen=HISTORY)
+        self.listeners = []
+
+    def get(self, key, ns, name):
+        with self.lock:
+            obj = self.objects.get((key, ns or "", name))
+            return copy.deepcopy(obj) if obj is not None else None
+
+    def list(self, key, ns=None):
+        with self.lock:
+            items = [copy.deepcopy(o) for (k, n, _), o in self.objects.items()
+                     if k == key and (ns is None or n == ns)]
+        items.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
+        return items
+
+    def keys(self):
+        with self.lock:
+            return list(self.objects.keys())
+
+    def put(self, key, obj):
+        """Store obj (ADDED or MODIFIED), stamping a fresh resourceVersion."""
+        with self.lock:
+            md = obj["metadata"]
+            ident = (key, md.get("namespace", ""), md["name"])
+            kind = "MODIFIED" if ident in self.objects else "ADDED"
+            md.setdefault("uid", str(uuid.uuid4()))
+            md.setdefault("creationTimestamp", now_iso())
+            self.rv += 1
+            md["resourceVersion"] = str(self.rv)
+            self.objects[ident] = copy.deepcopy(obj)
+            self._record(kind, key, obj)
+            return copy.deepcopy(obj)
+
+    def remove(self, key, ns, name):
+        with self.lock:
+            obj = self.objects.pop((key, ns or "", name), None)
+            if obj is None:
+                return None
+            self.rv += 1
+            obj["metadata"]["resourceVersion"] = str(self.rv)
+            self._record("DELETED", key, obj)
+            return copy.deepcopy(obj)
+
+    def _record(self, kind, key, obj):
+        self.log.append((self.rv, kind, key, copy.deepcopy(obj)))
+        for fn in self.listeners:
+            fn(kind, key, obj)
+        self.cond.notify_all()
+
+    def oldest_rv(self):
+        with self.lock:
+            return self.log[0][0] if self.log else self.rv
+
+    def events_after(self, rv):
+        """Events with resourceVersion > rv, or None when rv is too old."""
+        with self.lock:
+            if self.log and rv < self.log[0][0] - 1 and len(self.log) == self.log.maxlen:
+                return None
+            return [e for e in self.log if e[0] > rv]
+
+    def owned_by(self, uid):
+        with self.lock:
+            return [(k, o["metadata"].get("namespace", ""), o["metadata"]["name"])
+                    for (k, _, _), o in self.objects.items()
+                    if any(r.get("uid") == uid for r in o["metadata"].get("ownerReferences", []))]

@@ -1,0 +1,141 @@
+"""What the pods 'do': their logs, their metrics, and the app health endpoints behind proxy."""
+import hashlib
+import http.client
+import json
+import os
+import random
+import time
+
+from store import now_iso, parse_iso
+
+LINE_EVERY = 5.0     # seconds between synthetic log lines
+MAX_LINES = 2000
+
+APP_MESSAGES = [("INFO", "GET /health 200"), ("INFO", "GET /api/tasks 200"), ("INFO", "POST /api/tasks 201"),
+                ("INFO", "published event to task-events"), ("INFO", "state saved to statestore"),
+                ("DEBUG", "cache hit for user session"), ("WARNING", "slow query on tasks table (412ms)"),
+                ("INFO", "PATCH /api/tasks 200"), ("ERROR", "publish to task-updates failed: retrying"),
+                ("INFO", "websocket client connected")]
+DAPR_MESSAGES = [("info", "HTTP API Called", "dapr.runtime.http-info"),
+                 ("info", "Publishing message to topic", "dapr.runtime.pubsub"),
+                 ("info", "component loaded", "dapr.runtime"),
+                 ("debug", "sending heartbeat to placement", "dapr.runtime.actor")]
+
+
+def _rng(*parts):
+    return random.Random(hashlib.sha1("|".join(map(str, parts)).encode()).hexdigest())
+
+
+def log_line(pod, container, app, t, seq):
+    r = _rng(pod, container, seq)
+    ts = now_iso(t)
+    if container == "daprd":
+        level, msg, scope = r.choice(DAPR_MESSAGES)
+        return 'time="%s" level=%s msg="%s" app_id=%s instance=%s scope=%s type=log ver=1.14.4' % (
+            ts, level, msg, app, pod, scope)
+    level, msg = APP_MESSAGES[r.randrange(len(APP_MESSAGES))] if r.random() < 0.97 else ("ERROR", "unhandled exception in request handler")
+    return json.dumps({"timestamp": ts, "level": level, "service": app, "message": msg,
+                       "correlation_id": "%08x" % r.getrandbits(32), "pod": pod})
+
+
+def crash_tail(app, t):
+    return [json.dumps({"timestamp": now_iso(t), "level": "ERROR", "service": app,
+                        "message": "startup failed: could not connect to dependency", "correlation_id": "startup"}),
+            "Traceback (most recent call last):",
+            '  File "/app/main.py", line 42, in <module>',
+            "ConnectionRefusedError: [Errno 111] Connection refused"]
+
+
+def container_logs(pod, cname, previous, now):
+    """(timestamp, line) pairs for one container instance, oldest first."""
+    cs = next((c for c in pod.get("status", {}).get("containerStatuses", []) if c["name"] == cname), None)
+    if cs is None:
+        return None
+    app = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component") or cname
+    if previous:
+        term = cs.get("lastState", {}).get("terminated")
+        if not term:
+            return None
+        start, end, crashed = parse_iso(term["startedAt"]), parse_iso(term["finishedAt"]), True
+        oom = term.get("reason") == "OOMKilled"
+    else:
+        run = cs.get("state", {}).get("running")
+        if not run:
+            term = cs.get("lastState", {}).get("terminated")
+            return [] if not term else container_logs_window(pod, cname, app, parse_iso(term["startedAt"]),
+                                                             parse_iso(term["finishedAt"]), cs, True, False)
+        start, end, crashed, oom = parse_iso(run["startedAt"]), now, False, False
+    return container_logs_window(pod, cname, app, start, end, cs, crashed, oom)
+
+
+def container_logs_window(pod, cname, app, start, end, cs, crashed, oom):
+    name = pod["metadata"]["name"]
+    first = max(0, int((end - start) / LINE_EVERY) - MAX_LINES)
+    out = [(start, json.dumps({"timestamp": now_iso(start), "level": "INFO", "service": app,
+                               "message": "starting %s (restart %d)" % (app, cs.get("restartCount", 0))}))]
+    seq = first
+    while start + (seq + 1) * LINE_EVERY <= end:
+        t = start + (seq + 1) * LINE_EVERY
+        out.append((t, log_line(name, cname, app, t, "%d-%d" % (start, seq))))
+        seq += 1
+    if crashed and cname != "daprd":
+        out += [(end, l) for l in (["Killed (out of memory)"] if oom else crash_tail(app, end))]
+    return out
+
+
+def quantity(n, unit):
+    return "%d%s" % (n, unit)
+
+
+def pod_usage(pod, cname):
+    r = _rng(pod["metadata"]["name"], cname)
+    if cname == "daprd":
+        return r.randint(2, 9), r.randint(18, 40)
+    return r.randint(5, 120), r.randint(60, 220)
+
+
+def pod_metrics(pod, api_version):
+    md = pod["metadata"]
+    running = [c for c in pod.get("status", {}).get("containerStatuses", []) if "running" in c.get("state", {})]
+    return {"kind": "PodMetrics", "apiVersion": api_version,
+            "metadata": {"name": md["name"], "namespace": md["namespace"], "labels": md.get("labels", {}),
+                         "creationTimestamp": now_iso()},
+            "timestamp": now_iso(time.time() - 10), "window": "15s",
+            "containers": [{"name": c["name"], "usage": {"cpu": quantity(pod_usage(pod, c["name"])[0] * 1000000, "n"),
+                                                           "memory": quantity(pod_usage(pod, c["name"])[1] * 1024, "Ki")}}
+                           for c in running]}
+
+
+def node_metrics(node, pods, api_version):
+    cpu, mem = 180, 900
+    for p in pods:
+        if p["spec"].get("nodeName") == node["metadata"]["name"]:
+            for c in p.get("status", {}).get("containerStatuses", []):
+                if "running" in c.get("state", {}):
+                    u = pod_usage(p, c["name"])
+                    cpu, mem = cpu + u[0], mem + u[1]
+    return {"kind": "NodeMetrics", "apiVersion": api_version,
+            "metadata": {"name": node["metadata"]["name"], "labels": node["metadata"].get("labels", {}),
+                         "creationTimestamp": now_iso()},
+            "timestamp": now_iso(time.time() - 10), "window": "20s",
+            "usage": {"cpu": quantity(cpu * 1000000, "n"), "memory": quantity(mem * 1024, "Ki")}}
+
+
+def app_port(state_dir, app):
+    path = os.path.join(state_dir or "", "apps.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get(app, {}).get("port")
+    except (OSError, ValueError):
+        return None
+
+
+def forward(port, method, path, body, headers):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=body or None,
+                     headers={k: v for k, v in headers.items() if k.lower() in ("content-type", "accept")})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", "text/plain"), resp.read()
+    finally:
+        conn.close()
