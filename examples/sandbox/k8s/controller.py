@@ -36,11 +36,22 @@ def template_hash(tmpl):
 
 
 def bare_template(tmpl):
+    """A template for comparison: no pod-template-hash, no nulls or empty values
+    (kubectl sends templates back through Go structs, which add or drop those)."""
     t = copy.deepcopy(tmpl)
     labels = t.get("metadata", {}).get("labels")
     if labels:
         labels.pop("pod-template-hash", None)
-    return t
+    return squeeze(t)
+
+
+def squeeze(v):
+    if isinstance(v, dict):
+        out = {k: squeeze(x) for k, x in v.items()}
+        return {k: x for k, x in out.items() if x not in (None, {}, [], "")}
+    if isinstance(v, list):
+        return [squeeze(x) for x in v]
+    return v
 
 
 def owner_ref(obj, controller=True):
@@ -153,7 +164,7 @@ class Controller:
             for d in self.store.list("deployments.apps"):
                 self.deployment_status(d, now)
             for s in self.store.list("services"):
-                self.sync_endpoints(s)
+                self.sync_endpoints(s, now)
             for h in self.store.list("horizontalpodautoscalers.autoscaling"):
                 self.sync_hpa(h)
             self.write_replica_files()
@@ -316,16 +327,18 @@ class Controller:
             prog = ("Unknown", "DeploymentPaused", "Deployment is paused")
         elif done:
             prog = ("True", "NewReplicaSetAvailable", 'ReplicaSet "%s" has successfully progressed.' % name)
-        else:
+        progressed = (st.get("updatedReplicas"), st.get("availableReplicas")) != (
+            d.get("status", {}).get("updatedReplicas"), d.get("status", {}).get("availableReplicas"))
+        if not d["spec"].get("paused") and not done:
             prog = ("True", "ReplicaSetUpdated", 'ReplicaSet "%s" is progressing.' % name)
-            last = parse_iso(old.get("Progressing", {}).get("lastUpdateTime")) or now
-            if old.get("Progressing", {}).get("reason") == "ProgressDeadlineExceeded" or \
-                    now - last > d["spec"].get("progressDeadlineSeconds", 600):
+            was = old.get("Progressing", {})
+            same_rollout = was.get("reason") in ("ReplicaSetUpdated", "ProgressDeadlineExceeded") and \
+                '"%s"' % name in was.get("message", "")
+            last = parse_iso(was.get("lastUpdateTime")) if same_rollout and not progressed else now
+            if now - last > d["spec"].get("progressDeadlineSeconds", 600):
                 prog = ("False", "ProgressDeadlineExceeded", 'ReplicaSet "%s" has timed out progressing.' % name)
         avail = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.") if avail_ok else \
             ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
-        progressed = (st.get("updatedReplicas"), st.get("availableReplicas")) != (
-            d.get("status", {}).get("updatedReplicas"), d.get("status", {}).get("availableReplicas"))
         return [self.condition(old.get("Available"), "Available", avail, now, False),
                 self.condition(old.get("Progressing"), "Progressing", prog, now, progressed and not done)]
 
@@ -573,7 +586,7 @@ class Controller:
         p["status"]["phase"] = "Running" if started or any(c.get("restartCount") for c in cs) else "Pending"
 
     # services, hpa, replica files ------------------------------------------------
-    def sync_endpoints(self, svc):
+    def sync_endpoints(self, svc, now):
         sel = svc["spec"].get("selector")
         if not sel:
             return
@@ -596,7 +609,8 @@ class Controller:
         old = self.store.get("endpoints", ns, svc["metadata"]["name"])
         new = copy.deepcopy(old) if old else {
             "kind": "Endpoints", "apiVersion": "v1",
-            "metadata": {"name": svc["metadata"]["name"], "namespace": ns, "labels": svc["metadata"].get("labels", {})}}
+            "metadata": {"name": svc["metadata"]["name"], "namespace": ns, "labels": svc["metadata"].get("labels", {}),
+                         "creationTimestamp": now_iso(now)}}
         new["subsets"] = [dict(subset, ports=ports)] if subset else []
         if not new["subsets"]:
             new.pop("subsets")

@@ -141,8 +141,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self.body_if_unread()
             self.send_json(e.code, e.status(), e.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            self.close_connection = True
         except Exception as e:  # a bug in the stand-in: answer like an apiserver, log the traceback
             import traceback
             traceback.print_exc()
