@@ -87,6 +87,16 @@ static void die(const char *fmt, ...)
 
 static void on_signal(int sig) { (void)sig; stopping = 1; }
 
+static double elapsed(void)
+{
+    static struct timespec t0;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    if (!t0.tv_sec)
+        t0 = t;
+    return (double)(t.tv_sec - t0.tv_sec) + (double)(t.tv_nsec - t0.tv_nsec) / 1e9;
+}
+
 static void sleep_ms(int ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
@@ -136,6 +146,52 @@ static rd_kafka_t *new_client(rd_kafka_type_t type, const char *brokers, const c
 
 /* ---- the cluster ---- */
 
+/* Mock cluster changes (topic creation, leaders, broker down) are ops served
+ * by the mock's own thread, which in librdkafka 2.0.2 may only notice them
+ * when its 1 s poll times out: a start took 1 to 8 s depending on luck. Any
+ * socket activity wakes that thread, so while we change the cluster a helper
+ * thread keeps opening and closing connections to a broker that is up. */
+static atomic_int nudging;
+static int broker_port[NBROKERS + 1];
+
+static void *nudger(void *arg)
+{
+    (void)arg;
+    while (!stopping) {
+        int b = 1;
+        while (b <= NBROKERS && broker_down[b])
+            b++;
+        if (!nudging || b > NBROKERS) {
+            sleep_ms(10);
+            continue;
+        }
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(broker_port[b]),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (fd >= 0) {
+            if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0 && errno != ECONNREFUSED)
+                fprintf(stderr, "kafka-sandbox: nudge: %s\n", strerror(errno));
+            close(fd);
+        }
+        sleep_ms(2);
+    }
+    return NULL;
+}
+
+static void start_nudger(void)
+{
+    const char *p = rd_kafka_mock_cluster_bootstraps(mc);
+    for (int b = 1; b <= NBROKERS && p; b++) {
+        const char *colon = strchr(p, ':');
+        broker_port[b] = colon ? atoi(colon + 1) : 0;
+        p = strchr(p, ',');
+        p = p ? p + 1 : NULL;
+    }
+    pthread_t th;
+    pthread_create(&th, NULL, nudger, NULL);
+    pthread_detach(th);
+}
+
 static int preferred_leader(int partition) { return partition % NBROKERS + 1; }
 
 static int first_up_broker(int preferred)
@@ -167,10 +223,13 @@ static void start_cluster(void)
     mc = rd_kafka_mock_cluster_new(owner, NBROKERS);
     if (!mc)
         die("cannot create the mock cluster");
+    start_nudger();
+    nudging++;
     for (int t = 0; t < NTOPICS; t++)
         if (rd_kafka_mock_topic_create(mc, topics[t].name, topics[t].partitions, NBROKERS))
             die("cannot create topic %s", topics[t].name);
     elect_leaders();
+    nudging--;
 }
 
 /* ---- producing ---- */
@@ -189,18 +248,35 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     }
 }
 
+/* Learns every topic's partitions before the first produce: otherwise
+ * librdkafka holds messages for an unknown topic until its next 1 s metadata
+ * refresh, which made start times vary by seconds. */
+static void learn_topics(rd_kafka_t *rk)
+{
+    for (int t = 0; t < NTOPICS; t++) {
+        rd_kafka_topic_t *rkt = rd_kafka_topic_new(rk, topics[t].name, NULL);
+        const struct rd_kafka_metadata *md;
+        if (rd_kafka_metadata(rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+            rd_kafka_metadata_destroy(md);
+        rd_kafka_topic_destroy(rkt);
+    }
+}
+
 static rd_kafka_t *new_producer(const char *brokers, const char *timeout_ms)
 {
     const char *const extra[] = {"linger.ms", "5", "message.timeout.ms", timeout_ms, NULL};
     char err[256];
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    if (getenv("KAFKA_SANDBOX_DEBUG"))   /* librdkafka debug contexts, e.g. "msg,topic" */
+        rd_kafka_conf_set(conf, "debug", getenv("KAFKA_SANDBOX_DEBUG"), err, sizeof err);
     rd_kafka_conf_set(conf, "bootstrap.servers", brokers, err, sizeof err);
     for (int i = 0; extra[i]; i += 2)
         rd_kafka_conf_set(conf, extra[i], extra[i + 1], err, sizeof err);
     rd_kafka_t *rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (!rk)
         die("producer: %s", err);
+    learn_topics(rk);
     return rk;
 }
 
@@ -531,7 +607,9 @@ static void serve_connection(int fd)
             break;
     }
     line[len] = 0;
+    nudging++;
     run_command(line, reply, sizeof reply);
+    nudging--;
     strcat(reply, "\n");
     if (write(fd, reply, strlen(reply)) < 0)
         fprintf(stderr, "kafka-sandbox: control reply: %s\n", strerror(errno));
@@ -545,19 +623,21 @@ static int serve(void)
     signal(SIGTERM, on_signal);
     signal(SIGINT, on_signal);
     signal(SIGPIPE, SIG_IGN);
+    elapsed();
     int lfd = listen_loopback();
     start_cluster();
     const char *brokers = rd_kafka_mock_cluster_bootstraps(mc);
     workload_rk = new_producer(brokers, "30000");
     control_rk = new_producer(brokers, "10000");
     seed_topics();
+    fprintf(stderr, "kafka-sandbox: topics seeded at %.2fs\n", elapsed());
     start_groups(brokers);
     pthread_t th;
     pthread_create(&th, NULL, workload, NULL);
     char line[1024];
     snprintf(line, sizeof line, "%s\n", brokers);
     write_state_file("bootstrap", line);   /* readiness signal for `up` */
-    fprintf(stderr, "kafka-sandbox: ready on %s\n", brokers);
+    fprintf(stderr, "kafka-sandbox: ready on %s at %.2fs\n", brokers, elapsed());
     while (!stopping) {
         struct pollfd p = {lfd, POLLIN, 0};
         if (poll(&p, 1, 200) == 1) {
