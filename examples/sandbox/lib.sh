@@ -88,7 +88,7 @@ redis_start() {
     local port
     port=$(cat "$STATE_DIR/ports/redis")
     mkdir -p "$STATE_DIR/redis"
-    # No persistence: every start is seeded with the same known state.
+    # No periodic saves; `ctl redis stop` saves on shutdown (see ctl).
     spawn redis redis-server --bind 127.0.0.1 --port "$port" --requirepass "$(secret redis)" \
         --save '' --appendonly no --dir "$STATE_DIR/redis" --daemonize no --protected-mode yes
 }

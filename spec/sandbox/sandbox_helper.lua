@@ -1,0 +1,98 @@
+-- Shared by the sandbox specs: run the real clients (psql, redis-cli, kcat,
+-- curl) against the running sandbox and read its state.
+local M = {}
+
+local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+M.sandbox = here .. "/../../examples/sandbox"
+M.state = M.sandbox .. "/.state"
+
+function M.quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Runs a shell command; returns its output (stdout and stderr) and whether it exited 0.
+function M.sh(cmd)
+    local p = assert(io.popen("(" .. cmd .. ") 2>&1; echo \"__rc=$?\""))
+    local out = p:read("a")
+    p:close()
+    local rc = tonumber(out:match("__rc=(%d+)%s*$"))
+    return out:gsub("__rc=%d+%s*$", ""), rc == 0
+end
+
+-- The sandbox's environment, read from .state/env on every call, so specs
+-- still work after a spec restarted the sandbox on new ports.
+function M.env(name)
+    local f = io.open(M.state .. "/env")
+    if f then
+        for line in f:lines() do
+            local k, v = line:match("^export ([%w_]+)='?(.-)'?$")
+            if k == name then
+                f:close()
+                return v
+            end
+        end
+        f:close()
+    end
+    return os.getenv(name)
+end
+
+function M.ctl(args)
+    return M.sh(M.sandbox .. "/ctl " .. args)
+end
+
+function M.psql(sql, url)
+    return M.sh("psql -X -A -t -v ON_ERROR_STOP=1 " .. M.quote(url or M.env("DATABASE_URL"))
+        .. " -c " .. M.quote(sql))
+end
+
+function M.redis(args)
+    return M.sh("redis-cli --no-auth-warning -u " .. M.quote(M.env("REDIS_URL")) .. " " .. args)
+end
+
+-- curl against the backend's sidecar; returns the HTTP status, the body and the headers.
+function M.dapr(method, path, body, headers)
+    local hfile = os.tmpname()
+    local cmd = "curl -s -m 20 -D " .. hfile .. " -X " .. method
+    for _, h in ipairs(headers or {}) do cmd = cmd .. " -H " .. M.quote(h) end
+    if body then cmd = cmd .. " --data-binary " .. M.quote(body) end
+    local out = M.sh(cmd .. " " .. M.quote(M.env("DAPR_HTTP_ENDPOINT") .. path))
+    local f = io.open(hfile)
+    local head = f and f:read("a") or ""
+    if f then f:close() end
+    os.remove(hfile)
+    return tonumber(head:match("^HTTP/%S+ (%d+)")), out, head
+end
+
+function M.kcat(args)
+    return M.sh("timeout 20 kcat -b " .. M.quote(M.env("KAFKA_BROKERS")) .. " " .. args)
+end
+
+-- Committed offsets against high watermarks, from an independent client process.
+function M.lag(group, topic)
+    local out, ok = M.sh(M.state .. "/bin/kafka-sandbox lag " .. M.quote(M.env("KAFKA_BROKERS"))
+        .. " " .. group .. " " .. topic)
+    assert(ok, out)
+    local parts = {}
+    for t, p, committed, high in out:gmatch("(%S+) (%d+) (%-?%d+) (%d+) %-?%d+\n") do
+        parts[#parts + 1] = {topic = t, partition = tonumber(p), committed = tonumber(committed),
+                             high = tonumber(high)}
+    end
+    return tonumber(out:match("total (%-?%d+)")), parts
+end
+
+function M.sleep(s)
+    os.execute("sleep " .. s)
+end
+
+-- Polls fn until it returns a truthy value or `seconds` pass; returns that value.
+function M.wait_until(seconds, fn)
+    local deadline = os.time() + seconds
+    repeat
+        local v = fn()
+        if v then return v end
+        M.sleep(0.2)
+    until os.time() > deadline
+    return fn()
+end
+
+return M
