@@ -121,6 +121,34 @@ def apply_defaults(res, obj):
             obj.setdefault("data", {})[k] = base64.b64encode(v.encode()).decode()
 
 
+def validate(res, obj):
+    """The few checks a real apiserver makes that our controller relies on."""
+    spec = obj.get("spec") or {}
+    pod_spec = spec.get("template", {}).get("spec") if res.name in ("deployments", "replicasets") else \
+        spec if res.name == "pods" else None
+    if pod_spec is None:
+        return
+    prefix = "spec.template.spec" if res.name != "pods" else "spec"
+    causes = []
+    if not pod_spec.get("containers"):
+        causes.append(("FieldValueRequired", "Required value", prefix + ".containers"))
+    for i, c in enumerate(pod_spec.get("containers") or []):
+        for f in ("name", "image"):
+            if not c.get(f):
+                causes.append(("FieldValueRequired", "Required value", "%s.containers[%d].%s" % (prefix, i, f)))
+    if res.name in ("deployments", "replicasets"):
+        sel = selector_of(spec.get("selector"))
+        if not labels_match(sel, spec.get("template", {}).get("metadata", {}).get("labels")):
+            causes.append(("FieldValueInvalid", "Invalid value: `selector` does not match template `labels`",
+                           "spec.template.metadata.labels"))
+    if causes:
+        name = obj["metadata"].get("name", "")
+        raise ApiError(422, "Invalid", '%s.%s "%s" is invalid: %s' % (
+            res.kind, res.group or "core", name, ", ".join("%s: %s" % (f, m) for _, m, f in causes)),
+            {"name": name, "group": res.group, "kind": res.kind,
+             "causes": [{"reason": r, "message": m, "field": f} for r, m, f in causes]})
+
+
 def strip_volatile(obj):
     o = copy.deepcopy(obj)
     for k in IGNORED_META:
@@ -190,6 +218,7 @@ class Api:
         if res.generation:
             md["generation"] = 1
         apply_defaults(res, obj)
+        validate(res, obj)
         if res.name == "services" and obj["spec"].get("type") != "ExternalName":
             obj["spec"].setdefault("clusterIP", self.next_cluster_ip())
             obj["spec"].setdefault("clusterIPs", [obj["spec"]["clusterIP"]])
@@ -208,6 +237,7 @@ class Api:
             if k in old["metadata"]:
                 md[k] = old["metadata"][k]
         apply_defaults(res, new)
+        validate(res, new)
         if res.generation:
             md["generation"] = old["metadata"].get("generation", 1)
             if spec_of(new) != spec_of(old):
@@ -263,14 +293,14 @@ class Api:
             raise ApiError(400, "BadRequest", "error decoding patch: %s" % e)
         if "json-patch" in ctype:
             return P.json_patch(old, doc)
-        if "merge-patch" in ctype:
-            return P.merge_patch(old, doc)
         if "strategic-merge-patch" in ctype:
             if res.custom:
                 raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown "
                                "format - accepted media types include: application/json-patch+json, "
                                "application/merge-patch+json, application/apply-patch+yaml")
             return P.strategic_merge(old, doc)
+        if "merge-patch" in ctype:
+            return P.merge_patch(old, doc)
         raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format")
 
     def apply(self, res, ns, name, body, q, manager):

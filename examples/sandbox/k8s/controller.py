@@ -107,6 +107,7 @@ class Controller:
         self.faults = Faults()
         self.rt = {}            # per-container runtime: (pod uid, container) -> next restart time
         self.replicas_written = {}
+        self.reported = set()
         self.stop = threading.Event()
         self.ip_seq = 10
 
@@ -150,15 +151,26 @@ class Controller:
                 import traceback
                 traceback.print_exc()
 
+    def guarded(self, fn, obj, now):
+        """One broken object must not stop the loop for the others."""
+        try:
+            fn(obj, now)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+            key = (fn.__name__, obj["metadata"].get("uid"))
+            if key not in self.reported:
+                self.reported.add(key)
+                import traceback
+                traceback.print_exc()
+
     def tick(self, now):
         with self.store.lock:
             self.sync_nodes(now)
             for d in self.store.list("deployments.apps"):
-                self.sync_deployment(d, now)
+                self.guarded(self.sync_deployment, d, now)
             for rs in self.store.list("replicasets.apps"):
-                self.sync_replicaset(rs, now)
+                self.guarded(self.sync_replicaset, rs, now)
             for p in self.store.list("pods"):
-                self.sync_pod(p, now)
+                self.guarded(self.sync_pod, p, now)
             for rs in self.store.list("replicasets.apps"):
                 self.replicaset_status(rs)
             for d in self.store.list("deployments.apps"):

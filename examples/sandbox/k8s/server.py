@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resources as R          # noqa: E402
+import proto                   # noqa: E402
 import workload as W           # noqa: E402
 from api import Api, labels_match, parse_label_selector, fields_match, selector_of  # noqa: E402
 from controller import Controller  # noqa: E402
@@ -68,8 +69,23 @@ class Handler(BaseHTTPRequestHandler):
 
     # plumbing ----------------------------------------------------------------
     def body(self):
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        if getattr(self, "_body", None) is not None:
+            return self._body
+        if "chunked" in self.headers.get("Transfer-Encoding", ""):
+            data = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():
+                        pass
+                    break
+                data += self.rfile.read(size)
+                self.rfile.readline()
+        else:
+            n = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(n) if n else b""
+        self._body = data
+        return data
 
     def send_json(self, code, obj, headers=None):
         data = json.dumps(obj, separators=(",", ":")).encode()
@@ -123,6 +139,7 @@ class Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_GET
 
     def dispatch(self):
+        self._body = None
         url = urlsplit(self.path)
         self.q = dict(parse_qsl(url.query, keep_blank_values=True))
         self.raw_query = url.query
@@ -152,7 +169,7 @@ class Handler(BaseHTTPRequestHandler):
                 pass
 
     def body_if_unread(self):
-        if self.command in ("POST", "PUT", "PATCH") and not getattr(self, "_read", False):
+        if self.command in ("POST", "PUT", "PATCH", "DELETE"):
             self.body()
 
     # routing ------------------------------------------------------------------
@@ -221,13 +238,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(res, api.update(res, ns, name, self.json_body(), q, manager, sub))
         if m == "PATCH" and name:
             body = self.body()
-            self._read = True
             ctype = self.headers.get("Content-Type", "")
             out = api.patch(res, ns, name, body, ctype, q, manager, sub)
             return self.reply(res, out)
         if m == "DELETE" and name:
             body = self.body()
-            self._read = True
             opts = json.loads(body) if body.strip() else {}
             return self.reply(res, api.delete(res, ns, name, q, opts))
         if m == "DELETE":
@@ -240,7 +255,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def json_body(self):
         data = self.body()
-        self._read = True
+        if "protobuf" in self.headers.get("Content-Type", ""):
+            return proto.decode_object(data)
         try:
             return json.loads(data)
         except ValueError as e:
@@ -342,7 +358,6 @@ class Handler(BaseHTTPRequestHandler):
                 raise conflict(res, name)
         elif self.command == "PATCH":
             body = self.body()
-            self._read = True
             scale = api.patched(res, scale_of(obj), body, self.headers.get("Content-Type", ""))
         else:
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
@@ -429,7 +444,6 @@ class Handler(BaseHTTPRequestHandler):
         if not port:
             raise ApiError(503, "ServiceUnavailable", why)
         body = self.body()
-        self._read = True
         path = "/" + rest + ("?" + self.raw_query if self.raw_query else "")
         try:
             code, ctype, data = W.forward(port, self.command, path, body, dict(self.headers))
