@@ -19,7 +19,6 @@ double rb_get_deadline(void);
 
 /* Signals: install handlers; the count of SIGINT/SIGTERM seen and the last one. */
 void rb_signals_install(void);
-int rb_last_signal(void);
 void rb_clear_interrupt(void);
 
 /* Secrets: redact a string into a new Lua string on the stack. */

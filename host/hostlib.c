@@ -149,6 +149,19 @@ static int h_raise(lua_State *L)
     return lua_error(L);
 }
 
+/* Raise if the step's deadline passed or a signal arrived: the runbook
+ * environment's pcall calls this after catching, so a timed-out step cannot
+ * swallow its own timeout. */
+static int h_check_deadline(lua_State *L)
+{
+    if (rb_interrupted())
+        return luaL_error(L, "interrupted by %s", rb_last_signal() == 15 ? "SIGTERM" : "SIGINT");
+    double dl = rb_get_deadline();
+    if (dl > 0 && rb_now() > dl)
+        return luaL_error(L, "step timed out");
+    return 0;
+}
+
 static int h_interrupted(lua_State *L)
 {
     int sig = rb_interrupted() ? rb_last_signal() : 0;
@@ -216,6 +229,7 @@ static const luaL_Reg host_funcs[] = {
     { "gate_done", h_gate_done },
     { "raise", h_raise },
     { "interrupted", h_interrupted },
+    { "check_deadline", h_check_deadline },
     { "clear_interrupt", h_clear_interrupt },
     { "install_signal_handlers", h_signals },
     { "identity", h_identity },

@@ -72,6 +72,9 @@ double rb_remaining(lua_State *L, double cap);
 /* Nonzero once SIGINT or SIGTERM arrived: long loops stop waiting. */
 int rb_interrupted(void);
 
+/* The signal that interrupted the run (SIGINT or SIGTERM), 0 when none. */
+int rb_last_signal(void);
+
 /* Monotonic time in seconds. */
 double rb_now(void);
 

@@ -41,12 +41,9 @@
 
 extern char **environ;
 
-/* Which signal interrupted the host, so the child gets the same one. Not in
- * runbook.h yet; weak so the module still loads on a host without it. */
-extern int rb_last_signal(void) __attribute__((weak));
-
+/* Which signal interrupted the host, so the child gets the same one. */
 static int interrupt_signal(void) {
-    int sig = rb_last_signal ? rb_last_signal() : 0;
+    int sig = rb_last_signal();
     return sig == SIGINT || sig == SIGTERM ? sig : SIGTERM;
 }
 

@@ -115,6 +115,9 @@ local function run_with_retries(rb, step, ctx)
   return ok, res, attempts
 end
 
+--- Seconds since t0, to the millisecond (what output and the journal show).
+local function since(t0) return math.floor((host.now() - t0) * 1000 + 0.5) / 1000 end
+
 local function new_ctx(run, step)
   return setmetatable({ step = step.name }, { __index = run.ctx })
 end
@@ -148,7 +151,7 @@ local function undo_completed(run)
       local t0 = host.now()
       local ok, res = protected(run.rb, step.undo, new_ctx(run, step), run.outputs[step.name])
       events.emit { event = "undo_end", step = step.name, status = ok and "ok" or "failed",
-        duration = host.now() - t0, error = not ok and res or nil }
+        duration = since(t0), error = not ok and res or nil }
     end
   end
 end
@@ -213,7 +216,7 @@ function M.run(rb, opts)
       local s0 = host.now()
       local ok, res, attempts
       if failure then ok, res, attempts = false, failure, 0 else ok, res, attempts = run_with_retries(rb, step, new_ctx(run, step)) end
-      local dur = host.now() - s0
+      local dur = since(s0)
       if ok then
         store[step.name] = res
         run.completed[#run.completed + 1] = step
@@ -238,7 +241,7 @@ function M.run(rb, opts)
   end
   events.step = nil
   events.emit { event = "run_end", run_id = opts.run_id, status = status, exit_code = code,
-    duration = host.now() - t0, ok = counts.ok, failed = counts.failed, skipped = counts.skipped,
+    duration = since(t0), ok = counts.ok, failed = counts.failed, skipped = counts.skipped,
     mode = opts.dry_run and "dry-run" or "run" }
   return code
 end

@@ -7,8 +7,9 @@
 local M = {}
 
 --- Libraries a runbook can name without require: global name -> module.
+-- (yaml lives under runbook. so it does not shadow lyaml's own "yaml".)
 M.libraries = {
-  json = "json", yaml = "yaml", log = "log", exec = "exec", http = "http", fs = "fs",
+  json = "json", yaml = "runbook.yaml", log = "log", exec = "exec", http = "http", fs = "fs",
   time = "time", duration = "duration", secret = "secret", gate = "gate",
   k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify",
 }
@@ -60,9 +61,7 @@ local function make_require(env, dir)
   local loaded = {}
   return function(name)
     if type(name) ~= "string" then error("require: expected a module name", 2) end
-    for _, lib in pairs(M.libraries) do
-      if lib == name then return require(name) end
-    end
+    if M.libraries[name] then return require(M.libraries[name]) end
     if loaded[name] == nil then
       local path = dir and package.searchpath(name, dir .. "/?.lua")
       if not path then
@@ -77,6 +76,33 @@ local function make_require(env, dir)
   end
 end
 
+--- pcall, xpcall and coroutine.resume that re-raise once the step is out of
+-- time or interrupted, so `while true do pcall(...) end` cannot outlive its step.
+local check = require("runbook.host").check_deadline
+
+local function rethrowing(catch)
+  return function(...)
+    local res = table.pack(catch(...))
+    if not res[1] then check() end
+    return table.unpack(res, 1, res.n)
+  end
+end
+
+local function make_coroutine()
+  local co = {}
+  for k, v in pairs(coroutine) do co[k] = v end
+  co.resume = rethrowing(coroutine.resume)
+  co.wrap = function(f)
+    local c = coroutine.create(f)
+    return function(...)
+      local res = table.pack(co.resume(c, ...))
+      if not res[1] then error(res[2], 0) end
+      return table.unpack(res, 2, res.n)
+    end
+  end
+  return co
+end
+
 --- A new environment. `declare` is a table of globals the DSL provides
 -- (param, step, ...), `fields` the names a runbook may assign at top level,
 -- and `dir` the runbook's directory (for require of local helpers).
@@ -84,6 +110,7 @@ function M.new(declare, fields, dir)
   local env = {}
   for _, k in ipairs(SAFE) do env[k] = _G[k] end
   env.os, env.io, env.require = make_os(), make_io(), make_require(env, dir)
+  env.pcall, env.xpcall, env.coroutine = rethrowing(pcall), rethrowing(xpcall), make_coroutine()
   env.print = function(...)
     local parts = {}
     for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end

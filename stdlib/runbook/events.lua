@@ -7,7 +7,7 @@ local M = { sinks = {}, step = nil }
 
 local function iso8601(t)
   local secs = math.floor(t)
-  return os.date("!%Y-%m-%dT%H:%M:%S", secs) .. ("%03dZ"):format(math.floor((t - secs) * 1000))
+  return os.date("!%Y-%m-%dT%H:%M:%S", secs) .. (".%03dZ"):format(math.floor((t - secs) * 1000))
 end
 M.iso8601 = iso8601
 

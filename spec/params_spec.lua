@@ -1,0 +1,77 @@
+-- Params: parsing, types, defaults and the errors that stop a run before it starts.
+local cli = require "spec.support.cli"
+
+local RB = [[
+name = "p"
+description = "params under test"
+param "who" { type = "string", required = true, help = "who to greet" }
+param "n" { type = "number", default = 2 }
+param "count" { type = "integer", default = 1 }
+param "loud" { type = "boolean", default = false }
+param "wait" { type = "duration", default = "5m" }
+param "color" { type = "enum", values = { "blue", "green" }, default = "blue" }
+param "token" { type = "string", secret = true, default = "none-set" }
+step "Show" { run = function(ctx) return { who = ctx.params.who, n = ctx.params.n, count = ctx.params.count,
+  loud = ctx.params.loud, wait = ctx.params.wait, color = ctx.params.color } end }
+]]
+
+local function outputs(r)
+  for _, e in ipairs(cli.events(r.stdout)) do
+    if e.event == "step_end" then return e.outputs end
+  end
+end
+
+describe("params", function()
+  local path
+  setup(function() path = cli.runbook(RB) end)
+  teardown(cli.cleanup)
+
+  it("converts each type and applies defaults", function()
+    local r = cli.run { "run", path, "--output", "json", "-p", "who=ops", "-p", "loud=yes", "-p", "wait=1m30s",
+      "-p", "n=2.5", "-p", "count=7", "-p", "color=green" }
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.same({ who = "ops", n = 2.5, count = 7, loud = true, wait = 90, color = "green" }, outputs(r))
+    r = cli.run { "run", path, "--output", "json", "-p", "who=x" }
+    assert.are.same({ who = "x", n = 2, count = 1, loud = false, wait = 300, color = "blue" }, outputs(r))
+  end)
+
+  it("reads --params-file in YAML and JSON, with -p taking precedence", function()
+    local d = cli.tmpdir()
+    local y = io.open(d .. "/p.yaml", "w"); y:write("who: yaml\nn: 4\nloud: true\n"); y:close()
+    local j = io.open(d .. "/p.json", "w"); j:write('{"who": "json", "color": "green"}'); j:close()
+    local r = cli.run { "run", path, "--output", "json", "--params-file", d .. "/p.yaml", "-p", "n=5" }
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.same({ who = "yaml", n = 5, count = 1, loud = true, wait = 300, color = "blue" }, outputs(r))
+    r = cli.run { "run", path, "--output", "json", "--params-file", d .. "/p.json" }
+    assert.are.equal("json", outputs(r).who)
+  end)
+
+  local bad = {
+    { { "-p", "n=3" }, "missing required param 'who'" },
+    { { "-p", "who=x", "-p", "nope=1" }, "unknown param 'nope'" },
+    { { "-p", "who=x", "-p", "n=many" }, "param 'n': expected a number, got \"many\"" },
+    { { "-p", "who=x", "-p", "count=1.5" }, "param 'count': expected an integer" },
+    { { "-p", "who=x", "-p", "loud=perhaps" }, "param 'loud': expected a boolean" },
+    { { "-p", "who=x", "-p", "wait=soon" }, "param 'wait': expected a duration" },
+    { { "-p", "who=x", "-p", "color=red" }, "param 'color': \"red\" is not one of: blue, green" },
+    { { "-p", "who" }, "-p who: expected key=value" },
+    { { "-p", "who=x", "--params-file", "/nonexistent.yaml" }, "--params-file" },
+  }
+  for _, case in ipairs(bad) do
+    it("rejects " .. table.concat(case[1], " ") .. " with exit 2 before running", function()
+      local args = { "run", path }
+      for _, a in ipairs(case[1]) do args[#args + 1] = a end
+      local r = cli.run(args)
+      assert.are.equal(2, r.code)
+      assert.truthy(r.stderr:find(case[2], 1, true), r.stderr)
+      assert.are.equal("", r.stdout)
+    end)
+  end
+
+  it("never shows a secret param's value", function()
+    local r = cli.run { "run", path, "--output", "json", "-p", "who=x", "-p", "token=hunter2-secret" }
+    assert.are.equal(0, r.code)
+    assert.falsy(r.stdout:find("hunter2-secret", 1, true))
+    assert.truthy(r.stdout:find('"token":"***"', 1, true))
+  end)
+end)

@@ -1,0 +1,73 @@
+--- Helpers for specs that drive the runbook executable as users do.
+local M = {}
+
+M.BIN = os.getenv("RUNBOOK_BIN") or "./runbook"
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+M.quote = shell_quote
+
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+M.slurp = slurp
+
+--- A fresh temporary directory (removed by M.cleanup()).
+local made = {}
+function M.tmpdir()
+  local p = io.popen("mktemp -d")
+  local d = p:read("l")
+  p:close()
+  made[#made + 1] = d
+  return d
+end
+
+function M.cleanup()
+  for _, d in ipairs(made) do os.execute("rm -rf " .. shell_quote(d)) end
+  made = {}
+end
+
+--- Write a runbook source to a temporary file and return its path.
+function M.runbook(src, name)
+  local d = M.tmpdir()
+  local path = d .. "/" .. (name or "rb.lua")
+  local f = assert(io.open(path, "wb"))
+  f:write(src)
+  f:close()
+  return path
+end
+
+--- Run `runbook ARGS...` with stdin from /dev/null (no terminal) and an
+-- optional env prefix table. Returns {code, stdout, stderr}.
+function M.run(args, env)
+  local d = M.tmpdir()
+  local parts = {}
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+  parts[#parts + 1] = M.BIN
+  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+  local cmd = table.concat(parts, " ") .. (" </dev/null >%s/out 2>%s/err; echo $? >%s/code"):format(d, d, d)
+  os.execute(cmd)
+  return { code = tonumber(slurp(d .. "/code")), stdout = slurp(d .. "/out"), stderr = slurp(d .. "/err") }
+end
+
+--- Decode JSON Lines output into a list of events.
+function M.events(stdout)
+  local cjson = require "cjson"
+  local out = {}
+  for line in stdout:gmatch("[^\n]+") do out[#out + 1] = cjson.decode(line) end
+  return out
+end
+
+--- The events of one kind, in order.
+function M.only(events, kind)
+  local out = {}
+  for _, e in ipairs(events) do if e.event == kind then out[#out + 1] = e end end
+  return out
+end
+
+return M
