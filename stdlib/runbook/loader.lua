@@ -95,12 +95,20 @@ end
 
 --- The DSL functions for one runbook being loaded; they fill `rb`.
 local function dsl(rb)
+  -- `kind "name" { spec }`: problems are raised at the runbook's line.
   local function named(kind, fn)
     return function(name)
       if type(name) ~= "string" or name == "" then
         error(("%s needs a name: %s \"name\" { ... }"):format(kind, kind), 2)
       end
-      return function(spec) return fn(name, spec) end
+      return function(spec)
+        local ok, err = pcall(fn, name, spec)
+        if not ok then
+          local at = debug.getinfo(2, "Sl")
+          local src = at.source:sub(1, 1) == "@" and at.source:sub(2) or at.short_src
+          error(("%s:%d: %s"):format(src, at.currentline, tostring(err)), 0)
+        end
+      end
     end
   end
   return {
