@@ -164,7 +164,8 @@ local function decide(run, step, total)
     if not ok then return "error", res end
     if not res then return "skip", "when" end
   end
-  local asking = not run.opts.yes and (run.ask_all or (step.confirm and host.mode() == "run"))
+  -- "all" at a prompt means the rest runs without asking, confirm steps included.
+  local asking = not run.opts.yes and not run.said_all and (run.ask_all or (step.confirm and host.mode() == "run"))
   if not asking then return "run" end
   local choice = ask(run, step, total)
   if choice == "skip" then return "skip", "operator" end
@@ -209,7 +210,7 @@ function M.run(rb, opts)
       events.emit { event = "step_end", step = step.name, index = i, status = "skipped", reason = reason, duration = 0 }
       goto continue
     elseif choice == "all" then
-      run.ask_all = false
+      run.said_all = true
     end
     do
       events.emit { event = "step_start", step = step.name, index = i, total = total, description = step.description }
