@@ -3,7 +3,6 @@
 -- chose, emitting events for every sink. Returns the exit status.
 local events = require "runbook.events"
 local host = require "runbook.host"
-local prompt = require "runbook.prompt"
 
 local M = {}
 
@@ -136,7 +135,7 @@ end
 --- Ask the operator about `step` until they decide. Returns "run", "skip", "all" or "quit".
 local function ask(run, step, total)
   while true do
-    local choice = prompt.step(step, total, run.opts.step)
+    local choice = require("runbook.prompt").step(step, total, run.opts.step)
     if choice ~= "preview" then return choice end
     preview(run, step)
   end
@@ -179,8 +178,11 @@ function M.run(rb, opts)
   local run = { rb = rb, opts = opts, outputs = store, completed = {}, ask_all = opts.step }
   run.ctx = { params = setmetatable({}, { __index = opts.params,
       __newindex = function() error("ctx.params is read-only", 2) end }),
-    outputs = outputs_table(rb, store), log = require("log"), run_id = opts.run_id,
+    outputs = outputs_table(rb, store), run_id = opts.run_id,
     dry_run = opts.dry_run or false, runbook = rb.name }
+  setmetatable(run.ctx, { __index = function(t, k)
+    if k == "log" then t.log = require("log"); return t.log end
+  end })
   function run.ctx.remaining()
     local d = host.deadline()
     return d and math.max(0, d - host.now()) or math.huge

@@ -1,0 +1,71 @@
+-- The command line: describe, lint, list, version, help and usage errors.
+local cli = require "spec.support.cli"
+
+describe("cli", function()
+  teardown(cli.cleanup)
+
+  it("describes a runbook's params and steps without running it", function()
+    local r = cli.run { "describe", "examples/hello.lua" }
+    assert.are.equal(0, r.code, r.stderr)
+    for _, want in ipairs { "hello 1.0.0", "Params:", "name                 string, required", "who to greet",
+      "Steps:", "1. Greet", "3. Write the note  [can be undone]", "4. Touch a marker  [conditional]" } do
+      assert.truthy(r.stdout:find(want, 1, true), want .. "\n" .. r.stdout)
+    end
+  end)
+
+  it("lints runbooks, and lists those on RUNBOOK_PATH with their descriptions", function()
+    local r = cli.run { "lint", "examples/hello.lua" }
+    assert.are.equal(0, r.code, r.stderr)
+    assert.truthy(r.stdout:find("examples/hello.lua: ok (3 params, 4 steps)", 1, true), r.stdout)
+    r = cli.run({ "list" }, { RUNBOOK_PATH = "examples" })
+    assert.are.equal(0, r.code)
+    assert.truthy(r.stdout:find("hello%s+Greets someone"), r.stdout)
+  end)
+
+  it("runs a runbook by name from RUNBOOK_PATH", function()
+    local r = cli.run({ "run", "hello", "-p", "name=x", "--dry-run" }, { RUNBOOK_PATH = "/nonexistent:examples" })
+    assert.are.equal(0, r.code, r.stderr)
+    r = cli.run({ "run", "nope" }, { RUNBOOK_PATH = "examples" })
+    assert.are.equal(3, r.code)
+    assert.truthy(r.stderr:find("no runbook named 'nope' on RUNBOOK_PATH (examples)", 1, true), r.stderr)
+  end)
+
+  local usage = {
+    { {}, "usage: runbook COMMAND" },
+    { { "frobnicate" }, "unknown command 'frobnicate'" },
+    { { "run" }, "run: expected one runbook FILE or NAME" },
+    { { "run", "examples/hello.lua", "--bogus" }, "run: unknown option --bogus" },
+    { { "run", "examples/hello.lua", "--from" }, "run: --from needs a value" },
+    { { "run", "examples/hello.lua", "--output", "xml" }, "--output must be json or text" },
+    { { "describe" }, "describe: expected one runbook" },
+  }
+  for _, c in ipairs(usage) do
+    it("exits 2 for: runbook " .. table.concat(c[1], " "), function()
+      local r = cli.run(c[1])
+      assert.are.equal(2, r.code)
+      assert.truthy(r.stderr:find(c[2], 1, true), r.stderr)
+    end)
+  end
+
+  it("prints its version and help", function()
+    assert.truthy(cli.run({ "version" }).stdout:match("^runbook %d+%.%d+%.%d+ %(Lua 5%.4%)"))
+    local r = cli.run { "help" }
+    assert.are.equal(0, r.code)
+    assert.truthy(r.stdout:find("Exit status: 0 success", 1, true))
+  end)
+
+  it("loads a backend library only when a runbook uses it", function()
+    local function libs_loaded(body)
+      local path = cli.runbook("name = 'noop' description = 'd'\nstep 'a' { run = function() " .. body .. " end }\n")
+      local p = io.popen("LD_DEBUG=libs " .. cli.BIN .. " run " .. path .. " 2>&1 >/dev/null")
+      local out = p:read("a")
+      p:close()
+      return out
+    end
+    local idle = libs_loaded("")
+    for _, lib in ipairs { "libcurl", "librdkafka", "libpq", "libhiredis", "libssl" } do
+      assert.falsy(idle:find(lib, 1, true), lib .. " was loaded by a no-op runbook")
+    end
+    assert.truthy(libs_loaded("local _ = http.get"):find("libcurl", 1, true))
+  end)
+end)
