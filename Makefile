@@ -25,7 +25,7 @@ DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yam
   libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
   postgresql postgresql-client redis-server redis-tools kcat curl python3 openssl tmux
 
-.PHONY: all deps test clean install sandbox sandbox-stop demo
+.PHONY: all deps test clean install sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO)
 
 runbook: $(HOST_SRC) host/runbook.h host/host.h
@@ -44,6 +44,27 @@ test: all
 	examples/sandbox/up >/dev/null
 	. examples/sandbox/.state/env && ./runbook test spec
 
+# The host and modules built with AddressSanitizer and UBSan into build/asan/,
+# then the suite run against that build (the sandbox's own specs need no rebuild).
+ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+check-asan:
+	@mkdir -p build/asan/lib/runbook
+	ln -sfn ../../stdlib build/asan/stdlib
+	$(MAKE) --no-print-directory CFLAGS="$(ASAN_FLAGS)" build/asan/runbook \
+	  $(MODULES:%=build/asan/lib/runbook/%.so)
+	RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1 build/asan/runbook test spec
+
+build/asan/runbook: $(HOST_SRC) host/runbook.h host/host.h
+	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) -lm -ldl -Wl,-E
+
+build/asan/lib/runbook/%.so: modules/%.c host/runbook.h
+	$(CC) $(CFLAGS) $(WARN) -fPIC -shared $(LUA_INC) -Ihost -o $@ $< $(LIBS_$*)
+
+# The suite with every runbook process under valgrind's memcheck.
+check-valgrind: all
+	RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite ./runbook" \
+	  ./runbook test spec
+
 sandbox:
 	examples/sandbox/up
 
@@ -60,4 +81,4 @@ install: all
 	cp -R stdlib runbooks $(DESTDIR)$(PREFIX)/share/runbook/
 
 clean:
-	rm -rf runbook lib
+	rm -rf runbook lib build

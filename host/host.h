@@ -26,4 +26,8 @@ void rb_push_redacted(lua_State *L, const char *s, size_t len);
 
 int luaopen_runbook_host(lua_State *L);
 
+/* The terminal ticker's functions, added to the host library. */
+#include <lauxlib.h>
+extern const luaL_Reg rb_ticker_funcs[];
+
 #endif

@@ -263,6 +263,7 @@ int luaopen_runbook_host(lua_State *L)
         lua_setfield(L, -2, "__name");
     }
     luaL_newlib(L, host_funcs);
+    luaL_setfuncs(L, rb_ticker_funcs, 0);
     lua_pushvalue(L, -2);
     lua_setfield(L, -2, "error_mt");
     return 1;

@@ -64,8 +64,10 @@ static int pmain(lua_State *L)
 
     luaL_openlibs(L);
     luaL_requiref(L, "runbook.host", luaopen_runbook_host, 0);
-    lua_pop(L, 1);
     find_roots(stdlib, libdir, sizeof stdlib);
+    lua_pushstring(L, stdlib);
+    lua_setfield(L, -2, "stdlib_dir");   /* shipped runbooks live beside it */
+    lua_pop(L, 1);
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua", stdlib, stdlib);
     set_path(L, "path", lua_tostring(L, -1));
     lua_pushfstring(L, "%s/?.so", libdir);

@@ -12,7 +12,9 @@ step "three" { description = "third", confirm = true, run = function(ctx) fs.wri
 --- Run on a pty typing `answers`; returns exit code, transcript and the files written.
 local function on_pty(answers, ...)
   local dir = cli.tmpdir()
-  local args = { "python3", "spec/fixtures/pty_run.py", answers, "--", cli.BIN, "run", cli.runbook(RB), "-p", "dir=" .. dir }
+  local args = { "python3", "spec/fixtures/pty_run.py", answers, "--" }
+  for word in cli.BIN:gmatch("%S+") do args[#args + 1] = word end   -- RUNBOOK_BIN may be "valgrind ... ./runbook"
+  for _, a in ipairs { "run", cli.runbook(RB), "-p", "dir=" .. dir } do args[#args + 1] = a end
   for _, a in ipairs { ... } do args[#args + 1] = a end
   for i, a in ipairs(args) do args[i] = cli.quote(a) end
   local p = io.popen(table.concat(args, " ") .. "; echo \"exit=$?\"")
@@ -81,6 +83,16 @@ describe("--step", function()
     assert.are.equal(0, code, out)
     assert.are.equal("one two three", files)
     assert.are.equal(0, count(out, "Run this step%?"))
+  end)
+
+  it("shows a long step's elapsed time on a terminal while it runs", function()
+    local path = cli.runbook("name = 'slow' description = 'd'\nstep 'nap' { run = function() time.sleep('1.8s') end }\n")
+    local p = io.popen(("python3 spec/fixtures/pty_run.py '' -- %s run %s --yes"):format(cli.BIN, path))
+    local out = p:read("a")
+    p:close()
+    assert.truthy(out:find("[1/1] nap ⠙ 1s", 1, true) or out:find("[1/1] nap ⠋ 1s", 1, true)
+      or out:match("%[1/1%] nap %S+ 1s"), out)
+    assert.truthy(out:find("\r\27%[K%s*\27%[32m✓") or out:find("\r\27[K", 1, true), out)
   end)
 
   it("refuses without a terminal before running anything, suggesting --yes", function()

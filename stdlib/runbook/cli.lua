@@ -36,10 +36,12 @@ local function usage_error(fmt, ...)
   return EXIT.usage
 end
 
---- Directories searched for `run NAME` and `list`.
+--- Directories searched for `run NAME` and `list`: RUNBOOK_PATH, else
+-- ./runbooks and the shipped runbooks.
 local function search_path()
   local dirs = {}
-  for d in (os.getenv("RUNBOOK_PATH") or "runbooks"):gmatch("[^:]+") do dirs[#dirs + 1] = d end
+  local default = "runbooks:" .. host.stdlib_dir .. "/../runbooks"
+  for d in (os.getenv("RUNBOOK_PATH") or default):gmatch("[^:]+") do dirs[#dirs + 1] = d end
   return dirs
 end
 

@@ -27,7 +27,7 @@ end
 
 --- The human view. `fancy` adds colour and symbols (a terminal).
 function M.human(stream, fancy)
-  local out = writer(stream)
+  local out = fancy and host.term_write or writer(stream)
   local C = fancy and { ok = "\27[32m✓\27[0m", fail = "\27[31m✗\27[0m", skip = "\27[33m-\27[0m",
     dim = "\27[2m", bold = "\27[1m", reset = "\27[0m", bar = "│" }
     or { ok = "ok", fail = "FAILED", skip = "skipped", dim = "", bold = "", reset = "", bar = "|" }
@@ -39,6 +39,7 @@ function M.human(stream, fancy)
   function handlers.step_start(e)
     out(("[%d/%d] %s%s%s%s\n"):format(e.index, e.total, C.bold, e.step, C.reset,
       e.description ~= "" and (": " .. e.description) or ""))
+    if fancy then host.ticker_start(("[%d/%d] %s"):format(e.index, e.total, e.step)) end
   end
   function handlers.log(e)
     local lvl = (e.level == "warn" or e.level == "error") and (e.level:upper() .. " ") or ""
@@ -55,6 +56,7 @@ function M.human(stream, fancy)
     end
   end
   function handlers.step_end(e)
+    if fancy then host.ticker_stop() end
     local d = duration.format(e.duration or 0)
     if e.status == "ok" then
       out(("  %s %s %s(%s%s)%s\n"):format(C.ok, e.step, C.dim, d,

@@ -7,8 +7,7 @@ local CHOICES = { y = "run", yes = "run", n = "skip", no = "skip", s = "skip", s
   p = "preview", preview = "preview", a = "all", all = "all", q = "quit", quit = "quit" }
 
 local function say(s)
-  io.stdout:write(host.redact(s))
-  io.stdout:flush()
+  host.term_write(s)
 end
 
 --- Show `[i/total] name: description` and ask until the answer is one of the
