@@ -12,6 +12,8 @@ LUA_LIB  = -llua5.4
 endif
 
 HOST_SRC = $(wildcard host/*.c)
+# sha256 from nettle, linked statically: a few KB, nothing more to load at start.
+HOST_LIBS = -l:libnettle.a
 MODULES  = exec http
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 
@@ -22,14 +24,14 @@ LIBS_pg    = -lpq
 LIBS_redis = -lhiredis
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
-  libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
-  postgresql postgresql-client redis-server redis-tools kcat curl python3 openssl tmux
+  nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
+  postgresql postgresql-client redis-server redis-tools kcat curl python3 openssl tmux hyperfine time
 
 .PHONY: all deps test clean install sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO)
 
 runbook: $(HOST_SRC) host/runbook.h host/host.h
-	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) -lm -ldl -Wl,-E
+	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) $(HOST_LIBS) -lm -ldl -Wl,-E
 
 lib/runbook/%.so: modules/%.c host/runbook.h
 	@mkdir -p lib/runbook
@@ -40,9 +42,13 @@ deps:
 	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $(DEB_PACKAGES)
 
 # Integration specs need the sandbox; starting it is idempotent.
+# Specs run with the sandbox's env; the runs they start keep their journals
+# and locks in a state dir of their own.
+TEST_STATE = build/test-state
+WITH_SANDBOX = examples/sandbox/up >/dev/null && rm -rf $(TEST_STATE) && mkdir -p $(TEST_STATE) && \
+  . examples/sandbox/.state/env && RUNBOOK_STATE_DIR=$(CURDIR)/$(TEST_STATE)
 test: all
-	examples/sandbox/up >/dev/null
-	. examples/sandbox/.state/env && ./runbook test spec
+	$(WITH_SANDBOX) ./runbook test spec
 
 # The host and modules built with AddressSanitizer and UBSan into build/asan/,
 # then the suite run against that build (the sandbox's own specs need no rebuild).
@@ -52,17 +58,17 @@ check-asan:
 	ln -sfn ../../stdlib build/asan/stdlib
 	$(MAKE) --no-print-directory CFLAGS="$(ASAN_FLAGS)" build/asan/runbook \
 	  $(MODULES:%=build/asan/lib/runbook/%.so)
-	RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1 build/asan/runbook test spec
+	$(WITH_SANDBOX) RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1 build/asan/runbook test spec
 
 build/asan/runbook: $(HOST_SRC) host/runbook.h host/host.h
-	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) -lm -ldl -Wl,-E
+	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) $(HOST_LIBS) -lm -ldl -Wl,-E
 
 build/asan/lib/runbook/%.so: modules/%.c host/runbook.h
 	$(CC) $(CFLAGS) $(WARN) -fPIC -shared $(LUA_INC) -Ihost -o $@ $< $(LIBS_$*)
 
 # The suite with every runbook process under valgrind's memcheck.
 check-valgrind: all
-	RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite ./runbook" \
+	$(WITH_SANDBOX) RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite ./runbook" \
 	  ./runbook test spec
 
 sandbox:

@@ -30,4 +30,7 @@ int luaopen_runbook_host(lua_State *L);
 #include <lauxlib.h>
 extern const luaL_Reg rb_ticker_funcs[];
 
+/* The journal, run lock and sha256 functions, added to the host library. */
+void rb_durable_open(lua_State *L);
+
 #endif

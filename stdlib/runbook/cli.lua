@@ -7,12 +7,19 @@ local M = {}
 
 M.VERSION = "0.1.0"
 
-local USAGE = [[
+local USAGE = [==[
 usage: runbook COMMAND [ARGS]
 
   run FILE|NAME [-p key=value]... [--params-file F] [--dry-run] [--step] [--yes]
                 [--output json] [--from STEP] [--undo-on-failure]
+                [--lock[=KEY]] [--wait-lock DURATION]
                         run a runbook
+  resume RUN_ID [--force] [--rerun-interrupted] [-p secret=value]... [--yes] [--step]
+                        continue a failed, aborted, interrupted or killed run
+  history [--runbook NAME] [--limit N] [--output json]
+                        past runs, newest first
+  report RUN_ID [--format markdown|json]
+                        a run's timeline for a postmortem
   describe FILE|NAME    show its params and steps (nothing runs)
   lint FILE|NAME...     load and check runbooks (nothing runs)
   list                  runbooks on RUNBOOK_PATH with their descriptions
@@ -21,8 +28,9 @@ usage: runbook COMMAND [ARGS]
   help                  this text
 
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
-3 runbook cannot be loaded, 4 aborted by the operator, 130/143 interrupted.
-]]
+3 runbook cannot be loaded, 4 aborted by the operator, 75 lock held by
+another run, 130/143 interrupted.
+]==]
 
 local EXIT = require("runbook.engine").EXIT
 
@@ -83,6 +91,8 @@ local function parse(args, spec)
     if kind == "flag" then
       if inline then return nil, ("%s takes no value"):format(name) end
       o[name] = true
+    elseif kind == "optional" then
+      o[name] = inline or true
     elseif kind == "value" or kind == "list" then
       local v = inline
       if not v then i = i + 1; v = args[i] end
@@ -112,11 +122,15 @@ end
 
 local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "value", ["--dry-run"] = "flag",
   ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag", ["--output"] = "value", ["--from"] = "value",
+  ["--undo-on-failure"] = "flag", ["--lock"] = "optional", ["--wait-lock"] = "value" }
+
+local RESUME_OPTS = { ["-p"] = "list", ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag",
+  ["--output"] = "value", ["--force"] = "flag", ["--rerun-interrupted"] = "flag", ["--wait-lock"] = "value",
   ["--undo-on-failure"] = "flag" }
 
 --- Refuse before anything runs when we would have to ask and cannot.
 local function check_can_ask(rb, o)
-  if o["--yes"] or host.isatty(0) then return true end
+  if o["--yes"] or o["-y"] or host.isatty(0) then return true end
   if o["--step"] then
     return false, "--step asks before each step, but standard input is not a terminal; use --yes to run unattended"
   end
@@ -130,7 +144,7 @@ local function check_can_ask(rb, o)
   return true
 end
 
-local function install_sinks(o)
+local function install_sinks(o, journal_sink)
   local output = require "runbook.output"
   events.reset()
   if o["--output"] == "json" then
@@ -138,44 +152,143 @@ local function install_sinks(o)
   else
     events.add_sink(output.human(io.stdout, host.isatty(1)))
   end
+  events.add_sink(journal_sink)
   host.set_effect_sink(function(e)
     e.event, e.step = "effect", events.step
     events.emit(e)
   end)
 end
 
+local function check_output_opt(cmd, o)
+  if o["--output"] and o["--output"] ~= "json" and o["--output"] ~= "text" then
+    return false, ("%s: --output must be json or text"):format(cmd)
+  end
+  if o["--wait-lock"] and not require("duration").parse(o["--wait-lock"]) then
+    return false, ("%s: --wait-lock: %s"):format(cmd, select(2, require("duration").parse(o["--wait-lock"])))
+  end
+  return true
+end
+
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
+end
+
+--- Take the run's lock unless it is a dry run without --lock. Returns the
+-- lock (or true when none is needed), or nil and the exit status.
+local function lock_key(rb, o)
+  return type(o["--lock"]) == "string" and o["--lock"] or rb.lock or rb.name
+end
+
+local function take_lock(rb, o, run_id)
+  if o["--dry-run"] and not o["--lock"] then return true end
+  local key = lock_key(rb, o)
+  local who = host.identity()
+  local holder = { run_id = run_id, pid = who.pid, user = who.user, host = who.host,
+    since = events.iso8601(host.wallclock()), runbook = rb.name }
+  local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0
+  local ok, lock, why = pcall(require("runbook.lock").acquire, key, holder, wait)
+  if not ok then err("waiting for the lock: %s", tostring(lock)); return nil, 128 + (host.interrupted() or 2) end
+  if not lock then
+    err("%s", why)
+    if wait == 0 then io.stderr:write("Use --wait-lock DURATION to wait for it.\n") end
+    return nil, EXIT.locked
+  end
+  return lock
+end
+
+--- Everything a run and a resume share once params are known: the lock, the
+-- journal, the sinks, the engine. `run` holds the engine options.
+local function start_run(rb, o, run)
+  local can, why = check_can_ask(rb, o)
+  if not can then return usage_error("%s", why) end
+  local lock, code = take_lock(rb, o, run.run_id)
+  if not lock then return code end
+  local jok, sink = pcall(require("runbook.journal").sink, run.run_id)
+  if not jok then err("%s", sink); return EXIT.usage end
+  install_sinks(o, sink)
+  host.install_signal_handlers()
+  math.randomseed(math.floor(host.wallclock() * 1000))
+  run.step, run.yes = o["--step"], o["--yes"] or o["-y"]
+  run.undo_on_failure = o["--undo-on-failure"]
+  run.lock_key = lock_key(rb, o)
+  local status = require("runbook.engine").run(rb, run)
+  if lock ~= true then lock:release() end
+  return status
+end
+
 local commands = {}
+
+local function resolve_params(rb, o, base)
+  local params_mod = require "runbook.params"
+  local given = o["-p"] or {}
+  for _, kv in ipairs(o["--param"] or {}) do given[#given + 1] = kv end
+  local ok, values = pcall(params_mod.resolve, rb, given, o["--params-file"], base)
+  if not ok then
+    if getmetatable(values) == params_mod.ParamError then return nil, usage_error("%s", values.message) end
+    error(values, 0)
+  end
+  return values, params_mod.redacted(rb, values)
+end
 
 function commands.run(args)
   local o, perr = parse(args, RUN_OPTS)
   if not o then return usage_error("run: %s", perr) end
   if #o.positional ~= 1 then return usage_error("run: expected one runbook FILE or NAME") end
-  if o["--output"] and o["--output"] ~= "json" and o["--output"] ~= "text" then
-    return usage_error("run: --output must be json or text")
-  end
+  local okopt, operr = check_output_opt("run", o)
+  if not okopt then return usage_error("%s", operr) end
   local rb, code = load_runbook(o.positional[1])
   if not rb then return code end
-  local params_mod = require "runbook.params"
-  local given = o["-p"] or {}
-  for _, kv in ipairs(o["--param"] or {}) do given[#given + 1] = kv end
-  local ok, values = pcall(params_mod.resolve, rb, given, o["--params-file"])
-  if not ok then
-    if getmetatable(values) == params_mod.ParamError then return usage_error("%s", values.message) end
-    error(values, 0)
-  end
+  local values, redacted = resolve_params(rb, o)
+  if not values then return redacted end
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     return usage_error("--from: %s has no step named '%s'", rb.name, o["--from"])
   end
-  local can, why = check_can_ask(rb, o)
-  if not can then return usage_error("%s", why) end
-  install_sinks(o)
-  host.install_signal_handlers()
-  math.randomseed(math.floor(host.wallclock() * 1000))
-  return require("runbook.engine").run(rb, {
-    params = values, redacted_params = params_mod.redacted(rb, values), run_id = new_run_id(),
-    dry_run = o["--dry-run"], step = o["--step"], yes = o["--yes"] or o["-y"], from = o["--from"],
-    undo_on_failure = o["--undo-on-failure"],
+  return start_run(rb, o, {
+    params = values, redacted_params = redacted, run_id = new_run_id(), dry_run = o["--dry-run"],
+    from = o["--from"], path = absolute(rb.file), sha256 = host.sha256(rb.source),
   })
+end
+
+function commands.resume(args)
+  local o, perr = parse(args, RESUME_OPTS)
+  if not o then return usage_error("resume: %s", perr) end
+  if #o.positional ~= 1 then return usage_error("resume: expected one RUN_ID (see 'runbook history')") end
+  local okopt, operr = check_output_opt("resume", o)
+  if not okopt then return usage_error("%s", operr) end
+  local plan, code = require("runbook.resume").plan(o.positional[1], o, load_runbook)
+  if not plan then return code end
+  for _, kv in ipairs(o["-p"] or {}) do
+    local p = plan.rb.params_by_name[kv:match("^([^=]*)")]
+    if not (p and p.secret) then
+      return usage_error("resume: -p %s: a resumed run keeps its params; only secret params, which the journal "
+        .. "does not hold, are given again", kv)
+    end
+  end
+  local values, redacted = resolve_params(plan.rb, o, plan.params)
+  if not values then return redacted end
+  plan.run.params, plan.run.redacted_params = values, redacted
+  return start_run(plan.rb, o, plan.run)
+end
+
+function commands.history(args)
+  local o, perr = parse(args, { ["--runbook"] = "value", ["--limit"] = "value", ["--output"] = "value" })
+  if not o then return usage_error("history: %s", perr) end
+  local limit = tonumber(o["--limit"] or "20")
+  if not limit or limit < 1 then return usage_error("history: --limit must be a positive number") end
+  return require("runbook.report").history(o["--runbook"], math.floor(limit), o["--output"] == "json")
+end
+
+function commands.report(args)
+  local o, perr = parse(args, { ["--format"] = "value" })
+  if not o then return usage_error("report: %s", perr) end
+  if #o.positional ~= 1 then return usage_error("report: expected one RUN_ID (see 'runbook history')") end
+  local fmt = o["--format"] or "markdown"
+  if fmt ~= "markdown" and fmt ~= "json" then return usage_error("report: --format must be markdown or json") end
+  local text, rerr = require("runbook.report").report(o.positional[1], fmt)
+  if not text then err("%s", rerr); return EXIT.usage end
+  io.stdout:write(host.redact(text))
+  return EXIT.ok
 end
 
 function commands.describe(args)

@@ -172,10 +172,15 @@ local function decide(run, step, total)
 end
 
 --- Run the runbook `rb`. opts: params (resolved), redacted_params, run_id,
--- dry_run, step, yes, from (step name), undo_on_failure.
+-- dry_run, step, yes, from (step name), undo_on_failure, path (absolute) and
+-- sha256 of the runbook file, and for a
+-- resume: start (the step index to continue at) and restored = {outputs, completed}
+-- from the journal.
 function M.run(rb, opts)
-  local store = {}
+  local restored = opts.restored or { outputs = {}, completed = {} }
+  local store = restored.outputs
   local run = { rb = rb, opts = opts, outputs = store, completed = {}, ask_all = opts.step }
+  for _, name in ipairs(restored.completed) do run.completed[#run.completed + 1] = rb.steps_by_name[name] end
   run.ctx = { params = setmetatable({}, { __index = opts.params,
       __newindex = function() error("ctx.params is read-only", 2) end }),
     outputs = outputs_table(rb, store), run_id = opts.run_id,
@@ -191,12 +196,15 @@ function M.run(rb, opts)
 
   local total, t0 = #rb.steps, host.now()
   local counts = { ok = 0, failed = 0, skipped = 0 }
+  local who = host.identity()
   events.emit { event = "run_start", run_id = opts.run_id, runbook = rb.name, version = rb.version,
-    file = rb.file, mode = opts.dry_run and "dry-run" or "run", params = opts.redacted_params,
-    steps = total }
+    file = rb.file, path = opts.path, sha256 = opts.sha256, mode = opts.dry_run and "dry-run" or "run",
+    params = opts.redacted_params, steps = total, user = who.user, host = who.host, pid = who.pid,
+    lock = opts.lock_key, resumed = opts.restored ~= nil or nil,
+    from = opts.from, resume_at = opts.start and rb.steps[opts.start] and rb.steps[opts.start].name or nil }
 
   local status, code, failure = "ok", M.EXIT.ok, nil
-  local from = opts.from and rb.steps_by_name[opts.from].index or 1
+  local from = opts.start or opts.from and rb.steps_by_name[opts.from].index or 1
   for i, step in ipairs(rb.steps) do
     events.step = step.name
     if i < from then goto continue end

@@ -62,10 +62,12 @@ local function read_params_file(path)
   return doc
 end
 
---- Resolve params. `given` is a list of "key=value" strings; `file` an optional path.
+--- Resolve params. `given` is a list of "key=value" strings; `file` an optional path;
+-- `base` the values of an earlier run (a resume), which both override.
 -- Returns a table name -> typed value. Secret values are registered with the host.
-function M.resolve(rb, given, file)
+function M.resolve(rb, given, file, base)
   local raw = {}
+  for k, v in pairs(base or {}) do raw[k] = v end
   if file then
     for k, v in pairs(read_params_file(file)) do raw[tostring(k)] = v end
   end
@@ -74,7 +76,10 @@ function M.resolve(rb, given, file)
     if not k then fail("-p %s: expected key=value", kv) end
     raw[k] = v
   end
-  for k in pairs(raw) do
+  for k, v in pairs(raw) do
+    if base and v == "***" and base[k] == v and rb.params_by_name[k] and rb.params_by_name[k].secret then
+      fail("param '%s' is secret, so the journal does not hold it: give it again with -p %s=...", k, k)
+    end
     if not rb.params_by_name[k] then
       local known = {}
       for _, p in ipairs(rb.params) do known[#known + 1] = p.name end

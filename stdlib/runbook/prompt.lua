@@ -29,4 +29,22 @@ function M.step(step, total, stepping)
   end
 end
 
+local RESUME_CHOICES = { r = "rerun", rerun = "rerun", s = "skip", skip = "skip", q = "quit", quit = "quit" }
+
+--- On resume, a step that was cut off after changing things: ask whether to
+-- run it again, treat it as done, or stop. `effects` are its performed effects.
+function M.interrupted_step(step, effects)
+  say(("\nStep '%s' was interrupted after it had already:\n"):format(step.name))
+  for _, e in ipairs(effects) do say(("  - %s\n"):format(e.summary or (e.module .. " " .. e.op))) end
+  say("It is not declared idempotent, so running it again may repeat these.\n")
+  while true do
+    say("[r]erun it, [s]kip it (treat as done), or [q]uit? ")
+    local line = host.read_line()
+    if line == nil then say("\n"); return "quit" end
+    local choice = RESUME_CHOICES[line:lower():match("^%s*(.-)%s*$")]
+    if choice then return choice end
+    say("Please answer r, s or q.\n")
+  end
+end
+
 return M

@@ -1,0 +1,229 @@
+/*
+ * durable.c: what makes a run survive the process: the journal file
+ * (append-only, fsync'd at the points the engine chooses), the run lock
+ * (flock, so a crashed holder's lock is released by the kernel), and the
+ * sha256 that pins a journal to the runbook text it ran.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <nettle/sha2.h>
+
+#include "host.h"
+
+#define JOURNAL_MT "runbook.journal"
+#define LOCK_MT    "runbook.lock"
+
+typedef struct { int fd; } rb_fd;
+
+static int push_errno(lua_State *L, const char *what, const char *path)
+{
+    int e = errno;
+    lua_pushnil(L);
+    lua_pushfstring(L, "%s %s: %s", what, path, strerror(e));
+    return 2;
+}
+
+/* Userdata holding a descriptor, created closed (-1) so a failed open leaks nothing. */
+static rb_fd *new_fd(lua_State *L, const char *mt)
+{
+    rb_fd *h = lua_newuserdatauv(L, sizeof *h, 0);
+    h->fd = -1;
+    luaL_setmetatable(L, mt);
+    return h;
+}
+
+/* One finalizer for __gc, __close and close(): closing twice is harmless. */
+static int fd_close(lua_State *L)
+{
+    rb_fd *h = lua_touserdata(L, 1);
+    if (h && h->fd >= 0) {
+        close(h->fd);
+        h->fd = -1;
+    }
+    return 0;
+}
+
+static int write_all(int fd, const char *s, size_t len)
+{
+    while (len > 0) {
+        ssize_t n = write(fd, s, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -1;
+        }
+        s += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* journal_open(path) -> journal | nil, message. Appends; created 0600 (it holds outputs). */
+static int j_open(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    rb_fd *h = new_fd(L, JOURNAL_MT);
+    h->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    if (h->fd < 0) return push_errno(L, "cannot open journal", path);
+    return 1;
+}
+
+static rb_fd *check_journal(lua_State *L)
+{
+    rb_fd *h = luaL_checkudata(L, 1, JOURNAL_MT);
+    luaL_argcheck(L, h->fd >= 0, 1, "journal is closed");
+    return h;
+}
+
+/* journal:write(line): one write(2) per line, so a crash tears at most the last one. */
+static int j_write(lua_State *L)
+{
+    rb_fd *h = check_journal(L);
+    size_t len;
+    const char *s = luaL_checklstring(L, 2, &len);
+    if (write_all(h->fd, s, len) < 0) return luaL_error(L, "journal write failed: %s", strerror(errno));
+    return 0;
+}
+
+/* journal:sync(): the line written so far survives a crash or power loss. */
+static int j_sync(lua_State *L)
+{
+    rb_fd *h = check_journal(L);
+    if (fsync(h->fd) < 0 && errno != EINVAL)
+        return luaL_error(L, "journal fsync failed: %s", strerror(errno));
+    return 0;
+}
+
+/*
+ * lock_try(path, holder) -> lock | false, current holder text | nil, message.
+ * An exclusive flock on path; on success the file is rewritten with `holder`
+ * (who holds it, for the message the next contender prints).
+ */
+static int l_try(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    size_t len;
+    const char *holder = luaL_checklstring(L, 2, &len);
+    rb_fd *h = new_fd(L, LOCK_MT);
+    h->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (h->fd < 0) return push_errno(L, "cannot open lock file", path);
+    if (flock(h->fd, LOCK_EX | LOCK_NB) < 0) {
+        if (errno != EWOULDBLOCK) return push_errno(L, "cannot lock", path);
+        char buf[1024];
+        ssize_t n = pread(h->fd, buf, sizeof buf, 0);
+        close(h->fd);
+        h->fd = -1;
+        lua_pushboolean(L, 0);
+        lua_pushlstring(L, buf, n > 0 ? (size_t)n : 0);
+        return 2;
+    }
+    if (ftruncate(h->fd, 0) < 0 || pwrite(h->fd, holder, len, 0) != (ssize_t)len)
+        return push_errno(L, "cannot record the holder in", path);
+    return 1;
+}
+
+/* lock_held(path) -> true when some process holds the lock now (a peek, not taken). */
+static int l_held(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) { lua_pushboolean(L, 0); return 1; }
+    int held = flock(fd, LOCK_SH | LOCK_NB) < 0 && errno == EWOULDBLOCK;
+    close(fd);
+    lua_pushboolean(L, held);
+    return 1;
+}
+
+static void push_hex(lua_State *L, const uint8_t *d, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    char out[2 * SHA256_DIGEST_SIZE];
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = hex[d[i] >> 4];
+        out[2 * i + 1] = hex[d[i] & 15];
+    }
+    lua_pushlstring(L, out, 2 * n);
+}
+
+/* sha256(string) -> hex digest. */
+static int d_sha256(lua_State *L)
+{
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len);
+    struct sha256_ctx c;
+    uint8_t d[SHA256_DIGEST_SIZE];
+    sha256_init(&c);
+    sha256_update(&c, len, (const uint8_t *)s);
+    sha256_digest(&c, sizeof d, d);
+    push_hex(L, d, sizeof d);
+    return 1;
+}
+
+/* sha256_file(path) -> hex digest, size | nil, message. Streams: any file size. */
+static int d_sha256_file(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return push_errno(L, "cannot read", path);
+    struct sha256_ctx c;
+    uint8_t buf[65536], d[SHA256_DIGEST_SIZE];
+    lua_Integer size = 0;
+    ssize_t n;
+    sha256_init(&c);
+    while ((n = read(fd, buf, sizeof buf)) != 0) {
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            int e = errno;
+            close(fd);
+            errno = e;
+            return push_errno(L, "cannot read", path);
+        }
+        sha256_update(&c, (size_t)n, buf);
+        size += n;
+    }
+    close(fd);
+    sha256_digest(&c, sizeof d, d);
+    push_hex(L, d, sizeof d);
+    lua_pushinteger(L, size);
+    return 2;
+}
+
+static void new_class(lua_State *L, const char *mt, const luaL_Reg *methods)
+{
+    luaL_newmetatable(L, mt);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, fd_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, fd_close);
+    lua_setfield(L, -2, "__close");
+    lua_pop(L, 1);
+}
+
+static const luaL_Reg journal_methods[] = {
+    { "write", j_write }, { "sync", j_sync }, { "close", fd_close }, { NULL, NULL }
+};
+static const luaL_Reg lock_methods[] = { { "release", fd_close }, { NULL, NULL } };
+
+static const luaL_Reg durable_funcs[] = {
+    { "journal_open", j_open },
+    { "lock_try", l_try },
+    { "lock_held", l_held },
+    { "sha256", d_sha256 },
+    { "sha256_file", d_sha256_file },
+    { NULL, NULL }
+};
+
+/* Add the durable-run functions to the host library table at the top of the stack. */
+void rb_durable_open(lua_State *L)
+{
+    new_class(L, JOURNAL_MT, journal_methods);
+    new_class(L, LOCK_MT, lock_methods);
+    luaL_setfuncs(L, durable_funcs, 0);
+}

@@ -1,0 +1,93 @@
+--- `runbook resume RUN_ID`: read a run's journal and work out how to continue
+-- it: which steps finished (their outputs restored), where to start, with
+-- which params, and whether the runbook changed since.
+local host = require "runbook.host"
+local journal = require "runbook.journal"
+
+local M = {}
+
+local EXIT = require("runbook.engine").EXIT
+
+local function fail(code, fmt, ...)
+  io.stderr:write(host.redact("runbook: resume: " .. fmt:format(...) .. "\n"))
+  return nil, code
+end
+
+local function performed(state)
+  local out = {}
+  for _, e in ipairs(state.effects) do
+    if e.decision == "performed" then out[#out + 1] = e end
+  end
+  return out
+end
+
+--- Decide about a step cut off after performing effects. Returns "rerun",
+-- "skip" or "quit" (nil and a message when there is no one to ask).
+local function decide_interrupted(step, effects, o)
+  if o["--rerun-interrupted"] then return "rerun" end
+  if host.isatty(0) then return require("runbook.prompt").interrupted_step(step, effects) end
+  local lines = {}
+  for _, e in ipairs(effects) do lines[#lines + 1] = "  - " .. (e.summary or (e.module .. " " .. e.op)) end
+  return nil, ("step '%s' was interrupted after it had already:\n%s\nIt is not declared idempotent, and standard "
+    .. "input is not a terminal to ask. Check those effects, then resume with --rerun-interrupted to run it again.")
+    :format(step.name, table.concat(lines, "\n"))
+end
+
+--- Returns {rb, params, run} for the engine, or nil and an exit status
+-- (having said why). `load_runbook(path)` is the CLI's loader.
+function M.plan(run_id, o, load_runbook)
+  local events, rerr = journal.read(run_id)
+  if not events then return fail(EXIT.usage, "%s", rerr) end
+  local s = journal.summarize(events)
+  local first = s.start
+  if first.mode == "dry-run" then
+    return fail(EXIT.usage, "run %s was a dry run, which changed nothing: run it again instead", run_id)
+  end
+  if s.status == "ok" then return fail(EXIT.usage, "run %s finished ok; there is nothing to resume", run_id) end
+
+  local rb, code = load_runbook(first.path or first.file)
+  if not rb then return nil, code end
+  local sha = host.sha256(rb.source)
+  if first.sha256 and sha ~= first.sha256 then
+    if not o["--force"] then
+      return fail(EXIT.usage, "%s changed since run %s (sha256 was %s, is now %s); check the change, "
+        .. "then resume with --force to run the new text", first.path or first.file, run_id, first.sha256, sha)
+    end
+    io.stderr:write(("runbook: resume: %s changed since run %s (sha256 %s -> %s); continuing as --force asks\n")
+      :format(first.path or first.file, run_id, first.sha256, sha))
+  end
+  local holder = require("runbook.lock").holder(rb.lock or rb.name)
+  if holder and holder.run_id == run_id then
+    return fail(EXIT.locked, "run %s is still running (pid %s on %s)", run_id, holder.pid, holder.host)
+  end
+
+  local outputs, completed, start = {}, {}, nil
+  local from = first.from and rb.steps_by_name[first.from] and rb.steps_by_name[first.from].index or 1
+  for i = from, #rb.steps do
+    local step = rb.steps[i]
+    local state = s.steps[step.name]
+    if state and state.status == "ok" then
+      outputs[step.name] = state.outputs or {}
+      completed[#completed + 1] = step.name
+    elseif not (state and state.status == "skipped") then
+      local effects = state and state.status == "interrupted" and performed(state) or {}
+      if #effects > 0 and not step.idempotent then
+        local choice, why = decide_interrupted(step, effects, o)
+        if not choice then return fail(EXIT.usage, "%s", why) end
+        if choice == "quit" then return fail(EXIT.aborted, "stopped by the operator") end
+        if choice == "rerun" then start = i; break end
+        -- "skip": the operator says it is done; continue with the next step.
+      else
+        start = i
+        break
+      end
+    end
+  end
+  return {
+    rb = rb, params = first.params or {},
+    run = { run_id = run_id, from = first.from, path = first.path, sha256 = sha,
+      start = start or #rb.steps + 1, restored = { outputs = outputs, completed = completed } },
+  }
+end
+
+return M
