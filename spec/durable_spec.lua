@@ -95,7 +95,7 @@ local function spawn(args, env)
     local p = io.popen("pgrep -P " .. sub)
     pid = p:read("l")
     p:close()
-    return pid ~= nil
+    return pid ~= nil or cli.slurp(d .. "/code") ~= ""
   end, "runbook process")
   return { pid = pid, dir = d,
     wait = function()
@@ -302,6 +302,19 @@ end }
     assert.are.equal(0, (c.wait()))
   end)
 
+  it("started twice at the same moment: exactly one runs", function()
+    local state, dir = cli.tmpdir(), cli.tmpdir()
+    local rb = cli.runbook(HOLD)
+    local env = { RUNBOOK_STATE_DIR = state }
+    local a, b = spawn({ "run", rb, "-p", "dir=" .. dir }, env), spawn({ "run", rb, "-p", "dir=" .. dir }, env)
+    eventually(step_started(state, "wait"), "a run's step")
+    local f = io.open(dir .. "/go", "wb")
+    f:close()
+    local codes = { (a.wait()), (b.wait()) }
+    table.sort(codes)
+    assert.are.same({ 0, 75 }, codes)
+  end)
+
   it("is released by the kernel when the holder is killed", function()
     local state, dir = cli.tmpdir(), cli.tmpdir()
     local rb = cli.runbook(HOLD)
@@ -331,10 +344,11 @@ end }
   end)
 end)
 
-describe("SIGINT during a long step", function()
+describe("SIGINT or SIGTERM during a long step", function()
   after_each(cli.cleanup)
 
-  it("records the step as interrupted, runs no more steps, says how to resume, exits 130", function()
+  for sig, status in pairs { INT = 130, TERM = 143 } do
+  it(("SIG%s: records the step as interrupted, runs no more steps, says how to resume, exits %d"):format(sig, status), function()
     local state, dir = cli.tmpdir(), cli.tmpdir()
     local rb = cli.runbook([[
 name = "long"
@@ -346,9 +360,9 @@ step "after" { run = function(ctx) fs.write(ctx.params.dir .. "/after", "x") end
     local env = { RUNBOOK_STATE_DIR = state }
     local p = spawn({ "run", rb, "-p", "dir=" .. dir }, env)
     eventually(step_started(state, "long"), "step start")
-    os.execute("sleep 0.2; kill -INT " .. p.pid)
+    os.execute("sleep 0.2; kill -" .. sig .. " " .. p.pid)
     local code, out = p.wait()
-    assert.are.equal(130, code)
+    assert.are.equal(status, code)
     local id = run_id(state)
     assert.truthy(out:find("runbook resume " .. id, 1, true), out)
     assert.is_nil(io.open(dir .. "/after"))
@@ -357,6 +371,36 @@ step "after" { run = function(ctx) fs.write(ctx.params.dir .. "/after", "x") end
     assert.are.equal("interrupted", ends[1].status)
     local r = cli.run({ "report", id, "--format", "json" }, env)
     assert.are.equal("interrupted", cjson.decode(r.stdout).status)
+  end)
+  end
+end)
+
+describe("undo on failure", function()
+  after_each(cli.cleanup)
+
+  it("journals each undo, in reverse order, with its effects", function()
+    local state, dir = cli.tmpdir(), cli.tmpdir()
+    local rb = cli.runbook([[
+name = "undoer"
+description = "x"
+on_failure = "undo"
+param "dir" { required = true }
+step "a" { run = function(ctx) fs.write(ctx.params.dir .. "/a", "a") end,
+           undo = function(ctx) fs.remove(ctx.params.dir .. "/a") end }
+step "b" { run = function(ctx) fs.write(ctx.params.dir .. "/b", "b") end,
+           undo = function(ctx) fs.remove(ctx.params.dir .. "/b") end }
+step "c" { run = function() error("cannot continue") end }
+]])
+    local env = { RUNBOOK_STATE_DIR = state }
+    assert.are.equal(1, cli.run({ "run", rb, "-p", "dir=" .. dir }, env).code)
+    assert.is_nil(io.open(dir .. "/a"))
+    assert.is_nil(io.open(dir .. "/b"))
+    local doc = cjson.decode(cli.run({ "report", run_id(state), "--format", "json" }, env).stdout)
+    local undos = {}
+    for _, st in ipairs(doc.steps) do
+      if st.kind == "undo" then undos[#undos + 1] = st.name .. ":" .. st.status .. ":" .. st.effects[1].op end
+    end
+    assert.are.same({ "b:ok:remove", "a:ok:remove" }, undos)
   end)
 end)
 
