@@ -16,6 +16,9 @@ HOST_SRC = $(wildcard host/*.c)
 HOST_LIBS = -l:libnettle.a
 MODULES  = exec http
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
+# The stdlib precompiled to bytecode: parsing the source was most of start-up.
+STDLIB_SRC := $(shell find stdlib -name '*.lua')
+STDLIB_BC  = $(STDLIB_SRC:stdlib/%.lua=lib/lua/%.luac)
 
 # Backend libraries, linked only into the module that uses them.
 LIBS_http  = -lcurl
@@ -28,10 +31,14 @@ DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yam
   postgresql postgresql-client redis-server redis-tools kcat curl python3 openssl tmux hyperfine time
 
 .PHONY: all deps test clean install sandbox sandbox-stop demo check-asan check-valgrind
-all: runbook $(MODULE_SO)
+all: runbook $(MODULE_SO) $(STDLIB_BC)
 
 runbook: $(HOST_SRC) host/runbook.h host/host.h
 	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) $(HOST_LIBS) -lm -ldl -Wl,-E
+
+lib/lua/%.luac: stdlib/%.lua
+	@mkdir -p $(dir $@)
+	luac5.4 -o $@ $<
 
 lib/runbook/%.so: modules/%.c host/runbook.h
 	@mkdir -p lib/runbook
@@ -85,6 +92,7 @@ install: all
 	install -m 755 runbook $(DESTDIR)$(PREFIX)/bin/runbook
 	install -m 644 $(MODULE_SO) $(DESTDIR)$(PREFIX)/lib/runbook/runbook/
 	cp -R stdlib runbooks $(DESTDIR)$(PREFIX)/share/runbook/
+	cp -R lib/lua $(DESTDIR)$(PREFIX)/lib/runbook/   # after stdlib: compiled files must be newer
 
 clean:
 	rm -rf runbook lib build

@@ -38,10 +38,11 @@ function M.runs_dir() return M.state_dir() .. "/runs" end
 function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 
 -- Events after which the journal is fsync'd: a crash right after one of them
--- must not lose it. A step's start needs no sync of its own: lost, the step
--- reads as not started, and the fsync after its first performed effect
--- carries it to disk anyway. Logs may be lost with the step they belong to.
-local SYNC = { run_start = true, step_end = true, undo_end = true, run_end = true }
+-- must not lose it. The run's and a step's start need no sync of their own:
+-- lost, the run or step reads as not started, and the fsync after the first
+-- performed effect or step end carries them to disk anyway. Logs may be lost
+-- with the step they belong to.
+local SYNC = { step_end = true, undo_end = true, run_end = true }
 
 local codec = require("cjson").new()
 codec.encode_invalid_numbers(true)
