@@ -159,14 +159,20 @@ local function install_sinks(o, journal_sink)
   end)
 end
 
-local function check_output_opt(cmd, o)
+--- Parse a run-like command's options: one positional `what`, and valid
+-- --output and --wait-lock values. Returns the options, or nil and the exit status.
+local function parse_run_like(cmd, args, spec, what)
+  local o, perr = parse(args, spec)
+  if not o then return nil, usage_error("%s: %s", cmd, perr) end
+  if #o.positional ~= 1 then return nil, usage_error("%s: expected one %s", cmd, what) end
   if o["--output"] and o["--output"] ~= "json" and o["--output"] ~= "text" then
-    return false, ("%s: --output must be json or text"):format(cmd)
+    return nil, usage_error("%s: --output must be json or text", cmd)
   end
-  if o["--wait-lock"] and not require("duration").parse(o["--wait-lock"]) then
-    return false, ("%s: --wait-lock: %s"):format(cmd, select(2, require("duration").parse(o["--wait-lock"])))
+  local wait = o["--wait-lock"]
+  if wait and not require("duration").parse(wait) then
+    return nil, usage_error("%s: --wait-lock: %s", cmd, select(2, require("duration").parse(wait)))
   end
-  return true
+  return o
 end
 
 local function absolute(path)
@@ -232,11 +238,8 @@ local function resolve_params(rb, o, base)
 end
 
 function commands.run(args)
-  local o, perr = parse(args, RUN_OPTS)
-  if not o then return usage_error("run: %s", perr) end
-  if #o.positional ~= 1 then return usage_error("run: expected one runbook FILE or NAME") end
-  local okopt, operr = check_output_opt("run", o)
-  if not okopt then return usage_error("%s", operr) end
+  local o, ocode = parse_run_like("run", args, RUN_OPTS, "runbook FILE or NAME")
+  if not o then return ocode end
   local rb, code = load_runbook(o.positional[1])
   if not rb then return code end
   local values, redacted = resolve_params(rb, o)
@@ -251,11 +254,8 @@ function commands.run(args)
 end
 
 function commands.resume(args)
-  local o, perr = parse(args, RESUME_OPTS)
-  if not o then return usage_error("resume: %s", perr) end
-  if #o.positional ~= 1 then return usage_error("resume: expected one RUN_ID (see 'runbook history')") end
-  local okopt, operr = check_output_opt("resume", o)
-  if not okopt then return usage_error("%s", operr) end
+  local o, ocode = parse_run_like("resume", args, RESUME_OPTS, "RUN_ID (see 'runbook history')")
+  if not o then return ocode end
   local plan, code = require("runbook.resume").plan(o.positional[1], o, load_runbook)
   if not plan then return code end
   for _, kv in ipairs(o["-p"] or {}) do

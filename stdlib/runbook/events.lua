@@ -11,6 +11,21 @@ local function iso8601(t)
 end
 M.iso8601 = iso8601
 
+local codec = require("cjson").new()
+codec.encode_invalid_numbers(true)
+
+--- `ev` as one line of JSON. A result that cannot be encoded (a function, a
+-- userdata) is recorded as its tostring, never dropping the event.
+function M.encode(ev)
+  local ok, line = pcall(codec.encode, ev)
+  if not ok then
+    ev.result = ev.result ~= nil and tostring(ev.result) or nil
+    ok, line = pcall(codec.encode, ev)
+    if not ok then line = codec.encode { event = ev.event, time = ev.time, error = "unencodable event: " .. line } end
+  end
+  return line
+end
+
 function M.add_sink(fn) M.sinks[#M.sinks + 1] = fn end
 
 function M.reset() M.sinks, M.step = {}, nil end

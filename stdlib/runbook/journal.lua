@@ -45,17 +45,7 @@ function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 local SYNC = { step_end = true, undo_end = true, run_end = true }
 
 local codec = require("cjson").new()
-codec.encode_invalid_numbers(true)
-
-local function encode(e)
-  local ok, line = pcall(codec.encode, e)
-  if not ok then
-    e.result = e.result ~= nil and tostring(e.result) or nil
-    ok, line = pcall(codec.encode, e)
-    if not ok then line = codec.encode { event = e.event, time = e.time, error = "unencodable event: " .. line } end
-  end
-  return line
-end
+local encode = require("runbook.events").encode
 M.encode = encode
 
 --- Open the journal of `run_id` for appending; returns an event sink.

@@ -96,17 +96,8 @@ end
 --- JSON Lines: one object per event on `stream`.
 function M.json(stream)
   local out = writer(stream)
-  local codec = require("cjson").new()
-  codec.encode_invalid_numbers(true)
-  return function(e)
-    local ok, line = pcall(codec.encode, e)
-    if not ok then
-      e.result = e.result ~= nil and tostring(e.result) or nil
-      ok, line = pcall(codec.encode, e)
-      if not ok then line = codec.encode { event = e.event, time = e.time, error = "unencodable event: " .. line } end
-    end
-    out(line .. "\n")
-  end
+  local encode = require("runbook.events").encode
+  return function(e) out(encode(e) .. "\n") end
 end
 
 return M
