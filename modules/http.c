@@ -11,6 +11,21 @@
  *     opts.cafile           CA bundle to verify the server with
  *     opts.insecure         true: no TLS verification
  *     opts.follow           true: follow redirects (off by default)
+ *     opts.effect           {module, op, target, summary}: how the gate names a
+ *                           write (for stdlib wrappers: "dapr publish ...")
+ *     opts.read             true: a read sent with a writing verb (Dapr's bulk
+ *                           state get is a POST); not gated
+ *   check_all(urls, opts) -> {{status, latency, content_type, body, error, code, retryable}, ...}
+ *     GETs every URL at once over the multi interface, opts.concurrency at a
+ *     time (default 50); opts.timeout, connect_timeout, headers, cafile and
+ *     insecure as for request. Failures are results, not errors; results
+ *     come in the order of urls. Bodies are kept up to 64 KiB.
+ *   smtp_send(opts) -> {ok=true} | {skipped=true}
+ *     opts.url              "smtp://host:port" or "smtps://..."; a password in it is a secret
+ *     opts.from, opts.to    the envelope: an address and a list of addresses
+ *     opts.message          the whole message, headers and body, CRLF line ends
+ *     opts.username, opts.password, opts.starttls ("try" | "required"),
+ *     opts.timeout, connect_timeout, cafile, insecure, effect: as above
  *   raise(op, code, retryable, message)  the structured error, for http.lua
  *
  * Response header names are lower-cased; repeated headers are joined with
@@ -22,6 +37,7 @@
  * the connection cache.
  */
 #include <ctype.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -33,14 +49,21 @@
 #include "runbook.h"
 
 #define CLIENT_MT "runbook.http.client"
+#define BATCH_MT "runbook.http.batch"
+#define DEFAULT_CONCURRENCY 50
+#define CHECK_BODY_MAX 65536
 #define DEFAULT_TIMEOUT 30.0
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 
 static int http_request(lua_State *L);
+static int http_check_all(lua_State *L);
+static int http_smtp_send(lua_State *L);
 static int http_raise(lua_State *L);
 
 static const luaL_Reg http_funcs[] = {
     {"request", http_request},
+    {"check_all", http_check_all},
+    {"smtp_send", http_smtp_send},
     {"raise", http_raise},
     {NULL, NULL}
 };
@@ -59,6 +82,8 @@ typedef struct {
     struct curl_slist *headers;
     buffer body, head;
     char errbuf[CURL_ERROR_SIZE];
+    const char *upload;   /* the SMTP message being sent: read from here */
+    size_t upload_left;
 } client;
 
 static void scratch_free(client *c) {
@@ -143,6 +168,9 @@ static const struct { CURLcode code; const char *name; int retryable; } curl_cod
     {CURLE_SSL_CACERT_BADFILE, "ssl_cacert_badfile", 0},
     {CURLE_WRITE_ERROR, "write_error", 0},
     {CURLE_ABORTED_BY_CALLBACK, "interrupted", 0},
+    {CURLE_LOGIN_DENIED, "login_denied", 0},
+    {CURLE_USE_SSL_FAILED, "use_ssl_failed", 0},
+    {CURLE_READ_ERROR, "read_error", 0},
 };
 
 static void curl_reason(CURLcode rc, const char **name, int *retryable) {
@@ -199,9 +227,12 @@ static void register_auth(lua_State *L, const char *name, const char *value) {
     }
 }
 
-static int set_headers(lua_State *L, client *c) {
+/* opts.headers (opts at index 1) appended to *list. */
+static void append_headers(lua_State *L, struct curl_slist **list) {
     /* curl would otherwise wait for a 100 Continue on large bodies */
-    c->headers = curl_slist_append(c->headers, "Expect:");
+    struct curl_slist *first = curl_slist_append(*list, "Expect:");
+    if (!first) luaL_error(L, "out of memory");
+    *list = first;
     int t = lua_getfield(L, 1, "headers");
     if (t == LUA_TNIL) lua_newtable(L), lua_replace(L, -2);
     else if (t != LUA_TTABLE) luaL_argerror(L, 1, "headers must be a table");
@@ -215,13 +246,17 @@ static int set_headers(lua_State *L, client *c) {
         register_auth(L, k, v);
         /* "Name;" is curl's way to send a header with an empty value */
         const char *line = *v ? lua_pushfstring(L, "%s: %s", k, v) : lua_pushfstring(L, "%s;", k);
-        struct curl_slist *n = curl_slist_append(c->headers, line);
+        struct curl_slist *n = curl_slist_append(*list, line);
         lua_pop(L, 1);
-        if (!n) return luaL_error(L, "out of memory");
-        c->headers = n;
+        if (!n) luaL_error(L, "out of memory");
+        *list = n;
     }
     lua_pop(L, 1);
-    return curl_easy_setopt(c->curl, CURLOPT_HTTPHEADER, c->headers);
+}
+
+static void set_headers(lua_State *L, client *c) {
+    append_headers(L, &c->headers);
+    curl_easy_setopt(c->curl, CURLOPT_HTTPHEADER, c->headers);
 }
 
 static void set_method(CURL *h, const char *method, const char *body, size_t len) {
@@ -362,6 +397,25 @@ static const char *check_method(lua_State *L) {
     return lua_tostring(L, -1); /* stays on the stack */
 }
 
+/* opts.effect = {module, op, target, summary}: stdlib wrappers name their
+ * writes in their own words. The strings stay referenced by opts. */
+static void effect_override(lua_State *L, rb_effect *e) {
+    int t = lua_getfield(L, 1, "effect");
+    if (t == LUA_TTABLE) {
+        static const char *const fields[] = {"module", "op", "target", "summary"};
+        const char **slots[] = {&e->module, &e->op, &e->target, &e->summary};
+        for (int i = 0; i < 4; i++) {
+            if (lua_getfield(L, -1, fields[i]) == LUA_TSTRING) *slots[i] = lua_tostring(L, -1);
+            else if (!lua_isnil(L, -1))
+                luaL_argerror(L, 1, lua_pushfstring(L, "effect.%s must be a string", fields[i]));
+            lua_pop(L, 1);
+        }
+    } else if (t != LUA_TNIL) {
+        luaL_argerror(L, 1, "effect must be a table");
+    }
+    lua_pop(L, 1);
+}
+
 static void push_summary(lua_State *L, const char *method, const char *safe_url, size_t len) {
     lua_pushfstring(L, "%s %s (%d bytes)", method, safe_url, (int)len);
 }
@@ -407,9 +461,10 @@ static int http_request(lua_State *L) {
     rb_effect e = {"http", method, safe_url, NULL, 0};
     rb_decision d = RB_PERFORM;
     const rb_effect *ge = NULL;
-    if (!is_read(method)) {
+    if (!is_read(method) && !opt_bool(L, "read")) {
         push_summary(L, method, safe_url, len);
         e.summary = lua_tostring(L, -1);
+        effect_override(L, &e);
         ge = &e;
         if ((d = rb_gate(L, &e)) == RB_SKIP) {
             scratch_free(c);
@@ -432,6 +487,326 @@ static int http_request(lua_State *L) {
         lua_pushfstring(L, "HTTP %d", status);
         rb_gate_done(L, ge, d, status < 400);
     }
+    return 1;
+}
+
+/* ---- check_all: many GETs at once ---------------------------------------- */
+
+/* One transfer of a check_all batch. */
+typedef struct {
+    CURL *easy;
+    buffer body;
+    char errbuf[CURL_ERROR_SIZE];
+    CURLcode result;
+    int done;
+} transfer;
+
+/* A check_all call's handles, in a userdata so an error raised anywhere
+ * (a bad option, out of memory) cannot leak them: the finalizer frees
+ * whatever was acquired. */
+typedef struct {
+    CURLM *multi;
+    struct curl_slist *headers;
+    transfer *t;
+    int n;
+} batch;
+
+/* Idempotent: serves __gc, and the explicit close at the end of a call. */
+static int batch_close(lua_State *L) {
+    batch *b = luaL_checkudata(L, 1, BATCH_MT);
+    for (int i = 0; b->t && i < b->n; i++) {
+        if (b->t[i].easy) {
+            if (b->multi) curl_multi_remove_handle(b->multi, b->t[i].easy);
+            curl_easy_cleanup(b->t[i].easy);
+        }
+        free(b->t[i].body.data);
+    }
+    free(b->t);
+    b->t = NULL;
+    b->n = 0;
+    if (b->multi) curl_multi_cleanup(b->multi);
+    b->multi = NULL;
+    curl_slist_free_all(b->headers);
+    b->headers = NULL;
+    return 0;
+}
+
+static batch *new_batch(lua_State *L, int n) {
+    batch *b = lua_newuserdatauv(L, sizeof *b, 0);
+    memset(b, 0, sizeof *b);
+    if (luaL_newmetatable(L, BATCH_MT)) {
+        lua_pushcfunction(L, batch_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, batch_close);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_setmetatable(L, -2);
+    if (n > 0 && !(b->t = calloc((size_t)n, sizeof *b->t))) luaL_error(L, "out of memory");
+    b->n = n;
+    if (!(b->multi = curl_multi_init())) luaL_error(L, "cannot initialise libcurl");
+    return b;
+}
+
+/* A health check needs the start of a body, not all of it: the rest is
+ * read and dropped so the transfer still completes. */
+static size_t on_check_body(char *ptr, size_t size, size_t n, void *ud) {
+    buffer *b = ud;
+    size_t len = size * n, keep = b->len < CHECK_BODY_MAX ? CHECK_BODY_MAX - b->len : 0;
+    if (keep > len) keep = len;
+    if (keep && buffer_add(b, ptr, keep) != keep) return 0;
+    return len;
+}
+
+/* The URL at index i of opts.urls, checked. */
+static const char *check_url(lua_State *L, int urls, int i) {
+    lua_rawgeti(L, urls, i);
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, 1, lua_pushfstring(L, "urls[%d] must be a string", i));
+    const char *url = lua_tostring(L, -1);
+    lua_pop(L, 1); /* still referenced by urls */
+    push_safe_url(L, url); /* registers a password in it */
+    lua_pop(L, 1);
+    return url;
+}
+
+static void start_transfer(lua_State *L, batch *b, int i, const char *url) {
+    transfer *t = &b->t[i];
+    if (!(t->easy = curl_easy_init())) luaL_error(L, "cannot initialise libcurl");
+    CURL *h = t->easy;
+    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, t->errbuf);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_check_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &t->body);
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(h, CURLOPT_USERAGENT, "runbook");
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, (void *)(intptr_t)i);
+    set_timeouts(L, h); /* per transfer: a queued one gets what is left of the step */
+    set_tls(L, h);
+    if (curl_multi_add_handle(b->multi, h) != CURLM_OK) luaL_error(L, "cannot start a transfer");
+}
+
+static void push_transfer_result(lua_State *L, transfer *t) {
+    lua_createtable(L, 0, 6);
+    curl_off_t us = 0;
+    curl_easy_getinfo(t->easy, CURLINFO_TOTAL_TIME_T, &us);
+    lua_pushnumber(L, (double)us / 1e6);
+    lua_setfield(L, -2, "latency");
+    if (t->result == CURLE_OK) {
+        long status = 0;
+        char *ctype = NULL;
+        curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
+        curl_easy_getinfo(t->easy, CURLINFO_CONTENT_TYPE, &ctype);
+        lua_pushinteger(L, status);
+        lua_setfield(L, -2, "status");
+        if (ctype) {
+            lua_pushstring(L, ctype);
+            lua_setfield(L, -2, "content_type");
+        }
+        lua_pushlstring(L, t->body.data ? t->body.data : "", t->body.len);
+        lua_setfield(L, -2, "body");
+        return;
+    }
+    const char *code;
+    int retryable;
+    curl_reason(t->result, &code, &retryable);
+    if (t->body.oom) code = "out_of_memory", retryable = 0;
+    lua_pushstring(L, code);
+    lua_setfield(L, -2, "code");
+    lua_pushboolean(L, retryable);
+    lua_setfield(L, -2, "retryable");
+    lua_pushstring(L, t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->result));
+    lua_setfield(L, -2, "error");
+}
+
+/* Moves finished transfers out of the multi handle; returns how many. */
+static int reap(batch *b) {
+    int finished = 0, left;
+    CURLMsg *m;
+    while ((m = curl_multi_info_read(b->multi, &left))) {
+        if (m->msg != CURLMSG_DONE) continue;
+        void *p = NULL;
+        curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, &p);
+        transfer *t = &b->t[(intptr_t)p];
+        t->result = m->data.result;
+        t->done = 1;
+        curl_multi_remove_handle(b->multi, t->easy);
+        finished++;
+    }
+    return finished;
+}
+
+static int http_check_all(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    if (lua_getfield(L, 1, "urls") != LUA_TTABLE) luaL_argerror(L, 1, "urls must be a list of URLs");
+    int urls = lua_gettop(L);
+    lua_Integer n = luaL_len(L, urls);
+    if (n > 100000) luaL_argerror(L, 1, "too many urls");
+    lua_Integer conc = DEFAULT_CONCURRENCY;
+    if (lua_getfield(L, 1, "concurrency") != LUA_TNIL) {
+        int isint;
+        conc = lua_tointegerx(L, -1, &isint);
+        if (!isint || conc < 1) luaL_argerror(L, 1, "concurrency must be a whole number >= 1");
+    }
+    lua_pop(L, 1);
+    opt_number(L, "timeout", DEFAULT_TIMEOUT); /* checked before anything starts */
+    opt_number(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    for (int i = 1; i <= n; i++) check_url(L, urls, i);
+
+    batch *b = new_batch(L, (int)n);
+    int bidx = lua_gettop(L);
+    append_headers(L, &b->headers);
+    int next = 0, active = 0;
+    while (next < n && active < conc) {
+        lua_rawgeti(L, urls, next + 1);
+        start_transfer(L, b, next, lua_tostring(L, -1));
+        lua_pop(L, 1);
+        next++, active++;
+    }
+    while (active > 0) {
+        int running;
+        curl_multi_perform(b->multi, &running);
+        int finished = reap(b);
+        active -= finished;
+        for (; finished > 0 && next < n; finished--) {
+            lua_rawgeti(L, urls, next + 1);
+            start_transfer(L, b, next, lua_tostring(L, -1));
+            lua_pop(L, 1);
+            next++, active++;
+        }
+        if (rb_interrupted()) {
+            lua_pushcfunction(L, batch_close);
+            lua_pushvalue(L, bidx);
+            lua_call(L, 1, 0);
+            return rb_error(L, "http", "check_all", "interrupted", 0, "check_all: interrupted");
+        }
+        if (active > 0 && running > 0) curl_multi_poll(b->multi, NULL, 0, 100, NULL);
+    }
+    lua_createtable(L, (int)n, 0);
+    for (int i = 0; i < n; i++) {
+        push_transfer_result(L, &b->t[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_pushcfunction(L, batch_close);
+    lua_pushvalue(L, bidx);
+    lua_call(L, 1, 0);
+    return 1;
+}
+
+/* ---- smtp_send: one mail over libcurl's SMTP ---------------------------- */
+
+static size_t on_upload(char *buf, size_t size, size_t n, void *ud) {
+    client *c = ud;
+    size_t len = size * n;
+    if (len > c->upload_left) len = c->upload_left;
+    memcpy(buf, c->upload, len);
+    c->upload += len;
+    c->upload_left -= len;
+    return len;
+}
+
+/* opts.to: a list of addresses, as the envelope's recipients. */
+static void set_recipients(lua_State *L, client *c) {
+    if (lua_getfield(L, 1, "to") != LUA_TTABLE || luaL_len(L, -1) == 0)
+        luaL_argerror(L, 1, "to must be a non-empty list of addresses");
+    for (lua_Integer i = 1, n = luaL_len(L, -1); i <= n; i++) {
+        if (lua_rawgeti(L, -1, i) != LUA_TSTRING) luaL_argerror(L, 1, "to must list addresses as strings");
+        const char *a = lua_tostring(L, -1);
+        if (strpbrk(a, "\r\n<>")) luaL_argerror(L, 1, "an address in to contains a newline or <>");
+        struct curl_slist *l = curl_slist_append(c->headers, a);
+        lua_pop(L, 1);
+        if (!l) luaL_error(L, "out of memory");
+        c->headers = l;
+    }
+    lua_pop(L, 1);
+    curl_easy_setopt(c->curl, CURLOPT_MAIL_RCPT, c->headers);
+}
+
+static void set_smtp_auth(lua_State *L, client *c) {
+    const char *user = opt_string(L, "username", NULL), *pw = opt_string(L, "password", NULL);
+    if (user) curl_easy_setopt(c->curl, CURLOPT_USERNAME, user);
+    if (pw) {
+        rb_secret_register(L, pw, strlen(pw));
+        curl_easy_setopt(c->curl, CURLOPT_PASSWORD, pw);
+    }
+    const char *tls = opt_string(L, "starttls", NULL);
+    if (tls && strcmp(tls, "try") && strcmp(tls, "required"))
+        luaL_argerror(L, 1, "starttls must be \"try\" or \"required\"");
+    if (tls) curl_easy_setopt(c->curl, CURLOPT_USE_SSL, *tls == 't' ? (long)CURLUSESSL_TRY : (long)CURLUSESSL_ALL);
+}
+
+static int http_smtp_send(lua_State *L) {
+    client *c = check_client(L);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    const char *url = opt_string(L, "url", NULL);
+    if (!url) luaL_argerror(L, 1, "url is required (smtp://host:port)");
+    const char *from = opt_string(L, "from", NULL);
+    if (!from || strpbrk(from, "\r\n<>")) luaL_argerror(L, 1, "from must be an address");
+    size_t len = 0;
+    const char *message = opt_string(L, "message", &len);
+    if (!message) luaL_argerror(L, 1, "message is required");
+    const char *safe_url = push_safe_url(L, url);
+
+    scratch_free(c);
+    curl_easy_reset(c->curl);
+    c->errbuf[0] = '\0';
+    curl_easy_setopt(c->curl, CURLOPT_URL, url);
+    curl_easy_setopt(c->curl, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+    curl_easy_setopt(c->curl, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c->curl, CURLOPT_ERRORBUFFER, c->errbuf);
+    curl_easy_setopt(c->curl, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(c->curl, CURLOPT_XFERINFOFUNCTION, on_progress);
+    lua_pushfstring(L, "<%s>", from);
+    curl_easy_setopt(c->curl, CURLOPT_MAIL_FROM, lua_tostring(L, -1)); /* copied by curl */
+    lua_pop(L, 1);
+    set_recipients(L, c);
+    set_smtp_auth(L, c);
+    set_timeouts(L, c->curl);
+    set_tls(L, c->curl);
+    c->upload = message;
+    c->upload_left = len;
+    curl_easy_setopt(c->curl, CURLOPT_READFUNCTION, on_upload);
+    curl_easy_setopt(c->curl, CURLOPT_READDATA, c);
+    curl_easy_setopt(c->curl, CURLOPT_UPLOAD, 1L);
+
+    lua_pushfstring(L, "send mail from %s (%d bytes) via %s", from, (int)len, safe_url);
+    rb_effect e = {"smtp", "send", safe_url, lua_tostring(L, -1), 0};
+    effect_override(L, &e);
+    rb_decision d = rb_gate(L, &e);
+    if (d == RB_SKIP) {
+        scratch_free(c);
+        lua_pushnil(L);
+        rb_gate_done(L, &e, d, 1);
+        lua_createtable(L, 0, 1);
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "skipped");
+        return 1;
+    }
+    CURLcode rc = curl_easy_perform(c->curl);
+    c->upload = NULL;
+    if (rc != CURLE_OK) {
+        long reply = 0;
+        curl_easy_getinfo(c->curl, CURLINFO_RESPONSE_CODE, &reply);
+        const char *code;
+        int retryable;
+        curl_reason(rc, &code, &retryable);
+        const char *msg = lua_pushfstring(L, "mail via %s: %s%s", safe_url,
+            c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc),
+            reply ? lua_pushfstring(L, " (server replied %d)", (int)reply) : "");
+        scratch_free(c);
+        lua_pushvalue(L, -1);
+        rb_gate_done(L, &e, d, 0);
+        return rb_error(L, "smtp", "send", code, retryable, "%s", msg);
+    }
+    scratch_free(c);
+    lua_pushliteral(L, "sent");
+    rb_gate_done(L, &e, d, 1);
+    lua_createtable(L, 0, 1);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "ok");
     return 1;
 }
 

@@ -5,6 +5,16 @@
 --     -> {status=200, headers={...}, body="...", json=<decoded when content-type is JSON>}
 --   http.get(url, opts)  http.head  http.post  http.put  http.patch  http.delete
 --   http.check(url, opts)  like curl -f: raises when the status is >= 400
+--   http.check_all{urls = {url, ...} or {name = url, ...}, concurrency = 50, timeout = "10s",
+--                  connect_timeout=, headers=, cafile=, insecure=, expect = {200, 204} or function(r)}
+--     -> {ok = <every target ok>, failed = N, duration = seconds, slowest = seconds,
+--         results = {{name, url, ok, status, latency, error, code, retryable, body, json}, ...},
+--         by_name = {[name] = result}}
+--     GETs every target at once (libcurl's multi interface): the whole takes
+--     about as long as the slowest target, not the sum. A target is ok when
+--     it answered with a status accepted by `expect` (default: below 400);
+--     refused connections and timeouts are results with error and code
+--     ("couldnt_connect", "operation_timedout"), never raised.
 --
 -- Non-2xx statuses are returned by request and the method helpers; only
 -- check raises for them (code = the status, retryable for 5xx and 429).
@@ -93,6 +103,65 @@ function http.check(url, opts)
       ("%s %s: HTTP %d"):format(method, (url:gsub("//([^/@:]*):[^/@]*@", "//%1:***@")), r.status))
   end
   return r
+end
+
+local function targets_of(urls)
+  if type(urls) ~= "table" then error("http.check_all: urls must be a list of URLs or a table {name = url}", 3) end
+  local list = {}
+  if #urls > 0 or next(urls) == nil then
+    for i, url in ipairs(urls) do list[i] = { name = url, url = url } end
+  else
+    for name, url in pairs(urls) do list[#list + 1] = { name = tostring(name), url = url } end
+    table.sort(list, function(a, b) return a.name < b.name end)
+  end
+  for _, t in ipairs(list) do
+    if type(t.url) ~= "string" then error(("http.check_all: the URL of %s is not a string"):format(t.name), 3) end
+    t.name = t.name:gsub("//([^/@:]*):[^/@]*@", "//%1:***@")
+  end
+  return list
+end
+
+local function acceptor(expect)
+  if expect == nil then return function(r) return r.status < 400 end end
+  if type(expect) == "function" then return expect end
+  if type(expect) ~= "table" then error("http.check_all: expect must be a list of statuses or a function", 3) end
+  local set = {}
+  for _, s in ipairs(expect) do set[s] = true end
+  return function(r) return set[r.status] == true end
+end
+
+function http.check_all(opts)
+  if type(opts) ~= "table" then error("http.check_all expects a table {urls = ...}", 2) end
+  local targets, accept = targets_of(opts.urls), acceptor(opts.expect)
+  if opts.insecure then warn("TLS verification disabled for check_all") end
+  local urls = {}
+  for i, t in ipairs(targets) do urls[i] = t.url end
+  local t0 = require("runbook.host").now()
+  local raw = native.check_all {
+    urls = urls, concurrency = opts.concurrency, headers = opts.headers,
+    timeout = duration.check(opts.timeout or "10s", "check_all timeout"),
+    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "check_all connect_timeout"),
+    cafile = opts.cafile, insecure = opts.insecure,
+  }
+  local out = { ok = true, failed = 0, slowest = 0, results = {}, by_name = {},
+    duration = require("runbook.host").now() - t0 }
+  for i, t in ipairs(targets) do
+    local r = raw[i]
+    r.name, r.url = t.name, t.url
+    if r.status then
+      r.headers = { ["content-type"] = r.content_type }
+      decode(r)
+      r.headers = nil
+      r.ok = accept(r) and true or false
+      if not r.ok and not r.error then r.error = ("HTTP %d"):format(r.status) end
+    else
+      r.ok = false
+    end
+    if not r.ok then out.ok, out.failed = false, out.failed + 1 end
+    out.slowest = math.max(out.slowest, r.latency)
+    out.results[i], out.by_name[t.name] = r, r
+  end
+  return out
 end
 
 return http
