@@ -237,6 +237,7 @@ function M.run(rb, opts)
       else
         local st = res.interrupted and "interrupted" or "failed"
         counts.failed = counts.failed + 1
+        run.failed = { step = step.name, error = res.message }
         events.emit { event = "step_end", step = step.name, index = i, status = st, duration = dur,
           attempts = attempts, error = res }
         if res.interrupted then
@@ -251,6 +252,11 @@ function M.run(rb, opts)
     ::continue::
   end
   events.step = nil
+  if rb.notify then
+    require("notify").run_hooks(rb.notify, { runbook = rb.name, run_id = opts.run_id, status = status,
+      step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = since(t0),
+      ok = counts.ok, dry_run = opts.dry_run })
+  end
   events.emit { event = "run_end", run_id = opts.run_id, status = status, exit_code = code,
     duration = since(t0), ok = counts.ok, failed = counts.failed, skipped = counts.skipped,
     mode = opts.dry_run and "dry-run" or "run" }

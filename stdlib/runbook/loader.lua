@@ -160,6 +160,10 @@ function M.load(path)
   if rb.on_failure and rb.on_failure ~= "undo" and rb.on_failure ~= "stop" then
     error(load_error(("%s:1: on_failure must be \"undo\" or \"stop\""):format(path)), 0)
   end
+  if rb.notify then
+    local ok, nerr = pcall(require("notify").check_hooks, rb.notify)
+    if not ok then error(load_error(("%s:1: %s"):format(path, tostring(nerr))), 0) end
+  end
   rb.env = e
   return rb
 end
