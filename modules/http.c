@@ -9,6 +9,8 @@
  *     opts.timeout          seconds for the whole request; bounded by the step
  *     opts.connect_timeout  seconds to connect (default 10, never above timeout)
  *     opts.cafile           CA bundle to verify the server with
+ *     opts.cert, opts.key   client certificate and key files (PEM)
+ *     opts.cert_pem, opts.key_pem  the same as PEM text (the key is a secret)
  *     opts.insecure         true: no TLS verification
  *     opts.follow           true: follow redirects (off by default)
  *     opts.effect           {module, op, target, summary}: how the gate names a
@@ -17,8 +19,8 @@
  *                           state get is a POST); not gated
  *   check_all(urls, opts) -> {{status, latency, content_type, body, error, code, retryable}, ...}
  *     GETs every URL at once over the multi interface, opts.concurrency at a
- *     time (default 50); opts.timeout, connect_timeout, headers, cafile and
- *     insecure as for request. Failures are results, not errors; results
+ *     time (default 50); opts.timeout, connect_timeout, headers and the TLS
+ *     options as for request. Failures are results, not errors; results
  *     come in the order of urls. Bodies are kept up to 64 KiB.
  *   smtp_send(opts) -> {ok=true} | {skipped=true}
  *     opts.url              "smtp://host:port" or "smtps://..."; a password in it is a secret
@@ -309,9 +311,26 @@ static void set_timeouts(lua_State *L, CURL *h) {
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(conn * 1000) + 1);
 }
 
+/* A client certificate or key given as PEM text (a kubeconfig's *-data),
+ * handed to curl from memory: no temporary file holds the key. */
+static void set_blob(lua_State *L, CURL *h, const char *field, CURLoption opt, int secret) {
+    size_t len = 0;
+    const char *pem = opt_string(L, field, &len);
+    if (!pem) return;
+    if (secret) rb_secret_register(L, pem, len);
+    struct curl_blob blob = {(void *)pem, len, CURL_BLOB_COPY};
+    curl_easy_setopt(h, opt, &blob);
+    curl_easy_setopt(h, opt == CURLOPT_SSLCERT_BLOB ? CURLOPT_SSLCERTTYPE : CURLOPT_SSLKEYTYPE, "PEM");
+}
+
 static void set_tls(lua_State *L, CURL *h) {
     const char *cafile = opt_string(L, "cafile", NULL);
     if (cafile) curl_easy_setopt(h, CURLOPT_CAINFO, cafile);
+    const char *cert = opt_string(L, "cert", NULL), *key = opt_string(L, "key", NULL);
+    if (cert) curl_easy_setopt(h, CURLOPT_SSLCERT, cert);
+    if (key) curl_easy_setopt(h, CURLOPT_SSLKEY, key);
+    set_blob(L, h, "cert_pem", CURLOPT_SSLCERT_BLOB, 0);
+    set_blob(L, h, "key_pem", CURLOPT_SSLKEY_BLOB, 1);
     long verify = !opt_bool(L, "insecure");
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, verify);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);

@@ -6,11 +6,11 @@ local fixtures = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") .. "/fixtur
 
 -- Starts the fixture server (HTTPS when given cert and key) and returns its
 -- base URL and a function that stops it.
-local function start_server(dir, cert, key)
+local function start_server(dir, cert, key, client_ca)
   local r = exec.read{ shell = [[
-    python3 "$1" "$2/port" $3 $4 >"$2/server.log" 2>&1 &
+    python3 "$1" "$2/port" $3 $4 $5 >"$2/server.log" 2>&1 &
     i=0; while [ ! -s "$2/port" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-    echo $! $(cat "$2/port")]], fixtures .. "/http_server.py", dir, cert or "", key or "" }
+    echo $! $(cat "$2/port")]], fixtures .. "/http_server.py", dir, cert or "", key or "", client_ca or "" }
   local pid, port = r.stdout:match("(%d+) (%d+)")
   assert(port, "fixture server did not start: " .. r.stdout .. r.stderr)
   local scheme = cert and "https" or "http"
@@ -172,6 +172,44 @@ describe("http over TLS", function()
 
   it("skips verification with insecure=true", function()
     assert.are.equal(200, http.get(tls_base .. "/echo", { insecure = true }).status)
+  end)
+
+  describe("with client certificates", function()
+    local mtls_dir, mtls_base, mtls_stop
+    setup(function()
+      mtls_dir = tls_dir .. "/mtls"
+      exec.read{ "mkdir", mtls_dir }
+      mtls_base, mtls_stop = start_server(mtls_dir, tls_dir .. "/server.pem", tls_dir .. "/server.key", tls_dir .. "/ca.pem")
+    end)
+    teardown(function() if mtls_stop then mtls_stop() end end)
+
+    local function slurp(path)
+      local f = assert(io.open(path, "rb"))
+      local s = f:read("a")
+      f:close()
+      return s
+    end
+
+    it("presents a certificate from files or from PEM text", function()
+      local ca = tls_dir .. "/ca.pem"
+      assert.are.equal(200, http.get(mtls_base .. "/echo", { cafile = ca, cert = tls_dir .. "/client.pem",
+        key = tls_dir .. "/client.key" }).status)
+      local key = slurp(tls_dir .. "/client.key")
+      assert.are.equal(200, http.get(mtls_base .. "/echo", { cafile = ca, cert_pem = slurp(tls_dir .. "/client.pem"),
+        key_pem = key }).status)
+      assert.are.equal("***", require("runbook.host").redact(key))
+      local res = http.check_all{ urls = { mtls_base .. "/json" }, cafile = ca, cert = tls_dir .. "/client.pem",
+        key = tls_dir .. "/client.key" }
+      assert.is_true(res.ok, tostring(res.results[1].error))
+    end)
+
+    it("is refused without one", function()
+      local err = raises(function() http.get(mtls_base .. "/echo", { cafile = tls_dir .. "/ca.pem" }) end)
+      assert.are.equal("http", err.module)
+      local res = http.check_all{ urls = { mtls_base .. "/json" }, cafile = tls_dir .. "/ca.pem" }
+      assert.is_false(res.ok)
+      assert.is_string(res.results[1].code)
+    end)
   end)
 end)
 

@@ -1,12 +1,13 @@
 --- http: HTTP requests from runbooks, over libcurl.
 --
 --   http.request{method="POST", url=..., headers={...}, body="..." or json={...},
---                timeout=..., connect_timeout=..., cafile=..., insecure=..., follow=...}
+--                timeout=..., connect_timeout=..., cafile=..., insecure=..., follow=...,
+--                cert=, key= (client certificate files) or cert_pem=, key_pem= (PEM text)}
 --     -> {status=200, headers={...}, body="...", json=<decoded when content-type is JSON>}
 --   http.get(url, opts)  http.head  http.post  http.put  http.patch  http.delete
 --   http.check(url, opts)  like curl -f: raises when the status is >= 400
 --   http.check_all{urls = {url, ...} or {name = url, ...}, concurrency = 50, timeout = "10s",
---                  connect_timeout=, headers=, cafile=, insecure=, expect = {200, 204} or function(r)}
+--                  connect_timeout=, headers=, TLS options as for request, expect = {200, 204} or function(r)}
 --     -> {ok = <every target ok>, failed = N, duration = seconds, slowest = seconds,
 --         results = {{name, url, ok, status, latency, error, code, retryable, body, json}, ...},
 --         by_name = {[name] = result}}
@@ -79,6 +80,7 @@ function http.request(opts)
     timeout = opts.timeout and duration.check(opts.timeout, "http timeout"),
     connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "http connect_timeout"),
     cafile = opts.cafile, insecure = opts.insecure, follow = opts.follow,
+    cert = opts.cert, key = opts.key, cert_pem = opts.cert_pem, key_pem = opts.key_pem,
   })
 end
 
@@ -142,6 +144,7 @@ function http.check_all(opts)
     timeout = duration.check(opts.timeout or "10s", "check_all timeout"),
     connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "check_all connect_timeout"),
     cafile = opts.cafile, insecure = opts.insecure,
+    cert = opts.cert, key = opts.key, cert_pem = opts.cert_pem, key_pem = opts.key_pem,
   }
   local out = { ok = true, failed = 0, slowest = 0, results = {}, by_name = {},
     duration = require("runbook.host").now() - t0 }
