@@ -20,7 +20,7 @@
 --   invoke(app_id, method, {verb=, json= or body=, headers=, query=}) -> {status, headers, body, json}
 --   secret(store, name)  -> {key = value}; secret(store) -> every secret; values are secrets
 --   check_app(app_id, {components=, topics=, test_publish=}) -> a summary (see below)
---   sidecar_status(namespace) -> pods that should have a daprd sidecar, and whether they do
+--   sidecar_status(namespace, {selector=}) -> pods that should have a daprd sidecar, and whether they do
 --
 -- Writes (publish, state save/delete/transaction, invoke with a writing verb)
 -- go through the effect gate: a dry run skips them and they return
@@ -450,14 +450,12 @@ end
 
 --- Pods in `namespace` that should run a daprd sidecar (annotation
 -- dapr.io/enabled: "true"), with whether it is there and ready (seed 002
--- "Dapr Sidecar Not Injected"). Needs the k8s module.
+-- "Dapr Sidecar Not Injected"). Needs the k8s module; opts.selector narrows
+-- the pods (a label selector).
 -- Returns {ok, pods = {{pod, app_id, injected, ready, restarts, problem}, ...}}.
 function M.sidecar_status(namespace, opts)
   check_name(namespace, "namespace", "sidecar_status")
-  local k8s = require "k8s"
-  local list = k8s.list { resource = "pods", namespace = namespace,
-    label_selector = opts and opts.label_selector }
-  local items = list.items or list
+  local items = require("k8s").list("pods", { namespace = namespace, selector = opts and opts.selector })
   local out = { ok = true, pods = {} }
   for _, pod in ipairs(items) do
     local ann = pod.metadata.annotations or {}
