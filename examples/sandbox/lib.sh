@@ -2,9 +2,13 @@
 # Sourced, not run. Every function assumes SANDBOX_DIR and STATE_DIR are set.
 
 SANDBOX_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-STATE_DIR=$SANDBOX_DIR/.state
+# SANDBOX_STATE picks another state directory, i.e. a second, independent
+# sandbox from the same checkout (the lifecycle spec uses one).
+STATE_DIR=${SANDBOX_STATE:-$SANDBOX_DIR/.state}
+case $STATE_DIR in /*) ;; *) STATE_DIR=$PWD/$STATE_DIR ;; esac
 PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
-KAFKA_TOOL=$STATE_DIR/bin/kafka-sandbox
+# Built once per checkout, also for sandboxes with another SANDBOX_STATE.
+KAFKA_TOOL=$SANDBOX_DIR/.state/bin/kafka-sandbox
 DEPLOYMENTS="backend frontend websocket recurring-task notification"
 
 say() { printf 'sandbox: %s\n' "$*" >&2; }
@@ -26,17 +30,19 @@ secret() {
     cat "$f"
 }
 
-# wait_for SECONDS DESCRIPTION COMMAND...: polls until COMMAND succeeds.
+pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# wait_for PART SECONDS COMMAND...: polls until COMMAND succeeds; gives up at
+# once when PART's process (.state/pids/PART) has exited, pointing at its log.
 wait_for() {
-    local deadline=$((SECONDS + $1)) what=$2
+    local part=$1 deadline=$((SECONDS + $2))
     shift 2
     until "$@" >/dev/null 2>&1; do
-        [ $SECONDS -lt $deadline ] || die "$what did not become ready (logs in $STATE_DIR/logs)"
+        pid_alive "$STATE_DIR/pids/$part" || die "$part exited during start (see $STATE_DIR/logs/$part.log)"
+        [ $SECONDS -lt $deadline ] || die "$part did not become ready (see $STATE_DIR/logs/$part.log)"
         sleep 0.05
     done
 }
-
-pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 # Starts a long-running process detached from the caller's session (so make
 # returns and a terminal's Ctrl-C does not reach it) and records its pid.
@@ -66,15 +72,18 @@ as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
-pg_data() { echo "$STATE_DIR/postgres/data"; }
+# .state/postgres may be a symlink to /tmp (see pg_dir in up); the postgres
+# user may not be able to walk through .state, so it gets the real path.
+pg_home() { readlink -f "$STATE_DIR/postgres"; }
+pg_data() { echo "$(pg_home)/data"; }
 
 pg_running() { as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" status >/dev/null 2>&1; }
 
 pg_start() {
     local port
     port=$(cat "$STATE_DIR/ports/postgres")
-    as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" -l "$STATE_DIR/postgres/server.log" \
-        -o "-p $port" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $STATE_DIR/postgres/server.log)"
+    as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" -l "$(pg_home)/server.log" \
+        -o "-p $port" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $(pg_home)/server.log)"
 }
 
 pg_stop() {
@@ -99,14 +108,15 @@ redis_cli() {
 
 # ---- Kafka ----
 
-# One request to the Kafka program's control socket; prints its one-line reply.
+# One request to the Kafka program's control socket; prints its one-line
+# reply ("ok ..."), or the error on stderr and fails.
 kafka_control() {
     local port reply
     port=$(cat "$STATE_DIR/kafka/control.port" 2>/dev/null) || die "Kafka is not running"
-    exec 3<>"/dev/tcp/127.0.0.1/$port" || die "Kafka control socket is not answering"
+    exec 3<>"/dev/tcp/127.0.0.1/$port" || die "Kafka's control socket is not answering"
     printf '%s\n' "$*" >&3
-    IFS= read -r reply <&3
+    IFS= read -r -t 60 reply <&3 || reply="error no reply from Kafka's control socket within 60 s"
     exec 3<&-
+    [ "${reply%% *}" = ok ] || die "kafka: ${reply#error }"
     echo "$reply"
-    [ "${reply%% *}" = ok ]
 }

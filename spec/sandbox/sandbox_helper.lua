@@ -49,13 +49,23 @@ function M.redis(args)
     return M.sh("redis-cli --no-auth-warning -u " .. M.quote(M.env("REDIS_URL")) .. " " .. args)
 end
 
--- curl against the backend's sidecar; returns the HTTP status, the body and the headers.
-function M.dapr(method, path, body, headers)
+-- The sidecar endpoint of one app id (each app has its own sidecar).
+function M.dapr_endpoint(app)
+    if not app or app == "backend" then return M.env("DAPR_HTTP_ENDPOINT") end
+    local f = assert(io.open(M.state .. "/dapr.json"))
+    local doc = require("cjson").decode(f:read("a"))
+    f:close()
+    return assert(doc[app], "no sidecar for " .. app).endpoint
+end
+
+-- curl against a sidecar (the backend's unless `app` says otherwise); returns
+-- the HTTP status, the body and the headers.
+function M.dapr(method, path, body, headers, app)
     local hfile = os.tmpname()
     local cmd = "curl -s -m 20 -D " .. hfile .. " -X " .. method
     for _, h in ipairs(headers or {}) do cmd = cmd .. " -H " .. M.quote(h) end
     if body then cmd = cmd .. " --data-binary " .. M.quote(body) end
-    local out = M.sh(cmd .. " " .. M.quote(M.env("DAPR_HTTP_ENDPOINT") .. path))
+    local out = M.sh(cmd .. " " .. M.quote(M.dapr_endpoint(app) .. path))
     local f = io.open(hfile)
     local head = f and f:read("a") or ""
     if f then f:close() end
@@ -67,7 +77,23 @@ function M.kcat(args)
     return M.sh("timeout 20 kcat -b " .. M.quote(M.env("KAFKA_BROKERS")) .. " " .. args)
 end
 
--- Committed offsets against high watermarks, from an independent client process.
+-- High watermarks per partition ({[0] = n, ...}) from `kcat -Q` (ListOffsets, latest).
+function M.watermarks(topic, partitions)
+    local args = {}
+    for p = 0, partitions - 1 do args[#args + 1] = "-t " .. topic .. ":" .. p .. ":-1" end
+    local out, ok = M.kcat("-Q " .. table.concat(args, " "))
+    assert(ok, out)
+    local marks = {}
+    for p, offset in out:gmatch("%[(%d+)%] offset (%-?%d+)") do marks[tonumber(p)] = tonumber(offset) end
+    return marks
+end
+
+-- Committed offsets against high watermarks. kcat has no read-only way to show a
+-- group's committed offsets: `kcat -C -o stored -X group.id=G` starts from them but
+-- commits what it consumed, moving the group (it did, in a trial). So committed
+-- offsets come from `kafka-sandbox lag`, a separate librdkafka process that only
+-- sends OffsetFetch and ListOffsets (no JoinGroup, no commit); specs cross-check
+-- its high watermarks with kcat -Q.
 function M.lag(group, topic)
     local out, ok = M.sh(M.state .. "/bin/kafka-sandbox lag " .. M.quote(M.env("KAFKA_BROKERS"))
         .. " " .. group .. " " .. topic)
@@ -78,6 +104,18 @@ function M.lag(group, topic)
                              high = tonumber(high)}
     end
     return tonumber(out:match("total (%-?%d+)")), parts
+end
+
+-- The replica count the simulated consumers of a deployment scale with.
+function M.replicas(deployment)
+    local f = io.open(M.state .. "/replicas/" .. deployment)
+    local n = f and tonumber(f:read("l"))
+    if f then f:close() end
+    return n
+end
+
+function M.kubectl(args)
+    return M.sh("timeout 20 kubectl --kubeconfig " .. M.quote(M.env("KUBECONFIG")) .. " -n todo-chatbot " .. args)
 end
 
 function M.sleep(s)

@@ -169,15 +169,19 @@ def state_ops(app_id, ops, err_code):
         ttl = str((metadata or {}).get("ttlInSeconds", ""))
         keys.append("%s||%s" % (app_id, key))
         argv += [op, value or b"", etag, first, ttl]
+    # daprd's own wording for each operation's failure
+    what = {"ERR_STATE_SAVE": "failed saving state in state store %s" % STATE_STORE,
+            "ERR_STATE_DELETE": "failed deleting state with key %s" % (ops[0][1] if ops else ""),
+            "ERR_STATE_TRANSACTION": "error while executing state transaction"}[err_code]
     try:
         redis.call("EVAL", STATE_SCRIPT, len(keys), *keys, *argv)
     except RedisError as e:
         if str(e).startswith("ETAGMISMATCH"):
-            raise ApiError(409, err_code, "failed saving state in state store %s: possible etag "
-                           "mismatch. error from state store: %s" % (STATE_STORE, e))
-        raise ApiError(500, err_code, "error from state store: %s" % e)
+            raise ApiError(409, err_code, "%s: possible etag mismatch. error from state store: %s"
+                           % (what, e))
+        raise ApiError(500, err_code, "%s: %s" % (what, e))
     except (OSError, ConnectionError) as e:
-        raise ApiError(500, err_code, "error from state store: %s" % e)
+        raise ApiError(500, err_code, "%s: %s" % (what, e))
 
 
 def state_get(app_id, key):

@@ -69,7 +69,7 @@ static struct group groups[] = {
 static const char *state_dir;
 static rd_kafka_mock_cluster_t *mc;
 static rd_kafka_t *workload_rk, *control_rk;
-static atomic_int stopping, paused;
+static atomic_int stopping, paused, pause_acked;
 static atomic_int broker_down[NBROKERS + 1];
 static atomic_int rtt_ms;
 static long seq;
@@ -124,6 +124,19 @@ static void write_state_file(const char *name, const char *content)
         die("cannot rename %s: %s", tmp, strerror(errno));
 }
 
+/* Brokers come back within seconds here (ctl kafka broker-up), so clients
+ * retry reconnecting every 100 ms instead of backing off to librdkafka's 10 s,
+ * which stalled the workload for seconds after every broker fault. */
+static void set_quick_reconnect(rd_kafka_conf_t *conf)
+{
+    char err[256];
+    static const char *const kv[] = {"reconnect.backoff.ms", "20", "reconnect.backoff.max.ms", "100",
+                                     "retry.backoff.ms", "20", NULL};
+    for (int i = 0; kv[i]; i += 2)
+        if (rd_kafka_conf_set(conf, kv[i], kv[i + 1], err, sizeof err))
+            die("%s", err);
+}
+
 static rd_kafka_t *new_client(rd_kafka_type_t type, const char *brokers, const char *group,
                               const char *const *extra)
 {
@@ -138,6 +151,7 @@ static rd_kafka_t *new_client(rd_kafka_type_t type, const char *brokers, const c
         if (rd_kafka_conf_set(conf, extra[0], extra[1], err, sizeof err))
             die("%s", err);
     rd_kafka_conf_set(conf, "log_level", "3", err, sizeof err);
+    set_quick_reconnect(conf);
     rd_kafka_t *rk = rd_kafka_new(type, conf, err, sizeof err);
     if (!rk)
         die("rd_kafka_new: %s", err);
@@ -268,6 +282,7 @@ static rd_kafka_t *new_producer(const char *brokers, const char *timeout_ms)
     char err[256];
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    set_quick_reconnect(conf);
     if (getenv("KAFKA_SANDBOX_DEBUG"))   /* librdkafka debug contexts, e.g. "msg,topic" */
         rd_kafka_conf_set(conf, "debug", getenv("KAFKA_SANDBOX_DEBUG"), err, sizeof err);
     rd_kafka_conf_set(conf, "bootstrap.servers", brokers, err, sizeof err);
@@ -429,26 +444,75 @@ static void start_groups(const char *brokers)
     }
 }
 
-/* One tick per second: produce, then let every group consume. */
+/* One tick: produce, then let every group consume. */
+static void tick(void)
+{
+    for (int i = 0; i < 20; i++)
+        produce_task_event();
+    if (seq % 40 == 0)
+        produce_reminder(seq);
+    rd_kafka_poll(workload_rk, 0);
+    for (int g = 0; g < NGROUPS && !stopping; g++) {
+        double t0 = elapsed();
+        consume(&groups[g], read_replicas(&groups[g]) * groups[g].per_replica_rate, 0);
+        if (elapsed() - t0 > 1)   /* a tick should take milliseconds */
+            fprintf(stderr, "kafka-sandbox: %s's tick took %.1fs\n", groups[g].name,
+                    elapsed() - t0);
+    }
+}
+
+/* One tick per second. When paused, the thread finishes its tick, waits for
+ * every produced message to be delivered, then says so in pause_acked: from
+ * then on nothing in the cluster changes until resume. */
 static void *workload(void *arg)
 {
     (void)arg;
     while (!stopping) {
-        if (!paused) {
-            for (int i = 0; i < 20; i++)
-                produce_task_event();
-            if (seq % 40 == 0)
-                produce_reminder(seq);
-            rd_kafka_poll(workload_rk, 0);
-            for (int g = 0; g < NGROUPS && !stopping; g++)
-                consume(&groups[g], read_replicas(&groups[g]) * groups[g].per_replica_rate, 0);
+        if (paused) {
+            if (!pause_acked) {
+                rd_kafka_flush(workload_rk, 30000);
+                pause_acked = 1;
+            }
+            sleep_ms(20);
+            continue;
         }
-        for (int i = 0; i < 10 && !stopping; i++) {
+        tick();
+        for (int i = 0; i < 10 && !stopping && !paused; i++) {
             rd_kafka_poll(workload_rk, 0);
             sleep_ms(100);
         }
     }
     return NULL;
+}
+
+/* Returns once the workload is idle, so a caller can compare state. */
+static int pause_workload(void)
+{
+    paused = 1;
+    for (int i = 0; i < 3000 && !pause_acked; i++)
+        sleep_ms(10);
+    return pause_acked;
+}
+
+static void resume_workload(void)
+{
+    pause_acked = 0;
+    paused = 0;
+}
+
+/* Puts every group back where it starts (recurring-task-service far behind,
+ * the others caught up), so specs that drained or reset a group's offsets
+ * can leave the sandbox as they found it. */
+static int reset_groups(void)
+{
+    int was_paused = paused;
+    if (!pause_workload())
+        return 0;
+    for (int g = 0; g < NGROUPS; g++)
+        consume(&groups[g], 0, 1);
+    if (!was_paused)
+        resume_workload();
+    return 1;
 }
 
 /* ---- control socket ---- */
@@ -534,6 +598,42 @@ static void cmd_status(char *out, size_t n)
             len += snprintf(out + len, n - (size_t)len, "%d,", b);
 }
 
+static int is_number(const char *s)
+{
+    if (*s == '-')
+        s++;
+    if (!*s)
+        return 0;
+    for (; *s; s++)
+        if (*s < '0' || *s > '9')
+            return 0;
+    return 1;
+}
+
+static void set_broker(int b, int down)
+{
+    broker_down[b] = down;
+    if (down)
+        rd_kafka_mock_broker_set_down(mc, b);
+    else
+        rd_kafka_mock_broker_set_up(mc, b);
+    elect_leaders();
+}
+
+/* errors APIKEY COUNT ERRCODE: the next COUNT requests of that type fail. */
+static void push_errors(int16_t apikey, size_t cnt, rd_kafka_resp_err_t code)
+{
+    rd_kafka_resp_err_t *errs = calloc(cnt ? cnt : 1, sizeof *errs);
+    if (!errs)
+        die("out of memory");
+    for (size_t i = 0; i < cnt; i++)
+        errs[i] = code;
+    rd_kafka_mock_push_request_errors_array(mc, apikey, cnt, errs);
+    free(errs);
+}
+
+#define USAGE(...) do { snprintf(out, n, "error usage: " __VA_ARGS__); return; } while (0)
+
 static void run_command(char *line, char *out, size_t n)
 {
     char *argv[64];
@@ -544,32 +644,33 @@ static void run_command(char *line, char *out, size_t n)
     snprintf(out, n, "ok");
     if (strcmp(cmd, "produce") == 0) {
         cmd_produce(argv, argc, out, n);
-    } else if (strcmp(cmd, "broker-down") == 0 && argc == 2 && broker_arg(argv[1])) {
-        broker_down[broker_arg(argv[1])] = 1;
-        rd_kafka_mock_broker_set_down(mc, broker_arg(argv[1]));
-        elect_leaders();
-    } else if (strcmp(cmd, "broker-up") == 0 && argc == 2 && broker_arg(argv[1])) {
-        broker_down[broker_arg(argv[1])] = 0;
-        rd_kafka_mock_broker_set_up(mc, broker_arg(argv[1]));
-        elect_leaders();
-    } else if (strcmp(cmd, "rtt") == 0 && argc == 2) {
+    } else if (strcmp(cmd, "broker-down") == 0 || strcmp(cmd, "broker-up") == 0) {
+        if (argc != 2 || !broker_arg(argv[1]))
+            USAGE("%s N (N = 1..%d)", cmd, NBROKERS);
+        set_broker(broker_arg(argv[1]), cmd[7] == 'd');
+    } else if (strcmp(cmd, "rtt") == 0) {
+        if (argc != 2 || !is_number(argv[1]) || atoi(argv[1]) < 0)
+            USAGE("rtt MILLISECONDS");
         rtt_ms = atoi(argv[1]);
         for (int b = 1; b <= NBROKERS; b++)
             rd_kafka_mock_broker_set_rtt(mc, b, rtt_ms);
-    } else if (strcmp(cmd, "errors") == 0 && argc == 4) {
-        /* errors APIKEY COUNT ERRCODE: the next COUNT requests of that type fail */
-        size_t cnt = (size_t)atoi(argv[2]);
-        rd_kafka_resp_err_t *errs = calloc(cnt ? cnt : 1, sizeof *errs);
-        for (size_t i = 0; i < cnt; i++)
-            errs[i] = (rd_kafka_resp_err_t)atoi(argv[3]);
-        rd_kafka_mock_push_request_errors_array(mc, (int16_t)atoi(argv[1]), cnt, errs);
-        free(errs);
-    } else if (strcmp(cmd, "clear-errors") == 0 && argc == 2) {
+    } else if (strcmp(cmd, "errors") == 0) {
+        if (argc != 4 || !is_number(argv[1]) || !is_number(argv[2]) || !is_number(argv[3]) ||
+            atoi(argv[2]) < 0)
+            USAGE("errors APIKEY COUNT ERRCODE (numbers)");
+        push_errors((int16_t)atoi(argv[1]), (size_t)atoi(argv[2]), (rd_kafka_resp_err_t)atoi(argv[3]));
+    } else if (strcmp(cmd, "clear-errors") == 0) {
+        if (argc != 2 || !is_number(argv[1]))
+            USAGE("clear-errors APIKEY");
         rd_kafka_mock_clear_request_errors(mc, (int16_t)atoi(argv[1]));
     } else if (strcmp(cmd, "pause") == 0) {
-        paused = 1;
+        if (!pause_workload())
+            snprintf(out, n, "error the workload did not stop within 30 s");
     } else if (strcmp(cmd, "resume") == 0) {
-        paused = 0;
+        resume_workload();
+    } else if (strcmp(cmd, "reset-groups") == 0) {
+        if (!reset_groups())
+            snprintf(out, n, "error the workload did not stop within 30 s");
     } else if (strcmp(cmd, "status") == 0) {
         cmd_status(out, n);
     } else {
