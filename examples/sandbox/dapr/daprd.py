@@ -13,8 +13,9 @@ sidecar knows its app id without being told.
 Backends are real: state lives in the sandbox's Redis in Dapr's layout
 (HASH `<appid>||<key>` with fields data and version, version being the ETag),
 publish produces a CloudEvent to the sandbox's Kafka through the Kafka
-program's control socket. Writes STATE_DIR/dapr.json and STATE_DIR/apps.json
-once every server listens. A sidecar reports unhealthy while the file
+program's control socket. Writes STATE_DIR/apps.json, STATE_DIR/ports/dapr
+(the backend sidecar's port) and, last, STATE_DIR/dapr.json once every
+server listens. A sidecar reports unhealthy while the file
 STATE_DIR/dapr/unhealthy/<appid> exists (see `ctl dapr unhealthy`).
 """
 
@@ -508,6 +509,9 @@ def main():
         apps[app_id] = {"port": app.server_address[1], "sidecar": sidecar.server_address[1]}
         servers += [app, sidecar]
     write_json_atomically("apps.json", {a: {"port": p["port"]} for a, p in apps.items()})
+    with open(os.path.join(STATE_DIR, "ports", "dapr.tmp"), "w") as f:
+        f.write("%d\n" % apps["backend"]["sidecar"])   # DAPR_HTTP_ENDPOINT's port, for `up`
+    os.replace(os.path.join(STATE_DIR, "ports", "dapr.tmp"), os.path.join(STATE_DIR, "ports", "dapr"))
     write_json_atomically("dapr.json", {a: {"port": p["sidecar"],
                                             "endpoint": "http://127.0.0.1:%d" % p["sidecar"]}
                                         for a, p in apps.items()})
