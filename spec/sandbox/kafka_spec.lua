@@ -1,4 +1,5 @@
--- Kafka in the sandbox, seen through kcat and an independent librdkafka client:
+-- Kafka in the sandbox, seen through kcat and an independent librdkafka client
+-- (and the Kubernetes API through curl):
 -- topics, events, consumer lag that follows the replica count (from the file
 -- or from the Kubernetes deployment), the workload pause, and the faults.
 package.path = "spec/sandbox/?.lua;" .. package.path
@@ -97,16 +98,17 @@ describe("sandbox Kafka", function()
         end)
 
         it("drains when its Kubernetes deployment is scaled up (ready replicas)", function()
-            local out, ok = sb.kubectl("get deploy todo-chatbot-recurring-task -o jsonpath='{.spec.replicas}'")
-            assert.is_true(ok, out)
-            local spec_replicas = tonumber(out)
+            local scale = "/apis/apps/v1/namespaces/todo-chatbot/deployments/todo-chatbot-recurring-task/scale"
+            local status, doc = sb.k8s("GET", scale)
+            assert.equal(200, status, doc)
+            local spec_replicas = doc.spec.replicas
             finally(function()
-                sb.kubectl("scale deploy/todo-chatbot-recurring-task --replicas=" .. spec_replicas)
+                sb.k8s("PATCH", scale, {spec = {replicas = spec_replicas}})
                 sb.wait_until(10, function() return sb.replicas("recurring-task") == before_replicas end)
             end)
             local before = recurring_lag()
-            out, ok = sb.kubectl("scale deploy/todo-chatbot-recurring-task --replicas=8")
-            assert.is_true(ok, out)
+            status, doc = sb.k8s("PATCH", scale, {spec = {replicas = 8}})
+            assert.equal(200, status, doc)
             assert.is_true(sb.wait_until(10, function() return sb.replicas("recurring-task") == 8 end),
                 "the stand-in did not report 8 ready replicas")
             local after = sb.wait_until(5, function()

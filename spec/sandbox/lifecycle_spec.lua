@@ -73,6 +73,24 @@ describe("sandbox lifecycle", function()
         assert.matches("replicas%s+recurring%-task%s+%d", out)
     end)
 
+    it("listens on loopback only", function()
+        -- listening sockets of the sandbox's processes, from /proc (no ss needed)
+        local pids = {}
+        for pid in pairs(sandbox_processes(sb.state)) do pids[#pids + 1] = pid end
+        local out, ok = sb.sh("for p in " .. table.concat(pids, " ") .. "; do ls -l /proc/$p/fd 2>/dev/null;"
+            .. " done | grep -o 'socket:\\[[0-9]*\\]' | tr -dc '0-9\\n' | sort -u >/tmp/sandbox-spec-inodes.$$;"
+            .. " awk 'NR == FNR { ino[$1] = 1; next } FNR > 1 && $4 == \"0A\" && ($10 in ino) { print $2 }'"
+            .. " /tmp/sandbox-spec-inodes.$$ /proc/net/tcp /proc/net/tcp6; rm -f /tmp/sandbox-spec-inodes.$$")
+        assert.is_true(ok, out)
+        local n = 0
+        for addr in out:gmatch("%S+") do
+            n = n + 1
+            assert.matches("^0100007F:", addr)   -- 127.0.0.1
+        end
+        -- PostgreSQL, Redis, 3 brokers, Kafka control, 5 sidecars, 5 apps, Kubernetes
+        assert.is_true(n >= 17, out)
+    end)
+
     it("says so when ctl finds no sandbox", function()
         local out, ok = sb.sh("SANDBOX_STATE=/nonexistent/sandbox " .. sb.sandbox .. "/ctl status")
         assert.is_false(ok)

@@ -114,8 +114,39 @@ function M.replicas(deployment)
     return n
 end
 
-function M.kubectl(args)
-    return M.sh("timeout 20 kubectl --kubeconfig " .. M.quote(M.env("KUBECONFIG")) .. " -n todo-chatbot " .. args)
+local function named(list, name)
+    for _, item in ipairs(list) do
+        if item.name == name then return item end
+    end
+    error("kubeconfig has no entry " .. name)
+end
+
+-- curl against the Kubernetes stand-in as KUBECONFIG's current context
+-- (server, CA and bearer token); kubectl is not a Debian package. Returns the
+-- HTTP status and the decoded body.
+function M.k8s(method, path, body)
+    local f = assert(io.open(M.env("KUBECONFIG")))
+    local cfg = require("lyaml").load(f:read("a"))
+    f:close()
+    local ctx = named(cfg.contexts, cfg["current-context"]).context
+    local cluster = named(cfg.clusters, ctx.cluster).cluster
+    local user = named(cfg.users, ctx.user).user
+    local ca = os.tmpname()
+    f = assert(io.open(ca, "w"))
+    f:write(cluster["certificate-authority-data"])
+    f:close()
+    local cmd = ("base64 -d -i %s > %s.pem && curl -s -m 20 --cacert %s.pem -H %s -X %s -w '\n%%{http_code}' %s"):format(
+        ca, ca, ca, M.quote("Authorization: Bearer " .. user.token), method, M.quote(cluster.server .. path))
+    if body then
+        cmd = cmd .. " -H 'Content-Type: application/merge-patch+json' --data-binary "
+            .. M.quote(require("cjson").encode(body))
+    end
+    local out = M.sh(cmd)
+    os.remove(ca)
+    os.remove(ca .. ".pem")
+    local text, status = out:match("^(.*)\n(%d+)%s*$")
+    local ok, doc = pcall(require("cjson").decode, text or "")
+    return tonumber(status), ok and doc or out
 end
 
 function M.sleep(s)
