@@ -87,6 +87,30 @@ def default_pod_spec(spec):
         c.setdefault("resources", {})
         for p in c.get("ports", []):
             p.setdefault("protocol", "TCP")
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if c.get(probe):
+                default_probe(c[probe])
+
+
+def default_probe(probe):
+    probe.setdefault("timeoutSeconds", 1)
+    probe.setdefault("periodSeconds", 10)
+    probe.setdefault("successThreshold", 1)
+    probe.setdefault("failureThreshold", 3)
+    if "httpGet" in probe:
+        probe["httpGet"].setdefault("scheme", "HTTP")
+
+
+def qos_class(pod_spec):
+    """Guaranteed when every container's limits equal its requests, BestEffort with none at all."""
+    cs = pod_spec.get("containers", [])
+    res = [c.get("resources") or {} for c in cs]
+    if not any(r.get("requests") or r.get("limits") for r in res):
+        return "BestEffort"
+    if all(r.get("limits") and all(r["limits"].get(k) and r.get("requests", r["limits"]).get(k) == r["limits"][k]
+                                   for k in ("cpu", "memory")) for r in res):
+        return "Guaranteed"
+    return "Burstable"
 
 
 def apply_defaults(res, obj):
@@ -105,7 +129,7 @@ def apply_defaults(res, obj):
         spec.setdefault("progressDeadlineSeconds", 600)
     elif res.name == "pods":
         default_pod_spec(spec)
-        obj.setdefault("status", {"phase": "Pending", "qosClass": "BestEffort"})
+        obj.setdefault("status", {"phase": "Pending", "qosClass": qos_class(spec)})
     elif res.name == "services":
         spec.setdefault("type", "ClusterIP")
         spec.setdefault("sessionAffinity", "None")
@@ -331,15 +355,33 @@ class Api:
 
     def delete(self, res, ns, name, q, opts):
         obj = self.get(res, ns, name)
-        if q.get("dryRun") or (opts or {}).get("dryRun"):
+        opts = opts or {}
+        if q.get("dryRun") or opts.get("dryRun"):
             return obj
-        policy = q.get("propagationPolicy") or (opts or {}).get("propagationPolicy") or "Background"
+        policy = q.get("propagationPolicy") or opts.get("propagationPolicy") or "Background"
         self.cascade(obj["metadata"]["uid"], policy)
         if res.name == "namespaces":
             for key, n, nm in self.store.keys():
                 if n == name:
                     self.store.remove(key, n, nm)
+        if res.name == "pods":
+            grace = q.get("gracePeriodSeconds", opts.get("gracePeriodSeconds"))
+            return self.terminate_pod(obj, None if grace is None else int(grace))
         return self.store.remove(res.key, ns if res.namespaced else "", name)
+
+    def terminate_pod(self, pod, grace=None):
+        """A pod on a node is only marked Terminating; the kubelet (our controller)
+        removes it once its containers stopped. Unscheduled pods go at once."""
+        md = pod["metadata"]
+        if grace is None:
+            grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
+        if not pod["spec"].get("nodeName") or grace == 0:
+            return self.store.remove("pods", md["namespace"], md["name"])
+        if md.get("deletionTimestamp"):
+            return pod
+        md["deletionTimestamp"] = now_iso(time.time() + grace)
+        md["deletionGracePeriodSeconds"] = grace
+        return self.store.put("pods", pod)
 
     def cascade(self, uid, policy):
         for key, n, nm in self.store.owned_by(uid):
@@ -352,7 +394,10 @@ class Api:
                 self.store.put(key, child)
             else:
                 self.cascade(child["metadata"]["uid"], policy)
-                self.store.remove(key, n, nm)
+                if key == "pods":
+                    self.terminate_pod(child)
+                else:
+                    self.store.remove(key, n, nm)
 
 
 def spec_of(obj):

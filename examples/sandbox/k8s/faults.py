@@ -61,9 +61,16 @@ def node_notready(cluster, f, args):
 
 def api_errors(cluster, f, args):
     rate = args[0]
-    f.api_error_rate = float(rate[:-1]) / 100 if rate.endswith("%") else float(rate)
-    if len(args) > 1:
-        f.api_error_code = int(args[1])
+    try:
+        value = float(rate[:-1]) / 100 if rate.endswith("%") else float(rate)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1:
+        raise ValueError("bad rate %r (use a percentage such as 10%% or a fraction such as 0.1)" % rate)
+    code = int(args[1]) if len(args) > 1 and args[1].isdigit() else 500 if len(args) == 1 else 0
+    if code not in (429, 500, 503, 504):
+        raise ValueError("bad status code %r (use 429, 500, 503 or 504)" % args[1])
+    f.api_error_rate, f.api_error_code = value, code
     return "%.0f%% of API requests fail with %d" % (f.api_error_rate * 100, f.api_error_code)
 
 

@@ -253,6 +253,20 @@ for r in REGISTRY:
             vs.append(v)
 
 
+def version_priority(v):
+    """Kubernetes' version order: GA before beta before alpha, higher numbers first."""
+    import re
+    m = re.match(r'^v(\d+)(?:(alpha|beta)(\d+))?$', v)
+    if not m:
+        return (3, 0, 0, v)
+    stage = {None: 0, "beta": 1, "alpha": 2}[m.group(2)]
+    return (stage, -int(m.group(1)), -int(m.group(3) or 0), v)
+
+
+for _, vs in GROUPS:
+    vs.sort(key=version_priority)
+
+
 def lookup(group, version, name):
     for r in REGISTRY:
         if r.group == group and r.name == name and version in r.versions:

@@ -34,6 +34,8 @@ DAY = 86400
 
 
 def read_env(state_dir):
+    """The sandbox's connection strings: from .state/env when it exists, else
+    from the secrets and ports the sandbox chose before starting us."""
     env = {}
     path = os.path.join(state_dir or "", "env")
     if state_dir and os.path.exists(path):
@@ -41,7 +43,22 @@ def read_env(state_dir):
             m = re.match(r'^\s*(?:export\s+)?([A-Z_][A-Z0-9_]*)=(.*)$', line.strip())
             if m:
                 env[m.group(1)] = m.group(2).strip().strip("'\"")
+    part = lambda *p: _read(os.path.join(state_dir or "", *p))
+    if "DATABASE_URL" not in env and part("secrets", "todo") and part("ports", "postgres"):
+        env["DATABASE_URL"] = "postgresql://todo:%s@127.0.0.1:%s/todo" % (part("secrets", "todo"), part("ports", "postgres"))
+    if "REDIS_URL" not in env and part("secrets", "redis") and part("ports", "redis"):
+        env["REDIS_URL"] = "redis://default:%s@127.0.0.1:%s/0" % (part("secrets", "redis"), part("ports", "redis"))
+    if "KAFKA_BROKERS" not in env and part("kafka", "bootstrap"):
+        env["KAFKA_BROKERS"] = part("kafka", "bootstrap")
     return env
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 class Seeder:

@@ -51,11 +51,11 @@ class Cluster:
 
     def reseed(self):
         with self.store.lock:
-            for key in self.store.keys():
-                self.store.remove(*key)
-            self.controller.faults.reset()
+            self.store.clear()
+            self.controller.reset()
             Seeder(self.store, self.controller, self.state_dir, self.next_cluster_ip).run()
-            self.store.log.clear()
+            # Watches from before the reseed must re-list (410 Gone).
+            self.store.clear_history()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -243,8 +243,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(res, out)
         if m == "DELETE" and name:
             body = self.body()
-            opts = json.loads(body) if body.strip() else {}
-            return self.reply(res, api.delete(res, ns, name, q, opts))
+            opts = self.json_body() if body.strip() else {}
+            out = api.delete(res, ns, name, q, opts)
+            if res.name in ("pods", "namespaces"):
+                return self.reply(res, out)
+            # Most resources answer a delete with a Status, as the apiserver's generic registry does.
+            md = out["metadata"]
+            return self.send_json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                        "details": {"name": md["name"], "group": res.group, "kind": res.name,
+                                                    "uid": md.get("uid")}})
         if m == "DELETE":
             items, _ = api.list(res, ns or None, q)
             for o in items:

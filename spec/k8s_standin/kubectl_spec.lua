@@ -1,0 +1,660 @@
+-- Conformance of the sandbox's Kubernetes API stand-in, judged by the real
+-- client: kubectl 1.32 with a fresh discovery cache, checking what it prints
+-- and how it exits. Faults come from `examples/sandbox/ctl k8s ...`.
+package.path = "spec/sandbox/?.lua;" .. package.path
+local sb = require("sandbox_helper")
+local cjson = require("cjson")
+
+local NS = "todo-chatbot"
+local q = sb.quote
+
+-- Runs a shell command; returns its output (stdout and stderr) and exit code.
+local function run(cmd)
+    local p = assert(io.popen("(" .. cmd .. ") 2>&1; echo \"__rc=$?\""))
+    local out = p:read("a")
+    p:close()
+    return (out:gsub("__rc=%d+%s*$", "")), tonumber(out:match("__rc=(%d+)%s*$"))
+end
+
+-- kubectl 1.32 itself when the Cloud SDK's dispatcher sits on PATH, else kubectl.
+local KUBECTL = (function()
+    local real = run("readlink -f \"$(command -v kubectl)\""):gsub("%s+$", "")
+    local pinned = real:gsub("[^/]*$", "") .. "kubectl.1.32"
+    return select(2, run("test -x " .. q(pinned))) == 0 and pinned or "kubectl"
+end)()
+local cache = run("mktemp -d"):gsub("%s+$", "")
+
+-- The command line of a kubectl call against the sandbox.
+local function kubectl_cmd(args)
+    return KUBECTL .. " --cache-dir=" .. cache .. " --kubeconfig=" .. q(sb.env("KUBECONFIG"))
+        .. " -n " .. NS .. " " .. args
+end
+
+local function kubectl(args)
+    return run(kubectl_cmd(args))
+end
+
+-- kubectl that must succeed; returns its output.
+local function k(args)
+    local out, rc = kubectl(args)
+    assert(rc == 0, "kubectl " .. args .. " exited " .. tostring(rc) .. ":\n" .. out)
+    return out
+end
+
+local function json(args)
+    return cjson.decode(k(args .. " -o json"))
+end
+
+local function ctl(args)
+    local out, rc = run(sb.sandbox .. "/ctl k8s " .. args)
+    assert(rc == 0, "ctl k8s " .. args .. " exited " .. tostring(rc) .. ":\n" .. out)
+    return out
+end
+
+-- The cluster-wide resourceVersion: any write anywhere changes it.
+local function cluster_rv()
+    return cjson.decode(k("get --raw /api/v1/namespaces")).metadata.resourceVersion
+end
+
+local function now()
+    return tonumber((run("date +%s.%N")))
+end
+
+-- Polls fn (at 0.1 s) until it returns a truthy value or `seconds` pass.
+local function eventually(seconds, fn)
+    local deadline = now() + seconds
+    repeat
+        local v = fn()
+        if v then return v end
+        sb.sleep(0.1)
+    until now() > deadline
+    return fn()
+end
+
+-- Waits until nothing changes for several controller ticks: every rollout and fault has settled.
+local function settle()
+    local last, since = cluster_rv(), now()
+    eventually(30, function()
+        local rv = cluster_rv()
+        if rv ~= last then last, since = rv, now() end
+        return now() - since >= 0.7
+    end)
+end
+
+local function rollout_status(deploy)
+    local out = k("rollout status deploy/" .. deploy .. " --timeout=30s")
+    assert.matches('deployment "' .. deploy:gsub("%-", "%%-") .. '" successfully rolled out', out)
+    return out
+end
+
+local function app_image(deploy)
+    return json("get deploy " .. deploy).spec.template.spec.containers[1].image
+end
+
+-- An app's pods, without those already Terminating.
+local function pods_of(app)
+    local out = {}
+    for _, p in ipairs(json("get pods -l app.kubernetes.io/component=" .. app).items) do
+        if not p.metadata.deletionTimestamp then out[#out + 1] = p end
+    end
+    return out
+end
+
+local function replica_file(app)
+    local f = io.open(sb.state .. "/replicas/" .. app)
+    local n = f and tonumber(f:read("l"))
+    if f then f:close() end
+    return n
+end
+
+local function manifest(text)
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write(text)
+    f:close()
+    return path
+end
+
+local DEMO = [[
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: demo-config
+data:
+  greeting: hello
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: demo
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: demo}
+  template:
+    metadata:
+      labels: {app: demo}
+    spec:
+      containers:
+      - name: web
+        image: nginx:1.27
+        ports:
+        - containerPort: 80
+]]
+
+describe("k8s stand-in with kubectl", function()
+    setup(function()
+        ctl("reset --world")
+    end)
+
+    teardown(function()
+        run(sb.sandbox .. "/ctl k8s reset --world")
+        run("rm -rf " .. q(cache))
+    end)
+
+    describe("reads", function()
+        it("reports version 1.32", function()
+            local v = cjson.decode(k("version -o json"))
+            assert.equal("1", v.serverVersion.major)
+            assert.equal("32", v.serverVersion.minor)
+        end)
+
+        -- kind, header kubectl prints, a row it must show
+        local kinds = {
+            {"namespaces", "NAME%s+STATUS%s+AGE\n", "\ntodo%-chatbot%s+Active%s"},
+            {"nodes", "NAME%s+STATUS%s+ROLES%s+AGE%s+VERSION\n", "\npool%-todo%-chatbot%-r7k2x%s+Ready%s"},
+            {"pods", "NAME%s+READY%s+STATUS%s+RESTARTS%s+AGE\n",
+             "\ntodo%-chatbot%-backend%-%w+%-%w+%s+2/2%s+Running%s+0%s"},
+            {"deployments", "NAME%s+READY%s+UP%-TO%-DATE%s+AVAILABLE%s+AGE\n",
+             "\ntodo%-chatbot%-backend%s+2/2%s+2%s+2%s"},
+            {"replicasets", "NAME%s+DESIRED%s+CURRENT%s+READY%s+AGE\n",
+             "\ntodo%-chatbot%-backend%-%w+%s+2%s+2%s+2%s"},
+            {"services", "NAME%s+TYPE%s+CLUSTER%-IP%s+EXTERNAL%-IP%s+PORT%(S%)%s+AGE\n",
+             "\ntodo%-chatbot%-backend%s+ClusterIP%s+[%d.]+%s+<none>%s+8000/TCP%s"},
+            {"endpoints", "NAME%s+ENDPOINTS%s+AGE\n", "\ntodo%-chatbot%-backend%s+[%d.]+:8000,[%d.]+:8000%s"},
+            {"events", "LAST SEEN%s+TYPE%s+REASON%s+OBJECT%s+MESSAGE\n", "%sScalingReplicaSet%s+deployment/todo%-chatbot%-backend%s"},
+            {"configmaps", "NAME%s+DATA%s+AGE\n", "\ntodo%-chatbot%-config%s+6%s"},
+            {"secrets", "NAME%s+TYPE%s+DATA%s+AGE\n", "\ntodo%-chatbot%-secrets%s+Opaque%s+6%s"},
+            {"serviceaccounts", "NAME%s+SECRETS%s+AGE\n", "\ntodo%-chatbot%-backend%s+0%s"},
+            {"leases", "NAME%s+HOLDER%s+AGE\n", "\nrecurring%-task%-scheduler%s"},
+            {"hpa", "NAME%s+REFERENCE%s+TARGETS%s+MINPODS%s+MAXPODS%s+REPLICAS%s+AGE\n",
+             "\nrecurring%-task%-service%-hpa%s+Deployment/todo%-chatbot%-recurring%-task%s+cpu: 23%%/70%%%s+1%s+4%s+1%s"},
+            {"ingresses", "NAME%s+CLASS%s+HOSTS%s+ADDRESS%s+PORTS%s+AGE\n", "\ntodo%-chatbot%s+nginx%s+todo%.example%.com%s"},
+            {"networkpolicies", "NAME%s+POD%-SELECTOR%s+AGE\n", "\nallow%-same%-namespace%s"},
+            {"components.dapr.io", "NAME%s+AGE\n", "\npubsub%-kafka%s"},
+            {"subscriptions.dapr.io", "NAME%s+AGE\n", "\ntask%-events%-subscription%s"},
+        }
+        for _, c in ipairs(kinds) do
+            it("gets " .. c[1] .. " as a table", function()
+                local out = k("get " .. c[1])
+                assert.matches("^" .. c[2], out)
+                assert.matches(c[3], out)
+            end)
+        end
+
+        it("prints the wide columns of pods", function()
+            assert.matches("^NAME%s+READY%s+STATUS%s+RESTARTS%s+AGE%s+IP%s+NODE%s+NOMINATED NODE%s+READINESS GATES\n",
+                k("get pods -o wide"))
+        end)
+
+        it("gets objects and lists as JSON", function()
+            local d = json("get deploy todo-chatbot-backend")
+            assert.equal("Deployment", d.kind)
+            assert.equal("apps/v1", d.apiVersion)
+            assert.equal(2, d.status.readyReplicas)
+            assert.equal(d.metadata.generation, d.status.observedGeneration)
+            local list = json("get pods")
+            assert.equal("List", list.kind)
+            assert.equal(8, #list.items)
+            assert.equal("Pod", list.items[1].kind)
+            assert.equal(2, #list.items[1].status.containerStatuses)
+        end)
+
+        it("gets an object as YAML", function()
+            local out = k("get cm todo-chatbot-config -o yaml")
+            assert.matches("\nkind: ConfigMap\n", out)
+            assert.matches("\n  LOG_LEVEL: INFO\n", out)
+            assert.matches("\n  resourceVersion: \"%d+\"\n", out)
+        end)
+
+        it("answers a missing object with NotFound", function()
+            local out, rc = kubectl("get deploy nope")
+            assert.equal(1, rc)
+            assert.matches('Error from server %(NotFound%): deployments.apps "nope" not found', out)
+        end)
+
+        it("selects by label and field", function()
+            local out = k("get pods -l app.kubernetes.io/component=backend -o name")
+            assert.equal(2, select(2, out:gsub("pod/todo%-chatbot%-backend%-", "")))
+            out = k("get deploy --field-selector metadata.name=todo-chatbot-frontend -o name")
+            assert.equal("deployment.apps/todo-chatbot-frontend\n", out)
+        end)
+
+        it("describes a deployment", function()
+            local out = k("describe deploy todo-chatbot-backend")
+            assert.matches("Replicas:%s+2 desired | 2 updated | 2 total | 2 available | 0 unavailable", out)
+            assert.matches("StrategyType:%s+RollingUpdate", out)
+            assert.matches("Image:%s+registry.digitalocean.com/todo%-chatbot/backend:v1.4.0", out)
+            assert.matches("Readiness:%s+http%-get http://:8000/health delay=0s timeout=1s period=10s #success=1 #failure=3", out)
+            assert.matches("Progressing%s+True%s+NewReplicaSetAvailable", out)
+            assert.matches("NewReplicaSet:%s+todo%-chatbot%-backend%-%w+ %(2/2 replicas created%)", out)
+            assert.matches("ScalingReplicaSet", out)
+        end)
+
+        it("shows the last lines of a container's log", function()
+            local out = k("logs deploy/todo-chatbot-backend -c backend --tail=3")
+            local lines = {}
+            for line in out:gmatch("[^\n]+") do
+                if line:match("^{") then lines[#lines + 1] = cjson.decode(line) end
+            end
+            assert.equal(3, #lines)
+            assert.equal("backend", lines[3].service)
+            out = k("logs deploy/todo-chatbot-backend -c daprd --tail=2")
+            assert.equal(2, select(2, out:gsub("level=%a+ msg=", "")))
+        end)
+
+        it("logs the default container of a pod with two", function()
+            local pod = pods_of("backend")[1].metadata.name
+            local out = k("logs " .. pod .. " --tail=1")   -- kubectl.kubernetes.io/default-container
+            assert.matches('"service": "backend"', out)
+        end)
+
+        it("sorts events by lastTimestamp", function()
+            assert.matches("^LAST SEEN%s+TYPE", k("get events --sort-by=.lastTimestamp"))
+            local out = k("get events --sort-by=.lastTimestamp --no-headers -o custom-columns=T:.lastTimestamp")
+            local prev, n = "", 0
+            for t in out:gmatch("[^\n]+") do
+                assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", t)
+                assert.is_true(t >= prev, t .. " after " .. prev)
+                prev, n = t, n + 1
+            end
+            assert.is_true(n > 20, out)
+        end)
+
+        it("shows pod and node metrics with top", function()
+            local out = k("top pods")
+            assert.matches("^NAME%s+CPU%(cores%)%s+MEMORY%(bytes%)", out)
+            assert.matches("\ntodo%-chatbot%-backend%-%w+%-%w+%s+%d+m%s+%d+Mi", out)
+            assert.matches("\npool%-todo%-chatbot%-r7k2x%s+%d+m%s+%d+%%", k("top nodes"))
+        end)
+
+        it("proxies to an app's health endpoint through services and pods", function()
+            local out = k("get --raw /api/v1/namespaces/" .. NS .. "/services/todo-chatbot-backend:8000/proxy/health")
+            assert.equal("healthy", cjson.decode(out).status)
+            local pod = pods_of("websocket")[1].metadata.name
+            out = k("get --raw /api/v1/namespaces/" .. NS .. "/pods/" .. pod .. ":8001/proxy/health")
+            assert.equal("websocket", cjson.decode(out).service)
+        end)
+
+        it("holds the sandbox's real passwords in todo-chatbot-secrets", function()
+            local s = json("get secret todo-chatbot-secrets")
+            local decode = function(v) return (run("printf %s " .. q(v) .. " | base64 -d")) end
+            assert.equal(sb.env("DATABASE_URL"), decode(s.data.DATABASE_URL))
+            assert.equal(sb.env("REDIS_URL"), decode(s.data.REDIS_URL))
+        end)
+    end)
+
+    describe("authentication", function()
+        it("accepts the bearer token of the default context", function()
+            assert.matches("Username%s+sandbox%-admin", k("auth whoami"))
+        end)
+
+        it("accepts a token from the exec credential plugin", function()
+            assert.matches("Username%s+sandbox%-exec%-user", k("--context=sandbox-exec auth whoami"))
+            assert.matches("yes", k("--context=sandbox-exec auth can-i create deployments"))
+            assert.matches("todo%-chatbot%-backend", k("--context=sandbox-exec get deploy"))
+        end)
+
+        it("refuses a request without credentials with a 401 Status", function()
+            -- kubectl itself will not send one (it prompts for a password), so curl does.
+            local ca = sb.state .. "/k8s/ca.crt"
+            local server = run("grep -o 'https://[^ ]*' " .. q(sb.env("KUBECONFIG"))):gsub("%s+$", "")
+            local out = run("curl -s -m 10 --cacert " .. q(ca) .. " -w '\n%{http_code}' " .. q(server .. "/api/v1/namespaces"))
+            local body, code = out:match("^(.*)\n(%d+)$")
+            assert.equal("401", code)
+            local st = cjson.decode(body)
+            assert.same({"Status", "Failure", "Unauthorized", 401}, {st.kind, st.status, st.reason, st.code})
+        end)
+
+        it("refuses a wrong token", function()
+            local out, rc = kubectl("--context=sandbox-anonymous get pods")
+            assert.equal(1, rc)
+            assert.matches("error: You must be logged in to the server %(Unauthorized%)", out)
+        end)
+    end)
+
+    describe("writes", function()
+        it("scales a deployment and writes its ready replicas for the Kafka consumers", function()
+            assert.equal(1, replica_file("recurring-task"))
+            assert.matches("deployment.apps/todo%-chatbot%-recurring%-task scaled",
+                k("scale deploy/todo-chatbot-recurring-task --replicas=3"))
+            rollout_status("todo-chatbot-recurring-task")
+            assert.equal(3, #pods_of("recurring-task"))
+            assert.truthy(eventually(3, function() return replica_file("recurring-task") == 3 end))
+            k("scale deploy/todo-chatbot-recurring-task --replicas=1")
+            assert.truthy(eventually(5, function() return replica_file("recurring-task") == 1 end))
+        end)
+
+        it("restarts a rollout that rollout status follows to the end", function()
+            local before = json("get deploy todo-chatbot-backend")
+            assert.matches("deployment.apps/todo%-chatbot%-backend restarted",
+                k("rollout restart deploy/todo-chatbot-backend"))
+            local out = rollout_status("todo-chatbot-backend")
+            assert.matches("Waiting for deployment", out)
+            local d = json("get deploy todo-chatbot-backend")
+            assert.equal(before.metadata.generation + 1, d.metadata.generation)
+            assert.equal(d.metadata.generation, d.status.observedGeneration)
+            assert.equal("4", d.metadata.annotations["deployment.kubernetes.io/revision"])
+            assert.truthy(d.spec.template.metadata.annotations["kubectl.kubernetes.io/restartedAt"])
+            for _, p in ipairs(pods_of("backend")) do
+                assert.equal(d.spec.template.metadata.annotations["kubectl.kubernetes.io/restartedAt"],
+                    p.metadata.annotations["kubectl.kubernetes.io/restartedAt"])
+            end
+        end)
+
+        it("lists the rollout history", function()
+            local out = k("rollout history deploy/todo-chatbot-backend")
+            assert.matches("REVISION%s+CHANGE%-CAUSE", out)
+            assert.matches("\n1%s+helm upgrade todo%-chatbot %-%-set backend.image.tag=v1.3.0", out)
+            assert.matches("\n4%s+<none>", out)
+        end)
+
+        it("undoes to a revision and restores its template", function()
+            assert.matches("rolled back", k("rollout undo deploy/todo-chatbot-backend --to-revision=1"))
+            rollout_status("todo-chatbot-backend")
+            assert.equal("registry.digitalocean.com/todo-chatbot/backend:v1.3.0", app_image("todo-chatbot-backend"))
+            for _, p in ipairs(pods_of("backend")) do
+                assert.equal("registry.digitalocean.com/todo-chatbot/backend:v1.3.0", p.spec.containers[1].image)
+            end
+            local out = k("rollout history deploy/todo-chatbot-backend")
+            assert.is_nil(out:match("\n1%s"))
+            assert.matches("\n5%s", out)
+            assert.matches("backend:v1.3.0", k("rollout history deploy/todo-chatbot-backend --revision=5"))
+        end)
+
+        it("sets an image", function()
+            local image = "registry.digitalocean.com/todo-chatbot/notification:v1.5.0"
+            assert.matches("image updated", k("set image deploy/todo-chatbot-notification notification=" .. image))
+            rollout_status("todo-chatbot-notification")
+            assert.equal(image, pods_of("notification")[1].spec.containers[1].image)
+        end)
+
+        it("patches with a strategic merge patch, merging containers by name", function()
+            k([[patch deploy todo-chatbot-notification -p '{"spec":{"template":{"spec":{"containers":[{"name":"notification","env":[{"name":"FEATURE_X","value":"on"}]}]}}}}']])
+            local c = json("get deploy todo-chatbot-notification").spec.template.spec.containers
+            assert.equal(2, #c)
+            local env = {}
+            for _, e in ipairs(c[1].env) do env[e.name] = e.value end
+            assert.same({DAPR_HTTP_PORT = "3500", APP_NAME = "notification", FEATURE_X = "on"}, env)
+            rollout_status("todo-chatbot-notification")
+        end)
+
+        it("patches with a JSON merge patch", function()
+            k([[patch cm todo-chatbot-config --type=merge -p '{"data":{"LOG_LEVEL":"DEBUG","PUBSUB_NAME":null}}']])
+            local data = json("get cm todo-chatbot-config").data
+            assert.equal("DEBUG", data.LOG_LEVEL)
+            assert.is_nil(data.PUBSUB_NAME)
+        end)
+
+        it("patches with a JSON patch and refuses a failing test op", function()
+            k([[patch cm todo-chatbot-config --type=json -p '[{"op":"replace","path":"/data/LOG_LEVEL","value":"WARN"},{"op":"add","path":"/data/NEW_KEY","value":"1"}]']])
+            local data = json("get cm todo-chatbot-config").data
+            assert.equal("WARN", data.LOG_LEVEL)
+            assert.equal("1", data.NEW_KEY)
+            local out, rc = kubectl([[patch cm todo-chatbot-config --type=json -p '[{"op":"test","path":"/data/LOG_LEVEL","value":"INFO"}]']])
+            assert.equal(1, rc)
+            assert.matches("The request is invalid: .*json patch test operation failed", out)
+        end)
+
+        it("applies a manifest: created, unchanged, configured", function()
+            local path = manifest(DEMO)
+            local out = k("apply -f " .. path)
+            assert.matches("configmap/demo%-config created", out)
+            assert.matches("deployment.apps/demo created", out)
+            rollout_status("demo")
+            out = k("apply -f " .. path)
+            assert.matches("configmap/demo%-config unchanged", out)
+            assert.matches("deployment.apps/demo unchanged", out)
+            local changed = manifest((DEMO:gsub("greeting: hello", "greeting: hi"):gsub("nginx:1%.27", "nginx:1.28")))
+            out = k("apply -f " .. changed)
+            assert.matches("configmap/demo%-config configured", out)
+            assert.matches("deployment.apps/demo configured", out)
+            rollout_status("demo")
+            assert.equal("hi", json("get cm demo-config").data.greeting)
+            assert.equal("nginx:1.28", app_image("demo"))
+            os.remove(path)
+            os.remove(changed)
+        end)
+
+        it("applies server-side, with conflicts between field managers", function()
+            local cm = function(value)
+                return manifest("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: ssa-config\ndata:\n  mode: " .. value .. "\n")
+            end
+            local first, second, other = cm("one"), cm("two"), cm("other")
+            assert.matches("configmap/ssa%-config serverside%-applied", k("apply --server-side -f " .. first))
+            assert.matches("configmap/ssa%-config serverside%-applied", k("apply --server-side -f " .. second))
+            local obj = json("get cm ssa-config --show-managed-fields")
+            assert.equal("two", obj.data.mode)
+            assert.same({"kubectl", "Apply"}, {obj.metadata.managedFields[1].manager, obj.metadata.managedFields[1].operation})
+            local out, rc = kubectl("apply --server-side --field-manager=other -f " .. other)
+            assert.equal(1, rc)
+            assert.matches('Apply failed with 1 conflict: conflict with "kubectl" using v1: .data.mode', out)
+            assert.equal("two", json("get cm ssa-config").data.mode)
+            k("apply --server-side --field-manager=other --force-conflicts -f " .. other)
+            assert.equal("other", json("get cm ssa-config").data.mode)
+            -- the client-side-applied demo moves to server-side apply when its values agree
+            assert.matches("deployment.apps/demo serverside%-applied",
+                k("apply --server-side -f " .. manifest((DEMO:gsub("greeting: hello", "greeting: hi"):gsub("nginx:1%.27", "nginx:1.28")))))
+            k("delete cm ssa-config")
+            for _, f in ipairs({first, second, other}) do os.remove(f) end
+        end)
+
+        it("creates an object once and refuses the second create", function()
+            local path = manifest("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: created-twice\ndata:\n  a: \"1\"\n")
+            assert.matches("configmap/created%-twice created", k("create -f " .. path))
+            local out, rc = kubectl("create -f " .. path)
+            assert.equal(1, rc)
+            assert.matches('Error from server %(AlreadyExists%).*configmaps "created%-twice" already exists', out)
+            os.remove(path)
+        end)
+
+        it("deletes a deployment with its ReplicaSets and pods", function()
+            assert.matches('deployment.apps "demo" deleted', k("delete deploy demo"))
+            local out, rc = kubectl("get deploy demo")
+            assert.equal(1, rc)
+            assert.matches("NotFound", out)
+            assert.truthy(eventually(5, function()
+                return #json("get rs,pods -l app=demo").items == 0
+            end))
+            assert.matches('configmap "created%-twice" deleted', k("delete cm created-twice"))
+        end)
+
+        it("gets 409 when an update carries a stale resourceVersion", function()
+            local path = os.tmpname()
+            k("get cm todo-chatbot-config -o json > " .. path)
+            k([[patch cm todo-chatbot-config --type=merge -p '{"data":{"STALE":"no"}}']])
+            local out, rc = kubectl("replace -f " .. path)
+            assert.equal(1, rc)
+            assert.matches('Error from server %(Conflict%).*Operation cannot be fulfilled on configmaps "todo%-chatbot%-config": the object has been modified', out)
+            os.remove(path)
+        end)
+    end)
+
+    describe("dry run and rest", function()
+        it("keeps every resourceVersion at rest", function()
+            settle()
+            local before = cluster_rv()
+            local deploys = k("get deploy -A -o jsonpath='{.items[*].metadata.resourceVersion}'")
+            sb.sleep(1)
+            assert.equal(before, cluster_rv())
+            assert.equal(deploys, k("get deploy -A -o jsonpath='{.items[*].metadata.resourceVersion}'"))
+        end)
+
+        it("leaves no trace of --dry-run=server writes", function()
+            settle()
+            local before, state = cluster_rv(), k("get all,cm,secrets -o json")
+            local path = manifest((DEMO:gsub("name: demo", "name: dry")))
+            local cmds = {
+                "create -f " .. path,
+                "apply -f " .. path,
+                "apply --server-side -f " .. path,
+                "scale deploy/todo-chatbot-backend --replicas=5",
+                "set image deploy/todo-chatbot-backend backend=nginx:dry",
+                "rollout undo deploy/todo-chatbot-backend",
+                [[patch cm todo-chatbot-config --type=merge -p '{"data":{"LOG_LEVEL":"DRY"}}']],
+                "delete cm todo-chatbot-config",
+                "delete deploy todo-chatbot-frontend",
+            }
+            for _, c in ipairs(cmds) do
+                local out, rc = kubectl(c .. " --dry-run=server")
+                assert.equal(0, rc, c .. ": " .. out)
+                -- kubectl patch does not mark its message as a dry run; the others do
+                assert.matches(c:match("^patch") and " patched\n" or "%(server dry run%)", out, c)
+            end
+            assert.equal(before, cluster_rv())
+            assert.equal(state, k("get all,cm,secrets -o json"))
+            os.remove(path)
+        end)
+    end)
+
+    describe("watch", function()
+        it("delivers MODIFIED events while a rollout progresses", function()
+            settle()
+            local file = os.tmpname()
+            local watch = kubectl_cmd("get deploy todo-chatbot-frontend --watch-only --output-watch-events -o"
+                .. " custom-columns=EVENT:.type,UPDATED:.object.status.updatedReplicas,AVAILABLE:.object.status.availableReplicas")
+            local pid = run("timeout 20 " .. watch .. " > " .. file .. " 2>&1 & echo $!"):match("%d+")
+            sb.sleep(0.5)
+            k("rollout restart deploy/todo-chatbot-frontend")
+            rollout_status("todo-chatbot-frontend")
+            sb.sleep(0.3)
+            run("kill " .. pid)
+            local out = io.open(file):read("a")
+            os.remove(file)
+            local modified = select(2, out:gsub("\nMODIFIED%s", ""))
+            assert.is_true(modified >= 4, out)
+            assert.matches("\nMODIFIED%s+1%s", out)
+            assert.matches("\nMODIFIED%s+2%s+2", out)
+        end)
+
+        it("answers a watch from a compacted resourceVersion with 410 Expired", function()
+            local out = k("get --raw '/api/v1/namespaces/" .. NS .. "/pods?watch=1&resourceVersion=1&timeoutSeconds=1'")
+            local ev = cjson.decode(out:match("[^\n]+"))
+            assert.equal("ERROR", ev.type)
+            assert.equal(410, ev.object.code)
+            assert.equal("Expired", ev.object.reason)
+        end)
+    end)
+
+    describe("faults", function()
+        setup(function()
+            ctl("reset --world")
+        end)
+
+        after_each(function()
+            ctl("reset")
+        end)
+
+        it("crashloop makes pods CrashLoopBackOff with rising restarts; rollout undo heals", function()
+            settle()
+            ctl("crashloop backend")
+            local restarts = function()
+                local out = k("get pods -l app.kubernetes.io/component=backend --no-headers")
+                return tonumber(out:match("CrashLoopBackOff%s+(%d+)")), out
+            end
+            local first = eventually(5, restarts)
+            assert.truthy(first, select(2, restarts()))
+            assert.truthy(eventually(8, function()
+                local n = restarts()
+                return n and n > first
+            end), select(2, restarts()))
+            assert.matches("BackOff%s+pod/todo%-chatbot%-backend", k("get events"))
+            k("rollout undo deploy/todo-chatbot-backend")
+            rollout_status("todo-chatbot-backend")
+            local out = k("get deploy todo-chatbot-backend --no-headers")
+            assert.matches("^todo%-chatbot%-backend%s+2/2%s+2%s+2%s", out)
+            assert.truthy(eventually(5, function()
+                local pods = k("get pods -l app.kubernetes.io/component=backend --no-headers")
+                return select(2, pods:gsub("2/2%s+Running%s+0%s", "")) == 2 and not pods:match("Terminating")
+            end))
+        end)
+
+        it("bad-image makes new pods ImagePullBackOff until reset", function()
+            local image = app_image("todo-chatbot-frontend")
+            ctl("bad-image frontend")
+            assert.truthy(eventually(5, function()
+                return k("get pods -l app.kubernetes.io/component=frontend"):match("ImagePullBackOff")
+            end))
+            assert.matches("Failed to pull image", k("get events"))
+            -- the rollout is stuck but the old pods keep serving
+            assert.matches("^todo%-chatbot%-frontend%s+2/2%s", k("get deploy todo-chatbot-frontend --no-headers"))
+            ctl("reset")
+            assert.equal(image, app_image("todo-chatbot-frontend"))
+            rollout_status("todo-chatbot-frontend")
+        end)
+
+        it("node-notready turns a node NotReady and its pods unready", function()
+            local node = "pool-todo-chatbot-r7k2x"
+            ctl("node-notready " .. node)
+            assert.truthy(eventually(3, function()
+                return k("get node " .. node .. " --no-headers"):match("^%S+%s+NotReady%s")
+            end))
+            local pods = json("get pods --field-selector spec.nodeName=" .. node).items
+            assert.is_true(#pods > 0)
+            assert.truthy(eventually(3, function()
+                for _, p in ipairs(json("get pods --field-selector spec.nodeName=" .. node).items) do
+                    for _, c in ipairs(p.status.conditions) do
+                        if c.type == "Ready" and c.status ~= "False" then return false end
+                    end
+                end
+                return true
+            end))
+            ctl("reset")
+            assert.truthy(eventually(3, function()
+                return k("get node " .. node .. " --no-headers"):match("^%S+%s+Ready%s")
+            end))
+        end)
+
+        it("oom leaves OOMKilled as the last state", function()
+            ctl("oom notification")
+            local cs = eventually(5, function()
+                local s = pods_of("notification")[1].status.containerStatuses[1]
+                return s.lastState.terminated and s
+            end)
+            assert.truthy(cs)
+            assert.equal("OOMKilled", cs.lastState.terminated.reason)
+            assert.equal(137, cs.lastState.terminated.exitCode)
+            assert.is_true(cs.restartCount >= 1)
+            assert.matches("OOMKilled", k("describe pod -l app.kubernetes.io/component=notification"))
+        end)
+
+        it("api-errors fails requests with the real Status", function()
+            k("get cm")   -- discovery cached before the fault
+            ctl("api-errors 100%")
+            local out, rc = kubectl("get cm")
+            assert.equal(1, rc)
+            assert.matches("Error from server %(InternalError%)", out)
+            ctl("api-errors 0")
+            k("get cm")
+        end)
+
+        it("api-latency delays every request", function()
+            ctl("api-latency 500ms")
+            local t0 = now()
+            k("get --raw /api/v1/namespaces/" .. NS .. "/configmaps")
+            assert.is_true(now() - t0 >= 0.5)
+        end)
+
+        it("reset clears every fault", function()
+            ctl("api-latency 1s")
+            ctl("crashloop websocket")
+            ctl("reset")
+            local status = cjson.decode(ctl("status"))
+            assert.same({}, status.crashloop)
+            assert.equal(0, status.api_latency)
+            local t0 = now()
+            k("get --raw /api/v1/namespaces/" .. NS .. "/configmaps")
+            assert.is_true(now() - t0 < 1)
+        end)
+    end)
+end)
