@@ -389,15 +389,13 @@ class Controller:
     def deployment_status(self, d, now, rss):
         rev = d["metadata"].get("annotations", {}).get(REV)
         new_rs = next((r for r in rss if r["metadata"]["annotations"].get(REV) == rev
-                       and bare_template(r["spec"]["template"]) == bare_template(d["spec"]["template"])), None)
+                       and self.bare_of(r) == bare_template(d["spec"]["template"])), None)
         want = d["spec"]["replicas"]
         tot = lambda f: sum(r.get("status", {}).get(f, 0) for r in rss)
         st = {"observedGeneration": d["metadata"].get("generation", 1), "replicas": tot("replicas"),
               "updatedReplicas": new_rs.get("status", {}).get("replicas", 0) if new_rs else 0,
               "readyReplicas": tot("readyReplicas"), "availableReplicas": tot("availableReplicas")}
         st["unavailableReplicas"] = max(0, sum(spec_replicas(r) for r in rss) - st["availableReplicas"])
-        if d["spec"].get("paused"):
-            st["observedGeneration"] = d.get("status", {}).get("observedGeneration", 1)
         drop_zero(st, ["replicas", "updatedReplicas", "readyReplicas", "availableReplicas", "unavailableReplicas"])
         max_unavail = fenceposts(d)[1] if d["spec"].get("strategy", {}).get("type") != "Recreate" else want
         st["conditions"] = self.conditions(d, new_rs, st, want, max_unavail, now)
