@@ -755,18 +755,21 @@ class Controller:
         self.save("horizontalpodautoscalers.autoscaling", h, new)
 
     def write_replica_files(self):
+        """Ready replicas of each todo-chatbot deployment, for the sandbox's Kafka
+        consumers: under the app's name (recurring-task, as `ctl replicas` and the
+        Kafka program use) and the deployment's full name."""
         if not self.state_dir:
             return
         for d in self.shared("deployments.apps", "todo-chatbot"):
-            # The sandbox names deployments by app (recurring-task), as in `ctl replicas`.
-            name = d["metadata"].get("labels", {}).get("app.kubernetes.io/component") or d["metadata"]["name"]
+            full = d["metadata"]["name"]
             n = d.get("status", {}).get("readyReplicas", 0)
-            if self.replicas_written.get(name) == n:
+            if self.replicas_written.get(full) == n:
                 continue
             folder = os.path.join(self.state_dir, "replicas")
             os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, ".%s.tmp" % name)
-            with open(tmp, "w") as f:
-                f.write("%d\n" % n)
-            os.rename(tmp, os.path.join(folder, name))
-            self.replicas_written[name] = n
+            for name in {full, d["metadata"].get("labels", {}).get("app.kubernetes.io/component")} - {None}:
+                tmp = os.path.join(folder, ".%s.tmp" % name)
+                with open(tmp, "w") as f:
+                    f.write("%d\n" % n)
+                os.rename(tmp, os.path.join(folder, name))
+            self.replicas_written[full] = n
