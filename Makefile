@@ -14,7 +14,7 @@ endif
 HOST_SRC = $(wildcard host/*.c)
 # sha256 from nettle, linked statically: a few KB, nothing more to load at start.
 HOST_LIBS = -l:libnettle.a
-MODULES  = exec http
+MODULES  = exec http k8s
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 # The stdlib precompiled to bytecode: parsing the source was most of start-up.
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
@@ -22,6 +22,7 @@ STDLIB_BC  = $(STDLIB_SRC:stdlib/%.lua=lib/lua/%.luac)
 
 # Backend libraries, linked only into the module that uses them.
 LIBS_http  = -lcurl
+LIBS_k8s   = -lcurl
 LIBS_kafka = -lrdkafka
 LIBS_pg    = -lpq
 LIBS_redis = -lhiredis

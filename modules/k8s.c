@@ -1,0 +1,714 @@
+/*
+ * k8s.c: the Kubernetes API over libcurl. Thin: TLS and auth set up once per
+ * connection, requests and line streams with deadlines; stdlib/k8s.lua does
+ * kubeconfig, discovery, verbs and errors.
+ *
+ *   connect(opts) -> conn
+ *     opts.server            "https://host:port" (required)
+ *     opts.ca_data|ca_file   PEM CA bundle to verify the server with
+ *     opts.cert_data|cert_file, opts.key_data|key_file
+ *                            client certificate and key (PEM); key data is a secret
+ *     opts.token             bearer token (a secret)
+ *     opts.tls_server_name   the name to send as SNI and verify, instead of the host
+ *     opts.insecure          true: no TLS verification
+ *   conn:request{method, path, body, content_type, accept, timeout}
+ *     -> status, body, content_type, retry_after
+ *   conn:stream{path, accept, timeout} -> stream    (a GET read line by line: watch, log -f)
+ *   stream:next(wait) -> line | nil, "wait" | "end" | "timeout"
+ *   stream:status() -> the HTTP status (0 before the headers arrive)
+ *   conn:set_token(token)    a rotated or refreshed credential
+ *   conn:close(), stream:close()   also __close and __gc
+ *   raise(op, code, retryable, message)  the structured error, for k8s.lua
+ *   mark_empty_arrays(json) -> json, n   every [] outside strings becomes the
+ *                          string "\u0000[]": lua-cjson 2.1 decodes [] and {}
+ *                          alike, and an object read, changed and written back
+ *                          must keep its empty lists lists (k8s.lua restores them)
+ *
+ * The gate: k8s.lua records every write with gate.effect, which needs the
+ * object before and after to report a diff. This file makes the dry-run
+ * guarantee independent of that: a request with any method but GET or HEAD
+ * made while the gate does not say "perform" is sent with dryRun=All (the
+ * API server runs it without persisting), and a write through a proxy
+ * subresource, which the API server cannot dry-run, is refused.
+ *
+ * One CURL easy handle per connection serves every request, so the TLS
+ * connection is kept alive; streams get a handle of their own, since a watch
+ * holds its connection open while the runbook keeps making requests.
+ */
+#define _GNU_SOURCE /* memmem */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <curl/curl.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "runbook.h"
+
+/* ---- curl glue (the same as http.c's) ----------------------------------- */
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+    int oom;
+} buffer;
+
+static size_t buffer_add(buffer *b, const char *s, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 16384;
+        while (cap < b->len + n) cap *= 2;
+        char *d = realloc(b->data, cap);
+        if (!d) { b->oom = 1; return 0; } /* a short count makes curl abort */
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    return n;
+}
+
+static void buffer_free(buffer *b) {
+    free(b->data);
+    *b = (buffer){0};
+}
+
+static size_t on_body(char *ptr, size_t size, size_t n, void *ud) {
+    return buffer_add(ud, ptr, size * n);
+}
+
+/* Ctrl-C aborts a transfer in progress rather than waiting for its timeout. */
+static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un) {
+    (void)ud; (void)dt; (void)dn; (void)ut; (void)un;
+    return rb_interrupted() != 0;
+}
+
+/* curl's enum names, lower-cased without CURLE_: stable codes for runbooks
+ * to match on; curl_easy_strerror gives prose, not identifiers. */
+static void curl_reason(CURLcode rc, const char **name, int *retryable) {
+    static const struct { CURLcode code; const char *name; int retryable; } codes[] = {
+        {CURLE_UNSUPPORTED_PROTOCOL, "unsupported_protocol", 0},
+        {CURLE_URL_MALFORMAT, "url_malformat", 0},
+        {CURLE_COULDNT_RESOLVE_PROXY, "couldnt_resolve_proxy", 1},
+        {CURLE_COULDNT_RESOLVE_HOST, "couldnt_resolve_host", 1},
+        {CURLE_COULDNT_CONNECT, "couldnt_connect", 1},
+        {CURLE_WEIRD_SERVER_REPLY, "weird_server_reply", 1},
+        {CURLE_HTTP2, "http2", 1},
+        {CURLE_PARTIAL_FILE, "partial_file", 1},
+        {CURLE_OUT_OF_MEMORY, "out_of_memory", 0},
+        {CURLE_OPERATION_TIMEDOUT, "operation_timedout", 1},
+        {CURLE_SSL_CONNECT_ERROR, "ssl_connect_error", 1},
+        {CURLE_TOO_MANY_REDIRECTS, "too_many_redirects", 0},
+        {CURLE_GOT_NOTHING, "got_nothing", 1},
+        {CURLE_SSL_ENGINE_NOTFOUND, "ssl_engine_notfound", 0},
+        {CURLE_SEND_ERROR, "send_error", 1},
+        {CURLE_RECV_ERROR, "recv_error", 1},
+        {CURLE_SSL_CERTPROBLEM, "ssl_certproblem", 0},
+        {CURLE_SSL_CIPHER, "ssl_cipher", 0},
+        {CURLE_PEER_FAILED_VERIFICATION, "peer_failed_verification", 0},
+        {CURLE_SSL_CACERT_BADFILE, "ssl_cacert_badfile", 0},
+        {CURLE_WRITE_ERROR, "write_error", 0},
+        {CURLE_ABORTED_BY_CALLBACK, "interrupted", 0},
+    };
+    for (size_t i = 0; i < sizeof codes / sizeof *codes; i++) {
+        if (codes[i].code == rc) {
+            *name = codes[i].name;
+            *retryable = codes[i].retryable;
+            return;
+        }
+    }
+    *name = "curl_error";
+    *retryable = 0;
+}
+
+#define CONN_MT "runbook.k8s.conn"
+#define STREAM_MT "runbook.k8s.stream"
+#define DEFAULT_TIMEOUT 30.0
+#define CONNECT_TIMEOUT 10.0
+
+static int k8s_connect(lua_State *L);
+static int k8s_raise(lua_State *L);
+static int k8s_mark_empty_arrays(lua_State *L);
+
+static const luaL_Reg k8s_funcs[] = {
+    {"connect", k8s_connect},
+    {"raise", k8s_raise},
+    {"mark_empty_arrays", k8s_mark_empty_arrays},
+    {NULL, NULL}
+};
+
+/* A connection's fixed configuration and its one handle. Per-request
+ * scratch lives here too, so an error raised mid-request cannot leak it. */
+typedef struct {
+    CURL *curl;
+    char *base;                    /* scheme://host:port requests go to */
+    char *hostport;                /* the server as the user wrote it, for messages */
+    char *auth;                    /* "Authorization: Bearer ..." or NULL */
+    char *host_header;             /* "Host: ..." when tls_server_name is set */
+    struct curl_slist *connect_to; /* tls_server_name: connect to the real host */
+    char *ca_file, *cert_file, *key_file;
+    buffer ca, cert, key;          /* PEM data */
+    int insecure;
+    curl_socket_t fd;              /* the socket of the last connection opened */
+    /* scratch */
+    struct curl_slist *headers;
+    buffer body;
+    char ctype[128], retry_after[32];
+    char errbuf[CURL_ERROR_SIZE];
+} conn;
+
+typedef struct {
+    CURL *h;
+    CURLM *m;
+    struct curl_slist *headers;
+    buffer buf;
+    size_t pos;                    /* start of the unread part of buf */
+    int done;                      /* the transfer finished */
+    CURLcode rc;
+    char hostport[256];
+    char errbuf[CURL_ERROR_SIZE];
+} stream;
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static char *dup_or_null(const char *s) {
+    return s ? strdup(s) : NULL;
+}
+
+static const char *opt_string(lua_State *L, int t, const char *field, size_t *len) {
+    lua_getfield(L, t, field);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, t, lua_pushfstring(L, "%s must be a string", field));
+    const char *s = lua_tolstring(L, -1, len);
+    lua_pop(L, 1); /* still referenced by the table */
+    return s;
+}
+
+static double opt_timeout(lua_State *L, int t) {
+    lua_getfield(L, t, "timeout");
+    double v = DEFAULT_TIMEOUT;
+    if (!lua_isnil(L, -1)) {
+        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0)
+            luaL_argerror(L, t, "timeout must be a positive number of seconds");
+        v = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return rb_remaining(L, v);
+}
+
+static struct curl_slist *add_header(lua_State *L, struct curl_slist *list, const char *line) {
+    struct curl_slist *n = curl_slist_append(list, line);
+    if (!n) luaL_error(L, "out of memory");
+    return n;
+}
+
+/* ---- connection --------------------------------------------------------- */
+
+static void conn_free(conn *c) {
+    curl_slist_free_all(c->headers);
+    c->headers = NULL;
+    buffer_free(&c->body);
+    if (c->curl) curl_easy_cleanup(c->curl);
+    c->curl = NULL;
+    curl_slist_free_all(c->connect_to);
+    c->connect_to = NULL;
+    free(c->base); free(c->hostport); free(c->auth); free(c->host_header);
+    free(c->ca_file); free(c->cert_file); free(c->key_file);
+    c->base = c->hostport = c->auth = c->host_header = NULL;
+    c->ca_file = c->cert_file = c->key_file = NULL;
+    if (c->key.data) memset(c->key.data, 0, c->key.len);
+    buffer_free(&c->ca); buffer_free(&c->cert); buffer_free(&c->key);
+}
+
+/* Idempotent: serves __gc, __close and close. */
+static int conn_close(lua_State *L) {
+    conn_free(luaL_checkudata(L, 1, CONN_MT));
+    return 0;
+}
+
+static conn *check_conn(lua_State *L, int i) {
+    conn *c = luaL_checkudata(L, i, CONN_MT);
+    if (!c->curl) luaL_error(L, "k8s connection is closed");
+    return c;
+}
+
+static void set_blob(CURL *h, CURLoption opt, const buffer *b) {
+    struct curl_blob blob = {b->data, b->len, CURL_BLOB_COPY};
+    curl_easy_setopt(h, opt, &blob);
+}
+
+/*
+ * Acknowledge the response's headers at once: a server that writes headers
+ * and body in two writes without TCP_NODELAY (Python's http.server, as the
+ * sandbox's API stand-in does) otherwise holds the body back until the
+ * client's delayed ACK, 40 ms on every request of a reused connection.
+ * Linux clears TCP_QUICKACK as it sees fit, so it is set when the headers
+ * end; setting it also sends an ACK that is pending.
+ */
+static void quickack(curl_socket_t fd) {
+#ifdef TCP_QUICKACK
+    int one = 1;
+    if (fd != CURL_SOCKET_BAD) setsockopt(fd, IPPROTO_TCP, TCP_QUICKACK, &one, sizeof one);
+#else
+    (void)fd;
+#endif
+}
+
+/* Remembers the request connection's socket for quickack. */
+static int on_socket(void *ud, curl_socket_t fd, curlsocktype purpose) {
+    (void)purpose;
+    *(curl_socket_t *)ud = fd;
+    return CURL_SOCKOPT_OK;
+}
+
+/* Everything a handle needs to talk to this server, for requests and streams. */
+static void configure(conn *c, CURL *h, char *errbuf) {
+    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, errbuf);
+    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
+    curl_easy_setopt(h, CURLOPT_USERAGENT, "runbook");
+    curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(h, CURLOPT_TCP_KEEPALIVE, 1L);
+    if (c->ca.len) set_blob(h, CURLOPT_CAINFO_BLOB, &c->ca);
+    else if (c->ca_file) curl_easy_setopt(h, CURLOPT_CAINFO, c->ca_file);
+    if (c->cert.len) set_blob(h, CURLOPT_SSLCERT_BLOB, &c->cert);
+    else if (c->cert_file) curl_easy_setopt(h, CURLOPT_SSLCERT, c->cert_file);
+    if (c->key.len) set_blob(h, CURLOPT_SSLKEY_BLOB, &c->key);
+    else if (c->key_file) curl_easy_setopt(h, CURLOPT_SSLKEY, c->key_file);
+    curl_easy_setopt(h, CURLOPT_SSLCERTTYPE, "PEM");
+    curl_easy_setopt(h, CURLOPT_SSLKEYTYPE, "PEM");
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, c->insecure ? 0L : 1L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, c->insecure ? 0L : 2L);
+    if (c->connect_to) curl_easy_setopt(h, CURLOPT_CONNECT_TO, c->connect_to);
+    errbuf[0] = '\0';
+}
+
+static void set_timeouts(CURL *h, double total) {
+    double conn_t = total < CONNECT_TIMEOUT ? total : CONNECT_TIMEOUT;
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(total * 1000) + 1);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(conn_t * 1000) + 1);
+}
+
+static struct curl_slist *common_headers(lua_State *L, conn *c, const char *accept) {
+    struct curl_slist *l = add_header(L, NULL, "Expect:");
+    if (c->auth) l = add_header(L, l, c->auth);
+    if (c->host_header) l = add_header(L, l, c->host_header);
+    if (accept) l = add_header(L, l, lua_pushfstring(L, "Accept: %s", accept)), lua_pop(L, 1);
+    return l;
+}
+
+static void copy_data(lua_State *L, buffer *b, const char *s, size_t len) {
+    if (!s) return;
+    if (buffer_add(b, s, len) != len) luaL_error(L, "out of memory");
+}
+
+/*
+ * tls_server_name: the URL names that host, so curl sends it as SNI and
+ * verifies the certificate against it, while CONNECT_TO sends the packets
+ * to the real server and the Host header names the real server too.
+ */
+static void set_server(lua_State *L, conn *c, const char *server, const char *tls_name) {
+    CURLU *u = curl_url();
+    char *scheme = NULL, *host = NULL, *port = NULL;
+    if (!u || curl_url_set(u, CURLUPART_URL, server, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK) {
+        curl_free(scheme); curl_free(host); curl_url_cleanup(u);
+        luaL_argerror(L, 1, lua_pushfstring(L, "server %s is not a URL like https://host:6443", server));
+    }
+    lua_pushfstring(L, "%s:%s", host, port);
+    c->hostport = strdup(lua_tostring(L, -1));
+    lua_pop(L, 1);
+    /* a path prefix (a server behind a proxy at /k8s) is kept */
+    char *path = NULL;
+    curl_url_get(u, CURLUPART_PATH, &path, 0);
+    size_t plen = path ? strlen(path) : 0;
+    while (plen && path[plen - 1] == '/') path[--plen] = '\0';
+    if (tls_name && *tls_name) {
+        lua_pushfstring(L, "%s:%s:%s:%s", tls_name, port, host, port);
+        c->connect_to = curl_slist_append(NULL, lua_tostring(L, -1));
+        lua_pushfstring(L, "Host: %s:%s", host, port);
+        c->host_header = strdup(lua_tostring(L, -1));
+        lua_pop(L, 2);
+    }
+    lua_pushfstring(L, "%s://%s:%s%s", scheme, tls_name && *tls_name ? tls_name : host, port, path ? path : "");
+    c->base = strdup(lua_tostring(L, -1));
+    lua_pop(L, 1);
+    curl_free(path); curl_free(scheme); curl_free(host); curl_free(port);
+    curl_url_cleanup(u);
+}
+
+static void set_auth(lua_State *L, conn *c, const char *token, size_t len) {
+    free(c->auth);
+    c->auth = NULL;
+    if (!token || !len) return;
+    if (memchr(token, '\n', len) || memchr(token, '\r', len))
+        luaL_argerror(L, 1, "token cannot contain newlines");
+    rb_secret_register(L, token, len);
+    lua_pushfstring(L, "Authorization: Bearer %s", token);
+    c->auth = strdup(lua_tostring(L, -1));
+    lua_pop(L, 1);
+}
+
+static int k8s_connect(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    const char *server = opt_string(L, 1, "server", NULL);
+    if (!server) luaL_argerror(L, 1, "server is required");
+
+    conn *c = lua_newuserdatauv(L, sizeof *c, 0);
+    memset(c, 0, sizeof *c);
+    c->fd = CURL_SOCKET_BAD;
+    luaL_setmetatable(L, CONN_MT);
+    if (!(c->curl = curl_easy_init())) return luaL_error(L, "cannot initialise libcurl");
+
+    set_server(L, c, server, opt_string(L, 1, "tls_server_name", NULL));
+    size_t len = 0;
+    const char *s;
+    if ((s = opt_string(L, 1, "ca_data", &len))) copy_data(L, &c->ca, s, len);
+    c->ca_file = dup_or_null(opt_string(L, 1, "ca_file", NULL));
+    if ((s = opt_string(L, 1, "cert_data", &len))) copy_data(L, &c->cert, s, len);
+    c->cert_file = dup_or_null(opt_string(L, 1, "cert_file", NULL));
+    if ((s = opt_string(L, 1, "key_data", &len))) {
+        rb_secret_register(L, s, len);
+        copy_data(L, &c->key, s, len);
+    }
+    c->key_file = dup_or_null(opt_string(L, 1, "key_file", NULL));
+    if ((s = opt_string(L, 1, "token", &len))) set_auth(L, c, s, len);
+    lua_getfield(L, 1, "insecure");
+    c->insecure = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return 1;
+}
+
+static int conn_set_token(lua_State *L) {
+    conn *c = check_conn(L, 1);
+    size_t len = 0;
+    const char *t = luaL_optlstring(L, 2, NULL, &len);
+    set_auth(L, c, t, len);
+    return 0;
+}
+
+/* ---- requests ----------------------------------------------------------- */
+
+/* Only Content-Type and Retry-After are needed; a new status line (after a
+ * 100 Continue) starts over. */
+static size_t on_header(char *ptr, size_t size, size_t n, void *ud) {
+    conn *c = ud;
+    size_t len = size * n;
+    if (len >= 5 && memcmp(ptr, "HTTP/", 5) == 0) c->ctype[0] = c->retry_after[0] = '\0';
+    if (len <= 2 && (ptr[0] == '\r' || ptr[0] == '\n')) quickack(c->fd);
+    struct { const char *name; char *dst; size_t cap; } want[] = {
+        {"content-type:", c->ctype, sizeof c->ctype},
+        {"retry-after:", c->retry_after, sizeof c->retry_after},
+    };
+    for (size_t i = 0; i < 2; i++) {
+        size_t nl = strlen(want[i].name);
+        if (len > nl && strncasecmp(ptr, want[i].name, nl) == 0) {
+            const char *v = ptr + nl, *e = ptr + len;
+            while (v < e && (*v == ' ' || *v == '\t')) v++;
+            while (e > v && (e[-1] == '\r' || e[-1] == '\n' || e[-1] == ' ')) e--;
+            size_t vl = (size_t)(e - v) < want[i].cap - 1 ? (size_t)(e - v) : want[i].cap - 1;
+            memcpy(want[i].dst, v, vl);
+            want[i].dst[vl] = '\0';
+        }
+    }
+    return len;
+}
+
+static int is_read(const char *method) {
+    return !strcmp(method, "GET") || !strcmp(method, "HEAD");
+}
+
+/* The dry-run guarantee (see the top of the file). Returns the path to use. */
+static const char *guard_write(lua_State *L, const char *method, const char *path) {
+    if (is_read(method)) return path;
+    rb_effect e = {"k8s", method, path, "", 1};
+    if (rb_gate(L, &e) == RB_PERFORM) return path;
+    const char *q = strchr(path, '?');
+    size_t plen = q ? (size_t)(q - path) : strlen(path);
+    if (plen >= 6 && (memcmp(path + plen - 6, "/proxy", 6) == 0 || memmem(path, plen, "/proxy/", 7)))
+        rb_error(L, "k8s", method, "dry_run", 0,
+                 "%s %s: a write through a proxy cannot be dry-run, so it is refused in a dry run", method, path);
+    if (strstr(path, "dryRun=All")) return path;
+    return lua_pushfstring(L, "%s%cdryRun=All", path, q ? '&' : '?');
+}
+
+static void check_method(lua_State *L, const char *m) {
+    static const char *const ok[] = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", NULL};
+    for (int i = 0; ok[i]; i++)
+        if (!strcmp(m, ok[i])) return;
+    luaL_argerror(L, 2, lua_pushfstring(L, "method %s is not one of GET, HEAD, POST, PUT, PATCH, DELETE", m));
+}
+
+static int raise_transport(lua_State *L, const char *hostport, CURLcode rc, int oom,
+                           const char *errbuf, const char *method, const char *path) {
+    const char *code;
+    int retryable;
+    curl_reason(rc, &code, &retryable);
+    if (oom) code = "out_of_memory", retryable = 0;
+    const char *why = errbuf[0] ? errbuf : curl_easy_strerror(rc);
+    if (rc == CURLE_ABORTED_BY_CALLBACK)
+        return rb_error(L, "k8s", method, code, 0, "%s %s: interrupted", method, path);
+    return rb_error(L, "k8s", method, code, retryable,
+                    "%s %s: cannot reach the Kubernetes API server at %s: %s", method, path, hostport, why);
+}
+
+static int conn_request(lua_State *L) {
+    conn *c = check_conn(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    const char *method = opt_string(L, 2, "method", NULL);
+    if (!method) method = "GET";
+    check_method(L, method);
+    const char *path = opt_string(L, 2, "path", NULL);
+    if (!path || path[0] != '/') luaL_argerror(L, 2, "path must start with /");
+    size_t blen = 0;
+    const char *body = opt_string(L, 2, "body", &blen);
+    const char *ctype = opt_string(L, 2, "content_type", NULL);
+    const char *accept = opt_string(L, 2, "accept", NULL);
+    double timeout = opt_timeout(L, 2);
+    path = guard_write(L, method, path);
+
+    CURL *h = c->curl;
+    curl_slist_free_all(c->headers);
+    c->headers = NULL;
+    buffer_free(&c->body);
+    curl_easy_reset(h);
+    configure(c, h, c->errbuf);
+    set_timeouts(h, timeout);
+    lua_pushfstring(L, "%s%s", c->base, path);
+    curl_easy_setopt(h, CURLOPT_URL, lua_tostring(L, -1));
+    c->headers = common_headers(L, c, accept ? accept : "application/json");
+    if (ctype) c->headers = add_header(L, c->headers, lua_pushfstring(L, "Content-Type: %s", ctype));
+    curl_easy_setopt(h, CURLOPT_HTTPHEADER, c->headers);
+    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(h, CURLOPT_WRITEDATA, &c->body);
+    curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
+    curl_easy_setopt(h, CURLOPT_HEADERDATA, c);
+    curl_easy_setopt(h, CURLOPT_SOCKOPTFUNCTION, on_socket);
+    curl_easy_setopt(h, CURLOPT_SOCKOPTDATA, &c->fd);
+    c->ctype[0] = c->retry_after[0] = '\0';
+    if (!strcmp(method, "HEAD")) curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
+    else if (body || !is_read(method)) {
+        curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)blen);
+        curl_easy_setopt(h, CURLOPT_POSTFIELDS, body ? body : "");
+    }
+    if (strcmp(method, "GET") && strcmp(method, "POST")) curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
+
+    CURLcode rc = curl_easy_perform(h);
+    curl_slist_free_all(c->headers);
+    c->headers = NULL;
+    if (rc != CURLE_OK) {
+        int oom = c->body.oom;
+        buffer_free(&c->body);
+        return raise_transport(L, c->hostport, rc, oom, c->errbuf, method, path);
+    }
+    long status = 0;
+    curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+    lua_pushinteger(L, status);
+    lua_pushlstring(L, c->body.data ? c->body.data : "", c->body.len);
+    buffer_free(&c->body);
+    lua_pushstring(L, c->ctype);
+    if (c->retry_after[0]) lua_pushstring(L, c->retry_after); else lua_pushnil(L);
+    return 4;
+}
+
+/* ---- streams ------------------------------------------------------------ */
+
+static void stream_free(stream *s) {
+    if (s->m && s->h) curl_multi_remove_handle(s->m, s->h);
+    if (s->h) curl_easy_cleanup(s->h);
+    if (s->m) curl_multi_cleanup(s->m);
+    curl_slist_free_all(s->headers);
+    buffer_free(&s->buf);
+    s->h = NULL;
+    s->m = NULL;
+    s->headers = NULL;
+}
+
+static int stream_close(lua_State *L) {
+    stream_free(luaL_checkudata(L, 1, STREAM_MT));
+    return 0;
+}
+
+static int conn_stream(lua_State *L) {
+    conn *c = check_conn(L, 1);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    lua_settop(L, 2);
+    const char *path = opt_string(L, 2, "path", NULL);
+    if (!path || path[0] != '/') luaL_argerror(L, 2, "path must start with /");
+    const char *accept = opt_string(L, 2, "accept", NULL);
+    double timeout = opt_timeout(L, 2);
+
+    stream *s = lua_newuserdatauv(L, sizeof *s, 0);
+    memset(s, 0, sizeof *s);
+    luaL_setmetatable(L, STREAM_MT);
+    snprintf(s->hostport, sizeof s->hostport, "%s", c->hostport);
+    if (!(s->h = curl_easy_init()) || !(s->m = curl_multi_init()))
+        return luaL_error(L, "cannot initialise libcurl");
+    configure(c, s->h, s->errbuf);
+    set_timeouts(s->h, timeout);
+    lua_pushfstring(L, "%s%s", c->base, path);
+    curl_easy_setopt(s->h, CURLOPT_URL, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    s->headers = common_headers(L, c, accept ? accept : "application/json");
+    curl_easy_setopt(s->h, CURLOPT_HTTPHEADER, s->headers);
+    curl_easy_setopt(s->h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(s->h, CURLOPT_WRITEDATA, &s->buf);
+    curl_multi_add_handle(s->m, s->h);
+    return 1;
+}
+
+static stream *check_stream(lua_State *L) {
+    return luaL_checkudata(L, 1, STREAM_MT);
+}
+
+/* Pushes the next complete line, or the unterminated tail once the transfer
+ * is over; returns 0 when there is nothing to push. */
+static int pop_line(lua_State *L, stream *s) {
+    char *start = s->buf.data + s->pos;
+    size_t avail = s->buf.len - s->pos;
+    char *nl = avail ? memchr(start, '\n', avail) : NULL;
+    if (!nl && !(s->done && avail)) return 0;
+    size_t n = nl ? (size_t)(nl - start) : avail;
+    lua_pushlstring(L, start, n);
+    s->pos += nl ? n + 1 : n;
+    if (s->pos == s->buf.len) s->pos = s->buf.len = 0; /* reuse the buffer */
+    return 1;
+}
+
+static int stream_next(lua_State *L) {
+    stream *s = check_stream(L);
+    double wait = luaL_optnumber(L, 2, 1.0);
+    if (!s->h) return luaL_error(L, "k8s stream is closed");
+    double end = rb_now() + rb_remaining(L, wait);
+    for (;;) {
+        if (pop_line(L, s)) return 1;
+        if (s->done) {
+            lua_pushnil(L);
+            if (s->rc == CURLE_OK) lua_pushliteral(L, "end");
+            else if (s->rc == CURLE_OPERATION_TIMEDOUT) lua_pushliteral(L, "timeout");
+            else return raise_transport(L, s->hostport, s->rc, s->buf.oom, s->errbuf, "GET", "(stream)");
+            return 2;
+        }
+        if (rb_interrupted()) return rb_error(L, "k8s", "watch", "interrupted", 0, "interrupted");
+        double left = end - rb_now();
+        if (left <= 0) {
+            lua_pushnil(L);
+            lua_pushliteral(L, "wait");
+            return 2;
+        }
+        int running = 0;
+        curl_multi_perform(s->m, &running);
+        CURLMsg *msg;
+        int queued;
+        while ((msg = curl_multi_info_read(s->m, &queued)))
+            if (msg->msg == CURLMSG_DONE) s->done = 1, s->rc = msg->data.result;
+        if (!s->done && !memchr(s->buf.data + s->pos, '\n', s->buf.len - s->pos)) {
+            int ms = (int)(left * 1000) + 1;
+            curl_multi_poll(s->m, NULL, 0, ms < 100 ? ms : 100, NULL); /* wake for Ctrl-C */
+        }
+    }
+}
+
+static int stream_status(lua_State *L) {
+    stream *s = check_stream(L);
+    long status = 0;
+    if (s->h) curl_easy_getinfo(s->h, CURLINFO_RESPONSE_CODE, &status);
+    lua_pushinteger(L, status);
+    return 1;
+}
+
+/* ---- JSON ----------------------------------------------------------------- */
+
+static int k8s_mark_empty_arrays(lua_State *L) {
+    size_t len;
+    const char *s = luaL_checklstring(L, 1, &len), *end = s + len, *p = s;
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    int n = 0, in_string = 0;
+    const char *copied = s;
+    for (; p < end; p++) {
+        if (in_string) {
+            if (*p == '\\') p++;
+            else if (*p == '"') in_string = 0;
+            continue;
+        }
+        if (*p == '"') { in_string = 1; continue; }
+        if (*p != '[') continue;
+        const char *q = p + 1;
+        while (q < end && (*q == ' ' || *q == '\n' || *q == '\r' || *q == '\t')) q++;
+        if (q < end && *q == ']') {
+            luaL_addlstring(&b, copied, (size_t)(p - copied));
+            luaL_addstring(&b, "\"\\u0000[]\"");
+            copied = q + 1;
+            p = q;
+            n++;
+        }
+    }
+    if (n == 0) {
+        lua_settop(L, 1);
+        lua_pushinteger(L, 0);
+        return 2;
+    }
+    luaL_addlstring(&b, copied, (size_t)(end - copied));
+    luaL_pushresult(&b);
+    lua_pushinteger(L, n);
+    return 2;
+}
+
+/* ---- module ------------------------------------------------------------- */
+
+/* raise(op, code, retryable, message): k8s.lua's API errors come from the
+ * same helper as the transport errors here. */
+static int k8s_raise(lua_State *L) {
+    const char *op = luaL_checkstring(L, 1);
+    const char *code = luaL_optstring(L, 2, NULL);
+    int retryable = lua_toboolean(L, 3);
+    const char *msg = luaL_checkstring(L, 4);
+    return rb_error(L, "k8s", op, code, retryable, "%s", msg);
+}
+
+static const luaL_Reg conn_methods[] = {
+    {"request", conn_request},
+    {"stream", conn_stream},
+    {"set_token", conn_set_token},
+    {"close", conn_close},
+    {NULL, NULL}
+};
+
+static const luaL_Reg stream_methods[] = {
+    {"next", stream_next},
+    {"status", stream_status},
+    {"close", stream_close},
+    {NULL, NULL}
+};
+
+static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction fin) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_setfuncs(L, methods, 0);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, fin);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, fin);
+    lua_setfield(L, -2, "__close");
+    lua_pop(L, 1);
+}
+
+int luaopen_runbook_k8s(lua_State *L) {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return luaL_error(L, "cannot initialise libcurl");
+    new_metatable(L, CONN_MT, conn_methods, conn_close);
+    new_metatable(L, STREAM_MT, stream_methods, stream_close);
+    luaL_newlib(L, k8s_funcs);
+    return 1;
+}

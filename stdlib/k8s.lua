@@ -1,0 +1,100 @@
+--- k8s: the Kubernetes API for runbooks, over one reused libcurl connection.
+--
+-- Every function below exists twice: k8s.f(...) uses the default client (the
+-- current context of $KUBECONFIG, else ~/.kube/config, else the in-cluster
+-- service account, connected on first use), and c:f(...) a client from
+-- k8s.connect{context=, namespace=, kubeconfig=}. A namespace defaults to the
+-- context's; every function takes opts.namespace. Objects are Lua tables
+-- decoded from the API's JSON. Targets are written as kubectl writes them:
+-- "deploy/backend", "pod/x", "svc/web"; a bare name means a deployment.
+--
+-- Generic (any group/version/resource, custom resources too; types named as
+-- kubectl names them: "deployments", "deploy", "Deployment", "deployments.apps",
+-- resolved through discovery fetched once per process):
+--   get(TYPE/NAME [, opts])                 -> object; opts.missing_ok: nil when 404
+--   list(TYPE, {selector=, field_selector=, all_namespaces=, limit=})
+--                                           -> items (every page), list metadata
+--   create(obj) replace(obj) delete(TYPE/NAME, {propagation=, grace_period=, missing_ok=})
+--   patch(TYPE/NAME, patch, {type = "strategic"|"merge"|"json", subresource=})
+--   apply(obj | {obj...} | yaml | "file.yaml" | {file=}, {force=, field_manager=})
+--                                           server-side apply, field manager "runbook"
+--   watch(TYPE, {name=, selector=, resource_version=, timeout=}, fn(type, obj))
+--       fn returns truthy to stop (that value is returned); without fn, an
+--       iterator: for type, obj in k8s.watch("pods", {timeout = "1m"}) do ... end
+--
+-- kubectl's verbs, with kubectl's semantics:
+--   scale(TARGET, replicas, {current_replicas=})
+--   rollout_restart(TARGET)    rollout_status(TARGET, {timeout = "5m", progress = fn|false})
+--   rollout_history(TARGET) -> {{revision, replicaset, images, change_cause, template}...}
+--   rollout_undo(TARGET, {to_revision = N})
+--   set_image(TARGET, {container = "image", ["*"] = "image"})
+--   set_env(TARGET, {NAME = "v", GONE = false, PW = {secret = "db", key = "pw"}},
+--           {container=, from_secret=, from_configmap=, prefix=})
+--   logs(TARGET | {selector=}, {container=, tail=, since=, since_time=, previous=,
+--        timestamps=, prefix=}) -> lines, {pod = lines}
+--   events([TARGET], {namespace=, object=, type=, reason=, since=}) -> oldest first
+--   wait(TARGET | TYPE, condition, {selector=, timeout = "30s"}): condition
+--       "Ready", "Available", "condition=Progressing=False", "delete", or fn(obj)
+--   top("pods"|"nodes", {selector=, sort_by = "cpu"|"memory"})
+--   proxy_get("svc/NAME:PORT" | "pod/NAME:PORT", "/health", {check=}) -> {status, body, json}
+--   (there is no exec: reach an app's HTTP endpoints with proxy_get)
+--
+-- Summaries:
+--   deployment_health(ns, name)   namespace_health(ns)
+--
+-- A cluster-wide lock (see stdlib/k8s/lease.lua):
+--   lease_lock{namespace=, name=, duration = "60s", wait = "0s", identity=, try=}
+--     -> lock with renew(), renew_if_due(), expires_in(), release(); `<close>` releases
+--   lease_renew_due()
+--
+-- Writes go through the effect gate. In a dry run they are sent with
+-- dryRun=All: the server validates and answers with the would-be object,
+-- nothing persists, and the effect's result holds the diff ("replicas 2 -> 6").
+-- Errors are structured: code is the HTTP status ("404", "409") or curl's
+-- reason ("couldnt_connect"), with reason ("NotFound") and status fields.
+-- Reads are retried with backoff on 429/5xx and connection failures.
+local client = require "k8s.client"
+require "k8s.verbs"
+require "k8s.health"
+local lease = require "k8s.lease"
+
+local Client = client.Client
+local k8s = {}
+
+--- A client for a context: opts.context, opts.namespace, opts.kubeconfig
+-- (a path list, instead of $KUBECONFIG), opts.in_cluster, opts.timeout (per request).
+function k8s.connect(opts)
+  if opts ~= nil and type(opts) ~= "table" then error("k8s.connect expects a table", 2) end
+  return client.new(opts or {})
+end
+
+function Client:lease_lock(opts) return lease.new(self, opts) end
+function Client:lease_renew_due() return lease.renew_due() end
+
+local default
+--- The default client (connected on first use).
+function k8s.client()
+  if not default then default = client.new {} end
+  return default
+end
+
+--- Forget the default client and cached discovery (after KUBECONFIG changed).
+function k8s.reset()
+  if default then default:close() end
+  default = nil
+  client.forget_discovery()
+end
+
+local PUBLIC = {
+  "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
+  "scale", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "set_image", "set_env",
+  "logs", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health",
+  "lease_lock", "lease_renew_due",
+}
+for _, name in ipairs(PUBLIC) do
+  local method = Client[name]
+  assert(method, name)
+  k8s[name] = function(...) return method(k8s.client(), ...) end
+end
+
+return k8s

@@ -1,0 +1,132 @@
+--- Summaries runbooks decide on: deployment_health and namespace_health.
+local client = require "k8s.client"
+local verbs = require "k8s.verbs"
+
+local Client = client.Client
+local condition = verbs.condition
+
+local M = {}
+
+-- Waiting reasons that mean a pod will not get better by itself.
+local BAD_WAITING = { CrashLoopBackOff = true, ImagePullBackOff = true, ErrImagePull = true,
+  CreateContainerConfigError = true, CreateContainerError = true, InvalidImageName = true, RunContainerError = true }
+
+local function container_health(cs)
+  local st, last = cs.state or {}, (cs.lastState or {}).terminated
+  local state = st.running and "running" or st.waiting and "waiting" or st.terminated and "terminated" or "unknown"
+  return {
+    name = cs.name, ready = cs.ready == true, restarts = cs.restartCount or 0, state = state, image = cs.image,
+    waiting_reason = st.waiting and st.waiting.reason or nil,
+    waiting_message = st.waiting and st.waiting.message or nil,
+    terminated_reason = st.terminated and st.terminated.reason or nil,
+    last_termination_reason = last and last.reason or nil,
+    last_exit_code = last and last.exitCode or nil,
+  }
+end
+
+local function pod_health(p)
+  local st = p.status or {}
+  local ph = { name = p.metadata.name, phase = st.phase or "Unknown", node = p.spec.nodeName,
+    ready = verbs.pod_ready(p), restarts = 0, containers = {}, terminating = p.metadata.deletionTimestamp ~= nil }
+  for _, cs in ipairs(st.containerStatuses or {}) do
+    local c = container_health(cs)
+    ph.containers[#ph.containers + 1] = c
+    ph.restarts = ph.restarts + c.restarts
+    ph.reason = ph.reason or c.waiting_reason or c.terminated_reason
+    ph.last_termination_reason = ph.last_termination_reason or c.last_termination_reason
+  end
+  ph.reason = ph.reason or st.reason
+  return ph
+end
+
+local function matches(sel, labels)
+  labels = labels or {}
+  for k, v in pairs((sel or {}).matchLabels or {}) do
+    if labels[k] ~= v then return false end
+  end
+  for _, e in ipairs((sel or {}).matchExpressions or {}) do
+    local have, set = labels[e.key], {}
+    for _, v in ipairs(e.values or {}) do set[v] = true end
+    local ok = (e.operator == "In" and set[have]) or (e.operator == "NotIn" and not set[have])
+      or (e.operator == "Exists" and have ~= nil) or (e.operator == "DoesNotExist" and have == nil)
+    if not ok then return false end
+  end
+  return true
+end
+
+--- The health of one deployment object, given its namespace's pods.
+function M.of(d, pods)
+  local spec, st = d.spec or {}, d.status or {}
+  local h = {
+    name = d.metadata.name, namespace = d.metadata.namespace,
+    desired = spec.replicas or 1, ready = st.readyReplicas or 0, available = st.availableReplicas or 0,
+    updated = st.updatedReplicas or 0, replicas = st.replicas or 0, paused = spec.paused == true,
+    conditions = {}, pods = {}, problems = {},
+  }
+  for _, c in ipairs(st.conditions or {}) do
+    h.conditions[c.type] = { status = c.status, reason = c.reason, message = c.message }
+  end
+  local function problem(fmt, ...) h.problems[#h.problems + 1] = fmt:format(...) end
+  for _, p in ipairs(pods) do
+    if matches(spec.selector, p.metadata.labels) then
+      local ph = pod_health(p)
+      h.pods[#h.pods + 1] = ph
+      for _, c in ipairs(ph.containers) do
+        if c.waiting_reason and BAD_WAITING[c.waiting_reason] then
+          problem("pod %s: container %s is %s (%d restarts%s)", ph.name, c.name, c.waiting_reason, c.restarts,
+            c.last_termination_reason and (", last terminated: " .. c.last_termination_reason) or "")
+        elseif c.last_termination_reason == "OOMKilled" then
+          problem("pod %s: container %s was OOMKilled (%d restarts)", ph.name, c.name, c.restarts)
+        end
+      end
+      if ph.phase == "Pending" and #ph.containers == 0 then problem("pod %s is Pending%s", ph.name,
+        ph.reason and (": " .. ph.reason) or "") end
+    end
+  end
+  table.sort(h.pods, function(a, b) return a.name < b.name end)
+  local prog = h.conditions.Progressing
+  if prog and prog.reason == "ProgressDeadlineExceeded" then problem("rollout exceeded its progress deadline") end
+  local avail = h.conditions.Available
+  if avail and avail.status ~= "True" then problem("not Available: %s", avail.message or avail.reason or "") end
+  if h.ready < h.desired then problem("%d of %d replicas ready", h.ready, h.desired) end
+  if h.updated < h.desired then problem("%d of %d replicas updated", h.updated, h.desired) end
+  h.healthy = #h.problems == 0
+  return h
+end
+
+--- deployment_health(namespace, name): desired/ready/available/updated, the
+-- conditions, every pod with phase, restarts, waiting and last termination
+-- reasons, the problems found (strings) and healthy (a boolean).
+function Client:deployment_health(ns, name)
+  if type(name) ~= "string" then ns, name = self.namespace, ns end
+  local d = self:get("deployments", name, { namespace = ns })
+  return M.of(d, self:pods_of(d, ns))
+end
+
+--- namespace_health(namespace): every deployment's health, node readiness,
+-- and healthy when all deployments and nodes are.
+function Client:namespace_health(ns)
+  ns = ns or self.namespace
+  local deps = self:list("deployments", { namespace = ns })
+  local pods = self:list("pods", { namespace = ns })
+  local out = { namespace = ns, deployments = {}, nodes = {}, problems = {}, healthy = true }
+  for _, d in ipairs(deps) do
+    local h = M.of(d, pods)
+    out.deployments[#out.deployments + 1] = h
+    for _, p in ipairs(h.problems) do out.problems[#out.problems + 1] = ("deployment %s: %s"):format(h.name, p) end
+  end
+  local ok, nodes = pcall(self.list, self, "nodes")
+  for _, n in ipairs(ok and nodes or {}) do
+    local c = condition(n, "Ready")
+    local node = { name = n.metadata.name, ready = c ~= nil and c.status == "True",
+      reason = c and c.reason, message = c and c.message, unschedulable = (n.spec or {}).unschedulable == true }
+    out.nodes[#out.nodes + 1] = node
+    if not node.ready then out.problems[#out.problems + 1] = ("node %s is NotReady%s"):format(node.name,
+      node.reason and (" (" .. node.reason .. ")") or "") end
+  end
+  if not ok then out.nodes_error = tostring(nodes) end
+  out.healthy = #out.problems == 0
+  return out
+end
+
+return M

@@ -1,0 +1,638 @@
+--- The kubectl verbs operators use, with kubectl's semantics, as methods of
+-- the client (stdlib/k8s.lua documents them): scale, rollout_restart,
+-- rollout_status, rollout_history, rollout_undo, set_image, set_env, logs,
+-- events, wait, top, proxy_get.
+local cjson = require "cjson"
+local host = require "runbook.host"
+local client = require "k8s.client"
+local duration = require "duration"
+
+local Client = client.Client
+local raise, write, path_of, qualified, target_of = client.raise, client.write, client.path, client.qualified, client.target
+
+local M = {}
+
+-- Long waits call these every turn (a held Lease renews itself through one).
+M.on_wait = {}
+local function waiting()
+  for _, f in ipairs(M.on_wait) do f() end
+end
+
+local function secs(v, what, dflt)
+  if v == nil then return dflt end
+  return duration.check(v, what)
+end
+
+local function copy(v)
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, x in pairs(v) do out[k] = copy(x) end
+  return setmetatable(out, getmetatable(v))
+end
+M.copy = copy
+
+local function now_rfc3339()
+  return os.date("!%Y-%m-%dT%H:%M:%SZ")
+end
+
+-- A workload ("deploy/x", or a bare name meaning a deployment) and its current object.
+function Client:workload(a, b, verb)
+  local t, name, opts = client.target_args(a, b, nil, false, verb)
+  if not name then t, name = "deployments", t end
+  opts = opts or {}
+  local r = self:resource(t)
+  local ns = self:ns(opts)
+  local obj = self:call { path = path_of(r, ns, name), op = verb,
+    what = ('%s "%s" in namespace %s'):format(qualified(r), name, ns) }
+  return r, ns, name, obj, opts
+end
+
+local function pod_spec(obj)
+  if obj.kind == "Pod" then return obj.spec, { "spec" } end
+  return obj.spec.template.spec, { "spec", "template", "spec" }
+end
+
+-- { spec = { template = { spec = inner } } } for a path like {"spec","template","spec"}
+local function nest(path, inner)
+  for i = #path, 1, -1 do inner = { [path[i]] = inner } end
+  return inner
+end
+
+-- ---- scale and rollouts ------------------------------------------------------
+
+function Client:scale(a, b, c, d)
+  local ref, replicas, opts
+  if type(b) == "string" then ref, replicas, opts = a .. "/" .. b, c, d else ref, replicas, opts = a, b, c end
+  if type(replicas) ~= "number" or replicas < 0 or replicas ~= math.floor(replicas) then
+    error("k8s.scale: replicas must be a whole number >= 0", 2)
+  end
+  replicas = math.tointeger(replicas)
+  local r, ns, name, obj = self:workload(ref, opts, "scale")
+  if not r.subresources.scale then
+    raise { op = "scale", code = "not_scalable", retryable = false, message = ("%s cannot be scaled"):format(qualified(r)) }
+  end
+  local cur = obj.spec and obj.spec.replicas
+  if opts and opts.current_replicas and cur ~= opts.current_replicas then
+    raise { op = "scale", code = "precondition", retryable = false,
+      message = ("expected replicas to be %d, was %s"):format(opts.current_replicas, tostring(cur)) }
+  end
+  return (write {
+    op = "scale", target = target_of(r, ns, name), summary = ("scale %s %s to %d"):format(r.singular, name, replicas),
+    before = { spec = { replicas = cur } },
+    send = function(dry)
+      local s = self:call { method = "PATCH", path = path_of(r, ns, name, "scale"), op = "scale",
+        content_type = "application/merge-patch+json", body = { spec = { replicas = replicas } },
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+      return s
+    end,
+    changes = function(before, after)
+      return require("k8s.diff").changes(before, { spec = { replicas = after.spec and after.spec.replicas } })
+    end,
+  })
+end
+
+function Client:rollout_restart(a, b)
+  local r, ns, name, obj, opts = self:workload(a, b, "rollout_restart")
+  if obj.spec and obj.spec.paused then
+    raise { op = "rollout_restart", code = "paused", retryable = false,
+      message = ("can't restart paused %s %s (run rollout resume first)"):format(r.singular, name) }
+  end
+  return (write {
+    op = "rollout_restart", target = target_of(r, ns, name), summary = ("restart %s %s"):format(r.singular, name),
+    before = obj,
+    send = function(dry)
+      return self:call { method = "PATCH", path = path_of(r, ns, name), op = "rollout_restart",
+        content_type = "application/strategic-merge-patch+json",
+        body = { spec = { template = { metadata = { annotations = {
+          ["kubectl.kubernetes.io/restartedAt"] = opts.at or now_rfc3339() } } } } },
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+    end,
+  })
+end
+
+local function condition(obj, ctype)
+  for _, c in ipairs((obj.status or {}).conditions or {}) do
+    if c.type == ctype then return c end
+  end
+end
+M.condition = condition
+
+--- kubectl's DeploymentStatusViewer: message, done; raises on ProgressDeadlineExceeded.
+function M.deployment_status(d)
+  local name, spec, st = d.metadata.name, d.spec or {}, d.status or {}
+  if (d.metadata.generation or 0) > (st.observedGeneration or 0) then
+    return "Waiting for deployment spec update to be observed...", false
+  end
+  local c = condition(d, "Progressing")
+  if c and c.reason == "ProgressDeadlineExceeded" then
+    raise { op = "rollout_status", code = "ProgressDeadlineExceeded", retryable = false,
+      message = ("deployment %q exceeded its progress deadline"):format(name) }
+  end
+  local want, updated = spec.replicas or 1, st.updatedReplicas or 0
+  local replicas, available = st.replicas or 0, st.availableReplicas or 0
+  if updated < want then
+    return ("Waiting for deployment %q rollout to finish: %d out of %d new replicas have been updated...")
+      :format(name, updated, want), false
+  end
+  if replicas > updated then
+    return ("Waiting for deployment %q rollout to finish: %d old replicas are pending termination...")
+      :format(name, replicas - updated), false
+  end
+  if available < updated then
+    return ("Waiting for deployment %q rollout to finish: %d of %d updated replicas are available...")
+      :format(name, available, updated), false
+  end
+  return ("deployment %q successfully rolled out"):format(name), true
+end
+
+--- Watches the deployment until it is rolled out (returns {message, deployment}),
+-- its progress deadline passes or `timeout` does (both raise).
+function Client:rollout_status(a, b)
+  local r, ns, name, obj, opts = self:workload(a, b, "rollout_status")
+  if r.kind ~= "Deployment" then error("k8s.rollout_status: only deployments are supported", 2) end
+  local timeout = secs(opts.timeout, "k8s.rollout_status timeout", 300)
+  local progress = opts.progress
+  if progress == nil or progress == true then progress = function(m) require("log").info("%s", m) end end
+  local deadline = host.now() + timeout
+  local last
+  local function check(d)
+    local msg, done = M.deployment_status(d)
+    if msg ~= last and progress and not done then progress(msg) end
+    last = msg
+    if done then return { message = msg, deployment = d } end
+  end
+  local res = check(obj)
+  while not res do
+    local left = deadline - host.now()
+    if left <= 0 then break end
+    local w <close> = self:watch_open(r, { namespace = ns, name = name, timeout = left,
+      resource_version = obj.metadata.resourceVersion })
+    while not res do
+      waiting()
+      local ty, o = w:next(math.min(2, math.max(0.001, deadline - host.now())))
+      if ty == "DELETED" then
+        raise { op = "rollout_status", code = "404", retryable = false,
+          message = ("deployment %q was deleted while waiting for its rollout"):format(name) }
+      elseif ty then obj = o; res = check(o)
+      elseif host.now() >= deadline or o ~= "wait" then break end
+    end
+  end
+  if res then return res end
+  raise { op = "rollout_status", code = "timeout", retryable = true,
+    message = ("timed out after %s waiting for the rollout of deployment %q: %s"):format(duration.format(timeout), name,
+      tostring(last)) }
+end
+
+local REV = "deployment.kubernetes.io/revision"
+
+-- The deployment's ReplicaSets (controller owner = its uid), with revisions.
+function Client:revisions(r, ns, d)
+  local sel = {}
+  for k, v in pairs(((d.spec or {}).selector or {}).matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  local rss = self:list("replicasets.apps", { namespace = ns, label_selector = table.concat(sel, ",") })
+  local out = {}
+  for _, rs in ipairs(rss) do
+    for _, ref in ipairs(rs.metadata.ownerReferences or {}) do
+      if ref.controller and ref.uid == d.metadata.uid then
+        local ann = rs.metadata.annotations or {}
+        local images = {}
+        for _, c in ipairs(rs.spec.template.spec.containers or {}) do images[#images + 1] = c.image end
+        out[#out + 1] = { revision = tonumber(ann[REV] or "0") or 0, replicaset = rs.metadata.name,
+          change_cause = ann["kubernetes.io/change-cause"], images = images, template = rs.spec.template,
+          annotations = ann, created = rs.metadata.creationTimestamp, replicas = rs.spec.replicas }
+      end
+    end
+  end
+  table.sort(out, function(x, y) return x.revision < y.revision end)
+  return out
+end
+
+function Client:rollout_history(a, b)
+  local r, ns, _, d = self:workload(a, b, "rollout_history")
+  return self:revisions(r, ns, d)
+end
+
+local SKIP_ANN = { ["kubectl.kubernetes.io/last-applied-configuration"] = true, [REV] = true,
+  ["deployment.kubernetes.io/revision-history"] = true, ["deployment.kubernetes.io/desired-replicas"] = true,
+  ["deployment.kubernetes.io/max-replicas"] = true, ["deprecated.deployment.rollback.to"] = true }
+
+local function same(x, y) return cjson.encode { x } == cjson.encode { y } end
+-- Comparable templates: JSON with sorted keys, without the pod-template-hash label.
+local function canon(v)
+  if type(v) ~= "table" then return v end
+  local keys = {}
+  for k in pairs(v) do keys[#keys + 1] = k end
+  if #v > 0 then
+    local out = {}
+    for i, x in ipairs(v) do out[i] = canon(x) end
+    return out
+  end
+  table.sort(keys, function(p, q) return tostring(p) < tostring(q) end)
+  local out = {}
+  for _, k in ipairs(keys) do out[#out + 1] = { k, canon(v[k]) } end
+  return out
+end
+
+--- Roll back to the previous revision or opts.to_revision, as kubectl does:
+-- one JSON patch replacing the pod template and the annotations.
+function Client:rollout_undo(a, b)
+  local r, ns, name, d, opts = self:workload(a, b, "rollout_undo")
+  local revs = self:revisions(r, ns, d)
+  local to = opts.to_revision or 0
+  local pick
+  if to == 0 then
+    pick = #revs >= 2 and revs[#revs - 1] or nil
+    if not pick then
+      raise { op = "rollout_undo", code = "no_revision", retryable = false, message = ("no rollout history found for deployment %q"):format(name) }
+    end
+  else
+    for _, rv in ipairs(revs) do if rv.revision == to then pick = rv end end
+    if not pick then
+      raise { op = "rollout_undo", code = "no_revision", retryable = false,
+        message = ("unable to find specified revision %d in history of deployment %q"):format(to, name) }
+    end
+  end
+  local tmpl = copy(pick.template)
+  if tmpl.metadata and tmpl.metadata.labels then tmpl.metadata.labels["pod-template-hash"] = nil end
+  if same(canon(tmpl), canon(d.spec.template)) then
+    return d, { summary = ("skipped rollback (current template already matches revision %d)"):format(pick.revision) }
+  end
+  local ann = copy((d.metadata.annotations) or {})
+  for k, v in pairs(pick.annotations) do if not SKIP_ANN[k] then ann[k] = v end end
+  return (write {
+    op = "rollout_undo", target = target_of(r, ns, name),
+    summary = ("roll back deployment %s to revision %d"):format(name, pick.revision), before = d,
+    send = function(dry)
+      return self:call { method = "PATCH", path = path_of(r, ns, name), op = "rollout_undo",
+        content_type = "application/json-patch+json",
+        body = client.array { { op = "replace", path = "/spec/template", value = tmpl },
+          { op = "replace", path = "/metadata/annotations", value = ann } },
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+    end,
+  })
+end
+
+-- ---- set image / set env -------------------------------------------------------
+
+--- set_image("deploy/x", {container = "image", ["*"] = "image"}): a strategic
+-- merge patch of the named containers (init containers too), as kubectl sends.
+function Client:set_image(ref, images, opts)
+  if type(images) ~= "table" or next(images) == nil then
+    error("k8s.set_image: expected {container = \"image\", ...}", 2)
+  end
+  local r, ns, name, obj = self:workload(ref, opts, "set_image")
+  local spec, path = pod_spec(obj)
+  local patch, found = {}, {}
+  for _, field in ipairs { "initContainers", "containers" } do
+    for _, ct in ipairs(spec[field] or {}) do
+      local img = images[ct.name] or images["*"]
+      if img then
+        patch[field] = patch[field] or client.array()
+        table.insert(patch[field], { name = ct.name, image = img })
+        found[ct.name] = true
+      end
+    end
+  end
+  for cname in pairs(images) do
+    if cname ~= "*" and not found[cname] then
+      raise { op = "set_image", code = "404", retryable = false,
+        message = ("unable to find container named %q in %s %s"):format(cname, r.singular, name) }
+    end
+  end
+  local parts = {}
+  for cname, img in pairs(images) do parts[#parts + 1] = cname .. "=" .. img end
+  table.sort(parts)
+  return (write {
+    op = "set_image", target = target_of(r, ns, name),
+    summary = ("set image of %s %s: %s"):format(r.singular, name, table.concat(parts, ", ")), before = obj,
+    send = function(dry)
+      return self:call { method = "PATCH", path = path_of(r, ns, name), op = "set_image",
+        content_type = "application/strategic-merge-patch+json", body = nest(path, patch),
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+    end,
+  })
+end
+
+-- kubectl set env --from: a key becomes an environment name.
+local function env_name(prefix, key)
+  return (prefix or "") .. key:upper():gsub("[^%w_]", "_")
+end
+
+local function env_entry(name, v)
+  if type(v) == "table" then
+    if v.secret then return { name = name, valueFrom = { secretKeyRef = { name = v.secret, key = v.key or name } } } end
+    if v.configmap then return { name = name, valueFrom = { configMapKeyRef = { name = v.configmap, key = v.key or name } } } end
+    if v.field then return { name = name, valueFrom = { fieldRef = { fieldPath = v.field } } } end
+    error(("k8s.set_env: %s: expected a string, false, {secret=, key=}, {configmap=, key=} or {field=}"):format(name), 4)
+  end
+  return { name = name, value = tostring(v) }
+end
+
+--- set_env("deploy/x", {NAME = "v", OLD = false, PW = {secret = "db", key = "password"}},
+-- {container = "backend", from_secret = "db", prefix = "DB_"}): read, change, replace;
+-- a 409 (someone wrote in between) is retried from a fresh read.
+function Client:set_env(a, env, rest)
+  if type(env) ~= "table" then error("k8s.set_env: expected {NAME = value, ...}", 2) end
+  rest = rest or {}
+  for attempt = 1, 5 do
+    local r, ns, name, obj = self:workload(a, rest, "set_env")
+    local want = {}
+    for k, v in pairs(env) do want[#want + 1] = { k, v } end
+    for _, src in ipairs { { rest.from_secret, "secrets", "secret" }, { rest.from_configmap, "configmaps", "configmap" } } do
+      if src[1] then
+        local o = self:get(src[2], src[1], { namespace = ns })
+        local keys = {}
+        for k in pairs(o.data or {}) do keys[#keys + 1] = k end
+        table.sort(keys)
+        for _, k in ipairs(keys) do want[#want + 1] = { env_name(rest.prefix, k), { [src[3]] = src[1], key = k } } end
+      end
+    end
+    table.sort(want, function(x, y) return x[1] < y[1] end)
+    local new = copy(obj)
+    local spec = pod_spec(new)
+    local touched = false
+    for _, ct in ipairs(spec.containers or {}) do
+      if not rest.container or rest.container == ct.name then
+        touched = true
+        local list = ct.env or {}
+        for _, kv in ipairs(want) do
+          local idx
+          for i, e in ipairs(list) do if e.name == kv[1] then idx = i end end
+          if kv[2] == false then
+            if idx then table.remove(list, idx) end
+          elseif idx then list[idx] = env_entry(kv[1], kv[2])
+          else list[#list + 1] = env_entry(kv[1], kv[2]) end
+        end
+        ct.env = #list > 0 and client.array(list) or nil
+      end
+    end
+    if not touched then
+      raise { op = "set_env", code = "404", retryable = false,
+        message = ("unable to find container named %q in %s %s"):format(tostring(rest.container), r.singular, name) }
+    end
+    local names = {}
+    for _, kv in ipairs(want) do names[#names + 1] = kv[1] .. (kv[2] == false and "-" or "") end
+    local ok, res = pcall(write, {
+      op = "set_env", target = target_of(r, ns, name),
+      summary = ("set env of %s %s: %s"):format(r.singular, name, table.concat(names, ", ")), before = obj,
+      send = function(dry)
+        return self:call { method = "PUT", path = path_of(r, ns, name), op = "set_env", body = new,
+          what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+      end,
+    })
+    if ok then return res end
+    if not (type(res) == "table" and res.code == "409" and attempt < 5) then error(res, 0) end
+  end
+end
+
+-- ---- logs, events ------------------------------------------------------------
+
+local function default_container(pod)
+  local ann = pod.metadata.annotations or {}
+  return ann["kubectl.kubernetes.io/default-container"] or pod.spec.containers[1].name
+end
+
+local function ready(pod)
+  local c = condition(pod, "Ready")
+  return c and c.status == "True"
+end
+M.pod_ready = ready
+
+-- Pods of a workload: by its selector.
+function Client:pods_of(obj, ns)
+  local sel = {}
+  local s = obj.spec and obj.spec.selector
+  for k, v in pairs((s and (s.matchLabels or (not s.matchExpressions and s))) or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  return self:list("pods", { namespace = ns, label_selector = table.concat(sel, ",") })
+end
+
+local function split_lines(text)
+  local out = {}
+  for line in text:gmatch("([^\n]*)\n") do out[#out + 1] = line end
+  local tail = text:match("([^\n]+)$")
+  if tail then out[#out + 1] = tail end
+  return out
+end
+
+--- Logs as a list of lines. Target "pod/x", or "deploy/x" (one pod, as kubectl
+-- picks it), or opts.selector for every matching pod. Also returns
+-- { [pod] = lines } for multi-pod reads.
+function Client:logs(a, b)
+  local t, name, opts
+  if type(a) == "table" then t, name, opts = "pods", nil, a
+  else t, name, opts = client.target_args(a, b, nil, false, "logs") end
+  opts = opts or {}
+  local ns = self:ns(opts)
+  local pods
+  if not name then
+    if not opts.selector then error("k8s.logs: give \"pod/NAME\", \"deploy/NAME\" or {selector = ...}", 2) end
+    pods = self:list("pods", { namespace = ns, label_selector = opts.selector })
+  else
+    local r = self:resource(t)
+    if r.kind == "Pod" then pods = { self:get(r, name, { namespace = ns }) }
+    else
+      local obj = self:get(r, name, { namespace = ns })
+      local all = self:pods_of(obj, ns)
+      table.sort(all, function(x, y)
+        if ready(x) ~= ready(y) then return ready(x) end
+        return (x.metadata.creationTimestamp or "") > (y.metadata.creationTimestamp or "")
+      end)
+      if #all == 0 then raise { op = "logs", code = "404", retryable = false, message = ("no pods found for %s %s"):format(r.singular, name) } end
+      pods = { all[1] }
+    end
+  end
+  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since"))
+  local lines, by_pod = {}, {}
+  for _, pod in ipairs(pods) do
+    local cname = opts.container or default_container(pod)
+    local text = self:call { path = path_of(self:resource("pods"), ns, pod.metadata.name, "log"), op = "logs", raw = true,
+      accept = "*/*", what = ('pod "%s"'):format(pod.metadata.name), query = {
+        container = cname, tailLines = opts.tail, sinceSeconds = since, sinceTime = opts.since_time,
+        previous = opts.previous and "true" or nil, timestamps = opts.timestamps and "true" or nil,
+        limitBytes = opts.limit_bytes } }
+    local pl = split_lines(text or "")
+    by_pod[pod.metadata.name] = pl
+    for _, l in ipairs(pl) do
+      lines[#lines + 1] = opts.prefix and ("[pod/%s/%s] %s"):format(pod.metadata.name, cname, l) or l
+    end
+  end
+  return lines, by_pod
+end
+
+local function event_time(e)
+  return e.lastTimestamp or e.eventTime or (e.series and e.series.lastObservedTime) or e.firstTimestamp
+    or e.metadata.creationTimestamp or ""
+end
+M.event_time = event_time
+
+--- Events of a namespace or of one object ("deploy/x"), oldest first;
+-- opts.type ("Warning"), opts.reason, opts.since (a duration).
+function Client:events(a, b)
+  local opts, t, name
+  if type(a) == "table" then opts = a
+  elseif type(a) == "string" then t, name, opts = client.target_args(a, b, nil, true, "events")
+  else opts = {} end
+  opts = opts or {}
+  if opts.object then t, name = client.target_args(opts.object, nil, nil, true, "events") end
+  local fields = {}
+  if name then
+    local r = self:resource(t)
+    fields[#fields + 1] = "involvedObject.kind=" .. r.kind
+    fields[#fields + 1] = "involvedObject.name=" .. name
+  end
+  if opts.type then fields[#fields + 1] = "type=" .. opts.type end
+  if opts.reason then fields[#fields + 1] = "reason=" .. opts.reason end
+  local evs = self:list("events", { namespace = opts.namespace, all_namespaces = opts.all_namespaces,
+    field_selector = #fields > 0 and table.concat(fields, ",") or nil })
+  local cutoff = opts.since and os.date("!%Y-%m-%dT%H:%M:%SZ", os.time() - duration.check(opts.since, "k8s.events since"))
+  local out = {}
+  for _, e in ipairs(evs) do
+    if not cutoff or event_time(e) >= cutoff then out[#out + 1] = e end
+  end
+  table.sort(out, function(x, y) return event_time(x) < event_time(y) end)
+  return client.array(out)
+end
+
+-- ---- wait -----------------------------------------------------------------------
+
+local function condition_test(cond)
+  if type(cond) == "function" then return cond end
+  if type(cond) ~= "string" then error("k8s.wait: condition must be a string or a function", 3) end
+  local ctype, want = cond:match("^condition=([^=]+)=?(.*)$")
+  if not ctype then ctype, want = cond, "" end
+  ctype = ctype:sub(1, 1):upper() .. ctype:sub(2)
+  want = want ~= "" and want or "True"
+  return function(obj)
+    local c = condition(obj, ctype)
+    if not c then return false end
+    return c.status:lower() == want:lower()
+  end
+end
+
+--- Wait until `cond` holds for the object ("pod/x", "deploy/x") or for every
+-- object of a set ("pods" with opts.selector), or until it is deleted
+-- (cond "delete"). cond: "Ready", "Available", "condition=Progressing=False",
+-- or a function(obj) -> bool. Returns the objects; raises on timeout (default 30s).
+function Client:wait(a, b, c)
+  local t, name, cond, opts
+  if type(a) == "string" and a:find("/") then t, name = a:match("^([^/]+)/(.+)$"); cond, opts = b, c
+  else t, cond, opts = a, b, c end
+  opts = opts or {}
+  local r = self:resource(t)
+  local ns = self:ns(opts)
+  local deleting = cond == "delete" or cond == "deleted"
+  local test = not deleting and condition_test(cond)
+  local timeout = secs(opts.timeout, "k8s.wait timeout", 30)
+  local deadline = host.now() + timeout
+  local sel = { namespace = ns, label_selector = opts.selector,
+    field_selector = name and ("metadata.name=" .. name) or opts.field_selector }
+  local items, meta = self:list(r, sel)
+  local set = {}
+  for _, o in ipairs(items) do set[o.metadata.name] = o end
+  if not deleting and next(set) == nil then
+    raise { op = "wait", code = "404", retryable = false,
+      message = name and ('%s "%s" not found'):format(qualified(r), name) or ("no matching %s found"):format(qualified(r)) }
+  end
+  local function satisfied()
+    if deleting then return next(set) == nil end
+    for _, o in pairs(set) do if not test(o) then return false end end
+    return true
+  end
+  local rv = meta.resourceVersion
+  while not satisfied() do
+    local left = deadline - host.now()
+    if left <= 0 then
+      local pending = {}
+      for n in pairs(set) do pending[#pending + 1] = n end
+      table.sort(pending)
+      raise { op = "wait", code = "timeout", retryable = true,
+        message = ("timed out after %s waiting for %s of %s %s"):format(duration.format(timeout),
+          deleting and "deletion" or ("condition " .. tostring(cond)), qualified(r), table.concat(pending, ", ")) }
+    end
+    local w <close> = self:watch_open(r, { namespace = ns, label_selector = sel.label_selector,
+      field_selector = sel.field_selector, resource_version = rv, timeout = left })
+    while not satisfied() and host.now() < deadline do
+      waiting()
+      local ty, o = w:next(math.min(2, math.max(0.001, deadline - host.now())))
+      if ty == "DELETED" then set[o.metadata.name] = nil
+      elseif ty then set[o.metadata.name] = o end
+      if ty then rv = o.metadata.resourceVersion end
+      if not ty and o ~= "wait" then break end
+    end
+  end
+  local out = {}
+  for _, o in pairs(set) do out[#out + 1] = o end
+  table.sort(out, function(x, y) return x.metadata.name < y.metadata.name end)
+  return out
+end
+
+-- ---- top, proxy --------------------------------------------------------------------
+
+local SUFFIX = { n = 1e-9, u = 1e-6, m = 1e-3, [""] = 1, k = 1e3, K = 1e3, M = 1e6, G = 1e9, T = 1e12, P = 1e15,
+  E = 1e18, Ki = 1024, Mi = 1024 ^ 2, Gi = 1024 ^ 3, Ti = 1024 ^ 4, Pi = 1024 ^ 5, Ei = 1024 ^ 6 }
+
+--- A Kubernetes quantity ("250m", "128Mi", "1.5", "12345n") as a number.
+function M.quantity(q)
+  if type(q) == "number" then return q end
+  local num, suf = tostring(q):match("^([%d%.eE+-]-)(%a*)$")
+  local f = SUFFIX[suf or ""]
+  if not num or num == "" or not f or not tonumber(num) then return nil end
+  return tonumber(num) * f
+end
+
+--- Resource usage from the metrics API: top("pods"|"nodes", opts) ->
+-- { {name, namespace, cpu_millicores, memory_bytes, containers}, ... } sorted by
+-- opts.sort_by ("cpu" or "memory", highest first) or name.
+function Client:top(kind, opts)
+  opts = opts or {}
+  local node = kind == "nodes" or kind == "node" or kind == "no"
+  local r = self:resource(node and "nodes.metrics.k8s.io" or "pods.metrics.k8s.io")
+  local items = self:list(r, { namespace = opts.namespace, all_namespaces = opts.all_namespaces,
+    label_selector = opts.selector })
+  local out = {}
+  for _, m in ipairs(items) do
+    local e = { name = m.metadata.name, namespace = m.metadata.namespace, cpu_millicores = 0, memory_bytes = 0 }
+    local usages = node and { { name = m.metadata.name, usage = m.usage } } or m.containers or {}
+    if not node then e.containers = {} end
+    for _, ct in ipairs(usages) do
+      local cpu = (M.quantity(ct.usage and ct.usage.cpu) or 0) * 1000
+      local mem = M.quantity(ct.usage and ct.usage.memory) or 0
+      e.cpu_millicores, e.memory_bytes = e.cpu_millicores + cpu, e.memory_bytes + mem
+      if e.containers then e.containers[#e.containers + 1] = { name = ct.name, cpu_millicores = math.floor(cpu + 0.5), memory_bytes = math.floor(mem) } end
+    end
+    e.cpu_millicores, e.memory_bytes = math.floor(e.cpu_millicores + 0.5), math.floor(e.memory_bytes)
+    out[#out + 1] = e
+  end
+  local key = opts.sort_by == "cpu" and "cpu_millicores" or opts.sort_by == "memory" and "memory_bytes"
+  table.sort(out, function(x, y)
+    if key and x[key] ~= y[key] then return x[key] > y[key] end
+    return x.name < y.name
+  end)
+  return out
+end
+
+--- GET an app's HTTP endpoint through the API server's proxy:
+-- proxy_get("svc/backend:8000", "/health") or ("pod/NAME:8000", path).
+-- Returns {status, body, json}; opts.check raises for a status >= 400.
+function Client:proxy_get(target, path, opts)
+  opts = opts or {}
+  local t, name = client.target_args(target, nil, nil, true, "proxy_get")
+  local r = self:resource(t)
+  if r.kind ~= "Service" and r.kind ~= "Pod" then error("k8s.proxy_get: the target must be a service or a pod", 2) end
+  local ns = self:ns(opts)
+  path = tostring(path or "/"):gsub("^/", "")
+  local all = setmetatable({}, { __index = function() return true end })
+  local body, status, ctype = self:call { path = path_of(r, ns, name, "proxy") .. "/" .. path, op = "proxy_get",
+    raw = true, accept = "*/*", allow = all, timeout = opts.timeout, query = opts.query }
+  local res = { status = status, body = body, content_type = ctype }
+  if (ctype or ""):find("json") then res.json = client.decode(body) end
+  if opts.check and status >= 400 then
+    raise { op = "proxy_get", code = tostring(status), retryable = status >= 500, status = status,
+      message = ("GET %s/%s/proxy/%s: HTTP %d: %s"):format(r.name, name, path, status, (body or ""):sub(1, 200)) }
+  end
+  return res
+end
+
+return M
