@@ -53,6 +53,7 @@
 -- Errors are structured: code is the HTTP status ("404", "409") or curl's
 -- reason ("couldnt_connect"), with reason ("NotFound") and status fields.
 -- Reads are retried with backoff on 429/5xx and connection failures.
+-- k8s.array() is an empty list that encodes as [] (lua-cjson writes {} otherwise).
 local client = require "k8s.client"
 require "k8s.verbs"
 require "k8s.health"
@@ -70,6 +71,9 @@ end
 
 function Client:lease_lock(opts) return lease.new(self, opts) end
 function Client:lease_renew_due() return lease.renew_due() end
+
+--- A list that stays a list when empty: k8s.array() encodes as [] (a plain {} as {}).
+k8s.array = client.array
 
 local default
 --- The default client (connected on first use).
