@@ -14,7 +14,7 @@ endif
 HOST_SRC = $(wildcard host/*.c)
 # sha256 from nettle, linked statically: a few KB, nothing more to load at start.
 HOST_LIBS = -l:libnettle.a
-MODULES  = exec http k8s
+MODULES  = exec http k8s pg redis
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 # The stdlib precompiled to bytecode: parsing the source was most of start-up.
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
@@ -24,7 +24,7 @@ STDLIB_BC  = $(STDLIB_SRC:stdlib/%.lua=lib/lua/%.luac)
 LIBS_http  = -lcurl
 LIBS_k8s   = -lcurl
 LIBS_kafka = -lrdkafka
-LIBS_pg    = -lpq
+LIBS_pg    = $(shell pkg-config --cflags --libs libpq 2>/dev/null || echo -I/usr/include/postgresql -lpq)
 LIBS_redis = -lhiredis
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
