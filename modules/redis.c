@@ -477,6 +477,7 @@ static int conn_pipeline(lua_State *L) {
         lua_settop(L, base);
     }
     int first_error = 0;
+    lua_pushnil(L); /* 5: the first error reply's text */
     for (int i = 1; i <= n; i++) {
         if (!sent[i]) {
             push_skipped(L);
@@ -489,15 +490,15 @@ static int conn_pipeline(lua_State *L) {
         if (c->reply->type == REDIS_REPLY_ERROR && !first_error) {
             first_error = i;
             lua_pushstring(L, c->reply->str);
-            lua_setfield(L, 3, "error");
+            lua_replace(L, 5);
         }
         push_reply(L, c->reply, 0);
         lua_rawseti(L, 3, i);
         scratch_free(c);
     }
     if (first_error) {
-        lua_getfield(L, 3, "error");
-        return raise_reply(L, "pipeline", lua_pushfstring(L, "command %d", first_error), lua_tostring(L, -2));
+        const char *which = lua_pushfstring(L, "command %d", first_error);
+        return raise_reply(L, "pipeline", which, lua_tostring(L, 5));
     }
     lua_pushvalue(L, 3);
     return 1;

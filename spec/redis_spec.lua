@@ -1,0 +1,273 @@
+-- redis: against the sandbox's Redis, cross-checked with redis-cli.
+package.path = "spec/sandbox/?.lua;" .. package.path
+local sb = require "sandbox_helper"
+local redis = require "redis"
+local json = require "json"
+local host = require "runbook.host"
+local cli = require "spec.support.cli"
+
+local function url() return sb.env("REDIS_URL") end
+
+local function rcli(args)
+  local out, ok = sb.redis(args)
+  assert(ok, out)
+  return (out:gsub("%s+$", ""))
+end
+
+local function raises(f, ...)
+  local ok, err = pcall(f, ...)
+  assert.is_false(ok, "expected an error")
+  assert.is_table(err, "expected a structured error, got " .. tostring(err))
+  return err
+end
+
+local effects
+local r
+local SPEC_KEYS = { "rb:spec:str", "rb:spec:list", "rb:spec:n", "rb:spec:dry", "rb:spec:hash", "rb:spec:bin" }
+setup(function()
+  r = redis.connect(url())
+  r:command("DEL", table.unpack(SPEC_KEYS))
+end)
+teardown(function()
+  host.set_mode("run")
+  host.set_effect_sink(nil)
+  if r then
+    pcall(r.ping, r)
+    r:command("DEL", table.unpack(SPEC_KEYS))
+    r:close()
+  end
+  cli.cleanup()
+end)
+
+describe("redis.connect", function()
+  it("connects with the URL's password and database, names itself, and keeps the password secret", function()
+    assert.are.equal("PONG", r:ping())
+    assert.matches("name=runbook", rcli("CLIENT LIST"))
+    assert.are.equal("***", host.redact(url():match("//[^:]*:([^@]+)@")))
+  end)
+
+  it("defaults to REDIS_URL", function()
+    local c <close> = redis.connect()
+    assert.are.equal("PONG", c:ping())
+  end)
+
+  local bad = {
+    { "rediss://u:secret-pass-1@127.0.0.1:1/0", "invalid_url", "rediss:// %(TLS%) is not supported" },
+    { "http://127.0.0.1:1", "invalid_url", "expected a redis://" },
+    { "redis://127.0.0.1:notaport/0", "invalid_url", "port" },
+    { "redis://127.0.0.1:1/0", "connection_refused", "connecting to 127.0.0.1:1: Connection refused" },
+  }
+  for _, b in ipairs(bad) do
+    it("raises " .. b[2] .. " for " .. b[1]:gsub("secret%-pass%-1", "***"), function()
+      local err = raises(redis.connect, b[1])
+      assert.are.same({ "redis", "connect", b[2] }, { err.module, err.op, err.code })
+      assert.matches(b[3], err.message)
+      assert.is_nil(err.message:find("secret-pass-1", 1, true))
+    end)
+  end
+
+  it("raises WRONGPASS for a wrong password, without printing it", function()
+    local err = raises(redis.connect, (url():gsub("//([^:]*):[^@]+@", "//%1:wrong-pass-99@")))
+    assert.are.equal("WRONGPASS", err.code)
+    assert.is_nil(err.message:find("wrong-pass-99", 1, true))
+  end)
+end)
+
+describe("redis replies", function()
+  local cases = {
+    { "status", { "SET", "rb:spec:str", "v" }, "OK" },
+    { "bulk string", { "GET", "rb:spec:str" }, "v" },
+    { "empty bulk string", { "GETRANGE", "rb:spec:str", 5, 6 }, "" },
+    { "nil", { "GET", "rb:spec:missing" }, nil },
+    { "integer", { "INCRBY", "rb:spec:n", 9007199254740993 }, 9007199254740993 },
+    { "negative integer", { "DECRBY", "rb:spec:n", 9007199254740994 }, -1 },
+    { "float as a bulk string", { "INCRBYFLOAT", "rb:spec:n", "1.5" }, "0.5" },
+    { "array", { "RPUSH", "rb:spec:list", "a", "b", "c" }, 3 },
+    { "array of bulk strings", { "LRANGE", "rb:spec:list", 0, -1 }, { "a", "b", "c" } },
+    { "empty array", { "LRANGE", "rb:spec:missing", 0, -1 }, {} },
+    { "nil inside an array", { "MGET", "rb:spec:str", "rb:spec:missing" }, { "v", json.null } },
+    { "nested arrays", { "SCAN", 0, "MATCH", "rb:spec:str", "COUNT", 100000 }, function(v)
+      return type(v[1]) == "string" and type(v[2]) == "table" end },
+  }
+  for _, c in ipairs(cases) do
+    it("round-trips a " .. c[1], function()
+      local v = r:command(table.unpack(c[2]))
+      if type(c[3]) == "function" then assert.is_true(c[3](v))
+      else
+        assert.are.same(c[3], v)
+        if math.type(c[3]) then assert.are.equal("integer", math.type(v)) end
+      end
+    end)
+  end
+
+  it("keeps binary values intact both ways, as redis-cli sees them", function()
+    local bytes = "a\0b\255\r\nz"
+    r:command("SET", "rb:spec:bin", bytes)
+    assert.are.equal(bytes, r:command("GET", "rb:spec:bin"))
+    assert.are.equal(tostring(#bytes), rcli("STRLEN rb:spec:bin"))
+  end)
+
+  it("raises error replies with their code", function()
+    local err = raises(r.command, r, "LPUSH", "rb:spec:str", "x")
+    assert.are.same({ "redis", "command", "WRONGTYPE", false }, { err.module, err.op, err.code, err.retryable })
+    assert.matches("LPUSH: WRONGTYPE", err.message, 1, true)
+    assert.are.equal("ERR", raises(r.command, r, "NOSUCHCOMMAND").code)
+    assert.are.equal("v", r:command("GET", "rb:spec:str")) -- still in step
+  end)
+
+  it("rejects arguments that are not strings or numbers", function()
+    assert.has_error(function() r:command("SET", "k", {}) end)
+    assert.has_error(function() r:command() end)
+  end)
+
+  it("times out a blocked command and reopens the connection", function()
+    local c <close> = redis.connect(url(), { timeout = "300ms" })
+    local t0 = host.now()
+    local err = raises(c.command, c, "BLPOP", "rb:spec:never", 5)
+    assert.is_true(host.now() - t0 < 1.5)
+    assert.are.same({ "timeout", true }, { err.code, err.retryable })
+    assert.are.equal("PONG", c:ping())
+  end)
+end)
+
+describe("redis pipeline, scan, info", function()
+  it("pipelines commands in one round trip, in order", function()
+    local replies = r:pipeline(function(p)
+      p:command("SET", "rb:spec:str", "p")
+      p:command("GET", "rb:spec:str")
+      p:command("HSET", "rb:spec:hash", "f", "1")
+      p:command("HGETALL", "rb:spec:hash")
+    end)
+    assert.are.same({ "OK", "p", 1, { "f", "1" } }, replies)
+  end)
+
+  it("raises the first error of a pipeline after reading every reply", function()
+    local err = raises(r.pipeline, r, function(p)
+      p:command("GET", "rb:spec:str")
+      p:command("LPUSH", "rb:spec:str", "x")
+      p:command("SET", "rb:spec:str", "after")
+    end)
+    assert.are.equal("WRONGTYPE", err.code)
+    assert.are.equal("after", rcli("GET rb:spec:str"))
+  end)
+
+  it("scans 10,000 keys without KEYS, agreeing with redis-cli --scan", function()
+    for batch = 0, 9 do
+      r:pipeline(function(p)
+        for i = 1, 1000 do p:command("SET", ("rb:spec:scan:%d"):format(batch * 1000 + i), i) end
+      end)
+    end
+    local seen, n = {}, 0
+    for k in r:scan("rb:spec:scan:*") do
+      if not seen[k] then seen[k] = true; n = n + 1 end
+    end
+    assert.are.equal(10000, n)
+    assert.are.equal("10000", rcli("--scan --pattern 'rb:spec:scan:*' | wc -l"):match("%d+"))
+    local keys = {}
+    for k in pairs(seen) do keys[#keys + 1] = k end
+    for i = 1, #keys, 1000 do
+      r:command("UNLINK", table.unpack(keys, i, math.min(i + 999, #keys)))
+    end
+    assert.are.equal("0", rcli("--scan --pattern 'rb:spec:scan:*' | wc -l"):match("%d+"))
+  end)
+
+  it("parses INFO into numbers, strings and keyspace tables", function()
+    local info = r:info()
+    assert.are.equal(rcli("INFO server"):match("redis_version:([%d.]+)"), info.redis_version)
+    assert.are.equal(tonumber(url():match(":(%d+)/")), info.tcp_port)
+    assert.are.equal("integer", math.type(info.connected_clients))
+    assert.are.equal(tonumber(rcli("DBSIZE")), r:info("keyspace").db0.keys)
+    assert.is_nil(r:info("server").used_memory)
+  end)
+
+  it("reads Dapr state keys and values in Dapr's layout", function()
+    local listed = {}
+    for k in rcli("--scan --pattern 'backend||*'"):gmatch("[^\n]+") do listed[#listed + 1] = k:sub(#"backend||" + 1) end
+    table.sort(listed)
+    assert.are.same(listed, r:dapr_keys("backend"))
+    local s = r:dapr_get("backend", "task-1")
+    assert.are.same(json.decode(rcli("HGET 'backend||task-1' data")), s.data)
+    assert.are.equal(tonumber(rcli("HGET 'backend||task-1' version")), s.version)
+    assert.is_nil(r:dapr_get("backend", "no-such-key"))
+  end)
+
+  it("has the functions on a shared REDIS_URL connection", function()
+    assert.are.equal("PONG", redis.ping())
+    assert.are.equal("Task 1", redis.dapr_get("backend", "task-1").data.title)
+  end)
+end)
+
+describe("redis and the effect gate", function()
+  before_each(function()
+    effects = {}
+    host.set_effect_sink(function(e) effects[#effects + 1] = e end)
+  end)
+  after_each(function()
+    host.set_mode("run")
+    host.set_effect_sink(nil)
+  end)
+
+  local classes = {
+    { "GET", nil, false }, { "hgetall", nil, false }, { "SCAN", nil, false }, { "INFO", nil, false },
+    { "SET", nil, true }, { "DEL", nil, true }, { "FLUSHALL", nil, true }, { "EXPIRE", nil, true },
+    { "CONFIG", "GET", false }, { "CONFIG", "SET", true }, { "CLIENT", "LIST", false }, { "CLIENT", "KILL", true },
+    { "EVAL", nil, true }, { "EVAL_RO", nil, false }, { "SOMEFUTURECOMMAND", nil, true },
+  }
+  for _, c in ipairs(classes) do
+    it(("classifies %s%s as a %s"):format(c[1], c[2] and (" " .. c[2]) or "", c[3] and "write" or "read"), function()
+      assert.are.equal(c[3], redis.is_write(c[1], c[2]))
+    end)
+  end
+
+  it("records writes with the command and key, never the value", function()
+    r:command("SET", "rb:spec:dry", "secret-value")
+    assert.are.same({ "redis", "SET", "rb:spec:dry", "SET rb:spec:dry (+1 arg)", "performed", true },
+      { effects[1].module, effects[1].op, effects[1].target, effects[1].summary, effects[1].decision, effects[1].ok })
+    r:command("GET", "rb:spec:dry")
+    assert.are.equal(1, #effects)
+  end)
+
+  it("leaves keys unchanged in a dry run and still reads", function()
+    rcli("SET rb:spec:dry before")
+    host.set_mode("dry-run")
+    assert.are.same({ skipped = true }, r:command("SET", "rb:spec:dry", "after"))
+    assert.are.same({ skipped = true }, r:command("DEL", "rb:spec:dry"))
+    assert.are.equal("before", r:command("GET", "rb:spec:dry"))
+    local replies = r:pipeline(function(p)
+      p:command("SET", "rb:spec:dry", "piped")
+      p:command("GET", "rb:spec:dry")
+    end)
+    assert.are.same({ { skipped = true }, "before" }, replies)
+    assert.are.equal("before", rcli("GET rb:spec:dry"))
+    assert.are.same({ "skipped", "skipped", "skipped" }, { effects[1].decision, effects[2].decision, effects[3].decision })
+  end)
+
+  it("says 'would SET ...' in a dry run of a runbook and changes nothing", function()
+    rcli("SET rb:spec:dry before")
+    local path = cli.runbook([[
+name = "flag" description = "set a flag"
+step "flag" { run = function() redis.command("SET", "rb:spec:dry", "after") end }
+]])
+    local res = cli.run({ "run", path, "--dry-run" }, { REDIS_URL = url() })
+    assert.are.equal(0, res.code, res.stderr)
+    assert.truthy(res.stdout:find("would SET rb:spec:dry (+1 arg) (not simulated, skipped)", 1, true), res.stdout)
+    assert.are.equal("before", rcli("GET rb:spec:dry"))
+  end)
+end)
+
+describe("redis when the server stops", function()
+  after_each(function() sb.ctl("redis start") end)
+
+  it("raises a clear, retryable error and reconnects when it is back", function()
+    local c <close> = redis.connect(url())
+    assert.are.equal("PONG", c:ping())
+    assert.is_true(select(2, sb.ctl("redis stop")))
+    local err = raises(c.ping, c)
+    assert.is_true(err.retryable)
+    assert.matches("127.0.0.1:%d+", err.message)
+    local cerr = raises(redis.connect, url(), { connect_timeout = "1s" })
+    assert.are.equal("connection_refused", cerr.code)
+    assert.is_true(select(2, sb.ctl("redis start")))
+    assert.are.equal("PONG", c:ping())
+  end)
+end)
