@@ -243,13 +243,19 @@ static int pg_connect(lua_State *L) {
         return rb_error(L, "pg", "connect", "invalid_conninfo", 0, "not a libpq connection string or URL: %s",
                         push_pq_message(L, lua_tostring(L, -1)));
     }
+    /* GSSAPI encryption is tried first by default, which initialises Kerberos
+     * on every connect; runbooks opt in with gssencmode= like any client */
+    int gss = getenv("PGGSSENCMODE") != NULL;
+    for (PQconninfoOption *o = parsed; o->keyword; o++)
+        if (o->val && strcmp(o->keyword, "gssencmode") == 0) gss = 1;
     PQconninfoFree(parsed);
 
     conn *c = new_conn(L);
     c->numeric_number = numeric[0] == 'n';
     c->timeout = stmt_timeout;
-    const char *keys[] = { "dbname", app ? "application_name" : "fallback_application_name", NULL };
-    const char *vals[] = { conninfo, app ? app : "runbook", NULL };
+    const char *keys[] = { "dbname", app ? "application_name" : "fallback_application_name",
+                           gss ? NULL : "gssencmode", NULL };
+    const char *vals[] = { conninfo, app ? app : "runbook", gss ? NULL : "disable", NULL };
     c->pg = PQconnectStartParams(keys, vals, 1);
     if (!c->pg) return luaL_error(L, "out of memory");
     if (timeout > rb_remaining(L, timeout)) timeout = rb_remaining(L, timeout);
