@@ -335,6 +335,15 @@ describe("k8s stand-in with kubectl", function()
             assert.truthy(eventually(5, function() return replica_file("recurring-task") == 1 end))
         end)
 
+        it("scales with a precondition through the scale subresource", function()
+            local out, rc = kubectl("scale deploy/todo-chatbot-notification --current-replicas=5 --replicas=2")
+            assert.equal(1, rc)
+            assert.matches("Expected replicas to be 5, was 1", out)
+            k("scale deploy/todo-chatbot-notification --current-replicas=1 --replicas=2")
+            assert.equal(2, json("get deploy todo-chatbot-notification").spec.replicas)
+            k("scale deploy/todo-chatbot-notification --replicas=1")
+        end)
+
         it("restarts a rollout that rollout status follows to the end", function()
             local before = json("get deploy todo-chatbot-backend")
             assert.matches("deployment.apps/todo%-chatbot%-backend restarted",
@@ -523,8 +532,15 @@ describe("k8s stand-in with kubectl", function()
             local file = os.tmpname()
             local watch = kubectl_cmd("get deploy todo-chatbot-frontend --watch-only --output-watch-events -o"
                 .. " custom-columns=EVENT:.type,UPDATED:.object.status.updatedReplicas,AVAILABLE:.object.status.availableReplicas")
-            local pid = run("timeout 20 " .. watch .. " > " .. file .. " 2>&1 & echo $!"):match("%d+")
-            sb.sleep(0.5)
+            local log = os.tmpname()
+            local pid = run("timeout 20 " .. watch .. " -v=6 > " .. file .. " 2> " .. log .. " & echo $!"):match("%d+")
+            assert.truthy(eventually(10, function()   -- the watch request has its 200
+                local f = io.open(log)
+                local text = f and f:read("a") or ""
+                if f then f:close() end
+                return text:match("watch=true[^\n]* 200 OK")
+            end))
+            os.remove(log)
             k("rollout restart deploy/todo-chatbot-frontend")
             rollout_status("todo-chatbot-frontend")
             sb.sleep(0.3)
@@ -569,6 +585,8 @@ describe("k8s stand-in with kubectl", function()
                 return n and n > first
             end), select(2, restarts()))
             assert.matches("BackOff%s+pod/todo%-chatbot%-backend", k("get events"))
+            local pod = pods_of("backend")[1].metadata.name
+            assert.matches("startup failed.*ConnectionRefusedError", k("logs " .. pod .. " -c backend --previous"))
             k("rollout undo deploy/todo-chatbot-backend")
             rollout_status("todo-chatbot-backend")
             local out = k("get deploy todo-chatbot-backend --no-headers")

@@ -215,11 +215,18 @@ class Handler(BaseHTTPRequestHandler):
         self.gv = version
         if res.virtual:
             return self.virtual(res, ns, name)
-        if sub in ("log", "proxy", "eviction", "exec", "scale"):
+        if sub in ("log", "proxy", "exec"):
             return getattr(self, "sub_" + sub)(res, ns, name, "/".join(rest[3:]))
         if sub and sub not in res.subs:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        self.verb(res, ns or "", name, sub)
+        handle = (lambda: getattr(self, "sub_" + sub)(res, ns, name, "")) if sub in ("eviction", "scale") else \
+            (lambda: self.verb(res, ns or "", name, sub))
+        if self.command in ("GET", "HEAD"):
+            return handle()
+        # A write reads, changes and stores: no controller tick may come in between.
+        self.body()
+        with self.cluster.store.lock:
+            handle()
 
     def verb(self, res, ns, name, sub):
         api, m, q = self.cluster.api, self.command, self.q
