@@ -18,7 +18,8 @@ from store import clone, now_iso, parse_iso
 # Time runs fast in the sandbox: a rollout of two replicas takes about 2 s.
 STARTUP = 0.5          # seconds from scheduling to Running and Ready
 TERMINATION = 0.4      # a deleted pod stays Terminating this long
-CRASH_RUN = 1.0        # a crash-looping container lives this long
+CRASH_RUN = 0.5        # a crash-looping container lives this long
+BACKOFF = 0.15         # the kubelet's crash back-off (10 s, 20 s ... 5 min) runs this much faster
 MAX_EVENTS = 2000      # the oldest events go first beyond this
 TICK = 0.2             # the controller looks at least this often
 MIN_TICK = 0.05        # and at most this often
@@ -72,6 +73,11 @@ def pct(value, total, up):
         return int(value)
     n = int(str(value)[:-1]) * total / 100.0
     return int(-(-n // 1)) if up else int(n)
+
+
+def go_duration(seconds):
+    """A whole number of seconds as Go prints a time.Duration: 40s, 1m20s, 5m0s."""
+    return "%dm%ds" % divmod(seconds, 60) if seconds >= 60 else "%ds" % seconds
 
 
 def fenceposts(d):
@@ -669,14 +675,14 @@ class Controller:
 
     def crash(self, p, c, cur, now, ev):
         restarts = cur.get("restartCount", 0) + 1
-        delay = min(2 ** (restarts - 1), 10)
-        self.rt[(p["metadata"]["uid"], c["name"])] = now + delay
+        delay = min(10 * 2 ** (restarts - 1), 300)
+        self.rt[(p["metadata"]["uid"], c["name"])] = now + delay * BACKOFF
         last = {"terminated": {"exitCode": 1, "reason": "Error", "startedAt": cur["state"]["running"]["startedAt"],
                                "finishedAt": now_iso(now), "containerID": cur.get("containerID", "")}}
         ev("Warning", "BackOff", "Back-off restarting failed container %s in pod %s_%s(%s)" % (
             c["name"], p["metadata"]["name"], p["metadata"]["namespace"], p["metadata"]["uid"]))
-        return self.waiting(c, "CrashLoopBackOff", "back-off %ds restarting failed container=%s pod=%s_%s(%s)" % (
-            delay * 10, c["name"], p["metadata"]["name"], p["metadata"]["namespace"], p["metadata"]["uid"]),
+        return self.waiting(c, "CrashLoopBackOff", "back-off %s restarting failed container=%s pod=%s_%s(%s)" % (
+            go_duration(delay), c["name"], p["metadata"]["name"], p["metadata"]["namespace"], p["metadata"]["uid"]),
             restarts, last)
 
     def pod_conditions(self, p, now):
