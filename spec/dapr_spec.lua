@@ -412,3 +412,95 @@ describe("dapr.check_app", function()
     assert.is_true(rep.publish.skipped)
   end)
 end)
+
+describe("dapr.sidecar_status (through the k8s module, against the Kubernetes stand-in)", function()
+  local NS = "todo-chatbot"
+  local PODS = [[
+apiVersion: v1
+kind: Pod
+metadata:
+  name: spec-no-sidecar
+  namespace: todo-chatbot
+  labels: {spec: sidecar-status}
+  annotations: {dapr.io/enabled: "true", dapr.io/app-id: spec-no-sidecar}
+spec:
+  containers: [{name: app, image: busybox}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: spec-sidecar-pull-fails
+  namespace: todo-chatbot
+  labels: {spec: sidecar-status}
+  annotations: {dapr.io/enabled: "true", dapr.io/app-id: spec-pull-fails}
+spec:
+  containers:
+  - {name: app, image: busybox}
+  - {name: daprd, image: "docker.io/daprio/daprd:does-not-exist"}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: spec-not-dapr
+  namespace: todo-chatbot
+  labels: {spec: sidecar-status}
+spec:
+  containers: [{name: app, image: busybox}]
+]]
+
+  local function kubectl(args) return sb.sh("timeout 20 kubectl " .. args) end
+
+  after_each(function() kubectl("delete pods -n " .. NS .. " -l spec=sidecar-status --wait=false") end)
+
+  it("finds every todo-chatbot pod's daprd injected and ready, as kubectl sees them", function()
+    local st = dapr.sidecar_status(NS)
+    assert.is_true(st.ok)
+    local out, ok = kubectl("get pods -n " .. NS .. [[ -o jsonpath='{range .items[*]}{.metadata.name} {.spec.containers[*].name}{"\n"}{end}']])
+    assert.is_true(ok, out)
+    local with_daprd = {}
+    for name, containers in out:gmatch("(%S+) ([^\n]*)") do
+      if (" " .. containers .. " "):find(" daprd ", 1, true) then with_daprd[#with_daprd + 1] = name end
+    end
+    table.sort(with_daprd)
+    local names = {}
+    for i, p in ipairs(st.pods) do
+      names[i] = p.pod
+      assert.is_true(p.injected and p.ready, p.pod)
+      assert.is_string(p.app_id)
+    end
+    assert.is_true(#names >= 5)
+    assert.are.same(with_daprd, names)
+  end)
+
+  it("reports a pod whose sidecar was not injected and one whose daprd is not ready", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write(PODS)
+    f:close()
+    local out, ok = kubectl("apply -f " .. path)
+    os.remove(path)
+    assert.is_true(ok, out)
+    local st = sb.wait_until(20, function()
+      local s = dapr.sidecar_status(NS, { selector = "spec=sidecar-status" })
+      local p = s.pods[1]
+      if #s.pods == 2 and p and p.pod == "spec-no-sidecar" and s.pods[2].problem then return s end
+    end)
+    assert.is_table(st, "the stand-in did not report the pods")
+    assert.is_false(st.ok)
+    local none, fails = st.pods[1], st.pods[2]
+    assert.are.same({ "spec-no-sidecar", "spec-no-sidecar", false, false },
+      { none.pod, none.app_id, none.injected, none.ready })
+    assert.matches("not injected", none.problem, 1, true)
+    assert.are.same({ "spec-sidecar-pull-fails", true, false, "daprd is not ready" },
+      { fails.pod, fails.injected, fails.ready, fails.problem })
+    -- the rest of the namespace is still fine
+    local all = dapr.sidecar_status(NS)
+    local bad = 0
+    for _, p in ipairs(all.pods) do if p.problem then bad = bad + 1 end end
+    assert.are.equal(2, bad)
+  end)
+
+  it("rejects a missing namespace", function()
+    assert.has_error(function() dapr.sidecar_status() end)
+  end)
+end)
