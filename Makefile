@@ -14,7 +14,7 @@ endif
 HOST_SRC = $(wildcard host/*.c)
 # sha256 from nettle, linked statically: a few KB, nothing more to load at start.
 HOST_LIBS = -l:libnettle.a
-MODULES  = exec http k8s pg redis
+MODULES  = exec http k8s pg redis kafka
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 # The stdlib precompiled to bytecode: parsing the source was most of start-up.
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
@@ -29,7 +29,7 @@ LIBS_redis = -lhiredis
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
-  postgresql postgresql-client redis-server redis-tools kcat curl python3 openssl tmux hyperfine time
+  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl tmux hyperfine time
 
 .PHONY: all deps test clean install sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO) $(STDLIB_BC)

@@ -1,0 +1,1273 @@
+/*
+ * kafka.c: Kafka over librdkafka. One client per connection settings, reused
+ * for the whole run; stdlib/kafka.lua builds lag, plans and summaries on it.
+ *
+ *   new(props) -> client            props: librdkafka properties (strings);
+ *                                   passwords among them become secrets
+ *   probe(host, port, timeout, plaintext) -> true, apis | false, reason
+ *                                   does a broker answer ApiVersions (or,
+ *                                   when not plaintext, accept TCP)?
+ *
+ * Client methods (timeout: seconds, always bounded by the step's deadline):
+ *   metadata(timeout, topic)               brokers and every topic's (or one topic's) partitions
+ *   offsets(list, timeout)                 ListOffsets for {topic, partition, offset}
+ *                                          where offset is -2 earliest, -1 latest
+ *                                          or a timestamp in ms; one request per leader
+ *   group_offsets(requests, timeout)       OffsetFetch, one per {group, partitions|nil},
+ *                                          all in flight together
+ *   alter_group_offsets(group, list, timeout, summary)    gated; a dry run simulates
+ *   describe_groups(names, timeout)  list_groups(timeout)
+ *   describe_configs(topic, timeout)
+ *   create_topic(name, partitions, rf, configs, timeout, summary)   gated; a dry run
+ *   create_partitions(topic, total, timeout, summary)               validates only
+ *   alter_configs(topic, configs, timeout, summary)
+ *   produce(messages, timeout, summary, progress)   gated; waits for every delivery
+ *   consume_start(list)  consume_poll(timeout)  consume_stop()
+ *                                          reads assigned partitions without a group
+ *   close()
+ *
+ * Failures raise rb_error with librdkafka's error name as the code
+ * ("UNKNOWN_TOPIC_OR_PART", "_TIMED_OUT"); per-partition and per-group errors
+ * come back in the results as {code, message} for kafka.lua to judge.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <lauxlib.h>
+#include <librdkafka/rdkafka.h>
+#include <lua.h>
+
+#include "runbook.h"
+
+#define CLIENT_MT "runbook.kafka.client"
+#define DEFAULT_TIMEOUT 30.0
+#define POLL_SLICE_MS 100   /* how often waits look at Ctrl-C */
+
+static int k_new(lua_State *L);
+static int k_probe(lua_State *L);
+
+static const luaL_Reg kafka_funcs[] = {
+    {"new", k_new},
+    {"probe", k_probe},
+    {NULL, NULL}
+};
+
+/* One delivery report slot per message of a produce call. */
+typedef struct {
+    rd_kafka_resp_err_t err;
+    int32_t partition;
+    int64_t offset;
+    int done;
+} delivery;
+
+typedef struct {
+    rd_kafka_t *rk;          /* producer handle: metadata, offsets, admin, produce */
+    rd_kafka_t *consumer;    /* created on first consume, no group */
+    rd_kafka_conf_t *conf;   /* a copy to create the consumer from */
+    rd_kafka_queue_t *queue; /* admin results */
+    delivery *deliveries;    /* the produce call in progress */
+    size_t pending;
+} client;
+
+/* ---- errors ------------------------------------------------------------- */
+
+static int is_retryable(rd_kafka_resp_err_t err) {
+    switch (err) {
+    case RD_KAFKA_RESP_ERR__TIMED_OUT: case RD_KAFKA_RESP_ERR__TRANSPORT:
+    case RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN: case RD_KAFKA_RESP_ERR__MSG_TIMED_OUT:
+    case RD_KAFKA_RESP_ERR__WAIT_COORD: case RD_KAFKA_RESP_ERR__TIMED_OUT_QUEUE:
+    case RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE: case RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION:
+    case RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT: case RD_KAFKA_RESP_ERR_NETWORK_EXCEPTION:
+    case RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS:
+    case RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE: case RD_KAFKA_RESP_ERR_NOT_COORDINATOR:
+    case RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS: case RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int raise_err(lua_State *L, const char *op, rd_kafka_resp_err_t err, const char *what) {
+    return rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what,
+                    rd_kafka_err2str(err));
+}
+
+/* Sets t.error = {code, message} for a failed partition, group or resource. */
+static void set_error(lua_State *L, rd_kafka_resp_err_t err, const char *msg) {
+    if (!err) return;
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, rd_kafka_err2name(err));
+    lua_setfield(L, -2, "code");
+    lua_pushstring(L, msg && *msg ? msg : rd_kafka_err2str(err));
+    lua_setfield(L, -2, "message");
+    lua_setfield(L, -2, "error");
+}
+
+/* ---- the client --------------------------------------------------------- */
+
+static void free_deliveries(client *c) {
+    free(c->deliveries);
+    c->deliveries = NULL;
+    c->pending = 0;
+}
+
+/* Idempotent: serves __gc, __close and close(). Undelivered messages are
+ * dropped rather than waited for: a finalizer must not block. */
+static int client_close(lua_State *L) {
+    client *c = luaL_checkudata(L, 1, CLIENT_MT);
+    if (c->consumer) {
+        rd_kafka_assign(c->consumer, NULL);
+        rd_kafka_destroy_flags(c->consumer, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+    }
+    if (c->queue) rd_kafka_queue_destroy(c->queue);
+    if (c->rk) {
+        rd_kafka_purge(c->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+        rd_kafka_poll(c->rk, 0);
+        rd_kafka_destroy(c->rk);
+    }
+    if (c->conf) rd_kafka_conf_destroy(c->conf);
+    free_deliveries(c);
+    c->consumer = c->rk = NULL;
+    c->queue = NULL;
+    c->conf = NULL;
+    return 0;
+}
+
+static client *check_client(lua_State *L) {
+    client *c = luaL_checkudata(L, 1, CLIENT_MT);
+    if (!c->rk) luaL_error(L, "kafka client is closed");
+    return c;
+}
+
+static int timeout_ms(lua_State *L, int idx) {
+    double t = luaL_optnumber(L, idx, DEFAULT_TIMEOUT);
+    luaL_argcheck(L, t > 0, idx, "timeout must be positive");
+    double left = rb_remaining(L, t);
+    if (left < t) t = left;
+    return (int)(t * 1000) + 1;
+}
+
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque) {
+    (void)rk;
+    client *c = opaque;
+    size_t i = (size_t)(uintptr_t)m->_private;
+    if (!c || !c->deliveries || i == 0 || i > c->pending) return;
+    delivery *d = &c->deliveries[i - 1];
+    d->err = m->err;
+    d->partition = m->partition;
+    d->offset = m->offset;
+    d->done = 1;
+}
+
+static int is_secret_property(const char *name) {
+    return strstr(name, "password") || strstr(name, "secret") ||
+           strcmp(name, "sasl.oauthbearer.config") == 0 || strcmp(name, "ssl.key.pem") == 0;
+}
+
+/* Applies props {name = value} to conf; a bad one is the caller's mistake. */
+static void apply_props(lua_State *L, rd_kafka_conf_t *conf) {
+    char err[512];
+    for (lua_pushnil(L); lua_next(L, 1); lua_pop(L, 1)) {
+        if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1)) {
+            rd_kafka_conf_destroy(conf);
+            luaL_argerror(L, 1, "properties must map names to strings");
+        }
+        const char *k = lua_tostring(L, -2);
+        size_t vlen;
+        const char *v = lua_tolstring(L, -1, &vlen);
+        if (is_secret_property(k)) rb_secret_register(L, v, vlen);
+        if (rd_kafka_conf_set(conf, k, v, err, sizeof err) != RD_KAFKA_CONF_OK) {
+            rd_kafka_conf_destroy(conf);
+            luaL_argerror(L, 1, lua_pushfstring(L, "property %s: %s", k, err));
+        }
+    }
+}
+
+/* new(props): the client is created closed, then opened, so its finalizer
+ * is safe whatever fails in between. */
+static int k_new(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    client *c = lua_newuserdatauv(L, sizeof *c, 0);
+    memset(c, 0, sizeof *c);
+    luaL_setmetatable(L, CLIENT_MT);
+    rd_kafka_conf_t *conf = rd_kafka_conf_new();
+    char err[512];
+    /* quiet unless asked: failures reach runbooks as errors, not log lines */
+    rd_kafka_conf_set(conf, "log_level", "2", err, sizeof err);
+    rd_kafka_conf_set(conf, "client.id", "runbook", err, sizeof err);
+    apply_props(L, conf);
+    c->conf = rd_kafka_conf_dup(conf);
+    rd_kafka_conf_set_opaque(conf, c);
+    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    c->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
+    if (!c->rk) {
+        rd_kafka_conf_destroy(conf);
+        return rb_error(L, "kafka", "connect", "_INVALID_ARG", 0, "cannot create the client: %s", err);
+    }
+    c->queue = rd_kafka_queue_new(c->rk);
+    return 1;
+}
+
+/* ---- topic partition lists ---------------------------------------------- */
+
+/* Reads {{topic=, partition=, offset=}...} at idx into a new list. */
+static rd_kafka_topic_partition_list_t *check_partitions(lua_State *L, int idx, int need_offset) {
+    luaL_checktype(L, idx, LUA_TTABLE);
+    int n = (int)luaL_len(L, idx);
+    rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(n > 0 ? n : 1);
+    for (int i = 1; i <= n; i++) {
+        const char *bad = NULL;
+        if (lua_geti(L, idx, i) != LUA_TTABLE) {
+            rd_kafka_topic_partition_list_destroy(l);
+            luaL_argerror(L, idx, "partitions must be tables {topic=, partition=}");
+        }
+        lua_getfield(L, -1, "topic");
+        lua_getfield(L, -2, "partition");
+        lua_getfield(L, -3, "offset");
+        int isint;
+        lua_Integer p = lua_tointegerx(L, -2, &isint);
+        lua_Integer off = lua_tointeger(L, -1);
+        if (!bad && lua_type(L, -3) != LUA_TSTRING) bad = "each partition needs a topic name";
+        if (!bad && (!isint || p < 0)) bad = "each partition needs a partition number >= 0";
+        if (!bad && need_offset && !lua_isinteger(L, -1)) bad = "each partition needs an integer offset";
+        if (bad) {
+            rd_kafka_topic_partition_list_destroy(l);
+            luaL_argerror(L, idx, bad);
+        }
+        rd_kafka_topic_partition_list_add(l, lua_tostring(L, -3), (int32_t)p)->offset = off;
+        lua_pop(L, 4);
+    }
+    return l;
+}
+
+static void push_partitions(lua_State *L, const rd_kafka_topic_partition_list_t *l) {
+    lua_createtable(L, l ? l->cnt : 0, 0);
+    for (int i = 0; l && i < l->cnt; i++) {
+        const rd_kafka_topic_partition_t *tp = &l->elems[i];
+        lua_createtable(L, 0, 4);
+        lua_pushstring(L, tp->topic);
+        lua_setfield(L, -2, "topic");
+        lua_pushinteger(L, tp->partition);
+        lua_setfield(L, -2, "partition");
+        lua_pushinteger(L, tp->offset);
+        lua_setfield(L, -2, "offset");
+        if (tp->metadata_size) {
+            lua_pushlstring(L, tp->metadata, tp->metadata_size);
+            lua_setfield(L, -2, "metadata");
+        }
+        set_error(L, tp->err, NULL);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+/* ---- metadata and offsets ----------------------------------------------- */
+
+static void push_int_array(lua_State *L, const int32_t *a, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_pushinteger(L, a[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+static void push_topic(lua_State *L, const rd_kafka_metadata_topic_t *t) {
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, t->topic);
+    lua_setfield(L, -2, "name");
+    set_error(L, t->err, NULL);
+    lua_createtable(L, t->partition_cnt, 0);
+    for (int p = 0; p < t->partition_cnt; p++) {
+        const rd_kafka_metadata_partition_t *mp = &t->partitions[p];
+        lua_createtable(L, 0, 5);
+        lua_pushinteger(L, mp->id);
+        lua_setfield(L, -2, "partition");
+        lua_pushinteger(L, mp->leader);
+        lua_setfield(L, -2, "leader");
+        push_int_array(L, mp->replicas, mp->replica_cnt);
+        lua_setfield(L, -2, "replicas");
+        push_int_array(L, mp->isrs, mp->isr_cnt);
+        lua_setfield(L, -2, "isr");
+        set_error(L, mp->err, NULL);
+        lua_rawseti(L, -2, p + 1);
+    }
+    lua_setfield(L, -2, "partitions");
+}
+
+/* metadata(timeout, topic) -> {brokers = {{id, host, port}}, topics = {...}, answered_by}
+ * Every topic, or only `topic` (which a cluster that auto-creates topics creates). */
+static int k_metadata(lua_State *L) {
+    client *c = check_client(L);
+    int ms = timeout_ms(L, 2);
+    const char *topic = luaL_optstring(L, 3, NULL);
+    rd_kafka_topic_t *rkt = topic ? rd_kafka_topic_new(c->rk, topic, NULL) : NULL;
+    const struct rd_kafka_metadata *md;
+    rd_kafka_resp_err_t err = rd_kafka_metadata(c->rk, rkt == NULL, rkt, &md, ms);
+    if (rkt) rd_kafka_topic_destroy(rkt);
+    if (err) return raise_err(L, "metadata", err, "cannot read cluster metadata");
+    lua_createtable(L, 0, 3);
+    lua_createtable(L, md->broker_cnt, 0);
+    for (int i = 0; i < md->broker_cnt; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushinteger(L, md->brokers[i].id);
+        lua_setfield(L, -2, "id");
+        lua_pushstring(L, md->brokers[i].host);
+        lua_setfield(L, -2, "host");
+        lua_pushinteger(L, md->brokers[i].port);
+        lua_setfield(L, -2, "port");
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "brokers");
+    lua_createtable(L, md->topic_cnt, 0);
+    for (int i = 0; i < md->topic_cnt; i++) {
+        push_topic(L, &md->topics[i]);
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "topics");
+    lua_pushinteger(L, md->orig_broker_id);
+    lua_setfield(L, -2, "answered_by");
+    rd_kafka_metadata_destroy(md);
+    return 1;
+}
+
+/* offsets(list, timeout): librdkafka groups the partitions by leader and
+ * sends one ListOffsets per broker. */
+static int k_offsets(lua_State *L) {
+    client *c = check_client(L);
+    rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
+    rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(c->rk, l, timeout_ms(L, 3));
+    if (err && err != RD_KAFKA_RESP_ERR__PARTIAL) {
+        /* per-partition errors are reported below; a whole-call failure raises */
+        int any = 0;
+        for (int i = 0; i < l->cnt; i++) any |= l->elems[i].err != 0;
+        if (!any) {
+            rd_kafka_topic_partition_list_destroy(l);
+            return raise_err(L, "offsets", err, "cannot list offsets");
+        }
+    }
+    push_partitions(L, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    return 1;
+}
+
+/* ---- admin requests ----------------------------------------------------- */
+
+static rd_kafka_AdminOptions_t *admin_options(lua_State *L, client *c, rd_kafka_admin_op_t op,
+                                              int ms, int validate_only) {
+    char err[256];
+    rd_kafka_AdminOptions_t *o = rd_kafka_AdminOptions_new(c->rk, op);
+    rd_kafka_AdminOptions_set_request_timeout(o, ms, err, sizeof err);
+    if (op == RD_KAFKA_ADMIN_OP_CREATETOPICS || op == RD_KAFKA_ADMIN_OP_CREATEPARTITIONS)
+        rd_kafka_AdminOptions_set_operation_timeout(o, ms, err, sizeof err);
+    if (validate_only) rd_kafka_AdminOptions_set_validate_only(o, 1, err, sizeof err);
+    (void)L;
+    return o;
+}
+
+/* Waits for the next admin result on the client's queue. The request's own
+ * timeout should answer first; the extra second only guards against a lost
+ * reply. Returns NULL on timeout or interruption. */
+static rd_kafka_event_t *admin_wait(client *c, int ms) {
+    double end = rb_now() + ms / 1000.0 + 1.0;
+    while (!rb_interrupted() && rb_now() < end) {
+        rd_kafka_event_t *ev = rd_kafka_queue_poll(c->queue, POLL_SLICE_MS);
+        if (!ev) continue;
+        if (rd_kafka_event_type(ev) != RD_KAFKA_EVENT_NONE) return ev;
+        rd_kafka_event_destroy(ev);
+    }
+    return NULL;
+}
+
+/* Drops results of requests abandoned by a timeout, so they are not taken
+ * for a later request's answer. */
+static void admin_drain(client *c) {
+    rd_kafka_event_t *ev;
+    while ((ev = rd_kafka_queue_poll(c->queue, 0))) rd_kafka_event_destroy(ev);
+}
+
+static int raise_wait(lua_State *L, const char *op, const char *what) {
+    if (rb_interrupted()) return rb_error(L, "kafka", op, "interrupted", 0, "%s: interrupted", what);
+    return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: timed out", what);
+}
+
+/* Raises when the whole admin request failed (e.g. unsupported by the broker). */
+static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, const char *what) {
+    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+    if (!err) return;
+    const char *msg = lua_pushstring(L, rd_kafka_event_error_string(ev));
+    rd_kafka_event_destroy(ev);
+    rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what, msg);
+}
+
+static void push_group_results(lua_State *L, const rd_kafka_group_result_t **gr, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, rd_kafka_group_result_name(gr[i]));
+        lua_setfield(L, -2, "group");
+        const rd_kafka_error_t *e = rd_kafka_group_result_error(gr[i]);
+        if (e) set_error(L, rd_kafka_error_code(e), rd_kafka_error_string(e));
+        push_partitions(L, rd_kafka_group_result_partitions(gr[i]));
+        lua_setfield(L, -2, "partitions");
+        /* keyed by name: results arrive in any order */
+        lua_setfield(L, -2, rd_kafka_group_result_name(gr[i]));
+    }
+}
+
+/* group_offsets({{group=, partitions=list|nil}...}, timeout) -> {[group] = {group, partitions, error}}
+ * librdkafka takes one group per request: they are all sent, then collected. */
+static int k_group_offsets(lua_State *L) {
+    client *c = check_client(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int ms = timeout_ms(L, 3), n = (int)luaL_len(L, 2);
+    admin_drain(c);
+    for (int i = 1; i <= n; i++) {
+        lua_geti(L, 2, i);
+        luaL_argcheck(L, lua_istable(L, -1), 2, "requests must be tables {group=, partitions=}");
+        lua_getfield(L, -1, "group");
+        luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "each request needs a group name");
+        rd_kafka_topic_partition_list_t *parts = NULL;
+        if (lua_getfield(L, -2, "partitions") == LUA_TTABLE) parts = check_partitions(L, lua_gettop(L), 0);
+        rd_kafka_ListConsumerGroupOffsets_t *req = rd_kafka_ListConsumerGroupOffsets_new(lua_tostring(L, -2), parts);
+        if (parts) rd_kafka_topic_partition_list_destroy(parts);
+        rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPOFFSETS, ms, 0);
+        rd_kafka_ListConsumerGroupOffsets(c->rk, &req, 1, o, c->queue);
+        rd_kafka_AdminOptions_destroy(o);
+        rd_kafka_ListConsumerGroupOffsets_destroy(req);
+        lua_pop(L, 3);
+    }
+    lua_createtable(L, 0, n);
+    for (int i = 0; i < n; i++) {
+        rd_kafka_event_t *ev = admin_wait(c, ms);
+        if (!ev) return raise_wait(L, "lag", "reading committed offsets");
+        check_event(L, ev, "lag", "reading committed offsets");
+        size_t cnt;
+        const rd_kafka_group_result_t **gr = rd_kafka_ListConsumerGroupOffsets_result_groups(
+            rd_kafka_event_ListConsumerGroupOffsets_result(ev), &cnt);
+        push_group_results(L, gr, cnt);
+        rd_kafka_event_destroy(ev);
+    }
+    return 1;
+}
+
+/* alter_group_offsets(group, list, timeout, summary) -> {decision, partitions} */
+static int k_alter_group_offsets(lua_State *L) {
+    client *c = check_client(L);
+    const char *group = luaL_checkstring(L, 2);
+    int ms = timeout_ms(L, 4);
+    const char *summary = luaL_checkstring(L, 5);
+    rd_kafka_topic_partition_list_t *l = check_partitions(L, 3, 1);
+    rb_effect e = {"kafka", "reset_offsets", group, summary, 1};
+    rb_decision d = rb_gate(L, &e);
+    if (d != RB_PERFORM) {
+        lua_pushfstring(L, "plan for %d partitions, not committed", l->cnt);
+        rd_kafka_topic_partition_list_destroy(l);
+        rb_gate_done(L, &e, d, 1);
+        lua_createtable(L, 0, 1);
+        lua_pushstring(L, d == RB_SIMULATE ? "simulated" : "skipped");
+        lua_setfield(L, -2, "decision");
+        return 1;
+    }
+    admin_drain(c);
+    rd_kafka_AlterConsumerGroupOffsets_t *req = rd_kafka_AlterConsumerGroupOffsets_new(group, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_ALTERCONSUMERGROUPOFFSETS, ms, 0);
+    rd_kafka_AlterConsumerGroupOffsets(c->rk, &req, 1, o, c->queue);
+    rd_kafka_AdminOptions_destroy(o);
+    rd_kafka_AlterConsumerGroupOffsets_destroy(req);
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) {
+        lua_pushliteral(L, "timed out");
+        rb_gate_done(L, &e, d, 0);
+        return raise_wait(L, "reset_offsets", group);
+    }
+    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+    if (err) {
+        lua_pushstring(L, rd_kafka_event_error_string(ev));
+        rb_gate_done(L, &e, d, 0);
+    }
+    check_event(L, ev, "reset_offsets", group);
+    size_t cnt;
+    const rd_kafka_group_result_t **gr = rd_kafka_AlterConsumerGroupOffsets_result_groups(
+        rd_kafka_event_AlterConsumerGroupOffsets_result(ev), &cnt);
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "performed");
+    lua_setfield(L, -2, "decision");
+    lua_createtable(L, 0, 1);
+    push_group_results(L, gr, cnt);
+    lua_getfield(L, -1, group);
+    lua_setfield(L, -3, "result");
+    lua_pop(L, 1);
+    rd_kafka_event_destroy(ev);
+    lua_pushliteral(L, "committed"); /* kafka.lua raises for partition errors */
+    rb_gate_done(L, &e, d, 1);
+    return 1;
+}
+
+static const char *group_state(rd_kafka_consumer_group_state_t s) {
+    const char *name = rd_kafka_consumer_group_state_name(s);
+    return name ? name : "Unknown";
+}
+
+/* describe_groups(names, timeout) -> {{group, state, members = {{client_id, host, consumer_id}}, error}} */
+static int k_describe_groups(lua_State *L) {
+    client *c = check_client(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int ms = timeout_ms(L, 3), n = (int)luaL_len(L, 2);
+    luaL_argcheck(L, n > 0 && n < 1000, 2, "give 1 to 999 group names");
+    const char *names[1000];
+    for (int i = 1; i <= n; i++) {
+        lua_geti(L, 2, i);
+        names[i - 1] = lua_tostring(L, -1);
+        luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "group names must be strings");
+        lua_pop(L, 1); /* still referenced by the table */
+    }
+    admin_drain(c);
+    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS, ms, 0);
+    rd_kafka_DescribeConsumerGroups(c->rk, names, (size_t)n, o, c->queue);
+    rd_kafka_AdminOptions_destroy(o);
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) return raise_wait(L, "describe_group", "describing consumer groups");
+    check_event(L, ev, "describe_group", "describing consumer groups");
+    size_t cnt;
+    const rd_kafka_ConsumerGroupDescription_t **gd =
+        rd_kafka_DescribeConsumerGroups_result_groups(rd_kafka_event_DescribeConsumerGroups_result(ev), &cnt);
+    lua_createtable(L, (int)cnt, 0);
+    for (size_t i = 0; i < cnt; i++) {
+        lua_createtable(L, 0, 5);
+        lua_pushstring(L, rd_kafka_ConsumerGroupDescription_group_id(gd[i]));
+        lua_setfield(L, -2, "group");
+        lua_pushstring(L, group_state(rd_kafka_ConsumerGroupDescription_state(gd[i])));
+        lua_setfield(L, -2, "state");
+        const rd_kafka_error_t *e = rd_kafka_ConsumerGroupDescription_error(gd[i]);
+        if (e) set_error(L, rd_kafka_error_code(e), rd_kafka_error_string(e));
+        size_t m = rd_kafka_ConsumerGroupDescription_member_count(gd[i]);
+        lua_createtable(L, (int)m, 0);
+        for (size_t j = 0; j < m; j++) {
+            const rd_kafka_MemberDescription_t *md = rd_kafka_ConsumerGroupDescription_member(gd[i], j);
+            lua_createtable(L, 0, 3);
+            lua_pushstring(L, rd_kafka_MemberDescription_client_id(md));
+            lua_setfield(L, -2, "client_id");
+            lua_pushstring(L, rd_kafka_MemberDescription_consumer_id(md));
+            lua_setfield(L, -2, "consumer_id");
+            lua_pushstring(L, rd_kafka_MemberDescription_host(md));
+            lua_setfield(L, -2, "host");
+            lua_rawseti(L, -2, (int)j + 1);
+        }
+        lua_setfield(L, -2, "members");
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    rd_kafka_event_destroy(ev);
+    return 1;
+}
+
+/* list_groups(timeout) -> {{group, state, simple}} */
+static int k_list_groups(lua_State *L) {
+    client *c = check_client(L);
+    int ms = timeout_ms(L, 2);
+    admin_drain(c);
+    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS, ms, 0);
+    rd_kafka_ListConsumerGroups(c->rk, o, c->queue);
+    rd_kafka_AdminOptions_destroy(o);
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) return raise_wait(L, "list_groups", "listing consumer groups");
+    check_event(L, ev, "list_groups", "listing consumer groups");
+    const rd_kafka_ListConsumerGroups_result_t *r = rd_kafka_event_ListConsumerGroups_result(ev);
+    size_t nerr;
+    const rd_kafka_error_t **errs = rd_kafka_ListConsumerGroups_result_errors(r, &nerr);
+    if (nerr) {
+        /* some brokers did not answer: a partial list would mislead */
+        lua_pushstring(L, rd_kafka_error_string(errs[0]));
+        rd_kafka_resp_err_t code = rd_kafka_error_code(errs[0]);
+        rd_kafka_event_destroy(ev);
+        return rb_error(L, "kafka", "list_groups", rd_kafka_err2name(code), is_retryable(code),
+                        "listing consumer groups: %s", lua_tostring(L, -1));
+    }
+    size_t cnt;
+    const rd_kafka_ConsumerGroupListing_t **gl = rd_kafka_ListConsumerGroups_result_valid(r, &cnt);
+    lua_createtable(L, (int)cnt, 0);
+    for (size_t i = 0; i < cnt; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushstring(L, rd_kafka_ConsumerGroupListing_group_id(gl[i]));
+        lua_setfield(L, -2, "group");
+        lua_pushstring(L, group_state(rd_kafka_ConsumerGroupListing_state(gl[i])));
+        lua_setfield(L, -2, "state");
+        lua_pushboolean(L, rd_kafka_ConsumerGroupListing_is_simple_consumer_group(gl[i]));
+        lua_setfield(L, -2, "simple");
+        lua_rawseti(L, -2, (int)i + 1);
+    }
+    rd_kafka_event_destroy(ev);
+    return 1;
+}
+
+/* ---- topic administration ----------------------------------------------- */
+
+/* Pushes {name = value} of the resource's config entries. */
+static void push_configs(lua_State *L, const rd_kafka_ConfigResource_t *res) {
+    size_t n;
+    const rd_kafka_ConfigEntry_t **entries = rd_kafka_ConfigResource_configs(res, &n);
+    lua_createtable(L, 0, (int)n);
+    for (size_t i = 0; i < n; i++) {
+        const char *v = rd_kafka_ConfigEntry_value(entries[i]);
+        lua_createtable(L, 0, 4);
+        if (v && !rd_kafka_ConfigEntry_is_sensitive(entries[i])) {
+            lua_pushstring(L, v);
+            lua_setfield(L, -2, "value");
+        }
+        lua_pushstring(L, rd_kafka_ConfigSource_name(rd_kafka_ConfigEntry_source(entries[i])));
+        lua_setfield(L, -2, "source");
+        lua_pushboolean(L, rd_kafka_ConfigEntry_is_default(entries[i]));
+        lua_setfield(L, -2, "default");
+        lua_pushboolean(L, rd_kafka_ConfigEntry_is_read_only(entries[i]));
+        lua_setfield(L, -2, "read_only");
+        lua_setfield(L, -2, rd_kafka_ConfigEntry_name(entries[i]));
+    }
+}
+
+/* Runs one ConfigResource request (describe or alter) and checks its result. */
+static const rd_kafka_ConfigResource_t *config_request(lua_State *L, client *c, rd_kafka_ConfigResource_t *res,
+                                                       int alter, int ms, int validate_only,
+                                                       rd_kafka_event_t **evp, const char *op) {
+    admin_drain(c);
+    rd_kafka_AdminOptions_t *o = admin_options(
+        L, c, alter ? RD_KAFKA_ADMIN_OP_ALTERCONFIGS : RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS, ms, validate_only);
+    if (alter) rd_kafka_AlterConfigs(c->rk, &res, 1, o, c->queue);
+    else rd_kafka_DescribeConfigs(c->rk, &res, 1, o, c->queue);
+    rd_kafka_AdminOptions_destroy(o);
+    const char *topic = lua_pushstring(L, rd_kafka_ConfigResource_name(res));
+    rd_kafka_ConfigResource_destroy(res);
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) raise_wait(L, op, topic);
+    *evp = ev;
+    if (rd_kafka_event_error(ev)) return NULL;
+    size_t n;
+    const rd_kafka_ConfigResource_t **out =
+        alter ? rd_kafka_AlterConfigs_result_resources(rd_kafka_event_AlterConfigs_result(ev), &n)
+              : rd_kafka_DescribeConfigs_result_resources(rd_kafka_event_DescribeConfigs_result(ev), &n);
+    return n ? out[0] : NULL;
+}
+
+static void check_resource(lua_State *L, rd_kafka_event_t *ev, const rd_kafka_ConfigResource_t *r,
+                           const char *op, const char *topic) {
+    check_event(L, ev, op, topic);
+    rd_kafka_resp_err_t err = r ? rd_kafka_ConfigResource_error(r) : RD_KAFKA_RESP_ERR__BAD_MSG;
+    if (!err) return;
+    const char *msg = lua_pushstring(L, r ? rd_kafka_ConfigResource_error_string(r) : "no result");
+    rd_kafka_event_destroy(ev);
+    rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", topic,
+             msg && *msg ? msg : rd_kafka_err2str(err));
+}
+
+/* describe_configs(topic, timeout) -> {[name] = {value, source, default, read_only}} */
+static int k_describe_configs(lua_State *L) {
+    client *c = check_client(L);
+    const char *topic = luaL_checkstring(L, 2);
+    int ms = timeout_ms(L, 3);
+    rd_kafka_ConfigResource_t *res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
+    rd_kafka_event_t *ev;
+    const rd_kafka_ConfigResource_t *r = config_request(L, c, res, 0, ms, 0, &ev, "describe_configs");
+    check_resource(L, ev, r, "describe_configs", topic);
+    push_configs(L, r);
+    rd_kafka_event_destroy(ev);
+    return 1;
+}
+
+/* Common ending of a gated admin write: the effect's outcome, then the result or the error. */
+static int admin_write_done(lua_State *L, const rb_effect *e, rb_decision d, rd_kafka_resp_err_t err,
+                            const char *msg) {
+    if (err) {
+        lua_pushstring(L, msg && *msg ? msg : rd_kafka_err2str(err));
+        rb_gate_done(L, e, d, 0);
+        return rb_error(L, "kafka", e->op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", e->target,
+                        msg && *msg ? msg : rd_kafka_err2str(err));
+    }
+    lua_pushstring(L, d == RB_PERFORM ? "done" : "validated by the broker, not applied");
+    rb_gate_done(L, e, d, 1);
+    lua_createtable(L, 0, 1);
+    lua_pushstring(L, d == RB_PERFORM ? "performed" : "simulated");
+    lua_setfield(L, -2, "decision");
+    return 1;
+}
+
+/* Reads {name = value} at idx into a config resource or a new topic. */
+#define EACH_CONFIG(L, idx) for (lua_pushnil(L); lua_next(L, idx); lua_pop(L, 1))
+static void check_config_pair(lua_State *L, int idx) {
+    if (lua_type(L, -2) != LUA_TSTRING || !lua_isstring(L, -1))
+        luaL_argerror(L, idx, "configs must map names to strings");
+}
+
+/* alter_configs(topic, {name = value}, timeout, summary): the whole set of
+ * dynamic configs (AlterConfigs replaces them; kafka.lua merges first). */
+static int k_alter_configs(lua_State *L) {
+    client *c = check_client(L);
+    const char *topic = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    int ms = timeout_ms(L, 4);
+    rb_effect e = {"kafka", "alter_topic_config", topic, luaL_checkstring(L, 5), 1};
+    EACH_CONFIG(L, 3) check_config_pair(L, 3);
+    rb_decision d = rb_gate(L, &e);
+    rd_kafka_ConfigResource_t *res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
+    EACH_CONFIG(L, 3) rd_kafka_ConfigResource_set_config(res, lua_tostring(L, -2), lua_tostring(L, -1));
+    rd_kafka_event_t *ev;
+    const rd_kafka_ConfigResource_t *r = config_request(L, c, res, 1, ms, d != RB_PERFORM, &ev, e.op);
+    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+    const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
+    if (!err && r && (err = rd_kafka_ConfigResource_error(r))) msg = rd_kafka_ConfigResource_error_string(r);
+    msg = lua_pushstring(L, msg);
+    rd_kafka_event_destroy(ev);
+    return admin_write_done(L, &e, d, err, msg);
+}
+
+static void topic_result(const rd_kafka_topic_result_t **tr, size_t n, rd_kafka_resp_err_t *err, const char **msg) {
+    if (n && rd_kafka_topic_result_error(tr[0])) {
+        *err = rd_kafka_topic_result_error(tr[0]);
+        *msg = rd_kafka_topic_result_error_string(tr[0]);
+    }
+}
+
+/* create_topic(name, partitions, replication_factor, configs, timeout, summary) */
+static int k_create_topic(lua_State *L) {
+    client *c = check_client(L);
+    const char *name = luaL_checkstring(L, 2);
+    int parts = (int)luaL_checkinteger(L, 3), rf = (int)luaL_checkinteger(L, 4);
+    luaL_checktype(L, 5, LUA_TTABLE);
+    int ms = timeout_ms(L, 6);
+    rb_effect e = {"kafka", "create_topic", name, luaL_checkstring(L, 7), 1};
+    EACH_CONFIG(L, 5) check_config_pair(L, 5);
+    char errstr[512];
+    rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(name, parts, rf, errstr, sizeof errstr);
+    if (!nt) return luaL_error(L, "create_topic %s: %s", name, errstr);
+    EACH_CONFIG(L, 5) rd_kafka_NewTopic_set_config(nt, lua_tostring(L, -2), lua_tostring(L, -1));
+    rb_decision d = rb_gate(L, &e);
+    admin_drain(c);
+    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_CREATETOPICS, ms, d != RB_PERFORM);
+    rd_kafka_CreateTopics(c->rk, &nt, 1, o, c->queue);
+    rd_kafka_AdminOptions_destroy(o);
+    rd_kafka_NewTopic_destroy(nt);
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, "timed out");
+    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+    const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
+    size_t n;
+    if (!err) topic_result(rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n), n, &err, &msg);
+    msg = lua_pushstring(L, msg);
+    rd_kafka_event_destroy(ev);
+    return admin_write_done(L, &e, d, err, msg);
+}
+
+/* create_partitions(topic, new_total, timeout, summary) */
+static int k_create_partitions(lua_State *L) {
+    client *c = check_client(L);
+    const char *topic = luaL_checkstring(L, 2);
+    lua_Integer total = luaL_checkinteger(L, 3);
+    int ms = timeout_ms(L, 4);
+    rb_effect e = {"kafka", "create_partitions", topic, luaL_checkstring(L, 5), 1};
+    char errstr[512];
+    rd_kafka_NewPartitions_t *np = rd_kafka_NewPartitions_new(topic, (size_t)total, errstr, sizeof errstr);
+    if (!np) return luaL_error(L, "create_partitions %s: %s", topic, errstr);
+    rb_decision d = rb_gate(L, &e);
+    admin_drain(c);
+    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_CREATEPARTITIONS, ms, d != RB_PERFORM);
+    rd_kafka_CreatePartitions(c->rk, &np, 1, o, c->queue);
+    rd_kafka_AdminOptions_destroy(o);
+    rd_kafka_NewPartitions_destroy(np);
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, "timed out");
+    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+    const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
+    size_t n;
+    if (!err)
+        topic_result(rd_kafka_CreatePartitions_result_topics(rd_kafka_event_CreatePartitions_result(ev), &n), n,
+                     &err, &msg);
+    msg = lua_pushstring(L, msg);
+    rd_kafka_event_destroy(ev);
+    return admin_write_done(L, &e, d, err, msg);
+}
+
+/* ---- produce ------------------------------------------------------------ */
+
+/* Reads headers {{name, value}...} of the message at the top of the stack. */
+static rd_kafka_headers_t *check_headers(lua_State *L) {
+    if (lua_getfield(L, -1, "headers") != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return NULL;
+    }
+    int n = (int)luaL_len(L, -1);
+    rd_kafka_headers_t *h = rd_kafka_headers_new((size_t)n);
+    for (int i = 1; i <= n; i++) {
+        lua_geti(L, -1, i);
+        lua_geti(L, -1, 1);
+        lua_geti(L, -2, 2);
+        if (lua_type(L, -2) != LUA_TSTRING || (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)) {
+            rd_kafka_headers_destroy(h);
+            luaL_error(L, "headers must be {name, value} pairs of strings");
+        }
+        size_t vlen = 0;
+        const char *v = lua_tolstring(L, -1, &vlen);
+        rd_kafka_header_add(h, lua_tostring(L, -2), -1, v, v ? (ssize_t)vlen : 0);
+        lua_pop(L, 3);
+    }
+    lua_pop(L, 1);
+    return h;
+}
+
+/* Checks every message before any is queued: a bad one found halfway
+ * would leave the first half sent. */
+static void check_messages(lua_State *L, int idx, size_t n) {
+    for (size_t i = 1; i <= n; i++) {
+        if (lua_geti(L, idx, (lua_Integer)i) != LUA_TTABLE) luaL_error(L, "message %d is not a table", (int)i);
+        if (lua_getfield(L, -1, "topic") != LUA_TSTRING) luaL_error(L, "message %d needs a topic", (int)i);
+        rd_kafka_headers_t *h = (lua_pop(L, 1), check_headers(L));
+        if (h) rd_kafka_headers_destroy(h);
+        lua_pop(L, 1);
+    }
+}
+
+/* Queues message i (1-based) of the list at idx; waits while the queue is full. */
+static rd_kafka_resp_err_t queue_message(lua_State *L, client *c, int idx, size_t i, int deadline_ms) {
+    lua_geti(L, idx, (lua_Integer)i);
+    if (!lua_istable(L, -1)) luaL_error(L, "message %d is not a table", (int)i);
+    lua_getfield(L, -1, "topic");
+    lua_getfield(L, -2, "key");
+    lua_getfield(L, -3, "value");
+    lua_getfield(L, -4, "partition");
+    lua_getfield(L, -5, "timestamp");
+    int64_t ts = lua_isinteger(L, -1) ? (int64_t)lua_tointeger(L, -1) : 0;
+    lua_pop(L, 1);
+    const char *topic = lua_tostring(L, -4);
+    if (lua_type(L, -4) != LUA_TSTRING) luaL_error(L, "message %d needs a topic", (int)i);
+    size_t klen = 0, vlen = 0;
+    const char *key = lua_type(L, -3) == LUA_TSTRING ? lua_tolstring(L, -3, &klen) : NULL;
+    const char *value = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &vlen) : NULL;
+    int32_t partition = lua_isinteger(L, -1) ? (int32_t)lua_tointeger(L, -1) : RD_KAFKA_PARTITION_UA;
+    lua_pushvalue(L, -5);
+    rd_kafka_headers_t *h = check_headers(L);
+    lua_pop(L, 1);
+    double end = rb_now() + deadline_ms / 1000.0;
+    rd_kafka_resp_err_t err;
+    while ((err = rd_kafka_producev(c->rk, RD_KAFKA_V_TOPIC(topic), RD_KAFKA_V_PARTITION(partition),
+                                    RD_KAFKA_V_KEY(key, klen), RD_KAFKA_V_VALUE((void *)value, vlen),
+                                    RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY), RD_KAFKA_V_HEADERS(h),
+                                    RD_KAFKA_V_TIMESTAMP(ts), RD_KAFKA_V_OPAQUE((void *)(uintptr_t)i), RD_KAFKA_V_END)) ==
+               RD_KAFKA_RESP_ERR__QUEUE_FULL &&
+           rb_now() < end && !rb_interrupted())
+        rd_kafka_poll(c->rk, 10);
+    if (err && h) rd_kafka_headers_destroy(h);
+    lua_pop(L, 5);
+    return err;
+}
+
+/* Asks for the metadata of every topic in the batch before queuing: a
+ * client that has seen the full topic list otherwise holds messages for a
+ * topic it did not see until the next refresh, minutes away. A topic that
+ * does not exist (and is not auto-created) fails here, at once. */
+static rd_kafka_resp_err_t learn_topics(lua_State *L, client *c, int idx, size_t n, int ms, const char **bad) {
+    lua_newtable(L); /* the set of topics already asked about */
+    int seen = lua_gettop(L);
+    rd_kafka_resp_err_t err = 0;
+    for (size_t i = 1; i <= n && !err; i++) {
+        lua_geti(L, idx, (lua_Integer)i);
+        lua_getfield(L, -1, "topic");
+        const char *topic = lua_tostring(L, -1);
+        lua_pushvalue(L, -1);
+        if (lua_rawget(L, seen) == LUA_TNIL) {
+            lua_pushvalue(L, -2);
+            lua_pushboolean(L, 1);
+            lua_rawset(L, seen);
+            rd_kafka_topic_t *rkt = rd_kafka_topic_new(c->rk, topic, NULL);
+            const struct rd_kafka_metadata *md;
+            err = rd_kafka_metadata(c->rk, 0, rkt, &md, ms);
+            if (!err) {
+                err = md->topic_cnt == 1 ? md->topics[0].err : RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART;
+                rd_kafka_metadata_destroy(md);
+            }
+            rd_kafka_topic_destroy(rkt);
+            if (err) *bad = topic; /* kept alive by the messages table */
+        }
+        lua_pop(L, 3);
+    }
+    lua_pop(L, 1);
+    return err;
+}
+
+static void call_progress(lua_State *L, int fn, size_t done, size_t total) {
+    if (lua_isnil(L, fn)) return;
+    lua_pushvalue(L, fn);
+    lua_pushinteger(L, (lua_Integer)done);
+    lua_pushinteger(L, (lua_Integer)total);
+    lua_call(L, 2, 0);
+}
+
+static size_t count_done(client *c) {
+    size_t n = 0;
+    for (size_t i = 0; i < c->pending; i++) n += c->deliveries[i].done;
+    return n;
+}
+
+/* Stops waiting for the messages of a failed call: they must not be
+ * delivered behind the runbook's back after it saw an error. */
+static void abandon(client *c) {
+    rd_kafka_purge(c->rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+    rd_kafka_poll(c->rk, 0);
+    free_deliveries(c);
+}
+
+/* Pushes {delivered, partitions = {[i] = partition}, offsets = {[i] = offset}}. */
+static void push_deliveries(lua_State *L, client *c) {
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, (lua_Integer)c->pending);
+    lua_setfield(L, -2, "delivered");
+    lua_createtable(L, (int)c->pending, 0);
+    lua_createtable(L, (int)c->pending, 0);
+    for (size_t i = 0; i < c->pending; i++) {
+        lua_pushinteger(L, c->deliveries[i].partition);
+        lua_rawseti(L, -3, (lua_Integer)i + 1);
+        lua_pushinteger(L, c->deliveries[i].offset);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    lua_setfield(L, -3, "offsets");
+    lua_setfield(L, -2, "partitions");
+    lua_pushliteral(L, "performed");
+    lua_setfield(L, -2, "decision");
+}
+
+/* produce(messages, timeout, summary, target, progress) -> {delivered, partitions, offsets}
+ * messages: {{topic, key, value, partition, timestamp (ms), headers = {{name, value}}}...} */
+static int k_produce(lua_State *L) {
+    client *c = check_client(L);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int ms = timeout_ms(L, 3);
+    rb_effect e = {"kafka", "produce", luaL_checkstring(L, 5), luaL_checkstring(L, 4), 0};
+    lua_settop(L, 6);
+    size_t n = (size_t)luaL_len(L, 2);
+    check_messages(L, 2, n);
+    rb_decision d = rb_gate(L, &e);
+    if (d != RB_PERFORM) {
+        lua_pushnil(L);
+        rb_gate_done(L, &e, d, 1);
+        lua_createtable(L, 0, 2);
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "skipped");
+        lua_pushliteral(L, "skipped");
+        lua_setfield(L, -2, "decision");
+        return 1;
+    }
+    const char *bad_topic = NULL;
+    rd_kafka_resp_err_t terr = learn_topics(L, c, 2, n, ms, &bad_topic);
+    if (terr) {
+        const char *msg = lua_pushfstring(L, "topic %s: %s", bad_topic ? bad_topic : e.target, rd_kafka_err2str(terr));
+        lua_pushvalue(L, -1);
+        rb_gate_done(L, &e, d, 0);
+        return rb_error(L, "kafka", "produce", rd_kafka_err2name(terr), is_retryable(terr), "%s", msg);
+    }
+    free_deliveries(c);
+    c->deliveries = calloc(n ? n : 1, sizeof *c->deliveries);
+    if (!c->deliveries) return luaL_error(L, "out of memory");
+    c->pending = n;
+    double start = rb_now(), end = start + ms / 1000.0, next_report = start + 1.0;
+    rd_kafka_resp_err_t err = 0;
+    size_t failed = 0;
+    for (size_t i = 1; i <= n && !err; i++) {
+        int left = (int)((end - rb_now()) * 1000);
+        err = queue_message(L, c, 2, i, left > 0 ? left : 0);
+        if (err) failed = i;
+    }
+    while (!err && count_done(c) < n) {
+        if (rb_interrupted() || rb_now() >= end) {
+            err = rb_interrupted() ? RD_KAFKA_RESP_ERR__INTR : RD_KAFKA_RESP_ERR__TIMED_OUT;
+            break;
+        }
+        rd_kafka_poll(c->rk, POLL_SLICE_MS);
+        if (rb_now() >= next_report) {
+            call_progress(L, 6, count_done(c), n);
+            next_report = rb_now() + 1.0;
+        }
+    }
+    for (size_t i = 0; !err && i < n; i++)
+        if (c->deliveries[i].err) err = c->deliveries[i].err, failed = i + 1;
+    if (err) {
+        abandon(c);
+        const char *msg = failed ? lua_pushfstring(L, "message %d of %d to %s: %s", (int)failed, (int)n, e.target,
+                                                   rd_kafka_err2str(err))
+                                 : lua_pushfstring(L, "%d messages to %s: %s", (int)n, e.target, rd_kafka_err2str(err));
+        lua_pushvalue(L, -1);
+        rb_gate_done(L, &e, d, 0);
+        return rb_error(L, "kafka", "produce", rd_kafka_err2name(err), is_retryable(err), "%s", msg);
+    }
+    lua_pushfstring(L, "%d messages delivered", (int)n);
+    rb_gate_done(L, &e, d, 1);
+    push_deliveries(L, c);
+    free_deliveries(c);
+    return 1;
+}
+
+/* ---- consume ------------------------------------------------------------ */
+
+/* The consumer never joins its group nor commits: it reads what it is
+ * assigned. librdkafka wants a group.id for assign() all the same; a group
+ * that never joins or commits does not exist on the broker. */
+static rd_kafka_t *get_consumer(lua_State *L, client *c) {
+    if (c->consumer) return c->consumer;
+    char err[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_dup(c->conf);
+    rd_kafka_conf_set(conf, "group.id", "runbook-reader-no-commit", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.partition.eof", "false", err, sizeof err);
+    c->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
+    if (!c->consumer) {
+        rd_kafka_conf_destroy(conf);
+        rb_error(L, "kafka", "consume", "_INVALID_ARG", 0, "cannot create the consumer: %s", err);
+    }
+    rd_kafka_poll_set_consumer(c->consumer);
+    return c->consumer;
+}
+
+/* consume_start({{topic, partition, offset}...}): replaces the assignment. */
+static int k_consume_start(lua_State *L) {
+    client *c = check_client(L);
+    rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
+    rd_kafka_t *rk = get_consumer(L, c);
+    rd_kafka_resp_err_t err = rd_kafka_assign(rk, l);
+    rd_kafka_topic_partition_list_destroy(l);
+    if (err) return raise_err(L, "consume", err, "cannot assign partitions");
+    return 0;
+}
+
+static int k_consume_stop(lua_State *L) {
+    client *c = check_client(L);
+    if (c->consumer) rd_kafka_assign(c->consumer, NULL);
+    return 0;
+}
+
+static void push_message_headers(lua_State *L, rd_kafka_message_t *m) {
+    rd_kafka_headers_t *h = NULL;
+    lua_newtable(L);
+    if (rd_kafka_message_headers(m, &h) || !h) return;
+    const char *name;
+    const void *v;
+    size_t len;
+    for (size_t i = 0; rd_kafka_header_get_all(h, i, &name, &v, &len) == RD_KAFKA_RESP_ERR_NO_ERROR; i++) {
+        lua_createtable(L, 2, 0);
+        lua_pushstring(L, name);
+        lua_rawseti(L, -2, 1);
+        if (v) {
+            lua_pushlstring(L, v, len);
+            lua_rawseti(L, -2, 2);
+        }
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+}
+
+static void push_message(lua_State *L, rd_kafka_message_t *m) {
+    lua_createtable(L, 0, 8);
+    lua_pushstring(L, rd_kafka_topic_name(m->rkt));
+    lua_setfield(L, -2, "topic");
+    lua_pushinteger(L, m->partition);
+    lua_setfield(L, -2, "partition");
+    lua_pushinteger(L, m->offset);
+    lua_setfield(L, -2, "offset");
+    if (m->key) {
+        lua_pushlstring(L, m->key, m->key_len);
+        lua_setfield(L, -2, "key");
+    }
+    if (m->payload) {
+        lua_pushlstring(L, m->payload, m->len);
+        lua_setfield(L, -2, "value");
+    }
+    rd_kafka_timestamp_type_t tt;
+    int64_t ts = rd_kafka_message_timestamp(m, &tt);
+    if (tt != RD_KAFKA_TIMESTAMP_NOT_AVAILABLE) {
+        lua_pushinteger(L, ts);
+        lua_setfield(L, -2, "timestamp");
+    }
+    push_message_headers(L, m);
+    lua_setfield(L, -2, "headers");
+}
+
+/* consume_poll(timeout) -> message | nil when none arrived in time */
+static int k_consume_poll(lua_State *L) {
+    client *c = check_client(L);
+    luaL_argcheck(L, c->consumer != NULL, 1, "consume_start first");
+    int ms = timeout_ms(L, 2);
+    double end = rb_now() + ms / 1000.0;
+    while (!rb_interrupted()) {
+        int left = (int)((end - rb_now()) * 1000);
+        if (left <= 0) break;
+        rd_kafka_message_t *m = rd_kafka_consumer_poll(c->consumer, left < POLL_SLICE_MS ? left : POLL_SLICE_MS);
+        if (!m) continue;
+        if (m->err == RD_KAFKA_RESP_ERR__PARTITION_EOF) {
+            rd_kafka_message_destroy(m);
+            continue;
+        }
+        if (m->err) {
+            rd_kafka_resp_err_t err = m->err;
+            const char *msg = lua_pushfstring(L, "%s [%d] at offset %d: %s",
+                                              m->rkt ? rd_kafka_topic_name(m->rkt) : "?", (int)m->partition,
+                                              (int)m->offset, rd_kafka_message_errstr(m));
+            rd_kafka_message_destroy(m);
+            return rb_error(L, "kafka", "consume", rd_kafka_err2name(err), is_retryable(err), "%s", msg);
+        }
+        push_message(L, m);
+        rd_kafka_message_destroy(m);
+        return 1;
+    }
+    if (rb_interrupted()) return rb_error(L, "kafka", "consume", "interrupted", 0, "consume: interrupted");
+    lua_pushnil(L);
+    return 1;
+}
+
+/* ---- broker probe ------------------------------------------------------- */
+
+static int wait_fd(int fd, short events, double end) {
+    for (;;) {
+        int left = (int)((end - rb_now()) * 1000);
+        if (left <= 0 || rb_interrupted()) return 0;
+        struct pollfd p = {fd, events, 0};
+        int r = poll(&p, 1, left < POLL_SLICE_MS ? left : POLL_SLICE_MS);
+        if (r > 0) return 1;
+        if (r < 0 && errno != EINTR) return 0;
+    }
+}
+
+/* Connects with a deadline; returns the socket or -1 with *why set. */
+static int connect_to(const char *host, const char *port, double end, const char **why) {
+    struct addrinfo hints = {0}, *ai;
+    hints.ai_socktype = SOCK_STREAM;
+    if (getaddrinfo(host, port, &hints, &ai) != 0) return *why = "cannot resolve", -1;
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        freeaddrinfo(ai);
+        return *why = strerror(errno), -1;
+    }
+    int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
+    freeaddrinfo(ai);
+    if (r != 0 && errno != EINPROGRESS) {
+        *why = strerror(errno);
+        close(fd);
+        return -1;
+    }
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (r != 0 && (!wait_fd(fd, POLLOUT, end) || getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) || soerr)) {
+        *why = soerr ? strerror(soerr) : "connect timed out";
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Reads exactly n bytes before the deadline; returns NULL or why not. */
+static const char *read_full(int fd, unsigned char *buf, size_t n, double end) {
+    size_t got = 0;
+    while (got < n) {
+        if (!wait_fd(fd, POLLIN, end)) return "no answer to ApiVersions";
+        ssize_t r = read(fd, buf + got, n - got);
+        if (r == 0) return "connection closed";
+        if (r < 0 && errno != EAGAIN && errno != EINTR) return strerror(errno);
+        if (r > 0) got += (size_t)r;
+    }
+    return NULL;
+}
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+/* Sends ApiVersions v0 and pushes {[api_key] = max_version}; NULL or why not. */
+static const char *api_versions(lua_State *L, int fd, double end) {
+    static const unsigned char req[] = {0, 0, 0, 17, 0, 18, 0, 0, 0, 0, 0, 1, 0, 7,
+                                        'r', 'u', 'n', 'b', 'o', 'o', 'k'};
+    unsigned char head[4];
+    if (write(fd, req, sizeof req) != (ssize_t)sizeof req) return "cannot send ApiVersions";
+    const char *why = read_full(fd, head, 4, end);
+    if (why) return why;
+    uint32_t len = be32(head);
+    if (len < 10 || len > 65536) return "not a Kafka answer";
+    unsigned char *body = malloc(len);
+    if (!body) return "out of memory";
+    why = read_full(fd, body, len, end);
+    uint32_t n = why ? 0 : be32(body + 6);
+    if (!why && (be32(body) != 1 || 10 + (size_t)n * 6 > len)) why = "not a Kafka answer";
+    if (!why) {
+        lua_createtable(L, 0, (int)n);
+        for (uint32_t i = 0; i < n; i++) {
+            const unsigned char *e = body + 10 + i * 6;
+            lua_pushinteger(L, e[4] << 8 | e[5]);
+            lua_rawseti(L, -2, e[0] << 8 | e[1]);
+        }
+    }
+    free(body);
+    return why;
+}
+
+/* probe(host, port, timeout, plaintext) -> true, apis | false, reason
+ * On a plaintext listener the broker must answer ApiVersions (a broker that
+ * is down may still accept connections); apis maps the request types it
+ * supports to their highest version, so kafka.lua can avoid requests a
+ * broker does not know. Elsewhere a TCP connection is all it checks. */
+static int k_probe(lua_State *L) {
+    const char *host = luaL_checkstring(L, 1);
+    const char *port = lua_pushfstring(L, "%d", (int)luaL_checkinteger(L, 2));
+    double end = rb_now() + timeout_ms(L, 3) / 1000.0;
+    int plaintext = lua_toboolean(L, 4);
+    lua_settop(L, 5);
+    const char *why = NULL;
+    int fd = connect_to(host, port, end, &why);
+    if (fd >= 0 && plaintext) why = api_versions(L, fd, end);
+    if (fd >= 0) close(fd);
+    if (why) {
+        lua_pushboolean(L, 0);
+        lua_pushstring(L, why);
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    if (plaintext) lua_pushvalue(L, 6);
+    else lua_pushnil(L);
+    return 2;
+}
+
+/* ---- module ------------------------------------------------------------- */
+
+static const luaL_Reg client_methods[] = {
+    {"metadata", k_metadata},
+    {"offsets", k_offsets},
+    {"group_offsets", k_group_offsets},
+    {"alter_group_offsets", k_alter_group_offsets},
+    {"describe_groups", k_describe_groups},
+    {"list_groups", k_list_groups},
+    {"describe_configs", k_describe_configs},
+    {"alter_configs", k_alter_configs},
+    {"create_topic", k_create_topic},
+    {"create_partitions", k_create_partitions},
+    {"produce", k_produce},
+    {"consume_start", k_consume_start},
+    {"consume_poll", k_consume_poll},
+    {"consume_stop", k_consume_stop},
+    {"close", client_close},
+    {NULL, NULL}
+};
+
+int luaopen_runbook_kafka(lua_State *L) {
+    if (luaL_newmetatable(L, CLIENT_MT)) {
+        luaL_newlib(L, client_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, client_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, client_close);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_pop(L, 1);
+    luaL_newlib(L, kafka_funcs);
+    lua_pushstring(L, rd_kafka_version_str());
+    lua_setfield(L, -2, "librdkafka_version");
+    return 1;
+}
