@@ -184,10 +184,11 @@ function Client:topics(opts)
   return out
 end
 
---- {[key(topic, partition)] = {low, high}} in two batched ListOffsets rounds.
-function Client:_watermarks(parts, timeout, op)
+--- {[key(topic, partition)] = {low, high}} in two batched ListOffsets rounds
+-- (one, for the high watermarks only, when high_only).
+function Client:_watermarks(parts, timeout, op, high_only)
   local marks = {}
-  for _, which in ipairs { EARLIEST, LATEST } do
+  for _, which in ipairs(high_only and { LATEST } or { EARLIEST, LATEST }) do
     local req = {}
     for i, p in ipairs(parts) do req[i] = { topic = p.topic, partition = p.partition, offset = which } end
     for _, r in ipairs(#req > 0 and self.native:offsets(req, timeout) or {}) do
@@ -333,7 +334,7 @@ local function group_lag(group, committed, marks)
   for _, p in ipairs(committed) do
     local m = marks[tp_key(p.topic, p.partition)]
     local c = p.offset >= 0 and p.offset or nil
-    local row = { topic = p.topic, partition = p.partition, committed = c, high = m.high, low = m.low }
+    local row = { topic = p.topic, partition = p.partition, committed = c, high = m.high }
     local t = r.topics[p.topic] or { lag = 0, partitions = 0, no_offset = 0 }
     r.topics[p.topic] = t
     t.partitions = t.partitions + 1
@@ -368,7 +369,7 @@ function Client:lag(opts)
       if not seen[k] then seen[k], union[#union + 1] = true, p end
     end
   end
-  local marks = self:_watermarks(union, t, "lag")
+  local marks = self:_watermarks(union, t, "lag", true)
   if opts.group then return group_lag(groups[1], committed[groups[1]].partitions, marks) end
   local out = { total = 0 }
   for i, g in ipairs(groups) do
