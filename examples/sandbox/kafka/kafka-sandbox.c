@@ -226,8 +226,13 @@ static void elect_leaders(void)
         for (int p = 0; p < topics[t].partitions; p++)
             rd_kafka_mock_partition_set_leader(mc, topics[t].name, p,
                                                first_up_broker(preferred_leader(p)));
-    for (int g = 0; g < NGROUPS; g++)
-        rd_kafka_mock_coordinator_set(mc, "group", groups[g].name, first_up_broker(g + 1));
+    /* With every broker down the coordinators stay where they were: the mock
+     * aborts on a FindCoordinator naming a broker it cannot find. */
+    for (int g = 0; g < NGROUPS; g++) {
+        int coord = first_up_broker(g + 1);
+        if (coord > 0)
+            rd_kafka_mock_coordinator_set(mc, "group", groups[g].name, coord);
+    }
 }
 
 static void start_cluster(void)
