@@ -41,13 +41,7 @@ end
 local function lines(path) return split(cli.slurp(path)) end
 
 --- Poll until `cond()` is true (10 s at most).
-local function eventually(cond, what)
-  for _ = 1, 500 do
-    if cond() then return end
-    os.execute("sleep 0.02")
-  end
-  error("timed out waiting for " .. what)
-end
+local eventually = cli.eventually
 
 local function journal_text(state)
   local p = io.popen("cat " .. cli.quote(state) .. "/runs/*.jsonl 2>/dev/null")
@@ -79,30 +73,7 @@ local function run_id(state)
 end
 
 --- Start `runbook ARGS...` in the background; returns its pid and output file.
-local function spawn(args, env)
-  local d = cli.tmpdir()
-  local parts = {}
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. cli.quote(v) end
-  parts[#parts + 1] = cli.BIN
-  for _, a in ipairs(args) do parts[#parts + 1] = cli.quote(a) end
-  os.execute(("(%s </dev/null >%s/out 2>%s/err; echo $? >%s/code) & echo $! >%s/pid"):format(
-    table.concat(parts, " "), d, d, d, d))
-  eventually(function() return cli.slurp(d .. "/pid") ~= "" end, "pid")
-  -- The subshell's pid; the runbook process is its only child.
-  local sub = cli.slurp(d .. "/pid"):match("%d+")
-  local pid
-  eventually(function()
-    local p = io.popen("pgrep -P " .. sub)
-    pid = p:read("l")
-    p:close()
-    return pid ~= nil or cli.slurp(d .. "/code") ~= ""
-  end, "runbook process")
-  return { pid = pid, dir = d,
-    wait = function()
-      eventually(function() return cli.slurp(d .. "/code") ~= "" end, "exit")
-      return tonumber(cli.slurp(d .. "/code")), cli.slurp(d .. "/out"), cli.slurp(d .. "/err")
-    end }
-end
+local spawn = cli.spawn
 
 describe("the journal", function()
   after_each(cli.cleanup)

@@ -594,6 +594,76 @@ describe("k8s lease lock", function()
   end)
 end)
 
+describe("k8s lease lock and the run's heartbeat", function()
+  local time = require "time"
+
+  it("renews a held lease while a step sleeps, so nobody else can take it", function()
+    local a = k8s.lease_lock { namespace = NS, name = "heartbeat-lock", duration = "3s", identity = "sleeper" }
+    finally(function() a:release() end)
+    local before = k8s.get("lease/heartbeat-lock", { namespace = NS }).spec.renewTime
+    time.sleep("3.5s")   -- longer than the lease: only the heartbeat's renewals keep it
+    local lease = k8s.get("lease/heartbeat-lock", { namespace = NS }).spec
+    assert.are_not.equal(before, lease.renewTime)
+    assert.are.equal("sleeper", lease.holderIdentity)
+    local other, msg = k8s.lease_lock { namespace = NS, name = "heartbeat-lock", duration = "3s", identity = "other",
+      try = true }
+    assert.is_nil(other)
+    assert.matches("held by sleeper", msg)
+  end)
+end)
+
+describe("runbook run --lock=k8s:NAMESPACE/NAME", function()
+  local cli = require "spec.support.cli"
+  local state, rb
+  local function lease() return k8s.get("lease/cron-lock", { namespace = NS }).spec end
+
+  before_each(function()
+    state = cli.tmpdir()
+    rb = cli.runbook([[
+name = "cron-job"
+description = "holds the cluster-wide lock for a while"
+param "hold" { type = "duration", default = "0s" }
+step "work" { run = function(ctx) time.sleep(ctx.params.hold) end }
+step "after" { run = function() end }
+]])
+  end)
+  after_each(function() cli.cleanup() end)
+
+  it("lets one run in across processes; the other exits 75 naming the holder; the lease is handed back", function()
+    local a = cli.spawn({ "run", rb, "-p", "hold=4s", "--yes", "--lock=k8s:" .. NS .. "/cron-lock" },
+      { RUNBOOK_STATE_DIR = state })
+    cli.eventually(function()
+      local ok, l = pcall(lease)
+      return ok and type(l.holderIdentity) == "string" and l.holderIdentity:find("pid " .. a.pid, 1, true)
+    end, "the first run to take the lease")
+    local b = cli.run({ "run", rb, "--yes", "--output", "json", "--lock=k8s:" .. NS .. "/cron-lock" },
+      { RUNBOOK_STATE_DIR = state })
+    assert.are.equal(75, b.code, b.stderr)
+    local ends = cli.only(cli.events(b.stdout), "run_end")
+    assert.are.same({ "locked", 0 }, { ends[1].status, ends[1].ok })
+    assert.truthy(b.stdout:find("held by [^\n]*pid " .. a.pid), b.stdout)
+    local code, out = a.wait()
+    assert.are.equal(0, code, out)
+    assert.matches("take lease k8s%-spec/cron%-lock", out)
+    assert.matches("release lease k8s%-spec/cron%-lock", out)
+    assert.is_nil(lease().holderIdentity)
+    -- Free again: the next run takes it at once.
+    assert.are.equal(0, cli.run({ "run", rb, "--yes", "--lock=k8s:" .. NS .. "/cron-lock" },
+      { RUNBOOK_STATE_DIR = state }).code)
+  end)
+
+  it("only checks the lease in a dry run, and rejects a malformed lease name before running", function()
+    k8s.delete("lease/dry-cron-lock", { namespace = NS, missing_ok = true })
+    local r = cli.run({ "run", rb, "--dry-run", "--lock=k8s:" .. NS .. "/dry-cron-lock" }, { RUNBOOK_STATE_DIR = state })
+    assert.are.equal(0, r.code, r.stderr)
+    assert.matches("would take lease", r.stdout)
+    assert.are.equal("404", raises(function() k8s.get("lease/dry-cron-lock", { namespace = NS }) end).code)
+    r = cli.run({ "run", rb, "--yes", "--lock=k8s:Bad_Name" }, { RUNBOOK_STATE_DIR = state })
+    assert.are.equal(2, r.code)
+    assert.matches("k8s:NAMESPACE/NAME", r.stderr)
+  end)
+end)
+
 describe("k8s in a dry run", function()
   local effects
 

@@ -2,6 +2,7 @@
 -- polling with a deadline, and durations.
 local duration = require "duration"
 local host = require "runbook.host"
+local heartbeat = require "runbook.heartbeat"
 
 local M = { parse = duration.parse, format = duration.format }
 
@@ -11,7 +12,7 @@ M.now = host.wallclock
 
 --- Sleep for a duration ("2s", 0.5); ends early with an error on Ctrl-C or when the step times out.
 function M.sleep(d)
-  host.sleep(duration.check(d, "time.sleep"))
+  heartbeat.sleep(host, duration.check(d, "time.sleep"))
 end
 
 --- Call fn() every `every` until it returns a truthy value (returned), or
@@ -27,7 +28,7 @@ function M.wait_until(opts, fn)
       host.raise { module = "time", op = "wait_until", code = "timeout", retryable = true,
         message = ("gave up waiting for %s after %s"):format(opts.what or "the condition", duration.format(timeout)) }
     end
-    host.sleep(every)
+    heartbeat.sleep(host, every)
   end
 end
 

@@ -70,4 +70,40 @@ function M.only(events, kind)
   return out
 end
 
+--- Poll cond() every 20 ms for up to 10 s; raise naming `what` when it never holds.
+function M.eventually(cond, what)
+  for _ = 1, 500 do
+    if cond() then return end
+    os.execute("sleep 0.02")
+  end
+  error("timed out waiting for " .. what)
+end
+
+--- Start `runbook ARGS...` in the background (stdin /dev/null). Returns
+-- {pid, dir, wait = function() -> code, stdout, stderr}.
+function M.spawn(args, env)
+  local d = M.tmpdir()
+  local parts = {}
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. M.quote(v) end
+  parts[#parts + 1] = M.BIN
+  for _, a in ipairs(args) do parts[#parts + 1] = M.quote(a) end
+  os.execute(("(%s </dev/null >%s/out 2>%s/err; echo $? >%s/code) & echo $! >%s/pid"):format(
+    table.concat(parts, " "), d, d, d, d))
+  M.eventually(function() return M.slurp(d .. "/pid") ~= "" end, "pid")
+  -- The subshell's pid; the runbook process is its only child.
+  local sub = M.slurp(d .. "/pid"):match("%d+")
+  local pid
+  M.eventually(function()
+    local p = io.popen("pgrep -P " .. sub)
+    pid = p:read("l")
+    p:close()
+    return pid ~= nil or M.slurp(d .. "/code") ~= ""
+  end, "runbook process")
+  return { pid = pid, dir = d,
+    wait = function()
+      M.eventually(function() return M.slurp(d .. "/code") ~= "" end, "exit")
+      return tonumber(M.slurp(d .. "/code")), M.slurp(d .. "/out"), M.slurp(d .. "/err")
+    end }
+end
+
 return M

@@ -14,15 +14,15 @@
 -- renewing keeps both. Release hands the Lease back as client-go does:
 -- holderIdentity cleared, leaseDurationSeconds 1.
 --
--- While held, the k8s module's own long waits (rollout_status, wait) renew it
--- when a third of its duration has passed; a step that blocks elsewhere for
--- longer than the duration should call lock:renew() (or k8s.lease_renew_due()).
+-- While held, it renews when a third of its duration has passed, from the run's
+-- heartbeat (between steps, in time.sleep and time.wait_until, and in the k8s
+-- module's own waits); a step that blocks elsewhere for longer than the
+-- duration should call lock:renew() (or k8s.lease_renew_due()).
 -- In a dry run every write is sent with dryRun=All, so the lock is checked but
 -- not taken (lock.simulated is true).
 local host = require "runbook.host"
 local client = require "k8s.client"
 local config = require "k8s.config"
-local verbs = require "k8s.verbs"
 local duration = require "duration"
 
 local M = {}
@@ -186,6 +186,6 @@ Lock.__close = Lock.release
 function M.renew_due()
   for lock in pairs(held) do lock:renew_if_due() end
 end
-table.insert(verbs.on_wait, M.renew_due)
+require("runbook.heartbeat").add(M.renew_due)
 
 return M

@@ -6,17 +6,12 @@ local cjson = require "cjson"
 local host = require "runbook.host"
 local client = require "k8s.client"
 local duration = require "duration"
+local heartbeat = require "runbook.heartbeat"
 
 local Client = client.Client
 local raise, write, path_of, qualified, target_of = client.raise, client.write, client.path, client.qualified, client.target
 
 local M = {}
-
--- Long waits call these every turn (a held Lease renews itself through one).
-M.on_wait = {}
-local function waiting()
-  for _, f in ipairs(M.on_wait) do f() end
-end
 
 local function secs(v, what, dflt)
   if v == nil then return dflt end
@@ -168,7 +163,7 @@ function Client:rollout_status(a, b)
     local w <close> = self:watch_open(r, { namespace = ns, name = name, timeout = left,
       resource_version = obj.metadata.resourceVersion })
     while not res do
-      waiting()
+      heartbeat.beat()
       local ty, o = w:next(math.min(2, math.max(0.001, deadline - host.now())))
       if ty == "DELETED" then
         raise { op = "rollout_status", code = "404", retryable = false,
@@ -554,7 +549,7 @@ function Client:wait(a, b, c)
     local w <close> = self:watch_open(r, { namespace = ns, label_selector = sel.label_selector,
       field_selector = sel.field_selector, resource_version = rv, timeout = left })
     while not satisfied() and host.now() < deadline do
-      waiting()
+      heartbeat.beat()
       local ty, o = w:next(math.min(2, math.max(0.001, deadline - host.now())))
       if ty == "DELETED" then set[o.metadata.name] = nil
       elseif ty then set[o.metadata.name] = o end

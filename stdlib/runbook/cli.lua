@@ -189,11 +189,18 @@ end
 local function take_lock(rb, o, run_id)
   if o["--dry-run"] and not o["--lock"] then return true end
   local key = lock_key(rb, o)
+  local locks = require "runbook.lock"
+  if key:match("^k8s:") then
+    -- The engine takes a Lease once the run is journaled: the write is an effect.
+    local ok, why = locks.lease_name(key)
+    if not ok then return nil, usage_error("%s", why) end
+    return true, key
+  end
   local who = host.identity()
   local holder = { run_id = run_id, pid = who.pid, user = who.user, host = who.host,
     since = events.iso8601(host.wallclock()), runbook = rb.name }
   local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0
-  local ok, lock, why = pcall(require("runbook.lock").acquire, key, holder, wait)
+  local ok, lock, why = pcall(locks.acquire, key, holder, wait)
   if not ok then err("waiting for the lock: %s", tostring(lock)); return nil, 128 + (host.interrupted() or 2) end
   if not lock then
     err("%s", why)
@@ -208,8 +215,8 @@ end
 local function start_run(rb, o, run)
   local can, why = check_can_ask(rb, o)
   if not can then return usage_error("%s", why) end
-  local lock, code = take_lock(rb, o, run.run_id)
-  if not lock then return code end
+  local lock, lease = take_lock(rb, o, run.run_id)
+  if not lock then return lease end
   local jok, sink = pcall(require("runbook.journal").sink, run.run_id)
   if not jok then err("%s", sink); return EXIT.usage end
   install_sinks(o, sink)
@@ -218,6 +225,7 @@ local function start_run(rb, o, run)
   run.step, run.yes = o["--step"], o["--yes"] or o["-y"]
   run.undo_on_failure = o["--undo-on-failure"]
   run.lock_key = lock_key(rb, o)
+  run.lease, run.lease_wait = lease, o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0
   local status = require("runbook.engine").run(rb, run)
   if lock ~= true then lock:release() end
   return status

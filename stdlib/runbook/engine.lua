@@ -3,6 +3,7 @@
 -- chose, emitting events for every sink. Returns the exit status.
 local events = require "runbook.events"
 local host = require "runbook.host"
+local heartbeat = require "runbook.heartbeat"
 
 local M = {}
 
@@ -171,9 +172,22 @@ local function decide(run, step, total)
   return choice
 end
 
+--- Take the run's Kubernetes Lease (a "k8s:" lock key). Returns the status
+-- and exit code the run goes on with, and the lock when it was taken.
+local function take_lease(opts, who)
+  local ok, lock, why = pcall(require("runbook.lock").lease, opts.lease,
+    { user = who.user, host = who.host, pid = who.pid, run_id = opts.run_id }, opts.lease_wait or 0)
+  if ok and lock then return "ok", M.EXIT.ok, lock end
+  local locked = ok or type(lock) == "table" and lock.code == "locked"
+  require("log").error("%s", ok and why or host.redact(tostring(type(lock) == "table" and lock.message or lock)))
+  if locked then return "locked", M.EXIT.locked end
+  return "failed", M.EXIT.failed
+end
+
 --- Run the runbook `rb`. opts: params (resolved), redacted_params, run_id,
 -- dry_run, step, yes, from (step name), undo_on_failure, path (absolute) and
--- sha256 of the runbook file, and for a
+-- sha256 of the runbook file, lock_key, lease and lease_wait (a "k8s:" lock
+-- key the engine takes as a Lease, waiting up to lease_wait seconds), and for a
 -- resume: start (the step index to continue at) and restored = {outputs, completed}
 -- from the journal.
 function M.run(rb, opts)
@@ -204,11 +218,15 @@ function M.run(rb, opts)
     from = opts.from, resume_at = opts.start and rb.steps[opts.start] and rb.steps[opts.start].name or nil }
 
   local status, code, failure = "ok", M.EXIT.ok, nil
+  local lease
+  if opts.lease then status, code, lease = take_lease(opts, who) end
   local from = opts.start or opts.from and rb.steps_by_name[opts.from].index or 1
-  for i, step in ipairs(rb.steps) do
+  -- No steps run when the lease could not be taken.
+  for i, step in ipairs(status == "ok" and rb.steps or {}) do
     events.step = step.name
     if i < from then goto continue end
-    local choice, reason = decide(run, step, total)
+    local alive, choice, reason = protected(rb, heartbeat.beat)
+    if alive then choice, reason = decide(run, step, total) else choice, reason = "error", choice end
     if choice == "error" then
       failure = reason
     elseif choice == "quit" then
@@ -252,6 +270,10 @@ function M.run(rb, opts)
     ::continue::
   end
   events.step = nil
+  if lease then
+    local ok, e = pcall(lease.release, lease)
+    if not ok then require("log").warn("the lease stays held until it expires: %s", host.redact(tostring(e))) end
+  end
   if rb.notify then
     require("notify").run_hooks(rb.notify, { runbook = rb.name, run_id = opts.run_id, status = status,
       step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = since(t0),

@@ -3,6 +3,10 @@
 -- $RUNBOOK_STATE_DIR/locks/<key>.lock for the life of the process, so a
 -- crashed holder's lock is released by the kernel. The file records who holds
 -- it, for the message the next contender prints.
+--
+-- A key "k8s:NAMESPACE/NAME" (or "k8s:NAME", in the kubeconfig context's
+-- namespace) is a cluster-wide lock instead: a coordination.k8s.io Lease, so
+-- runs on several machines or overlapping CronJob pods exclude each other.
 local host = require "runbook.host"
 local journal = require "runbook.journal"
 
@@ -39,6 +43,34 @@ function M.acquire(key, holder, wait)
     host.sleep(math.min(delay, math.max(0.001, deadline - host.now())))
     delay = math.min(delay * 2, 1)
   end
+end
+
+--- The Lease a "k8s:" key names, {namespace (nil: the context's), name}, or
+-- nil and what is wrong with the key.
+function M.lease_name(key)
+  local spec = key:match("^k8s:(.*)$") or ""
+  local ns, name = spec:match("^([^/]+)/([^/]+)$")
+  name = name or spec
+  local function dns(s) return #s <= 253 and s:match("^[a-z0-9][-a-z0-9.]*$") and not s:match("[-.]$") end
+  if not dns(name) or (ns and not dns(ns)) then
+    return nil, ("lock %s: expected k8s:NAMESPACE/NAME or k8s:NAME with lower-case DNS names"):format(key)
+  end
+  return { namespace = ns, name = name }
+end
+
+-- Long enough for steps that block without waiting through the heartbeat for
+-- a while; a crashed holder's lease is free again after this.
+M.LEASE_DURATION = "2m"
+
+--- Take the Lease a "k8s:" key names, waiting up to `wait` seconds. Returns
+-- the lock (renewed by the heartbeat), or nil and a message naming the holder.
+-- In a dry run the Lease is only checked.
+function M.lease(key, holder, wait)
+  local lease = assert(M.lease_name(key))
+  return require("k8s").lease_lock {
+    namespace = lease.namespace, name = lease.name, duration = M.LEASE_DURATION, wait = wait, try = true,
+    identity = ("%s@%s pid %d run %s"):format(holder.user, holder.host, holder.pid, holder.run_id),
+  }
 end
 
 --- The holder record when `key` is locked now, else nil.
