@@ -181,7 +181,7 @@ describe("k8s stand-in with kubectl", function()
              "\nrecurring%-task%-service%-hpa%s+Deployment/todo%-chatbot%-recurring%-task%s+cpu: 23%%/70%%%s+1%s+4%s+1%s"},
             {"ingresses", "NAME%s+CLASS%s+HOSTS%s+ADDRESS%s+PORTS%s+AGE\n", "\ntodo%-chatbot%s+nginx%s+todo%.example%.com%s"},
             {"networkpolicies", "NAME%s+POD%-SELECTOR%s+AGE\n", "\nallow%-same%-namespace%s"},
-            {"components.dapr.io", "NAME%s+AGE\n", "\npubsub%-kafka%s"},
+            {"components.dapr.io", "NAME%s+AGE\n", "\nkafka%-pubsub%s"},
             {"subscriptions.dapr.io", "NAME%s+AGE\n", "\ntask%-events%-subscription%s"},
         }
         for _, c in ipairs(kinds) do
@@ -297,6 +297,106 @@ describe("k8s stand-in with kubectl", function()
             assert.equal("websocket", cjson.decode(out).service)
         end)
 
+        it("lists every kind in discovery with its short names, groups and subresources", function()
+            local out = k("api-resources")
+            for _, row in ipairs {
+                "\ndeployments%s+deploy%s+apps/v1%s+true%s+Deployment\n",
+                "\nhorizontalpodautoscalers%s+hpa%s+autoscaling/v2%s+true%s+HorizontalPodAutoscaler\n",
+                "\nleases%s+coordination.k8s.io/v1%s+true%s+Lease\n",
+                "\ncustomresourcedefinitions%s+crd,crds%s+apiextensions.k8s.io/v1%s+false%s+CustomResourceDefinition\n",
+                "\ncomponents%s+dapr.io/v1alpha1%s+true%s+Component\n",
+                "\nsubscriptions%s+dapr.io/v2alpha1%s+true%s+Subscription\n",
+                "\npods%s+metrics.k8s.io/v1beta1%s+true%s+PodMetrics\n",
+                "\nnetworkpolicies%s+netpol%s+networking.k8s.io/v1%s+true%s+NetworkPolicy\n",
+            } do
+                assert.matches(row, out)
+            end
+            local apps = cjson.decode(k("get --raw /apis/apps/v1"))
+            local scale
+            for _, r in ipairs(apps.resources) do
+                if r.name == "deployments/scale" then scale = r end
+            end
+            assert.same({"autoscaling", "v1", "Scale"}, {scale.group, scale.version, scale.kind})
+            assert.same({"get", "patch", "update"}, scale.verbs)
+        end)
+
+        it("serves the Dapr CRDs, read-only", function()
+            local out = k("get crd")
+            assert.matches("^NAME%s+CREATED AT\n", out)
+            assert.matches("\ncomponents%.dapr%.io%s+%d%d%d%d%-%d%d%-%d%dT", out)
+            assert.matches("\nsubscriptions%.dapr%.io%s+", out)
+            local crd = json("get crd subscriptions.dapr.io")
+            assert.same({"dapr.io", "Namespaced", "Subscription"}, {crd.spec.group, crd.spec.scope, crd.spec.names.kind})
+            assert.same({"v2alpha1"}, crd.status.storedVersions)
+            local out2, rc = kubectl("delete crd components.dapr.io")
+            assert.equal(1, rc)
+            assert.matches("Error from server %(MethodNotAllowed%)", out2)
+            k("get crd components.dapr.io")
+        end)
+
+        it("reads the scale and status subresources", function()
+            local out = k("get deploy todo-chatbot-backend --subresource=scale")
+            assert.matches("^NAME%s+DESIRED%s+AVAILABLE\ntodo%-chatbot%-backend%s+2%s+2\n$", out)
+            local scale = json("get deploy todo-chatbot-backend --subresource=scale")
+            assert.same({"Scale", "autoscaling/v1", 2, "app.kubernetes.io/component=backend,"
+                .. "app.kubernetes.io/instance=todo-chatbot,app.kubernetes.io/name=todo-chatbot"},
+                {scale.kind, scale.apiVersion, scale.spec.replicas, scale.status.selector})
+            local st = json("get deploy todo-chatbot-backend --subresource=status")
+            assert.equal(2, st.status.availableReplicas)
+        end)
+
+        it("shows an HPA's target, bounds and conditions", function()
+            local out = k("describe hpa recurring-task-service-hpa")
+            assert.matches("Reference:%s+Deployment/todo%-chatbot%-recurring%-task\n", out)
+            assert.matches("resource cpu on pods%s+%(as a percentage of request%):%s+23%% %(23m%) / 70%%", out)
+            assert.matches("Min replicas:%s+1\nMax replicas:%s+4\n", out)
+            assert.matches("AbleToScale%s+True%s+ReadyForNewScale", out)
+        end)
+
+        it("limits logs to the last sinceSeconds", function()
+            local pod = pods_of("backend")[1].metadata.name
+            local count = function(args)
+                return select(2, k("logs " .. pod .. " -c backend " .. args):gsub("\n", ""))
+            end
+            local recent, hour = count("--since=20s"), count("--since=1h")
+            assert.is_true(recent < hour, recent .. " lines in 20 s, " .. hour .. " in an hour")
+            local cutoff = os.date("!%Y-%m-%dT%H:%M:%S", os.time() - 21)
+            for stamp in k("logs " .. pod .. " -c backend --since=20s --timestamps"):gmatch("(%S+) [^\n]*\n") do
+                assert.is_true(stamp >= cutoff, stamp .. " before " .. cutoff)
+            end
+        end)
+
+        it("declares the Dapr components and subscriptions the Dapr stand-in's sidecars run", function()
+            local sidecar = {}
+            for app in ("backend websocket recurring-task notification"):gmatch("%S+") do
+                local status, body = sb.dapr("GET", "/v1.0/metadata", nil, nil, app)
+                assert.equal(200, status)
+                sidecar[app] = cjson.decode(body)
+            end
+            local declared = {}
+            for _, c in ipairs(json("get components.dapr.io").items) do declared[c.spec.type] = c.metadata.name end
+            for _, c in ipairs(sidecar.backend.components) do
+                if c.type == "pubsub.kafka" or c.type == "state.redis" then
+                    assert.equal(c.name, declared[c.type], c.type)
+                end
+            end
+            assert.equal("kafka-pubsub", declared["pubsub.kafka"])
+            local subs = {}
+            for _, s in ipairs(json("get subscriptions.dapr.io").items) do
+                for _, app in ipairs(s.scopes) do
+                    subs[app] = subs[app] or {}
+                    table.insert(subs[app], {s.spec.pubsubname, s.spec.topic, s.spec.routes.default, s.spec.deadLetterTopic})
+                end
+            end
+            for app, md in pairs(sidecar) do
+                local want = {}
+                for _, s in ipairs(md.subscriptions) do
+                    want[#want + 1] = {s.pubsubname, s.topic, s.rules[1].path, s.deadLetterTopic}
+                end
+                assert.same(want, subs[app] or {}, app)
+            end
+        end)
+
         it("holds the sandbox's real passwords in todo-chatbot-secrets", function()
             local s = json("get secret todo-chatbot-secrets")
             local decode = function(v) return (run("printf %s " .. q(v) .. " | base64 -d")) end
@@ -370,6 +470,21 @@ describe("k8s stand-in with kubectl", function()
                 assert.equal(d.spec.template.metadata.annotations["kubectl.kubernetes.io/restartedAt"],
                     p.metadata.annotations["kubectl.kubernetes.io/restartedAt"])
             end
+            -- the events of a rollout, from the deployment controller down to the kubelet
+            local pod = pods_of("backend")[1].metadata.name
+            local reasons = {}
+            for _, e in ipairs(json("get events --field-selector involvedObject.name=" .. pod).items) do
+                reasons[e.reason] = e.message
+            end
+            assert.matches("^Successfully assigned todo%-chatbot/" .. pod:gsub("%-", "%%-") .. " to pool%-todo%-chatbot%-", reasons.Scheduled)
+            for _, r in ipairs {"Pulled", "Created", "Started"} do assert.truthy(reasons[r], r) end
+            local killing, scaling = false, 0
+            for _, e in ipairs(json("get events").items) do
+                killing = killing or (e.reason == "Killing" and e.involvedObject.name:match("^todo%-chatbot%-backend%-") ~= nil)
+                if e.reason == "ScalingReplicaSet" and e.involvedObject.name == "todo-chatbot-backend" then scaling = scaling + 1 end
+            end
+            assert.is_true(killing)
+            assert.is_true(scaling >= 4, scaling .. " ScalingReplicaSet events")
         end)
 
         it("lists the rollout history", function()
@@ -489,6 +604,31 @@ describe("k8s stand-in with kubectl", function()
             assert.matches('configmap "created%-twice" deleted', k("delete cm created-twice"))
         end)
 
+        it("keeps a lease as client-go's leader election does: the stale writer gets 409", function()
+            local micro = function(ago) return os.date("!%Y-%m-%dT%H:%M:%S.000000Z", os.time() - ago) end
+            local lease = function(holder, rv, transitions)
+                return manifest(cjson.encode {apiVersion = "coordination.k8s.io/v1", kind = "Lease",
+                    metadata = {name = "runbook-leader", namespace = NS, resourceVersion = rv},
+                    spec = {holderIdentity = holder, leaseDurationSeconds = 15, acquireTime = micro(0),
+                            renewTime = micro(0), leaseTransitions = transitions}})
+            end
+            local path = lease("runner-a", nil, 0)
+            assert.matches("lease.coordination.k8s.io/runbook%-leader created", k("create -f " .. path))
+            local l = json("get lease runbook-leader")
+            assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%dZ$", l.spec.renewTime)
+            assert.matches("\nrunbook%-leader%s+runner%-a%s", k("get leases"))
+            -- runner-b takes over with the resourceVersion it read; runner-c read the same one and loses
+            local b, c = lease("runner-b", l.metadata.resourceVersion, 1), lease("runner-c", l.metadata.resourceVersion, 1)
+            k("replace -f " .. b)
+            local out, rc = kubectl("replace -f " .. c)
+            assert.equal(1, rc)
+            assert.matches('Error from server %(Conflict%).*Operation cannot be fulfilled on leases.coordination.k8s.io "runbook%-leader"', out)
+            l = json("get lease runbook-leader")
+            assert.same({"runner-b", 1}, {l.spec.holderIdentity, l.spec.leaseTransitions})
+            k("delete lease runbook-leader")
+            for _, f in ipairs {path, b, c} do os.remove(f) end
+        end)
+
         it("gets 409 when an update carries a stale resourceVersion", function()
             local path = os.tmpname()
             k("get cm todo-chatbot-config -o json > " .. path)
@@ -514,10 +654,14 @@ describe("k8s stand-in with kubectl", function()
             settle()
             local before, state = cluster_rv(), k("get all,cm,secrets -o json")
             local path = manifest((DEMO:gsub("name: demo", "name: dry")))
+            local current = manifest((k("get cm todo-chatbot-config -o json"):gsub('"INFO"', '"DRY"')))
             local cmds = {
                 "create -f " .. path,
                 "apply -f " .. path,
                 "apply --server-side -f " .. path,
+                "replace -f " .. current,
+                "label cm todo-chatbot-config dry=run",
+                "annotate deploy todo-chatbot-backend dry=run",
                 "scale deploy/todo-chatbot-backend --replicas=5",
                 "set image deploy/todo-chatbot-backend backend=nginx:dry",
                 "rollout undo deploy/todo-chatbot-backend",
@@ -534,6 +678,7 @@ describe("k8s stand-in with kubectl", function()
             assert.equal(before, cluster_rv())
             assert.equal(state, k("get all,cm,secrets -o json"))
             os.remove(path)
+            os.remove(current)
         end)
     end)
 
@@ -562,6 +707,26 @@ describe("k8s stand-in with kubectl", function()
             assert.is_true(modified >= 4, out)
             assert.matches("\nMODIFIED%s+1%s", out)
             assert.matches("\nMODIFIED%s+2%s+2", out)
+        end)
+
+        it("replays the changes after a resourceVersion, then bookmarks before the timeout", function()
+            local rv = cjson.decode(k("get --raw /api/v1/namespaces/" .. NS .. "/configmaps")).metadata.resourceVersion
+            k([[patch cm todo-chatbot-config --type=merge -p '{"data":{"WATCHED":"yes"}}']])
+            local t0 = now()
+            local out = k("get --raw '/api/v1/namespaces/" .. NS .. "/configmaps?watch=1&allowWatchBookmarks=true"
+                .. "&timeoutSeconds=3&resourceVersion=" .. rv .. "'")
+            assert.is_true(now() - t0 >= 2.5, "the watch ended early")
+            local events = {}
+            for line in out:gmatch("[^\n]+") do events[#events + 1] = cjson.decode(line) end
+            assert.equal(2, #events, out)
+            assert.same({"MODIFIED", "ConfigMap", "todo-chatbot-config", "yes"},
+                {events[1].type, events[1].object.kind, events[1].object.metadata.name, events[1].object.data.WATCHED})
+            assert.same({"BOOKMARK", "ConfigMap"}, {events[2].type, events[2].object.kind})
+            assert.equal(events[1].object.metadata.resourceVersion + 0 <= events[2].object.metadata.resourceVersion + 0, true)
+            -- without allowWatchBookmarks there is none
+            out = k("get --raw '/api/v1/namespaces/" .. NS .. "/configmaps?watch=1&timeoutSeconds=3&resourceVersion="
+                .. events[2].object.metadata.resourceVersion .. "'")
+            assert.equal("", out)
         end)
 
         it("answers a watch from a compacted resourceVersion with 410 Expired", function()
@@ -604,6 +769,19 @@ describe("k8s stand-in with kubectl", function()
             assert.matches("^todo%-chatbot%-backend%s+2/2%s+2%s+2%s", out)
             assert.truthy(eventually(5, function()
                 local pods = k("get pods -l app.kubernetes.io/component=backend --no-headers")
+                return select(2, pods:gsub("2/2%s+Running%s+0%s", "")) == 2 and not pods:match("Terminating")
+            end))
+        end)
+
+        it("crashloop heals when the template gets another image", function()
+            ctl("crashloop websocket")
+            assert.truthy(eventually(5, function()
+                return k("get pods -l app.kubernetes.io/component=websocket"):match("CrashLoopBackOff")
+            end))
+            k("set image deploy/todo-chatbot-websocket websocket=registry.digitalocean.com/todo-chatbot/websocket:v1.4.1")
+            rollout_status("todo-chatbot-websocket")
+            assert.truthy(eventually(5, function()
+                local pods = k("get pods -l app.kubernetes.io/component=websocket --no-headers")
                 return select(2, pods:gsub("2/2%s+Running%s+0%s", "")) == 2 and not pods:match("Terminating")
             end))
         end)
@@ -665,6 +843,22 @@ describe("k8s stand-in with kubectl", function()
             assert.matches("Error from server %(InternalError%)", out)
             ctl("api-errors 0")
             k("get cm")
+        end)
+
+        it("api-errors with 429 and 503 say when to retry", function()
+            local ca = sb.state .. "/k8s/ca.crt"
+            local server = run("grep -o 'https://[^ ]*' " .. q(sb.env("KUBECONFIG"))):gsub("%s+$", "")
+            local token = run("cat " .. q(sb.state .. "/k8s/token")):gsub("%s+$", "")
+            for code, reason in pairs {[429] = "TooManyRequests", [503] = "ServiceUnavailable", [504] = "Timeout"} do
+                ctl("api-errors 100% " .. code)
+                local out = run("curl -s -m 10 -i --cacert " .. q(ca) .. " -H " .. q("Authorization: Bearer " .. token)
+                    .. " " .. q(server .. "/api/v1/namespaces/" .. NS .. "/configmaps"))
+                assert.matches("^HTTP/%S+ " .. code, out)
+                assert.equal(code ~= 504, out:lower():match("\nretry%-after: 1\r\n") ~= nil, out)
+                local st = cjson.decode(out:match("\r\n\r\n(.*)$"))
+                assert.same({"Status", reason, code}, {st.kind, st.reason, st.code})
+            end
+            ctl("api-errors 0")
         end)
 
         it("api-latency delays every request", function()

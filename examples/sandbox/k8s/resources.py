@@ -5,6 +5,7 @@ from store import parse_iso
 
 RW = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 RO = ["get", "list"]
+RO_WATCH = ["get", "list", "watch"]
 
 
 class Res:
@@ -209,7 +210,12 @@ COLUMNS = {
                   col("Address", lambda o: ",".join(i.get("ip", "") for i in o.get("status", {}).get("loadBalancer", {}).get("ingress", []) or [])),
                   col("Ports", lambda o: "80, 443" if o["spec"].get("tls") else "80"), AGE],
     "networkpolicies": [NAME, col("Pod-Selector", lambda o: selector_str(o["spec"].get("podSelector")) or "<none>"), AGE],
+    "customresourcedefinitions": [NAME, col("Created At", lambda o: o["metadata"].get("creationTimestamp"), "date")],
 }
+
+# The Table of a Scale subresource (kubectl get deploy X --subresource=scale).
+SCALE_COLUMNS = [NAME, col("Desired", lambda o: o["spec"].get("replicas", 0), "integer"),
+                 col("Available", lambda o: o.get("status", {}).get("replicas", 0), "integer")]
 
 ALL = ["all"]
 REGISTRY = [
@@ -229,6 +235,9 @@ REGISTRY = [
         subs=("status",), cats=ALL, generation=True),
     Res("networking.k8s.io", "v1", "ingresses", "Ingress", ["ing"], subs=("status",), generation=True),
     Res("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", ["netpol"], generation=True),
+    # The definitions of the custom resources below, read-only: a new one would not be served.
+    Res("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", ["crd", "crds"],
+        False, verbs=RO_WATCH, subs=("status",), generation=True),
     Res("dapr.io", "v1alpha1", "components", "Component", generation=True, custom=True),
     Res("dapr.io", "v2alpha1", "subscriptions", "Subscription", generation=True, custom=True,
         versions=["v2alpha1", "v1alpha1"]),
@@ -265,6 +274,30 @@ def version_priority(v):
 
 for _, vs in GROUPS:
     vs.sort(key=version_priority)
+
+
+def crd_of(r):
+    """The CustomResourceDefinition that would make r served, as the Dapr Helm chart installs it."""
+    versions = sorted(r.versions, key=version_priority)
+    return {"metadata": {"name": r.key, "labels": {"app.kubernetes.io/part-of": "dapr"}},
+            "spec": {"group": r.group, "scope": "Namespaced" if r.namespaced else "Cluster",
+                     "names": {"plural": r.name, "singular": r.singular, "kind": r.kind, "listKind": r.kind + "List"},
+                     "conversion": {"strategy": "None"},
+                     "versions": [{"name": v, "served": True, "storage": v == r.version,
+                                   "schema": {"openAPIV3Schema": {"type": "object",
+                                                                  "x-kubernetes-preserve-unknown-fields": True}}}
+                                  for v in versions]},
+            "status": {"acceptedNames": {"plural": r.name, "singular": r.singular, "kind": r.kind,
+                                         "listKind": r.kind + "List"},
+                       "storedVersions": [r.version],
+                       "conditions": [{"type": t, "status": "True", "reason": reason, "message": msg}
+                                      for t, reason, msg in [("NamesAccepted", "NoConflicts", "no conflicts found"),
+                                                             ("Established", "InitialNamesAccepted",
+                                                              "the initial names have been accepted")]]}}
+
+
+def custom_resources():
+    return [r for r in REGISTRY if r.custom]
 
 
 def lookup(group, version, name):

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from api import apply_defaults
 from controller import REV, owner_ref, template_hash
-from resources import lookup
+from resources import crd_of, custom_resources, lookup
 from store import now_iso
 
 NS = "todo-chatbot"
@@ -163,7 +163,7 @@ class Seeder:
         self.put("", "v1", "configmaps", {"metadata": {"name": "todo-chatbot-config", "namespace": NS},
                                           "data": {"LOG_LEVEL": "INFO", "DAPR_HTTP_PORT": "3500",
                                                    "BACKEND_URL": "http://todo-chatbot-backend:8000",
-                                                   "PUBSUB_NAME": "pubsub-kafka", "STATESTORE_NAME": "statestore",
+                                                   "PUBSUB_NAME": "kafka-pubsub", "STATESTORE_NAME": "statestore",
                                                    "WEBSOCKET_MAX_CONNECTIONS": "500"}}, 10)
         self.put("", "v1", "configmaps", {"metadata": {"name": "kube-root-ca.crt", "namespace": NS},
                                           "data": {"ca.crt": "-----BEGIN CERTIFICATE-----\n(sandbox)\n-----END CERTIFICATE-----\n"}}, 12)
@@ -171,11 +171,16 @@ class Seeder:
             self.put("", "v1", "serviceaccounts", {"metadata": {"name": "todo-chatbot-" + name, "namespace": NS}}, 10)
 
     def dapr_resources(self):
+        for r in custom_resources():
+            crd = crd_of(r)
+            for c in crd["status"]["conditions"]:
+                c["lastTransitionTime"] = now_iso(time.time() - 12 * DAY)
+            self.put("apiextensions.k8s.io", "v1", "customresourcedefinitions", crd, 12)
         brokers = self.env.get("KAFKA_BROKERS", "127.0.0.1:9092")
         redis = urlparse(self.env.get("REDIS_URL", "redis://:redis-sandbox-pw@127.0.0.1:6379/0"))
         comp = lambda name, typ, meta: {"metadata": {"name": name, "namespace": NS},
                                         "spec": {"type": typ, "version": "v1", "metadata": meta}, "scopes": [a[0] for a in APPS]}
-        self.put("dapr.io", "v1alpha1", "components", comp("pubsub-kafka", "pubsub.kafka", [
+        self.put("dapr.io", "v1alpha1", "components", comp("kafka-pubsub", "pubsub.kafka", [
             {"name": "brokers", "value": brokers}, {"name": "authType", "value": "none"},
             {"name": "consumerGroup", "value": "{appID}-service"}]), 10)
         self.put("dapr.io", "v1alpha1", "components", comp("statestore", "state.redis", [
@@ -183,12 +188,13 @@ class Seeder:
             {"name": "redisPassword", "secretKeyRef": {"name": "todo-chatbot-secrets", "key": "REDIS_PASSWORD"}},
             {"name": "actorStateStore", "value": "false"}]), 10)
         self.put("dapr.io", "v1alpha1", "components", comp("kubernetes-secrets", "secretstores.kubernetes", []), 10)
-        for topic, route, apps in [("task-events", "/events/task", ["recurring-task", "websocket"]),
-                                   ("task-updates", "/events/task-updates", ["websocket"]),
-                                   ("reminders", "/events/reminders", ["notification"])]:
+        # As the Dapr stand-in's sidecars declare them: same pub/sub name, routes and dead letters.
+        for topic, apps in [("task-events", ["recurring-task", "websocket"]), ("task-updates", ["websocket"]),
+                            ("reminders", ["notification"])]:
+            route = "/events/" + topic
             self.put("dapr.io", "v2alpha1", "subscriptions", {
                 "metadata": {"name": topic + "-subscription", "namespace": NS},
-                "spec": {"pubsubname": "pubsub-kafka", "topic": topic, "routes": {"default": route},
+                "spec": {"pubsubname": "kafka-pubsub", "topic": topic, "routes": {"default": route},
                          "deadLetterTopic": "reminders-dlq" if topic == "reminders" else ""},
                 "scopes": apps}, 10)
 

@@ -26,6 +26,7 @@ from store import ApiError, Store, now_iso  # noqa: E402
 VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0", "gitCommit": "sandbox",
            "gitTreeState": "clean", "buildDate": "2024-12-11T00:00:00Z", "goVersion": "go1.23.3",
            "compiler": "gc", "platform": "linux/amd64"}
+BOOKMARK_EVERY = 5.0
 PUBLIC = ("/version", "/healthz", "/livez", "/readyz")
 
 
@@ -62,6 +63,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "sandbox-apiserver/1.32"
     cluster = None
+    # TCP_NODELAY on every accepted socket: a reply goes out as two writes (headers, then
+    # body), and with Nagle the body waits for the client's delayed ACK of the headers,
+    # some 40 ms per request on a kept-alive connection.
+    disable_nagle_algorithm = True
 
     def log_message(self, fmt, *args):
         if os.environ.get("K8S_SANDBOX_VERBOSE"):
@@ -230,6 +235,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def verb(self, res, ns, name, sub):
         api, m, q = self.cluster.api, self.command, self.q
+        if verb_of(m, name, q) not in res.verbs:
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource",
+                           {})
         manager = q.get("fieldManager") or self.headers.get("User-Agent", "unknown").split("/")[0]
         if m in ("GET", "HEAD") and name:
             return self.reply(res, api.get(res, ns, name))
@@ -299,11 +307,12 @@ class Handler(BaseHTTPRequestHandler):
         self.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version(self.gv),
                              "metadata": meta, "items": items})
 
-    def table(self, res, objs, meta):
+    def table(self, res, objs, meta, columns=None):
+        columns = columns or res.columns
         cols = [{"name": n, "type": t, "format": "name" if n == "Name" else "", "description": d, "priority": p}
-                for n, t, p, _, d in res.columns]
+                for n, t, p, _, d in columns]
         full = self.q.get("includeObject") == "Object"
-        rows = [{"cells": [fn(o) for _, _, _, fn, _ in res.columns],
+        rows = [{"cells": [fn(o) for _, _, _, fn, _ in columns],
                  "object": o if full else {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
                                            "metadata": o["metadata"]}} for o in objs]
         return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
@@ -327,11 +336,13 @@ class Handler(BaseHTTPRequestHandler):
                 pos, initial = int(rv), []
         for o in initial:
             self.send_event("ADDED", res, o)
-        deadline, last_mark = time.time() + timeout, time.time()
+        deadline = time.time() + timeout
+        mark = next_bookmark(time.time(), deadline) if bookmarks else None
         while time.time() < deadline:
             with store.cond:
                 if store.rv <= pos:
-                    store.cond.wait(1.0)
+                    store.cond.wait(max(0.0, min(1.0, deadline - time.time(),
+                                                 mark - time.time() if mark else 1.0)))
                 evs = store.events_after(pos)
                 pos_now = store.rv
             if evs is None:
@@ -342,10 +353,10 @@ class Handler(BaseHTTPRequestHandler):
                 if key == res.key and match(obj):
                     self.send_event(kind, res, obj)
             pos = max(pos, pos_now)
-            if bookmarks and time.time() - last_mark > 5:
+            if mark and time.time() >= mark:
                 self.send_line({"type": "BOOKMARK", "object": {"kind": res.kind, "apiVersion": res.api_version(self.gv),
                                                                "metadata": {"resourceVersion": str(pos)}}})
-                last_mark = time.time()
+                mark = next_bookmark(time.time(), deadline)
         self.end_chunked()
 
     def send_event(self, kind, res, obj):
@@ -363,6 +374,10 @@ class Handler(BaseHTTPRequestHandler):
         api, store = self.cluster.api, self.cluster.store
         obj = api.get(res, ns, name)
         if self.command == "GET":
+            if self.wants_table():
+                scale = scale_of(obj)
+                return self.send_json(200, self.table(res, [scale], {"resourceVersion": scale["metadata"]["resourceVersion"]},
+                                                      R.SCALE_COLUMNS))
             return self.send_json(200, scale_of(obj))
         if self.command == "PUT":
             scale = self.json_body()
@@ -520,6 +535,23 @@ class Handler(BaseHTTPRequestHandler):
         body = self.json_body() if self.command == "POST" else {}
         code, out = faults.run(self.cluster, path[len("/_sandbox/"):], body.get("args", []))
         self.send_json(code, out)
+
+
+def next_bookmark(now, deadline):
+    """When the next BOOKMARK goes out, as the apiserver's watch cache decides: every
+    BOOKMARK_EVERY seconds (a minute there, compressed here) and once 2 s before the watch
+    times out, then no more; None when there is none to come."""
+    at = min(now + BOOKMARK_EVERY, deadline - 2)
+    return at if at >= now else None
+
+
+def verb_of(method, name, q):
+    """The RBAC verb of a request, as the apiserver's request info resolver names it."""
+    if method in ("GET", "HEAD"):
+        return "watch" if q.get("watch") in ("1", "true") else "get" if name else "list"
+    if method == "DELETE":
+        return "delete" if name else "deletecollection"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
 
 
 def injected_error(code):
