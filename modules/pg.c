@@ -965,6 +965,7 @@ static int start_copy(lua_State *L, conn *c, const char *sql, ExecStatusType wan
     waiter w = { deadline, o->why };
     if (o->why != WAIT_READY || !wait_idle(c->pg, &w)) { c->broken = 1; return 0; }
     if ((o->why = w.why) != WAIT_READY) { collect(c, &w); return 0; }
+    if (c->res) PQclear(c->res);   /* the SET or BEGIN sent before the COPY */
     c->res = PQgetResult(c->pg);
     if (c->res && PQresultStatus(c->res) == want) {
         PQclear(c->res);
@@ -1076,6 +1077,7 @@ static int conn_copy_to(lua_State *L) {
         return 1;
     }
     const char *tmp = lua_pushfstring(L, "%s.tmp-%d", path, (int)rb_now());
+    scratch_free(c);   /* a COPY that raised before finishing left its file */
     if (!(c->tmp_path = strdup(tmp))) return luaL_error(L, "out of memory");
     if (!(c->file = fopen(tmp, "wb"))) {
         outcome o = { -errno, 0, 0 };
@@ -1106,6 +1108,7 @@ static int conn_copy_from(lua_State *L) {
     const char *sql = luaL_checkstring(L, 2), *path = luaL_checkstring(L, 3);
     const char *table = luaL_optstring(L, 4, NULL);
     ensure_connected(L, c, "copy_from");
+    scratch_free(c);   /* a COPY that raised before finishing left its file */
     if (!(c->file = fopen(path, "rb")))
         return rb_error(L, "pg", "copy_from", "io_error", 0, "%s: %s", path, strerror(errno));
     sync_readonly(L, c, dry_run(L));
