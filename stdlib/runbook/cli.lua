@@ -12,7 +12,7 @@ usage: runbook COMMAND [ARGS]
 
   run FILE|NAME [-p key=value]... [--params-file F] [--dry-run] [--step] [--yes]
                 [--output json] [--from STEP] [--undo-on-failure]
-                [--lock[=KEY]] [--wait-lock DURATION]
+                [--lock[=KEY]] [--lock k8s:NAMESPACE/NAME] [--wait-lock DURATION]
                         run a runbook
   resume RUN_ID [--force] [--rerun-interrupted] [-p secret=value]... [--yes] [--step]
                         continue a failed, aborted, interrupted or killed run
@@ -92,6 +92,8 @@ local function parse(args, spec)
       if inline then return nil, ("%s takes no value"):format(name) end
       o[name] = true
     elseif kind == "optional" then
+      -- A separate value only when it cannot be the runbook: "--lock k8s:ops/nightly".
+      if not inline and args[i + 1] and args[i + 1]:match("^k8s:") then i = i + 1; inline = args[i] end
       o[name] = inline or true
     elseif kind == "value" or kind == "list" then
       local v = inline
