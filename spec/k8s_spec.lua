@@ -779,3 +779,16 @@ describe("k8s health summaries", function()
     assert.matches("node " .. node:gsub("%-", "%%-") .. " is NotReady", table.concat(nh.problems, "\n"))
   end)
 end)
+
+describe("k8s waits when the server no longer has the watch's history", function()
+  it("re-list after 410 Expired and go on waiting, as client-go's informers do", function()
+    k8s.create { apiVersion = "v1", kind = "ConfigMap", metadata = { name = "expire-me", namespace = APP_NS } }
+    -- Reseeding the stand-in's world drops its event history (open watches get
+    -- 410 Expired) and every object not in the seed, this one included.
+    os.execute("(sleep 1; " .. sb.sandbox .. "/ctl k8s reset --world) >/dev/null 2>&1 &")
+    local t0 = host.now()
+    assert.are.same({}, k8s.wait("configmap/expire-me", "delete", { namespace = APP_NS, timeout = "20s" }))
+    assert.is_true(host.now() - t0 < 15, "took " .. (host.now() - t0))
+    assert.is_nil(k8s.get("configmaps", "expire-me", { namespace = APP_NS, missing_ok = true }))
+  end)
+end)

@@ -140,6 +140,18 @@ function M.deployment_status(d)
   return ("deployment %q successfully rolled out"):format(name), true
 end
 
+-- The next event of a wait's watch, waiting at most 2 s (the heartbeat beats
+-- between). nil, "expired" when the server no longer has the history from
+-- the watch's resourceVersion (410 Expired): the caller reads again and
+-- watches from there, as client-go's informers re-list.
+local function next_event(w, deadline)
+  heartbeat.beat()
+  local ok, ty, o = pcall(w.next, w, math.min(2, math.max(0.001, deadline - host.now())))
+  if ok then return ty, o end
+  if type(ty) == "table" and ty.code == "410" then return nil, "expired" end
+  error(ty, 0)
+end
+
 --- Watches the deployment until it is rolled out (returns {message, deployment}),
 -- its progress deadline passes or `timeout` does (both raise).
 function Client:rollout_status(a, b)
@@ -163,12 +175,15 @@ function Client:rollout_status(a, b)
     local w <close> = self:watch_open(r, { namespace = ns, name = name, timeout = left,
       resource_version = obj.metadata.resourceVersion })
     while not res do
-      heartbeat.beat()
-      local ty, o = w:next(math.min(2, math.max(0.001, deadline - host.now())))
+      local ty, o = next_event(w, deadline)
       if ty == "DELETED" then
         raise { op = "rollout_status", code = "404", retryable = false,
           message = ("deployment %q was deleted while waiting for its rollout"):format(name) }
       elseif ty then obj = o; res = check(o)
+      elseif o == "expired" then
+        obj = self:call { path = path_of(r, ns, name), op = "rollout_status" }
+        res = check(obj)
+        break
       elseif host.now() >= deadline or o ~= "wait" then break end
     end
   end
@@ -523,9 +538,13 @@ function Client:wait(a, b, c)
   local deadline = host.now() + timeout
   local sel = { namespace = ns, label_selector = opts.selector,
     field_selector = name and ("metadata.name=" .. name) or opts.field_selector }
-  local items, meta = self:list(r, sel)
-  local set = {}
-  for _, o in ipairs(items) do set[o.metadata.name] = o end
+  local set, rv
+  local function relist()
+    local items, meta = self:list(r, sel)
+    set, rv = {}, meta.resourceVersion
+    for _, o in ipairs(items) do set[o.metadata.name] = o end
+  end
+  relist()
   if not deleting and next(set) == nil then
     raise { op = "wait", code = "404", retryable = false,
       message = name and ('%s "%s" not found'):format(qualified(r), name) or ("no matching %s found"):format(qualified(r)) }
@@ -535,7 +554,6 @@ function Client:wait(a, b, c)
     for _, o in pairs(set) do if not test(o) then return false end end
     return true
   end
-  local rv = meta.resourceVersion
   while not satisfied() do
     local left = deadline - host.now()
     if left <= 0 then
@@ -549,11 +567,11 @@ function Client:wait(a, b, c)
     local w <close> = self:watch_open(r, { namespace = ns, label_selector = sel.label_selector,
       field_selector = sel.field_selector, resource_version = rv, timeout = left })
     while not satisfied() and host.now() < deadline do
-      heartbeat.beat()
-      local ty, o = w:next(math.min(2, math.max(0.001, deadline - host.now())))
+      local ty, o = next_event(w, deadline)
       if ty == "DELETED" then set[o.metadata.name] = nil
       elseif ty then set[o.metadata.name] = o end
       if ty then rv = o.metadata.resourceVersion end
+      if o == "expired" then relist() end
       if not ty and o ~= "wait" then break end
     end
   end
