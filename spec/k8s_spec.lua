@@ -792,3 +792,30 @@ describe("k8s waits when the server no longer has the watch's history", function
     assert.is_nil(k8s.get("configmaps", "expire-me", { namespace = APP_NS, missing_ok = true }))
   end)
 end)
+
+describe("k8s in a pod (in-cluster configuration)", function()
+  local cli = require "spec.support.cli"
+  after_each(function() cli.cleanup() end)
+
+  it("uses the service account's token, CA and namespace, with no kubeconfig", function()
+    local sa = cli.tmpdir()
+    for _, f in ipairs { "token", "ca.crt" } do write(sa .. "/" .. f, read(kdir .. "/" .. f)) end
+    write(sa .. "/namespace", APP_NS .. "\n")
+    local rb = cli.runbook(([[
+name = "in-pod"
+description = "reads the deployments of its own namespace"
+step "list" { run = function()
+  local c = k8s.connect { service_account_dir = %q }
+  local names = {}
+  for _, d in ipairs(c:list("deployments")) do names[#names + 1] = d.metadata.name end
+  log.info("namespace %%s: %%d deployments", c.namespace, #names)
+end }
+]]):format(sa))
+    local port = read(kdir .. "/port"):match("%d+")
+    local r = cli.run({ "run", rb, "--yes" }, { KUBECONFIG = "", HOME = sa, KUBERNETES_SERVICE_HOST = "127.0.0.1",
+      KUBERNETES_SERVICE_PORT = port, RUNBOOK_STATE_DIR = sa .. "/state" })
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("namespace todo%-chatbot: 5 deployments", r.stdout)
+    assert.is_nil(r.stdout:find(read(kdir .. "/token"):gsub("%s+$", ""), 1, true))
+  end)
+end)

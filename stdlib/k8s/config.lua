@@ -211,7 +211,7 @@ function M.resolve(opts)
     local paths, where = kubeconfig_paths(opts.kubeconfig)
     local kc = M.load(paths)
     if kc then return from_kubeconfig(kc, opts, where) end
-    if opts.kubeconfig or os.getenv("KUBECONFIG") then
+    if opts.kubeconfig or (os.getenv("KUBECONFIG") or "") ~= "" then
       fail("no_kubeconfig", "kubeconfig %s: no such file", where)
     end
   end
