@@ -584,6 +584,36 @@ describe("k8s stand-in with kubectl", function()
             for _, f in ipairs({first, second, other}) do os.remove(f) end
         end)
 
+        it("validates fields on the server as kubectl's default --validate=strict asks", function()
+            local typo = manifest("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: typo-config\ndata:\n  a: \"1\"\ndatta:\n  b: \"2\"\n")
+            local out, rc = kubectl("apply -f " .. typo)
+            assert.equal(1, rc)
+            assert.matches('Error from server %(BadRequest%): error when creating ".-": ConfigMap in version "v1" cannot be '
+                .. 'handled as a ConfigMap: strict decoding error: unknown field "datta"', out)
+            assert.equal(1, select(2, kubectl("get cm typo-config")))
+            out = k("apply --validate=warn -f " .. typo)
+            assert.matches('Warning: unknown field "datta"', out)
+            assert.matches("configmap/typo%-config created", out)
+            local cm = json("get cm typo-config")
+            assert.same({a = "1"}, cm.data)
+            assert.is_nil(cm.datta)   -- dropped, as the apiserver drops what it does not know
+            out, rc = kubectl("apply --server-side -f " .. typo)
+            assert.equal(1, rc)
+            assert.matches("Error from server: failed to create typed patch object %(todo%-chatbot/typo%-config; /v1, "
+                .. "Kind=ConfigMap%): %.datta: field not declared in schema", out)
+            k("delete cm typo-config")
+            -- a typo deep in a pod template, and a patch (kubectl patch sends no fieldValidation: Warn)
+            local deep = manifest((DEMO:gsub("name: demo", "name: typo"):gsub("        image: nginx:1.27\n",
+                "        image: nginx:1.27\n        imagePullPolicyy: Always\n")))
+            out, rc = kubectl("apply -f " .. deep)
+            assert.equal(1, rc)
+            assert.matches('unknown field "spec.template.spec.containers%[0%].imagePullPolicyy"', out)
+            out = k([[patch deploy todo-chatbot-backend --type=merge -p '{"spec":{"replicaz":3}}']])
+            assert.matches('Warning: unknown field "spec.replicaz"', out)
+            assert.matches("patched %(no change%)", out)
+            for _, f in ipairs {typo, deep} do os.remove(f) end
+        end)
+
         it("creates an object once and refuses the second create", function()
             local path = manifest("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: created-twice\ndata:\n  a: \"1\"\n")
             assert.matches("configmap/created%-twice created", k("create -f " .. path))
@@ -627,6 +657,21 @@ describe("k8s stand-in with kubectl", function()
             assert.same({"runner-b", 1}, {l.spec.holderIdentity, l.spec.leaseTransitions})
             k("delete lease runbook-leader")
             for _, f in ipairs {path, b, c} do os.remove(f) end
+        end)
+
+        it("orphans the ReplicaSets and pods of a deployment deleted with --cascade=orphan", function()
+            k("create deployment orphans --image=nginx:1.27 --replicas=1")
+            rollout_status("orphans")
+            assert.matches('deployment.apps "orphans" deleted', k("delete deploy orphans --cascade=orphan"))
+            sb.sleep(0.5)   -- a controller that had not let go would now remove or replace them
+            local rs = json("get rs -l app=orphans").items
+            assert.equal(1, #rs)
+            assert.same({}, rs[1].metadata.ownerReferences or {})
+            local pods = json("get pods -l app=orphans").items
+            assert.equal(1, #pods)
+            assert.equal(rs[1].metadata.uid, pods[1].metadata.ownerReferences[1].uid)
+            k("delete rs -l app=orphans")
+            assert.truthy(eventually(5, function() return #json("get pods -l app=orphans").items == 0 end))
         end)
 
         it("gets 409 when an update carries a stale resourceVersion", function()

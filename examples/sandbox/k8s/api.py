@@ -3,9 +3,11 @@ import base64
 import copy
 import json
 import re
+import threading
 import time
 
 import patch as P
+import schema as S
 from store import ApiError, already_exists, conflict, not_found, now_iso
 
 IGNORED_META = ("resourceVersion", "managedFields")
@@ -184,6 +186,41 @@ class Api:
     def __init__(self, store, next_cluster_ip):
         self.store = store
         self.next_cluster_ip = next_cluster_ip
+        self.local = threading.local()
+
+    # field validation -------------------------------------------------------------
+    def take_warnings(self):
+        """The Warning headers this thread's request collected, cleared."""
+        out, self.local.warnings = getattr(self.local, "warnings", []), []
+        return out
+
+    def check_fields(self, res, obj, q, patch_body=None, patch_type=None):
+        """Unknown fields: refused (Strict), warned about (Warn, the default) or dropped (Ignore)."""
+        directive = q.get("fieldValidation") or "Warn"
+        if directive not in ("Strict", "Warn", "Ignore"):
+            raise ApiError(400, "BadRequest", 'fieldValidation: Unsupported value: "%s": supported values: '
+                           '"Ignore", "Strict", "Warn"' % directive)
+        found = S.unknown_fields(res.key, obj)
+        if not found:
+            return
+        errs = ", ".join('unknown field "%s"' % S.dotted(p) for p, _, _ in found)
+        if directive == "Strict":
+            strict = "strict decoding error: " + errs
+            if patch_type == "strategic":
+                # what the apiserver's strategic merge patcher says, Go map formatting and all
+                raise ApiError(422, "Invalid", ' "" is invalid: patch: Invalid value: "%s": %s'
+                               % (go_value(patch_body), strict),
+                               {"causes": [{"reason": "FieldValueInvalid", "field": "patch",
+                                            "message": 'Invalid value: "%s": %s' % (go_value(patch_body), strict)}]})
+            if patch_type:
+                raise ApiError(400, "BadRequest", strict)
+            version = (obj.get("apiVersion") or res.api_version()).split("/")[-1]
+            raise ApiError(400, "BadRequest", '%s in version "%s" cannot be handled as a %s: %s'
+                           % (res.kind, version, res.kind, strict))
+        if directive == "Warn":
+            self.local.warnings = getattr(self.local, "warnings", []) + \
+                ['unknown field "%s"' % S.dotted(p) for p, _, _ in found]
+        S.prune(found)
 
     # reads ---------------------------------------------------------------------
     def get(self, res, ns, name):
@@ -216,6 +253,9 @@ class Api:
 
     # writes --------------------------------------------------------------------
     def create(self, res, ns, obj, q, manager):
+        if not isinstance(obj, dict):
+            raise ApiError(400, "BadRequest", "the object provided is unrecognized (must be of type %s)" % res.kind)
+        self.check_fields(res, obj, q)
         md = obj.setdefault("metadata", {})
         if res.namespaced:
             if md.get("namespace") and md["namespace"] != ns:
@@ -282,6 +322,9 @@ class Api:
 
     def update(self, res, ns, name, obj, q, manager, subresource=None):
         old = self.get(res, ns, name)
+        if not isinstance(obj, dict):
+            raise ApiError(400, "BadRequest", "the object provided is unrecognized (must be of type %s)" % res.kind)
+        self.check_fields(res, obj, q)
         rv = obj.get("metadata", {}).get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
             raise conflict(res, name)
@@ -299,6 +342,8 @@ class Api:
             return self.apply(res, ns, name, body, q, manager)
         old = self.get(res, ns, name)
         new = self.patched(res, old, body, ctype)
+        self.check_fields(res, new, q, json.loads(body or b"null"),
+                          "strategic" if "strategic-merge-patch" in ctype else "json")
         rv = new.get("metadata", {}).get("resourceVersion")
         if rv and rv != old["metadata"]["resourceVersion"]:
             raise conflict(res, name)
@@ -335,6 +380,14 @@ class Api:
             applied = json.loads(body)
         except ValueError:
             raise ApiError(400, "BadRequest", "apply patches must be JSON in this sandbox")
+        found = S.unknown_fields(res.key, applied)
+        if found:
+            # a plain error inside the apiserver: 500 without a reason, "Error from server: ..." in kubectl
+            where = "%s/%s; %s, Kind=%s" % (ns if res.namespaced else "", name,
+                                            res.api_version() if res.group else "/" + res.version, res.kind)
+            lines = ["%s: field not declared in schema" % S.typed(p) for p, _, _ in found]
+            raise ApiError(500, "", "failed to create typed patch object (%s): %s" % (
+                where, lines[0] if len(lines) == 1 else "errors:\n  " + "\n  ".join(lines)))
         old = self.store.get(res.key, ns if res.namespaced else "", name)
         if old is None:
             obj = self.create(res, ns, copy.deepcopy(applied), q, manager)
@@ -398,6 +451,21 @@ class Api:
                     self.terminate_pod(child)
                 else:
                     self.store.remove(key, n, nm)
+
+
+def go_value(v):
+    """A JSON value as Go's %+v prints it once decoded into interface{}: map[a:1 b:[x y]]."""
+    if isinstance(v, dict):
+        return "map[" + " ".join("%s:%s" % (k, go_value(v[k])) for k in sorted(v)) + "]"
+    if isinstance(v, list):
+        return "[" + " ".join(go_value(x) for x in v) + "]"
+    if v is None:
+        return "<nil>"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and v.is_integer():
+        return "%d" % v
+    return str(v)
 
 
 def spec_of(obj):

@@ -100,6 +100,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache, private")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        for w in self.cluster.api.take_warnings():
+            self.send_header("Warning", '299 - "%s"' % w.replace("\\", "\\\\").replace('"', '\\"'))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -145,6 +147,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self):
         self._body = None
+        self.cluster.api.take_warnings()   # none left from this thread's last request
         url = urlsplit(self.path)
         self.q = dict(parse_qsl(url.query, keep_blank_values=True))
         self.raw_query = url.query

@@ -42,6 +42,8 @@ class ApiError(Exception):
         st = {"kind": "Status", "apiVersion": "v1", "metadata": {},
               "status": "Failure", "message": self.message,
               "reason": self.reason, "code": self.code}
+        if not self.reason:
+            del st["reason"]   # StatusReasonUnknown
         if self.details:
             st["details"] = self.details
         return st
