@@ -235,6 +235,17 @@ current-context: x
     k8s.connect():get("deploy/todo-chatbot-backend", { namespace = APP_NS })
     assert.are.equal("***", host.redact(token))
   end)
+
+  it("raises 403 naming the user, the verb and the resource, and writes nothing", function()
+    local c = k8s.connect { context = "sandbox-viewer" }
+    local before = k8s.get("deploy/todo-chatbot-backend", { namespace = APP_NS }).metadata.resourceVersion
+    assert.is_true(#c:list("deployments", { namespace = APP_NS }) > 0)   -- a viewer may read
+    local err = raises(function() c:scale("deploy/todo-chatbot-backend", 3, { namespace = APP_NS }) end)
+    assert.are.same({ "403", "Forbidden", false }, { err.code, err.reason, err.retryable })
+    assert.matches('User "sandbox-viewer" cannot patch resource "deployments/scale"', err.message, 1, true)
+    assert.matches('user "sandbox-viewer" (context sandbox-viewer) may not scale deployments.apps', err.message, 1, true)
+    assert.are.equal(before, k8s.get("deploy/todo-chatbot-backend", { namespace = APP_NS }).metadata.resourceVersion)
+  end)
 end)
 
 describe("k8s generic verbs", function()

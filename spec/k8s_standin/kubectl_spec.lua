@@ -432,6 +432,19 @@ describe("k8s stand-in with kubectl", function()
             assert.equal(1, rc)
             assert.matches("error: You must be logged in to the server %(Unauthorized%)", out)
         end)
+
+        it("lets the viewer context read and refuses its writes with 403, as RBAC words it", function()
+            local out, rc = kubectl("--context=sandbox-viewer get deploy todo-chatbot-backend -n todo-chatbot")
+            assert.equal(0, rc, out)
+            out, rc = kubectl("--context=sandbox-viewer scale deploy/todo-chatbot-backend --replicas=3 -n todo-chatbot")
+            assert.equal(1, rc)
+            assert.matches('Error from server %(Forbidden%): deployments.apps "todo%-chatbot%-backend" is forbidden: '
+                .. 'User "sandbox%-viewer" cannot patch resource "deployments/scale" in API group "apps" '
+                .. 'in the namespace "todo%-chatbot"', out)
+            out = kubectl("--context=sandbox-viewer create namespace viewer-made")
+            assert.matches('namespaces is forbidden: User "sandbox%-viewer" cannot create resource "namespaces" '
+                .. 'in API group ""', out)
+        end)
     end)
 
     describe("writes", function()

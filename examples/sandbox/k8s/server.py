@@ -42,7 +42,8 @@ class Cluster:
         kdir = os.path.join(state_dir, "k8s")
         read = lambda n: open(os.path.join(kdir, n)).read().strip()
         self.users = {read("token"): ("sandbox-admin", ["system:masters", "system:authenticated"]),
-                      read("exec-token"): ("sandbox-exec-user", ["system:masters", "system:authenticated"])}
+                      read("exec-token"): ("sandbox-exec-user", ["system:masters", "system:authenticated"]),
+                      read("viewer-token"): ("sandbox-viewer", ["system:authenticated"])}
         self.admin_token = read("admin-token")
         self.reseed()
 
@@ -221,6 +222,7 @@ class Handler(BaseHTTPRequestHandler):
         name = rest[1] if len(rest) > 1 else None
         sub = rest[2] if len(rest) > 2 else None
         self.gv = version
+        self.authorize(res, ns, name, sub)
         if res.virtual:
             return self.virtual(res, ns, name)
         if sub in ("log", "proxy", "exec"):
@@ -235,6 +237,25 @@ class Handler(BaseHTTPRequestHandler):
         self.body()
         with self.cluster.store.lock:
             handle()
+
+    def authorize(self, res, ns, name, sub):
+        """RBAC reduced to two roles: system:masters may do anything, everyone
+        else only get, list and watch (the `viewer` context), refused as the
+        apiserver words it."""
+        user, groups = self.user() or ("system:anonymous", [])
+        verb = verb_of(self.command, name, self.q)
+        if "system:masters" in groups or verb in ("get", "list", "watch"):
+            return
+        qualified = res.name + ("." + res.group if res.group else "")
+        msg = '%s is forbidden: User "%s" cannot %s resource "%s" in API group "%s"' % (
+            '%s "%s"' % (qualified, name) if name else qualified, user, verb,
+            res.name + ("/" + sub if sub else ""), res.group)
+        if ns:
+            msg += ' in the namespace "%s"' % ns
+        details = {"group": res.group, "kind": res.name}
+        if name:
+            details["name"] = name
+        raise ApiError(403, "Forbidden", msg, details)
 
     def verb(self, res, ns, name, sub):
         api, m, q = self.cluster.api, self.command, self.q
