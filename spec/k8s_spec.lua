@@ -451,6 +451,27 @@ describe("k8s kubectl verbs", function()
     rollout("web")
   end)
 
+  it("set_env retries from a fresh read when another writer changed the deployment in between (409)", function()
+    local c = k8s.connect()
+    local puts, call = 0, c.call
+    -- kubectl writes the deployment right before our first PUT, which then carries a stale resourceVersion.
+    c.call = function(self, req)
+      if req.method == "PUT" and req.op == "set_env" then
+        puts = puts + 1
+        if puts == 1 then assert(select(2, kubectl("annotate deploy/web -n " .. NS .. " --overwrite raced=yes"))) end
+      end
+      return call(self, req)
+    end
+    c:set_env("deploy/web", { RACED = "1" }, { namespace = NS, container = "web" })
+    assert.are.equal(2, puts)
+    local d = kubectl_json("get deploy web -n " .. NS)
+    assert.are.equal("yes", d.metadata.annotations.raced)
+    local got = {}
+    for _, e in ipairs(d.spec.template.spec.containers[1].env) do got[e.name] = e.value end
+    assert.are.equal("1", got.RACED)
+    rollout("web")
+  end)
+
   it("reads logs: tail, container, previous, a selector across pods; JSON lines decode", function()
     local lines = k8s.logs("deploy/todo-chatbot-backend", { namespace = APP_NS, tail = 5 })
     assert.are.equal(5, #lines)
