@@ -41,7 +41,7 @@ lib/lua/%.luac: stdlib/%.lua
 	@mkdir -p $(dir $@)
 	luac5.4 -o $@ $<
 
-lib/runbook/%.so: modules/%.c host/runbook.h
+lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 	@mkdir -p lib/runbook
 	$(CC) $(CFLAGS) $(WARN) -fPIC -shared $(LUA_INC) -Ihost -o $@ $< $(LIBS_$*)
 
@@ -71,7 +71,7 @@ check-asan:
 build/asan/runbook: $(HOST_SRC) host/runbook.h host/host.h
 	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) $(HOST_LIBS) -lm -ldl -Wl,-E
 
-build/asan/lib/runbook/%.so: modules/%.c host/runbook.h
+build/asan/lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 	$(CC) $(CFLAGS) $(WARN) -fPIC -shared $(LUA_INC) -Ihost -o $@ $< $(LIBS_$*)
 
 # The suite with every runbook process under valgrind's memcheck.

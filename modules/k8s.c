@@ -50,6 +50,7 @@
 #include <lua.h>
 
 #include "runbook.h"
+#include "curl_reason.h"
 
 /* ---- curl glue (the same as http.c's) ----------------------------------- */
 
@@ -86,44 +87,6 @@ static size_t on_body(char *ptr, size_t size, size_t n, void *ud) {
 static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un) {
     (void)ud; (void)dt; (void)dn; (void)ut; (void)un;
     return rb_interrupted() != 0;
-}
-
-/* curl's enum names, lower-cased without CURLE_: stable codes for runbooks
- * to match on; curl_easy_strerror gives prose, not identifiers. */
-static void curl_reason(CURLcode rc, const char **name, int *retryable) {
-    static const struct { CURLcode code; const char *name; int retryable; } codes[] = {
-        {CURLE_UNSUPPORTED_PROTOCOL, "unsupported_protocol", 0},
-        {CURLE_URL_MALFORMAT, "url_malformat", 0},
-        {CURLE_COULDNT_RESOLVE_PROXY, "couldnt_resolve_proxy", 1},
-        {CURLE_COULDNT_RESOLVE_HOST, "couldnt_resolve_host", 1},
-        {CURLE_COULDNT_CONNECT, "couldnt_connect", 1},
-        {CURLE_WEIRD_SERVER_REPLY, "weird_server_reply", 1},
-        {CURLE_HTTP2, "http2", 1},
-        {CURLE_PARTIAL_FILE, "partial_file", 1},
-        {CURLE_OUT_OF_MEMORY, "out_of_memory", 0},
-        {CURLE_OPERATION_TIMEDOUT, "operation_timedout", 1},
-        {CURLE_SSL_CONNECT_ERROR, "ssl_connect_error", 1},
-        {CURLE_TOO_MANY_REDIRECTS, "too_many_redirects", 0},
-        {CURLE_GOT_NOTHING, "got_nothing", 1},
-        {CURLE_SSL_ENGINE_NOTFOUND, "ssl_engine_notfound", 0},
-        {CURLE_SEND_ERROR, "send_error", 1},
-        {CURLE_RECV_ERROR, "recv_error", 1},
-        {CURLE_SSL_CERTPROBLEM, "ssl_certproblem", 0},
-        {CURLE_SSL_CIPHER, "ssl_cipher", 0},
-        {CURLE_PEER_FAILED_VERIFICATION, "peer_failed_verification", 0},
-        {CURLE_SSL_CACERT_BADFILE, "ssl_cacert_badfile", 0},
-        {CURLE_WRITE_ERROR, "write_error", 0},
-        {CURLE_ABORTED_BY_CALLBACK, "interrupted", 0},
-    };
-    for (size_t i = 0; i < sizeof codes / sizeof *codes; i++) {
-        if (codes[i].code == rc) {
-            *name = codes[i].name;
-            *retryable = codes[i].retryable;
-            return;
-        }
-    }
-    *name = "curl_error";
-    *retryable = 0;
 }
 
 #define CONN_MT "runbook.k8s.conn"

@@ -1,0 +1,52 @@
+/*
+ * curl_reason.h: libcurl's error codes as stable names for runbooks, shared
+ * by the modules built on libcurl (http, k8s).
+ */
+#ifndef RB_CURL_REASON_H
+#define RB_CURL_REASON_H
+
+#include <curl/curl.h>
+
+/* curl's enum names, lower-cased without CURLE_: stable codes for runbooks
+ * to match on; curl_easy_strerror gives prose, not identifiers. */
+static const struct { CURLcode code; const char *name; int retryable; } curl_codes[] = {
+    {CURLE_UNSUPPORTED_PROTOCOL, "unsupported_protocol", 0},
+    {CURLE_URL_MALFORMAT, "url_malformat", 0},
+    {CURLE_COULDNT_RESOLVE_PROXY, "couldnt_resolve_proxy", 1},
+    {CURLE_COULDNT_RESOLVE_HOST, "couldnt_resolve_host", 1},
+    {CURLE_COULDNT_CONNECT, "couldnt_connect", 1},
+    {CURLE_WEIRD_SERVER_REPLY, "weird_server_reply", 1},
+    {CURLE_HTTP2, "http2", 1},
+    {CURLE_PARTIAL_FILE, "partial_file", 1},
+    {CURLE_OUT_OF_MEMORY, "out_of_memory", 0},
+    {CURLE_OPERATION_TIMEDOUT, "operation_timedout", 1},
+    {CURLE_SSL_CONNECT_ERROR, "ssl_connect_error", 1},
+    {CURLE_TOO_MANY_REDIRECTS, "too_many_redirects", 0},
+    {CURLE_GOT_NOTHING, "got_nothing", 1},
+    {CURLE_SSL_ENGINE_NOTFOUND, "ssl_engine_notfound", 0},
+    {CURLE_SEND_ERROR, "send_error", 1},
+    {CURLE_RECV_ERROR, "recv_error", 1},
+    {CURLE_SSL_CERTPROBLEM, "ssl_certproblem", 0},
+    {CURLE_SSL_CIPHER, "ssl_cipher", 0},
+    {CURLE_PEER_FAILED_VERIFICATION, "peer_failed_verification", 0},
+    {CURLE_SSL_CACERT_BADFILE, "ssl_cacert_badfile", 0},
+    {CURLE_WRITE_ERROR, "write_error", 0},
+    {CURLE_ABORTED_BY_CALLBACK, "interrupted", 0},
+    {CURLE_LOGIN_DENIED, "login_denied", 0},
+    {CURLE_USE_SSL_FAILED, "use_ssl_failed", 0},
+    {CURLE_READ_ERROR, "read_error", 0},
+};
+
+static void curl_reason(CURLcode rc, const char **name, int *retryable) {
+    for (size_t i = 0; i < sizeof curl_codes / sizeof *curl_codes; i++) {
+        if (curl_codes[i].code == rc) {
+            *name = curl_codes[i].name;
+            *retryable = curl_codes[i].retryable;
+            return;
+        }
+    }
+    *name = "curl_error";
+    *retryable = 0;
+}
+
+#endif
