@@ -56,7 +56,7 @@ TEST_STATE = build/test-state
 WITH_SANDBOX = examples/sandbox/up >/dev/null && rm -rf $(TEST_STATE) && mkdir -p $(TEST_STATE) && \
   . examples/sandbox/.state/env && RUNBOOK_STATE_DIR=$(CURDIR)/$(TEST_STATE)
 test: all
-	$(WITH_SANDBOX) ./runbook test spec
+	$(WITH_SANDBOX) ./runbook test spec examples/team/spec
 
 # The host and modules built with AddressSanitizer and UBSan into build/asan/,
 # then the suite run against that build (the sandbox's own specs need no rebuild).

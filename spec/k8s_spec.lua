@@ -851,3 +851,46 @@ end }
     assert.is_nil(r.stdout:find(read(kdir .. "/token"):gsub("%s+$", ""), 1, true))
   end)
 end)
+
+describe("k8s last_change and rollout_status{fail_fast}", function()
+  setup(function() -- a reseed above drops the spec's namespace
+    if not k8s.get("namespaces", NS, { missing_ok = true }) then
+      k8s.create { apiVersion = "v1", kind = "Namespace", metadata = { name = NS } }
+    end
+  end)
+
+  it("finds the revision that brought the current template, past rollout restarts", function()
+    local d = deployment("lc")
+    k8s.create(d)
+    rollout("lc")
+    k8s.set_image("deploy/lc", { web = "nginx:1.27" }, { namespace = NS })
+    rollout("lc")
+    local c = k8s.last_change("deploy/lc", { namespace = NS })
+    assert.are.same({ 2, 0, 1 }, { c.revision, c.restarts, c.previous.revision })
+    k8s.rollout_restart("deploy/lc", { namespace = NS })
+    rollout("lc")
+    k8s.rollout_restart("deploy/lc", { namespace = NS })
+    rollout("lc")
+    c = k8s.last_change("deploy/lc", { namespace = NS })
+    assert.are.same({ 2, 2, 1 }, { c.revision, c.restarts, c.previous.revision })
+    assert.are.same({ "nginx:1.25", "busybox:1.36" }, c.previous.images)
+    assert.is_true(c.age >= 0 and c.age < 60, tostring(c.age))
+    -- kubectl's history agrees: revision 4 is the newest, a restart of revision 2's images
+    assert.matches("\n4 ", (kubectl("rollout history deploy/lc -n " .. NS)))
+  end)
+
+  it("gives up on a rollout whose new pods cannot pull their image, naming the pod and the reason", function()
+    local t0 = host.now()
+    k8s.set_image("deploy/lc", { web = "nginx:does-not-exist" }, { namespace = NS })
+    local err = raises(function()
+      k8s.rollout_status("deploy/lc", { namespace = NS, timeout = "60s", fail_fast = true, progress = false })
+    end)
+    assert.is_true(err.code == "ErrImagePull" or err.code == "ImagePullBackOff", err.code)
+    assert.matches("will not finish rolling out: pod lc%-%w+%-%w+ container web", err.message)
+    assert.is_true(host.now() - t0 < 15, "took " .. (host.now() - t0))
+    -- without fail_fast the same wait runs to its timeout
+    err = raises(function() k8s.rollout_status("deploy/lc", { namespace = NS, timeout = "3s", progress = false }) end)
+    assert.are.equal("timeout", err.code)
+    k8s.delete("deploy/lc", { namespace = NS })
+  end)
+end)

@@ -24,9 +24,13 @@
 --
 -- kubectl's verbs, with kubectl's semantics:
 --   scale(TARGET, replicas, {current_replicas=})
---   rollout_restart(TARGET)    rollout_status(TARGET, {timeout = "5m", progress = fn|false})
+--   rollout_restart(TARGET)    rollout_status(TARGET, {timeout = "5m", progress = fn|false,
+--                                                  fail_fast = true: raise once new pods crash-loop
+--                                                  or cannot pull their image, code = that reason})
 --   rollout_history(TARGET) -> {{revision, replicaset, images, change_cause, template}...}
 --   rollout_undo(TARGET, {to_revision = N})
+--   last_change(TARGET) -> {revision, images, created, age, restarts, previous = {revision, images}}:
+--       the revision that brought the current template, looking past rollout restarts
 --   set_image(TARGET, {container = "image", ["*"] = "image"})
 --   set_env(TARGET, {NAME = "v", GONE = false, PW = {secret = "db", key = "pw"}},
 --           {container=, from_secret=, from_configmap=, prefix=})
@@ -91,7 +95,7 @@ end
 
 local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
-  "scale", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "set_image", "set_env",
+  "scale", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
   "logs", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health",
   "lease_lock", "lease_renew_due",
 }

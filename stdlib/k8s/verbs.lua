@@ -152,8 +152,40 @@ local function next_event(w, deadline)
   error(ty, 0)
 end
 
+-- Waiting reasons a pod does not get out of by itself (waiting longer does not help).
+local STUCK = { CrashLoopBackOff = true, ImagePullBackOff = true, ErrImagePull = true, InvalidImageName = true,
+  CreateContainerConfigError = true, CreateContainerError = true, RunContainerError = true }
+M.STUCK = STUCK
+
+-- For rollout_status{fail_fast}: a pod of the deployment's newest ReplicaSet
+-- whose container is stuck, as a structured error; nil while none is.
+function Client:stuck_rollout(r, ns, d)
+  if (d.metadata.generation or 0) > ((d.status or {}).observedGeneration or 0) then return nil end
+  local revs = self:revisions(r, ns, d)
+  local newest = revs[#revs]
+  local hash = newest and ((newest.template.metadata or {}).labels or {})["pod-template-hash"]
+  if not hash then return nil end
+  local sel = { "pod-template-hash=" .. hash }
+  for k, v in pairs((d.spec.selector or {}).matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  for _, p in ipairs(self:list("pods", { namespace = ns, label_selector = table.concat(sel, ",") })) do
+    for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
+      local w = (cs.state or {}).waiting
+      if w and STUCK[w.reason] then
+        return { op = "rollout_status", code = w.reason, retryable = false, pod = p.metadata.name, container = cs.name,
+          message = ("deployment %q will not finish rolling out: pod %s container %s is %s (%d restarts)%s")
+            :format(d.metadata.name, p.metadata.name, cs.name, w.reason, cs.restartCount or 0,
+              w.message and (": " .. w.message) or "") }
+      end
+    end
+  end
+end
+
 --- Watches the deployment until it is rolled out (returns {message, deployment}),
--- its progress deadline passes or `timeout` does (both raise).
+-- its progress deadline passes or `timeout` does (all raise). With
+-- opts.fail_fast it also raises (code = the waiting reason, e.g.
+-- "CrashLoopBackOff") as soon as a pod of the new ReplicaSet is stuck in a
+-- state that waiting does not end (crash loop, image pull, bad config).
 function Client:rollout_status(a, b)
   local r, ns, name, obj, opts = self:workload(a, b, "rollout_status")
   if r.kind ~= "Deployment" then error("k8s.rollout_status: only deployments are supported", 2) end
@@ -169,7 +201,15 @@ function Client:rollout_status(a, b)
     if done then return { message = msg, deployment = d } end
   end
   local res = check(obj)
+  local checked = -math.huge
+  local function stuck() -- at most every 2 s: it lists ReplicaSets and pods
+    if not opts.fail_fast or res or host.now() - checked < 2 then return end
+    checked = host.now()
+    local e = self:stuck_rollout(r, ns, obj)
+    if e then raise(e) end
+  end
   while not res do
+    stuck()
     local left = deadline - host.now()
     if left <= 0 then break end
     local w <close> = self:watch_open(r, { namespace = ns, name = name, timeout = left,
@@ -185,6 +225,7 @@ function Client:rollout_status(a, b)
         res = check(obj)
         break
       elseif host.now() >= deadline or o ~= "wait" then break end
+      stuck()
     end
   end
   if res then return res end
@@ -242,6 +283,47 @@ local function canon(v)
   local out = {}
   for _, k in ipairs(keys) do out[#out + 1] = { k, canon(v[k]) } end
   return out
+end
+
+local RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+
+--- The deployment's last real change: the revision that introduced its
+-- current template, looking past `rollout restart`s (a revision whose template
+-- differs from the one before only in kubectl's restartedAt annotation), and
+-- the revision before it, the one to roll back to. Returns {revision, images,
+-- change_cause, created (epoch seconds; a ReplicaSet's creation, so a
+-- rollback to an old template counts from when that template first ran),
+-- age (seconds), restarts (restart revisions since), previous = {revision,
+-- images, change_cause} or nil}.
+function Client:last_change(a, b)
+  local r, ns, name, d = self:workload(a, b, "last_change")
+  local revs = self:revisions(r, ns, d)
+  local function key(tmpl)
+    local t = copy(tmpl)
+    local md = t.metadata or {}
+    if md.labels then md.labels["pod-template-hash"] = nil end
+    if md.annotations then
+      md.annotations[RESTARTED_AT] = nil
+      if next(md.annotations) == nil then md.annotations = nil end
+    end
+    return cjson.encode { canon(t) }
+  end
+  local cur = key(d.spec.template)
+  local i = #revs
+  while i >= 1 and key(revs[i].template) ~= cur do i = i - 1 end -- a rollout not yet observed
+  if i < 1 then
+    raise { op = "last_change", code = "no_revision", retryable = false,
+      message = ("no ReplicaSet of deployment %q has its current template yet"):format(name) }
+  end
+  local top = i
+  while i > 1 and key(revs[i - 1].template) == cur do i = i - 1 end
+  local rev, prev = revs[i], revs[i - 1]
+  local created = require("k8s.config").parse_time(rev.created)
+  return {
+    revision = rev.revision, images = rev.images, change_cause = rev.change_cause, created = created,
+    age = created and math.max(0, os.time() - created) or nil, restarts = top - i,
+    previous = prev and { revision = prev.revision, images = prev.images, change_cause = prev.change_cause } or nil,
+  }
 end
 
 --- Roll back to the previous revision or opts.to_revision, as kubectl does:

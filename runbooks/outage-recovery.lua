@@ -1,0 +1,372 @@
+-- outage-recovery.lua: bring a namespace's services back after an outage.
+--
+-- Replaces seed 000 "Complete Outage", seed 002 "Complete Service Outage" and
+-- seed 003 "Complete System Recovery": instead of restarting everything and
+-- watching `kubectl get pods`, it looks first, restarts only what is
+-- unhealthy, rolls back what a restart did not fix when it changed recently,
+-- and checks each service's /health through the API server before saying so.
+--
+--   runbook run runbooks/outage-recovery.lua -p namespace=todo-chatbot --step
+--   runbook run outage-recovery --dry-run          # what it would do, nothing changes
+
+name = "outage-recovery"
+description = "Assess a namespace, restart what is unhealthy, roll back recent changes that still fail, verify /health"
+version = "1.0.0"
+
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace of the services" }
+param "health_path" { default = "/health", help = "HTTP path each service answers health checks on (through the API server's service proxy)" }
+param "rollout_timeout" { type = "duration", default = "2m", help = "how long to wait for each restart or rollback to roll out" }
+param "changed_within" { type = "duration", default = "24h",
+  help = "roll back a deployment still failing after its restart only when its last change (past restarts) is this recent" }
+param "rollback" { type = "boolean", default = true, help = "roll back recently changed deployments that still fail (false: report them only)" }
+param "settle" { type = "duration", default = "30s", help = "how long the final verification waits for the namespace to become healthy" }
+param "events_since" { type = "duration", default = "30m", help = "how far back to read Warning events" }
+param "pg_connections_warn" { type = "number", default = 0.8, help = "warn when PostgreSQL connections reach this share of max_connections" }
+param "slack_webhook" { secret = true, default = os.getenv("SLACK_WEBHOOK"), help = "Slack incoming webhook for the outcome (default $SLACK_WEBHOOK; none: no message)" }
+param "slack_channel" { default = "#incidents", help = "Slack channel for the outcome" }
+
+-- Waiting reasons a restart cannot fix: the new image or its configuration is wrong.
+local NOT_BY_RESTART = { ImagePullBackOff = true, ErrImagePull = true, InvalidImageName = true,
+  CreateContainerConfigError = true, CreateContainerError = true }
+
+local function ns_opts(ctx) return { namespace = ctx.params.namespace } end
+
+-- The first waiting reason a restart cannot fix, among a deployment's pods.
+local function unfixable_by_restart(h)
+  for _, p in ipairs(h.pods) do
+    for _, c in ipairs(p.containers) do
+      if c.waiting_reason and NOT_BY_RESTART[c.waiting_reason] then
+        return ("pod %s container %s is %s"):format(p.name, c.name, c.waiting_reason)
+      end
+    end
+  end
+end
+
+-- Services fronting the namespace's deployments (not Dapr's own *-dapr
+-- services), as {service, port, deployment}.
+local function services_of(ctx, deployments)
+  local out = {}
+  for _, s in ipairs(k8s.list("services", ns_opts(ctx))) do
+    local labels, sel = s.metadata.labels or {}, s.spec.selector
+    local port = s.spec.ports and s.spec.ports[1] and s.spec.ports[1].port
+    if sel and next(sel) and port and labels["dapr.io/enabled"] ~= "true" then
+      for _, d in ipairs(deployments) do
+        local tl, match = d.template_labels, true
+        for k, v in pairs(sel) do if tl[k] ~= v then match = false end end
+        if match then out[#out + 1] = { service = s.metadata.name, port = port, deployment = d.name } end
+      end
+    end
+  end
+  table.sort(out, function(a, b) return a.service < b.service end)
+  return out
+end
+
+-- GET health_path of every service through the API server: {service = {ok, status, error}}.
+local function check_services(ctx, services)
+  local out, failing = {}, 0
+  for _, s in ipairs(services) do
+    local ok, r = pcall(k8s.proxy_get, ("svc/%s:%d"):format(s.service, s.port), ctx.params.health_path,
+      { namespace = ctx.params.namespace, timeout = 10 })
+    local row = { deployment = s.deployment }
+    if not ok then row.ok, row.error = false, tostring(r)
+    else row.ok, row.status = r.status < 400, r.status
+      if not row.ok then
+        row.error = ("HTTP %d: %s"):format(r.status, r.json and r.json.message or (r.body or ""):sub(1, 120))
+      end
+    end
+    if row.ok then log.info("%s %s: HTTP %d", s.service, ctx.params.health_path, row.status)
+    else failing = failing + 1; log.warn("%s %s: %s", s.service, ctx.params.health_path, row.error) end
+    out[s.service] = row
+  end
+  return out, failing
+end
+
+-- Every deployment's health, as step outputs keep it.
+local function deployments_now(ctx)
+  local h = k8s.namespace_health(ctx.params.namespace)
+  local deps = {}
+  for _, d in ipairs(h.deployments) do
+    deps[#deps + 1] = { name = d.name, healthy = d.healthy, problems = d.problems, ready = d.ready, desired = d.desired,
+      unfixable = unfixable_by_restart(d) }
+  end
+  return h, deps
+end
+
+-- Wait for each named rollout; {name = "ok" | error text}.
+local function wait_rollouts(ctx, names)
+  local out = {}
+  for _, name in ipairs(names) do
+    local ok, err = pcall(k8s.rollout_status, "deploy/" .. name,
+      { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout, fail_fast = true, progress = false })
+    out[name] = ok and "ok" or tostring(type(err) == "table" and err.message or err)
+    if ok then log.info("%s rolled out", name) else log.warn("%s: %s", name, out[name]) end
+  end
+  return out
+end
+
+step "Assess the cluster" {
+  description = "API server reachable, node readiness, each deployment's health with reasons, recent Warning events",
+  retry = { attempts = 3, base = "2s" },
+  run = function(ctx)
+    local ns = ctx.params.namespace
+    k8s.get("namespaces/" .. ns) -- the API answers and the namespace exists, or the step fails saying which
+    local h, deps = deployments_now(ctx)
+    for _, n in ipairs(h.nodes) do
+      if n.ready then log.info("node %s Ready", n.name)
+      else log.warn("node %s NotReady (%s): %s", n.name, n.reason or "?", n.message or "") end
+    end
+    if h.nodes_error then log.warn("nodes could not be read: %s", h.nodes_error) end
+    local unhealthy = {}
+    for _, d in ipairs(deps) do
+      if d.healthy then log.info("deployment %s: %d/%d ready", d.name, d.ready, d.desired)
+      else
+        unhealthy[#unhealthy + 1] = d.name
+        log.warn("deployment %s: %s", d.name, table.concat(d.problems, "; "))
+      end
+    end
+    -- Warning events grouped by object and reason, most frequent first (seed 000 step 3)
+    local groups, order = {}, {}
+    for _, e in ipairs(k8s.events { namespace = ns, type = "Warning", since = ctx.params.events_since }) do
+      local key = ("%s/%s %s"):format(e.involvedObject.kind, e.involvedObject.name, e.reason)
+      if not groups[key] then groups[key] = { n = 0 }; order[#order + 1] = key end
+      groups[key].n, groups[key].message = groups[key].n + (e.count or 1), e.message
+    end
+    table.sort(order, function(a, b) return groups[a].n > groups[b].n end)
+    for i = 1, math.min(#order, 10) do
+      log.info("event %s x%d: %s", order[i], groups[order[i]].n, groups[order[i]].message or "")
+    end
+    local notready = {}
+    for _, n in ipairs(h.nodes) do if not n.ready then notready[#notready + 1] = n.name end end
+    log.info("%d of %d deployments unhealthy, %d of %d nodes NotReady, %d kinds of Warning events in %s",
+      #unhealthy, #deps, #notready, #h.nodes, #order, duration.format(ctx.params.events_since))
+    return { deployments = deps, unhealthy = unhealthy, nodes_notready = notready, warning_kinds = #order }
+  end,
+}
+
+step "Check dependencies" {
+  description = "PostgreSQL connections against max_connections, Redis PING, Kafka brokers, Dapr sidecars",
+  run = function(ctx)
+    local deps, down = {}, {}
+    local function check(name, configured, fn)
+      if not configured then
+        deps[name] = { ok = true, skipped = true }
+        log.info("%s: not configured here, not checked", name)
+        return
+      end
+      local ok, res = pcall(fn)
+      if ok then deps[name] = res else deps[name] = { ok = false, error = tostring(res) } end
+      if not deps[name].ok then down[#down + 1] = name; log.warn("%s: %s", name, deps[name].error) end
+    end
+    check("postgres", os.getenv("DATABASE_URL"), function()
+      local db <close> = pg.connect(nil, { connect_timeout = "5s", timeout = "10s" })
+      local a = db:activity()
+      local share = a.total / a.max_connections
+      log.info("postgres: %d of %d connections (%.0f%%)", a.total, a.max_connections, share * 100)
+      if share >= ctx.params.pg_connections_warn then
+        return { ok = false, connections = a.total, max = a.max_connections,
+          error = ("%d of %d connections in use: see db-pool-exhausted"):format(a.total, a.max_connections) }
+      end
+      return { ok = true, connections = a.total, max = a.max_connections }
+    end)
+    check("redis", os.getenv("REDIS_URL"), function()
+      local r <close> = redis.connect(nil, { connect_timeout = "5s", timeout = "5s" })
+      local pong = r:ping()
+      log.info("redis: %s", tostring(pong))
+      return { ok = true }
+    end)
+    check("kafka", os.getenv("KAFKA_BROKERS"), function()
+      local bs, up = kafka.brokers { probe_timeout = "3s" }, {}
+      local bad = {}
+      for _, b in ipairs(bs) do
+        if b.reachable then up[#up + 1] = b.id else bad[#bad + 1] = ("%s:%d (%s)"):format(b.host, b.port, b.reason or "?") end
+      end
+      log.info("kafka: %d of %d brokers reachable", #up, #bs)
+      if #bad > 0 then return { ok = false, reachable = #up, brokers = #bs, error = "unreachable: " .. table.concat(bad, ", ") } end
+      return { ok = true, reachable = #up, brokers = #bs }
+    end)
+    check("dapr sidecars", true, function()
+      local s = dapr.sidecar_status(ctx.params.namespace)
+      local bad = {}
+      for _, p in ipairs(s.pods) do if p.problem then bad[#bad + 1] = p.pod .. ": " .. p.problem end end
+      log.info("dapr: %d of %d sidecars ready", #s.pods - #bad, #s.pods)
+      if #bad > 0 then return { ok = false, error = table.concat(bad, "; ") } end
+      return { ok = true, pods = #s.pods }
+    end)
+    check("dapr", os.getenv("DAPR_HTTP_ENDPOINT") or os.getenv("DAPR_HTTP_PORT"), function()
+      local ok, err = dapr.healthz()
+      if not ok then return { ok = false, error = "healthz: " .. tostring(err) } end
+      local out, oerr = dapr.healthz_outbound()
+      if not out then return { ok = false, error = "healthz/outbound: " .. tostring(oerr) } end
+      log.info("dapr: the local sidecar is healthy")
+      return { ok = true }
+    end)
+    if #down > 0 then
+      log.warn("dependencies down: %s; apps that crash because of them will not be rolled back", table.concat(down, ", "))
+    end
+    return { dependencies = deps, down = down }
+  end,
+}
+
+step "Restart unhealthy deployments" {
+  description = "rollout restart of each unhealthy deployment a restart can help (not those that cannot pull their image or read their config)",
+  run = function(ctx)
+    local restarted, left = {}, {}
+    for _, d in ipairs(ctx.outputs["Assess the cluster"].deployments) do
+      if not d.healthy then
+        if d.unfixable then
+          left[#left + 1] = d.name
+          log.info("not restarting %s: %s (a restart cannot fix that)", d.name, d.unfixable)
+        else
+          k8s.rollout_restart("deploy/" .. d.name, ns_opts(ctx))
+          restarted[#restarted + 1] = d.name
+        end
+      end
+    end
+    if #restarted == 0 then log.info("nothing to restart") end
+    return { restarted = restarted, not_restarted = left }
+  end,
+}
+
+step "Wait for rollouts" {
+  description = "Wait until each restarted deployment has rolled out; stop waiting on one whose new pods crash-loop",
+  idempotent = true,
+  run = function(ctx)
+    local names = ctx.outputs["Restart unhealthy deployments"].restarted
+    if ctx.dry_run then
+      if #names > 0 then log.info("would wait for the rollouts of %s", table.concat(names, ", ")) end
+      return { rollouts = {} }
+    end
+    return { rollouts = wait_rollouts(ctx, names) }
+  end,
+}
+
+step "Verify service health" {
+  description = "GET each service's health path through the API server's service proxy, and read deployment health again",
+  idempotent = true,
+  run = function(ctx)
+    local _, deps = deployments_now(ctx)
+    local k = k8s.list("deployments", ns_opts(ctx))
+    local tl = {}
+    for _, d in ipairs(k) do tl[#tl + 1] = { name = d.metadata.name, template_labels = d.spec.template.metadata.labels or {} } end
+    local services = services_of(ctx, tl)
+    local health = check_services(ctx, services)
+    local failing = {}
+    for _, d in ipairs(deps) do
+      local svc_bad
+      for _, s in ipairs(services) do
+        if s.deployment == d.name and not health[s.service].ok then svc_bad = s.service .. " " .. health[s.service].error end
+      end
+      if not d.healthy or svc_bad then
+        failing[#failing + 1] = { name = d.name, problems = d.problems, unfixable = d.unfixable, service = svc_bad }
+      end
+    end
+    log.info("%d deployments still failing", #failing)
+    return { services = services, health = health, failing = failing }
+  end,
+}
+
+step "Roll back recent changes that still fail" {
+  description = "rollout undo, past restarts, of each deployment still failing whose last change is recent; then wait for it",
+  confirm = true,
+  when = function(ctx) return ctx.params.rollback and #ctx.outputs["Verify service health"].failing > 0 end,
+  run = function(ctx)
+    local deps_down = #ctx.outputs["Check dependencies"].down > 0
+    local rolled, kept = {}, {}
+    for _, d in ipairs(ctx.outputs["Verify service health"].failing) do
+      local c = k8s.last_change("deploy/" .. d.name, ns_opts(ctx))
+      local why
+      if not c.previous then why = "no earlier revision to roll back to"
+      elseif not c.age or c.age > ctx.params.changed_within then
+        why = ("its last change (revision %d) is %s old"):format(c.revision, duration.format(c.age or 0))
+      elseif deps_down and not d.unfixable then
+        why = "a dependency is down; its pods may be failing because of that, not because of revision " .. c.revision
+      end
+      if why then
+        kept[#kept + 1] = { name = d.name, reason = why }
+        log.warn("not rolling back %s: %s", d.name, why)
+      else
+        log.info("%s: revision %d (%s, %s ago) still fails; rolling back to revision %d (%s)", d.name, c.revision,
+          table.concat(c.images, ", "), duration.format(c.age), c.previous.revision, table.concat(c.previous.images, ", "))
+        k8s.rollout_undo("deploy/" .. d.name, { namespace = ctx.params.namespace, to_revision = c.previous.revision })
+        rolled[#rolled + 1] = { name = d.name, from = c.revision, to = c.previous.revision, images = c.previous.images }
+      end
+    end
+    local names = {}
+    for _, r in ipairs(rolled) do names[#names + 1] = r.name end
+    local rollouts = {}
+    if ctx.dry_run then
+      if #names > 0 then log.info("would wait for the rollbacks of %s", table.concat(names, ", ")) end
+    else
+      rollouts = wait_rollouts(ctx, names)
+    end
+    return { rolled_back = rolled, not_rolled_back = kept, rollouts = rollouts }
+  end,
+}
+
+step "Final verification" {
+  description = "Every deployment healthy and every service's health path answering",
+  idempotent = true,
+  run = function(ctx)
+    -- Pods of replaced ReplicaSets take a moment to go: give the namespace
+    -- `settle` to become healthy before reading it for the verdict.
+    local deadline = time.monotonic() + (ctx.dry_run and 0 or ctx.params.settle)
+    while not k8s.namespace_health(ctx.params.namespace).healthy and time.monotonic() < deadline do time.sleep(1) end
+    local h, deps = deployments_now(ctx)
+    local services = ctx.outputs["Verify service health"].services
+    local health, failing_services = check_services(ctx, services)
+    local problems = {}
+    for _, d in ipairs(deps) do
+      for _, p in ipairs(d.problems) do problems[#problems + 1] = d.name .. ": " .. p end
+    end
+    table.sort(problems)
+    for _, p in ipairs(problems) do log.warn("%s", p) end
+    for name, r in pairs(health) do
+      if not r.ok then problems[#problems + 1] = name .. " " .. ctx.params.health_path .. ": " .. r.error end
+    end
+    local notready = {}
+    for _, n in ipairs(h.nodes) do if not n.ready then notready[#notready + 1] = n.name end end
+    if #notready > 0 then
+      log.warn("nodes NotReady: %s (replace or drain them; this runbook does not)", table.concat(notready, ", "))
+    end
+    local recovered = #problems == 0
+    if recovered then
+      log.info("recovered: all %d deployments healthy, all %d services answer %s", #deps, #services, ctx.params.health_path)
+    else
+      log.warn("not recovered: %d problems remain", #problems)
+    end
+    return { recovered = recovered, problems = problems, failing_services = failing_services, nodes_notready = notready }
+  end,
+}
+
+step "Report" {
+  description = "Post the outcome to Slack (when a webhook is set) and point to the run's report; fail the run when not recovered",
+  run = function(ctx)
+    local final = ctx.outputs["Final verification"]
+    local restarted = ctx.outputs["Restart unhealthy deployments"].restarted
+    local rolled = {}
+    local rb = ctx.outputs["Roll back recent changes that still fail"]
+    for _, r in ipairs(rb and rb.rolled_back or {}) do
+      rolled[#rolled + 1] = ("%s (revision %d -> %d)"):format(r.name, r.from, r.to)
+    end
+    local would = ctx.dry_run and "would have " or ""
+    local lines = {
+      ("%s%s in %s%s"):format(ctx.dry_run and "Dry run: " or "", final.recovered and "recovered" or "NOT recovered",
+        ctx.params.namespace, final.recovered and (": every deployment healthy, every service answers " .. ctx.params.health_path) or ""),
+      would .. "restarted: " .. (#restarted > 0 and table.concat(restarted, ", ") or "none"),
+      would .. "rolled back: " .. (#rolled > 0 and table.concat(rolled, ", ") or "none"),
+    }
+    for _, p in ipairs(final.problems) do lines[#lines + 1] = "problem: " .. p end
+    local down = ctx.outputs["Check dependencies"].down
+    if #down > 0 then lines[#lines + 1] = "dependencies down: " .. table.concat(down, ", ") end
+    lines[#lines + 1] = "timeline: runbook report " .. ctx.run_id
+    local text = table.concat(lines, "\n")
+    for _, l in ipairs(lines) do log.info("%s", l) end
+    if ctx.params.slack_webhook and ctx.params.slack_webhook ~= "" then
+      notify.slack { webhook = ctx.params.slack_webhook, channel = ctx.params.slack_channel, text = text }
+    end
+    if not final.recovered and not ctx.dry_run then
+      error(("not recovered: %d problems remain (%s)"):format(#final.problems, final.problems[1] or ""), 0)
+    end
+    return { recovered = final.recovered, report = "runbook report " .. ctx.run_id }
+  end,
+}

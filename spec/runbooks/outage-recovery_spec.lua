@@ -1,0 +1,76 @@
+-- runbooks/outage-recovery.lua against the sandbox: a real outage (a release
+-- that crash-loops, an image that cannot be pulled) is injected with the
+-- stand-in's faults, the runbook runs as an operator runs it, and the result
+-- is checked with curl against the Kubernetes API.
+local cli = require "spec.support.cli"
+local backends = require "spec.support.backends"
+local sb = require "spec.sandbox.sandbox_helper"
+local kh = require "spec.runbooks.k8s_helper"
+
+local RUNBOOK = "runbooks/outage-recovery.lua"
+
+local function effects(events, op)
+  local out = {}
+  for _, e in ipairs(cli.only(events, "effect")) do
+    if e.op == op then out[#out + 1] = e.target:match("[^/]+$") end
+  end
+  table.sort(out)
+  return out
+end
+
+describe("outage-recovery", function()
+  setup(kh.reset_world)
+  after_each(function()
+    kh.reset_world()
+    cli.cleanup()
+  end)
+
+  it("restarts what is unhealthy, rolls back the recent changes that still fail, and verifies /health", function()
+    kh.release("backend", "v1.5.0")
+    sb.ctl("k8s crashloop backend")          -- the new release crashes
+    sb.ctl("k8s bad-image notification")     -- and someone pushed an image that does not exist
+    kh.wait_waiting("backend", "CrashLoopBackOff")
+    kh.wait_waiting("notification", "ImagePullBackOff")
+    assert.are.equal(503, kh.health("backend", 8000))
+
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "settle=20s" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local events = cli.events(r.stdout)
+    -- only the crash-looping deployment is restarted (a restart cannot pull a missing image)
+    assert.are.same({ "todo-chatbot-backend" }, effects(events, "rollout_restart"))
+    assert.are.same({ "todo-chatbot-backend", "todo-chatbot-notification" }, effects(events, "rollout_undo"))
+
+    -- checked independently: the previous images serve again, and /health answers
+    assert.are.equal("v1.4.0", kh.tag("backend"))
+    assert.are.equal("v1.4.0", kh.tag("notification"))
+    assert.truthy(kh.wait_rolled_out("backend"))
+    assert.truthy(kh.wait_rolled_out("notification"))
+    assert.is_nil(kh.waiting("backend"))
+    assert.are.equal(200, kh.health("backend", 8000))
+    assert.are.equal(200, kh.health("notification", 8003))
+    assert.matches("runbook report %d+T%d+Z%-%x+", r.stdout)
+  end)
+
+  it("does not roll back a deployment whose last change is old, and fails saying what remains", function()
+    sb.ctl("k8s crashloop frontend")          -- its current image has run for two days
+    kh.wait_waiting("frontend", "CrashLoopBackOff")
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "settle=1s" }
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("not rolling back todo%-chatbot%-frontend: its last change %(revision 2%) is 2d", r.stdout)
+    assert.matches("NOT recovered", r.stdout)
+    assert.are.equal("v1.4.0", kh.tag("frontend"))
+  end)
+
+  it("changes nothing in a dry run, and says what it would do", function()
+    sb.ctl("k8s bad-image notification")
+    kh.wait_waiting("notification", "ImagePullBackOff")
+    sb.sleep(1) -- the stuck rollout's last status write
+    local r = backends.assert_unchanged(function()
+      return cli.run { "run", RUNBOOK, "--dry-run" }
+    end)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("would roll back deployment todo%-chatbot%-notification to revision", r.stdout)
+    assert.matches("Dry run: NOT recovered", r.stdout)
+    assert.are.equal("does-not-exist", kh.tag("notification"))
+  end)
+end)
