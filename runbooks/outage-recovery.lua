@@ -42,41 +42,17 @@ local function unfixable_by_restart(h)
   end
 end
 
--- Services fronting the namespace's deployments (not Dapr's own *-dapr
--- services), as {service, port, deployment}.
-local function services_of(ctx, deployments)
-  local out = {}
-  for _, s in ipairs(k8s.list("services", ns_opts(ctx))) do
-    local labels, sel = s.metadata.labels or {}, s.spec.selector
-    local port = s.spec.ports and s.spec.ports[1] and s.spec.ports[1].port
-    if sel and next(sel) and port and labels["dapr.io/enabled"] ~= "true" then
-      for _, d in ipairs(deployments) do
-        local tl, match = d.template_labels, true
-        for k, v in pairs(sel) do if tl[k] ~= v then match = false end end
-        if match then out[#out + 1] = { service = s.metadata.name, port = port, deployment = d.name } end
-      end
-    end
-  end
-  table.sort(out, function(a, b) return a.service < b.service end)
-  return out
-end
-
--- GET health_path of every service through the API server: {service = {ok, status, error}}.
-local function check_services(ctx, services)
+-- GET health_path of every service in front of each deployment, through the
+-- API server's service proxy: {deployment = {ok, services = {...}}}, and how many fail.
+local function check_services(ctx, deps)
   local out, failing = {}, 0
-  for _, s in ipairs(services) do
-    local ok, r = pcall(k8s.proxy_get, ("svc/%s:%d"):format(s.service, s.port), ctx.params.health_path,
-      { namespace = ctx.params.namespace, timeout = 10 })
-    local row = { deployment = s.deployment }
-    if not ok then row.ok, row.error = false, tostring(r)
-    else row.ok, row.status = r.status < 400, r.status
-      if not row.ok then
-        row.error = ("HTTP %d: %s"):format(r.status, r.json and r.json.message or (r.body or ""):sub(1, 120))
-      end
+  for _, d in ipairs(deps) do
+    local sh = k8s.service_health("deploy/" .. d.name, { namespace = ctx.params.namespace, path = ctx.params.health_path })
+    for _, row in ipairs(sh.services) do
+      if row.ok then log.info("%s %s: HTTP %d", row.service, ctx.params.health_path, row.status)
+      else failing = failing + 1; log.warn("%s %s: %s", row.service, ctx.params.health_path, row.error) end
     end
-    if row.ok then log.info("%s %s: HTTP %d", s.service, ctx.params.health_path, row.status)
-    else failing = failing + 1; log.warn("%s %s: %s", s.service, ctx.params.health_path, row.error) end
-    out[s.service] = row
+    out[d.name] = sh
   end
   return out, failing
 end
@@ -245,23 +221,20 @@ step "Verify service health" {
   idempotent = true,
   run = function(ctx)
     local _, deps = deployments_now(ctx)
-    local k = k8s.list("deployments", ns_opts(ctx))
-    local tl = {}
-    for _, d in ipairs(k) do tl[#tl + 1] = { name = d.metadata.name, template_labels = d.spec.template.metadata.labels or {} } end
-    local services = services_of(ctx, tl)
-    local health = check_services(ctx, services)
+    local health = check_services(ctx, deps)
     local failing = {}
     for _, d in ipairs(deps) do
-      local svc_bad
-      for _, s in ipairs(services) do
-        if s.deployment == d.name and not health[s.service].ok then svc_bad = s.service .. " " .. health[s.service].error end
+      local bad = {}
+      for _, row in ipairs(health[d.name].services) do
+        if not row.ok then bad[#bad + 1] = row.service .. " " .. row.error end
       end
-      if not d.healthy or svc_bad then
-        failing[#failing + 1] = { name = d.name, problems = d.problems, unfixable = d.unfixable, service = svc_bad }
+      if not d.healthy or #bad > 0 then
+        failing[#failing + 1] = { name = d.name, problems = d.problems, unfixable = d.unfixable,
+          services = #bad > 0 and table.concat(bad, "; ") or nil }
       end
     end
     log.info("%d deployments still failing", #failing)
-    return { services = services, health = health, failing = failing }
+    return { health = health, failing = failing }
   end,
 }
 
@@ -312,16 +285,19 @@ step "Final verification" {
     local deadline = time.monotonic() + (ctx.dry_run and 0 or ctx.params.settle)
     while not k8s.namespace_health(ctx.params.namespace).healthy and time.monotonic() < deadline do time.sleep(1) end
     local h, deps = deployments_now(ctx)
-    local services = ctx.outputs["Verify service health"].services
-    local health, failing_services = check_services(ctx, services)
+    local health, failing_services = check_services(ctx, deps)
     local problems = {}
     for _, d in ipairs(deps) do
       for _, p in ipairs(d.problems) do problems[#problems + 1] = d.name .. ": " .. p end
     end
     table.sort(problems)
     for _, p in ipairs(problems) do log.warn("%s", p) end
-    for name, r in pairs(health) do
-      if not r.ok then problems[#problems + 1] = name .. " " .. ctx.params.health_path .. ": " .. r.error end
+    local services = 0
+    for _, d in ipairs(deps) do
+      for _, row in ipairs(health[d.name].services) do
+        services = services + 1
+        if not row.ok then problems[#problems + 1] = row.service .. " " .. ctx.params.health_path .. ": " .. row.error end
+      end
     end
     local notready = {}
     for _, n in ipairs(h.nodes) do if not n.ready then notready[#notready + 1] = n.name end end
@@ -330,7 +306,7 @@ step "Final verification" {
     end
     local recovered = #problems == 0
     if recovered then
-      log.info("recovered: all %d deployments healthy, all %d services answer %s", #deps, #services, ctx.params.health_path)
+      log.info("recovered: all %d deployments healthy, all %d services answer %s", #deps, services, ctx.params.health_path)
     else
       log.warn("not recovered: %d problems remain", #problems)
     end

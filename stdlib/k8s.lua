@@ -45,6 +45,8 @@
 --
 -- Summaries:
 --   deployment_health(ns, name)   namespace_health(ns)
+--   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error}...}}:
+--       GET path through the proxy of every Service selecting the workload's pods
 --
 -- A cluster-wide lock (see stdlib/k8s/lease.lua):
 --   lease_lock{namespace=, name=, duration = "60s", wait = "0s", identity=, try=}
@@ -96,7 +98,7 @@ end
 local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
   "scale", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
-  "logs", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health",
+  "logs", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
   "lease_lock", "lease_renew_due",
 }
 for _, name in ipairs(PUBLIC) do
