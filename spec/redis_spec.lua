@@ -181,8 +181,10 @@ describe("redis pipeline, scan, info", function()
   end)
 
   it("reads Dapr state keys and values in Dapr's layout", function()
-    local listed = {}
-    for k in rcli("--scan --pattern 'backend||*'"):gmatch("[^\n]+") do listed[#listed + 1] = k:sub(#"backend||" + 1) end
+    local listed, seen = {}, {}
+    for k in rcli("--scan --pattern 'backend||*'"):gmatch("[^\n]+") do
+      if not seen[k] then seen[k] = true; listed[#listed + 1] = k:sub(#"backend||" + 1) end
+    end
     table.sort(listed)
     assert.are.same(listed, r:dapr_keys("backend"))
     local s = r:dapr_get("backend", "task-1")

@@ -7,7 +7,7 @@
 --   r:scan(pattern, opts) -> iterator over keys (SCAN, never KEYS); opts.count, opts.type
 --   r:info(section) -> {field = value, ...}     numbers converted, dbN parsed
 --   r:ping() -> "PONG"
---   r:dapr_keys(app, pattern) -> {keys}         Dapr state keys of an app ("<app>||<key>")
+--   r:dapr_keys(app, pattern) -> {keys}         Dapr state keys of an app ("<app>||<key>"), sorted, each once
 --   r:dapr_get(app, key) -> {data, version} | nil   data JSON-decoded when it is JSON
 --   redis.null                                  nil inside arrays (the same value as json.null)
 --
@@ -113,8 +113,10 @@ end
 
 function conn:dapr_keys(app, pattern)
   local prefix = app_prefix(app)
-  local keys = {}
-  for k in self:scan(prefix .. (pattern or "*"), { type = "hash" }) do keys[#keys + 1] = k:sub(#prefix + 1) end
+  local keys, seen = {}, {}
+  for k in self:scan(prefix .. (pattern or "*"), { type = "hash" }) do
+    if not seen[k] then seen[k] = true; keys[#keys + 1] = k:sub(#prefix + 1) end
+  end
   table.sort(keys)
   return keys
 end
