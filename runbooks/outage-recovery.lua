@@ -241,11 +241,16 @@ step "Verify service health" {
 step "Roll back recent changes that still fail" {
   description = "rollout undo, past restarts, of each deployment still failing whose last change is recent; then wait for it",
   confirm = true,
-  when = function(ctx) return ctx.params.rollback and #ctx.outputs["Verify service health"].failing > 0 end,
   run = function(ctx)
+    local failing = ctx.outputs["Verify service health"].failing
+    if #failing == 0 or not ctx.params.rollback then
+      log.info(#failing == 0 and "nothing is failing: nothing to roll back"
+        or "rollback=false: not rolling back " .. #failing .. " failing deployments")
+      return { rolled_back = {}, not_rolled_back = {}, rollouts = {} }
+    end
     local deps_down = #ctx.outputs["Check dependencies"].down > 0
     local rolled, kept = {}, {}
-    for _, d in ipairs(ctx.outputs["Verify service health"].failing) do
+    for _, d in ipairs(failing) do
       local c = k8s.last_change("deploy/" .. d.name, ns_opts(ctx))
       local why
       if not c.previous then why = "no earlier revision to roll back to"
@@ -321,7 +326,7 @@ step "Report" {
     local restarted = ctx.outputs["Restart unhealthy deployments"].restarted
     local rolled = {}
     local rb = ctx.outputs["Roll back recent changes that still fail"]
-    for _, r in ipairs(rb and rb.rolled_back or {}) do
+    for _, r in ipairs(rb.rolled_back) do
       rolled[#rolled + 1] = ("%s (revision %d -> %d)"):format(r.name, r.from, r.to)
     end
     local would = ctx.dry_run and "would have " or ""

@@ -61,6 +61,16 @@ describe("outage-recovery", function()
     assert.are.equal("v1.4.0", kh.tag("frontend"))
   end)
 
+  it("does nothing to a healthy namespace, and says so", function()
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local events = cli.events(r.stdout)
+    assert.are.same({}, effects(events, "rollout_restart"))
+    assert.are.same({}, effects(events, "rollout_undo"))
+    assert.matches("nothing is failing: nothing to roll back", r.stdout)
+    assert.matches("recovered: all 5 deployments healthy, all 5 services answer", r.stdout)
+  end)
+
   it("changes nothing in a dry run, and says what it would do", function()
     sb.ctl("k8s bad-image notification")
     kh.wait_waiting("notification", "ImagePullBackOff")

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import threading
 import time
 
@@ -116,13 +117,24 @@ def drop_zero(status, keys):
     return status
 
 
+MEMORY_UNITS = {"": 1, "k": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4,
+                "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4}
+
+
+def memory_limit(container):
+    """A container's memory limit in bytes ("256Mi", "1G", "134217728"); None when unset or unreadable."""
+    q = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+    m = re.match(r'^([\d.]+)([kMGT]i?)?$', str(q or ""))
+    return float(m.group(1)) * MEMORY_UNITS[m.group(2) or ""] if m else None
+
+
 class Faults:
     def __init__(self):
         self.reset()
 
     def reset(self):
         self.crash = set()       # (namespace, deployment, image)
-        self.oom = set()         # (namespace, deployment)
+        self.oom = {}            # (namespace, deployment) -> the app container's memory limit (bytes) at injection
         self.bad_images = set()
         self.notready = set()    # node names
         self.api_error_rate = 0.0
@@ -596,7 +608,10 @@ class Controller:
         if dep and (ns, dep, image) in self.faults.crash:
             return "crash"
         if dep and (ns, dep) in self.faults.oom:
-            return "oom"
+            # a memory limit raised above the one the fault found heals it
+            limit, now_limit = self.faults.oom[(ns, dep)], memory_limit(c)
+            if limit is None or now_limit is None or now_limit <= limit:
+                return "oom"
         return "ok"
 
     def deployment_of(self, p):

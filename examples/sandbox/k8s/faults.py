@@ -2,6 +2,8 @@
 import copy
 import re
 
+from controller import memory_limit
+
 NS = "todo-chatbot"
 
 
@@ -35,8 +37,10 @@ def crashloop(cluster, f, args):
 
 def oom(cluster, f, args):
     d = find_deployment(cluster.store, args[0])
-    f.oom.add((d["metadata"]["namespace"], d["metadata"]["name"]))
-    return "deployment %s: app containers are OOM-killed every 15s" % d["metadata"]["name"]
+    app = d["spec"]["template"]["spec"]["containers"][0]
+    f.oom[(d["metadata"]["namespace"], d["metadata"]["name"])] = memory_limit(app)
+    return "deployment %s: app containers are OOM-killed every 15s (until their memory limit is raised above %s)" % (
+        d["metadata"]["name"], ((app.get("resources") or {}).get("limits") or {}).get("memory", "none"))
 
 
 def bad_image(cluster, f, args):

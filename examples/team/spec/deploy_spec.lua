@@ -4,22 +4,12 @@
 -- against the cluster KUBECONFIG names (here the sandbox's), and reads the
 -- result back with the k8s module, which `runbook test` can load.
 local k8s = require "k8s"
-local cjson = require "cjson"
+local run = require "examples.team.spec.run"
 
-local RUNBOOK = os.getenv("RUNBOOK_BIN") or "./runbook"
 local NS = "todo-chatbot"
 
 local function deploy(service, tag)
-  local p = io.popen(("%s run examples/team/deploy.lua -p service=%s -p tag=%s --yes --output json </dev/null 2>&1; echo \"exit $?\"")
-    :format(RUNBOOK, service, tag))
-  local out = p:read("a")
-  p:close()
-  local events = {}
-  for line in out:gmatch("[^\n]+") do
-    local ok, e = pcall(cjson.decode, line)
-    if ok and type(e) == "table" then events[#events + 1] = e end
-  end
-  return tonumber(out:match("exit (%d+)%s*$")), events, out
+  return run { "run", "examples/team/deploy.lua", "-p", "service=" .. service, "-p", "tag=" .. tag, "--yes", "--output", "json" }
 end
 
 local function image(service)

@@ -1,0 +1,102 @@
+-- rollback.lua: roll a deployment back to an earlier revision and check it serves.
+--
+-- Replaces seed 004 "Rollback Procedure" (kubectl rollout history / undo /
+-- status, then curl /health). The difference from a bare `rollout undo`: the
+-- default target is the revision before the deployment's last real change,
+-- so a `rollout restart` done while firefighting does not make "undo" land on
+-- the same broken image again.
+--
+--   runbook run rollback -p deployment=todo-chatbot-backend --step
+--   runbook run rollback -p deployment=todo-chatbot-backend -p to_revision=3
+
+name = "rollback"
+description = "Roll a deployment back to the revision before its last change (or a given one), wait, verify /health"
+version = "1.0.0"
+
+param "deployment" { required = true, help = "the deployment to roll back, e.g. todo-chatbot-backend" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "to_revision" { type = "integer", default = 0,
+  help = "revision to go back to (0: the one before the last change, looking past rollout restarts)" }
+param "timeout" { type = "duration", default = "5m", help = "how long the rollback may take to roll out" }
+param "health_path" { default = "/health", help = "path each of the deployment's services answers health checks on" }
+
+local function target(ctx) return "deploy/" .. ctx.params.deployment end
+local function ns(ctx) return { namespace = ctx.params.namespace } end
+
+step "Show the rollout history" {
+  description = "kubectl rollout history: each revision's images and change cause, and which change is current",
+  run = function(ctx)
+    local hist = k8s.rollout_history(target(ctx), ns(ctx))
+    local change = k8s.last_change(target(ctx), ns(ctx))
+    for _, h in ipairs(hist) do
+      log.info("revision %d%s: %s  %s", h.revision, h.revision == change.revision and " (last change)" or "",
+        table.concat(h.images, ", "), h.change_cause or "")
+    end
+    log.info("current template: revision %d, changed %s ago%s", change.revision, duration.format(change.age or 0),
+      change.restarts > 0 and (", restarted %d times since"):format(change.restarts) or "")
+    local revisions = {}
+    for _, h in ipairs(hist) do revisions[#revisions + 1] = h.revision end
+    return { revisions = revisions, current = change.revision, images = change.images,
+      previous = change.previous and change.previous.revision or nil }
+  end,
+}
+
+step "Pick the revision" {
+  description = "The revision to return to: to_revision, or the one before the last change; it must exist and differ",
+  run = function(ctx)
+    local h = ctx.outputs["Show the rollout history"]
+    local to = ctx.params.to_revision ~= 0 and ctx.params.to_revision or h.previous
+    if not to then error(("%s has no revision before %d to roll back to"):format(ctx.params.deployment, h.current), 0) end
+    local known = false
+    for _, r in ipairs(h.revisions) do known = known or r == to end
+    if not known then
+      error(("%s has no revision %d (it has %s)"):format(ctx.params.deployment, to,
+        table.concat(h.revisions, ", ")), 0)
+    end
+    if to == h.current then error(("revision %d is the current template already"):format(to), 0) end
+    for _, r in ipairs(k8s.rollout_history(target(ctx), ns(ctx))) do
+      if r.revision == to then
+        log.info("rolling back to revision %d: %s", to, table.concat(r.images, ", "))
+        return { revision = to, images = r.images }
+      end
+    end
+  end,
+}
+
+step "Roll back" {
+  description = "kubectl rollout undo --to-revision",
+  confirm = true,
+  run = function(ctx)
+    local to = ctx.outputs["Pick the revision"].revision
+    k8s.rollout_undo(target(ctx), { namespace = ctx.params.namespace, to_revision = to })
+    return { revision = to }
+  end,
+}
+
+step "Wait for the rollout" {
+  description = "kubectl rollout status; gives up at once when the new pods crash-loop or cannot pull their image",
+  run = function(ctx)
+    if ctx.dry_run then log.info("would wait for the rollout of %s", ctx.params.deployment); return end
+    local r = k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout,
+      fail_fast = true })
+    return { message = r.message }
+  end,
+}
+
+step "Verify health" {
+  description = "The deployment healthy, and GET health_path through each of its services (API server proxy)",
+  retry = { attempts = 5, base = "1s", max = "5s" },
+  run = function(ctx)
+    local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
+    if not h.healthy and not ctx.dry_run then error("not healthy: " .. table.concat(h.problems, "; "), 0) end
+    local sh = k8s.service_health(target(ctx), { namespace = ctx.params.namespace, path = ctx.params.health_path })
+    local checked = {}
+    for _, row in ipairs(sh.services) do
+      log.info("%s %s: %s", row.service, ctx.params.health_path, row.ok and ("HTTP " .. row.status) or row.error)
+      if not row.ok and not ctx.dry_run then error(row.service .. " " .. ctx.params.health_path .. ": " .. row.error, 0) end
+      checked[#checked + 1] = row.service
+    end
+    if #checked == 0 then log.warn("no service selects %s's pods: only its pods' readiness was checked", ctx.params.deployment) end
+    return { healthy = h.healthy, services = checked }
+  end,
+}
