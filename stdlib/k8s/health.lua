@@ -100,40 +100,7 @@ end
 function Client:deployment_health(ns, name)
   if type(name) ~= "string" then ns, name = self.namespace, ns end
   local d = self:get("deployments", name, { namespace = ns })
-  --- service_health(TARGET, {path = "/health", timeout = 10}): GET `path`
--- through the API server's proxy of every Service whose selector picks the
--- workload's pods (its first port; not the <app>-dapr Services the Dapr
--- operator makes, labelled dapr.io/enabled). A refused or failing check is a
--- result, not an error. -> {ok, services = {{service, port, status, ok, error}...}}
--- (ok is also true when no Service selects the pods: services is then empty).
-function Client:service_health(a, b)
-  local _, ns, _, d, opts = self:workload(a, b, "service_health")
-  local labels = (((d.spec or {}).template or {}).metadata or {}).labels or {}
-  local out = { ok = true, services = {} }
-  for _, s in ipairs(self:list("services", { namespace = ns })) do
-    local sel, port = s.spec.selector, s.spec.ports and s.spec.ports[1] and s.spec.ports[1].port
-    local pick = sel ~= nil and next(sel) ~= nil and port ~= nil and (s.metadata.labels or {})["dapr.io/enabled"] ~= "true"
-    for k, v in pairs(sel or {}) do if labels[k] ~= v then pick = false end end
-    if pick then
-      local row = { service = s.metadata.name, port = port }
-      local ok, r = pcall(self.proxy_get, self, ("svc/%s:%d"):format(row.service, port), opts.path or "/health",
-        { namespace = ns, timeout = opts.timeout or 10 })
-      if not ok then
-        require("runbook.host").check_deadline() -- a timed-out step or Ctrl-C is not a failed check
-        row.ok, row.error = false, tostring(type(r) == "table" and r.message or r)
-      else
-        row.status, row.ok = r.status, r.status < 400
-        if not row.ok then row.error = ("HTTP %d: %s"):format(r.status, r.json and r.json.message or (r.body or ""):sub(1, 120)) end
-      end
-      out.ok = out.ok and row.ok
-      out.services[#out.services + 1] = row
-    end
-  end
-  table.sort(out.services, function(x, y) return x.service < y.service end)
-  return out
-end
-
-return M.of(d, self:pods_of(d, ns))
+  return M.of(d, self:pods_of(d, ns))
 end
 
 --- namespace_health(namespace): every deployment's health, node readiness,
