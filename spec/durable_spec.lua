@@ -471,7 +471,6 @@ step "broken" { run = function(ctx) error("disk full at " .. ctx.params.token) e
     local a = cli.runbook('name = "alpha"\ndescription = "x"\nstep "s" { run = function() end }')
     local b = cli.runbook('name = "beta"\ndescription = "x"\nstep "s" { run = function() error("no") end }')
     cli.run({ "run", a }, env)
-    os.execute("sleep 1.1") -- run ids sort by the second
     cli.run({ "run", b }, env)
     local h = cli.run({ "history" }, env).stdout
     local rows = split((h:gsub("^[^\n]*\n", "")))
@@ -482,5 +481,18 @@ step "broken" { run = function(ctx) error("disk full at " .. ctx.params.token) e
     assert.are.equal(1, #split(cli.run({ "history", "--limit", "1" }, env).stdout) - 1)
     local js = cli.events(cli.run({ "history", "--output", "json" }, env).stdout)
     assert.are.same({ "beta", "failed" }, { js[1].runbook, js[1].status })
+  end)
+
+  it("history: runs started in the same second are newest first too", function()
+    local env = { RUNBOOK_STATE_DIR = cli.tmpdir() }
+    local names = {}
+    for i = 1, 6 do
+      names[i] = "r" .. i
+      cli.run({ "run", cli.runbook(('name = "r%d"\ndescription = "x"\nstep "s" { run = function() end }'):format(i)) }, env)
+    end
+    local js = cli.events(cli.run({ "history", "--output", "json" }, env).stdout)
+    local got = {}
+    for i, row in ipairs(js) do got[#js + 1 - i] = row.runbook end
+    assert.are.same(names, got)
   end)
 end)

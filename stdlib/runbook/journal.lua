@@ -110,7 +110,23 @@ function M.list()
     local id = f:match("^(.+)%.jsonl$")
     if id then ids[#ids + 1] = id end
   end
-  table.sort(ids, function(a, b) return a > b end)
+  -- An id starts with its second; two runs in one second are ordered by the
+  -- millisecond start time on their journal's first line.
+  local started = {}
+  local function start_time(id)
+    if not started[id] then
+      local f = io.open(M.path(id))
+      local ok, e = pcall(require("cjson").decode, f and f:read("l") or "")
+      if f then f:close() end
+      started[id] = ok and type(e) == "table" and type(e.time) == "string" and e.time or ""
+    end
+    return started[id]
+  end
+  table.sort(ids, function(a, b)
+    local sa, sb = a:match("^[^-]+"), b:match("^[^-]+")
+    if sa ~= sb then return sa > sb end
+    return start_time(a) > start_time(b)
+  end)
   return ids
 end
 
