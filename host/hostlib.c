@@ -254,6 +254,20 @@ static int error_tostring(lua_State *L)
     return 1;
 }
 
+void rb_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction fin)
+{
+    if (!luaL_newmetatable(L, name)) return;
+    if (methods) {
+        lua_newtable(L);
+        luaL_setfuncs(L, methods, 0);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pushcfunction(L, fin);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, fin);
+    lua_setfield(L, -2, "__close");
+}
+
 int luaopen_runbook_host(lua_State *L)
 {
     if (luaL_newmetatable(L, RB_ERROR_MT)) {

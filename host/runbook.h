@@ -16,6 +16,7 @@
 #define RUNBOOK_H
 
 #include <lua.h>
+#include <lauxlib.h>
 
 /* What the gate decided for one effect. */
 typedef enum {
@@ -77,5 +78,12 @@ int rb_last_signal(void);
 
 /* Monotonic time in seconds. */
 double rb_now(void);
+
+/*
+ * A userdata class: registers the metatable `name` the first time (__index
+ * the `methods`, none when NULL; __gc and __close the finalizer `fin`, which
+ * must be safe to call twice) and pushes it, as luaL_newmetatable does.
+ */
+void rb_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction fin);
 
 #endif

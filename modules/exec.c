@@ -105,12 +105,7 @@ static proc *new_proc(lua_State *L) {
     proc *p = lua_newuserdatauv(L, sizeof *p, 0);
     memset(p, 0, sizeof *p);
     p->in = p->out = p->err = p->errpipe = -1;
-    if (luaL_newmetatable(L, PROC_MT)) {
-        lua_pushcfunction(L, proc_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, proc_close);
-        lua_setfield(L, -2, "__close");
-    }
+    rb_class(L, PROC_MT, NULL, proc_close);
     lua_setmetatable(L, -2);
     return p;
 }

@@ -512,12 +512,7 @@ static int batch_close(lua_State *L) {
 static batch *new_batch(lua_State *L, int n) {
     batch *b = lua_newuserdatauv(L, sizeof *b, 0);
     memset(b, 0, sizeof *b);
-    if (luaL_newmetatable(L, BATCH_MT)) {
-        lua_pushcfunction(L, batch_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, batch_close);
-        lua_setfield(L, -2, "__close");
-    }
+    rb_class(L, BATCH_MT, NULL, batch_close);
     lua_setmetatable(L, -2);
     if (n > 0 && !(b->t = calloc((size_t)n, sizeof *b->t))) luaL_error(L, "out of memory");
     b->n = n;
@@ -803,12 +798,7 @@ static int http_raise(lua_State *L) {
 static client *new_client(lua_State *L) {
     client *c = lua_newuserdatauv(L, sizeof *c, 0);
     memset(c, 0, sizeof *c);
-    if (luaL_newmetatable(L, CLIENT_MT)) {
-        lua_pushcfunction(L, client_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, client_close);
-        lua_setfield(L, -2, "__close");
-    }
+    rb_class(L, CLIENT_MT, NULL, client_close);
     lua_setmetatable(L, -2);
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK || !(c->curl = curl_easy_init()))
         luaL_error(L, "cannot initialise libcurl");

@@ -656,22 +656,11 @@ static const luaL_Reg stream_methods[] = {
     {NULL, NULL}
 };
 
-static void new_metatable(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction fin) {
-    luaL_newmetatable(L, name);
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, fin);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, fin);
-    lua_setfield(L, -2, "__close");
-    lua_pop(L, 1);
-}
-
 int luaopen_runbook_k8s(lua_State *L) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) return luaL_error(L, "cannot initialise libcurl");
-    new_metatable(L, CONN_MT, conn_methods, conn_close);
-    new_metatable(L, STREAM_MT, stream_methods, stream_close);
+    rb_class(L, CONN_MT, conn_methods, conn_close);
+    rb_class(L, STREAM_MT, stream_methods, stream_close);
+    lua_pop(L, 2);
     luaL_newlib(L, k8s_funcs);
     return 1;
 }

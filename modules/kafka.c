@@ -1257,14 +1257,7 @@ static const luaL_Reg client_methods[] = {
 };
 
 int luaopen_runbook_kafka(lua_State *L) {
-    if (luaL_newmetatable(L, CLIENT_MT)) {
-        luaL_newlib(L, client_methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, client_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, client_close);
-        lua_setfield(L, -2, "__close");
-    }
+    rb_class(L, CLIENT_MT, client_methods, client_close);
     lua_pop(L, 1);
     luaL_newlib(L, kafka_funcs);
     lua_pushstring(L, rd_kafka_version_str());

@@ -1237,16 +1237,9 @@ static const luaL_Reg pg_funcs[] = {
 };
 
 int luaopen_runbook_pg(lua_State *L) {
-    if (luaL_newmetatable(L, CONN_MT)) {
-        lua_pushcfunction(L, conn_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, conn_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, conn_tostring);
-        lua_setfield(L, -2, "__tostring");
-        luaL_newlib(L, conn_methods);
-        lua_setfield(L, -2, "__index");
-    }
+    rb_class(L, CONN_MT, conn_methods, conn_close);
+    lua_pushcfunction(L, conn_tostring);
+    lua_setfield(L, -2, "__tostring");
     luaL_newlib(L, pg_funcs);
     lua_getfield(L, -2, "__index");
     lua_setfield(L, -2, "methods");
