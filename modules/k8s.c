@@ -576,7 +576,7 @@ static int stream_next(lua_State *L) {
         int queued;
         while ((msg = curl_multi_info_read(s->m, &queued)))
             if (msg->msg == CURLMSG_DONE) s->done = 1, s->rc = msg->data.result;
-        if (!s->done && !memchr(s->buf.data + s->pos, '\n', s->buf.len - s->pos)) {
+        if (!s->done && (s->buf.len == s->pos || !memchr(s->buf.data + s->pos, '\n', s->buf.len - s->pos))) {
             int ms = (int)(left * 1000) + 1;
             curl_multi_poll(s->m, NULL, 0, ms < 100 ? ms : 100, NULL); /* wake for Ctrl-C */
         }
