@@ -7,23 +7,6 @@ local events = require "runbook.events"
 local cjson = require "cjson"
 local cli = require "spec.support.cli"
 
-local fixtures = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") .. "/fixtures"
-
--- Starts a fixture server writing its port to DIR/NAME.port; returns the port and its pid.
-local function start(dir, name, script, ...)
-  local args = {}
-  for _, a in ipairs { ... } do args[#args + 1] = cli.quote(a) end
-  local portfile = dir .. "/" .. name .. ".port"
-  local p = io.popen(("python3 %s %s %s >%s/%s.log 2>&1 & echo $!;"
-    .. " i=0; while [ ! -s %s ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"):format(
-    cli.quote(fixtures .. "/" .. script), cli.quote(portfile), table.concat(args, " "), dir, name, cli.quote(portfile)))
-  local pid = p:read("l")
-  p:close()
-  local port = cli.slurp(portfile):match("%d+")
-  assert(port, name .. " did not start")
-  return port, pid
-end
-
 local dir, base, smtp, silent_smtp, mailbox, pids
 
 local function captured()
@@ -50,11 +33,11 @@ setup(function()
   mailbox = dir .. "/mailbox.jsonl"
   pids = {}
   local port
-  port, pids[1] = start(dir, "http", "http_server.py")
+  port, pids[1] = cli.fixture("http_server.py")
   base = "http://127.0.0.1:" .. port
-  port, pids[2] = start(dir, "smtp", "smtp_server.py", mailbox)
+  port, pids[2] = cli.fixture("smtp_server.py", mailbox)
   smtp = "smtp://127.0.0.1:" .. port
-  port, pids[3] = start(dir, "silent", "smtp_server.py", dir .. "/unused", "silent")
+  port, pids[3] = cli.fixture("smtp_server.py", dir .. "/unused", "silent")
   silent_smtp = "smtp://127.0.0.1:" .. port
 end)
 

@@ -95,7 +95,7 @@ describe("crashloop-triage", function()
     assert.truthy(sb.wait_until(25, function() return oom_killed("websocket") end), "websocket was never OOM-killed")
     local r = backends.assert_unchanged(function()
       return cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-websocket", "--dry-run" }
-    end, { groups = {} })
+    end)
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("offered fix: raise websocket's memory limit", r.stdout)
     assert.matches("would patch deployment todo%-chatbot%-websocket", r.stdout)

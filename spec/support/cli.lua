@@ -55,6 +55,44 @@ function M.run(args, env)
   return { code = tonumber(slurp(d .. "/code")), stdout = slurp(d .. "/out"), stderr = slurp(d .. "/err") }
 end
 
+local FIXTURES = debug.getinfo(1, "S").source:match("^@(.*)/support/[^/]*$") .. "/fixtures"
+
+--- Starts the fixture server spec/fixtures/SCRIPT in the background (it
+-- writes its port to the file given as its first argument, then ARGS...);
+-- returns the port once it listens, and the pid to kill.
+function M.fixture(script, ...)
+  local d = M.tmpdir()
+  local args = {}
+  for _, a in ipairs { ... } do args[#args + 1] = shell_quote(a) end
+  local portfile = d .. "/port"
+  local p = io.popen(("python3 %s %s %s >%s/log 2>&1 & echo $!;"
+    .. " i=0; while [ ! -s %s ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done"):format(
+    shell_quote(FIXTURES .. "/" .. script), shell_quote(portfile), table.concat(args, " "), d, shell_quote(portfile)))
+  local pid = p:read("l")
+  p:close()
+  local port = slurp(portfile):match("%d+")
+  assert(port, script .. " did not start: " .. slurp(d .. "/log"))
+  return port, pid
+end
+
+--- A local webhook receiver (http_server.py): {url, posts() -> {{path, body, headers}...}, stop()}.
+function M.webhook()
+  local port, pid = M.fixture("http_server.py")
+  local base = "http://127.0.0.1:" .. port
+  return {
+    url = base .. "/capture/hook",
+    stop = function() os.execute("kill " .. pid) end,
+    posts = function()
+      local p = io.popen("curl -s -m 5 " .. base .. "/requests")
+      local log = require("cjson").decode(p:read("a"))
+      p:close()
+      local out = {}
+      for _, r in ipairs(log) do if r.path:match("^/capture/") then out[#out + 1] = r end end
+      return out
+    end,
+  }
+end
+
 --- Decode JSON Lines output into a list of events.
 function M.events(stdout)
   local cjson = require "cjson"
