@@ -24,6 +24,8 @@
 --
 -- kubectl's verbs, with kubectl's semantics:
 --   scale(TARGET, replicas, {current_replicas=})
+--   stop_workloads({TARGET...}, {timeout = "2m"}) -> saved   each scaled to 0, its pods gone
+--   start_workloads(saved, {timeout = "5m"})   each back to its replicas, rolled out
 --   rollout_restart(TARGET)    rollout_status(TARGET, {timeout = "5m", progress = fn|false,
 --                                                  fail_fast = true: raise once new pods crash-loop
 --                                                  or cannot pull their image, code = that reason})
@@ -97,7 +99,7 @@ end
 
 local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
-  "scale", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
+  "scale", "stop_workloads", "start_workloads", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
   "logs", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
   "lease_lock", "lease_renew_due",
 }

@@ -1,5 +1,6 @@
 --- The kubectl verbs operators use, with kubectl's semantics, as methods of
--- the client (stdlib/k8s.lua documents them): scale, rollout_restart,
+-- the client (stdlib/k8s.lua documents them): scale, stop_workloads,
+-- start_workloads, rollout_restart,
 -- rollout_status, rollout_history, rollout_undo, set_image, set_env, logs,
 -- events, wait, top, proxy_get.
 local cjson = require "cjson"
@@ -232,6 +233,55 @@ function Client:rollout_status(a, b)
   raise { op = "rollout_status", code = "timeout", retryable = true,
     message = ("timed out after %s waiting for the rollout of deployment %q: %s"):format(duration.format(timeout), name,
       tostring(last)) }
+end
+
+--- stop_workloads({"deploy/a", ...}, {namespace, timeout = "2m"}): scale each
+-- to 0 and wait until none of their pods is left (writers stopped, consumers
+-- out of their group). Returns what start_workloads needs: {{target,
+-- namespace, replicas}...} with each one's replicas before. In a dry run
+-- nothing is waited for.
+function Client:stop_workloads(targets, opts)
+  opts = opts or {}
+  if type(targets) ~= "table" or #targets == 0 then error("k8s.stop_workloads: expected a list of workloads", 2) end
+  local timeout = secs(opts.timeout, "k8s.stop_workloads timeout", 120)
+  local saved, objs = {}, {}
+  for i, t in ipairs(targets) do
+    local _, ns, _, obj = self:workload(t, { namespace = opts.namespace }, "stop_workloads")
+    saved[i], objs[i] = { target = t, namespace = ns, replicas = obj.spec.replicas or 1 }, obj
+  end
+  for _, s in ipairs(saved) do
+    if s.replicas > 0 then self:scale(s.target, 0, { namespace = s.namespace }) end
+  end
+  if require("gate").dry_run() then return saved end
+  local deadline = host.now() + timeout
+  for i, s in ipairs(saved) do
+    while true do
+      local left = #self:pods_of(objs[i], s.namespace)
+      if left == 0 then break end
+      if host.now() >= deadline then
+        raise { op = "stop_workloads", code = "timeout", retryable = true, message = ("%s still has %d pods after %s"):format(
+          s.target, left, duration.format(timeout)) }
+      end
+      heartbeat.sleep(host, 0.5)
+    end
+  end
+  return saved
+end
+
+--- start_workloads(saved, {timeout = "5m"}): scale each workload stop_workloads
+-- stopped back to its replicas, then wait for each rollout (fail_fast).
+function Client:start_workloads(saved, opts)
+  opts = opts or {}
+  for _, s in ipairs(saved) do
+    if s.replicas > 0 then self:scale(s.target, s.replicas, { namespace = s.namespace }) end
+  end
+  if require("gate").dry_run() then return end
+  for _, s in ipairs(saved) do
+    if s.replicas > 0 then
+      self:rollout_status(s.target, { namespace = s.namespace, timeout = opts.timeout or "5m", fail_fast = true,
+        progress = false })
+    end
+  end
 end
 
 local REV = "deployment.kubernetes.io/revision"

@@ -1,0 +1,111 @@
+-- consumer-offset-reset.lua: move a consumer group's committed offsets, safely.
+--
+-- Replaces seed 002's `kafka-consumer-groups.sh --reset-offsets --execute`:
+-- a group only takes new offsets while it has no members, so its consumers
+-- are scaled to zero first (their replicas remembered), the plan is shown per
+-- partition (current -> target, messages replayed or skipped), the reset is
+-- checked against the broker, and the consumers come back. A failure brings
+-- the consumers back too (on_failure = "undo").
+--
+--   runbook run consumer-offset-reset -p to=earliest --step
+--   runbook run consumer-offset-reset -p to=shift:-500 -p partitions=0,3
+--   runbook run consumer-offset-reset -p to=datetime:2026-11-22T10:00:00Z
+
+name = "consumer-offset-reset"
+description = "Stop a consumer group's consumers, reset its offsets (earliest, latest, an offset, a shift, a time), verify, start them again"
+version = "1.0.0"
+on_failure = "undo"
+
+param "group" { default = "recurring-task-service", help = "the consumer group" }
+param "topic" { default = "task-events", help = "the topic whose offsets to move" }
+param "to" { required = true,
+  help = "earliest | latest | offset:N | shift:N (e.g. shift:-500 replays 500 per partition) | datetime:2026-11-22T10:00:00Z" }
+param "partitions" { default = "", help = "comma-separated partitions (default: all of the topic's)" }
+param "deployment" { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers (scaled to 0 during the reset)" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "timeout" { type = "duration", default = "2m", help = "how long the consumers may take to stop, and to come back" }
+
+-- "shift:-500" -> {shift = -500}; errors name the param.
+local function target(text)
+  if text == "earliest" or text == "latest" then return text end
+  local kind, v = text:match("^(%a+):(.+)$")
+  if (kind == "offset" or kind == "shift") and math.tointeger(tonumber(v)) then return { [kind] = math.tointeger(tonumber(v)) } end
+  if kind == "datetime" and v:match("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d") then return { datetime = v } end
+  error(("param to: %q is not earliest, latest, offset:N, shift:N or datetime:YYYY-MM-DDTHH:MM:SSZ"):format(text), 0)
+end
+
+local function partitions(ctx)
+  if ctx.params.partitions == "" then return nil end
+  local list = {}
+  for p in ctx.params.partitions:gmatch("[^,%s]+") do
+    list[#list + 1] = math.tointeger(tonumber(p)) or error(("param partitions: %q is not a partition number"):format(p), 0)
+  end
+  return list
+end
+
+local function lag(ctx) return kafka.lag { group = ctx.params.group, topics = ctx.params.topic } end
+
+step "Show the group's offsets" {
+  description = "kafka-consumer-groups --describe: where the group is now, per partition",
+  run = function(ctx)
+    target(ctx.params.to) -- a bad `to` fails here, before anything is stopped
+    partitions(ctx)
+    local r = lag(ctx)
+    log.info("%s", kafka.format_lag(r))
+    local d = k8s.get("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace })
+    log.info("%s runs %d consumers of %s", ctx.params.deployment, d.spec.replicas or 1, ctx.params.group)
+    return { total = r.total }
+  end,
+}
+
+step "Stop the consumers" {
+  description = "Scale the consumer deployment to 0 and wait until its pods are gone (the group takes no reset while it has members)",
+  confirm = true,
+  run = function(ctx)
+    local saved = k8s.stop_workloads({ "deploy/" .. ctx.params.deployment },
+      { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
+    log.info("%s stopped (was %d replicas)", ctx.params.deployment, saved[1].replicas)
+    return { saved = saved }
+  end,
+  undo = function(ctx, out) k8s.start_workloads(out.saved, { timeout = ctx.params.timeout }) end,
+}
+
+step "Reset the offsets" {
+  description = "kafka-consumer-groups --reset-offsets --execute: commit the target offset of every selected partition",
+  confirm = true,
+  run = function(ctx)
+    local plan = kafka.reset_offsets { group = ctx.params.group, topics = ctx.params.topic,
+      partitions = partitions(ctx), to = target(ctx.params.to) }
+    log.info("%s", kafka.format_plan(plan))
+    local targets = {}
+    for _, p in ipairs(plan.partitions) do targets[tostring(p.partition)] = p.target end
+    return { targets = targets, replay = plan.replay, skip = plan.skip, applied = plan.applied }
+  end,
+}
+
+step "Verify the offsets" {
+  description = "Read the group's committed offsets back from the broker: each selected partition at its target",
+  run = function(ctx)
+    local want = ctx.outputs["Reset the offsets"].targets
+    if ctx.dry_run then log.info("would read the committed offsets back and compare them with the plan"); return end
+    local wrong = {}
+    for _, p in ipairs(lag(ctx).partitions) do
+      local w = want[tostring(p.partition)]
+      if w and p.committed ~= w then
+        wrong[#wrong + 1] = ("partition %d at %s, not %d"):format(p.partition, tostring(p.committed), w)
+      end
+    end
+    if #wrong > 0 then error("the reset did not hold: " .. table.concat(wrong, "; "), 0) end
+    log.info("every selected partition of %s is at its target", ctx.params.topic)
+  end,
+}
+
+step "Start the consumers" {
+  description = "Scale the consumers back to their replicas and wait until they are ready",
+  run = function(ctx)
+    k8s.start_workloads(ctx.outputs["Stop the consumers"].saved, { timeout = ctx.params.timeout })
+    local r = ctx.outputs["Reset the offsets"]
+    log.info("%s consumes again from the new offsets (%d messages to replay, %d skipped)", ctx.params.group,
+      r.replay, r.skip)
+  end,
+}
