@@ -122,60 +122,8 @@ step "Assess the cluster" {
 step "Check dependencies" {
   description = "PostgreSQL connections against max_connections, Redis PING, Kafka brokers, Dapr sidecars",
   run = function(ctx)
-    local deps, down = {}, {}
-    local function check(name, configured, fn)
-      if not configured then
-        deps[name] = { ok = true, skipped = true }
-        log.info("%s: not configured here, not checked", name)
-        return
-      end
-      local ok, res = pcall(fn)
-      if ok then deps[name] = res else deps[name] = { ok = false, error = tostring(res) } end
-      if not deps[name].ok then down[#down + 1] = name; log.warn("%s: %s", name, deps[name].error) end
-    end
-    check("postgres", os.getenv("DATABASE_URL"), function()
-      local db <close> = pg.connect(nil, { connect_timeout = "5s", timeout = "10s" })
-      local a = db:activity()
-      local share = a.total / a.max_connections
-      log.info("postgres: %d of %d connections (%.0f%%)", a.total, a.max_connections, share * 100)
-      if share >= ctx.params.pg_connections_warn then
-        return { ok = false, connections = a.total, max = a.max_connections,
-          error = ("%d of %d connections in use: see db-pool-exhausted"):format(a.total, a.max_connections) }
-      end
-      return { ok = true, connections = a.total, max = a.max_connections }
-    end)
-    check("redis", os.getenv("REDIS_URL"), function()
-      local r <close> = redis.connect(nil, { connect_timeout = "5s", timeout = "5s" })
-      local pong = r:ping()
-      log.info("redis: %s", tostring(pong))
-      return { ok = true }
-    end)
-    check("kafka", os.getenv("KAFKA_BROKERS"), function()
-      local bs, up = kafka.brokers { probe_timeout = "3s" }, {}
-      local bad = {}
-      for _, b in ipairs(bs) do
-        if b.reachable then up[#up + 1] = b.id else bad[#bad + 1] = ("%s:%d (%s)"):format(b.host, b.port, b.reason or "?") end
-      end
-      log.info("kafka: %d of %d brokers reachable", #up, #bs)
-      if #bad > 0 then return { ok = false, reachable = #up, brokers = #bs, error = "unreachable: " .. table.concat(bad, ", ") } end
-      return { ok = true, reachable = #up, brokers = #bs }
-    end)
-    check("dapr sidecars", true, function()
-      local s = dapr.sidecar_status(ctx.params.namespace)
-      local bad = {}
-      for _, p in ipairs(s.pods) do if p.problem then bad[#bad + 1] = p.pod .. ": " .. p.problem end end
-      log.info("dapr: %d of %d sidecars ready", #s.pods - #bad, #s.pods)
-      if #bad > 0 then return { ok = false, error = table.concat(bad, "; ") } end
-      return { ok = true, pods = #s.pods }
-    end)
-    check("dapr", os.getenv("DAPR_HTTP_ENDPOINT") or os.getenv("DAPR_HTTP_PORT"), function()
-      local ok, err = dapr.healthz()
-      if not ok then return { ok = false, error = "healthz: " .. tostring(err) } end
-      local out, oerr = dapr.healthz_outbound()
-      if not out then return { ok = false, error = "healthz/outbound: " .. tostring(oerr) } end
-      log.info("dapr: the local sidecar is healthy")
-      return { ok = true }
-    end)
+    local r = checks.dependencies { namespace = ctx.params.namespace, pg_connections_warn = ctx.params.pg_connections_warn }
+    local deps, down = r.dependencies, r.down
     if #down > 0 then
       log.warn("dependencies down: %s; apps that crash because of them will not be rolled back", table.concat(down, ", "))
     end

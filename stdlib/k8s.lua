@@ -63,7 +63,7 @@
 -- Reads are retried with backoff on 429/5xx and connection failures.
 -- k8s.array() is an empty list that encodes as [] (lua-cjson writes {} otherwise).
 local client = require "k8s.client"
-require "k8s.verbs"
+local verbs = require "k8s.verbs"
 require "k8s.health"
 local lease = require "k8s.lease"
 
@@ -82,6 +82,9 @@ function Client:lease_renew_due() return lease.renew_due() end
 
 --- A list that stays a list when empty: k8s.array() encodes as [] (a plain {} as {}).
 k8s.array = client.array
+
+--- A quantity as a number: k8s.quantity("128Mi") -> 134217728, ("250m") -> 0.25; nil when not one.
+k8s.quantity = verbs.quantity
 
 local default
 --- The default client (connected on first use).

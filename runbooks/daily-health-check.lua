@@ -1,0 +1,158 @@
+-- daily-health-check.lua: the morning check, for cron.
+--
+-- Replaces seed 003 "Daily Health Check" (curl /api/health, database and Redis
+-- health through the app, WebSocket, disk) and its "Key Metrics" table. Read
+-- only: every check runs even when an earlier one failed, the last step gives
+-- the verdict, and the run exits 1 when something is unhealthy, so cron and
+-- CI see it. With --output json each check's result is in its step_end
+-- event's outputs and the verdict's outputs hold the whole summary.
+--
+--   runbook run daily-health-check --yes --output json >> /var/log/runbook/daily.jsonl
+--   runbook run daily-health-check -p lag_threshold=5000
+
+name = "daily-health-check"
+description = "Read-only health check of the namespace: deployments and nodes, service /health, PostgreSQL, Redis, Kafka and lag, Dapr, resource use"
+version = "1.0.0"
+
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "health_path" { default = "/health", help = "path every service answers health checks on (through the API server's service proxy)" }
+param "groups" { default = "recurring-task-service,websocket-service,notification-service", help = "consumer groups whose lag is checked (comma-separated)" }
+param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
+param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }
+param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
+param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
+
+-- Each check returns {problems = {...}, warnings = {...}} in its outputs.
+local function findings()
+  local f = { problems = {}, warnings = {} }
+  function f.problem(fmt, ...) local m = fmt:format(...); f.problems[#f.problems + 1] = m; log.warn("%s", m) end
+  function f.warning(fmt, ...) local m = fmt:format(...); f.warnings[#f.warnings + 1] = m; log.warn("%s", m) end
+  return f
+end
+
+local function result(f, extra)
+  local out = extra or {}
+  out.problems, out.warnings = f.problems, f.warnings
+  return out
+end
+
+local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "Resource use" }
+
+step "Deployments and nodes" {
+  description = "kubectl get deploy,nodes: every deployment has its replicas ready with no waiting reason, every node Ready",
+  run = function(ctx)
+    local f = findings()
+    local h = k8s.namespace_health(ctx.params.namespace)
+    for _, p in ipairs(h.problems) do f.problem("%s", p) end
+    local healthy = 0
+    for _, d in ipairs(h.deployments) do if d.healthy then healthy = healthy + 1 end end
+    log.info("%d of %d deployments healthy; %d nodes", healthy, #h.deployments, #h.nodes)
+    return result(f, { deployments = #h.deployments, healthy = healthy, nodes = #h.nodes })
+  end,
+}
+
+step "Services answer health checks" {
+  description = "curl /api/health for every service: GET health_path through each Service in front of a deployment",
+  run = function(ctx)
+    local f = findings()
+    local n = 0
+    for _, d in ipairs(k8s.list("deployments", { namespace = ctx.params.namespace })) do
+      local sh = k8s.service_health("deploy/" .. d.metadata.name, { namespace = ctx.params.namespace, path = ctx.params.health_path })
+      for _, row in ipairs(sh.services) do
+        n = n + 1
+        if not row.ok then f.problem("service %s %s: %s", row.service, ctx.params.health_path, row.error) end
+      end
+    end
+    log.info("%d services checked, %d failing", n, #f.problems)
+    return result(f, { services = n })
+  end,
+}
+
+step "Dependencies" {
+  description = "PostgreSQL connections against max_connections, Redis PING, Kafka brokers, Dapr sidecars and the local sidecar",
+  run = function(ctx)
+    local f = findings()
+    local r = checks.dependencies { namespace = ctx.params.namespace, pg_connections_warn = ctx.params.pg_connections_warn }
+    for _, name in ipairs(r.down) do f.problem("%s: %s", name, r.dependencies[name].error) end
+    return result(f, { dependencies = r.dependencies })
+  end,
+}
+
+step "Consumer lag" {
+  description = "kafka-consumer-groups --describe for each group: total lag against lag_threshold",
+  run = function(ctx)
+    local f = findings()
+    local groups = {}
+    for g in ctx.params.groups:gmatch("[^,%s]+") do groups[#groups + 1] = g end
+    if #groups == 0 or not os.getenv("KAFKA_BROKERS") then log.info("no groups or no brokers configured: lag not checked"); return result(f) end
+    local lags = {}
+    local ok, r = pcall(kafka.lag, { groups = groups })
+    if not ok then
+      f.problem("consumer lag unreadable: %s", tostring(type(r) == "table" and r.message or r))
+      return result(f)
+    end
+    for _, g in ipairs(r) do
+      lags[g.group] = g.total
+      if g.total > ctx.params.lag_threshold then
+        f.problem("group %s is %d messages behind (threshold %d): see kafka-lag-remediation", g.group, g.total,
+          ctx.params.lag_threshold)
+      else
+        log.info("group %s: lag %d", g.group, g.total)
+      end
+    end
+    return result(f, { lag = lags })
+  end,
+}
+
+step "Resource use" {
+  description = "kubectl top pods: containers near their memory (85%) or CPU (80%) limit are warnings (seed 003's key metrics)",
+  run = function(ctx)
+    local f = findings()
+    local ok, usage = pcall(k8s.top, "pods", { namespace = ctx.params.namespace })
+    if not ok then
+      f.warning("resource use unknown (metrics API): %s", tostring(type(usage) == "table" and usage.message or usage))
+      return result(f)
+    end
+    local limits = {}
+    for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
+      for _, c in ipairs(p.spec.containers) do
+        local l = (c.resources or {}).limits or {}
+        limits[p.metadata.name .. "/" .. c.name] = { memory = k8s.quantity(l.memory), cpu = k8s.quantity(l.cpu) }
+      end
+    end
+    for _, p in ipairs(usage) do
+      for _, c in ipairs(p.containers) do
+        local l = limits[p.name .. "/" .. c.name] or {}
+        if l.memory and c.memory_bytes >= ctx.params.memory_warn * l.memory then
+          f.warning("%s/%s uses %.0f%% of its memory limit: check for a leak", p.name, c.name, 100 * c.memory_bytes / l.memory)
+        end
+        if l.cpu and c.cpu_millicores >= ctx.params.cpu_warn * l.cpu * 1000 then
+          f.warning("%s/%s uses %.0f%% of its CPU limit: consider scaling", p.name, c.name, 100 * c.cpu_millicores / (l.cpu * 1000))
+        end
+      end
+    end
+    log.info("%d pods measured, %d warnings", #usage, #f.warnings)
+    return result(f, { pods = #usage })
+  end,
+}
+
+step "Verdict" {
+  description = "HEALTHY or UNHEALTHY with every problem and warning; exit 1 when unhealthy",
+  run = function(ctx)
+    local problems, warnings, summary = {}, {}, {}
+    for _, name in ipairs(CHECKS) do
+      local o = ctx.outputs[name]
+      summary[name] = #o.problems == 0 and "ok" or "failed"
+      for _, p in ipairs(o.problems) do problems[#problems + 1] = p end
+      for _, w in ipairs(o.warnings) do warnings[#warnings + 1] = w end
+    end
+    for _, name in ipairs(CHECKS) do log.info("%s %s", summary[name] == "ok" and "✅" or "❌", name) end
+    if #warnings > 0 then log.info("%d warnings (not failing the check)", #warnings) end
+    if #problems > 0 then
+      error(("UNHEALTHY: %d problem%s\n  %s"):format(#problems, #problems == 1 and "" or "s",
+        table.concat(problems, "\n  ")), 0)
+    end
+    log.info("HEALTHY: %s", table.concat(CHECKS, ", "))
+    return { healthy = true, checks = summary, warnings = warnings }
+  end,
+}

@@ -1,0 +1,70 @@
+-- runbooks/daily-health-check.lua against the sandbox, as cron runs it
+-- (--yes --output json): healthy once recurring-task-service has caught up,
+-- unhealthy (exit 1, each failing check in its step's outputs) with a
+-- crash-looping deployment and Redis down; and it never writes anything.
+local cli = require "spec.support.cli"
+local backends = require "spec.support.backends"
+local sb = require "spec.sandbox.sandbox_helper"
+local kh = require "spec.runbooks.k8s_helper"
+
+local RUNBOOK = "runbooks/daily-health-check.lua"
+
+local function outputs(events)
+  local out = {}
+  for _, e in ipairs(events) do
+    if e.event == "step_end" then out[e.step] = e.outputs or { error = e.error } end
+  end
+  return out
+end
+
+local function restore()
+  sb.ctl("redis start")
+  sb.ctl("workload reset")
+  kh.reset_world()
+end
+
+describe("daily-health-check", function()
+  setup(restore)
+  after_each(function()
+    restore()
+    cli.cleanup()
+  end)
+
+  it("is healthy (exit 0) once the lagging consumer has caught up", function()
+    local status = sb.k8s("PATCH", "/apis/apps/v1/namespaces/todo-chatbot/deployments/todo-chatbot-recurring-task",
+      { spec = { replicas = 12 } })
+    assert.are.equal(200, status)
+    assert.truthy(sb.wait_until(40, function() return sb.lag("recurring-task-service", "task-events") < 500 end),
+      "recurring-task-service did not catch up")
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local out = outputs(cli.events(r.stdout))
+    assert.is_true(out["Verdict"].healthy)
+    assert.are.equal(5, out["Services answer health checks"].services)
+    assert.are.same({}, out["Consumer lag"].problems)
+  end)
+
+  it("is unhealthy (exit 1) naming a crash-looping deployment, Redis down and the lag", function()
+    sb.ctl("k8s crashloop websocket")
+    kh.wait_waiting("websocket", "CrashLoopBackOff")
+    sb.ctl("redis stop")
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json" }
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    local events = cli.events(r.stdout)
+    local out = outputs(events)
+    assert.matches("todo%-chatbot%-websocket.*CrashLoopBackOff", table.concat(out["Deployments and nodes"].problems, "\n"))
+    assert.matches("^redis: ", table.concat(out["Dependencies"].problems, "\n"))
+    assert.matches("recurring%-task%-service is %d+ messages behind", table.concat(out["Consumer lag"].problems, "\n"))
+    assert.matches("^UNHEALTHY: %d+ problems", out["Verdict"].error.message)
+    assert.are.equal(1, events[#events].exit_code)
+  end)
+
+  it("writes nothing, run for real or dry", function()
+    local r1, r2 = backends.assert_unchanged(function()
+      return cli.run { "run", RUNBOOK, "--yes" }, cli.run { "run", RUNBOOK, "--dry-run" }
+    end)
+    assert.are.same({}, cli.only(cli.events(cli.run({ "run", RUNBOOK, "--yes", "--output", "json" }).stdout), "effect"))
+    assert.matches("Consumer lag", r1.stdout)
+    assert.matches("Consumer lag", r2.stdout)
+  end)
+end)

@@ -1,0 +1,74 @@
+--- checks: the dependency checks runbooks share (outage-recovery,
+-- daily-health-check): PostgreSQL connections against max_connections, Redis
+-- PING, every Kafka broker answering, the namespace's Dapr sidecars, and the
+-- local Dapr sidecar. A backend not configured here (no DATABASE_URL,
+-- REDIS_URL, KAFKA_BROKERS, DAPR_HTTP_ENDPOINT/PORT) is skipped and says so.
+--
+--   checks.dependencies{namespace = "todo-chatbot", pg_connections_warn = 0.8}
+--     -> {dependencies = {[name] = {ok, skipped, error, ...}}, down = {name...}}
+local M = {}
+
+function M.dependencies(opts)
+  opts = opts or {}
+  local warn_share = opts.pg_connections_warn or 0.8
+  local log = require "log"
+  local deps, down = {}, {}
+  local function check(name, configured, fn)
+    if not configured then
+      deps[name] = { ok = true, skipped = true }
+      log.info("%s: not configured here, not checked", name)
+      return
+    end
+    local ok, res = pcall(fn)
+    if ok then deps[name] = res else
+      require("runbook.host").check_deadline() -- a timed-out step or Ctrl-C is not a failed check
+      deps[name] = { ok = false, error = tostring(type(res) == "table" and res.message or res) }
+    end
+    if not deps[name].ok then down[#down + 1] = name; log.warn("%s: %s", name, deps[name].error) end
+  end
+  check("postgres", os.getenv("DATABASE_URL"), function()
+    local db <close> = require("pg").connect(nil, { connect_timeout = "5s", timeout = "10s" })
+    local a = db:activity()
+    local share = a.total / a.max_connections
+    log.info("postgres: %d of %d connections (%.0f%%)", a.total, a.max_connections, share * 100)
+    if share >= warn_share then
+      return { ok = false, connections = a.total, max = a.max_connections,
+        error = ("%d of %d connections in use: see db-pool-exhausted"):format(a.total, a.max_connections) }
+    end
+    return { ok = true, connections = a.total, max = a.max_connections }
+  end)
+  check("redis", os.getenv("REDIS_URL"), function()
+    local r <close> = require("redis").connect(nil, { connect_timeout = "5s", timeout = "5s" })
+    log.info("redis: %s", tostring(r:ping()))
+    return { ok = true }
+  end)
+  check("kafka", os.getenv("KAFKA_BROKERS"), function()
+    local bs, up, bad = require("kafka").brokers { probe_timeout = "3s" }, {}, {}
+    for _, b in ipairs(bs) do
+      if b.reachable then up[#up + 1] = b.id else bad[#bad + 1] = ("%s:%d (%s)"):format(b.host, b.port, b.reason or "?") end
+    end
+    log.info("kafka: %d of %d brokers reachable", #up, #bs)
+    if #bad > 0 then return { ok = false, reachable = #up, brokers = #bs, error = "unreachable: " .. table.concat(bad, ", ") } end
+    return { ok = true, reachable = #up, brokers = #bs }
+  end)
+  local dapr = require "dapr"
+  check("dapr sidecars", opts.namespace, function()
+    local s = dapr.sidecar_status(opts.namespace)
+    local bad = {}
+    for _, p in ipairs(s.pods) do if p.problem then bad[#bad + 1] = p.pod .. ": " .. p.problem end end
+    log.info("dapr: %d of %d sidecars ready", #s.pods - #bad, #s.pods)
+    if #bad > 0 then return { ok = false, error = table.concat(bad, "; ") } end
+    return { ok = true, pods = #s.pods }
+  end)
+  check("dapr", os.getenv("DAPR_HTTP_ENDPOINT") or os.getenv("DAPR_HTTP_PORT"), function()
+    local ok, err = dapr.healthz()
+    if not ok then return { ok = false, error = "healthz: " .. tostring(err and err.message or err) } end
+    local out, oerr = dapr.healthz_outbound()
+    if not out then return { ok = false, error = "healthz/outbound: " .. tostring(oerr and oerr.message or oerr) } end
+    log.info("dapr: the local sidecar is healthy")
+    return { ok = true }
+  end)
+  return { dependencies = deps, down = down }
+end
+
+return M
