@@ -1,0 +1,110 @@
+-- backup.lua: a verified, self-describing backup set of the database, and
+-- optionally the namespace's Kubernetes configuration and chosen Kafka topics.
+--
+-- Replaces seed 002's `pg_dump > backup.sql` and seed 003's backup steps: the
+-- dump is checked (pg_restore can read it, row counts taken in its own
+-- snapshot), every file gets a sha256 in one manifest, the set appears under
+-- its timestamped name only once complete, and old sets are deleted only
+-- through the effect gate.
+--
+--   runbook run backup -p dir=/var/backups/todo -p keep=7 -p kubernetes=true
+--   runbook run backup --dry-run            # the checks, and what it would write and delete
+
+name = "backup"
+description = "Back up PostgreSQL (and optionally the namespace's Kubernetes configuration and Kafka topics) into a verified set with one manifest; keep the newest N"
+version = "1.0.0"
+
+param "dir" { default = "./backups", help = "directory the backup sets go in (each set is DIR/PREFIX-YYYYMMDDTHHMMSSZ/)" }
+param "prefix" { default = "todo", help = "name of the sets (letters, digits, '-', '_', '.')" }
+param "database_url" { secret = true, default = os.getenv("DATABASE_URL"), help = "the database to back up (default $DATABASE_URL)" }
+param "keep" { type = "integer", default = 7, help = "how many sets to keep: older ones are deleted after a successful backup" }
+param "kubernetes" { type = "boolean", default = false,
+  help = "also back up the namespace's deployments, services, configmaps, HPAs, ingresses and Dapr components as YAML" }
+param "secrets" { type = "boolean", default = false, help = "with kubernetes=true, include the namespace's Secrets (the files then hold them)" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace whose configuration is backed up" }
+param "topics" { default = "", help = "comma-separated Kafka topics to back up as JSON Lines (default: none)" }
+param "min_free" { type = "number", default = 1.5, help = "free space needed at DIR, as a multiple of the database's size" }
+
+local function topics(ctx)
+  local list = {}
+  for t in ctx.params.topics:gmatch("[^,%s]+") do list[#list + 1] = t end
+  return list
+end
+
+step "Preflight" {
+  description = "The database answers; its size against the free space at the destination; the sets already there",
+  run = function(ctx)
+    local p = ctx.params
+    if p.keep < 1 then error("param keep: must be at least 1", 0) end
+    if p.secrets and not p.kubernetes then error("param secrets: needs kubernetes=true", 0) end
+    local pf = backupset.preflight { root = p.dir, url = p.database_url }
+    log.info("database: %s (PostgreSQL %s); free at %s: %s", pf.db_pretty, pf.server_version, p.dir, pf.free_pretty)
+    if pf.free_bytes < pf.db_bytes * p.min_free then
+      error(("not enough space at %s: %s free, the database is %s (need %.1fx)"):format(
+        p.dir, pf.free_pretty, pf.db_pretty, p.min_free), 0)
+    end
+    local sets = backupset.list(p.dir, p.prefix)
+    log.info("%d existing %s sets in %s%s", #sets, p.prefix, p.dir, sets[1] and (", newest " .. sets[1].name) or "")
+    return { db_bytes = pf.db_bytes, free_bytes = pf.free_bytes, existing = #sets }
+  end,
+}
+
+step "Dump the database" {
+  description = "pg_dump --format=custom into a partial set directory, then pg_restore --list to prove it reads back",
+  run = function(ctx)
+    local set = backupset.new(ctx.params.dir, ctx.params.prefix)
+    local db = backupset.dump_database(set, { url = ctx.params.database_url })
+    return { set = set, database = db }
+  end,
+}
+
+step "Back up the Kubernetes configuration" {
+  description = "Deployments, services, configmaps, HPAs, ingresses, Dapr components (secrets only with secrets=true) as YAML",
+  when = function(ctx) return ctx.params.kubernetes end,
+  run = function(ctx)
+    local out = backupset.dump_kubernetes(ctx.outputs["Dump the database"].set,
+      { namespace = ctx.params.namespace, secrets = ctx.params.secrets })
+    out.namespace = ctx.params.namespace
+    return out
+  end,
+}
+
+step "Back up Kafka topics" {
+  description = "Every message of each chosen topic (keys, headers, timestamps) as JSON Lines",
+  when = function(ctx) return #topics(ctx) > 0 end,
+  run = function(ctx)
+    return backupset.dump_topics(ctx.outputs["Dump the database"].set, topics(ctx))
+  end,
+}
+
+step "Seal the set" {
+  description = "Write manifest.json (every file's sha256 and size, row counts per table, times), rename the set to its timestamped name, verify it",
+  run = function(ctx)
+    local dumped = ctx.outputs["Dump the database"]
+    local parts = { database = dumped.database }
+    if ctx.params.kubernetes then parts.kubernetes = ctx.outputs["Back up the Kubernetes configuration"] end
+    if #topics(ctx) > 0 then parts.kafka = ctx.outputs["Back up Kafka topics"] end
+    local m = backupset.seal(dumped.set, parts)
+    if ctx.dry_run then
+      log.info("would seal %s", dumped.set.final)
+      return { path = dumped.set.final }
+    end
+    backupset.verify(dumped.set.final) -- read back: every checksum, and the dump
+    local bytes = 0
+    for _, f in ipairs(m.files) do bytes = bytes + f.size end
+    log.info("backup set %s: %d files, %s, checksums verified", dumped.set.final, #m.files, backupset.pretty(bytes))
+    return { path = dumped.set.final, files = #m.files, bytes = bytes }
+  end,
+}
+
+step "Apply retention" {
+  description = "Keep the newest `keep` sets; delete the older ones",
+  confirm = true,
+  run = function(ctx)
+    -- in a dry run the new set was not written: count it all the same
+    local removed = backupset.prune(ctx.params.dir, ctx.params.prefix, ctx.params.keep,
+      { pending = ctx.dry_run and 1 or 0 })
+    if #removed == 0 then log.info("nothing to delete: at most %d sets", ctx.params.keep) end
+    return { removed = removed }
+  end,
+}

@@ -1,0 +1,334 @@
+--- backupset: one backup of a system as a directory with one manifest, shared
+-- by the backup, restore and data-corruption runbooks.
+--
+-- A set is ROOT/PREFIX-YYYYMMDDTHHMMSSZ/ holding database.dump (pg.dump, custom
+-- format, with its own database.dump.manifest.json of per-table row counts),
+-- k8s/KIND.yaml (the namespace's configuration), kafka/TOPIC.jsonl (topics) and
+-- manifest.json: every file with its sha256 and size, the row counts, what was
+-- taken and when. It is written under ROOT/.PREFIX-STAMP.partial and renamed
+-- into place once complete, so a set that has its final name is whole.
+--
+--   backupset.preflight{root=, url=}         -> {db_bytes, db_pretty, free_bytes, free_pretty, enough}
+--   backupset.new(root, prefix)              -> set (a plain table: root, partial, final, name, stamp)
+--   backupset.dump_database(set, {url=, format=})   -> {files, tables, database, server_version}
+--   backupset.dump_kubernetes(set, {namespace=, secrets=false}) -> {files, objects = {kind = n}}
+--   backupset.dump_topics(set, {topic...})   -> {files, topics = {topic = messages}}
+--   backupset.seal(set, parts)               -> manifest: writes manifest.json, renames into place
+--   backupset.list(root, prefix)             -> sets, newest first: {name, path}
+--   backupset.prune(root, prefix, keep, {pending=}) -> removed paths (each a gated delete)
+--   backupset.verify(path)                   -> manifest; raises code "checksum_mismatch",
+--                                               "missing_file" or "bad_manifest" naming the file
+--   backupset.latest(root, prefix)           -> path of the newest set, or nil
+--   backupset.restore_database(path, {url=}) -> pg.restore's result (row counts checked)
+--   backupset.validate{manifest=, url=, queries = {sql...}} -> problems (empty when valid)
+--
+-- Writes (directories, dumps, files, renames, deletes) go through the effect
+-- gate: in a dry run nothing is written and the functions say what they would do.
+local gate = require "gate"
+local host = require "runbook.host"
+local json = require "json"
+local exec = require "exec"
+local fs = require "fs"
+local lfs = require "lfs"
+local pg = require "pg"
+local log = require "log"
+
+local M = {}
+
+local function fail(op, code, message)
+  host.raise { module = "backupset", op = op, code = code, message = message, retryable = false }
+end
+
+local function pretty(bytes)
+  local units, n, i = { "B", "KiB", "MiB", "GiB", "TiB" }, bytes, 1
+  while n >= 1024 and i < #units do n, i = n / 1024, i + 1 end
+  return i == 1 and ("%d B"):format(n) or ("%.1f %s"):format(n, units[i])
+end
+M.pretty = pretty
+
+--- Free bytes on the filesystem holding `dir` (or its nearest existing parent).
+function M.free_bytes(dir)
+  local at = dir
+  while lfs.attributes(at, "mode") ~= "directory" do
+    local parent = at:match("^(.*)/[^/]+/?$")
+    at = (parent == nil or parent == "") and (at:sub(1, 1) == "/" and "/" or ".") or parent
+    if at == "." or at == "/" then break end
+  end
+  local r = exec.read { "df", "-P", "-B1", "--", at }
+  local avail = r.stdout:match("\n%S+%s+%d+%s+%d+%s+(%d+)")
+  if not avail then fail("preflight", "df", "cannot read the free space of " .. at .. " from df") end
+  return math.tointeger(tonumber(avail))
+end
+
+--- Connectivity, the database's size and the free space where the set goes.
+-- A custom-format dump is compressed, so the database's size is a safe upper bound.
+function M.preflight(opts)
+  local db <close> = pg.connect(opts.url, { connect_timeout = "10s" })
+  local bytes, db_pretty = db:database_size()
+  local free = M.free_bytes(opts.root)
+  return { db_bytes = bytes, db_pretty = db_pretty, free_bytes = free, free_pretty = pretty(free),
+    enough = free > bytes, server_version = db:value("SHOW server_version") }
+end
+
+function M.stamp() return os.date("!%Y%m%dT%H%M%SZ") end
+
+local function check_prefix(prefix)
+  if type(prefix) ~= "string" or not prefix:match("^[%w_.-]+$") then
+    error(("backupset: prefix %q must be letters, digits, '-', '_' or '.'"):format(tostring(prefix)), 3)
+  end
+end
+
+--- A new set: its partial directory is created now (through the gate).
+function M.new(root, prefix)
+  check_prefix(prefix)
+  local stamp = M.stamp()
+  local name = prefix .. "-" .. stamp
+  local set = { root = root, prefix = prefix, stamp = stamp, name = name,
+    partial = root .. "/." .. name .. ".partial", final = root .. "/" .. name,
+    created_at = os.date("!%Y-%m-%dT%H:%M:%SZ") }
+  if lfs.attributes(set.final) then fail("new", "exists", set.final .. " already exists") end
+  fs.mkdir(set.partial)
+  return set
+end
+
+local function written(set) return lfs.attributes(set.partial, "mode") == "directory" end
+
+--- pg.dump (custom format by default) into the set: pg.dump checks that
+-- pg_restore can read it and records the row counts of its snapshot.
+function M.dump_database(set, opts)
+  opts = opts or {}
+  local file = set.partial .. "/database.dump"
+  local m = pg.dump { url = opts.url, file = file, format = opts.format or "custom" }
+  if m.skipped then return { files = {}, skipped = true } end
+  log.info("database %s dumped: %s, %d tables, sha256 %s", m.database or "?", pretty(m.size),
+    (function() local n = 0; for _ in pairs(m.tables or {}) do n = n + 1 end; return n end)(), m.sha256:sub(1, 12))
+  return { files = { "database.dump", "database.dump.manifest.json" }, tables = m.tables, database = m.database,
+    server_version = m.server_version, pg_dump_seconds = m.pg_dump_seconds }
+end
+
+-- Kinds a namespace's configuration is made of, and the file each goes to.
+M.KINDS = {
+  { type = "deployments.apps", file = "deployments" }, { type = "services", file = "services" },
+  { type = "configmaps", file = "configmaps" }, { type = "horizontalpodautoscalers.autoscaling", file = "hpas" },
+  { type = "ingresses.networking.k8s.io", file = "ingresses" }, { type = "components.dapr.io", file = "dapr-components" },
+}
+
+-- What the server adds to an object, which an apply of the backup must not carry.
+local function clean(obj)
+  local md = obj.metadata or {}
+  obj.metadata = { name = md.name, namespace = md.namespace, labels = md.labels, annotations = md.annotations }
+  if md.annotations then
+    md.annotations["kubectl.kubernetes.io/last-applied-configuration"] = nil
+    md.annotations["deployment.kubernetes.io/revision"] = nil
+    if next(md.annotations) == nil then obj.metadata.annotations = nil end
+  end
+  obj.status = nil
+  if obj.kind == "Service" and obj.spec then obj.spec.clusterIP, obj.spec.clusterIPs = nil, nil end
+  return obj
+end
+
+--- The namespace's configuration as YAML, one file per kind (secrets only
+-- with secrets = true: the file then holds them, base64 as the API gives them).
+function M.dump_kubernetes(set, opts)
+  local k8s = require "k8s"
+  local ns = opts.namespace
+  local kinds = { table.unpack(M.KINDS) }
+  if opts.secrets then kinds[#kinds + 1] = { type = "secrets", file = "secrets" } end
+  local out = { files = {}, objects = {} }
+  if written(set) then fs.mkdir(set.partial .. "/k8s") end
+  for _, kind in ipairs(kinds) do
+    local ok, items = pcall(k8s.list, kind.type, { namespace = ns })
+    if not ok then
+      log.warn("%s in %s not backed up: %s", kind.file, ns, tostring(type(items) == "table" and items.message or items))
+    elseif #items > 0 then
+      local docs = {}
+      for i, obj in ipairs(items) do docs[i] = clean(obj) end
+      out.objects[kind.file] = #items
+      local rel = "k8s/" .. kind.file .. ".yaml"
+      local w = fs.write(set.partial .. "/" .. rel, require("runbook.yaml").dump(table.unpack(docs)))
+      if not w.skipped then out.files[#out.files + 1] = rel end
+      log.info("%d %s from %s", #items, kind.file, ns)
+    end
+  end
+  return out
+end
+
+--- Each topic's messages as JSON Lines (kafka.backup_topic).
+function M.dump_topics(set, topics)
+  local kafka = require "kafka"
+  local out = { files = {}, topics = {} }
+  if #topics == 0 then return out end
+  if written(set) then fs.mkdir(set.partial .. "/kafka") end
+  for _, topic in ipairs(topics) do
+    local rel = "kafka/" .. topic .. ".jsonl"
+    local r = kafka.backup_topic { topic = topic, file = set.partial .. "/" .. rel }
+    out.topics[topic] = r.messages
+    if r.written then out.files[#out.files + 1] = rel; out.files[#out.files + 1] = rel .. ".manifest.json" end
+    log.info("topic %s: %d messages", topic, r.messages or 0)
+  end
+  return out
+end
+
+--- Writes manifest.json (every file's sha256 and size, and what each part
+-- recorded) and renames the partial directory to the set's final name.
+function M.seal(set, parts)
+  local manifest = { name = set.name, created_at = set.created_at, sealed_at = os.date("!%Y-%m-%dT%H:%M:%SZ"),
+    files = {}, database = nil, kubernetes = nil, kafka = nil }
+  for _, part in pairs(parts) do
+    for _, rel in ipairs(part.files or {}) do
+      local path = set.partial .. "/" .. rel
+      local sha, size = host.sha256_file(path)
+      if not sha then fail("seal", "missing_file", path .. ": " .. tostring(size)) end
+      manifest.files[#manifest.files + 1] = { path = rel, sha256 = sha, size = size }
+    end
+  end
+  table.sort(manifest.files, function(a, b) return a.path < b.path end)
+  if parts.database and parts.database.tables then
+    manifest.database = { name = parts.database.database, server_version = parts.database.server_version,
+      dump = "database.dump", tables = parts.database.tables }
+  end
+  if parts.kubernetes then manifest.kubernetes = { namespace = parts.kubernetes.namespace, objects = parts.kubernetes.objects } end
+  if parts.kafka then manifest.kafka = { topics = parts.kafka.topics } end
+  fs.write(set.partial .. "/manifest.json", json.encode(manifest) .. "\n")
+  fs.rename(set.partial, set.final)
+  manifest.path = set.final
+  return manifest
+end
+
+--- The complete sets under root (partial ones are not listed), newest first.
+function M.list(root, prefix)
+  check_prefix(prefix)
+  local sets = {}
+  if lfs.attributes(root, "mode") ~= "directory" then return sets end
+  for entry in lfs.dir(root) do
+    local stamp = entry:sub(#prefix + 2)
+    if entry:sub(1, #prefix + 1) == prefix .. "-" and stamp:match("^%d%d%d%d%d%d%d%dT%d%d%d%d%d%dZ$")
+        and lfs.attributes(root .. "/" .. entry, "mode") == "directory" then
+      sets[#sets + 1] = { name = entry, path = root .. "/" .. entry, stamp = stamp }
+    end
+  end
+  table.sort(sets, function(a, b) return a.stamp > b.stamp end)
+  return sets
+end
+
+function M.latest(root, prefix)
+  local sets = M.list(root, prefix)
+  return sets[1] and sets[1].path
+end
+
+-- Every file under dir, deepest first, then the directories.
+local function tree(dir, files, dirs)
+  for entry in lfs.dir(dir) do
+    if entry ~= "." and entry ~= ".." then
+      local p = dir .. "/" .. entry
+      if lfs.attributes(p, "mode") == "directory" then tree(p, files, dirs) else files[#files + 1] = p end
+    end
+  end
+  dirs[#dirs + 1] = dir
+end
+
+--- Removes the set directory at `path` and everything in it: one gated delete.
+function M.remove(path)
+  local files, dirs = {}, {}
+  tree(path, files, dirs)
+  local bytes = 0
+  for _, f in ipairs(files) do bytes = bytes + (lfs.attributes(f, "size") or 0) end
+  return gate.effect {
+    module = "fs", op = "remove", target = path,
+    summary = ("delete backup set %s (%d files, %s)"):format(path, #files, pretty(bytes)),
+    perform = function()
+      for _, f in ipairs(files) do
+        local ok, err = os.remove(f)
+        if not ok then fail("remove", "io", err) end
+      end
+      for _, d in ipairs(dirs) do
+        local ok, err = lfs.rmdir(d)
+        if not ok then fail("remove", "io", d .. ": " .. tostring(err)) end
+      end
+      return { removed = path, files = #files, bytes = bytes }
+    end,
+  }
+end
+
+--- Keeps the newest `keep` sets, deleting the others. opts.pending: sets
+-- not on disk yet that count as newest (a dry run's set that was not written).
+function M.prune(root, prefix, keep, opts)
+  if math.type(keep) ~= "integer" or keep < 1 then error("backupset.prune: keep must be an integer >= 1", 2) end
+  local pending = opts and opts.pending or 0
+  local removed = {}
+  for i, s in ipairs(M.list(root, prefix)) do
+    if i + pending > keep then
+      M.remove(s.path)
+      removed[#removed + 1] = s.path
+    end
+  end
+  return removed
+end
+
+--- Reads a set's manifest and checks every file it lists against its sha256
+-- and size, and the database dump with pg_restore --list.
+function M.verify(path)
+  local mpath = path .. "/manifest.json"
+  if not fs.exists(mpath) then fail("verify", "bad_manifest", path .. " has no manifest.json (not a backup set, or not complete)") end
+  local ok, m = pcall(json.decode, fs.read(mpath))
+  if not ok or type(m) ~= "table" or type(m.files) ~= "table" then
+    fail("verify", "bad_manifest", mpath .. " is not a backup set manifest")
+  end
+  for _, f in ipairs(m.files) do
+    local p = path .. "/" .. f.path
+    local sha = host.sha256_file(p)
+    if not sha then fail("verify", "missing_file", p .. " is listed in the manifest but missing") end
+    if sha ~= f.sha256 or lfs.attributes(p, "size") ~= f.size then
+      fail("verify", "checksum_mismatch", ("%s does not match the manifest (sha256 %s, expected %s)"):format(
+        p, sha:sub(1, 12), tostring(f.sha256):sub(1, 12)))
+    end
+  end
+  if m.database then
+    local r = exec.read { "pg_restore", "--list", "--", path .. "/" .. m.database.dump, check = false }
+    if r.status ~= 0 then fail("verify", "corrupt_dump", path .. "/" .. m.database.dump .. ": pg_restore cannot read it") end
+  end
+  return m
+end
+
+--- Restores the set's database dump (pg.restore: checksum again, --clean,
+-- one transaction, row counts compared with the dump's).
+function M.restore_database(path, opts)
+  opts = opts or {}
+  return pg.restore { url = opts.url, file = path .. "/database.dump" }
+end
+
+--- Row counts against the manifest's, and each validation query, which
+-- must return 0 (or false, or no row). Returns the problems found.
+function M.validate(opts)
+  local db <close> = pg.connect(opts.url)
+  local problems = {}
+  local tables = opts.manifest and opts.manifest.database and opts.manifest.database.tables or {}
+  local names = {}
+  for name in pairs(tables) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local ok, n = pcall(db.value, db, "SELECT count(*) FROM " .. pg.quote_ident(name))
+    if not ok then problems[#problems + 1] = ("%s: %s"):format(name, tostring(type(n) == "table" and n.message or n))
+    elseif n ~= tables[name] then problems[#problems + 1] = ("%s has %d rows, the backup %d"):format(name, n, tables[name])
+    else log.info("%s: %d rows, as in the backup", name, n) end
+  end
+  for _, sql in ipairs(opts.queries or {}) do
+    local v = db:value(sql)
+    if v ~= nil and v ~= 0 and v ~= false and v ~= "0" then problems[#problems + 1] = ("%s returned %s, expected 0"):format(sql, tostring(v))
+    else log.info("%s: 0", sql) end
+  end
+  return problems
+end
+
+--- "a; b" or {a, b} -> a list of statements (validation queries from a param).
+function M.queries(text)
+  if type(text) == "table" then return text end
+  local out = {}
+  for q in tostring(text or ""):gmatch("[^;]+") do
+    q = q:match("^%s*(.-)%s*$")
+    if q ~= "" then out[#out + 1] = q end
+  end
+  return out
+end
+
+return M
