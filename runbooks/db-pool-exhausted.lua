@@ -1,0 +1,121 @@
+-- db-pool-exhausted.lua: find what holds PostgreSQL's connections and free them.
+--
+-- Replaces seed 002 "Database Connection Pool Exhausted" (count
+-- pg_stat_activity, kubectl set env DB_POOL_SIZE=30 DB_MAX_OVERFLOW=20,
+-- rollout restart) and seed 004's connection-limit checks. It names the
+-- holders first (by application, user and state), ends the sessions stuck
+-- "idle in transaction" (the usual leak: they hold a pool slot and their locks
+-- until the server's limit), optionally raises the app's pool, and checks the
+-- connections came down.
+--
+--   runbook run db-pool-exhausted --step
+--   runbook run db-pool-exhausted -p idle_for=1m -p pool_size=30 -p max_overflow=20
+
+name = "db-pool-exhausted"
+description = "Connections by application and state against max_connections; end sessions idle in transaction; optionally raise the app's pool; verify"
+version = "1.0.0"
+
+param "idle_for" { type = "duration", default = "5m", help = "sessions idle in a transaction longer than this are ended" }
+param "user" { default = "", help = "only end sessions of this database user (default: any but superusers)" }
+param "warn_share" { type = "number", default = 0.8, help = "connections at this share of max_connections are too many (seed 003: 80% of pool)" }
+param "deployment" { default = "todo-chatbot-backend", help = "the app whose pool is raised when pool_size is set" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "pool_size" { type = "integer", default = 0, help = "set DB_POOL_SIZE on the deployment (seed: 30); 0 leaves the pool alone" }
+param "max_overflow" { type = "integer", default = 0, help = "set DB_MAX_OVERFLOW with it (seed: 20)" }
+
+local STUCK = [[
+  SELECT a.pid, a.usename AS user, a.application_name AS app, coalesce(a.client_addr::text, 'local') AS client,
+         extract(epoch FROM now() - a.state_change)::float8 AS idle_seconds, left(a.query, 200) AS query
+  FROM pg_stat_activity a JOIN pg_roles r ON r.rolname = a.usename
+  WHERE a.datname = current_database() AND a.state IN ('idle in transaction', 'idle in transaction (aborted)')
+    AND a.pid <> pg_backend_pid() AND NOT r.rolsuper
+    AND now() - a.state_change >= make_interval(secs => $1) AND ($2 = '' OR a.usename = $2)
+  ORDER BY a.state_change]]
+
+local BY_APP = [[
+  SELECT coalesce(nullif(application_name, ''), '(none)') AS app, usename AS user, coalesce(state, 'background') AS state,
+         count(*) AS n
+  FROM pg_stat_activity WHERE datname = current_database()
+  GROUP BY 1, 2, 3 ORDER BY 4 DESC, 1]]
+
+local function measure(db, ctx)
+  local a = db:activity()
+  local share = a.total / a.max_connections
+  log.info("%d of %d connections in use (%.0f%%)", a.total, a.max_connections, share * 100)
+  for _, r in ipairs(db:query(BY_APP)) do log.info("  %4d  %-24s %-12s %s", r.n, r.app, r.user, r.state) end
+  local stuck = db:query(STUCK, ctx.params.idle_for, ctx.params.user)
+  stuck.columns = nil
+  return { total = a.total, max = a.max_connections, share = share, stuck = stuck }
+end
+
+step "Measure the connections" {
+  description = "SELECT count(*) FROM pg_stat_activity, by application, user and state; sessions idle in a transaction for longer than idle_for",
+  run = function(ctx)
+    local db <close> = pg.connect()
+    local m = measure(db, ctx)
+    for _, s in ipairs(m.stuck) do
+      log.warn("pid %d (%s, %s from %s) idle in a transaction for %s: %s", s.pid, s.app, s.user, s.client,
+        duration.format(s.idle_seconds), s.query)
+    end
+    if m.share >= ctx.params.warn_share then
+      log.warn("%d of %d connections: the pool is exhausted or close to it", m.total, m.max)
+    end
+    return { total = m.total, max = m.max, stuck = #m.stuck }
+  end,
+}
+
+step "End stuck sessions" {
+  description = "pg_terminate_backend for each session idle in a transaction longer than idle_for (its transaction rolls back)",
+  confirm = true,
+  when = function(ctx) return ctx.outputs["Measure the connections"].stuck > 0 end,
+  run = function(ctx)
+    local db <close> = pg.connect()
+    local ended = 0
+    for _, s in ipairs(db:query(STUCK, ctx.params.idle_for, ctx.params.user)) do
+      if db:terminate(s.pid) then ended = ended + 1 end
+    end
+    if not ctx.dry_run then log.info("ended %d sessions", ended) end
+    return { ended = ended }
+  end,
+}
+
+step "Raise the pool" {
+  description = "kubectl set env DB_POOL_SIZE / DB_MAX_OVERFLOW on the deployment (a rolling restart), and wait for it",
+  confirm = true,
+  when = function(ctx) return ctx.params.pool_size > 0 end,
+  run = function(ctx)
+    local m = ctx.outputs["Measure the connections"]
+    local want = ctx.params.pool_size + ctx.params.max_overflow
+    local d = k8s.get("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace })
+    local replicas = d.spec.replicas or 1
+    if want * replicas > m.max then
+      log.warn("%d replicas x (pool %d + overflow %d) = %d connections, more than max_connections %d: the pool can "
+        .. "exhaust the server", replicas, ctx.params.pool_size, ctx.params.max_overflow, want * replicas, m.max)
+    end
+    local env = { DB_POOL_SIZE = tostring(ctx.params.pool_size) }
+    if ctx.params.max_overflow > 0 then env.DB_MAX_OVERFLOW = tostring(ctx.params.max_overflow) end
+    k8s.set_env("deploy/" .. ctx.params.deployment, env, { namespace = ctx.params.namespace })
+    if not ctx.dry_run then
+      k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = "5m", fail_fast = true })
+    end
+  end,
+}
+
+step "Verify" {
+  description = "No session idle in a transaction past idle_for, and the connections below warn_share of max_connections",
+  retry = { attempts = 5, base = "1s", max = "3s" },
+  run = function(ctx)
+    local db <close> = pg.connect()
+    local m = measure(db, ctx)
+    if ctx.dry_run then return end
+    local problems = {}
+    if #m.stuck > 0 then problems[#problems + 1] = ("%d sessions still idle in a transaction"):format(#m.stuck) end
+    if m.share >= ctx.params.warn_share then
+      problems[#problems + 1] = ("%d of %d connections still in use"):format(m.total, m.max)
+    end
+    if #problems > 0 then error(table.concat(problems, "; "), 0) end
+    log.info("%d of %d connections, none stuck: the pool has room (was %d)", m.total, m.max,
+      ctx.outputs["Measure the connections"].total)
+    return { total = m.total }
+  end,
+}

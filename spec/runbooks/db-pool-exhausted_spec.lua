@@ -1,0 +1,82 @@
+-- runbooks/db-pool-exhausted.lua against the sandbox's PostgreSQL: a leaking
+-- worker holds sessions idle in a transaction (psql processes that began a
+-- transaction and never ended it). The runbook ends them; psql counts them
+-- independently. The pool raise is checked with curl against Kubernetes.
+local cli = require "spec.support.cli"
+local backends = require "spec.support.backends"
+local sb = require "spec.sandbox.sandbox_helper"
+local kh = require "spec.runbooks.k8s_helper"
+
+local RUNBOOK = "runbooks/db-pool-exhausted.lua"
+
+local function leaked()
+  return tonumber((sb.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'leaky-worker' "
+    .. "AND state = 'idle in transaction'")))
+end
+
+-- n sessions that BEGIN, touch a table and then wait for two minutes.
+local leakers = {}
+local function leak(n)
+  for _ = 1, n do
+    local p = io.popen(("sh -c \"(printf 'BEGIN;\\nSELECT count(*) FROM tasks;\\n'; sleep 120) | PGAPPNAME=leaky-worker "
+      .. "psql -X -q %s\" >/dev/null 2>&1 & echo $!"):format(sb.env("DATABASE_URL")))
+    leakers[#leakers + 1] = p:read("l")
+    p:close()
+  end
+  assert(sb.wait_until(10, function() return leaked() == n end), "the leaking sessions did not start")
+  sb.sleep(2) -- idle for longer than the specs' idle_for of 1s
+end
+
+local function stop_leaks()
+  sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'leaky-worker'")
+  for _, pid in ipairs(leakers) do os.execute(("pkill -P %s; kill %s 2>/dev/null"):format(pid, pid)) end
+  leakers = {}
+end
+
+describe("db-pool-exhausted", function()
+  after_each(function()
+    stop_leaks()
+    cli.cleanup()
+  end)
+
+  it("ends the sessions stuck idle in a transaction, and the connections come down", function()
+    leak(4)
+    local before = tonumber((sb.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")))
+    local r = cli.run { "run", RUNBOOK, "-p", "idle_for=1s", "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("ended 4 sessions", r.stdout)
+    assert.matches("leaky%-worker", r.stdout)
+    -- checked with psql: none left, and fewer connections
+    assert.are.equal(0, leaked())
+    assert.is_true(tonumber((sb.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"))) <= before - 4)
+  end)
+
+  it("leaves sessions younger than idle_for, and other users' sessions", function()
+    leak(2)
+    local r = cli.run { "run", RUNBOOK, "-p", "idle_for=10m", "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    r = cli.run { "run", RUNBOOK, "-p", "idle_for=1s", "-p", "user=todo_readonly", "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal(2, leaked())
+  end)
+
+  it("raises the app's pool as the seed does (set env, rolling restart)", function()
+    finally(kh.reset_world)
+    local r = cli.run { "run", RUNBOOK, "-p", "pool_size=30", "-p", "max_overflow=20", "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local env = {}
+    for _, e in ipairs(kh.deployment("backend").spec.template.spec.containers[1].env or {}) do env[e.name] = e.value end
+    assert.are.same({ "30", "20" }, { env.DB_POOL_SIZE, env.DB_MAX_OVERFLOW })
+    assert.truthy(kh.wait_rolled_out("backend"))
+  end)
+
+  it("changes nothing in a dry run: the stuck sessions stay", function()
+    leak(2)
+    local r = backends.assert_unchanged(function()
+      return cli.run { "run", RUNBOOK, "-p", "idle_for=1s", "-p", "pool_size=30", "--dry-run" }
+    end)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("would .*pg_terminate_backend", r.stdout)
+    assert.are.equal(2, leaked())
+  end)
+end)
