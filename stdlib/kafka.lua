@@ -34,6 +34,7 @@ local host = require "runbook.host"
 local gate = require "gate"
 local json = require "json"
 local duration = require "duration"
+local base64 = require "base64"
 
 local M = { librdkafka_version = native.librdkafka_version }
 local Client = {}
@@ -736,38 +737,7 @@ end
 
 -- ---- backup and restore ---------------------------------------------------
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-local function b64encode(s)
-  return (s:gsub("..?.?", function(c)
-    local a, b, d = c:byte(1, 3)
-    local n = a * 65536 + (b or 0) * 256 + (d or 0)
-    local out = {}
-    for i = 1, 4 do
-      local idx = (n >> (6 * (4 - i))) & 63
-      out[i] = B64:sub(idx + 1, idx + 1)
-    end
-    if not b then out[3], out[4] = "=", "=" elseif not d then out[4] = "=" end
-    return table.concat(out)
-  end))
-end
-
-local B64INV = {}
-for i = 1, 64 do B64INV[B64:byte(i)] = i - 1 end
-
-local function b64decode(s)
-  s = s:gsub("[^%w%+/=]", "")
-  return (s:gsub("....", function(q)
-    local n, pad = 0, 0
-    for i = 1, 4 do
-      local c = q:byte(i)
-      if c == 61 then pad = pad + 1; n = n << 6 else n = (n << 6) | (B64INV[c] or 0) end
-    end
-    local bytes = string.char((n >> 16) & 255, (n >> 8) & 255, n & 255)
-    return bytes:sub(1, 3 - pad)
-  end))
-end
-M._b64encode, M._b64decode = b64encode, b64decode
+local b64encode, b64decode = base64.encode, base64.decode
 
 -- A string field as {name = s} when it is UTF-8, else {name_base64 = ...}.
 local function put(t, name, s)

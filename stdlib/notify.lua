@@ -125,24 +125,7 @@ local function header_safe(v, what)
   return v
 end
 
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
-
-local function base64(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a * 65536 + (b or 0) * 256 + (c or 0)
-    local quad = {}
-    for j = 1, 4 do
-      local k = (n >> (6 * (4 - j))) & 63
-      quad[j] = B64:sub(k + 1, k + 1)
-    end
-    if not b then quad[3] = "=" end
-    if not c then quad[4] = "=" end
-    out[#out + 1] = table.concat(quad)
-  end
-  return table.concat(out)
-end
+local base64 = require("base64").encode
 M.base64 = base64
 
 --- A header value: as it is when ASCII, else RFC 2047 base64 UTF-8.

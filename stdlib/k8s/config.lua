@@ -34,27 +34,7 @@ local function read_file(path)
 end
 M.read_file = read_file
 
--- base64 (RFC 4648), for the *-data fields.
-local B64 = {}
-for i, c in ipairs { ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"):byte(1, -1) } do
-  B64[c] = i - 1
-end
-B64[("-"):byte()], B64[("_"):byte()] = 62, 63
-
-function M.base64_decode(s)
-  s = s:gsub("[%s=]", "")
-  local out, bits, nbits = {}, 0, 0
-  for i = 1, #s do
-    local v = B64[s:byte(i)]
-    if not v then return nil end
-    bits, nbits = (bits << 6) | v, nbits + 6
-    if nbits >= 8 then
-      nbits = nbits - 8
-      out[#out + 1] = string.char((bits >> nbits) & 0xff)
-    end
-  end
-  return table.concat(out)
-end
+M.base64_decode = require("base64").decode
 
 local function dirname(path)
   return path:match("^(.*)/[^/]*$") or "."

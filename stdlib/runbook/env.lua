@@ -11,7 +11,7 @@ local M = {}
 M.libraries = {
   json = "json", yaml = "runbook.yaml", log = "log", exec = "exec", http = "http", fs = "fs",
   time = "time", duration = "duration", secret = "secret", gate = "gate",
-  k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify", checks = "checks",
+  k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify", checks = "checks", base64 = "base64",
   backupset = "backupset",
 }
 
