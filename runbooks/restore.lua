@@ -36,8 +36,7 @@ end
 step "Verify the backup set" {
   description = "Every file's sha256 and size against manifest.json, and pg_restore --list on the dump, before anything is touched",
   run = function(ctx)
-    local path = ctx.params.set ~= "" and ctx.params.set:gsub("/+$", "") or backupset.latest(ctx.params.dir, ctx.params.prefix)
-    if not path then error(("no %s backup set in %s: pass set=PATH"):format(ctx.params.prefix, ctx.params.dir), 0) end
+    local path = backupset.find(ctx.params.dir, ctx.params.prefix, { set = ctx.params.set })
     local m = backupset.verify(path)
     if not m.database then error(path .. " holds no database dump", 0) end
     local n, rows = 0, 0

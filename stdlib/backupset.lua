@@ -19,6 +19,7 @@
 --   backupset.verify(path)                   -> manifest; raises code "checksum_mismatch",
 --                                               "missing_file" or "bad_manifest" naming the file
 --   backupset.latest(root, prefix)           -> path of the newest set, or nil
+--   backupset.find(root, prefix, {set=, before=}) -> the set to restore (a path, or the newest before a time)
 --   backupset.restore_database(path, {url=}) -> pg.restore's result (row counts checked)
 --   backupset.validate{manifest=, url=, queries = {sql...}} -> problems (empty when valid)
 --
@@ -214,6 +215,22 @@ end
 function M.latest(root, prefix)
   local sets = M.list(root, prefix)
   return sets[1] and sets[1].path
+end
+
+--- The set to restore: opts.set (a path) if given, else the newest PREFIX set
+-- in root taken before opts.before ("2026-11-22T10:00:00Z" or a set's stamp),
+-- else the newest. Raises code "no_backup" saying what was looked for.
+function M.find(root, prefix, opts)
+  opts = opts or {}
+  if opts.set and opts.set ~= "" then return (opts.set:gsub("/+$", "")) end
+  local before = opts.before and opts.before ~= "" and opts.before:gsub("[-:]", ""):gsub("%.%d+", "") or nil
+  if before and not before:match("^%d%d%d%d%d%d%d%dT%d%d%d%d%d%dZ$") then
+    error(("backupset.find: before %q is not a time like 2026-11-22T10:00:00Z"):format(opts.before), 2)
+  end
+  for _, s in ipairs(M.list(root, prefix)) do
+    if not before or s.stamp < before then return s.path end
+  end
+  fail("find", "no_backup", ("no %s backup set in %s%s"):format(prefix, root, before and (" taken before " .. opts.before) or ""))
 end
 
 -- Every file under dir, deepest first, then the directories.

@@ -1,0 +1,128 @@
+-- data-corruption.lua: stop writes, keep the corrupted state, restore a good
+-- backup, validate, resume.
+--
+-- Replaces seed 002 "Data Corruption" (scale backend to 0, pg_dump, psql <
+-- backup, check `tasks WHERE user_id IS NULL`, scale back) and seed 004's data
+-- recovery: it shows the corruption with the same checks it validates with
+-- afterwards, picks the good backup set (a path, or the newest taken before
+-- the corruption began) and verifies it before stopping anything, keeps the
+-- corrupted database as evidence, and brings the writers back on any failure.
+-- The sets are backup.lua's (the backupset library).
+--
+--   runbook run data-corruption -p dir=/var/backups/todo -p before=2026-11-22T10:00:00Z --step
+
+name = "data-corruption"
+description = "Show the corruption, stop the writers, back up the corrupted state, restore a good backup set, validate, resume writes"
+version = "1.0.0"
+on_failure = "undo"
+
+param "checks" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
+  help = "integrity checks separated by ';': each counts bad rows, 0 when healthy (before: what is corrupt; after: must be 0)" }
+param "dir" { default = "./backups", help = "directory holding the backup sets (the corrupted state is backed up there too)" }
+param "prefix" { default = "todo", help = "name of the sets in dir" }
+param "set" { default = "", help = "the good backup set to restore (a directory; default: the newest, or the newest before `before`)" }
+param "before" { default = "", help = "restore the newest set taken before this time (e.g. when the corruption began: 2026-11-22T10:00:00Z)" }
+param "force" { type = "boolean", default = false, help = "restore even when no check finds corruption" }
+param "database_url" { secret = true, default = os.getenv("DATABASE_URL"), help = "the corrupted database (default $DATABASE_URL)" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace of the writers" }
+param "writers" { default = "todo-chatbot-backend,todo-chatbot-recurring-task",
+  help = "comma-separated deployments that write to the database: scaled to 0 until the data is good" }
+param "timeout" { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" }
+
+local function writers(ctx)
+  local list = {}
+  for d in ctx.params.writers:gmatch("[^,%s]+") do list[#list + 1] = "deploy/" .. d end
+  if #list == 0 then error("param writers: name at least one deployment", 0) end
+  return list
+end
+
+step "Assess the corruption" {
+  description = "Run each integrity check on the live database, and choose and verify the good backup set",
+  run = function(ctx)
+    local checks = backupset.queries(ctx.params.checks)
+    if #checks == 0 then error("param checks: give at least one query", 0) end
+    local db <close> = pg.connect(ctx.params.database_url, { connect_timeout = "10s" })
+    local bad = {}
+    for _, sql in ipairs(checks) do
+      local n = db:value(sql)
+      if n ~= nil and n ~= 0 and n ~= "0" and n ~= false then
+        bad[#bad + 1] = ("%s: %s"):format(sql, tostring(n))
+        log.warn("%s -> %s", sql, tostring(n))
+      else
+        log.info("%s -> 0", sql)
+      end
+    end
+    writers(ctx)
+    local path = backupset.find(ctx.params.dir, ctx.params.prefix, { set = ctx.params.set, before = ctx.params.before })
+    local m = backupset.verify(path)
+    if not m.database then error(path .. " holds no database dump", 0) end
+    log.info("good backup: %s (taken %s), %d files verified", path, m.created_at, #m.files)
+    if #bad == 0 and not ctx.params.force then
+      error("no check finds corruption: nothing to restore (force=true restores anyway)", 0)
+    end
+    return { corrupt = bad, set = path, set_created_at = m.created_at }
+  end,
+}
+
+step "Stop writes" {
+  description = "Scale the writer deployments to 0 and wait until their pods are gone, so nothing corrupts further (replicas remembered)",
+  confirm = true,
+  run = function(ctx)
+    local saved = k8s.stop_workloads(writers(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
+    for _, s in ipairs(saved) do log.info("%s stopped (was %d replicas)", s.target, s.replicas) end
+    return { saved = saved }
+  end,
+  undo = function(ctx, out) k8s.start_workloads(out.saved, { timeout = ctx.params.timeout }) end,
+}
+
+step "Back up the corrupted state" {
+  description = "Keep the database as it is now (evidence, and a way back), as PREFIX-corrupted-STAMP in dir",
+  run = function(ctx)
+    local set = backupset.new(ctx.params.dir, ctx.params.prefix .. "-corrupted")
+    local m = backupset.seal(set, { database = backupset.dump_database(set, { url = ctx.params.database_url }) })
+    log.info("the corrupted database is kept in %s", set.final)
+    return { path = set.final, files = #m.files }
+  end,
+}
+
+step "Restore the good backup" {
+  description = "pg_restore --clean --single-transaction from the good set; the restored row counts must equal the dump's",
+  confirm = true,
+  run = function(ctx)
+    local path = ctx.outputs["Assess the corruption"].set
+    local r = backupset.restore_database(path, { url = ctx.params.database_url })
+    if not r.skipped then log.info("restored %s", path) end
+    return { path = path }
+  end,
+}
+
+step "Validate" {
+  description = "Row counts against the good set's manifest, and every integrity check returns 0",
+  run = function(ctx)
+    local path = ctx.outputs["Assess the corruption"].set
+    local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
+      queries = backupset.queries(ctx.params.checks) }
+    if ctx.dry_run then
+      log.info("now, before the restore: %s", #problems == 0 and "the database matches the set" or table.concat(problems, "; "))
+      return { problems = problems }
+    end
+    if #problems > 0 then
+      error(("the database is still not valid: %s; the corrupted state is in %s"):format(
+        table.concat(problems, "; "), ctx.outputs["Back up the corrupted state"].path), 0)
+    end
+    log.info("the data is good: it matches %s and every check returns 0", path)
+    return { problems = problems }
+  end,
+}
+
+step "Resume writes" {
+  description = "Scale the writers back to their replicas and wait for their rollouts",
+  run = function(ctx)
+    local saved = ctx.outputs["Stop writes"].saved
+    k8s.start_workloads(saved, { timeout = ctx.params.timeout })
+    for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
+    local a = ctx.outputs["Assess the corruption"]
+    log.info("recovered from %s; writes since %s are not in the database (the corrupted state keeps them)",
+      a.set, a.set_created_at)
+  end,
+}
