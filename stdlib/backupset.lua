@@ -6,7 +6,8 @@
 -- k8s/KIND.yaml (the namespace's configuration), kafka/TOPIC.jsonl (topics) and
 -- manifest.json: every file with its sha256 and size, the row counts, what was
 -- taken and when. It is written under ROOT/.PREFIX-STAMP.partial and renamed
--- into place once complete, so a set that has its final name is whole.
+-- into place once complete, so a set that has its final name is whole. The
+-- set's directory is mode 0700: it holds the database's rows.
 --
 --   backupset.preflight{root=, url=}         -> {db_bytes, db_pretty, free_bytes, free_pretty, enough}
 --   backupset.new(root, prefix)              -> set (a plain table: root, partial, final, name, stamp)
@@ -73,6 +74,9 @@ end
 
 function M.stamp() return os.date("!%Y%m%dT%H%M%SZ") end
 
+-- True when the set's partial directory exists (it does not in a dry run).
+local function written(set) return lfs.attributes(set.partial, "mode") == "directory" end
+
 local function check_prefix(prefix)
   if type(prefix) ~= "string" or not prefix:match("^[%w_.-]+$") then
     error(("backupset: prefix %q must be letters, digits, '-', '_' or '.'"):format(tostring(prefix)), 3)
@@ -89,10 +93,10 @@ function M.new(root, prefix)
     created_at = os.date("!%Y-%m-%dT%H:%M:%SZ") }
   if lfs.attributes(set.final) then fail("new", "exists", set.final .. " already exists") end
   fs.mkdir(set.partial)
+  -- the set holds the database's rows (and Secrets when asked): its owner only
+  if written(set) then exec.run { "chmod", "0700", "--", set.partial } end
   return set
 end
-
-local function written(set) return lfs.attributes(set.partial, "mode") == "directory" end
 
 --- pg.dump (custom format by default) into the set: pg.dump checks that
 -- pg_restore can read it and records the row counts of its snapshot.

@@ -66,6 +66,7 @@ describe("backup", function()
       assert.is_true(paths[p], p .. " missing from the manifest")
     end
     assert.is_nil(paths["k8s/secrets.yaml"]) -- secrets only when asked for
+    assert.are.equal("700", (sb.sh("stat -c %a " .. sb.quote(set)):gsub("%s+$", ""))) -- the owner's only
 
     -- the dump reads back and holds the tables; the counts are the database's
     local list, ok = sb.sh("pg_restore --list " .. sb.quote(set .. "/database.dump"))
@@ -79,6 +80,27 @@ describe("backup", function()
     assert.are.equal(25, lines)
     assert.matches("name: todo%-chatbot%-backend", read(set .. "/k8s/deployments.yaml"))
     assert.is_nil(read(set .. "/k8s/deployments.yaml"):find("resourceVersion", 1, true))
+  end)
+
+  it("backs up Secrets only with secrets=true, and never prints them", function()
+    local dir = cli.tmpdir()
+    local status, list = sb.k8s("GET", "/api/v1/namespaces/todo-chatbot/secrets")
+    assert.are.equal(200, status)
+    assert.is_true(#list.items > 0)
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "dir=" .. dir, "-p", "kubernetes=true", "-p", "secrets=true" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local set = (sb.sh("ls -d " .. sb.quote(dir) .. "/todo-2*"):gsub("%s+$", ""))
+    local text = read(set .. "/k8s/secrets.yaml")
+    for _, secret in ipairs(list.items) do
+      assert.matches("name: " .. secret.metadata.name:gsub("%p", "%%%0"), text)
+      for _, v in pairs(secret.data or {}) do
+        assert.truthy(text:find(v, 1, true))
+        assert.is_nil((r.stdout .. r.stderr):find(v, 1, true))
+      end
+    end
+    local r2 = cli.run { "run", RUNBOOK, "--yes", "-p", "dir=" .. dir, "-p", "secrets=true" }
+    assert.are.equal(1, r2.code)
+    assert.matches("secrets: needs kubernetes=true", r2.stdout .. r2.stderr)
   end)
 
   it("stops before writing anything when the destination has too little room", function()
