@@ -25,7 +25,7 @@ LIBS_http  = -lcurl
 LIBS_k8s   = -lcurl
 LIBS_kafka = -lrdkafka
 LIBS_pg    = $(shell pkg-config --cflags --libs libpq 2>/dev/null || echo -I/usr/include/postgresql -lpq)
-LIBS_redis = -lhiredis
+LIBS_redis = -lhiredis -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \

@@ -49,6 +49,7 @@
 #include <lua.h>
 
 #include "runbook.h"
+#include "net.h"
 
 #define CLIENT_MT "runbook.kafka.client"
 #define DEFAULT_TIMEOUT 30.0
@@ -1129,49 +1130,11 @@ static int k_consume_poll(lua_State *L) {
 
 /* ---- broker probe ------------------------------------------------------- */
 
-static int wait_fd(int fd, short events, double end) {
-    for (;;) {
-        int left = (int)((end - rb_now()) * 1000);
-        if (left <= 0 || rb_interrupted()) return 0;
-        struct pollfd p = {fd, events, 0};
-        int r = poll(&p, 1, left < POLL_SLICE_MS ? left : POLL_SLICE_MS);
-        if (r > 0) return 1;
-        if (r < 0 && errno != EINTR) return 0;
-    }
-}
-
-/* Connects with a deadline; returns the socket or -1 with *why set. */
-static int connect_to(const char *host, const char *port, double end, const char **why) {
-    struct addrinfo hints = {0}, *ai;
-    hints.ai_socktype = SOCK_STREAM;
-    if (getaddrinfo(host, port, &hints, &ai) != 0) return *why = "cannot resolve", -1;
-    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        freeaddrinfo(ai);
-        return *why = strerror(errno), -1;
-    }
-    int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
-    freeaddrinfo(ai);
-    if (r != 0 && errno != EINPROGRESS) {
-        *why = strerror(errno);
-        close(fd);
-        return -1;
-    }
-    int soerr = 0;
-    socklen_t len = sizeof soerr;
-    if (r != 0 && (!wait_fd(fd, POLLOUT, end) || getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) || soerr)) {
-        *why = soerr ? strerror(soerr) : "connect timed out";
-        close(fd);
-        return -1;
-    }
-    return fd;
-}
-
 /* Reads exactly n bytes before the deadline; returns NULL or why not. */
 static const char *read_full(int fd, unsigned char *buf, size_t n, double end) {
     size_t got = 0;
     while (got < n) {
-        if (!wait_fd(fd, POLLIN, end)) return "no answer to ApiVersions";
+        if (!net_wait(fd, POLLIN, end)) return "no answer to ApiVersions";
         ssize_t r = read(fd, buf + got, n - got);
         if (r == 0) return "connection closed";
         if (r < 0 && errno != EAGAIN && errno != EINTR) return strerror(errno);
@@ -1223,7 +1186,7 @@ static int k_probe(lua_State *L) {
     int plaintext = lua_toboolean(L, 4);
     lua_settop(L, 5);
     const char *why = NULL;
-    int fd = connect_to(host, port, end, &why);
+    int fd = net_connect(host, port, end, &why);
     if (fd >= 0 && plaintext) why = api_versions(L, fd, end);
     if (fd >= 0) close(fd);
     if (why) {

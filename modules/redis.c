@@ -21,21 +21,35 @@
  * including commands this table does not know, is a write. A dry run
  * reports writes and does not send them (Redis has no rollback).
  *
- * hiredis here is 0.14 (Debian 12), which has no TLS: rediss:// is refused
- * with a clear error. A connection that failed (timeout, server gone) is
- * reopened on the next command.
+ * rediss:// is TLS (OpenSSL): the server's certificate is verified against
+ * opts.ca_file, else the system's store (SSL_CERT_FILE / SSL_CERT_DIR), and
+ * must name the host (or its IP address). Debian's hiredis (0.14) has no TLS,
+ * so the connection is this file's own socket, plain or TLS, with hiredis
+ * formatting the commands (redisFormatCommandArgv) and parsing the replies
+ * (redisReader): one code path for both. Every send, read and handshake waits
+ * at most the step's remaining time. A connection that failed (timeout,
+ * server gone) is reopened on the next command.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/time.h>
 
 #include <hiredis/hiredis.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
 
 #include "runbook.h"
+#include "net.h"
 
 #define CONN_MT "runbook.redis.conn"
 #define DEFAULT_CONNECT_TIMEOUT 10.0
@@ -44,14 +58,21 @@
 #define MAX_ARGS 1000000
 
 typedef struct {
-    redisContext *ctx;
+    int fd;                  /* -1 while not connected */
+    SSL *ssl;                /* rediss:// only */
+    SSL_CTX *tls;            /* rediss://: kept for reconnects */
+    redisReader *reader;
     redisReply *reply;       /* being converted; freed by the next call or the finalizer */
     const char **argv;       /* scratch for one command */
     size_t *argvlen;
     int argcap;
-    char *host, *user, *password;
-    int port, db;
-    double connect_timeout, timeout, timeout_set;
+    char *out;               /* formatted commands waiting to be sent */
+    size_t outlen, outcap;
+    char *host, *user, *password, *ca_file;
+    int port, db, use_tls;
+    double connect_timeout, timeout;
+    const char *err_code;    /* the last I/O failure: code and message */
+    char err[256];
     int closed;
 } conn;
 
@@ -109,19 +130,22 @@ static void scratch_free(conn *c) {
     c->reply = NULL;
 }
 
-static void drop_context(conn *c) {
-    if (c->ctx) redisFree(c->ctx);
-    c->ctx = NULL;
+static void drop_connection(conn *c) {
+    if (c->ssl) SSL_free(c->ssl);
+    if (c->fd >= 0) close(c->fd);
+    if (c->reader) redisReaderFree(c->reader);
+    c->ssl = NULL, c->fd = -1, c->reader = NULL, c->outlen = 0;
 }
 
 /* Idempotent: serves __gc, __close and close(). */
 static int conn_close(lua_State *L) {
     conn *c = luaL_checkudata(L, 1, CONN_MT);
     scratch_free(c);
-    drop_context(c);
-    free(c->argv), free(c->argvlen), free(c->host), free(c->user), free(c->password);
-    c->argv = NULL, c->argvlen = NULL, c->host = c->user = c->password = NULL;
-    c->argcap = 0;
+    drop_connection(c);
+    if (c->tls) SSL_CTX_free(c->tls);
+    free(c->argv), free(c->argvlen), free(c->out), free(c->host), free(c->user), free(c->password), free(c->ca_file);
+    c->argv = NULL, c->argvlen = NULL, c->out = NULL, c->host = c->user = c->password = c->ca_file = NULL;
+    c->tls = NULL, c->argcap = 0, c->outcap = 0;
     c->closed = 1;
     return 0;
 }
@@ -130,32 +154,51 @@ static conn *check_conn(lua_State *L, int i) {
     conn *c = luaL_checkudata(L, i, CONN_MT);
     if (c->closed) luaL_error(L, "redis connection is closed");
     scratch_free(c);
+    c->outlen = 0; /* nothing left over from a call an error cut short */
     return c;
-}
-
-static struct timeval tv_of(double secs) {
-    struct timeval tv = { (time_t)secs, (suseconds_t)((secs - (double)(time_t)secs) * 1e6) };
-    return tv;
 }
 
 /* ---- errors ------------------------------------------------------------- */
 
-static const char *io_code(const redisContext *ctx, int *retryable) {
-    *retryable = 1;
-    if (ctx->err == REDIS_ERR_EOF) return "connection_closed";
-    if (ctx->err == REDIS_ERR_PROTOCOL) return *retryable = 0, "protocol_error";
-    if (ctx->err == REDIS_ERR_OOM) return *retryable = 0, "out_of_memory";
-    if (strstr(ctx->errstr, "temporarily unavailable") || strstr(ctx->errstr, "timed out")) return "timeout";
-    if (strstr(ctx->errstr, "refused")) return "connection_refused";
-    return "io_error";
+/* Records an I/O failure (code and message) for raise_io; returns the message. */
+static const char *fail(conn *c, const char *code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+    c->err_code = code;
+    return c->err;
 }
 
-/* A failed context is dropped (reopened by the next command), then raised. */
-static int raise_io(lua_State *L, conn *c, const char *op, const char *what) {
-    int retryable;
-    const char *code = io_code(c->ctx, &retryable);
-    lua_pushfstring(L, "%s: %s (%s:%d)", what, c->ctx->errstr, c->host, c->port);
-    drop_context(c);
+/* A wait that ended without the socket being ready. */
+static const char *wait_failed(conn *c, const char *what) {
+    if (rb_interrupted()) return fail(c, "interrupted", "%s: interrupted", what);
+    return fail(c, "timeout", "%s: timed out", what);
+}
+
+/* OpenSSL's reason for a failed TLS call, with the certificate check's when it failed. */
+static const char *tls_failed(conn *c, const char *what, int ret) {
+    long v = c->ssl ? SSL_get_verify_result(c->ssl) : X509_V_OK;
+    if (v != X509_V_OK)
+        return fail(c, "tls_verify", "%s: certificate verify failed: %s", what, X509_verify_cert_error_string(v));
+    unsigned long e = ERR_get_error();
+    if (e) {
+        char buf[200];
+        ERR_error_string_n(e, buf, sizeof buf);
+        ERR_clear_error();
+        return fail(c, "tls_error", "%s: %s", what, buf);
+    }
+    if (ret == 0 || errno == 0) return fail(c, "connection_closed", "%s: the server closed the connection", what);
+    return fail(c, "io_error", "%s: %s", what, strerror(errno));
+}
+
+/* The connection is dropped (the next command reopens it), then the failure raised. */
+static int raise_io(lua_State *L, conn *c, const char *op) {
+    const char *code = c->err_code ? c->err_code : "io_error";
+    int retryable = strcmp(code, "tls_verify") && strcmp(code, "tls_error") && strcmp(code, "protocol_error") &&
+                    strcmp(code, "interrupted");
+    lua_pushfstring(L, "%s://%s:%d: %s", c->use_tls ? "rediss" : "redis", c->host, c->port, c->err);
+    drop_connection(c);
     return rb_error(L, "redis", op, code, retryable, "%s", lua_tostring(L, -1));
 }
 
@@ -203,12 +246,12 @@ static void register_raw_password(lua_State *L, const char *s) {
     if (colon) rb_secret_register(L, colon + 1, (size_t)(at - colon - 1));
 }
 
-/* redis://[user[:password]@]host[:port][/db]; returns an error message or NULL. */
+/* redis[s]://[user[:password]@]host[:port][/db]; returns an error message or NULL. */
 static const char *parse_url(lua_State *L, conn *c, const char *url) {
-    if (strncmp(url, "rediss://", 9) == 0)
-        return "rediss:// (TLS) is not supported: this build's hiredis (0.14) has no TLS; use a TLS tunnel such as stunnel";
-    if (strncmp(url, "redis://", 8) != 0) return "expected a redis://[user:password@]host[:port][/db] URL";
-    const char *p = url + 8, *end = p + strcspn(p, "/?#");
+    c->use_tls = strncmp(url, "rediss://", 9) == 0;
+    if (!c->use_tls && strncmp(url, "redis://", 8) != 0)
+        return "expected a redis://[user:password@]host[:port][/db] or rediss:// (TLS) URL";
+    const char *p = url + (c->use_tls ? 9 : 8), *end = p + strcspn(p, "/?#");
     const char *at = NULL;
     for (const char *q = p; q < end; q++) if (*q == '@') at = q;
     if (at) {
@@ -254,48 +297,176 @@ static int ensure_args(conn *c, int n) {
     return 1;
 }
 
+/* ---- transport: a socket, TLS or not, hiredis's writer and reader -------- */
+
+/* Appends one command in RESP to the send buffer. */
+static void format_command(lua_State *L, conn *c, int argc, const char **argv, const size_t *lens) {
+    char *cmd;
+    int n = redisFormatCommandArgv(&cmd, argc, argv, lens);
+    if (n < 0) luaL_error(L, "out of memory");
+    if (c->outlen + (size_t)n > c->outcap) {
+        size_t cap = c->outcap ? c->outcap : 4096;
+        while (cap < c->outlen + (size_t)n) cap *= 2;
+        char *o = realloc(c->out, cap);
+        if (!o) free(cmd), luaL_error(L, "out of memory");
+        c->out = o, c->outcap = cap;
+    }
+    memcpy(c->out + c->outlen, cmd, (size_t)n);
+    c->outlen += (size_t)n;
+    free(cmd);
+}
+
+/* Sends the send buffer; NULL or why not. A peer that went away is an error,
+ * never a SIGPIPE (ignored while OpenSSL writes; MSG_NOSIGNAL otherwise). */
+static const char *flush_out(conn *c, double end) {
+    size_t off = 0;
+    const char *why = NULL;
+    struct sigaction ign = {0}, old;
+    ign.sa_handler = SIG_IGN;
+    if (c->ssl) sigaction(SIGPIPE, &ign, &old);
+    while (off < c->outlen && !why) {
+        short want = POLLOUT;
+        if (c->ssl) {
+            ERR_clear_error();
+            size_t chunk = c->outlen - off < 1 << 30 ? c->outlen - off : 1 << 30;
+            int r = SSL_write(c->ssl, c->out + off, (int)chunk);
+            if (r > 0) { off += (size_t)r; continue; }
+            int e = SSL_get_error(c->ssl, r);
+            if (e == SSL_ERROR_WANT_READ) want = POLLIN;
+            else if (e != SSL_ERROR_WANT_WRITE) { why = tls_failed(c, "sending", r); break; }
+        } else {
+            ssize_t r = send(c->fd, c->out + off, c->outlen - off, MSG_NOSIGNAL);
+            if (r > 0) { off += (size_t)r; continue; }
+            if (r < 0 && errno != EAGAIN && errno != EINTR) {
+                why = fail(c, errno == EPIPE || errno == ECONNRESET ? "connection_closed" : "io_error", "sending: %s",
+                           strerror(errno));
+                break;
+            }
+        }
+        if (!net_wait(c->fd, want, end)) why = wait_failed(c, "sending");
+    }
+    if (c->ssl) sigaction(SIGPIPE, &old, NULL);
+    c->outlen = 0;
+    return why;
+}
+
+/* Reads what the server sent into the reader; NULL or why not. */
+static const char *read_more(conn *c, double end) {
+    char buf[16384];
+    for (;;) {
+        short want = POLLIN;
+        if (c->ssl) {
+            ERR_clear_error();
+            int r = SSL_read(c->ssl, buf, sizeof buf);
+            if (r > 0) return redisReaderFeed(c->reader, buf, (size_t)r), NULL;
+            int e = SSL_get_error(c->ssl, r);
+            if (e == SSL_ERROR_ZERO_RETURN) return fail(c, "connection_closed", "reading: the server closed the connection");
+            if (e == SSL_ERROR_WANT_WRITE) want = POLLOUT;
+            else if (e != SSL_ERROR_WANT_READ) return tls_failed(c, "reading", r);
+        } else {
+            ssize_t r = recv(c->fd, buf, sizeof buf, 0);
+            if (r > 0) return redisReaderFeed(c->reader, buf, (size_t)r), NULL;
+            if (r == 0) return fail(c, "connection_closed", "reading: the server closed the connection");
+            if (errno != EAGAIN && errno != EINTR)
+                return fail(c, errno == ECONNRESET ? "connection_closed" : "io_error", "reading: %s", strerror(errno));
+        }
+        if (!net_wait(c->fd, want, end)) return wait_failed(c, "waiting for the reply");
+    }
+}
+
+/* The next reply into c->reply; NULL or why not. */
+static const char *read_reply(conn *c, double end) {
+    for (;;) {
+        void *r = NULL;
+        if (redisReaderGetReply(c->reader, &r) != REDIS_OK)
+            return fail(c, "protocol_error", "reading: %s", c->reader->errstr);
+        if (r) return c->reply = r, NULL;
+        const char *why = read_more(c, end);
+        if (why) return why;
+    }
+}
+
+/* The deadline for one exchange: the command timeout, bounded by the step. */
+static double deadline(lua_State *L, double secs) { return rb_now() + rb_remaining(L, secs); }
+
+/* The TLS handshake on the connected socket, verifying the server's
+ * certificate and that it names the host; NULL or why not. */
+static const char *tls_handshake(conn *c, double end) {
+    if (!c->tls) {
+        if (!(c->tls = SSL_CTX_new(TLS_client_method()))) return tls_failed(c, "TLS setup", -1);
+        SSL_CTX_set_min_proto_version(c->tls, TLS1_2_VERSION);
+        SSL_CTX_set_verify(c->tls, SSL_VERIFY_PEER, NULL);
+        int ok = c->ca_file ? SSL_CTX_load_verify_locations(c->tls, c->ca_file, NULL)
+                            : SSL_CTX_set_default_verify_paths(c->tls);
+        if (ok != 1) {
+            const char *why = tls_failed(c, c->ca_file ? c->ca_file : "the system's CA certificates", -1);
+            SSL_CTX_free(c->tls);
+            c->tls = NULL;
+            return why;
+        }
+    }
+    if (!(c->ssl = SSL_new(c->tls)) || !SSL_set_fd(c->ssl, c->fd)) return tls_failed(c, "TLS setup", -1);
+    unsigned char ip[sizeof(struct in6_addr)];
+    if (inet_pton(AF_INET, c->host, ip) == 1 || inet_pton(AF_INET6, c->host, ip) == 1) {
+        X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(c->ssl), c->host);
+    } else {
+        SSL_set_tlsext_host_name(c->ssl, c->host);
+        SSL_set1_host(c->ssl, c->host);
+    }
+    for (;;) {
+        ERR_clear_error();
+        int r = SSL_connect(c->ssl);
+        if (r == 1) return NULL;
+        int e = SSL_get_error(c->ssl, r);
+        if (e != SSL_ERROR_WANT_READ && e != SSL_ERROR_WANT_WRITE) return tls_failed(c, "TLS handshake", r);
+        if (!net_wait(c->fd, e == SSL_ERROR_WANT_READ ? POLLIN : POLLOUT, end)) return wait_failed(c, "TLS handshake");
+    }
+}
+
 /* One command during connection setup; raises on failure. */
-static void setup_command(lua_State *L, conn *c, int argc, const char **argv) {
+static void setup_command(lua_State *L, conn *c, int argc, const char **argv, double end) {
     size_t lens[3];
     for (int i = 0; i < argc; i++) lens[i] = strlen(argv[i]);
     scratch_free(c);
-    c->reply = redisCommandArgv(c->ctx, argc, argv, lens);
-    if (!c->reply) raise_io(L, c, "connect", argv[0]);
+    format_command(L, c, argc, argv, lens);
+    if (flush_out(c, end) || read_reply(c, end)) raise_io(L, c, "connect");
     if (c->reply->type == REDIS_REPLY_ERROR) {
         lua_pushstring(L, c->reply->str);
-        drop_context(c);
+        drop_connection(c);
         raise_reply(L, "connect", argv[0], lua_tostring(L, -1));
     }
     scratch_free(c);
 }
 
-/* Opens (or reopens) the context: connect, AUTH, SELECT, a client name. */
-static void open_context(lua_State *L, conn *c) {
-    double t = rb_remaining(L, c->connect_timeout);
-    c->ctx = redisConnectWithTimeout(c->host, c->port, tv_of(t));
-    if (!c->ctx) luaL_error(L, "out of memory");
-    if (c->ctx->err) {
-        int retryable;
-        const char *code = io_code(c->ctx, &retryable);
-        lua_pushfstring(L, "connecting to %s:%d: %s", c->host, c->port, c->ctx->errstr);
-        drop_context(c);
-        rb_error(L, "redis", "connect", code, retryable, "%s", lua_tostring(L, -1));
+/* Opens (or reopens) the connection: TCP, TLS for rediss://, AUTH, SELECT, a client name. */
+static void open_connection(lua_State *L, conn *c) {
+    double end = deadline(L, c->connect_timeout);
+    char port[8];
+    snprintf(port, sizeof port, "%d", c->port);
+    const char *why = NULL;
+    c->fd = net_connect(c->host, port, end, &why);
+    if (c->fd < 0) {
+        fail(c, strstr(why, "refused") ? "connection_refused" : strstr(why, "timed out") ? "timeout"
+                : !strcmp(why, "interrupted") ? "interrupted" : "io_error", "connecting: %s", why);
+        raise_io(L, c, "connect");
     }
-    c->timeout_set = t;
-    redisSetTimeout(c->ctx, tv_of(t));
-    redisEnableKeepAlive(c->ctx);
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    setsockopt(c->fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    if (!(c->reader = redisReaderCreate())) luaL_error(L, "out of memory");
+    if (c->use_tls && tls_handshake(c, end)) raise_io(L, c, "connect");
     if (c->password) {
         const char *argv[3] = { "AUTH", c->user ? c->user : c->password, c->password };
-        setup_command(L, c, c->user ? 3 : 2, argv);
+        setup_command(L, c, c->user ? 3 : 2, argv, end);
     }
     if (c->db) {
         char db[16];
         snprintf(db, sizeof db, "%d", c->db);
         const char *argv[2] = { "SELECT", db };
-        setup_command(L, c, 2, argv);
+        setup_command(L, c, 2, argv, end);
     }
     const char *argv[3] = { "CLIENT", "SETNAME", "runbook" };
-    setup_command(L, c, 3, argv);
+    setup_command(L, c, 3, argv, end);
 }
 
 static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
@@ -315,25 +486,23 @@ static int redis_connect(lua_State *L) {
     conn *c = lua_newuserdatauv(L, sizeof *c, 0);
     memset(c, 0, sizeof *c);
     luaL_setmetatable(L, CONN_MT);
+    c->fd = -1;
     c->connect_timeout = opt_seconds(L, 2, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     c->timeout = opt_seconds(L, 2, "timeout", DEFAULT_TIMEOUT);
+    if (!lua_isnoneornil(L, 2) && lua_getfield(L, 2, "ca_file") != LUA_TNIL) {
+        if (!(c->ca_file = strdup(luaL_checkstring(L, -1)))) return luaL_error(L, "out of memory");
+    }
     register_raw_password(L, url);
     const char *bad = parse_url(L, c, url);
     if (bad) return rb_error(L, "redis", "connect", "invalid_url", 0, "%s: %s", url, bad);
-    open_context(L, c);
+    lua_settop(L, 3);
+    open_connection(L, c);
     return 1;
 }
 
-/* The context for the next command, reopened if a failure dropped it, with
- * its socket timeout following the step's remaining time. */
-static redisContext *ready(lua_State *L, conn *c) {
-    if (!c->ctx) open_context(L, c);
-    double t = rb_remaining(L, c->timeout);
-    if (t < c->timeout_set - 0.05 || t > c->timeout_set + 0.5) {
-        redisSetTimeout(c->ctx, tv_of(t));
-        c->timeout_set = t;
-    }
-    return c->ctx;
+/* Reopens the connection if a failure dropped it. */
+static void ready(lua_State *L, conn *c) {
+    if (c->fd < 0) open_connection(L, c);
 }
 
 /* ---- commands ----------------------------------------------------------- */
@@ -423,11 +592,14 @@ static int conn_command(lua_State *L) {
             return 1;
         }
     }
-    redisContext *ctx = ready(L, c);
-    c->reply = redisCommandArgv(ctx, argc, c->argv, c->argvlen);
-    if (!c->reply) {
-        if (write) lua_pushstring(L, ctx->errstr), rb_gate_done(L, &e, d, 0);
-        return raise_io(L, c, "command", c->argv[0]);
+    ready(L, c);
+    double end = deadline(L, c->timeout);
+    format_command(L, c, argc, c->argv, c->argvlen);
+    if (flush_out(c, end) || read_reply(c, end)) {
+        if (write) lua_pushstring(L, c->err), rb_gate_done(L, &e, d, 0);
+        lua_pushfstring(L, "%s: %s", c->argv[0], c->err);
+        fail(c, c->err_code, "%s", lua_tostring(L, -1));
+        return raise_io(L, c, "command");
     }
     if (c->reply->type == REDIS_REPLY_ERROR) {
         if (write) lua_pushstring(L, c->reply->str), rb_gate_done(L, &e, d, 0);
@@ -454,8 +626,8 @@ static int conn_pipeline(lua_State *L) {
     int n = (int)lua_rawlen(L, 2);
     lua_createtable(L, n, 0);                       /* 3: results */
     char *sent = lua_newuserdatauv(L, (size_t)n + 1, 0); /* 4: which were sent */
-    redisContext *ctx = ready(L, c);
-    int pending = 0;
+    ready(L, c);
+    c->outlen = 0;
     for (int i = 1; i <= n; i++) {
         int base = lua_gettop(L);
         if (lua_rawgeti(L, 2, i) != LUA_TTABLE) luaL_error(L, "pipeline: command %d is not a table", i);
@@ -471,11 +643,11 @@ static int conn_pipeline(lua_State *L) {
             rb_gate_done(L, &e, d, 1);
             if (d == RB_SKIP) sent[i] = 0;
         }
-        if (sent[i] && redisAppendCommandArgv(ctx, argc, c->argv, c->argvlen) != REDIS_OK)
-            luaL_error(L, "out of memory");
-        pending += sent[i];
+        if (sent[i]) format_command(L, c, argc, c->argv, c->argvlen);
         lua_settop(L, base);
     }
+    double end = deadline(L, c->timeout);
+    if (c->outlen && flush_out(c, end)) return raise_io(L, c, "pipeline");
     int first_error = 0;
     lua_pushnil(L); /* 5: the first error reply's text */
     for (int i = 1; i <= n; i++) {
@@ -484,9 +656,7 @@ static int conn_pipeline(lua_State *L) {
             lua_rawseti(L, 3, i);
             continue;
         }
-        void *r = NULL;
-        if (redisGetReply(ctx, &r) != REDIS_OK) return raise_io(L, c, "pipeline", "reading replies");
-        c->reply = r;
+        if (read_reply(c, end)) return raise_io(L, c, "pipeline");
         if (c->reply->type == REDIS_REPLY_ERROR && !first_error) {
             first_error = i;
             lua_pushstring(L, c->reply->str);

@@ -52,10 +52,10 @@ describe("redis.connect", function()
   end)
 
   local bad = {
-    { "rediss://u:secret-pass-1@127.0.0.1:1/0", "invalid_url", "rediss:// %(TLS%) is not supported" },
+    { "rediss://u:secret-pass-1@127.0.0.1:1/0", "connection_refused", "rediss://127.0.0.1:1: connecting: Connection refused" },
     { "http://127.0.0.1:1", "invalid_url", "expected a redis://" },
     { "redis://127.0.0.1:notaport/0", "invalid_url", "port" },
-    { "redis://127.0.0.1:1/0", "connection_refused", "connecting to 127.0.0.1:1: Connection refused" },
+    { "redis://127.0.0.1:1/0", "connection_refused", "redis://127.0.0.1:1: connecting: Connection refused" },
   }
   for _, b in ipairs(bad) do
     it("raises " .. b[2] .. " for " .. b[1]:gsub("secret%-pass%-1", "***"), function()
@@ -271,5 +271,71 @@ describe("redis when the server stops", function()
     assert.are.equal("connection_refused", cerr.code)
     assert.is_true(select(2, sb.ctl("redis start")))
     assert.are.equal("PONG", c:ping())
+  end)
+end)
+
+describe("redis over TLS (rediss://)", function()
+  local function tls_url() return sb.env("REDIS_TLS_URL") end
+  local ca = sb.env("REDIS_CA_FILE")
+
+  it("runs commands, pipelines and scans over TLS, verifying the server's certificate", function()
+    local c <close> = redis.connect(tls_url(), { ca_file = ca })
+    assert.are.equal("PONG", c:ping())
+    c:command("SET", "rb:spec:tls", "over tls")
+    assert.are.equal("over tls", rcli("GET rb:spec:tls"))          -- the same server, read over plain TCP
+    local big = ("x"):rep(200000)
+    local res = c:pipeline(function(p)
+      p:command("ECHO", big)
+      p:command("GET", "rb:spec:tls")
+      p:command("DEL", "rb:spec:tls")
+    end)
+    assert.are.same({ big, "over tls", 1 }, res)
+    local keys = {}
+    for k in c:scan("backend||task-1*") do keys[k] = true end
+    assert.truthy(keys["backend||task-1"])
+    assert.are.equal("Task 1", c:dapr_get("backend", "task-1").data.title)
+    -- the TLS port's clients are TLS clients: redis-cli sees this connection
+    assert.matches("name=runbook", rcli("CLIENT LIST"))
+  end)
+
+  it("checks the host name too: localhost is in the certificate, 127.0.0.2 is not", function()
+    local c <close> = redis.connect((tls_url():gsub("127%.0%.0%.1", "localhost")), { ca_file = ca })
+    assert.are.equal("PONG", c:ping())
+    local err = raises(redis.connect, (tls_url():gsub("127%.0%.0%.1", "127.0.0.2")), { ca_file = ca })
+    assert.are.equal("tls_verify", err.code)
+    assert.matches("certificate verify failed: [Ii][Pp] address mismatch", err.message)
+  end)
+
+  it("refuses a server whose certificate the system does not trust, without printing the password", function()
+    local err = raises(redis.connect, tls_url())
+    assert.are.same({ "tls_verify", false }, { err.code, err.retryable })
+    assert.matches("^rediss://127.0.0.1:%d+: TLS handshake: certificate verify failed: self%-signed certificate", err.message)
+    assert.is_nil(err.message:find(tls_url():match("//[^:]*:([^@]+)@"), 1, true))
+    err = raises(redis.connect, tls_url(), { ca_file = "/nonexistent/ca.crt" })
+    assert.are.equal("tls_error", err.code)
+    assert.matches("/nonexistent/ca.crt", err.message)
+  end)
+
+  it("times out a handshake the server never answers", function()
+    local port, pid = cli.fixture("silent_tcp.py")
+    finally(function() os.execute("kill " .. pid) end)
+    local t0 = host.now()
+    local err = raises(redis.connect, "rediss://127.0.0.1:" .. port .. "/0", { ca_file = ca, connect_timeout = "500ms" })
+    assert.is_true(host.now() - t0 < 2)
+    assert.are.same({ "timeout", true }, { err.code, err.retryable })
+    assert.matches("TLS handshake: timed out", err.message)
+  end)
+
+  it("speaks TLS only to a TLS port: a plain port fails the handshake clearly", function()
+    local err = raises(redis.connect, (url():gsub("^redis:", "rediss:")), { ca_file = ca, connect_timeout = "1s" })
+    -- Redis reads the ClientHello as the start of an inline command and waits for its end
+    assert.is_true(err.code == "timeout" or err.code == "tls_error" or err.code == "connection_closed", err.code)
+    assert.matches("TLS handshake", err.message)
+  end)
+
+  it("authenticates over TLS: a wrong password is WRONGPASS and never printed", function()
+    local err = raises(redis.connect, (tls_url():gsub("//([^:]*):[^@]+@", "//%1:wrong-pass-77@")), { ca_file = ca })
+    assert.are.equal("WRONGPASS", err.code)
+    assert.is_nil(err.message:find("wrong-pass-77", 1, true))
   end)
 end)

@@ -1,7 +1,9 @@
 --- redis: Redis for runbooks, over hiredis (modules/redis.c).
 --
 --   local r <close> = redis.connect(url, opts)  url defaults to $REDIS_URL
---       redis://[user:password@]host[:port][/db]; opts: connect_timeout, timeout
+--       redis://[user:password@]host[:port][/db], or rediss:// for TLS;
+--       opts: connect_timeout, timeout, ca_file (rediss://: the CA to verify the server with;
+--       default the system's store)
 --   r:command("HGET", key, field) -> reply      any command
 --   r:pipeline(function(p) p:command(...) ... end) -> {replies}   one round trip
 --   r:scan(pattern, opts) -> iterator over keys (SCAN, never KEYS); opts.count, opts.type
@@ -17,7 +19,8 @@
 -- Replies: bulk and status strings are strings, integers integers, arrays
 -- tables, nil is nil (redis.null inside arrays). Error replies raise with the
 -- error's first word as the code ("WRONGTYPE", "NOAUTH"); connection failures
--- raise "connection_refused", "timeout", "connection_closed".
+-- raise "connection_refused", "timeout", "connection_closed"; TLS failures
+-- "tls_verify" (the certificate or its name) and "tls_error".
 --
 -- Commands are classified for the gate by a table of read-only commands;
 -- everything else writes. A dry run reports writes without sending them and
@@ -36,9 +39,11 @@ function redis.connect(url, opts)
   url = url or os.getenv("REDIS_URL")
   if not url or url == "" then error("redis.connect: no URL given and REDIS_URL is not set", 2) end
   opts = opts or {}
+  if opts.ca_file ~= nil and type(opts.ca_file) ~= "string" then error("redis.connect: ca_file must be a path", 2) end
   return native.connect(url, {
     connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "redis connect_timeout"),
     timeout = opts.timeout and duration.check(opts.timeout, "redis timeout"),
+    ca_file = opts.ca_file,
   })
 end
 

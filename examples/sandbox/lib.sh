@@ -93,12 +93,31 @@ pg_stop() {
 
 # ---- Redis ----
 
+# A throwaway CA and a server certificate for 127.0.0.1 and localhost, for
+# Redis's TLS port (rediss://); clients verify it with REDIS_CA_FILE.
+redis_tls_certs() {
+    local d=$STATE_DIR/redis/tls
+    [ -f "$d/server.crt" ] && return 0
+    mkdir -p "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=sandbox-redis-ca" \
+        -keyout "$d/ca.key" -out "$d/ca.crt" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$d/server.ext"
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=sandbox-redis" -keyout "$d/server.key" -out "$d/server.csr" 2>/dev/null
+    openssl x509 -req -in "$d/server.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 3650 \
+        -extfile "$d/server.ext" -out "$d/server.crt" 2>/dev/null
+    rm -f "$d/server.csr" "$d/server.ext"
+}
+
 redis_start() {
-    local port
+    local port tls=$STATE_DIR/redis/tls
     port=$(cat "$STATE_DIR/ports/redis")
     mkdir -p "$STATE_DIR/redis"
+    redis_tls_certs
     # No periodic saves; `ctl redis stop` saves on shutdown (see ctl).
-    spawn redis redis-server --bind 127.0.0.1 --port "$port" --requirepass "$(secret redis)" \
+    # 127.0.0.2 (loopback too) is not in the certificate: specs check the name check with it.
+    spawn redis redis-server --bind 127.0.0.1 127.0.0.2 --port "$port" --requirepass "$(secret redis)" \
+        --tls-port "$(cat "$STATE_DIR/ports/redis-tls")" --tls-cert-file "$tls/server.crt" \
+        --tls-key-file "$tls/server.key" --tls-ca-cert-file "$tls/ca.crt" --tls-auth-clients no \
         --save '' --appendonly no --dir "$STATE_DIR/redis" --daemonize no --protected-mode yes
 }
 
