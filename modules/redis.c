@@ -717,16 +717,9 @@ static const luaL_Reg redis_funcs[] = {
 };
 
 int luaopen_runbook_redis(lua_State *L) {
-    if (luaL_newmetatable(L, CONN_MT)) {
-        lua_pushcfunction(L, conn_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, conn_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, conn_tostring);
-        lua_setfield(L, -2, "__tostring");
-        luaL_newlib(L, conn_methods);
-        lua_setfield(L, -2, "__index");
-    }
+    rb_class(L, CONN_MT, conn_methods, conn_close);
+    lua_pushcfunction(L, conn_tostring);
+    lua_setfield(L, -2, "__tostring");
     luaL_newlib(L, redis_funcs);
     lua_getfield(L, -2, "__index");
     lua_setfield(L, -2, "methods");
