@@ -225,6 +225,18 @@ static conn *new_conn(lua_State *L) {
  * would print them on stderr, past the runbook's output and redaction. */
 static void quiet(void *arg, const char *message) { (void)arg; (void)message; }
 
+/* libpq's reading of a URL or key=value string; raises invalid_conninfo. */
+static PQconninfoOption *parse_conninfo(lua_State *L, const char *conninfo, const char *op) {
+    char *err = NULL;
+    PQconninfoOption *parsed = PQconninfoParse(conninfo, &err);
+    if (parsed) return parsed;
+    lua_pushstring(L, err ? err : "out of memory");
+    PQfreemem(err);
+    rb_error(L, "pg", op, "invalid_conninfo", 0, "not a libpq connection string or URL: %s",
+             push_pq_message(L, lua_tostring(L, -1)));
+    return NULL;
+}
+
 static int pg_connect(lua_State *L) {
     const char *conninfo = luaL_checkstring(L, 1);
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
@@ -235,14 +247,7 @@ static int pg_connect(lua_State *L) {
     if (strcmp(numeric, "string") != 0 && strcmp(numeric, "number") != 0)
         luaL_argerror(L, 2, "numeric must be \"string\" or \"number\"");
     register_passwords(L, conninfo);
-    char *err = NULL;
-    PQconninfoOption *parsed = PQconninfoParse(conninfo, &err);
-    if (!parsed) {
-        lua_pushstring(L, err ? err : "out of memory");
-        PQfreemem(err);
-        return rb_error(L, "pg", "connect", "invalid_conninfo", 0, "not a libpq connection string or URL: %s",
-                        push_pq_message(L, lua_tostring(L, -1)));
-    }
+    PQconninfoOption *parsed = parse_conninfo(L, conninfo, "connect");
     /* GSSAPI encryption is tried first by default, which initialises Kerberos
      * on every connect; runbooks opt in with gssencmode= like any client */
     int gss = getenv("PGGSSENCMODE") != NULL;
@@ -1173,14 +1178,7 @@ static int conn_tostring(lua_State *L) {
 static int pg_conninfo(lua_State *L) {
     const char *s = luaL_checkstring(L, 1);
     register_passwords(L, s);
-    char *err = NULL;
-    PQconninfoOption *opts = PQconninfoParse(s, &err);
-    if (!opts) {
-        lua_pushstring(L, err ? err : "out of memory");
-        PQfreemem(err);
-        return rb_error(L, "pg", "conninfo", "invalid_conninfo", 0, "not a libpq connection string or URL: %s",
-                        push_pq_message(L, lua_tostring(L, -1)));
-    }
+    PQconninfoOption *opts = parse_conninfo(L, s, "conninfo");
     lua_newtable(L);
     for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (!o->val) continue;
