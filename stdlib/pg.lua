@@ -45,7 +45,12 @@ native.set_json(json.encode, json.decode, json.null)
 
 local pg = { null = json.null, classify = native.classify }
 local conn = native.methods
-local native_copy_to, native_copy_from = conn.copy_to, conn.copy_from
+-- The C COPY functions, which copy_to/copy_from below wrap. The methods table
+-- outlives a reload of this file (it is the connection metatable's, kept in the
+-- registry; busted reloads modules for each spec file), so a second load must
+-- not take the first load's wrappers for the C functions.
+conn._native_copy = conn._native_copy or { conn.copy_to, conn.copy_from }
+local native_copy_to, native_copy_from = conn._native_copy[1], conn._native_copy[2]
 
 local function env_url()
   local url = os.getenv("DATABASE_URL")
