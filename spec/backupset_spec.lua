@@ -38,6 +38,9 @@ describe("backupset", function()
     local p = io.popen("sha256sum " .. cli.quote(set.final .. "/database.dump"))
     assert.are.equal(p:read("a"):match("^%x+"), v.files[1].sha256)
     p:close()
+    -- a second set in the same second takes the next second's name
+    local again = backupset.new(dir, "todo")
+    assert.is_true(again.stamp > set.stamp)
   end)
 
   it("refuses a set with a changed byte, a missing file or no manifest, naming the file", function()

@@ -87,11 +87,15 @@ end
 function M.new(root, prefix)
   check_prefix(prefix)
   local stamp = M.stamp()
+  -- a set taken in the same second as the previous one: take the next second
+  while lfs.attributes(root .. "/" .. prefix .. "-" .. stamp) or lfs.attributes(root .. "/." .. prefix .. "-" .. stamp .. ".partial") do
+    host.sleep(0.1)
+    stamp = M.stamp()
+  end
   local name = prefix .. "-" .. stamp
   local set = { root = root, prefix = prefix, stamp = stamp, name = name,
     partial = root .. "/." .. name .. ".partial", final = root .. "/" .. name,
     created_at = os.date("!%Y-%m-%dT%H:%M:%SZ") }
-  if lfs.attributes(set.final) then fail("new", "exists", set.final .. " already exists") end
   fs.mkdir(set.partial)
   -- the set holds the database's rows (and Secrets when asked): its owner only
   if written(set) then exec.run { "chmod", "0700", "--", set.partial } end
