@@ -28,7 +28,11 @@ describe("dapr-pubsub-check", function()
   end)
 
   it("fails naming the broker's answer when publishing does not work", function()
-    sb.ctl("kafka errors 0 5 10") -- the next Produce requests fail with MESSAGE_TOO_LARGE
+    -- the next Produce requests fail with MESSAGE_TOO_LARGE; the workload is paused so its
+    -- own producer does not use them up first
+    sb.ctl("workload pause")
+    finally(function() sb.ctl("workload resume") end)
+    sb.ctl("kafka errors 0 5 10")
     local r = cli.run { "run", RUNBOOK, "--yes" }
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     assert.matches("1 problem with Dapr pub/sub kafka%-pubsub", r.stdout)
