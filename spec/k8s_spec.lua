@@ -295,10 +295,12 @@ describe("k8s generic verbs", function()
   it("keeps empty lists lists through a read-modify-write", function()
     local cm = k8s.create { apiVersion = "v1", kind = "ConfigMap", metadata = { name = "lists", namespace = NS },
       data = { x = "[]" } }
+    rollout("web") -- the controller's status writes would make the read below stale (409)
     local d = k8s.get("deploy/web", { namespace = NS })
     d.spec.template.spec.containers[2].args = k8s.array()
     d = k8s.replace(d)
     assert.are.same({}, kubectl_json("get deploy web -n " .. NS).spec.template.spec.containers[2].args)
+    rollout("web")
     d = k8s.get("deploy/web", { namespace = NS })
     d.metadata.annotations = d.metadata.annotations or {}
     d.metadata.annotations.touched = "yes"
