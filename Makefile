@@ -60,13 +60,18 @@ test: all
 
 # The host and modules built with AddressSanitizer and UBSan into build/asan/,
 # then the suite run against that build (the sandbox's own specs need no rebuild).
+# intercept_tls_get_addr=0: GCC 12's interceptor takes a dynamic TLS block that
+# happens to start 16 bytes into a page for a glibc 2.19 one and reads a bogus
+# range from before it, and LeakSanitizer's tracer then dies on it at exit
+# ("Tracer caught signal 11", "DTLS 5 at 0x3cc-...") whatever the code did.
 ASAN_FLAGS = -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 check-asan:
 	@mkdir -p build/asan/lib/runbook
 	ln -sfn ../../stdlib build/asan/stdlib
 	$(MAKE) --no-print-directory CFLAGS="$(ASAN_FLAGS)" build/asan/runbook \
 	  $(MODULES:%=build/asan/lib/runbook/%.so)
-	$(WITH_SANDBOX) RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1 build/asan/runbook test spec
+	$(WITH_SANDBOX) RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1:intercept_tls_get_addr=0 \
+	  build/asan/runbook test spec examples/team/spec
 
 build/asan/runbook: $(HOST_SRC) host/runbook.h host/host.h
 	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) $(HOST_LIBS) -lm -ldl -Wl,-E

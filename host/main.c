@@ -97,6 +97,25 @@ static int msghandler(lua_State *L)
     return 1;
 }
 
+/*
+ * C modules stay loaded until the process exits. Lua unloads them when the
+ * state closes, and with them libpq, libcurl, OpenSSL and librdkafka, whose
+ * threads and process-wide state may outlive the state by a moment (once
+ * librdkafka was unmapped, LeakSanitizer took its globals for leaks). The
+ * finalizer of loadlib.c's table of loaded libraries, "_CLIBS", is what
+ * unloads them.
+ */
+static void keep_c_libraries(lua_State *L)
+{
+    luaL_getsubtable(L, LUA_REGISTRYINDEX, "_CLIBS");
+    if (lua_getmetatable(L, -1)) {
+        lua_pushnil(L);
+        lua_setfield(L, -2, "__gc");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
 static int pmain(lua_State *L)
 {
     int argc = (int)lua_tointeger(L, 1);
@@ -104,6 +123,7 @@ static int pmain(lua_State *L)
     char stdlib[PATH_MAX], libdir[PATH_MAX];
 
     luaL_openlibs(L);
+    keep_c_libraries(L);
     luaL_requiref(L, "runbook.host", luaopen_runbook_host, 0);
     find_roots(stdlib, libdir, sizeof stdlib);
     lua_pushstring(L, stdlib);

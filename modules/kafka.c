@@ -30,9 +30,7 @@
  * ("UNKNOWN_TOPIC_OR_PART", "_TIMED_OUT"); per-partition and per-group errors
  * come back in the results as {code, message} for kafka.lua to judge.
  */
-#define _GNU_SOURCE /* dladdr */
 #include <arpa/inet.h>
-#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -1221,17 +1219,7 @@ static const luaL_Reg client_methods[] = {
     {NULL, NULL}
 };
 
-/* librdkafka keeps process-wide state (and its threads may outlive a
- * client's destroy by a moment): pin it, so that closing the Lua state,
- * which unloads this module, never unloads librdkafka under them. */
-static void pin_librdkafka(void) {
-    Dl_info info;
-    if (dladdr((void *)rd_kafka_version, &info) && info.dli_fname)
-        dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
-}
-
 int luaopen_runbook_kafka(lua_State *L) {
-    pin_librdkafka();
     rb_class(L, CLIENT_MT, client_methods, client_close);
     lua_pop(L, 1);
     luaL_newlib(L, kafka_funcs);
