@@ -12,17 +12,6 @@ local function memory_limit(app)
   return kh.deployment(app).spec.template.spec.containers[1].resources.limits.memory
 end
 
--- The app container's restarts summed over the app's pods.
-local function restarts(app)
-  local n = 0
-  for _, p in ipairs(kh.pods(app)) do
-    for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
-      if cs.name == app then n = n + (cs.restartCount or 0) end
-    end
-  end
-  return n
-end
-
 local function oom_killed(app)
   for _, p in ipairs(kh.pods(app)) do
     for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
@@ -52,9 +41,9 @@ describe("crashloop-triage", function()
     -- checked independently: the new limit, rolled out, and no kill since (the fault kills every 15 s)
     assert.are.equal("512Mi", memory_limit("backend"))
     assert.truthy(kh.wait_rolled_out("backend"))
-    local before = restarts("backend")
+    local before = kh.restarts("backend")
     sb.sleep(16)
-    assert.are.equal(before, restarts("backend"))
+    assert.are.equal(before, kh.restarts("backend"))
   end)
 
   it("rolls back a release that crash-loops to the revision before it", function()

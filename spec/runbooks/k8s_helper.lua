@@ -59,6 +59,17 @@ function M.waiting(app)
   end
 end
 
+--- The app container's restarts summed over the app's pods.
+function M.restarts(app)
+  local n = 0
+  for _, p in ipairs(M.pods(app)) do
+    for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
+      if cs.name == app then n = n + (cs.restartCount or 0) end
+    end
+  end
+  return n
+end
+
 function M.wait_waiting(app, reason)
   assert(sb.wait_until(20, function() return M.waiting(app) == reason end),
     ("%s never showed %s (now %s)"):format(app, reason, tostring(M.waiting(app))))

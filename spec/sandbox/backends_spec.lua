@@ -1,6 +1,7 @@
 -- The dry-run check every runbook spec relies on must see a change in each backend.
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
+local kh = require "spec.runbooks.k8s_helper"
 
 local function changed(fn)
   local ok, err = pcall(backends.assert_unchanged, fn)
@@ -11,6 +12,16 @@ end
 describe("backends.assert_unchanged", function()
   it("passes when nothing is written, with the workload paused", function()
     assert.are.equal(42, backends.assert_unchanged(function() sb.sleep(1); return 42 end))
+  end)
+
+  it("passes while a pod crash-loops: the paused Kubernetes stand-in restarts nothing", function()
+    finally(kh.reset_world)
+    sb.ctl("k8s crashloop frontend")
+    kh.wait_waiting("frontend", "CrashLoopBackOff")
+    -- unpaused, its first back-offs (1.5 s, 3 s) would each restart a pod and post events
+    local paused = backends.assert_unchanged(function() sb.sleep(5); return kh.restarts("frontend") end)
+    assert.truthy(sb.wait_until(20, function() return kh.restarts("frontend") > paused end),
+      "the crash loop did not go on after the resume")
   end)
 
   it("names a changed Kubernetes object", function()

@@ -155,6 +155,7 @@ class Controller:
         self.store, self.state_dir = store, state_dir
         self.faults = Faults()
         self.stop = threading.Event()
+        self.paused = False      # `ctl workload pause`: no tick runs, so nothing changes by itself
         self.ip_seq = 10
         self.reset()
 
@@ -215,7 +216,9 @@ class Controller:
                     self.store.cond.wait(TICK)
                 seen = self.store.rv
             try:
-                self.tick(time.time())
+                with self.store.lock:   # pause takes the lock too: once it returns, no tick starts
+                    if not self.paused:
+                        self.tick(time.time())
             except Exception:  # keep the loop alive; the log shows what broke
                 import traceback
                 traceback.print_exc()

@@ -97,6 +97,16 @@ def reset(cluster, f, args):
     return "faults cleared"
 
 
+def pause(cluster, f, args):
+    cluster.controller.paused = True    # under the store lock, which a tick holds throughout
+    return "controllers paused: no object changes by itself until resume"
+
+
+def resume(cluster, f, args):
+    cluster.controller.paused = False
+    return "controllers resumed"
+
+
 def status(cluster, f, args):
     return f.describe()
 
@@ -108,7 +118,8 @@ def lookup_res(name):
 
 COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_image, 1),
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
-            "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0)}
+            "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
+            "pause": (pause, 0), "resume": (resume, 0)}
 
 
 def run(cluster, cmd, args):
