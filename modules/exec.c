@@ -48,11 +48,9 @@ static int interrupt_signal(void) {
 }
 
 static int exec_run(lua_State *L);
-static int exec_raise(lua_State *L);
 
 static const luaL_Reg exec_funcs[] = {
     {"run", exec_run},
-    {"raise", exec_raise},
     {NULL, NULL}
 };
 
@@ -574,16 +572,6 @@ static int exec_run(lua_State *L) {
         rb_gate_done(L, ge, d, ok);
     }
     return 1;
-}
-
-/* raise(op, code, retryable, message): exec.lua's structured errors (a
- * failed check) come from the same helper as the module's own. */
-static int exec_raise(lua_State *L) {
-    const char *op = luaL_checkstring(L, 1);
-    const char *code = luaL_optstring(L, 2, NULL);
-    int retryable = lua_toboolean(L, 3);
-    const char *msg = luaL_checkstring(L, 4);
-    return rb_error(L, "exec", op, code, retryable, "%s", msg);
 }
 
 int luaopen_runbook_exec(lua_State *L) {

@@ -49,7 +49,7 @@
 #include <lua.h>
 
 #include "runbook.h"
-#include "curl_reason.h"
+#include "curl_glue.h"
 
 #define CLIENT_MT "runbook.http.client"
 #define BATCH_MT "runbook.http.batch"
@@ -61,21 +61,13 @@
 static int http_request(lua_State *L);
 static int http_check_all(lua_State *L);
 static int http_smtp_send(lua_State *L);
-static int http_raise(lua_State *L);
 
 static const luaL_Reg http_funcs[] = {
     {"request", http_request},
     {"check_all", http_check_all},
     {"smtp_send", http_smtp_send},
-    {"raise", http_raise},
     {NULL, NULL}
 };
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-    int oom;
-} buffer;
 
 /* The module's state, the upvalue of every function. Per-request scratch
  * (header list, buffers) lives here too so an error raised mid-request
@@ -92,9 +84,8 @@ typedef struct {
 static void scratch_free(client *c) {
     curl_slist_free_all(c->headers);
     c->headers = NULL;
-    free(c->body.data);
-    free(c->head.data);
-    c->body = c->head = (buffer){0};
+    buffer_free(&c->body);
+    buffer_free(&c->head);
 }
 
 /* Idempotent: serves __gc and __close. */
@@ -112,36 +103,12 @@ static client *check_client(lua_State *L) {
     return c;
 }
 
-static size_t buffer_add(buffer *b, const char *s, size_t n) {
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 16384;
-        while (cap < b->len + n) cap *= 2;
-        char *d = realloc(b->data, cap);
-        if (!d) { b->oom = 1; return 0; } /* a short count makes curl abort */
-        b->data = d;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    return n;
-}
-
-static size_t on_body(char *ptr, size_t size, size_t n, void *ud) {
-    return buffer_add(ud, ptr, size * n);
-}
-
 /* A new status line starts a new header block (after a 100 Continue or a
  * followed redirect): only the final response's headers are returned. */
 static size_t on_header(char *ptr, size_t size, size_t n, void *ud) {
     buffer *b = ud;
     if (size * n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) b->len = 0;
     return buffer_add(b, ptr, size * n);
-}
-
-/* Ctrl-C aborts a transfer in progress rather than waiting for its timeout. */
-static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un) {
-    (void)ud; (void)dt; (void)dn; (void)ut; (void)un;
-    return rb_interrupted() != 0;
 }
 
 /* ---- errors ------------------------------------------------------------- */
@@ -781,16 +748,6 @@ static int http_smtp_send(lua_State *L) {
     lua_pushboolean(L, 1);
     lua_setfield(L, -2, "ok");
     return 1;
-}
-
-/* raise(op, code, retryable, message): http.lua's structured errors (a
- * failed check) come from the same helper as the module's own. */
-static int http_raise(lua_State *L) {
-    const char *op = luaL_checkstring(L, 1);
-    const char *code = luaL_optstring(L, 2, NULL);
-    int retryable = lua_toboolean(L, 3);
-    const char *msg = luaL_checkstring(L, 4);
-    return rb_error(L, "http", op, code, retryable, "%s", msg);
 }
 
 /* Pushes the module state: the client created closed, then opened, so its

@@ -50,44 +50,7 @@
 #include <lua.h>
 
 #include "runbook.h"
-#include "curl_reason.h"
-
-/* ---- curl glue (the same as http.c's) ----------------------------------- */
-
-typedef struct {
-    char *data;
-    size_t len, cap;
-    int oom;
-} buffer;
-
-static size_t buffer_add(buffer *b, const char *s, size_t n) {
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 16384;
-        while (cap < b->len + n) cap *= 2;
-        char *d = realloc(b->data, cap);
-        if (!d) { b->oom = 1; return 0; } /* a short count makes curl abort */
-        b->data = d;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, s, n);
-    b->len += n;
-    return n;
-}
-
-static void buffer_free(buffer *b) {
-    free(b->data);
-    *b = (buffer){0};
-}
-
-static size_t on_body(char *ptr, size_t size, size_t n, void *ud) {
-    return buffer_add(ud, ptr, size * n);
-}
-
-/* Ctrl-C aborts a transfer in progress rather than waiting for its timeout. */
-static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un) {
-    (void)ud; (void)dt; (void)dn; (void)ut; (void)un;
-    return rb_interrupted() != 0;
-}
+#include "curl_glue.h"
 
 #define CONN_MT "runbook.k8s.conn"
 #define STREAM_MT "runbook.k8s.stream"
@@ -95,12 +58,10 @@ static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, cu
 #define CONNECT_TIMEOUT 10.0
 
 static int k8s_connect(lua_State *L);
-static int k8s_raise(lua_State *L);
 static int k8s_mark_empty_arrays(lua_State *L);
 
 static const luaL_Reg k8s_funcs[] = {
     {"connect", k8s_connect},
-    {"raise", k8s_raise},
     {"mark_empty_arrays", k8s_mark_empty_arrays},
     {NULL, NULL}
 };
@@ -630,16 +591,6 @@ static int k8s_mark_empty_arrays(lua_State *L) {
 }
 
 /* ---- module ------------------------------------------------------------- */
-
-/* raise(op, code, retryable, message): k8s.lua's API errors come from the
- * same helper as the transport errors here. */
-static int k8s_raise(lua_State *L) {
-    const char *op = luaL_checkstring(L, 1);
-    const char *code = luaL_optstring(L, 2, NULL);
-    int retryable = lua_toboolean(L, 3);
-    const char *msg = luaL_checkstring(L, 4);
-    return rb_error(L, "k8s", op, code, retryable, "%s", msg);
-}
 
 static const luaL_Reg conn_methods[] = {
     {"request", conn_request},

@@ -1207,14 +1207,6 @@ static int pg_classify(lua_State *L) {
     return 2;
 }
 
-static int pg_raise(lua_State *L) {
-    const char *op = luaL_checkstring(L, 1);
-    const char *code = luaL_optstring(L, 2, NULL);
-    int retryable = lua_toboolean(L, 3);
-    const char *msg = luaL_checkstring(L, 4);
-    return rb_error(L, "pg", op, code, retryable, "%s", msg);
-}
-
 static const luaL_Reg conn_methods[] = {
     {"query", conn_query},
     {"exec", conn_exec},
@@ -1230,7 +1222,6 @@ static const luaL_Reg pg_funcs[] = {
     {"conninfo", pg_conninfo},
     {"set_json", pg_set_json},
     {"classify", pg_classify},
-    {"raise", pg_raise},
     {NULL, NULL}
 };
 

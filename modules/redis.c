@@ -693,14 +693,6 @@ static int redis_is_write(lua_State *L) {
     return 1;
 }
 
-static int redis_raise(lua_State *L) {
-    const char *op = luaL_checkstring(L, 1);
-    const char *code = luaL_optstring(L, 2, NULL);
-    int retryable = lua_toboolean(L, 3);
-    const char *msg = luaL_checkstring(L, 4);
-    return rb_error(L, "redis", op, code, retryable, "%s", msg);
-}
-
 static const luaL_Reg conn_methods[] = {
     {"command", conn_command},
     {"pipeline", conn_pipeline},
@@ -712,7 +704,6 @@ static const luaL_Reg redis_funcs[] = {
     {"connect", redis_connect},
     {"set_null", redis_set_null},
     {"is_write", redis_is_write},
-    {"raise", redis_raise},
     {NULL, NULL}
 };
 

@@ -22,6 +22,7 @@
 -- code "timeout" (retryable) and "interrupted".
 local native = require "runbook.exec"
 local duration = require "duration"
+local host = require "runbook.host"
 
 local exec = {}
 
@@ -45,8 +46,8 @@ local function check_exit(argv, r)
   local name = argv[1] == "/bin/sh" and argv[2] == "-c" and "sh -c" or argv[1]
   local why = r.signal and ("killed by signal " .. r.signal) or ("exited with status " .. r.status)
   local tail = last_line(r.stderr)
-  native.raise("run", tostring(r.status), false,
-    name .. " " .. why .. (tail ~= "" and (": " .. tail) or ""))
+  host.raise { module = "exec", op = "run", code = tostring(r.status), retryable = false,
+    message = name .. " " .. why .. (tail ~= "" and (": " .. tail) or "") }
 end
 
 function exec.run(opts)

@@ -30,6 +30,7 @@
 local native = require "runbook.http"
 local cjson = require "cjson"
 local duration = require "duration"
+local host = require "runbook.host"
 
 local http = {}
 
@@ -101,8 +102,8 @@ function http.check(url, opts)
   local r = http.request(with("GET", url, opts))
   if r.status and r.status >= 400 then
     local method = (opts and opts.method or "GET"):upper()
-    native.raise(method, tostring(r.status), r.status >= 500 or r.status == 429,
-      ("%s %s: HTTP %d"):format(method, (url:gsub("//([^/@:]*):[^/@]*@", "//%1:***@")), r.status))
+    host.raise { module = "http", op = method, code = tostring(r.status), retryable = r.status >= 500 or r.status == 429,
+      message = ("%s %s: HTTP %d"):format(method, (url:gsub("//([^/@:]*):[^/@]*@", "//%1:***@")), r.status) }
   end
   return r
 end

@@ -43,6 +43,10 @@ local host = require "runbook.host"
 
 native.set_json(json.encode, json.decode, json.null)
 
+local function fail(op, code, msg)
+  host.raise { module = "pg", op = op, code = code, retryable = false, message = msg }
+end
+
 local pg = { null = json.null, classify = native.classify }
 local conn = native.methods
 -- The C COPY functions, which copy_to/copy_from below wrap. The methods table
@@ -104,7 +108,7 @@ function conn:transaction(fn)
     if status.connected then self:exec("ROLLBACK") end
     if not res[1] then error(res[2], 0) end
     if status.transaction == "failed" then
-      native.raise("transaction", "25P02", false, "the transaction failed and was rolled back")
+      fail("transaction", "25P02", "the transaction failed and was rolled back")
     end
   else
     self:exec("COMMIT")
@@ -230,8 +234,8 @@ function conn:advisory_lock(key, opts)
   local deadline = host.now() + wait
   while not self:value(("SELECT pg_try_advisory_lock(%s)"):format(expr), arg) do
     if host.now() >= deadline then
-      native.raise("advisory_lock", "lock_held", true,
-        ("advisory lock %s is held by another session"):format(tostring(key)))
+      host.raise { module = "pg", op = "advisory_lock", code = "lock_held", retryable = true,
+        message = ("advisory lock %s is held by another session"):format(tostring(key)) }
     end
     host.sleep(math.min(0.2, math.max(0.01, deadline - host.now())))
   end
@@ -281,7 +285,7 @@ local function pg_env(url)
   for k, v in pairs(native.conninfo(url)) do
     if PGENV[k] then env[PGENV[k]] = v
     elseif k ~= "fallback_application_name" and k ~= "client_encoding" then
-      native.raise("conninfo", "unsupported", false, ("%s= cannot be passed to pg_dump; set it in the environment"):format(k))
+      fail("conninfo", "unsupported", ("%s= cannot be passed to pg_dump; set it in the environment"):format(k))
     end
   end
   env.PGAPPNAME = env.PGAPPNAME or "runbook"
@@ -309,10 +313,6 @@ local function dump_digest(path)
   local size = exec.read { shell = 'cd "$1" && find . -type f -printf "%s\\n" | awk "{s+=\\$1} END {print s+0}"', path }
   local hash = exec.read { "sha256sum", stdin = r.stdout }.stdout:match("^(%x+)")
   return hash, math.tointeger(tonumber(size.stdout))
-end
-
-local function fail(op, code, msg)
-  native.raise(op, code, false, msg)
 end
 
 -- Checks a dump parses: pg_restore --list for archives, the trailer for plain SQL.

@@ -1,11 +1,51 @@
 /*
- * curl_reason.h: libcurl's error codes as stable names for runbooks, shared
- * by the modules built on libcurl (http, k8s).
+ * curl_glue.h: what the modules built on libcurl (http, k8s) share: the
+ * growable buffer a response is written into, the write and progress
+ * callbacks, and libcurl's error codes as stable names for runbooks.
  */
-#ifndef RB_CURL_REASON_H
-#define RB_CURL_REASON_H
+#ifndef RB_CURL_GLUE_H
+#define RB_CURL_GLUE_H
 
+#include <stdlib.h>
+#include <string.h>
 #include <curl/curl.h>
+#include "runbook.h"
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+    int oom;
+} buffer;
+
+static size_t buffer_add(buffer *b, const char *s, size_t n) {
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 16384;
+        while (cap < b->len + n) cap *= 2;
+        char *d = realloc(b->data, cap);
+        if (!d) { b->oom = 1; return 0; } /* a short count makes curl abort */
+        b->data = d;
+        b->cap = cap;
+    }
+    memcpy(b->data + b->len, s, n);
+    b->len += n;
+    return n;
+}
+
+static void buffer_free(buffer *b) {
+    free(b->data);
+    *b = (buffer){0};
+}
+
+/* CURLOPT_WRITEFUNCTION with a buffer as CURLOPT_WRITEDATA. */
+static size_t on_body(char *ptr, size_t size, size_t n, void *ud) {
+    return buffer_add(ud, ptr, size * n);
+}
+
+/* Ctrl-C aborts a transfer in progress rather than waiting for its timeout. */
+static int on_progress(void *ud, curl_off_t dt, curl_off_t dn, curl_off_t ut, curl_off_t un) {
+    (void)ud; (void)dt; (void)dn; (void)ut; (void)un;
+    return rb_interrupted() != 0;
+}
 
 /* curl's enum names, lower-cased without CURLE_: stable codes for runbooks
  * to match on; curl_easy_strerror gives prose, not identifiers. */
