@@ -118,9 +118,13 @@ step "Validate" {
 step "Resume writes" {
   description = "Scale the writers back to their replicas and wait for their rollouts",
   run = function(ctx)
-    local saved = ctx.outputs["Stop writes"].saved
-    k8s.start_workloads(saved, { timeout = ctx.params.timeout })
-    for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
+    if ctx.skipped("Stop writes") then
+      log.info("the writers were not stopped by this run (the operator skipped that step): nothing to scale")
+    else
+      local saved = ctx.outputs["Stop writes"].saved
+      k8s.start_workloads(saved, { timeout = ctx.params.timeout })
+      for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
+    end
     local a = ctx.outputs["Assess the corruption"]
     log.info("recovered from %s; writes since %s are not in the database (the corrupted state keeps them)",
       a.set, a.set_created_at)

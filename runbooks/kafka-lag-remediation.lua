@@ -113,7 +113,7 @@ step "Scale the consumers" {
 
 step "Wait for the new consumers" {
   description = "kubectl rollout status: every replica ready (gives up at once on a crash loop)",
-  when = function(ctx) return scaling(ctx) end,
+  when = function(ctx) return scaling(ctx) and not ctx.skipped("Scale the consumers") end,
   run = function(ctx)
     if ctx.dry_run then log.info("would wait for %s to have its new replicas ready", ctx.params.deployment); return end
     local r = k8s.rollout_status(deploy(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout,
@@ -161,8 +161,12 @@ step "Report or escalate" {
   run = function(ctx)
     local m = ctx.outputs["Measure the lag"]
     local p = ctx.outputs["Plan the replicas"]
-    local scaled = scaling(ctx) and ("%s scaled %d -> %d"):format(ctx.params.deployment, p.current, p.target)
-      or ("no scaling (%s at %d replicas)"):format(ctx.params.deployment, p.current)
+    local scaled = ("no scaling (%s at %d replicas)"):format(ctx.params.deployment, p.current)
+    if ctx.skipped("Scale the consumers") == "operator" then
+      scaled = ("no scaling: the operator declined %s %d -> %d"):format(ctx.params.deployment, p.current, p.target)
+    elseif scaling(ctx) then
+      scaled = ("%s scaled %d -> %d"):format(ctx.params.deployment, p.current, p.target)
+    end
     if not m.over then
       log.info("%s on %s: lag %d, within the threshold %d; nothing to do", ctx.params.group, ctx.params.topic,
         m.total, ctx.params.threshold)

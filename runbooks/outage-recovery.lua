@@ -273,8 +273,9 @@ step "Report" {
     local final = ctx.outputs["Final verification"]
     local restarted = ctx.outputs["Restart unhealthy deployments"].restarted
     local rolled = {}
-    local rb = ctx.outputs["Roll back recent changes that still fail"]
-    for _, r in ipairs(rb.rolled_back) do
+    local ROLLBACK = "Roll back recent changes that still fail"
+    local declined = ctx.skipped(ROLLBACK) == "operator"
+    for _, r in ipairs(declined and {} or ctx.outputs[ROLLBACK].rolled_back) do
       rolled[#rolled + 1] = ("%s (revision %d -> %d)"):format(r.name, r.from, r.to)
     end
     local would = ctx.dry_run and "would have " or ""
@@ -282,7 +283,8 @@ step "Report" {
       ("%s%s in %s%s"):format(ctx.dry_run and "Dry run: " or "", final.recovered and "recovered" or "NOT recovered",
         ctx.params.namespace, final.recovered and (": every deployment healthy, every service answers " .. ctx.params.health_path) or ""),
       would .. "restarted: " .. (#restarted > 0 and table.concat(restarted, ", ") or "none"),
-      would .. "rolled back: " .. (#rolled > 0 and table.concat(rolled, ", ") or "none"),
+      would .. "rolled back: " .. (#rolled > 0 and table.concat(rolled, ", ") or "none")
+        .. (declined and " (the operator declined the rollback)" or ""),
     }
     for _, p in ipairs(final.problems) do lines[#lines + 1] = "problem: " .. p end
     local down = ctx.outputs["Check dependencies"].down

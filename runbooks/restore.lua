@@ -105,6 +105,7 @@ step "Validate" {
 
 step "Start writes" {
   description = "Scale the writers back to their replicas and wait for their rollouts",
+  when = function(ctx) return not ctx.skipped("Stop writes") end,   -- the operator kept them running
   run = function(ctx)
     local saved = ctx.outputs["Stop writes"].saved
     k8s.start_workloads(saved, { timeout = ctx.params.timeout })

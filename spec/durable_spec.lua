@@ -194,6 +194,25 @@ describe("resume after SIGKILL", function()
     assert.are.same({ "prepare", "change", "verify abc-1 integer" }, lines(dir .. "/log"))
   end)
 
+  it("keeps the reasons earlier steps were skipped for (ctx.skipped)", function()
+    local state, dir = cli.tmpdir(), cli.tmpdir()
+    local rb = cli.runbook([[
+name = "skips" description = "x"
+param "dir" { required = true }
+step "maybe" { when = function() return false end, run = function() end }
+step "flaky" { run = function(ctx)
+  local flag = ctx.params.dir .. "/failed-once"
+  if not fs.exists(flag) then fs.write(flag, "1"); error("first time fails") end
+  fs.write(ctx.params.dir .. "/seen", tostring(ctx.skipped("maybe")))
+end }
+]])
+    local env = { RUNBOOK_STATE_DIR = state }
+    assert.are.equal(1, cli.run({ "run", rb, "-p", "dir=" .. dir }, env).code)
+    local r = cli.run({ "resume", run_id(state) }, env)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal("when", cli.slurp(dir .. "/seen"))
+  end)
+
   it("refuses runs that finished ok, dry runs, and unknown ids", function()
     local state, dir = cli.tmpdir(), cli.tmpdir()
     cli.run({ "run", steps_runbook(), "-p", "dir=" .. dir }, { RUNBOOK_STATE_DIR = state })

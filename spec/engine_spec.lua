@@ -47,8 +47,26 @@ step "after" { run = function(ctx) return { saw = ctx.outputs.maybe.ran } end }
     assert.are.equal(1, r.code)
     assert.are.equal("maybe=skipped after=failed", statuses(r))
     local failed = cli.only(r.events, "step_end")[2]
-    assert.truthy(failed.error.message:find('ctx.outputs["maybe"]: that step has not run', 1, true))
+    assert.truthy(failed.error.message:find('ctx.outputs["maybe"]: that step was skipped (its when predicate was false)',
+      1, true), failed.error.message)
     assert.truthy(failed.error.where:match("rb%.lua:4$"), failed.error.where)
+  end)
+
+  it("tells later steps which earlier ones were skipped and why (ctx.skipped)", function()
+    local r = run_json [[
+name = "skipped" description = "d"
+step "maybe" { when = function() return false end, run = function() end }
+step "sure" { run = function() return {} end }
+step "after" { run = function(ctx)
+  local ok, err = pcall(ctx.skipped, "nope")
+  return { maybe = ctx.skipped("maybe"), sure = ctx.skipped("sure") or "ran", unknown = not ok and err or "" }
+end }
+]]
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local out = cli.only(r.events, "step_end")[3].outputs
+    assert.are.equal("when", out.maybe)
+    assert.are.equal("ran", out.sure)
+    assert.truthy(out.unknown:find('ctx.skipped["nope"]: there is no step of that name', 1, true), out.unknown)
   end)
 
   it("stops at the first failing step with exit 1 and the runbook's file:line", function()

@@ -12,19 +12,12 @@ step "three" { description = "third", confirm = true, run = function(ctx) fs.wri
 --- Run on a pty typing `answers`; returns exit code, transcript and the files written.
 local function on_pty(answers, ...)
   local dir = cli.tmpdir()
-  local args = { "python3", "spec/fixtures/pty_run.py", answers, "--" }
-  for word in cli.BIN:gmatch("%S+") do args[#args + 1] = word end   -- RUNBOOK_BIN may be "valgrind ... ./runbook"
-  for _, a in ipairs { "run", cli.runbook(RB), "-p", "dir=" .. dir } do args[#args + 1] = a end
-  for _, a in ipairs { ... } do args[#args + 1] = a end
-  for i, a in ipairs(args) do args[i] = cli.quote(a) end
-  local p = io.popen(table.concat(args, " ") .. "; echo \"exit=$?\"")
-  local out = p:read("a")
-  p:close()
+  local code, out = cli.pty(answers, { "run", cli.runbook(RB), "-p", "dir=" .. dir, ... })
   local files = {}
   for _, f in ipairs { "one", "two", "three" } do
     if io.open(dir .. "/" .. f) then files[#files + 1] = f end
   end
-  return tonumber(out:match("exit=(%d+)%s*$")), out, table.concat(files, " ")
+  return code, out, table.concat(files, " ")
 end
 
 local function count(s, pat)
@@ -87,12 +80,29 @@ describe("--step", function()
 
   it("shows a long step's elapsed time on a terminal while it runs", function()
     local path = cli.runbook("name = 'slow' description = 'd'\nstep 'nap' { run = function() time.sleep('1.8s') end }\n")
-    local p = io.popen(("python3 spec/fixtures/pty_run.py '' -- %s run %s --yes"):format(cli.BIN, path))
-    local out = p:read("a")
-    p:close()
+    local _, out = cli.pty("", { "run", path, "--yes" })
     assert.truthy(out:find("[1/1] nap ⠙ 1s", 1, true) or out:find("[1/1] nap ⠋ 1s", 1, true)
       or out:match("%[1/1%] nap %S+ 1s"), out)
     assert.truthy(out:find("\r\27%[K%s*\27%[32m✓") or out:find("\r\27[K", 1, true), out)
+  end)
+
+  it("tells later steps that the operator declined one, and says so if they read its outputs", function()
+    local dir = cli.tmpdir()
+    local path = cli.runbook(([[
+name = "declined" description = "d"
+step "stop" { confirm = true, run = function() return { saved = 3 } end }
+step "start" { when = function(ctx) return not ctx.skipped("stop") end, run = function() end }
+step "report" { run = function(ctx)
+  fs.write(%q, ctx.skipped("stop") .. "\n" .. select(2, pcall(function() return ctx.outputs.stop end)))
+end }
+]]):format(dir .. "/seen"))
+    local code, out = cli.pty("n", { "run", path })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("stop skipped (by the operator)", 1, true), out)
+    assert.truthy(out:find("start skipped", 1, true), out)
+    local seen = cli.slurp(dir .. "/seen")
+    assert.truthy(seen:find('^operator\n'), seen)
+    assert.truthy(seen:find('ctx.outputs["stop"]: that step was skipped (the operator skipped it)', 1, true), seen)
   end)
 
   it("refuses without a terminal before running anything, suggesting --yes", function()

@@ -47,6 +47,18 @@ describe("consumer-offset-reset", function()
     assert.matches("every selected partition of task%-events is at its target", r.stdout)
   end)
 
+  it("on a terminal: the operator stops the consumers, then declines the reset; they start again where they were", function()
+    local before0 = committed(0)
+    local code, out = cli.pty("y,n", { "run", RUNBOOK, "-p", "to=earliest", "-p", "partitions=0" })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("Reset the offsets skipped (by the operator)", 1, true), out)
+    assert.truthy(out:find("Verify the offsets skipped", 1, true), out)
+    assert.truthy(out:find("consumes again from its old offsets: the operator skipped the reset", 1, true), out)
+    -- consuming only moves it forward; the declined reset would have moved it back to the earliest offset
+    assert.is_true(committed(0) >= before0, ("partition 0 at %d, was %d"):format(committed(0), before0))
+    assert.are.equal(1, kh.deployment("recurring-task").spec.replicas)
+  end)
+
   it("refuses a target it cannot read before stopping anything", function()
     local r = cli.run { "run", RUNBOOK, "-p", "to=yesterday", "--yes", "--output", "json" }
     assert.are.equal(1, r.code, r.stdout .. r.stderr)

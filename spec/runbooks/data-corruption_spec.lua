@@ -83,6 +83,19 @@ describe("data-corruption", function()
     assert.are_not.equal(good, corrupted)
   end)
 
+  it("on a terminal: the operator keeps the writers running and confirms the restore; nothing is scaled", function()
+    sb.sleep(1.1)
+    corrupt()
+    -- the two confirm steps ask: Stop writes (no), Restore the good backup (yes)
+    local code, out = cli.pty("n,y", { "run", RUNBOOK, "-p", "dir=" .. dir })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("Stop writes skipped (by the operator)", 1, true), out)
+    assert.truthy(out:find("the writers were not stopped by this run", 1, true), out)
+    assert.falsy(out:find("scale deployment", 1, true), out)
+    assert.are.equal(good, state())
+    assert.are.same(before, replicas())
+  end)
+
   it("stops without touching anything when no check finds corruption", function()
     local rv = kh.deployment("backend").metadata.resourceVersion
     local r = cli.run { "run", RUNBOOK, "--yes", "-p", "dir=" .. dir }

@@ -53,6 +53,15 @@ describe("kafka-lag-remediation", function()
     assert.are.equal(2, kh.deployment("recurring-task").spec.replicas)
   end)
 
+  it("on a terminal: the operator declines scaling; it watches the lag anyway and escalates saying so", function()
+    local code, out = cli.pty("n", { "run", RUNBOOK, "-p", "watch=3s", "-p", "interval=1s" })
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("Scale the consumers skipped (by the operator)", 1, true), out)
+    assert.truthy(out:find("Wait for the new consumers skipped", 1, true), out)
+    assert.truthy(out:find("no scaling: the operator declined todo-chatbot-recurring-task 1 -> 12", 1, true), out)
+    assert.are.equal(1, kh.deployment("recurring-task").spec.replicas)
+  end)
+
   it("leaves a group within the threshold alone", function()
     local r = cli.run { "run", RUNBOOK, "--yes", "-p", "group=websocket-service", "-p", "deployment=todo-chatbot-websocket",
       "--output", "json" }

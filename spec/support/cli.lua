@@ -55,6 +55,22 @@ function M.run(args, env)
   return { code = tonumber(slurp(d .. "/code")), stdout = slurp(d .. "/out"), stderr = slurp(d .. "/err") }
 end
 
+--- Run `runbook ARGS...` on a pseudo-terminal, typing each of `answers` (a
+-- comma-separated list, "p,y,n") at the next "Run this step?" prompt (see
+-- spec/fixtures/pty_run.py). `env` is an optional env prefix table. Returns
+-- the exit code and everything written to the terminal.
+function M.pty(answers, args, env)
+  local parts = {}
+  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+  for _, a in ipairs { "python3", "spec/fixtures/pty_run.py", answers, "--" } do parts[#parts + 1] = shell_quote(a) end
+  for word in M.BIN:gmatch("%S+") do parts[#parts + 1] = shell_quote(word) end   -- RUNBOOK_BIN may be "valgrind ... ./runbook"
+  for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
+  local p = io.popen(table.concat(parts, " ") .. "; echo \"exit=$?\"")
+  local out = p:read("a")
+  p:close()
+  return tonumber(out:match("exit=(%d+)%s*$")), out
+end
+
 local FIXTURES = debug.getinfo(1, "S").source:match("^@(.*)/support/[^/]*$") .. "/fixtures"
 
 --- Starts the fixture server spec/fixtures/SCRIPT in the background (it

@@ -54,17 +54,27 @@ local function jitter_delay(retry, attempt)
   return d
 end
 
+local SKIPPED_BY = { operator = "the operator skipped it", when = "its when predicate was false" }
+
+local function known_step(rb, name, what)
+  if not rb.steps_by_name[name] then
+    error(("%s[%q]: there is no step of that name"):format(what, tostring(name)), 3)
+  end
+end
+
 --- The outputs earlier steps returned, by step name. Reading a step that did
 -- not run (skipped, or before --from) is an error that says so.
-local function outputs_table(rb, store)
+local function outputs_table(rb, store, skipped)
   return setmetatable({}, {
     __index = function(_, name)
       local v = store[name]
       if v ~= nil then return v end
-      if not rb.steps_by_name[name] then
-        error(("ctx.outputs[%q]: there is no step of that name"):format(tostring(name)), 2)
+      known_step(rb, name, "ctx.outputs")
+      if skipped[name] then
+        error(("ctx.outputs[%q]: that step was skipped (%s), so it has no outputs; a step that can go on without"
+          .. " them asks ctx.skipped(%q) first"):format(name, SKIPPED_BY[skipped[name]], name), 2)
       end
-      error(("ctx.outputs[%q]: that step has not run in this run (skipped, not reached, or before --from), so it has no outputs")
+      error(("ctx.outputs[%q]: that step has not run in this run (not reached, or before --from), so it has no outputs")
         :format(name), 2)
     end,
     __newindex = function() error("ctx.outputs is read-only: return a table from the step instead", 2) end,
@@ -188,17 +198,23 @@ end
 -- dry_run, step, yes, from (step name), undo_on_failure, path (absolute) and
 -- sha256 of the runbook file, lock_key, lease and lease_wait (a "k8s:" lock
 -- key the engine takes as a Lease, waiting up to lease_wait seconds), and for a
--- resume: start (the step index to continue at) and restored = {outputs, completed}
--- from the journal.
+-- resume: start (the step index to continue at) and restored = {outputs, completed,
+-- skipped = {name = reason}} from the journal.
 function M.run(rb, opts)
   local restored = opts.restored or { outputs = {}, completed = {} }
   local store = restored.outputs
-  local run = { rb = rb, opts = opts, outputs = store, completed = {}, ask_all = opts.step }
+  local run = { rb = rb, opts = opts, outputs = store, skipped = restored.skipped or {}, completed = {},
+    ask_all = opts.step }
   for _, name in ipairs(restored.completed) do run.completed[#run.completed + 1] = rb.steps_by_name[name] end
   run.ctx = { params = setmetatable({}, { __index = opts.params,
       __newindex = function() error("ctx.params is read-only", 2) end }),
-    outputs = outputs_table(rb, store), run_id = opts.run_id,
+    outputs = outputs_table(rb, store, run.skipped), run_id = opts.run_id,
     dry_run = opts.dry_run or false, runbook = rb.name }
+  --- Why the step `name` was skipped in this run ("operator" or "when"), or nil.
+  function run.ctx.skipped(name)
+    known_step(rb, name, "ctx.skipped")
+    return run.skipped[name]
+  end
   setmetatable(run.ctx, { __index = function(t, k)
     if k == "log" then t.log = require("log"); return t.log end
   end })
@@ -234,6 +250,7 @@ function M.run(rb, opts)
       status, code = "aborted", M.EXIT.aborted
       break
     elseif choice == "skip" then
+      run.skipped[step.name] = reason
       counts.skipped = counts.skipped + 1
       events.emit { event = "step_end", step = step.name, index = i, status = "skipped", reason = reason, duration = 0 }
       goto continue

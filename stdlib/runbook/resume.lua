@@ -61,7 +61,7 @@ function M.plan(run_id, o, load_runbook)
     return fail(EXIT.locked, "run %s is still running (pid %s on %s)", run_id, holder.pid, holder.host)
   end
 
-  local outputs, completed, start = {}, {}, nil
+  local outputs, completed, skipped, start = {}, {}, {}, nil
   local from = first.from and rb.steps_by_name[first.from] and rb.steps_by_name[first.from].index or 1
   for i = from, #rb.steps do
     local step = rb.steps[i]
@@ -69,7 +69,9 @@ function M.plan(run_id, o, load_runbook)
     if state and state.status == "ok" then
       outputs[step.name] = state.outputs or {}
       completed[#completed + 1] = step.name
-    elseif not (state and state.status == "skipped") then
+    elseif state and state.status == "skipped" then
+      skipped[step.name] = state.reason
+    else
       local effects = state and state.status == "interrupted" and performed(state) or {}
       if #effects > 0 and not step.idempotent then
         local choice, why = decide_interrupted(step, effects, o)
@@ -86,7 +88,7 @@ function M.plan(run_id, o, load_runbook)
   return {
     rb = rb, params = first.params or {},
     run = { run_id = run_id, from = first.from, path = first.path, sha256 = sha,
-      start = start or #rb.steps + 1, restored = { outputs = outputs, completed = completed } },
+      start = start or #rb.steps + 1, restored = { outputs = outputs, completed = completed, skipped = skipped } },
   }
 end
 
