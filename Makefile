@@ -81,7 +81,7 @@ build/asan/lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 
 # The suite with every runbook process under valgrind's memcheck.
 check-valgrind: all
-	$(WITH_SANDBOX) RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite ./runbook" \
+	$(WITH_SANDBOX) RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --suppressions=spec/valgrind.supp ./runbook" \
 	  ./runbook test spec examples/team/spec
 
 sandbox:
