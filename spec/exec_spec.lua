@@ -42,8 +42,8 @@ describe("exec.run", function()
   end)
 
   it("adds env to the environment, or replaces it with clear_env", function()
-    local r = exec.read{ "sh", "-c", 'echo "$RB_X|$HOME"', env = { RB_X = "x y" } }
-    assert.are.equal("x y|" .. os.getenv("HOME") .. "\n", r.stdout)
+    local r = exec.read{ "sh", "-c", 'echo "$RB_X|$PATH"', env = { RB_X = "x y" } }
+    assert.are.equal("x y|" .. os.getenv("PATH") .. "\n", r.stdout)
     r = exec.read{ "/usr/bin/env", env = { ONLY = "1" }, clear_env = true }
     assert.are.equal("ONLY=1\n", r.stdout)
   end)
