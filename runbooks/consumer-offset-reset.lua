@@ -74,6 +74,16 @@ step "Reset the offsets" {
   description = "kafka-consumer-groups --reset-offsets --execute: commit the target offset of every selected partition",
   confirm = true,
   run = function(ctx)
+    if ctx.skipped("Stop the consumers") then
+      -- the operator may have stopped them by hand; if not, the group still has members
+      local d = k8s.get("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace })
+      local running = math.max(d.spec.replicas or 1, d.status and d.status.replicas or 0)
+      if running > 0 then
+        error(("not resetting: %s still runs %d consumer pod(s) because stopping them was declined, and a group "
+          .. "takes no reset while it has members; run again and stop the consumers"):format(ctx.params.deployment,
+          running), 0)
+      end
+    end
     local plan = kafka.reset_offsets { group = ctx.params.group, topics = ctx.params.topic,
       partitions = partitions(ctx), to = target(ctx.params.to) }
     log.info("%s", kafka.format_plan(plan))

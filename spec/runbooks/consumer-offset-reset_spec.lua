@@ -59,6 +59,29 @@ describe("consumer-offset-reset", function()
     assert.are.equal(1, kh.deployment("recurring-task").spec.replicas)
   end)
 
+  it("on a terminal: the operator declines stopping the consumers, then confirms the reset; it refuses", function()
+    local before0 = committed(0)
+    local code, out = cli.pty("n,y", { "run", RUNBOOK, "-p", "to=earliest", "-p", "partitions=0" })
+    assert.are.equal(1, code, out)
+    assert.truthy(out:find("not resetting: todo-chatbot-recurring-task still runs 1 consumer pod(s) because stopping "
+      .. "them was declined", 1, true), out)
+    assert.falsy(out:find("reset group", 1, true), out)
+    assert.is_true(committed(0) >= before0, ("partition 0 at %d, was %d"):format(committed(0), before0))
+    assert.are.equal(1, kh.deployment("recurring-task").spec.replicas)
+  end)
+
+  it("on a terminal: consumers already stopped by hand, the operator declines the stop and the reset goes ahead", function()
+    kh.scale("recurring-task", 0)
+    local before0 = committed(0)
+    local code, out = cli.pty("n,y", { "run", RUNBOOK, "-p", "to=earliest", "-p", "partitions=0" })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("every selected partition of task-events is at its target", 1, true), out)
+    assert.is_true(committed(0) < before0 - 100, ("partition 0 at %d, was %d"):format(committed(0), before0))
+    -- the runbook did not stop them, so it leaves them stopped
+    assert.truthy(out:find("Start the consumers skipped", 1, true), out)
+    assert.are.equal(0, kh.deployment("recurring-task").spec.replicas)
+  end)
+
   it("refuses a target it cannot read before stopping anything", function()
     local r = cli.run { "run", RUNBOOK, "-p", "to=yesterday", "--yes", "--output", "json" }
     assert.are.equal(1, r.code, r.stdout .. r.stderr)

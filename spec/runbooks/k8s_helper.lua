@@ -29,6 +29,13 @@ function M.release(app, tag)
   assert(M.wait_rolled_out(app), "the release of " .. app .. " did not roll out")
 end
 
+--- Scale by hand, as an operator would with kubectl scale, and wait until the pods match.
+function M.scale(app, replicas)
+  local status, out = sb.k8s("PATCH", DEPLOYS .. "todo-chatbot-" .. app, { spec = { replicas = replicas } })
+  assert(status == 200, ("scale %s to %d: %s %s"):format(app, replicas, tostring(status), tostring(out)))
+  assert(M.wait_rolled_out(app), app .. " did not settle at " .. replicas .. " replicas")
+end
+
 --- True once the deployment is rolled out with every replica ready and no old pod left.
 function M.rolled_out(app)
   local d = M.deployment(app)
