@@ -67,9 +67,10 @@ stop_pidfile() {
 
 # ---- PostgreSQL ----
 
-# PostgreSQL refuses to run as root; as root it runs as the postgres user.
+# PostgreSQL refuses to run as root; as root it runs as the postgres user,
+# from / since it may not enter the checkout (every path given is absolute).
 as_pg() {
-    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+    if [ "$(id -u)" = 0 ]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 # .state/postgres may be a symlink to /tmp (see pg_dir in up); the postgres
