@@ -29,31 +29,41 @@ static inline int net_wait(int fd, short events, double end) {
     }
 }
 
-/* Connects a non-blocking socket before `end`; returns it, or -1 with *why set
- * ("cannot resolve", "connect timed out", strerror's text). */
+/* Connects a non-blocking socket to host:port before `end`, trying each of the
+ * name's addresses in turn (localhost is often ::1 first while the server
+ * listens on 127.0.0.1 only); returns it, or -1 with *why set ("cannot
+ * resolve", "connect timed out", "interrupted", or the last address's
+ * strerror text). */
 static inline int net_connect(const char *host, const char *port, double end, const char **why) {
-    struct addrinfo hints = {0}, *ai;
+    struct addrinfo hints = {0}, *list;
     hints.ai_socktype = SOCK_STREAM;
-    if (getaddrinfo(host, port, &hints, &ai) != 0) return *why = "cannot resolve", -1;
-    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        freeaddrinfo(ai);
-        return *why = strerror(errno), -1;
-    }
-    int r = connect(fd, ai->ai_addr, ai->ai_addrlen);
-    freeaddrinfo(ai);
-    if (r != 0 && errno != EINPROGRESS) {
-        *why = strerror(errno);
+    if (getaddrinfo(host, port, &hints, &list) != 0) return *why = "cannot resolve", -1;
+    int fd = -1;
+    for (struct addrinfo *ai = list; ai && fd < 0; ai = ai->ai_next) {
+        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0) {
+            *why = strerror(errno);
+            continue;
+        }
+        int soerr = 0;
+        socklen_t len = sizeof soerr;
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
+        if (errno != EINPROGRESS) {
+            *why = strerror(errno);
+        } else if (!net_wait(fd, POLLOUT, end)) {
+            *why = rb_interrupted() ? "interrupted" : "connect timed out";
+            close(fd);
+            fd = -1;
+            break;   /* the deadline is spent: no time for the next address */
+        } else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr == 0) {
+            break;
+        } else {
+            *why = strerror(soerr ? soerr : errno);
+        }
         close(fd);
-        return -1;
+        fd = -1;
     }
-    int soerr = 0;
-    socklen_t len = sizeof soerr;
-    if (r != 0 && (!net_wait(fd, POLLOUT, end) || getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) || soerr)) {
-        *why = soerr ? strerror(soerr) : rb_interrupted() ? "interrupted" : "connect timed out";
-        close(fd);
-        return -1;
-    }
+    freeaddrinfo(list);
     return fd;
 }
 

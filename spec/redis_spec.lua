@@ -66,6 +66,27 @@ describe("redis.connect", function()
     end)
   end
 
+  it("tries each address of a name: rbtwo is ::1 first, the server listens on 127.0.0.1 only", function()
+    -- the run gets a mount namespace of its own whose /etc/hosts lists ::1 before 127.0.0.1
+    -- (as Debian's does for localhost); not root, it maps itself to root in a user namespace
+    local id = io.popen("id -u")
+    local root = id:read("l") == "0"
+    id:close()
+    local hosts = cli.tmpdir() .. "/hosts"
+    local f = assert(io.open(hosts, "w"))
+    f:write("::1 rbtwo\n127.0.0.1 rbtwo\n")
+    f:close()
+    local rb = cli.runbook([[
+name = "two-addresses"
+description = "ping Redis by a name with two addresses"
+step "Ping" { run = function() log.info("redis says %s", redis.connect():ping()) end }
+]])
+    local r = cli.run({ "run", rb, "--yes" }, { REDIS_URL = (url():gsub("127%.0%.0%.1", "rbtwo")) },
+      { "unshare", root and "-m" or "-rm", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', hosts })
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("redis says PONG", r.stdout)
+  end)
+
   it("raises WRONGPASS for a wrong password, without printing it", function()
     local err = raises(redis.connect, (url():gsub("//([^:]*):[^@]+@", "//%1:wrong-pass-99@")))
     assert.are.equal("WRONGPASS", err.code)

@@ -42,12 +42,14 @@ function M.runbook(src, name)
   return path
 end
 
---- Run `runbook ARGS...` with stdin from /dev/null (no terminal) and an
--- optional env prefix table. Returns {code, stdout, stderr}.
-function M.run(args, env)
+--- Run `runbook ARGS...` with stdin from /dev/null (no terminal), an optional
+-- env prefix table and an optional command to run it under (a list of words,
+-- e.g. {"unshare", ...}). Returns {code, stdout, stderr}.
+function M.run(args, env, under)
   local d = M.tmpdir()
   local parts = {}
   for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
+  for _, a in ipairs(under or {}) do parts[#parts + 1] = shell_quote(a) end
   parts[#parts + 1] = M.BIN
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
   local cmd = table.concat(parts, " ") .. (" </dev/null >%s/out 2>%s/err; echo $? >%s/code"):format(d, d, d)
