@@ -128,4 +128,25 @@ describe("sandbox lifecycle", function()
         assert.is_false(select(2, sb.psql("SELECT 1", env.DATABASE_URL)))
         assert.is_false(select(2, sb.sh("curl -s -m 2 " .. env.DAPR_HTTP_ENDPOINT .. "/v1.0/healthz")))
     end)
+
+    it("as root, starts in a new checkout at the path of a deleted one the postgres user could not enter", function()
+        if sb.sh("id -u"):match("%d+") ~= "0" then return pending("only root runs PostgreSQL as another user") end
+        local private = sb.sh("mktemp -d /tmp/runbook-sandbox-spec.XXXXXX"):match("%S+")  -- mode 700
+        local state = private .. "/state"
+        local with_state = "SANDBOX_STATE=" .. sb.quote(state) .. " "
+        finally(function()
+            sb.sh(with_state .. "make -s sandbox-stop; " .. with_state .. sb.sandbox .. "/down --purge; rm -rf "
+                .. sb.quote(private))
+        end)
+        local out, ok = sb.sh(with_state .. "make -s sandbox && " .. with_state .. "make -s sandbox-stop")
+        assert.is_true(ok, out)
+        local cluster = sb.sh("readlink " .. sb.quote(state .. "/postgres")):match("%S+")
+        assert.matches("^/tmp/runbook%-sandbox%-pg%-", cluster)
+        sb.sh("rm -rf " .. sb.quote(state))   -- the checkout is deleted without down --purge
+        out, ok = sb.sh(with_state .. "make -s sandbox")
+        assert.is_true(ok, out)
+        out, ok = sb.psql("SELECT count(*) FROM tasks", env_of(state).DATABASE_URL)
+        assert.is_true(ok, out)
+        assert.equal(3000, tonumber(out))
+    end)
 end)
