@@ -29,39 +29,35 @@ static inline int net_wait(int fd, short events, double end) {
     }
 }
 
-/* Connects a non-blocking socket to host:port before `end`, trying each of the
- * name's addresses in turn (localhost is often ::1 first while the server
- * listens on 127.0.0.1 only); returns it, or -1 with *why set ("cannot
- * resolve", "connect timed out", "interrupted", or the last address's
- * strerror text). */
+/* One address: a connected non-blocking socket, or -1 with *why set. */
+static inline int net_try(const struct addrinfo *ai, double end, const char **why) {
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return *why = strerror(errno), -1;
+    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) return fd;
+    int err = errno, soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (err == EINPROGRESS) {
+        if (!net_wait(fd, POLLOUT, end)) err = 0; /* the deadline or an interrupt */
+        else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) != 0) err = errno;
+        else if ((err = soerr) == 0) return fd;
+    }
+    *why = err ? strerror(err) : rb_interrupted() ? "interrupted" : "connect timed out";
+    close(fd);
+    return -1;
+}
+
+/* Connects to host:port before `end`, trying the name's addresses in turn
+ * (localhost is often ::1 first while a server listens on 127.0.0.1 only);
+ * returns the socket, or -1 with *why set ("cannot resolve", "connect timed
+ * out", "interrupted", or the last address's strerror text). */
 static inline int net_connect(const char *host, const char *port, double end, const char **why) {
     struct addrinfo hints = {0}, *list;
     hints.ai_socktype = SOCK_STREAM;
     if (getaddrinfo(host, port, &hints, &list) != 0) return *why = "cannot resolve", -1;
     int fd = -1;
-    for (struct addrinfo *ai = list; ai && fd < 0; ai = ai->ai_next) {
-        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0) {
-            *why = strerror(errno);
-            continue;
-        }
-        int soerr = 0;
-        socklen_t len = sizeof soerr;
-        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) break;
-        if (errno != EINPROGRESS) {
-            *why = strerror(errno);
-        } else if (!net_wait(fd, POLLOUT, end)) {
-            *why = rb_interrupted() ? "interrupted" : "connect timed out";
-            close(fd);
-            fd = -1;
-            break;   /* the deadline is spent: no time for the next address */
-        } else if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr == 0) {
-            break;
-        } else {
-            *why = strerror(soerr ? soerr : errno);
-        }
-        close(fd);
-        fd = -1;
+    for (struct addrinfo *ai = list; ai; ai = ai->ai_next) {
+        fd = net_try(ai, end, why);
+        if (fd >= 0 || rb_now() >= end || rb_interrupted()) break;
     }
     freeaddrinfo(list);
     return fd;
