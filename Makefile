@@ -29,7 +29,8 @@ LIBS_redis = -lhiredis -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
-  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time
+  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time \
+  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests
 
 .PHONY: all deps test clean install sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO) $(STDLIB_BC)
