@@ -65,11 +65,15 @@ local function post(op, url, body, headers, effect, timeout, method)
   return { ok = true, status = r.status }
 end
 
--- A webhook URL is the credential: whole, and its path wherever it shows alone.
+-- A webhook URL's credential is its path (Slack's /services/T../B../X..,
+-- a token in the query) and any password: the scheme and host still print,
+-- so an operator sees where a notification goes. A URL with no such path is
+-- registered whole.
 local function register_url(url)
-  host.secret(url)
-  local path = url:match("^%a+://[^/]+(/.+)$")
-  if path and #path >= 8 then host.secret(path) end
+  local path = url:match("^%a[%w+.-]*://[^/?#]+/(.+)$")
+  if path and #path >= 8 then host.secret(path) else host.secret(url) end
+  local password = url:match("^%a[%w+.-]*://[^/@]-:([^/@]*)@")
+  if password then host.secret(password) end
 end
 
 function M.slack(opts)
@@ -117,7 +121,7 @@ function M.webhook(opts)
   local body = opts.body and host.redact(opts.body) or require("cjson").encode(json)
   local headers = opts.headers
   if opts.body ~= nil and not opts.headers then headers = { ["Content-Type"] = "text/plain" } end
-  local target = host.redact(opts.url):gsub("//([^/@:]*):[^/@]*@", "//%1:***@")
+  local target = host.redact(opts.url)
   return deliver("webhook", opts, function()
     return post("webhook", opts.url, body, headers, { module = "notify", op = "webhook", target = target,
       summary = ("post to %s: %s"):format(target, webhook_summary(opts.json, body)) }, timeout, method)
