@@ -15,6 +15,7 @@
 #ifndef RUNBOOK_H
 #define RUNBOOK_H
 
+#include <stdio.h>
 #include <lua.h>
 #include <lauxlib.h>
 
@@ -41,6 +42,13 @@ typedef struct {
 rb_decision rb_gate(lua_State *L, const rb_effect *e);
 
 /*
+ * Nonzero in a dry run (and during a preview). For a module that must shape a
+ * session before any effect (pg makes its session read-only); the perform or
+ * skip decision for an effect is still rb_gate()'s.
+ */
+int rb_dry_run(void);
+
+/*
  * Record the outcome of an effect the gate was asked about: the decision it
  * made, whether the operation succeeded, and the value at the top of the
  * stack as its result (a string or a table; nil for none), which is popped.
@@ -62,6 +70,10 @@ int rb_error(lua_State *L, const char *module, const char *op,
 
 /* Register a value that must never appear in any output. Ignores short values (< 4 bytes). */
 void rb_secret_register(lua_State *L, const char *value, size_t len);
+
+/* Write s to f with registered secrets replaced, and flush: for a library's
+ * own log lines (its log callback), from any thread. */
+void rb_write_redacted(FILE *f, const char *s, size_t len);
 
 /*
  * The timeout for a blocking call: the seconds left before the current step's
