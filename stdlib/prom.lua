@@ -268,15 +268,19 @@ function Client:verify(opts)
     n = n + 1
     if missing then
       if host.now() - started >= warmup then no_data("verify", missing.query) end
-      log.info("%s: no data yet (waiting up to %s for a first value)", missing.name, duration.format(warmup))
+      if host.now() - last_log >= 10 then
+        log.info("%s: no data yet (waiting up to %s for a first value)", missing.name, duration.format(warmup))
+        last_log = host.now()
+      end
     else
+      local first = since == nil
       since = since or host.now()
       local held = host.now() - since
       if held >= hold then
         log.info("%s held for %s: %s", what, duration.format(hold), table.concat(shown, ", "))
         return { values = values, held = held, evaluations = n }
       end
-      if host.now() - last_log >= 10 or n == 1 then
+      if first or host.now() - last_log >= 10 then
         log.info("%s (held %s of %s)", table.concat(shown, ", "), duration.format(held), duration.format(hold))
         last_log = host.now()
       end

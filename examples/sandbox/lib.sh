@@ -91,11 +91,13 @@ pg_data() { echo "$(pg_home)/data"; }
 
 pg_running() { as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" status >/dev/null 2>&1; }
 
+# pg_stat_statements is loaded at start (not in postgresql.conf), so clusters
+# made before it was added get it too; pg_seed creates the extension.
 pg_start() {
     local port
     port=$(cat "$STATE_DIR/ports/postgres")
     as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" -l "$(pg_home)/server.log" \
-        -o "-p $port" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $(pg_home)/server.log)"
+        -o "-p $port -c shared_preload_libraries=pg_stat_statements" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $(pg_home)/server.log)"
 }
 
 pg_stop() {

@@ -103,7 +103,7 @@ def metrics(cluster, f, args):
     """metrics errors|latency|memory|pool|scrape-fail|reminder-failures|reset ...: the pods' /metrics."""
     mf = cluster.metrics.faults
     cmd, rest = args[0], args[1:]
-    need = {"errors": 2, "latency": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
+    need = {"errors": 2, "latency": 2, "capacity": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
     if cmd not in need:
         raise ValueError("unknown metrics fault %r; known: %s" % (cmd, ", ".join(sorted(need))))
     if len(rest) != need[cmd]:
@@ -124,6 +124,14 @@ def metrics(cluster, f, args):
     if cmd == "pool":
         mf.pool[target] = share(rest[1])
         return "%s: database pool %.0f%% in use" % (rest[0], mf.pool[target] * 100)
+    if cmd == "capacity":
+        try:
+            mf.capacity[target] = float(rest[1])
+        except ValueError:
+            mf.capacity[target] = 0
+        if mf.capacity[target] <= 0:
+            raise ValueError("bad capacity %r (requests per second per pod, e.g. 5)" % rest[1])
+        return "%s: a pod serving more than %g requests/s slows down" % (rest[0], mf.capacity[target])
     if cmd == "latency":
         mf.latency[target] = duration(rest[1])
         if mf.latency[target] <= 0:

@@ -51,6 +51,7 @@ class MetricFaults:
 
     def reset(self):
         self.errors, self.latency, self.pool, self.scrape_fail = {}, {}, {}, set()
+        self.capacity = {}           # target -> requests per second one pod serves before it slows down
         self.memory = {}             # target -> (MiB per second, since)
         self.reminder_failures = None
 
@@ -60,6 +61,7 @@ class MetricFaults:
                 "latency": {name(t): v for t, v in self.latency.items()},
                 "memory_growth_mib_per_s": {name(t): v[0] for t, v in self.memory.items()},
                 "pool_usage": {name(t): v for t, v in self.pool.items()},
+                "capacity_rps_per_pod": {name(t): v for t, v in self.capacity.items()},
                 "scrape_fail": sorted(name(t) for t in self.scrape_fail),
                 "reminder_failures": self.reminder_failures}
 
@@ -101,16 +103,22 @@ class Metrics:
 
     @staticmethod
     def service_rps(services, ingresses):
-        rps = {}
-        for s in services:
-            app = s["spec"].get("selector", {}).get("app.kubernetes.io/component")
-            if s["metadata"]["name"] == "todo-chatbot-" + str(app) and app in APPS:
-                rps[s["metadata"]["name"]] = APPS[app][0]
-        stable = {}                  # (host, path) -> service
+        """Requests per second per Service: an app's traffic enters through the Ingress paths that
+        send to a Service of its pods (after a blue-green switch, the new color's), else through
+        its todo-chatbot-APP Service; canary Ingresses take their weight's share of a path."""
+        app_of = {s["metadata"]["name"]: s["spec"].get("selector", {}).get("app.kubernetes.io/component")
+                  for s in services}
+        rps, stable, exposed = {}, {}, set()
         for ing in ingresses:
             if ing["metadata"].get("annotations", {}).get(CANARY) != "true":
                 for host, path, svc in ingress_paths(ing):
-                    stable[(host, path)] = svc
+                    if app_of.get(svc) in APPS:
+                        stable[(host, path)] = svc
+                        rps[svc] = rps.get(svc, 0.0) + APPS[app_of[svc]][0]
+                        exposed.add(app_of[svc])
+        for app, spec in APPS.items():
+            if app not in exposed and app_of.get("todo-chatbot-" + app) == app:
+                rps["todo-chatbot-" + app] = spec[0]
         for ing in ingresses:
             ann = ing["metadata"].get("annotations", {})
             if ann.get(CANARY) != "true":
@@ -167,6 +175,9 @@ class Metrics:
         n = st.rps * dt
         err = self.fault(self.faults.errors, info, app[1])
         median = self.fault(self.faults.latency, info, app[2])
+        capacity = self.fault(self.faults.capacity, info)
+        if capacity and st.rps > capacity:   # a saturated pod queues: latency grows with the square of the overload
+            median *= (st.rps / capacity) ** 2
         for method, part in (("GET", 0.75), ("POST", 0.25)):
             ok = "200" if method == "GET" else "201"
             for status, k in ((ok, 1 - err), ("500", err)):
