@@ -12,7 +12,7 @@
 #include <lauxlib.h>
 #include "host.h"
 
-static rb_mode mode = RB_MODE_RUN;
+static rb_mode mode = RB_MODE_DRY_RUN;   /* until the engine starts a real run */
 static double deadline;                  /* 0: no deadline */
 static volatile sig_atomic_t nsignals;   /* SIGINT/SIGTERM seen since the last clear */
 static volatile sig_atomic_t last_signal;

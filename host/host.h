@@ -8,7 +8,9 @@
 #define RB_ERROR_MT    "runbook.error"
 #define RB_EFFECT_SINK "runbook.effect_sink"
 
-/* The gate's mode, set only by the engine through the private host library. */
+/* The gate's mode, set only by the host's own Lua (the CLI and the engine)
+ * through the private host library. It starts as a dry run: loading a
+ * runbook, or anything before the engine starts a real run, changes nothing. */
 typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
@@ -29,6 +31,10 @@ int luaopen_runbook_host(lua_State *L);
 /* The terminal ticker's functions, added to the host library. */
 #include <lauxlib.h>
 extern const luaL_Reg rb_ticker_funcs[];
+
+/* The standard library's writers refuse in a dry run (guard.c); mkdir for fs.lua. */
+void rb_guard_stdlib(lua_State *L);
+extern const luaL_Reg rb_guard_funcs[];
 
 /* The journal, run lock and sha256 functions, added to the host library. */
 void rb_durable_open(lua_State *L);

@@ -123,6 +123,7 @@ static int pmain(lua_State *L)
     char stdlib[PATH_MAX], libdir[PATH_MAX];
 
     luaL_openlibs(L);
+    rb_guard_stdlib(L);
     keep_c_libraries(L);
     luaL_requiref(L, "runbook.host", luaopen_runbook_host, 0);
     find_roots(stdlib, libdir, sizeof stdlib);

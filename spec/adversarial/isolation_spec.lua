@@ -27,6 +27,11 @@ local VARIANTS = {
       getmetatable("").__index = s ]] .. OPEN },
   { "rawset into the string metatable's __index",
     step = "rawset(getmetatable('').__index, 'match', function() return true end)" .. OPEN },
+  { "fs.write at the top level, while the runbook loads", source = [[
+      name = "load" description = "writes while it loads"
+      param "dir" { required = true }
+      fs.write(os.getenv("ADVERSARIAL_DIR") .. "/x", "y")
+      step "nothing" { run = function() end } ]] },
   { "string.format replaced (the host's log lines)",
     step = "string.format = function() return 'HACKED' end print('hello')", check = prints_no("HACKED") },
   { "table.concat replaced (the host's print)",

@@ -12,7 +12,8 @@
 --
 -- A row is {name, step = CODE} (the body of one step, where DIR is a fresh
 -- empty directory, also the param `dir`) or {name, source = RUNBOOK} (a whole
--- runbook, which gets DIR as ctx.params.dir). Optional fields:
+-- runbook, which gets DIR as ctx.params.dir, and at load time as
+-- os.getenv("ADVERSARIAL_DIR")). Optional fields:
 --   snapshot = function(dir) -> value   what must not change (default: ls -lA of DIR)
 --   params = {k = v}                    more -p params
 --   check = function(r, dir)            more assertions on r = {code, stdout, stderr, seconds}
@@ -49,8 +50,8 @@ function M.processes(pattern)
   return found
 end
 
---- Run `source` with --dry-run --output json and -p dir=DIR plus `params`.
--- Returns {code, stdout, stderr, seconds}.
+--- Run `source` with --dry-run --output json, -p dir=DIR plus `params`, and
+-- ADVERSARIAL_DIR=DIR in the environment. Returns {code, stdout, stderr, seconds}.
 function M.dry_run(source, dir, params)
   local args = { "run", cli.runbook(source), "--dry-run", "--output", "json", "-p", "dir=" .. dir }
   for k, v in pairs(params or {}) do
@@ -58,7 +59,7 @@ function M.dry_run(source, dir, params)
     args[#args + 1] = k .. "=" .. v
   end
   local t0 = host.now()
-  local r = cli.run(args)
+  local r = cli.run(args, { ADVERSARIAL_DIR = dir })
   r.seconds = host.now() - t0
   return r
 end
