@@ -16,6 +16,7 @@
 -- os.getenv("ADVERSARIAL_DIR")). Optional fields:
 --   snapshot = function(dir) -> value   what must not change (default: ls -lA of DIR)
 --   params = {k = v}                    more -p params
+--   under = {"timeout", "60"}           a command to run it under (bounds a run that hangs)
 --   check = function(r, dir)            more assertions on r = {code, stdout, stderr, seconds}
 local cli = require "spec.support.cli"
 local assert = require "luassert"
@@ -52,14 +53,14 @@ end
 
 --- Run `source` with --dry-run --output json, -p dir=DIR plus `params`, and
 -- ADVERSARIAL_DIR=DIR in the environment. Returns {code, stdout, stderr, seconds}.
-function M.dry_run(source, dir, params)
+function M.dry_run(source, dir, params, under)
   local args = { "run", cli.runbook(source), "--dry-run", "--output", "json", "-p", "dir=" .. dir }
   for k, v in pairs(params or {}) do
     args[#args + 1] = "-p"
     args[#args + 1] = k .. "=" .. v
   end
   local t0 = host.now()
-  local r = cli.run(args, { ADVERSARIAL_DIR = dir })
+  local r = cli.run(args, { ADVERSARIAL_DIR = dir }, under)
   r.seconds = host.now() - t0
   return r
 end
@@ -69,7 +70,7 @@ function M.check(row)
   local dir = cli.tmpdir()
   local snapshot = row.snapshot or M.listing
   local before = snapshot(dir)
-  local r = M.dry_run(row.source or M.runbook(row.step), dir, row.params)
+  local r = M.dry_run(row.source or M.runbook(row.step), dir, row.params, row.under)
   assert.are.same(before, snapshot(dir), ("the dry run changed something (exit %s)\n%s%s"):format(
     tostring(r.code), r.stdout, r.stderr))
   if row.check then row.check(r, dir) end

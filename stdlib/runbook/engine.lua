@@ -4,10 +4,11 @@
 local events = require "runbook.events"
 local host = require "runbook.host"
 local heartbeat = require "runbook.heartbeat"
+local deadline = require "runbook.deadline"
 
 local M = {}
 
-M.EXIT = { ok = 0, failed = 1, usage = 2, load = 3, aborted = 4, locked = 75 }
+M.EXIT = { ok = 0, failed = 1, usage = 2, load = 3, aborted = 4, locked = 75, watchdog = 124 }
 
 --- The runbook's own file:line nearest the top of the stack, for error messages.
 local function runbook_position(file)
@@ -94,11 +95,16 @@ local function check_outputs(step, out)
   return out
 end
 
+--- Call a step's `what` function fn(...) protected, under the step's timeout
+-- (else the default for `what`) and the watchdog.
+local function step_call(rb, step, ctx, what, fn, ...)
+  local limit = step.timeout or deadline.LIMIT[what]
+  return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
+end
+
 --- One attempt of one step's function under its deadline.
 local function attempt(rb, step, ctx)
-  host.set_deadline(step.timeout and host.now() + step.timeout or 0)
-  local ok, res = protected(rb, function() return check_outputs(step, step.run(ctx)) end)
-  host.set_deadline(0)
+  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, step.run(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
     res.message = ("timed out after %s"):format(require("duration").format(step.timeout))
   end
@@ -159,7 +165,8 @@ local function undo_completed(run)
       events.step = step.name
       events.emit { event = "undo_start", step = step.name }
       local t0 = host.now()
-      local ok, res = protected(run.rb, step.undo, new_ctx(run, step), run.outputs[step.name])
+      local ctx = new_ctx(run, step)
+      local ok, res = step_call(run.rb, step, ctx, "undo", step.undo, ctx, run.outputs[step.name])
       events.emit { event = "undo_end", step = step.name, status = ok and "ok" or "failed",
         duration = since(t0), error = not ok and res or nil }
     end
@@ -170,7 +177,8 @@ end
 -- Returns "run", "skip" (with a reason), "all" or "quit".
 local function decide(run, step, total)
   if step.when then
-    local ok, res = protected(run.rb, step.when, new_ctx(run, step))
+    local ctx = new_ctx(run, step)
+    local ok, res = step_call(run.rb, step, ctx, "when", step.when, ctx)
     if not ok then return "error", res end
     if not res then return "skip", "when" end
   end
@@ -292,9 +300,12 @@ function M.run(rb, opts)
     if not ok then require("log").warn("the lease stays held until it expires: %s", host.redact(tostring(e))) end
   end
   if rb.notify then
-    require("notify").run_hooks(rb.notify, { runbook = rb.name, run_id = opts.run_id, status = status,
-      step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = since(t0),
-      ok = counts.ok, dry_run = opts.dry_run })
+    local watch = { run_id = opts.run_id, message = ("the notify hook did not finish within %gs; the watchdog ended"
+      .. " the run"):format(deadline.LIMIT.notify), events = { { event = "run_end", run_id = opts.run_id,
+      status = status, exit_code = M.EXIT.watchdog, mode = host.mode() } } }
+    deadline.call(deadline.LIMIT.notify, watch, pcall, require("notify").run_hooks, rb.notify, { runbook = rb.name,
+      run_id = opts.run_id, status = status, step = run.failed and run.failed.step,
+      error = run.failed and run.failed.error, duration = since(t0), ok = counts.ok, dry_run = opts.dry_run })
   end
   events.emit { event = "run_end", run_id = opts.run_id, status = status, exit_code = code,
     duration = since(t0), ok = counts.ok, failed = counts.failed, skipped = counts.skipped,
