@@ -23,7 +23,7 @@ local function instructions(at, watch)
     lines[i] = host.redact(journal.encode(e)) .. "\n"
   end
   return { journal = watch.run_id and journal.path(watch.run_id), lines = table.concat(lines),
-    message = host.redact("runbook: " .. watch.message) .. "\n", exit = require("runbook.engine").EXIT.watchdog }
+    message = host.redact("runbook: " .. watch.message) .. "\n", exit = require("runbook.exit").watchdog }
 end
 
 --- call(fn, ...) (a protected call: pcall, xpcall or the engine's) with a
@@ -42,7 +42,7 @@ function M.step_watch(ctx, step, what, limit)
   local msg = ("step '%s': its %s function timed out after %s and still ran %gs later (stuck in C code, or in a loop"
     .. " Lua cannot interrupt), so the watchdog ended the run"):format(step.name, what,
     require("duration").format(limit), host.watchdog_grace)
-  local exit = require("runbook.engine").EXIT.watchdog
+  local exit = require("runbook.exit").watchdog
   local dry = host.mode() == "dry-run"
   return {
     run_id = ctx.run_id,
@@ -52,6 +52,16 @@ function M.step_watch(ctx, step, what, limit)
         status = "interrupted", duration = limit + host.watchdog_grace, error = { message = msg, code = "timeout" } },
       { event = "run_end", run_id = ctx.run_id, status = "timed_out", exit_code = exit, mode = host.mode() },
     },
+  }
+end
+
+--- The watch for the notify hooks of run `run_id`, which ended with `status`.
+function M.notify_watch(run_id, status)
+  return {
+    run_id = run_id,
+    message = ("the notify hook did not finish within %gs; the watchdog ended the run"):format(M.LIMIT.notify),
+    events = { { event = "run_end", run_id = run_id, status = status, exit_code = require("runbook.exit").watchdog,
+      mode = host.mode() } },
   }
 end
 
