@@ -40,6 +40,9 @@ local VARIANTS = {
     step = [[ local _, e = pcall(fs.read, DIR .. "/none")
       getmetatable(e).__tostring = function() return "HACKED" end
       fs.read(DIR .. "/none") ]], check = prints_no("HACKED") },
+  { "ctx.log.info replaced (the host's print)",
+    step = "pcall(function() ctx.log.info = function() end end) print('hello')", check = function(r)
+      assert.truthy(r.stdout:find("hello", 1, true), r.stdout) end },
   { "file handles' write replaced (the host's output)",
     step = "getmetatable(io.stdout).__index.write = function() return true end",
     check = function(r) assert.truthy(r.stdout:find('"run_end"', 1, true), r.stdout) end },

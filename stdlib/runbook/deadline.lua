@@ -28,13 +28,16 @@ end
 
 --- call(fn, ...) (a protected call: pcall, xpcall or the engine's) with a
 -- deadline `limit` seconds from now, watched as `watch` says. Returns what
--- call returned.
+-- call returned. The deadline ends with the call even when the call itself
+-- raises (a runbook's error object whose __tostring loops, caught by the hook
+-- while the engine reads it).
 function M.call(limit, watch, call, fn, ...)
   local at = host.now() + limit
   host.set_deadline(at, instructions(at, watch))
-  local r = table.pack(call(fn, ...))
+  local r = table.pack(pcall(call, fn, ...))
   host.set_deadline(0)
-  return table.unpack(r, 1, r.n)
+  if not r[1] then error(r[2], 0) end
+  return table.unpack(r, 2, r.n)
 end
 
 --- The watch for a step's `what` ("run", "when" or "undo") stopped after `limit` seconds.

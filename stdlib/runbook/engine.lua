@@ -209,7 +209,7 @@ local function run_ctx(run)
   end
   return setmetatable(ctx, { __index = function(t, k)
     if k == "dry_run" then return host.mode() == "dry-run" end
-    if k == "log" then t.log = require("log"); return t.log end
+    if k == "log" then t.log = require("runbook.env").readonly(require("log"), "ctx.log"); return t.log end
   end })
 end
 

@@ -70,6 +70,7 @@ local function readonly(t, name)
   views[t] = view
   return view
 end
+M.readonly = readonly   -- for host tables handed to runbook code outside its environment (ctx.log)
 
 --- setmetatable and getmetatable for runbooks: a runbook sees the metatables
 -- it set itself; any other (the strings', a file handle's, a module object's
