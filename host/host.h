@@ -21,8 +21,12 @@ double rb_get_deadline(void);
 void rb_signals_install(void);
 void rb_clear_interrupt(void);
 
-/* Secrets: redact a string into a new Lua string on the stack. */
+/* Secrets: redact a string into a new Lua string on the stack; a copy of the
+ * value at idx with every string in it redacted (before it is encoded); the
+ * credentials of the environment, registered at start-up. */
 void rb_push_redacted(lua_State *L, const char *s, size_t len);
+void rb_push_redacted_value(lua_State *L, int idx);
+void rb_secret_register_env(void);
 
 int luaopen_runbook_host(lua_State *L);
 

@@ -97,6 +97,14 @@ static int h_redact(lua_State *L)
     return 1;
 }
 
+/* redact_value(v): a copy of v with every string in it redacted, keys too. */
+static int h_redact_value(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    rb_push_redacted_value(L, 1);
+    return 1;
+}
+
 /* The function the gate reports effects to (the engine's recorder), or nil. */
 static int h_set_effect_sink(lua_State *L)
 {
@@ -224,6 +232,7 @@ static const luaL_Reg host_funcs[] = {
     { "deadline", h_deadline },
     { "secret", h_secret },
     { "redact", h_redact },
+    { "redact_value", h_redact_value },
     { "set_effect_sink", h_set_effect_sink },
     { "gate", h_gate },
     { "gate_done", h_gate_done },

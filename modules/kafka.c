@@ -171,6 +171,17 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     d->done = 1;
 }
 
+/* librdkafka's own log lines (from its threads) pass redaction on their way to stderr. */
+static void on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
+    (void)rk;
+    int n = snprintf(NULL, 0, "runbook: kafka: %d|%s| %s\n", level, fac, buf);
+    char *line = n > 0 ? malloc((size_t)n + 1) : NULL;
+    if (!line) return;
+    snprintf(line, (size_t)n + 1, "runbook: kafka: %d|%s| %s\n", level, fac, buf);
+    rb_write_redacted(stderr, line, (size_t)n);
+    free(line);
+}
+
 static int is_secret_property(const char *name) {
     return strstr(name, "password") || strstr(name, "secret") ||
            strcmp(name, "sasl.oauthbearer.config") == 0 || strcmp(name, "ssl.key.pem") == 0;
@@ -249,6 +260,7 @@ static int k_new(lua_State *L) {
     /* quiet unless asked: failures reach runbooks as errors, not log lines */
     rd_kafka_conf_set(conf, "log_level", "2", err, sizeof err);
     rd_kafka_conf_set(conf, "client.id", "runbook", err, sizeof err);
+    rd_kafka_conf_set_log_cb(conf, on_log);
     apply_props(L, conf);
     rd_kafka_conf_set(conf, "sasl.kerberos.min.time.before.relogin", "0", err, sizeof err); /* no kinit */
     c->conf = rd_kafka_conf_dup(conf);

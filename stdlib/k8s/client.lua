@@ -58,10 +58,38 @@ function M.encode(v)
   return (codec.encode(prepare(v)):gsub('"\\u0000%[%]"', "[]"))
 end
 
+-- A Secret's values are registered the moment they are read, decoded and as
+-- sent, so whatever a runbook prints of them is redacted: get, list, watch
+-- events and the objects writes answer with all pass M.decode.
+local function register_secret(obj)
+  for _, field in ipairs { "data", "stringData" } do
+    for _, v in pairs(type(obj[field]) == "table" and obj[field] or {}) do
+      if type(v) == "string" then
+        host.secret(v)
+        if field == "data" then host.secret(config.base64_decode(v) or v) end
+      end
+    end
+  end
+end
+
+local function register_secrets(doc)
+  if type(doc) ~= "table" then return end
+  if doc.kind == "Secret" then
+    register_secret(doc)
+  elseif doc.kind == "SecretList" or doc.kind == "List" then
+    for _, item in ipairs(type(doc.items) == "table" and doc.items or {}) do
+      if type(item) == "table" and (doc.kind == "SecretList" or item.kind == "Secret") then register_secret(item) end
+    end
+  elseif type(doc.object) == "table" then
+    register_secrets(doc.object)
+  end
+end
+
 function M.decode(s)
   local text, n = native.mark_empty_arrays(s)
   local ok, v = pcall(codec.decode, text)
   if not ok then return nil end
+  register_secrets(v)
   return restore(v)
 end
 

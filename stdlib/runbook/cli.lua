@@ -232,7 +232,16 @@ function commands.help()
   return EXIT.ok
 end
 
+-- The host's own print (history, describe, list) passes redaction as every
+-- other output does.
+local function redacting_print(...)
+  local parts = table.pack(...)
+  for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+  io.stdout:write(host.redact(table.concat(parts, "\t", 1, parts.n) .. "\n"))
+end
+
 function M.main(args)
+  _G.print = redacting_print
   local cmd = args[1]
   if cmd == "--help" or cmd == "-h" then cmd = "help" end
   if cmd == "--version" then cmd = "version" end

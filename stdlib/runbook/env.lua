@@ -46,11 +46,13 @@ local function make_os()
 end
 
 local function make_io()
+  local redacting = require("runbook.output").redacting
+  local stdout, stderr = redacting(io.stdout), redacting(io.stderr)
   return {
     open = safe_open, lines = io.lines, read = io.read, type = io.type,
-    write = function(...) return io.stdout:write(...) end,
+    write = function(...) return stdout:write(...) end,
     popen = refuse("io.popen", "exec.run (exec.read for commands that only read)"),
-    stdout = io.stdout, stderr = io.stderr, stdin = io.stdin,
+    stdout = stdout, stderr = stderr, stdin = io.stdin,
   }
 end
 

@@ -13,6 +13,28 @@ local function writer(stream)
   end
 end
 
+--- A stand-in for io.stdout or io.stderr whose write redacts: the runbook
+-- environment's io.write, io.stdout and io.stderr. A secret is caught within
+-- one write call (a runbook that splits one across calls on purpose is not).
+function M.redacting(file)
+  local proxy = {}
+  function proxy.write(self, ...)
+    local parts = table.pack(...)
+    for i = 1, parts.n do
+      local v = parts[i]
+      if type(v) ~= "string" and type(v) ~= "number" then
+        error(("bad argument #%d to 'write' (string expected, got %s)"):format(i, type(v)), 2)
+      end
+      parts[i] = tostring(v)
+    end
+    file:write(host.redact(table.concat(parts, "", 1, parts.n)))
+    return self
+  end
+  function proxy.flush(self) file:flush(); return self end
+  function proxy.setvbuf(_, ...) return file:setvbuf(...) end
+  return setmetatable(proxy, { __name = "FILE*", __tostring = function() return tostring(file) end })
+end
+
 local function error_text(err)
   if not err then return "" end
   local s = err.message or "error"
