@@ -46,7 +46,7 @@ local function warn(msg)
   if ok and type(log) == "table" and log.warn then
     log.warn(msg)
   else
-    io.stderr:write("warning: ", msg, "\n")
+    io.stderr:write(host.redact("warning: " .. msg .. "\n"))
   end
 end
 
