@@ -123,6 +123,15 @@ local PLACES = {
       for _, s in ipairs(k8s.list("secrets", { namespace = %q })) do
         if s.metadata.name == %q then return base64.decode(s.data.v) end
       end]]):format(NS, p.secret) end },
+  { name = "a k8s Secret's data (k8s.watch)",
+    canary = function(p) p.v, p.secret = nasty("wdata"), "canary-wdata-" .. hex(4); k8s_secret(p.secret, "data", p.v); return p.v end,
+    teardown = function(p) delete_secret(p.secret) end,
+    read = function(p) return ([[
+      local v
+      k8s.watch("secrets", { namespace = %q, timeout = 10 }, function(_, s)
+        if s.metadata.name == %q then v = base64.decode(s.data.v); return true end
+      end)
+      return v]]):format(NS, p.secret) end },
   { name = "another kubeconfig context's token",
     canary = function(p) p.v = "tok-" .. hex(16); p.kc = kubeconfig { token = p.v }; return p.v end,
     env = function(p) return { KUBECONFIG = p.kc } end, read = READ_KUBECONFIG:format("token") },
@@ -137,6 +146,10 @@ local PLACES = {
     canary = function(p) p.v = nasty("redis"); return p.v end,
     env = function(p) return { REDIS_URL = "redis://default:" .. url_encode(p.v) .. "@127.0.0.1:9/0" } end,
     read = URL_PASSWORD:format("REDIS_URL") },
+  { name = "the PROMETHEUS_URL password",
+    canary = function(p) p.v = nasty("prom"); return p.v end,
+    env = function(p) return { PROMETHEUS_URL = "http://ops:" .. url_encode(p.v) .. "@127.0.0.1:9" } end,
+    read = URL_PASSWORD:format("PROMETHEUS_URL") },
   { name = "a webhook URL given to notify.webhook",
     canary = function(p) p.v = "capture/wh-" .. hex(12); return p.v end,
     env = function(p) return { CANARY_WEBHOOK = hook.url:gsub("capture/hook$", "") .. p.v } end,
