@@ -7,11 +7,16 @@
 /* Registry keys. */
 #define RB_ERROR_MT    "runbook.error"
 #define RB_EFFECT_SINK "runbook.effect_sink"
+#define RB_INTENT_SINK "runbook.intent_sink"
 
 /* The gate's mode, set only by the engine through the private host library. */
 typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
+
+/* The gate for effects written in Lua (host.gate): as rb_gate, and the C
+ * module's own check inside it (until host.gate_done) is the same effect. */
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e);
 
 /* Step deadline (monotonic seconds; 0 = none) and the hook that enforces it in Lua code. */
 void rb_set_deadline(lua_State *L, double deadline);

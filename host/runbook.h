@@ -35,10 +35,17 @@ typedef struct {
 } rb_effect;
 
 /*
- * Ask the gate. Returns RB_PERFORM in normal mode; in dry-run mode
- * RB_SIMULATE when e->can_simulate, else RB_SKIP. Never raises.
+ * Ask the gate. Returns RB_PERFORM in normal mode, having journaled the
+ * effect's intent (it raises, before anything is done, when the intent cannot
+ * be journaled: a full disk); in dry-run mode RB_SIMULATE when
+ * e->can_simulate, else RB_SKIP. Ask it right before the write, with nothing
+ * to free on an error, and report every PERFORM with rb_gate_done().
  */
 rb_decision rb_gate(lua_State *L, const rb_effect *e);
+
+/* Nonzero in a dry run (or a step preview): for a module that needs the mode
+ * itself, without asking about an effect. */
+int rb_dry_run(void);
 
 /*
  * Record the outcome of an effect the gate was asked about: the decision it

@@ -441,8 +441,8 @@ static void sync_readonly(lua_State *L, conn *c, int dry) {
 }
 
 static int dry_run(lua_State *L) {
-    rb_effect probe = { "pg", "probe", "", "", 1 };
-    return rb_gate(L, &probe) != RB_PERFORM;
+    (void)L;
+    return rb_dry_run();
 }
 
 /* ---- classifying statements --------------------------------------------- */

@@ -14,7 +14,8 @@ usage: runbook COMMAND [ARGS]
                 [--output json] [--from STEP] [--undo-on-failure]
                 [--lock[=KEY]] [--lock k8s:NAMESPACE/NAME] [--wait-lock DURATION]
                         run a runbook
-  resume RUN_ID [--force] [--rerun-interrupted] [-p secret=value]... [--yes] [--step]
+  resume RUN_ID [--force] [--rerun-interrupted] [--on-unknown=fail|redo|skip]
+                [-p secret=value]... [--yes] [--step]
                         continue a failed, aborted, interrupted or killed run
   history [--runbook NAME] [--limit N] [--output json]
                         past runs, newest first
@@ -28,8 +29,9 @@ usage: runbook COMMAND [ARGS]
   help                  this text
 
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
-3 runbook cannot be loaded, 4 aborted by the operator, 75 lock held by
-another run, 130/143 interrupted.
+3 runbook cannot be loaded, 4 aborted by the operator, 74 the journal
+cannot be written (a full disk), 75 lock held by another run, 76 an
+effect's outcome is unknown (resume --on-unknown), 130/143 interrupted.
 ]==]
 
 local EXIT = require("runbook.engine").EXIT
@@ -128,7 +130,7 @@ local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "v
 
 local RESUME_OPTS = { ["-p"] = "list", ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag",
   ["--output"] = "value", ["--force"] = "flag", ["--rerun-interrupted"] = "flag", ["--wait-lock"] = "value",
-  ["--undo-on-failure"] = "flag" }
+  ["--undo-on-failure"] = "flag", ["--on-unknown"] = "value" }
 
 --- Refuse before anything runs when we would have to ask and cannot.
 local function check_can_ask(rb, o)
@@ -155,10 +157,13 @@ local function install_sinks(o, journal_sink)
     events.add_sink(output.human(io.stdout, host.isatty(1)))
   end
   events.add_sink(journal_sink)
-  host.set_effect_sink(function(e)
-    e.event, e.step = "effect", events.step
-    events.emit(e)
-  end)
+  local function sink(kind)
+    return function(e)
+      e.event, e.step = kind, events.step
+      events.emit(e)
+    end
+  end
+  host.set_effect_sink(sink("effect"), sink("intent"))
 end
 
 --- Parse a run-like command's options: one positional `what`, and valid
@@ -220,7 +225,12 @@ local function start_run(rb, o, run)
   local lock, lease = take_lock(rb, o, run.run_id)
   if not lock then return lease end
   local jok, sink = pcall(require("runbook.journal").sink, run.run_id)
-  if not jok then err("%s", sink); return EXIT.usage end
+  if not jok then
+    if lock ~= true then lock:release() end
+    if type(sink) == "table" then err("%s", sink.message); return EXIT.locked end
+    err("%s", sink)
+    return EXIT.usage
+  end
   install_sinks(o, sink)
   host.install_signal_handlers()
   math.randomseed(math.floor(host.wallclock() * 1000))
@@ -230,6 +240,12 @@ local function start_run(rb, o, run)
   run.lease, run.lease_wait = lease, o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0
   local status = require("runbook.engine").run(rb, run)
   if lock ~= true then lock:release() end
+  local jfail = require("runbook.journal").failure
+  if jfail then
+    err("the run stopped: %s (journal %s, cut back to its last whole line). Free space, then: runbook resume %s",
+      tostring(type(jfail) == "table" and jfail.message or jfail), require("runbook.journal").path(run.run_id), run.run_id)
+    return EXIT.journal
+  end
   return status
 end
 
@@ -266,6 +282,10 @@ end
 function commands.resume(args)
   local o, ocode = parse_run_like("resume", args, RESUME_OPTS, "RUN_ID (see 'runbook history')")
   if not o then return ocode end
+  local unknown = o["--on-unknown"]
+  if unknown and unknown ~= "fail" and unknown ~= "redo" and unknown ~= "skip" then
+    return usage_error("resume: --on-unknown must be fail, redo or skip")
+  end
   local plan, code = require("runbook.resume").plan(o.positional[1], o, load_runbook)
   if not plan then return code end
   for _, kv in ipairs(o["-p"] or {}) do

@@ -7,7 +7,7 @@ local heartbeat = require "runbook.heartbeat"
 
 local M = {}
 
-M.EXIT = { ok = 0, failed = 1, usage = 2, load = 3, aborted = 4, locked = 75 }
+M.EXIT = { ok = 0, failed = 1, usage = 2, load = 3, aborted = 4, journal = 74, locked = 75, unknown = 76 }
 
 --- The runbook's own file:line nearest the top of the stack, for error messages.
 local function runbook_position(file)
@@ -128,8 +128,11 @@ end
 --- Seconds since t0, to the millisecond (what output and the journal show).
 local function since(t0) return math.floor((host.now() - t0) * 1000 + 0.5) / 1000 end
 
+--- A step's ctx. ctx.key is the step's idempotency key in this run, the same
+-- on resume: a step can mark its effect with it (a row, a header, a line) and
+-- its `check` find the mark.
 local function new_ctx(run, step)
-  return setmetatable({ step = step.name }, { __index = run.ctx })
+  return setmetatable({ step = step.name, key = run.opts.run_id .. "/" .. step.name }, { __index = run.ctx })
 end
 
 --- Run a step in dry-run mode to show what it would do, then restore the mode.
@@ -232,6 +235,9 @@ function M.run(rb, opts)
     params = opts.redacted_params, steps = total, user = who.user, host = who.host, pid = who.pid,
     lock = opts.lock_key, resumed = opts.restored ~= nil or nil,
     from = opts.from, resume_at = opts.start and rb.steps[opts.start] and rb.steps[opts.start].name or nil }
+
+  -- A resume's answers about steps whose effects were of unknown outcome.
+  for _, e in ipairs(opts.resolved or {}) do events.emit(e) end
 
   local status, code, failure = "ok", M.EXIT.ok, nil
   local lease
