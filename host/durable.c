@@ -86,6 +86,16 @@ static off_t drop_torn_tail(int fd)
     return end - pos;
 }
 
+/* mkdir_private(path) -> true | nil, message: a directory of the state dir,
+ * created 0700 (journals hold outputs, lock files who runs what). */
+static int d_mkdir_private(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    if (mkdir(path, 0700) < 0 && errno != EEXIST) return push_errno(L, "cannot create directory", path);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* journal_open(path) -> journal, bytes of a torn last line dropped | nil,
  * message, true when another process holds the journal. Appends; created 0600
  * (it holds outputs); locked (flock) for the life of the handle. */
@@ -159,7 +169,7 @@ static int l_try(lua_State *L)
     size_t len;
     const char *holder = luaL_checklstring(L, 2, &len);
     rb_fd *h = new_fd(L, LOCK_MT);
-    h->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    h->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (h->fd < 0) return push_errno(L, "cannot open lock file", path);
     if (flock(h->fd, LOCK_EX | LOCK_NB) < 0) {
         if (errno != EWOULDBLOCK) return push_errno(L, "cannot lock", path);
@@ -262,6 +272,7 @@ static const luaL_Reg journal_methods[] = {
 static const luaL_Reg lock_methods[] = { { "release", fd_close }, { NULL, NULL } };
 
 static const luaL_Reg durable_funcs[] = {
+    { "mkdir_private", d_mkdir_private },
     { "journal_open", j_open },
     { "lock_try", l_try },
     { "lock_held", l_held },

@@ -15,6 +15,7 @@
 #ifndef RUNBOOK_H
 #define RUNBOOK_H
 
+#include <stdio.h>
 #include <lua.h>
 #include <lauxlib.h>
 
@@ -43,8 +44,11 @@ typedef struct {
  */
 rb_decision rb_gate(lua_State *L, const rb_effect *e);
 
-/* Nonzero in a dry run (or a step preview): for a module that needs the mode
- * itself, without asking about an effect. */
+/*
+ * Nonzero in a dry run (and during a preview). For a module that must shape a
+ * session before any effect (pg makes its session read-only); the perform or
+ * skip decision for an effect is still rb_gate()'s.
+ */
 int rb_dry_run(void);
 
 /*
@@ -69,6 +73,10 @@ int rb_error(lua_State *L, const char *module, const char *op,
 
 /* Register a value that must never appear in any output. Ignores short values (< 4 bytes). */
 void rb_secret_register(lua_State *L, const char *value, size_t len);
+
+/* Write s to f with registered secrets replaced, and flush: for a library's
+ * own log lines (its log callback), from any thread. */
+void rb_write_redacted(FILE *f, const char *s, size_t len);
 
 /*
  * The timeout for a blocking call: the seconds left before the current step's

@@ -40,11 +40,14 @@ end
 
 -- The kill points.
 local cases = {}
-for _, kind in ipairs(KINDS) do
-  for _, point in ipairs { "before", "after" } do
-    for _, sig in ipairs { "KILL", "TERM", "INT", "HUP" } do
-      cases[#cases + 1] = { row = ("SIG%s %s the effect"):format(sig, point), kind = kind, point = point, sig = sig }
-    end
+local OTHER = { "TERM", "INT", "HUP" }
+for k, kind in ipairs(KINDS) do
+  -- before the effect: SIGKILL, and one of the others in turn; after it: each signal
+  for _, sig in ipairs { "KILL", OTHER[(k - 1) % 3 + 1] } do
+    cases[#cases + 1] = { row = ("SIG%s before the effect"):format(sig), kind = kind, point = "before", sig = sig }
+  end
+  for _, sig in ipairs { "KILL", "TERM", "INT", "HUP" } do
+    cases[#cases + 1] = { row = ("SIG%s after the effect"):format(sig), kind = kind, point = "after", sig = sig }
   end
   cases[#cases + 1] = { row = "torn journal line (SIGKILL after)", kind = kind, point = "after", sig = "KILL",
     torn = true }

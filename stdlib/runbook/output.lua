@@ -13,6 +13,28 @@ local function writer(stream)
   end
 end
 
+--- A stand-in for io.stdout or io.stderr whose write redacts: the runbook
+-- environment's io.write, io.stdout and io.stderr. A secret is caught within
+-- one write call (a runbook that splits one across calls on purpose is not).
+function M.redacting(file)
+  local proxy = {}
+  function proxy.write(self, ...)
+    local parts = table.pack(...)
+    for i = 1, parts.n do
+      local v = parts[i]
+      if type(v) ~= "string" and type(v) ~= "number" then
+        error(("bad argument #%d to 'write' (string expected, got %s)"):format(i, type(v)), 2)
+      end
+      parts[i] = tostring(v)
+    end
+    file:write(host.redact(table.concat(parts, "", 1, parts.n)))
+    return self
+  end
+  function proxy.flush(self) file:flush(); return self end
+  function proxy.setvbuf(_, ...) return file:setvbuf(...) end
+  return setmetatable(proxy, { __name = "FILE*", __tostring = function() return tostring(file) end })
+end
+
 local function error_text(err)
   if not err then return "" end
   local s = err.message or "error"
@@ -66,6 +88,8 @@ function M.human(stream, fancy)
         e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)" or ""))
     elseif e.status == "aborted" then
       out(("  %s %s: aborted by the operator\n"):format(C.fail, e.step))
+    elseif e.status == "interrupted" then
+      out(("  %s %s interrupted after %s\n"):format(C.fail, e.step, d))
     else
       out(("  %s %s %s after %s: %s\n"):format(C.fail, e.step, e.status, d, error_text(e.error)))
     end
@@ -80,8 +104,9 @@ function M.human(stream, fancy)
       e.status == "ok" and "" or (": " .. error_text(e.error))))
   end
   function handlers.run_end(e)
+    local status = e.signal and ("interrupted by " .. e.signal) or e.status
     out(("\n%s%s%s: %d ok, %d failed, %d skipped in %s%s\n"):format(C.bold,
-      e.mode == "dry-run" and "dry run " .. e.status or e.status, C.reset, e.ok, e.failed, e.skipped,
+      e.mode == "dry-run" and "dry run " .. status or status, C.reset, e.ok, e.failed, e.skipped,
       duration.format(e.duration), e.mode == "dry-run" and " (nothing was changed)" or ""))
     if e.status ~= "ok" and e.status ~= "locked" and e.mode ~= "dry-run" then
       out(("To continue where it stopped: runbook resume %s\n"):format(e.run_id))

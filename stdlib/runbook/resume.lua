@@ -6,7 +6,7 @@ local journal = require "runbook.journal"
 
 local M = {}
 
-local EXIT = require("runbook.engine").EXIT
+local EXIT = require "runbook.exit"
 
 local function fail(code, fmt, ...)
   io.stderr:write(host.redact("runbook: resume: " .. fmt:format(...) .. "\n"))
@@ -42,11 +42,12 @@ end
 -- "done" and the outputs (a truthy answer), "redo" (false), or nil and why
 -- the check could not tell (nil, or an error).
 local function run_check(step, unknown, ctx)
+  local was = host.mode()
   host.set_mode("dry-run")
   host.set_deadline(host.now() + (step.timeout or 60))
   local ok, res = pcall(step.check, ctx, unknown)
   host.set_deadline(0)
-  host.set_mode("run")
+  host.set_mode(was)
   if not ok then return nil, "it failed: " .. host.redact(tostring(type(res) == "table" and res.message or res)) end
   if res == nil then return nil, "it could not tell" end
   if res then return "done", type(res) == "table" and res or {} end
@@ -100,7 +101,29 @@ local function resolve(step, state, o, ctx)
   return choice == "rerun" and "redo" or "skip"
 end
 
---- Returns {rb, params, run} for the engine, or nil and an exit status
+--- The request that started the run (its run_start event), with the
+-- resume's own options: --step, --yes, --undo-on-failure, --wait-lock and
+-- --output add to or replace what was journaled; -p gives secret params again.
+-- Returns it, or nil and the exit status.
+local function request(rb, first, o)
+  for _, kv in ipairs(o["-p"] or {}) do
+    local p = rb.params_by_name[kv:match("^([^=]*)")]
+    if not (p and p.secret) then
+      return fail(EXIT.usage, "-p %s: a resumed run keeps its params; only secret params, which the journal "
+        .. "does not hold, are given again", kv)
+    end
+  end
+  local was = type(first.request) == "table" and first.request or {}
+  local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"])
+  return {
+    given = o["-p"] or {}, mode = "run", from = first.from, lock = first.lock,
+    step = o["--step"] or was.step, yes = (o["--yes"] or o["-y"]) or was.yes,
+    undo_on_failure = o["--undo-on-failure"] or was.undo_on_failure,
+    wait = wait or was.wait or 0, output = o["--output"] or was.output or "text",
+  }
+end
+
+--- Returns {rb, request, resumed} for runbook.run.start, or nil and an exit status
 -- (having said why). `load_runbook(path)` is the CLI's loader.
 function M.plan(run_id, o, load_runbook)
   local events, rerr = journal.read(run_id)
@@ -124,7 +147,7 @@ function M.plan(run_id, o, load_runbook)
       :format(first.path or first.file, run_id, first.sha256, sha))
   end
   if journal.running(run_id) then
-    local holder = require("runbook.lock").holder(first.lock or rb.lock or rb.name) or {}
+    local holder = first.lock and not first.lock:match("^k8s:") and require("runbook.lock").holder(first.lock) or {}
     return fail(EXIT.locked, "run %s is still running (pid %s on %s)", run_id, holder.pid or "?", holder.host or "?")
   end
 
@@ -145,7 +168,7 @@ function M.plan(run_id, o, load_runbook)
       local answer, out, why = resolve(step, state, o, ctx)
       if not answer then return fail(out, "%s", why) end
       if answer == "redo" then start = i; break end
-      -- Journaled by the engine when the resumed run starts, so the answer holds for a later resume.
+      -- Journaled when the resumed run starts, so the answer holds for a later resume.
       resolved[#resolved + 1] = { event = "step_end", step = step.name, index = i, duration = 0,
         status = answer == "done" and "ok" or "skipped", outputs = answer == "done" and out or nil,
         reason = answer == "skip" and "operator" or nil }
@@ -160,10 +183,11 @@ function M.plan(run_id, o, load_runbook)
       break
     end
   end
+  local req, perr = request(rb, first, o)
+  if not req then return nil, perr end
   return {
-    rb = rb, params = first.params or {},
-    run = { run_id = run_id, from = first.from, path = first.path, sha256 = sha,
-      start = start or #rb.steps + 1, resolved = resolved,
+    rb = rb, request = req,
+    resumed = { id = run_id, params = first.params or {}, start = start or #rb.steps + 1, resolved = resolved,
       restored = { outputs = outputs, completed = completed, skipped = skipped } },
   }
 end

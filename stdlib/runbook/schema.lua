@@ -14,7 +14,7 @@ local S, N, B, T = "string", "number", "boolean", "table"
 M.EVENTS = {
   run_start = { run_id = { S, true }, runbook = { S, true }, file = { S, true }, mode = { S, true },
     version = { S }, path = { S }, sha256 = { S }, params = { T }, steps = { N }, user = { S }, host = { S },
-    pid = { N }, lock = { S }, resumed = { B }, from = { S }, resume_at = { S } },
+    pid = { N }, lock = { S }, resumed = { B }, from = { S }, resume_at = { S }, request = { T } },
   step_start = { step = { S, true }, index = { N }, total = { N }, description = { S } },
   step_end = { step = { S, true }, status = { S, true }, index = { N }, duration = { N }, outputs = { T },
     error = { T }, attempts = { N }, reason = { S } },
@@ -26,13 +26,14 @@ M.EVENTS = {
   undo_start = { step = { S, true } },
   undo_end = { step = { S, true }, status = { S, true }, duration = { N }, error = { T } },
   run_end = { status = { S, true }, run_id = { S }, exit_code = { N }, duration = { N }, ok = { N },
-    failed = { N }, skipped = { N }, mode = { S } },
+    failed = { N }, skipped = { N }, mode = { S }, signal = { S } },
   journal_repaired = { dropped = { N, true } },
 }
 
 -- Tables whose own fields the readers use.
 local NESTED = {
   error = { message = { S }, where = { S } },
+  request = { step = { B }, yes = { B }, wait = { N }, undo_on_failure = { B }, output = { S } },
 }
 
 local function check_fields(e, fields, prefix)

@@ -1,0 +1,77 @@
+# bash completion for runbook(1): subcommands, their flags, runbook names
+# (from `runbook list`), each runbook's params after -p (from `runbook
+# describe`), and run ids after resume and report (from `runbook history`).
+
+_runbook_names()
+{
+    runbook list 2>/dev/null | awk '{ print $1 }'
+}
+
+# The params of the runbook named on the command line, as "name=".
+_runbook_params()
+{
+    runbook describe "$1" 2>/dev/null |
+        awk '/^Params:/ { p = 1; next } /^[^ ]/ { p = 0 } p && /^  [^ ]/ { print $1 "=" }'
+}
+
+_runbook_run_ids()
+{
+    runbook history --limit 50 2>/dev/null | awk 'NR > 1 && $1 !~ /^\(/ { print $1 }'
+}
+
+_runbook()
+{
+    local cur prev words cword
+    _init_completion -n = || return
+
+    local commands="run resume history report describe lint list test version help"
+    if ((cword == 1)); then
+        COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur"))
+        return
+    fi
+
+    local cmd=${words[1]} flags target="" i
+    case $cmd in
+        run) flags="-p --param --params-file --dry-run --step --yes -y --output --from --undo-on-failure --lock --wait-lock --help" ;;
+        resume) flags="-p --force --rerun-interrupted --on-unknown --yes -y --step --output --wait-lock --undo-on-failure --help" ;;
+        history) flags="--runbook --limit --output --help" ;;
+        report) flags="--format --help" ;;
+        help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;
+        *) flags="--help" ;;
+    esac
+    # The runbook named so far: the first word after the command that is no flag or flag value.
+    for ((i = 2; i < cword; i++)); do
+        case ${words[i]} in
+            -p | --param | --params-file | --output | --from | --wait-lock | --runbook | --limit | --format) ((i++)) ;;
+            -*) ;;
+            *) target=${words[i]}; break ;;
+        esac
+    done
+
+    case $prev in
+        -p | --param)
+            [[ -n $target && $cmd == run ]] || return
+            compopt -o nospace
+            COMPREPLY=($(compgen -W "$(_runbook_params "$target")" -- "$cur"))
+            return ;;
+        --params-file) _filedir '@(yaml|yml|json)'; return ;;
+        --output) COMPREPLY=($(compgen -W "json text" -- "$cur")); return ;;
+        --format) COMPREPLY=($(compgen -W "markdown json" -- "$cur")); return ;;
+        --runbook) COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur")); return ;;
+        --from | --wait-lock | --limit) return ;;
+    esac
+
+    if [[ $cur == -* ]]; then
+        COMPREPLY=($(compgen -W "$flags" -- "$cur"))
+        return
+    fi
+    case $cmd in
+        run | describe | lint)
+            [[ $cmd != lint && -n $target ]] && return
+            COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur"))
+            _filedir lua ;;
+        resume | report) [[ -z $target ]] && COMPREPLY=($(compgen -W "$(_runbook_run_ids)" -- "$cur")) ;;
+        test) _filedir ;;
+    esac
+} &&
+    complete -F _runbook runbook
