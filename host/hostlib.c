@@ -67,10 +67,16 @@ static int h_mode(lua_State *L)
     return 1;
 }
 
-/* set_deadline(t): absolute monotonic time, or nil/0 for none. */
+/* set_deadline(t [, watchdog]): absolute monotonic time, or nil/0 for none;
+ * watchdog = {journal, lines, message, exit}: what the watchdog writes and
+ * how it exits if runbook code is still running a grace after t. */
 static int h_set_deadline(lua_State *L)
 {
-    rb_set_deadline(L, luaL_optnumber(L, 1, 0));
+    double d = luaL_optnumber(L, 1, 0);
+    if (!lua_isnoneornil(L, 2))
+        luaL_checktype(L, 2, LUA_TTABLE);
+    rb_set_deadline(d);
+    rb_watchdog(L, d, lua_istable(L, 2) ? 2 : 0);
     return 0;
 }
 
@@ -287,8 +293,11 @@ int luaopen_runbook_host(lua_State *L)
     }
     luaL_newlib(L, host_funcs);
     luaL_setfuncs(L, rb_ticker_funcs, 0);
+    luaL_setfuncs(L, rb_guard_funcs, 0);
     rb_durable_open(L);
     lua_pushvalue(L, -2);
     lua_setfield(L, -2, "error_mt");
+    lua_pushnumber(L, RB_WATCHDOG_GRACE);
+    lua_setfield(L, -2, "watchdog_grace");
     return 1;
 }
