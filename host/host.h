@@ -26,6 +26,7 @@ void rb_hook_install(lua_State *L);
  * after a deadline runbook code did not stop at. See rb_watchdog there. */
 #define RB_WATCHDOG_GRACE 5.0
 void rb_watchdog(lua_State *L, double deadline, int t);
+void rb_watchdog_stop(void);
 
 /* Signals: install handlers; the count of SIGINT/SIGTERM seen and the last one. */
 void rb_signals_install(void);

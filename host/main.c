@@ -173,6 +173,7 @@ int main(int argc, char **argv)
         code = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
     }
     fflush(stdout);
+    rb_watchdog_stop();
     lua_close(L);
     return code;
 }

@@ -25,24 +25,45 @@ _runbook()
     _init_completion -n = || return
 
     local commands="run resume history report describe lint list test version help"
-    if ((cword == 1)); then
-        COMPREPLY=($(compgen -W "$commands --help --version" -- "$cur"))
+    local globals="-h --help --version -v --verbose -q --quiet --no-color -o --output --kubeconfig --context -n --namespace"
+    # The command: the first word that is no option and no global option's value.
+    local cmd="" at i
+    for ((at = 1; at < cword; at++)); do
+        case ${words[at]} in
+            -o | --output | --kubeconfig | --context | -n | --namespace) ((at++)) ;;
+            -*) ;;
+            *) cmd=${words[at]}; break ;;
+        esac
+    done
+
+    case $prev in
+        -o | --output) COMPREPLY=($(compgen -W "json text" -- "$cur")); return ;;
+        --kubeconfig) _filedir; return ;;
+        --context | -n | --namespace) return ;;
+    esac
+    if [[ -z $cmd ]]; then
+        if [[ $cur == -* ]]; then
+            COMPREPLY=($(compgen -W "$globals" -- "$cur"))
+        else
+            COMPREPLY=($(compgen -W "$commands" -- "$cur"))
+        fi
         return
     fi
 
-    local cmd=${words[1]} flags target="" i
+    local flags target=""
     case $cmd in
-        run) flags="-p --param --params-file --dry-run --step --yes -y --output --from --undo-on-failure --lock --wait-lock --help" ;;
-        resume) flags="-p --force --rerun-interrupted --yes -y --step --output --wait-lock --undo-on-failure --help" ;;
-        history) flags="--runbook --limit --output --help" ;;
-        report) flags="--format --help" ;;
+        run) flags="-p --param --params-file --dry-run --step --yes -y --from --undo-on-failure --lock --wait-lock" ;;
+        resume) flags="-p --param --force --rerun-interrupted --yes -y --step --wait-lock --undo-on-failure" ;;
+        history) flags="--runbook --limit" ;;
+        report) flags="--format" ;;
         help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;
-        *) flags="--help" ;;
     esac
-    # The runbook named so far: the first word after the command that is no flag or flag value.
-    for ((i = 2; i < cword; i++)); do
+    flags="$flags $globals"
+    # The runbook named so far: the first word after the command that is no option or option value.
+    for ((i = at + 1; i < cword; i++)); do
         case ${words[i]} in
-            -p | --param | --params-file | --output | --from | --wait-lock | --runbook | --limit | --format) ((i++)) ;;
+            -p | --param | --params-file | -o | --output | --from | --wait-lock | --runbook | --limit | --format | \
+                --kubeconfig | --context | -n | --namespace) ((i++)) ;;
             -*) ;;
             *) target=${words[i]}; break ;;
         esac
@@ -55,7 +76,6 @@ _runbook()
             COMPREPLY=($(compgen -W "$(_runbook_params "$target")" -- "$cur"))
             return ;;
         --params-file) _filedir '@(yaml|yml|json)'; return ;;
-        --output) COMPREPLY=($(compgen -W "json text" -- "$cur")); return ;;
         --format) COMPREPLY=($(compgen -W "markdown json" -- "$cur")); return ;;
         --runbook) COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur")); return ;;
         --from | --wait-lock | --limit) return ;;

@@ -27,8 +27,9 @@ _runbook_run_ids() {
 }
 
 _runbook() {
-  local curcontext=$curcontext state line expl
-  local -a commands run_flags
+  local curcontext=$curcontext state line expl ret=1
+  typeset -A opt_args
+  local -a commands globals
   commands=(
     'run:run a runbook'
     'resume:continue a failed, aborted, interrupted or killed run'
@@ -39,58 +40,64 @@ _runbook() {
     'list:runbooks on RUNBOOK_PATH'
     'test:run busted specs inside the host'
     'version:print the version'
-    'help:print the usage'
+    'help:show the help of runbook or of a command'
   )
-  if (( CURRENT == 2 )); then
-    _describe -t commands 'runbook command' commands
-    return
-  fi
-  local cmd=$words[2]
-  shift words; (( CURRENT-- ))
-  curcontext=${curcontext%:*:*}:runbook-$cmd:
-  case $cmd in
-    run)
-      _arguments -s \
-        '*'{-p,--param}'[set a param]:param:_runbook_params' \
-        '--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"' \
-        '--dry-run[change nothing, show each write]' \
-        '--step[ask before each step]' \
-        '(-y --yes)'{-y,--yes}'[run unattended]' \
-        '--output[output format]:format:(json text)' \
-        '--from[start at a step]:step:' \
-        '--undo-on-failure[undo completed steps when one fails]' \
-        '--lock=-[hold a run lock]::key:' \
-        '--wait-lock[wait for a held lock]:duration:' \
-        '--help[print usage]' \
-        '1:runbook:_runbook_names' ;;
-    resume)
-      _arguments -s \
-        '*-p[give a secret param again]:param:' \
-        '--force[resume although the runbook changed]' \
-        '--rerun-interrupted[run the interrupted step again]' \
-        '(-y --yes)'{-y,--yes}'[run unattended]' \
-        '--step[ask before each step]' \
-        '--output[output format]:format:(json text)' \
-        '--wait-lock[wait for a held lock]:duration:' \
-        '--undo-on-failure[undo completed steps when one fails]' \
-        '--help[print usage]' \
-        '1:run id:_runbook_run_ids' ;;
-    history)
-      _arguments \
-        '--runbook[only this runbook]:runbook:_runbook_names' \
-        '--limit[how many runs]:count:' \
-        '--output[output format]:format:(json text)' \
-        '--help[print usage]' ;;
-    report)
-      _arguments \
-        '--format[report format]:format:(markdown json)' \
-        '--help[print usage]' \
-        '1:run id:_runbook_run_ids' ;;
-    describe) _arguments '--help[print usage]' '1:runbook:_runbook_names' ;;
-    lint) _arguments '--help[print usage]' '*:runbook:_runbook_names' ;;
-    test) _arguments '--help[print usage]' '*:spec:_files' ;;
-    help) _describe -t commands 'runbook command' commands ;;
+  # Global options: before or after the command.
+  globals=(
+    '(- *)'{-h,--help}'[show help]'
+    '(-q --quiet)'{-v,--verbose}'[show log.debug messages]'
+    '(-v --verbose)'{-q,--quiet}'[only warnings, errors, failures and the summary]'
+    '--no-color[no colour and no spinner]'
+    '(-o --output)'{-o,--output}'[output format]:format:(json text)'
+    '--kubeconfig[Kubernetes configuration file]:file:_files'
+    '--context[Kubernetes context]:context:'
+    '(-n --namespace)'{-n,--namespace}'[default Kubernetes namespace]:namespace:'
+  )
+  _arguments -C $globals '(- *)--version[print the version]' \
+    '1:command:->command' '*::arg:->args' && ret=0
+  case $state in
+    command) _describe -t commands 'runbook command' commands && ret=0 ;;
+    args)
+      curcontext=${curcontext%:*:*}:runbook-$words[1]:
+      case $words[1] in
+        run)
+          _arguments -s $globals \
+            '*'{-p,--param}'[set a param]:param:_runbook_params' \
+            '--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"' \
+            '--dry-run[change nothing, show each write]' \
+            '--step[ask before each step]' \
+            '(-y --yes)'{-y,--yes}'[do not ask]' \
+            '--from[start at a step]:step:' \
+            '--undo-on-failure[undo completed steps when one fails]' \
+            '--lock=-[hold a run lock]::key:' \
+            '--wait-lock[wait for a held lock]:duration:' \
+            '1:runbook:_runbook_names' && ret=0 ;;
+        resume)
+          _arguments -s $globals \
+            '*'{-p,--param}'[give a secret param again]:param:' \
+            '--force[resume although the runbook changed]' \
+            '--rerun-interrupted[run the interrupted step again]' \
+            '(-y --yes)'{-y,--yes}'[do not ask]' \
+            '--step[ask before each step]' \
+            '--wait-lock[wait for a held lock]:duration:' \
+            '--undo-on-failure[undo completed steps when one fails]' \
+            '1:run id:_runbook_run_ids' && ret=0 ;;
+        history)
+          _arguments $globals \
+            '--runbook[only this runbook]:runbook:_runbook_names' \
+            '--limit[how many runs]:count:' && ret=0 ;;
+        report)
+          _arguments $globals \
+            '--format[report format]:format:(markdown json)' \
+            '1:run id:_runbook_run_ids' && ret=0 ;;
+        describe) _arguments $globals '1:runbook:_runbook_names' && ret=0 ;;
+        lint) _arguments $globals '*:runbook:_runbook_names' && ret=0 ;;
+        test) _files && ret=0 ;;
+        help) _describe -t commands 'runbook command' commands && ret=0 ;;
+        *) _arguments $globals && ret=0 ;;
+      esac ;;
   esac
+  return ret
 }
 
 _runbook "$@"

@@ -51,6 +51,10 @@ local cases = {
   { "runbook run outage-recovery -p namespace=x --ou", { "--output" } },
   { "runbook report --format ", { "markdown", "json" } },
   { "runbook describe daily-h", { "daily-health-check" } },
+  { "runbook --no", { "--no-color" } },
+  { "runbook -v ru", { "run" } },
+  { "runbook -o json run outage-recovery -p rollout_t", { "rollout_timeout" } },
+  { "runbook run outage-recovery -o ", { "json", "text" } },
 }
 
 for _, sh in ipairs(shells) do

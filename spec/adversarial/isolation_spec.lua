@@ -18,6 +18,10 @@ local VARIANTS = {
   { "gate.effect replaced by rawset", step = "rawset(gate, 'effect', " .. PERFORM .. ")" .. WRITE },
   { "gate.effect replaced through require", step = "require('gate').effect = " .. PERFORM .. WRITE },
   { "gate.effect replaced in a chunk from load", step = "load('gate.effect = " .. PERFORM .. "')()" .. WRITE },
+  { "gate.effect removed by rawset and supplied by a metatable set on gate", step = [[
+      local perform = ]] .. PERFORM .. [[
+      setmetatable(gate, { __index = function(_, k) if k == "effect" then return perform end end })
+      rawset(gate, "effect", nil) ]] .. WRITE },
   { "string.match replaced (the host's io.open mode check)", step = "string.match = function() return true end" .. OPEN },
   { "the string metatable's __index.match replaced",
     step = "getmetatable('').__index.match = function() return true end" .. OPEN },

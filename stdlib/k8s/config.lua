@@ -202,8 +202,15 @@ local function from_kubeconfig(kc, opts, where)
   return cfg
 end
 
+--- The command line's --kubeconfig, --context and --namespace: what resolve
+-- uses where the caller names none.
+M.defaults = {}
+
 function M.resolve(opts)
-  opts = opts or {}
+  local given = opts or {}
+  opts = {}
+  for k, v in pairs(M.defaults) do opts[k] = v end
+  for k, v in pairs(given) do opts[k] = v end
   if not opts.in_cluster then
     local paths, where = kubeconfig_paths(opts.kubeconfig)
     local kc = M.load(paths)

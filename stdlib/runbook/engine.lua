@@ -195,7 +195,16 @@ end
 -- `ctx.dry_run` reads the host's mode, so a preview is a dry run everywhere.
 local function run_ctx(run)
   local rb = run.rb
-  local ctx = { params = setmetatable({}, { __index = run.params,
+  local function param(_, name)
+    if not rb.params_by_name[name] then
+      local known = {}
+      for _, p in ipairs(rb.params) do known[#known + 1] = p.name end
+      error(("ctx.params.%s: %s declares no param '%s'%s"):format(tostring(name), rb.name, tostring(name),
+        type(name) == "string" and require("runbook.suggest").hint(name, known) or ""), 2)
+    end
+    return run.params[name]
+  end
+  local ctx = { params = setmetatable({}, { __index = param,
       __newindex = function() error("ctx.params is read-only", 2) end }),
     outputs = outputs_table(rb, run.outputs, run.skipped), run_id = run.id, runbook = rb.name }
   --- Why the step `name` was skipped in this run ("operator" or "when"), or nil.
