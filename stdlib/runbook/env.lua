@@ -39,19 +39,18 @@ end
 
 --- Read-only views of host tables, one per table (weak: a view lives as long
 -- as its table is used). Reading goes through to the table, nested tables
--- come back as views too (except objects with a metatable of their own, such
--- as yaml.null, whose identity runbooks compare), pairs and # work, and
--- assigning raises naming the table. rawset on a view only touches the empty
--- view itself, which host code never reads.
-local views = setmetatable({}, { __mode = "k" })
+-- come back as views too, pairs and # work, a view equals its table (so
+-- `v == yaml.null` holds for a null yaml.load returned), and assigning raises
+-- naming the table. rawset on a view only touches the empty view itself,
+-- which host code never reads.
+local views, targets = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
+
+local function same(a, b) return rawequal(targets[a] or a, targets[b] or b) end
 
 local function readonly(t, name)
   if type(t) ~= "table" then return t end
   if views[t] then return views[t] end
-  local function nested(k, v)
-    if type(v) == "table" and getmetatable(v) == nil then return readonly(v, name .. "." .. tostring(k)) end
-    return v
-  end
+  local function nested(k, v) return readonly(v, name .. "." .. tostring(k)) end
   local view = setmetatable({}, {
     __index = function(_, k) return nested(k, t[k]) end,
     __newindex = function(_, k)
@@ -65,9 +64,10 @@ local function readonly(t, name)
       end, t, nil
     end,
     __len = function() return #t end,
+    __eq = same,
     __metatable = false,
   })
-  views[t] = view
+  views[t], targets[view] = view, t
   return view
 end
 M.readonly = readonly   -- for host tables handed to runbook code outside its environment (ctx.log)
