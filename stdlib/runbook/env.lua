@@ -149,7 +149,8 @@ end
 
 --- pcall, xpcall and coroutine.resume that re-raise once the step is out of
 -- time or interrupted, so `while true do pcall(...) end` cannot outlive its step.
-local check = require("runbook.host").check_deadline
+local host = require "runbook.host"
+local check = host.check_deadline
 
 local function rethrowing(catch)
   return function(...)
@@ -159,11 +160,20 @@ local function rethrowing(catch)
   end
 end
 
+--- A coroutine with the deadline hook: one created at load, before any
+-- deadline, would otherwise inherit none and loop on inside a step.
+local function create(f)
+  local c = coroutine.create(f)
+  host.hook(c)
+  return c
+end
+
 local function make_coroutine()
   local co = copy(coroutine)
+  co.create = create
   co.resume = rethrowing(coroutine.resume)
   co.wrap = function(f)
-    local c = coroutine.create(f)
+    local c = create(f)
     return function(...)
       local res = table.pack(co.resume(c, ...))
       if not res[1] then error(res[2], 0) end
