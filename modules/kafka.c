@@ -193,13 +193,14 @@ static int is_secret_property(const char *name) {
  * them, and the gate has no say over what they do.
  *   sasl.kerberos.kinit.cmd     a shell command, run on client creation and
  *                               every relogin interval
- *   sasl.kerberos.keytab, sasl.kerberos.principal
- *                               substituted unquoted into that command
  *   sasl.kerberos.min.time.before.relogin
  *                               forced to 0 below, which stops librdkafka
- *                               from running kinit at all: a GSSAPI user
- *                               runs kinit before the run, and the ticket
- *                               cache is used as it is
+ *                               from running kinit at all, its default
+ *                               command too (sasl.kerberos.keytab and
+ *                               .principal are substituted into it unquoted,
+ *                               so they are harmless only because it never
+ *                               runs): a GSSAPI user runs kinit before the
+ *                               run, and the ticket cache is used as it is
  *   plugin.library.paths        dlopen()s libraries
  *   ssl.engine.location, ssl.engine.id, ssl.providers
  *                               load OpenSSL engines and providers (code)
@@ -210,7 +211,7 @@ static int is_secret_property(const char *name) {
  * stay allowed.
  */
 static const char *const host_properties[] = {
-    "sasl.kerberos.kinit.cmd", "sasl.kerberos.keytab", "sasl.kerberos.principal",
+    "sasl.kerberos.kinit.cmd",
     "sasl.kerberos.min.time.before.relogin", "plugin.library.paths",
     "ssl.engine.location", "ssl.engine.id", "ssl.providers",
     "offset.store.method", "offset.store.path", "offset.store.sync.interval.ms", NULL
