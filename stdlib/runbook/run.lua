@@ -106,6 +106,23 @@ local function take_lease(run, key)
   return nil, "failed", EXIT.failed
 end
 
+-- Seconds a Lease's release may take after the run was interrupted.
+M.LEASE_RELEASE_DEADLINE = 5
+
+--- Hand the Lease back, whatever ended the run. After SIGINT, SIGTERM or
+-- SIGHUP the release would be cut short by the signal too: the run's
+-- status already holds it, so it is cleared, and the release gets a short
+-- deadline of its own instead.
+local function release_lease(lease)
+  if host.interrupted() then host.clear_interrupt() end
+  host.set_deadline(host.now() + M.LEASE_RELEASE_DEADLINE)
+  local ok, e = pcall(lease.release, lease)
+  host.set_deadline(0)
+  if not ok then
+    require("log").warn("the lease stays held until it expires: %s", tostring(type(e) == "table" and e.message or e))
+  end
+end
+
 local function install_sinks(run, journal_sink)
   local output = require "runbook.output"
   events.reset(run)
@@ -193,10 +210,7 @@ function M.start(rb, req, resumed)
   if key and key:match("^k8s:") then lease, status, code = take_lease(run, key) end
   local counts = { ok = 0, failed = 0, skipped = 0 }
   if status == nil then status, code = require("runbook.engine").run(run, counts) end
-  if lease then
-    local ok, e = pcall(lease.release, lease)
-    if not ok then require("log").warn("the lease stays held until it expires: %s", tostring(e)) end
-  end
+  if lease then release_lease(lease) end
   if rb.notify then
     deadline.call(deadline.LIMIT.notify, deadline.notify_watch(run.id, status), pcall, require("notify").run_hooks,
       rb.notify, { runbook = rb.name, run_id = run.id, status = status,
