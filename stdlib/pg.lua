@@ -147,14 +147,8 @@ end
 function conn:copy_from(path, tbl, opts)
   if type(path) ~= "string" or type(tbl) ~= "string" then error("copy_from(path, table)", 2) end
   opts = opts or {}
-  local cols = ""
-  if opts.columns then
-    local q = {}
-    for i, c in ipairs(opts.columns) do q[i] = pg.quote_ident(c) end
-    cols = " (" .. table.concat(q, ", ") .. ")"
-  end
-  local sql = ("COPY %s%s FROM STDIN WITH %s"):format(pg.quote_ident(tbl), cols, copy_options(opts))
-  return native_copy_from(self, sql, path, tbl)
+  copy_options(opts) -- checks them; the module builds the statement itself
+  return native_copy_from(self, path, tbl, opts)
 end
 
 -- ---- helpers from the seeds -------------------------------------------------
