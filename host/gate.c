@@ -19,6 +19,7 @@ static volatile sig_atomic_t last_signal;
 
 void rb_set_mode(rb_mode m) { mode = m; }
 rb_mode rb_get_mode(void) { return mode; }
+int rb_dry_run(void) { return mode == RB_MODE_DRY_RUN; }
 
 double rb_now(void)
 {

@@ -41,6 +41,13 @@ typedef struct {
 rb_decision rb_gate(lua_State *L, const rb_effect *e);
 
 /*
+ * Nonzero in a dry run (and during a preview). For a module that must shape a
+ * session before any effect (pg makes its session read-only); the perform or
+ * skip decision for an effect is still rb_gate()'s.
+ */
+int rb_dry_run(void);
+
+/*
  * Record the outcome of an effect the gate was asked about: the decision it
  * made, whether the operation succeeded, and the value at the top of the
  * stack as its result (a string or a table; nil for none), which is popped.

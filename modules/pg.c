@@ -454,11 +454,6 @@ static void sync_readonly(lua_State *L, conn *c, int dry) {
     c->readonly = dry;
 }
 
-static int dry_run(lua_State *L) {
-    rb_effect probe = { "pg", "probe", "", "", 1 };
-    return rb_gate(L, &probe) != RB_PERFORM;
-}
-
 /* ---- classifying statements --------------------------------------------- */
 
 typedef enum { TOK_END, TOK_WORD, TOK_OTHER } tok_type;
@@ -1170,7 +1165,7 @@ static rb_decision statement(lua_State *L, conn *c, const char *op, const char *
     ensure_connected(L, c, op);
     sql_class k = classify(sql);
     if (force_write && k.kind != SQL_WRITE) k.kind = SQL_WRITE, k.simulatable = 0;
-    int dry = dry_run(L);
+    int dry = rb_dry_run();
     sync_readonly(L, c, dry);
     sync_statement_timeout(L, c);
     int n;
@@ -1365,7 +1360,7 @@ static int conn_copy_to(lua_State *L) {
     conn *c = check_conn(L, 1);
     const char *sql = luaL_checkstring(L, 2), *path = luaL_checkstring(L, 3);
     ensure_connected(L, c, "copy_to");
-    sync_readonly(L, c, dry_run(L));
+    sync_readonly(L, c, rb_dry_run());
     sync_statement_timeout(L, c);
     gated g = { { "pg", "copy_to", path, NULL, 0 }, RB_PERFORM };
     g.e.summary = lua_pushfstring(L, "copy %s to %s", push_sql_summary(L, sql), path);
@@ -1485,7 +1480,7 @@ static int conn_copy_from(lua_State *L) {
     scratch_free(c);   /* a COPY that raised before finishing left its file */
     if (!(c->file = fopen(path, "rb")))
         return rb_error(L, "pg", "copy_from", "io_error", 0, "%s: %s", path, strerror(errno));
-    int dry = dry_run(L);
+    int dry = rb_dry_run();
     sync_readonly(L, c, dry);
     sync_statement_timeout(L, c);
     sql_class k = { SQL_WRITE, 1, "" };

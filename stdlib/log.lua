@@ -17,7 +17,7 @@ local function logger(level)
     if #events.sinks == 0 then
       io.stderr:write(host.redact(("[%s] %s\n"):format(level, message)))
     else
-      events.emit { event = "log", level = level, step = events.step, message = message }
+      events.emit { event = "log", level = level, message = message }
     end
   end
 end

@@ -1,6 +1,5 @@
 --- The command line: `runbook COMMAND ...`. Returns the exit status
--- (DESIGN.md: 0 ok, 1 step failed, 2 usage/params, 3 cannot load, 4 aborted).
-local events = require "runbook.events"
+-- (runbook.exit). `run` and `resume` hand a request to runbook.run.
 local host = require "runbook.host"
 
 local M = {}
@@ -32,7 +31,7 @@ Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 another run, 130/143 interrupted.
 ]==]
 
-local EXIT = require("runbook.engine").EXIT
+local EXIT = require "runbook.exit"
 
 local function err(fmt, ...)
   io.stderr:write(host.redact("runbook: " .. fmt:format(...) .. "\n"))
@@ -115,13 +114,6 @@ local function parse(args, spec)
   return o
 end
 
-local function new_run_id()
-  local f = io.open("/dev/urandom", "rb")
-  local bytes = f and f:read(4) or tostring(host.now())
-  if f then f:close() end
-  return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
-end
-
 local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "value", ["--dry-run"] = "flag",
   ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag", ["--output"] = "value", ["--from"] = "value",
   ["--undo-on-failure"] = "flag", ["--lock"] = "optional", ["--wait-lock"] = "value" }
@@ -129,37 +121,6 @@ local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "v
 local RESUME_OPTS = { ["-p"] = "list", ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag",
   ["--output"] = "value", ["--force"] = "flag", ["--rerun-interrupted"] = "flag", ["--wait-lock"] = "value",
   ["--undo-on-failure"] = "flag" }
-
---- Refuse before anything runs when we would have to ask and cannot.
-local function check_can_ask(rb, o)
-  if o["--yes"] or o["-y"] or host.isatty(0) then return true end
-  if o["--step"] then
-    return false, "--step asks before each step, but standard input is not a terminal; use --yes to run unattended"
-  end
-  if o["--dry-run"] then return true end
-  for _, s in ipairs(rb.steps) do
-    if s.confirm then
-      return false, ("step '%s' asks for confirmation (confirm = true), but standard input is not a terminal; "
-        .. "pass --yes to run it unattended"):format(s.name)
-    end
-  end
-  return true
-end
-
-local function install_sinks(o, journal_sink)
-  local output = require "runbook.output"
-  events.reset()
-  if o["--output"] == "json" then
-    events.add_sink(output.json(io.stdout))
-  else
-    events.add_sink(output.human(io.stdout, host.isatty(1)))
-  end
-  events.add_sink(journal_sink)
-  host.set_effect_sink(function(e)
-    e.event, e.step = "effect", events.step
-    events.emit(e)
-  end)
-end
 
 --- Parse a run-like command's options: one positional `what`, and valid
 -- --output and --wait-lock values. Returns the options, or nil and the exit status.
@@ -177,90 +138,17 @@ local function parse_run_like(cmd, args, spec, what)
   return o
 end
 
-local function absolute(path)
-  if path:sub(1, 1) == "/" then return path end
-  return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
-end
-
---- Take the run's lock unless it is a dry run without --lock. Returns the
--- lock (or true when none is needed), or nil and the exit status.
-local function lock_key(rb, o)
-  return type(o["--lock"]) == "string" and o["--lock"] or rb.lock or rb.name
-end
-
-local function take_lock(rb, o, run_id)
-  if o["--dry-run"] and not o["--lock"] then return true end
-  local key = lock_key(rb, o)
-  local locks = require "runbook.lock"
-  if key:match("^k8s:") then
-    -- The engine takes a Lease once the run is journaled: the write is an effect.
-    local ok, why = locks.lease_name(key)
-    if not ok then return nil, usage_error("%s", why) end
-    return true, key
-  end
-  local who = host.identity()
-  local holder = { run_id = run_id, pid = who.pid, user = who.user, host = who.host,
-    since = events.iso8601(host.wallclock()), runbook = rb.name }
-  local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0
-  local ok, lock, why = pcall(locks.acquire, key, holder, wait)
-  if not ok then err("waiting for the lock: %s", tostring(lock)); return nil, 128 + (host.interrupted() or 2) end
-  if not lock then
-    err("%s", why)
-    if wait == 0 then io.stderr:write("Use --wait-lock DURATION to wait for it.\n") end
-    return nil, EXIT.locked
-  end
-  return lock
-end
-
---- Everything a run and a resume share once params are known: the lock, the
--- journal, the sinks, the engine. `run` holds the engine options.
-local function start_run(rb, o, run)
-  local can, why = check_can_ask(rb, o)
-  if not can then return usage_error("%s", why) end
-  local lock, lease = take_lock(rb, o, run.run_id)
-  if not lock then return lease end
-  local jok, sink = pcall(require("runbook.journal").sink, run.run_id)
-  if not jok then err("%s", sink); return EXIT.usage end
-  install_sinks(o, sink)
-  host.install_signal_handlers()
-  math.randomseed(math.floor(host.wallclock() * 1000))
-  run.step, run.yes = o["--step"], o["--yes"] or o["-y"]
-  run.undo_on_failure = o["--undo-on-failure"]
-  run.lock_key = lock_key(rb, o)
-  run.lease, run.lease_wait = lease, o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0
-  local status = require("runbook.engine").run(rb, run)
-  if lock ~= true then lock:release() end
-  return status
-end
-
 local commands = {}
-
-local function resolve_params(rb, o, base)
-  local params_mod = require "runbook.params"
-  local given = o["-p"] or {}
-  for _, kv in ipairs(o["--param"] or {}) do given[#given + 1] = kv end
-  local ok, values = pcall(params_mod.resolve, rb, given, o["--params-file"], base)
-  if not ok then
-    if getmetatable(values) == params_mod.ParamError then return nil, usage_error("%s", values.message) end
-    error(values, 0)
-  end
-  return values, params_mod.redacted(rb, values)
-end
 
 function commands.run(args)
   local o, ocode = parse_run_like("run", args, RUN_OPTS, "runbook FILE or NAME")
   if not o then return ocode end
   local rb, code = load_runbook(o.positional[1])
   if not rb then return code end
-  local values, redacted = resolve_params(rb, o)
-  if not values then return redacted end
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     return usage_error("--from: %s has no step named '%s'", rb.name, o["--from"])
   end
-  return start_run(rb, o, {
-    params = values, redacted_params = redacted, run_id = new_run_id(), dry_run = o["--dry-run"],
-    from = o["--from"], path = absolute(rb.file), sha256 = host.sha256(rb.source),
-  })
+  return require("runbook.run").start(rb, require("runbook.run").request(o))
 end
 
 function commands.resume(args)
@@ -268,17 +156,7 @@ function commands.resume(args)
   if not o then return ocode end
   local plan, code = require("runbook.resume").plan(o.positional[1], o, load_runbook)
   if not plan then return code end
-  for _, kv in ipairs(o["-p"] or {}) do
-    local p = plan.rb.params_by_name[kv:match("^([^=]*)")]
-    if not (p and p.secret) then
-      return usage_error("resume: -p %s: a resumed run keeps its params; only secret params, which the journal "
-        .. "does not hold, are given again", kv)
-    end
-  end
-  local values, redacted = resolve_params(plan.rb, o, plan.params)
-  if not values then return redacted end
-  plan.run.params, plan.run.redacted_params = values, redacted
-  return start_run(plan.rb, o, plan.run)
+  return require("runbook.run").start(plan.rb, plan.request, plan.resumed)
 end
 
 function commands.history(args)

@@ -1,13 +1,12 @@
---- The step engine: runs a loaded runbook's steps in order with their
--- `when`, confirmation, timeout, retry and undo, in the mode the operator
--- chose, emitting events for every sink. Returns the exit status.
+--- The step engine: runs the steps of a run (made by runbook.run) in order
+-- with their `when`, confirmation, timeout, retry and undo, emitting events
+-- for every sink.
 local events = require "runbook.events"
+local EXIT = require "runbook.exit"
 local host = require "runbook.host"
 local heartbeat = require "runbook.heartbeat"
 
 local M = {}
-
-M.EXIT = { ok = 0, failed = 1, usage = 2, load = 3, aborted = 4, locked = 75 }
 
 --- The runbook's own file:line nearest the top of the stack, for error messages.
 local function runbook_position(file)
@@ -29,6 +28,8 @@ local function protected(rb, fn, ...)
     return err
   end, ...)
   if ok then return true, res end
+  local sig = host.interrupted()
+  if sig then return false, { message = "interrupted by " .. EXIT.signal_name(sig), interrupted = true, signal = sig } end
   local rec = { where = where }
   if type(res) == "table" then
     rec.message, rec.code, rec.module = tostring(res.message or res), res.code, res.module
@@ -40,8 +41,6 @@ local function protected(rb, fn, ...)
   -- Lua's own position ("file:12: msg") duplicates `where` when they agree.
   if where and rec.message:sub(1, #where + 2) == where .. ": " then rec.message = rec.message:sub(#where + 3) end
   rec.message = host.redact(rec.message)
-  local sig = host.interrupted()
-  if sig then rec.interrupted, rec.signal = true, sig end
   if rec.message:match("step timed out$") then rec.code = rec.code or "timeout" end
   return false, rec
 end
@@ -118,8 +117,9 @@ local function run_with_retries(rb, step, ctx)
       require("duration").format(delay))
     local slept, err = pcall(host.sleep, delay)
     if not slept then
-      res = { message = tostring(err), interrupted = true, signal = host.interrupted() }
-      return false, res, n
+      local sig = host.interrupted()
+      if not sig then error(err, 0) end
+      return false, { message = "interrupted by " .. EXIT.signal_name(sig), interrupted = true, signal = sig }, n
     end
   end
   return ok, res, attempts
@@ -146,7 +146,7 @@ end
 --- Ask the operator about `step` until they decide. Returns "run", "skip", "all" or "quit".
 local function ask(run, step, total)
   while true do
-    local choice = require("runbook.prompt").step(step, total, run.opts.step)
+    local choice = require("runbook.prompt").step(step, total, run.request.step)
     if choice ~= "preview" then return choice end
     preview(run, step)
   end
@@ -156,7 +156,7 @@ local function undo_completed(run)
   for i = #run.completed, 1, -1 do
     local step = run.completed[i]
     if step.undo then
-      events.step = step.name
+      run.step = step.name
       events.emit { event = "undo_start", step = step.name }
       local t0 = host.now()
       local ok, res = protected(run.rb, step.undo, new_ctx(run, step), run.outputs[step.name])
@@ -175,131 +175,98 @@ local function decide(run, step, total)
     if not res then return "skip", "when" end
   end
   -- "all" at a prompt means the rest runs without asking, confirm steps included.
-  local asking = not run.opts.yes and not run.said_all and (run.ask_all or (step.confirm and host.mode() == "run"))
+  local asking = not run.request.yes and not run.said_all and (run.ask_all or (step.confirm and host.mode() == "run"))
   if not asking then return "run" end
   local choice = ask(run, step, total)
   if choice == "skip" then return "skip", "operator" end
   return choice
 end
 
---- Take the run's Kubernetes Lease (a "k8s:" lock key). Returns the status
--- and exit code the run goes on with, and the lock when it was taken.
-local function take_lease(opts, who)
-  local ok, lock, why = pcall(require("runbook.lock").lease, opts.lease,
-    { user = who.user, host = who.host, pid = who.pid, run_id = opts.run_id }, opts.lease_wait or 0)
-  if ok and lock then return "ok", M.EXIT.ok, lock end
-  local locked = ok or type(lock) == "table" and lock.code == "locked"
-  require("log").error("%s", ok and why or host.redact(tostring(type(lock) == "table" and lock.message or lock)))
-  if locked then return "locked", M.EXIT.locked end
-  return "failed", M.EXIT.failed
-end
 
---- Run the runbook `rb`. opts: params (resolved), redacted_params, run_id,
--- dry_run, step, yes, from (step name), undo_on_failure, path (absolute) and
--- sha256 of the runbook file, lock_key, lease and lease_wait (a "k8s:" lock
--- key the engine takes as a Lease, waiting up to lease_wait seconds), and for a
--- resume: start (the step index to continue at) and restored = {outputs, completed,
--- skipped = {name = reason}} from the journal.
-function M.run(rb, opts)
-  local restored = opts.restored or { outputs = {}, completed = {} }
-  local store = restored.outputs
-  local run = { rb = rb, opts = opts, outputs = store, skipped = restored.skipped or {}, completed = {},
-    ask_all = opts.step }
-  for _, name in ipairs(restored.completed) do run.completed[#run.completed + 1] = rb.steps_by_name[name] end
-  run.ctx = { params = setmetatable({}, { __index = opts.params,
+--- The context every step function gets (a per-step table reads through to it).
+-- `ctx.dry_run` reads the host's mode, so a preview is a dry run everywhere.
+local function run_ctx(run)
+  local rb = run.rb
+  local ctx = { params = setmetatable({}, { __index = run.params,
       __newindex = function() error("ctx.params is read-only", 2) end }),
-    outputs = outputs_table(rb, store, run.skipped), run_id = opts.run_id,
-    dry_run = opts.dry_run or false, runbook = rb.name }
+    outputs = outputs_table(rb, run.outputs, run.skipped), run_id = run.id, runbook = rb.name }
   --- Why the step `name` was skipped in this run ("operator" or "when"), or nil.
-  function run.ctx.skipped(name)
+  function ctx.skipped(name)
     known_step(rb, name, "ctx.skipped")
     return run.skipped[name]
   end
-  setmetatable(run.ctx, { __index = function(t, k)
-    if k == "log" then t.log = require("log"); return t.log end
-  end })
-  function run.ctx.remaining()
+  function ctx.remaining()
     local d = host.deadline()
     return d and math.max(0, d - host.now()) or math.huge
   end
-  host.set_mode(opts.dry_run and "dry-run" or "run")
+  return setmetatable(ctx, { __index = function(t, k)
+    if k == "dry_run" then return host.mode() == "dry-run" end
+    if k == "log" then t.log = require("log"); return t.log end
+  end })
+end
 
-  local total, t0 = #rb.steps, host.now()
-  local counts = { ok = 0, failed = 0, skipped = 0 }
-  local who = host.identity()
-  events.emit { event = "run_start", run_id = opts.run_id, runbook = rb.name, version = rb.version,
-    file = rb.file, path = opts.path, sha256 = opts.sha256, mode = opts.dry_run and "dry-run" or "run",
-    params = opts.redacted_params, steps = total, user = who.user, host = who.host, pid = who.pid,
-    lock = opts.lock_key, resumed = opts.restored ~= nil or nil,
-    from = opts.from, resume_at = opts.start and rb.steps[opts.start] and rb.steps[opts.start].name or nil }
+--- One step that runs (its decision made): emit its start and end, keep its
+-- outputs. Returns true, or false and the status and exit status the run ends with.
+local function run_step(run, step, i, counts, failure)
+  local total = #run.rb.steps
+  events.emit { event = "step_start", step = step.name, index = i, total = total, description = step.description }
+  local s0 = host.now()
+  local ok, res, attempts
+  if failure then ok, res, attempts = false, failure, 0 else ok, res, attempts = run_with_retries(run.rb, step, new_ctx(run, step)) end
+  local ev = { event = "step_end", step = step.name, index = i, duration = since(s0), attempts = attempts }
+  if ok then
+    run.outputs[step.name] = res
+    run.completed[#run.completed + 1] = step
+    counts.ok = counts.ok + 1
+    ev.status, ev.outputs = "ok", res
+    events.emit(ev)
+    return true
+  end
+  ev.status, ev.error = res.interrupted and "interrupted" or "failed", res
+  events.emit(ev)
+  if res.interrupted then
+    run.signal = res.signal
+    return false, "interrupted", EXIT.interrupted(res.signal)
+  end
+  counts.failed = counts.failed + 1
+  run.failed = { step = step.name, error = res.message }
+  if run.rb.on_failure == "undo" or run.request.undo_on_failure then undo_completed(run) end
+  return false, "failed", EXIT.failed
+end
 
-  local status, code, failure = "ok", M.EXIT.ok, nil
-  local lease
-  if opts.lease then status, code, lease = take_lease(opts, who) end
-  local from = opts.start or opts.from and rb.steps_by_name[opts.from].index or 1
-  -- No steps run when the lease could not be taken.
-  for i, step in ipairs(status == "ok" and rb.steps or {}) do
-    events.step = step.name
-    if i < from then goto continue end
+--- Run the steps of `run` (see runbook.run): from run.start (a resume) or
+-- the request's --from, restoring run.restored = {outputs, completed, skipped}.
+-- Counts ok, failed and skipped steps in `counts`. Returns the run's status
+-- and exit status.
+function M.run(run, counts)
+  local rb, restored = run.rb, run.restored or { outputs = {}, completed = {} }
+  run.outputs, run.skipped, run.completed = restored.outputs, restored.skipped or {}, {}
+  for _, name in ipairs(restored.completed) do run.completed[#run.completed + 1] = rb.steps_by_name[name] end
+  run.ask_all = run.request.step
+  run.ctx = run_ctx(run)
+  local from = run.start or run.request.from and rb.steps_by_name[run.request.from].index or 1
+  local status, code = "ok", EXIT.ok
+  for i = from, #rb.steps do
+    local step = rb.steps[i]
+    run.step = step.name
     local alive, choice, reason = protected(rb, heartbeat.beat)
-    if alive then choice, reason = decide(run, step, total) else choice, reason = "error", choice end
-    if choice == "error" then
-      failure = reason
-    elseif choice == "quit" then
+    if alive then choice, reason = decide(run, step, #rb.steps) else choice, reason = "error", choice end
+    if choice == "quit" then
       events.emit { event = "step_end", step = step.name, index = i, status = "aborted", duration = 0 }
-      status, code = "aborted", M.EXIT.aborted
+      status, code = "aborted", EXIT.aborted
       break
     elseif choice == "skip" then
       run.skipped[step.name] = reason
       counts.skipped = counts.skipped + 1
       events.emit { event = "step_end", step = step.name, index = i, status = "skipped", reason = reason, duration = 0 }
-      goto continue
-    elseif choice == "all" then
-      run.said_all = true
+    else
+      if choice == "all" then run.said_all = true end
+      local ok, st, c = run_step(run, step, i, counts, choice == "error" and reason or nil)
+      if not ok then status, code = st, c; break end
     end
-    do
-      events.emit { event = "step_start", step = step.name, index = i, total = total, description = step.description }
-      local s0 = host.now()
-      local ok, res, attempts
-      if failure then ok, res, attempts = false, failure, 0 else ok, res, attempts = run_with_retries(rb, step, new_ctx(run, step)) end
-      local dur = since(s0)
-      if ok then
-        store[step.name] = res
-        run.completed[#run.completed + 1] = step
-        counts.ok = counts.ok + 1
-        events.emit { event = "step_end", step = step.name, index = i, status = "ok", duration = dur,
-          attempts = attempts, outputs = res }
-      else
-        local st = res.interrupted and "interrupted" or "failed"
-        counts.failed = counts.failed + 1
-        run.failed = { step = step.name, error = res.message }
-        events.emit { event = "step_end", step = step.name, index = i, status = st, duration = dur,
-          attempts = attempts, error = res }
-        if res.interrupted then
-          status, code = "interrupted", 128 + (res.signal or 2)
-        else
-          status, code = "failed", M.EXIT.failed
-          if rb.on_failure == "undo" or opts.undo_on_failure then undo_completed(run) end
-        end
-        break
-      end
-    end
-    ::continue::
   end
-  events.step = nil
-  if lease then
-    local ok, e = pcall(lease.release, lease)
-    if not ok then require("log").warn("the lease stays held until it expires: %s", host.redact(tostring(e))) end
-  end
-  if rb.notify then
-    require("notify").run_hooks(rb.notify, { runbook = rb.name, run_id = opts.run_id, status = status,
-      step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = since(t0),
-      ok = counts.ok, dry_run = opts.dry_run })
-  end
-  events.emit { event = "run_end", run_id = opts.run_id, status = status, exit_code = code,
-    duration = since(t0), ok = counts.ok, failed = counts.failed, skipped = counts.skipped,
-    mode = opts.dry_run and "dry-run" or "run" }
-  return code
+  run.step = nil
+  return status, code
 end
 
 return M

@@ -1,9 +1,11 @@
 --- The event bus: the engine emits run_start, step_start, effect, log,
 -- step_end and run_end; every sink (terminal, JSON lines, journal) sees each.
 -- Sinks redact their own final text, so no secret leaves through any of them.
+-- The bus serves one run at a time; a log or effect event belongs to that
+-- run's current step (run.step).
 local host = require "runbook.host"
 
-local M = { sinks = {}, step = nil }
+local M = { sinks = {}, run = nil }
 
 local function iso8601(t)
   local secs = math.floor(t)
@@ -28,11 +30,14 @@ end
 
 function M.add_sink(fn) M.sinks[#M.sinks + 1] = fn end
 
-function M.reset() M.sinks, M.step = {}, nil end
+--- Start over with no sinks, for `run` (nil: none).
+function M.reset(run) M.sinks, M.run = {}, run end
 
---- Send `ev` (a table with an `event` field) to every sink, stamped with the time.
+--- Send `ev` (a table with an `event` field) to every sink, stamped with the
+-- time and, for a log or an effect, the run's current step.
 function M.emit(ev)
   ev.time = iso8601(host.wallclock())
+  if (ev.event == "log" or ev.event == "effect") and M.run then ev.step = M.run.step end
   for _, sink in ipairs(M.sinks) do sink(ev) end
 end
 

@@ -66,6 +66,8 @@ function M.human(stream, fancy)
         e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)" or ""))
     elseif e.status == "aborted" then
       out(("  %s %s: aborted by the operator\n"):format(C.fail, e.step))
+    elseif e.status == "interrupted" then
+      out(("  %s %s interrupted after %s\n"):format(C.fail, e.step, d))
     else
       out(("  %s %s %s after %s: %s\n"):format(C.fail, e.step, e.status, d, error_text(e.error)))
     end
@@ -80,8 +82,9 @@ function M.human(stream, fancy)
       e.status == "ok" and "" or (": " .. error_text(e.error))))
   end
   function handlers.run_end(e)
+    local status = e.signal and ("interrupted by " .. e.signal) or e.status
     out(("\n%s%s%s: %d ok, %d failed, %d skipped in %s%s\n"):format(C.bold,
-      e.mode == "dry-run" and "dry run " .. e.status or e.status, C.reset, e.ok, e.failed, e.skipped,
+      e.mode == "dry-run" and "dry run " .. status or status, C.reset, e.ok, e.failed, e.skipped,
       duration.format(e.duration), e.mode == "dry-run" and " (nothing was changed)" or ""))
     if e.status ~= "ok" and e.status ~= "locked" and e.mode ~= "dry-run" then
       out(("To continue where it stopped: runbook resume %s\n"):format(e.run_id))

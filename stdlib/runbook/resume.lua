@@ -6,7 +6,7 @@ local journal = require "runbook.journal"
 
 local M = {}
 
-local EXIT = require("runbook.engine").EXIT
+local EXIT = require "runbook.exit"
 
 local function fail(code, fmt, ...)
   io.stderr:write(host.redact("runbook: resume: " .. fmt:format(...) .. "\n"))
@@ -33,7 +33,29 @@ local function decide_interrupted(step, effects, o)
     :format(step.name, table.concat(lines, "\n"))
 end
 
---- Returns {rb, params, run} for the engine, or nil and an exit status
+--- The request that started the run (its run_start event), with the
+-- resume's own options: --step, --yes, --undo-on-failure, --wait-lock and
+-- --output add to or replace what was journaled; -p gives secret params again.
+-- Returns it, or nil and the exit status.
+local function request(rb, first, o)
+  for _, kv in ipairs(o["-p"] or {}) do
+    local p = rb.params_by_name[kv:match("^([^=]*)")]
+    if not (p and p.secret) then
+      return fail(EXIT.usage, "-p %s: a resumed run keeps its params; only secret params, which the journal "
+        .. "does not hold, are given again", kv)
+    end
+  end
+  local was = type(first.request) == "table" and first.request or {}
+  local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"])
+  return {
+    given = o["-p"] or {}, mode = "run", from = first.from, lock = first.lock,
+    step = o["--step"] or was.step, yes = (o["--yes"] or o["-y"]) or was.yes,
+    undo_on_failure = o["--undo-on-failure"] or was.undo_on_failure,
+    wait = wait or was.wait or 0, output = o["--output"] or was.output or "text",
+  }
+end
+
+--- Returns {rb, request, resumed} for runbook.run.start, or nil and an exit status
 -- (having said why). `load_runbook(path)` is the CLI's loader.
 function M.plan(run_id, o, load_runbook)
   local events, rerr = journal.read(run_id)
@@ -56,7 +78,7 @@ function M.plan(run_id, o, load_runbook)
     io.stderr:write(("runbook: resume: %s changed since run %s (sha256 %s -> %s); continuing as --force asks\n")
       :format(first.path or first.file, run_id, first.sha256, sha))
   end
-  local holder = require("runbook.lock").holder(rb.lock or rb.name)
+  local holder = first.lock and not first.lock:match("^k8s:") and require("runbook.lock").holder(first.lock)
   if holder and holder.run_id == run_id then
     return fail(EXIT.locked, "run %s is still running (pid %s on %s)", run_id, holder.pid, holder.host)
   end
@@ -85,10 +107,12 @@ function M.plan(run_id, o, load_runbook)
       end
     end
   end
+  local req, perr = request(rb, first, o)
+  if not req then return nil, perr end
   return {
-    rb = rb, params = first.params or {},
-    run = { run_id = run_id, from = first.from, path = first.path, sha256 = sha,
-      start = start or #rb.steps + 1, restored = { outputs = outputs, completed = completed, skipped = skipped } },
+    rb = rb, request = req,
+    resumed = { id = run_id, params = first.params or {}, start = start or #rb.steps + 1,
+      restored = { outputs = outputs, completed = completed, skipped = skipped } },
   }
 end
 

@@ -1,0 +1,96 @@
+-- The engine under an operator's hands, through a terminal: each case is one
+-- observation of the issue "The engine under an operator's hands" (declining
+-- a step, previews, resume after undo, locks, setup errors, --from, Ctrl-C).
+local cli = require "spec.support.cli"
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() end
+  return f ~= nil
+end
+
+--- The run id of the only journal in `state`.
+local function run_id(state)
+  local p = io.popen("ls " .. cli.quote(state .. "/runs"))
+  local id = p:read("a"):match("([^\n]+)%.jsonl")
+  p:close()
+  return id
+end
+
+describe("an operator at a terminal", function()
+  after_each(cli.cleanup)
+
+  it("previews a step in a dry run everywhere: ctx.dry_run is true in the preview", function()
+    local dir = cli.tmpdir()
+    local rb = cli.runbook([[
+name = "preview" description = "d"
+param "dir" { required = true }
+step "Wait for it" { confirm = true, run = function(ctx)
+  if ctx.dry_run then log.info("would wait") return end
+  log.info("real branch")
+  fs.write(ctx.params.dir .. "/real", "x")
+end }
+]])
+    local code, out = cli.pty("p,n", { "run", rb, "-p", "dir=" .. dir }, { RUNBOOK_STATE_DIR = cli.tmpdir() })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("would wait", 1, true), out)
+    assert.falsy(out:find("real branch", 1, true), out)
+    assert.is_false(exists(dir .. "/real"))
+  end)
+
+  it("resumes a run under the lock key it was started with", function()
+    local state, dir = cli.tmpdir(), cli.tmpdir()
+    local env = { RUNBOOK_STATE_DIR = state }
+    local rb = cli.runbook([[
+name = "locked-resume" description = "d"
+param "dir" { required = true }
+step "one" { run = function() end }
+step "two" { run = function(ctx) fs.read(ctx.params.dir .. "/go") end }
+]])
+    local r = cli.run({ "run", rb, "-p", "dir=" .. dir, "--lock=team-key", "--yes" }, env)
+    assert.are.equal(1, r.code, r.stderr)
+    local id = run_id(state)
+    local holder = cli.runbook([[
+name = "holder" description = "d"
+step "hold" { run = function() time.sleep("20s") end }
+]], "holder.lua")
+    local h = cli.spawn({ "run", holder, "--lock=team-key", "--yes" }, env)
+    cli.eventually(function() return cli.slurp(state .. "/locks/team-key.lock"):find("holder", 1, true) end, "holder")
+    local code, out = cli.pty("", { "resume", id }, env)
+    os.execute("kill " .. h.pid)
+    h.wait()
+    assert.are.equal(75, code, out)
+    assert.truthy(out:find("team-key is locked by", 1, true), out)
+  end)
+
+  it("refuses to start when the state directory cannot be written: exit 2, nothing runs", function()
+    local dir = cli.tmpdir()
+    local file = dir .. "/not-a-dir"
+    io.open(file, "wb"):close()
+    local rb = cli.runbook([[
+name = "nostate" description = "d"
+param "dir" { required = true }
+step "write" { run = function(ctx) fs.write(ctx.params.dir .. "/ran", "x") end }
+]])
+    local code, out = cli.pty("", { "run", rb, "-p", "dir=" .. dir, "--yes" }, { RUNBOOK_STATE_DIR = file .. "/state" })
+    assert.are.equal(2, code, out)
+    assert.truthy(out:find("not-a-dir", 1, true), out)
+    assert.falsy(out:find("interrupted", 1, true), out)
+    assert.is_false(exists(dir .. "/ran"))
+  end)
+
+  it("Ctrl-C says 'interrupted by SIGINT' and how to resume, exits 130, without a Lua location or a failure", function()
+    local state = cli.tmpdir()
+    local rb = cli.runbook([[
+name = "ctrl-c" description = "d"
+step "long wait" { run = function() time.sleep("30s") end }
+step "after" { run = function() end }
+]])
+    local code, out = cli.pty("", { "run", rb, "--yes" }, { RUNBOOK_STATE_DIR = state, PTY_INTERRUPT_AFTER = "long wait" })
+    assert.are.equal(130, code, out)
+    assert.truthy(out:find("interrupted by SIGINT", 1, true), out)
+    assert.truthy(out:find("runbook resume " .. run_id(state), 1, true), out)
+    assert.falsy(out:find("%.lua:%d+"), out)
+    assert.falsy(out:find("1 failed", 1, true), out)
+  end)
+end)

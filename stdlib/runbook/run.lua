@@ -1,0 +1,205 @@
+--- One run of a runbook: what the operator asked for (the request, built
+-- once by `run` and by `resume`), and everything around the step loop: the
+-- params, the lock or Lease, the journal, the output sinks, the signal
+-- handlers, run_start and run_end, the notifications. The engine
+-- (runbook.engine) runs the steps of the run object made here.
+local events = require "runbook.events"
+local EXIT = require "runbook.exit"
+local host = require "runbook.host"
+
+local M = {}
+
+local function say(fmt, ...)
+  io.stderr:write(host.redact("runbook: " .. fmt:format(...) .. "\n"))
+end
+
+--- The request from the CLI's parsed options `o`: {given = {"k=v"...},
+-- params_file, mode = "run"|"dry-run", step, yes, from, outputs_from,
+-- lock = KEY|true|nil, wait (seconds), undo_on_failure, output = "text"|"json"}.
+-- `resume` builds the same table from the journal.
+function M.request(o)
+  local given = {}
+  for _, kv in ipairs(o["-p"] or {}) do given[#given + 1] = kv end
+  for _, kv in ipairs(o["--param"] or {}) do given[#given + 1] = kv end
+  return {
+    given = given, params_file = o["--params-file"], mode = o["--dry-run"] and "dry-run" or "run",
+    step = o["--step"] or nil, yes = (o["--yes"] or o["-y"]) or nil, from = o["--from"],
+    outputs_from = o["--outputs-from"], lock = o["--lock"],
+    wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0,
+    undo_on_failure = o["--undo-on-failure"] or nil, output = o["--output"] or "text",
+  }
+end
+
+--- What a resume restores of the request that started the run (journaled in run_start).
+function M.journaled(req)
+  return { step = req.step, yes = req.yes, wait = req.wait, undo_on_failure = req.undo_on_failure,
+    output = req.output }
+end
+
+--- Refuse before anything runs when we would have to ask and cannot.
+local function check_can_ask(rb, req)
+  if req.yes or host.isatty(0) then return true end
+  if req.step then
+    return false, "--step asks before each step, but standard input is not a terminal; use --yes to run unattended"
+  end
+  if req.mode == "dry-run" then return true end
+  for _, s in ipairs(rb.steps) do
+    if s.confirm then
+      return false, ("step '%s' asks for confirmation (confirm = true), but standard input is not a terminal; "
+        .. "pass --yes to run it unattended"):format(s.name)
+    end
+  end
+  return true
+end
+
+--- The lock key of the run, or nil for a dry run without --lock.
+local function lock_key(rb, req)
+  if req.mode == "dry-run" and not req.lock then return nil end
+  return type(req.lock) == "string" and req.lock or rb.lock or rb.name
+end
+
+--- Check a lock key before anything runs: a Lease needs a valid name and a
+-- Kubernetes configuration. Returns true or nil and why.
+local function check_lock(key)
+  if not (key and key:match("^k8s:")) then return true end
+  local ok, why = require("runbook.lock").lease_name(key)
+  if not ok then return nil, why end
+  local cok, err = pcall(require("k8s.config").resolve)
+  if not cok then return nil, ("lock %s: %s"):format(key, type(err) == "table" and err.message or tostring(err)) end
+  return true
+end
+
+--- Take the file lock `key`. Returns the lock, or nil and the exit status.
+local function take_file_lock(run, key)
+  local who = host.identity()
+  local holder = { run_id = run.id, pid = who.pid, user = who.user, host = who.host,
+    since = events.iso8601(host.wallclock()), runbook = run.rb.name }
+  local ok, lock, why = pcall(require("runbook.lock").acquire, key, holder, run.request.wait)
+  if not ok then
+    local sig = host.interrupted()
+    if sig then say("interrupted by %s while waiting for the lock %s", EXIT.signal_name(sig), key)
+      return nil, EXIT.interrupted(sig) end
+    say("lock %s: %s", key, type(lock) == "table" and lock.message or tostring(lock))
+    return nil, EXIT.usage
+  end
+  if not lock then
+    say("%s", why)
+    if run.request.wait == 0 then io.stderr:write("Use --wait-lock DURATION to wait for it.\n") end
+    return nil, EXIT.locked
+  end
+  return lock
+end
+
+--- Take the run's Lease (a journaled effect, so after run_start). Returns the
+-- lock, or nil, the status and exit status the run ends with.
+local function take_lease(run, key)
+  local who = host.identity()
+  local ok, lock, why = pcall(require("runbook.lock").lease, key,
+    { user = who.user, host = who.host, pid = who.pid, run_id = run.id }, run.request.wait)
+  if ok and lock then return lock end
+  local locked = ok or type(lock) == "table" and lock.code == "locked"
+  require("log").error("%s", ok and why or tostring(type(lock) == "table" and lock.message or lock))
+  if locked then return nil, "locked", EXIT.locked end
+  local sig = host.interrupted()
+  if sig then return nil, "interrupted", EXIT.interrupted(sig) end
+  return nil, "failed", EXIT.failed
+end
+
+local function install_sinks(run, journal_sink)
+  local output = require "runbook.output"
+  events.reset(run)
+  if run.request.output == "json" then
+    events.add_sink(output.json(io.stdout))
+  else
+    events.add_sink(output.human(io.stdout, host.isatty(1)))
+  end
+  events.add_sink(journal_sink)
+  host.set_effect_sink(function(e)
+    e.event = "effect"
+    events.emit(e)
+  end)
+end
+
+local function new_run_id()
+  local f = io.open("/dev/urandom", "rb")
+  local bytes = f and f:read(4) or tostring(host.now())
+  if f then f:close() end
+  return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
+local function absolute(path)
+  if path:sub(1, 1) == "/" then return path end
+  return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
+end
+
+--- Resolve the params of `req` over `base` (a resumed run's). Returns values
+-- and their redacted copy, or nil and the exit status.
+local function resolve_params(rb, req, base)
+  local params = require "runbook.params"
+  local ok, values = pcall(params.resolve, rb, req.given, req.params_file, base)
+  if not ok then
+    if getmetatable(values) == params.ParamError then say("%s", values.message); return nil, EXIT.usage end
+    error(values, 0)
+  end
+  return values, params.redacted(rb, values)
+end
+
+--- Run `rb` as `req` asks. `resumed` continues a journaled run: {id, params
+-- (the journal's), start (the step index to continue at), restored =
+-- {outputs, completed, skipped}}. Returns the exit status.
+function M.start(rb, req, resumed)
+  resumed = resumed or {}
+  local values, redacted = resolve_params(rb, req, resumed.params)
+  if not values then return redacted end
+  local can, why = check_can_ask(rb, req)
+  if not can then say("%s", why); return EXIT.usage end
+  local key = lock_key(rb, req)
+  local lok, lwhy = check_lock(key)
+  if not lok then say("%s", lwhy); return EXIT.usage end
+
+  local run = { rb = rb, request = req, id = resumed.id or new_run_id(), params = values,
+    dry_run = req.mode == "dry-run", start = resumed.start, restored = resumed.restored }
+  local lock
+  if key and not key:match("^k8s:") then
+    local code
+    lock, code = take_file_lock(run, key)
+    if not lock then return code end
+  end
+  local jok, sink = pcall(require("runbook.journal").sink, run.id)
+  if not jok then
+    if lock then lock:release() end
+    say("%s", type(sink) == "table" and sink.message or tostring(sink)); return EXIT.usage
+  end
+  install_sinks(run, sink)
+  host.install_signal_handlers()
+  math.randomseed(math.floor(host.wallclock() * 1000))
+  host.set_mode(run.dry_run and "dry-run" or "run")
+
+  local t0, who = host.now(), host.identity()
+  events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
+    path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = redacted,
+    steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = key, request = M.journaled(req),
+    resumed = resumed.id and true or nil, from = req.from,
+    resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
+
+  local lease, status, code
+  if key and key:match("^k8s:") then lease, status, code = take_lease(run, key) end
+  local counts = { ok = 0, failed = 0, skipped = 0 }
+  if status == nil then status, code = require("runbook.engine").run(run, counts) end
+  if lease then
+    local ok, e = pcall(lease.release, lease)
+    if not ok then require("log").warn("the lease stays held until it expires: %s", tostring(e)) end
+  end
+  if rb.notify then
+    require("notify").run_hooks(rb.notify, { runbook = rb.name, run_id = run.id, status = status,
+      step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = host.now() - t0,
+      ok = counts.ok, dry_run = run.dry_run })
+  end
+  events.emit { event = "run_end", run_id = run.id, status = status, exit_code = code,
+    duration = math.floor((host.now() - t0) * 1000 + 0.5) / 1000, ok = counts.ok, failed = counts.failed,
+    skipped = counts.skipped, mode = req.mode, signal = run.signal and EXIT.signal_name(run.signal) or nil }
+  if lock then lock:release() end
+  return code
+end
+
+return M
