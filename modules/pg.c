@@ -15,8 +15,11 @@
  *   conn:query(sql, params...) -> rows   each row {column = value}; rows.columns
  *   conn:exec(sql, params...) -> n, how  affected rows; how = performed|simulated|skipped
  *   conn:query{sql, params..., write = true}   marks a statement as a write
+ *     (a dry run's query result carries `simulated` and `affected` for a write)
  *   conn:copy_to(sql, path) -> {rows}    streams COPY ... TO STDOUT into a file
- *   conn:copy_from(sql, path, table) -> {rows}  streams a file into COPY ... FROM STDIN
+ *   conn:copy_from(path, table, opts) -> {rows}  streams a file into COPY table FROM STDIN
+ *     opts: columns, format (csv|text|binary), header, delimiter, null; the
+ *     statement is built here, never taken from the runbook
  *   conn:status() -> {transaction, server_version, database, user, host, port, pid}
  *   conn:close()                         also __close and __gc
  *
@@ -26,13 +29,11 @@
  * arrays, intervals) stays PostgreSQL's text. Parameters are sent separately
  * from the SQL ($1, $2...), never interpolated.
  *
- * The gate: every statement is classified from its text (SELECT, SHOW,
- * EXPLAIN... are reads; SELECTs calling functions such as pg_terminate_backend
- * are writes; everything unknown is a write). In a dry run, writes that can
- * run in a transaction run in one that is rolled back (a savepoint inside an
- * open transaction) and report their row counts; VACUUM, CREATE DATABASE and
- * the like are reported as not simulated; reads run in a read-only session so
- * a misclassified read cannot write either.
+ * The gate: in a normal run statements are labelled from their text (SELECT,
+ * SHOW, EXPLAIN... are reads, the rest writes) only to journal the writes. A
+ * dry run does not trust the text: every statement runs in a transaction the
+ * module opens and rolls back, after the server has said what it would touch;
+ * see "the dry run" below.
  *
  * Every wait is bounded by the step's remaining time: the socket is polled
  * with a deadline and a late statement is cancelled on the server; the
@@ -79,6 +80,7 @@ typedef struct {
     int broken;          /* a statement was abandoned mid-way: reconnect before the next */
     int dry_tx;          /* dry run: the runbook's BEGIN opened the module's transaction */
     int check_ready;     /* dry run: CHECK_SQL is prepared on this session */
+    int in_sim;          /* dry run: a statement's transaction (or savepoint) is open */
     double timeout;      /* cap on one statement's wait, within the step's remaining time */
 } conn;
 
@@ -288,7 +290,7 @@ static void ensure_connected(lua_State *L, conn *c, const char *op) {
     int waited = PQresetStart(c->pg) ? poll_connect(c->pg, 1, rb_now() + timeout) : WAIT_READY;
     c->readonly = -1;
     c->timeout_for = 0;
-    c->dry_tx = c->check_ready = 0;
+    c->dry_tx = c->check_ready = c->in_sim = 0;
     if (waited == WAIT_READY && PQstatus(c->pg) == CONNECTION_OK) {
         PQsetnonblocking(c->pg, 1);
         return;
@@ -956,6 +958,8 @@ static const char CHECK_SQL[] =
 
 /* Ends the dry run's transaction (or savepoint) whatever state it is in; keeps c->res. */
 static void sim_end(conn *c) {
+    if (!c->in_sim) return;
+    c->in_sim = 0;
     if (PQstatus(c->pg) != CONNECTION_OK || c->broken) return;
     PQsetnonblocking(c->pg, 0);
     PGresult *r = PQexec(c->pg, c->dry_tx ? "ROLLBACK TO SAVEPOINT runbook_dry_run; RELEASE SAVEPOINT runbook_dry_run"
@@ -1001,6 +1005,8 @@ static void prepare_check(lua_State *L, conn *c, const char *op) {
  * settings in force. */
 static void sim_begin(lua_State *L, conn *c, const char *op) {
     run_plain(L, c, op, c->dry_tx ? "SAVEPOINT runbook_dry_run" : "BEGIN READ WRITE");
+    c->in_sim = 1;
+    sim_run(L, c, op, "SET LOCAL jit = off", 0, NULL);   /* compiling CHECK_SQL takes seconds */
     prepare_check(L, c, op);
     push_settings(L);
     for (lua_Integer i = 1; lua_rawgeti(L, -1, i) == LUA_TSTRING; i++) {
@@ -1056,6 +1062,8 @@ static int fail_dry(lua_State *L, conn *c, gated *g, const char *op, outcome o) 
     return raise_outcome(L, c, op, o);
 }
 
+#define CANNOT_CHECK "PostgreSQL cannot say what it does before it runs"
+
 /* Probes a statement: NULL and *writes when the server could check it, else
  * why not. Raises the statement's own errors (a misspelt column). */
 static const char *probe(lua_State *L, conn *c, gated *g, const char *op, const char *sql, int n, int *writes) {
@@ -1065,8 +1073,13 @@ static const char *probe(lua_State *L, conn *c, gated *g, const char *op, const 
     outcome o = attempt(L, c, create, 0, NULL);
     if (!succeeded(c, o)) {
         const char *state = c->res ? PQresultErrorField(c->res, PG_DIAG_SQLSTATE) : NULL;
-        if (o.why == WAIT_READY && state && (strcmp(state, "0A000") == 0 || strcmp(state, "42601") == 0))
-            return "PostgreSQL cannot check it before it runs";
+        if (o.why == WAIT_READY && state && strcmp(state, "0A000") == 0) return CANNOT_CHECK;
+        if (o.why == WAIT_READY && state && strcmp(state, "42601") == 0) {
+            /* a syntax error, or a statement a function body refuses (SELECT ... INTO): parsed alone, it tells */
+            sim_end(c);
+            o = finish(L, c, PQsendPrepare(c->pg, "", sql, n, NULL));
+            if (succeeded(c, o)) return CANNOT_CHECK;
+        }
         fail_dry(L, c, g, op, o);
     }
     return server_check(L, c, op, "f", "pg_temp.runbook_probe", 0, writes);
@@ -1231,7 +1244,10 @@ static int conn_query(lua_State *L) {
         return 1;
     }
     push_rows(L, c);
-    if (d == RB_SIMULATE) lua_pushboolean(L, 1), lua_setfield(L, -2, "simulated");
+    if (d == RB_SIMULATE) {
+        lua_pushboolean(L, 1), lua_setfield(L, -2, "simulated");
+        lua_pushinteger(L, affected(c->res)), lua_setfield(L, -2, "affected");
+    }
     scratch_free(c);
     return 1;
 }
