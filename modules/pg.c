@@ -1062,7 +1062,8 @@ static int fail_dry(lua_State *L, conn *c, gated *g, const char *op, outcome o) 
     return raise_outcome(L, c, op, o);
 }
 
-#define CANNOT_CHECK "PostgreSQL cannot say what it does before it runs"
+/* Why a utility statement is not simulated (its summary stays the statement). */
+static const char CANNOT_CHECK[] = "PostgreSQL cannot say what it does before it runs";
 
 /* Probes a statement: NULL and *writes when the server could check it, else
  * why not. Raises the statement's own errors (a misspelt column). */
@@ -1150,7 +1151,8 @@ static rb_decision dry_statement(lua_State *L, conn *c, const char *op, const ch
         if (!writes) g.e.summary = NULL;
     }
     if (writes || why) {
-        g.e.summary = lua_pushfstring(L, "run: %s%s%s", what, why ? "; " : "", why ? why : "");
+        int named = why && why != CANNOT_CHECK;   /* the server named what a rollback would not undo */
+        g.e.summary = lua_pushfstring(L, "run: %s%s%s", what, named ? "; " : "", named ? why : "");
         g.e.can_simulate = why == NULL;
         g.d = rb_gate(L, &g.e);
     }
