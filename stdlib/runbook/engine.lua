@@ -105,7 +105,9 @@ end
 local function attempt(rb, step, ctx)
   local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, step.run(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
-    res.message = ("timed out after %s"):format(require("duration").format(step.timeout))
+    -- A backend's own words name it, the operation and the target: keep them.
+    res.message = ("timed out after %s%s"):format(require("duration").format(step.timeout),
+      res.module and (" in " .. res.message) or "")
   end
   return ok, res
 end
