@@ -144,6 +144,17 @@ step "nap" { timeout = "200ms", run = function() time.sleep("10s") end }
     assert.is_true(e.duration < 1, tostring(e.duration))
   end)
 
+  it("timeout = false runs a step without a deadline; any other value is refused at load", function()
+    local r = run_json [[
+name = "free" description = "d"
+step "a" { timeout = false, run = function(ctx) return { unbounded = ctx.remaining() == math.huge } end }
+step "b" { run = function(ctx) return { unbounded = ctx.remaining() == math.huge } end }
+]]
+    assert.are.equal(0, r.code)
+    local ends = cli.only(r.events, "step_end")
+    assert.are.same({ true, false }, { ends[1].outputs.unbounded, ends[2].outputs.unbounded })
+  end)
+
   it("a backend's timeout keeps its own words: the module, the operation and the target", function()
     local r = run_json [[
 name = "slow" description = "d"

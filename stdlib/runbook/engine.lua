@@ -97,6 +97,7 @@ end
 --- Call a step's `what` function fn(...) protected, under the step's timeout
 -- (else the default for `what`) and the watchdog.
 local function step_call(rb, step, ctx, what, fn, ...)
+  if step.timeout == false and what == "run" then return protected(rb, fn, ...) end
   local limit = step.timeout or deadline.LIMIT[what]
   return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
 end
