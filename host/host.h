@@ -7,6 +7,7 @@
 /* Registry keys. */
 #define RB_ERROR_MT    "runbook.error"
 #define RB_EFFECT_SINK "runbook.effect_sink"
+#define RB_INTENT_SINK "runbook.intent_sink"
 
 /* The gate's mode, set only by the host's own Lua (the CLI and the engine)
  * through the private host library. It starts as a dry run: loading a
@@ -14,6 +15,10 @@
 typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
+
+/* The gate for effects written in Lua (host.gate): as rb_gate, and the C
+ * module's own check inside it (until host.gate_done) is the same effect. */
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e);
 
 /* Step deadline (monotonic seconds; 0 = none), enforced in Lua code by a
  * count hook installed on the main state at start-up, so that every

@@ -111,12 +111,15 @@ static int h_redact_value(lua_State *L)
     return 1;
 }
 
-/* The function the gate reports effects to (the engine's recorder), or nil. */
+/* set_effect_sink(outcomes [, intents]): the functions the gate reports
+ * effects' outcomes and (before performing them) intents to, or nil. */
 static int h_set_effect_sink(lua_State *L)
 {
-    if (!lua_isnil(L, 1))
-        luaL_checktype(L, 1, LUA_TFUNCTION);
-    lua_settop(L, 1);
+    for (int i = 1; i <= 2; i++)
+        if (!lua_isnoneornil(L, i))
+            luaL_checktype(L, i, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_setfield(L, LUA_REGISTRYINDEX, RB_INTENT_SINK);
     lua_setfield(L, LUA_REGISTRYINDEX, RB_EFFECT_SINK);
     return 0;
 }
@@ -130,7 +133,7 @@ static int h_gate(lua_State *L)
     rb_effect e = { luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
                     luaL_checkstring(L, 4), lua_toboolean(L, 5) };
     static const char *const names[] = { "perform", "simulate", "skip" };
-    lua_pushstring(L, names[rb_gate(L, &e)]);
+    lua_pushstring(L, names[rb_gate_library(L, &e)]);
     return 1;
 }
 
