@@ -156,12 +156,18 @@ static void deadline_hook(lua_State *L, lua_Debug *ar)
         luaL_error(L, "step timed out");
 }
 
-void rb_hook_install(lua_State *L) { lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 10000); }
+void rb_hook(lua_State *co) { lua_sethook(co, deadline_hook, LUA_MASKCOUNT, 10000); }
 
-void rb_set_deadline(double d)
+/* The hook is removed with the deadline: with a count hook set, Lua calls it
+ * back on every instruction, which host code need not pay for. */
+void rb_set_deadline(lua_State *L, double d)
 {
     deadline = d;
     pending_seq = ordinal = library_gate_open = 0;   /* a step attempt starts or ends */
+    if (d > 0)
+        rb_hook(L);
+    else
+        lua_sethook(L, NULL, 0, 0);
 }
 
 double rb_get_deadline(void) { return deadline; }

@@ -75,8 +75,17 @@ static int h_set_deadline(lua_State *L)
     double d = luaL_optnumber(L, 1, 0);
     if (!lua_isnoneornil(L, 2))
         luaL_checktype(L, 2, LUA_TTABLE);
-    rb_set_deadline(d);
+    rb_set_deadline(L, d);
     rb_watchdog(L, d, lua_istable(L, 2) ? 2 : 0);
+    return 0;
+}
+
+/* hook(co): the deadline hook on a coroutine a runbook creates. */
+static int h_hook(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, 1);
+    luaL_argexpected(L, co != NULL, 1, "coroutine");
+    rb_hook(co);
     return 0;
 }
 
@@ -239,6 +248,7 @@ static const luaL_Reg host_funcs[] = {
     { "mode", h_mode },
     { "set_deadline", h_set_deadline },
     { "deadline", h_deadline },
+    { "hook", h_hook },
     { "secret", h_secret },
     { "redact", h_redact },
     { "redact_value", h_redact_value },
