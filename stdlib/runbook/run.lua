@@ -153,6 +153,18 @@ local function absolute(path)
   return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
 end
 
+--- What the run loaded besides the runbook, for resume's content guard: the
+-- Lua files it required so far and the params file, {path, sha256[, params]}.
+local function sources(req)
+  local out = {}
+  for i, rec in ipairs(require("runbook.env").sources) do out[i] = { path = rec.path, sha256 = rec.sha256 } end
+  if req.params_file then
+    local sha = host.sha256_file(req.params_file)
+    out[#out + 1] = { path = absolute(req.params_file), sha256 = sha, params = true }
+  end
+  return #out > 0 and out or nil
+end
+
 --- Resolve the params of `req` over `base` (a resumed run's). Returns values
 -- and their redacted copy, or nil and the exit status.
 local function resolve_params(rb, req, base)
@@ -201,8 +213,12 @@ function M.start(rb, req, resumed)
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
     path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = redacted,
     steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = key, request = M.journaled(req),
-    resumed = resumed.id and true or nil, from = req.from,
+    resumed = resumed.id and true or nil, from = req.from, sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
+  -- Lua files the runbook requires from here on are journaled as they load.
+  require("runbook.env").on_source = function(rec)
+    events.emit { event = "source", path = rec.path, sha256 = rec.sha256 }
+  end
   -- A resume's answers about steps cut off with effects (their check's, or the operator's).
   for _, e in ipairs(resumed.resolved or {}) do events.emit(e) end
 
