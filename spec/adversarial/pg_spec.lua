@@ -150,6 +150,10 @@ local variants = {
     try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT 1 ### 2") ]] },
   { "nextval behind a Unicode escape in a data-modifying WITH", SEQ, [[
     try([=[WITH d AS (DELETE FROM rb_adv WHERE false) SELECT U&"nextv\0061l"('rb_adv_seq')]=]) ]] },
+  { "a row security policy calling nextval", SEQ, [[
+    try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT count(*) FROM rb_adv_rls") ]] },
+  { "a domain whose check calls nextval", SEQ, [[
+    try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT 1::rb_adv_dom") ]] },
   { "PREPARE and EXECUTE of nextval", SEQ, [[
     try([=[PREPARE rb_adv_p AS SELECT U&"nextv\0061l"('rb_adv_seq')]=])
     try("EXECUTE rb_adv_p") ]] },
@@ -169,7 +173,8 @@ local PREAMBLE = [[
 
 setup(function()
   psql([[
-    DROP TABLE IF EXISTS rb_adv, rb_adv_trig CASCADE;
+    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls CASCADE;
+    DROP DOMAIN IF EXISTS rb_adv_dom;
     DROP SEQUENCE IF EXISTS rb_adv_seq;
     CREATE TABLE rb_adv (tag text);
     CREATE SEQUENCE rb_adv_seq;
@@ -185,6 +190,11 @@ setup(function()
       AS $$ BEGIN PERFORM nextval('rb_adv_seq'); RETURN true; END $$;
     DROP OPERATOR IF EXISTS ### (int, int);
     CREATE OPERATOR ### (LEFTARG = int, RIGHTARG = int, FUNCTION = rb_adv_op);
+    CREATE TABLE rb_adv_rls (x int);
+    INSERT INTO rb_adv_rls VALUES (1);
+    ALTER TABLE rb_adv_rls ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+    CREATE POLICY rb_adv_rls ON rb_adv_rls USING (nextval('rb_adv_seq') > 0);
+    CREATE DOMAIN rb_adv_dom AS int CHECK (nextval('rb_adv_seq') > 0);
     CREATE OR REPLACE VIEW rb_adv_kill AS
       SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity WHERE application_name = 'rb_adv_victim';
   ]])
@@ -196,7 +206,8 @@ teardown(function()
   psql([[
     DROP VIEW IF EXISTS rb_adv_kill;
     DROP OPERATOR IF EXISTS ### (int, int);
-    DROP TABLE IF EXISTS rb_adv, rb_adv_trig CASCADE;
+    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls CASCADE;
+    DROP DOMAIN IF EXISTS rb_adv_dom;
     DROP SEQUENCE IF EXISTS rb_adv_seq;
     DROP FUNCTION IF EXISTS rb_adv_write(text), rb_adv_tick(), rb_adv_op(int, int);
     DROP PROCEDURE IF EXISTS rb_adv_proc();
