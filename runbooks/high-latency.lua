@@ -16,6 +16,7 @@ param "deployment" { default = "", help = "its deployment (default todo-chatbot-
 param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
 param "max_p95" { type = "duration", default = "500ms", help = "the p95 the service must stay under (seed 000: warning above 500ms)" }
 param "window" { default = "5m", help = "PromQL rate window" }
+param "stats_url" { default = "", secret = true, help = "PostgreSQL URL of the database where pg_stat_statements is installed (default $DATABASE_URL)" }
 param "max_replicas" { type = "integer", default = 10, help = "scale out to twice the replicas, at most this many" }
 param "hold" { type = "duration", default = "5m", help = "how long p95 must stay under max_p95 after scaling" }
 param "every" { type = "duration", default = "15s", help = "how often p95 is evaluated while verifying" }
@@ -63,10 +64,15 @@ step "Check saturation" {
 }
 
 step "Find the slowest statements" {
-  description = "pg_stat_statements: the 10 statements with the highest mean execution time (skipped without DATABASE_URL)",
-  when = function() return (os.getenv("DATABASE_URL") or "") ~= "" end,
-  run = function()
-    local rows = pg.query([[SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS query, calls,
+  description = "pg_stat_statements: the 10 statements with the highest mean execution time (skipped without a database URL)",
+  when = function(ctx) return ctx.params.stats_url ~= "" or (os.getenv("DATABASE_URL") or "") ~= "" end,
+  run = function(ctx)
+    local db <close> = pg.connect(ctx.params.stats_url ~= "" and ctx.params.stats_url or nil, { connect_timeout = "5s" })
+    if not db:value("SELECT to_regclass('pg_stat_statements') IS NOT NULL") then
+      log.warn("pg_stat_statements is not installed in this database (see stats_url): slowest statements unknown")
+      return { statements = 0 }
+    end
+    local rows = db:query([[SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS query, calls,
       round(mean_exec_time::numeric, 2) AS mean_ms FROM pg_stat_statements ORDER BY mean_exec_time DESC LIMIT 10]])
     for _, r in ipairs(rows) do log.info("%8s ms  %6s calls  %s", tostring(r.mean_ms), tostring(r.calls), r.query) end
     return { statements = #rows }
