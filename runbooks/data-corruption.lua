@@ -66,6 +66,7 @@ step "Assess the corruption" {
 
 step "Stop writes" {
   description = "Scale the writer deployments to 0 and wait until their pods are gone, so nothing corrupts further (replicas remembered)",
+  needs = { "Assess the corruption" },
   confirm = true,
   run = function(ctx)
     local saved = k8s.stop_workloads(writers(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
@@ -77,6 +78,7 @@ step "Stop writes" {
 
 step "Back up the corrupted state" {
   description = "Keep the database as it is now (evidence, and a way back), as PREFIX-corrupted-STAMP in dir",
+  needs = { "Assess the corruption" },
   run = function(ctx)
     local set = backupset.new(ctx.params.dir, ctx.params.prefix .. "-corrupted")
     local m = backupset.seal(set, { database = backupset.dump_database(set, { url = ctx.params.database_url }) })
@@ -87,6 +89,7 @@ step "Back up the corrupted state" {
 
 step "Restore the good backup" {
   description = "pg_restore --clean --single-transaction from the good set; the restored row counts must equal the dump's",
+  needs = { "Assess the corruption", "Back up the corrupted state" },
   confirm = true,
   run = function(ctx)
     local path = ctx.outputs["Assess the corruption"].set
@@ -98,6 +101,7 @@ step "Restore the good backup" {
 
 step "Validate" {
   description = "Row counts against the good set's manifest, and every integrity check returns 0",
+  needs = { "Assess the corruption", "Back up the corrupted state", "Restore the good backup" },
   run = function(ctx)
     local path = ctx.outputs["Assess the corruption"].set
     local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
@@ -117,15 +121,16 @@ step "Validate" {
 
 step "Resume writes" {
   description = "Scale the writers back to their replicas and wait for their rollouts",
+  needs = { "Stop writes", "Assess the corruption" }, uses = { "Restore the good backup" },
   run = function(ctx)
-    if ctx.skipped("Stop writes") then
-      log.info("the writers were not stopped by this run (the operator skipped that step): nothing to scale")
-    else
-      local saved = ctx.outputs["Stop writes"].saved
-      k8s.start_workloads(saved, { timeout = ctx.params.timeout })
-      for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
-    end
+    local saved = ctx.outputs["Stop writes"].saved
+    k8s.start_workloads(saved, { timeout = ctx.params.timeout })
+    for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
     local a = ctx.outputs["Assess the corruption"]
+    if ctx.skipped("Restore the good backup") then
+      log.warn("the restore was skipped: the database is as it was, corrupt (%s)", ctx.skipped("Restore the good backup"))
+      return
+    end
     log.info("recovered from %s; writes since %s are not in the database (the corrupted state keeps them)",
       a.set, a.set_created_at)
   end,

@@ -67,6 +67,7 @@ step "Count old rows" {
 
 step "Purge old rows" {
   description = "DELETE the counted rows, batch_size at a time, each batch its own statement",
+  needs = { "Count old rows" },
   confirm = true,
   when = function(ctx) return ctx.params.purge and ctx.outputs["Count old rows"].rows > 0 end,
   run = function(ctx)
@@ -97,6 +98,7 @@ step "VACUUM ANALYZE" {
 
 step "Measure again" {
   description = "The sizes and dead rows after, and what the maintenance changed",
+  needs = { "Measure" },
   run = function(ctx)
     local db <close> = pg.connect()
     local after = sizes(db)

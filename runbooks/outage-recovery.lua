@@ -133,6 +133,7 @@ step "Check dependencies" {
 
 step "Restart unhealthy deployments" {
   description = "rollout restart of each unhealthy deployment a restart can help (not those that cannot pull their image or read their config)",
+  needs = { "Assess the cluster" },
   run = function(ctx)
     local restarted, left = {}, {}
     for _, d in ipairs(ctx.outputs["Assess the cluster"].deployments) do
@@ -153,6 +154,7 @@ step "Restart unhealthy deployments" {
 
 step "Wait for rollouts" {
   description = "Wait until each restarted deployment has rolled out; stop waiting on one whose new pods crash-loop",
+  needs = { "Restart unhealthy deployments" },
   idempotent = true,
   run = function(ctx)
     local names = ctx.outputs["Restart unhealthy deployments"].restarted
@@ -188,6 +190,7 @@ step "Verify service health" {
 
 step "Roll back recent changes that still fail" {
   description = "rollout undo, past restarts, of each deployment still failing whose last change is recent; then wait for it",
+  needs = { "Verify service health", "Check dependencies" },
   confirm = true,
   run = function(ctx)
     local failing = ctx.outputs["Verify service health"].failing
@@ -269,12 +272,14 @@ step "Final verification" {
 
 step "Report" {
   description = "Post the outcome to Slack (when a webhook is set) and point to the run's report; fail the run when not recovered",
+  needs = { "Final verification" }, uses = { "Restart unhealthy deployments", "Roll back recent changes that still fail", "Check dependencies" },
   run = function(ctx)
     local final = ctx.outputs["Final verification"]
-    local restarted = ctx.outputs["Restart unhealthy deployments"].restarted
+    local RESTART = "Restart unhealthy deployments"
+    local restarted = ctx.skipped(RESTART) and {} or ctx.outputs[RESTART].restarted
     local rolled = {}
     local ROLLBACK = "Roll back recent changes that still fail"
-    local declined = ctx.skipped(ROLLBACK) == "operator"
+    local declined = ctx.skipped(ROLLBACK)
     for _, r in ipairs(declined and {} or ctx.outputs[ROLLBACK].rolled_back) do
       rolled[#rolled + 1] = ("%s (revision %d -> %d)"):format(r.name, r.from, r.to)
     end
@@ -284,10 +289,11 @@ step "Report" {
         ctx.params.namespace, final.recovered and (": every deployment healthy, every service answers " .. ctx.params.health_path) or ""),
       would .. "restarted: " .. (#restarted > 0 and table.concat(restarted, ", ") or "none"),
       would .. "rolled back: " .. (#rolled > 0 and table.concat(rolled, ", ") or "none")
-        .. (declined and " (the operator declined the rollback)" or ""),
+        .. (declined == "operator" and " (the operator declined the rollback)"
+          or declined == "needs" and " (the rollback was skipped with a step it needs)" or ""),
     }
     for _, p in ipairs(final.problems) do lines[#lines + 1] = "problem: " .. p end
-    local down = ctx.outputs["Check dependencies"].down
+    local down = ctx.skipped("Check dependencies") and {} or ctx.outputs["Check dependencies"].down
     if #down > 0 then lines[#lines + 1] = "dependencies down: " .. table.concat(down, ", ") end
     lines[#lines + 1] = "timeline: runbook report " .. ctx.run_id
     local text = table.concat(lines, "\n")

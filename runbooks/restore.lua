@@ -50,6 +50,7 @@ step "Verify the backup set" {
 
 step "Stop writes" {
   description = "Scale the writer deployments to 0 and wait until their pods are gone (replicas remembered)",
+  needs = { "Verify the backup set" },
   confirm = true,
   run = function(ctx)
     local saved = k8s.stop_workloads(writers(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
@@ -72,6 +73,7 @@ step "Safety backup" {
 
 step "Restore the database" {
   description = "pg_restore --clean --single-transaction from the set; the restored row counts must equal the dump's",
+  needs = { "Verify the backup set" },
   confirm = true,
   run = function(ctx)
     local path = ctx.outputs["Verify the backup set"].path
@@ -83,6 +85,7 @@ step "Restore the database" {
 
 step "Validate" {
   description = "Row counts of every table against the manifest, and each validation query returns 0",
+  needs = { "Verify the backup set", "Restore the database" }, uses = { "Safety backup" },
   run = function(ctx)
     local path = ctx.outputs["Verify the backup set"].path
     local m = backupset.verify(path)
@@ -94,7 +97,7 @@ step "Validate" {
       return { problems = problems }
     end
     if #problems > 0 then
-      local safety = ctx.params.safety_backup and ctx.outputs["Safety backup"].path
+      local safety = not ctx.skipped("Safety backup") and ctx.outputs["Safety backup"].path
       error("the restored database is not valid: " .. table.concat(problems, "; ")
         .. (safety and ("; the database before the restore is in " .. safety) or ""), 0)
     end
@@ -105,7 +108,7 @@ step "Validate" {
 
 step "Start writes" {
   description = "Scale the writers back to their replicas and wait for their rollouts",
-  when = function(ctx) return not ctx.skipped("Stop writes") end,   -- the operator kept them running
+  needs = { "Stop writes" }, -- skipped with it when the operator kept them running
   run = function(ctx)
     local saved = ctx.outputs["Stop writes"].saved
     k8s.start_workloads(saved, { timeout = ctx.params.timeout })

@@ -43,6 +43,7 @@ step "Show the rollout history" {
 
 step "Pick the revision" {
   description = "The revision to return to: to_revision, or the one before the last change; it must exist and differ",
+  needs = { "Show the rollout history" },
   run = function(ctx)
     local h = ctx.outputs["Show the rollout history"]
     local to = ctx.params.to_revision ~= 0 and ctx.params.to_revision or h.previous
@@ -65,6 +66,7 @@ step "Pick the revision" {
 
 step "Roll back" {
   description = "kubectl rollout undo --to-revision",
+  needs = { "Pick the revision" },
   confirm = true,
   run = function(ctx)
     local to = ctx.outputs["Pick the revision"].revision

@@ -20,6 +20,16 @@ end
 describe("an operator at a terminal", function()
   after_each(cli.cleanup)
 
+  it("declines a step that later steps need: they are skipped with that reason, not failed", function()
+    local code, out = cli.pty("", { "run", "runbooks/outage-recovery.lua", "--step", "--dry-run", "-p", "settle=1s" },
+      { RUNBOOK_STATE_DIR = cli.tmpdir(), PTY_DECLINE = "Restart unhealthy deployments" })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("Restart unhealthy deployments skipped (by the operator)", 1, true), out)
+    assert.truthy(out:find("Wait for rollouts skipped (it needs 'Restart unhealthy deployments', which was skipped)",
+      1, true), out)
+    assert.falsy(out:find("ctx.outputs", 1, true), out)
+  end)
+
   it("previews a step in a dry run everywhere: ctx.dry_run is true in the preview", function()
     local dir = cli.tmpdir()
     local rb = cli.runbook([[

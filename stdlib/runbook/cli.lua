@@ -192,7 +192,15 @@ function commands.lint(args)
   local worst = EXIT.ok
   for _, ref in ipairs(args) do
     local rb, code = load_runbook(ref)
-    if rb then print(("%s: ok (%d params, %d steps)"):format(rb.file, #rb.params, #rb.steps)) else worst = code end
+    local problems = rb and require("runbook.loader").undeclared_reads(rb) or {}
+    for _, p in ipairs(problems) do print(p) end
+    if not rb then
+      worst = code
+    elseif #problems > 0 then
+      worst = math.max(worst, EXIT.failed)
+    else
+      print(("%s: ok (%d params, %d steps)"):format(rb.file, #rb.params, #rb.steps))
+    end
   end
   return worst
 end

@@ -14,7 +14,7 @@ local FIELDS = { name = "string", description = "string", version = "string", lo
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
 local STEP_KEYS = { description = true, run = true, confirm = true, timeout = true, retry = true,
-  undo = true, when = true, idempotent = true }
+  undo = true, when = true, idempotent = true, needs = true, uses = true, fallback = true }
 local RETRY_KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true }
 
 local LoadError = {}
@@ -74,14 +74,28 @@ local function check_retry(r, what)
   }
 end
 
-local function check_step(name, spec, index)
+--- `needs` or `uses`: a list of names of earlier steps.
+local function check_deps(rb, spec, field, what)
+  local list = spec[field]
+  if list == nil then return {} end
+  if type(list) == "string" then list = { list } end
+  if type(list) ~= "table" then error(("%s: %s must be a list of step names"):format(what, field), 0) end
+  for _, dep in ipairs(list) do
+    if not rb.steps_by_name[dep] then
+      error(("%s: %s %q: no earlier step has that name"):format(what, field, tostring(dep)), 0)
+    end
+  end
+  return list
+end
+
+local function check_step(rb, name, spec, index)
   local what = ("step '%s'"):format(name)
   if type(spec) ~= "table" then error(what .. ": expected a table with run = function(ctx) ... end", 0) end
   local run = spec.run or spec[1]
   spec[1] = nil
   check_keys(spec, STEP_KEYS, what)
   if type(run) ~= "function" then error(what .. ": run = function(ctx) ... end is missing", 0) end
-  for _, f in ipairs { "undo", "when" } do
+  for _, f in ipairs { "undo", "when", "fallback" } do
     if spec[f] ~= nil and type(spec[f]) ~= "function" then error(("%s: %s must be a function"):format(what, f), 0) end
   end
   return {
@@ -89,7 +103,8 @@ local function check_step(name, spec, index)
     confirm = spec.confirm == true, idempotent = spec.idempotent == true,
     timeout = spec.timeout and duration.check(spec.timeout, what .. " timeout"),
     retry = spec.retry and check_retry(spec.retry, what),
-    undo = spec.undo, when = spec.when,
+    undo = spec.undo, when = spec.when, fallback = spec.fallback,
+    needs = check_deps(rb, spec, "needs", what), uses = check_deps(rb, spec, "uses", what),
   }
 end
 
@@ -119,7 +134,7 @@ local function dsl(rb)
     end),
     step = named("step", function(name, spec)
       if rb.steps_by_name[name] then error(("step '%s' is declared twice: step names must be unique"):format(name), 0) end
-      local s = check_step(name, spec, #rb.steps + 1)
+      local s = check_step(rb, name, spec, #rb.steps + 1)
       rb.steps[#rb.steps + 1], rb.steps_by_name[name] = s, s
     end),
   }
@@ -166,6 +181,39 @@ function M.load(path)
   end
   rb.env = e
   return rb
+end
+
+--- Where a step reads the outputs of (or asks ctx.skipped about) a step it
+-- does not declare in `needs` or `uses`: a list of "file:line: message", as
+-- far as the step's own function text shows (literal names only).
+function M.undeclared_reads(rb)
+  local lines = {}
+  for l in (rb.source .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
+  local problems = {}
+  for _, step in ipairs(rb.steps) do
+    local declared = {}
+    for _, d in ipairs(step.needs) do declared[d] = true end
+    for _, d in ipairs(step.uses) do declared[d] = true end
+    local seen = {}
+    for _, fn in ipairs { step.when or false, step.run, step.fallback or false, step.undo or false } do
+      local info = fn and debug.getinfo(fn, "S")
+      for n = info and info.linedefined or 1, info and info.lastlinedefined or 0 do
+        local line = lines[n] or ""
+        for _, pat in ipairs { 'outputs%[%s*"([^"]+)"%s*%]', "outputs%[%s*'([^']+)'%s*%]", "outputs%.([%a_][%w_]*)",
+            'skipped%(%s*"([^"]+)"%s*%)' } do
+          for dep in line:gmatch(pat) do
+            if dep ~= step.name and not declared[dep] and not seen[dep] then
+              seen[dep] = true
+              problems[#problems + 1] = ("%s:%d: step '%s' reads '%s' (ctx.outputs or ctx.skipped) without declaring it: add "
+                .. "needs = {%q} (skipped with it), or uses = {%q} (asks ctx.skipped first)")
+                :format(rb.file, n, step.name, dep, dep, dep)
+            end
+          end
+        end
+      end
+    end
+  end
+  return problems
 end
 
 return M

@@ -1,0 +1,74 @@
+-- Every shipped runbook, declined at each step that asks for confirmation,
+-- one dry run per step through a terminal (--step asks before every step;
+-- each answer but that one is y): the run ends coherently, never with a Lua
+-- error about ctx.outputs.
+local cli = require "spec.support.cli"
+local loader = require "runbook.loader"
+local sb = require "spec.sandbox.sandbox_helper"
+
+local dir = cli.tmpdir()
+local PARAMS = {
+  ["backup"] = { "dir=" .. dir },
+  ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
+  ["consumer-offset-reset"] = { "to=earliest" },
+  ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
+  ["data-corruption"] = { "dir=" .. dir, "force=true" },
+  ["db-pool-exhausted"] = { "idle_for=0s", "pool_size=30" },
+  ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
+  ["outage-recovery"] = { "settle=1s" },
+  ["restore"] = { "dir=" .. dir },
+  ["rollback"] = { "deployment=todo-chatbot-backend" },
+}
+
+-- What a runbook needs in the sandbox to reach its confirm steps.
+local SETUP = {
+  -- a backup set to restore
+  ["restore"] = function()
+    if not io.open(dir .. "/done") then
+      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "--yes" }).code)
+      io.open(dir .. "/done", "w"):close()
+    end
+  end,
+  -- a session idle in a transaction (ended after the run)
+  ["db-pool-exhausted"] = function()
+    local p = io.popen(("sh -c \"(printf 'BEGIN;\\nSELECT 1;\\n'; sleep 30) | PGAPPNAME=decline-spec psql -X -q %s\" "
+      .. ">/dev/null 2>&1 & echo $!"):format(sb.env("DATABASE_URL")))
+    p:close()
+    assert(sb.wait_until(10, function()
+      return sb.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'decline-spec' "
+        .. "AND state = 'idle in transaction'"):match("^%s*1") end), "no idle session")
+  end,
+}
+SETUP["data-corruption"] = SETUP["restore"]
+
+local function runbooks()
+  local p = io.popen("ls runbooks/*.lua")
+  local out = {}
+  for f in p:lines() do out[#out + 1] = f end
+  p:close()
+  return out
+end
+
+describe("declining a step at the prompt", function()
+  teardown(cli.cleanup)
+  after_each(function()
+    sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'decline-spec'")
+  end)
+  for _, file in ipairs(runbooks()) do
+    local rb = loader.load(file)
+    for _, step in ipairs(rb.steps) do
+      if step.confirm then
+        it(("%s: '%s'"):format(rb.name, step.name), function()
+          local args = { "run", file, "--dry-run", "--step" }
+          for _, kv in ipairs(PARAMS[rb.name] or {}) do args[#args + 1] = "-p"; args[#args + 1] = kv end
+          if SETUP[rb.name] then SETUP[rb.name]() end
+          local code, out = cli.pty("", args, { RUNBOOK_STATE_DIR = cli.tmpdir(), PTY_DECLINE = step.name })
+          assert.falsy(out:find("ctx.outputs", 1, true), out)
+          assert.falsy(out:find("traceback", 1, true), out)
+          assert.truthy(code == 0 or code == 1, out)
+          assert.truthy(out:find(step.name .. " skipped (by the operator)", 1, true), out)
+        end)
+      end
+    end
+  end
+end)
