@@ -146,7 +146,6 @@ step "Wait for the new color" {
   description = "kubectl rollout status; gives up at once when its pods crash-loop or cannot pull the image",
   needs = { "Check the live color", "Deploy the new color" },
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for %s to roll out", to_name(ctx)); return end
     k8s.rollout_status("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
   end,
 }

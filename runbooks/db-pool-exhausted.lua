@@ -97,9 +97,7 @@ step "Raise the pool" {
     local env = { DB_POOL_SIZE = tostring(ctx.params.pool_size) }
     if ctx.params.max_overflow > 0 then env.DB_MAX_OVERFLOW = tostring(ctx.params.max_overflow) end
     k8s.set_env("deploy/" .. ctx.params.deployment, env, { namespace = ctx.params.namespace })
-    if not ctx.dry_run then
-      k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = "5m", fail_fast = true })
-    end
+    k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = "5m", fail_fast = true })
   end,
 }
 

@@ -118,7 +118,6 @@ step "Wait for the new consumers" {
   needs = { "Plan the replicas", "Scale the consumers" },
   when = scaling,
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for %s to have its new replicas ready", ctx.params.deployment); return end
     local r = k8s.rollout_status(deploy(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout,
       fail_fast = true })
     return { message = r.message }

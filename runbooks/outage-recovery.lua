@@ -68,14 +68,14 @@ local function deployments_now(ctx)
   return h, deps
 end
 
--- Wait for each named rollout; {name = "ok" | error text}.
+-- Wait for each named rollout; {name = "ok" | "dry run" | error text}.
 local function wait_rollouts(ctx, names)
   local out = {}
   for _, name in ipairs(names) do
-    local ok, err = pcall(k8s.rollout_status, "deploy/" .. name,
+    local ok, r = pcall(k8s.rollout_status, "deploy/" .. name,
       { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout, fail_fast = true, progress = false })
-    out[name] = ok and "ok" or tostring(type(err) == "table" and err.message or err)
-    if ok then log.info("%s rolled out", name) else log.warn("%s: %s", name, out[name]) end
+    out[name] = ok and (r.dry_run and "dry run" or "ok") or tostring(type(r) == "table" and r.message or r)
+    if not ok then log.warn("%s: %s", name, out[name]) elseif not r.dry_run then log.info("%s rolled out", name) end
   end
   return out
 end
@@ -157,12 +157,7 @@ step "Wait for rollouts" {
   needs = { "Restart unhealthy deployments" },
   idempotent = true,
   run = function(ctx)
-    local names = ctx.outputs["Restart unhealthy deployments"].restarted
-    if ctx.dry_run then
-      if #names > 0 then log.info("would wait for the rollouts of %s", table.concat(names, ", ")) end
-      return { rollouts = {} }
-    end
-    return { rollouts = wait_rollouts(ctx, names) }
+    return { rollouts = wait_rollouts(ctx, ctx.outputs["Restart unhealthy deployments"].restarted) }
   end,
 }
 
@@ -222,13 +217,7 @@ step "Roll back recent changes that still fail" {
     end
     local names = {}
     for _, r in ipairs(rolled) do names[#names + 1] = r.name end
-    local rollouts = {}
-    if ctx.dry_run then
-      if #names > 0 then log.info("would wait for the rollbacks of %s", table.concat(names, ", ")) end
-    else
-      rollouts = wait_rollouts(ctx, names)
-    end
-    return { rolled_back = rolled, not_rolled_back = kept, rollouts = rollouts }
+    return { rolled_back = rolled, not_rolled_back = kept, rollouts = wait_rollouts(ctx, names) }
   end,
 }
 

@@ -78,7 +78,6 @@ step "Roll back" {
 step "Wait for the rollout" {
   description = "kubectl rollout status; gives up at once when the new pods crash-loop or cannot pull their image",
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for the rollout of %s", ctx.params.deployment); return end
     local r = k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout,
       fail_fast = true })
     return { message = r.message }

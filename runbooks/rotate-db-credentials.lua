@@ -134,7 +134,6 @@ local function roll(ctx, from, to)
       repoint_deployment(ctx, name, from, to)
       done[#done + 1] = name
     end
-    if ctx.dry_run then return end
     for _, name in ipairs(names) do
       k8s.rollout_status("deploy/" .. name, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout,
         fail_fast = true })

@@ -10,7 +10,7 @@ local USAGE = [==[
 usage: runbook COMMAND [ARGS]
 
   run FILE|NAME [-p key=value]... [--params-file F] [--dry-run] [--step] [--yes]
-                [--output json] [--from STEP] [--undo-on-failure]
+                [--output json] [--from STEP [--outputs-from RUN_ID]] [--undo-on-failure]
                 [--lock[=KEY]] [--lock k8s:NAMESPACE/NAME] [--wait-lock DURATION]
                         run a runbook
   resume RUN_ID [--force] [--rerun-interrupted] [-p secret=value]... [--yes] [--step]
@@ -116,6 +116,7 @@ end
 
 local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "value", ["--dry-run"] = "flag",
   ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag", ["--output"] = "value", ["--from"] = "value",
+  ["--outputs-from"] = "value",
   ["--undo-on-failure"] = "flag", ["--lock"] = "optional", ["--wait-lock"] = "value" }
 
 local RESUME_OPTS = { ["-p"] = "list", ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag",
@@ -148,6 +149,7 @@ function commands.run(args)
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     return usage_error("--from: %s has no step named '%s'", rb.name, o["--from"])
   end
+  if o["--outputs-from"] and not o["--from"] then return usage_error("--outputs-from goes with --from STEP") end
   return require("runbook.run").start(rb, require("runbook.run").request(o))
 end
 

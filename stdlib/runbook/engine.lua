@@ -54,7 +54,7 @@ local function jitter_delay(retry, attempt)
 end
 
 local SKIPPED_BY = { operator = "the operator skipped it", when = "its when predicate was false",
-  needs = "a step it needs was skipped" }
+  needs = "a step it needs was skipped", from = "it is before --from" }
 
 local function known_step(rb, name, what)
   if not rb.steps_by_name[name] then

@@ -33,7 +33,7 @@ end
 --- What a resume restores of the request that started the run (journaled in run_start).
 function M.journaled(req)
   return { step = req.step, yes = req.yes, wait = req.wait, undo_on_failure = req.undo_on_failure,
-    output = req.output }
+    output = req.output, outputs_from = req.outputs_from }
 end
 
 --- Refuse before anything runs when we would have to ask and cannot.
@@ -132,6 +132,42 @@ local function absolute(path)
   return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
 end
 
+--- For --from: the steps before it, {outputs (from run req.outputs_from),
+-- skipped = {name = "from"} for the others}, or nil; nil and why when a step
+-- from there on needs one whose outputs are missing.
+local function earlier_steps(rb, req)
+  if not req.from then return nil end
+  local from, outputs, skipped = rb.steps_by_name[req.from].index, {}, {}
+  if req.outputs_from then
+    local journal = require "runbook.journal"
+    local events, err = journal.read(req.outputs_from)
+    if not events then return nil, "--outputs-from: " .. err end
+    local s = journal.summarize(events)
+    if s.start.runbook ~= rb.name then
+      return nil, ("--outputs-from: run %s is of runbook %s, not %s"):format(req.outputs_from, s.start.runbook, rb.name)
+    end
+    for i = 1, from - 1 do
+      local st = s.steps[rb.steps[i].name]
+      if st and st.status == "ok" then outputs[rb.steps[i].name] = st.outputs or {} end
+    end
+  end
+  for i = 1, from - 1 do skipped[rb.steps[i].name] = not outputs[rb.steps[i].name] and "from" or nil end
+  local missing = {}
+  for i = from, #rb.steps do
+    for _, need in ipairs(rb.steps[i].needs) do
+      if skipped[need] then
+        missing[#missing + 1] = ("'%s' (needed by '%s')"):format(need, rb.steps[i].name)
+        skipped[need] = false
+      end
+    end
+  end
+  if #missing > 0 then
+    return nil, ("--from '%s': no outputs of %s%s"):format(req.from, table.concat(missing, ", "), req.outputs_from
+      and (" in run " .. req.outputs_from) or "; take them from an earlier run with --outputs-from RUN_ID")
+  end
+  return { outputs = outputs, completed = {}, skipped = skipped }
+end
+
 --- Resolve the params of `req` over `base` (a resumed run's). Returns values
 -- and their redacted copy, or nil and the exit status.
 local function resolve_params(rb, req, base)
@@ -156,9 +192,15 @@ function M.start(rb, req, resumed)
   local key = lock_key(rb, req)
   local lok, lwhy = check_lock(key)
   if not lok then say("%s", lwhy); return EXIT.usage end
+  local earlier, ewhy = earlier_steps(rb, req)
+  if ewhy then say("%s", ewhy); return EXIT.usage end
+  local restored = resumed.restored or earlier
+  if resumed.restored and earlier then -- a resumed --from run: the outputs it took from the earlier run
+    for name, out in pairs(earlier.outputs) do restored.outputs[name] = restored.outputs[name] or out end
+  end
 
   local run = { rb = rb, request = req, id = resumed.id or new_run_id(), params = values,
-    dry_run = req.mode == "dry-run", start = resumed.start, restored = resumed.restored }
+    dry_run = req.mode == "dry-run", start = resumed.start, restored = restored }
   local lock
   if key and not key:match("^k8s:") then
     local code
