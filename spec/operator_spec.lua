@@ -1,6 +1,7 @@
 -- The engine under an operator's hands, through a terminal: each case is one
 -- observation of the issue "The engine under an operator's hands" (declining
 -- a step, previews, resume after undo, locks, setup errors, --from, Ctrl-C).
+-- The two that need the sandbox's runbooks are in spec/runbooks/decline_spec.lua.
 local cli = require "spec.support.cli"
 
 local function exists(path)
@@ -20,16 +21,6 @@ end
 describe("an operator at a terminal", function()
   after_each(cli.cleanup)
 
-  it("declines a step that later steps need: they are skipped with that reason, not failed", function()
-    local code, out = cli.pty("", { "run", "runbooks/outage-recovery.lua", "--step", "--dry-run", "-p", "settle=1s" },
-      { RUNBOOK_STATE_DIR = cli.tmpdir(), PTY_DECLINE = "Restart unhealthy deployments" })
-    assert.are.equal(0, code, out)
-    assert.truthy(out:find("Restart unhealthy deployments skipped (by the operator)", 1, true), out)
-    assert.truthy(out:find("Wait for rollouts skipped (it needs 'Restart unhealthy deployments', which was skipped)",
-      1, true), out)
-    assert.falsy(out:find("ctx.outputs", 1, true), out)
-  end)
-
   it("previews a step in a dry run everywhere: ctx.dry_run is true in the preview", function()
     local dir = cli.tmpdir()
     local rb = cli.runbook([[
@@ -46,14 +37,6 @@ end }
     assert.truthy(out:find("would wait", 1, true), out)
     assert.falsy(out:find("real branch", 1, true), out)
     assert.is_false(exists(dir .. "/real"))
-  end)
-
-  it("previews a batched purge as a plan that ends: 'would delete N rows in M batches'", function()
-    local code, out = cli.pty("p,n", { "run", "runbooks/db-maintenance.lua", "-p", "batch_size=10" },
-      { RUNBOOK_STATE_DIR = cli.tmpdir() })
-    assert.are.equal(0, code, out)
-    assert.truthy(out:find("would delete %d+ rows from checkpoints in %d+ batches of 10"), out)
-    assert.truthy(out:find("Purge old rows skipped (by the operator)", 1, true), out)
   end)
 
   it("resumes after an undo by running the undone steps again: never skipped, never undone twice", function()

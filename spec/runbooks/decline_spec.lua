@@ -72,3 +72,26 @@ describe("declining a step at the prompt", function()
     end
   end
 end)
+
+-- The operator's view of two observations (see spec/operator_spec.lua for the rest).
+describe("an operator at a terminal", function()
+  teardown(cli.cleanup)
+
+  it("declines a step that later steps need: they are skipped with that reason, not failed", function()
+    local code, out = cli.pty("", { "run", "runbooks/outage-recovery.lua", "--step", "--dry-run", "-p", "settle=1s" },
+      { RUNBOOK_STATE_DIR = cli.tmpdir(), PTY_DECLINE = "Restart unhealthy deployments" })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("Restart unhealthy deployments skipped (by the operator)", 1, true), out)
+    assert.truthy(out:find("Wait for rollouts skipped (it needs 'Restart unhealthy deployments', which was skipped)",
+      1, true), out)
+    assert.falsy(out:find("ctx.outputs", 1, true), out)
+  end)
+
+  it("previews a batched purge as a plan that ends: 'would delete N rows in M batches'", function()
+    local code, out = cli.pty("p,n", { "run", "runbooks/db-maintenance.lua", "-p", "batch_size=10" },
+      { RUNBOOK_STATE_DIR = cli.tmpdir() })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("would delete %d+ rows from checkpoints in %d+ batches of 10"), out)
+    assert.truthy(out:find("Purge old rows skipped (by the operator)", 1, true), out)
+  end)
+end)

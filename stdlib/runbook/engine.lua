@@ -41,7 +41,6 @@ local function protected(rb, fn, ...)
   -- Lua's own position ("file:12: msg") duplicates `where` when they agree.
   if where and rec.message:sub(1, #where + 2) == where .. ": " then rec.message = rec.message:sub(#where + 3) end
   rec.message = host.redact(rec.message)
-  if rec.message:match("step timed out$") then rec.code = rec.code or "timeout" end
   return false, rec
 end
 
