@@ -25,8 +25,13 @@ param "max_replicas" { type = "integer", default = 0, help = "upper bound for th
 param "watch" { type = "duration", default = "5m", help = "how long the lag has to fall below the threshold before escalating (seed: 5 minutes)" }
 param "interval" { type = "duration", default = "5s", help = "how often to measure the lag while watching" }
 param "rollout_timeout" { type = "duration", default = "3m", help = "how long the new consumers may take to become ready" }
-param "slack_webhook" { secret = true, default = os.getenv("SLACK_WEBHOOK"), help = "Slack incoming webhook to escalate to (default $SLACK_WEBHOOK; none: the failed run is the escalation)" }
-param "slack_channel" { default = "#incidents", help = "Slack channel to escalate to" }
+
+-- The escalation goes to Slack when SLACK_WEBHOOK is set (channel SLACK_CHANNEL,
+-- default #incidents); without it the failed run is the escalation.
+local SLACK = os.getenv("SLACK_WEBHOOK")
+if SLACK and SLACK ~= "" then
+  notify = { on_failure = { slack = { webhook = SLACK, channel = os.getenv("SLACK_CHANNEL") or "#incidents" } } }
+end
 
 local function deploy(ctx) return "deploy/" .. ctx.params.deployment end
 local function ns(ctx) return { namespace = ctx.params.namespace } end
@@ -188,12 +193,7 @@ step "Report or escalate" {
         duration.format(w.seconds), scaled)
       return { ok = true }
     end
-    local text = (":rotating_light: consumer lag of %s on %s is %d after %s (was %d; %s). Escalating to engineering: "
-      .. "runbook report %s"):format(ctx.params.group, ctx.params.topic, w.total, duration.format(w.seconds), m.total,
-      scaled, ctx.run_id)
-    if ctx.params.slack_webhook then
-      notify.slack { webhook = ctx.params.slack_webhook, channel = ctx.params.slack_channel, text = text }
-    end
-    error(text:gsub("^:rotating_light: ", ""), 0)
+    error(("consumer lag of %s on %s is %d after %s (was %d; %s). Escalating to engineering: runbook report %s")
+      :format(ctx.params.group, ctx.params.topic, w.total, duration.format(w.seconds), m.total, scaled, ctx.run_id), 0)
   end,
 }

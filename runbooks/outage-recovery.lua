@@ -22,8 +22,13 @@ param "rollback" { type = "boolean", default = true, help = "roll back recently 
 param "settle" { type = "duration", default = "30s", help = "how long the final verification waits for the namespace to become healthy" }
 param "events_since" { type = "duration", default = "30m", help = "how far back to read Warning events" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "warn when PostgreSQL connections reach this share of max_connections" }
-param "slack_webhook" { secret = true, default = os.getenv("SLACK_WEBHOOK"), help = "Slack incoming webhook for the outcome (default $SLACK_WEBHOOK; none: no message)" }
-param "slack_channel" { default = "#incidents", help = "Slack channel for the outcome" }
+
+-- The outcome goes to Slack when SLACK_WEBHOOK is set (channel SLACK_CHANNEL, default #incidents).
+local SLACK = os.getenv("SLACK_WEBHOOK")
+if SLACK and SLACK ~= "" then
+  local slack = { slack = { webhook = SLACK, channel = os.getenv("SLACK_CHANNEL") or "#incidents" } }
+  notify = { on_success = slack, on_failure = slack }
+end
 
 -- Waiting reasons a restart cannot fix: the new image or its configuration is wrong.
 local NOT_BY_RESTART = { ImagePullBackOff = true, ErrImagePull = true, InvalidImageName = true,
@@ -285,13 +290,9 @@ step "Report" {
     local down = ctx.skipped("Check dependencies") and {} or ctx.outputs["Check dependencies"].down
     if #down > 0 then lines[#lines + 1] = "dependencies down: " .. table.concat(down, ", ") end
     lines[#lines + 1] = "timeline: runbook report " .. ctx.run_id
-    local text = table.concat(lines, "\n")
     for _, l in ipairs(lines) do log.info("%s", l) end
-    if ctx.params.slack_webhook and ctx.params.slack_webhook ~= "" then
-      notify.slack { webhook = ctx.params.slack_webhook, channel = ctx.params.slack_channel, text = text }
-    end
-    if not final.recovered and not ctx.dry_run then
-      error(("not recovered: %d problems remain (%s)"):format(#final.problems, final.problems[1] or ""), 0)
+    if not final.recovered and not ctx.dry_run then -- the failure notification carries the whole report
+      error(("not recovered: %d problems remain\n%s"):format(#final.problems, table.concat(lines, "\n")), 0)
     end
     return { recovered = final.recovered, report = "runbook report " .. ctx.run_id }
   end,
