@@ -29,9 +29,14 @@ LIBS_redis = -lhiredis -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
-  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time
+  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time \
+  lua-filesystem lua-argparse scdoc debootstrap bash-completion zsh
 
-.PHONY: all deps test check clean install sandbox sandbox-stop demo check-asan check-valgrind
+# The package version is the one `runbook version` prints.
+VERSION := $(shell sed -n 's/^M.VERSION = "\(.*\)"$$/\1/p' stdlib/runbook/cli.lua)
+DEB      = runbook_$(VERSION)_amd64.deb
+
+.PHONY: all deps test check clean install uninstall deb sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO) $(STDLIB_BC)
 
 runbook: $(HOST_SRC) host/runbook.h host/host.h
@@ -101,12 +106,44 @@ sandbox-stop:
 demo: all
 	examples/demo
 
-install: all
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/runbook/runbook $(DESTDIR)$(PREFIX)/share/runbook
+build/runbook.1: pkg/runbook.1.scd
+	@mkdir -p build
+	scdoc < $< > $@
+
+# Architecture-independent files (the stdlib's sources, the shipped runbooks)
+# under share/runbook, the modules and the compiled stdlib under lib/runbook.
+install: all build/runbook.1
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib/runbook/runbook $(DESTDIR)$(PREFIX)/share/runbook \
+	  $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+	  $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions
 	install -m 755 runbook $(DESTDIR)$(PREFIX)/bin/runbook
 	install -m 644 $(MODULE_SO) $(DESTDIR)$(PREFIX)/lib/runbook/runbook/
 	cp -R stdlib runbooks $(DESTDIR)$(PREFIX)/share/runbook/
 	cp -R lib/lua $(DESTDIR)$(PREFIX)/lib/runbook/   # after stdlib: compiled files must be newer
+	install -m 644 build/runbook.1 $(DESTDIR)$(PREFIX)/share/man/man1/runbook.1
+	install -m 644 pkg/runbook.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/runbook
+	install -m 644 pkg/runbook.zsh $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_runbook
+
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/runbook $(DESTDIR)$(PREFIX)/share/man/man1/runbook.1 \
+	  $(DESTDIR)$(PREFIX)/share/bash-completion/completions/runbook $(DESTDIR)$(PREFIX)/share/zsh/vendor-completions/_runbook
+	rm -rf $(DESTDIR)$(PREFIX)/lib/runbook $(DESTDIR)$(PREFIX)/share/runbook
+
+# The Debian package, from `make install PREFIX=/usr` into build/deb. Depends:
+# the shared libraries' packages (dpkg-shlibdeps) and the Lua libraries of
+# debian/control.
+deb: all build/runbook.1
+	rm -rf build/deb && $(MAKE) --no-print-directory install DESTDIR=$(CURDIR)/build/deb PREFIX=/usr
+	strip --strip-unneeded --remove-section=.comment build/deb/usr/bin/runbook build/deb/usr/lib/runbook/runbook/*.so
+	gzip -9n build/deb/usr/share/man/man1/runbook.1
+	install -d build/deb/usr/share/doc/runbook
+	install -m 644 debian/copyright build/deb/usr/share/doc/runbook/
+	gzip -9nc debian/changelog > build/deb/usr/share/doc/runbook/changelog.gz
+	gzip -9nc README.md > build/deb/usr/share/doc/runbook/README.md.gz
+	dpkg-shlibdeps -Tbuild/deb.substvars build/deb/usr/bin/runbook build/deb/usr/lib/runbook/runbook/*.so 2>/dev/null
+	install -d build/deb/DEBIAN
+	dpkg-gencontrol -v$(VERSION) -Pbuild/deb -Tbuild/deb.substvars -fbuild/deb.files
+	dpkg-deb --root-owner-group --build build/deb $(DEB)
 
 clean:
-	rm -rf runbook lib build
+	rm -rf runbook lib build runbook_*.deb

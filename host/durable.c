@@ -63,6 +63,16 @@ static int write_all(int fd, const char *s, size_t len)
     return 0;
 }
 
+/* mkdir_private(path) -> true | nil, message: a directory of the state dir,
+ * created 0700 (journals hold outputs, lock files who runs what). */
+static int d_mkdir_private(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    if (mkdir(path, 0700) < 0 && errno != EEXIST) return push_errno(L, "cannot create directory", path);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* journal_open(path) -> journal | nil, message. Appends; created 0600 (it holds outputs). */
 static int j_open(lua_State *L)
 {
@@ -110,7 +120,7 @@ static int l_try(lua_State *L)
     size_t len;
     const char *holder = luaL_checklstring(L, 2, &len);
     rb_fd *h = new_fd(L, LOCK_MT);
-    h->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    h->fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
     if (h->fd < 0) return push_errno(L, "cannot open lock file", path);
     if (flock(h->fd, LOCK_EX | LOCK_NB) < 0) {
         if (errno != EWOULDBLOCK) return push_errno(L, "cannot lock", path);
@@ -212,6 +222,7 @@ static const luaL_Reg journal_methods[] = {
 static const luaL_Reg lock_methods[] = { { "release", fd_close }, { NULL, NULL } };
 
 static const luaL_Reg durable_funcs[] = {
+    { "mkdir_private", d_mkdir_private },
     { "journal_open", j_open },
     { "lock_try", l_try },
     { "lock_held", l_held },

@@ -12,7 +12,7 @@
 #include <lauxlib.h>
 #include "host.h"
 
-static rb_mode mode = RB_MODE_RUN;
+static rb_mode mode = RB_MODE_DRY_RUN;   /* until the engine starts a real run */
 static double deadline;                  /* 0: no deadline */
 static volatile sig_atomic_t nsignals;   /* SIGINT/SIGTERM seen since the last clear */
 static volatile sig_atomic_t last_signal;
@@ -75,13 +75,15 @@ void rb_gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok)
     lua_settop(L, result - 1);
 }
 
-/* A count hook that scripts cannot catch: once past the deadline (or after a
- * signal) it raises again every time it fires, so a pcall in a loop does not
- * keep a timed-out step alive. */
+/* A count hook that scripts cannot catch: while runbook code runs (a
+ * deadline is set), once past the deadline or after a signal it raises again
+ * every time it fires, so a pcall in a loop does not keep a timed-out step
+ * alive. What it cannot stop, the watchdog does. */
 static void deadline_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    rb_check_stop(L);
+    if (deadline > 0)
+        rb_check_stop(L);
 }
 
 void rb_check_stop(lua_State *L)
@@ -92,11 +94,9 @@ void rb_check_stop(lua_State *L)
         rb_error(L, "runbook", "step", "timeout", 0, "step timed out");
 }
 
-void rb_set_deadline(lua_State *L, double d)
-{
-    deadline = d;
-    lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 10000);
-}
+void rb_hook_install(lua_State *L) { lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 10000); }
+
+void rb_set_deadline(double d) { deadline = d; }
 
 double rb_get_deadline(void) { return deadline; }
 

@@ -8,27 +8,45 @@
 #define RB_ERROR_MT    "runbook.error"
 #define RB_EFFECT_SINK "runbook.effect_sink"
 
-/* The gate's mode, set only by the engine through the private host library. */
+/* The gate's mode, set only by the host's own Lua (the CLI and the engine)
+ * through the private host library. It starts as a dry run: loading a
+ * runbook, or anything before the engine starts a real run, changes nothing. */
 typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
 
-/* Step deadline (monotonic seconds; 0 = none) and the hook that enforces it in Lua code. */
-void rb_set_deadline(lua_State *L, double deadline);
+/* Step deadline (monotonic seconds; 0 = none), enforced in Lua code by a
+ * count hook installed on the main state at start-up, so that every
+ * coroutine, created when it may, inherits it. */
+void rb_set_deadline(double deadline);
 double rb_get_deadline(void);
+void rb_hook_install(lua_State *L);
+
+/* The watchdog (watchdog.c): ends the process RB_WATCHDOG_GRACE seconds
+ * after a deadline runbook code did not stop at. See rb_watchdog there. */
+#define RB_WATCHDOG_GRACE 5.0
+void rb_watchdog(lua_State *L, double deadline, int t);
 
 /* Signals: install handlers; the count of SIGINT/SIGTERM seen and the last one. */
 void rb_signals_install(void);
 void rb_clear_interrupt(void);
 
-/* Secrets: redact a string into a new Lua string on the stack. */
+/* Secrets: redact a string into a new Lua string on the stack; a copy of the
+ * value at idx with every string in it redacted (before it is encoded); the
+ * credentials of the environment, registered at start-up. */
 void rb_push_redacted(lua_State *L, const char *s, size_t len);
+void rb_push_redacted_value(lua_State *L, int idx);
+void rb_secret_register_env(void);
 
 int luaopen_runbook_host(lua_State *L);
 
 /* The terminal ticker's functions, added to the host library. */
 #include <lauxlib.h>
 extern const luaL_Reg rb_ticker_funcs[];
+
+/* The standard library's writers refuse in a dry run (guard.c); mkdir for fs.lua. */
+void rb_guard_stdlib(lua_State *L);
+extern const luaL_Reg rb_guard_funcs[];
 
 /* The journal, run lock and sha256 functions, added to the host library. */
 void rb_durable_open(lua_State *L);

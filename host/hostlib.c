@@ -67,10 +67,16 @@ static int h_mode(lua_State *L)
     return 1;
 }
 
-/* set_deadline(t): absolute monotonic time, or nil/0 for none. */
+/* set_deadline(t [, watchdog]): absolute monotonic time, or nil/0 for none;
+ * watchdog = {journal, lines, message, exit}: what the watchdog writes and
+ * how it exits if runbook code is still running a grace after t. */
 static int h_set_deadline(lua_State *L)
 {
-    rb_set_deadline(L, luaL_optnumber(L, 1, 0));
+    double d = luaL_optnumber(L, 1, 0);
+    if (!lua_isnoneornil(L, 2))
+        luaL_checktype(L, 2, LUA_TTABLE);
+    rb_set_deadline(d);
+    rb_watchdog(L, d, lua_istable(L, 2) ? 2 : 0);
     return 0;
 }
 
@@ -94,6 +100,14 @@ static int h_redact(lua_State *L)
     size_t len;
     const char *s = luaL_checklstring(L, 1, &len);
     rb_push_redacted(L, s, len);
+    return 1;
+}
+
+/* redact_value(v): a copy of v with every string in it redacted, keys too. */
+static int h_redact_value(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    rb_push_redacted_value(L, 1);
     return 1;
 }
 
@@ -220,6 +234,7 @@ static const luaL_Reg host_funcs[] = {
     { "deadline", h_deadline },
     { "secret", h_secret },
     { "redact", h_redact },
+    { "redact_value", h_redact_value },
     { "set_effect_sink", h_set_effect_sink },
     { "gate", h_gate },
     { "gate_done", h_gate_done },
@@ -274,8 +289,11 @@ int luaopen_runbook_host(lua_State *L)
     }
     luaL_newlib(L, host_funcs);
     luaL_setfuncs(L, rb_ticker_funcs, 0);
+    luaL_setfuncs(L, rb_guard_funcs, 0);
     rb_durable_open(L);
     lua_pushvalue(L, -2);
     lua_setfield(L, -2, "error_mt");
+    lua_pushnumber(L, RB_WATCHDOG_GRACE);
+    lua_setfield(L, -2, "watchdog_grace");
     return 1;
 }

@@ -122,7 +122,10 @@ static int pmain(lua_State *L)
     char **argv = lua_touserdata(L, 2);
     char stdlib[PATH_MAX], libdir[PATH_MAX];
 
+    rb_secret_register_env();
     luaL_openlibs(L);
+    rb_guard_stdlib(L);
+    rb_hook_install(L);
     keep_c_libraries(L);
     luaL_requiref(L, "runbook.host", luaopen_runbook_host, 0);
     find_roots(stdlib, libdir, sizeof stdlib);
@@ -163,7 +166,8 @@ int main(int argc, char **argv)
     int status = lua_pcall(L, 2, 1, 1);
     int code;
     if (status != LUA_OK) {
-        fprintf(stderr, "runbook: internal error: %s\n", lua_tostring(L, -1));
+        const char *msg = lua_pushfstring(L, "runbook: internal error: %s\n", lua_tostring(L, -1));
+        rb_write_redacted(stderr, msg, strlen(msg));
         code = EXIT_LOAD;
     } else {
         code = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;

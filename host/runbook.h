@@ -15,6 +15,7 @@
 #ifndef RUNBOOK_H
 #define RUNBOOK_H
 
+#include <stdio.h>
 #include <lua.h>
 #include <lauxlib.h>
 
@@ -69,6 +70,10 @@ int rb_error(lua_State *L, const char *module, const char *op,
 
 /* Register a value that must never appear in any output. Ignores short values (< 4 bytes). */
 void rb_secret_register(lua_State *L, const char *value, size_t len);
+
+/* Write s to f with registered secrets replaced, and flush: for a library's
+ * own log lines (its log callback), from any thread. */
+void rb_write_redacted(FILE *f, const char *s, size_t len);
 
 /*
  * The timeout for a blocking call: the seconds left before the current step's

@@ -77,6 +77,29 @@ static const struct { CURLcode code; const char *name; int retryable; } curl_cod
     {CURLE_READ_ERROR, "read_error", 0},
 };
 
+/* Appends the parameters of the table at index t ({name = value}) to u's
+ * query, name and value each escaped whole: nothing in them can start
+ * another parameter, end the query or begin a fragment. Returns 0 when an
+ * entry is not a string or number (the caller names the argument). */
+static int url_add_query(lua_State *L, CURLU *u, int t) {
+    for (lua_pushnil(L); lua_next(L, t); lua_pop(L, 1)) {
+        if (lua_type(L, -2) != LUA_TSTRING || (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)) {
+            lua_pop(L, 2);
+            return 0;
+        }
+        size_t klen, vlen;
+        const char *k = lua_tolstring(L, -2, &klen), *v = lua_tolstring(L, -1, &vlen);
+        char *ek = curl_easy_escape(NULL, k, (int)klen), *ev = curl_easy_escape(NULL, v, (int)vlen);
+        const char *param = ek && ev ? lua_pushfstring(L, "%s=%s", ek, ev) : NULL;
+        curl_free(ek);
+        curl_free(ev);
+        if (!param || curl_url_set(u, CURLUPART_QUERY, param, CURLU_APPENDQUERY) != CURLUE_OK)
+            luaL_error(L, "out of memory");
+        lua_pop(L, 1);
+    }
+    return 1;
+}
+
 static void curl_reason(CURLcode rc, const char **name, int *retryable) {
     for (size_t i = 0; i < sizeof curl_codes / sizeof *curl_codes; i++) {
         if (curl_codes[i].code == rc) {

@@ -3,9 +3,13 @@
  *
  *   request(opts) -> {status, headers, body} | {skipped=true}
  *     opts.method           "GET" (default), "HEAD", "POST", "PUT", "PATCH", "DELETE", ...
- *     opts.url              required; a password in it is registered as a secret
+ *     opts.url              required; a password in it is registered as a secret;
+ *                           a fragment (#...) is refused, since it is never sent
+ *     opts.path             {segment, ...}: appended to the URL's path, each
+ *                           escaped whole ("a/b?" is one segment); "." and ".." refused
+ *     opts.query            {name = value}: appended to the URL's query, escaped
  *     opts.headers          {name = value}; an Authorization value is a secret
- *     opts.body             string
+ *     opts.body             string; refused on GET and HEAD
  *     opts.timeout          seconds for the whole request; bounded by the step
  *     opts.connect_timeout  seconds to connect (default 10, never above timeout)
  *     opts.cafile           CA bundle to verify the server with
@@ -15,8 +19,6 @@
  *     opts.follow           true: follow redirects (off by default)
  *     opts.effect           {module, op, target, summary}: how the gate names a
  *                           write (for stdlib wrappers: "dapr publish ...")
- *     opts.read             true: a read sent with a writing verb (Dapr's bulk
- *                           state get is a POST); not gated
  *   check_all(urls, opts) -> {{status, latency, content_type, body, error, code, retryable}, ...}
  *     GETs every URL at once over the multi interface, opts.concurrency at a
  *     time (default 50); opts.timeout, connect_timeout, headers and the TLS
@@ -33,6 +35,14 @@
  * Response header names are lower-cased; repeated headers are joined with
  * ", ". Non-2xx statuses are returned, not raised; transport failures raise
  * with curl's reason as the code ("couldnt_connect", "operation_timedout").
+ *
+ * The gate: http_request classifies the method itself right before the
+ * transfer: GET and HEAD are reads, every other method is a write and asks
+ * rb_gate(), and in a dry run a write is skipped. Nothing else in opts can
+ * turn a write into a read or a read into a write: a body on a GET or HEAD
+ * (curl would send it as a POST) is refused, and so are headers that ask a
+ * server to treat a read as another method (X-HTTP-Method-Override) or to
+ * expect a body (Content-Length, Transfer-Encoding).
  *
  * One CURL easy handle serves every request, so connections are kept alive
  * and reused; curl_easy_reset before each request clears options but keeps
@@ -74,6 +84,7 @@ static const luaL_Reg http_funcs[] = {
  * cannot leak it: the next request or the finalizer frees it. */
 typedef struct {
     CURL *curl;
+    CURLU *url;
     struct curl_slist *headers;
     buffer body, head;
     char errbuf[CURL_ERROR_SIZE];
@@ -82,6 +93,8 @@ typedef struct {
 } client;
 
 static void scratch_free(client *c) {
+    curl_url_cleanup(c->url);
+    c->url = NULL;
     curl_slist_free_all(c->headers);
     c->headers = NULL;
     buffer_free(&c->body);
@@ -155,8 +168,21 @@ static void register_auth(lua_State *L, const char *name, const char *value) {
     }
 }
 
-/* opts.headers (opts at index 1) appended to *list. */
-static void append_headers(lua_State *L, struct curl_slist **list) {
+/* Headers that would make a GET or HEAD mean something else to a server:
+ * another method (as many frameworks honour), or a body to come. */
+static const char *const read_changers[] = {
+    "x-http-method-override", "x-http-method", "x-method-override", "content-length", "transfer-encoding", NULL
+};
+
+static void check_read_header(lua_State *L, const char *name) {
+    for (int i = 0; read_changers[i]; i++)
+        if (!strcasecmp(name, read_changers[i]))
+            luaL_argerror(L, 1, lua_pushfstring(L, "a GET or HEAD cannot carry a %s header", name));
+}
+
+/* opts.headers (opts at index 1) appended to *list; read: the request is a
+ * GET or HEAD. */
+static void append_headers(lua_State *L, struct curl_slist **list, int read) {
     /* curl would otherwise wait for a 100 Continue on large bodies */
     struct curl_slist *first = curl_slist_append(*list, "Expect:");
     if (!first) luaL_error(L, "out of memory");
@@ -171,6 +197,7 @@ static void append_headers(lua_State *L, struct curl_slist **list) {
         const char *k = lua_tostring(L, -2), *v = lua_tostring(L, -1);
         if (strpbrk(k, ":\r\n") || strpbrk(v, "\r\n"))
             luaL_argerror(L, 1, "header names and values cannot contain newlines");
+        if (read) check_read_header(L, k);
         register_auth(L, k, v);
         /* "Name;" is curl's way to send a header with an empty value */
         const char *line = *v ? lua_pushfstring(L, "%s: %s", k, v) : lua_pushfstring(L, "%s;", k);
@@ -182,11 +209,12 @@ static void append_headers(lua_State *L, struct curl_slist **list) {
     lua_pop(L, 1);
 }
 
-static void set_headers(lua_State *L, client *c) {
-    append_headers(L, &c->headers);
+static void set_headers(lua_State *L, client *c, int read) {
+    append_headers(L, &c->headers, read);
     curl_easy_setopt(c->curl, CURLOPT_HTTPHEADER, c->headers);
 }
 
+/* GET and HEAD never have a body here (http_request refuses one). */
 static void set_method(CURL *h, const char *method, const char *body, size_t len) {
     if (strcmp(method, "HEAD") == 0) {
         curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
@@ -262,10 +290,10 @@ static void set_tls(lua_State *L, CURL *h) {
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);
 }
 
-static void set_common(client *c, const char *url) {
+static void set_common(client *c) {
     CURL *h = c->curl;
     curl_easy_reset(h);
-    curl_easy_setopt(h, CURLOPT_URL, url);
+    curl_easy_setopt(h, CURLOPT_CURLU, c->url);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L); /* timeouts without SIGALRM */
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, c->errbuf);
     curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, on_body);
@@ -325,8 +353,9 @@ static void push_response(lua_State *L, client *c) {
 
 /* ---- the request -------------------------------------------------------- */
 
+/* Every method but GET and HEAD is a write, OPTIONS and unknown ones too. */
 static int is_read(const char *method) {
-    return !strcmp(method, "GET") || !strcmp(method, "HEAD") || !strcmp(method, "OPTIONS");
+    return !strcmp(method, "GET") || !strcmp(method, "HEAD");
 }
 
 static const char *check_method(lua_State *L) {
@@ -361,6 +390,67 @@ static void effect_override(lua_State *L, rb_effect *e) {
     lua_pop(L, 1);
 }
 
+/* opts.path's segments appended to u's path, each escaped whole. */
+static void append_path(lua_State *L, CURLU *u) {
+    if (lua_getfield(L, 1, "path") == LUA_TNIL) { lua_pop(L, 1); return; }
+    if (!lua_istable(L, -1)) luaL_argerror(L, 1, "path must be a list of segments");
+    int t = lua_gettop(L);
+    char *base = NULL;
+    if (curl_url_get(u, CURLUPART_PATH, &base, 0) != CURLUE_OK) luaL_error(L, "out of memory");
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    size_t blen = strlen(base);
+    luaL_addlstring(&b, base, blen && base[blen - 1] == '/' ? blen - 1 : blen);
+    curl_free(base);
+    for (lua_Integer i = 1, n = luaL_len(L, t); i <= n; i++) {
+        size_t len;
+        if (lua_rawgeti(L, t, i) != LUA_TSTRING) luaL_argerror(L, 1, "path must list segments as strings");
+        const char *seg = lua_tolstring(L, -1, &len);
+        if (!strcmp(seg, ".") || !strcmp(seg, ".."))
+            luaL_argerror(L, 1, "a path segment cannot be . or ..");
+        char *e = curl_easy_escape(NULL, seg, (int)len);
+        lua_pop(L, 1);
+        if (!e) luaL_error(L, "out of memory");
+        luaL_addchar(&b, '/');
+        luaL_addstring(&b, e);
+        curl_free(e);
+    }
+    luaL_pushresult(&b);
+    if (curl_url_set(u, CURLUPART_PATH, lua_tostring(L, -1), 0) != CURLUE_OK) luaL_error(L, "out of memory");
+    lua_pop(L, 2);
+}
+
+/* opts.url with opts.path and opts.query, into c->url. Pushes the URL
+ * with its password replaced, for the gate and messages. */
+static const char *build_url(lua_State *L, client *c, const char *method) {
+    const char *url = opt_string(L, "url", NULL);
+    if (!url) luaL_argerror(L, 1, "url is required");
+    const char *safe = push_safe_url(L, url);
+    CURLU *u = c->url = curl_url();
+    if (!u) luaL_error(L, "out of memory");
+    CURLUcode rc = curl_url_set(u, CURLUPART_URL, url, 0);
+    if (rc != CURLUE_OK)
+        rb_error(L, "http", method, "url_malformat", 0, "%s %s: not a URL: %s", method, safe, curl_url_strerror(rc));
+    char *frag = NULL;
+    if (curl_url_get(u, CURLUPART_FRAGMENT, &frag, 0) == CURLUE_OK) {
+        curl_free(frag);
+        rb_error(L, "http", method, "url_malformat", 0,
+                 "%s %s: the URL has a fragment (#...), which is never sent", method, safe);
+    }
+    append_path(L, u);
+    if (lua_getfield(L, 1, "query") != LUA_TNIL && (!lua_istable(L, -1) || !url_add_query(L, u, lua_gettop(L))))
+        luaL_argerror(L, 1, "query must map names to strings");
+    lua_pop(L, 1);
+    char *full = NULL;
+    if (curl_url_get(u, CURLUPART_URL, &full, 0) != CURLUE_OK) luaL_error(L, "out of memory");
+    lua_pushstring(L, full); /* the URL as it will be sent */
+    curl_free(full);
+    push_safe_url(L, lua_tostring(L, -1));
+    lua_replace(L, -3); /* over the one given */
+    lua_pop(L, 1);
+    return lua_tostring(L, -1);
+}
+
 static void push_summary(lua_State *L, const char *method, const char *safe_url, size_t len) {
     lua_pushfstring(L, "%s %s (%d bytes)", method, safe_url, (int)len);
 }
@@ -386,15 +476,15 @@ static int http_request(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     const char *method = check_method(L);
-    const char *url = opt_string(L, "url", NULL);
-    if (!url) luaL_argerror(L, 1, "url is required");
+    int read = is_read(method);
     size_t len = 0;
     const char *body = opt_string(L, "body", &len);
-    const char *safe_url = push_safe_url(L, url);
-
+    if (body && read) luaL_argerror(L, 1, lua_pushfstring(L, "a %s cannot carry a body", method));
     scratch_free(c);
-    set_common(c, url);
-    set_headers(L, c);
+    const char *safe_url = build_url(L, c, method);
+
+    set_common(c);
+    set_headers(L, c, read);
     set_method(c->curl, method, body, len);
     set_timeouts(L, c->curl);
     set_tls(L, c->curl);
@@ -406,7 +496,7 @@ static int http_request(lua_State *L) {
     rb_effect e = {"http", method, safe_url, NULL, 0};
     rb_decision d = RB_PERFORM;
     const rb_effect *ge = NULL;
-    if (!is_read(method) && !opt_bool(L, "read")) {
+    if (!read) {
         push_summary(L, method, safe_url, len);
         e.summary = lua_tostring(L, -1);
         effect_override(L, &e);
@@ -597,7 +687,7 @@ static int http_check_all(lua_State *L) {
 
     batch *b = new_batch(L, (int)n);
     int bidx = lua_gettop(L);
-    append_headers(L, &b->headers);
+    append_headers(L, &b->headers, 1);
     int next = 0, active = 0;
     while (next < n && active < conc) {
         lua_rawgeti(L, urls, next + 1);

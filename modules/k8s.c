@@ -11,9 +11,11 @@
  *     opts.token             bearer token (a secret)
  *     opts.tls_server_name   the name to send as SNI and verify, instead of the host
  *     opts.insecure          true: no TLS verification
- *   conn:request{method, path, body, content_type, accept, timeout}
+ *   conn:request{method, path, query, body, content_type, accept, timeout}
  *     -> status, body, content_type, retry_after
- *   conn:stream{path, accept, timeout} -> stream    (a GET read line by line: watch, log -f)
+ *     path: "/api/v1/...", its segments escaped by the caller; query: {name = value},
+ *     escaped here. A path with a query or fragment of its own is refused.
+ *   conn:stream{path, query, accept, timeout} -> stream    (a GET read line by line: watch, log -f)
  *   stream:next(wait) -> line | nil, "wait" | "end" | "timeout"
  *   stream:status() -> the HTTP status (0 before the headers arrive)
  *   conn:set_token(token)    a rotated or refreshed credential
@@ -26,16 +28,21 @@
  *
  * The gate: k8s.lua records every write with gate.effect, which needs the
  * object before and after to report a diff. This file makes the dry-run
- * guarantee independent of that: a request with any method but GET or HEAD
- * made while the gate does not say "perform" is sent with dryRun=All (the
- * API server runs it without persisting), and a write through a proxy
- * subresource, which the API server cannot dry-run, is refused.
+ * guarantee independent of that: conn_request asks the gate itself, right
+ * before the transfer, for any method but GET or HEAD, and unless it says
+ * "perform" adds dryRun=All to the URL's query (the API server runs the
+ * request without persisting); a write through a proxy subresource, which
+ * the API server cannot dry-run, is refused. The URL is built with libcurl's
+ * URL API from parts this file checks, so nothing in a path (a '#' that
+ * would cut the added parameter off, a '?dryRun=All' of its own, an escaped
+ * '/' or '..') can change what is sent; dryRun in a caller's query is
+ * refused, since only the gate sets it. GET and HEAD never carry a body.
  *
  * One CURL easy handle per connection serves every request, so the TLS
  * connection is kept alive; streams get a handle of their own, since a watch
  * holds its connection open while the runbook keeps making requests.
  */
-#define _GNU_SOURCE /* memmem */
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -80,6 +87,7 @@ typedef struct {
     int insecure;
     curl_socket_t fd;              /* the socket of the last connection opened */
     /* scratch */
+    CURLU *url;
     struct curl_slist *headers;
     buffer body;
     char ctype[128], retry_after[32];
@@ -89,6 +97,7 @@ typedef struct {
 typedef struct {
     CURL *h;
     CURLM *m;
+    CURLU *url;
     struct curl_slist *headers;
     buffer buf;
     size_t pos;                    /* start of the unread part of buf */
@@ -126,6 +135,13 @@ static double opt_timeout(lua_State *L, int t) {
     return rb_remaining(L, v);
 }
 
+/* A header value: one line, so it cannot add headers of its own. */
+static const char *opt_header(lua_State *L, int t, const char *field) {
+    const char *v = opt_string(L, t, field, NULL);
+    if (v && strpbrk(v, "\r\n")) luaL_argerror(L, t, lua_pushfstring(L, "%s cannot contain a line break", field));
+    return v;
+}
+
 static struct curl_slist *add_header(lua_State *L, struct curl_slist *list, const char *line) {
     struct curl_slist *n = curl_slist_append(list, line);
     if (!n) luaL_error(L, "out of memory");
@@ -135,6 +151,8 @@ static struct curl_slist *add_header(lua_State *L, struct curl_slist *list, cons
 /* ---- connection --------------------------------------------------------- */
 
 static void conn_free(conn *c) {
+    curl_url_cleanup(c->url);
+    c->url = NULL;
     curl_slist_free_all(c->headers);
     c->headers = NULL;
     buffer_free(&c->body);
@@ -352,25 +370,80 @@ static int is_read(const char *method) {
     return !strcmp(method, "GET") || !strcmp(method, "HEAD");
 }
 
-/* The dry-run guarantee (see the top of the file). Returns the path to use. */
-static const char *guard_write(lua_State *L, const char *method, const char *path) {
-    if (is_read(method)) return path;
-    rb_effect e = {"k8s", method, path, "", 1};
-    if (rb_gate(L, &e) == RB_PERFORM) return path;
-    const char *q = strchr(path, '?');
-    size_t plen = q ? (size_t)(q - path) : strlen(path);
-    if (plen >= 6 && (memcmp(path + plen - 6, "/proxy", 6) == 0 || memmem(path, plen, "/proxy/", 7)))
-        rb_error(L, "k8s", method, "dry_run", 0,
-                 "%s %s: a write through a proxy cannot be dry-run, so it is refused in a dry run", method, path);
-    if (strstr(path, "dryRun=All")) return path;
-    return lua_pushfstring(L, "%s%cdryRun=All", path, q ? '&' : '?');
-}
-
 static void check_method(lua_State *L, const char *m) {
     static const char *const ok[] = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", NULL};
     for (int i = 0; ok[i]; i++)
         if (!strcmp(m, ok[i])) return;
     luaL_argerror(L, 2, lua_pushfstring(L, "method %s is not one of GET, HEAD, POST, PUT, PATCH, DELETE", m));
+}
+
+/* A path is '/'-separated segments of the characters RFC 3986 allows in one,
+ * with %XX escapes. Refused, as a server may decode before it routes: a
+ * '.' or '..' segment, and an escaped '/', '?', '#', '.', '%' or '\'.
+ * Returns what is wrong, or NULL. */
+static const char *path_problem(const char *path) {
+    static const char allowed[] = "-._~!$&'()*+,;=:@/";
+    if (path[0] != '/') return "it must start with /";
+    for (const char *p = path; *p; p++) {
+        if (*p == '?' || *p == '#')
+            return "it carries a query or fragment of its own (give query parameters as query)";
+        if (*p == '%') {
+            unsigned hi, lo;
+            if (sscanf(p + 1, "%1x%1x", &hi, &lo) != 2) return "it has a % that is not an escape";
+            if (strchr("/?#.%\\", (int)(hi * 16 + lo))) return "it escapes a character that separates paths";
+            p += 2;
+        } else if (!isalnum((unsigned char)*p) && !strchr(allowed, *p)) {
+            return "it has a character that must be escaped";
+        }
+        if (*p == '/') {
+            size_t n = strcspn(p + 1, "/");
+            if ((n == 1 && p[1] == '.') || (n == 2 && p[1] == '.' && p[2] == '.'))
+                return "it has a . or .. segment";
+        }
+    }
+    return NULL;
+}
+
+/* The URL of a request, built from the server's, the checked path and the
+ * query table at index q (nil for none), plus dryRun=All when dry, into
+ * *slot: its owner frees it whatever is raised here. */
+static void build_url(lua_State *L, conn *c, CURLU **slot, const char *method, const char *path, int q, int dry) {
+    const char *bad = path_problem(path);
+    if (bad) rb_error(L, "k8s", method, "invalid_path", 0, "%s %s: %s", method, path, bad);
+    if (!lua_isnil(L, q)) {
+        if (!lua_istable(L, q)) luaL_argerror(L, 2, "query must be a table");
+        int given = lua_getfield(L, q, "dryRun") != LUA_TNIL;
+        lua_pop(L, 1);
+        if (given)
+            rb_error(L, "k8s", method, "invalid_query", 0,
+                     "%s %s: dryRun is not a query parameter to give: a dry run adds it", method, path);
+    }
+    CURLU *u = *slot = curl_url();
+    char *prefix = NULL;
+    if (!u || curl_url_set(u, CURLUPART_URL, c->base, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_PATH, &prefix, 0) != CURLUE_OK)
+        luaL_error(L, "out of memory");
+    /* the server's path prefix (a proxy's /k8s) keeps no trailing '/' but may be just "/" */
+    lua_pushfstring(L, "%s%s", strcmp(prefix, "/") ? prefix : "", path);
+    curl_free(prefix);
+    if (curl_url_set(u, CURLUPART_PATH, lua_tostring(L, -1), 0) != CURLUE_OK) luaL_error(L, "out of memory");
+    lua_pop(L, 1);
+    if (!lua_isnil(L, q) && !url_add_query(L, u, q)) luaL_argerror(L, 2, "query must map names to strings");
+    if (dry && curl_url_set(u, CURLUPART_QUERY, "dryRun=All", CURLU_APPENDQUERY) != CURLUE_OK)
+        luaL_error(L, "out of memory");
+}
+
+/* The dry-run guarantee (see the top of the file): whether to send a
+ * request as a server-side dry run. Asks the gate for every write. */
+static int dry_run(lua_State *L, const char *method, const char *path) {
+    if (is_read(method)) return 0;
+    rb_effect e = {"k8s", method, path, "", 1};
+    if (rb_gate(L, &e) == RB_PERFORM) return 0;
+    size_t n = strlen(path);
+    if ((n >= 6 && !strcmp(path + n - 6, "/proxy")) || strstr(path, "/proxy/"))
+        rb_error(L, "k8s", method, "dry_run", 0,
+                 "%s %s: a write through a proxy cannot be dry-run, so it is refused in a dry run", method, path);
+    return 1;
 }
 
 static int raise_transport(lua_State *L, const char *hostport, CURLcode rc, int oom,
@@ -394,23 +467,28 @@ static int conn_request(lua_State *L) {
     if (!method) method = "GET";
     check_method(L, method);
     const char *path = opt_string(L, 2, "path", NULL);
-    if (!path || path[0] != '/') luaL_argerror(L, 2, "path must start with /");
+    if (!path) luaL_argerror(L, 2, "path is required");
     size_t blen = 0;
     const char *body = opt_string(L, 2, "body", &blen);
-    const char *ctype = opt_string(L, 2, "content_type", NULL);
-    const char *accept = opt_string(L, 2, "accept", NULL);
+    if (body && is_read(method))
+        rb_error(L, "k8s", method, "invalid_request", 0, "%s %s: a %s cannot carry a body", method, path, method);
+    const char *ctype = opt_header(L, 2, "content_type");
+    const char *accept = opt_header(L, 2, "accept");
     double timeout = opt_timeout(L, 2);
-    path = guard_write(L, method, path);
+    lua_getfield(L, 2, "query");
+    int dry = dry_run(L, method, path);
 
     CURL *h = c->curl;
     curl_slist_free_all(c->headers);
     c->headers = NULL;
+    curl_url_cleanup(c->url);
+    c->url = NULL;
     buffer_free(&c->body);
+    build_url(L, c, &c->url, method, path, 3, dry);
     curl_easy_reset(h);
     configure(c, h, c->errbuf);
     set_timeouts(h, timeout);
-    lua_pushfstring(L, "%s%s", c->base, path);
-    curl_easy_setopt(h, CURLOPT_URL, lua_tostring(L, -1));
+    curl_easy_setopt(h, CURLOPT_CURLU, c->url);
     c->headers = common_headers(L, c, accept ? accept : "application/json");
     if (ctype) c->headers = add_header(L, c->headers, lua_pushfstring(L, "Content-Type: %s", ctype));
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, c->headers);
@@ -422,7 +500,7 @@ static int conn_request(lua_State *L) {
     curl_easy_setopt(h, CURLOPT_SOCKOPTDATA, &c->fd);
     c->ctype[0] = c->retry_after[0] = '\0';
     if (!strcmp(method, "HEAD")) curl_easy_setopt(h, CURLOPT_NOBODY, 1L);
-    else if (body || !is_read(method)) {
+    else if (!is_read(method)) {
         curl_easy_setopt(h, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)blen);
         curl_easy_setopt(h, CURLOPT_POSTFIELDS, body ? body : "");
     }
@@ -453,9 +531,11 @@ static void stream_free(stream *s) {
     if (s->h) curl_easy_cleanup(s->h);
     if (s->m) curl_multi_cleanup(s->m);
     curl_slist_free_all(s->headers);
+    curl_url_cleanup(s->url);
     buffer_free(&s->buf);
     s->h = NULL;
     s->m = NULL;
+    s->url = NULL;
     s->headers = NULL;
 }
 
@@ -469,9 +549,10 @@ static int conn_stream(lua_State *L) {
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
     const char *path = opt_string(L, 2, "path", NULL);
-    if (!path || path[0] != '/') luaL_argerror(L, 2, "path must start with /");
-    const char *accept = opt_string(L, 2, "accept", NULL);
+    if (!path) luaL_argerror(L, 2, "path is required");
+    const char *accept = opt_header(L, 2, "accept");
     double timeout = opt_timeout(L, 2);
+    lua_getfield(L, 2, "query");
 
     stream *s = lua_newuserdatauv(L, sizeof *s, 0);
     memset(s, 0, sizeof *s);
@@ -479,11 +560,10 @@ static int conn_stream(lua_State *L) {
     snprintf(s->hostport, sizeof s->hostport, "%s", c->hostport);
     if (!(s->h = curl_easy_init()) || !(s->m = curl_multi_init()))
         return luaL_error(L, "cannot initialise libcurl");
+    build_url(L, c, &s->url, "GET", path, 3, 0);
     configure(c, s->h, s->errbuf);
     set_timeouts(s->h, timeout);
-    lua_pushfstring(L, "%s%s", c->base, path);
-    curl_easy_setopt(s->h, CURLOPT_URL, lua_tostring(L, -1));
-    lua_pop(L, 1);
+    curl_easy_setopt(s->h, CURLOPT_CURLU, s->url);
     s->headers = common_headers(L, c, accept ? accept : "application/json");
     curl_easy_setopt(s->h, CURLOPT_HTTPHEADER, s->headers);
     curl_easy_setopt(s->h, CURLOPT_WRITEFUNCTION, on_body);

@@ -3,7 +3,9 @@
  * for the whole run; stdlib/kafka.lua builds lag, plans and summaries on it.
  *
  *   new(props) -> client            props: librdkafka properties (strings);
- *                                   passwords among them become secrets
+ *                                   passwords among them become secrets; those
+ *                                   that run a program, load code or write a
+ *                                   file are refused (see host_properties)
  *   probe(host, port, timeout, plaintext) -> true, apis | false, reason
  *                                   does a broker answer ApiVersions (or,
  *                                   when not plaintext, accept TCP)?
@@ -169,9 +171,56 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     d->done = 1;
 }
 
+/* librdkafka's own log lines (from its threads) pass redaction on their way to stderr. */
+static void on_log(const rd_kafka_t *rk, int level, const char *fac, const char *buf) {
+    (void)rk;
+    int n = snprintf(NULL, 0, "runbook: kafka: %d|%s| %s\n", level, fac, buf);
+    char *line = n > 0 ? malloc((size_t)n + 1) : NULL;
+    if (!line) return;
+    snprintf(line, (size_t)n + 1, "runbook: kafka: %d|%s| %s\n", level, fac, buf);
+    rb_write_redacted(stderr, line, (size_t)n);
+    free(line);
+}
+
 static int is_secret_property(const char *name) {
     return strstr(name, "password") || strstr(name, "secret") ||
            strcmp(name, "sasl.oauthbearer.config") == 0 || strcmp(name, "ssl.key.pem") == 0;
+}
+
+/*
+ * librdkafka 2.0.2 properties (CONFIGURATION.md) that act on the host rather
+ * than on the connection: a runbook, which may be running dry, never sets
+ * them, and the gate has no say over what they do.
+ *   sasl.kerberos.kinit.cmd     a shell command, run on client creation and
+ *                               every relogin interval
+ *   sasl.kerberos.keytab, sasl.kerberos.principal
+ *                               substituted unquoted into that command
+ *   sasl.kerberos.min.time.before.relogin
+ *                               forced to 0 below, which stops librdkafka
+ *                               from running kinit at all: a GSSAPI user
+ *                               runs kinit before the run, and the ticket
+ *                               cache is used as it is
+ *   plugin.library.paths        dlopen()s libraries
+ *   ssl.engine.location, ssl.engine.id, ssl.providers
+ *                               load OpenSSL engines and providers (code)
+ *   offset.store.method, offset.store.path, offset.store.sync.interval.ms
+ *                               the legacy file offset store writes files
+ * Properties that only read a file (ssl.ca.location, ssl.key.location,
+ * ssl.keystore.location) or reach the brokers or an OAuth token endpoint
+ * stay allowed.
+ */
+static const char *const host_properties[] = {
+    "sasl.kerberos.kinit.cmd", "sasl.kerberos.keytab", "sasl.kerberos.principal",
+    "sasl.kerberos.min.time.before.relogin", "plugin.library.paths",
+    "ssl.engine.location", "ssl.engine.id", "ssl.providers",
+    "offset.store.method", "offset.store.path", "offset.store.sync.interval.ms", NULL
+};
+
+static int is_host_property(const char *name) {
+    if (!strncmp(name, "topic.", 6)) name += 6; /* librdkafka's prefix for a topic's default */
+    for (int i = 0; host_properties[i]; i++)
+        if (!strcmp(name, host_properties[i])) return 1;
+    return 0;
 }
 
 /* Applies props {name = value} to conf; a bad one is the caller's mistake. */
@@ -183,6 +232,11 @@ static void apply_props(lua_State *L, rd_kafka_conf_t *conf) {
             luaL_argerror(L, 1, "properties must map names to strings");
         }
         const char *k = lua_tostring(L, -2);
+        if (is_host_property(k)) {
+            rd_kafka_conf_destroy(conf);
+            luaL_argerror(L, 1, lua_pushfstring(L, "property %s runs a program, loads code or writes files "
+                                                   "on this host, so runbooks cannot set it", k));
+        }
         size_t vlen;
         const char *v = lua_tolstring(L, -1, &vlen);
         if (is_secret_property(k)) rb_secret_register(L, v, vlen);
@@ -206,7 +260,9 @@ static int k_new(lua_State *L) {
     /* quiet unless asked: failures reach runbooks as errors, not log lines */
     rd_kafka_conf_set(conf, "log_level", "2", err, sizeof err);
     rd_kafka_conf_set(conf, "client.id", "runbook", err, sizeof err);
+    rd_kafka_conf_set_log_cb(conf, on_log);
     apply_props(L, conf);
+    rd_kafka_conf_set(conf, "sasl.kerberos.min.time.before.relogin", "0", err, sizeof err); /* no kinit */
     c->conf = rd_kafka_conf_dup(conf);
     rd_kafka_conf_set_opaque(conf, c);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);

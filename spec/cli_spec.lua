@@ -31,12 +31,12 @@ describe("cli", function()
   end)
 
   local usage = {
-    { {}, "usage: runbook COMMAND" },
+    { {}, "Usage: runbook" },
     { { "frobnicate" }, "unknown command 'frobnicate'" },
     { { "run" }, "run: expected one runbook FILE or NAME" },
-    { { "run", "examples/hello.lua", "--bogus" }, "run: unknown option --bogus" },
-    { { "run", "examples/hello.lua", "--from" }, "run: --from needs a value" },
-    { { "run", "examples/hello.lua", "--output", "xml" }, "--output must be json or text" },
+    { { "run", "examples/hello.lua", "--bogus" }, "unknown option '--bogus'" },
+    { { "run", "examples/hello.lua", "--from" }, "option '--from' requires an argument" },
+    { { "run", "examples/hello.lua", "--output", "xml" }, "argument for option '--output' must be one of 'text', 'json'" },
     { { "describe" }, "describe: expected one runbook" },
   }
   for _, c in ipairs(usage) do

@@ -97,3 +97,43 @@ describe("the effect gate", function()
     end)
   end
 end)
+
+describe("the standard library's writers in a dry run", function()
+  local host = require "runbook.host"
+  local dir
+  setup(function() dir = cli.tmpdir() end)
+  teardown(function() host.set_mode("run"); cli.cleanup() end)
+
+  local calls = {
+    { "io.open for writing", function(d) return io.open(d .. "/x", "w") end },
+    { "io.open for update", function(d) return io.open(d .. "/x", "r+") end },
+    { "io.output to a file", function(d) return io.output(d .. "/x") end },
+    { "io.popen", function(d) return io.popen("touch " .. d .. "/x") end },
+    { "os.execute", function(d) return os.execute("touch " .. d .. "/x") end },
+    { "os.rename", function(d) return os.rename(d .. "/r", d .. "/x") end },
+    { "os.remove", function(d) return os.remove(d .. "/r") end },
+    { "os.tmpname", function() return os.tmpname() end },
+    { "host.mkdir", function(d) return host.mkdir(d .. "/x") end },
+  }
+  for _, c in ipairs(calls) do
+    it("refuses " .. c[1] .. " in C, and leaves the directory as it was", function()
+      assert(io.open(dir .. "/r", "w")):close()
+      host.set_mode("dry-run")
+      local ok, err = pcall(c[2], dir)
+      host.set_mode("run")
+      assert.is_false(ok)
+      assert.truthy(tostring(err):find("refused: this is a dry run", 1, true), tostring(err))
+      local p = io.popen("ls -A " .. cli.quote(dir))
+      assert.are.equal("r\n", p:read("a"))
+      p:close()
+    end)
+  end
+
+  it("still reads", function()
+    host.set_mode("dry-run")
+    local f = io.open(dir .. "/r", "rb")
+    host.set_mode("run")
+    assert.truthy(f)
+    f:close()
+  end)
+end)

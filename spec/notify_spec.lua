@@ -73,8 +73,8 @@ describe("notify.slack", function()
     assert.are.equal("application/json", got.headers["content-type"])
     local body = cjson.decode(got.body)
     assert.are.same({ "backend is down", "#incidents", "*down*" }, { body.text, body.channel, body.blocks[1].text.text })
-    assert.are.equal("***", host.redact(hook))
-    assert.are.equal("***", host.redact("/capture/services/T000/B000/xoxb-s3cret-path"))
+    assert.are.equal(base .. "/***", host.redact(hook))   -- the path is the credential; the host still shows
+    assert.are.equal("/***", host.redact("/capture/services/T000/B000/xoxb-s3cret-path"))
     assert.are.same({ "notify", "slack", "#incidents", "post to #incidents: backend is down", "performed" },
       { effects[1].module, effects[1].op, effects[1].target, effects[1].summary, effects[1].decision })
   end)
@@ -106,7 +106,7 @@ describe("notify.webhook", function()
     assert.is_true(notify.webhook{ url = base .. "/capture/v2/enqueue", json = event }.ok)
     assert.are.same(event, cjson.decode(captured()[n + 1].body))
     assert.are.equal("***", host.redact("R0UTING-k3y-secret"))
-    assert.are.equal("post to " .. base .. "/capture/v2/enqueue: consumer lag 120000 on task-events", effects[1].summary)
+    assert.are.equal("post to " .. base .. "/***: consumer lag 120000 on task-events", effects[1].summary)
   end)
 
   it("times out, and a refused connection is a logged failure", function()
@@ -191,7 +191,7 @@ describe("notify in dry-run", function()
     assert.are.equal(m, #mails())
     local seen = {}
     for _, e in ipairs(effects) do seen[#seen + 1] = e.decision .. ": " .. e.summary end
-    assert.are.same({ "skipped: post to #incidents: x", "skipped: post to " .. base .. "/capture/hook: y",
+    assert.are.same({ "skipped: post to #incidents: x", "skipped: post to " .. base .. "/***: y",
       "skipped: mail b@example.com: z" }, seen)
   end)
 end)
@@ -252,7 +252,7 @@ step "second" { run = function() if %s then error("the database is gone") end en
     local r = cli.run({ "run", runbook(true), "--dry-run" }, { RUNBOOK_STATE_DIR = cli.tmpdir() })
     assert.are.equal(1, r.code, r.stderr)
     assert.are.same({ n, m }, { #captured(), #mails() })
-    assert.matches("would post to " .. base .. "/capture/hook", r.stdout, 1, true)
+    assert.matches("would post to " .. base .. "/***: runbook hooked failed", r.stdout, 1, true)
     assert.matches("would mail oncall@example.com: [runbook] hooked failed", r.stdout, 1, true)
   end)
 

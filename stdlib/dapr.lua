@@ -15,16 +15,20 @@
 --   state.save(store, key, value, {etag=, concurrency=, consistency=, ttl=, metadata=})
 --   state.save(store, {{key=, value=, etag=, ...}, ...})
 --   state.delete(store, key, {etag=, concurrency=, consistency=})
---   state.bulk(store, keys, {parallelism=}) -> {{key=, value=, etag=, found=}, ...}
+--   state.bulk(store, keys) -> {{key=, value=, etag=, found=}, ...}
 --   state.transaction(store, {{op="upsert"|"delete", key=, value=, etag=}, ...})
 --   invoke(app_id, method, {verb=, json= or body=, headers=, query=}) -> {status, headers, body, json}
+--                                  method: the app's path ("orders/42"), without a query
+--                                  (give query=) or fragment
 --   secret(store, name)  -> {key = value}; secret(store) -> every secret; values are secrets
 --   check_app(app_id, {components=, topics=, test_publish=}) -> a summary (see below)
 --   sidecar_status(namespace, {selector=}) -> pods that should have a daprd sidecar, and whether they do
 --
--- Writes (publish, state save/delete/transaction, invoke with a writing verb)
--- go through the effect gate: a dry run skips them and they return
--- {skipped=true}; otherwise {ok=true}. Dapr's error bodies ({errorCode,
+-- Writes (publish, state save/delete/transaction, invoke with any verb but
+-- GET or HEAD) go through the effect gate: a dry run skips them and they
+-- return {skipped=true}; otherwise {ok=true}. The http module decides what
+-- is a write from the method alone, so every request here that is not a
+-- GET or HEAD is one. Dapr's error bodies ({errorCode,
 -- message}) raise structured errors: code is the errorCode, status the HTTP
 -- status; an ETag mismatch (409) has code "conflict". A sidecar that cannot
 -- be reached raises with curl's reason ("couldnt_connect").
@@ -36,19 +40,6 @@ local host = require "runbook.host"
 local M = {}
 local Client = {}
 Client.__index = Client
-
-local function escape(s)
-  return (tostring(s):gsub("[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
-end
-
-local function query_string(q)
-  local keys = {}
-  for k in pairs(q) do keys[#keys + 1] = k end
-  if #keys == 0 then return "" end
-  table.sort(keys)
-  for i, k in ipairs(keys) do keys[i] = escape(k) .. "=" .. escape(q[k]) end
-  return "?" .. table.concat(keys, "&")
-end
 
 local function raise(t)
   t.module = "dapr"
@@ -81,8 +72,9 @@ local function response_error(op, what, r)
   }
 end
 
---- One request to the sidecar. req: method, path, query, json|body, headers,
--- effect (for writes), read (a read sent as POST). Raises on failure.
+--- One request to the sidecar. req: method, path (a list of segments, each
+-- escaped by the http module), query, json|body, headers, effect (how a
+-- write is named). Raises on failure.
 function Client:call(op, what, req)
   local headers = { Accept = "application/json" }
   for k, v in pairs(req.headers or {}) do headers[k] = v end
@@ -93,8 +85,8 @@ function Client:call(op, what, req)
     headers["Content-Type"] = headers["Content-Type"] or "application/json"
   end
   local ok, r = pcall(native.request, {
-    method = req.method or "GET", url = self.endpoint .. req.path .. query_string(req.query or {}),
-    headers = headers, body = body, timeout = self.timeout, effect = req.effect, read = req.read,
+    method = req.method or "GET", url = self.endpoint, path = req.path, query = req.query,
+    headers = headers, body = body, timeout = self.timeout, effect = req.effect,
   })
   if not ok then
     if type(r) ~= "table" or r.module ~= "http" then error(r, 0) end
@@ -142,12 +134,12 @@ local function probe(c, op, path)
   return false, err
 end
 
-function Client:healthz() return probe(self, "healthz", "/v1.0/healthz") end
+function Client:healthz() return probe(self, "healthz", { "v1.0", "healthz" }) end
 
-function Client:healthz_outbound() return probe(self, "healthz_outbound", "/v1.0/healthz/outbound") end
+function Client:healthz_outbound() return probe(self, "healthz_outbound", { "v1.0", "healthz", "outbound" }) end
 
 function Client:metadata()
-  local r = self:call("metadata", "", { path = "/v1.0/metadata" })
+  local r = self:call("metadata", "", { path = { "v1.0", "metadata" } })
   if type(r.json) ~= "table" then
     raise { op = "metadata", code = "bad_response", retryable = false,
       message = "dapr metadata: the sidecar did not answer JSON" }
@@ -178,7 +170,7 @@ function Client:publish(pubsub, topic, data, opts)
   if opts.raw then query["metadata.rawPayload"] = "true" end
   local what = pubsub .. "/" .. topic
   return written(self:call("publish", what, {
-    method = "POST", path = "/v1.0/publish/" .. escape(pubsub) .. "/" .. escape(topic), query = query,
+    method = "POST", path = { "v1.0", "publish", pubsub, topic }, query = query,
     body = body, headers = { ["Content-Type"] = ctype },
     effect = { module = "dapr", op = "publish", target = what,
       summary = ("publish %d bytes to %s"):format(#body, what) },
@@ -205,7 +197,7 @@ function Client:state_get(store, key, opts)
   check_name(store, "store", "state.get")
   check_name(key, "key", "state.get")
   local r = self:call("state.get", store .. "/" .. key, {
-    path = "/v1.0/state/" .. escape(store) .. "/" .. escape(key), query = state_query(opts or {}) })
+    path = { "v1.0", "state", store, key }, query = state_query(opts or {}) })
   if r.status == 204 then return nil, nil end
   return state_value(r.body), r.headers.etag
 end
@@ -249,7 +241,7 @@ function Client:state_save(store, key, value, opts)
   for i, it in ipairs(items) do keys[i] = it.key end
   local body = cjson.encode(items)
   return written(self:call("state.save", store .. "/" .. table.concat(keys, ","), {
-    method = "POST", path = "/v1.0/state/" .. escape(store), body = body,
+    method = "POST", path = { "v1.0", "state", store }, body = body,
     headers = { ["Content-Type"] = "application/json" },
     effect = { module = "dapr", op = "state.save", target = store .. "/" .. table.concat(keys, ","),
       summary = ("save %d key(s) in %s: %s"):format(#items, store, table.concat(keys, ", ")) },
@@ -263,26 +255,23 @@ function Client:state_delete(store, key, opts)
   local q = state_query(opts)
   if opts.concurrency then q.concurrency = opts.concurrency end
   return written(self:call("state.delete", store .. "/" .. key, {
-    method = "DELETE", path = "/v1.0/state/" .. escape(store) .. "/" .. escape(key), query = q,
+    method = "DELETE", path = { "v1.0", "state", store, key }, query = q,
     headers = opts.etag and { ["If-Match"] = tostring(opts.etag) } or nil,
     effect = { module = "dapr", op = "state.delete", target = store .. "/" .. key,
       summary = ("delete %s from %s"):format(key, store) },
   }))
 end
 
-function Client:state_bulk(store, keys, opts)
+-- Dapr's bulk get is a POST, and every POST is a write to the gate (skipped
+-- in a dry run): one GET per key keeps a read a read.
+function Client:state_bulk(store, keys)
   check_name(store, "store", "state.bulk")
   if type(keys) ~= "table" then error("dapr.state.bulk: keys must be a list of keys", 2) end
   for _, k in ipairs(keys) do check_name(k, "each key", "state.bulk") end
-  if #keys == 0 then return {} end
-  local req = { keys = keys, parallelism = opts and opts.parallelism or 10 }
-  local r = self:call("state.bulk", store, {
-    method = "POST", path = "/v1.0/state/" .. escape(store) .. "/bulk", json = req, read = true })
   local out = {}
-  for i, item in ipairs(r.json or {}) do
-    local found = item.data ~= nil and item.data ~= cjson.null
-    out[i] = { key = item.key, value = found and item.data or nil, etag = item.etag ~= cjson.null and item.etag or nil,
-      found = found, error = item.error }
+  for i, key in ipairs(keys) do
+    local value, etag = self:state_get(store, key)
+    out[i] = { key = key, value = value, etag = etag, found = value ~= nil }
   end
   return out
 end
@@ -304,7 +293,7 @@ function Client:state_transaction(store, ops, opts)
   local md = {}
   for k, v in pairs(opts and opts.metadata or {}) do md[k] = tostring(v) end
   return written(self:call("state.transaction", store, {
-    method = "POST", path = "/v1.0/state/" .. escape(store) .. "/transaction",
+    method = "POST", path = { "v1.0", "state", store, "transaction" },
     body = cjson.encode { operations = list, metadata = next(md) and md or nil },
     headers = { ["Content-Type"] = "application/json" },
     effect = { module = "dapr", op = "state.transaction", target = store,
@@ -314,11 +303,12 @@ end
 
 -- ---- invoke and secrets -------------------------------------------------------
 
-local READS = { GET = true, HEAD = true, OPTIONS = true }
-
 function Client:invoke(app_id, method, opts)
   check_name(app_id, "app_id", "invoke")
   check_name(method, "method", "invoke")
+  if method:find("[?#]") then
+    error(("dapr.invoke: method %q carries a query or fragment; give query parameters as opts.query"):format(method), 2)
+  end
   opts = opts or {}
   local verb = (opts.verb or ((opts.json ~= nil or opts.body ~= nil) and "POST" or "GET")):upper()
   if not verb:match("^%a+$") then error("dapr.invoke: verb must be a word such as \"POST\"", 2) end
@@ -329,14 +319,14 @@ function Client:invoke(app_id, method, opts)
     body = cjson.encode(opts.json)
     headers["Content-Type"] = headers["Content-Type"] or "application/json"
   end
-  local what = app_id .. "/" .. method:gsub("^/+", "")
-  local r = self:call("invoke", what, {
-    method = verb, path = "/v1.0/invoke/" .. escape(app_id) .. "/method/" .. method:gsub("^/+", ""),
-    query = opts.query, body = body, headers = headers,
-    effect = not READS[verb] and { module = "dapr", op = "invoke", target = what,
-      summary = ("invoke %s %s (%d bytes)"):format(verb, what, body and #body or 0) } or nil,
+  local path = { "v1.0", "invoke", app_id, "method" }
+  for seg in method:gmatch("[^/]+") do path[#path + 1] = seg end
+  local what = app_id .. "/" .. table.concat(path, "/", 5)
+  return self:call("invoke", what, {
+    method = verb, path = path, query = opts.query, body = body, headers = headers,
+    effect = { module = "dapr", op = "invoke", target = what,
+      summary = ("invoke %s %s (%d bytes)"):format(verb, what, body and #body or 0) },
   })
-  return r
 end
 
 local function register_all(t)
@@ -349,8 +339,7 @@ end
 function Client:secret(store, name)
   check_name(store, "store", "secret")
   if name ~= nil then check_name(name, "name", "secret") end
-  local path = "/v1.0/secrets/" .. escape(store) .. "/" .. (name and escape(name) or "bulk")
-  local r = self:call("secret", store .. "/" .. (name or "bulk"), { path = path })
+  local r = self:call("secret", store .. "/" .. (name or "bulk"), { path = { "v1.0", "secrets", store, name or "bulk" } })
   if type(r.json) ~= "table" then
     raise { op = "secret", code = "bad_response", retryable = false,
       message = ("dapr secret %s: the sidecar did not answer a JSON object"):format(store) }

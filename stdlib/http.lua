@@ -1,6 +1,7 @@
 --- http: HTTP requests from runbooks, over libcurl.
 --
---   http.request{method="POST", url=..., headers={...}, body="..." or json={...},
+--   http.request{method="POST", url=..., path={segment, ...}, query={name = value},
+--                headers={...}, body="..." or json={...},
 --                timeout=..., connect_timeout=..., cafile=..., insecure=..., follow=...,
 --                cert=, key= (client certificate files) or cert_pem=, key_pem= (PEM text)}
 --     -> {status=200, headers={...}, body="...", json=<decoded when content-type is JSON>}
@@ -22,8 +23,14 @@
 -- Connection failures always raise, with curl's reason as the code
 -- ("couldnt_connect", "operation_timedout", "peer_failed_verification").
 --
--- GET, HEAD and OPTIONS are reads. Other methods go through the effect gate:
--- dry-run skips them and they return {skipped=true}.
+-- path segments are escaped whole and appended to the URL's path; query
+-- parameters are escaped and appended to its query. A URL with a fragment
+-- (#...) is refused.
+--
+-- GET and HEAD are reads; every other method (OPTIONS too) goes through the
+-- effect gate: dry-run skips it and it returns {skipped=true}. A GET or HEAD
+-- with a body, or with a header that asks for another method
+-- (X-HTTP-Method-Override), is refused.
 --
 -- TLS is verified by default; insecure=true turns that off, with a warning.
 -- A password in the URL and Authorization header values never print.
@@ -39,7 +46,7 @@ local function warn(msg)
   if ok and type(log) == "table" and log.warn then
     log.warn(msg)
   else
-    io.stderr:write("warning: ", msg, "\n")
+    io.stderr:write(host.redact("warning: " .. msg .. "\n"))
   end
 end
 
@@ -77,7 +84,7 @@ function http.request(opts)
   local body = encode_body(opts, headers)
   if opts.insecure then warn("TLS verification disabled for " .. tostring(opts.url)) end
   return decode(native.request {
-    method = opts.method, url = opts.url, headers = headers, body = body,
+    method = opts.method, url = opts.url, path = opts.path, query = opts.query, headers = headers, body = body,
     timeout = opts.timeout and duration.check(opts.timeout, "http timeout"),
     connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "http connect_timeout"),
     cafile = opts.cafile, insecure = opts.insecure, follow = opts.follow,

@@ -65,18 +65,26 @@ local function post(op, url, body, headers, effect, timeout, method)
   return { ok = true, status = r.status }
 end
 
+-- A webhook URL's credential is its path (Slack's /services/T../B../X..,
+-- a token in the query) and any password: the scheme and host still print,
+-- so an operator sees where a notification goes. A URL with no such path is
+-- registered whole.
+local function register_url(url)
+  local path = url:match("^%a[%w+.-]*://[^/?#]+/(.+)$")
+  if path and #path >= 8 then host.secret(path) else host.secret(url) end
+  local password = url:match("^%a[%w+.-]*://[^/@]-:([^/@]*)@")
+  if password then host.secret(password) end
+end
+
 function M.slack(opts)
   if type(opts) ~= "table" then error("notify.slack expects a table {webhook=, text=}", 2) end
   check_string(opts.webhook, "webhook", "slack")
   if opts.text == nil and opts.blocks == nil then error("notify.slack: give text or blocks", 2) end
   if opts.blocks ~= nil and type(opts.blocks) ~= "table" then error("notify.slack: blocks must be a list", 2) end
   local timeout = timeout_of(opts, "slack")
-  -- the URL is the credential: whole, and its path wherever it shows alone
-  host.secret(opts.webhook)
-  local path = opts.webhook:match("^%a+://[^/]+(/.+)$")
-  if path and #path >= 8 then host.secret(path) end
-  local payload = { text = opts.text and tostring(opts.text), blocks = opts.blocks, channel = opts.channel,
-    username = opts.username, icon_emoji = opts.icon_emoji }
+  register_url(opts.webhook)
+  local payload = host.redact_value { text = opts.text and tostring(opts.text), blocks = opts.blocks,
+    channel = opts.channel, username = opts.username, icon_emoji = opts.icon_emoji }
   local where = opts.channel or "Slack"
   return deliver("slack", opts, function()
     local body = require("cjson").encode(payload)
@@ -102,15 +110,18 @@ function M.webhook(opts)
   local method = (opts.method or "POST"):upper()
   if method == "GET" or method == "HEAD" then error("notify.webhook: method must be one that sends (POST, PUT)", 2) end
   local timeout = timeout_of(opts, "webhook")
+  register_url(opts.url)
+  -- the body is redacted, but for the credential the receiver needs in it
+  local json = opts.json == nil and {} or host.redact_value(opts.json)
   if type(opts.json) == "table" then
     for _, k in ipairs { "routing_key", "token", "api_key" } do
-      if type(opts.json[k]) == "string" then host.secret(opts.json[k]) end
+      if type(opts.json[k]) == "string" then json[k] = opts.json[k]; host.secret(opts.json[k]) end
     end
   end
-  local body = opts.body or require("cjson").encode(opts.json == nil and {} or opts.json)
+  local body = opts.body and host.redact(opts.body) or require("cjson").encode(json)
   local headers = opts.headers
   if opts.body ~= nil and not opts.headers then headers = { ["Content-Type"] = "text/plain" } end
-  local target = host.redact(opts.url):gsub("//([^/@:]*):[^/@]*@", "//%1:***@")
+  local target = host.redact(opts.url)
   return deliver("webhook", opts, function()
     return post("webhook", opts.url, body, headers, { module = "notify", op = "webhook", target = target,
       summary = ("post to %s: %s"):format(target, webhook_summary(opts.json, body)) }, timeout, method)
@@ -169,7 +180,8 @@ function M.email(opts)
   for _, a in ipairs(to) do check_string(a, "each address in to", "email"); header_safe(a, "to") end
   header_safe(opts.from, "from")
   local timeout = timeout_of(opts, "email")
-  local message = build_message(opts, to)
+  if opts.password then host.secret(tostring(opts.password)) end
+  local message = host.redact(build_message(opts, to))
   local rcpt = table.concat(to, ", ")
   return deliver("email", opts, function()
     return native().smtp_send { url = opts.smtp_url, from = opts.from, to = to, message = message,
@@ -203,6 +215,10 @@ function M.check_hooks(t)
         for _, f in ipairs(need) do
           if o[f] == nil then error(("notify.%s.%s: %s is required"):format(k, ch, f), 0) end
         end
+        -- registered as the runbook loads, before any step can print them
+        local url = o.webhook or o.url
+        if type(url) == "string" then register_url(url) end
+        if type(o.password) == "string" then host.secret(o.password) end
       end
     elseif type(hook) ~= "function" then
       error(("notify.%s must be a table {slack=..., email=..., webhook=...} or a function(run)"):format(k), 0)

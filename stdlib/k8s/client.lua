@@ -58,10 +58,38 @@ function M.encode(v)
   return (codec.encode(prepare(v)):gsub('"\\u0000%[%]"', "[]"))
 end
 
+-- A Secret's values are registered the moment they are read, decoded and as
+-- sent, so whatever a runbook prints of them is redacted: get, list, watch
+-- events and the objects writes answer with all pass M.decode.
+local function register_secret(obj)
+  for _, field in ipairs { "data", "stringData" } do
+    for _, v in pairs(type(obj[field]) == "table" and obj[field] or {}) do
+      if type(v) == "string" then
+        host.secret(v)
+        if field == "data" then host.secret(config.base64_decode(v) or v) end
+      end
+    end
+  end
+end
+
+local function register_secrets(doc)
+  if type(doc) ~= "table" then return end
+  if doc.kind == "Secret" then
+    register_secret(doc)
+  elseif doc.kind == "SecretList" or doc.kind == "List" then
+    for _, item in ipairs(type(doc.items) == "table" and doc.items or {}) do
+      if type(item) == "table" and (doc.kind == "SecretList" or item.kind == "Secret") then register_secret(item) end
+    end
+  elseif type(doc.object) == "table" then
+    register_secrets(doc.object)
+  end
+end
+
 function M.decode(s)
   local text, n = native.mark_empty_arrays(s)
   local ok, v = pcall(codec.decode, text)
   if not ok then return nil end
+  register_secrets(v)
   return restore(v)
 end
 
@@ -144,23 +172,14 @@ local function sleep(secs)
   return true
 end
 
---- One API call. req: {method, path, query, body (table or string),
--- content_type, accept, timeout, op, what, raw}. Decodes JSON replies; raises
+--- One API call. req: {method, path, query ({name = value}), body (table or
+-- string), content_type, accept, timeout, op, what, raw}. The path is
+-- escaped segments without a query: runbook.k8s builds the URL and, for a
+-- write in a dry run, adds dryRun=All itself. Decodes JSON replies; raises
 -- a structured error for any status >= 400 unless req.allow[status]. Reads
 -- (and any request answered 429) are retried with backoff.
 function Client:call(req)
   local method = req.method or "GET"
-  local path = req.path
-  if req.query then
-    local q = {}
-    for k, v in pairs(req.query) do
-      if v ~= nil and v ~= false then
-        q[#q + 1] = k .. "=" .. M.escape(tostring(v))
-      end
-    end
-    table.sort(q)
-    if #q > 0 then path = path .. (path:find("?", 1, true) and "&" or "?") .. table.concat(q, "&") end
-  end
   local body = req.body
   if type(body) == "table" then body = M.encode(body) end
   local op = req.op or method:lower()
@@ -169,7 +188,7 @@ function Client:call(req)
     attempt = attempt + 1
     if self.cfg.exec and self.cred.expires and os.time() >= self.cred.expires - 10 then self:refresh() end
     local ok, status, rbody, ctype, retry_after = pcall(self.conn.request, self.conn, {
-      method = method, path = path, body = body, content_type = req.content_type or (body and "application/json"),
+      method = method, path = req.path, query = req.query, body = body, content_type = req.content_type or (body and "application/json"),
       accept = req.accept, timeout = req.timeout or self.timeout,
     })
     if not ok then
@@ -194,10 +213,6 @@ function Client:call(req)
       return doc or (rbody ~= "" and rbody or nil), status
     end
   end
-end
-
-function M.escape(s)
-  return (s:gsub("[^%w%-%._~]", function(ch) return ("%%%02X"):format(ch:byte()) end))
 end
 
 -- A path segment may keep ':' (service "web:8080" for the proxy).
@@ -298,7 +313,7 @@ function M.path(r, ns, name, sub)
   if r.namespaced and ns then p = p .. "/namespaces/" .. escape_segment(ns) end
   p = p .. "/" .. r.name
   if name then p = p .. "/" .. escape_segment(name) end
-  if sub then p = p .. "/" .. sub end
+  if sub then p = p .. "/" .. tostring(sub):gsub("[^/]+", escape_segment) end
   return p
 end
 
@@ -327,8 +342,9 @@ end
 -- (the object now, for the diff; a function to fetch it in dry runs only),
 -- send(dry) -> after, changes(before, after) -> list (default: diff.changes)}.
 -- The gate says perform or simulate (Kubernetes dry-runs everything); in a
--- dry run the request carries dryRun=All, and the record shows the
--- would-be object and the diff. Returns the object the server answered with.
+-- dry run runbook.k8s sends the request with dryRun=All, and the record
+-- shows the would-be object and the diff. Returns the object the server
+-- answered with.
 function M.write(e)
   local decision = host.gate("k8s", e.op, e.target, e.summary, true)
   local dry = decision ~= "perform"
@@ -443,10 +459,10 @@ function Client:create(obj, opts)
     op = "create", target = M.target(r, ns, name),
     summary = ("create %s %s%s"):format(r.singular, name, r.namespaced and (" in " .. ns) or ""),
     before = {},
-    send = function(dry)
+    send = function()
       return self:call { method = "POST", path = M.path(r, r.namespaced and ns or nil), body = obj, op = "create",
         what = ('%s "%s"'):format(M.qualified(r), name),
-        query = { fieldManager = opts.field_manager or "runbook", dryRun = dry and "All" or nil } }
+        query = { fieldManager = opts.field_manager or "runbook" } }
     end,
   })
 end
@@ -460,10 +476,10 @@ function Client:replace(obj, opts)
   return (M.write {
     op = "replace", target = M.target(r, ns, name), summary = ("replace %s %s"):format(r.singular, name),
     before = opts.before or function() return self:call { path = path, op = "get" } end,
-    send = function(dry)
+    send = function()
       return self:call { method = "PUT", path = path, body = obj, op = "replace",
         what = ('%s "%s"'):format(M.qualified(r), name),
-        query = { fieldManager = opts.field_manager or "runbook", dryRun = dry and "All" or nil } }
+        query = { fieldManager = opts.field_manager or "runbook" } }
     end,
   })
 end
@@ -491,10 +507,10 @@ function Client:patch(a, b, c, d)
     summary = opts.summary or ("patch %s %s (%s)"):format(r.singular, name, opts.type or "strategic"),
     before = opts.before or function() return self:call { path = M.path(r, r.namespaced and ns or nil, name), op = "get" } end,
     changes = opts.changes,
-    send = function(dry)
+    send = function()
       return self:call { method = "PATCH", path = path, body = patch, content_type = ctype, op = opts.verb or "patch",
         what = ('%s "%s"'):format(M.qualified(r), name),
-        query = { fieldManager = opts.field_manager or "runbook", dryRun = dry and "All" or nil } }
+        query = { fieldManager = opts.field_manager or "runbook" } }
     end,
   })
 end
@@ -508,13 +524,12 @@ function Client:delete(a, b, c)
   local gone = false
   local out = M.write {
     op = "delete", target = M.target(r, ns, name), summary = ("delete %s %s"):format(r.singular, name),
-    send = function(dry)
+    send = function()
       local body, status = self:call { method = "DELETE", path = path, op = "delete",
         what = ('%s "%s"'):format(M.qualified(r), name),
         allow = opts.missing_ok and { [404] = true } or nil,
         body = { kind = "DeleteOptions", apiVersion = "v1", propagationPolicy = opts.propagation or "Background",
-          gracePeriodSeconds = opts.grace_period },
-        query = { dryRun = dry and "All" or nil } }
+          gracePeriodSeconds = opts.grace_period } }
       gone = status == 404
       return body
     end,
@@ -585,11 +600,10 @@ function Client:apply(manifest, opts)
         local cur, status = self:call { path = path, op = "get", allow = { [404] = true } }
         return status == 404 and {} or cur
       end,
-      send = function(dry)
+      send = function()
         return self:call { method = "PATCH", path = path, body = d, content_type = "application/apply-patch+yaml",
           op = "apply", what = ('%s "%s"'):format(M.qualified(r), name),
-          query = { fieldManager = opts.field_manager or "runbook", force = opts.force and "true" or nil,
-            dryRun = dry and "All" or nil } }
+          query = { fieldManager = opts.field_manager or "runbook", force = opts.force and "true" or nil } }
       end,
     }
   end
@@ -626,12 +640,9 @@ function Watch:open()
     fieldSelector = selector(o.field_selector or o.fields) or (o.name and ("metadata.name=" .. o.name)),
     timeoutSeconds = math.max(1, math.ceil(left)),
   }
-  local q = {}
-  for k, v in pairs(query) do q[#q + 1] = k .. "=" .. M.escape(tostring(v)) end
-  table.sort(q)
-  local path = M.path(self.r, self.r.namespaced and self.ns or nil) .. "?" .. table.concat(q, "&")
   self.client:refresh()
-  self.stream = self.client.conn:stream { path = path, timeout = left + 5 }
+  self.stream = self.client.conn:stream { path = M.path(self.r, self.r.namespaced and self.ns or nil),
+    query = query, timeout = left + 5 }
 end
 
 function Watch:close()

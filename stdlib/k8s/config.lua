@@ -79,6 +79,22 @@ local function load_file(path)
   return doc
 end
 
+-- Every user's credentials are registered when the kubeconfig is read, not
+-- only the current context's: a runbook may switch contexts or print the file.
+local SECRET_FIELDS = { token = true, password = true, ["client-key-data"] = true, ["access-token"] = true,
+  ["refresh-token"] = true, ["client-secret"] = true, ["id-token"] = true }
+
+local function register_credentials(t, depth)
+  for k, v in pairs(t) do
+    if type(v) == "string" and SECRET_FIELDS[k] then
+      host.secret(v)
+      if k == "client-key-data" then host.secret(M.base64_decode(v) or v) end
+    elseif type(v) == "table" and depth < 6 then
+      register_credentials(v, depth + 1)   -- users[i].user.auth-provider.config
+    end
+  end
+end
+
 --- The merged kubeconfig of `paths` (a list); nil when none of them exists.
 function M.load(paths)
   local merged = { clusters = {}, users = {}, contexts = {}, files = {} }
@@ -86,6 +102,7 @@ function M.load(paths)
     local doc = load_file(path)
     if doc then
       merged.files[#merged.files + 1] = path
+      register_credentials(doc.users or {}, 1)
       merged["current-context"] = merged["current-context"] or
         (doc["current-context"] ~= "" and doc["current-context"] or nil)
       for _, section in ipairs { "clusters", "users", "contexts" } do
@@ -185,8 +202,15 @@ local function from_kubeconfig(kc, opts, where)
   return cfg
 end
 
+--- The command line's --kubeconfig, --context and --namespace: what resolve
+-- uses where the caller names none.
+M.defaults = {}
+
 function M.resolve(opts)
-  opts = opts or {}
+  local given = opts or {}
+  opts = {}
+  for k, v in pairs(M.defaults) do opts[k] = v end
+  for k, v in pairs(given) do opts[k] = v end
   if not opts.in_cluster then
     local paths, where = kubeconfig_paths(opts.kubeconfig)
     local kc = M.load(paths)

@@ -62,11 +62,11 @@ function Lock:try()
   local target = client.target(r, self.namespace, self.name)
   local send
   if status == 404 then
-    send = function(dry)
+    send = function()
       return c:call { method = "POST", path = client.path(r, self.namespace), op = "lease", allow = { [409] = true },
         body = { apiVersion = "coordination.k8s.io/v1", kind = "Lease",
           metadata = { name = self.name, namespace = self.namespace }, spec = spec },
-        query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        query = { fieldManager = "runbook" } }
     end
   else
     local old = cur.spec or {}
@@ -82,9 +82,9 @@ function Lock:try()
       spec.leaseTransitions = (old.leaseTransitions or 0) + (status == 404 and 0 or 1)
     end
     local body = { apiVersion = "coordination.k8s.io/v1", kind = "Lease", metadata = cur.metadata, spec = spec }
-    send = function(dry)
+    send = function()
       return c:call { method = "PUT", path = path, op = "lease", body = body, allow = { [409] = true },
-        query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        query = { fieldManager = "runbook" } }
     end
   end
   local renewing = self.held and cur and cur.spec and cur.spec.holderIdentity == self.identity
@@ -93,7 +93,7 @@ function Lock:try()
     op = "lease", target = target,
     summary = ("%s lease %s/%s as %s"):format(renewing and "renew" or "take", self.namespace, self.name, self.identity),
     send = function(dry)
-      local o = send(dry)
+      local o = send()
       if type(o) == "table" and o.kind == "Status" then lost = true end
       self.simulated = dry
       return o
@@ -174,9 +174,9 @@ function Lock:release()
   client.write {
     op = "lease", target = client.target(r, self.namespace, self.name),
     summary = ("release lease %s/%s"):format(self.namespace, self.name),
-    send = function(dry)
+    send = function()
       return c:call { method = "PUT", path = path, op = "lease", body = body, allow = { [409] = true },
-        query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        query = { fieldManager = "runbook" } }
     end,
   }
 end

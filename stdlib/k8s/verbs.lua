@@ -75,10 +75,10 @@ function Client:scale(a, b, c, d)
   return (write {
     op = "scale", target = target_of(r, ns, name), summary = ("scale %s %s to %d"):format(r.singular, name, replicas),
     before = { spec = { replicas = cur } },
-    send = function(dry)
+    send = function()
       local s = self:call { method = "PATCH", path = path_of(r, ns, name, "scale"), op = "scale",
         content_type = "application/merge-patch+json", body = { spec = { replicas = replicas } },
-        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook" } }
       return s
     end,
     changes = function(before, after)
@@ -96,12 +96,12 @@ function Client:rollout_restart(a, b)
   return (write {
     op = "rollout_restart", target = target_of(r, ns, name), summary = ("restart %s %s"):format(r.singular, name),
     before = obj,
-    send = function(dry)
+    send = function()
       return self:call { method = "PATCH", path = path_of(r, ns, name), op = "rollout_restart",
         content_type = "application/strategic-merge-patch+json",
         body = { spec = { template = { metadata = { annotations = {
           ["kubectl.kubernetes.io/restartedAt"] = opts.at or now_rfc3339() } } } } },
-        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook" } }
     end,
   })
 end
@@ -416,12 +416,12 @@ function Client:rollout_undo(a, b)
   return (write {
     op = "rollout_undo", target = target_of(r, ns, name),
     summary = ("roll back deployment %s to revision %d"):format(name, pick.revision), before = d,
-    send = function(dry)
+    send = function()
       return self:call { method = "PATCH", path = path_of(r, ns, name), op = "rollout_undo",
         content_type = "application/json-patch+json",
         body = client.array { { op = "replace", path = "/spec/template", value = tmpl },
           { op = "replace", path = "/metadata/annotations", value = ann } },
-        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook" } }
     end,
   })
 end
@@ -459,10 +459,10 @@ function Client:set_image(ref, images, opts)
   return (write {
     op = "set_image", target = target_of(r, ns, name),
     summary = ("set image of %s %s: %s"):format(r.singular, name, table.concat(parts, ", ")), before = obj,
-    send = function(dry)
+    send = function()
       return self:call { method = "PATCH", path = path_of(r, ns, name), op = "set_image",
         content_type = "application/strategic-merge-patch+json", body = nest(path, patch),
-        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+        what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook" } }
     end,
   })
 end
@@ -529,9 +529,9 @@ function Client:set_env(a, env, rest)
     local ok, res = pcall(write, {
       op = "set_env", target = target_of(r, ns, name),
       summary = ("set env of %s %s: %s"):format(r.singular, name, table.concat(names, ", ")), before = obj,
-      send = function(dry)
+      send = function()
         return self:call { method = "PUT", path = path_of(r, ns, name), op = "set_env", body = new,
-          what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook", dryRun = dry and "All" or nil } }
+          what = ('%s "%s"'):format(qualified(r), name), query = { fieldManager = "runbook" } }
       end,
     })
     if ok then return res end

@@ -1,65 +1,79 @@
---- The command line: `runbook COMMAND ...`. Returns the exit status
--- (runbook.exit). `run` and `resume` hand a request to runbook.run.
+--- The command line: `runbook [GLOBAL OPTIONS] COMMAND ...`, parsed by
+-- lua-argparse. Returns the exit status (runbook.exit). `run` and `resume`
+-- hand a request to runbook.run; each option's target is its own flag
+-- (o["--dry-run"]), as runbook.run and runbook.resume read it.
+local argparse = require "argparse"
 local host = require "runbook.host"
+local suggest = require "runbook.suggest"
 
 local M = {}
 
 M.VERSION = "0.1.0"
 
-local USAGE = [==[
-usage: runbook COMMAND [ARGS]
+local EXIT = require "runbook.exit"
 
-  run FILE|NAME [-p key=value]... [--params-file F] [--dry-run] [--step] [--yes]
-                [--output json] [--from STEP [--outputs-from RUN_ID]] [--undo-on-failure]
-                [--lock[=KEY]] [--lock k8s:NAMESPACE/NAME] [--wait-lock DURATION]
-                        run a runbook
-  resume RUN_ID [--force] [--rerun-interrupted] [-p secret=value]... [--yes] [--step]
-                        continue a failed, aborted, interrupted or killed run
-  history [--runbook NAME] [--limit N] [--output json]
-                        past runs, newest first
-  report RUN_ID [--format markdown|json]
-                        a run's timeline for a postmortem
-  describe FILE|NAME    show its params and steps (nothing runs)
-  lint FILE|NAME...     load and check runbooks (nothing runs)
-  list                  runbooks on RUNBOOK_PATH with their descriptions
-  test [PATH...]        run busted specs inside the host (default: spec/)
-  version               print the version
-  help                  this text
-
+local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 3 runbook cannot be loaded, 4 aborted by the operator, 75 lock held by
-another run, 130/143 interrupted.
-]==]
+another run, 130/143 interrupted by SIGINT/SIGTERM.]]
 
-local EXIT = require "runbook.exit"
+local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
+  .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
 
 local function err(fmt, ...)
   io.stderr:write(host.redact("runbook: " .. fmt:format(...) .. "\n"))
 end
 
-local function usage_error(fmt, ...)
+local function usage_error(cmd, fmt, ...)
   err(fmt, ...)
-  io.stderr:write("Try 'runbook help'.\n")
+  io.stderr:write(("Try 'runbook help%s'.\n"):format(cmd and (" " .. cmd) or ""))
   return EXIT.usage
 end
 
 --- Directories searched for `run NAME` and `list`: RUNBOOK_PATH, else
--- ./runbooks and the shipped runbooks.
+-- ./runbooks and the shipped runbooks; a directory named twice (in the
+-- checkout, ./runbooks is the shipped one) counts once.
 local function search_path()
-  local dirs = {}
+  local lfs = require "lfs"
+  local dirs, seen = {}, {}
   local default = "runbooks:" .. host.stdlib_dir .. "/../runbooks"
-  for d in (os.getenv("RUNBOOK_PATH") or default):gmatch("[^:]+") do dirs[#dirs + 1] = d end
+  for d in (os.getenv("RUNBOOK_PATH") or default):gmatch("[^:]+") do
+    local a = lfs.attributes(d)
+    local id = a and (a.dev .. ":" .. a.ino) or d
+    if not seen[id] then seen[id] = true; dirs[#dirs + 1] = d end
+  end
   return dirs
+end
+
+--- Every runbook on the path, once by name (the first directory wins, as for
+-- `run NAME`), sorted: {{name, path}...}.
+local function runbooks_on_path()
+  local lfs = require "lfs"
+  local found, by_name = {}, {}
+  for _, d in ipairs(search_path()) do
+    if lfs.attributes(d, "mode") == "directory" then
+      for f in lfs.dir(d) do
+        local name = f:match("^(.+)%.lua$")
+        if name and not by_name[name] then
+          by_name[name] = true
+          found[#found + 1] = { name = name, path = d .. "/" .. f }
+        end
+      end
+    end
+  end
+  table.sort(found, function(a, b) return a.name < b.name end)
+  return found
 end
 
 local function resolve_runbook(ref)
   if ref:match("%.lua$") or ref:find("/", 1, true) then return ref end
-  for _, d in ipairs(search_path()) do
-    local p = d .. "/" .. ref .. ".lua"
-    local f = io.open(p, "rb")
-    if f then f:close(); return p end
+  local names = {}
+  for _, rb in ipairs(runbooks_on_path()) do
+    if rb.name == ref then return rb.path end
+    names[#names + 1] = rb.name
   end
-  return nil, ("no runbook named '%s' on RUNBOOK_PATH (%s)"):format(ref, table.concat(search_path(), ":"))
+  return nil, ("no runbook named '%s' on RUNBOOK_PATH (%s)%s"):format(ref, table.concat(search_path(), ":"),
+    suggest.hint(ref, names))
 end
 
 --- Load a runbook by file or name; on failure print why and return nil, exit status.
@@ -77,122 +91,158 @@ local function load_runbook(ref)
   return nil, EXIT.load
 end
 
---- Parse argv into {command, positional = {...}, flags}. `spec` maps each
--- option to "flag", "value" or "list".
-local function parse(args, spec)
-  local o = { positional = {} }
-  local i = 1
-  while i <= #args do
-    local a = args[i]
-    local name, inline = a:match("^(%-%-?[%w%-]+)=(.*)$")
-    name = name or a
-    local kind = spec[name]
-    if kind == "flag" then
-      if inline then return nil, ("%s takes no value"):format(name) end
-      o[name] = true
-    elseif kind == "optional" then
-      -- A separate value only when it cannot be the runbook: "--lock k8s:ops/nightly".
-      if not inline and args[i + 1] and args[i + 1]:match("^k8s:") then i = i + 1; inline = args[i] end
-      o[name] = inline or true
-    elseif kind == "value" or kind == "list" then
-      local v = inline
-      if not v then i = i + 1; v = args[i] end
-      if v == nil then return nil, ("%s needs a value"):format(name) end
-      if kind == "list" then
-        o[name] = o[name] or {}
-        table.insert(o[name], v)
-      else
-        o[name] = v
-      end
-    elseif a:sub(1, 1) == "-" and a ~= "-" then
-      return nil, ("unknown option %s"):format(a)
-    else
-      o.positional[#o.positional + 1] = a
-    end
-    i = i + 1
-  end
-  return o
+-- ---- the grammar --------------------------------------------------------------
+
+local function flag(p, names, help) return p:flag(names, help):target(names:match("%-%-[%w%-]+")) end
+local function option(p, names, help, argname)
+  return p:option(names, help):argname(argname):target(names:match("%-%-[%w%-]+") or names)
 end
 
-local RUN_OPTS = { ["-p"] = "list", ["--param"] = "list", ["--params-file"] = "value", ["--dry-run"] = "flag",
-  ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag", ["--output"] = "value", ["--from"] = "value",
-  ["--outputs-from"] = "value",
-  ["--undo-on-failure"] = "flag", ["--lock"] = "optional", ["--wait-lock"] = "value" }
+-- Each command's parser by name, for `runbook help COMMAND`.
+local parsers
 
-local RESUME_OPTS = { ["-p"] = "list", ["--step"] = "flag", ["--yes"] = "flag", ["-y"] = "flag",
-  ["--output"] = "value", ["--force"] = "flag", ["--rerun-interrupted"] = "flag", ["--wait-lock"] = "value",
-  ["--undo-on-failure"] = "flag" }
-
---- Parse a run-like command's options: one positional `what`, and valid
--- --output and --wait-lock values. Returns the options, or nil and the exit status.
-local function parse_run_like(cmd, args, spec, what)
-  local o, perr = parse(args, spec)
-  if not o then return nil, usage_error("%s: %s", cmd, perr) end
-  if #o.positional ~= 1 then return nil, usage_error("%s: expected one %s", cmd, what) end
-  if o["--output"] and o["--output"] ~= "json" and o["--output"] ~= "text" then
-    return nil, usage_error("%s: --output must be json or text", cmd)
-  end
-  local wait = o["--wait-lock"]
-  if wait and not require("duration").parse(wait) then
-    return nil, usage_error("%s: --wait-lock: %s", cmd, select(2, require("duration").parse(wait)))
-  end
-  return o
+local function command(p, name, summary, description)
+  local c = p:command(name, description or summary):summary(summary):add_help(false)
+    :help_description_margin(30):epilog(GLOBALS_TEXT)
+  c:flag("-h --help", "Show this help and exit."):target("help")
+  parsers[name] = c
+  return c
 end
+
+local function build()
+  parsers = {}
+  local p = argparse("runbook", "Run operational procedures written in Lua, step by step, with a dry run.")
+    :add_help(false):require_command(false):command_target("command"):epilog(EXIT_TEXT)
+    :help_max_width(100):help_description_margin(30)
+  p:flag("-h --help", "Show this help and exit."):target("help")
+  flag(p, "--version", "Print the version and exit.")
+  flag(p, "-v --verbose", "Show log.debug messages (tagged DEBUG).")
+  flag(p, "-q --quiet", "Show only warnings, errors, failures and the summary.")
+  flag(p, "--no-color", "No colour and no spinner (also: NO_COLOR set, TERM=dumb).")
+  option(p, "-o --output", "Output format of run, resume and history: text or json (JSON lines).", "FORMAT")
+    :choices { "text", "json" }
+  option(p, "--kubeconfig", "Kubernetes configuration file(s), instead of $KUBECONFIG.", "FILE")
+  option(p, "--context", "Kubernetes context, instead of the kubeconfig's current-context.", "NAME")
+  option(p, "-n --namespace", "Default Kubernetes namespace of the k8s library.", "NAMESPACE")
+
+  local run = command(p, "run", "Run a runbook.",
+    "Run a runbook, named by FILE or by NAME on RUNBOOK_PATH. `runbook run NAME --help` also lists its params.")
+  run:argument("runbook", "The runbook: a FILE, or a NAME on RUNBOOK_PATH."):args("?")
+  option(run, "-p --param", "Set a param (repeatable); -p wins over --params-file.", "KEY=VALUE"):count("*"):target("-p")
+  option(run, "--params-file", "Read params from a YAML or JSON file.", "FILE")
+  flag(run, "--dry-run", "Change nothing: show each write instead of performing it.")
+  flag(run, "--step", "Ask before each step (yes, no, preview, all, quit).")
+  flag(run, "-y --yes", "Do not ask, also for steps marked confirm (needed without a terminal).")
+  option(run, "--from", "Start at this step.", "STEP")
+  option(run, "--outputs-from", "With --from: the earlier steps' outputs from this run.", "RUN_ID")
+  flag(run, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
+  option(run, "--lock", "Hold a run lock (default key: the runbook's lock, else its name); "
+    .. "k8s:NAMESPACE/NAME is a Kubernetes Lease.", "KEY"):args("?")
+  option(run, "--wait-lock", "Wait this long for a held lock instead of ending with 75.", "DURATION")
+
+  local resume = command(p, "resume", "Continue a failed, aborted, interrupted or killed run.")
+  resume:argument("run_id", "The run (see runbook history)."):args("?")
+  option(resume, "-p --param", "Give a secret param again (the journal does not hold it).", "KEY=VALUE")
+    :count("*"):target("-p")
+  flag(resume, "--force", "Resume although the runbook changed since the run.")
+  flag(resume, "--rerun-interrupted", "Run the interrupted step again instead of asking.")
+  flag(resume, "-y --yes", "Do not ask.")
+  flag(resume, "--step", "Ask before each step.")
+  option(resume, "--wait-lock", "Wait this long for a held lock.", "DURATION")
+  flag(resume, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
+
+  local history = command(p, "history", "Past runs, newest first.")
+  option(history, "--runbook", "Only the runs of this runbook.", "NAME")
+  option(history, "--limit", "How many runs (default 20).", "N")
+
+  local report = command(p, "report", "A run's timeline for a postmortem.")
+  report:argument("run_id", "The run (see runbook history)."):args("?")
+  option(report, "--format", "markdown (default) or json.", "FORMAT"):choices { "markdown", "json" }
+
+  command(p, "describe", "Show a runbook's params and steps (nothing runs).")
+    :argument("runbook", "A FILE, or a NAME on RUNBOOK_PATH."):args("?")
+  command(p, "lint", "Load and check runbooks (nothing runs).")
+    :argument("runbooks", "FILEs or NAMEs."):args("*")
+  command(p, "list", "The runbooks on RUNBOOK_PATH with their descriptions.")
+  command(p, "test", "Run busted specs inside the host (default: spec/); busted's options follow.")
+    :argument("args", "busted options and PATHs."):args("*")
+  command(p, "version", "Print the version.")
+  command(p, "help", "Show the help of runbook or of a command.")
+    :argument("topic", "A command."):args("?")
+  return p
+end
+
+-- ---- commands -------------------------------------------------------------------
 
 local commands = {}
 
-function commands.run(args)
-  local o, ocode = parse_run_like("run", args, RUN_OPTS, "runbook FILE or NAME")
-  if not o then return ocode end
-  local rb, code = load_runbook(o.positional[1])
+--- The help of `runbook run` for one runbook: its usage and its params.
+local function runbook_help(parser, ref)
+  local rb, code = load_runbook(ref)
+  if not rb then return code end
+  io.stdout:write(parser:get_help(), "\n\n", require("runbook.describe").text(rb), "\n")
+  return EXIT.ok
+end
+
+local function duration_ok(cmd, o)
+  local wait = o["--wait-lock"]
+  local ok, why = require("duration").parse(wait or "0")
+  if not ok then return nil, usage_error(cmd, "%s: --wait-lock: %s", cmd, why) end
+  return true
+end
+
+function commands.run(o)
+  if not o.runbook then return usage_error("run", "run: expected one runbook FILE or NAME") end
+  local ok, code = duration_ok("run", o)
+  if not ok then return code end
+  local rb
+  rb, code = load_runbook(o.runbook)
   if not rb then return code end
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
-    return usage_error("--from: %s has no step named '%s'", rb.name, o["--from"])
+    local names = {}
+    for _, s in ipairs(rb.steps) do names[#names + 1] = s.name end
+    return usage_error("run", "--from: %s has no step named '%s'%s", rb.name, o["--from"], suggest.hint(o["--from"], names))
   end
-  if o["--outputs-from"] and not o["--from"] then return usage_error("--outputs-from goes with --from STEP") end
+  if o["--outputs-from"] and not o["--from"] then return usage_error("run", "--outputs-from goes with --from STEP") end
   return require("runbook.run").start(rb, require("runbook.run").request(o))
 end
 
-function commands.resume(args)
-  local o, ocode = parse_run_like("resume", args, RESUME_OPTS, "RUN_ID (see 'runbook history')")
-  if not o then return ocode end
-  local plan, code = require("runbook.resume").plan(o.positional[1], o, load_runbook)
+function commands.resume(o)
+  if not o.run_id then return usage_error("resume", "resume: expected one RUN_ID (see 'runbook history')") end
+  local ok, code = duration_ok("resume", o)
+  if not ok then return code end
+  local plan
+  plan, code = require("runbook.resume").plan(o.run_id, o, load_runbook)
   if not plan then return code end
   return require("runbook.run").start(plan.rb, plan.request, plan.resumed)
 end
 
-function commands.history(args)
-  local o, perr = parse(args, { ["--runbook"] = "value", ["--limit"] = "value", ["--output"] = "value" })
-  if not o then return usage_error("history: %s", perr) end
+function commands.history(o)
   local limit = tonumber(o["--limit"] or "20")
-  if not limit or limit < 1 then return usage_error("history: --limit must be a positive number") end
+  if not limit or limit < 1 then return usage_error("history", "history: --limit must be a positive number") end
   return require("runbook.report").history(o["--runbook"], math.floor(limit), o["--output"] == "json")
 end
 
-function commands.report(args)
-  local o, perr = parse(args, { ["--format"] = "value" })
-  if not o then return usage_error("report: %s", perr) end
-  if #o.positional ~= 1 then return usage_error("report: expected one RUN_ID (see 'runbook history')") end
-  local fmt = o["--format"] or "markdown"
-  if fmt ~= "markdown" and fmt ~= "json" then return usage_error("report: --format must be markdown or json") end
-  local text, rerr = require("runbook.report").report(o.positional[1], fmt)
+function commands.report(o)
+  if not o.run_id then return usage_error("report", "report: expected one RUN_ID (see 'runbook history')") end
+  local text, rerr = require("runbook.report").report(o.run_id, o["--format"] or "markdown")
   if not text then err("%s", rerr); return EXIT.usage end
   io.stdout:write(host.redact(text))
   return EXIT.ok
 end
 
-function commands.describe(args)
-  if #args ~= 1 then return usage_error("describe: expected one runbook FILE or NAME") end
-  local rb, code = load_runbook(args[1])
+function commands.describe(o)
+  if not o.runbook then return usage_error("describe", "describe: expected one runbook FILE or NAME") end
+  local rb, code = load_runbook(o.runbook)
   if not rb then return code end
   print(require("runbook.describe").text(rb))
   return EXIT.ok
 end
 
-function commands.lint(args)
-  if #args == 0 then return usage_error("lint: expected runbook FILEs or NAMEs") end
+function commands.lint(o)
+  if #o.runbooks == 0 then return usage_error("lint", "lint: expected runbook FILEs or NAMEs") end
   local worst = EXIT.ok
-  for _, ref in ipairs(args) do
+  for _, ref in ipairs(o.runbooks) do
     local rb, code = load_runbook(ref)
     local problems = rb and require("runbook.loader").undeclared_reads(rb) or {}
     for _, p in ipairs(problems) do print(p) end
@@ -208,28 +258,16 @@ function commands.lint(args)
 end
 
 function commands.list()
-  local lfs = require "lfs"
   local loader = require "runbook.loader"
-  for _, d in ipairs(search_path()) do
-    if lfs.attributes(d, "mode") == "directory" then
-      local files = {}
-      for f in lfs.dir(d) do if f:match("%.lua$") then files[#files + 1] = f end end
-      table.sort(files)
-      for _, f in ipairs(files) do
-        local ok, rb = pcall(loader.load, d .. "/" .. f)
-        if ok then
-          print(("%-28s %s"):format(f:gsub("%.lua$", ""), rb.description:match("^[^\n]*")))
-        else
-          print(("%-28s (cannot load: %s)"):format(f:gsub("%.lua$", ""), tostring(rb)))
-        end
-      end
+  for _, f in ipairs(runbooks_on_path()) do
+    local ok, rb = pcall(loader.load, f.path)
+    if ok then
+      print(("%-28s %s"):format(f.name, rb.description:match("^[^\n]*")))
+    else
+      print(("%-28s (cannot load: %s)"):format(f.name, tostring(rb)))
     end
   end
   return EXIT.ok
-end
-
-function commands.test(args)
-  return require("runbook.test").run(args)
 end
 
 function commands.version()
@@ -237,19 +275,95 @@ function commands.version()
   return EXIT.ok
 end
 
-function commands.help()
-  io.stdout:write(USAGE)
-  return EXIT.ok
+-- ---- main -----------------------------------------------------------------------
+
+--- The global options take effect: verbosity and colour for the output,
+-- --kubeconfig, --context and --namespace as the k8s library's defaults.
+local function apply_globals(o)
+  local output = require "runbook.output"
+  output.verbosity = o["--verbose"] and 1 or o["--quiet"] and -1 or 0
+  output.no_color = o["--no-color"] or nil
+  if o["--kubeconfig"] or o["--context"] or o["--namespace"] then
+    local defaults = require("k8s.config").defaults
+    defaults.kubeconfig, defaults.context, defaults.namespace = o["--kubeconfig"], o["--context"], o["--namespace"]
+  end
+end
+
+--- argparse's message as one line: "unknown option '--dryrun'; did you mean '--dry-run'?"
+local function one_line(msg)
+  return (msg:gsub("\nDid you mean", "; did you mean"):gsub("\n", " "))
+end
+
+-- The host's own print (history, describe, list) passes redaction as every
+-- other output does.
+local function redacting_print(...)
+  local parts = table.pack(...)
+  for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+  io.stdout:write(host.redact(table.concat(parts, "\t", 1, parts.n) .. "\n"))
+end
+
+-- Global options that take a value, whose value is not the command.
+local GLOBAL_VALUE = { ["-o"] = true, ["--output"] = true, ["--kubeconfig"] = true, ["--context"] = true,
+  ["-n"] = true, ["--namespace"] = true }
+
+--- Where the command word is in args (nil when there is none).
+local function command_index(args)
+  local i = 1
+  while args[i] do
+    local a = args[i]
+    if a:sub(1, 1) ~= "-" then return i end
+    i = i + (GLOBAL_VALUE[a] and 2 or 1)
+  end
+end
+
+--- `runbook help [COMMAND]`, `runbook COMMAND --help`, and bare `runbook`
+-- (the usage on stderr, exit 2).
+local function show_help(parser, o)
+  local topic = o.command
+  if topic == "help" and not o.help then topic = o.topic end
+  local sub = topic and parsers[topic]
+  if topic and not sub then
+    local names = {}
+    for name in pairs(parsers) do names[#names + 1] = name end
+    return usage_error(nil, "help: no command '%s'%s", topic, suggest.hint(topic, names))
+  end
+  if topic == "run" and o.runbook then return runbook_help(sub, o.runbook) end
+  local asked = o.command or o.help
+  local out = asked and io.stdout or io.stderr
+  out:write((sub or parser):get_help(), "\n")
+  return asked and EXIT.ok or EXIT.usage
 end
 
 function M.main(args)
-  local cmd = args[1]
-  if cmd == "--help" or cmd == "-h" then cmd = "help" end
-  if cmd == "--version" then cmd = "version" end
-  if not cmd then io.stderr:write(USAGE); return EXIT.usage end
-  local fn = commands[cmd]
-  if not fn then return usage_error("unknown command '%s'", cmd) end
-  return fn(table.move(args, 2, #args, 1, {}))
+  _G.print = redacting_print
+  local parser = build()
+  -- `test` hands everything after it to busted, whose options are its own.
+  local at, busted_args = command_index(args)
+  if at and args[at] == "test" then
+    busted_args = table.move(args, at + 1, #args, 1, {})
+    args = table.move(args, 1, at, 1, {})
+  end
+  -- `--lock` alone takes the default key; a separate value only when it cannot be the runbook (k8s:...).
+  for i, a in ipairs(args) do
+    if a == "--lock" and not (args[i + 1] or ""):match("^k8s:") then args[i] = "--lock=" end
+  end
+  local ok, o = parser:pparse(args)
+  if not ok then
+    local word = o:match("^unknown command '(.*)'")
+    if word and resolve_runbook(word) then
+      local has_help = false
+      for _, a in ipairs(args) do has_help = has_help or a == "--help" or a == "-h" end
+      if has_help then return runbook_help(parsers.run, word) end
+      return usage_error(nil, "unknown command '%s'; to run the runbook: runbook run %s", word, word)
+    end
+    return usage_error(not word and at and parsers[args[at]] and args[at] or nil, "%s", one_line(o))
+  end
+  if type(o["--lock"]) == "table" then o["--lock"] = o["--lock"][1] ~= "" and o["--lock"][1] or true end
+  apply_globals(o)
+  if o["--version"] then return commands.version() end
+  if o.command == "help" or o.help or not o.command then return show_help(parser, o) end
+  if o.command == "test" then return require("runbook.test").run(busted_args) end
+  return commands[o.command](o)
 end
 
 return M

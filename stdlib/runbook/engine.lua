@@ -5,6 +5,7 @@ local events = require "runbook.events"
 local EXIT = require "runbook.exit"
 local host = require "runbook.host"
 local heartbeat = require "runbook.heartbeat"
+local deadline = require "runbook.deadline"
 
 local M = {}
 
@@ -94,11 +95,16 @@ local function check_outputs(step, out)
   return out
 end
 
+--- Call a step's `what` function fn(...) protected, under the step's timeout
+-- (else the default for `what`) and the watchdog.
+local function step_call(rb, step, ctx, what, fn, ...)
+  local limit = step.timeout or deadline.LIMIT[what]
+  return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
+end
+
 --- One attempt of one step's function `fn` (its run or fallback) under its deadline.
 local function attempt(rb, step, fn, ctx)
-  host.set_deadline(step.timeout and host.now() + step.timeout or 0)
-  local ok, res = protected(rb, function() return check_outputs(step, fn(ctx)) end)
-  host.set_deadline(0)
+  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
     res.message = ("timed out after %s"):format(require("duration").format(step.timeout))
   end
@@ -160,7 +166,8 @@ local function undo_completed(run)
       run.step = step.name
       events.emit { event = "undo_start", step = step.name }
       local t0 = host.now()
-      local ok, res = protected(run.rb, step.undo, new_ctx(run, step), run.outputs[step.name])
+      local ctx = new_ctx(run, step)
+      local ok, res = step_call(run.rb, step, ctx, "undo", step.undo, ctx, run.outputs[step.name])
       events.emit { event = "undo_end", step = step.name, status = ok and "ok" or "failed",
         duration = since(t0), error = not ok and res or nil }
     end
@@ -180,7 +187,8 @@ end
 local function decide(run, step, total)
   if not run.missing then
     if step.when then
-      local ok, res = protected(run.rb, step.when, new_ctx(run, step))
+      local ctx = new_ctx(run, step)
+      local ok, res = step_call(run.rb, step, ctx, "when", step.when, ctx)
       if not ok then return "error", res end
       if not res then return "skip", "when" end
     end
@@ -199,7 +207,16 @@ end
 -- `ctx.dry_run` reads the host's mode, so a preview is a dry run everywhere.
 local function run_ctx(run)
   local rb = run.rb
-  local ctx = { params = setmetatable({}, { __index = run.params,
+  local function param(_, name)
+    if not rb.params_by_name[name] then
+      local known = {}
+      for _, p in ipairs(rb.params) do known[#known + 1] = p.name end
+      error(("ctx.params.%s: %s declares no param '%s'%s"):format(tostring(name), rb.name, tostring(name),
+        type(name) == "string" and require("runbook.suggest").hint(name, known) or ""), 2)
+    end
+    return run.params[name]
+  end
+  local ctx = { params = setmetatable({}, { __index = param,
       __newindex = function() error("ctx.params is read-only", 2) end }),
     outputs = outputs_table(rb, run.outputs, run.skipped), run_id = run.id, runbook = rb.name }
   --- Why the step `name` was skipped in this run ("operator" or "when"), or nil.
@@ -213,7 +230,7 @@ local function run_ctx(run)
   end
   return setmetatable(ctx, { __index = function(t, k)
     if k == "dry_run" then return host.mode() == "dry-run" end
-    if k == "log" then t.log = require("log"); return t.log end
+    if k == "log" then t.log = require("runbook.env").readonly(require("log"), "ctx.log"); return t.log end
   end })
 end
 

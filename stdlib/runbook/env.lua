@@ -1,9 +1,15 @@
 --- The environment a runbook file runs in. It has Lua's safe builtins, the
 -- runbook libraries (loaded on first use, so a runbook that never touches
 -- Kafka never loads librdkafka), and no way to write around the effect gate:
--- os.execute, io.popen, os.remove, os.rename and io.open for writing raise an
--- error naming the gate-aware function to use. Reading or assigning an
--- undeclared global is an error (nmap's strict.lua, done with a metatable).
+-- os.execute, io.popen, os.remove, os.rename, os.tmpname and io.open for
+-- writing raise an error naming the gate-aware function to use. Reading or
+-- assigning an undeclared global is an error (nmap's strict.lua, done with a
+-- metatable).
+--
+-- Nothing a runbook assigns or replaces reaches host code: it gets its own
+-- copies of the standard tables, and sees the libraries (and any metatable it
+-- did not set itself, such as the strings') through read-only views. Host code
+-- keeps using the real tables.
 local M = {}
 
 --- Libraries a runbook can name without require: global name -> module.
@@ -17,9 +23,71 @@ M.libraries = {
 
 local SAFE = {
   "assert", "error", "ipairs", "next", "pairs", "pcall", "rawequal", "rawget", "rawlen",
-  "rawset", "select", "setmetatable", "getmetatable", "tonumber", "tostring", "type",
-  "xpcall", "_VERSION", "string", "table", "math", "utf8", "coroutine", "collectgarbage",
+  "rawset", "select", "tonumber", "tostring", "type", "_VERSION", "collectgarbage",
 }
+
+--- Standard tables a runbook gets its own shallow copy of (a few dozen
+-- functions each: cheap at load, and replacing string.format in a step then
+-- changes only the runbook's own calls).
+local COPIED = { "string", "table", "math", "utf8" }
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+--- Read-only views of host tables, one per table (weak: a view lives as long
+-- as its table is used). Reading goes through to the table, nested tables
+-- come back as views too (except objects with a metatable of their own, such
+-- as yaml.null, whose identity runbooks compare), pairs and # work, and
+-- assigning raises naming the table. rawset on a view only touches the empty
+-- view itself, which host code never reads.
+local views = setmetatable({}, { __mode = "k" })
+
+local function readonly(t, name)
+  if type(t) ~= "table" then return t end
+  if views[t] then return views[t] end
+  local function nested(k, v)
+    if type(v) == "table" and getmetatable(v) == nil then return readonly(v, name .. "." .. tostring(k)) end
+    return v
+  end
+  local view = setmetatable({}, {
+    __index = function(_, k) return nested(k, t[k]) end,
+    __newindex = function(_, k)
+      error(("%s.%s: %s is read-only in a runbook (keep your own value in a local)"):format(
+        name, tostring(k), name), 2)
+    end,
+    __pairs = function()
+      return function(_, k)
+        local nk, nv = next(t, k)
+        return nk, nested(nk, nv)
+      end, t, nil
+    end,
+    __len = function() return #t end,
+    __metatable = false,
+  })
+  views[t] = view
+  return view
+end
+M.readonly = readonly   -- for host tables handed to runbook code outside its environment (ctx.log)
+
+--- setmetatable and getmetatable for runbooks: a runbook sees the metatables
+-- it set itself; any other (the strings', a file handle's, a module object's
+-- class) comes back as a read-only view, so `getmetatable("").__index.format
+-- = f` cannot change the host's string methods.
+local own = setmetatable({}, { __mode = "k" })
+
+local function set_metatable(t, mt)
+  if type(mt) == "table" then own[mt] = true end
+  return setmetatable(t, mt)
+end
+
+local function get_metatable(v)
+  local mt = getmetatable(v)
+  if type(mt) ~= "table" or own[mt] then return mt end
+  return readonly(mt, "metatable")
+end
 
 local function refuse(name, instead)
   return function()
@@ -41,16 +109,18 @@ local function make_os()
     time = os.time, date = os.date, clock = os.clock, getenv = os.getenv, difftime = os.difftime,
     execute = refuse("os.execute", "exec.run"), remove = refuse("os.remove", "fs.remove"),
     rename = refuse("os.rename", "fs.rename"), exit = refuse("os.exit", "error() to fail a step"),
-    tmpname = os.tmpname,
+    tmpname = refuse("os.tmpname", "fs.write with a path of your choosing"),
   }
 end
 
 local function make_io()
+  local redacting = require("runbook.output").redacting
+  local stdout, stderr = redacting(io.stdout), redacting(io.stderr)
   return {
     open = safe_open, lines = io.lines, read = io.read, type = io.type,
-    write = function(...) return io.stdout:write(...) end,
+    write = function(...) return stdout:write(...) end,
     popen = refuse("io.popen", "exec.run (exec.read for commands that only read)"),
-    stdout = io.stdout, stderr = io.stderr, stdin = io.stdin,
+    stdout = stdout, stderr = stderr, stdin = io.stdin,
   }
 end
 
@@ -62,7 +132,7 @@ local function make_require(env, dir)
   local loaded = {}
   return function(name)
     if type(name) ~= "string" then error("require: expected a module name", 2) end
-    if M.libraries[name] then return require(M.libraries[name]) end
+    if M.libraries[name] then return readonly(require(M.libraries[name]), name) end
     if loaded[name] == nil then
       local path = dir and package.searchpath(name, dir .. "/?.lua")
       if not path then
@@ -90,8 +160,7 @@ local function rethrowing(catch)
 end
 
 local function make_coroutine()
-  local co = {}
-  for k, v in pairs(coroutine) do co[k] = v end
+  local co = copy(coroutine)
   co.resume = rethrowing(coroutine.resume)
   co.wrap = function(f)
     local c = coroutine.create(f)
@@ -110,6 +179,8 @@ end
 function M.new(declare, fields, dir)
   local env = {}
   for _, k in ipairs(SAFE) do env[k] = _G[k] end
+  for _, k in ipairs(COPIED) do env[k] = copy(_G[k]) end
+  env.setmetatable, env.getmetatable = set_metatable, get_metatable
   env.os, env.io, env.require = make_os(), make_io(), make_require(env, dir)
   env.pcall, env.xpcall, env.coroutine = rethrowing(pcall), rethrowing(xpcall), make_coroutine()
   env.print = function(...)
@@ -126,7 +197,7 @@ function M.new(declare, fields, dir)
     __index = function(_, k)
       local lib = M.libraries[k]
       if lib then
-        local mod = require(lib)
+        local mod = readonly(require(lib), k)
         rawset(env, k, mod)
         return mod
       end

@@ -16,9 +16,11 @@ M.iso8601 = iso8601
 local codec = require("cjson").new()
 codec.encode_invalid_numbers(true)
 
---- `ev` as one line of JSON. A result that cannot be encoded (a function, a
--- userdata) is recorded as its tostring, never dropping the event.
+--- `ev` as one line of JSON, redacted on its raw values before encoding (a
+-- secret written as "a\/b" is still caught). A result that cannot be encoded
+-- (a function, a userdata) is recorded as its tostring, never dropping the event.
 function M.encode(ev)
+  ev = host.redact_value(ev)
   local ok, line = pcall(codec.encode, ev)
   if not ok then
     ev.result = ev.result ~= nil and tostring(ev.result) or nil

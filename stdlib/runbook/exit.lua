@@ -7,6 +7,7 @@ local M = {
   load = 3,      -- the runbook cannot be loaded
   aborted = 4,   -- the operator quit at a prompt
   locked = 75,   -- another run holds the lock (EX_TEMPFAIL)
+  watchdog = 124, -- runbook code did not stop at its deadline (as timeout(1) exits)
 }
 
 local SIGNALS = { [1] = "SIGHUP", [2] = "SIGINT", [15] = "SIGTERM" }

@@ -17,14 +17,15 @@ function M.state_dir()
   return (os.getenv("HOME") or ".") .. "/.local/state/runbook"
 end
 
---- Make `dir` and its parents; raises naming the directory on failure.
+--- Make `dir` and its parents, each one this creates 0700 (no other user
+-- reads a journal or a lock); raises naming the directory on failure.
 function M.mkdirs(dir)
   local lfs = require "lfs"
   local path = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     path = path .. "/" .. part
     if lfs.attributes(path, "mode") ~= "directory" then
-      local ok, err = lfs.mkdir(path)
+      local ok, err = host.mkdir_private(path)
       if not ok and lfs.attributes(path, "mode") ~= "directory" then
         error(("cannot create state directory %s: %s"):format(path, err), 0)
       end

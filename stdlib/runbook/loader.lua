@@ -4,6 +4,7 @@
 -- carrying file:line, which the CLI turns into exit status 3.
 local duration = require "duration"
 local env = require "runbook.env"
+local deadline = require "runbook.deadline"
 
 local M = {}
 
@@ -157,7 +158,9 @@ function M.load(path)
   local e = env.new(dsl(rb), FIELDS, rb.dir)
   local chunk, cerr = load(text, "@" .. path, "t", e)
   if not chunk then error(load_error(cerr), 0) end
-  local ok, rerr = xpcall(chunk, function(m) return m end)
+  local watch = { message = ("%s: its top-level code did not finish within %gs; the watchdog ended the load"):format(
+    path, deadline.LIMIT.load) }
+  local ok, rerr = deadline.call(deadline.LIMIT.load, watch, xpcall, chunk, function(m) return m end)
   if not ok then error(load_error(tostring(rerr)), 0) end
   for field, ty in pairs(FIELDS) do
     local v = rawget(e, field)

@@ -6,11 +6,45 @@ local host = require "runbook.host"
 
 local M = {}
 
+-- Set by the command line: -v (1) shows log.debug, -q (-1) shows only warnings,
+-- errors, failures and the summary; --no-color turns colour and the spinner off.
+M.verbosity = 0
+M.no_color = nil
+
+--- Colour and a spinner on a terminal, unless --no-color, NO_COLOR (set to
+-- anything, https://no-color.org) or TERM=dumb says otherwise.
+function M.fancy(fd)
+  local no_color = os.getenv("NO_COLOR")
+  return host.isatty(fd) and not M.no_color and not (no_color and no_color ~= "") and os.getenv("TERM") ~= "dumb"
+end
+
 local function writer(stream)
   return function(s)
     stream:write(host.redact(s))
     stream:flush()
   end
+end
+
+--- A stand-in for io.stdout or io.stderr whose write redacts: the runbook
+-- environment's io.write, io.stdout and io.stderr. A secret is caught within
+-- one write call (a runbook that splits one across calls on purpose is not).
+function M.redacting(file)
+  local proxy = {}
+  function proxy.write(self, ...)
+    local parts = table.pack(...)
+    for i = 1, parts.n do
+      local v = parts[i]
+      if type(v) ~= "string" and type(v) ~= "number" then
+        error(("bad argument #%d to 'write' (string expected, got %s)"):format(i, type(v)), 2)
+      end
+      parts[i] = tostring(v)
+    end
+    file:write(host.redact(table.concat(parts, "", 1, parts.n)))
+    return self
+  end
+  function proxy.flush(self) file:flush(); return self end
+  function proxy.setvbuf(_, ...) return file:setvbuf(...) end
+  return setmetatable(proxy, { __name = "FILE*", __tostring = function() return tostring(file) end })
 end
 
 local function error_text(err)
@@ -25,27 +59,34 @@ local function result_text(r)
   if type(r) == "table" and r.summary then return tostring(r.summary) end
 end
 
---- The human view. `fancy` adds colour and symbols (a terminal).
+--- The human view. `fancy` adds colour, symbols and the spinner (a terminal
+-- that takes them: M.fancy).
 function M.human(stream, fancy)
+  fancy = fancy and M.fancy(1)
+  local quiet, verbose = M.verbosity < 0, M.verbosity > 0
   local out = fancy and host.term_write or writer(stream)
   local C = fancy and { ok = "\27[32m✓\27[0m", fail = "\27[31m✗\27[0m", skip = "\27[33m-\27[0m",
-    dim = "\27[2m", bold = "\27[1m", reset = "\27[0m", bar = "│" }
-    or { ok = "ok", fail = "FAILED", skip = "skipped", dim = "", bold = "", reset = "", bar = "|" }
+    dim = "\27[2m", bold = "\27[1m", reset = "\27[0m", bar = "│",
+    debug = "\27[2mDEBUG\27[0m ", warn = "\27[33mWARN\27[0m ", error = "\27[1;31mERROR\27[0m " }
+    or { ok = "ok", fail = "FAILED", skip = "-", dim = "", bold = "", reset = "", bar = "|",
+      debug = "DEBUG ", warn = "WARN ", error = "ERROR " }
   local handlers = {}
   function handlers.run_start(e)
     out(("%s%s%s%s  %s%s run %s%s\n"):format(C.bold, e.runbook, e.version and (" " .. e.version) or "", C.reset,
       e.mode == "dry-run" and "DRY RUN (nothing will change)  " or "", C.dim, e.run_id, C.reset))
   end
   function handlers.step_start(e)
+    if quiet then return end
     out(("[%d/%d] %s%s%s%s\n"):format(e.index, e.total, C.bold, e.step, C.reset,
       e.description ~= "" and (": " .. e.description) or ""))
     if fancy then host.ticker_start(("[%d/%d] %s"):format(e.index, e.total, e.step)) end
   end
   function handlers.log(e)
-    local lvl = (e.level == "warn" or e.level == "error") and (e.level:upper() .. " ") or ""
-    out(("    %s %s%s\n"):format(C.bar, lvl, e.message))
+    if e.level == "debug" and not verbose or e.level == "info" and quiet then return end
+    out(("    %s %s%s\n"):format(C.bar, C[e.level] or "", e.message))
   end
   function handlers.effect(e)
+    if quiet and (e.ok ~= false) then return end
     local res = result_text(e.result)
     if e.decision == "performed" then
       out(("    %s %s%s\n"):format(e.ok and "→" or "✗", e.summary, e.ok and "" or (": " .. tostring(e.result))))
@@ -58,6 +99,7 @@ function M.human(stream, fancy)
   function handlers.step_end(e)
     if fancy then host.ticker_stop() end
     local d = duration.format(e.duration or 0)
+    if quiet and (e.status == "ok" or e.status == "skipped") then return end
     if e.status == "ok" then
       out(("  %s %s %s(%s%s%s)%s\n"):format(C.ok, e.step, C.dim, d,
         (e.attempts or 1) > 1 and (", " .. e.attempts .. " attempts") or "",

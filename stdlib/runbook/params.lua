@@ -83,7 +83,8 @@ function M.resolve(rb, given, file, base)
     if not rb.params_by_name[k] then
       local known = {}
       for _, p in ipairs(rb.params) do known[#known + 1] = p.name end
-      fail("unknown param '%s' (%s has: %s)", k, rb.name, #known > 0 and table.concat(known, ", ") or "no params")
+      fail("unknown param '%s'%s (%s has: %s)", k, require("runbook.suggest").hint(k, known), rb.name,
+        #known > 0 and table.concat(known, ", ") or "no params")
     end
   end
   local values = {}

@@ -5,6 +5,7 @@
 -- (runbook.engine) runs the steps of the run object made here.
 local events = require "runbook.events"
 local EXIT = require "runbook.exit"
+local deadline = require "runbook.deadline"
 local host = require "runbook.host"
 
 local M = {}
@@ -233,7 +234,8 @@ function M.start(rb, req, resumed)
     if not ok then require("log").warn("the lease stays held until it expires: %s", tostring(e)) end
   end
   if rb.notify then
-    require("notify").run_hooks(rb.notify, { runbook = rb.name, run_id = run.id, status = status,
+    deadline.call(deadline.LIMIT.notify, deadline.notify_watch(run.id, status), pcall, require("notify").run_hooks,
+      rb.notify, { runbook = rb.name, run_id = run.id, status = status,
       step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = host.now() - t0,
       ok = counts.ok, dry_run = run.dry_run })
   end

@@ -7,6 +7,8 @@ function M.run(args)
   for _, a in ipairs(args) do argv[#argv + 1] = a end
   if #args == 0 or args[#args]:sub(1, 1) == "-" then argv[#argv + 1] = "spec" end
   _G.arg = argv
+  -- Specs write files and run commands; the host starts in dry-run mode.
+  require("runbook.host").set_mode("run")
   -- busted exits with the number of failures, which wraps at 256: keep 0 or 1.
   local exit = os.exit
   os.exit = function(code, close)

@@ -1,0 +1,103 @@
+#compdef runbook
+# zsh completion for runbook(1): subcommands, their flags, runbook names
+# (from `runbook list`), each runbook's params after -p (from `runbook
+# describe`), and run ids after resume and report (from `runbook history`).
+
+_runbook_names() {
+  local -a names
+  names=(${(f)"$(runbook list 2>/dev/null | awk '{ print $1 }')"})
+  _wanted runbooks expl 'runbook' compadd -a names
+  _files -g '*.lua'
+}
+
+_runbook_params() {
+  local rb=${line[1]}
+  local -a params
+  [[ -n $rb ]] || return 1
+  params=(${(f)"$(runbook describe $rb 2>/dev/null |
+    awk '/^Params:/ { p = 1; next } /^[^ ]/ { p = 0 } p && /^  [^ ]/ { print $1 }')"})
+  compset -P '*=' && return 1
+  _wanted params expl 'param' compadd -S = -a params
+}
+
+_runbook_run_ids() {
+  local -a ids
+  ids=(${(f)"$(runbook history --limit 50 2>/dev/null | awk 'NR > 1 && $1 !~ /^\(/ { print $1 }')"})
+  _wanted runs expl 'run id' compadd -a ids
+}
+
+_runbook() {
+  local curcontext=$curcontext state line expl ret=1
+  typeset -A opt_args
+  local -a commands globals
+  commands=(
+    'run:run a runbook'
+    'resume:continue a failed, aborted, interrupted or killed run'
+    'history:past runs, newest first'
+    'report:a run'"'"'s timeline for a postmortem'
+    'describe:show a runbook'"'"'s params and steps'
+    'lint:load and check runbooks'
+    'list:runbooks on RUNBOOK_PATH'
+    'test:run busted specs inside the host'
+    'version:print the version'
+    'help:show the help of runbook or of a command'
+  )
+  # Global options: before or after the command.
+  globals=(
+    '(- *)'{-h,--help}'[show help]'
+    '(-q --quiet)'{-v,--verbose}'[show log.debug messages]'
+    '(-v --verbose)'{-q,--quiet}'[only warnings, errors, failures and the summary]'
+    '--no-color[no colour and no spinner]'
+    '(-o --output)'{-o,--output}'[output format]:format:(json text)'
+    '--kubeconfig[Kubernetes configuration file]:file:_files'
+    '--context[Kubernetes context]:context:'
+    '(-n --namespace)'{-n,--namespace}'[default Kubernetes namespace]:namespace:'
+  )
+  _arguments -C $globals '(- *)--version[print the version]' \
+    '1:command:->command' '*::arg:->args' && ret=0
+  case $state in
+    command) _describe -t commands 'runbook command' commands && ret=0 ;;
+    args)
+      curcontext=${curcontext%:*:*}:runbook-$words[1]:
+      case $words[1] in
+        run)
+          _arguments -s $globals \
+            '*'{-p,--param}'[set a param]:param:_runbook_params' \
+            '--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"' \
+            '--dry-run[change nothing, show each write]' \
+            '--step[ask before each step]' \
+            '(-y --yes)'{-y,--yes}'[do not ask]' \
+            '--from[start at a step]:step:' \
+            '--undo-on-failure[undo completed steps when one fails]' \
+            '--lock=-[hold a run lock]::key:' \
+            '--wait-lock[wait for a held lock]:duration:' \
+            '1:runbook:_runbook_names' && ret=0 ;;
+        resume)
+          _arguments -s $globals \
+            '*'{-p,--param}'[give a secret param again]:param:' \
+            '--force[resume although the runbook changed]' \
+            '--rerun-interrupted[run the interrupted step again]' \
+            '(-y --yes)'{-y,--yes}'[do not ask]' \
+            '--step[ask before each step]' \
+            '--wait-lock[wait for a held lock]:duration:' \
+            '--undo-on-failure[undo completed steps when one fails]' \
+            '1:run id:_runbook_run_ids' && ret=0 ;;
+        history)
+          _arguments $globals \
+            '--runbook[only this runbook]:runbook:_runbook_names' \
+            '--limit[how many runs]:count:' && ret=0 ;;
+        report)
+          _arguments $globals \
+            '--format[report format]:format:(markdown json)' \
+            '1:run id:_runbook_run_ids' && ret=0 ;;
+        describe) _arguments $globals '1:runbook:_runbook_names' && ret=0 ;;
+        lint) _arguments $globals '*:runbook:_runbook_names' && ret=0 ;;
+        test) _files && ret=0 ;;
+        help) _describe -t commands 'runbook command' commands && ret=0 ;;
+        *) _arguments $globals && ret=0 ;;
+      esac ;;
+  esac
+  return ret
+}
+
+_runbook "$@"
