@@ -94,4 +94,21 @@ describe("an operator at a terminal", function()
     assert.truthy(out:find("would delete %d+ rows from checkpoints in %d+ batches of 10"), out)
     assert.truthy(out:find("Purge old rows skipped (by the operator)", 1, true), out)
   end)
+
+  it("previews waits as what they would wait for, returning at once", function()
+    local rb = cli.runbook([[
+name = "waits" description = "d"
+step "Wait" { confirm = true, run = function()
+  k8s.rollout_status("deploy/todo-chatbot-backend", { namespace = "todo-chatbot", timeout = "5m" })
+  k8s.wait("pods", "condition=Ready=False", { namespace = "todo-chatbot",
+    selector = "app.kubernetes.io/component=backend", timeout = "10m" })
+  time.wait_until({ timeout = "10m", what = "the queue to drain" }, function() return false end)
+end }
+]])
+    local code, out = cli.pty("p,n", { "run", rb }, { RUNBOOK_STATE_DIR = cli.tmpdir() })
+    assert.are.equal(0, code, out)
+    assert.truthy(out:find("would wait up to 5m for the rollout of deploy/todo-chatbot-backend", 1, true), out)
+    assert.truthy(out:find("would wait up to 10m for condition=Ready=False of pods", 1, true), out)
+    assert.truthy(out:find("would wait up to 10m for the queue to drain", 1, true), out)
+  end)
 end)
