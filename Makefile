@@ -30,13 +30,19 @@ LIBS_redis = -lhiredis -lssl -lcrypto
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time \
-  lua-filesystem lua-argparse scdoc debootstrap bash-completion zsh
+  lua-filesystem lua-argparse scdoc debootstrap bash-completion zsh podman runc \
+  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests
 
 # The package version is the one `runbook version` prints.
 VERSION := $(shell sed -n 's/^M.VERSION = "\(.*\)"$$/\1/p' stdlib/runbook/cli.lua)
 DEB      = runbook_$(VERSION)_amd64.deb
+IMAGE    = localhost/runbook:$(VERSION)
+BASE_IMAGE = localhost/runbook-base:bookworm
+# podman's options, e.g. PODMAN_OPTS="--runtime runc" where crun cannot run
+# (cgroups in hybrid mode), with --ulimit where the defaults exceed the hard limits.
+PODMAN_OPTS ?=
 
-.PHONY: all deps test check clean install uninstall deb sandbox sandbox-stop demo check-asan check-valgrind
+.PHONY: all deps test check clean install uninstall deb base-image image sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO) $(STDLIB_BC)
 
 runbook: $(HOST_SRC) host/runbook.h host/host.h
@@ -96,6 +102,19 @@ build/asan/lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 check-valgrind: all
 	$(WITH_SANDBOX) RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --suppressions=spec/valgrind.supp ./runbook" \
 	  ./runbook test spec examples/team/spec
+
+# The Debian 12 root (debootstrap --variant=minbase), made once.
+build/bookworm-minbase:
+	pkg/debian-root.sh prepare $@
+
+# The container image, from no registry: the debootstrap root imported as the
+# base (without apt's caches), the .deb installed into it by pkg/Containerfile.
+base-image: build/bookworm-minbase
+	podman image exists $(BASE_IMAGE) || tar -C build/bookworm-minbase --exclude='./var/lib/apt/lists/*' \
+	  --exclude='./var/cache/apt/*' -c . | podman import --change 'CMD ["/bin/bash"]' - $(BASE_IMAGE)
+
+image: deb base-image
+	podman build $(PODMAN_OPTS) --network=host --build-arg DEB=$(DEB) -f pkg/Containerfile -t $(IMAGE) .
 
 sandbox:
 	examples/sandbox/up

@@ -279,13 +279,9 @@ static int unhex(char c)
     return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
 }
 
-/* The password of user:password@ in s[0..len), as written and percent-decoded. */
-static void register_userinfo(const char *s, size_t len)
+/* A credential as written in a URL and percent-decoded. */
+static void register_encoded(const char *pw, size_t n)
 {
-    const char *colon = memchr(s, ':', len);
-    if (!colon) return;
-    const char *pw = colon + 1;
-    size_t n = len - (size_t)(pw - s);
     rb_secret_register(NULL, pw, n);
     text t = { 0 };
     for (size_t i = 0; i < n; i++) {
@@ -301,7 +297,8 @@ static void register_userinfo(const char *s, size_t len)
     free(t.s);
 }
 
-/* Every scheme://user:password@host in a list separated by commas or spaces. */
+/* Every scheme://user:password@host in a list separated by commas or
+ * spaces, and a password= in a URL's query (libpq takes one there). */
 static void register_urls(const char *v)
 {
     for (const char *p = strstr(v, "://"); p; p = strstr(p, "://")) {
@@ -309,8 +306,12 @@ static void register_urls(const char *v)
         size_t auth = strcspn(p, "/?#, ");
         const char *at = NULL;
         for (size_t i = 0; i < auth; i++) if (p[i] == '@') at = p + i;
-        if (at) register_userinfo(p, (size_t)(at - p));
+        const char *colon = at ? memchr(p, ':', (size_t)(at - p)) : NULL;
+        if (colon) register_encoded(colon + 1, (size_t)(at - colon - 1));
     }
+    const char *query = strchr(v, '?');
+    for (const char *p = query ? strstr(query, "password=") : NULL; p; p = strstr(p + 1, "password="))
+        register_encoded(p + 9, strcspn(p + 9, "&#, "));
 }
 
 /* libpq's key=value form: password=secret or password='se cret'. */

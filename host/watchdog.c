@@ -17,10 +17,12 @@
 #include <lauxlib.h>
 #include "host.h"
 
-#define POLL_NS 100000000L   /* a tenth of a second: how late the watchdog may be */
+#define POLL 0.1   /* seconds: how late the watchdog may be */
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static int started;
+static pthread_cond_t wake;    /* signalled to stop the thread */
+static pthread_t thread;
+static int started, stopping;
 static double fire_at;         /* 0: nothing to watch */
 static char *journal, *lines, *message;
 static int exit_code;
@@ -58,10 +60,13 @@ static void *watch(void *arg)
 {
     double signalled = 0;
     (void)arg;
-    for (;;) {
-        struct timespec ts = { 0, POLL_NS };
-        nanosleep(&ts, NULL);
-        pthread_mutex_lock(&lock);
+    pthread_mutex_lock(&lock);
+    while (!stopping) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += (long)(POLL * 1e9);
+        if (ts.tv_nsec >= 1000000000L) { ts.tv_sec++; ts.tv_nsec -= 1000000000L; }
+        pthread_cond_timedwait(&wake, &lock, &ts);
         double now = rb_now();
         if (fire_at == 0 || !rb_interrupted())
             signalled = 0;
@@ -71,23 +76,35 @@ static void *watch(void *arg)
             fire(0);
         if (signalled > 0 && now > signalled + RB_WATCHDOG_GRACE)
             fire(rb_last_signal());
-        pthread_mutex_unlock(&lock);
     }
+    pthread_mutex_unlock(&lock);
     return NULL;
 }
 
-/* The thread takes no signals: they interrupt the main thread's calls. */
+/* Started with the first deadline. The thread takes no signals: they
+ * interrupt the main thread's calls. Called with the lock held. */
 static void start(void)
 {
     sigset_t all, old;
-    pthread_t t;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&wake, &ca);
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (pthread_create(&t, NULL, watch, NULL) == 0) {
-        pthread_detach(t);
-        started = 1;
-    }
+    started = pthread_create(&thread, NULL, watch, NULL) == 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Stop and join the thread, so nothing of it outlives the process's end. */
+void rb_watchdog_stop(void)
+{
+    pthread_mutex_lock(&lock);
+    stopping = 1;
+    int joinable = started;
+    if (started) pthread_cond_signal(&wake);
+    pthread_mutex_unlock(&lock);
+    if (joinable) pthread_join(thread, NULL);
 }
 
 static char *field(lua_State *L, int t, const char *key)

@@ -7,7 +7,7 @@
 local cli = require "spec.support.cli"
 
 local CACHE, DIR = "build/bookworm-minbase", "build/deb-test"
-local ROOT = "spec/fixtures/debian_root.sh"
+local ROOT = "pkg/debian-root.sh"
 
 local function sh(cmd)
   local p = io.popen("(" .. cmd .. ") 2>&1")

@@ -14,10 +14,21 @@ DEPLOYMENTS="backend frontend websocket recurring-task notification"
 say() { printf 'sandbox: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
 
-# A port the kernel considers free right now. The small race with other
-# programs is acceptable for a sandbox; it is what lets two checkouts coexist.
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+# Ports the kernel considers free right now, one per name given, written to
+# .state/ports/NAME (one Python start for all: each costs a fraction of a
+# second on a loaded machine). The small race with other programs is
+# acceptable for a sandbox; it is what lets two checkouts coexist.
+free_ports() {
+    python3 - "$STATE_DIR/ports" "$@" <<'PY'
+import os, socket, sys
+socks = []
+for name in sys.argv[2:]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+    with open(os.path.join(sys.argv[1], name), "w") as f:
+        f.write("%d\n" % s.getsockname()[1])
+PY
 }
 
 # A secret made once per checkout and kept, so a reused database keeps working.
@@ -80,11 +91,13 @@ pg_data() { echo "$(pg_home)/data"; }
 
 pg_running() { as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" status >/dev/null 2>&1; }
 
+# pg_stat_statements is loaded at start (not in postgresql.conf), so clusters
+# made before it was added get it too; pg_seed creates the extension.
 pg_start() {
     local port
     port=$(cat "$STATE_DIR/ports/postgres")
     as_pg "$PG_BIN/pg_ctl" -D "$(pg_data)" -l "$(pg_home)/server.log" \
-        -o "-p $port" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $(pg_home)/server.log)"
+        -o "-p $port -c shared_preload_libraries=pg_stat_statements" -w -t 30 start >/dev/null || die "PostgreSQL did not start (see $(pg_home)/server.log)"
 }
 
 pg_stop() {
@@ -124,6 +137,55 @@ redis_start() {
 
 redis_cli() {
     redis-cli --no-auth-warning -h 127.0.0.1 -p "$(cat "$STATE_DIR/ports/redis")" -a "$(secret redis)" "$@"
+}
+
+# ---- Prometheus, Alertmanager, Pushgateway ----
+
+# Prometheus scrapes the pods and exporters the Kubernetes stand-in lists in
+# .state/prometheus/targets/ (file_sd: it follows the files as pods come and go)
+# every second and evaluates prometheus/rules.yml every second.
+prometheus_config() {
+    local d=$STATE_DIR/prometheus
+    cat >"$d/prometheus.yml" <<EOF
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+rule_files: ['$SANDBOX_DIR/prometheus/rules.yml']
+alerting:
+  alertmanagers:
+    - static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/alertmanager")']}]
+scrape_configs:
+  - job_name: todo-chatbot
+    file_sd_configs: [{files: ['$d/targets/pods.json']}]
+  - job_name: exporters
+    file_sd_configs: [{files: ['$d/targets/exporters.json']}]
+  - job_name: prometheus
+    static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/prometheus")']}]
+EOF
+}
+
+# Each starts from empty storage, as every sandbox starts from the seeded state.
+start_monitoring() {
+    local d=$STATE_DIR/prometheus
+    rm -rf "$d/data" "$STATE_DIR/alertmanager"
+    mkdir -p "$d/targets" "$STATE_DIR/alertmanager"
+    prometheus_config
+    spawn prometheus prometheus --config.file="$d/prometheus.yml" --storage.tsdb.path="$d/data" \
+        --storage.tsdb.retention.time=1d --web.listen-address="127.0.0.1:$(cat "$STATE_DIR/ports/prometheus")" \
+        --log.level=warn
+    spawn alertmanager prometheus-alertmanager --config.file="$SANDBOX_DIR/prometheus/alertmanager.yml" \
+        --storage.path="$STATE_DIR/alertmanager" --cluster.listen-address= \
+        --web.listen-address="127.0.0.1:$(cat "$STATE_DIR/ports/alertmanager")" --log.level=warn
+    spawn pushgateway prometheus-pushgateway --web.listen-address="127.0.0.1:$(cat "$STATE_DIR/ports/pushgateway")" \
+        --log.level=warn
+}
+
+monitoring_ready() {
+    local part
+    for part in prometheus alertmanager pushgateway; do
+        wait_for "$part" 20 curl -sf -o /dev/null "http://127.0.0.1:$(cat "$STATE_DIR/ports/$part")/-/ready"
+    done
 }
 
 # ---- Kafka ----

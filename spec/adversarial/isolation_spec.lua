@@ -18,6 +18,10 @@ local VARIANTS = {
   { "gate.effect replaced by rawset", step = "rawset(gate, 'effect', " .. PERFORM .. ")" .. WRITE },
   { "gate.effect replaced through require", step = "require('gate').effect = " .. PERFORM .. WRITE },
   { "gate.effect replaced in a chunk from load", step = "load('gate.effect = " .. PERFORM .. "')()" .. WRITE },
+  { "gate.effect removed by rawset and supplied by a metatable set on gate", step = [[
+      local perform = ]] .. PERFORM .. [[
+      setmetatable(gate, { __index = function(_, k) if k == "effect" then return perform end end })
+      rawset(gate, "effect", nil) ]] .. WRITE },
   { "string.match replaced (the host's io.open mode check)", step = "string.match = function() return true end" .. OPEN },
   { "the string metatable's __index.match replaced",
     step = "getmetatable('').__index.match = function() return true end" .. OPEN },
@@ -56,6 +60,7 @@ describe("adversarial: host state a runbook can reach", function()
     local r = adv.check { "reads", step = [[
       local n = 0 for _ in pairs(fs) do n = n + 1 end
       assert(n > 3 and type(fs.read) == "function" and type(kafka.Client) == "table")
+      assert(yaml.load("a: ~").a == yaml.null and yaml.null == yaml.load("~"))
       assert(("x"):rep(3) == "xxx" and getmetatable("").__index.rep == string.rep)
       string.upper = function() return "mine" end
       assert(string.upper("a") == "mine" and ("a"):upper() == "A")

@@ -1,14 +1,16 @@
 -- Issue 20, class 2: raw clients and pass-through options. Each row is a
--- runbook step run with `runbook run FILE --dry-run` against the sandbox;
--- its check then asks the backend with its own client (kubectl, curl against
--- a local HTTP server, redis-cli for Dapr's state, ls for files a librdkafka
--- property could make) that nothing changed. A row may be refused with an
--- error or skipped as a write; either way the world is as it was.
+-- runbook step run with `runbook run FILE --dry-run` against the sandbox
+-- (spec/adversarial/support.lua); the backend is looked at before and after
+-- with its own client (kubectl, curl against a local HTTP server, redis-cli
+-- for Dapr's state, the file system for what a librdkafka property could
+-- make) and must be the same. A row may be refused with an error or skipped
+-- as a write; either way the world is as it was.
 --
 -- Adding a variant: a row {name, body = <Lua run inside the step>,
--- check = <which backend to look at>}. ${NAME} in the body is replaced by
--- the value of NAME in `vars` (set up below).
+-- check = <a key of backends>}. ${NAME} in the body is replaced by the value
+-- of NAME in `vars` (set up below).
 local cli = require "spec.support.cli"
+local adv = require "spec.adversarial.support"
 
 local NS = "adversarial-net"
 
@@ -39,71 +41,68 @@ end
 local vars = { NS = NS }
 local fixture_pid, tmp
 
--- The requests the local HTTP server has seen, from index `from` on.
-local function http_log(from)
-  local log = require("cjson").decode(must("curl -s -m 5 " .. q(vars.HTTP .. "/requests")))
-  local out = {}
-  for i = from or 1, #log do out[#out + 1] = log[i] end
-  return out
-end
+-- What a backend looks like, as a row's snapshot (compared before and
+-- after the run), and how to put it back where an attack on an older binary
+-- changed it.
+local backends = {}
 
 local OVERRIDES = { ["x-http-method-override"] = true, ["x-http-method"] = true, ["x-method-override"] = true }
 
--- Checks: each sets its backend to a known state before the attack and
--- returns the function asserting afterwards that nothing changed.
-local checks = {}
-
--- Only GETs and HEADs reached the HTTP server, none asking for another method.
-function checks.http()
-  local before = #http_log()
-  return function()
-    for _, r in ipairs(http_log(before + 1)) do
-      assert.is_true(r.method == "GET" or r.method == "HEAD", r.method .. " " .. r.path .. " was delivered")
-      for h in pairs(r.headers or {}) do
-        assert.is_nil(OVERRIDES[h], h .. " was delivered on " .. r.method .. " " .. r.path)
-      end
+-- Every request the local HTTP server has seen that was not a plain GET or
+-- HEAD: a write, or a read asking for another method.
+backends.http = { reset = function() end, snapshot = function()
+  local writes = {}
+  for _, r in ipairs(require("cjson").decode(must("curl -s -m 5 " .. q(vars.HTTP .. "/requests")))) do
+    local override
+    for h, v in pairs(r.headers or {}) do
+      if OVERRIDES[h] then override = h .. ": " .. v end
+    end
+    if (r.method ~= "GET" and r.method ~= "HEAD") or override then
+      writes[#writes + 1] = r.method .. " " .. r.path .. (override and (" with " .. override) or "")
     end
   end
-end
+  return writes
+end }
 
--- No ConfigMap named `attack` in the namespace.
-function checks.configmap()
-  kubectl("delete configmap attack --ignore-not-found")
-  return function()
-    assert.are.equal("", kubectl("get configmap attack --ignore-not-found -o name"))
-  end
-end
+-- The ConfigMap `attack` in the namespace (absent).
+backends.configmap = {
+  reset = function() kubectl("delete configmap attack --ignore-not-found") end,
+  snapshot = function() return kubectl("get configmap attack --ignore-not-found -o name") end,
+}
 
--- Deployment web still there with 1 replica.
-function checks.replicas()
-  if kubectl("get deployment web --ignore-not-found -o name") == "" then
-    kubectl("create deployment web --image=nginx --replicas=1")
-  end
-  kubectl("scale deployment web --replicas=1")
-  return function()
-    assert.are.equal("1", kubectl("get deployment web -o jsonpath={.spec.replicas}"))
-  end
-end
+-- Deployment web and its replicas (1).
+backends.replicas = {
+  reset = function()
+    if kubectl("get deployment web --ignore-not-found -o name") == "" then
+      kubectl("create deployment web --image=nginx --replicas=1")
+    end
+    kubectl("scale deployment web --replicas=1")
+  end,
+  snapshot = function() return sh("kubectl --kubeconfig=" .. q(os.getenv("KUBECONFIG")) .. " -n " .. NS
+    .. " get deployment web -o jsonpath={.spec.replicas}") end,
+}
 
--- Dapr's state in Redis: key adversarial-net-new is absent, adversarial-net-keep still "kept".
-function checks.dapr_state()
-  redis("DEL 'backend||adversarial-net-new'")
-  must("curl -s -f -m 10 -H 'Content-Type: application/json' --data-binary "
-    .. q('[{"key":"adversarial-net-keep","value":"kept"}]') .. " " .. q(os.getenv("DAPR_HTTP_ENDPOINT") .. "/v1.0/state/statestore"))
-  return function()
-    assert.are.equal("0", redis("EXISTS 'backend||adversarial-net-new'"):match("%d+"))
-    assert.are.equal('"kept"', redis("HGET 'backend||adversarial-net-keep' data"):gsub("%s+$", ""))
-  end
-end
+-- Dapr's state in Redis: key adversarial-net-new (absent) and adversarial-net-keep ("kept").
+backends.dapr_state = {
+  reset = function()
+    redis("DEL 'backend||adversarial-net-new'")
+    must("curl -s -f -m 10 -H 'Content-Type: application/json' --data-binary "
+      .. q('[{"key":"adversarial-net-keep","value":"kept"}]') .. " " .. q(os.getenv("DAPR_HTTP_ENDPOINT") .. "/v1.0/state/statestore"))
+  end,
+  snapshot = function()
+    return redis("EXISTS 'backend||adversarial-net-new'") .. redis("HGET 'backend||adversarial-net-keep' data")
+  end,
+}
 
--- No file at ${MARK}, which a program run or a library loaded by librdkafka would create.
-function checks.mark()
-  os.remove(vars.MARK)
-  return function()
-    local out = sh("ls " .. q(vars.MARK))
-    assert.is_nil(io.open(vars.MARK), "a librdkafka property touched " .. vars.MARK .. ": " .. out)
-  end
-end
+-- The file ${MARK}, which a program run or a library loaded by librdkafka would create.
+backends.mark = {
+  reset = function() os.remove(vars.MARK) end,
+  snapshot = function()
+    local f = io.open(vars.MARK)
+    if f then f:close() end
+    return f and "a librdkafka property made " .. vars.MARK or "no " .. vars.MARK
+  end,
+}
 
 local CM = [[{apiVersion = "v1", kind = "ConfigMap", metadata = {name = "attack"}, data = {x = "1"}}]]
 local CM_PATH = "/api/v1/namespaces/${NS}/configmaps"
@@ -208,12 +207,6 @@ local rows = {
     require("kafka").connect { ["security.protocol"] = "ssl", ["ssl.engine.location"] = "${EVIL_SO}" }]] },
 }
 
-local function source(body)
-  body = body:gsub("%${([%w_]+)}", function(k) return assert(vars[k], k) end)
-  return "name = 'adversarial-net'\ndescription = 'issue 20 class 2'\n"
-    .. "step 'attack' { run = function()\n" .. body .. "\nend }\n"
-end
-
 setup(function()
   tmp = cli.tmpdir()
   local port, pid = cli.fixture("http_server.py")
@@ -236,15 +229,18 @@ teardown(function()
   cli.cleanup()
 end)
 
+local function clean_exit(r)
+  assert.is_true(r.code == 0 or r.code == 1, "exit " .. tostring(r.code) .. ":\n" .. r.stdout .. r.stderr)
+  assert.is_nil((r.stdout .. r.stderr):find("traceback", 1, true), r.stdout .. r.stderr)
+end
+
 describe("a dry run with raw clients and pass-through options changes nothing:", function()
   for _, row in ipairs(rows) do
     it(row[1], function()
-      local verify = checks[row.check]()
-      local r = cli.run { "run", cli.runbook(source(row.body)), "--dry-run" }
-      verify()
-      assert.is_true(r.code == 0 or r.code == 1, "exit " .. tostring(r.code) .. ":\n" .. r.stdout .. r.stderr)
-      assert.is_nil(r.stdout:find("traceback", 1, true), r.stdout)
-      assert.is_nil(r.stderr:find("traceback", 1, true), r.stderr)
+      local b = backends[row.check]
+      b.reset()
+      adv.check { row[1], snapshot = b.snapshot, check = clean_exit,
+        step = row.body:gsub("%${([%w_]+)}", function(k) return assert(vars[k], k) end) }
     end)
   end
 end)

@@ -149,6 +149,26 @@ function M.k8s(method, path, body)
     return tonumber(status), ok and doc or out
 end
 
+-- An instant query with curl against the sandbox's Prometheus: {{labels, value}, ...}.
+function M.promql(q)
+    local out, ok = M.sh("curl -s -m 10 -G --data-urlencode " .. M.quote("query=" .. q) .. " "
+        .. M.quote(M.env("PROMETHEUS_URL") .. "/api/v1/query"))
+    assert(ok, out)
+    local doc = require("cjson").decode(out)
+    assert(doc.status == "success", out)
+    local rows = {}
+    for i, r in ipairs(doc.data.result) do rows[i] = { labels = r.metric, value = tonumber(r.value[2]) } end
+    return rows
+end
+
+-- kubectl with the sandbox's kubeconfig, the manifest (YAML) on stdin when given.
+function M.kubectl(args, manifest)
+    local cmd = "KUBECONFIG=" .. M.quote(M.env("KUBECONFIG")) .. " kubectl --cache-dir " .. M.quote(M.state .. "/kubectl-cache")
+        .. " " .. args
+    if manifest then cmd = "printf '%s' " .. M.quote(manifest) .. " | " .. cmd end
+    return M.sh(cmd)
+end
+
 function M.sleep(s)
     os.execute("sleep " .. s)
 end

@@ -135,8 +135,11 @@ end
 --- Seconds since t0, to the millisecond (what output and the journal show).
 local function since(t0) return math.floor((host.now() - t0) * 1000 + 0.5) / 1000 end
 
+--- A step's ctx. ctx.key is the step's idempotency key in this run, the same
+-- on resume: a step can mark its effect with it (a row, a header, a line) and
+-- its `check` find the mark.
 local function new_ctx(run, step)
-  return setmetatable({ step = step.name }, { __index = run.ctx })
+  return setmetatable({ step = step.name, key = run.id .. "/" .. step.name }, { __index = run.ctx })
 end
 
 --- Run a step in dry-run mode to show what it would do, then restore the mode.

@@ -18,7 +18,7 @@ M.libraries = {
   json = "json", yaml = "runbook.yaml", log = "log", exec = "exec", http = "http", fs = "fs",
   time = "time", duration = "duration", secret = "secret", gate = "gate",
   k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify", checks = "checks", base64 = "base64",
-  backupset = "backupset", steps = "steps",
+  backupset = "backupset", prom = "prom", steps = "steps",
 }
 
 local SAFE = {
@@ -39,19 +39,18 @@ end
 
 --- Read-only views of host tables, one per table (weak: a view lives as long
 -- as its table is used). Reading goes through to the table, nested tables
--- come back as views too (except objects with a metatable of their own, such
--- as yaml.null, whose identity runbooks compare), pairs and # work, and
--- assigning raises naming the table. rawset on a view only touches the empty
--- view itself, which host code never reads.
-local views = setmetatable({}, { __mode = "k" })
+-- come back as views too, pairs and # work, a view equals its table (so
+-- `v == yaml.null` holds for a null yaml.load returned), and assigning raises
+-- naming the table. rawset on a view only touches the empty view itself,
+-- which host code never reads.
+local views, targets = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
+
+local function same(a, b) return rawequal(targets[a] or a, targets[b] or b) end
 
 local function readonly(t, name)
   if type(t) ~= "table" then return t end
   if views[t] then return views[t] end
-  local function nested(k, v)
-    if type(v) == "table" and getmetatable(v) == nil then return readonly(v, name .. "." .. tostring(k)) end
-    return v
-  end
+  local function nested(k, v) return readonly(v, name .. "." .. tostring(k)) end
   local view = setmetatable({}, {
     __index = function(_, k) return nested(k, t[k]) end,
     __newindex = function(_, k)
@@ -65,9 +64,10 @@ local function readonly(t, name)
       end, t, nil
     end,
     __len = function() return #t end,
+    __eq = same,
     __metatable = false,
   })
-  views[t] = view
+  views[t], targets[view] = view, t
   return view
 end
 M.readonly = readonly   -- for host tables handed to runbook code outside its environment (ctx.log)
@@ -149,7 +149,8 @@ end
 
 --- pcall, xpcall and coroutine.resume that re-raise once the step is out of
 -- time or interrupted, so `while true do pcall(...) end` cannot outlive its step.
-local check = require("runbook.host").check_deadline
+local host = require "runbook.host"
+local check = host.check_deadline
 
 local function rethrowing(catch)
   return function(...)
@@ -159,11 +160,20 @@ local function rethrowing(catch)
   end
 end
 
+--- A coroutine with the deadline hook: one created at load, before any
+-- deadline, would otherwise inherit none and loop on inside a step.
+local function create(f)
+  local c = coroutine.create(f)
+  host.hook(c)
+  return c
+end
+
 local function make_coroutine()
   local co = copy(coroutine)
+  co.create = create
   co.resume = rethrowing(coroutine.resume)
   co.wrap = function(f)
-    local c = coroutine.create(f)
+    local c = create(f)
     return function(...)
       local res = table.pack(co.resume(c, ...))
       if not res[1] then error(res[2], 0) end

@@ -36,10 +36,10 @@ function M.add_sink(fn) M.sinks[#M.sinks + 1] = fn end
 function M.reset(run) M.sinks, M.run = {}, run end
 
 --- Send `ev` (a table with an `event` field) to every sink, stamped with the
--- time and, for a log or an effect, the run's current step.
+-- time and, for a log, an intent or an effect, the run's current step.
 function M.emit(ev)
   ev.time = iso8601(host.wallclock())
-  if (ev.event == "log" or ev.event == "effect") and M.run then ev.step = M.run.step end
+  if (ev.event == "log" or ev.event == "effect" or ev.event == "intent") and M.run then ev.step = M.run.step end
   for _, sink in ipairs(M.sinks) do sink(ev) end
 end
 

@@ -15,7 +15,7 @@ local FIELDS = { name = "string", description = "string", version = "string", lo
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
 local STEP_KEYS = { description = true, run = true, confirm = true, timeout = true, retry = true,
-  undo = true, when = true, idempotent = true, needs = true, uses = true, fallback = true }
+  undo = true, when = true, idempotent = true, check = true, needs = true, uses = true, fallback = true }
 local RETRY_KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true }
 
 local LoadError = {}
@@ -96,7 +96,7 @@ local function check_step(rb, name, spec, index)
   spec[1] = nil
   check_keys(spec, STEP_KEYS, what)
   if type(run) ~= "function" then error(what .. ": run = function(ctx) ... end is missing", 0) end
-  for _, f in ipairs { "undo", "when", "fallback" } do
+  for _, f in ipairs { "undo", "when", "check", "fallback" } do
     if spec[f] ~= nil and type(spec[f]) ~= "function" then error(("%s: %s must be a function"):format(what, f), 0) end
   end
   return {
@@ -104,7 +104,7 @@ local function check_step(rb, name, spec, index)
     confirm = spec.confirm == true, idempotent = spec.idempotent == true,
     timeout = spec.timeout and duration.check(spec.timeout, what .. " timeout"),
     retry = spec.retry and check_retry(spec.retry, what),
-    undo = spec.undo, when = spec.when, fallback = spec.fallback,
+    undo = spec.undo, when = spec.when, check = spec.check, fallback = spec.fallback,
     needs = check_deps(rb, spec, "needs", what), uses = check_deps(rb, spec, "uses", what),
   }
 end

@@ -115,10 +115,13 @@ local function install_sinks(run, journal_sink)
     events.add_sink(output.human(io.stdout, host.isatty(1)))
   end
   events.add_sink(journal_sink)
-  host.set_effect_sink(function(e)
-    e.event = "effect"
-    events.emit(e)
-  end)
+  local function sink(kind)
+    return function(e)
+      e.event = kind
+      events.emit(e)
+    end
+  end
+  host.set_effect_sink(sink("effect"), sink("intent"))
 end
 
 local function new_run_id()
@@ -199,7 +202,7 @@ local function new_run(rb, req, resumed)
   end
   return { rb = rb, request = req, id = resumed.id or new_run_id(), params = values, redacted = redacted,
     lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
-    resumed = resumed.id ~= nil }
+    resumed = resumed.id ~= nil, resolved = resumed.resolved }
 end
 
 --- Take the file lock, open the journal, install the sinks and signal
@@ -215,7 +218,7 @@ local function open(run)
   if not ok then
     if lock ~= true then lock:release() end
     say("%s", type(sink) == "table" and sink.message or tostring(sink))
-    return nil, EXIT.usage
+    return nil, type(sink) == "table" and sink.code == "locked" and EXIT.locked or EXIT.usage
   end
   install_sinks(run, sink)
   host.install_signal_handlers()
@@ -231,6 +234,8 @@ local function run_start(run)
     steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = run.lock_key,
     request = M.journaled(req), resumed = run.resumed or nil, from = req.from,
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
+  -- A resume's answers about steps cut off with effects (their check's, or the operator's).
+  for _, e in ipairs(run.resolved or {}) do events.emit(e) end
 end
 
 --- Release the Lease, notify, emit run_end.
@@ -266,6 +271,12 @@ function M.start(rb, req, resumed)
   if status == nil then status, code = require("runbook.engine").run(run, counts) end
   finish(run, lease, status, code, counts, t0)
   if lock ~= true then lock:release() end
+  local jfail = require("runbook.journal").failure
+  if jfail then
+    say("the run stopped: %s (journal %s, cut back to its last whole line); free space, then: runbook resume %s",
+      type(jfail) == "table" and jfail.message or tostring(jfail), require("runbook.journal").path(run.id), run.id)
+    return EXIT.journal
+  end
   return code
 end
 

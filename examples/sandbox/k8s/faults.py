@@ -1,6 +1,7 @@
 """Faults the sandbox can inject, driven by `ctl k8s ...` through /_sandbox/."""
 import copy
 import re
+import time
 
 from controller import memory_limit
 
@@ -63,14 +64,18 @@ def node_notready(cluster, f, args):
     return "node %s stops posting status" % args[0]
 
 
-def api_errors(cluster, f, args):
-    rate = args[0]
+def share(text):
     try:
-        value = float(rate[:-1]) / 100 if rate.endswith("%") else float(rate)
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         value = -1
     if not 0 <= value <= 1:
-        raise ValueError("bad rate %r (use a percentage such as 10%% or a fraction such as 0.1)" % rate)
+        raise ValueError("bad rate %r (use a percentage such as 10%% or a fraction such as 0.1)" % text)
+    return value
+
+
+def api_errors(cluster, f, args):
+    value = share(args[0])
     code = int(args[1]) if len(args) > 1 and args[1].isdigit() else 500 if len(args) == 1 else 0
     if code not in (429, 500, 503, 504):
         raise ValueError("bad status code %r (use 429, 500, 503 or 504)" % args[1])
@@ -83,7 +88,64 @@ def api_latency(cluster, f, args):
     return "every API request is delayed by %gs" % f.api_latency
 
 
+def metric_target(cluster, text):
+    """APP:TAG is one image version of an app (backend:v1.5.0); anything else names a deployment."""
+    if ":" in text:
+        app, tag = text.split(":", 1)
+        if not app or not tag:
+            raise ValueError("bad target %r (use DEPLOYMENT or APP:VERSION, e.g. backend:v1.5.0)" % text)
+        return ("version", app, tag)
+    d = find_deployment(cluster.store, text)
+    return ("deployment", d["metadata"]["namespace"], d["metadata"]["name"])
+
+
+def metrics(cluster, f, args):
+    """metrics errors|latency|memory|pool|scrape-fail|reminder-failures|reset ...: the pods' /metrics."""
+    mf = cluster.metrics.faults
+    cmd, rest = args[0], args[1:]
+    need = {"errors": 2, "latency": 2, "capacity": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
+    if cmd not in need:
+        raise ValueError("unknown metrics fault %r; known: %s" % (cmd, ", ".join(sorted(need))))
+    if len(rest) != need[cmd]:
+        raise ValueError("metrics %s needs %d argument(s)" % (cmd, need[cmd]))
+    if cmd == "reset":
+        mf.reset()
+        return "metric faults cleared"
+    if cmd == "reminder-failures":
+        mf.reminder_failures = share(rest[0])
+        return "%.0f%% of reminder deliveries fail" % (mf.reminder_failures * 100)
+    target = metric_target(cluster, rest[0])
+    if cmd == "scrape-fail":
+        mf.scrape_fail.add(target)
+        return "scrapes of %s's pods fail with 503" % rest[0]
+    if cmd == "errors":
+        mf.errors[target] = share(rest[1])
+        return "%s: %.1f%% of requests answer 500" % (rest[0], mf.errors[target] * 100)
+    if cmd == "pool":
+        mf.pool[target] = share(rest[1])
+        return "%s: database pool %.0f%% in use" % (rest[0], mf.pool[target] * 100)
+    if cmd == "capacity":
+        try:
+            mf.capacity[target] = float(rest[1])
+        except ValueError:
+            mf.capacity[target] = 0
+        if mf.capacity[target] <= 0:
+            raise ValueError("bad capacity %r (requests per second per pod, e.g. 5)" % rest[1])
+        return "%s: a pod serving more than %g requests/s slows down" % (rest[0], mf.capacity[target])
+    if cmd == "latency":
+        mf.latency[target] = duration(rest[1])
+        if mf.latency[target] <= 0:
+            raise ValueError("latency must be above 0")
+        return "%s: median latency %gs" % (rest[0], mf.latency[target])
+    mib = float(rest[1]) if rest[1].replace(".", "", 1).isdigit() else -1
+    if mib <= 0:
+        raise ValueError("bad growth %r (MiB per second, e.g. 2)" % rest[1])
+    mf.memory[target] = (mib, time.time())
+    return "%s: memory grows by %g MiB/s from now" % (rest[0], mib)
+
+
 def reset(cluster, f, args):
+    cluster.metrics.faults.reset()
     if args[:1] == ["--world"]:
         cluster.reseed()
         return "world reseeded, faults cleared"
@@ -108,7 +170,7 @@ def resume(cluster, f, args):
 
 
 def status(cluster, f, args):
-    return f.describe()
+    return dict(f.describe(), metrics=cluster.metrics.faults.describe())
 
 
 def lookup_res(name):
@@ -119,7 +181,7 @@ def lookup_res(name):
 COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_image, 1),
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
-            "pause": (pause, 0), "resume": (resume, 0)}
+            "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1)}
 
 
 def run(cluster, cmd, args):

@@ -20,6 +20,7 @@ import proto                   # noqa: E402
 import workload as W           # noqa: E402
 from api import Api, labels_match, parse_label_selector, fields_match, selector_of  # noqa: E402
 from controller import Controller  # noqa: E402
+from metrics import Metrics        # noqa: E402
 from seed import Seeder         # noqa: E402
 from store import ApiError, Store, now_iso  # noqa: E402
 
@@ -46,6 +47,7 @@ class Cluster:
                       read("viewer-token"): ("sandbox-viewer", ["system:authenticated"])}
         self.admin_token = read("admin-token")
         self.reseed()
+        self.metrics = Metrics(self)
 
     def next_cluster_ip(self):
         self.ip += 1
@@ -609,6 +611,7 @@ def main():
     httpd.daemon_threads = True
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=cluster.controller.run, daemon=True).start()
+    cluster.metrics.start()
     print("k8s stand-in listening on https://127.0.0.1:%d" % port, flush=True)
     httpd.serve_forever()
 

@@ -410,6 +410,33 @@ static rd_kafka_topic_partition_list_t *group_partitions(const struct group *g)
     return l;
 }
 
+/* Every group's lag per partition after the last tick, in the Prometheus
+ * exposition format, as kafka_exporter publishes it (kafka/lag.prom; the
+ * sandbox's metrics server serves it as the kafka-exporter target). */
+static char lag_text[32768];
+static size_t lag_len;
+
+static void lag_line(const struct group *g, const rd_kafka_topic_partition_t *tp, int64_t lag)
+{
+    if (lag_len < sizeof lag_text)
+        lag_len += (size_t)snprintf(lag_text + lag_len, sizeof lag_text - lag_len,
+                                    "kafka_consumergroup_lag{consumergroup=\"%s\",topic=\"%s\",partition=\"%d\"} %lld\n",
+                                    g->name, tp->topic, (int)tp->partition, (long long)lag);
+}
+
+static void lag_begin(void)
+{
+    lag_len = (size_t)snprintf(lag_text, sizeof lag_text,
+                               "# HELP kafka_consumergroup_lag Current approximate lag of a consumer group at topic/partition.\n"
+                               "# TYPE kafka_consumergroup_lag gauge\n");
+}
+
+static void lag_end(void)
+{
+    if (lag_len < sizeof lag_text)
+        write_state_file("lag.prom", lag_text);
+}
+
 /* Moves the group's committed offsets forward by `budget` messages spread
  * over its partitions. Offsets are read back from the cluster first so that
  * a runbook's offset reset is respected. */
@@ -431,6 +458,7 @@ static void consume(struct group *g, int budget, int initial)
         int64_t to = from + share > hi ? hi : from + share;
         changed |= to != tp->offset;
         tp->offset = to;
+        lag_line(g, tp, hi - to);
     }
     if (changed) {
         rd_kafka_resp_err_t err = rd_kafka_commit(g->rk, l, 0);
@@ -443,10 +471,12 @@ out:
 
 static void start_groups(const char *brokers)
 {
+    lag_begin();
     for (int g = 0; g < NGROUPS; g++) {
         groups[g].rk = new_client(RD_KAFKA_CONSUMER, brokers, groups[g].name, NULL);
         consume(&groups[g], 0, 1);
     }
+    lag_end();
 }
 
 /* One tick: produce, then let every group consume. */
@@ -457,6 +487,7 @@ static void tick(void)
     if (seq % 40 == 0)
         produce_reminder(seq);
     rd_kafka_poll(workload_rk, 0);
+    lag_begin();
     for (int g = 0; g < NGROUPS && !stopping; g++) {
         double t0 = elapsed();
         consume(&groups[g], read_replicas(&groups[g]) * groups[g].per_replica_rate, 0);
@@ -464,6 +495,7 @@ static void tick(void)
             fprintf(stderr, "kafka-sandbox: %s's tick took %.1fs\n", groups[g].name,
                     elapsed() - t0);
     }
+    lag_end();
 }
 
 /* One tick per second. When paused, the thread finishes its tick, waits for
@@ -513,8 +545,10 @@ static int reset_groups(void)
     int was_paused = paused;
     if (!pause_workload())
         return 0;
+    lag_begin();
     for (int g = 0; g < NGROUPS; g++)
         consume(&groups[g], 0, 1);
+    lag_end();
     if (!was_paused)
         resume_workload();
     return 1;

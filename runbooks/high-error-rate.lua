@@ -1,0 +1,131 @@
+-- high-error-rate.lua: a service answering too many 5xx: find out whether it
+-- began with the last change, roll back or restart, and verify the rate stays
+-- down.
+--
+-- Replaces seed 000 "High Error Rate", seed 003 "High Error Rate Alert" and
+-- seed 004 "High Error Rate" (the error rate from Prometheus, rollout history,
+-- rollout undo when deployment-related, dependency checks, scale or restart).
+-- The error rate is read per service and version; "began with the last
+-- change" means the rate was under the threshold just before the current
+-- template's revision appeared (or, without data from then, that the change is
+-- younger than `recent`).
+--
+--   runbook run high-error-rate -p service=backend --step
+
+name = "high-error-rate"
+description = "Measure a service's 5xx rate per version, roll back if it began with the last change (else restart), verify it stays down"
+version = "1.0.0"
+
+param "service" { required = true, help = "the app whose error rate is high (the service label), e.g. backend" }
+param "deployment" { default = "", help = "its deployment (default todo-chatbot-SERVICE)" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "max_error_rate" { type = "number", default = 0.01, help = "the 5xx share the service must stay under (seed 000: warning above 1%)" }
+param "window" { default = "5m", help = "PromQL rate window" }
+param "recent" { type = "duration", default = "1h", help = "without data from before the last change, a change this young is blamed" }
+param "hold" { type = "duration", default = "5m", help = "how long the rate must stay under max_error_rate after the fix" }
+param "every" { type = "duration", default = "15s", help = "how often the rate is evaluated while verifying" }
+param "timeout" { type = "duration", default = "5m", help = "how long the rollback or restart may take to roll out" }
+
+local function deployment(ctx)
+  return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
+end
+local function target(ctx) return "deploy/" .. deployment(ctx) end
+
+local function rate_query(ctx, by, extra)
+  local sel = ('namespace="%s"%s'):format(ctx.params.namespace, extra or "")
+  local w = ctx.params.window
+  return ('sum%s (rate(http_requests_total{%s,status=~"5.."}[%s])) / sum%s (rate(http_requests_total{%s}[%s]))'):format(
+    by, sel, w, by, sel, w)
+end
+local function service_query(ctx) return rate_query(ctx, "", (',service="%s"'):format(ctx.params.service)) end
+local function pct(v) return v and ("%.2f%%"):format(v * 100) or "no data" end
+
+step "Measure the error rate" {
+  description = "The 5xx share of every service and version in the namespace, and the service's own",
+  run = function(ctx)
+    local rows = prom.query(rate_query(ctx, " by (service, version)"), { allow_empty = true })
+    table.sort(rows, function(a, b) return (a.value == a.value and a.value or -1) > (b.value == b.value and b.value or -1) end)
+    for _, r in ipairs(rows) do log.info("%s %s: %s", r.labels.service, r.labels.version, pct(r.value == r.value and r.value or nil)) end
+    local rate = prom.value(service_query(ctx))
+    local high = rate >= ctx.params.max_error_rate
+    log.info("%s: %s of requests fail over %s (threshold %s)%s", ctx.params.service, pct(rate), ctx.params.window,
+      pct(ctx.params.max_error_rate), high and "" or ": under the threshold, nothing to fix")
+    return { rate = rate, high = high }
+  end,
+}
+
+step "Compare with the last change" {
+  description = "Did the rate begin with the current template's revision (rollout history, and the rate just before it)?",
+  when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
+  run = function(ctx)
+    local change = k8s.last_change(target(ctx), { namespace = ctx.params.namespace })
+    local before = change.created and prom.value(service_query(ctx), { time = change.created - 1, allow_empty = true })
+    local began
+    if before ~= nil then began = before < ctx.params.max_error_rate
+    else began = (change.age or math.huge) < ctx.params.recent end
+    log.info("last change: revision %d (%s), %s ago; error rate just before it: %s", change.revision,
+      table.concat(change.images, ", "), duration.format(change.age or 0), pct(before))
+    local decision = began and change.previous and "rollback" or "restart"
+    if began and not change.previous then log.warn("it began with revision %d, but there is no revision before it", change.revision) end
+    log.info(decision == "rollback" and "the errors began with the last change: roll back to revision %s"
+      or "the errors did not begin with the last change: restart (%s)", change.previous and change.previous.revision or "-")
+    return { decision = decision, to_revision = change.previous and change.previous.revision, began = began }
+  end,
+}
+
+step "Check the dependencies" {
+  description = "PostgreSQL, Redis, Kafka and the Dapr sidecars, as outage-recovery checks them: a fix in the service cannot mend a dependency",
+  when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
+  run = function(ctx)
+    local deps = checks.dependencies { namespace = ctx.params.namespace }
+    if #deps.down > 0 then
+      error(("dependencies down: %s (run outage-recovery; a rollback or restart of %s would not help)"):format(
+        table.concat(deps.down, ", "), deployment(ctx)), 0)
+    end
+    return { down = deps.down }
+  end,
+}
+
+step "Roll back" {
+  description = "kubectl rollout undo to the revision before the last change, and wait for it",
+  confirm = true,
+  when = function(ctx)
+    local c = ctx.outputs["Compare with the last change"]
+    return ctx.outputs["Measure the error rate"].high and c ~= nil and c.decision == "rollback"
+  end,
+  run = function(ctx)
+    local to = ctx.outputs["Compare with the last change"].to_revision
+    k8s.rollout_undo(target(ctx), { namespace = ctx.params.namespace, to_revision = to })
+    if not ctx.dry_run then
+      k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
+    end
+    return { revision = to }
+  end,
+}
+
+step "Restart" {
+  description = "kubectl rollout restart, and wait for it",
+  confirm = true,
+  when = function(ctx)
+    local c = ctx.outputs["Compare with the last change"]
+    return ctx.outputs["Measure the error rate"].high and c ~= nil and c.decision == "restart"
+  end,
+  run = function(ctx)
+    k8s.rollout_restart(target(ctx), { namespace = ctx.params.namespace })
+    if not ctx.dry_run then
+      k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
+    end
+  end,
+}
+
+step "Verify the error rate" {
+  description = "After one rate window (so only the time since the fix counts), the rate must stay under max_error_rate for `hold`",
+  run = function(ctx)
+    if ctx.outputs["Measure the error rate"].high and not ctx.dry_run then
+      time.sleep(duration.parse(ctx.params.window) or 0)
+    end
+    local r = prom.verify { name = ctx.params.service .. " error rate", query = service_query(ctx), unit = "percent",
+      below = ctx.params.max_error_rate, hold = ctx.params.hold, every = ctx.params.every }
+    return { rate = r.values and r.values[ctx.params.service .. " error rate"] }
+  end,
+}

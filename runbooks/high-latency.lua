@@ -1,0 +1,101 @@
+-- high-latency.lua: a service answering slowly: p95 per service, CPU and
+-- memory per pod, the slowest SQL statements, then scale out and verify.
+--
+-- Replaces seed 004 "High Latency" (request latency from the metrics, kubectl
+-- top pods, pg_stat_statements ordered by mean_exec_time, then resources or
+-- scale) and seed 000's "API latency p95 > 500ms: scale, check DB".
+--
+--   runbook run high-latency -p service=backend --step
+
+name = "high-latency"
+description = "Measure p95 latency per service, CPU and memory saturation and the slowest SQL; scale out, verify p95 stays down"
+version = "1.0.0"
+
+param "service" { required = true, help = "the app whose latency is high (the service label), e.g. backend" }
+param "deployment" { default = "", help = "its deployment (default todo-chatbot-SERVICE)" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "max_p95" { type = "duration", default = "500ms", help = "the p95 the service must stay under (seed 000: warning above 500ms)" }
+param "window" { default = "5m", help = "PromQL rate window" }
+param "max_replicas" { type = "integer", default = 10, help = "scale out to twice the replicas, at most this many" }
+param "hold" { type = "duration", default = "5m", help = "how long p95 must stay under max_p95 after scaling" }
+param "every" { type = "duration", default = "15s", help = "how often p95 is evaluated while verifying" }
+param "timeout" { type = "duration", default = "5m", help = "how long the scale-out may take to roll out" }
+
+local function deployment(ctx)
+  return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
+end
+
+local function p95_query(ctx, by, extra)
+  return ('histogram_quantile(0.95, sum by (%sle) (rate(http_request_duration_seconds_bucket{namespace="%s"%s}[%s])))'):format(
+    by, ctx.params.namespace, extra or "", ctx.params.window)
+end
+local function service_query(ctx) return p95_query(ctx, "", (',service="%s"'):format(ctx.params.service)) end
+local function ms(v) return v == v and duration.format(v) or "no data" end
+
+step "Measure the p95 latency" {
+  description = "p95 request latency of every service in the namespace, and the service's own",
+  run = function(ctx)
+    local rows = prom.query(p95_query(ctx, "service, "), { allow_empty = true })
+    for _, r in ipairs(rows) do log.info("%s: p95 %s", r.labels.service, ms(r.value)) end
+    local p95 = prom.value(service_query(ctx))
+    local high = p95 >= ctx.params.max_p95
+    log.info("%s: p95 %s over %s (threshold %s)%s", ctx.params.service, ms(p95), ctx.params.window,
+      ms(ctx.params.max_p95), high and "" or ": under the threshold, nothing to fix")
+    return { p95 = p95, high = high }
+  end,
+}
+
+step "Check saturation" {
+  description = "kubectl top pods of the deployment: CPU and memory against their limits",
+  run = function(ctx)
+    local d = k8s.get("deploy/" .. deployment(ctx), { namespace = ctx.params.namespace })
+    local sel = {}
+    for k, v in pairs(d.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+    table.sort(sel)
+    local limits = (d.spec.template.spec.containers[1].resources or {}).limits or {}
+    local pods = k8s.top("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ","), sort_by = "cpu" })
+    for _, p in ipairs(pods) do
+      log.info("%s: cpu %dm, memory %dMi (limits: cpu %s, memory %s)", p.name, p.cpu_millicores,
+        p.memory_bytes // (1024 * 1024), limits.cpu or "none", limits.memory or "none")
+    end
+    return { pods = #pods, replicas = d.spec.replicas }
+  end,
+}
+
+step "Find the slowest statements" {
+  description = "pg_stat_statements: the 10 statements with the highest mean execution time (skipped without DATABASE_URL)",
+  when = function() return (os.getenv("DATABASE_URL") or "") ~= "" end,
+  run = function()
+    local rows = pg.query([[SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS query, calls,
+      round(mean_exec_time::numeric, 2) AS mean_ms FROM pg_stat_statements ORDER BY mean_exec_time DESC LIMIT 10]])
+    for _, r in ipairs(rows) do log.info("%8s ms  %6s calls  %s", tostring(r.mean_ms), tostring(r.calls), r.query) end
+    return { statements = #rows }
+  end,
+}
+
+step "Scale out" {
+  description = "kubectl scale to twice the replicas (at most max_replicas), and wait for the new pods",
+  confirm = true,
+  when = function(ctx) return ctx.outputs["Measure the p95 latency"].high end,
+  run = function(ctx)
+    local from = ctx.outputs["Check saturation"].replicas
+    local to = math.min(ctx.params.max_replicas, math.max(1, from * 2))
+    if to <= from then error(("%s already has %d replicas (max_replicas %d)"):format(deployment(ctx), from, ctx.params.max_replicas), 0) end
+    k8s.scale("deploy/" .. deployment(ctx), to, { namespace = ctx.params.namespace })
+    if not ctx.dry_run then
+      k8s.rollout_status("deploy/" .. deployment(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
+    end
+    return { from = from, to = to }
+  end,
+}
+
+step "Verify the latency" {
+  description = "After one rate window (so only the time since scaling counts), p95 must stay under max_p95 for `hold`",
+  run = function(ctx)
+    if ctx.outputs["Measure the p95 latency"].high and not ctx.dry_run then
+      time.sleep(duration.parse(ctx.params.window) or 0)
+    end
+    prom.verify { name = ctx.params.service .. " p95 latency", query = service_query(ctx), unit = "seconds",
+      below = ctx.params.max_p95, hold = ctx.params.hold, every = ctx.params.every }
+  end,
+}
