@@ -128,6 +128,24 @@ end
 -- to the runbook (a team's shared helpers), loaded into the same environment
 -- so it is held to the same rules. Nothing else: not the host's private
 -- library, not debug or package, not modules that write files.
+--
+-- Each file is recorded in M.sources as {path (absolute), sha256} of the very
+-- text that runs, and passed to M.on_source when set (the run journals files
+-- required once it has started), so a resume can refuse when one changed.
+M.sources = {}
+
+local function read_source(path)
+  local f, err = io.open(path, "rb")
+  if not f then error(err, 3) end
+  local text = f:read("a")
+  f:close()
+  if path:sub(1, 1) ~= "/" then path = require("lfs").currentdir() .. "/" .. path:gsub("^%./", "") end
+  local rec = { path = path, sha256 = require("runbook.host").sha256(text) }
+  M.sources[#M.sources + 1] = rec
+  if M.on_source then M.on_source(rec) end
+  return text
+end
+
 local function make_require(env, dir)
   local loaded = {}
   return function(name)
@@ -139,7 +157,7 @@ local function make_require(env, dir)
         error(("require %q: not a runbook library and no %s.lua next to the runbook"):format(
           name, name:gsub("%.", "/")), 2)
       end
-      local chunk, err = loadfile(path, "t", env)
+      local chunk, err = load(read_source(path), "@" .. path, "t", env)
       if not chunk then error(err, 2) end
       loaded[name] = chunk(name) or true
     end

@@ -158,10 +158,10 @@ function M.load(path)
   local e = env.new(dsl(rb), FIELDS, rb.dir)
   local chunk, cerr = load(text, "@" .. path, "t", e)
   if not chunk then error(load_error(cerr), 0) end
-  local watch = { message = ("%s: its top-level code did not finish within %gs; the watchdog ended the load"):format(
-    path, deadline.LIMIT.load) }
+  local slow = ("%s: its top-level code did not finish within %gs"):format(path, deadline.LIMIT.load)
+  local watch = { message = slow .. "; the watchdog ended the load" }
   local ok, rerr = deadline.call(deadline.LIMIT.load, watch, xpcall, chunk, function(m) return m end)
-  if not ok then error(load_error(tostring(rerr)), 0) end
+  if not ok then error(load_error(tostring(rerr):match("step timed out$") and slow or tostring(rerr)), 0) end
   for field, ty in pairs(FIELDS) do
     local v = rawget(e, field)
     if v ~= nil and type(v) ~= ty then

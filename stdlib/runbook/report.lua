@@ -72,7 +72,11 @@ local function document(run_id)
   for _, t in ipairs(s.timeline) do
     local step = { kind = t.undo and "undo" or "step", name = t.name, index = t.index, status = t.status,
       started = t.started, duration = t.duration, attempts = t.attempts, reason = t.reason, outputs = t.outputs,
-      error = t.error, segment = t.segment, effects = {}, logs = {} }
+      error = t.error, segment = t.segment, effects = {}, logs = {}, unknown = {} }
+    for _, e in ipairs(t.unknown) do
+      step.unknown[#step.unknown + 1] = { time = e.time, module = e.module, op = e.op, target = e.target,
+        summary = e.summary, key = e.key }
+    end
     for _, e in ipairs(t.effects) do
       step.effects[#step.effects + 1] = { time = e.time, module = e.module, op = e.op, target = e.target,
         summary = e.summary, decision = e.decision, ok = e.ok, result = e.result }
@@ -156,6 +160,14 @@ local function markdown(doc)
       add("Effects:")
       add("")
       for _, e in ipairs(st.effects) do add("%s", effect_line(e)) end
+    end
+    if #st.unknown > 0 then
+      add("")
+      add("In flight when the run stopped (outcome unknown; see `resume --on-unknown`):")
+      add("")
+      for _, e in ipairs(st.unknown) do
+        add("- %s **unknown** %s (%s %s %s)", clock(e.time), e.summary or "", e.module, e.op, code_span(e.target or ""))
+      end
     end
     if #st.logs > 0 then
       add("")

@@ -153,6 +153,33 @@ local function request(rb, first, o)
   }
 end
 
+--- The files a run loaded besides the runbook (required Lua files, its
+-- params file), as journaled in each run_start and source event, whose text
+-- is not the same now: one line each, naming the file and both sha256s.
+local function changed_sources(events)
+  local recorded, order = {}, {}
+  local function note(rec)
+    if type(rec) ~= "table" or type(rec.path) ~= "string" or type(rec.sha256) ~= "string" then return end
+    if not recorded[rec.path] then order[#order + 1] = rec.path end
+    recorded[rec.path] = rec
+  end
+  for _, e in ipairs(events) do
+    if e.event == "source" then note(e) end
+    if e.event == "run_start" and type(e.sources) == "table" then
+      for _, rec in ipairs(e.sources) do note(rec) end
+    end
+  end
+  local out = {}
+  for _, path in ipairs(order) do
+    local rec, now = recorded[path], host.sha256_file(path)
+    if now ~= rec.sha256 then
+      out[#out + 1] = ("  - %s (%s): sha256 was %s, is now %s"):format(path,
+        rec.params and "the params file" or "required by the runbook", rec.sha256, now or "missing")
+    end
+  end
+  return out
+end
+
 --- Returns {rb, request, resumed} for runbook.run.start, or nil and an exit status
 -- (having said why). `load_runbook(path)` is the CLI's loader.
 function M.plan(run_id, o, load_runbook)
@@ -175,6 +202,15 @@ function M.plan(run_id, o, load_runbook)
     end
     io.stderr:write(("runbook: resume: %s changed since run %s (sha256 %s -> %s); continuing as --force asks\n")
       :format(first.path or first.file, run_id, first.sha256, sha))
+  end
+  local changed = changed_sources(events)
+  if #changed > 0 then
+    if not o["--force"] then
+      return fail(EXIT.usage, "files run %s loaded changed since:\n%s\ncheck the change, then resume with --force to "
+        .. "run the new text", run_id, table.concat(changed, "\n"))
+    end
+    io.stderr:write(("runbook: resume: files run %s loaded changed since:\n%s\ncontinuing as --force asks\n")
+      :format(run_id, table.concat(changed, "\n")))
   end
   if journal.running(run_id) then
     local holder = first.lock and not first.lock:match("^k8s:") and require("runbook.lock").holder(first.lock) or {}

@@ -106,6 +106,23 @@ local function take_lease(run, key)
   return nil, "failed", EXIT.failed
 end
 
+-- Seconds a Lease's release may take after the run was interrupted.
+M.LEASE_RELEASE_DEADLINE = 5
+
+--- Hand the Lease back, whatever ended the run. After SIGINT, SIGTERM or
+-- SIGHUP the release would be cut short by the signal too: the run's
+-- status already holds it, so it is cleared, and the release gets a short
+-- deadline of its own instead.
+local function release_lease(lease)
+  if host.interrupted() then host.clear_interrupt() end
+  host.set_deadline(host.now() + M.LEASE_RELEASE_DEADLINE)
+  local ok, e = pcall(lease.release, lease)
+  host.set_deadline(0)
+  if not ok then
+    require("log").warn("the lease stays held until it expires: %s", tostring(type(e) == "table" and e.message or e))
+  end
+end
+
 local function install_sinks(run, journal_sink)
   local output = require "runbook.output"
   events.reset(run)
@@ -172,6 +189,18 @@ local function earlier_steps(rb, req)
   return { outputs = outputs, completed = {}, skipped = skipped }
 end
 
+--- What the run loaded besides the runbook, for resume's content guard: the
+-- Lua files it required so far and the params file, {path, sha256[, params]}.
+local function sources(req)
+  local out = {}
+  for i, rec in ipairs(require("runbook.env").sources) do out[i] = { path = rec.path, sha256 = rec.sha256 } end
+  if req.params_file then
+    local sha = host.sha256_file(req.params_file)
+    out[#out + 1] = { path = absolute(req.params_file), sha256 = sha, params = true }
+  end
+  return #out > 0 and out or nil
+end
+
 --- Resolve the params of `req` over `base` (a resumed run's). Returns values
 -- and their redacted copy, or nil and the exit status.
 local function resolve_params(rb, req, base)
@@ -232,18 +261,19 @@ local function run_start(run)
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
     path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = run.redacted,
     steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = run.lock_key,
-    request = M.journaled(req), resumed = run.resumed or nil, from = req.from,
+    request = M.journaled(req), resumed = run.resumed or nil, from = req.from, sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
+  -- Lua files the runbook requires from here on are journaled as they load.
+  require("runbook.env").on_source = function(rec)
+    events.emit { event = "source", path = rec.path, sha256 = rec.sha256 }
+  end
   -- A resume's answers about steps cut off with effects (their check's, or the operator's).
   for _, e in ipairs(run.resolved or {}) do events.emit(e) end
 end
 
 --- Release the Lease, notify, emit run_end.
 local function finish(run, lease, status, code, counts, t0)
-  if lease then
-    local ok, e = pcall(lease.release, lease)
-    if not ok then require("log").warn("the lease stays held until it expires: %s", tostring(e)) end
-  end
+  if lease then release_lease(lease) end
   if run.rb.notify then
     deadline.call(deadline.LIMIT.notify, deadline.notify_watch(run.id, status), pcall, require("notify").run_hooks,
       run.rb.notify, { runbook = run.rb.name, run_id = run.id, status = status,

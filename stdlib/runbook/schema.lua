@@ -14,7 +14,7 @@ local S, N, B, T = "string", "number", "boolean", "table"
 M.EVENTS = {
   run_start = { run_id = { S, true }, runbook = { S, true }, file = { S, true }, mode = { S, true },
     version = { S }, path = { S }, sha256 = { S }, params = { T }, steps = { N }, user = { S }, host = { S },
-    pid = { N }, lock = { S }, resumed = { B }, from = { S }, resume_at = { S }, request = { T } },
+    pid = { N }, lock = { S }, resumed = { B }, from = { S }, resume_at = { S }, request = { T }, sources = { T } },
   step_start = { step = { S, true }, index = { N }, total = { N }, description = { S } },
   step_end = { step = { S, true }, status = { S, true }, index = { N }, duration = { N }, outputs = { T },
     error = { T }, attempts = { N }, reason = { S } },
@@ -28,6 +28,7 @@ M.EVENTS = {
   run_end = { status = { S, true }, run_id = { S }, exit_code = { N }, duration = { N }, ok = { N },
     failed = { N }, skipped = { N }, mode = { S }, signal = { S } },
   journal_repaired = { dropped = { N, true } },
+  source = { path = { S, true }, sha256 = { S, true } },
 }
 
 -- Tables whose own fields the readers use.
