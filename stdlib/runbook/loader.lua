@@ -161,7 +161,7 @@ function M.load(path)
   local slow = ("%s: its top-level code did not finish within %gs"):format(path, deadline.LIMIT.load)
   local watch = { message = slow .. "; the watchdog ended the load" }
   local ok, rerr = deadline.call(deadline.LIMIT.load, watch, xpcall, chunk, function(m) return m end)
-  if not ok then error(load_error(tostring(rerr):match("step timed out$") and slow or tostring(rerr)), 0) end
+  if not ok then error(load_error(type(rerr) == "table" and rerr.code == "timeout" and slow or tostring(rerr)), 0) end
   for field, ty in pairs(FIELDS) do
     local v = rawget(e, field)
     if v ~= nil and type(v) ~= ty then
