@@ -158,7 +158,7 @@ describe("durable effects under kills", function()
 
   it("counts every effect exactly once after kill and resume, at every kill point", function()
     if SANDBOX then
-      os.execute(("psql %s -qc 'CREATE TABLE IF NOT EXISTS durable_effects (key text NOT NULL, at timestamptz NOT NULL DEFAULT now())' >/dev/null")
+      os.execute(("psql %s -qc 'CREATE TABLE IF NOT EXISTS durable_effects (key text NOT NULL, at timestamptz NOT NULL DEFAULT now())' >/dev/null 2>&1")
         :format(cli.quote(os.getenv("DATABASE_URL"))))
     end
     local dirs, t0 = {}, os.time()
@@ -176,6 +176,14 @@ describe("durable effects under kills", function()
       end
     end
     local counts = count_all(dirs)
+    if SANDBOX then   -- leave the sandbox as it was for the specs after this one
+      local url = cli.quote(os.getenv("DATABASE_URL"))
+      os.execute(("psql %s -qc 'DROP TABLE durable_effects' >/dev/null 2>&1"):format(url))
+      os.execute(("redis-cli -u %s --no-auth-warning --scan --pattern 'durable:*' | xargs -r redis-cli -u %s "
+        .. "--no-auth-warning DEL >/dev/null"):format(cli.quote(os.getenv("REDIS_URL")), cli.quote(os.getenv("REDIS_URL"))))
+      os.execute("kubectl get configmap -n todo-chatbot -o name | grep '^configmap/durable-' | xargs -r kubectl delete "
+        .. "-n todo-chatbot >/dev/null 2>&1")
+    end
     local rows, order, problems = {}, {}, {}
     for _, c in ipairs(cases) do
       local r = rows[c.row]

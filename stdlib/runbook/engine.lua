@@ -98,6 +98,7 @@ end
 --- Call a step's `what` function fn(...) protected, under the step's timeout
 -- (else the default for `what`) and the watchdog.
 local function step_call(rb, step, ctx, what, fn, ...)
+  if step.timeout == false and what == "run" then return protected(rb, fn, ...) end
   local limit = step.timeout or deadline.LIMIT[what]
   return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
 end
@@ -106,7 +107,9 @@ end
 local function attempt(rb, step, fn, ctx)
   local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
-    res.message = ("timed out after %s"):format(require("duration").format(step.timeout))
+    -- A backend's own words name it, the operation and the target: keep them.
+    res.message = ("timed out after %s%s"):format(require("duration").format(step.timeout),
+      res.module and (" in " .. res.message) or "")
   end
   return ok, res
 end

@@ -102,7 +102,8 @@ local function check_step(rb, name, spec, index)
   return {
     name = name, index = index, run = run, description = spec.description or "",
     confirm = spec.confirm == true, idempotent = spec.idempotent == true,
-    timeout = spec.timeout and duration.check(spec.timeout, what .. " timeout"),
+    -- false: no deadline at all, asked for in so many words (the default is deadline.LIMIT.run)
+    timeout = spec.timeout == false and false or spec.timeout and duration.check(spec.timeout, what .. " timeout"),
     retry = spec.retry and check_retry(spec.retry, what),
     undo = spec.undo, when = spec.when, check = spec.check, fallback = spec.fallback,
     needs = check_deps(rb, spec, "needs", what), uses = check_deps(rb, spec, "uses", what),
