@@ -232,12 +232,15 @@ step "Roll back recent changes that still fail" {
 -- The namespace's error rate held under max_error_rate (a metric gate), after
 -- one rate window when this run restarted or rolled back something; a broken
 -- gate or no data is a problem that remains, not a failed step.
+local RESTART = "Restart unhealthy deployments"
+
 local function error_rate_problem(ctx)
   local rolled = not ctx.skipped("Roll back recent changes that still fail")
     and #ctx.outputs["Roll back recent changes that still fail"].rolled_back > 0
   local ok, err = pcall(checks.error_rate, { name = ctx.params.namespace .. " error rate", below = ctx.params.max_error_rate,
     selector = ('namespace="%s"'):format(ctx.params.namespace), window = ctx.params.error_rate_window,
-    hold = ctx.params.error_rate_hold, every = "5s", settle = rolled or #ctx.outputs["Restart unhealthy deployments"].restarted > 0 })
+    hold = ctx.params.error_rate_hold, every = "5s",
+    settle = rolled or not ctx.skipped(RESTART) and #ctx.outputs[RESTART].restarted > 0 })
   if ok then return nil end
   if type(err) ~= "table" or (err.code ~= "gate_failed" and err.code ~= "no_data") then error(err, 0) end
   return err.message
@@ -245,6 +248,7 @@ end
 
 step "Final verification" {
   description = "Every deployment healthy, every service's health path answering, and the error rate held under max_error_rate",
+  uses = { RESTART, "Roll back recent changes that still fail" }, -- through error_rate_problem
   idempotent = true,
   run = function(ctx)
     -- Pods of replaced ReplicaSets take a moment to go: give the namespace
@@ -290,7 +294,6 @@ step "Report" {
   needs = { "Final verification" }, uses = { "Restart unhealthy deployments", "Roll back recent changes that still fail", "Check dependencies" },
   run = function(ctx)
     local final = ctx.outputs["Final verification"]
-    local RESTART = "Restart unhealthy deployments"
     local restarted = ctx.skipped(RESTART) and {} or ctx.outputs[RESTART].restarted
     local rolled = {}
     local ROLLBACK = "Roll back recent changes that still fail"
