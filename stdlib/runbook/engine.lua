@@ -107,9 +107,10 @@ end
 local function attempt(rb, step, fn, ctx)
   local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
-    -- A backend's own words name it, the operation and the target: keep them.
+    -- A backend's own words name it, the operation and the target: keep them
+    -- (module "runbook" is the step's own deadline, which has nothing to add).
     res.message = ("timed out after %s%s"):format(require("duration").format(step.timeout),
-      res.module and (" in " .. res.message) or "")
+      res.module and res.module ~= "runbook" and (" in " .. res.message) or "")
   end
   return ok, res
 end
