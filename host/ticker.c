@@ -3,7 +3,7 @@
  * redraws one status line ("[2/7] Scale consumers ⠋ 12s") every quarter
  * second, so a step blocked in a long call (a rollout wait, a pg_dump) still
  * shows it is alive. Everything the terminal view prints goes through
- * rb_term_write, which clears the status line first under the same lock, so
+ * host.term_write, which clears the status line first under the same lock, so
  * the two never interleave. Only used when standard output is a terminal.
  */
 #include <pthread.h>
