@@ -16,7 +16,7 @@ function M.sleep(d)
 end
 
 --- Call fn() every `every` until it returns a truthy value (returned), or
--- raise after `timeout`:  time.wait_until{timeout = "2m", every = "5s", what = "lag below 100"}(fn)
+-- raise after `timeout`:  time.wait_until({timeout = "2m", every = "5s", what = "lag below 100"}, fn)
 function M.wait_until(opts, fn)
   local timeout = duration.check(opts.timeout or "1m", "time.wait_until timeout")
   local every = duration.check(opts.every or "1s", "time.wait_until every")

@@ -141,8 +141,8 @@ end
 --- JSON Lines: one object per event on `stream`.
 function M.json(stream)
   local out = writer(stream)
-  local encode = require("runbook.events").encode
-  return function(e) out(encode(e) .. "\n") end
+  local json_line = require("runbook.events").json_line
+  return function(e) out(json_line(e) .. "\n") end
 end
 
 return M

@@ -17,7 +17,6 @@ local function live_status(s)
 end
 
 function M.history(runbook, limit, as_json)
-  local codec = require "cjson"
   local shown = 0
   if not as_json then
     print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format("RUN ID", "RUNBOOK", "STARTED", "DURATION", "MODE",
@@ -32,7 +31,8 @@ function M.history(runbook, limit, as_json)
       local row = { run_id = id, runbook = st.runbook, started = st.time, duration = s.duration, mode = st.mode,
         status = live_status(s), user = st.user, host = st.host, resumed = #s.segments - 1 }
       if as_json then
-        print(codec.encode(row))
+        row.event, row.time = "run", st.time
+        print(require("runbook.events").json_line(row))
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),
           dur(row.duration), row.mode, row.status .. (row.resumed > 0 and "*" or ""), row.user, row.host))
