@@ -15,7 +15,7 @@ local EXIT = require "runbook.exit"
 local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 3 runbook cannot be loaded, 4 aborted by the operator, 75 lock held by
-another run, 130/143 interrupted by SIGINT/SIGTERM.]]
+another run, 124 ended by the watchdog, 130/143 interrupted by SIGINT/SIGTERM.]]
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
