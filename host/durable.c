@@ -63,6 +63,29 @@ static int write_all(int fd, const char *s, size_t len)
     return 0;
 }
 
+/*
+ * A torn last line (the process died, or the disk filled, in the middle of a
+ * write) is cut off before anything is appended, so the next line starts on a
+ * line of its own. Returns the bytes dropped, or -1 with errno set.
+ */
+static off_t drop_torn_tail(int fd)
+{
+    off_t end = lseek(fd, 0, SEEK_END), pos = end;
+    if (end <= 0) return end < 0 ? -1 : 0;
+    char buf[4096];
+    while (pos > 0) {
+        size_t n = pos < (off_t)sizeof buf ? (size_t)pos : sizeof buf;
+        if (pread(fd, buf, n, pos - (off_t)n) != (ssize_t)n) return -1;
+        size_t i = n;
+        while (i > 0 && buf[i - 1] != '\n') i--;
+        if (i > 0) { pos = pos - (off_t)n + (off_t)i; break; }
+        pos -= (off_t)n;
+    }
+    if (pos == end) return 0;
+    if (ftruncate(fd, pos) < 0) return -1;
+    return end - pos;
+}
+
 /* mkdir_private(path) -> true | nil, message: a directory of the state dir,
  * created 0700 (journals hold outputs, lock files who runs what). */
 static int d_mkdir_private(lua_State *L)
@@ -73,14 +96,30 @@ static int d_mkdir_private(lua_State *L)
     return 1;
 }
 
-/* journal_open(path) -> journal | nil, message. Appends; created 0600 (it holds outputs). */
+/* journal_open(path) -> journal, bytes of a torn last line dropped | nil,
+ * message, true when another process holds the journal. Appends; created 0600
+ * (it holds outputs); locked (flock) for the life of the handle. */
 static int j_open(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
     rb_fd *h = new_fd(L, JOURNAL_MT);
-    h->fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+    h->fd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
     if (h->fd < 0) return push_errno(L, "cannot open journal", path);
-    return 1;
+    /* One process acts for a run at a time: it holds its journal locked. */
+    if (flock(h->fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        close(h->fd);
+        h->fd = -1;
+        lua_pushnil(L);
+        if (e == EWOULDBLOCK) lua_pushfstring(L, "%s is in use: another process is running this run", path);
+        else lua_pushfstring(L, "cannot lock journal %s: %s", path, strerror(e));
+        lua_pushboolean(L, e == EWOULDBLOCK);
+        return 3;
+    }
+    off_t dropped = drop_torn_tail(h->fd);
+    if (dropped < 0) return push_errno(L, "cannot repair the torn last line of journal", path);
+    lua_pushinteger(L, (lua_Integer)dropped);
+    return 2;
 }
 
 static rb_fd *check_journal(lua_State *L)
@@ -90,14 +129,23 @@ static rb_fd *check_journal(lua_State *L)
     return h;
 }
 
-/* journal:write(line): one write(2) per line, so a crash tears at most the last one. */
+/*
+ * journal:write(line): one write(2) per line, so a crash tears at most the
+ * last one. A failed write (a full disk) is cut back to the last whole line
+ * and raised as {code = "disk_full" or "journal_write"}: the journal stays
+ * readable and resumable.
+ */
 static int j_write(lua_State *L)
 {
     rb_fd *h = check_journal(L);
     size_t len;
     const char *s = luaL_checklstring(L, 2, &len);
-    if (write_all(h->fd, s, len) < 0) return luaL_error(L, "journal write failed: %s", strerror(errno));
-    return 0;
+    off_t before = lseek(h->fd, 0, SEEK_END);
+    if (before >= 0 && write_all(h->fd, s, len) == 0) return 0;
+    int e = errno;
+    if (before >= 0 && ftruncate(h->fd, before) < 0) {}
+    return rb_error(L, "journal", "write", e == ENOSPC || e == EDQUOT ? "disk_full" : "journal_write", 0,
+                    "cannot write the journal: %s", strerror(e));
 }
 
 /* journal:sync(): the line written so far survives a crash or power loss. */
@@ -105,7 +153,8 @@ static int j_sync(lua_State *L)
 {
     rb_fd *h = check_journal(L);
     if (fsync(h->fd) < 0 && errno != EINVAL)
-        return luaL_error(L, "journal fsync failed: %s", strerror(errno));
+        return rb_error(L, "journal", "sync", errno == ENOSPC || errno == EDQUOT ? "disk_full" : "journal_write", 0,
+                        "cannot sync the journal: %s", strerror(errno));
     return 0;
 }
 
@@ -132,7 +181,8 @@ static int l_try(lua_State *L)
         lua_pushlstring(L, buf, n > 0 ? (size_t)n : 0);
         return 2;
     }
-    if (ftruncate(h->fd, 0) < 0 || pwrite(h->fd, holder, len, 0) != (ssize_t)len)
+    /* Overwrite, then cut: the file never reads empty once it named a holder. */
+    if (pwrite(h->fd, holder, len, 0) != (ssize_t)len || ftruncate(h->fd, (off_t)len) < 0)
         return push_errno(L, "cannot record the holder in", path);
     return 1;
 }

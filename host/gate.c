@@ -14,7 +14,7 @@
 
 static rb_mode mode = RB_MODE_DRY_RUN;   /* until the engine starts a real run */
 static double deadline;                  /* 0: no deadline */
-static volatile sig_atomic_t nsignals;   /* SIGINT/SIGTERM seen since the last clear */
+static volatile sig_atomic_t nsignals;   /* SIGINT/SIGTERM/SIGHUP seen since the last clear */
 static volatile sig_atomic_t last_signal;
 
 void rb_set_mode(rb_mode m) { mode = m; }
@@ -28,12 +28,58 @@ double rb_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+/*
+ * Intent before effect: before a write is performed, the engine's sink
+ * journals (and fsyncs) an "intent" event. Its outcome, the "effect" event,
+ * carries the same seq, so a resume finds intents without an outcome: the
+ * effects whose fate is unknown. While a Lua library's gate is open (k8s
+ * writes), the C module's own last-moment check inside it is the same effect.
+ * `ordinal` counts the intents of the current step attempt.
+ */
+static lua_Integer intent_seq, pending_seq, ordinal;
+static int library_gate_open;
+
+static int push_sink(lua_State *L, const char *key)
+{
+    if (lua_getfield(L, LUA_REGISTRYINDEX, key) == LUA_TFUNCTION) return 1;
+    lua_pop(L, 1);
+    return 0;
+}
+
+static void set_redacted(lua_State *L, const char *key, const char *value);
+
+/* Raises (the sink's error: a full disk) when the intent cannot be journaled,
+ * so the effect is not performed. */
+static void journal_intent(lua_State *L, const rb_effect *e)
+{
+    if (!push_sink(L, RB_INTENT_SINK)) return;
+    pending_seq = ++intent_seq;
+    lua_createtable(L, 0, 8);
+    set_redacted(L, "module", e->module);
+    set_redacted(L, "op", e->op);
+    set_redacted(L, "target", e->target);
+    set_redacted(L, "summary", e->summary);
+    lua_pushinteger(L, pending_seq);
+    lua_setfield(L, -2, "seq");
+    lua_pushinteger(L, ++ordinal);
+    lua_setfield(L, -2, "n");
+    lua_call(L, 1, 0);
+}
+
 rb_decision rb_gate(lua_State *L, const rb_effect *e)
 {
-    (void)L;
-    if (mode == RB_MODE_RUN)
+    if (mode == RB_MODE_RUN) {
+        if (!library_gate_open) journal_intent(L, e);
         return RB_PERFORM;
+    }
     return e->can_simulate ? RB_SIMULATE : RB_SKIP;
+}
+
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e)
+{
+    rb_decision d = rb_gate(L, e);
+    library_gate_open = d == RB_PERFORM;
+    return d;
 }
 
 static const char *decision_name(rb_decision d)
@@ -53,14 +99,34 @@ static void set_redacted(lua_State *L, const char *key, const char *value)
     lua_setfield(L, -2, key);
 }
 
+/*
+ * A performed write that failed because the run was interrupted or its step
+ * timed out may have happened all the same (the request was sent, the reply
+ * never read): its outcome is unknown, not failed.
+ */
+static int outcome_unknown(rb_decision d, int ok)
+{
+    return d == RB_PERFORM && !ok && (nsignals || (deadline > 0 && rb_now() > deadline));
+}
+
 void rb_gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok)
 {
     int result = lua_gettop(L);
-    if (lua_getfield(L, LUA_REGISTRYINDEX, RB_EFFECT_SINK) != LUA_TFUNCTION) {
-        lua_pop(L, 2);   /* no engine listening (e.g. a module used from a spec) */
+    lua_Integer seq = d == RB_PERFORM ? pending_seq : 0;
+    pending_seq = library_gate_open = 0;
+    if (!push_sink(L, RB_EFFECT_SINK)) {
+        lua_pop(L, 1);   /* no engine listening (e.g. a module used from a spec) */
         return;
     }
-    lua_createtable(L, 0, 8);
+    lua_createtable(L, 0, 10);
+    if (seq) {
+        lua_pushinteger(L, seq);
+        lua_setfield(L, -2, "seq");
+    }
+    if (outcome_unknown(d, ok)) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "unknown");
+    }
     set_redacted(L, "module", e->module);
     set_redacted(L, "op", e->op);
     set_redacted(L, "target", e->target);
@@ -90,9 +156,19 @@ static void deadline_hook(lua_State *L, lua_Debug *ar)
         luaL_error(L, "step timed out");
 }
 
-void rb_hook_install(lua_State *L) { lua_sethook(L, deadline_hook, LUA_MASKCOUNT, 10000); }
+void rb_hook(lua_State *co) { lua_sethook(co, deadline_hook, LUA_MASKCOUNT, 10000); }
 
-void rb_set_deadline(double d) { deadline = d; }
+/* The hook is removed with the deadline: with a count hook set, Lua calls it
+ * back on every instruction, which host code need not pay for. */
+void rb_set_deadline(lua_State *L, double d)
+{
+    deadline = d;
+    pending_seq = ordinal = library_gate_open = 0;   /* a step attempt starts or ends */
+    if (d > 0)
+        rb_hook(L);
+    else
+        lua_sethook(L, NULL, 0, 0);
+}
 
 double rb_get_deadline(void) { return deadline; }
 
@@ -116,7 +192,8 @@ static void on_signal(int sig)
         (void)w;
         _exit(128 + sig);
     }
-    last_signal = sig;
+    /* A closed terminal or SSH session (SIGHUP) stops the run as SIGTERM does. */
+    last_signal = sig == SIGHUP ? SIGTERM : sig;
     nsignals = 1;
 }
 
@@ -128,6 +205,7 @@ void rb_signals_install(void)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
 }
 
 int rb_interrupted(void) { return nsignals != 0; }

@@ -7,6 +7,7 @@
 /* Registry keys. */
 #define RB_ERROR_MT    "runbook.error"
 #define RB_EFFECT_SINK "runbook.effect_sink"
+#define RB_INTENT_SINK "runbook.intent_sink"
 
 /* The gate's mode, set only by the host's own Lua (the CLI and the engine)
  * through the private host library. It starts as a dry run: loading a
@@ -15,12 +16,17 @@ typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
 
+/* The gate for effects written in Lua (host.gate): as rb_gate, and the C
+ * module's own check inside it (until host.gate_done) is the same effect. */
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e);
+
 /* Step deadline (monotonic seconds; 0 = none), enforced in Lua code by a
- * count hook installed on the main state at start-up, so that every
- * coroutine, created when it may, inherits it. */
-void rb_set_deadline(double deadline);
+ * count hook on the calling thread while it is set (coroutines created
+ * meanwhile inherit it). rb_hook puts the hook on a coroutine for good: a
+ * runbook's, which may be created before any deadline, when it loads. */
+void rb_set_deadline(lua_State *L, double deadline);
 double rb_get_deadline(void);
-void rb_hook_install(lua_State *L);
+void rb_hook(lua_State *co);
 
 /* The watchdog (watchdog.c): ends the process RB_WATCHDOG_GRACE seconds
  * after a deadline runbook code did not stop at. See rb_watchdog there. */

@@ -75,8 +75,17 @@ static int h_set_deadline(lua_State *L)
     double d = luaL_optnumber(L, 1, 0);
     if (!lua_isnoneornil(L, 2))
         luaL_checktype(L, 2, LUA_TTABLE);
-    rb_set_deadline(d);
+    rb_set_deadline(L, d);
     rb_watchdog(L, d, lua_istable(L, 2) ? 2 : 0);
+    return 0;
+}
+
+/* hook(co): the deadline hook on a coroutine a runbook creates. */
+static int h_hook(lua_State *L)
+{
+    lua_State *co = lua_tothread(L, 1);
+    luaL_argexpected(L, co != NULL, 1, "coroutine");
+    rb_hook(co);
     return 0;
 }
 
@@ -111,12 +120,15 @@ static int h_redact_value(lua_State *L)
     return 1;
 }
 
-/* The function the gate reports effects to (the engine's recorder), or nil. */
+/* set_effect_sink(outcomes [, intents]): the functions the gate reports
+ * effects' outcomes and (before performing them) intents to, or nil. */
 static int h_set_effect_sink(lua_State *L)
 {
-    if (!lua_isnil(L, 1))
-        luaL_checktype(L, 1, LUA_TFUNCTION);
-    lua_settop(L, 1);
+    for (int i = 1; i <= 2; i++)
+        if (!lua_isnoneornil(L, i))
+            luaL_checktype(L, i, LUA_TFUNCTION);
+    lua_settop(L, 2);
+    lua_setfield(L, LUA_REGISTRYINDEX, RB_INTENT_SINK);
     lua_setfield(L, LUA_REGISTRYINDEX, RB_EFFECT_SINK);
     return 0;
 }
@@ -130,7 +142,7 @@ static int h_gate(lua_State *L)
     rb_effect e = { luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
                     luaL_checkstring(L, 4), lua_toboolean(L, 5) };
     static const char *const names[] = { "perform", "simulate", "skip" };
-    lua_pushstring(L, names[rb_gate(L, &e)]);
+    lua_pushstring(L, names[rb_gate_library(L, &e)]);
     return 1;
 }
 
@@ -236,6 +248,7 @@ static const luaL_Reg host_funcs[] = {
     { "mode", h_mode },
     { "set_deadline", h_set_deadline },
     { "deadline", h_deadline },
+    { "hook", h_hook },
     { "secret", h_secret },
     { "redact", h_redact },
     { "redact_value", h_redact_value },

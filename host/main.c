@@ -125,7 +125,6 @@ static int pmain(lua_State *L)
     rb_secret_register_env();
     luaL_openlibs(L);
     rb_guard_stdlib(L);
-    rb_hook_install(L);
     keep_c_libraries(L);
     luaL_requiref(L, "runbook.host", luaopen_runbook_host, 0);
     find_roots(stdlib, libdir, sizeof stdlib);

@@ -36,8 +36,11 @@ typedef struct {
 } rb_effect;
 
 /*
- * Ask the gate. Returns RB_PERFORM in normal mode; in dry-run mode
- * RB_SIMULATE when e->can_simulate, else RB_SKIP. Never raises.
+ * Ask the gate. Returns RB_PERFORM in normal mode, having journaled the
+ * effect's intent (it raises, before anything is done, when the intent cannot
+ * be journaled: a full disk); in dry-run mode RB_SIMULATE when
+ * e->can_simulate, else RB_SKIP. Ask it right before the write, with nothing
+ * to free on an error, and report every PERFORM with rb_gate_done().
  */
 rb_decision rb_gate(lua_State *L, const rb_effect *e);
 

@@ -263,7 +263,12 @@ static void push_value(lua_State *L, int idx, int depth)
         push_value(L, -2, depth + 1);
         lua_rawset(L, -5);
     }
-    if (lua_getmetatable(L, idx)) lua_setmetatable(L, -2);   /* cjson's array marks */
+    /* Keep cjson's array marks; not a finalizer, which would then run on the copy too. */
+    if (lua_getmetatable(L, idx)) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, -2) == LUA_TNIL) { lua_pop(L, 1); lua_setmetatable(L, -2); }
+        else lua_pop(L, 2);
+    }
 }
 
 void rb_push_redacted_value(lua_State *L, int idx)
@@ -279,13 +284,9 @@ static int unhex(char c)
     return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
 }
 
-/* The password of user:password@ in s[0..len), as written and percent-decoded. */
-static void register_userinfo(const char *s, size_t len)
+/* A credential as written in a URL and percent-decoded. */
+static void register_encoded(const char *pw, size_t n)
 {
-    const char *colon = memchr(s, ':', len);
-    if (!colon) return;
-    const char *pw = colon + 1;
-    size_t n = len - (size_t)(pw - s);
     rb_secret_register(NULL, pw, n);
     text t = { 0 };
     for (size_t i = 0; i < n; i++) {
@@ -301,7 +302,8 @@ static void register_userinfo(const char *s, size_t len)
     free(t.s);
 }
 
-/* Every scheme://user:password@host in a list separated by commas or spaces. */
+/* Every scheme://user:password@host in a list separated by commas or
+ * spaces, and a password= in a URL's query (libpq takes one there). */
 static void register_urls(const char *v)
 {
     for (const char *p = strstr(v, "://"); p; p = strstr(p, "://")) {
@@ -309,8 +311,12 @@ static void register_urls(const char *v)
         size_t auth = strcspn(p, "/?#, ");
         const char *at = NULL;
         for (size_t i = 0; i < auth; i++) if (p[i] == '@') at = p + i;
-        if (at) register_userinfo(p, (size_t)(at - p));
+        const char *colon = at ? memchr(p, ':', (size_t)(at - p)) : NULL;
+        if (colon) register_encoded(colon + 1, (size_t)(at - colon - 1));
     }
+    const char *query = strchr(v, '?');
+    for (const char *p = query ? strstr(query, "password=") : NULL; p; p = strstr(p + 1, "password="))
+        register_encoded(p + 9, strcspn(p + 9, "&#, "));
 }
 
 /* libpq's key=value form: password=secret or password='se cret'. */
@@ -342,9 +348,9 @@ static void register_conninfo_password(const char *v)
  */
 void rb_secret_register_env(void)
 {
-    static const char *const urls[] = { "DATABASE_URL", "REDIS_URL", "REDIS_TLS_URL", "KAFKA_BROKERS",
+    static const char *const urls[] = { "DATABASE_URL", "REDIS_URL", "KAFKA_BROKERS",
         "PROMETHEUS_URL", "ALERTMANAGER_URL", "RUNBOOK_PUSHGATEWAY", "DAPR_HTTP_ENDPOINT", NULL };
-    static const char *const whole[] = { "PGPASSWORD", "REDISCLI_AUTH", "DAPR_API_TOKEN", NULL };
+    static const char *const whole[] = { "PGPASSWORD", "DAPR_API_TOKEN", NULL };   /* libpq, dapr.lua */
     for (int i = 0; urls[i]; i++) {
         const char *v = getenv(urls[i]);
         if (v) register_urls(v);

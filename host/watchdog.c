@@ -52,6 +52,8 @@ static void fire(int sig)
         write_all(fd, lines);
         fsync(fd);
     }
+    if (isatty(2))
+        write_all(2, "\n");   /* below the terminal view's status line */
     write_all(2, message);
     _exit(exit_code);
 }

@@ -23,6 +23,7 @@
 #include <poll.h>
 #include <stdio.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -277,9 +278,13 @@ static const char *push_summary(lua_State *L, const char **argv) {
 
 /* ---- spawning ----------------------------------------------------------- */
 
-/* In the child: only async-signal-safe calls until execve. */
+/* In the child: only async-signal-safe calls until execve. The child dies
+ * with the host, even a SIGKILLed one (its group is killed on every other
+ * way out): an effect never goes on after the run that journaled it. */
 static void child(const char *file, const char **argv, const char **env,
-                  const char *cwd, int in, int out, int err, int errpipe) {
+                  const char *cwd, int in, int out, int err, int errpipe, pid_t parent) {
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != parent) _exit(127);   /* the host died before prctl */
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
@@ -313,8 +318,8 @@ static int spawn(proc *p, const char *file, const char **argv, const char **env,
     if (pipe2(out, O_CLOEXEC) < 0) goto fail_in;
     if (pipe2(err, O_CLOEXEC) < 0) goto fail_out;
     if (pipe2(ep, O_CLOEXEC) < 0) goto fail_err;
-    pid_t pid = fork();
-    if (pid == 0) child(file, argv, env, cwd, in[0], out[1], err[1], ep[1]);
+    pid_t parent = getpid(), pid = fork();
+    if (pid == 0) child(file, argv, env, cwd, in[0], out[1], err[1], ep[1], parent);
     int saved = errno;
     close(in[0]); close(out[1]); close(err[1]); close(ep[1]);
     if (pid < 0) {

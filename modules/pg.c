@@ -15,8 +15,11 @@
  *   conn:query(sql, params...) -> rows   each row {column = value}; rows.columns
  *   conn:exec(sql, params...) -> n, how  affected rows; how = performed|simulated|skipped
  *   conn:query{sql, params..., write = true}   marks a statement as a write
+ *     (a dry run's query result carries `simulated` and `affected` for a write)
  *   conn:copy_to(sql, path) -> {rows}    streams COPY ... TO STDOUT into a file
- *   conn:copy_from(sql, path, table) -> {rows}  streams a file into COPY ... FROM STDIN
+ *   conn:copy_from(path, table, opts) -> {rows}  streams a file into COPY table FROM STDIN
+ *     opts: columns, format (csv|text|binary), header, delimiter, null; the
+ *     statement is built here, never taken from the runbook
  *   conn:status() -> {transaction, server_version, database, user, host, port, pid}
  *   conn:close()                         also __close and __gc
  *
@@ -26,13 +29,11 @@
  * arrays, intervals) stays PostgreSQL's text. Parameters are sent separately
  * from the SQL ($1, $2...), never interpolated.
  *
- * The gate: every statement is classified from its text (SELECT, SHOW,
- * EXPLAIN... are reads; SELECTs calling functions such as pg_terminate_backend
- * are writes; everything unknown is a write). In a dry run, writes that can
- * run in a transaction run in one that is rolled back (a savepoint inside an
- * open transaction) and report their row counts; VACUUM, CREATE DATABASE and
- * the like are reported as not simulated; reads run in a read-only session so
- * a misclassified read cannot write either.
+ * The gate: in a normal run statements are labelled from their text (SELECT,
+ * SHOW, EXPLAIN... are reads, the rest writes) only to journal the writes. A
+ * dry run does not trust the text: every statement runs in a transaction the
+ * module opens and rolls back, after the server has said what it would touch;
+ * see "the dry run" below.
  *
  * Every wait is bounded by the step's remaining time: the socket is polled
  * with a deadline and a late statement is cancelled on the server; the
@@ -60,6 +61,7 @@
 #define REG_JSON_ENCODE "runbook.pg.json_encode"
 #define REG_JSON_DECODE "runbook.pg.json_decode"
 #define REG_NULL "runbook.pg.null"
+#define MAX_SETTINGS 100          /* SET statements a dry run replays */
 
 /* Type OIDs from pg_type.h (server headers are not in libpq-dev). */
 enum {
@@ -76,6 +78,9 @@ typedef struct {
     int readonly;        /* the session's default_transaction_read_only: -1 unknown */
     double timeout_for;  /* the deadline statement_timeout was set for; 0 none, -1 unknown */
     int broken;          /* a statement was abandoned mid-way: reconnect before the next */
+    int dry_tx;          /* dry run: the runbook's BEGIN opened the module's transaction */
+    int check_ready;     /* dry run: CHECK_SQL is prepared on this session */
+    int in_sim;          /* dry run: a statement's transaction (or savepoint) is open */
     double timeout;      /* cap on one statement's wait, within the step's remaining time */
 } conn;
 
@@ -214,10 +219,12 @@ static const char *opt_string(lua_State *L, int t, const char *field, const char
 
 
 static conn *new_conn(lua_State *L) {
-    conn *c = lua_newuserdatauv(L, sizeof *c, 0);
+    conn *c = lua_newuserdatauv(L, sizeof *c, 1);
     memset(c, 0, sizeof *c);
     c->readonly = -1;
     luaL_setmetatable(L, CONN_MT);
+    lua_newtable(L);   /* a dry run's SET statements */
+    lua_setiuservalue(L, -2, 1);
     return c;
 }
 
@@ -283,6 +290,7 @@ static void ensure_connected(lua_State *L, conn *c, const char *op) {
     int waited = PQresetStart(c->pg) ? poll_connect(c->pg, 1, rb_now() + timeout) : WAIT_READY;
     c->readonly = -1;
     c->timeout_for = 0;
+    c->dry_tx = c->check_ready = c->in_sim = 0;
     if (waited == WAIT_READY && PQstatus(c->pg) == CONNECTION_OK) {
         PQsetnonblocking(c->pg, 1);
         return;
@@ -386,19 +394,27 @@ static int collect(conn *c, waiter *w) {
 
 typedef struct { int why, copy; double secs; } outcome;
 
-/* Runs one statement without raising; c->res holds its result. */
-static outcome attempt(lua_State *L, conn *c, const char *sql, int n, const char *const *vals) {
+/* Waits for the results of what was just sent (`sent`: the PQsend* call
+ * succeeded) without raising; c->res holds the result. */
+static outcome finish(lua_State *L, conn *c, int sent) {
     outcome o = { WAIT_READY, 0, rb_remaining(L, c->timeout) };
     double deadline = rb_now() + o.secs;
     if (c->res) PQclear(c->res);
     c->res = NULL;
-    if (!PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0)) return o;
+    if (!sent) return o;
     o.why = flush_all(c->pg, deadline);
     if (o.why != WAIT_READY) { c->broken = 1; return o; }
     waiter w = { deadline, WAIT_READY };
     o.copy = collect(c, &w);
     o.why = w.why;
     return o;
+}
+
+/* Runs one statement without raising; c->res holds its result. */
+static outcome attempt(lua_State *L, conn *c, const char *sql, int n, const char *const *vals) {
+    if (c->res) PQclear(c->res);
+    c->res = NULL;
+    return finish(L, c, PQsendQueryParams(c->pg, sql, n, NULL, vals, NULL, NULL, 0));
 }
 
 static int succeeded(conn *c, outcome o) {
@@ -825,44 +841,336 @@ static const char *push_outcome(lua_State *L, const PGresult *r, const sql_class
     return lua_pushstring(L, fallback);
 }
 
-/* The write being performed or simulated, and how to end a simulation. */
+/* A failed statement's message, as the gate records it. */
+static void push_failure(lua_State *L, conn *c, outcome o) {
+    lua_pushstring(L, c->res && PQresultStatus(c->res) == PGRES_FATAL_ERROR
+                          ? PQresultErrorField(c->res, PG_DIAG_MESSAGE_PRIMARY)
+                          : o.why == WAIT_TIMEOUT ? "timeout" : "failed");
+}
+
+/* A write through the gate: its description and the decision taken. */
 typedef struct {
     rb_effect e;
     rb_decision d;
-    int in_tx;
 } gated;
 
-static void begin_simulation(lua_State *L, conn *c, gated *g, const char *op) {
-    g->in_tx = PQtransactionStatus(c->pg) != PQTRANS_IDLE;
-    if (g->d == RB_SIMULATE) run_plain(L, c, op, g->in_tx ? "SAVEPOINT runbook_dry_run" : "BEGIN READ WRITE");
-}
+/* ---- the dry run ---------------------------------------------------------
+ *
+ * In a dry run nothing a runbook sends runs outside a transaction this module
+ * opens and always rolls back: BEGIN READ WRITE ... ROLLBACK, or a savepoint
+ * inside the runbook's own BEGIN (which the module opened too, and ends with a
+ * ROLLBACK whatever the runbook sends: COMMIT included). SET and RESET run in
+ * that transaction, are remembered and replayed in every later one, so they
+ * last for the runbook but never for the session.
+ *
+ * A rollback does not undo everything, so before a statement runs the server
+ * says what it would touch: the statement becomes the body of a temporary
+ * SQL-standard function (CREATE FUNCTION ... BEGIN ATOMIC), which PostgreSQL
+ * parses and stores as a query tree. CHECK_SQL walks that tree and what it
+ * leads to (views' rules, row security policies, partitions; for writes also
+ * triggers, constraints, indexes, tables that cascade; for inserts column
+ * defaults) and names the first thing a rollback would not undo: a volatile
+ * built-in function outside a short list of harmless ones (nextval,
+ * pg_notify, pg_terminate_backend, set_config, lo_export, session advisory
+ * locks...), a function whose body PostgreSQL cannot show (PL/pgSQL, C, every
+ * extension's: dblink), or a foreign table. Such a statement is reported as
+ * not simulated and never sent. Statements the probe cannot hold (utility
+ * statements: COPY, DO, VACUUM, LISTEN, PREPARE, DECLARE, EXPLAIN, CREATE...)
+ * are not simulated either, except SHOW, SET and RESET.
+ */
 
-/* Undoes a simulation whatever happened to the write; keeps c->res. */
-static void end_simulation(conn *c, const gated *g) {
-    if (g->d != RB_SIMULATE || PQstatus(c->pg) != CONNECTION_OK || c->broken) return;
+/* Volatile built-ins whose effects end with the transaction or are reads. */
+#define HARMLESS_VOLATILE \
+    "'clock_timestamp', 'timeofday', 'random', 'setseed', 'gen_random_uuid', 'currval', 'lastval', " \
+    "'current_query', 'pg_sleep', 'pg_sleep_for', 'pg_sleep_until', 'pg_advisory_xact_lock', " \
+    "'pg_advisory_xact_lock_shared', 'pg_try_advisory_xact_lock', 'pg_try_advisory_xact_lock_shared', " \
+    "'pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids', 'pg_database_size', " \
+    "'pg_relation_size', 'pg_table_size', 'pg_indexes_size', 'pg_total_relation_size', 'pg_tablespace_size', " \
+    "'pg_is_in_recovery', 'pg_is_wal_replay_paused', 'pg_get_wal_replay_pause_state', 'pg_current_wal_lsn', " \
+    "'pg_current_wal_insert_lsn', 'pg_current_wal_flush_lsn', 'pg_last_wal_receive_lsn', " \
+    "'pg_last_wal_replay_lsn', 'pg_last_xact_replay_timestamp', 'pg_last_committed_xact', " \
+    "'pg_xact_commit_timestamp', 'pg_xact_status', 'txid_status', 'pg_sequence_last_value', " \
+    "'pg_notification_queue_usage', 'pg_prepared_xact', 'pg_jit_available', 'pg_partition_tree', " \
+    "'pg_partition_ancestors', 'pg_stat_have_stats', 'pg_stat_clear_snapshot', 'bernoulli', 'system', " \
+    "'unique_key_recheck', 'suppress_redundant_updates_trigger', 'tsvector_update_trigger', " \
+    "'tsvector_update_trigger_column', 'RI_FKey_check_ins', 'RI_FKey_check_upd', 'RI_FKey_cascade_del', " \
+    "'RI_FKey_cascade_upd', 'RI_FKey_restrict_del', 'RI_FKey_restrict_upd', 'RI_FKey_setnull_del', " \
+    "'RI_FKey_setnull_upd', 'RI_FKey_setdefault_del', 'RI_FKey_setdefault_upd', 'RI_FKey_noaction_del', " \
+    "'RI_FKey_noaction_upd'"
+
+/* The objects a stored query tree names: functions, operators, relations, types. */
+#define REFS(tree) \
+    "SELECT CASE m[1] WHEN 'relid' THEN 'r' WHEN 'opno' THEN 'o' WHEN 'opnos' THEN 'o' " \
+    "WHEN 'resulttype' THEN 't' WHEN 'consttype' THEN 't' ELSE 'f' END::\"char\" AS k, x::oid AS o " \
+    "FROM regexp_matches(" tree "::text, ':(funcid|opfuncid|aggfnoid|winfnoid|hashfuncid|negfuncid|tsmhandler" \
+    "|opnos|opno|relid|resulttype|consttype) [(]?o?([ 0-9]+)', 'g') m, string_to_table(btrim(m[2]), ' ') x"
+
+/* $1 'f' and the probe function, or 'r' and a table COPY writes into; $2
+ * true when it writes (COPY). Returns why it cannot be simulated (NULL when
+ * it can) and whether it writes. Prepared once per connection with the
+ * search_path pinned to pg_catalog, so no runbook setting changes it. */
+static const char CHECK_SQL[] =
+    "WITH RECURSIVE start AS ("
+    "  SELECT $1::\"char\" AS k, CASE $1 WHEN 'f' THEN to_regproc($2)::oid ELSE to_regclass($2)::oid END AS o"
+    "), stmt AS ("
+    "  SELECT $3 OR coalesce(b ~ ':commandType [2-5]', false) AS writes,"
+    "         $3 OR coalesce(b ~ ':commandType [35]|[{]SETTODEFAULT', false) AS defaults"
+    "  FROM start LEFT JOIN LATERAL (SELECT prosqlbody::text AS b FROM pg_proc"
+    "                                WHERE start.k = 'f' AND oid = start.o) p ON true"
+    "), reached(k, o) AS ("
+    "  SELECT k, o FROM start"
+    "  UNION"
+    "  SELECT n.k, n.o FROM reached r, stmt, LATERAL ("
+    "    SELECT x.k, x.o FROM pg_proc p, LATERAL (" REFS("p.prosqlbody") ") x WHERE r.k = 'f' AND p.oid = r.o"
+    "    UNION ALL SELECT 'f', oprcode FROM pg_operator WHERE r.k = 'o' AND oid = r.o"
+    "    UNION ALL SELECT 't', typbasetype FROM pg_type WHERE r.k = 't' AND oid = r.o AND typbasetype <> 0"
+    "    UNION ALL SELECT x.k, x.o FROM pg_constraint c, LATERAL (" REFS("c.conbin") ") x"
+    "      WHERE r.k = 't' AND c.contypid = r.o"
+    "    UNION ALL SELECT x.k, x.o FROM pg_rewrite w, LATERAL (" REFS("w.ev_action") ") x"
+    "      WHERE r.k = 'r' AND w.ev_class = r.o"
+    "    UNION ALL SELECT x.k, x.o FROM pg_policy p, LATERAL (" REFS("p.polqual") " UNION ALL " REFS("p.polwithcheck") ") x"
+    "      WHERE r.k = 'r' AND p.polrelid = r.o"
+    "    UNION ALL SELECT 'r', inhrelid FROM pg_inherits WHERE r.k = 'r' AND inhparent = r.o"
+    "    UNION ALL SELECT x.k, x.o FROM pg_attrdef d"
+    "      JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum, LATERAL (" REFS("d.adbin") ") x"
+    "      WHERE r.k = 'r' AND d.adrelid = r.o AND (stmt.defaults OR (stmt.writes AND a.attgenerated <> ''))"
+    "    UNION ALL SELECT 'f', t.tgfoid FROM pg_trigger t WHERE stmt.writes AND r.k = 'r' AND t.tgrelid = r.o"
+    "    UNION ALL SELECT x.k, x.o FROM pg_trigger t, LATERAL (" REFS("t.tgqual") ") x"
+    "      WHERE stmt.writes AND r.k = 'r' AND t.tgrelid = r.o"
+    "    UNION ALL SELECT x.k, x.o FROM pg_constraint c, LATERAL (" REFS("c.conbin") ") x"
+    "      WHERE stmt.writes AND r.k = 'r' AND c.conrelid = r.o"
+    "    UNION ALL SELECT 'r', conrelid FROM pg_constraint"
+    "      WHERE stmt.writes AND r.k = 'r' AND confrelid = r.o AND contype = 'f'"
+    "    UNION ALL SELECT x.k, x.o FROM pg_index i, LATERAL (" REFS("i.indexprs") " UNION ALL " REFS("i.indpred") ") x"
+    "      WHERE stmt.writes AND r.k = 'r' AND i.indrelid = r.o"
+    "  ) n"
+    ")"
+    "SELECT (SELECT CASE r.k WHEN 'f' THEN 'it calls ' || r.o::regprocedure::text"
+    "                        ELSE 'it uses the foreign table ' || r.o::regclass::text END"
+    "        FROM reached r"
+    "        LEFT JOIN pg_proc p ON r.k = 'f' AND p.oid = r.o"
+    "        LEFT JOIN pg_class c ON r.k = 'r' AND c.oid = r.o"
+    "        WHERE CASE WHEN p.oid >= 16384 THEN p.prosqlbody IS NULL"
+    "                   ELSE p.provolatile = 'v' AND p.proname NOT IN (" HARMLESS_VOLATILE ") END"
+    "           OR c.relkind = 'f'"
+    "        LIMIT 1),"
+    "       (SELECT writes FROM stmt)";
+
+/* Ends the dry run's transaction (or savepoint) whatever state it is in; keeps c->res. */
+static void sim_end(conn *c) {
+    if (!c->in_sim) return;
+    c->in_sim = 0;
+    if (PQstatus(c->pg) != CONNECTION_OK || c->broken) return;
     PQsetnonblocking(c->pg, 0);
-    PGresult *r = PQexec(c->pg, g->in_tx ? "ROLLBACK TO SAVEPOINT runbook_dry_run; RELEASE SAVEPOINT runbook_dry_run"
-                                         : "ROLLBACK");
+    PGresult *r = PQexec(c->pg, c->dry_tx ? "ROLLBACK TO SAVEPOINT runbook_dry_run; RELEASE SAVEPOINT runbook_dry_run"
+                                          : "ROLLBACK");
     PQclear(r);
     PQsetnonblocking(c->pg, 1);
 }
 
-/* Records a failed write with the gate, then raises its error. */
-static int fail_gated(lua_State *L, conn *c, gated *g, const char *op, outcome o) {
-    end_simulation(c, g);
-    lua_pushstring(L, c->res && PQresultStatus(c->res) == PGRES_FATAL_ERROR ? PQresultErrorField(c->res, PG_DIAG_MESSAGE_PRIMARY)
-                      : o.why == WAIT_TIMEOUT ? "timeout" : "failed");
-    rb_gate_done(L, &g->e, g->d, 0);
+/* Runs one statement inside the dry run's transaction; on failure ends the
+ * transaction and raises. */
+static void sim_run(lua_State *L, conn *c, const char *op, const char *sql, int n, const char *const *vals) {
+    outcome o = attempt(L, c, sql, n, vals);
+    if (succeeded(c, o)) return;
+    sim_end(c);
+    raise_outcome(L, c, op, o);
+}
+
+/* The runbook's SET and RESET statements, replayed in each transaction (the
+ * connection's user value). */
+static void push_settings(lua_State *L) {
+    lua_getiuservalue(L, 1, 1);
+}
+
+/* Sends a statement the module built, raising on failure (ending the
+ * transaction). */
+static void sim_send(lua_State *L, conn *c, const char *op, int sent) {
+    outcome o = finish(L, c, sent);
+    if (!succeeded(c, o)) sim_end(c), raise_outcome(L, c, op, o);
+}
+
+/* CHECK_SQL, prepared once per connection with the search_path pinned (a
+ * prepared statement keeps the search_path it was prepared with). */
+static void prepare_check(lua_State *L, conn *c, const char *op) {
+    if (c->check_ready) return;
+    sim_run(L, c, op, "SAVEPOINT runbook_check", 0, NULL);
+    sim_run(L, c, op, "SET LOCAL search_path = pg_catalog, pg_temp", 0, NULL);
+    sim_send(L, c, op, PQsendPrepare(c->pg, "runbook_dry_run_check", CHECK_SQL, 0, NULL));
+    sim_run(L, c, op, "ROLLBACK TO SAVEPOINT runbook_check", 0, NULL);
+    c->check_ready = 1;
+}
+
+/* Opens the transaction a dry-run statement runs in, with the runbook's
+ * settings in force. */
+static void sim_begin(lua_State *L, conn *c, const char *op) {
+    run_plain(L, c, op, c->dry_tx ? "SAVEPOINT runbook_dry_run" : "BEGIN READ WRITE");
+    c->in_sim = 1;
+    sim_run(L, c, op, "SET LOCAL jit = off", 0, NULL);   /* compiling CHECK_SQL takes seconds */
+    prepare_check(L, c, op);
+    push_settings(L);
+    for (lua_Integer i = 1; lua_rawgeti(L, -1, i) == LUA_TSTRING; i++) {
+        sim_run(L, c, op, lua_tostring(L, -1), 0, NULL);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+}
+
+/* Parameter type names for the probe's signature, as the server infers them. */
+static const char *push_param_types(lua_State *L, conn *c, const char *op, const char *sql, int n) {
+    if (n == 0) return lua_pushliteral(L, "");
+    sim_send(L, c, op, PQsendPrepare(c->pg, "", sql, n, NULL));
+    sim_send(L, c, op, PQsendDescribePrepared(c->pg, ""));
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addchar(&b, '{');
+    for (int i = 0; i < PQnparams(c->res); i++) {
+        if (i) luaL_addchar(&b, ',');
+        lua_pushinteger(L, (lua_Integer)PQparamtype(c->res, i));
+        luaL_addvalue(&b);
+    }
+    luaL_addchar(&b, '}');
+    luaL_pushresult(&b);
+    const char *oids[] = { lua_tostring(L, -1) };
+    sim_run(L, c, op,
+            "SELECT pg_catalog.string_agg(CASE t WHEN 705 THEN 'text' ELSE pg_catalog.format_type(t, NULL) END, ', '"
+            " ORDER BY i) FROM pg_catalog.unnest($1::pg_catalog.oid[]) WITH ORDINALITY AS u(t, i)", 1, oids);
+    return lua_pushstring(L, PQgetisnull(c->res, 0, 0) ? "" : PQgetvalue(c->res, 0, 0));
+}
+
+/* Asks the server what `target` (the probe function, or a table for COPY)
+ * would touch; returns why it cannot be simulated, NULL when it can, and
+ * whether it writes. Raises (ending the transaction) when the check fails. */
+static const char *server_check(lua_State *L, conn *c, const char *op, const char *kind, const char *target,
+                                int writes, int *writes_out) {
+    const char *vals[] = { kind, target, writes ? "true" : "false" };
+    sim_send(L, c, op, PQsendQueryPrepared(c->pg, "runbook_dry_run_check", 3, vals, NULL, NULL, 0));
+    *writes_out = PQgetvalue(c->res, 0, 1)[0] == 't';
+    return PQgetisnull(c->res, 0, 0) ? NULL : lua_pushstring(L, PQgetvalue(c->res, 0, 0));
+}
+
+/* Records a write the dry run could not even try (its statement failed to
+ * parse or the check failed), then raises its error. */
+static int fail_dry(lua_State *L, conn *c, gated *g, const char *op, outcome o) {
+    sim_end(c);
+    if (g->e.summary) {
+        g->e.can_simulate = 1;
+        g->d = rb_gate(L, &g->e);
+        push_failure(L, c, o);
+        rb_gate_done(L, &g->e, g->d, 0);
+    }
     return raise_outcome(L, c, op, o);
 }
 
-/* Records a successful write with its outcome ("delete 3 rows from t"). */
-static void done_gated(lua_State *L, conn *c, gated *g, const sql_class *k) {
-    end_simulation(c, g);
-    g->e.summary = push_outcome(L, c->res, k, g->e.summary);
-    if (g->d == RB_SIMULATE) lua_pushliteral(L, "rolled back");
-    else lua_pushstring(L, PQcmdStatus(c->res));
-    rb_gate_done(L, &g->e, g->d, 1);
+/* Why a utility statement is not simulated (its summary stays the statement). */
+static const char CANNOT_CHECK[] = "PostgreSQL cannot say what it does before it runs";
+
+/* Probes a statement: NULL and *writes when the server could check it, else
+ * why not. Raises the statement's own errors (a misspelt column). */
+static const char *probe(lua_State *L, conn *c, gated *g, const char *op, const char *sql, int n, int *writes) {
+    const char *types = push_param_types(L, c, op, sql, n);
+    const char *create = lua_pushfstring(L, "CREATE FUNCTION pg_temp.runbook_probe(%s) RETURNS void LANGUAGE sql "
+                                            "BEGIN ATOMIC\n%s\n;\nEND", types, sql);
+    outcome o = attempt(L, c, create, 0, NULL);
+    if (!succeeded(c, o)) {
+        const char *state = c->res ? PQresultErrorField(c->res, PG_DIAG_SQLSTATE) : NULL;
+        if (o.why == WAIT_READY && state && strcmp(state, "0A000") == 0) return CANNOT_CHECK;
+        if (o.why == WAIT_READY && state && strcmp(state, "42601") == 0) {
+            /* a syntax error, or a statement a function body refuses (SELECT ... INTO): parsed alone, it tells */
+            sim_end(c);
+            o = finish(L, c, PQsendPrepare(c->pg, "", sql, n, NULL));
+            if (succeeded(c, o)) return CANNOT_CHECK;
+        }
+        fail_dry(L, c, g, op, o);
+    }
+    return server_check(L, c, op, "f", "pg_temp.runbook_probe", 0, writes);
+}
+
+/* BEGIN, COMMIT and the like in a dry run: the module's transaction opens
+ * and always rolls back; savepoints have nothing to undo. */
+static void dry_transaction(lua_State *L, conn *c, const char *op, const char *sql) {
+    lexer lx = { sql };
+    token t = next_token(&lx), t2 = next_token(&lx);
+    for (lexer rest = lx; t2.type != TOK_END;) {   /* one statement, as the extended protocol insists */
+        token u = next_token(&rest);
+        if (u.type == TOK_END) break;
+        if (u.type == TOK_OTHER && *u.s == ';' && next_token(&(lexer){ rest.p }).type != TOK_END)
+            rb_error(L, "pg", op, "42601", 0, "cannot insert multiple commands into a prepared statement");
+    }
+    if (word_is(&t, "BEGIN") || word_is(&t, "START")) {
+        if (!c->dry_tx) run_plain(L, c, op, "BEGIN READ WRITE");
+        c->dry_tx = 1;
+    } else if (!word_is(&t, "SAVEPOINT") && !word_is(&t, "RELEASE") && !word_is(&t2, "TO")) {
+        if (c->dry_tx) run_plain(L, c, op, "ROLLBACK");
+        c->dry_tx = 0;
+    }
+    scratch_free(c);
+}
+
+/* SET and RESET, remembered for the transactions to come (RESET ALL forgets). */
+static void remember_setting(lua_State *L, const char *sql) {
+    lexer lx = { sql };
+    token t = next_token(&lx), t2 = next_token(&lx);
+    push_settings(L);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1);
+    if (word_is(&t, "RESET") && word_is(&t2, "ALL")) {
+        for (; n > 0; n--) lua_pushnil(L), lua_rawseti(L, -2, n);
+    } else {
+        if (n >= MAX_SETTINGS) luaL_error(L, "pg: more than %d SET statements in one dry run", MAX_SETTINGS);
+        lua_pushstring(L, sql);
+        lua_rawseti(L, -2, n + 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* A statement in a dry run (see above). Writes and statements that cannot
+ * be simulated go through the gate; reads just run. */
+static rb_decision dry_statement(lua_State *L, conn *c, const char *op, const char *sql, int n, const char **vals,
+                                 const sql_class *k, int force_write) {
+    if (k->kind == SQL_TRANSACTION) {
+        dry_transaction(L, c, op, sql);
+        return RB_SIMULATE;
+    }
+    gated g = { { "pg", op, PQdb(c->pg), NULL, 0 }, RB_SKIP };
+    if (k->table[0]) g.e.target = lua_pushfstring(L, "%s.%s", PQdb(c->pg), k->table);
+    const char *what = push_sql_summary(L, sql);
+    if (k->kind == SQL_WRITE) g.e.summary = lua_pushfstring(L, "run: %s", what);
+    lexer lx = { sql };
+    token t = next_token(&lx);
+    const char *why = force_write ? "marked write = true" : NULL;
+    int writes = k->kind == SQL_WRITE;
+    if (!why) {
+        sim_begin(L, c, op);
+        if (word_is(&t, "SHOW") || word_is(&t, "SET") || word_is(&t, "RESET")) {
+            sim_run(L, c, op, sql, n, vals);
+            sim_end(c);
+            if (!word_is(&t, "SHOW")) remember_setting(L, sql);
+            return word_is(&t, "SHOW") ? RB_PERFORM : RB_SIMULATE;
+        }
+        why = probe(L, c, &g, op, sql, n, &writes);
+        if (!writes) g.e.summary = NULL;
+    }
+    if (writes || why) {
+        int named = why && why != CANNOT_CHECK;   /* the server named what a rollback would not undo */
+        g.e.summary = lua_pushfstring(L, "run: %s%s%s", what, named ? "; " : "", named ? why : "");
+        g.e.can_simulate = why == NULL;
+        g.d = rb_gate(L, &g.e);
+    }
+    if (why) {
+        sim_end(c);
+        scratch_free(c);
+        lua_pushstring(L, why);
+        rb_gate_done(L, &g.e, g.d, 1);
+        return RB_SKIP;
+    }
+    outcome o = attempt(L, c, sql, n, vals);
+    if (!succeeded(c, o)) fail_dry(L, c, &g, op, o);
+    sim_end(c);
+    if (!writes) return RB_PERFORM;
+    g.e.summary = push_outcome(L, c->res, k, g.e.summary);
+    lua_pushliteral(L, "rolled back");
+    rb_gate_done(L, &g.e, g.d, 1);
+    return RB_SIMULATE;
 }
 
 /* Runs `sql` with the parameters at stack[first..last], through the gate when
@@ -872,27 +1180,29 @@ static rb_decision statement(lua_State *L, conn *c, const char *op, const char *
     ensure_connected(L, c, op);
     sql_class k = classify(sql);
     if (force_write && k.kind != SQL_WRITE) k.kind = SQL_WRITE, k.simulatable = 0;
-    sync_readonly(L, c, rb_dry_run());
+    int dry = rb_dry_run();
+    sync_readonly(L, c, dry);
     sync_statement_timeout(L, c);
     int n;
     const char **vals = params(L, first, last, &n);
+    if (dry) return dry_statement(L, c, op, sql, n, vals, &k, force_write);
     if (k.kind != SQL_WRITE) {
         run(L, c, op, sql, n, vals);
         return RB_PERFORM;
     }
-    gated g = { { "pg", op, PQdb(c->pg), NULL, k.simulatable }, RB_PERFORM, 0 };
+    gated g = { { "pg", op, PQdb(c->pg), NULL, 0 }, RB_PERFORM };
     if (k.table[0]) g.e.target = lua_pushfstring(L, "%s.%s", PQdb(c->pg), k.table);
     g.e.summary = lua_pushfstring(L, "run: %s", push_sql_summary(L, sql));
     g.d = rb_gate(L, &g.e);
-    if (g.d == RB_SKIP) {
-        lua_pushnil(L);
-        rb_gate_done(L, &g.e, g.d, 1);
-        return g.d;
-    }
-    begin_simulation(L, c, &g, op);
     outcome o = attempt(L, c, sql, n, vals);
-    if (!succeeded(c, o)) fail_gated(L, c, &g, op, o);
-    done_gated(L, c, &g, &k);
+    if (!succeeded(c, o)) {
+        push_failure(L, c, o);
+        rb_gate_done(L, &g.e, g.d, 0);
+        raise_outcome(L, c, op, o);
+    }
+    g.e.summary = push_outcome(L, c->res, &k, g.e.summary);
+    lua_pushstring(L, PQcmdStatus(c->res));
+    rb_gate_done(L, &g.e, g.d, 1);
     return g.d;
 }
 
@@ -936,7 +1246,10 @@ static int conn_query(lua_State *L) {
         return 1;
     }
     push_rows(L, c);
-    if (d == RB_SIMULATE) lua_pushboolean(L, 1), lua_setfield(L, -2, "simulated");
+    if (d == RB_SIMULATE) {
+        lua_pushboolean(L, 1), lua_setfield(L, -2, "simulated");
+        lua_pushinteger(L, affected(c->res)), lua_setfield(L, -2, "affected");
+    }
     scratch_free(c);
     return 1;
 }
@@ -960,7 +1273,7 @@ static int start_copy(lua_State *L, conn *c, const char *sql, ExecStatusType wan
     o->secs = rb_remaining(L, c->timeout);
     o->why = WAIT_READY;
     o->copy = 0;
-    if (!PQsendQuery(c->pg, sql)) return 0;
+    if (!PQsendQueryParams(c->pg, sql, 0, NULL, NULL, NULL, NULL, 0)) return 0;   /* one statement */
     o->why = flush_all(c->pg, deadline);
     waiter w = { deadline, o->why };
     if (o->why != WAIT_READY || !wait_idle(c->pg, &w)) { c->broken = 1; return 0; }
@@ -1038,20 +1351,20 @@ static int copy_succeeded(conn *c, const outcome *o) {
 }
 
 static int raise_copy(lua_State *L, conn *c, gated *g, const char *op, outcome o, const char *path) {
+    if (g->d == RB_SIMULATE) sim_end(c);
     if (o.why < 0) {
-        end_simulation(c, g);
         lua_pushstring(L, strerror(-o.why));
         rb_gate_done(L, &g->e, g->d, 0);
         return rb_error(L, "pg", op, "io_error", 0, "%s: %s", path, strerror(-o.why));
     }
     if (o.copy) {
-        end_simulation(c, g);
         lua_pushliteral(L, "wrong statement");
         rb_gate_done(L, &g->e, g->d, 0);
-        return rb_error(L, "pg", op, "wrong_call", 0, "%s needs a COPY ... %s statement", op,
-                        strcmp(op, "copy_to") == 0 ? "TO STDOUT" : "FROM STDIN");
+        return rb_error(L, "pg", op, "wrong_call", 0, "%s needs a COPY ... TO STDOUT statement", op);
     }
-    return fail_gated(L, c, g, op, o);
+    push_failure(L, c, o);
+    rb_gate_done(L, &g->e, g->d, 0);
+    return raise_outcome(L, c, op, o);
 }
 
 static void push_copied(lua_State *L, conn *c) {
@@ -1067,7 +1380,7 @@ static int conn_copy_to(lua_State *L) {
     ensure_connected(L, c, "copy_to");
     sync_readonly(L, c, rb_dry_run());
     sync_statement_timeout(L, c);
-    gated g = { { "pg", "copy_to", path, NULL, 0 }, RB_PERFORM, 0 };
+    gated g = { { "pg", "copy_to", path, NULL, 0 }, RB_PERFORM };
     g.e.summary = lua_pushfstring(L, "copy %s to %s", push_sql_summary(L, sql), path);
     g.d = rb_gate(L, &g.e);
     if (g.d == RB_SKIP) {
@@ -1101,35 +1414,121 @@ static int conn_copy_to(lua_State *L) {
     return 1;
 }
 
-/* copy_from(sql, path, table): a write the dry run simulates (the rows go in
- * and are rolled back, which also checks the file parses). */
+/* A name, schema-qualified part by part ("public"."tasks"), quoted by libpq. */
+static const char *push_quoted_name(lua_State *L, conn *c, int arg, const char *name) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (const char *p = name;;) {
+        const char *dot = strchr(p, '.');
+        size_t len = dot ? (size_t)(dot - p) : strlen(p);
+        if (len >= 2 && p[0] == '"' && p[len - 1] == '"') p++, len -= 2;
+        if (len == 0) luaL_argerror(L, arg, lua_pushfstring(L, "%s is not a valid name", name));
+        char *q = PQescapeIdentifier(c->pg, p, len);
+        if (!q) luaL_error(L, "out of memory");
+        luaL_addstring(&b, q);
+        PQfreemem(q);
+        if (!dot) break;
+        luaL_addchar(&b, '.');
+        p = dot + 1;
+    }
+    luaL_pushresult(&b);
+    return lua_tostring(L, -1);
+}
+
+static void add_literal(lua_State *L, conn *c, luaL_Buffer *b, const char *s) {
+    char *q = PQescapeLiteral(c->pg, s, strlen(s));
+    if (!q) luaL_error(L, "out of memory");
+    lua_pushstring(L, q);
+    PQfreemem(q);
+    luaL_addvalue(b);
+}
+
+/* COPY <table> [(<columns>)] FROM STDIN WITH (...), from the table name and
+ * opts {columns, format, header, delimiter, null}: built here, never taken
+ * from a runbook, so no FROM PROGRAM or WHERE rides along. */
+static const char *push_copy_from(lua_State *L, conn *c, const char *quoted_table) {
+    static const char *const formats[] = { "csv", "text", "binary", NULL };
+    int opts = lua_istable(L, 4) ? 4 : 0;
+    const char *format = "csv", *delimiter = NULL, *null = NULL;
+    int header = 1;
+    if (opts) {
+        lua_getfield(L, opts, "format");
+        if (!lua_isnil(L, -1)) format = formats[luaL_checkoption(L, -1, NULL, formats)];
+        lua_getfield(L, opts, "header");
+        header = lua_isnil(L, -1) || lua_toboolean(L, -1);
+        lua_getfield(L, opts, "delimiter");
+        delimiter = lua_tostring(L, -1);
+        lua_getfield(L, opts, "null");
+        null = lua_tostring(L, -1);
+    }
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addstring(&b, "COPY ");
+    luaL_addstring(&b, quoted_table);
+    if (opts && lua_getfield(L, opts, "columns") == LUA_TTABLE) {
+        int cols = lua_gettop(L);
+        for (lua_Integer i = 1; lua_rawgeti(L, cols, i) == LUA_TSTRING; i++) {
+            luaL_addstring(&b, i == 1 ? " (" : ", ");
+            luaL_addstring(&b, push_quoted_name(L, c, 4, lua_tostring(L, -1)));
+            lua_pop(L, 2);
+        }
+        lua_pop(L, 1);
+        if (lua_rawlen(L, cols) > 0) luaL_addchar(&b, ')');
+    }
+    luaL_addstring(&b, " FROM STDIN WITH (FORMAT ");
+    luaL_addstring(&b, format);
+    if (strcmp(format, "csv") == 0 && header) luaL_addstring(&b, ", HEADER");
+    if (delimiter) luaL_addstring(&b, ", DELIMITER "), add_literal(L, c, &b, delimiter);
+    if (null) luaL_addstring(&b, ", NULL "), add_literal(L, c, &b, null);
+    luaL_addchar(&b, ')');
+    luaL_pushresult(&b);
+    return lua_tostring(L, -1);
+}
+
+/* copy_from(path, table, opts): a write the dry run simulates (the rows go
+ * in and are rolled back, which also checks the file parses) unless the
+ * server's check of the table (defaults, triggers) says it cannot be. */
 static int conn_copy_from(lua_State *L) {
     conn *c = check_conn(L, 1);
-    const char *sql = luaL_checkstring(L, 2), *path = luaL_checkstring(L, 3);
-    const char *table = luaL_optstring(L, 4, NULL);
+    const char *path = luaL_checkstring(L, 2), *table = luaL_checkstring(L, 3);
+    if (!lua_isnoneornil(L, 4)) luaL_checktype(L, 4, LUA_TTABLE);
     ensure_connected(L, c, "copy_from");
+    const char *quoted = push_quoted_name(L, c, 3, table);
+    const char *sql = push_copy_from(L, c, quoted);
     scratch_free(c);   /* a COPY that raised before finishing left its file */
     if (!(c->file = fopen(path, "rb")))
         return rb_error(L, "pg", "copy_from", "io_error", 0, "%s: %s", path, strerror(errno));
-    sync_readonly(L, c, rb_dry_run());
+    int dry = rb_dry_run();
+    sync_readonly(L, c, dry);
     sync_statement_timeout(L, c);
-    sql_class k = classify(sql);
-    if (table) snprintf(k.table, sizeof k.table, "%s", table);
-    gated g = { { "pg", "copy_from", k.table[0] ? k.table : PQdb(c->pg), NULL, k.simulatable }, RB_PERFORM, 0 };
-    g.e.summary = lua_pushfstring(L, "copy %s into %s", path, k.table[0] ? k.table : PQdb(c->pg));
+    sql_class k = { SQL_WRITE, 1, "" };
+    snprintf(k.table, sizeof k.table, "%s", table);
+    gated g = { { "pg", "copy_from", table, NULL, 1 }, RB_PERFORM };
+    const char *why = NULL;
+    if (dry) {
+        int writes;
+        sim_begin(L, c, "copy_from");
+        why = server_check(L, c, "copy_from", "r", quoted, 1, &writes);
+        g.e.can_simulate = why == NULL;
+    }
+    g.e.summary = lua_pushfstring(L, "copy %s into %s%s%s", path, table, why ? "; " : "", why ? why : "");
     g.d = rb_gate(L, &g.e);
     if (g.d == RB_SKIP) {
-        lua_pushnil(L);
+        if (dry) sim_end(c);
+        lua_pushstring(L, why);
         rb_gate_done(L, &g.e, g.d, 1);
         push_skipped(L);
         return 1;
     }
-    begin_simulation(L, c, &g, "copy_from");
     outcome o;
     double deadline = rb_now() + rb_remaining(L, c->timeout);
     if (start_copy(L, c, sql, PGRES_COPY_IN, deadline, &o)) copy_in(c, deadline, &o);
     if (!copy_succeeded(c, &o)) return raise_copy(L, c, &g, "copy_from", o, path);
-    done_gated(L, c, &g, &k);
+    if (g.d == RB_SIMULATE) sim_end(c);
+    g.e.summary = push_outcome(L, c->res, &k, g.e.summary);
+    if (g.d == RB_SIMULATE) lua_pushliteral(L, "rolled back");
+    else lua_pushstring(L, PQcmdStatus(c->res));
+    rb_gate_done(L, &g.e, g.d, 1);
     push_copied(L, c);
     scratch_free(c);
     return 1;

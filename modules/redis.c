@@ -5,21 +5,21 @@
  *     opts.connect_timeout  seconds (default 10), never beyond the step's deadline
  *     opts.timeout          seconds per command (default 30), bounded by the step
  *   set_null(null)                    the sentinel for nil inside arrays (from redis.lua)
- *   is_write(name [, subcommand]) -> boolean   the gate's classification
  *   raise(op, code, retryable, message)
  *   methods                           the conn methods table (redis.lua adds to it)
  *
  *   conn:command(name, args...) -> reply    any command; writes go through the gate
  *   conn:pipeline({{name, args...}, ...}) -> {replies}   one round trip
+ *   conn:is_write(name, args...) -> boolean  the gate's classification (below)
  *   conn:close()                            also __close and __gc
  *
  * Replies convert: bulk and status strings to strings, integers to integers,
  * arrays to tables (nil inside them as the null sentinel), nil to nil; error
  * replies raise with the error's first word as the code ("WRONGTYPE").
  *
- * Commands are reads when they are in the table below; everything else,
- * including commands this table does not know, is a write. A dry run
- * reports writes and does not send them (Redis has no rollback).
+ * Commands are classified by the server's own metadata (see
+ * "classification" below). A dry run reports writes and does not send them
+ * (Redis has no rollback).
  *
  * rediss:// is TLS (OpenSSL): the server's certificate is verified against
  * opts.ca_file, else the system's store (SSL_CERT_FILE / SSL_CERT_DIR), and
@@ -75,53 +75,6 @@ typedef struct {
     char err[256];
     int closed;
 } conn;
-
-/* ---- classification ----------------------------------------------------- */
-
-/* Commands that never change data (Redis's "readonly" flag, plus the
- * connection and introspection commands). Sorted for bsearch. */
-static const char *const read_commands[] = {
-    "BITCOUNT", "BITFIELD_RO", "BITPOS", "DBSIZE", "DUMP", "ECHO", "EVALSHA_RO", "EVAL_RO", "EXISTS",
-    "EXPIRETIME", "FCALL_RO", "GEODIST", "GEOHASH", "GEOPOS", "GEORADIUSBYMEMBER_RO", "GEORADIUS_RO",
-    "GEOSEARCH", "GET", "GETBIT", "GETRANGE", "HELLO", "HEXISTS", "HGET", "HGETALL", "HKEYS", "HLEN", "HMGET",
-    "HRANDFIELD", "HSCAN", "HSTRLEN", "HVALS", "INFO", "KEYS", "LASTSAVE", "LCS", "LINDEX", "LLEN", "LOLWUT",
-    "LPOS", "LRANGE", "MGET", "PEXPIRETIME", "PFCOUNT", "PING", "PTTL", "PUBSUB", "RANDOMKEY", "ROLE", "SCAN",
-    "SCARD", "SDIFF", "SINTER", "SINTERCARD", "SISMEMBER", "SMEMBERS", "SMISMEMBER", "SORT_RO", "SRANDMEMBER",
-    "SSCAN", "STRLEN", "SUBSTR", "SUNION", "TIME", "TOUCH", "TTL", "TYPE", "XINFO", "XLEN", "XPENDING",
-    "XRANGE", "XREAD", "XREVRANGE", "ZCARD", "ZCOUNT", "ZDIFF", "ZINTER", "ZINTERCARD", "ZLEXCOUNT", "ZMSCORE",
-    "ZRANDMEMBER", "ZRANGE", "ZRANGEBYLEX", "ZRANGEBYSCORE", "ZRANK", "ZREVRANGE", "ZREVRANGEBYLEX",
-    "ZREVRANGEBYSCORE", "ZREVRANK", "ZSCAN", "ZSCORE", "ZUNION",
-};
-
-/* Container commands whose subcommands decide: these subcommands read. */
-static const struct { const char *cmd; const char *const *subs; } read_subcommands[] = {
-    {"CONFIG", (const char *const[]){"GET", "HELP", NULL}},
-    {"CLIENT", (const char *const[]){"LIST", "INFO", "GETNAME", "ID", "GETREDIR", "TRACKINGINFO", "HELP", NULL}},
-    {"COMMAND", (const char *const[]){"", "COUNT", "DOCS", "GETKEYS", "GETKEYSANDFLAGS", "INFO", "LIST", "HELP", NULL}},
-    {"MEMORY", (const char *const[]){"USAGE", "STATS", "DOCTOR", "MALLOC-STATS", "HELP", NULL}},
-    {"OBJECT", (const char *const[]){"ENCODING", "FREQ", "IDLETIME", "REFCOUNT", "HELP", NULL}},
-    {"SLOWLOG", (const char *const[]){"GET", "LEN", "HELP", NULL}},
-    {"LATENCY", (const char *const[]){"LATEST", "HISTORY", "DOCTOR", "GRAPH", "HISTOGRAM", "HELP", NULL}},
-    {"ACL", (const char *const[]){"WHOAMI", "LIST", "USERS", "GETUSER", "CAT", "LOG", "DRYRUN", "HELP", NULL}},
-    {"CLUSTER", (const char *const[]){"INFO", "NODES", "SLOTS", "SHARDS", "MYID", "KEYSLOT", "COUNTKEYSINSLOT",
-                                      "GETKEYSINSLOT", "LINKS", "HELP", NULL}},
-    {"SCRIPT", (const char *const[]){"EXISTS", "HELP", NULL}},
-    {"FUNCTION", (const char *const[]){"LIST", "DUMP", "STATS", "HELP", NULL}},
-    {"MODULE", (const char *const[]){"LIST", "HELP", NULL}},
-    {"XINFO", (const char *const[]){"STREAM", "GROUPS", "CONSUMERS", "HELP", NULL}},
-};
-
-static int cmp_name(const void *a, const void *b) { return strcasecmp(a, *(const char *const *)b); }
-
-static int is_write(const char *cmd, const char *sub) {
-    for (size_t i = 0; i < sizeof read_subcommands / sizeof *read_subcommands; i++) {
-        if (strcasecmp(cmd, read_subcommands[i].cmd) != 0) continue;
-        for (const char *const *s = read_subcommands[i].subs; *s; s++)
-            if (strcasecmp(sub ? sub : "", *s) == 0) return 0;
-        return 1;
-    }
-    return !bsearch(cmd, read_commands, sizeof read_commands / sizeof *read_commands, sizeof *read_commands, cmp_name);
-}
 
 /* ---- handle ------------------------------------------------------------- */
 
@@ -483,9 +436,11 @@ static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
 static int redis_connect(lua_State *L) {
     const char *url = luaL_checkstring(L, 1);
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
-    conn *c = lua_newuserdatauv(L, sizeof *c, 0);
+    conn *c = lua_newuserdatauv(L, sizeof *c, 1);
     memset(c, 0, sizeof *c);
     luaL_setmetatable(L, CONN_MT);
+    lua_newtable(L);   /* what the server said about each command */
+    lua_setiuservalue(L, -2, 1);
     c->fd = -1;
     c->connect_timeout = opt_seconds(L, 2, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     c->timeout = opt_seconds(L, 2, "timeout", DEFAULT_TIMEOUT);
@@ -503,6 +458,124 @@ static int redis_connect(lua_State *L) {
 /* Reopens the connection if a failure dropped it. */
 static void ready(lua_State *L, conn *c) {
     if (c->fd < 0) open_connection(L, c);
+}
+
+/* ---- classification -----------------------------------------------------
+ *
+ * The server says what a command does: COMMAND INFO reports its flags, and
+ * for a container (ACL, CLIENT, CONFIG, OBJECT, SCRIPT...) each subcommand's.
+ * A command or subcommand flagged readonly (and not write) is a read; so is
+ * one of the introspection subcommands below, which Redis flags neither way
+ * (ACL LOG only with a count: ACL LOG RESET clears it). Everything else is a
+ * write: scripts (EVAL, FCALL; not EVAL_RO), MULTI and EXEC, PUBLISH, CLIENT
+ * KILL, CONFIG SET, DEBUG, MODULE LOAD, SCRIPT FLUSH, and every command the
+ * server does not know. The answers are cached per connection (its user
+ * value), by lower-case name: "r" read, "w" write, "c" container.
+ */
+
+/* Reads Redis flags neither readonly nor write, by the server's own names. Sorted. */
+static const char *const introspection[] = {
+    "acl|cat", "acl|dryrun", "acl|getuser", "acl|help", "acl|list", "acl|log", "acl|users", "acl|whoami",
+    "client|getname", "client|getredir", "client|help", "client|id", "client|info", "client|list",
+    "client|trackinginfo", "cluster|countkeysinslot", "cluster|getkeysinslot", "cluster|help", "cluster|info",
+    "cluster|keyslot", "cluster|links", "cluster|myid", "cluster|nodes", "cluster|replicas", "cluster|shards",
+    "cluster|slaves", "cluster|slots", "command", "command|count", "command|docs", "command|getkeys",
+    "command|getkeysandflags", "command|help", "command|info", "command|list", "config|get", "config|help", "echo",
+    "function|dump", "function|help", "function|list", "function|stats", "info", "lastsave", "latency|doctor",
+    "latency|graph", "latency|help", "latency|histogram", "latency|history", "latency|latest", "memory|doctor",
+    "memory|help", "memory|malloc-stats", "memory|stats", "module|help", "module|list", "object|help", "ping",
+    "pubsub|channels", "pubsub|help", "pubsub|numpat", "pubsub|numsub", "pubsub|shardchannels",
+    "pubsub|shardnumsub", "role", "script|exists", "script|help", "slowlog|get", "slowlog|help", "slowlog|len",
+    "time", "xgroup|help", "xinfo|help",
+};
+
+static int cmp_name(const void *a, const void *b) { return strcmp(a, *(const char *const *)b); }
+
+/* "r" or "w" from one COMMAND INFO entry's flags. */
+static const char *kind_of(const redisReply *info) {
+    int ro = 0, rw = 0;
+    if (info->type != REDIS_REPLY_ARRAY || info->elements < 3 || info->element[2]->type != REDIS_REPLY_ARRAY) return "w";
+    const redisReply *flags = info->element[2];
+    for (size_t i = 0; i < flags->elements; i++) {
+        const char *f = flags->element[i]->str;
+        if (!f) continue;
+        ro |= strcmp(f, "readonly") == 0;
+        rw |= strcmp(f, "write") == 0;
+    }
+    return ro && !rw ? "r" : "w";
+}
+
+/* Asks the server about `name` (lower case) and caches the answer in the
+ * table at the top of the stack: "?" when the server does not know it. */
+static void learn(lua_State *L, conn *c, const char *name) {
+    ready(L, c);
+    double end = deadline(L, c->timeout);
+    const char *argv[3] = { "COMMAND", "INFO", name };
+    size_t lens[3] = { 7, 4, strlen(name) };
+    scratch_free(c);
+    c->outlen = 0;
+    format_command(L, c, 3, argv, lens);
+    if (flush_out(c, end) || read_reply(c, end)) raise_io(L, c, "command");
+    const redisReply *r = c->reply;
+    const redisReply *info = r->type == REDIS_REPLY_ARRAY && r->elements == 1 ? r->element[0] : NULL;
+    if (!info || info->type != REDIS_REPLY_ARRAY) {
+        lua_pushliteral(L, "?");
+        lua_setfield(L, -2, name);
+        scratch_free(c);
+        return;
+    }
+    const redisReply *subs = info->elements > 9 ? info->element[9] : NULL;
+    if (subs && subs->type == REDIS_REPLY_ARRAY && subs->elements > 0) {
+        for (size_t i = 0; i < subs->elements; i++) {
+            const redisReply *sub = subs->element[i];
+            if (sub->type != REDIS_REPLY_ARRAY || sub->elements < 1 || !sub->element[0]->str) continue;
+            lua_pushstring(L, kind_of(sub));
+            lua_setfield(L, -2, sub->element[0]->str);
+        }
+        lua_pushliteral(L, "c");
+    } else {
+        lua_pushstring(L, kind_of(info));
+    }
+    lua_setfield(L, -2, name);
+    scratch_free(c);
+}
+
+static const char *push_lower(lua_State *L, const char *s, size_t len) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    for (size_t i = 0; i < len; i++) luaL_addchar(&b, (char)(s[i] >= 'A' && s[i] <= 'Z' ? s[i] + 32 : s[i]));
+    luaL_pushresult(&b);
+    return lua_tostring(L, -1);
+}
+
+/* Whether the command in c->argv[0..argc) writes, as the server describes it.
+ * The connection is at stack index 1. */
+static int is_write(lua_State *L, conn *c, int argc) {
+    int top = lua_gettop(L);
+    const char *name = push_lower(L, c->argv[0], c->argvlen[0]);
+    if (strlen(name) != c->argvlen[0] || strchr(name, '|')) return lua_settop(L, top), 1;
+    lua_getiuservalue(L, 1, 1);
+    if (lua_getfield(L, -1, name) == LUA_TNIL) {
+        lua_pop(L, 1);
+        learn(L, c, name);
+        lua_getfield(L, -1, name);
+    }
+    const char *full = name, *kind = lua_tostring(L, -1);
+    if (kind[0] == 'c' && argc > 1) {
+        lua_pushfstring(L, "%s|", name);
+        push_lower(L, c->argv[1], c->argvlen[1]);
+        lua_concat(L, 2);
+        full = lua_tostring(L, -1);
+        lua_getfield(L, -3, full);
+        kind = lua_isstring(L, -1) ? lua_tostring(L, -1) : "?";
+    }
+    int read = kind[0] == 'r' ||
+               (kind[0] != '?' && bsearch(full, introspection, sizeof introspection / sizeof *introspection,
+                                          sizeof *introspection, cmp_name) &&
+                (strcmp(full, "acl|log") != 0 || argc == 2 ||
+                 (argc == 3 && strspn(c->argv[2], "0123456789") == c->argvlen[2] && c->argvlen[2] > 0)));
+    lua_settop(L, top);
+    return !read;
 }
 
 /* ---- commands ----------------------------------------------------------- */
@@ -580,7 +653,7 @@ static void push_skipped(lua_State *L) {
 static int conn_command(lua_State *L) {
     conn *c = check_conn(L, 1);
     int argc = collect_args(L, c, 2, lua_gettop(L));
-    int write = is_write(c->argv[0], argc > 1 ? c->argv[1] : NULL);
+    int write = is_write(L, c, argc);
     rb_effect e;
     rb_decision d = RB_PERFORM;
     if (write) {
@@ -627,24 +700,29 @@ static int conn_pipeline(lua_State *L) {
     lua_createtable(L, n, 0);                       /* 3: results */
     char *sent = lua_newuserdatauv(L, (size_t)n + 1, 0); /* 4: which were sent */
     ready(L, c);
-    c->outlen = 0;
-    for (int i = 1; i <= n; i++) {
-        int base = lua_gettop(L);
-        if (lua_rawgeti(L, 2, i) != LUA_TTABLE) luaL_error(L, "pipeline: command %d is not a table", i);
-        int argc = (int)lua_rawlen(L, -1);
-        luaL_checkstack(L, argc + 8, "too many arguments");
-        for (int j = 1; j <= argc; j++) lua_rawgeti(L, base + 1, j);
-        argc = collect_args(L, c, base + 2, lua_gettop(L));
-        sent[i] = 1;
-        if (is_write(c->argv[0], argc > 1 ? c->argv[1] : NULL)) {
-            rb_effect e = effect_of(L, c, argc);
-            rb_decision d = rb_gate(L, &e);
-            lua_pushnil(L);
-            rb_gate_done(L, &e, d, 1);
-            if (d == RB_SKIP) sent[i] = 0;
+    /* classify every command first: asking the server must not interleave with the batch */
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 1; i <= n; i++) {
+            int base = lua_gettop(L);
+            if (lua_rawgeti(L, 2, i) != LUA_TTABLE) luaL_error(L, "pipeline: command %d is not a table", i);
+            int argc = (int)lua_rawlen(L, -1);
+            luaL_checkstack(L, argc + 8, "too many arguments");
+            for (int j = 1; j <= argc; j++) lua_rawgeti(L, base + 1, j);
+            argc = collect_args(L, c, base + 2, lua_gettop(L));
+            if (pass == 0) {
+                sent[i] = is_write(L, c, argc) ? 'w' : 'r';
+            } else {
+                if (sent[i] == 'w') {
+                    rb_effect e = effect_of(L, c, argc);
+                    rb_decision d = rb_gate(L, &e);
+                    lua_pushnil(L);
+                    rb_gate_done(L, &e, d, 1);
+                    if (d == RB_SKIP) sent[i] = 0;
+                }
+                if (sent[i]) format_command(L, c, argc, c->argv, c->argvlen);
+            }
+            lua_settop(L, base);
         }
-        if (sent[i]) format_command(L, c, argc, c->argv, c->argvlen);
-        lua_settop(L, base);
     }
     double end = deadline(L, c->timeout);
     if (c->outlen && flush_out(c, end)) return raise_io(L, c, "pipeline");
@@ -688,14 +766,17 @@ static int redis_set_null(lua_State *L) {
     return 0;
 }
 
-static int redis_is_write(lua_State *L) {
-    lua_pushboolean(L, is_write(luaL_checkstring(L, 1), luaL_optstring(L, 2, NULL)));
+/* conn:is_write(name, args...): the gate's classification of a command. */
+static int conn_is_write(lua_State *L) {
+    conn *c = check_conn(L, 1);
+    lua_pushboolean(L, is_write(L, c, collect_args(L, c, 2, lua_gettop(L))));
     return 1;
 }
 
 static const luaL_Reg conn_methods[] = {
     {"command", conn_command},
     {"pipeline", conn_pipeline},
+    {"is_write", conn_is_write},
     {"close", conn_close},
     {NULL, NULL}
 };
@@ -703,7 +784,6 @@ static const luaL_Reg conn_methods[] = {
 static const luaL_Reg redis_funcs[] = {
     {"connect", redis_connect},
     {"set_null", redis_set_null},
-    {"is_write", redis_is_write},
     {NULL, NULL}
 };
 

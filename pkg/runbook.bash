@@ -53,7 +53,7 @@ _runbook()
     local flags target=""
     case $cmd in
         run) flags="-p --param --params-file --dry-run --step --yes -y --from --undo-on-failure --lock --wait-lock" ;;
-        resume) flags="-p --param --force --rerun-interrupted --yes -y --step --wait-lock --undo-on-failure" ;;
+        resume) flags="-p --param --force --rerun-interrupted --on-unknown --yes -y --step --wait-lock --undo-on-failure" ;;
         history) flags="--runbook --limit" ;;
         report) flags="--format" ;;
         help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;

@@ -77,6 +77,7 @@ _runbook() {
             '*'{-p,--param}'[give a secret param again]:param:' \
             '--force[resume although the runbook changed]' \
             '--rerun-interrupted[run the interrupted step again]' \
+            '--on-unknown=-[effects of unknown outcome]:choice:(fail redo skip)' \
             '(-y --yes)'{-y,--yes}'[do not ask]' \
             '--step[ask before each step]' \
             '--wait-lock[wait for a held lock]:duration:' \

@@ -28,6 +28,9 @@ param "split_label" { default = "app.kubernetes.io/instance", help = "pod label 
 param "health_path" { default = "/health", help = "path the new color answers health checks on" }
 param "observe" { type = "duration", default = "10m", help = "how long to watch the new color after the switch (seed: 10 minutes)" }
 param "timeout" { type = "duration", default = "5m", help = "how long the new color may take to roll out" }
+param "max_error_rate" { type = "number", default = 0.01, help = "after the switch, the new color's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
+param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_hold" { type = "duration", default = "2m", help = "how long the new color's error rate must hold after the switch" }
 param "retire_old" { type = "boolean", default = true, help = "scale the old color to 0 once the new one held" }
 
 -- The new color's name: -p to, else FROM-green for a FROM without a color,
@@ -194,6 +197,15 @@ step "Watch the new color" {
     until time.monotonic() >= deadline
     log.info("%s held for %s (%d checks)", to_name(ctx), duration.format(ctx.params.observe), checks)
     return { checks = checks }
+  end,
+}
+
+step "Verify the error rate" {
+  description = "The new color's 5xx share under max_error_rate for error_rate_hold once it serves (a break switches back)",
+  run = function(ctx)
+    checks.error_rate { name = to_name(ctx) .. " error rate", below = ctx.params.max_error_rate,
+      selector = ('namespace="%s",deployment="%s"'):format(ctx.params.namespace, to_name(ctx)),
+      window = ctx.params.error_rate_window, hold = ctx.params.error_rate_hold, every = "5s", warmup = "30s" }
   end,
 }
 

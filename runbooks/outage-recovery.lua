@@ -22,6 +22,9 @@ param "rollback" { type = "boolean", default = true, help = "roll back recently 
 param "settle" { type = "duration", default = "30s", help = "how long the final verification waits for the namespace to become healthy" }
 param "events_since" { type = "duration", default = "30m", help = "how far back to read Warning events" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "warn when PostgreSQL connections reach this share of max_connections" }
+param "max_error_rate" { type = "number", default = 0.01, help = "once healthy, the namespace's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
+param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_hold" { type = "duration", default = "1m", help = "how long the error rate must hold: recovered means serving, not only answering /health" }
 param "slack_webhook" { secret = true, default = os.getenv("SLACK_WEBHOOK"), help = "Slack incoming webhook for the outcome (default $SLACK_WEBHOOK; none: no message)" }
 param "slack_channel" { default = "#incidents", help = "Slack channel for the outcome" }
 
@@ -229,8 +232,22 @@ step "Roll back recent changes that still fail" {
   end,
 }
 
+-- The namespace's error rate held under max_error_rate (a metric gate), after
+-- one rate window when this run restarted or rolled back something; a broken
+-- gate or no data is a problem that remains, not a failed step.
+local function error_rate_problem(ctx)
+  local rolled = not ctx.skipped("Roll back recent changes that still fail")
+    and #ctx.outputs["Roll back recent changes that still fail"].rolled_back > 0
+  local ok, err = pcall(checks.error_rate, { name = ctx.params.namespace .. " error rate", below = ctx.params.max_error_rate,
+    selector = ('namespace="%s"'):format(ctx.params.namespace), window = ctx.params.error_rate_window,
+    hold = ctx.params.error_rate_hold, every = "5s", settle = rolled or #ctx.outputs["Restart unhealthy deployments"].restarted > 0 })
+  if ok then return nil end
+  if type(err) ~= "table" or (err.code ~= "gate_failed" and err.code ~= "no_data") then error(err, 0) end
+  return err.message
+end
+
 step "Final verification" {
-  description = "Every deployment healthy and every service's health path answering",
+  description = "Every deployment healthy, every service's health path answering, and the error rate held under max_error_rate",
   idempotent = true,
   run = function(ctx)
     -- Pods of replaced ReplicaSets take a moment to go: give the namespace
@@ -251,6 +268,10 @@ step "Final verification" {
         services = services + 1
         if not row.ok then problems[#problems + 1] = row.service .. " " .. ctx.params.health_path .. ": " .. row.error end
       end
+    end
+    if #problems == 0 then
+      local problem = error_rate_problem(ctx)
+      if problem then problems[#problems + 1] = problem end
     end
     local notready = {}
     for _, n in ipairs(h.nodes) do if not n.ready then notready[#notready + 1] = n.name end end

@@ -144,6 +144,27 @@ step "nap" { timeout = "200ms", run = function() time.sleep("10s") end }
     assert.is_true(e.duration < 1000, tostring(e.duration))
   end)
 
+  it("timeout = false runs a step without a deadline; any other value is refused at load", function()
+    local r = run_json [[
+name = "free" description = "d"
+step "a" { timeout = false, run = function(ctx) return { unbounded = ctx.remaining() == math.huge } end }
+step "b" { run = function(ctx) return { unbounded = ctx.remaining() == math.huge } end }
+]]
+    assert.are.equal(0, r.code)
+    local ends = cli.only(r.events, "step_end")
+    assert.are.same({ true, false }, { ends[1].outputs.unbounded, ends[2].outputs.unbounded })
+  end)
+
+  it("a backend's timeout keeps its own words: the module, the operation and the target", function()
+    local r = run_json [[
+name = "slow" description = "d"
+step "wait" { timeout = "300ms", run = function() exec.run { "sleep", "10" } end }
+]]
+    assert.are.equal(1, r.code)
+    local e = cli.only(r.events, "step_end")[1]
+    assert.matches("^timed out after 300ms in exec%.run: sleep: timed out", e.error.message)
+  end)
+
   it("undoes completed steps in reverse order when on_failure = \"undo\"", function()
     local r = run_json [[
 name = "undo" description = "d"

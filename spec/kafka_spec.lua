@@ -183,6 +183,35 @@ describe("kafka.lag", function()
   end)
 end)
 
+-- librdkafka 2.0.2 segfaulted (exit 139, in its own thread) when the
+-- OffsetFetch behind lag failed with NOT_COORDINATOR (16) or
+-- COORDINATOR_NOT_AVAILABLE (15) while the coordinator moves; modules/kafka.c
+-- says why and how it is avoided. Run in a process of its own: a crash must
+-- fail this spec, not end the suite.
+describe("kafka.lag while the group's coordinator moves", function()
+  local cli = require "spec.support.cli"
+  after_each(function()
+    sb.ctl("kafka clear-errors 9")
+    cli.cleanup()
+  end)
+  for _, code in ipairs { 16, 15, 14 } do
+    it(("OffsetFetch failing with error %d: no crash, asked again, the lag comes back"):format(code), function()
+      local rb = cli.runbook([[
+name = "lag-while-moving"
+description = "lag while OffsetFetch fails"
+step "lag" { run = function() return { total = kafka.lag { group = "recurring-task-service" }.total } end }
+]])
+      assert.is_true(select(2, sb.ctl(("kafka errors 9 3 %d"):format(code))))
+      local r = cli.run({ "run", rb, "--output", "json" }, { KAFKA_BROKERS = brokers(), RUNBOOK_STATE_DIR = cli.tmpdir() })
+      assert.are.equal(0, r.code, r.stderr .. r.stdout)
+      local total
+      for _, e in ipairs(cli.events(r.stdout)) do if e.event == "step_end" then total = e.outputs.total end end
+      local _, parts = sb.lag("recurring-task-service", "task-events")
+      assert.is_true(total > 1000 and #parts == 12, "the sandbox keeps this group over 1000 behind")
+    end)
+  end
+end)
+
 describe("kafka.reset_offsets", function()
   local topic, group
   local start = { [0] = 5, [1] = 5, [2] = 5, [3] = 5 }

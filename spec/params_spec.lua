@@ -50,6 +50,8 @@ describe("params", function()
     { { "-p", "n=3" }, "missing required param 'who'" },
     { { "-p", "who=x", "-p", "nope=1" }, "unknown param 'nope'" },
     { { "-p", "who=x", "-p", "n=many" }, "param 'n': expected a number, got \"many\"" },
+    { { "-p", "who=x", "-p", "n=1e999" }, "param 'n': 1e999 is not a finite number" },
+    { { "-p", "who=x", "-p", "n=-1e999" }, "param 'n': -1e999 is not a finite number" },
     { { "-p", "who=x", "-p", "count=1.5" }, "param 'count': expected an integer" },
     { { "-p", "who=x", "-p", "loud=perhaps" }, "param 'loud': expected a boolean" },
     { { "-p", "who=x", "-p", "wait=soon" }, "param 'wait': expected a duration" },

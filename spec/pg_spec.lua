@@ -8,8 +8,18 @@ local cli = require "spec.support.cli"
 
 local function url() return sb.env("DATABASE_URL") end
 
+-- The independent client runs outside the dry run a test may have set (a
+-- dry run refuses io.popen).
+local function outside_dry_run(f, ...)
+  local mode = host.mode()
+  host.set_mode("run")
+  local out, ok = f(...)
+  host.set_mode(mode)
+  return out, ok
+end
+
 local function psql(sql, u)
-  local out, ok = sb.psql(sql, u)
+  local out, ok = outside_dry_run(sb.psql, sql, u)
   assert(ok, out)
   return (out:gsub("%s+$", ""))
 end
@@ -326,18 +336,19 @@ describe("pg and the effect gate", function()
       local seq = psql("SELECT last_value FROM audit_log_sequence_number_seq")
       host.set_mode("dry-run")
       assert.are.same({ 0, "skipped" }, { db:exec(sql) })
-      assert.are.same({ "skipped", "run: " .. sql }, { effects[1].decision, effects[1].summary })
+      assert.are.same({ "skipped", "run: " .. sql }, { effects[1].decision, (effects[1].summary:gsub(";.*", "")) })
       assert.are.equal(seq, psql("SELECT last_value FROM audit_log_sequence_number_seq"))
       assert.are.equal("0", psql("SELECT count(*) FROM pg_indexes WHERE indexname = 'rb_never_idx'"))
     end)
   end
 
-  it("runs dry-run reads read-only, so a write hidden in a function fails instead of writing", function()
+  it("does not run a function whose body the server cannot show, and says which", function()
     db:exec("CREATE OR REPLACE FUNCTION rb_spec_sneaky() RETURNS int LANGUAGE sql AS "
       .. "'INSERT INTO rb_spec VALUES (99, ''sneaky'') RETURNING 1'")
     host.set_mode("dry-run")
-    local err = raises(db.query, db, "SELECT rb_spec_sneaky()")
-    assert.are.equal("25006", err.code)
+    assert.is_true(db:query("SELECT rb_spec_sneaky()").skipped)
+    assert.are.same({ "skipped", "run: SELECT rb_spec_sneaky(); it calls rb_spec_sneaky()" },
+      { effects[#effects].decision, effects[#effects].summary })
     host.set_mode("run")
     assert.are.equal(1, db:value("SELECT rb_spec_sneaky()"))
     assert.are.equal("1", psql("SELECT count(*) FROM rb_spec"))

@@ -298,10 +298,29 @@ end
 -- Without topics the broker is asked for every committed partition; where it
 -- returns none (older brokers and the mock ignore the empty request) every
 -- topic partition is asked for explicitly and those without an offset dropped.
+-- While a group's coordinator moves, OffsetFetch answers NOT_COORDINATOR or
+-- COORDINATOR_NOT_AVAILABLE / _LOAD_IN_PROGRESS; the next request looks the
+-- coordinator up again, so these are asked again, a few times, within `t`.
+local COORDINATOR_MOVING = { NOT_COORDINATOR = true, COORDINATOR_NOT_AVAILABLE = true,
+  COORDINATOR_LOAD_IN_PROGRESS = true }
+
+function Client:_group_offsets(req, t)
+  local deadline, delay = host.now() + t, 0.1
+  while true do
+    local ok, res = pcall(self.native.group_offsets, self.native, req, t)
+    if ok then return res end
+    if not (type(res) == "table" and COORDINATOR_MOVING[res.code]) or host.now() + delay >= deadline then
+      error(res, 0)
+    end
+    host.sleep(delay)
+    delay = math.min(delay * 2, 1)
+  end
+end
+
 function Client:_committed(groups, parts, md, t, op)
   local req = {}
   for i, g in ipairs(groups) do req[i] = { group = g, partitions = parts } end
-  local res = self.native:group_offsets(req, t)
+  local res = self:_group_offsets(req, t)
   if not parts then
     local again = {}
     for _, g in ipairs(groups) do
@@ -310,7 +329,7 @@ function Client:_committed(groups, parts, md, t, op)
       end
     end
     if #again > 0 then
-      for g, r in pairs(self.native:group_offsets(again, t)) do
+      for g, r in pairs(self:_group_offsets(again, t)) do
         local kept = {}
         for _, p in ipairs(r.partitions) do
           if p.offset >= 0 then kept[#kept + 1] = p end

@@ -24,13 +24,17 @@
 -- intervals and arrays as PostgreSQL's text). Tables passed as parameters are
 -- sent as JSON. Parameters are always bound ($1, $2...), never interpolated.
 --
--- Statements are classified for the effect gate by what they are: SELECT,
--- SHOW, EXPLAIN, VALUES are reads; a SELECT calling pg_terminate_backend,
--- nextval and the like is a write; all else writes. In a dry run, writes run
--- in a transaction that is rolled back and report their counts ("would delete
--- 1234 rows from checkpoints"); VACUUM, CREATE DATABASE and writes marked
--- write = true are reported as not simulated. Reads in a dry run run in a
--- read-only session.
+-- In a dry run every statement runs in a transaction the module opens and
+-- always rolls back, after the server has checked it (modules/pg.c, "the dry
+-- run"): writes report their counts ("would delete 1234 rows from
+-- checkpoints"; exec returns n, "simulated"; query's rows carry `affected`);
+-- statements whose effects a rollback would not undo (nextval and serial
+-- defaults, pg_notify, pg_terminate_backend, set_config, functions the server
+-- cannot show the body of, foreign tables), utility statements other than
+-- SHOW/SET/RESET (COPY, DO, VACUUM, CREATE...) and writes marked write = true
+-- are reported as not simulated and never sent. BEGIN/COMMIT/ROLLBACK are the
+-- module's: a dry run never commits. SET and RESET last for the run, never for
+-- the session. See README "What a dry run guarantees".
 --
 -- Errors are structured: code is the SQLSTATE ("42P01", "23505", "57014"),
 -- "08001" when connecting fails, "timeout" when the step's time runs out.
@@ -147,14 +151,8 @@ end
 function conn:copy_from(path, tbl, opts)
   if type(path) ~= "string" or type(tbl) ~= "string" then error("copy_from(path, table)", 2) end
   opts = opts or {}
-  local cols = ""
-  if opts.columns then
-    local q = {}
-    for i, c in ipairs(opts.columns) do q[i] = pg.quote_ident(c) end
-    cols = " (" .. table.concat(q, ", ") .. ")"
-  end
-  local sql = ("COPY %s%s FROM STDIN WITH %s"):format(pg.quote_ident(tbl), cols, copy_options(opts))
-  return native_copy_from(self, sql, path, tbl)
+  copy_options(opts) -- checks them; the module builds the statement itself
+  return native_copy_from(self, path, tbl, opts)
 end
 
 -- ---- helpers from the seeds -------------------------------------------------
@@ -232,7 +230,9 @@ function conn:advisory_lock(key, opts)
   end
   local wait = opts.wait and duration.check(opts.wait, "advisory_lock wait") or 0
   local deadline = host.now() + wait
-  while not self:value(("SELECT pg_try_advisory_lock(%s)"):format(expr), arg) do
+  -- a dry run tests the lock with the transaction-level function, which its rollback releases
+  local try = gate.dry_run() and "pg_try_advisory_xact_lock" or "pg_try_advisory_lock"
+  while not self:value(("SELECT %s(%s)"):format(try, expr), arg) do
     if host.now() >= deadline then
       host.raise { module = "pg", op = "advisory_lock", code = "lock_held", retryable = true,
         message = ("advisory lock %s is held by another session"):format(tostring(key)) }
@@ -248,7 +248,7 @@ function conn:advisory_lock(key, opts)
     end
     return true
   end
-  if gate.dry_run() then lock.release() end -- tested, not held: a dry run must not block a real run
+  if gate.dry_run() then held = false end -- tested, not held: a dry run must not block a real run
   return setmetatable(lock, { __close = function() lock.release() end, __index = { key = key } })
 end
 

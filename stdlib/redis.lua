@@ -9,6 +9,7 @@
 --   r:scan(pattern, opts) -> iterator over keys (SCAN, never KEYS); opts.count, opts.type
 --   r:info(section) -> {field = value, ...}     numbers converted, dbN parsed
 --   r:ping() -> "PONG"
+--   r:is_write(name, args...) -> boolean       how the dry run classifies a command
 --   r:dapr_keys(app, pattern) -> {keys}         Dapr state keys of an app ("<app>||<key>"), sorted, each once
 --   r:dapr_get(app, key) -> {data, version} | nil   data JSON-decoded when it is JSON
 --   redis.null                                  nil inside arrays (the same value as json.null)
@@ -22,16 +23,21 @@
 -- raise "connection_refused", "timeout", "connection_closed"; TLS failures
 -- "tls_verify" (the certificate or its name) and "tls_error".
 --
--- Commands are classified for the gate by a table of read-only commands;
--- everything else writes. A dry run reports writes without sending them and
--- returns {skipped = true}.
+-- r:is_write(name, args...) tells how the gate classifies a command: by the
+-- server's own metadata (COMMAND INFO, per subcommand for containers such as
+-- ACL, CLIENT, CONFIG), asked once per command name and connection. Commands
+-- flagged readonly and a short list of introspection subcommands (CONFIG GET,
+-- CLIENT LIST, SLOWLOG GET, ACL LOG with at most a count...) are reads;
+-- everything else writes, including scripts (EVAL, FCALL; EVAL_RO and
+-- FCALL_RO are reads), MULTI/EXEC and commands the server does not know. A dry
+-- run reports writes without sending them and returns {skipped = true}.
 local native = require "runbook.redis"
 local json = require "json"
 local duration = require "duration"
 
 native.set_null(json.null)
 
-local redis = { null = json.null, is_write = native.is_write }
+local redis = { null = json.null }
 local conn = native.methods
 
 function redis.connect(url, opts)

@@ -55,6 +55,7 @@ VARIANTS[#VARIANTS + 1] = { "top-level code that loops while the runbook loads",
   source = HEAD .. LOOP .. "\n",
   check = function(r)
     assert.are.equal(3, r.code, r.stdout .. r.stderr)
+    assert.truthy(r.stderr:find("its top-level code did not finish within", 1, true), r.stderr)
     assert.truthy(r.seconds < require("runbook.deadline").LIMIT.load + SLACK, ("took %.1fs"):format(r.seconds))
   end }
 

@@ -60,6 +60,7 @@ describe("adversarial: host state a runbook can reach", function()
     local r = adv.check { "reads", step = [[
       local n = 0 for _ in pairs(fs) do n = n + 1 end
       assert(n > 3 and type(fs.read) == "function" and type(kafka.Client) == "table")
+      assert(yaml.load("a: ~").a == yaml.null and yaml.null == yaml.load("~"))
       assert(("x"):rep(3) == "xxx" and getmetatable("").__index.rep == string.rep)
       string.upper = function() return "mine" end
       assert(string.upper("a") == "mine" and ("a"):upper() == "A")

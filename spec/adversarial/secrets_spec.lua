@@ -193,6 +193,8 @@ step "read and print" { run = function(ctx)
   io.stdout:write(v, "\n")
   io.stderr:write(v, "\n")
   log.warn("as base64 %%s, percent-encoded %%s", base64.encode(v), url(v))
+  -- librdkafka names its client.id in its own log lines, written from its threads
+  kafka.connect { brokers = "127.0.0.1:1", ["client.id"] = v, debug = "broker" }
   require("notify").webhook { url = os.getenv("CANARY_NOTIFY") .. "/body", json = { text = v, b64 = base64.encode(v) } }
   require("notify").email { smtp_url = os.getenv("CANARY_SMTP"), from = "runbook@example.com", to = "ops@example.com",
     subject = "canary", body = v .. "\n" .. base64.encode(v) }
@@ -224,7 +226,8 @@ local function run_place(p)
   local run = { v = v }
   run.plain = cli.run(args(), env)
   run.json = cli.run(args { "--output", "json" }, env)
-  local _, pty = cli.pty("", args(), env)
+  run.dry = cli.run(args { "--dry-run" }, env)
+  local _, pty = cli.pty("p,y,p,y", args { "--step" }, env)   -- each step previewed, then run
   run.pty = pty
   run.events = {}   -- the JSON lines among what io.write put on stdout
   for line in run.json.stdout:gmatch("[^\n]+") do
@@ -251,7 +254,8 @@ end
 local function both(r) return r.stdout .. "\n" .. r.stderr end
 
 local CHANNELS = {
-  { "a terminal (pty)", function(r) return r.pty end },
+  { "a terminal (pty, --step with previews)", function(r) return r.pty end },
+  { "--dry-run", function(r) return both(r.dry) end },
   { "plain stdout", function(r) return r.plain.stdout end },
   { "plain stderr", function(r) return r.plain.stderr end },
   { "--output json", function(r) return both(r.json) end },
@@ -299,6 +303,7 @@ describe("secrets never print (adversarial)", function()
         assert(#ends == 2 and ends[1].status == "ok" and ends[2].status == "failed", "the canary runbook did not run: "
           .. both(r.json))
         assert(r.posts ~= "" and r.mail ~= "", "no notification reached the receivers")
+        assert(r.pty:find("preview of read and print", 1, true), "the terminal run did not preview:\n" .. r.pty)
         local text = ch[2](r)
         local form = leaked(text, r.v)
         assert(not form, ("the %s form of the canary from %s shows in %s:\n%s"):format(

@@ -14,8 +14,10 @@ local EXIT = require "runbook.exit"
 
 local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
-3 runbook cannot be loaded, 4 aborted by the operator, 75 lock held by
-another run, 124 ended by the watchdog, 130/143 interrupted by SIGINT/SIGTERM.]]
+3 runbook cannot be loaded, 4 aborted by the operator, 74 the journal
+cannot be written (a full disk), 75 lock held by another run, 76 effects
+of unknown outcome (resume --on-unknown), 124 ended by the watchdog,
+130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
@@ -145,6 +147,8 @@ local function build()
     :count("*"):target("-p")
   flag(resume, "--force", "Resume although the runbook changed since the run.")
   flag(resume, "--rerun-interrupted", "Run the interrupted step again instead of asking.")
+  option(resume, "--on-unknown", "Effects of unknown outcome no check answers, without a terminal to ask: fail "
+    .. "(exit 76), redo the step, or skip them as done.", "fail|redo|skip"):choices { "fail", "redo", "skip" }
   flag(resume, "-y --yes", "Do not ask.")
   flag(resume, "--step", "Ask before each step.")
   option(resume, "--wait-lock", "Wait this long for a held lock.", "DURATION")

@@ -97,6 +97,7 @@ end
 --- Call a step's `what` function fn(...) protected, under the step's timeout
 -- (else the default for `what`) and the watchdog.
 local function step_call(rb, step, ctx, what, fn, ...)
+  if step.timeout == false and what == "run" then return protected(rb, fn, ...) end
   local limit = step.timeout or deadline.LIMIT[what]
   return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
 end
@@ -105,7 +106,9 @@ end
 local function attempt(rb, step, ctx)
   local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, step.run(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
-    res.message = ("timed out after %s"):format(require("duration").format(step.timeout))
+    -- A backend's own words name it, the operation and the target: keep them.
+    res.message = ("timed out after %s%s"):format(require("duration").format(step.timeout),
+      res.module and (" in " .. res.message) or "")
   end
   return ok, res
 end
@@ -134,8 +137,11 @@ end
 --- Seconds since t0, to the millisecond (what output and the journal show).
 local function since(t0) return math.floor((host.now() - t0) * 1000 + 0.5) / 1000 end
 
+--- A step's ctx. ctx.key is the step's idempotency key in this run, the same
+-- on resume: a step can mark its effect with it (a row, a header, a line) and
+-- its `check` find the mark.
 local function new_ctx(run, step)
-  return setmetatable({ step = step.name }, { __index = run.ctx })
+  return setmetatable({ step = step.name, key = run.id .. "/" .. step.name }, { __index = run.ctx })
 end
 
 --- Run a step in dry-run mode to show what it would do, then restore the mode.

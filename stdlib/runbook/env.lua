@@ -39,19 +39,18 @@ end
 
 --- Read-only views of host tables, one per table (weak: a view lives as long
 -- as its table is used). Reading goes through to the table, nested tables
--- come back as views too (except objects with a metatable of their own, such
--- as yaml.null, whose identity runbooks compare), pairs and # work, and
--- assigning raises naming the table. rawset on a view only touches the empty
--- view itself, which host code never reads.
-local views = setmetatable({}, { __mode = "k" })
+-- come back as views too, pairs and # work, a view equals its table (so
+-- `v == yaml.null` holds for a null yaml.load returned), and assigning raises
+-- naming the table. rawset on a view only touches the empty view itself,
+-- which host code never reads.
+local views, targets = setmetatable({}, { __mode = "k" }), setmetatable({}, { __mode = "k" })
+
+local function same(a, b) return rawequal(targets[a] or a, targets[b] or b) end
 
 local function readonly(t, name)
   if type(t) ~= "table" then return t end
   if views[t] then return views[t] end
-  local function nested(k, v)
-    if type(v) == "table" and getmetatable(v) == nil then return readonly(v, name .. "." .. tostring(k)) end
-    return v
-  end
+  local function nested(k, v) return readonly(v, name .. "." .. tostring(k)) end
   local view = setmetatable({}, {
     __index = function(_, k) return nested(k, t[k]) end,
     __newindex = function(_, k)
@@ -65,9 +64,10 @@ local function readonly(t, name)
       end, t, nil
     end,
     __len = function() return #t end,
+    __eq = same,
     __metatable = false,
   })
-  views[t] = view
+  views[t], targets[view] = view, t
   return view
 end
 M.readonly = readonly   -- for host tables handed to runbook code outside its environment (ctx.log)
@@ -128,6 +128,24 @@ end
 -- to the runbook (a team's shared helpers), loaded into the same environment
 -- so it is held to the same rules. Nothing else: not the host's private
 -- library, not debug or package, not modules that write files.
+--
+-- Each file is recorded in M.sources as {path (absolute), sha256} of the very
+-- text that runs, and passed to M.on_source when set (the run journals files
+-- required once it has started), so a resume can refuse when one changed.
+M.sources = {}
+
+local function read_source(path)
+  local f, err = io.open(path, "rb")
+  if not f then error(err, 3) end
+  local text = f:read("a")
+  f:close()
+  if path:sub(1, 1) ~= "/" then path = require("lfs").currentdir() .. "/" .. path:gsub("^%./", "") end
+  local rec = { path = path, sha256 = require("runbook.host").sha256(text) }
+  M.sources[#M.sources + 1] = rec
+  if M.on_source then M.on_source(rec) end
+  return text
+end
+
 local function make_require(env, dir)
   local loaded = {}
   return function(name)
@@ -139,7 +157,7 @@ local function make_require(env, dir)
         error(("require %q: not a runbook library and no %s.lua next to the runbook"):format(
           name, name:gsub("%.", "/")), 2)
       end
-      local chunk, err = loadfile(path, "t", env)
+      local chunk, err = load(read_source(path), "@" .. path, "t", env)
       if not chunk then error(err, 2) end
       loaded[name] = chunk(name) or true
     end
@@ -149,7 +167,8 @@ end
 
 --- pcall, xpcall and coroutine.resume that re-raise once the step is out of
 -- time or interrupted, so `while true do pcall(...) end` cannot outlive its step.
-local check = require("runbook.host").check_deadline
+local host = require "runbook.host"
+local check = host.check_deadline
 
 local function rethrowing(catch)
   return function(...)
@@ -159,11 +178,20 @@ local function rethrowing(catch)
   end
 end
 
+--- A coroutine with the deadline hook: one created at load, before any
+-- deadline, would otherwise inherit none and loop on inside a step.
+local function create(f)
+  local c = coroutine.create(f)
+  host.hook(c)
+  return c
+end
+
 local function make_coroutine()
   local co = copy(coroutine)
+  co.create = create
   co.resume = rethrowing(coroutine.resume)
   co.wrap = function(f)
-    local c = coroutine.create(f)
+    local c = create(f)
     return function(...)
       local res = table.pack(co.resume(c, ...))
       if not res[1] then error(res[2], 0) end

@@ -39,10 +39,12 @@ end
 -- JSON Schema per event type in docs/events/ says the same.
 local ORDER = {
   run_start = { "run_id", "runbook", "version", "file", "path", "sha256", "mode", "params", "steps", "user", "host",
-    "pid", "lock", "from", "request", "resumed", "resume_at" },
+    "pid", "lock", "from", "request", "sources", "resumed", "resume_at" },
   step_start = { "step", "index", "total", "description" },
   log = { "step", "level", "message" },
-  effect = { "step", "module", "op", "target", "summary", "decision", "ok", "result" },
+  intent = { "step", "module", "op", "target", "summary", "seq", "n", "key" },
+  effect = { "step", "module", "op", "target", "summary", "decision", "ok", "result", "seq", "unknown" },
+  source = { "path", "sha256" },
   step_end = { "step", "index", "status", "duration", "attempts", "reason", "outputs", "error" },
   preview_start = { "step" },
   preview_end = { "step", "status", "error" },
@@ -110,10 +112,10 @@ function M.add_sink(fn) M.sinks[#M.sinks + 1] = fn end
 function M.reset(run) M.sinks, M.run = {}, run end
 
 --- Send `ev` (a table with an `event` field) to every sink, stamped with the
--- time and, for a log or an effect, the run's current step.
+-- time and, for a log, an intent or an effect, the run's current step.
 function M.emit(ev)
   ev.time = iso8601(host.wallclock())
-  if (ev.event == "log" or ev.event == "effect") and M.run then ev.step = M.run.step end
+  if (ev.event == "log" or ev.event == "effect" or ev.event == "intent") and M.run then ev.step = M.run.step end
   for _, sink in ipairs(M.sinks) do sink(ev) end
 end
 

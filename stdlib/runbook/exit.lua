@@ -6,7 +6,9 @@ local M = {
   usage = 2,     -- usage, parameter or setup error: nothing ran
   load = 3,      -- the runbook cannot be loaded
   aborted = 4,   -- the operator quit at a prompt
+  journal = 74,  -- the journal cannot be written, a full disk (EX_IOERR): the run stopped before its next effect
   locked = 75,   -- another run holds the lock (EX_TEMPFAIL)
+  unknown = 76,  -- resume found effects of unknown outcome and --on-unknown=fail
   watchdog = 124, -- runbook code did not stop at its deadline (as timeout(1) exits)
 }
 

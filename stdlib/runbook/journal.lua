@@ -42,23 +42,51 @@ function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 -- must not lose it. The run's and a step's start need no sync of their own:
 -- lost, the run or step reads as not started, and the fsync after the first
 -- performed effect or step end carries them to disk anyway. Logs may be lost
--- with the step they belong to.
-local SYNC = { step_end = true, undo_end = true, run_end = true }
+-- with the step they belong to. An intent is synced before its effect is
+-- performed: that is its point.
+local SYNC = { step_end = true, undo_end = true, run_end = true, intent = true }
 
 local codec = require("cjson").new()
+codec.decode_max_depth(100)
 local encode = require("runbook.events").encode
+local schema = require "runbook.schema"
+
+local function lfs_mode(path) return require("lfs").attributes(path, "mode") end
 M.encode = encode
 
---- Open the journal of `run_id` for appending; returns an event sink.
--- Raises with the path when the state directory cannot be written.
+--- Open the journal of `run_id` for appending; returns an event sink and
+-- the path. A torn last line left by a crash is cut off first (and the cut
+-- journaled). Raises with the path when the state directory cannot be
+-- written. When a write fails (a full disk), the journal is cut back to its
+-- last whole line, every later event is dropped and `M.failure` holds the
+-- error; the sink raises it on the next intent, so the run stops before its
+-- next effect.
 function M.sink(run_id)
   M.mkdirs(M.runs_dir())
   local path = M.path(run_id)
-  local j, err = host.journal_open(path)
-  if not j then error(err, 0) end
+  local j, dropped, busy = host.journal_open(path)
+  if not j then error(busy and { message = dropped, code = "locked" } or dropped, 0) end
+  M.failure = nil
+  local repaired = dropped > 0 and dropped or nil
   return function(e)
-    j:write(host.redact(encode(e)) .. "\n")
-    if SYNC[e.event] or (e.event == "effect" and e.decision == "performed") then j:sync() end
+    if M.failure then
+      if e.event == "intent" then error(M.failure, 0) end
+      return
+    end
+    local ok, err = pcall(function()
+      if repaired and e.event == "run_start" then
+        j:write(encode { event = "journal_repaired", time = e.time, dropped = repaired } .. "\n")
+        repaired = nil
+      end
+      if e.event == "intent" then e.key = ("%s/%s/%d"):format(run_id, e.step or "", e.n or 0) end
+      j:write(host.redact(encode(e)) .. "\n")
+      if SYNC[e.event] or (e.event == "effect" and e.decision == "performed") then j:sync() end
+    end)
+    if not ok then
+      M.failure = err
+      pcall(j.close, j)
+      if e.event == "intent" then error(err, 0) end
+    end
     if e.event == "run_end" then j:close() end
   end, path
 end
@@ -74,33 +102,42 @@ local function integers(v)
   return v
 end
 
---- The events of a run, in order. A torn last line (the process died while
--- writing it) is dropped; a bad line anywhere else is an error naming it.
+--- The events of a run, in order, each checked against runbook.schema. A
+-- torn last line (the process died while writing it) is dropped; anything
+-- else wrong gives nil and one message naming the file and the line.
 function M.read(run_id)
   local path = M.path(run_id)
-  local f = io.open(path, "rb")
-  if not f then return nil, ("no run %s (looked for %s)"):format(run_id, path) end
-  local text = f:read("a")
+  local f, oerr = io.open(path, "rb")
+  if not f then
+    if lfs_mode(path) then return nil, ("%s: cannot read the journal: %s"):format(path, oerr) end
+    return nil, ("no run %s (looked for %s)"):format(run_id, path)
+  end
+  local text, rerr = f:read("a")
   f:close()
+  if not text then return nil, ("%s: cannot read the journal: %s"):format(path, tostring(rerr)) end
   local events, n = {}, 0
   for line, nl in text:gmatch("([^\n]*)(\n?)") do
-    if line ~= "" then
-      n = n + 1
-      local ok, e = pcall(codec.decode, line)
-      if ok and type(e) == "table" then
-        events[#events + 1] = integers(e)
-      elseif nl == "" then
-        break -- torn last line
-      else
-        return nil, ("%s:%d: not a journal line: %s"):format(path, n, tostring(e))
-      end
+    if line == "" and nl == "" then break end
+    n = n + 1
+    local ok, e = pcall(codec.decode, line)
+    local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or schema.check(e)
+    if not bad then
+      events[#events + 1] = integers(e)
+    elseif nl == "" then
+      break -- torn last line
+    else
+      return nil, ("%s:%d: not a valid journal line (%s)"):format(path, n, bad)
     end
   end
-  if not events[1] or events[1].event ~= "run_start" then
-    return nil, ("%s: the journal does not start with a run_start event"):format(path)
+  if not events[1] then return nil, ("%s: the journal is empty"):format(path) end
+  if events[1].event ~= "run_start" then
+    return nil, ("%s:1: the journal does not start with a run_start event"):format(path)
   end
   return events
 end
+
+--- True while a process holds the journal of `run_id` (the run is running).
+function M.running(run_id) return host.lock_held(M.path(run_id)) end
 
 --- Run ids in the state directory, newest first.
 function M.list()
@@ -117,7 +154,7 @@ function M.list()
   local function start_time(id)
     if not started[id] then
       local f = io.open(M.path(id))
-      local ok, e = pcall(require("cjson").decode, f and f:read("l") or "")
+      local ok, e = pcall(codec.decode, f and f:read("l") or "")
       if f then f:close() end
       started[id] = ok and type(e) == "table" and type(e.time) == "string" and e.time or ""
     end
@@ -139,11 +176,24 @@ local function parse_time(iso)
 end
 M.parse_time = parse_time
 
+--- The effects of a step state whose outcome is unknown: an intent journaled
+-- with no outcome after it (the process died in between), or an outcome the
+-- gate marked unknown (interrupted or timed out while in flight). In order.
+function M.unknown_effects(st)
+  local out = {}
+  for _, i in pairs(st.intents) do out[#out + 1] = i end
+  table.sort(out, function(a, b) return a.seq < b.seq end)
+  for _, e in ipairs(st.effects) do
+    if e.unknown then out[#out + 1] = e end
+  end
+  return out
+end
+
 --- Fold a run's events into a summary:
 -- {start, last_end, status, segments, steps = {[name] = state}, order = {state...}}
 -- where a segment is one process's part of the run (the first run, then each
--- resume) and a step state is {name, status, outputs, error, effects_performed,
--- started, duration}. A step started without an end was cut off: "interrupted".
+-- resume) and a step state is {name, status, outputs, error, effects, unknown
+-- (see unknown_effects), started, duration}. A step started without an end was cut off: "interrupted".
 function M.summarize(events)
   local s = { start = events[1], steps = {}, segments = {}, timeline = {} }
   local seg, current, undoing
@@ -155,26 +205,34 @@ function M.summarize(events)
       current = nil
     elseif ev == "step_start" then
       current = { name = e.step, index = e.index, status = "interrupted", started = e.time,
-        effects = {}, logs = {}, description = e.description, segment = #s.segments }
+        effects = {}, logs = {}, intents = {}, description = e.description, segment = #s.segments }
       s.steps[e.step] = current
       s.timeline[#s.timeline + 1] = current
     elseif ev == "step_end" then
       local st = s.steps[e.step]
       if not st or st ~= current then
-        st = { name = e.step, index = e.index, started = e.time, effects = {}, logs = {}, segment = #s.segments }
+        st = { name = e.step, index = e.index, started = e.time, effects = {}, logs = {}, intents = {},
+          segment = #s.segments }
         s.steps[e.step] = st
         s.timeline[#s.timeline + 1] = st
       end
       st.status, st.duration, st.outputs, st.error = e.status, e.duration, e.outputs, e.error
       st.attempts, st.reason = e.attempts, e.reason
       current = nil
+    elseif ev == "intent" then
+      local target = current or undoing
+      if target then target.intents[e.seq] = e end
     elseif ev == "effect" then
       local target = current or undoing
-      if target then target.effects[#target.effects + 1] = e end
+      if target then
+        target.effects[#target.effects + 1] = e
+        if e.seq then target.intents[e.seq] = nil end
+      end
     elseif ev == "log" then
       if current then current.logs[#current.logs + 1] = e end
     elseif ev == "undo_start" then
-      undoing = { name = e.step, undo = true, started = e.time, effects = {}, logs = {}, status = "interrupted" }
+      undoing = { name = e.step, undo = true, started = e.time, effects = {}, logs = {}, intents = {},
+        status = "interrupted" }
       s.timeline[#s.timeline + 1] = undoing
     elseif ev == "undo_end" then
       if undoing then undoing.status, undoing.duration, undoing.error = e.status, e.duration, e.error end
@@ -184,6 +242,7 @@ function M.summarize(events)
       s.last_end = e
     end
   end
+  for _, st in ipairs(s.timeline) do st.unknown = M.unknown_effects(st) end
   local last_seg = s.segments[#s.segments]
   s.status = last_seg.finish and last_seg.finish.status or "killed"
   s.exit_code = last_seg.finish and last_seg.finish.exit_code

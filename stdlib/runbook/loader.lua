@@ -15,7 +15,7 @@ local FIELDS = { name = "string", description = "string", version = "string", lo
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
 local STEP_KEYS = { description = true, run = true, confirm = true, timeout = true, retry = true,
-  undo = true, when = true, idempotent = true }
+  undo = true, when = true, idempotent = true, check = true }
 local RETRY_KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true }
 
 local LoadError = {}
@@ -82,15 +82,16 @@ local function check_step(name, spec, index)
   spec[1] = nil
   check_keys(spec, STEP_KEYS, what)
   if type(run) ~= "function" then error(what .. ": run = function(ctx) ... end is missing", 0) end
-  for _, f in ipairs { "undo", "when" } do
+  for _, f in ipairs { "undo", "when", "check" } do
     if spec[f] ~= nil and type(spec[f]) ~= "function" then error(("%s: %s must be a function"):format(what, f), 0) end
   end
   return {
     name = name, index = index, run = run, description = spec.description or "",
     confirm = spec.confirm == true, idempotent = spec.idempotent == true,
-    timeout = spec.timeout and duration.check(spec.timeout, what .. " timeout"),
+    -- false: no deadline at all, asked for in so many words (the default is deadline.LIMIT.run)
+    timeout = spec.timeout == false and false or spec.timeout and duration.check(spec.timeout, what .. " timeout"),
     retry = spec.retry and check_retry(spec.retry, what),
-    undo = spec.undo, when = spec.when,
+    undo = spec.undo, when = spec.when, check = spec.check,
   }
 end
 
@@ -143,10 +144,10 @@ function M.load(path)
   local e = env.new(dsl(rb), FIELDS, rb.dir)
   local chunk, cerr = load(text, "@" .. path, "t", e)
   if not chunk then error(load_error(cerr), 0) end
-  local watch = { message = ("%s: its top-level code did not finish within %gs; the watchdog ended the load"):format(
-    path, deadline.LIMIT.load) }
+  local slow = ("%s: its top-level code did not finish within %gs"):format(path, deadline.LIMIT.load)
+  local watch = { message = slow .. "; the watchdog ended the load" }
   local ok, rerr = deadline.call(deadline.LIMIT.load, watch, xpcall, chunk, function(m) return m end)
-  if not ok then error(load_error(tostring(rerr)), 0) end
+  if not ok then error(load_error(tostring(rerr):match("step timed out$") and slow or tostring(rerr)), 0) end
   for field, ty in pairs(FIELDS) do
     local v = rawget(e, field)
     if v ~= nil and type(v) ~= ty then

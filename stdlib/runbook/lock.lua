@@ -16,10 +16,22 @@ function M.path(key)
   return journal.state_dir() .. "/locks/" .. key:gsub("[^%w%.%-_]", "_") .. ".lock"
 end
 
+local function parse_holder(text)
+  local ok, h = pcall(require("cjson").decode, text or "")
+  return ok and type(h) == "table" and h or nil
+end
+
+--- True when `h` names a process on this host that no longer runs: the
+-- record of an earlier holder, not yet overwritten by the one holding now.
+local function stale(h)
+  return h.host == host.identity().host and math.tointeger(h.pid)
+    and require("lfs").attributes("/proc/" .. math.tointeger(h.pid), "mode") == nil
+end
+
 --- "run 2026...-ab12 (pid 123, user ops@db1, since 2026-11-22T10:00:00Z)"
 function M.describe_holder(text)
-  local ok, h = pcall(require("cjson").decode, text or "")
-  if not ok or type(h) ~= "table" then return "another run (holder details unavailable)" end
+  local h = parse_holder(text)
+  if not h then return "another run (holder details unavailable)" end
   return ("run %s (pid %s, user %s@%s, since %s)"):format(h.run_id, math.tointeger(h.pid) or h.pid, h.user, h.host,
     h.since)
 end
@@ -32,16 +44,23 @@ function M.acquire(key, holder, wait)
   local path = M.path(key)
   local info = require("cjson").encode(holder)
   local deadline = host.now() + (wait or 0)
+  -- The holder records itself just after it takes the lock: a loser that
+  -- reads no record, or a dead process's, looks again for a moment.
+  local settle = host.now() + 0.5
   local delay = 0.05
   while true do
     local lock, current = host.lock_try(path, info)
     if lock then return lock end
     if lock == nil then return nil, current end
-    if host.now() >= deadline then
+    local h = parse_holder(current)
+    if (not h or stale(h)) and host.now() < settle then
+      host.sleep(0.01)
+    elseif host.now() >= deadline then
       return nil, ("%s is locked by %s"):format(key, M.describe_holder(current))
+    else
+      host.sleep(math.min(delay, math.max(0.001, deadline - host.now())))
+      delay = math.min(delay * 2, 1)
     end
-    host.sleep(math.min(delay, math.max(0.001, deadline - host.now())))
-    delay = math.min(delay * 2, 1)
   end
 end
 

@@ -24,6 +24,10 @@ local function convert(p, v)
     if type(v) == "string" or type(v) == "number" then return tostring(v) end
   elseif t == "number" then
     local n = tonumber(v)
+    -- inf and nan have no JSON form: the journal and --output json could not hold them
+    if n and (n ~= n or n == math.huge or n == -math.huge) then
+      fail("param '%s': %s is not a finite number", p.name, tostring(v))
+    end
     if n then return n end
   elseif t == "integer" then
     local n = math.tointeger(tonumber(v))

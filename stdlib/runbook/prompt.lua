@@ -47,4 +47,22 @@ function M.interrupted_step(step, effects)
   end
 end
 
+local UNKNOWN_CHOICES = { r = "redo", redo = "redo", s = "skip", skip = "skip", q = "quit", quit = "quit" }
+
+--- On resume, a step cut off while effects were in flight: whether they
+-- happened is unknown. Ask to run it again, treat them as done, or stop.
+function M.unknown_step(step, unknown)
+  say(("\nStep '%s' was cut off while these effects were in flight; whether they happened is unknown:\n")
+    :format(step.name))
+  for _, e in ipairs(unknown) do say(("  - %s\n"):format(e.summary or (e.module .. " " .. e.op))) end
+  while true do
+    say("[r]edo the step, [s]kip it (they happened), or [q]uit? ")
+    local line = host.read_line()
+    if line == nil then say("\n"); return "quit" end
+    local choice = UNKNOWN_CHOICES[line:lower():match("^%s*(.-)%s*$")]
+    if choice then return choice end
+    say("Please answer r, s or q.\n")
+  end
+end
+
 return M

@@ -2,6 +2,7 @@
 -- journals. A report is a run's timeline for a postmortem, in Markdown that
 -- reads well pasted into an incident document, or in JSON.
 local duration = require "duration"
+local host = require "runbook.host"
 local journal = require "runbook.journal"
 
 local M = {}
@@ -11,9 +12,7 @@ local function dur(s) return s and duration.format(s) or "-" end
 --- The summary's status, with "running" for a run whose process still holds its lock.
 local function live_status(s)
   if s.status ~= "killed" then return s.status end
-  local holder = require("runbook.lock").holder(s.start.lock or s.start.runbook)
-  if holder and holder.run_id == s.start.run_id then return "running" end
-  return "killed"
+  return journal.running(s.start.run_id) and "running" or "killed"
 end
 
 function M.history(runbook, limit, as_json)
@@ -24,8 +23,17 @@ function M.history(runbook, limit, as_json)
   end
   for _, id in ipairs(journal.list()) do
     if shown >= limit then break end
-    local events = journal.read(id)
-    if events and (not runbook or events[1].runbook == runbook) then
+    local events, err = journal.read(id)
+    if not events and not runbook then
+      -- Listed and marked, never a reason to stop listing the others.
+      io.stderr:write(host.redact("runbook: history: " .. err .. "\n"))
+      if as_json then
+        print(codec.encode { run_id = id, status = "unreadable", error = err })
+      else
+        print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format(id, "?", "", "-", "", "unreadable", ""))
+      end
+      shown = shown + 1
+    elseif events and (not runbook or events[1].runbook == runbook) then
       local s = journal.summarize(events)
       local st = s.start
       local row = { run_id = id, runbook = st.runbook, started = st.time, duration = s.duration, mode = st.mode,
@@ -64,7 +72,11 @@ local function document(run_id)
   for _, t in ipairs(s.timeline) do
     local step = { kind = t.undo and "undo" or "step", name = t.name, index = t.index, status = t.status,
       started = t.started, duration = t.duration, attempts = t.attempts, reason = t.reason, outputs = t.outputs,
-      error = t.error, segment = t.segment, effects = {}, logs = {} }
+      error = t.error, segment = t.segment, effects = {}, logs = {}, unknown = {} }
+    for _, e in ipairs(t.unknown) do
+      step.unknown[#step.unknown + 1] = { time = e.time, module = e.module, op = e.op, target = e.target,
+        summary = e.summary, key = e.key }
+    end
     for _, e in ipairs(t.effects) do
       step.effects[#step.effects + 1] = { time = e.time, module = e.module, op = e.op, target = e.target,
         summary = e.summary, decision = e.decision, ok = e.ok, result = e.result }
@@ -179,6 +191,14 @@ local function markdown(doc)
       add("Effects:")
       add("")
       for _, e in ipairs(st.effects) do add("%s", effect_line(e)) end
+    end
+    if #st.unknown > 0 then
+      add("")
+      add("In flight when the run stopped (outcome unknown; see `resume --on-unknown`):")
+      add("")
+      for _, e in ipairs(st.unknown) do
+        add("- %s **unknown** %s (%s %s %s)", clock(e.time), e.summary or "", e.module, e.op, code_span(e.target or ""))
+      end
     end
     if #st.logs > 0 then
       add("")

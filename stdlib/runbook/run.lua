@@ -106,6 +106,23 @@ local function take_lease(run, key)
   return nil, "failed", EXIT.failed
 end
 
+-- Seconds a Lease's release may take after the run was interrupted.
+M.LEASE_RELEASE_DEADLINE = 5
+
+--- Hand the Lease back, whatever ended the run. After SIGINT, SIGTERM or
+-- SIGHUP the release would be cut short by the signal too: the run's
+-- status already holds it, so it is cleared, and the release gets a short
+-- deadline of its own instead.
+local function release_lease(lease)
+  if host.interrupted() then host.clear_interrupt() end
+  host.set_deadline(host.now() + M.LEASE_RELEASE_DEADLINE)
+  local ok, e = pcall(lease.release, lease)
+  host.set_deadline(0)
+  if not ok then
+    require("log").warn("the lease stays held until it expires: %s", tostring(type(e) == "table" and e.message or e))
+  end
+end
+
 local function install_sinks(run, journal_sink)
   local output = require "runbook.output"
   events.reset(run)
@@ -115,10 +132,13 @@ local function install_sinks(run, journal_sink)
     events.add_sink(output.human(io.stdout, host.isatty(1)))
   end
   events.add_sink(journal_sink)
-  host.set_effect_sink(function(e)
-    e.event = "effect"
-    events.emit(e)
-  end)
+  local function sink(kind)
+    return function(e)
+      e.event = kind
+      events.emit(e)
+    end
+  end
+  host.set_effect_sink(sink("effect"), sink("intent"))
 end
 
 local function new_run_id()
@@ -131,6 +151,18 @@ end
 local function absolute(path)
   if path:sub(1, 1) == "/" then return path end
   return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
+end
+
+--- What the run loaded besides the runbook, for resume's content guard: the
+-- Lua files it required so far and the params file, {path, sha256[, params]}.
+local function sources(req)
+  local out = {}
+  for i, rec in ipairs(require("runbook.env").sources) do out[i] = { path = rec.path, sha256 = rec.sha256 } end
+  if req.params_file then
+    local sha = host.sha256_file(req.params_file)
+    out[#out + 1] = { path = absolute(req.params_file), sha256 = sha, params = true }
+  end
+  return #out > 0 and out or nil
 end
 
 --- Resolve the params of `req` over `base` (a resumed run's). Returns values
@@ -169,7 +201,8 @@ function M.start(rb, req, resumed)
   local jok, sink = pcall(require("runbook.journal").sink, run.id)
   if not jok then
     if lock then lock:release() end
-    say("%s", type(sink) == "table" and sink.message or tostring(sink)); return EXIT.usage
+    say("%s", type(sink) == "table" and sink.message or tostring(sink))
+    return type(sink) == "table" and sink.code == "locked" and EXIT.locked or EXIT.usage
   end
   install_sinks(run, sink)
   host.install_signal_handlers()
@@ -180,17 +213,20 @@ function M.start(rb, req, resumed)
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
     path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = redacted,
     steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = key, request = M.journaled(req),
-    resumed = resumed.id and true or nil, from = req.from,
+    resumed = resumed.id and true or nil, from = req.from, sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
+  -- Lua files the runbook requires from here on are journaled as they load.
+  require("runbook.env").on_source = function(rec)
+    events.emit { event = "source", path = rec.path, sha256 = rec.sha256 }
+  end
+  -- A resume's answers about steps cut off with effects (their check's, or the operator's).
+  for _, e in ipairs(resumed.resolved or {}) do events.emit(e) end
 
   local lease, status, code
   if key and key:match("^k8s:") then lease, status, code = take_lease(run, key) end
   local counts = { ok = 0, failed = 0, skipped = 0 }
   if status == nil then status, code = require("runbook.engine").run(run, counts) end
-  if lease then
-    local ok, e = pcall(lease.release, lease)
-    if not ok then require("log").warn("the lease stays held until it expires: %s", tostring(e)) end
-  end
+  if lease then release_lease(lease) end
   if rb.notify then
     deadline.call(deadline.LIMIT.notify, deadline.notify_watch(run.id, status), pcall, require("notify").run_hooks,
       rb.notify, { runbook = rb.name, run_id = run.id, status = status,
@@ -201,6 +237,12 @@ function M.start(rb, req, resumed)
     duration = math.floor((host.now() - t0) * 1000 + 0.5) / 1000, ok = counts.ok, failed = counts.failed,
     skipped = counts.skipped, mode = req.mode, signal = run.signal and EXIT.signal_name(run.signal) or nil }
   if lock then lock:release() end
+  local jfail = require("runbook.journal").failure
+  if jfail then
+    say("the run stopped: %s (journal %s, cut back to its last whole line); free space, then: runbook resume %s",
+      type(jfail) == "table" and jfail.message or tostring(jfail), require("runbook.journal").path(run.id), run.id)
+    return EXIT.journal
+  end
   return code
 end
 
