@@ -16,6 +16,7 @@ local function live_status(s)
 end
 
 function M.history(runbook, limit, as_json)
+  local events_mod = require "runbook.events"
   local shown = 0
   if not as_json then
     print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format("RUN ID", "RUNBOOK", "STARTED", "DURATION", "MODE",
@@ -28,7 +29,8 @@ function M.history(runbook, limit, as_json)
       -- Listed and marked, never a reason to stop listing the others.
       io.stderr:write(host.redact("runbook: history: " .. err .. "\n"))
       if as_json then
-        print(codec.encode { run_id = id, status = "unreadable", error = err })
+        print(events_mod.json_line { event = "run", time = events_mod.iso8601(host.wallclock()), run_id = id,
+          status = "unreadable", error = err })
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format(id, "?", "", "-", "", "unreadable", ""))
       end
@@ -40,7 +42,7 @@ function M.history(runbook, limit, as_json)
         status = live_status(s), user = st.user, host = st.host, resumed = #s.segments - 1 }
       if as_json then
         row.event, row.time = "run", st.time
-        print(require("runbook.events").json_line(row))
+        print(events_mod.json_line(row))
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),
           dur(row.duration), row.mode, row.status .. (row.resumed > 0 and "*" or ""), row.user, row.host))
@@ -91,8 +93,9 @@ end
 --- An event's time (RFC 3339, UTC) as this machine's local time with its date
 -- and UTC offset: "2026-12-06 11:12:17.610 +01:00".
 local function stamp(iso)
-  local y, mo, d, h, mi, sec, ms = (iso or ""):match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.?(%d*)Z$")
-  if not y then return iso or "" end
+  if type(iso) ~= "string" then return iso == nil and "" or tostring(iso) end
+  local y, mo, d, h, mi, sec, ms = iso:match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.?(%d*)Z$")
+  if not y then return iso end
   local t = os.time { year = y, month = mo, day = d, hour = h, min = mi, sec = sec }
   t = t + os.difftime(t, os.time(os.date("!*t", t)))   -- os.time read the fields as local time
   local z = os.date("%z", t)
@@ -108,11 +111,12 @@ local function gantt(doc, add)
   add("  axisFormat %H:%M:%S")
   add("  section Steps")
   for i, st in ipairs(doc.steps) do
-    local start = (st.started or doc.started or ""):gsub("Z$", "")
+    local start = tostring(st.started or doc.started or ""):gsub("Z$", "")
     local tag = st.status == "ok" and "done, " or (st.status == "failed" or st.status == "interrupted") and "crit, " or ""
-    local name = ((st.kind == "undo" and "undo " or (st.index and (st.index .. ". ") or "")) .. st.name .. " (" .. st.status .. ")")
-      :gsub("[:#;]", " ")
-    add("  %s :%ss%d, %s, %dms", name, tag, i, start, math.max(1, math.floor((st.duration or 0) * 1000 + 0.5)))
+    local name = ("%s%s (%s)"):format(st.kind == "undo" and "undo " or (st.index and (st.index .. ". ") or ""),
+      tostring(st.name), tostring(st.status)):gsub("[:#;]", " ")
+    local ms = math.max(1, math.floor((tonumber(st.duration) or 0) * 1000 + 0.5))
+    add("  %s :%ss%d, %s, %dms", name, tag, i, start, ms)
   end
   add("```")
 end
@@ -197,7 +201,7 @@ local function markdown(doc)
       add("In flight when the run stopped (outcome unknown; see `resume --on-unknown`):")
       add("")
       for _, e in ipairs(st.unknown) do
-        add("- %s **unknown** %s (%s %s %s)", clock(e.time), e.summary or "", e.module, e.op, code_span(e.target or ""))
+        add("- %s **unknown** %s (%s %s %s)", stamp(e.time), e.summary or "", e.module, e.op, code_span(e.target or ""))
       end
     end
     if #st.logs > 0 then
