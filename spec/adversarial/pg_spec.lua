@@ -150,6 +150,10 @@ local variants = {
     try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT 1 ### 2") ]] },
   { "nextval behind a Unicode escape in a data-modifying WITH", SEQ, [[
     try([=[WITH d AS (DELETE FROM rb_adv WHERE false) SELECT U&"nextv\0061l"('rb_adv_seq')]=]) ]] },
+  { "an UPDATE whose rule inserts a row with a serial default", AUDIT_SEQ, [[
+    try("UPDATE rb_adv_ruled SET x = x") ]] },
+  { "a DELETE whose foreign key sets a default from a sequence", SEQ, [[
+    try("DELETE FROM rb_adv_parent") ]] },
   { "a row security policy calling nextval", SEQ, [[
     try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT count(*) FROM rb_adv_rls") ]] },
   { "a domain whose check calls nextval", SEQ, [[
@@ -173,7 +177,7 @@ local PREAMBLE = [[
 
 setup(function()
   psql([[
-    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls CASCADE;
+    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls, rb_adv_ruled, rb_adv_child, rb_adv_parent CASCADE;
     DROP DOMAIN IF EXISTS rb_adv_dom;
     DROP SEQUENCE IF EXISTS rb_adv_seq;
     CREATE TABLE rb_adv (tag text);
@@ -190,6 +194,15 @@ setup(function()
       AS $$ BEGIN PERFORM nextval('rb_adv_seq'); RETURN true; END $$;
     DROP OPERATOR IF EXISTS ### (int, int);
     CREATE OPERATOR ### (LEFTARG = int, RIGHTARG = int, FUNCTION = rb_adv_op);
+    CREATE TABLE rb_adv_ruled (x int);
+    INSERT INTO rb_adv_ruled VALUES (1);
+    CREATE RULE rb_adv_audit AS ON UPDATE TO rb_adv_ruled
+      DO ALSO INSERT INTO audit_log (task_id, action) SELECT id, 'rb_adv' FROM tasks LIMIT 1;
+    CREATE TABLE rb_adv_parent (id int PRIMARY KEY);
+    INSERT INTO rb_adv_parent VALUES (1);
+    CREATE TABLE rb_adv_child (parent int DEFAULT nextval('rb_adv_seq')
+      REFERENCES rb_adv_parent ON DELETE SET DEFAULT);
+    INSERT INTO rb_adv_child VALUES (1);
     CREATE TABLE rb_adv_rls (x int);
     INSERT INTO rb_adv_rls VALUES (1);
     ALTER TABLE rb_adv_rls ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
@@ -206,7 +219,7 @@ teardown(function()
   psql([[
     DROP VIEW IF EXISTS rb_adv_kill;
     DROP OPERATOR IF EXISTS ### (int, int);
-    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls CASCADE;
+    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls, rb_adv_ruled, rb_adv_child, rb_adv_parent CASCADE;
     DROP DOMAIN IF EXISTS rb_adv_dom;
     DROP SEQUENCE IF EXISTS rb_adv_seq;
     DROP FUNCTION IF EXISTS rb_adv_write(text), rb_adv_tick(), rb_adv_op(int, int);
