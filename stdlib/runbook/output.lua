@@ -133,11 +133,13 @@ function M.human(stream, fancy)
     local d = duration.format(e.duration or 0)
     if quiet and (e.status == "ok" or e.status == "skipped") then return end
     if e.status == "ok" then
-      out(("  %s %s %s(%s%s)%s\n"):format(C.ok, e.step, C.dim, d,
-        (e.attempts or 1) > 1 and (", " .. e.attempts .. " attempts") or "", C.reset))
+      out(("  %s %s %s(%s%s%s)%s\n"):format(C.ok, e.step, C.dim, d,
+        (e.attempts or 1) > 1 and (", " .. e.attempts .. " attempts") or "",
+        e.fallback and (", its fallback: '%s' was skipped"):format(e.needs) or "", C.reset))
     elseif e.status == "skipped" then
       out(("  %s %s skipped%s\n"):format(C.skip, e.step,
-        e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)" or ""))
+        e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)"
+        or e.reason == "needs" and (" (it needs '%s', which was skipped)"):format(e.needs) or ""))
     elseif e.status == "aborted" then
       out(("  %s %s: aborted by the operator\n"):format(C.fail, e.step))
     elseif e.status == "interrupted" then
