@@ -209,6 +209,7 @@ function Client:rollout_status(a, b)
   local function check(d)
     local msg, done = M.deployment_status(d)
     if msg ~= last and progress and not done then progress(msg) end
+    require("runbook.output").waiting(done and "" or ("rollout of %s: %s"):format(name, msg), deadline - host.now())
     last = msg
     if done then return { message = msg, deployment = d } end
   end

@@ -16,8 +16,8 @@ local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 3 runbook cannot be loaded, 4 aborted by the operator, 74 the journal
 cannot be written (a full disk), 75 lock held by another run, 76 effects
-of unknown outcome (resume --on-unknown), 130/143 interrupted by
-SIGINT/SIGTERM/SIGHUP.]]
+of unknown outcome (resume --on-unknown), 124 ended by the watchdog,
+130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
