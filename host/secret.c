@@ -263,7 +263,12 @@ static void push_value(lua_State *L, int idx, int depth)
         push_value(L, -2, depth + 1);
         lua_rawset(L, -5);
     }
-    if (lua_getmetatable(L, idx)) lua_setmetatable(L, -2);   /* cjson's array marks */
+    /* Keep cjson's array marks; not a finalizer, which would then run on the copy too. */
+    if (lua_getmetatable(L, idx)) {
+        lua_pushliteral(L, "__gc");
+        if (lua_rawget(L, -2) == LUA_TNIL) { lua_pop(L, 1); lua_setmetatable(L, -2); }
+        else lua_pop(L, 2);
+    }
 }
 
 void rb_push_redacted_value(lua_State *L, int idx)
@@ -343,9 +348,9 @@ static void register_conninfo_password(const char *v)
  */
 void rb_secret_register_env(void)
 {
-    static const char *const urls[] = { "DATABASE_URL", "REDIS_URL", "REDIS_TLS_URL", "KAFKA_BROKERS",
+    static const char *const urls[] = { "DATABASE_URL", "REDIS_URL", "KAFKA_BROKERS",
         "PROMETHEUS_URL", "ALERTMANAGER_URL", "RUNBOOK_PUSHGATEWAY", "DAPR_HTTP_ENDPOINT", NULL };
-    static const char *const whole[] = { "PGPASSWORD", "REDISCLI_AUTH", "DAPR_API_TOKEN", NULL };
+    static const char *const whole[] = { "PGPASSWORD", "DAPR_API_TOKEN", NULL };   /* libpq, dapr.lua */
     for (int i = 0; urls[i]; i++) {
         const char *v = getenv(urls[i]);
         if (v) register_urls(v);

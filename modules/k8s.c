@@ -31,8 +31,9 @@
  * guarantee independent of that: conn_request asks the gate itself, right
  * before the transfer, for any method but GET or HEAD, and unless it says
  * "perform" adds dryRun=All to the URL's query (the API server runs the
- * request without persisting); a write through a proxy subresource, which
- * the API server cannot dry-run, is refused. The URL is built with libcurl's
+ * request without persisting); a write through a connect subresource
+ * (proxy, exec, attach, portforward), which the API server cannot dry-run,
+ * is refused. The URL is built with libcurl's
  * URL API from parts this file checks, so nothing in a path (a '#' that
  * would cut the added parameter off, a '?dryRun=All' of its own, an escaped
  * '/' or '..') can change what is sent; dryRun in a caller's query is
@@ -378,8 +379,9 @@ static void check_method(lua_State *L, const char *m) {
 }
 
 /* A path is '/'-separated segments of the characters RFC 3986 allows in one,
- * with %XX escapes. Refused, as a server may decode before it routes: a
- * '.' or '..' segment, and an escaped '/', '?', '#', '.', '%' or '\'.
+ * with %XX escapes. Refused, as the API server decodes before it routes: a
+ * '.' or '..' segment, an escaped '/', '?', '#', '%' or '\', and an escaped
+ * letter, digit or "-._~", which never needs one ("prox%79" is "proxy").
  * Returns what is wrong, or NULL. */
 static const char *path_problem(const char *path) {
     static const char allowed[] = "-._~!$&'()*+,;=:@/";
@@ -390,7 +392,9 @@ static const char *path_problem(const char *path) {
         if (*p == '%') {
             unsigned hi, lo;
             if (sscanf(p + 1, "%1x%1x", &hi, &lo) != 2) return "it has a % that is not an escape";
-            if (strchr("/?#.%\\", (int)(hi * 16 + lo))) return "it escapes a character that separates paths";
+            int ch = (int)(hi * 16 + lo);
+            if (isalnum(ch) || strchr("-._~/?#%\\", ch))
+                return "it escapes a character that needs no escape or that separates paths";
             p += 2;
         } else if (!isalnum((unsigned char)*p) && !strchr(allowed, *p)) {
             return "it has a character that must be escaped";
@@ -433,16 +437,30 @@ static void build_url(lua_State *L, conn *c, CURLU **slot, const char *method, c
         luaL_error(L, "out of memory");
 }
 
+/* Whether the path names a connect subresource (proxy, exec, attach,
+ * portforward): the API server hands those on and ignores dryRun. Any
+ * segment that is one of them counts, a pod named "exec" too: in a dry run
+ * a false alarm is a clear error, a miss a real write. */
+static int is_connect(const char *path) {
+    static const char *const connect[] = {"proxy", "exec", "attach", "portforward", NULL};
+    for (const char *p = path; (p = strchr(p, '/')); ) {
+        p++;
+        size_t n = strcspn(p, "/");
+        for (int i = 0; connect[i]; i++)
+            if (n == strlen(connect[i]) && !memcmp(p, connect[i], n)) return 1;
+    }
+    return 0;
+}
+
 /* The dry-run guarantee (see the top of the file): whether to send a
  * request as a server-side dry run. Asks the gate for every write. */
 static int dry_run(lua_State *L, const char *method, const char *path) {
     if (is_read(method)) return 0;
     rb_effect e = {"k8s", method, path, "", 1};
     if (rb_gate(L, &e) == RB_PERFORM) return 0;
-    size_t n = strlen(path);
-    if ((n >= 6 && !strcmp(path + n - 6, "/proxy")) || strstr(path, "/proxy/"))
-        rb_error(L, "k8s", method, "dry_run", 0,
-                 "%s %s: a write through a proxy cannot be dry-run, so it is refused in a dry run", method, path);
+    if (is_connect(path))
+        rb_error(L, "k8s", method, "dry_run", 0, "%s %s: a write through proxy, exec, attach or portforward "
+                 "cannot be dry-run, so it is refused in a dry run", method, path);
     return 1;
 }
 

@@ -868,8 +868,9 @@ typedef struct {
  * SQL-standard function (CREATE FUNCTION ... BEGIN ATOMIC), which PostgreSQL
  * parses and stores as a query tree. CHECK_SQL walks that tree and what it
  * leads to (views' rules, row security policies, partitions; for writes also
- * triggers, constraints, indexes, tables that cascade; for inserts column
- * defaults) and names the first thing a rollback would not undo: a volatile
+ * triggers, constraints, indexes, tables that cascade and the defaults an ON
+ * DELETE SET DEFAULT sets; for inserts column defaults) and names the first
+ * thing a rollback would not undo: a table's rewrite rule (for writes), a volatile
  * built-in function outside a short list of harmless ones (nextval,
  * pg_notify, pg_terminate_backend, set_config, lo_export, session advisory
  * locks...), a function whose body PostgreSQL cannot show (PL/pgSQL, C, every
@@ -941,18 +942,26 @@ static const char CHECK_SQL[] =
     "      WHERE stmt.writes AND r.k = 'r' AND c.conrelid = r.o"
     "    UNION ALL SELECT 'r', conrelid FROM pg_constraint"
     "      WHERE stmt.writes AND r.k = 'r' AND confrelid = r.o AND contype = 'f'"
+    "    UNION ALL SELECT x.k, x.o FROM pg_constraint c"
+    "      JOIN pg_attrdef d ON d.adrelid = c.conrelid AND d.adnum = ANY (c.conkey), LATERAL (" REFS("d.adbin") ") x"
+    "      WHERE stmt.writes AND r.k = 'r' AND c.confrelid = r.o AND c.contype = 'f'"
+    "        AND 'd' IN (c.confdeltype, c.confupdtype)"
+    "    UNION ALL SELECT 'x', w.oid FROM pg_rewrite w"
+    "      WHERE stmt.writes AND r.k = 'r' AND w.ev_class = r.o AND w.ev_type <> '1'"
     "    UNION ALL SELECT x.k, x.o FROM pg_index i, LATERAL (" REFS("i.indexprs") " UNION ALL " REFS("i.indpred") ") x"
     "      WHERE stmt.writes AND r.k = 'r' AND i.indrelid = r.o"
     "  ) n"
     ")"
     "SELECT (SELECT CASE r.k WHEN 'f' THEN 'it calls ' || r.o::regprocedure::text"
+    "                        WHEN 'x' THEN 'it fires the rule ' || w.rulename || ' on ' || w.ev_class::regclass::text"
     "                        ELSE 'it uses the foreign table ' || r.o::regclass::text END"
     "        FROM reached r"
     "        LEFT JOIN pg_proc p ON r.k = 'f' AND p.oid = r.o"
     "        LEFT JOIN pg_class c ON r.k = 'r' AND c.oid = r.o"
+    "        LEFT JOIN pg_rewrite w ON r.k = 'x' AND w.oid = r.o"
     "        WHERE CASE WHEN p.oid >= 16384 THEN p.prosqlbody IS NULL"
     "                   ELSE p.provolatile = 'v' AND p.proname NOT IN (" HARMLESS_VOLATILE ") END"
-    "           OR c.relkind = 'f'"
+    "           OR c.relkind = 'f' OR w.oid IS NOT NULL"
     "        LIMIT 1),"
     "       (SELECT writes FROM stmt)";
 

@@ -20,6 +20,7 @@ param "groups" { default = "recurring-task-service,websocket-service,notificatio
 param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }
 param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
+param "metrics_window" { default = "5m", help = "PromQL rate window of the key metrics" }
 param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
 
 -- Each check returns {problems = {...}, warnings = {...}} in its outputs.
@@ -36,7 +37,23 @@ local function result(f, extra)
   return out
 end
 
-local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "Resource use" }
+local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "Resource use",
+  "Key metrics" }
+
+-- Seed 000's and seed 003's key-metric tables: above `warn` a warning, above `critical` a problem.
+-- In each query $ns is the namespace and $w the rate window; each row is one service or pod.
+local KEY_METRICS = {
+  { what = "error rate", unit = "percent", warn = 0.01, critical = 0.05, by = "service",
+    query = 'sum by (service) (rate(http_requests_total{namespace="$ns",status=~"5.."}[$w])) / sum by (service) (rate(http_requests_total{namespace="$ns"}[$w]))' },
+  { what = "p95 latency", unit = "seconds", warn = 0.5, critical = 2, by = "service",
+    query = 'histogram_quantile(0.95, sum by (service, le) (rate(http_request_duration_seconds_bucket{namespace="$ns"}[$w])))' },
+  { what = "restarts in the last hour", warn = 3, critical = 10, by = "pod",
+    query = 'sum by (pod) (increase(kube_pod_container_status_restarts_total{namespace="$ns"}[1h]))' },
+  { what = "WebSocket connections", warn = 400, critical = 480, by = "service",
+    query = 'sum by (service) (websocket_connections{namespace="$ns"})' },
+  { what = "database pool usage", unit = "percent", warn = 0.8, critical = 0.9, by = "service",
+    query = 'sum by (service) (db_pool_connections_in_use{namespace="$ns"}) / sum by (service) (db_pool_connections_max{namespace="$ns"})' },
+}
 
 step "Deployments and nodes" {
   description = "kubectl get deploy,nodes: every deployment has its replicas ready with no waiting reason, every node Ready",
@@ -136,17 +153,50 @@ step "Resource use" {
   end,
 }
 
+step "Key metrics" {
+  description = "Prometheus: error rate, p95, restarts per hour, WebSocket connections and pool usage against the seeds' warning and critical thresholds",
+  run = function(ctx)
+    local f = findings()
+    if (os.getenv("PROMETHEUS_URL") or "") == "" then
+      log.info("no PROMETHEUS_URL: key metrics not checked")
+      return result(f, { checked = false })
+    end
+    local function show(v, unit)
+      if unit == "percent" then return ("%.2f%%"):format(v * 100) end
+      if unit == "seconds" then return duration.format(v) end
+      return ("%g"):format(v)
+    end
+    local n = 0
+    for _, m in ipairs(KEY_METRICS) do
+      local q = m.query:gsub("%$ns", ctx.params.namespace):gsub("%$w", ctx.params.metrics_window)
+      for _, r in ipairs(prom.query(q, { allow_empty = true })) do
+        local v, who = r.value, r.labels[m.by] or "?"
+        if v == v then
+          n = n + 1
+          if v > m.critical then f.problem("%s %s is %s (critical above %s)", who, m.what, show(v, m.unit), show(m.critical, m.unit))
+          elseif v > m.warn then f.warning("%s %s is %s (warning above %s)", who, m.what, show(v, m.unit), show(m.warn, m.unit)) end
+        end
+      end
+    end
+    log.info("%d key-metric values read, %d critical, %d warnings", n, #f.problems, #f.warnings)
+    return result(f, { checked = true, values = n })
+  end,
+}
+
 step "Verdict" {
   description = "HEALTHY or UNHEALTHY with every problem and warning; exit 1 when unhealthy",
+  uses = CHECKS,
   run = function(ctx)
     local problems, warnings, summary = {}, {}, {}
     for _, name in ipairs(CHECKS) do
-      local o = ctx.outputs[name]
-      summary[name] = #o.problems == 0 and "ok" or "failed"
+      local o = ctx.skipped(name) and { problems = {}, warnings = { name .. " was not checked (skipped)" } }
+        or ctx.outputs[name]
+      summary[name] = ctx.skipped(name) and "skipped" or #o.problems == 0 and "ok" or "failed"
       for _, p in ipairs(o.problems) do problems[#problems + 1] = p end
       for _, w in ipairs(o.warnings) do warnings[#warnings + 1] = w end
     end
-    for _, name in ipairs(CHECKS) do log.info("%s %s", summary[name] == "ok" and "✅" or "❌", name) end
+    local MARK = { ok = "✅", failed = "❌", skipped = "➖" }
+    for _, name in ipairs(CHECKS) do log.info("%s %s", MARK[summary[name]], name) end
     if #warnings > 0 then log.info("%d warnings (not failing the check)", #warnings) end
     if #problems > 0 then
       error(("UNHEALTHY: %d problem%s\n  %s"):format(#problems, #problems == 1 and "" or "s",

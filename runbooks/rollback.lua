@@ -10,7 +10,7 @@
 --   runbook run rollback -p deployment=todo-chatbot-backend -p to_revision=3
 
 name = "rollback"
-description = "Roll a deployment back to the revision before its last change (or a given one), wait, verify /health"
+description = "Roll a deployment back to the revision before its last change (or a given one), wait, verify /health and the error rate"
 version = "1.0.0"
 
 param "deployment" { required = true, help = "the deployment to roll back, e.g. todo-chatbot-backend" }
@@ -19,6 +19,10 @@ param "to_revision" { type = "integer", default = 0,
   help = "revision to go back to (0: the one before the last change, looking past rollout restarts)" }
 param "timeout" { type = "duration", default = "5m", help = "how long the rollback may take to roll out" }
 param "health_path" { default = "/health", help = "path each of the deployment's services answers health checks on" }
+param "max_error_rate" { type = "number", default = 0.01, help = "after the rollback, its 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
+param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_hold" { type = "duration", default = "2m", help = "how long the error rate must hold after the rollback" }
+param "metrics_selector" { default = "", help = "PromQL labels of the deployment's requests (default: namespace and deployment)" }
 
 local function target(ctx) return "deploy/" .. ctx.params.deployment end
 local function ns(ctx) return { namespace = ctx.params.namespace } end
@@ -43,6 +47,7 @@ step "Show the rollout history" {
 
 step "Pick the revision" {
   description = "The revision to return to: to_revision, or the one before the last change; it must exist and differ",
+  needs = { "Show the rollout history" },
   run = function(ctx)
     local h = ctx.outputs["Show the rollout history"]
     local to = ctx.params.to_revision ~= 0 and ctx.params.to_revision or h.previous
@@ -65,6 +70,7 @@ step "Pick the revision" {
 
 step "Roll back" {
   description = "kubectl rollout undo --to-revision",
+  needs = { "Pick the revision" },
   confirm = true,
   run = function(ctx)
     local to = ctx.outputs["Pick the revision"].revision
@@ -76,7 +82,6 @@ step "Roll back" {
 step "Wait for the rollout" {
   description = "kubectl rollout status; gives up at once when the new pods crash-loop or cannot pull their image",
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for the rollout of %s", ctx.params.deployment); return end
     local r = k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout,
       fail_fast = true })
     return { message = r.message }
@@ -98,5 +103,15 @@ step "Verify health" {
     end
     if #checked == 0 then log.warn("no service selects %s's pods: only its pods' readiness was checked", ctx.params.deployment) end
     return { healthy = h.healthy, services = checked }
+  end,
+}
+
+step "Verify the error rate" {
+  description = "After one rate window, the deployment's 5xx share must stay under max_error_rate for error_rate_hold (Prometheus)",
+  run = function(ctx)
+    local sel = ctx.params.metrics_selector ~= "" and ctx.params.metrics_selector
+      or ('namespace="%s",deployment="%s"'):format(ctx.params.namespace, ctx.params.deployment)
+    checks.error_rate { name = ctx.params.deployment .. " error rate", selector = sel, below = ctx.params.max_error_rate,
+      window = ctx.params.error_rate_window, hold = ctx.params.error_rate_hold, every = "5s", settle = true }
   end,
 }

@@ -6,7 +6,33 @@
 --
 --   checks.dependencies{namespace = "todo-chatbot", pg_connections_warn = 0.8}
 --     -> {dependencies = {[name] = {ok, skipped, error, ...}}, down = {name...}}
+--
+-- And the error rate after a change (rollback, blue-green-switch,
+-- outage-recovery): the 5xx share of http_requests_total must stay under
+-- `below` for `hold` (a metric gate, prom.verify). With settle (a real run
+-- right after a change), it first waits one rate window, so only the time
+-- since the change counts. Without PROMETHEUS_URL it is skipped and says so.
+--
+--   checks.error_rate{name = "backend error rate", selector = 'namespace="x",deployment="y"',
+--                     below = 0.01, window = "1m", hold = "2m", every = "15s", settle = true}
+--     -> {skipped = true} | prom.verify's result
 local M = {}
+
+function M.error_rate(opts)
+  local log = require "log"
+  if (os.getenv("PROMETHEUS_URL") or "") == "" then
+    log.info("%s: no PROMETHEUS_URL, not checked", opts.name)
+    return { skipped = true }
+  end
+  if opts.settle and not require("gate").dry_run() then
+    log.info("waiting %s (one rate window) so that only the time since the change counts", opts.window)
+    require("time").sleep(opts.window)
+  end
+  local q = ('sum(rate(http_requests_total{%s,status=~"5.."}[%s])) / sum(rate(http_requests_total{%s}[%s]))'):format(
+    opts.selector, opts.window, opts.selector, opts.window)
+  return require("prom").verify { name = opts.name, query = q, unit = "percent", below = opts.below,
+    hold = opts.hold, every = opts.every or "15s", warmup = opts.warmup }
+end
 
 function M.dependencies(opts)
   opts = opts or {}

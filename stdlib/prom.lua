@@ -58,10 +58,6 @@ local function raise(t)
   host.raise(t)
 end
 
-local function escape(s)
-  return (tostring(s):gsub("[^%w%-%._~]", function(c) return ("%%%02X"):format(c:byte()) end))
-end
-
 local function number(v)
   if v == "NaN" then return 0 / 0 end
   if v == "+Inf" then return math.huge end
@@ -83,15 +79,11 @@ local function check_query(q, op)
   end
 end
 
---- One GET of the API; returns the decoded `data`. Raises on any failure.
+--- One GET of the API (path: its segments, e.g. {"api", "v1", "query"});
+-- returns the decoded `data`. Raises on any failure.
 function Client:get(op, path, params, what)
-  local keys, q = {}, {}
-  for k in pairs(params or {}) do keys[#keys + 1] = k end
-  table.sort(keys)
-  for _, k in ipairs(keys) do q[#q + 1] = escape(k) .. "=" .. escape(params[k]) end
-  local url = self.url .. path .. (#q > 0 and ("?" .. table.concat(q, "&")) or "")
-  local ok, r = pcall(native.request, { method = "GET", url = url, headers = self.headers,
-    timeout = self.timeout, cafile = self.ca_file })
+  local ok, r = pcall(native.request, { method = "GET", url = self.url, path = path, query = params or {},
+    headers = self.headers, timeout = self.timeout, cafile = self.ca_file })
   if not ok then
     if type(r) ~= "table" or r.module ~= "http" then error(r, 0) end
     raise { op = op, code = r.code, retryable = r.retryable,
@@ -122,7 +114,7 @@ function Client:query(q, opts)
   opts = opts or {}
   local params = { query = q }
   if opts.time ~= nil then params.time = ("%.3f"):format(at(opts.time, "query time")) end
-  local data = self:get("query", "/api/v1/query", params, "query " .. q)
+  local data = self:get("query", { "api", "v1", "query" }, params, "query " .. q)
   local rows = {}
   if data.resultType == "scalar" or data.resultType == "string" then
     rows[1] = { labels = {}, value = number(data.result[2]) }
@@ -140,7 +132,7 @@ function Client:query_range(q, opts)
   local start, stop = at(opts.start, "start"), opts.stop and at(opts.stop, "stop") or host.wallclock()
   if stop < start then error("prom.query_range: stop is before start", 2) end
   local step = opts.step and duration.check(opts.step, "prom query_range step") or math.max(1, (stop - start) / 250)
-  local data = self:get("query_range", "/api/v1/query_range", { query = q, start = ("%.3f"):format(start),
+  local data = self:get("query_range", { "api", "v1", "query_range" }, { query = q, start = ("%.3f"):format(start),
     ["end"] = ("%.3f"):format(stop), step = ("%g"):format(step) }, "query_range " .. q)
   local series = {}
   for i, s in ipairs(data.result) do
@@ -170,7 +162,7 @@ end
 
 function Client:alerts()
   local out = {}
-  for i, a in ipairs(self:get("alerts", "/api/v1/alerts").alerts or {}) do
+  for i, a in ipairs(self:get("alerts", { "api", "v1", "alerts" }).alerts or {}) do
     out[i] = { labels = a.labels, annotations = a.annotations, state = a.state, active_at = a.activeAt,
       value = number(a.value) }
   end
@@ -179,12 +171,12 @@ end
 
 function Client:rules(opts)
   opts = opts or {}
-  return self:get("rules", "/api/v1/rules", { type = opts.type }).groups
+  return self:get("rules", { "api", "v1", "rules" }, { type = opts.type }).groups
 end
 
 function Client:targets(opts)
   opts = opts or {}
-  local data = self:get("targets", "/api/v1/targets", { state = opts.state })
+  local data = self:get("targets", { "api", "v1", "targets" }, { state = opts.state })
   local out = {}
   for _, t in ipairs((opts.state == "dropped" and data.droppedTargets or data.activeTargets) or {}) do
     out[#out + 1] = { labels = t.labels or t.discoveredLabels, health = t.health, last_error = t.lastError,

@@ -41,7 +41,8 @@ secret() {
     cat "$f"
 }
 
-pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# `read`, not `cat`: `up` checks every part this way, and a fork costs on a loaded machine.
+pid_alive() { local pid; [ -s "$1" ] && read -r pid <"$1" && kill -0 "$pid" 2>/dev/null; }
 
 # wait_for PART SECONDS COMMAND...: polls until COMMAND succeeds; gives up at
 # once when PART's process (.state/pids/PART) has exited, pointing at its log.

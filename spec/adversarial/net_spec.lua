@@ -145,6 +145,14 @@ local rows = {
     c:call { method = "POST", path = c.server .. "]] .. CM_PATH .. [[#", body = ]] .. CM .. [[ }]] },
   { "k8s call: a DELETE whose path ends in #", check = "replicas", body = [[
     require("k8s").client():call { method = "DELETE", path = "/apis/apps/v1/namespaces/${NS}/deployments/web#" }]] },
+  { "k8s call: a POST through a service's proxy spelled prox%79", check = "configmap", body = [[
+    require("k8s").client():call { method = "POST", path = "/api/v1/namespaces/${NS}/services/web:80/prox%79/x",
+      body = ]] .. CM .. [[ }]] },
+  { "k8s call: a POST to a pod's exec", check = "configmap", body = [[
+    require("k8s").client():call { method = "POST", path = "/api/v1/namespaces/${NS}/pods/web/exec",
+      query = { command = "true" } }]] },
+  { "k8s call: a DELETE with an escaped .. segment", check = "replicas", body = [[
+    require("k8s").client():call { method = "DELETE", path = "/apis/apps/v1/namespaces/${NS}/deployments/x/%2e%2e/web" }]] },
   { "k8s.patch: subresource scale#", check = "replicas", body = [[
     require("k8s").patch("deploy/web", { spec = { replicas = 3 } }, { namespace = "${NS}", subresource = "scale#", type = "merge" })]] },
   { "k8s.patch: subresource scale?dryRun=#", check = "replicas", body = [[

@@ -7,6 +7,7 @@
 package.path = "spec/sandbox/?.lua;" .. package.path
 local sb = require "sandbox_helper"
 local cli = require "spec.support.cli"
+local adv = require "spec.adversarial.support"
 
 local function url() return sb.env("DATABASE_URL") end
 
@@ -68,6 +69,23 @@ function LISTENER.check()
   psql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'rb_adv_listener'")
   cli.eventually(function() return cli.slurp(LISTENER.out):find("done", 1, true) end, "the listener to finish")
   assert.is_nil(cli.slurp(LISTENER.out):find("Asynchronous notification", 1, true), cli.slurp(LISTENER.out))
+end
+
+--- No session may hold advisory lock 4242 while the run lasts (polled in the background).
+local NO_ADVISORY_LOCK = {}
+function NO_ADVISORY_LOCK.start()
+  local d = cli.tmpdir()
+  NO_ADVISORY_LOCK.out, NO_ADVISORY_LOCK.stop = d .. "/locks", d .. "/stop"
+  os.execute(("(while [ ! -e %s ]; do psql -X -A -t %s -c \"SELECT count(*) FROM pg_locks"
+    .. " WHERE locktype = 'advisory' AND objid = 4242\"; sleep 0.05; done >%s 2>&1; echo done >>%s) &"):format(
+    NO_ADVISORY_LOCK.stop, sb.quote(url()), NO_ADVISORY_LOCK.out, NO_ADVISORY_LOCK.out))
+end
+function NO_ADVISORY_LOCK.check()
+  io.open(NO_ADVISORY_LOCK.stop, "w"):close()
+  cli.eventually(function() return cli.slurp(NO_ADVISORY_LOCK.out):find("done", 1, true) end, "the lock poller")
+  local seen = cli.slurp(NO_ADVISORY_LOCK.out)
+  assert.is_nil(("\n" .. seen):find("\n1\n"), "a session advisory lock was taken")
+  assert.truthy(seen:find("0\n"), seen)
 end
 
 --- A file the server must not write (the todo role may write server files).
@@ -132,27 +150,35 @@ local variants = {
     try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT 1 ### 2") ]] },
   { "nextval behind a Unicode escape in a data-modifying WITH", SEQ, [[
     try([=[WITH d AS (DELETE FROM rb_adv WHERE false) SELECT U&"nextv\0061l"('rb_adv_seq')]=]) ]] },
+  { "an UPDATE whose rule inserts a row with a serial default", AUDIT_SEQ, [[
+    try("UPDATE rb_adv_ruled SET x = x") ]] },
+  { "a DELETE whose foreign key sets a default from a sequence", SEQ, [[
+    try("DELETE FROM rb_adv_parent") ]] },
+  { "a row security policy calling nextval", SEQ, [[
+    try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT count(*) FROM rb_adv_rls") ]] },
+  { "a domain whose check calls nextval", SEQ, [[
+    try("WITH d AS (DELETE FROM rb_adv WHERE false) SELECT 1::rb_adv_dom") ]] },
   { "PREPARE and EXECUTE of nextval", SEQ, [[
     try([=[PREPARE rb_adv_p AS SELECT U&"nextv\0061l"('rb_adv_seq')]=])
     try("EXECUTE rb_adv_p") ]] },
+  { "a session-level advisory lock", NO_ADVISORY_LOCK, [[
+    try("SELECT pg_advisory_lock(4242)")
+    try("SELECT pg_sleep(2)") ]] },
   { "COPY ... TO a server file", NO_SERVER_FILE, [[
     try("COPY (SELECT 'dry run') TO '{{server_file}}'") ]] },
 }
 
-local TEMPLATE = [[
-name = "adversarial-pg" description = "tries to change PostgreSQL in a dry run"
-step "attack" { run = function()
+local PREAMBLE = [[
   local db <close> = pg.connect()
   local function try(what)
     pcall(type(what) == "function" and what or function() return db:exec(what) end)
   end
-%s
-end }
 ]]
 
 setup(function()
   psql([[
-    DROP TABLE IF EXISTS rb_adv, rb_adv_trig CASCADE;
+    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls, rb_adv_ruled, rb_adv_child, rb_adv_parent CASCADE;
+    DROP DOMAIN IF EXISTS rb_adv_dom;
     DROP SEQUENCE IF EXISTS rb_adv_seq;
     CREATE TABLE rb_adv (tag text);
     CREATE SEQUENCE rb_adv_seq;
@@ -168,6 +194,20 @@ setup(function()
       AS $$ BEGIN PERFORM nextval('rb_adv_seq'); RETURN true; END $$;
     DROP OPERATOR IF EXISTS ### (int, int);
     CREATE OPERATOR ### (LEFTARG = int, RIGHTARG = int, FUNCTION = rb_adv_op);
+    CREATE TABLE rb_adv_ruled (x int);
+    INSERT INTO rb_adv_ruled VALUES (1);
+    CREATE RULE rb_adv_audit AS ON UPDATE TO rb_adv_ruled
+      DO ALSO INSERT INTO audit_log (task_id, action) SELECT id, 'rb_adv' FROM tasks LIMIT 1;
+    CREATE TABLE rb_adv_parent (id int PRIMARY KEY);
+    INSERT INTO rb_adv_parent VALUES (1);
+    CREATE TABLE rb_adv_child (parent int DEFAULT nextval('rb_adv_seq')
+      REFERENCES rb_adv_parent ON DELETE SET DEFAULT);
+    INSERT INTO rb_adv_child VALUES (1);
+    CREATE TABLE rb_adv_rls (x int);
+    INSERT INTO rb_adv_rls VALUES (1);
+    ALTER TABLE rb_adv_rls ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;
+    CREATE POLICY rb_adv_rls ON rb_adv_rls USING (nextval('rb_adv_seq') > 0);
+    CREATE DOMAIN rb_adv_dom AS int CHECK (nextval('rb_adv_seq') > 0);
     CREATE OR REPLACE VIEW rb_adv_kill AS
       SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity WHERE application_name = 'rb_adv_victim';
   ]])
@@ -179,7 +219,8 @@ teardown(function()
   psql([[
     DROP VIEW IF EXISTS rb_adv_kill;
     DROP OPERATOR IF EXISTS ### (int, int);
-    DROP TABLE IF EXISTS rb_adv, rb_adv_trig CASCADE;
+    DROP TABLE IF EXISTS rb_adv, rb_adv_trig, rb_adv_rls, rb_adv_ruled, rb_adv_child, rb_adv_parent CASCADE;
+    DROP DOMAIN IF EXISTS rb_adv_dom;
     DROP SEQUENCE IF EXISTS rb_adv_seq;
     DROP FUNCTION IF EXISTS rb_adv_write(text), rb_adv_tick(), rb_adv_op(int, int);
     DROP PROCEDURE IF EXISTS rb_adv_proc();
@@ -192,9 +233,9 @@ describe("a PostgreSQL dry run changes nothing", function()
     local name, watch, body = v[1], v[2], v[3]
     it("against " .. name, function()
       local csv = cli.runbook("task_id,action\n1,rb_adv\n", "rows.csv")
-      local src = TEMPLATE:format(body:gsub("{{file}}", csv):gsub("{{server_file}}", SERVER_FILE))
+      local src = adv.runbook(PREAMBLE .. body:gsub("{{file}}", csv):gsub("{{server_file}}", SERVER_FILE))
       watch.start()
-      local r = cli.run({ "run", cli.runbook(src), "--dry-run" }, { DATABASE_URL = url() })
+      local r = adv.dry_run(src, cli.tmpdir())
       watch.check()
       assert.is_nil(r.stderr:find("traceback", 1, true), r.stderr)
     end)

@@ -5,8 +5,7 @@
 package.path = "spec/sandbox/?.lua;" .. package.path
 local sb = require "sandbox_helper"
 local cli = require "spec.support.cli"
-
-local function url() return sb.env("REDIS_URL") end
+local adv = require "spec.adversarial.support"
 
 local function rcli(args)
   local out, ok = sb.redis(args)
@@ -47,13 +46,9 @@ local variants = {
     try(function() r:command("EXEC") end)]] },
 }
 
-local TEMPLATE = [[
-name = "adversarial-redis" description = "tries to change Redis in a dry run"
-step "attack" { run = function()
+local PREAMBLE = [[
   local r <close> = redis.connect()
   local function try(fn) pcall(fn) end
-%s
-end }
 ]]
 
 teardown(function() cli.cleanup() end)
@@ -63,7 +58,7 @@ describe("a Redis dry run changes nothing", function()
     local name, watch, body = v[1], v[2], v[3]
     it("against " .. name, function()
       watch.start()
-      local res = cli.run({ "run", cli.runbook(TEMPLATE:format(body)), "--dry-run" }, { REDIS_URL = url() })
+      local res = adv.dry_run(adv.runbook(PREAMBLE .. body), cli.tmpdir())
       watch.check()
       assert.is_nil(res.stderr:find("traceback", 1, true), res.stderr)
     end)

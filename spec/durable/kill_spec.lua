@@ -42,8 +42,8 @@ end
 local cases = {}
 local OTHER = { "TERM", "INT", "HUP" }
 for k, kind in ipairs(KINDS) do
-  -- before the effect: SIGKILL, and one of the others in turn; after it: each signal
-  for _, sig in ipairs { "KILL", OTHER[(k - 1) % 3 + 1] } do
+  -- before the effect: SIGKILL (for the file and the command also the others, in turn); after it: each signal
+  for _, sig in ipairs(k <= 2 and { "KILL", OTHER[k], OTHER[k + 1] } or { "KILL" }) do
     cases[#cases + 1] = { row = ("SIG%s before the effect"):format(sig), kind = kind, point = "before", sig = sig }
   end
   for _, sig in ipairs { "KILL", "TERM", "INT", "HUP" } do

@@ -32,7 +32,7 @@ describe("blue-green-switch", function()
   end)
 
   it("brings up green beside blue, switches the Ingress, watches it and retires blue", function()
-    local r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "tag=v1.5.0", "-p", "observe=3s", "--yes" }
+    local r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "tag=v1.5.0", "-p", "observe=3s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("todo-chatbot-frontend-green", backend_of("/"))
     assert.are.equal("todo-chatbot-backend", backend_of("/api"))    -- the other paths stay
@@ -41,7 +41,7 @@ describe("blue-green-switch", function()
     assert.are.equal(0, kh.deployment("frontend").spec.replicas)
     assert.are.equal(200, sb.k8s("GET", "/api/v1/namespaces/todo-chatbot/services/todo-chatbot-frontend-green:3000/proxy/health"))
     -- and back the other way: blue gets the next tag and the traffic
-    r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend-green", "-p", "tag=v1.6.0", "-p", "observe=1s", "--yes" }
+    r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend-green", "-p", "tag=v1.6.0", "-p", "observe=1s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("todo-chatbot-frontend", backend_of("/"))
     assert.are.equal("v1.6.0", kh.tag("frontend"))

@@ -22,17 +22,18 @@ describe("rollback", function()
     local status = sb.k8s("PATCH", "/apis/apps/v1/namespaces/todo-chatbot/deployments/todo-chatbot-backend",
       { spec = { template = { metadata = { annotations = { ["kubectl.kubernetes.io/restartedAt"] = "2026-01-01T00:00:00Z" } } } } })
     assert.are.equal(200, status)
-    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "--yes" }
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("rolling back to revision 3: registry.digitalocean.com/todo%-chatbot/backend:v1.4.0", r.stdout)
     assert.are.equal("v1.4.0", kh.tag("backend"))
     assert.truthy(kh.wait_rolled_out("backend"))
     assert.is_nil(kh.waiting("backend"))
     assert.are.equal(200, kh.health("backend", 8000))
+    assert.matches("todo%-chatbot%-backend error rate < 1%% held for 2s", r.stdout)
   end)
 
   it("goes to a given revision, and refuses one that does not exist", function()
-    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "to_revision=1", "--yes" }
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "to_revision=1", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("v1.3.0", kh.tag("backend"))
     r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "to_revision=42", "--yes" }
