@@ -33,7 +33,7 @@ LIBS_redis = -lhiredis -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
-  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time \
+  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse scdoc debootstrap bash-completion zsh podman runc \
   prometheus prometheus-alertmanager prometheus-pushgateway python3-requests
 
@@ -46,7 +46,7 @@ BASE_IMAGE = localhost/runbook-base:bookworm
 # (cgroups in hybrid mode), with --ulimit where the defaults exceed the hard limits.
 PODMAN_OPTS ?=
 
-.PHONY: all deps test clean install uninstall deb base-image image sandbox sandbox-stop demo check-asan check-valgrind
+.PHONY: all deps test check clean install uninstall deb base-image image sandbox sandbox-stop demo check-asan check-valgrind
 all: runbook $(MODULE_SO) $(STDLIB_BC)
 
 runbook: $(HOST_SRC) host/runbook.h host/host.h
@@ -76,6 +76,14 @@ WITH_SANDBOX = examples/sandbox/up >/dev/null && rm -rf $(TEST_STATE) && mkdir -
   . examples/sandbox/.state/env && RUNBOOK_STATE_DIR=$(CURDIR)/$(TEST_STATE)
 test: all
 	$(WITH_SANDBOX) ./runbook test spec examples/team/spec
+
+# The specs that need no sandbox, in seconds: engine, CLI, loader, params,
+# journal, gate and the modules against local fixtures.
+CHECK_SPECS = spec/base64_spec.lua spec/cli_spec.lua spec/durable_spec.lua \
+  spec/engine_spec.lua spec/exec_spec.lua spec/gate_spec.lua spec/http_check_all_spec.lua spec/http_spec.lua \
+  spec/loader_spec.lua spec/notify_spec.lua spec/operator_spec.lua spec/params_spec.lua spec/step_spec.lua
+check: all
+	rm -rf $(TEST_STATE) && mkdir -p $(TEST_STATE) && RUNBOOK_STATE_DIR=$(CURDIR)/$(TEST_STATE) ./runbook test $(CHECK_SPECS)
 
 # The host and modules built with AddressSanitizer and UBSan into build/asan/,
 # then the suite run against that build (the sandbox's own specs need no rebuild).

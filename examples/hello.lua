@@ -34,6 +34,7 @@ step "Look around" {
 
 step "Write the note" {
   description = "Write the greeting to a file (a write: reported, not done, in a dry run)",
+  needs = { "Greet", "Look around" },
   run = function(ctx)
     local text = ("%s from %s\n"):format(ctx.outputs["Greet"].greeting, ctx.outputs["Look around"].kernel)
     fs.write(ctx.params.note, text)

@@ -253,19 +253,6 @@ static int d_sha256_file(lua_State *L)
     return 2;
 }
 
-static void new_class(lua_State *L, const char *mt, const luaL_Reg *methods)
-{
-    luaL_newmetatable(L, mt);
-    lua_newtable(L);
-    luaL_setfuncs(L, methods, 0);
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, fd_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, fd_close);
-    lua_setfield(L, -2, "__close");
-    lua_pop(L, 1);
-}
-
 static const luaL_Reg journal_methods[] = {
     { "write", j_write }, { "sync", j_sync }, { "close", fd_close }, { NULL, NULL }
 };
@@ -284,7 +271,8 @@ static const luaL_Reg durable_funcs[] = {
 /* Add the durable-run functions to the host library table at the top of the stack. */
 void rb_durable_open(lua_State *L)
 {
-    new_class(L, JOURNAL_MT, journal_methods);
-    new_class(L, LOCK_MT, lock_methods);
+    rb_class(L, JOURNAL_MT, journal_methods, fd_close);
+    rb_class(L, LOCK_MT, lock_methods, fd_close);
+    lua_pop(L, 2);
     luaL_setfuncs(L, durable_funcs, 0);
 }

@@ -1,6 +1,6 @@
 /*
  * error.c: the structured error every module raises on backend failure
- * (DESIGN principle 3): a table {message, module, op, code, retryable} whose
+ * (docs/design.md, principle 3): a table {message, module, op, code, retryable} whose
  * tostring is one clear line.
  */
 #include <stdarg.h>

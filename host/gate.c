@@ -1,5 +1,5 @@
 /*
- * gate.c: the effect gate (DESIGN principle 1), step deadlines and signals.
+ * gate.c: the effect gate (docs/design.md, principle 1), step deadlines and signals.
  *
  * Every write in every module asks rb_gate() and reports rb_gate_done(); the
  * mode lives here, in C, and only the engine can change it, so a runbook has
@@ -148,12 +148,16 @@ void rb_gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok)
 static void deadline_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    if (deadline <= 0)
-        return;
+    if (deadline > 0)
+        rb_check_stop(L);
+}
+
+void rb_check_stop(lua_State *L)
+{
     if (nsignals)
-        luaL_error(L, "interrupted by %s", last_signal == SIGTERM ? "SIGTERM" : "SIGINT");
-    if (rb_now() > deadline)
-        luaL_error(L, "step timed out");
+        rb_error(L, "runbook", "step", "interrupted", 0, "interrupted by %s", last_signal == SIGTERM ? "SIGTERM" : "SIGINT");
+    if (deadline > 0 && rb_now() > deadline)
+        rb_error(L, "runbook", "step", "timeout", 0, "step timed out");
 }
 
 void rb_hook(lua_State *co) { lua_sethook(co, deadline_hook, LUA_MASKCOUNT, 10000); }

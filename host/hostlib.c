@@ -35,7 +35,7 @@ static int h_sleep(lua_State *L)
     for (;;) {
         double left = end - rb_now();
         if (rb_interrupted())
-            return luaL_error(L, "interrupted by %s", rb_last_signal() == 15 ? "SIGTERM" : "SIGINT");
+            rb_check_stop(L);
         if (left <= 0)
             break;
         if (left > 0.05) left = 0.05;   /* re-check signals often */
@@ -43,7 +43,7 @@ static int h_sleep(lua_State *L)
         nanosleep(&ts, NULL);
     }
     if (cut)
-        return luaL_error(L, "step timed out");
+        return rb_error(L, "runbook", "step", "timeout", 0, "step timed out");
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -180,11 +180,7 @@ static int h_raise(lua_State *L)
  * swallow its own timeout. */
 static int h_check_deadline(lua_State *L)
 {
-    if (rb_interrupted())
-        return luaL_error(L, "interrupted by %s", rb_last_signal() == 15 ? "SIGTERM" : "SIGINT");
-    double dl = rb_get_deadline();
-    if (dl > 0 && rb_now() > dl)
-        return luaL_error(L, "step timed out");
+    rb_check_stop(L);
     return 0;
 }
 
@@ -224,7 +220,7 @@ static int h_read_line(lua_State *L)
         ssize_t n = read(0, &c, 1);
         if (n < 0 && errno == EINTR) {
             if (rb_interrupted())
-                return luaL_error(L, "interrupted by %s", rb_last_signal() == 15 ? "SIGTERM" : "SIGINT");
+                rb_check_stop(L);
             continue;
         }
         if (n <= 0) {

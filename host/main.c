@@ -14,7 +14,7 @@
 #include <lualib.h>
 #include "host.h"
 
-#define EXIT_LOAD 3   /* DESIGN.md: the runbook (here: the host's own Lua) cannot be loaded */
+#define EXIT_LOAD 3   /* runbook.exit: the runbook (here: the host's own Lua) cannot be loaded */
 
 /* The directory holding stdlib/ and lib/: next to the executable in a build
  * tree, else ../share/runbook and ../lib/runbook after `make install`. */

@@ -85,6 +85,13 @@ void rb_write_redacted(FILE *f, const char *s, size_t len);
  */
 double rb_remaining(lua_State *L, double cap);
 
+/*
+ * Raise the structured error that ends a step, when one applies: after SIGINT
+ * or SIGTERM {code = "interrupted", message = "interrupted by SIGINT"}, past the
+ * step's deadline {code = "timeout"}. Returns when neither.
+ */
+void rb_check_stop(lua_State *L);
+
 /* Nonzero once SIGINT or SIGTERM arrived: long loops stop waiting. */
 int rb_interrupted(void);
 

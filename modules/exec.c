@@ -11,7 +11,6 @@
  *     opts.cwd       working directory of the child
  *     opts.timeout   seconds; bounded by the step's remaining time
  *     opts.read      true: the command only reads, so it bypasses the gate
- *   raise(op, code, retryable, message)  the structured error, for exec.lua
  *
  * The child runs in its own process group so a timeout or an interrupt
  * reaches everything it started, not just the direct child.
@@ -33,7 +32,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "runbook.h"
+#include "module.h"
 
 #define PROC_MT "runbook.exec.proc"
 #define DEFAULT_TIMEOUT 3600.0 /* without a step deadline; pg_dump can be slow */
@@ -219,25 +218,6 @@ static const char *resolve(lua_State *L, const char *cmd, const char *path) {
         if (!*end) return NULL;
         p = end;
     }
-}
-
-static double opt_number(lua_State *L, const char *field, double dflt) {
-    lua_getfield(L, 1, field);
-    double v = lua_isnil(L, -1) ? dflt : lua_tonumber(L, -1);
-    if (!lua_isnil(L, -1) && !lua_isnumber(L, -1))
-        luaL_argerror(L, 1, lua_pushfstring(L, "%s must be a number", field));
-    lua_pop(L, 1);
-    return v;
-}
-
-static const char *opt_string(lua_State *L, const char *field, size_t *len) {
-    lua_getfield(L, 1, field);
-    if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
-    if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_argerror(L, 1, lua_pushfstring(L, "%s must be a string", field));
-    const char *s = lua_tolstring(L, -1, len);
-    lua_pop(L, 1); /* still referenced by opts, so it stays alive */
-    return s;
 }
 
 /* ---- gate summary ------------------------------------------------------- */
@@ -527,12 +507,12 @@ static int exec_run(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     lua_newtable(L); /* 2: anchor */
-    const char *path, *cwd = opt_string(L, "cwd", NULL);
+    const char *path, *cwd = opt_string(L, 1, "cwd", NULL, NULL);
     const char **argv = check_argv(L, 2);
     const char **env = build_env(L, 2, &path);
     size_t stdin_len = 0;
-    const char *stdin_data = opt_string(L, "stdin", &stdin_len);
-    double timeout = opt_number(L, "timeout", DEFAULT_TIMEOUT);
+    const char *stdin_data = opt_string(L, 1, "stdin", &stdin_len, NULL);
+    double timeout = opt_number(L, 1, "timeout", DEFAULT_TIMEOUT);
     if (timeout <= 0) luaL_argerror(L, 1, "timeout must be positive");
     double left = rb_remaining(L, DEFAULT_TIMEOUT);
     lua_getfield(L, 1, "read");

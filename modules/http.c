@@ -30,7 +30,6 @@
  *     opts.message          the whole message, headers and body, CRLF line ends
  *     opts.username, opts.password, opts.starttls ("try" | "required"),
  *     opts.timeout, connect_timeout, cafile, insecure, effect: as above
- *   raise(op, code, retryable, message)  the structured error, for http.lua
  *
  * Response header names are lower-cased; repeated headers are joined with
  * ", ". Non-2xx statuses are returned, not raised; transport failures raise
@@ -58,7 +57,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "runbook.h"
+#include "module.h"
 #include "curl_glue.h"
 
 #define CLIENT_MT "runbook.http.client"
@@ -123,8 +122,6 @@ static size_t on_header(char *ptr, size_t size, size_t n, void *ud) {
     if (size * n >= 5 && memcmp(ptr, "HTTP/", 5) == 0) b->len = 0;
     return buffer_add(b, ptr, size * n);
 }
-
-/* ---- errors ------------------------------------------------------------- */
 
 /* ---- request setup ------------------------------------------------------ */
 
@@ -228,38 +225,11 @@ static void set_method(CURL *h, const char *method, const char *body, size_t len
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
 }
 
-static double opt_number(lua_State *L, const char *field, double dflt) {
-    lua_getfield(L, 1, field);
-    int isnum = lua_isnumber(L, -1), isnil = lua_isnil(L, -1);
-    double v = isnum ? lua_tonumber(L, -1) : dflt;
-    lua_pop(L, 1);
-    if (!isnil && !isnum) luaL_argerror(L, 1, lua_pushfstring(L, "%s must be a number", field));
-    if (!isnil && v <= 0) luaL_argerror(L, 1, lua_pushfstring(L, "%s must be positive", field));
-    return v;
-}
-
-static const char *opt_string(lua_State *L, const char *field, size_t *len) {
-    lua_getfield(L, 1, field);
-    if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
-    if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_argerror(L, 1, lua_pushfstring(L, "%s must be a string", field));
-    const char *s = lua_tolstring(L, -1, len);
-    lua_pop(L, 1); /* still referenced by opts */
-    return s;
-}
-
-static int opt_bool(lua_State *L, const char *field) {
-    lua_getfield(L, 1, field);
-    int v = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    return v;
-}
-
 static void set_timeouts(lua_State *L, CURL *h) {
-    double total = opt_number(L, "timeout", DEFAULT_TIMEOUT);
+    double total = opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT);
     double left = rb_remaining(L, DEFAULT_TIMEOUT);
     if (left < total) total = left;
-    double conn = opt_number(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    double conn = opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     if (conn > total) conn = total;
     curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(total * 1000) + 1);
     curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(conn * 1000) + 1);
@@ -269,7 +239,7 @@ static void set_timeouts(lua_State *L, CURL *h) {
  * handed to curl from memory: no temporary file holds the key. */
 static void set_blob(lua_State *L, CURL *h, const char *field, CURLoption opt, int secret) {
     size_t len = 0;
-    const char *pem = opt_string(L, field, &len);
+    const char *pem = opt_string(L, 1, field, &len, NULL);
     if (!pem) return;
     if (secret) rb_secret_register(L, pem, len);
     struct curl_blob blob = {(void *)pem, len, CURL_BLOB_COPY};
@@ -278,14 +248,14 @@ static void set_blob(lua_State *L, CURL *h, const char *field, CURLoption opt, i
 }
 
 static void set_tls(lua_State *L, CURL *h) {
-    const char *cafile = opt_string(L, "cafile", NULL);
+    const char *cafile = opt_string(L, 1, "cafile", NULL, NULL);
     if (cafile) curl_easy_setopt(h, CURLOPT_CAINFO, cafile);
-    const char *cert = opt_string(L, "cert", NULL), *key = opt_string(L, "key", NULL);
+    const char *cert = opt_string(L, 1, "cert", NULL, NULL), *key = opt_string(L, 1, "key", NULL, NULL);
     if (cert) curl_easy_setopt(h, CURLOPT_SSLCERT, cert);
     if (key) curl_easy_setopt(h, CURLOPT_SSLKEY, key);
     set_blob(L, h, "cert_pem", CURLOPT_SSLCERT_BLOB, 0);
     set_blob(L, h, "key_pem", CURLOPT_SSLKEY_BLOB, 1);
-    long verify = !opt_bool(L, "insecure");
+    long verify = !opt_bool(L, 1, "insecure");
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, verify);
     curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, verify ? 2L : 0L);
 }
@@ -359,7 +329,7 @@ static int is_read(const char *method) {
 }
 
 static const char *check_method(lua_State *L) {
-    const char *m = opt_string(L, "method", NULL);
+    const char *m = opt_string(L, 1, "method", NULL, NULL);
     if (!m) return "GET";
     luaL_Buffer b;
     luaL_buffinit(L, &b);
@@ -423,7 +393,7 @@ static void append_path(lua_State *L, CURLU *u) {
 /* opts.url with opts.path and opts.query, into c->url. Pushes the URL
  * with its password replaced, for the gate and messages. */
 static const char *build_url(lua_State *L, client *c, const char *method) {
-    const char *url = opt_string(L, "url", NULL);
+    const char *url = opt_string(L, 1, "url", NULL, NULL);
     if (!url) luaL_argerror(L, 1, "url is required");
     const char *safe = push_safe_url(L, url);
     CURLU *u = c->url = curl_url();
@@ -478,7 +448,7 @@ static int http_request(lua_State *L) {
     const char *method = check_method(L);
     int read = is_read(method);
     size_t len = 0;
-    const char *body = opt_string(L, "body", &len);
+    const char *body = opt_string(L, 1, "body", &len, NULL);
     if (body && read) luaL_argerror(L, 1, lua_pushfstring(L, "a %s cannot carry a body", method));
     scratch_free(c);
     const char *safe_url = build_url(L, c, method);
@@ -488,7 +458,7 @@ static int http_request(lua_State *L) {
     set_method(c->curl, method, body, len);
     set_timeouts(L, c->curl);
     set_tls(L, c->curl);
-    if (opt_bool(L, "follow")) {
+    if (opt_bool(L, 1, "follow")) {
         curl_easy_setopt(c->curl, CURLOPT_FOLLOWLOCATION, 1L);
         curl_easy_setopt(c->curl, CURLOPT_MAXREDIRS, 10L);
     }
@@ -681,8 +651,8 @@ static int http_check_all(lua_State *L) {
         if (!isint || conc < 1) luaL_argerror(L, 1, "concurrency must be a whole number >= 1");
     }
     lua_pop(L, 1);
-    opt_number(L, "timeout", DEFAULT_TIMEOUT); /* checked before anything starts */
-    opt_number(L, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
+    opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT); /* checked before anything starts */
+    opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     for (int i = 1; i <= n; i++) check_url(L, urls, i);
 
     batch *b = new_batch(L, (int)n);
@@ -755,13 +725,13 @@ static void set_recipients(lua_State *L, client *c) {
 }
 
 static void set_smtp_auth(lua_State *L, client *c) {
-    const char *user = opt_string(L, "username", NULL), *pw = opt_string(L, "password", NULL);
+    const char *user = opt_string(L, 1, "username", NULL, NULL), *pw = opt_string(L, 1, "password", NULL, NULL);
     if (user) curl_easy_setopt(c->curl, CURLOPT_USERNAME, user);
     if (pw) {
         rb_secret_register(L, pw, strlen(pw));
         curl_easy_setopt(c->curl, CURLOPT_PASSWORD, pw);
     }
-    const char *tls = opt_string(L, "starttls", NULL);
+    const char *tls = opt_string(L, 1, "starttls", NULL, NULL);
     if (tls && strcmp(tls, "try") && strcmp(tls, "required"))
         luaL_argerror(L, 1, "starttls must be \"try\" or \"required\"");
     if (tls) curl_easy_setopt(c->curl, CURLOPT_USE_SSL, *tls == 't' ? (long)CURLUSESSL_TRY : (long)CURLUSESSL_ALL);
@@ -771,12 +741,12 @@ static int http_smtp_send(lua_State *L) {
     client *c = check_client(L);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    const char *url = opt_string(L, "url", NULL);
+    const char *url = opt_string(L, 1, "url", NULL, NULL);
     if (!url) luaL_argerror(L, 1, "url is required (smtp://host:port)");
-    const char *from = opt_string(L, "from", NULL);
+    const char *from = opt_string(L, 1, "from", NULL, NULL);
     if (!from || strpbrk(from, "\r\n<>")) luaL_argerror(L, 1, "from must be an address");
     size_t len = 0;
-    const char *message = opt_string(L, "message", &len);
+    const char *message = opt_string(L, 1, "message", &len, NULL);
     if (!message) luaL_argerror(L, 1, "message is required");
     const char *safe_url = push_safe_url(L, url);
 

@@ -20,7 +20,6 @@
  *   stream:status() -> the HTTP status (0 before the headers arrive)
  *   conn:set_token(token)    a rotated or refreshed credential
  *   conn:close(), stream:close()   also __close and __gc
- *   raise(op, code, retryable, message)  the structured error, for k8s.lua
  *   mark_empty_arrays(json) -> json, n   every [] outside strings becomes the
  *                          string "\u0000[]": lua-cjson 2.1 decodes [] and {}
  *                          alike, and an object read, changed and written back
@@ -57,7 +56,7 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "runbook.h"
+#include "module.h"
 #include "curl_glue.h"
 
 #define CONN_MT "runbook.k8s.conn"
@@ -114,31 +113,13 @@ static char *dup_or_null(const char *s) {
     return s ? strdup(s) : NULL;
 }
 
-static const char *opt_string(lua_State *L, int t, const char *field, size_t *len) {
-    lua_getfield(L, t, field);
-    if (lua_isnil(L, -1)) { lua_pop(L, 1); return NULL; }
-    if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_argerror(L, t, lua_pushfstring(L, "%s must be a string", field));
-    const char *s = lua_tolstring(L, -1, len);
-    lua_pop(L, 1); /* still referenced by the table */
-    return s;
-}
-
 static double opt_timeout(lua_State *L, int t) {
-    lua_getfield(L, t, "timeout");
-    double v = DEFAULT_TIMEOUT;
-    if (!lua_isnil(L, -1)) {
-        if (!lua_isnumber(L, -1) || lua_tonumber(L, -1) <= 0)
-            luaL_argerror(L, t, "timeout must be a positive number of seconds");
-        v = lua_tonumber(L, -1);
-    }
-    lua_pop(L, 1);
-    return rb_remaining(L, v);
+    return rb_remaining(L, opt_seconds(L, t, "timeout", DEFAULT_TIMEOUT));
 }
 
 /* A header value: one line, so it cannot add headers of its own. */
 static const char *opt_header(lua_State *L, int t, const char *field) {
-    const char *v = opt_string(L, t, field, NULL);
+    const char *v = opt_string(L, t, field, NULL, NULL);
     if (v && strpbrk(v, "\r\n")) luaL_argerror(L, t, lua_pushfstring(L, "%s cannot contain a line break", field));
     return v;
 }
@@ -304,7 +285,7 @@ static void set_auth(lua_State *L, conn *c, const char *token, size_t len) {
 static int k8s_connect(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    const char *server = opt_string(L, 1, "server", NULL);
+    const char *server = opt_string(L, 1, "server", NULL, NULL);
     if (!server) luaL_argerror(L, 1, "server is required");
 
     conn *c = lua_newuserdatauv(L, sizeof *c, 0);
@@ -313,19 +294,19 @@ static int k8s_connect(lua_State *L) {
     luaL_setmetatable(L, CONN_MT);
     if (!(c->curl = curl_easy_init())) return luaL_error(L, "cannot initialise libcurl");
 
-    set_server(L, c, server, opt_string(L, 1, "tls_server_name", NULL));
+    set_server(L, c, server, opt_string(L, 1, "tls_server_name", NULL, NULL));
     size_t len = 0;
     const char *s;
-    if ((s = opt_string(L, 1, "ca_data", &len))) copy_data(L, &c->ca, s, len);
-    c->ca_file = dup_or_null(opt_string(L, 1, "ca_file", NULL));
-    if ((s = opt_string(L, 1, "cert_data", &len))) copy_data(L, &c->cert, s, len);
-    c->cert_file = dup_or_null(opt_string(L, 1, "cert_file", NULL));
-    if ((s = opt_string(L, 1, "key_data", &len))) {
+    if ((s = opt_string(L, 1, "ca_data", &len, NULL))) copy_data(L, &c->ca, s, len);
+    c->ca_file = dup_or_null(opt_string(L, 1, "ca_file", NULL, NULL));
+    if ((s = opt_string(L, 1, "cert_data", &len, NULL))) copy_data(L, &c->cert, s, len);
+    c->cert_file = dup_or_null(opt_string(L, 1, "cert_file", NULL, NULL));
+    if ((s = opt_string(L, 1, "key_data", &len, NULL))) {
         rb_secret_register(L, s, len);
         copy_data(L, &c->key, s, len);
     }
-    c->key_file = dup_or_null(opt_string(L, 1, "key_file", NULL));
-    if ((s = opt_string(L, 1, "token", &len))) set_auth(L, c, s, len);
+    c->key_file = dup_or_null(opt_string(L, 1, "key_file", NULL, NULL));
+    if ((s = opt_string(L, 1, "token", &len, NULL))) set_auth(L, c, s, len);
     lua_getfield(L, 1, "insecure");
     c->insecure = lua_toboolean(L, -1);
     lua_pop(L, 1);
@@ -481,13 +462,13 @@ static int conn_request(lua_State *L) {
     conn *c = check_conn(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    const char *method = opt_string(L, 2, "method", NULL);
+    const char *method = opt_string(L, 2, "method", NULL, NULL);
     if (!method) method = "GET";
     check_method(L, method);
-    const char *path = opt_string(L, 2, "path", NULL);
+    const char *path = opt_string(L, 2, "path", NULL, NULL);
     if (!path) luaL_argerror(L, 2, "path is required");
     size_t blen = 0;
-    const char *body = opt_string(L, 2, "body", &blen);
+    const char *body = opt_string(L, 2, "body", &blen, NULL);
     if (body && is_read(method))
         rb_error(L, "k8s", method, "invalid_request", 0, "%s %s: a %s cannot carry a body", method, path, method);
     const char *ctype = opt_header(L, 2, "content_type");
@@ -566,7 +547,7 @@ static int conn_stream(lua_State *L) {
     conn *c = check_conn(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
-    const char *path = opt_string(L, 2, "path", NULL);
+    const char *path = opt_string(L, 2, "path", NULL, NULL);
     if (!path) luaL_argerror(L, 2, "path is required");
     const char *accept = opt_header(L, 2, "accept");
     double timeout = opt_timeout(L, 2);

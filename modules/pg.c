@@ -9,7 +9,6 @@
  *   conninfo(s) -> {keyword = value}     parsed by libpq (for pg_dump's environment)
  *   set_json(encode, decode, null)       the codecs and the NULL sentinel (from pg.lua)
  *   classify(sql) -> "read"|"write"|"transaction", simulatable
- *   raise(op, code, retryable, message)  the structured error, for pg.lua
  *   methods                              the conn methods table (pg.lua adds to it)
  *
  *   conn:query(sql, params...) -> rows   each row {column = value}; rows.columns
@@ -51,7 +50,7 @@
 #include <libpq-fe.h>
 #include <lua.h>
 
-#include "runbook.h"
+#include "module.h"
 
 #define CONN_MT "runbook.pg.conn"
 #define DEFAULT_CONNECT_TIMEOUT 10.0
@@ -194,28 +193,6 @@ static int raise_connect(lua_State *L, conn *c, int waited, double timeout) {
     return rb_error(L, "pg", "connect", "08001", 1, "connecting to %s: %s", where, why);
 }
 
-static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
-    if (lua_isnoneornil(L, t)) return dflt;
-    lua_getfield(L, t, field);
-    int isnum = lua_isnumber(L, -1), isnil = lua_isnil(L, -1);
-    double v = isnum ? lua_tonumber(L, -1) : dflt;
-    lua_pop(L, 1);
-    if (!isnil && (!isnum || v <= 0))
-        luaL_argerror(L, t, lua_pushfstring(L, "%s must be a positive number of seconds", field));
-    return v;
-}
-
-static const char *opt_string(lua_State *L, int t, const char *field, const char *dflt) {
-    if (lua_isnoneornil(L, t)) return dflt;
-    lua_getfield(L, t, field);
-    if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-    if (lua_type(L, -1) != LUA_TSTRING)
-        luaL_argerror(L, t, lua_pushfstring(L, "%s must be a string", field));
-    const char *s = lua_tostring(L, -1);
-    lua_pop(L, 1); /* still referenced by the options table */
-    return s;
-}
-
 
 
 static conn *new_conn(lua_State *L) {
@@ -249,8 +226,8 @@ static int pg_connect(lua_State *L) {
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
     double timeout = opt_seconds(L, 2, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     double stmt_timeout = opt_seconds(L, 2, "timeout", DEFAULT_TIMEOUT);
-    const char *app = opt_string(L, 2, "application_name", NULL);
-    const char *numeric = opt_string(L, 2, "numeric", "string");
+    const char *app = opt_string(L, 2, "application_name", NULL, NULL);
+    const char *numeric = opt_string(L, 2, "numeric", NULL, "string");
     if (strcmp(numeric, "string") != 0 && strcmp(numeric, "number") != 0)
         luaL_argerror(L, 2, "numeric must be \"string\" or \"number\"");
     register_passwords(L, conninfo);

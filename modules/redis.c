@@ -5,7 +5,6 @@
  *     opts.connect_timeout  seconds (default 10), never beyond the step's deadline
  *     opts.timeout          seconds per command (default 30), bounded by the step
  *   set_null(null)                    the sentinel for nil inside arrays (from redis.lua)
- *   raise(op, code, retryable, message)
  *   methods                           the conn methods table (redis.lua adds to it)
  *
  *   conn:command(name, args...) -> reply    any command; writes go through the gate
@@ -48,7 +47,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#include "runbook.h"
+#include "module.h"
 #include "net.h"
 
 #define CONN_MT "runbook.redis.conn"
@@ -420,17 +419,6 @@ static void open_connection(lua_State *L, conn *c) {
     }
     const char *argv[3] = { "CLIENT", "SETNAME", "runbook" };
     setup_command(L, c, 3, argv, end);
-}
-
-static double opt_seconds(lua_State *L, int t, const char *field, double dflt) {
-    if (lua_isnoneornil(L, t)) return dflt;
-    lua_getfield(L, t, field);
-    int isnum = lua_isnumber(L, -1), isnil = lua_isnil(L, -1);
-    double v = isnum ? lua_tonumber(L, -1) : dflt;
-    lua_pop(L, 1);
-    if (!isnil && (!isnum || v <= 0))
-        luaL_argerror(L, t, lua_pushfstring(L, "%s must be a positive number of seconds", field));
-    return v;
 }
 
 static int redis_connect(lua_State *L) {

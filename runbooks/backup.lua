@@ -60,6 +60,7 @@ step "Dump the database" {
 
 step "Back up the Kubernetes configuration" {
   description = "Deployments, services, configmaps, HPAs, ingresses, Dapr components (secrets only with secrets=true) as YAML",
+  needs = { "Dump the database" },
   when = function(ctx) return ctx.params.kubernetes end,
   run = function(ctx)
     local out = backupset.dump_kubernetes(ctx.outputs["Dump the database"].set,
@@ -71,6 +72,7 @@ step "Back up the Kubernetes configuration" {
 
 step "Back up Kafka topics" {
   description = "Every message of each chosen topic (keys, headers, timestamps) as JSON Lines",
+  needs = { "Dump the database" },
   when = function(ctx) return #topics(ctx) > 0 end,
   run = function(ctx)
     return backupset.dump_topics(ctx.outputs["Dump the database"].set, topics(ctx))
@@ -79,11 +81,12 @@ step "Back up Kafka topics" {
 
 step "Seal the set" {
   description = "Write manifest.json (every file's sha256 and size, row counts per table, times), rename the set to its timestamped name, verify it",
+  needs = { "Dump the database" }, uses = { "Back up the Kubernetes configuration", "Back up Kafka topics" },
   run = function(ctx)
     local dumped = ctx.outputs["Dump the database"]
     local parts = { database = dumped.database }
-    if ctx.params.kubernetes then parts.kubernetes = ctx.outputs["Back up the Kubernetes configuration"] end
-    if #topics(ctx) > 0 then parts.kafka = ctx.outputs["Back up Kafka topics"] end
+    if ctx.params.kubernetes and not ctx.skipped("Back up the Kubernetes configuration") then parts.kubernetes = ctx.outputs["Back up the Kubernetes configuration"] end
+    if #topics(ctx) > 0 and not ctx.skipped("Back up Kafka topics") then parts.kafka = ctx.outputs["Back up Kafka topics"] end
     local m = backupset.seal(dumped.set, parts)
     if ctx.dry_run then
       log.info("would seal %s", dumped.set.final)

@@ -82,6 +82,7 @@ step "Check the live color" {
 
 step "Deploy the new color" {
   description = "Create (or update) the new color's deployment: FROM's template, the new image tag, FROM's replicas",
+  needs = { "Check the live color" },
   run = function(ctx)
     local replicas = ctx.outputs["Check the live color"].replicas
     local existed = k8s.get("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
@@ -126,6 +127,7 @@ step "Deploy the new color" {
 
 step "Give it a Service" {
   description = "A Service named like the new color, selecting its pods, with the live Service's ports",
+  needs = { "Check the live color", "Deploy the new color" },
   run = function(ctx)
     local have = k8s.get("svc/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
     if have then log.info("service %s exists", to_name(ctx)); return { created = false } end
@@ -145,14 +147,15 @@ step "Give it a Service" {
 
 step "Wait for the new color" {
   description = "kubectl rollout status; gives up at once when its pods crash-loop or cannot pull the image",
+  needs = { "Check the live color", "Deploy the new color" },
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for %s to roll out", to_name(ctx)); return end
     k8s.rollout_status("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
   end,
 }
 
 step "Health-check the new color" {
   description = "GET health_path through the new color's Service (API server proxy) before any traffic goes to it",
+  needs = { "Check the live color", "Give it a Service" },
   retry = { attempts = 3, base = "1s" },
   run = function(ctx)
     if ctx.dry_run then log.info("would GET %s through service %s", ctx.params.health_path, to_name(ctx)); return end
@@ -167,6 +170,7 @@ step "Health-check the new color" {
 
 step "Switch the Ingress" {
   description = "Point the Ingress paths that send to the live Service at the new color's Service",
+  needs = { "Check the live color", "Health-check the new color" },
   confirm = true,
   run = function(ctx)
     local ing, n = switched(k8s.get("ingress/" .. ctx.params.ingress, ns(ctx)), live_service(ctx), to_name(ctx))
@@ -183,6 +187,7 @@ step "Switch the Ingress" {
 
 step "Watch the new color" {
   description = "For `observe`, every 5 s: the new color healthy and answering health_path (a failure switches back)",
+  needs = { "Check the live color", "Switch the Ingress" },
   run = function(ctx)
     if ctx.dry_run then log.info("would watch %s for %s", to_name(ctx), duration.format(ctx.params.observe)); return end
     local deadline, checks = time.monotonic() + ctx.params.observe, 0
@@ -211,6 +216,7 @@ step "Verify the error rate" {
 
 step "Retire the old color" {
   description = "Scale the old color to 0 (its deployment stays, for the next switch or a rollback)",
+  needs = { "Check the live color", "Watch the new color" },
   confirm = true,
   when = function(ctx) return ctx.params.retire_old end,
   run = function(ctx)

@@ -96,6 +96,7 @@ step "Check the stable deployment" {
 
 step "Deploy the canary" {
   description = "One replica of the stable pod template with the new tag, its pods labelled apart",
+  needs = { "Check the stable deployment" },
   run = function(ctx)
     local tmpl = k8s.get("deploy/" .. ctx.params.deployment, ns(ctx)).spec.template
     local labels = tmpl.metadata.labels or {}
@@ -121,6 +122,7 @@ step "Deploy the canary" {
 
 step "Give it a Service" {
   description = "A Service named like the canary, selecting its pods, with the stable Service's ports",
+  needs = { "Check the stable deployment", "Deploy the canary" },
   run = function(ctx)
     local ports = {}
     for _, p in ipairs(ctx.outputs["Check the stable deployment"].ports) do
@@ -136,14 +138,15 @@ step "Give it a Service" {
 
 step "Wait for the canary" {
   description = "kubectl rollout status; gives up at once when its pods crash-loop or cannot pull the image",
+  needs = { "Check the stable deployment", "Deploy the canary" },
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for %s to roll out", canary(ctx)); return end
     k8s.rollout_status("deploy/" .. canary(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
   end,
 }
 
 step "Create the canary Ingress" {
   description = "An nginx canary Ingress for the stable paths, to the canary's Service, at weight 0",
+  needs = { "Check the stable deployment", "Give it a Service" },
   run = function(ctx)
     local stable = k8s.get("ingress/" .. ctx.params.ingress, ns(ctx))
     k8s.create { apiVersion = "networking.k8s.io/v1", kind = "Ingress",
@@ -157,9 +160,12 @@ step "Create the canary Ingress" {
 -- One step per weight: set it, then hold the gates for `interval`. A broken
 -- gate puts the weight back to 0 before the step fails, so no user waits on
 -- the undo for the canary to stop getting traffic.
+local previous = "Create the canary Ingress"
 for _, weight in ipairs { 10, 25, 50, 100 } do
-  step(("Shift %d%% to the canary"):format(weight)) {
+  local name = ("Shift %d%% to the canary"):format(weight)
+  step(name) {
     description = ("Canary weight %d, then its error rate and p95 must hold for the interval"):format(weight),
+    needs = { "Check the stable deployment", previous },
     confirm = weight == 100,
     run = function(ctx)
       if ctx.dry_run then -- the canary Ingress does not exist in a dry run: nothing to patch
@@ -179,18 +185,18 @@ for _, weight in ipairs { 10, 25, 50, 100 } do
       return { weight = weight, values = res.values }
     end,
   }
+  previous = name
 end
 
 step "Promote" {
   description = "Set the stable deployment's image to the new tag and wait for it to roll out",
+  needs = { "Check the stable deployment", "Deploy the canary", "Shift 100% to the canary" },
   confirm = true,
   run = function(ctx)
     local image = ctx.outputs["Deploy the canary"].image
     local revision = k8s.last_change("deploy/" .. ctx.params.deployment, ns(ctx)).revision
     k8s.set_image("deploy/" .. ctx.params.deployment, { [ctx.outputs["Check the stable deployment"].app] = image }, ns(ctx))
-    if not ctx.dry_run then
-      k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-    end
+    k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
     log.info("%s %s to %s", ctx.params.deployment, ctx.dry_run and "would be promoted" or "promoted", image)
     return { revision = revision }
   end,

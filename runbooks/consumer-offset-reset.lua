@@ -72,6 +72,7 @@ step "Stop the consumers" {
 
 step "Reset the offsets" {
   description = "kafka-consumer-groups --reset-offsets --execute: commit the target offset of every selected partition",
+  uses = { "Stop the consumers" },
   confirm = true,
   run = function(ctx)
     if ctx.skipped("Stop the consumers") then
@@ -95,7 +96,7 @@ step "Reset the offsets" {
 
 step "Verify the offsets" {
   description = "Read the group's committed offsets back from the broker: each selected partition at its target",
-  when = function(ctx) return not ctx.skipped("Reset the offsets") end,
+  needs = { "Reset the offsets" },
   run = function(ctx)
     local want = ctx.outputs["Reset the offsets"].targets
     if ctx.dry_run then log.info("would read the committed offsets back and compare them with the plan"); return end
@@ -113,7 +114,7 @@ step "Verify the offsets" {
 
 step "Start the consumers" {
   description = "Scale the consumers back to their replicas and wait until they are ready",
-  when = function(ctx) return not ctx.skipped("Stop the consumers") end,
+  needs = { "Stop the consumers" }, uses = { "Reset the offsets" },
   run = function(ctx)
     k8s.start_workloads(ctx.outputs["Stop the consumers"].saved, { timeout = ctx.params.timeout })
     if ctx.skipped("Reset the offsets") then

@@ -71,6 +71,7 @@ step "Find the failing pods" {
 
 step "Read the logs" {
   description = "kubectl logs --previous (the container that crashed) and the current logs, for the failing containers",
+  needs = { "Find the failing pods" },
   when = function(ctx) return #ctx.outputs["Find the failing pods"].failing > 0 end,
   run = function(ctx)
     local errors, seen = {}, {}
@@ -100,6 +101,7 @@ step "Read the logs" {
 
 step "Check the configuration" {
   description = "The image, the ConfigMaps and Secrets the containers read (do they exist?), resource limits, the last change, Warning events",
+  needs = { "Find the failing pods" },
   run = function(ctx)
     local d = k8s.get(target(ctx), ns(ctx))
     local missing, containers = {}, {}
@@ -145,6 +147,7 @@ step "Check the configuration" {
 
 step "Diagnose" {
   description = "Name the cause and the fix to offer: more memory for OOM kills, a rollback for crashes and bad images",
+  needs = { "Find the failing pods", "Check the configuration" },
   run = function(ctx)
     local pods, cfg = ctx.outputs["Find the failing pods"], ctx.outputs["Check the configuration"]
     local fix, why, detail = ctx.params.fix, nil, {}
@@ -185,6 +188,7 @@ step "Diagnose" {
 
 step "Apply the fix" {
   description = "The diagnosed fix (raise the memory limit, roll back, or restart), after asking",
+  needs = { "Diagnose" },
   confirm = true,
   when = function(ctx) return ctx.outputs["Diagnose"].fix ~= "none" end,
   run = function(ctx)
@@ -203,6 +207,7 @@ step "Apply the fix" {
 
 step "Verify the fix" {
   description = "The rollout finishes, and for `observe` no pod restarts and the deployment stays healthy",
+  needs = { "Diagnose", "Apply the fix" },
   when = function(ctx) return ctx.outputs["Diagnose"].fix ~= "none" end,
   run = function(ctx)
     if ctx.dry_run then log.info("would wait for the rollout and watch the pods for %s", duration.format(ctx.params.observe)); return end

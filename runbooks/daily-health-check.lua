@@ -185,15 +185,18 @@ step "Key metrics" {
 
 step "Verdict" {
   description = "HEALTHY or UNHEALTHY with every problem and warning; exit 1 when unhealthy",
+  uses = CHECKS,
   run = function(ctx)
     local problems, warnings, summary = {}, {}, {}
     for _, name in ipairs(CHECKS) do
-      local o = ctx.outputs[name]
-      summary[name] = #o.problems == 0 and "ok" or "failed"
+      local o = ctx.skipped(name) and { problems = {}, warnings = { name .. " was not checked (skipped)" } }
+        or ctx.outputs[name]
+      summary[name] = ctx.skipped(name) and "skipped" or #o.problems == 0 and "ok" or "failed"
       for _, p in ipairs(o.problems) do problems[#problems + 1] = p end
       for _, w in ipairs(o.warnings) do warnings[#warnings + 1] = w end
     end
-    for _, name in ipairs(CHECKS) do log.info("%s %s", summary[name] == "ok" and "✅" or "❌", name) end
+    local MARK = { ok = "✅", failed = "❌", skipped = "➖" }
+    for _, name in ipairs(CHECKS) do log.info("%s %s", MARK[summary[name]], name) end
     if #warnings > 0 then log.info("%d warnings (not failing the check)", #warnings) end
     if #problems > 0 then
       error(("UNHEALTHY: %d problem%s\n  %s"):format(#problems, #problems == 1 and "" or "s",

@@ -29,13 +29,6 @@ param "writers" { default = "todo-chatbot-backend,todo-chatbot-recurring-task",
   help = "comma-separated deployments that write to the database: scaled to 0 until the data is good" }
 param "timeout" { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" }
 
-local function writers(ctx)
-  local list = {}
-  for d in ctx.params.writers:gmatch("[^,%s]+") do list[#list + 1] = "deploy/" .. d end
-  if #list == 0 then error("param writers: name at least one deployment", 0) end
-  return list
-end
-
 step "Assess the corruption" {
   description = "Run each integrity check on the live database, and choose and verify the good backup set",
   run = function(ctx)
@@ -52,7 +45,7 @@ step "Assess the corruption" {
         log.info("%s -> 0", sql)
       end
     end
-    writers(ctx)
+    steps.writers(ctx)
     local path = backupset.find(ctx.params.dir, ctx.params.prefix, { set = ctx.params.set, before = ctx.params.before })
     local m = backupset.verify(path)
     if not m.database then error(path .. " holds no database dump", 0) end
@@ -64,69 +57,38 @@ step "Assess the corruption" {
   end,
 }
 
-step "Stop writes" {
+step "Stop writes" (steps.stop_writers {
   description = "Scale the writer deployments to 0 and wait until their pods are gone, so nothing corrupts further (replicas remembered)",
-  confirm = true,
-  run = function(ctx)
-    local saved = k8s.stop_workloads(writers(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
-    for _, s in ipairs(saved) do log.info("%s stopped (was %d replicas)", s.target, s.replicas) end
-    return { saved = saved }
-  end,
-  undo = function(ctx, out) k8s.start_workloads(out.saved, { timeout = ctx.params.timeout }) end,
-}
+  needs = { "Assess the corruption" },
+})
 
-step "Back up the corrupted state" {
+step "Back up the corrupted state" (steps.backup_database {
   description = "Keep the database as it is now (evidence, and a way back), as PREFIX-corrupted-STAMP in dir",
-  run = function(ctx)
-    local set = backupset.new(ctx.params.dir, ctx.params.prefix .. "-corrupted")
-    local m = backupset.seal(set, { database = backupset.dump_database(set, { url = ctx.params.database_url }) })
-    log.info("the corrupted database is kept in %s", set.final)
-    return { path = set.final, files = #m.files }
-  end,
-}
+  needs = { "Assess the corruption" },
+  suffix = "-corrupted",
+})
 
 step "Restore the good backup" {
   description = "pg_restore --clean --single-transaction from the good set; the restored row counts must equal the dump's",
+  needs = { "Assess the corruption", "Back up the corrupted state" },
   confirm = true,
   run = function(ctx)
     local path = ctx.outputs["Assess the corruption"].set
     local r = backupset.restore_database(path, { url = ctx.params.database_url })
-    if not r.skipped then log.info("restored %s", path) end
+    if not r.skipped then
+      local a = ctx.outputs["Assess the corruption"]
+      log.info("restored %s; writes since %s are not in the database (the corrupted state keeps them)", path,
+        a.set_created_at)
+    end
     return { path = path }
   end,
 }
 
-step "Validate" {
+step "Validate" (steps.validate {
   description = "Row counts against the good set's manifest, and every integrity check returns 0",
-  run = function(ctx)
-    local path = ctx.outputs["Assess the corruption"].set
-    local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
-      queries = backupset.queries(ctx.params.checks) }
-    if ctx.dry_run then
-      log.info("now, before the restore: %s", #problems == 0 and "the database matches the set" or table.concat(problems, "; "))
-      return { problems = problems }
-    end
-    if #problems > 0 then
-      error(("the database is still not valid: %s; the corrupted state is in %s"):format(
-        table.concat(problems, "; "), ctx.outputs["Back up the corrupted state"].path), 0)
-    end
-    log.info("the data is good: it matches %s and every check returns 0", path)
-    return { problems = problems }
-  end,
-}
+  needs = { "Assess the corruption", "Back up the corrupted state", "Restore the good backup" },
+  set = function(ctx) return ctx.outputs["Assess the corruption"].set end, queries = "checks",
+  kept = "Back up the corrupted state",
+})
 
-step "Resume writes" {
-  description = "Scale the writers back to their replicas and wait for their rollouts",
-  run = function(ctx)
-    if ctx.skipped("Stop writes") then
-      log.info("the writers were not stopped by this run (the operator skipped that step): nothing to scale")
-    else
-      local saved = ctx.outputs["Stop writes"].saved
-      k8s.start_workloads(saved, { timeout = ctx.params.timeout })
-      for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
-    end
-    local a = ctx.outputs["Assess the corruption"]
-    log.info("recovered from %s; writes since %s are not in the database (the corrupted state keeps them)",
-      a.set, a.set_created_at)
-  end,
-}
+step "Resume writes" (steps.start_writers { stopped = "Stop writes" })

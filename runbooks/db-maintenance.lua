@@ -67,19 +67,24 @@ step "Count old rows" {
 
 step "Purge old rows" {
   description = "DELETE the counted rows, batch_size at a time, each batch its own statement",
+  needs = { "Count old rows" },
   confirm = true,
   when = function(ctx) return ctx.params.purge and ctx.outputs["Count old rows"].rows > 0 end,
   run = function(ctx)
     local db <close> = pg.connect()
-    local where = old_rows(ctx)
-    if ctx.dry_run then -- one statement, rolled back: the gate reports how many rows it would delete
-      return { deleted = db:exec("DELETE FROM " .. where, ctx.params.older_than) }
-    end
     local batch = ("DELETE FROM %s WHERE ctid IN (SELECT ctid FROM %s LIMIT %d)"):format(
-      pg.quote_ident(ctx.params.table), where, ctx.params.batch_size)
+      pg.quote_ident(ctx.params.table), old_rows(ctx), ctx.params.batch_size)
     local deleted = 0
     repeat
-      local n = db:exec(batch, ctx.params.older_than)
+      local n, how = db:exec(batch, ctx.params.older_than)
+      if how ~= "performed" then
+        -- A simulated batch leaves the rows in place, so the next would find the same ones: plan from the count.
+        local rows = ctx.outputs["Count old rows"].rows
+        local batches = math.ceil(rows / ctx.params.batch_size)
+        log.info("would delete %d rows from %s in %d batch%s of %d", rows, ctx.params.table, batches,
+          batches == 1 and "" or "es", ctx.params.batch_size)
+        return { deleted = 0, would_delete = rows, batches = batches }
+      end
       deleted = deleted + n
     until n < ctx.params.batch_size
     log.info("deleted %d rows from %s", deleted, ctx.params.table)
@@ -97,6 +102,7 @@ step "VACUUM ANALYZE" {
 
 step "Measure again" {
   description = "The sizes and dead rows after, and what the maintenance changed",
+  needs = { "Measure" },
   run = function(ctx)
     local db <close> = pg.connect()
     local after = sizes(db)

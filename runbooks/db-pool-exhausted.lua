@@ -66,6 +66,7 @@ step "Measure the connections" {
 
 step "End stuck sessions" {
   description = "pg_terminate_backend for each session idle in a transaction longer than idle_for (its transaction rolls back)",
+  needs = { "Measure the connections" },
   confirm = true,
   when = function(ctx) return ctx.outputs["Measure the connections"].stuck > 0 end,
   run = function(ctx)
@@ -81,6 +82,7 @@ step "End stuck sessions" {
 
 step "Raise the pool" {
   description = "kubectl set env DB_POOL_SIZE / DB_MAX_OVERFLOW on the deployment (a rolling restart), and wait for it",
+  needs = { "Measure the connections" },
   confirm = true,
   when = function(ctx) return ctx.params.pool_size > 0 end,
   run = function(ctx)
@@ -95,14 +97,13 @@ step "Raise the pool" {
     local env = { DB_POOL_SIZE = tostring(ctx.params.pool_size) }
     if ctx.params.max_overflow > 0 then env.DB_MAX_OVERFLOW = tostring(ctx.params.max_overflow) end
     k8s.set_env("deploy/" .. ctx.params.deployment, env, { namespace = ctx.params.namespace })
-    if not ctx.dry_run then
-      k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = "5m", fail_fast = true })
-    end
+    k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = "5m", fail_fast = true })
   end,
 }
 
 step "Verify" {
   description = "No session idle in a transaction past idle_for, and the connections below warn_share of max_connections",
+  needs = { "Measure the connections" },
   retry = { attempts = 5, base = "1s", max = "3s" },
   run = function(ctx)
     local db <close> = pg.connect()

@@ -106,6 +106,7 @@ step "Inspect the dead letters" {
 
 step "Replay" {
   description = "Produce the chosen messages (key, value, headers) to to_topic, at most `max`; commit the group's progress on the DLQ",
+  needs = { "Inspect the dead letters" },
   confirm = true,
   when = function(ctx) return ctx.outputs["Inspect the dead letters"].eligible > 0 end,
   run = function(ctx)
@@ -120,7 +121,7 @@ step "Replay" {
 
 step "Verify" {
   description = "Every replayed message was delivered, and the group's position on the DLQ moved past what was read",
-  when = function(ctx) return not ctx.skipped("Replay") end,   -- nothing eligible, or the operator declined
+  needs = { "Replay" }, -- skipped with it: nothing eligible, or the operator declined
   run = function(ctx)
     local r = ctx.outputs["Replay"]
     if ctx.dry_run then log.info("would check that %d messages were delivered", r.matched); return end

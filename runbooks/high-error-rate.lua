@@ -56,6 +56,7 @@ step "Measure the error rate" {
 
 step "Compare with the last change" {
   description = "Did the rate begin with the current template's revision (rollout history, and the rate just before it)?",
+  needs = { "Measure the error rate" },
   when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
   run = function(ctx)
     local change = k8s.last_change(target(ctx), { namespace = ctx.params.namespace })
@@ -75,6 +76,7 @@ step "Compare with the last change" {
 
 step "Check the dependencies" {
   description = "PostgreSQL, Redis, Kafka and the Dapr sidecars, as outage-recovery checks them: a fix in the service cannot mend a dependency",
+  needs = { "Measure the error rate" },
   when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
   run = function(ctx)
     local deps = checks.dependencies { namespace = ctx.params.namespace }
@@ -88,6 +90,7 @@ step "Check the dependencies" {
 
 step "Roll back" {
   description = "kubectl rollout undo to the revision before the last change, and wait for it",
+  needs = { "Measure the error rate", "Compare with the last change" },
   confirm = true,
   when = function(ctx)
     local c = ctx.outputs["Compare with the last change"]
@@ -96,15 +99,14 @@ step "Roll back" {
   run = function(ctx)
     local to = ctx.outputs["Compare with the last change"].to_revision
     k8s.rollout_undo(target(ctx), { namespace = ctx.params.namespace, to_revision = to })
-    if not ctx.dry_run then
-      k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-    end
+    k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
     return { revision = to }
   end,
 }
 
 step "Restart" {
   description = "kubectl rollout restart, and wait for it",
+  needs = { "Measure the error rate", "Compare with the last change" },
   confirm = true,
   when = function(ctx)
     local c = ctx.outputs["Compare with the last change"]
@@ -112,14 +114,13 @@ step "Restart" {
   end,
   run = function(ctx)
     k8s.rollout_restart(target(ctx), { namespace = ctx.params.namespace })
-    if not ctx.dry_run then
-      k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-    end
+    k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
   end,
 }
 
 step "Verify the error rate" {
   description = "After one rate window (so only the time since the fix counts), the rate must stay under max_error_rate for `hold`",
+  needs = { "Measure the error rate" },
   run = function(ctx)
     if ctx.outputs["Measure the error rate"].high and not ctx.dry_run then
       time.sleep(duration.parse(ctx.params.window) or 0)

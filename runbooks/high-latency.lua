@@ -81,6 +81,7 @@ step "Find the slowest statements" {
 
 step "Scale out" {
   description = "kubectl scale to twice the replicas (at most max_replicas), and wait for the new pods",
+  needs = { "Measure the p95 latency", "Check saturation" },
   confirm = true,
   when = function(ctx) return ctx.outputs["Measure the p95 latency"].high end,
   run = function(ctx)
@@ -88,15 +89,14 @@ step "Scale out" {
     local to = math.min(ctx.params.max_replicas, math.max(1, from * 2))
     if to <= from then error(("%s already has %d replicas (max_replicas %d)"):format(deployment(ctx), from, ctx.params.max_replicas), 0) end
     k8s.scale("deploy/" .. deployment(ctx), to, { namespace = ctx.params.namespace })
-    if not ctx.dry_run then
-      k8s.rollout_status("deploy/" .. deployment(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-    end
+    k8s.rollout_status("deploy/" .. deployment(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
     return { from = from, to = to }
   end,
 }
 
 step "Verify the latency" {
   description = "After one rate window (so only the time since scaling counts), p95 must stay under max_p95 for `hold`",
+  needs = { "Measure the p95 latency" },
   run = function(ctx)
     if ctx.outputs["Measure the p95 latency"].high and not ctx.dry_run then
       time.sleep(duration.parse(ctx.params.window) or 0)

@@ -25,8 +25,13 @@ param "max_replicas" { type = "integer", default = 0, help = "upper bound for th
 param "watch" { type = "duration", default = "5m", help = "how long the lag has to fall below the threshold before escalating (seed: 5 minutes)" }
 param "interval" { type = "duration", default = "5s", help = "how often to measure the lag while watching" }
 param "rollout_timeout" { type = "duration", default = "3m", help = "how long the new consumers may take to become ready" }
-param "slack_webhook" { secret = true, default = os.getenv("SLACK_WEBHOOK"), help = "Slack incoming webhook to escalate to (default $SLACK_WEBHOOK; none: the failed run is the escalation)" }
-param "slack_channel" { default = "#incidents", help = "Slack channel to escalate to" }
+
+-- The escalation goes to Slack when SLACK_WEBHOOK is set (channel SLACK_CHANNEL,
+-- default #incidents); without it the failed run is the escalation.
+local SLACK = os.getenv("SLACK_WEBHOOK")
+if SLACK and SLACK ~= "" then
+  notify = { on_failure = { slack = { webhook = SLACK, channel = os.getenv("SLACK_CHANNEL") or "#incidents" } } }
+end
 
 local function deploy(ctx) return "deploy/" .. ctx.params.deployment end
 local function ns(ctx) return { namespace = ctx.params.namespace } end
@@ -65,6 +70,7 @@ step "Measure the lag" {
 
 step "Plan the replicas" {
   description = "ceil(lag / lag_per_replica), never fewer than now, never more than the partitions (seed: beyond 12 gives nothing)",
+  needs = { "Measure the lag" },
   run = function(ctx)
     local m = ctx.outputs["Measure the lag"]
     local d = k8s.get(deploy(ctx), ns(ctx))
@@ -96,6 +102,7 @@ step "Plan the replicas" {
 
 step "Scale the consumers" {
   description = "kubectl scale to the planned replicas; an HPA on the deployment gets minReplicas (and maxReplicas if lower) raised to match",
+  needs = { "Plan the replicas" },
   confirm = true,
   when = function(ctx) return scaling(ctx) end,
   run = function(ctx)
@@ -113,9 +120,9 @@ step "Scale the consumers" {
 
 step "Wait for the new consumers" {
   description = "kubectl rollout status: every replica ready (gives up at once on a crash loop)",
-  when = function(ctx) return scaling(ctx) and not ctx.skipped("Scale the consumers") end,
+  needs = { "Plan the replicas", "Scale the consumers" },
+  when = scaling,
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for %s to have its new replicas ready", ctx.params.deployment); return end
     local r = k8s.rollout_status(deploy(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout,
       fail_fast = true })
     return { message = r.message }
@@ -124,6 +131,7 @@ step "Wait for the new consumers" {
 
 step "Watch the lag fall" {
   description = "Measure the lag every `interval` until it is within the threshold, for at most `watch`",
+  needs = { "Measure the lag" },
   when = function(ctx) return ctx.outputs["Measure the lag"].over end,
   run = function(ctx)
     local start = ctx.outputs["Measure the lag"].total
@@ -158,6 +166,7 @@ step "Watch the lag fall" {
 
 step "Report or escalate" {
   description = "Say what was done; when the lag did not fall within `watch`, post to Slack and fail the run (seed: escalate to engineering)",
+  needs = { "Measure the lag", "Plan the replicas" }, uses = { "Scale the consumers", "Watch the lag fall" },
   run = function(ctx)
     local m = ctx.outputs["Measure the lag"]
     local p = ctx.outputs["Plan the replicas"]
@@ -173,18 +182,18 @@ step "Report or escalate" {
       return { ok = true }
     end
     if ctx.dry_run then log.info("dry run: %s would be acted on (lag %d, %s)", ctx.params.group, m.total, scaled); return end
+    if ctx.skipped("Watch the lag fall") then
+      log.warn("%s on %s: lag %d, over the threshold %d; the lag was not watched (%s)", ctx.params.group,
+        ctx.params.topic, m.total, ctx.params.threshold, scaled)
+      return { ok = false }
+    end
     local w = ctx.outputs["Watch the lag fall"]
     if w.drained then
       log.info("%s on %s: lag %d -> %d in %s; %s", ctx.params.group, ctx.params.topic, m.total, w.total,
         duration.format(w.seconds), scaled)
       return { ok = true }
     end
-    local text = (":rotating_light: consumer lag of %s on %s is %d after %s (was %d; %s). Escalating to engineering: "
-      .. "runbook report %s"):format(ctx.params.group, ctx.params.topic, w.total, duration.format(w.seconds), m.total,
-      scaled, ctx.run_id)
-    if ctx.params.slack_webhook then
-      notify.slack { webhook = ctx.params.slack_webhook, channel = ctx.params.slack_channel, text = text }
-    end
-    error(text:gsub("^:rotating_light: ", ""), 0)
+    error(("consumer lag of %s on %s is %d after %s (was %d; %s). Escalating to engineering: runbook report %s")
+      :format(ctx.params.group, ctx.params.topic, w.total, duration.format(w.seconds), m.total, scaled, ctx.run_id), 0)
   end,
 }

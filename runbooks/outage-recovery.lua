@@ -25,8 +25,13 @@ param "pg_connections_warn" { type = "number", default = 0.8, help = "warn when 
 param "max_error_rate" { type = "number", default = 0.01, help = "once healthy, the namespace's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
 param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
 param "error_rate_hold" { type = "duration", default = "1m", help = "how long the error rate must hold: recovered means serving, not only answering /health" }
-param "slack_webhook" { secret = true, default = os.getenv("SLACK_WEBHOOK"), help = "Slack incoming webhook for the outcome (default $SLACK_WEBHOOK; none: no message)" }
-param "slack_channel" { default = "#incidents", help = "Slack channel for the outcome" }
+
+-- The outcome goes to Slack when SLACK_WEBHOOK is set (channel SLACK_CHANNEL, default #incidents).
+local SLACK = os.getenv("SLACK_WEBHOOK")
+if SLACK and SLACK ~= "" then
+  local slack = { slack = { webhook = SLACK, channel = os.getenv("SLACK_CHANNEL") or "#incidents" } }
+  notify = { on_success = slack, on_failure = slack }
+end
 
 -- Waiting reasons a restart cannot fix: the new image or its configuration is wrong.
 local NOT_BY_RESTART = { ImagePullBackOff = true, ErrImagePull = true, InvalidImageName = true,
@@ -71,14 +76,14 @@ local function deployments_now(ctx)
   return h, deps
 end
 
--- Wait for each named rollout; {name = "ok" | error text}.
+-- Wait for each named rollout; {name = "ok" | "dry run" | error text}.
 local function wait_rollouts(ctx, names)
   local out = {}
   for _, name in ipairs(names) do
-    local ok, err = pcall(k8s.rollout_status, "deploy/" .. name,
+    local ok, r = pcall(k8s.rollout_status, "deploy/" .. name,
       { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout, fail_fast = true, progress = false })
-    out[name] = ok and "ok" or tostring(type(err) == "table" and err.message or err)
-    if ok then log.info("%s rolled out", name) else log.warn("%s: %s", name, out[name]) end
+    out[name] = ok and (r.dry_run and "dry run" or "ok") or tostring(type(r) == "table" and r.message or r)
+    if not ok then log.warn("%s: %s", name, out[name]) elseif not r.dry_run then log.info("%s rolled out", name) end
   end
   return out
 end
@@ -136,6 +141,7 @@ step "Check dependencies" {
 
 step "Restart unhealthy deployments" {
   description = "rollout restart of each unhealthy deployment a restart can help (not those that cannot pull their image or read their config)",
+  needs = { "Assess the cluster" },
   run = function(ctx)
     local restarted, left = {}, {}
     for _, d in ipairs(ctx.outputs["Assess the cluster"].deployments) do
@@ -156,14 +162,10 @@ step "Restart unhealthy deployments" {
 
 step "Wait for rollouts" {
   description = "Wait until each restarted deployment has rolled out; stop waiting on one whose new pods crash-loop",
+  needs = { "Restart unhealthy deployments" },
   idempotent = true,
   run = function(ctx)
-    local names = ctx.outputs["Restart unhealthy deployments"].restarted
-    if ctx.dry_run then
-      if #names > 0 then log.info("would wait for the rollouts of %s", table.concat(names, ", ")) end
-      return { rollouts = {} }
-    end
-    return { rollouts = wait_rollouts(ctx, names) }
+    return { rollouts = wait_rollouts(ctx, ctx.outputs["Restart unhealthy deployments"].restarted) }
   end,
 }
 
@@ -191,6 +193,7 @@ step "Verify service health" {
 
 step "Roll back recent changes that still fail" {
   description = "rollout undo, past restarts, of each deployment still failing whose last change is recent; then wait for it",
+  needs = { "Verify service health", "Check dependencies" },
   confirm = true,
   run = function(ctx)
     local failing = ctx.outputs["Verify service health"].failing
@@ -222,25 +225,22 @@ step "Roll back recent changes that still fail" {
     end
     local names = {}
     for _, r in ipairs(rolled) do names[#names + 1] = r.name end
-    local rollouts = {}
-    if ctx.dry_run then
-      if #names > 0 then log.info("would wait for the rollbacks of %s", table.concat(names, ", ")) end
-    else
-      rollouts = wait_rollouts(ctx, names)
-    end
-    return { rolled_back = rolled, not_rolled_back = kept, rollouts = rollouts }
+    return { rolled_back = rolled, not_rolled_back = kept, rollouts = wait_rollouts(ctx, names) }
   end,
 }
 
 -- The namespace's error rate held under max_error_rate (a metric gate), after
 -- one rate window when this run restarted or rolled back something; a broken
 -- gate or no data is a problem that remains, not a failed step.
+local RESTART = "Restart unhealthy deployments"
+
 local function error_rate_problem(ctx)
   local rolled = not ctx.skipped("Roll back recent changes that still fail")
     and #ctx.outputs["Roll back recent changes that still fail"].rolled_back > 0
   local ok, err = pcall(checks.error_rate, { name = ctx.params.namespace .. " error rate", below = ctx.params.max_error_rate,
     selector = ('namespace="%s"'):format(ctx.params.namespace), window = ctx.params.error_rate_window,
-    hold = ctx.params.error_rate_hold, every = "5s", settle = rolled or #ctx.outputs["Restart unhealthy deployments"].restarted > 0 })
+    hold = ctx.params.error_rate_hold, every = "5s",
+    settle = rolled or not ctx.skipped(RESTART) and #ctx.outputs[RESTART].restarted > 0 })
   if ok then return nil end
   if type(err) ~= "table" or (err.code ~= "gate_failed" and err.code ~= "no_data") then error(err, 0) end
   return err.message
@@ -248,6 +248,7 @@ end
 
 step "Final verification" {
   description = "Every deployment healthy, every service's health path answering, and the error rate held under max_error_rate",
+  uses = { RESTART, "Roll back recent changes that still fail" }, -- through error_rate_problem
   idempotent = true,
   run = function(ctx)
     -- Pods of replaced ReplicaSets take a moment to go: give the namespace
@@ -290,12 +291,13 @@ step "Final verification" {
 
 step "Report" {
   description = "Post the outcome to Slack (when a webhook is set) and point to the run's report; fail the run when not recovered",
+  needs = { "Final verification" }, uses = { "Restart unhealthy deployments", "Roll back recent changes that still fail", "Check dependencies" },
   run = function(ctx)
     local final = ctx.outputs["Final verification"]
-    local restarted = ctx.outputs["Restart unhealthy deployments"].restarted
+    local restarted = ctx.skipped(RESTART) and {} or ctx.outputs[RESTART].restarted
     local rolled = {}
     local ROLLBACK = "Roll back recent changes that still fail"
-    local declined = ctx.skipped(ROLLBACK) == "operator"
+    local declined = ctx.skipped(ROLLBACK)
     for _, r in ipairs(declined and {} or ctx.outputs[ROLLBACK].rolled_back) do
       rolled[#rolled + 1] = ("%s (revision %d -> %d)"):format(r.name, r.from, r.to)
     end
@@ -305,19 +307,16 @@ step "Report" {
         ctx.params.namespace, final.recovered and (": every deployment healthy, every service answers " .. ctx.params.health_path) or ""),
       would .. "restarted: " .. (#restarted > 0 and table.concat(restarted, ", ") or "none"),
       would .. "rolled back: " .. (#rolled > 0 and table.concat(rolled, ", ") or "none")
-        .. (declined and " (the operator declined the rollback)" or ""),
+        .. (declined == "operator" and " (the operator declined the rollback)"
+          or declined == "needs" and " (the rollback was skipped with a step it needs)" or ""),
     }
     for _, p in ipairs(final.problems) do lines[#lines + 1] = "problem: " .. p end
-    local down = ctx.outputs["Check dependencies"].down
+    local down = ctx.skipped("Check dependencies") and {} or ctx.outputs["Check dependencies"].down
     if #down > 0 then lines[#lines + 1] = "dependencies down: " .. table.concat(down, ", ") end
     lines[#lines + 1] = "timeline: runbook report " .. ctx.run_id
-    local text = table.concat(lines, "\n")
     for _, l in ipairs(lines) do log.info("%s", l) end
-    if ctx.params.slack_webhook and ctx.params.slack_webhook ~= "" then
-      notify.slack { webhook = ctx.params.slack_webhook, channel = ctx.params.slack_channel, text = text }
-    end
-    if not final.recovered and not ctx.dry_run then
-      error(("not recovered: %d problems remain (%s)"):format(#final.problems, final.problems[1] or ""), 0)
+    if not final.recovered and not ctx.dry_run then -- the failure notification carries the whole report
+      error(("not recovered: %d problems remain\n%s"):format(#final.problems, table.concat(lines, "\n")), 0)
     end
     return { recovered = final.recovered, report = "runbook report " .. ctx.run_id }
   end,

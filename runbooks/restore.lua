@@ -27,12 +27,6 @@ param "validate" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
   help = "validation queries separated by ';', each must return 0 after the restore" }
 param "timeout" { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" }
 
-local function writers(ctx)
-  local list = {}
-  for d in ctx.params.writers:gmatch("[^,%s]+") do list[#list + 1] = "deploy/" .. d end
-  return list
-end
-
 step "Verify the backup set" {
   description = "Every file's sha256 and size against manifest.json, and pg_restore --list on the dump, before anything is touched",
   run = function(ctx)
@@ -43,35 +37,22 @@ step "Verify the backup set" {
     for _, c in pairs(m.database.tables) do n, rows = n + 1, rows + c end
     log.info("%s: %d files verified; database %s, %d tables, %d rows, taken %s", path, #m.files,
       tostring(m.database.name), n, rows, m.created_at)
-    if #writers(ctx) == 0 then error("param writers: name at least one deployment", 0) end
+    steps.writers(ctx)
     return { path = path, tables = n, rows = rows, created_at = m.created_at }
   end,
 }
 
-step "Stop writes" {
-  description = "Scale the writer deployments to 0 and wait until their pods are gone (replicas remembered)",
-  confirm = true,
-  run = function(ctx)
-    local saved = k8s.stop_workloads(writers(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
-    for _, s in ipairs(saved) do log.info("%s stopped (was %d replicas)", s.target, s.replicas) end
-    return { saved = saved }
-  end,
-  undo = function(ctx, out) k8s.start_workloads(out.saved, { timeout = ctx.params.timeout }) end,
-}
+step "Stop writes" (steps.stop_writers { needs = { "Verify the backup set" } })
 
-step "Safety backup" {
+step "Safety backup" (steps.backup_database {
   description = "Back up the current database as it is now, so the restore can itself be undone by hand",
   when = function(ctx) return ctx.params.safety_backup end,
-  run = function(ctx)
-    local set = backupset.new(ctx.params.dir, ctx.params.prefix .. "-pre-restore")
-    local m = backupset.seal(set, { database = backupset.dump_database(set, { url = ctx.params.database_url }) })
-    log.info("the current database is in %s", set.final)
-    return { path = set.final, files = #m.files }
-  end,
-}
+  suffix = "-pre-restore",
+})
 
 step "Restore the database" {
   description = "pg_restore --clean --single-transaction from the set; the restored row counts must equal the dump's",
+  needs = { "Verify the backup set" },
   confirm = true,
   run = function(ctx)
     local path = ctx.outputs["Verify the backup set"].path
@@ -81,34 +62,10 @@ step "Restore the database" {
   end,
 }
 
-step "Validate" {
+step "Validate" (steps.validate {
   description = "Row counts of every table against the manifest, and each validation query returns 0",
-  run = function(ctx)
-    local path = ctx.outputs["Verify the backup set"].path
-    local m = backupset.verify(path)
-    local problems = backupset.validate { manifest = m, url = ctx.params.database_url,
-      queries = backupset.queries(ctx.params.validate) }
-    if ctx.dry_run then
-      log.info("now, before the restore: %s", #problems == 0 and "the database matches the set"
-        or table.concat(problems, "; "))
-      return { problems = problems }
-    end
-    if #problems > 0 then
-      local safety = ctx.params.safety_backup and ctx.outputs["Safety backup"].path
-      error("the restored database is not valid: " .. table.concat(problems, "; ")
-        .. (safety and ("; the database before the restore is in " .. safety) or ""), 0)
-    end
-    log.info("the database matches %s", path)
-    return { problems = problems }
-  end,
-}
+  needs = { "Verify the backup set", "Restore the database" }, uses = { "Safety backup" },
+  set = function(ctx) return ctx.outputs["Verify the backup set"].path end, queries = "validate", kept = "Safety backup",
+})
 
-step "Start writes" {
-  description = "Scale the writers back to their replicas and wait for their rollouts",
-  when = function(ctx) return not ctx.skipped("Stop writes") end,   -- the operator kept them running
-  run = function(ctx)
-    local saved = ctx.outputs["Stop writes"].saved
-    k8s.start_workloads(saved, { timeout = ctx.params.timeout })
-    for _, s in ipairs(saved) do log.info("%s back at %d replicas", s.target, s.replicas) end
-  end,
-}
+step "Start writes" (steps.start_writers { stopped = "Stop writes" })

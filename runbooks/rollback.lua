@@ -47,6 +47,7 @@ step "Show the rollout history" {
 
 step "Pick the revision" {
   description = "The revision to return to: to_revision, or the one before the last change; it must exist and differ",
+  needs = { "Show the rollout history" },
   run = function(ctx)
     local h = ctx.outputs["Show the rollout history"]
     local to = ctx.params.to_revision ~= 0 and ctx.params.to_revision or h.previous
@@ -69,6 +70,7 @@ step "Pick the revision" {
 
 step "Roll back" {
   description = "kubectl rollout undo --to-revision",
+  needs = { "Pick the revision" },
   confirm = true,
   run = function(ctx)
     local to = ctx.outputs["Pick the revision"].revision
@@ -80,7 +82,6 @@ step "Roll back" {
 step "Wait for the rollout" {
   description = "kubectl rollout status; gives up at once when the new pods crash-loop or cannot pull their image",
   run = function(ctx)
-    if ctx.dry_run then log.info("would wait for the rollout of %s", ctx.params.deployment); return end
     local r = k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout,
       fail_fast = true })
     return { message = r.message }

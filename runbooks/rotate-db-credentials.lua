@@ -134,7 +134,6 @@ local function roll(ctx, from, to)
       repoint_deployment(ctx, name, from, to)
       done[#done + 1] = name
     end
-    if ctx.dry_run then return end
     for _, name in ipairs(names) do
       k8s.rollout_status("deploy/" .. name, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout,
         fail_fast = true })
@@ -172,6 +171,7 @@ step "Find the credentials and their users" {
 
 step "Create the new Secret" {
   description = "The old Secret's keys with the old password replaced by a new random one, under a new name",
+  needs = { "Find the credentials and their users" },
   run = function(ctx)
     local data, s = secret_data(ctx, ctx.params.secret)
     local old, new = select(2, credentials(data[ctx.params.url_key])), new_password()
@@ -190,6 +190,7 @@ step "Create the new Secret" {
 
 step "Set the new password in PostgreSQL" {
   description = "ALTER ROLE ... PASSWORD: from now on new connections need the new password (open ones keep working)",
+  needs = { "Find the credentials and their users", "Create the new Secret" },
   confirm = true,
   run = function(ctx)
     -- a dry run has no new Secret to read: its ALTER ROLE (rolled back) carries a throwaway password
@@ -204,6 +205,7 @@ step "Set the new password in PostgreSQL" {
 
 step "Roll the deployments onto the new Secret" {
   description = "Each deployment reading the old Secret reads the new one instead (kubectl set env --from=secret): a rolling restart, waited for",
+  needs = { "Find the credentials and their users", "Set the new password in PostgreSQL" },
   confirm = true,
   run = function(ctx) roll(ctx, ctx.params.secret, ctx.outputs["Find the credentials and their users"].new_secret) end,
   undo = function(ctx) roll(ctx, ctx.outputs["Find the credentials and their users"].new_secret, ctx.params.secret) end,
@@ -211,6 +213,7 @@ step "Roll the deployments onto the new Secret" {
 
 step "Verify" {
   description = "The new password connects, the old one is refused, and every deployment is healthy on the new Secret",
+  needs = { "Find the credentials and their users", "Roll the deployments onto the new Secret" },
   run = function(ctx)
     local f = ctx.outputs["Find the credentials and their users"]
     if ctx.dry_run then log.info("would connect with the new password and check the old one is refused"); return end
@@ -229,6 +232,7 @@ step "Verify" {
 
 step "Delete the old Secret" {
   description = "kubectl delete secret OLD, unless something besides the rolled deployments still names it",
+  needs = { "Find the credentials and their users", "Verify" },
   confirm = true,
   run = function(ctx)
     local f = ctx.outputs["Find the credentials and their users"]

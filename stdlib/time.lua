@@ -16,14 +16,22 @@ function M.sleep(d)
 end
 
 --- Call fn() every `every` until it returns a truthy value (returned), or
--- raise after `timeout`:  time.wait_until{timeout = "2m", every = "5s", what = "lag below 100"}(fn)
+-- raise after `timeout`:  time.wait_until({timeout = "2m", every = "5s", what = "lag below 100"}, fn).
+-- In a dry run the condition would follow simulated writes: fn() is asked
+-- once; when it does not hold, it says what it would wait for and returns nil.
 function M.wait_until(opts, fn)
   local timeout = duration.check(opts.timeout or "1m", "time.wait_until timeout")
   local every = duration.check(opts.every or "1s", "time.wait_until every")
   local deadline = host.now() + timeout
+  local output = require "runbook.output"
   while true do
     local v = fn()
-    if v then return v end
+    if v then output.waiting(""); return v end
+    if host.mode() == "dry-run" then
+      require("log").info("would wait up to %s for %s", duration.format(timeout), opts.what or "the condition")
+      return nil
+    end
+    output.waiting(opts.what or "the condition", deadline - host.now())
     if host.now() + every > deadline then
       host.raise { module = "time", op = "wait_until", code = "timeout", retryable = true,
         message = ("gave up waiting for %s after %s"):format(opts.what or "the condition", duration.format(timeout)) }

@@ -39,6 +39,7 @@ step "Read the running version" {
 
 step "Set the image" {
   description = "kubectl set image, for the service's own container only",
+  needs = { "Read the running version" },
   run = function(ctx)
     local image = ctx.outputs["Read the running version"].image:gsub(":[^:]+$", ":" .. ctx.params.tag)
     k8s.set_image(target(ctx), { [ctx.params.service] = image }, { namespace = ctx.params.namespace })

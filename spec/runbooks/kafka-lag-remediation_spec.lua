@@ -43,8 +43,8 @@ describe("kafka-lag-remediation", function()
   it("escalates and fails when the lag does not fall in time", function()
     local hook = cli.webhook()
     finally(hook.stop)
-    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "max_replicas=2", "-p", "threshold=10",
-      "-p", "watch=4s", "-p", "interval=1s", "-p", "slack_webhook=" .. hook.url }
+    local r = cli.run({ "run", RUNBOOK, "--yes", "-p", "max_replicas=2", "-p", "threshold=10",
+      "-p", "watch=4s", "-p", "interval=1s" }, { SLACK_WEBHOOK = hook.url })
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     assert.matches("consumer lag of recurring%-task%-service on task%-events is %d+ after", r.stdout .. r.stderr)
     local posts = hook.posts()

@@ -11,8 +11,15 @@ function M.quote(s)
 end
 
 -- Runs a shell command; returns its output (stdout and stderr) and whether it exited 0.
+-- A spec may have put the host in dry-run mode, where io.popen refuses: the
+-- spec's own client is no runbook's, so it runs in run mode.
 function M.sh(cmd)
-    local p = assert(io.popen("(" .. cmd .. ") 2>&1; echo \"__rc=$?\""))
+    local host = require "runbook.host"
+    local mode = host.mode()
+    host.set_mode("run")
+    local ok, p = pcall(io.popen, "(" .. cmd .. ") 2>&1; echo \"__rc=$?\"")
+    host.set_mode(mode)
+    assert(ok and p, p)
     local out = p:read("a")
     p:close()
     local rc = tonumber(out:match("__rc=(%d+)%s*$"))

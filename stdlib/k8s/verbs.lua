@@ -187,7 +187,18 @@ end
 -- opts.fail_fast it also raises (code = the waiting reason, e.g.
 -- "CrashLoopBackOff") as soon as a pod of the new ReplicaSet is stuck in a
 -- state that waiting does not end (crash loop, image pull, bad config).
+-- In a dry run the rollout would follow simulated writes (the deployment may
+-- not even exist yet): it says what it would wait for and returns at once
+-- ({message, dry_run = true}).
 function Client:rollout_status(a, b)
+  if require("gate").dry_run() then
+    local t, name, opts = client.target_args(a, b, nil, false, "rollout_status")
+    local msg = ("would wait up to %s for the rollout of %s in namespace %s"):format(
+      duration.format(secs((opts or {}).timeout, "k8s.rollout_status timeout", 300)), name and (t .. "/" .. name) or t,
+      self:ns(opts or {}))
+    require("log").info("%s", msg)
+    return { message = msg, dry_run = true }
+  end
   local r, ns, name, obj, opts = self:workload(a, b, "rollout_status")
   if r.kind ~= "Deployment" then error("k8s.rollout_status: only deployments are supported", 2) end
   local timeout = secs(opts.timeout, "k8s.rollout_status timeout", 300)
@@ -198,6 +209,7 @@ function Client:rollout_status(a, b)
   local function check(d)
     local msg, done = M.deployment_status(d)
     if msg ~= last and progress and not done then progress(msg) end
+    require("runbook.output").waiting(done and "" or ("rollout of %s: %s"):format(name, msg), deadline - host.now())
     last = msg
     if done then return { message = msg, deployment = d } end
   end
@@ -686,7 +698,13 @@ function Client:wait(a, b, c)
     for _, o in pairs(set) do if not test(o) then return false end end
     return true
   end
-  while not satisfied() do
+  -- In a dry run what it waits for would follow a simulated write: say so, return the objects as they are.
+  local simulated = require("gate").dry_run() and not satisfied()
+  if simulated then
+    require("log").info("would wait up to %s for %s of %s%s", duration.format(timeout),
+      deleting and "the deletion" or tostring(cond), qualified(r), name and (" " .. name) or "")
+  end
+  while not simulated and not satisfied() do
     local left = deadline - host.now()
     if left <= 0 then
       local pending = {}

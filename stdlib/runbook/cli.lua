@@ -16,8 +16,8 @@ local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 3 runbook cannot be loaded, 4 aborted by the operator, 74 the journal
 cannot be written (a full disk), 75 lock held by another run, 76 effects
-of unknown outcome (resume --on-unknown), 130/143 interrupted by
-SIGINT/SIGTERM/SIGHUP.]]
+of unknown outcome (resume --on-unknown), 124 ended by the watchdog,
+130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
@@ -136,6 +136,7 @@ local function build()
   flag(run, "--step", "Ask before each step (yes, no, preview, all, quit).")
   flag(run, "-y --yes", "Do not ask, also for steps marked confirm (needed without a terminal).")
   option(run, "--from", "Start at this step.", "STEP")
+  option(run, "--outputs-from", "With --from: the earlier steps' outputs from this run.", "RUN_ID")
   flag(run, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
   option(run, "--lock", "Hold a run lock (default key: the runbook's lock, else its name); "
     .. "k8s:NAMESPACE/NAME is a Kubernetes Lease.", "KEY"):args("?")
@@ -206,6 +207,7 @@ function commands.run(o)
     for _, s in ipairs(rb.steps) do names[#names + 1] = s.name end
     return usage_error("run", "--from: %s has no step named '%s'%s", rb.name, o["--from"], suggest.hint(o["--from"], names))
   end
+  if o["--outputs-from"] and not o["--from"] then return usage_error("run", "--outputs-from goes with --from STEP") end
   return require("runbook.run").start(rb, require("runbook.run").request(o))
 end
 
@@ -246,7 +248,15 @@ function commands.lint(o)
   local worst = EXIT.ok
   for _, ref in ipairs(o.runbooks) do
     local rb, code = load_runbook(ref)
-    if rb then print(("%s: ok (%d params, %d steps)"):format(rb.file, #rb.params, #rb.steps)) else worst = code end
+    local problems = rb and require("runbook.loader").undeclared_reads(rb) or {}
+    for _, p in ipairs(problems) do print(p) end
+    if not rb then
+      worst = code
+    elseif #problems > 0 then
+      worst = math.max(worst, EXIT.failed)
+    else
+      print(("%s: ok (%d params, %d steps)"):format(rb.file, #rb.params, #rb.steps))
+    end
   end
   return worst
 end

@@ -42,7 +42,6 @@ local function protected(rb, fn, ...)
   -- Lua's own position ("file:12: msg") duplicates `where` when they agree.
   if where and rec.message:sub(1, #where + 2) == where .. ": " then rec.message = rec.message:sub(#where + 3) end
   rec.message = host.redact(rec.message)
-  if rec.message:match("step timed out$") then rec.code = rec.code or "timeout" end
   return false, rec
 end
 
@@ -54,7 +53,8 @@ local function jitter_delay(retry, attempt)
   return d
 end
 
-local SKIPPED_BY = { operator = "the operator skipped it", when = "its when predicate was false" }
+local SKIPPED_BY = { operator = "the operator skipped it", when = "its when predicate was false",
+  needs = "a step it needs was skipped", from = "it is before --from" }
 
 local function known_step(rb, name, what)
   if not rb.steps_by_name[name] then
@@ -72,7 +72,8 @@ local function outputs_table(rb, store, skipped)
       known_step(rb, name, "ctx.outputs")
       if skipped[name] then
         error(("ctx.outputs[%q]: that step was skipped (%s), so it has no outputs; a step that can go on without"
-          .. " them asks ctx.skipped(%q) first"):format(name, SKIPPED_BY[skipped[name]], name), 2)
+          .. " them declares uses = {%q} and asks ctx.skipped(%q) first"):format(name, SKIPPED_BY[skipped[name]], name,
+          name), 2)
       end
       error(("ctx.outputs[%q]: that step has not run in this run (not reached, or before --from), so it has no outputs")
         :format(name), 2)
@@ -102,24 +103,25 @@ local function step_call(rb, step, ctx, what, fn, ...)
   return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
 end
 
---- One attempt of one step's function under its deadline.
-local function attempt(rb, step, ctx)
-  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, step.run(ctx)) end)
+--- One attempt of one step's function `fn` (its run or fallback) under its deadline.
+local function attempt(rb, step, fn, ctx)
+  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx)) end)
   if not ok and step.timeout and res.code == "timeout" then
-    -- A backend's own words name it, the operation and the target: keep them.
+    -- A backend's own words name it, the operation and the target: keep them
+    -- (module "runbook" is the step's own deadline, which has nothing to add).
     res.message = ("timed out after %s%s"):format(require("duration").format(step.timeout),
-      res.module and (" in " .. res.message) or "")
+      res.module and res.module ~= "runbook" and (" in " .. res.message) or "")
   end
   return ok, res
 end
 
 --- Run a step with its retries. Returns ok, outputs-or-error, attempts.
-local function run_with_retries(rb, step, ctx)
+local function run_with_retries(rb, step, fn, ctx)
   local attempts = step.retry and step.retry.attempts or 1
   local ok, res
   for n = 1, attempts do
     ctx.attempt = n
-    ok, res = attempt(rb, step, ctx)
+    ok, res = attempt(rb, step, fn, ctx)
     if ok or res.interrupted or n == attempts then return ok, res, n end
     local delay = jitter_delay(step.retry, n)
     require("log").warn("attempt %d/%d failed: %s; retrying in %s", n, attempts, res.message,
@@ -149,7 +151,7 @@ local function preview(run, step)
   local was = host.mode()
   host.set_mode("dry-run")
   events.emit { event = "preview_start", step = step.name }
-  local ok, res = attempt(run.rb, step, new_ctx(run, step))
+  local ok, res = attempt(run.rb, step, step.run, new_ctx(run, step))
   host.set_mode(was)
   events.emit { event = "preview_end", step = step.name, status = ok and "ok" or "failed",
     error = not ok and res or nil }
@@ -179,14 +181,26 @@ local function undo_completed(run)
   end
 end
 
---- Decide whether a step runs: its `when`, then --step / confirm prompts.
--- Returns "run", "skip" (with a reason), "all" or "quit".
+--- The first of the step's `needs` that was skipped in this run, or nil.
+local function missing_need(run, step)
+  for _, need in ipairs(step.needs) do
+    if run.skipped[need] then return need end
+  end
+end
+
+--- Decide whether a step runs: its needs, its `when`, then --step / confirm
+-- prompts. Returns "run", "skip", "all", "quit" or "error", and a reason:
+-- for a skip "operator", "when" or "needs"; for an error the error.
 local function decide(run, step, total)
-  if step.when then
-    local ctx = new_ctx(run, step)
-    local ok, res = step_call(run.rb, step, ctx, "when", step.when, ctx)
-    if not ok then return "error", res end
-    if not res then return "skip", "when" end
+  if not run.missing then
+    if step.when then
+      local ctx = new_ctx(run, step)
+      local ok, res = step_call(run.rb, step, ctx, "when", step.when, ctx)
+      if not ok then return "error", res end
+      if not res then return "skip", "when" end
+    end
+  elseif not step.fallback then
+    return "skip", "needs"
   end
   -- "all" at a prompt means the rest runs without asking, confirm steps included.
   local asking = not run.request.yes and not run.said_all and (run.ask_all or (step.confirm and host.mode() == "run"))
@@ -195,7 +209,6 @@ local function decide(run, step, total)
   if choice == "skip" then return "skip", "operator" end
   return choice
 end
-
 
 --- The context every step function gets (a per-step table reads through to it).
 -- `ctx.dry_run` reads the host's mode, so a preview is a dry run everywhere.
@@ -234,9 +247,11 @@ local function run_step(run, step, i, counts, failure)
   local total = #run.rb.steps
   events.emit { event = "step_start", step = step.name, index = i, total = total, description = step.description }
   local s0 = host.now()
-  local ok, res, attempts
-  if failure then ok, res, attempts = false, failure, 0 else ok, res, attempts = run_with_retries(run.rb, step, new_ctx(run, step)) end
-  local ev = { event = "step_end", step = step.name, index = i, duration = since(s0), attempts = attempts }
+  local ok, res, attempts = false, failure, 0
+  local fn = run.missing and step.fallback or step.run
+  if not failure then ok, res, attempts = run_with_retries(run.rb, step, fn, new_ctx(run, step)) end
+  local ev = { event = "step_end", step = step.name, index = i, duration = since(s0), attempts = attempts,
+    fallback = run.missing and true or nil, needs = run.missing }
   if ok then
     run.outputs[step.name] = res
     run.completed[#run.completed + 1] = step
@@ -272,6 +287,7 @@ function M.run(run, counts)
   for i = from, #rb.steps do
     local step = rb.steps[i]
     run.step = step.name
+    run.missing = missing_need(run, step)
     local alive, choice, reason = protected(rb, heartbeat.beat)
     if alive then choice, reason = decide(run, step, #rb.steps) else choice, reason = "error", choice end
     if choice == "quit" then
@@ -281,7 +297,8 @@ function M.run(run, counts)
     elseif choice == "skip" then
       run.skipped[step.name] = reason
       counts.skipped = counts.skipped + 1
-      events.emit { event = "step_end", step = step.name, index = i, status = "skipped", reason = reason, duration = 0 }
+      events.emit { event = "step_end", step = step.name, index = i, status = "skipped", reason = reason, duration = 0,
+        needs = reason == "needs" and run.missing or nil }
     else
       if choice == "all" then run.said_all = true end
       local ok, st, c = run_step(run, step, i, counts, choice == "error" and reason or nil)

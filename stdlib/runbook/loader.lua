@@ -15,7 +15,7 @@ local FIELDS = { name = "string", description = "string", version = "string", lo
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
 local STEP_KEYS = { description = true, run = true, confirm = true, timeout = true, retry = true,
-  undo = true, when = true, idempotent = true, check = true }
+  undo = true, when = true, idempotent = true, check = true, needs = true, uses = true, fallback = true }
 local RETRY_KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true }
 
 local LoadError = {}
@@ -75,14 +75,28 @@ local function check_retry(r, what)
   }
 end
 
-local function check_step(name, spec, index)
+--- `needs` or `uses`: a list of names of earlier steps.
+local function check_deps(rb, spec, field, what)
+  local list = spec[field]
+  if list == nil then return {} end
+  if type(list) == "string" then list = { list } end
+  if type(list) ~= "table" then error(("%s: %s must be a list of step names"):format(what, field), 0) end
+  for _, dep in ipairs(list) do
+    if not rb.steps_by_name[dep] then
+      error(("%s: %s %q: no earlier step has that name"):format(what, field, tostring(dep)), 0)
+    end
+  end
+  return list
+end
+
+local function check_step(rb, name, spec, index)
   local what = ("step '%s'"):format(name)
   if type(spec) ~= "table" then error(what .. ": expected a table with run = function(ctx) ... end", 0) end
   local run = spec.run or spec[1]
   spec[1] = nil
   check_keys(spec, STEP_KEYS, what)
   if type(run) ~= "function" then error(what .. ": run = function(ctx) ... end is missing", 0) end
-  for _, f in ipairs { "undo", "when", "check" } do
+  for _, f in ipairs { "undo", "when", "check", "fallback" } do
     if spec[f] ~= nil and type(spec[f]) ~= "function" then error(("%s: %s must be a function"):format(what, f), 0) end
   end
   return {
@@ -91,7 +105,8 @@ local function check_step(name, spec, index)
     -- false: no deadline at all, asked for in so many words (the default is deadline.LIMIT.run)
     timeout = spec.timeout == false and false or spec.timeout and duration.check(spec.timeout, what .. " timeout"),
     retry = spec.retry and check_retry(spec.retry, what),
-    undo = spec.undo, when = spec.when, check = spec.check,
+    undo = spec.undo, when = spec.when, check = spec.check, fallback = spec.fallback,
+    needs = check_deps(rb, spec, "needs", what), uses = check_deps(rb, spec, "uses", what),
   }
 end
 
@@ -121,7 +136,7 @@ local function dsl(rb)
     end),
     step = named("step", function(name, spec)
       if rb.steps_by_name[name] then error(("step '%s' is declared twice: step names must be unique"):format(name), 0) end
-      local s = check_step(name, spec, #rb.steps + 1)
+      local s = check_step(rb, name, spec, #rb.steps + 1)
       rb.steps[#rb.steps + 1], rb.steps_by_name[name] = s, s
     end),
   }
@@ -147,7 +162,7 @@ function M.load(path)
   local slow = ("%s: its top-level code did not finish within %gs"):format(path, deadline.LIMIT.load)
   local watch = { message = slow .. "; the watchdog ended the load" }
   local ok, rerr = deadline.call(deadline.LIMIT.load, watch, xpcall, chunk, function(m) return m end)
-  if not ok then error(load_error(tostring(rerr):match("step timed out$") and slow or tostring(rerr)), 0) end
+  if not ok then error(load_error(type(rerr) == "table" and rerr.code == "timeout" and slow or tostring(rerr)), 0) end
   for field, ty in pairs(FIELDS) do
     local v = rawget(e, field)
     if v ~= nil and type(v) ~= ty then
@@ -170,6 +185,39 @@ function M.load(path)
   end
   rb.env = e
   return rb
+end
+
+--- Where a step reads the outputs of (or asks ctx.skipped about) a step it
+-- does not declare in `needs` or `uses`: a list of "file:line: message", as
+-- far as the step's own function text shows (literal names only).
+function M.undeclared_reads(rb)
+  local lines = {}
+  for l in (rb.source .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
+  local problems = {}
+  for _, step in ipairs(rb.steps) do
+    local declared = {}
+    for _, d in ipairs(step.needs) do declared[d] = true end
+    for _, d in ipairs(step.uses) do declared[d] = true end
+    local seen = {}
+    for _, fn in ipairs { step.when or false, step.run, step.fallback or false, step.undo or false } do
+      local info = fn and debug.getinfo(fn, "S")
+      for n = info and info.linedefined or 1, info and info.lastlinedefined or 0 do
+        local line = lines[n] or ""
+        for _, pat in ipairs { 'outputs%[%s*"([^"]+)"%s*%]', "outputs%[%s*'([^']+)'%s*%]", "outputs%.([%a_][%w_]*)",
+            'skipped%(%s*"([^"]+)"%s*%)' } do
+          for dep in line:gmatch(pat) do
+            if dep ~= step.name and not declared[dep] and not seen[dep] then
+              seen[dep] = true
+              problems[#problems + 1] = ("%s:%d: step '%s' reads '%s' (ctx.outputs or ctx.skipped) without declaring it: add "
+                .. "needs = {%q} (skipped with it), or uses = {%q} (asks ctx.skipped first)")
+                :format(rb.file, n, step.name, dep, dep, dep)
+            end
+          end
+        end
+      end
+    end
+  end
+  return problems
 end
 
 return M

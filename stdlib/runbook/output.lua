@@ -59,6 +59,13 @@ local function result_text(r)
   if type(r) == "table" and r.summary then return tostring(r.summary) end
 end
 
+--- The running step waits for `what` ("rollout of backend: 2 of 3 updated
+-- replicas are available") for at most `seconds_left` more: the spinner says so,
+-- with the time left. No-op without a terminal's live view.
+function M.waiting(what, seconds_left)
+  if M.live then host.ticker_wait(what, seconds_left or 0) end
+end
+
 --- The human view. `fancy` adds colour, symbols and the spinner (a terminal
 -- that takes them: M.fancy).
 function M.human(stream, fancy)
@@ -79,11 +86,36 @@ function M.human(stream, fancy)
     if quiet then return end
     out(("[%d/%d] %s%s%s%s\n"):format(e.index, e.total, C.bold, e.step, C.reset,
       e.description ~= "" and (": " .. e.description) or ""))
-    if fancy then host.ticker_start(("[%d/%d] %s"):format(e.index, e.total, e.step)) end
+    if fancy then host.ticker_start(("[%d/%d] %s"):format(e.index, e.total, e.step)); M.live = true end
+  end
+  -- Every line of a message under the step's bar, long ones wrapped to the
+  -- terminal's width with the same indent.
+  local width = fancy and host.term_width() or nil
+  local function wrap(line, room)
+    if not room or utf8.len(line) == nil or utf8.len(line) <= room then return { line } end
+    local lines, cur = {}, ""
+    for word, space in line:gmatch("(%S+)(%s*)") do
+      if cur ~= "" and utf8.len(cur .. word) > room then
+        lines[#lines + 1] = cur:gsub("%s+$", "")
+        cur = ""
+      end
+      cur = cur .. word .. space
+    end
+    lines[#lines + 1] = cur:gsub("%s+$", "")
+    return lines
   end
   function handlers.log(e)
     if e.level == "debug" and not verbose or e.level == "info" and quiet then return end
-    out(("    %s %s%s\n"):format(C.bar, C[e.level] or "", e.message))
+    local tag = C[e.level] or ""
+    local plain_tag = tag:gsub("\27%[[%d;]*m", "")
+    local room = width and math.max(20, width - 6 - #plain_tag)
+    local text = {}
+    for line in (tostring(e.message) .. "\n"):gmatch("(.-)\n") do
+      for _, piece in ipairs(wrap(line, room)) do
+        text[#text + 1] = ("    %s %s%s\n"):format(C.bar, tag, piece)
+      end
+    end
+    out(table.concat(text))
   end
   function handlers.effect(e)
     if quiet and (e.ok ~= false) then return end
@@ -97,15 +129,17 @@ function M.human(stream, fancy)
     end
   end
   function handlers.step_end(e)
-    if fancy then host.ticker_stop() end
+    if fancy then host.ticker_stop(); M.live = nil end
     local d = duration.format(e.duration or 0)
     if quiet and (e.status == "ok" or e.status == "skipped") then return end
     if e.status == "ok" then
-      out(("  %s %s %s(%s%s)%s\n"):format(C.ok, e.step, C.dim, d,
-        (e.attempts or 1) > 1 and (", " .. e.attempts .. " attempts") or "", C.reset))
+      out(("  %s %s %s(%s%s%s)%s\n"):format(C.ok, e.step, C.dim, d,
+        (e.attempts or 1) > 1 and (", " .. e.attempts .. " attempts") or "",
+        e.fallback and (", its fallback: '%s' was skipped"):format(e.needs) or "", C.reset))
     elseif e.status == "skipped" then
       out(("  %s %s skipped%s\n"):format(C.skip, e.step,
-        e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)" or ""))
+        e.reason == "when" and " (its when condition is false)" or e.reason == "operator" and " (by the operator)"
+        or e.reason == "needs" and (" (it needs '%s', which was skipped)"):format(e.needs) or ""))
     elseif e.status == "aborted" then
       out(("  %s %s: aborted by the operator\n"):format(C.fail, e.step))
     elseif e.status == "interrupted" then
@@ -141,8 +175,8 @@ end
 --- JSON Lines: one object per event on `stream`.
 function M.json(stream)
   local out = writer(stream)
-  local encode = require("runbook.events").encode
-  return function(e) out(encode(e) .. "\n") end
+  local json_line = require("runbook.events").json_line
+  return function(e) out(json_line(e) .. "\n") end
 end
 
 return M

@@ -16,7 +16,7 @@ local function live_status(s)
 end
 
 function M.history(runbook, limit, as_json)
-  local codec = require "cjson"
+  local events_mod = require "runbook.events"
   local shown = 0
   if not as_json then
     print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format("RUN ID", "RUNBOOK", "STARTED", "DURATION", "MODE",
@@ -29,7 +29,8 @@ function M.history(runbook, limit, as_json)
       -- Listed and marked, never a reason to stop listing the others.
       io.stderr:write(host.redact("runbook: history: " .. err .. "\n"))
       if as_json then
-        print(codec.encode { run_id = id, status = "unreadable", error = err })
+        print(events_mod.json_line { event = "run", time = events_mod.iso8601(host.wallclock()), run_id = id,
+          status = "unreadable", error = err })
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format(id, "?", "", "-", "", "unreadable", ""))
       end
@@ -40,7 +41,8 @@ function M.history(runbook, limit, as_json)
       local row = { run_id = id, runbook = st.runbook, started = st.time, duration = s.duration, mode = st.mode,
         status = live_status(s), user = st.user, host = st.host, resumed = #s.segments - 1 }
       if as_json then
-        print(codec.encode(row))
+        row.event, row.time = "run", st.time
+        print(events_mod.json_line(row))
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),
           dur(row.duration), row.mode, row.status .. (row.resumed > 0 and "*" or ""), row.user, row.host))
@@ -88,7 +90,36 @@ local function document(run_id)
   return doc
 end
 
-local function clock(iso) return iso and iso:match("T(%d%d:%d%d:%d%d)") or "" end
+--- An event's time (RFC 3339, UTC) as this machine's local time with its date
+-- and UTC offset: "2026-12-06 11:12:17.610 +01:00".
+local function stamp(iso)
+  if type(iso) ~= "string" then return iso == nil and "" or tostring(iso) end
+  local y, mo, d, h, mi, sec, ms = iso:match("^(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)%.?(%d*)Z$")
+  if not y then return iso end
+  local t = os.time { year = y, month = mo, day = d, hour = h, min = mi, sec = sec }
+  t = t + os.difftime(t, os.time(os.date("!*t", t)))   -- os.time read the fields as local time
+  local z = os.date("%z", t)
+  return os.date("%Y-%m-%d %H:%M:%S", t) .. (ms ~= "" and ("." .. ms) or "") .. " " .. z:sub(1, 3) .. ":" .. z:sub(4)
+end
+
+-- A Mermaid Gantt chart of the steps (it renders on GitHub and GitLab), in UTC.
+local function gantt(doc, add)
+  add("```mermaid")
+  add("gantt")
+  add("  title %s: %s (UTC)", doc.run_id, (doc.runbook or ""):gsub("[:#;]", " "))
+  add("  dateFormat YYYY-MM-DDTHH:mm:ss.SSS")
+  add("  axisFormat %H:%M:%S")
+  add("  section Steps")
+  for i, st in ipairs(doc.steps) do
+    local start = tostring(st.started or doc.started or ""):gsub("Z$", "")
+    local tag = st.status == "ok" and "done, " or (st.status == "failed" or st.status == "interrupted") and "crit, " or ""
+    local name = ("%s%s (%s)"):format(st.kind == "undo" and "undo " or (st.index and (st.index .. ". ") or ""),
+      tostring(st.name), tostring(st.status)):gsub("[:#;]", " ")
+    local ms = math.max(1, math.floor((tonumber(st.duration) or 0) * 1000 + 0.5))
+    add("  %s :%ss%d, %s, %dms", name, tag, i, start, ms)
+  end
+  add("```")
+end
 
 -- Markdown table cells: no pipes or newlines inside.
 local function cell(v)
@@ -104,7 +135,7 @@ local function effect_line(e)
   local verb = e.decision == "performed" and (e.ok == false and "failed" or "done")
     or e.decision == "simulated" and "would" or "would (not simulated)"
   local res = type(e.result) == "string" and e.result ~= "" and (" → " .. e.result:gsub("\n", " ")) or ""
-  return ("- %s **%s** %s (%s %s %s)%s"):format(clock(e.time), verb, e.summary or "", e.module, e.op,
+  return ("- %s **%s** %s (%s %s %s)%s"):format(stamp(e.time), verb, e.summary or "", e.module, e.op,
     code_span(e.target or ""), res)
 end
 
@@ -119,12 +150,12 @@ local function markdown(doc)
   add("| Runbook | %s%s |", cell(doc.runbook), doc.version and (" version " .. cell(doc.version)) or "")
   add("| File | %s (sha256 %s) |", code_span(doc.path or doc.file), code_span(doc.sha256 or "?"))
   add("| Mode | %s |", doc.mode == "dry-run" and "dry run (nothing was changed)" or doc.mode)
-  add("| Started | %s |", doc.started)
+  add("| Started | %s |", stamp(doc.started))
   add("| Duration | %s |", dur(doc.duration))
   add("| By | %s@%s (pid %s) |", cell(doc.user), cell(doc.host), doc.pid)
   for i = 2, #doc.segments do
     local seg = doc.segments[i]
-    add("| Resumed | %s at step %s (pid %s): %s |", seg.started, cell(seg.resume_at or "(none left)"), seg.pid, seg.status)
+    add("| Resumed | %s at step %s (pid %s): %s |", stamp(seg.started), cell(seg.resume_at or "(none left)"), seg.pid, seg.status)
   end
   add("")
   add("## Parameters")
@@ -143,14 +174,18 @@ local function markdown(doc)
   add("| Time | Step | Status | Duration | Effects |")
   add("|---|---|---|---|---|")
   for _, st in ipairs(doc.steps) do
-    add("| %s | %s%s | %s | %s | %d |", clock(st.started), st.kind == "undo" and "undo " or (st.index and (st.index .. ". ") or ""),
+    add("| %s | %s%s | %s | %s | %d |", stamp(st.started), st.kind == "undo" and "undo " or (st.index and (st.index .. ". ") or ""),
       cell(st.name), st.status, dur(st.duration), #st.effects)
+  end
+  if #doc.steps > 0 then
+    add("")
+    gantt(doc, add)
   end
   for _, st in ipairs(doc.steps) do
     add("")
     add("### %s%s: %s", st.kind == "undo" and "Undo " or (st.index and (st.index .. ". ") or ""), st.name, st.status)
     add("")
-    local facts = { "started " .. (st.started or "?"), dur(st.duration) }
+    local facts = { "started " .. stamp(st.started), dur(st.duration) }
     if st.attempts and st.attempts > 1 then facts[#facts + 1] = st.attempts .. " attempts" end
     if st.reason then facts[#facts + 1] = "reason: " .. st.reason end
     if st.segment and st.segment > 1 then facts[#facts + 1] = "after resume " .. (st.segment - 1) end
@@ -166,7 +201,7 @@ local function markdown(doc)
       add("In flight when the run stopped (outcome unknown; see `resume --on-unknown`):")
       add("")
       for _, e in ipairs(st.unknown) do
-        add("- %s **unknown** %s (%s %s %s)", clock(e.time), e.summary or "", e.module, e.op, code_span(e.target or ""))
+        add("- %s **unknown** %s (%s %s %s)", stamp(e.time), e.summary or "", e.module, e.op, code_span(e.target or ""))
       end
     end
     if #st.logs > 0 then
@@ -174,7 +209,7 @@ local function markdown(doc)
       add("Log:")
       add("")
       add("```")
-      for _, l in ipairs(st.logs) do add("%s %-5s %s", clock(l.time), (l.level or "info"):upper(), l.message) end
+      for _, l in ipairs(st.logs) do add("%s %-5s %s", stamp(l.time), (l.level or "info"):upper(), l.message) end
       add("```")
     end
     if st.error then

@@ -25,6 +25,36 @@ local function done_effects(state)
   return out
 end
 
+--- The steps whose undo ran and which did not finish ok again after it, by name.
+local function undone_steps(events)
+  local undone = {}
+  for _, e in ipairs(events) do
+    if e.event == "undo_start" then undone[e.step] = true
+    elseif e.event == "step_end" and e.status == "ok" then undone[e.step] = nil end
+  end
+  return undone
+end
+
+--- Where a resume starts when steps were undone: at the first undone step,
+-- unless a step after it finished, was not undone and would run again.
+-- Returns the index, or nil and why.
+local function undone_start(rb, s, undone, from)
+  local first
+  for i = from, #rb.steps do
+    local step = rb.steps[i]
+    if undone[step.name] then
+      first = first or i
+    elseif first and s.steps[step.name] and s.steps[step.name].status == "ok" and not step.idempotent then
+      local names = {}
+      for j = first, i do if undone[rb.steps[j].name] then names[#names + 1] = "'" .. rb.steps[j].name .. "'" end end
+      return nil, ("the run's undo reverted %s; running again from '%s' would repeat '%s', which finished and "
+        .. "was not undone (it is not declared idempotent). Start a new run instead"):format(
+        table.concat(names, ", "), rb.steps[first].name, step.name)
+    end
+  end
+  return first
+end
+
 --- Decide about a step cut off after performing effects. Returns "rerun",
 -- "skip" or "quit" (nil and a message when there is no one to ask).
 local function decide_interrupted(step, effects, o)
@@ -116,7 +146,7 @@ local function request(rb, first, o)
   local was = type(first.request) == "table" and first.request or {}
   local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"])
   return {
-    given = o["-p"] or {}, mode = "run", from = first.from, lock = first.lock,
+    given = o["-p"] or {}, mode = "run", from = first.from, outputs_from = was.outputs_from, lock = first.lock,
     step = o["--step"] or was.step, yes = (o["--yes"] or o["-y"]) or was.yes,
     undo_on_failure = o["--undo-on-failure"] or was.undo_on_failure,
     wait = wait or was.wait or 0, output = o["--output"] or was.output or "text",
@@ -187,9 +217,16 @@ function M.plan(run_id, o, load_runbook)
     return fail(EXIT.locked, "run %s is still running (pid %s on %s)", run_id, holder.pid or "?", holder.host or "?")
   end
 
-  local outputs, completed, skipped, resolved, start = {}, {}, {}, {}, nil
   local from = first.from and rb.steps_by_name[first.from] and rb.steps_by_name[first.from].index or 1
-  for i = from, #rb.steps do
+  local undone = undone_steps(events)
+  local rerun, uerr = undone_start(rb, s, undone, from)
+  if uerr then return fail(EXIT.usage, "run %s: %s", run_id, uerr) end
+  if rerun then
+    io.stderr:write(("runbook: resume: '%s' was undone when run %s failed: it runs again, and the steps after it\n")
+      :format(rb.steps[rerun].name, run_id))
+  end
+  local outputs, completed, skipped, resolved, start = {}, {}, {}, {}, nil
+  for i = from, rerun and rerun - 1 or #rb.steps do
     local step = rb.steps[i]
     local state = s.steps[step.name]
     if state and state.status == "ok" then
@@ -223,7 +260,7 @@ function M.plan(run_id, o, load_runbook)
   if not req then return nil, perr end
   return {
     rb = rb, request = req,
-    resumed = { id = run_id, params = first.params or {}, start = start or #rb.steps + 1, resolved = resolved,
+    resumed = { id = run_id, params = first.params or {}, start = start or rerun or #rb.steps + 1, resolved = resolved,
       restored = { outputs = outputs, completed = completed, skipped = skipped } },
   }
 end

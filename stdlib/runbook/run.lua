@@ -34,7 +34,7 @@ end
 --- What a resume restores of the request that started the run (journaled in run_start).
 function M.journaled(req)
   return { step = req.step, yes = req.yes, wait = req.wait, undo_on_failure = req.undo_on_failure,
-    output = req.output }
+    output = req.output, outputs_from = req.outputs_from }
 end
 
 --- Refuse before anything runs when we would have to ask and cannot.
@@ -153,6 +153,42 @@ local function absolute(path)
   return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
 end
 
+--- For --from: the steps before it, {outputs (from run req.outputs_from),
+-- skipped = {name = "from"} for the others}, or nil; nil and why when a step
+-- from there on needs one whose outputs are missing.
+local function earlier_steps(rb, req)
+  if not req.from then return nil end
+  local from, outputs, skipped = rb.steps_by_name[req.from].index, {}, {}
+  if req.outputs_from then
+    local journal = require "runbook.journal"
+    local events, err = journal.read(req.outputs_from)
+    if not events then return nil, "--outputs-from: " .. err end
+    local s = journal.summarize(events)
+    if s.start.runbook ~= rb.name then
+      return nil, ("--outputs-from: run %s is of runbook %s, not %s"):format(req.outputs_from, s.start.runbook, rb.name)
+    end
+    for i = 1, from - 1 do
+      local st = s.steps[rb.steps[i].name]
+      if st and st.status == "ok" then outputs[rb.steps[i].name] = st.outputs or {} end
+    end
+  end
+  for i = 1, from - 1 do skipped[rb.steps[i].name] = not outputs[rb.steps[i].name] and "from" or nil end
+  local missing = {}
+  for i = from, #rb.steps do
+    for _, need in ipairs(rb.steps[i].needs) do
+      if skipped[need] then
+        missing[#missing + 1] = ("'%s' (needed by '%s')"):format(need, rb.steps[i].name)
+        skipped[need] = false
+      end
+    end
+  end
+  if #missing > 0 then
+    return nil, ("--from '%s': no outputs of %s%s"):format(req.from, table.concat(missing, ", "), req.outputs_from
+      and (" in run " .. req.outputs_from) or "; take them from an earlier run with --outputs-from RUN_ID")
+  end
+  return { outputs = outputs, completed = {}, skipped = skipped }
+end
+
 --- What the run loaded besides the runbook, for resume's content guard: the
 -- Lua files it required so far and the params file, {path, sha256[, params]}.
 local function sources(req)
@@ -177,66 +213,94 @@ local function resolve_params(rb, req, base)
   return values, params.redacted(rb, values)
 end
 
---- Run `rb` as `req` asks. `resumed` continues a journaled run: {id, params
--- (the journal's), start (the step index to continue at), restored =
--- {outputs, completed, skipped}}. Returns the exit status.
-function M.start(rb, req, resumed)
-  resumed = resumed or {}
+--- The run `req` asks for, checked before anything runs: params, prompts
+-- that need a terminal, the lock key, --from's needs. Returns the run, or nil
+-- and the exit status (having said why).
+local function new_run(rb, req, resumed)
   local values, redacted = resolve_params(rb, req, resumed.params)
-  if not values then return redacted end
-  local can, why = check_can_ask(rb, req)
-  if not can then say("%s", why); return EXIT.usage end
+  if not values then return nil, redacted end
   local key = lock_key(rb, req)
-  local lok, lwhy = check_lock(key)
-  if not lok then say("%s", lwhy); return EXIT.usage end
+  local ok, why = check_can_ask(rb, req)
+  if ok then ok, why = check_lock(key) end
+  local earlier
+  if ok then earlier, why = earlier_steps(rb, req); ok = not why end
+  if not ok then say("%s", why); return nil, EXIT.usage end
+  local restored = resumed.restored or earlier
+  if resumed.restored and earlier then -- a resumed --from run: the outputs it took from the earlier run
+    for name, out in pairs(earlier.outputs) do restored.outputs[name] = restored.outputs[name] or out end
+  end
+  return { rb = rb, request = req, id = resumed.id or new_run_id(), params = values, redacted = redacted,
+    lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
+    resumed = resumed.id ~= nil, resolved = resumed.resolved }
+end
 
-  local run = { rb = rb, request = req, id = resumed.id or new_run_id(), params = values,
-    dry_run = req.mode == "dry-run", start = resumed.start, restored = resumed.restored }
-  local lock
+--- Take the file lock, open the journal, install the sinks and signal
+-- handlers, set the mode. Returns the file lock (true when none), or nil and the exit status.
+local function open(run)
+  local key, lock = run.lock_key, true
   if key and not key:match("^k8s:") then
     local code
     lock, code = take_file_lock(run, key)
-    if not lock then return code end
+    if not lock then return nil, code end
   end
-  local jok, sink = pcall(require("runbook.journal").sink, run.id)
-  if not jok then
-    if lock then lock:release() end
+  local ok, sink = pcall(require("runbook.journal").sink, run.id)
+  if not ok then
+    if lock ~= true then lock:release() end
     say("%s", type(sink) == "table" and sink.message or tostring(sink))
-    return type(sink) == "table" and sink.code == "locked" and EXIT.locked or EXIT.usage
+    return nil, type(sink) == "table" and sink.code == "locked" and EXIT.locked or EXIT.usage
   end
   install_sinks(run, sink)
   host.install_signal_handlers()
   math.randomseed(math.floor(host.wallclock() * 1000))
   host.set_mode(run.dry_run and "dry-run" or "run")
+  return lock
+end
 
-  local t0, who = host.now(), host.identity()
+local function run_start(run)
+  local rb, req, who = run.rb, run.request, host.identity()
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
-    path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = redacted,
-    steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = key, request = M.journaled(req),
-    resumed = resumed.id and true or nil, from = req.from, sources = sources(req),
+    path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = run.redacted,
+    steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = run.lock_key,
+    request = M.journaled(req), resumed = run.resumed or nil, from = req.from, sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
   -- Lua files the runbook requires from here on are journaled as they load.
   require("runbook.env").on_source = function(rec)
     events.emit { event = "source", path = rec.path, sha256 = rec.sha256 }
   end
   -- A resume's answers about steps cut off with effects (their check's, or the operator's).
-  for _, e in ipairs(resumed.resolved or {}) do events.emit(e) end
+  for _, e in ipairs(run.resolved or {}) do events.emit(e) end
+end
 
-  local lease, status, code
-  if key and key:match("^k8s:") then lease, status, code = take_lease(run, key) end
-  local counts = { ok = 0, failed = 0, skipped = 0 }
-  if status == nil then status, code = require("runbook.engine").run(run, counts) end
+--- Release the Lease, notify, emit run_end.
+local function finish(run, lease, status, code, counts, t0)
   if lease then release_lease(lease) end
-  if rb.notify then
+  if run.rb.notify then
     deadline.call(deadline.LIMIT.notify, deadline.notify_watch(run.id, status), pcall, require("notify").run_hooks,
-      rb.notify, { runbook = rb.name, run_id = run.id, status = status,
+      run.rb.notify, { runbook = run.rb.name, run_id = run.id, status = status,
       step = run.failed and run.failed.step, error = run.failed and run.failed.error, duration = host.now() - t0,
       ok = counts.ok, dry_run = run.dry_run })
   end
   events.emit { event = "run_end", run_id = run.id, status = status, exit_code = code,
     duration = math.floor((host.now() - t0) * 1000 + 0.5) / 1000, ok = counts.ok, failed = counts.failed,
-    skipped = counts.skipped, mode = req.mode, signal = run.signal and EXIT.signal_name(run.signal) or nil }
-  if lock then lock:release() end
+    skipped = counts.skipped, mode = run.request.mode, signal = run.signal and EXIT.signal_name(run.signal) or nil }
+end
+
+--- Run `rb` as `req` asks. `resumed` continues a journaled run: {id, params
+-- (the journal's), start (the step index to continue at), restored =
+-- {outputs, completed, skipped}}. Returns the exit status.
+function M.start(rb, req, resumed)
+  local run, code = new_run(rb, req, resumed or {})
+  if not run then return code end
+  local lock
+  lock, code = open(run)
+  if not lock then return code end
+  local t0, counts = host.now(), { ok = 0, failed = 0, skipped = 0 }
+  run_start(run)
+  local lease, status
+  if run.lock_key and run.lock_key:match("^k8s:") then lease, status, code = take_lease(run, run.lock_key) end
+  if status == nil then status, code = require("runbook.engine").run(run, counts) end
+  finish(run, lease, status, code, counts, t0)
+  if lock ~= true then lock:release() end
   local jfail = require("runbook.journal").failure
   if jfail then
     say("the run stopped: %s (journal %s, cut back to its last whole line); free space, then: runbook resume %s",

@@ -1,6 +1,6 @@
 """Decode the Kubernetes protobuf wire format for the objects kubectl's typed
 clients send (kubectl create configmap/secret/namespace/deployment/service,
-auth whoami/can-i, drain's evictions). kubectl 1.32 sends those as
+auth whoami/can-i, drain's evictions, create token). kubectl 1.32 sends those as
 application/vnd.kubernetes.protobuf and does not fall back to JSON.
 
 A schema is {field number: (name, type, sub-schema)}; type is one of
@@ -63,6 +63,8 @@ KINDS = {
         1: ("resourceAttributes", "msg", RESOURCE_ATTRS),
         2: ("nonResourceAttributes", "msg", {1: ("path", "str", None), 2: ("verb", "str", None)})})},
     "Eviction": {1: ("metadata", "msg", META)},
+    "TokenRequest": {1: ("metadata", "msg", META), 2: ("spec", "msg", {
+        1: ("audiences[]", "str", None), 4: ("expirationSeconds", "int", None)})},
 }
 
 

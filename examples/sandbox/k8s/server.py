@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resources as R          # noqa: E402
 import proto                   # noqa: E402
+import rbac                    # noqa: E402
 import workload as W           # noqa: E402
 from api import Api, labels_match, parse_label_selector, fields_match, selector_of  # noqa: E402
 from controller import Controller  # noqa: E402
@@ -231,7 +232,7 @@ class Handler(BaseHTTPRequestHandler):
             return getattr(self, "sub_" + sub)(res, ns, name, "/".join(rest[3:]))
         if sub and sub not in res.subs:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        handle = (lambda: getattr(self, "sub_" + sub)(res, ns, name, "")) if sub in ("eviction", "scale") else \
+        handle = (lambda: getattr(self, "sub_" + sub)(res, ns, name, "")) if sub in ("eviction", "scale", "token") else \
             (lambda: self.verb(res, ns or "", name, sub))
         if self.command in ("GET", "HEAD"):
             return handle()
@@ -241,12 +242,21 @@ class Handler(BaseHTTPRequestHandler):
             handle()
 
     def authorize(self, res, ns, name, sub):
-        """RBAC reduced to two roles: system:masters may do anything, everyone
-        else only get, list and watch (the `viewer` context), refused as the
-        apiserver words it."""
+        """Service accounts get what their Roles and ClusterRoles grant (rbac.py);
+        other users: system:masters may do anything, everyone else only get,
+        list and watch (the `viewer` context). Refused as the apiserver words it."""
         user, groups = self.user() or ("system:anonymous", [])
         verb = verb_of(self.command, name, self.q)
-        if "system:masters" in groups or verb in ("get", "list", "watch"):
+        if user.startswith("system:serviceaccount:"):
+            # Everyone may ask who they are and what they may do (system:basic-user); a
+            # namespace is in its own namespace, so a Role there may grant reading it.
+            if res.group in ("authentication.k8s.io", "authorization.k8s.io"):
+                return
+            resource = res.name + ("/" + sub if sub else "")
+            where = name if res.name == "namespaces" else ns
+            if rbac.allows(self.cluster.store, user, groups, verb, res.group, resource, where, name):
+                return
+        elif "system:masters" in groups or verb in ("get", "list", "watch"):
             return
         qualified = res.name + ("." + res.group if res.group else "")
         msg = '%s is forbidden: User "%s" cannot %s resource "%s" in API group "%s"' % (
@@ -510,6 +520,22 @@ class Handler(BaseHTTPRequestHandler):
         self.json_body()
         self.cluster.api.delete(res, ns, name, self.q, {})
         self.send_json(201, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201})
+
+    def sub_token(self, res, ns, name, _):
+        """TokenRequest (kubectl create token): a token for the service account."""
+        if self.command != "POST":
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        self.cluster.api.get(res, ns, name)
+        spec = self.json_body().get("spec") or {}
+        token = "%048x" % random.getrandbits(192)
+        self.cluster.users[token] = ("system:serviceaccount:%s:%s" % (ns, name),
+                                     ["system:serviceaccounts", "system:serviceaccounts:" + ns, "system:authenticated"])
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+        self.send_json(201, {"kind": "TokenRequest", "apiVersion": "authentication.k8s.io/v1",
+                             "metadata": {"name": name, "namespace": ns, "creationTimestamp": None},
+                             "spec": dict(spec, expirationSeconds=seconds),
+                             "status": {"token": token, "expirationTimestamp": expires}})
 
     def sub_exec(self, res, ns, name, _):
         raise ApiError(400, "BadRequest", "exec is not available in the sandbox API server; use pods/proxy "

@@ -1,0 +1,57 @@
+/*
+ * module.h: what the C modules share besides the host's API (runbook.h):
+ * reading the options table a function takes ({timeout = 5, url = "..."}).
+ * Header-only: each module is a shared object of its own.
+ *
+ * Each reads field `field` of the table at stack index `t`, giving `dflt`
+ * when the table or the field is missing; a value of the wrong type raises
+ * luaL_argerror naming the field. A string stays valid while the table is
+ * referenced.
+ */
+#ifndef RUNBOOK_MODULE_H
+#define RUNBOOK_MODULE_H
+
+#include <string.h>
+#include "runbook.h"
+
+static inline const char *opt_string(lua_State *L, int t, const char *field, size_t *len, const char *dflt)
+{
+    if (len) *len = dflt ? strlen(dflt) : 0;
+    if (lua_isnoneornil(L, t)) return dflt;
+    lua_getfield(L, t, field);
+    if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
+    if (lua_type(L, -1) != LUA_TSTRING)
+        luaL_argerror(L, t, lua_pushfstring(L, "%s must be a string", field));
+    const char *s = lua_tolstring(L, -1, len);
+    lua_pop(L, 1);
+    return s;
+}
+
+static inline double opt_number(lua_State *L, int t, const char *field, double dflt)
+{
+    if (lua_isnoneornil(L, t)) return dflt;
+    lua_getfield(L, t, field);
+    int isnum = lua_isnumber(L, -1), isnil = lua_isnil(L, -1);
+    double v = isnum ? lua_tonumber(L, -1) : dflt;
+    lua_pop(L, 1);
+    if (!isnil && !isnum) luaL_argerror(L, t, lua_pushfstring(L, "%s must be a number", field));
+    return v;
+}
+
+/* A duration in seconds: a positive number (as `dflt` must be). */
+static inline double opt_seconds(lua_State *L, int t, const char *field, double dflt)
+{
+    double v = opt_number(L, t, field, dflt);
+    if (!(v > 0)) luaL_argerror(L, t, lua_pushfstring(L, "%s must be a positive number of seconds", field));
+    return v;
+}
+static inline int opt_bool(lua_State *L, int t, const char *field)
+{
+    if (lua_isnoneornil(L, t)) return 0;
+    lua_getfield(L, t, field);
+    int v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+#endif
