@@ -142,7 +142,7 @@ static int client_close(lua_State *L) {
     if (c->conf) rd_kafka_conf_destroy(c->conf);
     free_deliveries(c);
     c->consumer = c->rk = NULL;
-    c->queue = NULL;
+    c->queue = c->group_queue = NULL;
     c->conf = NULL;
     return 0;
 }

@@ -436,6 +436,21 @@ describe("kafka.replay", function()
   end)
 end)
 
+describe("kafka client closing", function()
+  local cli = require "spec.support.cli"
+  after_each(cli.cleanup)
+  it("a client closed after lag and then collected at exit ends the process cleanly", function()
+    -- close() ran again from __gc and destroyed lag's queue twice (exit 139)
+    local rb = cli.runbook([[
+name = "close-after-lag"
+description = "lag, then close every client"
+step "lag" { run = function() kafka.lag { group = "recurring-task-service" }; kafka.close_all() end }
+]])
+    local r = cli.run({ "run", rb }, { KAFKA_BROKERS = brokers(), RUNBOOK_STATE_DIR = cli.tmpdir() })
+    assert.are.equal(0, r.code, r.stderr .. r.stdout)
+  end)
+end)
+
 describe("kafka administration on the mock", function()
   -- The mock implements none of these requests (reference/kafka-mock.md):
   -- what is tested is that its answers become clear errors in time.
