@@ -20,7 +20,8 @@ MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
 STDLIB_BC  = $(STDLIB_SRC:stdlib/%.lua=lib/lua/%.luac)
 # Debian's lua-argparse, which every command line goes through, compiled the
-# same way: parsing its source was half of a no-op run's start-up.
+# same way (parsing its source was half of a no-op run's start-up), and without
+# debug information, which only lines inside argparse would use.
 ARGPARSE  := $(wildcard /usr/share/lua/5.4/argparse.lua)
 STDLIB_BC += $(ARGPARSE:/usr/share/lua/5.4/%.lua=lib/lua/%.luac)
 
@@ -58,7 +59,7 @@ lib/lua/%.luac: stdlib/%.lua
 
 lib/lua/argparse.luac: $(ARGPARSE)
 	@mkdir -p $(dir $@)
-	luac5.4 -o $@ $<
+	luac5.4 -s -o $@ $<
 
 lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 	@mkdir -p lib/runbook

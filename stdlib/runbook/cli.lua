@@ -111,8 +111,12 @@ local function command(p, name, summary, description)
   return c
 end
 
-local function build()
+--- The parser: every command, or only `only` (and the global options). A run
+-- builds only its own command, which halves start-up; anything that did not
+-- parse is parsed again by the whole grammar, so errors and hints are the same.
+local function build(only)
   parsers = {}
+  local function want(name) return only == nil or only == name end
   local p = argparse("runbook", "Run operational procedures written in Lua, step by step, with a dry run.")
     :add_help(false):require_command(false):command_target("command"):epilog(EXIT_TEXT)
     :help_max_width(100):help_description_margin(30)
@@ -127,20 +131,23 @@ local function build()
   option(p, "--context", "Kubernetes context, instead of the kubeconfig's current-context.", "NAME")
   option(p, "-n --namespace", "Default Kubernetes namespace of the k8s library.", "NAMESPACE")
 
-  local run = command(p, "run", "Run a runbook.",
-    "Run a runbook, named by FILE or by NAME on RUNBOOK_PATH. `runbook run NAME --help` also lists its params.")
-  run:argument("runbook", "The runbook: a FILE, or a NAME on RUNBOOK_PATH."):args("?")
-  option(run, "-p --param", "Set a param (repeatable); -p wins over --params-file.", "KEY=VALUE"):count("*"):target("-p")
-  option(run, "--params-file", "Read params from a YAML or JSON file.", "FILE")
-  flag(run, "--dry-run", "Change nothing: show each write instead of performing it.")
-  flag(run, "--step", "Ask before each step (yes, no, preview, all, quit).")
-  flag(run, "-y --yes", "Do not ask, also for steps marked confirm (needed without a terminal).")
-  option(run, "--from", "Start at this step.", "STEP")
-  option(run, "--outputs-from", "With --from: the earlier steps' outputs from this run.", "RUN_ID")
-  flag(run, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
-  option(run, "--lock", "Hold a run lock (default key: the runbook's lock, else its name); "
-    .. "k8s:NAMESPACE/NAME is a Kubernetes Lease.", "KEY"):args("?")
-  option(run, "--wait-lock", "Wait this long for a held lock instead of ending with 75.", "DURATION")
+  if want("run") then
+    local run = command(p, "run", "Run a runbook.",
+      "Run a runbook, named by FILE or by NAME on RUNBOOK_PATH. `runbook run NAME --help` also lists its params.")
+    run:argument("runbook", "The runbook: a FILE, or a NAME on RUNBOOK_PATH."):args("?")
+    option(run, "-p --param", "Set a param (repeatable); -p wins over --params-file.", "KEY=VALUE"):count("*"):target("-p")
+    option(run, "--params-file", "Read params from a YAML or JSON file.", "FILE")
+    flag(run, "--dry-run", "Change nothing: show each write instead of performing it.")
+    flag(run, "--step", "Ask before each step (yes, no, preview, all, quit).")
+    flag(run, "-y --yes", "Do not ask, also for steps marked confirm (needed without a terminal).")
+    option(run, "--from", "Start at this step.", "STEP")
+    option(run, "--outputs-from", "With --from: the earlier steps' outputs from this run.", "RUN_ID")
+    flag(run, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
+    option(run, "--lock", "Hold a run lock (default key: the runbook's lock, else its name); "
+      .. "k8s:NAMESPACE/NAME is a Kubernetes Lease.", "KEY"):args("?")
+    option(run, "--wait-lock", "Wait this long for a held lock instead of ending with 75.", "DURATION")
+  end
+  if only then return p end
 
   local resume = command(p, "resume", "Continue a failed, aborted, interrupted or killed run.")
   resume:argument("run_id", "The run (see runbook history)."):args("?")
@@ -340,7 +347,6 @@ end
 
 function M.main(args)
   _G.print = redacting_print
-  local parser = build()
   -- `test` hands everything after it to busted, whose options are its own.
   local at, busted_args = command_index(args)
   if at and args[at] == "test" then
@@ -351,7 +357,12 @@ function M.main(args)
   for i, a in ipairs(args) do
     if a == "--lock" and not (args[i + 1] or ""):match("^k8s:") then args[i] = "--lock=" end
   end
+  local parser = build(args[at or 0] == "run" and "run" or nil)
   local ok, o = parser:pparse(args)
+  if not ok or o.help then
+    parser = build()
+    ok, o = parser:pparse(args)
+  end
   if not ok then
     local word = o:match("^unknown command '(.*)'")
     if word and resolve_runbook(word) then
