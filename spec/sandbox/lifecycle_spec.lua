@@ -45,10 +45,18 @@ local function sandbox_processes(state)
     return all
 end
 
+-- The pids still running, after up to 3 s for a SIGKILLed one to go. A zombie
+-- has ended: it only waits for PID 1 (the machine's init) to reap it.
 local function alive(pids)
-    local left = {}
-    for pid in pairs(pids) do
-        if select(2, sb.sh("kill -0 " .. pid)) then left[#left + 1] = pid end
+    local left
+    for _ = 1, 30 do
+        left = {}
+        for pid in pairs(pids) do
+            local stat = sb.sh("ps -o stat= -p " .. pid)
+            if stat:match("%S") and not stat:match("Z") then left[#left + 1] = pid end
+        end
+        if #left == 0 then break end
+        sb.sh("sleep 0.1")
     end
     return left
 end
