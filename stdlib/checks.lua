@@ -11,7 +11,9 @@
 -- outage-recovery): the 5xx share of http_requests_total must stay under
 -- `below` for `hold` (a metric gate, prom.verify). With settle (a real run
 -- right after a change), it first waits one rate window, so only the time
--- since the change counts. Without PROMETHEUS_URL it is skipped and says so.
+-- since the change counts. No data is waited for up to one rate window (new
+-- pods have no series yet) before it fails. Without PROMETHEUS_URL it is
+-- skipped and says so.
 --
 --   checks.error_rate{name = "backend error rate", selector = 'namespace="x",deployment="y"',
 --                     below = 0.01, window = "1m", hold = "2m", every = "15s", settle = true}
@@ -31,7 +33,7 @@ function M.error_rate(opts)
   local q = ('sum(rate(http_requests_total{%s,status=~"5.."}[%s])) / sum(rate(http_requests_total{%s}[%s]))'):format(
     opts.selector, opts.window, opts.selector, opts.window)
   return require("prom").verify { name = opts.name, query = q, unit = "percent", below = opts.below,
-    hold = opts.hold, every = opts.every or "15s", warmup = opts.warmup }
+    hold = opts.hold, every = opts.every or "15s", warmup = opts.warmup or opts.window }
 end
 
 function M.dependencies(opts)
