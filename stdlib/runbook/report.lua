@@ -250,9 +250,11 @@ local function code_span(v)
   return s:find("`", 1, true) and ("`` " .. s .. " ``") or ("`" .. s .. "`")
 end
 
+local function md_change(e) return e.change and (" → " .. code_span(e.change)) or "" end
+
 local function effect_line(e, indent)
   return ("%s- %s **%s** %s (%s %s %s)%s"):format(indent or "", stamp(e.time), verb(e), cell(e.summary), e.module,
-    e.op, code_span(e.target or ""), e.change and (" → " .. code_span(e.change)) or "")
+    e.op, code_span(e.target or ""), md_change(e))
 end
 
 local function md_log(add, logs, indent)
@@ -310,7 +312,8 @@ local function md_step(add, st)
   end
   if st.error then
     add("")
-    add("Error: %s%s", cell(st.error.message or "?"), st.error.where and (" (at " .. code_span(st.error.where) .. ")") or "")
+    add("Error: %s%s", cell(st.error.message or "?"),
+      st.error.where and (" (at " .. code_span(st.error.where) .. ")") or "")
   end
 end
 
@@ -331,7 +334,9 @@ local function markdown(doc)
   add("| By | %s@%s (pid %s) |", cell(doc.user), cell(doc.host), doc.pid)
   for _, c in ipairs(doc.kubernetes) do add("| Kubernetes | %s |", cell(context_text(c))) end
   local namespaces = effect_namespaces(doc)
-  if #namespaces > 0 then add("| Namespaces | %s (of its Kubernetes effects) |", cell(table.concat(namespaces, ", "))) end
+  if #namespaces > 0 then
+    add("| Namespaces | %s (of its Kubernetes effects) |", cell(table.concat(namespaces, ", ")))
+  end
   for i = 2, #doc.segments do
     local seg = doc.segments[i]
     add("| Resumed | %s at step %s (pid %s): %s |", stamp(seg.started), cell(seg.resume_at or "(none left)"), seg.pid, seg.status)
@@ -364,7 +369,7 @@ local function markdown(doc)
     add("")
     if #doc.plan == 0 then add("The run would change nothing.") end
     for i, e in ipairs(doc.plan) do
-      add("%d. %s %s%s", i, verb(e), cell(e.summary), e.change and (" → " .. code_span(e.change)) or "")
+      add("%d. %s %s%s", i, verb(e), cell(e.summary), md_change(e))
     end
   end
   add("")
@@ -433,9 +438,11 @@ local function svg_timeline(doc, add)
   add("</svg>")
 end
 
+local function html_change(e) return e.change and (" → <code>" .. esc(e.change) .. "</code>") or "" end
+
 local function html_effect(e)
   return ("<li>%s <b>%s</b> %s (%s %s <code>%s</code>)%s</li>"):format(esc(stamp(e.time)), esc(verb(e)),
-    esc(e.summary), esc(e.module), esc(e.op), esc(e.target), e.change and (" → <code>" .. esc(e.change) .. "</code>") or "")
+    esc(e.summary), esc(e.module), esc(e.op), esc(e.target), html_change(e))
 end
 
 local function html_log(add, logs)
@@ -525,7 +532,9 @@ local function html(doc)
   local names = param_names(doc)
   if #names == 0 then add('<p class="none">(none)</p>') else
     add('<table class="params"><tr><th>Name</th><th>Value</th></tr>')
-    for _, k in ipairs(names) do add("<tr><td>%s</td><td><code>%s</code></td></tr>", esc(k), esc(param_text(doc.params[k]))) end
+    for _, k in ipairs(names) do
+      add("<tr><td>%s</td><td><code>%s</code></td></tr>", esc(k), esc(param_text(doc.params[k])))
+    end
     add("</table>")
   end
   add("<h2>Timeline</h2>")
@@ -537,7 +546,7 @@ local function html(doc)
     if #doc.plan == 0 then add('<p class="none">The run would change nothing.</p>') end
     add('<ol class="plan">')
     for _, e in ipairs(doc.plan) do
-      add("<li>%s %s%s</li>", esc(verb(e)), esc(e.summary), e.change and (" → <code>" .. esc(e.change) .. "</code>") or "")
+      add("<li>%s %s%s</li>", esc(verb(e)), esc(e.summary), html_change(e))
     end
     add("</ol>")
   end
