@@ -197,7 +197,7 @@ local function build(only)
 
   command(p, "describe", "Show a runbook's params and steps (nothing runs).")
     :argument("runbook", "A FILE, or a NAME on RUNBOOK_PATH."):args("?")
-  command(p, "lint", "Load and check runbooks (nothing runs).")
+  command(p, "lint", "Check runbooks for typos: unknown functions, params and steps (nothing runs).")
     :argument("runbooks", "FILEs or NAMEs."):args("*")
   command(p, "list", "The runbooks on RUNBOOK_PATH with their descriptions.")
   command(p, "test", "Run busted specs inside the host (default: spec/); busted's options follow.")
@@ -307,7 +307,7 @@ function commands.lint(o)
   local worst = EXIT.ok
   for _, ref in ipairs(o.runbooks) do
     local rb, code = load_runbook(ref)
-    local problems = rb and require("runbook.loader").undeclared_reads(rb) or {}
+    local problems = rb and require("runbook.lint").check(rb) or {}
     for _, p in ipairs(problems) do print(p) end
     if not rb then
       worst = code
