@@ -263,7 +263,8 @@ local function run_start(run)
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
     path = M.absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = run.redacted,
     params_text = run.written, steps = #rb.steps, user = who.user, host = who.host, pid = who.pid,
-    lock = run.lock_key, request = M.journaled(req), resumed = run.resumed or nil, from = req.from, sources = sources(req),
+    lock = run.lock_key, request = M.journaled(req), resumed = run.resumed or nil, from = req.from,
+    sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
   -- Lua files the runbook requires from here on are journaled as they load.
   require("runbook.env").on_source = function(rec)
