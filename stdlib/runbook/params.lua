@@ -82,7 +82,7 @@ function M.resolve(rb, given, file, base)
   end
   for k, v in pairs(raw) do
     if base and v == "***" and base[k] == v and rb.params_by_name[k] and rb.params_by_name[k].secret then
-      fail("param '%s' is secret, so the journal does not hold it: give it again with -p %s=...", k, k)
+      fail("param '%s' is secret, so neither the journal nor a plan holds it: give it again with -p %s=...", k, k)
     end
     if not rb.params_by_name[k] then
       local known = {}
