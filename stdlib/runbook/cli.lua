@@ -193,7 +193,8 @@ local function build(only)
 
   local report = command(p, "report", "A run's timeline for a postmortem.")
   report:argument("run_id", "The run (see runbook history)."):args("?")
-  option(report, "--format", "markdown (default) or json.", "FORMAT"):choices { "markdown", "json" }
+  option(report, "--format", "markdown (default), json or html.", "FORMAT"):choices { "markdown", "json", "html" }
+  flag(report, "--html", "A self-contained HTML page with an SVG timeline (--format html).")
 
   command(p, "describe", "Show a runbook's params and steps (nothing runs).")
     :argument("runbook", "A FILE, or a NAME on RUNBOOK_PATH."):args("?")
@@ -288,7 +289,10 @@ end
 
 function commands.report(o)
   if not o.run_id then return usage_error("report", "report: expected one RUN_ID (see 'runbook history')") end
-  local text, rerr = require("runbook.report").report(o.run_id, o["--format"] or "markdown")
+  if o["--html"] and o["--format"] and o["--format"] ~= "html" then
+    return usage_error("report", "report: --html and --format " .. o["--format"] .. " ask for different formats")
+  end
+  local text, rerr = require("runbook.report").report(o.run_id, o["--html"] and "html" or o["--format"] or "markdown")
   if not text then err("%s", rerr); return EXIT.usage end
   io.stdout:write(host.redact(text))
   return EXIT.ok

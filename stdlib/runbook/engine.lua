@@ -164,10 +164,16 @@ local function preview(run, step)
     error = not ok and res or nil }
 end
 
---- Ask the operator about `step` until they decide. Returns "run", "skip", "all" or "quit".
+-- The journal's word for each answer at a step's prompt.
+local ANSWER = { run = "yes", skip = "no", preview = "preview", all = "all", quit = "quit" }
+
+--- Ask the operator about `step` until they decide; every answer is journaled
+-- with when it was asked. Returns "run", "skip", "all" or "quit".
 local function ask(run, step, total)
   while true do
+    local asked = events.iso8601(host.wallclock())
     local choice = require("runbook.prompt").step(step, total, run.request.step)
+    events.emit { event = "answer", step = step.name, answer = ANSWER[choice], asked = asked }
     if choice ~= "preview" then return choice end
     preview(run, step)
   end

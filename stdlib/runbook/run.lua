@@ -203,23 +203,23 @@ local function sources(req)
   return #out > 0 and out or nil
 end
 
---- Resolve the params of `req` over `base` (a resumed run's). Returns values
--- and their redacted copy, or nil and the exit status.
+--- Resolve the params of `req` over `base` (a resumed run's). Returns values,
+-- their redacted copy and the redacted text as written, or nil and the exit status.
 local function resolve_params(rb, req, base)
   local params = require "runbook.params"
-  local ok, values = pcall(params.resolve, rb, req.given, req.params_file, base)
+  local ok, values, written = pcall(params.resolve, rb, req.given, req.params_file, base)
   if not ok then
     if getmetatable(values) == params.ParamError then say("%s", values.message); return nil, EXIT.usage end
     error(values, 0)
   end
-  return values, params.redacted(rb, values)
+  return values, params.redacted(rb, values), params.redacted(rb, written)
 end
 
 --- The run `req` asks for, checked before anything runs: params, prompts
 -- that need a terminal, the lock key, --from's needs. Returns the run, or nil
 -- and the exit status (having said why).
 local function new_run(rb, req, resumed)
-  local values, redacted = resolve_params(rb, req, resumed.params)
+  local values, redacted, written = resolve_params(rb, req, resumed.params)
   if not values then return nil, redacted end
   local key = lock_key(rb, req)
   local ok, why = check_can_ask(rb, req)
@@ -232,7 +232,7 @@ local function new_run(rb, req, resumed)
     for name, out in pairs(earlier.outputs) do restored.outputs[name] = restored.outputs[name] or out end
   end
   return { rb = rb, request = req, id = resumed.id or new_run_id(), params = values, redacted = redacted,
-    lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
+    written = written, lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
     resumed = resumed.id ~= nil, resolved = resumed.resolved }
 end
 
@@ -262,8 +262,9 @@ local function run_start(run)
   local rb, req, who = run.rb, run.request, host.identity()
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
     path = M.absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = run.redacted,
-    steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = run.lock_key,
-    request = M.journaled(req), resumed = run.resumed or nil, from = req.from, sources = sources(req),
+    params_text = run.written, steps = #rb.steps, user = who.user, host = who.host, pid = who.pid,
+    lock = run.lock_key, request = M.journaled(req), resumed = run.resumed or nil, from = req.from,
+    sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
   -- Lua files the runbook requires from here on are journaled as they load.
   require("runbook.env").on_source = function(rec)
