@@ -187,6 +187,15 @@ local function build(only)
   option(approve, "--comment", "Why, for the journal and the report.", "TEXT")
   option(approve, "--expires", "How long the approval holds (default 1h).", "DURATION")
 
+  local serve = command(p, "serve", "Receive Alertmanager's webhook and plan or run runbooks by rules.",
+    "An HTTP server (libmicrohttpd): POST /v1/alertmanager (bearer token), GET /healthz, GET /metrics. "
+    .. "Each alert matching a rule makes a plan, a run or a dry run, in a child process.")
+  option(serve, "--rules", "The rules file (YAML): which alerts start which runbook, how.", "FILE")
+  option(serve, "--listen", "Address to listen on (default 127.0.0.1:9095; port 0 picks one).", "IPV4:PORT")
+  option(serve, "--token-file", "File holding the bearer token (else RUNBOOK_SERVE_TOKEN).", "FILE")
+  option(serve, "--max-body", "Largest request body, in bytes (default 1048576).", "BYTES")
+  option(serve, "--max-runs", "Plans and runs at once (default 4); alerts over it are refused and counted.", "N")
+
   local history = command(p, "history", "Past runs, newest first.")
   option(history, "--runbook", "Only the runs of this runbook.", "NAME")
   option(history, "--limit", "How many runs (default 20).", "N")
@@ -279,6 +288,19 @@ function commands.approve(o)
     if not ttl then return usage_error("approve", "approve: --expires: %s", why) end
   end
   return require("runbook.plan").approve(o.plan, o["--comment"], ttl)
+end
+
+function commands.serve(o)
+  if not o["--rules"] then return usage_error("serve", "serve: --rules FILE is needed") end
+  local nums = {}
+  for _, name in ipairs { "--max-body", "--max-runs" } do
+    nums[name] = o[name] and math.tointeger(tonumber(o[name]))
+    if o[name] and not (nums[name] and nums[name] > 0) then
+      return usage_error("serve", "serve: %s must be a positive whole number", name)
+    end
+  end
+  return require("runbook.serve").serve({ rules = o["--rules"], listen = o["--listen"], token_file = o["--token-file"],
+    max_body = nums["--max-body"], max_runs = nums["--max-runs"] }, resolve_runbook)
 end
 
 function commands.history(o)
