@@ -134,6 +134,19 @@ describe("runbook apply", function()
   end
 end)
 
+describe("runbook apply of a library's effect", function()
+  it("holds pg.dump (its BEGIN and pg_dump inside) to the plan as the one effect the dry run showed", function()
+    local dir = cli.tmpdir()
+    local rb = cli.runbook("name = \"dump\"\ndescription = \"one dump\"\nparam \"dir\" {}\n"
+      .. "step \"dump\" { run = function(ctx) pg.dump { file = ctx.params.dir .. \"/todo.dump\" } end }\n")
+    local r = runbook { "plan", rb, "-p", "dir=" .. dir }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    r = runbook { "apply", r.stdout:match("apply: runbook apply (%S+)") }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.truthy(io.open(dir .. "/todo.dump"), "no dump written")
+  end)
+end)
+
 describe("runbook approve", function()
   it("lets a second person approve the plan's digest, and then apply runs it", function()
     local plan = make_plan({ reason = "approved" }, { "--require-approval", "1" })
@@ -199,6 +212,9 @@ describe("runbook apply holds a hostile runbook to its plan", function()
     { "an unplanned write inside a planned gate.effect", [[
         gate.effect { module = "fs", op = "write", target = DIR .. "/planned", summary = "write 1 bytes",
           perform = function() fs.write(DIR .. "/hidden", "x") end } ]] },
+    { "a command run inside a planned gate.effect of its own module", [[
+        gate.effect { module = "exec", op = "run", target = "true", summary = "run true",
+          perform = function() exec.run({ "touch", DIR .. "/hidden" }) end } ]] },
     { "a write in the step's when", nil, when = [[
         if not ctx.dry_run then fs.write(DIR .. "/hidden", "x") end
         return true ]] },

@@ -364,7 +364,7 @@ end
 -- shows the would-be object and the diff. Returns the object the server
 -- answered with.
 function M.write(e)
-  local decision = host.gate("k8s", e.op, e.target, e.summary, true)
+  local decision = host.gate("k8s", e.op, e.target, e.summary, true, true)
   local dry = decision ~= "perform"
   local ok, after = pcall(function()
     local before = e.before
