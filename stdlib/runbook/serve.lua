@@ -123,14 +123,12 @@ local function matches(rule, alert)
   return true
 end
 
-local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
 -- ---- the server --------------------------------------------------------------------
 
 local Server = {}
 Server.__index = Server
 
---- The command line of the child that plans or runs `rule` for `alert`, or nil and why.
+--- The argv of the child that plans or runs `rule` for `alert`, or nil and why.
 function Server:command(rule, alert)
   local args = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }
   for _, p in ipairs(rule.params) do
@@ -144,33 +142,29 @@ function Server:command(rule, alert)
     args[#args + 1] = tostring(rule.require_approval)
   end
   args[#args + 1] = rule.mode == "run" and "--yes" or rule.mode == "dry-run" and "--dry-run" or nil
-  for i, a in ipairs(args) do args[i] = shell_quote(a) end
-  return table.concat(args, " ")
+  return args
 end
 
---- Children still running: pids whose /proc entry is there.
+--- Children still running, those that ended reaped.
 function Server:running()
-  local lfs, n = require "lfs", 0
-  for pid in pairs(self.children) do
-    if lfs.attributes("/proc/" .. pid, "mode") then n = n + 1 else self.children[pid] = nil end
+  for _, pid in ipairs(require("runbook.httpd").reap()) do
+    if self.children[pid] then self.children[pid], self.nchildren = nil, self.nchildren - 1 end
   end
-  return n
+  return self.nchildren
 end
 
 --- Start the child for `rule` and `alert` in the background, its output to a log. Returns what was done.
 function Server:start(rule, alert)
-  local cmd, why = self:command(rule, alert)
-  if not cmd then return { rule = rule.name, error = why } end
+  local argv, why = self:command(rule, alert)
+  if not argv then return { rule = rule.name, error = why } end
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
     return { rule = rule.name, error = ("%d runs already running (--max-runs)"):format(self.max_runs) }
   end
   local log = ("%s/%s-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), rule.name:gsub("[^%w%-_]", "_"))
-  local p = io.popen(("RUNBOOK_USER=%s %s </dev/null >%s 2>&1 & echo $!"):format(shell_quote(self.user), cmd,
-    shell_quote(log)))
-  local pid = p and p:read("l")
-  if p then p:close() end
-  if pid then self.children[pid] = true end
+  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. self.user })
+  if not ok then return { rule = rule.name, error = type(pid) == "table" and pid.message or tostring(pid) } end
+  self.children[pid], self.nchildren = true, self.nchildren + 1
   local key = rule.runbook .. "\0" .. rule.mode
   self.metrics.started[key] = (self.metrics.started[key] or 0) + 1
   return { rule = rule.name, runbook = rule.runbook, mode = rule.mode, log = log }
@@ -262,8 +256,10 @@ function M.serve(o, resolve)
   local addr, port = (o.listen or "127.0.0.1:9095"):match("^([%d%.]+):(%d+)$")
   if not addr then say("--listen: expected IPV4:PORT, got %s", o.listen); return EXIT.usage end
   local journal = require "runbook.journal"
-  local self = setmetatable({ rules = rules, token = token, children = {}, seen = {}, max_runs = o.max_runs or 4,
-    bin = require("lfs").symlinkattributes("/proc/self/exe").target, user = os.getenv("RUNBOOK_USER") or "runbook-serve",
+  local self = setmetatable({ rules = rules, token = token, children = {}, nchildren = 0, seen = {},
+    max_runs = o.max_runs or 4,
+    bin = require("lfs").symlinkattributes("/proc/self/exe").target,
+    user = os.getenv("RUNBOOK_USER") or "runbook-serve",
     log_dir = journal.mkdirs(journal.state_dir() .. "/serve"),
     metrics = { received = 0, deduplicated = 0, refused = 0, started = {} } }, Server)
   local ok, server = pcall(require("runbook.httpd").listen, { host = addr, port = tonumber(port),
@@ -272,9 +268,10 @@ function M.serve(o, resolve)
   io.stdout:write(("runbook serve: listening on http://%s:%d (%d rules)\n"):format(addr, server:port(), #rules))
   io.stdout:flush()
   host.install_signal_handlers()
-  -- serve loads no runbook: the run mode only lets it start its children (io.popen).
-  host.set_mode("run")
-  while not host.interrupted() do server:poll(0.5) end
+  while not host.interrupted() do
+    server:poll(0.5)
+    self:running()   -- reap the children that ended
+  end
   server:close()
   return EXIT.ok
 end
