@@ -59,7 +59,7 @@ static const struct { CURLcode code; const char *name; int retryable; } curl_cod
     {CURLE_HTTP2, "http2", 1},
     {CURLE_PARTIAL_FILE, "partial_file", 1},
     {CURLE_OUT_OF_MEMORY, "out_of_memory", 0},
-    {CURLE_OPERATION_TIMEDOUT, "operation_timedout", 1},
+    {CURLE_OPERATION_TIMEDOUT, "timeout", 1},
     {CURLE_SSL_CONNECT_ERROR, "ssl_connect_error", 1},
     {CURLE_TOO_MANY_REDIRECTS, "too_many_redirects", 0},
     {CURLE_GOT_NOTHING, "got_nothing", 1},

@@ -456,10 +456,8 @@ static void push_result(lua_State *L, proc *p, double started) {
     lua_setfield(L, -2, "duration");
 }
 
-static void push_skipped(lua_State *L) {
-    lua_createtable(L, 0, 4);
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "skipped");
+/* A skipped run's result ({skipped = true}) gets an empty output. */
+static void add_empty_output(lua_State *L) {
     lua_pushinteger(L, 0);
     lua_setfield(L, -2, "status");
     lua_pushliteral(L, "");
@@ -471,10 +469,7 @@ static void push_skipped(lua_State *L) {
 /* Close out a gated effect as failed, then raise. Never returns. */
 static int fail(lua_State *L, const rb_effect *e, rb_decision d, const char *code,
                 int retryable, const char *msg) {
-    if (e) {
-        lua_pushstring(L, msg);
-        rb_gate_done(L, e, d, 0);
-    }
+    if (e) gate_failed(L, e, d, msg);
     return rb_error(L, "exec", "run", code, retryable, "%s", msg);
 }
 
@@ -522,9 +517,8 @@ static int exec_run(lua_State *L) {
     rb_effect e = {"exec", "run", argv[0], push_summary(L, argv), 0};
     rb_decision d = RB_PERFORM;
     if (!is_read && (d = rb_gate(L, &e)) == RB_SKIP) {
-        lua_pushnil(L);
-        rb_gate_done(L, &e, d, 1);
-        push_skipped(L);
+        gate_skipped(L, &e);
+        add_empty_output(L);
         return 1;
     }
     const rb_effect *ge = is_read ? NULL : &e;

@@ -33,7 +33,7 @@
  *
  * Response header names are lower-cased; repeated headers are joined with
  * ", ". Non-2xx statuses are returned, not raised; transport failures raise
- * with curl's reason as the code ("couldnt_connect", "operation_timedout").
+ * with curl's reason as the code ("couldnt_connect"; "timeout" for a timeout, as in every module).
  *
  * The gate: http_request classifies the method itself right before the
  * transfer: GET and HEAD are reads, every other method is a write and asks
@@ -434,10 +434,7 @@ static int raise_transport(lua_State *L, client *c, CURLcode rc, const char *met
     const char *why = c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc);
     const char *msg = lua_pushfstring(L, "%s %s: %s", method, safe_url, why);
     scratch_free(c);
-    if (e) {
-        lua_pushvalue(L, -1);
-        rb_gate_done(L, e, d, 0);
-    }
+    if (e) gate_failed(L, e, d, msg);
     return rb_error(L, "http", method, code, retryable, "%s", msg);
 }
 
@@ -465,32 +462,25 @@ static int http_request(lua_State *L) {
 
     rb_effect e = {"http", method, safe_url, NULL, 0};
     rb_decision d = RB_PERFORM;
-    const rb_effect *ge = NULL;
     if (!read) {
         push_summary(L, method, safe_url, len);
         e.summary = lua_tostring(L, -1);
         effect_override(L, &e);
-        ge = &e;
         if ((d = rb_gate(L, &e)) == RB_SKIP) {
             scratch_free(c);
-            lua_pushnil(L);
-            rb_gate_done(L, &e, d, 1);
-            lua_createtable(L, 0, 1);
-            lua_pushboolean(L, 1);
-            lua_setfield(L, -2, "skipped");
-            return 1;
+            return gate_skipped(L, &e);
         }
     }
     CURLcode rc = curl_easy_perform(c->curl);
-    if (rc != CURLE_OK) return raise_transport(L, c, rc, method, safe_url, ge, d);
+    if (rc != CURLE_OK) return raise_transport(L, c, rc, method, safe_url, read ? NULL : &e, d);
     push_response(L, c);
     scratch_free(c);
-    if (ge) {
+    if (!read) {
         lua_getfield(L, -1, "status");
         int status = (int)lua_tointeger(L, -1);
         lua_pop(L, 1);
         lua_pushfstring(L, "HTTP %d", status);
-        rb_gate_done(L, ge, d, status < 400);
+        rb_gate_done(L, &e, d, status < 400);
     }
     return 1;
 }
@@ -778,12 +768,7 @@ static int http_smtp_send(lua_State *L) {
     rb_decision d = rb_gate(L, &e);
     if (d == RB_SKIP) {
         scratch_free(c);
-        lua_pushnil(L);
-        rb_gate_done(L, &e, d, 1);
-        lua_createtable(L, 0, 1);
-        lua_pushboolean(L, 1);
-        lua_setfield(L, -2, "skipped");
-        return 1;
+        return gate_skipped(L, &e);
     }
     CURLcode rc = curl_easy_perform(c->curl);
     c->upload = NULL;
@@ -797,8 +782,7 @@ static int http_smtp_send(lua_State *L) {
             c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc),
             reply ? lua_pushfstring(L, " (server replied %d)", (int)reply) : "");
         scratch_free(c);
-        lua_pushvalue(L, -1);
-        rb_gate_done(L, &e, d, 0);
+        gate_failed(L, &e, d, msg);
         return rb_error(L, "smtp", "send", code, retryable, "%s", msg);
     }
     scratch_free(c);

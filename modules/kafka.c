@@ -29,7 +29,8 @@
  *   close()
  *
  * Failures raise rb_error with librdkafka's error name as the code
- * ("UNKNOWN_TOPIC_OR_PART", "_TIMED_OUT"); per-partition and per-group errors
+ * ("UNKNOWN_TOPIC_OR_PART"), "timeout" for a timeout as in every module;
+ * per-partition and per-group errors
  * come back in the results as {code, message} for kafka.lua to judge.
  */
 #include <arpa/inet.h>
@@ -48,7 +49,7 @@
 #include <librdkafka/rdkafka.h>
 #include <lua.h>
 
-#include "runbook.h"
+#include "module.h"
 #include "net.h"
 
 #define CLIENT_MT "runbook.kafka.client"
@@ -100,8 +101,19 @@ static int is_retryable(rd_kafka_resp_err_t err) {
     }
 }
 
+/* The error's code: librdkafka's name, "timeout" for the client's timeouts. */
+static const char *code_of(rd_kafka_resp_err_t err) {
+    switch (err) {
+    case RD_KAFKA_RESP_ERR__TIMED_OUT: case RD_KAFKA_RESP_ERR__MSG_TIMED_OUT:
+    case RD_KAFKA_RESP_ERR__TIMED_OUT_QUEUE:
+        return "timeout";
+    default:
+        return rd_kafka_err2name(err);
+    }
+}
+
 static int raise_err(lua_State *L, const char *op, rd_kafka_resp_err_t err, const char *what) {
-    return rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what,
+    return rb_error(L, "kafka", op, code_of(err), is_retryable(err), "%s: %s", what,
                     rd_kafka_err2str(err));
 }
 
@@ -109,7 +121,7 @@ static int raise_err(lua_State *L, const char *op, rd_kafka_resp_err_t err, cons
 static void set_error(lua_State *L, rd_kafka_resp_err_t err, const char *msg) {
     if (!err) return;
     lua_createtable(L, 0, 2);
-    lua_pushstring(L, rd_kafka_err2name(err));
+    lua_pushstring(L, code_of(err));
     lua_setfield(L, -2, "code");
     lua_pushstring(L, msg && *msg ? msg : rd_kafka_err2str(err));
     lua_setfield(L, -2, "message");
@@ -460,7 +472,7 @@ static void admin_drain(client *c) { queue_drain(c->queue); }
 
 static int raise_wait(lua_State *L, const char *op, const char *what) {
     if (rb_interrupted()) return rb_error(L, "kafka", op, "interrupted", 0, "%s: interrupted", what);
-    return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: timed out", what);
+    return rb_error(L, "kafka", op, "timeout", 1, "%s: timed out", what);
 }
 
 /* Raises when the whole admin request failed (e.g. unsupported by the broker). */
@@ -469,7 +481,7 @@ static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, cons
     if (!err) return;
     const char *msg = lua_pushstring(L, rd_kafka_event_error_string(ev));
     rd_kafka_event_destroy(ev);
-    rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what, msg);
+    rb_error(L, "kafka", op, code_of(err), is_retryable(err), "%s: %s", what, msg);
 }
 
 static void push_group_results(lua_State *L, const rd_kafka_group_result_t **gr, size_t n) {
@@ -563,15 +575,10 @@ static int k_alter_group_offsets(lua_State *L) {
     rd_kafka_AlterConsumerGroupOffsets_destroy(req);
     rd_kafka_event_t *ev = admin_wait(c, ms);
     if (!ev) {
-        lua_pushliteral(L, "timed out");
-        rb_gate_done(L, &e, d, 0);
+        gate_failed(L, &e, d, "timed out");
         return raise_wait(L, "reset_offsets", group);
     }
-    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
-    if (err) {
-        lua_pushstring(L, rd_kafka_event_error_string(ev));
-        rb_gate_done(L, &e, d, 0);
-    }
+    if (rd_kafka_event_error(ev)) gate_failed(L, &e, d, rd_kafka_event_error_string(ev));
     check_event(L, ev, "reset_offsets", group);
     size_t cnt;
     const rd_kafka_group_result_t **gr = rd_kafka_AlterConsumerGroupOffsets_result_groups(
@@ -666,7 +673,7 @@ static int k_list_groups(lua_State *L) {
         lua_pushstring(L, rd_kafka_error_string(errs[0]));
         rd_kafka_resp_err_t code = rd_kafka_error_code(errs[0]);
         rd_kafka_event_destroy(ev);
-        return rb_error(L, "kafka", "list_groups", rd_kafka_err2name(code), is_retryable(code),
+        return rb_error(L, "kafka", "list_groups", code_of(code), is_retryable(code),
                         "listing consumer groups: %s", lua_tostring(L, -1));
     }
     size_t cnt;
@@ -740,7 +747,7 @@ static void check_resource(lua_State *L, rd_kafka_event_t *ev, const rd_kafka_Co
     if (!err) return;
     const char *msg = lua_pushstring(L, r ? rd_kafka_ConfigResource_error_string(r) : "no result");
     rd_kafka_event_destroy(ev);
-    rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", topic,
+    rb_error(L, "kafka", op, code_of(err), is_retryable(err), "%s: %s", topic,
              msg && *msg ? msg : rd_kafka_err2str(err));
 }
 
@@ -762,10 +769,9 @@ static int k_describe_configs(lua_State *L) {
 static int admin_write_done(lua_State *L, const rb_effect *e, rb_decision d, rd_kafka_resp_err_t err,
                             const char *msg) {
     if (err) {
-        lua_pushstring(L, msg && *msg ? msg : rd_kafka_err2str(err));
-        rb_gate_done(L, e, d, 0);
-        return rb_error(L, "kafka", e->op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", e->target,
-                        msg && *msg ? msg : rd_kafka_err2str(err));
+        if (!msg || !*msg) msg = rd_kafka_err2str(err);
+        gate_failed(L, e, d, msg);
+        return rb_error(L, "kafka", e->op, code_of(err), is_retryable(err), "%s: %s", e->target, msg);
     }
     lua_pushstring(L, d == RB_PERFORM ? "done" : "validated by the broker, not applied");
     rb_gate_done(L, e, d, 1);
@@ -1028,23 +1034,13 @@ static int k_produce(lua_State *L) {
     size_t n = (size_t)luaL_len(L, 2);
     check_messages(L, 2, n);
     rb_decision d = rb_gate(L, &e);
-    if (d != RB_PERFORM) {
-        lua_pushnil(L);
-        rb_gate_done(L, &e, d, 1);
-        lua_createtable(L, 0, 2);
-        lua_pushboolean(L, 1);
-        lua_setfield(L, -2, "skipped");
-        lua_pushliteral(L, "skipped");
-        lua_setfield(L, -2, "decision");
-        return 1;
-    }
+    if (d != RB_PERFORM) return gate_skipped(L, &e); /* no native dry run: d is RB_SKIP */
     const char *bad_topic = NULL;
     rd_kafka_resp_err_t terr = learn_topics(L, c, 2, n, ms, &bad_topic);
     if (terr) {
         const char *msg = lua_pushfstring(L, "topic %s: %s", bad_topic ? bad_topic : e.target, rd_kafka_err2str(terr));
-        lua_pushvalue(L, -1);
-        rb_gate_done(L, &e, d, 0);
-        return rb_error(L, "kafka", "produce", rd_kafka_err2name(terr), is_retryable(terr), "%s", msg);
+        gate_failed(L, &e, d, msg);
+        return rb_error(L, "kafka", "produce", code_of(terr), is_retryable(terr), "%s", msg);
     }
     free_deliveries(c);
     c->deliveries = calloc(n ? n : 1, sizeof *c->deliveries);
@@ -1076,9 +1072,8 @@ static int k_produce(lua_State *L) {
         const char *msg = failed ? lua_pushfstring(L, "message %d of %d to %s: %s", (int)failed, (int)n, e.target,
                                                    rd_kafka_err2str(err))
                                  : lua_pushfstring(L, "%d messages to %s: %s", (int)n, e.target, rd_kafka_err2str(err));
-        lua_pushvalue(L, -1);
-        rb_gate_done(L, &e, d, 0);
-        return rb_error(L, "kafka", "produce", rd_kafka_err2name(err), is_retryable(err), "%s", msg);
+        gate_failed(L, &e, d, msg);
+        return rb_error(L, "kafka", "produce", code_of(err), is_retryable(err), "%s", msg);
     }
     lua_pushfstring(L, "%d messages delivered", (int)n);
     rb_gate_done(L, &e, d, 1);
@@ -1192,7 +1187,7 @@ static int k_consume_poll(lua_State *L) {
                                               m->rkt ? rd_kafka_topic_name(m->rkt) : "?", (int)m->partition,
                                               (int)m->offset, rd_kafka_message_errstr(m));
             rd_kafka_message_destroy(m);
-            return rb_error(L, "kafka", "consume", rd_kafka_err2name(err), is_retryable(err), "%s", msg);
+            return rb_error(L, "kafka", "consume", code_of(err), is_retryable(err), "%s", msg);
         }
         push_message(L, m);
         rd_kafka_message_destroy(m);

@@ -1,9 +1,12 @@
 /*
  * module.h: what the C modules share besides the host's API (runbook.h):
- * reading the options table a function takes ({timeout = 5, url = "..."}).
+ * reading the options table a function takes ({timeout = 5, url = "..."}),
+ * and the two endings of a gated effect other than success (a skip, a
+ * failure), written once so every module reports them alike. A module's
+ * timeout raises rb_error with code "timeout", retryable.
  * Header-only: each module is a shared object of its own.
  *
- * Each reads field `field` of the table at stack index `t`, giving `dflt`
+ * Each opt_* reads field `field` of the table at stack index `t`, giving `dflt`
  * when the table or the field is missing; a value of the wrong type raises
  * luaL_argerror naming the field. A string stays valid while the table is
  * referenced.
@@ -52,6 +55,39 @@ static inline int opt_bool(lua_State *L, int t, const char *field)
     int v = lua_toboolean(L, -1);
     lua_pop(L, 1);
     return v;
+}
+
+/* The result every module gives for an effect a dry run skipped,
+ * {skipped = true}, which a module may add to. */
+static inline void push_skipped(lua_State *L)
+{
+    lua_createtable(L, 0, 4);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "skipped");
+}
+
+/*
+ * The gate answered RB_SKIP for e (a dry run the backend cannot simulate):
+ * report it and push {skipped = true}. Ask rb_gate right before the effect
+ * and end with this at once:
+ *     if ((d = rb_gate(L, &e)) == RB_SKIP) return gate_skipped(L, &e);
+ */
+static inline int gate_skipped(lua_State *L, const rb_effect *e)
+{
+    lua_pushnil(L);
+    rb_gate_done(L, e, RB_SKIP, 1);
+    push_skipped(L);
+    return 1;
+}
+
+/*
+ * Effect e, which the gate let through (decision d), failed: report it with
+ * msg, the message of the error the module raises next, as its result.
+ */
+static inline void gate_failed(lua_State *L, const rb_effect *e, rb_decision d, const char *msg)
+{
+    lua_pushstring(L, msg);
+    rb_gate_done(L, e, d, 0);
 }
 
 #endif

@@ -1216,12 +1216,6 @@ static const char *decision_word(rb_decision d) {
     return d == RB_PERFORM ? "performed" : d == RB_SIMULATE ? "simulated" : "skipped";
 }
 
-static void push_skipped(lua_State *L) {
-    lua_createtable(L, 0, 1);
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "skipped");
-}
-
 static int conn_query(lua_State *L) {
     conn *c = check_conn(L, 1);
     int force;
@@ -1339,13 +1333,11 @@ static int copy_succeeded(conn *c, const outcome *o) {
 static int raise_copy(lua_State *L, conn *c, gated *g, const char *op, outcome o, const char *path) {
     if (g->d == RB_SIMULATE) sim_end(c);
     if (o.why < 0) {
-        lua_pushstring(L, strerror(-o.why));
-        rb_gate_done(L, &g->e, g->d, 0);
+        gate_failed(L, &g->e, g->d, strerror(-o.why));
         return rb_error(L, "pg", op, "io_error", 0, "%s: %s", path, strerror(-o.why));
     }
     if (o.copy) {
-        lua_pushliteral(L, "wrong statement");
-        rb_gate_done(L, &g->e, g->d, 0);
+        gate_failed(L, &g->e, g->d, "wrong statement");
         return rb_error(L, "pg", op, "wrong_call", 0, "%s needs a COPY ... TO STDOUT statement", op);
     }
     push_failure(L, c, o);
@@ -1368,13 +1360,7 @@ static int conn_copy_to(lua_State *L) {
     sync_statement_timeout(L, c);
     gated g = { { "pg", "copy_to", path, NULL, 0 }, RB_PERFORM };
     g.e.summary = lua_pushfstring(L, "copy %s to %s", push_sql_summary(L, sql), path);
-    g.d = rb_gate(L, &g.e);
-    if (g.d == RB_SKIP) {
-        lua_pushnil(L);
-        rb_gate_done(L, &g.e, g.d, 1);
-        push_skipped(L);
-        return 1;
-    }
+    if ((g.d = rb_gate(L, &g.e)) == RB_SKIP) return gate_skipped(L, &g.e);
     const char *tmp = lua_pushfstring(L, "%s.tmp-%d", path, (int)rb_now());
     scratch_free(c);   /* a COPY that raised before finishing left its file */
     if (!(c->tmp_path = strdup(tmp))) return luaL_error(L, "out of memory");

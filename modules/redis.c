@@ -632,12 +632,6 @@ static rb_effect effect_of(lua_State *L, conn *c, int argc) {
     return e;
 }
 
-static void push_skipped(lua_State *L) {
-    lua_createtable(L, 0, 1);
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "skipped");
-}
-
 static int conn_command(lua_State *L) {
     conn *c = check_conn(L, 1);
     int argc = collect_args(L, c, 2, lua_gettop(L));
@@ -646,24 +640,19 @@ static int conn_command(lua_State *L) {
     rb_decision d = RB_PERFORM;
     if (write) {
         e = effect_of(L, c, argc);
-        if ((d = rb_gate(L, &e)) == RB_SKIP) {
-            lua_pushnil(L);
-            rb_gate_done(L, &e, d, 1);
-            push_skipped(L);
-            return 1;
-        }
+        if ((d = rb_gate(L, &e)) == RB_SKIP) return gate_skipped(L, &e);
     }
     ready(L, c);
     double end = deadline(L, c->timeout);
     format_command(L, c, argc, c->argv, c->argvlen);
     if (flush_out(c, end) || read_reply(c, end)) {
-        if (write) lua_pushstring(L, c->err), rb_gate_done(L, &e, d, 0);
+        if (write) gate_failed(L, &e, d, c->err);
         lua_pushfstring(L, "%s: %s", c->argv[0], c->err);
         fail(c, c->err_code, "%s", lua_tostring(L, -1));
         return raise_io(L, c, "command");
     }
     if (c->reply->type == REDIS_REPLY_ERROR) {
-        if (write) lua_pushstring(L, c->reply->str), rb_gate_done(L, &e, d, 0);
+        if (write) gate_failed(L, &e, d, c->reply->str);
         return raise_reply(L, "command", c->argv[0], c->reply->str);
     }
     if (write) {

@@ -83,7 +83,7 @@ describe("http.check_all", function()
         assert.is_nil(r.status, what)
       end
       if kind == "timeout" then
-        assert.are.same({ false, "operation_timedout" }, { r.ok, r.code }, what)
+        assert.are.same({ false, "timeout" }, { r.ok, r.code }, what)
         assert.is_true(r.latency >= 1.4 and r.latency < 2.5, what .. " latency " .. r.latency)
       end
     end

@@ -16,12 +16,12 @@
 --     about as long as the slowest target, not the sum. A target is ok when
 --     it answered with a status accepted by `expect` (default: below 400);
 --     refused connections and timeouts are results with error and code
---     ("couldnt_connect", "operation_timedout"), never raised.
+--     ("couldnt_connect", "timeout"), never raised.
 --
 -- Non-2xx statuses are returned by request and the method helpers; only
 -- check raises for them (code = the status, retryable for 5xx and 429).
 -- Connection failures always raise, with curl's reason as the code
--- ("couldnt_connect", "operation_timedout", "peer_failed_verification").
+-- ("couldnt_connect", "timeout", "peer_failed_verification").
 --
 -- path segments are escaped whole and appended to the URL's path; query
 -- parameters are escaped and appended to its query. A URL with a fragment

@@ -27,8 +27,8 @@
 -- Pretty text: kafka.format_lag(result), kafka.format_plan(plan)
 --
 -- Errors are structured (module "kafka"); code is librdkafka's error name
--- ("UNKNOWN_TOPIC_OR_PART", "_TIMED_OUT", "_UNSUPPORTED_FEATURE"), or
--- "bad_argument" for a call that cannot be right.
+-- ("UNKNOWN_TOPIC_OR_PART", "_UNSUPPORTED_FEATURE"), "timeout" for a
+-- timeout (as in every module), or "bad_argument" for a call that cannot be right.
 local native = require "runbook.kafka"
 local host = require "runbook.host"
 local library_effect = require("runbook.effect").library
@@ -83,7 +83,7 @@ end
 
 local function raise_item_error(op, what, e)
   raise { op = op, code = e.code, message = ("%s: %s"):format(what, e.message),
-    retryable = e.code == "_TIMED_OUT" or e.code == "_TRANSPORT" }
+    retryable = e.code == "timeout" or e.code == "_TRANSPORT" }
 end
 
 -- ---- connecting -----------------------------------------------------------
@@ -682,7 +682,7 @@ end
 --   for m in kafka.consume{topic = "reminders-dlq", from = "earliest", max_messages = 10} do ... end
 -- It ends when every partition reaches the end it had when the call began
 -- (or, with follow = true, when the timeout passes), or after max_messages;
--- when the timeout passes before the end is reached it raises _TIMED_OUT.
+-- when the timeout passes before the end is reached it raises "timeout".
 function Client:consume(opts)
   local op = "consume"
   check_opts(op, opts)
@@ -730,7 +730,7 @@ function Client:consume(opts)
       if remaining <= 0 then
         finish()
         if opts.follow then return nil end
-        raise { op = op, code = "_TIMED_OUT",
+        raise { op = op, code = "timeout",
           message = ("%s: timed out after %d message(s) before reaching the end"):format(
           opts.topic, count), retryable = true }
       end
