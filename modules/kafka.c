@@ -80,6 +80,8 @@ typedef struct {
     rd_kafka_queue_t *group_queue; /* OffsetFetch results, on the consumer (see k_group_offsets) */
     delivery *deliveries;    /* the produce call in progress */
     size_t pending;
+    double connect_timeout;  /* socket.connection.setup.timeout.ms, in seconds */
+    char broker_error[256];  /* librdkafka's last error about reaching the cluster */
 } client;
 
 /* ---- errors ------------------------------------------------------------- */
@@ -100,9 +102,29 @@ static int is_retryable(rd_kafka_resp_err_t err) {
     }
 }
 
-static int raise_err(lua_State *L, const char *op, rd_kafka_resp_err_t err, const char *what) {
-    return rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what,
-                    rd_kafka_err2str(err));
+/* Why the cluster could not be reached, from the errors librdkafka reported
+ * since the last call that asked (served by rd_kafka_poll); "" when none. A
+ * broker connection that was not up in time reads as every module says it. */
+static const char *push_broker_trouble(lua_State *L, client *c) {
+    rd_kafka_poll(c->rk, 0);
+    const char *e = c->broker_error, *slash = strchr(e, '/'), *why;
+    if (slash && strstr(e, "Connection setup timed out")) {
+        char secs[32];
+        snprintf(secs, sizeof secs, "%.3g", c->connect_timeout);
+        why = lua_pushfstring(L, "connect to %s timed out after %ss", lua_pushlstring(L, e, (size_t)(slash - e)), secs);
+    } else {
+        why = lua_pushstring(L, e);
+    }
+    c->broker_error[0] = '\0';
+    return why;
+}
+
+static int raise_err(lua_State *L, client *c, const char *op, rd_kafka_resp_err_t err, const char *what) {
+    int unreachable = err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__TIMED_OUT ||
+                      err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN;
+    const char *trouble = unreachable ? push_broker_trouble(L, c) : "";
+    return rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s%s%s", what,
+                    *trouble ? trouble : "", *trouble ? "; " : "", rd_kafka_err2str(err));
 }
 
 /* Sets t.error = {code, message} for a failed partition, group or resource. */
@@ -171,6 +193,14 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     d->partition = m->partition;
     d->offset = m->offset;
     d->done = 1;
+}
+
+/* Keeps the error that says why; "N/N brokers are down" only follows one. */
+static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque) {
+    (void)rk;
+    client *c = opaque;
+    if (!c || (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN && c->broker_error[0])) return;
+    snprintf(c->broker_error, sizeof c->broker_error, "%s", reason);
 }
 
 /* librdkafka's own log lines (from its threads) pass redaction on their way to stderr. */
@@ -269,6 +299,11 @@ static int k_new(lua_State *L) {
     c->conf = rd_kafka_conf_dup(conf);
     rd_kafka_conf_set_opaque(conf, c);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    rd_kafka_conf_set_error_cb(conf, on_error);
+    char ms[32];
+    size_t len = sizeof ms;
+    if (rd_kafka_conf_get(conf, "socket.connection.setup.timeout.ms", ms, &len) == RD_KAFKA_CONF_OK)
+        c->connect_timeout = atof(ms) / 1000;
     c->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (!c->rk) {
         rd_kafka_conf_destroy(conf);
@@ -373,7 +408,7 @@ static int k_metadata(lua_State *L) {
     const struct rd_kafka_metadata *md;
     rd_kafka_resp_err_t err = rd_kafka_metadata(c->rk, rkt == NULL, rkt, &md, ms);
     if (rkt) rd_kafka_topic_destroy(rkt);
-    if (err) return raise_err(L, "metadata", err, "cannot read cluster metadata");
+    if (err) return raise_err(L, c, "metadata", err, "cannot read cluster metadata");
     lua_createtable(L, 0, 3);
     lua_createtable(L, md->broker_cnt, 0);
     for (int i = 0; i < md->broker_cnt; i++) {
@@ -411,7 +446,7 @@ static int k_offsets(lua_State *L) {
         for (int i = 0; i < l->cnt; i++) any |= l->elems[i].err != 0;
         if (!any) {
             rd_kafka_topic_partition_list_destroy(l);
-            return raise_err(L, "offsets", err, "cannot list offsets");
+            return raise_err(L, c, "offsets", err, "cannot list offsets");
         }
     }
     push_partitions(L, l);
@@ -1116,7 +1151,7 @@ static int k_consume_start(lua_State *L) {
     rd_kafka_t *rk = get_consumer(L, c);
     rd_kafka_resp_err_t err = rd_kafka_assign(rk, l);
     rd_kafka_topic_partition_list_destroy(l);
-    if (err) return raise_err(L, "consume", err, "cannot assign partitions");
+    if (err) return raise_err(L, c, "consume", err, "cannot assign partitions");
     return 0;
 }
 
