@@ -6,6 +6,7 @@
  * no way to perform a write in a dry run.
  */
 #include <signal.h>
+#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,7 +38,14 @@ double rb_now(void)
  * `ordinal` counts the intents of the current step attempt.
  */
 static lua_Integer intent_seq, pending_seq, ordinal;
-static int library_gate_open;
+static int library_gate_open;   /* in any mode, so a plan records what apply checks */
+static char library_module[32];
+
+/* A C module's check inside an open library gate of its own module. */
+static int same_effect(const rb_effect *e)
+{
+    return library_gate_open && !strcmp(e->module, library_module);
+}
 
 static int push_sink(lua_State *L, const char *key)
 {
@@ -68,17 +76,24 @@ static void journal_intent(lua_State *L, const rb_effect *e)
 
 rb_decision rb_gate(lua_State *L, const rb_effect *e)
 {
+    int same = same_effect(e);
     if (mode == RB_MODE_RUN) {
+        if (!same) rb_plan_check(L, e);
         if (!library_gate_open) journal_intent(L, e);
         return RB_PERFORM;
     }
+    if (!same) rb_plan_record(L, e);
     return e->can_simulate ? RB_SIMULATE : RB_SKIP;
 }
 
 rb_decision rb_gate_library(lua_State *L, const rb_effect *e)
 {
+    /* An effect nested in a library gate of its own module is held to the
+     * plan as well: a runbook's gate.effect cannot wrap others. */
+    if (mode == RB_MODE_RUN && same_effect(e)) rb_plan_check(L, e);
     rb_decision d = rb_gate(L, e);
-    library_gate_open = d == RB_PERFORM;
+    library_gate_open = 1;
+    snprintf(library_module, sizeof library_module, "%s", e->module);
     return d;
 }
 
@@ -154,6 +169,7 @@ static void deadline_hook(lua_State *L, lua_Debug *ar)
 
 void rb_check_stop(lua_State *L)
 {
+    rb_plan_check_stop(L);
     if (nsignals)
         rb_error(L, "runbook", "step", "interrupted", 0, "interrupted by %s", last_signal == SIGTERM ? "SIGTERM" : "SIGINT");
     if (deadline > 0 && rb_now() > deadline)

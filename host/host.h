@@ -55,6 +55,14 @@ extern const luaL_Reg rb_ticker_funcs[];
 void rb_guard_stdlib(lua_State *L);
 extern const luaL_Reg rb_guard_funcs[];
 
+/* A run held to its plan (plan.c): the gate's check before a performed
+ * effect, the same difference raised again after it was found, and
+ * plan_load, plan_step and plan_drift for the host library. */
+void rb_plan_check(lua_State *L, const rb_effect *e);
+void rb_plan_record(lua_State *L, const rb_effect *e);
+void rb_plan_check_stop(lua_State *L);
+extern const luaL_Reg rb_plan_funcs[];
+
 /* The journal, run lock and sha256 functions, added to the host library. */
 void rb_durable_open(lua_State *L);
 

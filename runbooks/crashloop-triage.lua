@@ -150,7 +150,8 @@ step "Diagnose" {
   needs = { "Find the failing pods", "Check the configuration" },
   run = function(ctx)
     local pods, cfg = ctx.outputs["Find the failing pods"], ctx.outputs["Check the configuration"]
-    local fix, why, detail = ctx.params.fix, nil, {}
+    local fix, detail = ctx.params.fix, {}
+    local why
     local app = cfg.containers[1]
     if fix == "auto" then
       if #pods.failing == 0 then fix, why = "none", "no container is failing"

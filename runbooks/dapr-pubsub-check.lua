@@ -32,10 +32,10 @@ end
 -- Each check step returns its problems in its outputs (so a resumed run still
 -- has them for the verdict); problem() logs one and adds it to the list.
 local function collector()
-  local list = {}
-  return list, function(fmt, ...)
+  local problems = {}
+  return problems, function(fmt, ...)
     local p = fmt:format(...)
-    list[#list + 1] = p
+    problems[#problems + 1] = p
     log.warn("%s", p)
   end
 end

@@ -275,8 +275,8 @@ end }
 ]]
     local r = cli.run { "lint", path }
     assert.are.equal(1, r.code, r.stdout)
-    assert.truthy(r.stdout:find(path .. ":5: step 'C' reads 'A'", 1, true), r.stdout)
-    assert.truthy(r.stdout:find(path .. ":6: step 'C' reads 'B'", 1, true), r.stdout)
+    assert.truthy(r.stdout:find(path .. ":5:18: step 'C' reads 'A'", 1, true), r.stdout)
+    assert.truthy(r.stdout:find(path .. ":6:28: step 'C' reads 'B'", 1, true), r.stdout)
     assert.falsy(r.stdout:find("step 'B'", 1, true), r.stdout)
   end)
 end)

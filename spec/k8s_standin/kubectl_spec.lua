@@ -405,6 +405,42 @@ describe("k8s stand-in with kubectl", function()
         end)
     end)
 
+    describe("exec over WebSocket", function()
+        local function backend_pod()
+            return json("get pods -l app.kubernetes.io/component=backend").items[1].metadata.name
+        end
+
+        it("runs a command in the pod with separate streams and its exit code", function()
+            local pod = backend_pod()
+            local out = run(kubectl_cmd("exec " .. pod .. " -c backend -- sh -c 'echo out; echo err >&2; exit 3'")
+                .. " 2>/dev/null")
+            assert.equal("out\n", out)
+            local err, rc = run(kubectl_cmd("exec " .. pod .. " -c backend -- sh -c 'echo out; echo err >&2; exit 3'")
+                .. " >/dev/null")
+            assert.equal(3, rc)
+            assert.matches("^err\ncommand terminated with exit code 3", err)
+        end)
+
+        it("passes stdin with exec -i, and the pod has its own /var/log and the container's env", function()
+            local pod = backend_pod()
+            local out, rc = run("printf 'hello\\n' | " .. kubectl_cmd("exec -i " .. pod
+                .. " -c backend -- sh -c 'wc -c; ls /var/log; echo \"$APP_NAME $DATABASE_URL\"'"))
+            assert.equal(0, rc, out)
+            assert.matches("^6\nbackend%.log\n", out)
+            assert.matches("backend " .. sb.env("DATABASE_URL"):gsub("%p", "%%%0"), out)
+        end)
+
+        it("refuses a container the pod does not have, and the viewer", function()
+            local pod = backend_pod()
+            local out, rc = kubectl("exec " .. pod .. " -c nope -- true")
+            assert.equal(1, rc)
+            assert.matches("container nope is not valid for pod " .. pod:gsub("%-", "%%-"), out)
+            out, rc = kubectl("--context=sandbox-viewer exec " .. pod .. " -c backend -- true")
+            assert.equal(1, rc)
+            assert.matches('cannot create resource "pods/exec"', out)
+        end)
+    end)
+
     describe("authentication", function()
         it("accepts the bearer token of the default context", function()
             assert.matches("Username%s+sandbox%-admin", k("auth whoami"))

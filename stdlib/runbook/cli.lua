@@ -16,8 +16,9 @@ local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 3 runbook cannot be loaded, 4 aborted by the operator, 74 the journal
 cannot be written (a full disk), 75 lock held by another run, 76 effects
-of unknown outcome (resume --on-unknown), 124 ended by the watchdog,
-130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
+of unknown outcome (resume --on-unknown), 77 apply: the runbook, params,
+target or an effect differ from the plan, 78 apply: approvals missing,
+124 ended by the watchdog, 130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
@@ -162,17 +163,42 @@ local function build(only)
   option(resume, "--wait-lock", "Wait this long for a held lock.", "DURATION")
   flag(resume, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
 
+  local plan = command(p, "plan", "Dry-run a runbook and write the plan that apply runs.",
+    "Run the dry run of a runbook and write it as a plan: the runbook's hash, the params (secrets redacted, "
+    .. "bound by hash), the Kubernetes target, who asked, the ordered effects and a digest.")
+  plan:argument("runbook", "The runbook: a FILE, or a NAME on RUNBOOK_PATH."):args("?")
+  option(plan, "-p --param", "Set a param (repeatable); -p wins over --params-file.", "KEY=VALUE"):count("*"):target("-p")
+  option(plan, "--params-file", "Read params from a YAML or JSON file.", "FILE")
+  option(plan, "--out", "Also write the plan to FILE (it is always kept in the state directory).", "FILE")
+  option(plan, "--require-approval", "Approvals the plan needs besides the runbook's own approval policy.", "N")
+
+  local apply = command(p, "apply", "Run a plan for real, holding each effect to it.",
+    "Run a plan made by `runbook plan`: refuses when the runbook, params or target changed (77) or approvals "
+    .. "are missing (78); stops before any effect that is not the plan's next one (77).")
+  apply:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(apply, "-p --param", "Give a secret param again (the plan does not hold it).", "KEY=VALUE")
+    :count("*"):target("-p")
+  flag(apply, "--step", "Ask before each step.")
+  flag(apply, "-y --yes", "Do not ask, also for steps marked confirm.")
+
+  local approve = command(p, "approve", "Approve a plan as a second person.",
+    "Record your approval of a plan's digest (you: RUNBOOK_USER, else the login name; never the requester).")
+  approve:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(approve, "--comment", "Why, for the journal and the report.", "TEXT")
+  option(approve, "--expires", "How long the approval holds (default 1h).", "DURATION")
+
   local history = command(p, "history", "Past runs, newest first.")
   option(history, "--runbook", "Only the runs of this runbook.", "NAME")
   option(history, "--limit", "How many runs (default 20).", "N")
 
   local report = command(p, "report", "A run's timeline for a postmortem.")
   report:argument("run_id", "The run (see runbook history)."):args("?")
-  option(report, "--format", "markdown (default) or json.", "FORMAT"):choices { "markdown", "json" }
+  option(report, "--format", "markdown (default), json or html.", "FORMAT"):choices { "markdown", "json", "html" }
+  flag(report, "--html", "A self-contained HTML page with an SVG timeline (--format html).")
 
   command(p, "describe", "Show a runbook's params and steps (nothing runs).")
     :argument("runbook", "A FILE, or a NAME on RUNBOOK_PATH."):args("?")
-  command(p, "lint", "Load and check runbooks (nothing runs).")
+  command(p, "lint", "Check runbooks for typos: unknown functions, params and steps (nothing runs).")
     :argument("runbooks", "FILEs or NAMEs."):args("*")
   command(p, "list", "The runbooks on RUNBOOK_PATH with their descriptions.")
   command(p, "test", "Run busted specs inside the host (default: spec/); busted's options follow.")
@@ -228,6 +254,33 @@ function commands.resume(o)
   return require("runbook.run").start(plan.rb, plan.request, plan.resumed)
 end
 
+function commands.plan(o)
+  if not o.runbook then return usage_error("plan", "plan: expected one runbook FILE or NAME") end
+  local n = o["--require-approval"] and math.tointeger(tonumber(o["--require-approval"]))
+  if o["--require-approval"] and not (n and n >= 0) then
+    return usage_error("plan", "plan: --require-approval must be a whole number")
+  end
+  local rb, code = load_runbook(o.runbook)
+  if not rb then return code end
+  return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n)
+end
+
+function commands.apply(o)
+  if not o.plan then return usage_error("apply", "apply: expected one plan FILE or ID") end
+  return require("runbook.plan").apply(o.plan, o, load_runbook)
+end
+
+function commands.approve(o)
+  if not o.plan then return usage_error("approve", "approve: expected one plan FILE or ID") end
+  local ttl
+  if o["--expires"] then
+    local why
+    ttl, why = require("duration").parse(o["--expires"])
+    if not ttl then return usage_error("approve", "approve: --expires: %s", why) end
+  end
+  return require("runbook.plan").approve(o.plan, o["--comment"], ttl)
+end
+
 function commands.history(o)
   local limit = tonumber(o["--limit"] or "20")
   if not limit or limit < 1 then return usage_error("history", "history: --limit must be a positive number") end
@@ -236,7 +289,10 @@ end
 
 function commands.report(o)
   if not o.run_id then return usage_error("report", "report: expected one RUN_ID (see 'runbook history')") end
-  local text, rerr = require("runbook.report").report(o.run_id, o["--format"] or "markdown")
+  if o["--html"] and o["--format"] and o["--format"] ~= "html" then
+    return usage_error("report", "report: --html and --format " .. o["--format"] .. " ask for different formats")
+  end
+  local text, rerr = require("runbook.report").report(o.run_id, o["--html"] and "html" or o["--format"] or "markdown")
   if not text then err("%s", rerr); return EXIT.usage end
   io.stdout:write(host.redact(text))
   return EXIT.ok
@@ -255,7 +311,7 @@ function commands.lint(o)
   local worst = EXIT.ok
   for _, ref in ipairs(o.runbooks) do
     local rb, code = load_runbook(ref)
-    local problems = rb and require("runbook.loader").undeclared_reads(rb) or {}
+    local problems = rb and require("runbook.lint").check(rb) or {}
     for _, p in ipairs(problems) do print(p) end
     if not rb then
       worst = code

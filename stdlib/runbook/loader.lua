@@ -10,7 +10,7 @@ local M = {}
 
 --- Top-level fields a runbook may assign, with their expected types.
 local FIELDS = { name = "string", description = "string", version = "string", lock = "string",
-  on_failure = "string", notify = "table" }
+  on_failure = "string", notify = "table", approval = "table" }
 
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
@@ -179,6 +179,15 @@ function M.load(path)
   if rb.on_failure and rb.on_failure ~= "undo" and rb.on_failure ~= "stop" then
     error(load_error(("%s:1: on_failure must be \"undo\" or \"stop\""):format(path)), 0)
   end
+  local a = rb.approval
+  if a then
+    local ok = math.type(a.required) == "integer" and a.required >= 0 and (a.by == nil or type(a.by) == "table")
+    for k in pairs(a) do ok = ok and (k == "required" or k == "by") end
+    for _, name in ipairs(a.by or {}) do ok = ok and type(name) == "string" end
+    if not ok then
+      error(load_error(("%s:1: approval must be {required = N, by = {\"name\", ...}} (by is optional)"):format(path)), 0)
+    end
+  end
   if rb.notify then
     local ok, nerr = pcall(require("notify").check_hooks, rb.notify)
     if not ok then error(load_error(("%s:1: %s"):format(path, tostring(nerr))), 0) end
@@ -187,37 +196,11 @@ function M.load(path)
   return rb
 end
 
---- Where a step reads the outputs of (or asks ctx.skipped about) a step it
--- does not declare in `needs` or `uses`: a list of "file:line: message", as
--- far as the step's own function text shows (literal names only).
-function M.undeclared_reads(rb)
-  local lines = {}
-  for l in (rb.source .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
-  local problems = {}
-  for _, step in ipairs(rb.steps) do
-    local declared = {}
-    for _, d in ipairs(step.needs) do declared[d] = true end
-    for _, d in ipairs(step.uses) do declared[d] = true end
-    local seen = {}
-    for _, fn in ipairs { step.when or false, step.run, step.fallback or false, step.undo or false } do
-      local info = fn and debug.getinfo(fn, "S")
-      for n = info and info.linedefined or 1, info and info.lastlinedefined or 0 do
-        local line = lines[n] or ""
-        for _, pat in ipairs { 'outputs%[%s*"([^"]+)"%s*%]', "outputs%[%s*'([^']+)'%s*%]", "outputs%.([%a_][%w_]*)",
-            'skipped%(%s*"([^"]+)"%s*%)' } do
-          for dep in line:gmatch(pat) do
-            if dep ~= step.name and not declared[dep] and not seen[dep] then
-              seen[dep] = true
-              problems[#problems + 1] = ("%s:%d: step '%s' reads '%s' (ctx.outputs or ctx.skipped) without declaring it: add "
-                .. "needs = {%q} (skipped with it), or uses = {%q} (asks ctx.skipped first)")
-                :format(rb.file, n, step.name, dep, dep, dep)
-            end
-          end
-        end
-      end
-    end
-  end
-  return problems
+--- A runbook environment with nothing loaded into it, and the fields a
+-- runbook may assign: what `lint` describes to luacheck.
+function M.blank()
+  local rb = { params = {}, params_by_name = {}, steps = {}, steps_by_name = {} }
+  return env.new(dsl(rb), FIELDS), FIELDS
 end
 
 return M

@@ -13,7 +13,7 @@ local S, N, B, T = "string", "number", "boolean", "table"
 -- field = {type, required}
 M.EVENTS = {
   run_start = { run_id = { S, true }, runbook = { S, true }, file = { S, true }, mode = { S, true },
-    version = { S }, path = { S }, sha256 = { S }, params = { T }, steps = { N }, user = { S }, host = { S },
+    version = { S }, path = { S }, sha256 = { S }, params = { T }, params_text = { T }, steps = { N }, user = { S }, host = { S },
     pid = { N }, lock = { S }, resumed = { B }, from = { S }, resume_at = { S }, request = { T }, sources = { T } },
   step_start = { step = { S, true }, index = { N }, total = { N }, description = { S } },
   step_end = { step = { S, true }, status = { S, true }, index = { N }, duration = { N }, outputs = { T },
@@ -28,6 +28,10 @@ M.EVENTS = {
   run_end = { status = { S, true }, run_id = { S }, exit_code = { N }, duration = { N }, ok = { N },
     failed = { N }, skipped = { N }, mode = { S }, signal = { S } },
   journal_repaired = { dropped = { N, true } },
+  answer = { step = { S, true }, answer = { S, true }, asked = { S } },
+  preview_start = { step = { S, true } },
+  preview_end = { step = { S, true }, status = { S }, error = { T } },
+  kubernetes_context = { context = { S }, namespace = { S }, cluster = { S }, server = { S }, user = { S } },
   source = { path = { S, true }, sha256 = { S, true } },
 }
 
