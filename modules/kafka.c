@@ -493,9 +493,17 @@ static void queue_drain(rd_kafka_queue_t *q) {
 
 static void admin_drain(client *c) { queue_drain(c->queue); }
 
-static int raise_wait(lua_State *L, const char *op, const char *what) {
+/* "timed out after Ns", with why the cluster could not be reached when librdkafka said. */
+static const char *push_timed_out(lua_State *L, client *c, int ms) {
+    char secs[32];
+    snprintf(secs, sizeof secs, "%.3g", ms / 1000.0);
+    const char *trouble = push_broker_trouble(L, c);
+    return lua_pushfstring(L, "timed out after %ss%s%s", secs, *trouble ? ": " : "", trouble);
+}
+
+static int raise_wait(lua_State *L, client *c, const char *op, const char *what, int ms) {
     if (rb_interrupted()) return rb_error(L, "kafka", op, "interrupted", 0, "%s: interrupted", what);
-    return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: timed out", what);
+    return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: %s", what, push_timed_out(L, c, ms));
 }
 
 /* Raises when the whole admin request failed (e.g. unsupported by the broker). */
@@ -560,7 +568,7 @@ static int k_group_offsets(lua_State *L) {
     lua_createtable(L, 0, n);
     for (int i = 0; i < n; i++) {
         rd_kafka_event_t *ev = queue_wait(c->group_queue, ms);
-        if (!ev) return raise_wait(L, "lag", "reading committed offsets");
+        if (!ev) return raise_wait(L, c, "lag", "reading committed offsets", ms);
         check_event(L, ev, "lag", "reading committed offsets");
         size_t cnt;
         const rd_kafka_group_result_t **gr = rd_kafka_ListConsumerGroupOffsets_result_groups(
@@ -600,7 +608,7 @@ static int k_alter_group_offsets(lua_State *L) {
     if (!ev) {
         lua_pushliteral(L, "timed out");
         rb_gate_done(L, &e, d, 0);
-        return raise_wait(L, "reset_offsets", group);
+        return raise_wait(L, c, "reset_offsets", group, ms);
     }
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     if (err) {
@@ -648,7 +656,7 @@ static int k_describe_groups(lua_State *L) {
     rd_kafka_DescribeConsumerGroups(c->rk, names, (size_t)n, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return raise_wait(L, "describe_group", "describing consumer groups");
+    if (!ev) return raise_wait(L, c, "describe_group", "describing consumer groups", ms);
     check_event(L, ev, "describe_group", "describing consumer groups");
     size_t cnt;
     const rd_kafka_ConsumerGroupDescription_t **gd =
@@ -691,7 +699,7 @@ static int k_list_groups(lua_State *L) {
     rd_kafka_ListConsumerGroups(c->rk, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return raise_wait(L, "list_groups", "listing consumer groups");
+    if (!ev) return raise_wait(L, c, "list_groups", "listing consumer groups", ms);
     check_event(L, ev, "list_groups", "listing consumer groups");
     const rd_kafka_ListConsumerGroups_result_t *r = rd_kafka_event_ListConsumerGroups_result(ev);
     size_t nerr;
@@ -758,7 +766,7 @@ static const rd_kafka_ConfigResource_t *config_request(lua_State *L, client *c, 
     const char *topic = lua_pushstring(L, rd_kafka_ConfigResource_name(res));
     rd_kafka_ConfigResource_destroy(res);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) raise_wait(L, op, topic);
+    if (!ev) raise_wait(L, c, op, topic, ms);
     *evp = ev;
     if (rd_kafka_event_error(ev)) return NULL;
     size_t n;
@@ -866,7 +874,7 @@ static int k_create_topic(lua_State *L) {
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_NewTopic_destroy(nt);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, "timed out");
+    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
     size_t n;
@@ -893,7 +901,7 @@ static int k_create_partitions(lua_State *L) {
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_NewPartitions_destroy(np);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, "timed out");
+    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
     size_t n;
