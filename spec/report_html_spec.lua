@@ -41,6 +41,9 @@ describe("report --html", function()
     assert.are.equal(0, rep.code, rep.stderr)
     local page = rep.stdout
     assert.are.equal(page, cli.run({ "report", id, "--format", "html" }, env).stdout)
+    local both = cli.run({ "report", id, "--html", "--format", "json" }, env)
+    assert.are.equal(2, both.code)
+    assert.matches("--html and --format json ask for different formats", both.stderr, 1, true)
     assert.matches("^<!DOCTYPE html>\n", page)
     assert.matches("<style>", page, 1, true)
     for _, external in ipairs { "<script", "<link", "src=", "href=", "url(", "@import", "http://", "https://" } do
@@ -58,10 +61,14 @@ describe("report --html", function()
     f:close()
     -- No display: headless needs none, and an inherited DISPLAY must not be used.
     -- As root Chromium needs --no-sandbox; a profile of its own keeps it from
-    -- sharing state with another Chromium on the machine.
+    -- sharing state with another Chromium on the machine; a container's small
+    -- /dev/shm would crash its renderer.
+    local log = cli.tmpdir() .. "/chromium.log"
     local dom = sh(("env -u DISPLAY -u WAYLAND_DISPLAY timeout 120 chromium --headless --no-sandbox --disable-gpu"
-      .. " --no-first-run --user-data-dir=%s --dump-dom file://%s 2>/dev/null"):format(cli.tmpdir(), file))
-    assert.matches("<tbody>", dom, 1, true)   -- the DOM Chromium built, not the file (it adds tbody)
+      .. " --disable-dev-shm-usage --no-first-run --user-data-dir=%s --dump-dom file://%s 2>%s"):format(
+      cli.tmpdir(), file, log))
+    -- The DOM Chromium built, not the file: it adds tbody to every table.
+    assert.matches("<tbody>", dom, 1, true, "chromium wrote no DOM:\n" .. cli.slurp(log):sub(-2000))
     local svg = dom:match('<svg class="timeline".-</svg>')
     assert.truthy(svg, dom)
     local bars = {}

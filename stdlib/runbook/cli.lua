@@ -2,9 +2,9 @@
 -- lua-argparse. Returns the exit status (runbook.exit). `run` and `resume`
 -- hand a request to runbook.run; each option's target is its own flag
 -- (o["--dry-run"]), as runbook.run and runbook.resume read it.
-local argparse = require "argparse"
+-- Modules that a plain run does not need are required where they are used:
+-- loading them is most of start-up.
 local host = require "runbook.host"
-local suggest = require "runbook.suggest"
 
 local M = {}
 
@@ -22,6 +22,9 @@ target or an effect differ from the plan, 78 apply: approvals missing,
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
+
+--- "; did you mean 'x'?" when `word` is close to one of `names`, else "".
+local function hint(word, names) return require("runbook.suggest").hint(word, names) end
 
 local function err(fmt, ...)
   io.stderr:write(host.redact("runbook: " .. fmt:format(...) .. "\n"))
@@ -76,7 +79,7 @@ local function resolve_runbook(ref)
     names[#names + 1] = rb.name
   end
   return nil, ("no runbook named '%s' on RUNBOOK_PATH (%s)%s"):format(ref, table.concat(search_path(), ":"),
-    suggest.hint(ref, names))
+    hint(ref, names))
 end
 
 --- Load a runbook by file or name; on failure print why and return nil, exit status.
@@ -118,7 +121,7 @@ end
 local function build(only)
   parsers = {}
   local function want(name) return only == nil or only == name end
-  local p = argparse("runbook", "Run operational procedures written in Lua, step by step, with a dry run.")
+  local p = require("argparse")("runbook", "Run operational procedures written in Lua, step by step, with a dry run.")
     :add_help(false):require_command(false):command_target("command"):epilog(EXIT_TEXT)
     :help_max_width(100):help_description_margin(30)
   p:flag("-h --help", "Show this help and exit."):target("help")
@@ -181,11 +184,24 @@ local function build(only)
   flag(apply, "--step", "Ask before each step.")
   flag(apply, "-y --yes", "Do not ask, also for steps marked confirm.")
 
+  local show = command(p, "show", "Show a plan as its dry run did, or as Markdown for a ticket.")
+  show:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(show, "--format", "text (default) or markdown.", "FORMAT"):choices { "text", "markdown" }
+
   local approve = command(p, "approve", "Approve a plan as a second person.",
     "Record your approval of a plan's digest (you: RUNBOOK_USER, else the login name; never the requester).")
   approve:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
   option(approve, "--comment", "Why, for the journal and the report.", "TEXT")
   option(approve, "--expires", "How long the approval holds (default 1h).", "DURATION")
+
+  local serve = command(p, "serve", "Receive Alertmanager's webhook and plan or run runbooks by rules.",
+    "An HTTP server (libmicrohttpd): POST /v1/alertmanager (bearer token), GET /healthz, GET /metrics. "
+    .. "Each alert matching a rule makes a plan, a run or a dry run, in a child process.")
+  option(serve, "--rules", "The rules file (YAML): which alerts start which runbook, how.", "FILE")
+  option(serve, "--listen", "Address to listen on (default 127.0.0.1:9095; port 0 picks one).", "IPV4:PORT")
+  option(serve, "--token-file", "File holding the bearer token (else RUNBOOK_SERVE_TOKEN).", "FILE")
+  option(serve, "--max-body", "Largest request body, in bytes (default 1048576).", "BYTES")
+  option(serve, "--max-runs", "Plans and runs at once (default 4); alerts over it are refused and counted.", "N")
 
   local history = command(p, "history", "Past runs, newest first.")
   option(history, "--runbook", "Only the runs of this runbook.", "NAME")
@@ -238,7 +254,7 @@ function commands.run(o)
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     local names = {}
     for _, s in ipairs(rb.steps) do names[#names + 1] = s.name end
-    return usage_error("run", "--from: %s has no step named '%s'%s", rb.name, o["--from"], suggest.hint(o["--from"], names))
+    return usage_error("run", "--from: %s has no step named '%s'%s", rb.name, o["--from"], hint(o["--from"], names))
   end
   if o["--outputs-from"] and not o["--from"] then return usage_error("run", "--outputs-from goes with --from STEP") end
   return require("runbook.run").start(rb, require("runbook.run").request(o))
@@ -270,6 +286,11 @@ function commands.apply(o)
   return require("runbook.plan").apply(o.plan, o, load_runbook)
 end
 
+function commands.show(o)
+  if not o.plan then return usage_error("show", "show: expected one plan FILE or ID") end
+  return require("runbook.plan").show(o.plan, o["--format"])
+end
+
 function commands.approve(o)
   if not o.plan then return usage_error("approve", "approve: expected one plan FILE or ID") end
   local ttl
@@ -279,6 +300,19 @@ function commands.approve(o)
     if not ttl then return usage_error("approve", "approve: --expires: %s", why) end
   end
   return require("runbook.plan").approve(o.plan, o["--comment"], ttl)
+end
+
+function commands.serve(o)
+  if not o["--rules"] then return usage_error("serve", "serve: --rules FILE is needed") end
+  local nums = {}
+  for _, name in ipairs { "--max-body", "--max-runs" } do
+    nums[name] = o[name] and math.tointeger(tonumber(o[name]))
+    if o[name] and not (nums[name] and nums[name] > 0) then
+      return usage_error("serve", "serve: %s must be a positive whole number", name)
+    end
+  end
+  return require("runbook.serve").serve({ rules = o["--rules"], listen = o["--listen"], token_file = o["--token-file"],
+    max_body = nums["--max-body"], max_runs = nums["--max-runs"] }, resolve_runbook)
 end
 
 function commands.history(o)
@@ -383,6 +417,44 @@ local function command_index(args)
   end
 end
 
+-- The options of the usual `run FILE|NAME ...` (a script's or a timer's),
+-- by name -> target: flags, and options that take the next word as value.
+local PLAIN_FLAGS = { ["--dry-run"] = "--dry-run", ["-y"] = "--yes", ["--yes"] = "--yes",
+  ["--step"] = "--step", ["--undo-on-failure"] = "--undo-on-failure", ["-v"] = "--verbose",
+  ["--verbose"] = "--verbose", ["-q"] = "--quiet", ["--quiet"] = "--quiet", ["--no-color"] = "--no-color" }
+local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output" }
+local OUTPUTS = { text = true, json = true }
+
+--- The options of `run` in its usual forms, as argparse would return them,
+-- read without building the grammar (most of a no-op run's start-up). nil
+-- for anything else: another option, a joined or missing value, a repeated
+-- flag, --help; argparse parses those, so its messages stay the only ones.
+local function plain_run(args)
+  if args[1] ~= "run" then return nil end
+  local o = { command = "run", run = true, ["-p"] = {} }
+  local i = 2
+  while args[i] do
+    local a, value = args[i], args[i + 1]
+    local target = PLAIN_FLAGS[a] or PLAIN_VALUES[a]
+    if a:sub(1, 1) ~= "-" then
+      if o.runbook then return nil end
+      o.runbook = a
+    elseif PLAIN_FLAGS[a] and not o[target] then
+      o[target] = true
+    elseif target == "-p" and value and value:sub(1, 1) ~= "-" then
+      table.insert(o["-p"], value)
+      i = i + 1
+    elseif target == "--output" and OUTPUTS[value] and not o[target] then
+      o[target] = value
+      i = i + 1
+    else
+      return nil
+    end
+    i = i + 1
+  end
+  return o.runbook and o
+end
+
 --- `runbook help [COMMAND]`, `runbook COMMAND --help`, and bare `runbook`
 -- (the usage on stderr, exit 2).
 local function show_help(parser, o)
@@ -392,7 +464,7 @@ local function show_help(parser, o)
   if topic and not sub then
     local names = {}
     for name in pairs(parsers) do names[#names + 1] = name end
-    return usage_error(nil, "help: no command '%s'%s", topic, suggest.hint(topic, names))
+    return usage_error(nil, "help: no command '%s'%s", topic, hint(topic, names))
   end
   if topic == "run" and o.runbook then return runbook_help(sub, o.runbook) end
   local asked = o.command or o.help
@@ -403,6 +475,11 @@ end
 
 function M.main(args)
   _G.print = redacting_print
+  local plain = plain_run(args)
+  if plain then
+    apply_globals(plain)
+    return commands.run(plain)
+  end
   -- `test` hands everything after it to busted, whose options are its own.
   local at, busted_args = command_index(args)
   if at and args[at] == "test" then

@@ -49,7 +49,6 @@ local SYNC = { step_end = true, undo_end = true, run_end = true, intent = true }
 local codec = require("cjson").new()
 codec.decode_max_depth(100)
 local encode = require("runbook.events").encode
-local schema = require "runbook.schema"
 
 local function lfs_mode(path) return require("lfs").attributes(path, "mode") end
 M.encode = encode
@@ -122,7 +121,7 @@ function M.read(run_id)
     if line == "" and nl == "" then break end
     n = n + 1
     local ok, e = pcall(codec.decode, line)
-    local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or schema.check(e)
+    local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or require("runbook.schema").check(e)
     if not bad then
       events[#events + 1] = integers(e)
     elseif nl == "" then
