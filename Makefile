@@ -14,7 +14,7 @@ endif
 HOST_SRC = $(wildcard host/*.c)
 # sha256 from nettle, linked statically: a few KB, nothing more to load at start.
 HOST_LIBS = -l:libnettle.a
-MODULES  = exec http k8s pg redis kafka
+MODULES  = exec http k8s k8s_exec pg redis kafka httpd
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 # The stdlib precompiled to bytecode: parsing the source was most of start-up.
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
@@ -28,15 +28,18 @@ STDLIB_BC += $(ARGPARSE:/usr/share/lua/5.4/%.lua=lib/lua/%.luac)
 # Backend libraries, linked only into the module that uses them.
 LIBS_http  = -lcurl
 LIBS_k8s   = -lcurl
+LIBS_k8s_exec = -lwebsockets
 LIBS_kafka = -lrdkafka
 LIBS_pg    = $(shell pkg-config --cflags --libs libpq 2>/dev/null || echo -I/usr/include/postgresql -lpq)
 LIBS_redis = -lhiredis -lssl -lcrypto
+LIBS_httpd = -lmicrohttpd
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
-  nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev \
+  nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev libwebsockets-dev \
+  libmicrohttpd-dev \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
-  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests
+  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests chromium
 
 # The package version is the one `runbook version` prints.
 VERSION := $(shell sed -n 's/^M.VERSION = "\(.*\)"$$/\1/p' stdlib/runbook/cli.lua)

@@ -37,7 +37,12 @@ double rb_now(void)
  * `ordinal` counts the intents of the current step attempt.
  */
 static lua_Integer intent_seq, pending_seq, ordinal;
-static int library_gate_open;
+static int library_gate_open;   /* in any mode, so a plan records what apply checks */
+static int library_whole;       /* the open gate is a library's own: what it does inside is part of it */
+
+/* A C module's check inside a library's own gate is that effect, for the
+ * journal and for a plan; inside a runbook's gate.effect it is one of its own. */
+static int same_effect(void) { return library_gate_open && library_whole; }
 
 static int push_sink(lua_State *L, const char *key)
 {
@@ -68,17 +73,21 @@ static void journal_intent(lua_State *L, const rb_effect *e)
 
 rb_decision rb_gate(lua_State *L, const rb_effect *e)
 {
+    int same = same_effect();
     if (mode == RB_MODE_RUN) {
+        if (!same) rb_plan_check(L, e);
         if (!library_gate_open) journal_intent(L, e);
         return RB_PERFORM;
     }
+    if (!same) rb_plan_record(L, e);
     return e->can_simulate ? RB_SIMULATE : RB_SKIP;
 }
 
-rb_decision rb_gate_library(lua_State *L, const rb_effect *e)
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e, int whole)
 {
     rb_decision d = rb_gate(L, e);
-    library_gate_open = d == RB_PERFORM;
+    library_gate_open = 1;
+    library_whole = whole;
     return d;
 }
 
@@ -154,6 +163,7 @@ static void deadline_hook(lua_State *L, lua_Debug *ar)
 
 void rb_check_stop(lua_State *L)
 {
+    rb_plan_check_stop(L);
     if (nsignals)
         rb_error(L, "runbook", "step", "interrupted", 0, "interrupted by %s", last_signal == SIGTERM ? "SIGTERM" : "SIGINT");
     if (deadline > 0 && rb_now() > deadline)

@@ -16,9 +16,11 @@ typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
 
-/* The gate for effects written in Lua (host.gate): as rb_gate, and the C
- * module's own check inside it (until host.gate_done) is the same effect. */
-rb_decision rb_gate_library(lua_State *L, const rb_effect *e);
+/* The gate for effects written in Lua (host.gate): as rb_gate. When `whole`
+ * (a runbook library's own effect), the C modules' checks inside it (until
+ * host.gate_done) are the same effect; inside a runbook's gate.effect they
+ * are held to a plan on their own. */
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e, int whole);
 
 /* Step deadline (monotonic seconds; 0 = none), enforced in Lua code by a
  * count hook on the calling thread while it is set (coroutines created
@@ -54,6 +56,14 @@ extern const luaL_Reg rb_ticker_funcs[];
 /* The standard library's writers refuse in a dry run (guard.c); mkdir for fs.lua. */
 void rb_guard_stdlib(lua_State *L);
 extern const luaL_Reg rb_guard_funcs[];
+
+/* A run held to its plan (plan.c): the gate's check before a performed
+ * effect, the same difference raised again after it was found, and
+ * plan_load, plan_step and plan_drift for the host library. */
+void rb_plan_check(lua_State *L, const rb_effect *e);
+void rb_plan_record(lua_State *L, const rb_effect *e);
+void rb_plan_check_stop(lua_State *L);
+extern const luaL_Reg rb_plan_funcs[];
 
 /* The journal, run lock and sha256 functions, added to the host library. */
 void rb_durable_open(lua_State *L);

@@ -134,15 +134,16 @@ static int h_set_effect_sink(lua_State *L)
 }
 
 /*
- * gate(module, op, target, summary, can_simulate) -> "perform"|"simulate"|"skip":
- * the same decision C modules get, for effects written in Lua.
+ * gate(module, op, target, summary, can_simulate, whole) -> "perform"|"simulate"|"skip":
+ * the same decision C modules get, for effects written in Lua (whole: see
+ * rb_gate_library).
  */
 static int h_gate(lua_State *L)
 {
     rb_effect e = { luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
                     luaL_checkstring(L, 4), lua_toboolean(L, 5) };
     static const char *const names[] = { "perform", "simulate", "skip" };
-    lua_pushstring(L, names[rb_gate_library(L, &e)]);
+    lua_pushstring(L, names[rb_gate_library(L, &e, lua_toboolean(L, 6))]);
     return 1;
 }
 
@@ -303,6 +304,7 @@ int luaopen_runbook_host(lua_State *L)
     luaL_newlib(L, host_funcs);
     luaL_setfuncs(L, rb_ticker_funcs, 0);
     luaL_setfuncs(L, rb_guard_funcs, 0);
+    luaL_setfuncs(L, rb_plan_funcs, 0);
     rb_durable_open(L);
     lua_pushvalue(L, -2);
     lua_setfield(L, -2, "error_mt");

@@ -4,6 +4,8 @@
  * command line to the Lua CLI (stdlib/runbook/cli.lua), whose return value is
  * the exit status. Everything runs under a protected call with a traceback.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -49,11 +51,30 @@ static void set_path(lua_State *L, const char *field, const char *mine)
     lua_pop(L, 2);
 }
 
+/* Read the open file `fd` of `size` bytes whole onto the stack; false on a read error. */
+static int push_file(lua_State *L, int fd, size_t size)
+{
+    luaL_Buffer b;
+    char *p = luaL_buffinitsize(L, &b, size);
+    size_t got = 0;
+    while (got < size) {
+        ssize_t n = read(fd, p + got, size - got);
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR) continue;
+            return 0;
+        }
+        got += (size_t)n;
+    }
+    luaL_pushresultsize(&b, got);
+    return 1;
+}
+
 /*
  * A searcher for the stdlib precompiled by `make` (lib/lua/<name>.luac):
  * loading bytecode instead of parsing the source takes most of start-up's
  * cost away. A compiled file older than its source is ignored, so an edited
- * stdlib file is never shadowed by a stale build.
+ * stdlib file is never shadowed by a stale build. The file is opened once and
+ * read whole (luaL_loadfilex opens a binary chunk twice).
  * Upvalues: the stdlib directory and the compiled directory.
  */
 static int compiled_searcher(lua_State *L)
@@ -63,11 +84,20 @@ static int compiled_searcher(lua_State *L)
     const char *src = lua_pushfstring(L, "%s/%s.lua", lua_tostring(L, lua_upvalueindex(1)), mod);
     const char *bc = lua_pushfstring(L, "%s/%s.luac", lua_tostring(L, lua_upvalueindex(2)), mod);
     struct stat s_src, s_bc;
-    if (stat(bc, &s_bc) != 0 || (stat(src, &s_src) == 0 && s_src.st_mtime > s_bc.st_mtime)) {
+    int fd = open(bc, O_RDONLY | O_CLOEXEC);
+    if (fd < 0 || fstat(fd, &s_bc) != 0 || (stat(src, &s_src) == 0 && s_src.st_mtime > s_bc.st_mtime)) {
+        if (fd >= 0) close(fd);
         lua_pushfstring(L, "no compiled stdlib file '%s'", bc);
         return 1;
     }
-    if (luaL_loadfilex(L, bc, "b") != LUA_OK)
+    int read_ok = push_file(L, fd, (size_t)s_bc.st_size);
+    close(fd);
+    if (!read_ok)
+        return luaL_error(L, "error loading module '%s' from '%s':\n\tcannot read it", name, bc);
+    const char *chunkname = lua_pushfstring(L, "@%s", bc);
+    size_t len;
+    const char *code = lua_tolstring(L, -2, &len);
+    if (luaL_loadbufferx(L, code, len, chunkname, "b") != LUA_OK)
         return luaL_error(L, "error loading module '%s' from '%s':\n\t%s", name, bc, lua_tostring(L, -1));
     lua_pushstring(L, bc);
     return 2;

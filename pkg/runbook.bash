@@ -55,7 +55,7 @@ _runbook()
         run) flags="-p --param --params-file --dry-run --step --yes -y --from --undo-on-failure --lock --wait-lock" ;;
         resume) flags="-p --param --force --rerun-interrupted --on-unknown --yes -y --step --wait-lock --undo-on-failure" ;;
         history) flags="--runbook --limit" ;;
-        report) flags="--format" ;;
+        report) flags="--format --html" ;;
         help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;
     esac
     flags="$flags $globals"
@@ -76,7 +76,7 @@ _runbook()
             COMPREPLY=($(compgen -W "$(_runbook_params "$target")" -- "$cur"))
             return ;;
         --params-file) _filedir '@(yaml|yml|json)'; return ;;
-        --format) COMPREPLY=($(compgen -W "markdown json" -- "$cur")); return ;;
+        --format) COMPREPLY=($(compgen -W "markdown json html" -- "$cur")); return ;;
         --runbook) COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur")); return ;;
         --from | --wait-lock | --limit) return ;;
     esac

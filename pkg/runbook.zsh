@@ -89,7 +89,8 @@ _runbook() {
             '--limit[how many runs]:count:' && ret=0 ;;
         report)
           _arguments $globals \
-            '--format[report format]:format:(markdown json)' \
+            '(--html)--format[report format]:format:(markdown json html)' \
+            '(--format)--html[a self-contained HTML page with an SVG timeline]' \
             '1:run id:_runbook_run_ids' && ret=0 ;;
         describe) _arguments $globals '1:runbook:_runbook_names' && ret=0 ;;
         lint) _arguments $globals '*:runbook:_runbook_names' && ret=0 ;;

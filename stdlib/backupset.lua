@@ -26,7 +26,7 @@
 --
 -- Writes (directories, dumps, files, renames, deletes) go through the effect
 -- gate: in a dry run nothing is written and the functions say what they would do.
-local gate = require "gate"
+local library_effect = require("runbook.effect").library
 local host = require "runbook.host"
 local json = require "json"
 local exec = require "exec"
@@ -258,7 +258,7 @@ function M.remove(path)
   tree(path, files, dirs)
   local bytes = 0
   for _, f in ipairs(files) do bytes = bytes + (lfs.attributes(f, "size") or 0) end
-  return gate.effect {
+  return library_effect {
     module = "fs", op = "remove", target = path,
     summary = ("delete backup set %s (%d files, %s)"):format(path, #files, pretty(bytes)),
     perform = function()

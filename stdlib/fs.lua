@@ -3,7 +3,7 @@
 -- functions the writes use (io.open for writing, os.rename, os.remove,
 -- host.mkdir) also refuse in C during a dry run (host/guard.c), so a write
 -- never happens in one even if the Lua around it was replaced.
-local gate = require "gate"
+local library_effect = require("runbook.effect").library
 local host = require "runbook.host"
 local lfs = require "lfs"
 
@@ -39,7 +39,7 @@ function M.write(path, data, opts)
   opts = opts or {}
   data = tostring(data)
   local verb = opts.append and "append" or "write"
-  return gate.effect {
+  return library_effect {
     module = "fs", op = verb, target = path,
     summary = ("%s %d bytes to %s"):format(verb, #data, path),
     perform = function()
@@ -64,7 +64,7 @@ function M.write(path, data, opts)
 end
 
 function M.remove(path)
-  return gate.effect {
+  return library_effect {
     module = "fs", op = "remove", target = path, summary = "remove " .. path,
     perform = function()
       local ok, err = os.remove(path)
@@ -75,7 +75,7 @@ function M.remove(path)
 end
 
 function M.rename(from, to)
-  return gate.effect {
+  return library_effect {
     module = "fs", op = "rename", target = from, summary = ("rename %s to %s"):format(from, to),
     perform = function()
       local ok, err = os.rename(from, to)
@@ -86,7 +86,7 @@ function M.rename(from, to)
 end
 
 function M.mkdir(path)
-  return gate.effect {
+  return library_effect {
     module = "fs", op = "mkdir", target = path, summary = "create directory " .. path,
     perform = function()
       local at = path:sub(1, 1) == "/" and "" or "."

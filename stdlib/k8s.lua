@@ -38,12 +38,34 @@
 --           {container=, from_secret=, from_configmap=, prefix=})
 --   logs(TARGET | {selector=}, {container=, tail=, since=, since_time=, previous=,
 --        timestamps=, prefix=}) -> lines, {pod = lines}
+--       a selector's pods are merged in timestamp order; prefix tags each line
+--       "[pod/NAME/CONTAINER] "
+--   log_query{target = TARGET | selector =, container=, since=, since_time=, tail=,
+--        previous=, where = {level = "ERROR", field = value | {v1, v2} | fn(v)},
+--        match = "lua pattern", json = true, count_by = "level", top = 10}
+--       -> {records = {{time, stamp, pod, container, line, fields}...}, count,
+--           scanned, first, last, pods, by = {{value, count}...} (with count_by)}
+--       every pod of a workload, merged in timestamp order; JSON lines decode
+--       into rec.fields, other lines are kept as text (fields nil)
 --   events([TARGET], {namespace=, object=, type=, reason=, since=}) -> oldest first
 --   wait(TARGET | TYPE, condition, {selector=, timeout = "30s"}): condition
 --       "Ready", "Available", "condition=Progressing=False", "delete", or fn(obj)
 --   top("pods"|"nodes", {selector=, sort_by = "cpu"|"memory"})
 --   proxy_get("svc/NAME:PORT" | "pod/NAME:PORT", "/health", {check=}) -> {status, body, json}
---   (there is no exec: reach an app's HTTP endpoints with proxy_get)
+--   exec(TARGET, {argv...}, {container=, stdin = "text", timeout=, read = true, check = false})
+--       -> {status, stdout, stderr, pod, container}: a command in a pod's container over
+--       the API server's WebSocket exec protocol (v5.channel.k8s.io, else v4). TARGET is
+--       a pod or a workload (one ready pod, as kubectl picks it); the container defaults
+--       to the pod's default container. A write through the gate unless read = true: in
+--       a dry run it is reported (would run "df -h" in pod ns/x container c), not run.
+--       A non-zero exit raises (code = the status) unless check = false; a missing
+--       container raises code "container_not_found"; timeout (default the step's
+--       deadline) and Ctrl-C close the session, which ends the command.
+--   cp("pod/x:/path" | "deploy/x:/path", "local/path", {container=, timeout=})
+--   cp("local/path", "pod/x:/path", {container=}) -> {bytes, pod, container}
+--       a file or directory, by tar over exec as kubectl cp does; `to` names the
+--       copy. Copying out is a read of the pod (unpacked here by exec.run, a local
+--       write); copying in is a gated exec in the pod.
 --
 -- Summaries:
 --   deployment_health(ns, name)   namespace_health(ns)
@@ -65,6 +87,8 @@
 local client = require "k8s.client"
 local verbs = require "k8s.verbs"
 require "k8s.health"
+require "k8s.logs"
+require "k8s.exec"
 local lease = require "k8s.lease"
 
 local Client = client.Client
@@ -103,7 +127,7 @@ end
 local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
   "scale", "stop_workloads", "start_workloads", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
-  "logs", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
+  "logs", "log_query", "exec", "cp", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
   "lease_lock", "lease_renew_due",
 }
 for _, name in ipairs(PUBLIC) do

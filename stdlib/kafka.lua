@@ -31,7 +31,7 @@
 -- "bad_argument" for a call that cannot be right.
 local native = require "runbook.kafka"
 local host = require "runbook.host"
-local gate = require "gate"
+local library_effect = require("runbook.effect").library
 local json = require "json"
 local duration = require "duration"
 local base64 = require "base64"
@@ -811,7 +811,7 @@ function Client:backup_topic(opts)
     expected = expected + m.high - m.low
   end
   local manifest_path = opts.file .. ".manifest.json"
-  return gate.effect {
+  return library_effect {
     module = "kafka", op = op, target = opts.file,
     summary = ("back up %d messages of %s to %s"):format(expected, opts.topic, opts.file),
     simulate = function() return { topic = opts.topic, messages = expected, partitions = per, written = false } end,

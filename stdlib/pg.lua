@@ -43,6 +43,7 @@ local json = require "json"
 local duration = require "duration"
 local exec = require "exec"
 local gate = require "gate"
+local library_effect = require("runbook.effect").library
 local host = require "runbook.host"
 
 native.set_json(json.encode, json.decode, json.null)
@@ -355,7 +356,7 @@ function pg.dump(opts)
   if opts.jobs and format ~= "directory" then error("pg.dump: jobs needs format = \"directory\"", 2) end
   local url = opts.url or env_url()
   local file = opts.file
-  return gate.effect {
+  return library_effect {
     module = "pg", op = "dump", target = file,
     summary = ("dump %s to %s (%s)"):format(native.conninfo(url).dbname or "the database", file, format),
     perform = function()
@@ -425,7 +426,7 @@ function pg.restore(opts)
     end
   end
   verify_parses(file, format, env)
-  return gate.effect {
+  return library_effect {
     module = "pg", op = "restore", target = env.PGDATABASE or "the database",
     summary = ("restore %s into %s%s"):format(file, env.PGDATABASE or "the database",
       opts.clean ~= false and " (replacing its objects)" or ""),

@@ -82,6 +82,17 @@ backends.replicas = {
     .. " get deployment web -o jsonpath={.spec.replicas}") end,
 }
 
+-- The files in /tmp of deployment web's pod (none), which an exec would make
+-- (the stand-in runs commands for real, in a directory of the pod's own).
+backends.pod_tmp = {
+  reset = function()
+    backends.replicas.reset()
+    kubectl("rollout status deployment web --timeout=60s")
+    kubectl("exec deploy/web -- sh -c 'rm -f /tmp/*'")
+  end,
+  snapshot = function() return kubectl("exec deploy/web -- ls /tmp") end,
+}
+
 -- Dapr's state in Redis: key adversarial-net-new (absent) and adversarial-net-keep ("kept").
 backends.dapr_state = {
   reset = function()
@@ -161,6 +172,16 @@ local rows = {
   { "k8s.patch: subresource ../web#", check = "replicas", body = [[
     require("k8s").patch("deploy/web", { spec = { replicas = 3 } },
       { namespace = "${NS}", subresource = "../web#", type = "merge" })]] },
+
+  -- A command in a pod: k8s.exec asks the gate in C before it connects.
+  { "k8s.exec: a write exec", check = "pod_tmp", body = [[
+    require("k8s").exec("deploy/web", { "touch", "/tmp/pwned" }, { namespace = "${NS}" })]] },
+  { "k8s.exec: the module called directly with read = false", check = "pod_tmp", body = [[
+    local k8s = require("k8s")
+    local c, pod = k8s.client(), k8s.list("pods", { namespace = "${NS}", selector = "app=web" })[1]
+    require("runbook.k8s_exec").run { server = c.server, ca_data = c.cfg.ca_data, token = c.cred.token,
+      insecure = c.cfg.insecure, namespace = "${NS}", pod = pod.metadata.name,
+      container = pod.spec.containers[1].name, command = { "touch", "/tmp/pwned" }, read = false }]] },
 
   -- A body on a GET or HEAD.
   { "http.get with a body", check = "http", body = [[

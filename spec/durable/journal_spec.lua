@@ -37,6 +37,17 @@ local function real_journal(fail)
   return text, rb, dir
 end
 
+-- What a run asked at a prompt and the Kubernetes context it used, as the
+-- journal holds them, for the readers to meet mutated too.
+local ASKED = [[
+{"event":"kubernetes_context","time":"2026-12-06T10:00:00.000Z","context":"c","namespace":"n","cluster":"k","server":"https://k","user":"u"}
+{"event":"answer","time":"2026-12-06T10:00:01.000Z","step":"write","answer":"preview","asked":"2026-12-06T10:00:00.500Z"}
+{"event":"preview_start","time":"2026-12-06T10:00:01.000Z","step":"write"}
+{"event":"effect","time":"2026-12-06T10:00:01.100Z","step":"write","module":"k8s","op":"scale","target":"n/deployment/d","summary":"scale","decision":"simulated","ok":true,"result":{"summary":"replicas 1 -> 2"}}
+{"event":"preview_end","time":"2026-12-06T10:00:01.200Z","step":"write","status":"failed","error":{"message":"m"}}
+{"event":"answer","time":"2026-12-06T10:00:02.000Z","step":"write","answer":"yes","asked":"2026-12-06T10:00:01.200Z"}
+]]
+
 local function lines_of(text)
   local out = {}
   for l in text:gmatch("[^\n]+") do out[#out + 1] = l end
@@ -74,7 +85,7 @@ local function readers_hold(id)
   local journal = require "runbook.journal"
   local events, err = journal.read(id)
   if events then journal.summarize(events) else assert.is_string(err) end
-  for _, fmt in ipairs { "markdown", "json" } do
+  for _, fmt in ipairs { "markdown", "json", "html" } do
     local text, rerr = report.report(id, fmt)
     assert.is_true(text ~= nil or type(rerr) == "string")
     if not text then assert.matches(id, rerr, 1, true) end
@@ -86,7 +97,7 @@ describe("fuzzed journals", function()
   after_each(cli.cleanup)
 
   it("300+ torn, truncated, malformed and odd journals: no Lua error in any reader; history lists them all", function()
-    local text = real_journal()
+    local text = real_journal():gsub("\n", "\n" .. ASKED, 1)
     local state = cli.tmpdir()
     local runs = state .. "/runs"
     os.execute("mkdir -p " .. runs)

@@ -113,6 +113,23 @@ local function open(c, cred)
   c.cred = cred
 end
 
+-- The contexts a run connected to, for its journal: who ran it where.
+local announced = setmetatable({}, { __mode = "k" })
+
+--- Journal a kubernetes_context event the first time the current run connects to
+-- this context, namespace and server.
+local function announce(cfg)
+  local events = require "runbook.events"
+  local run = events.run
+  if not run then return end
+  local key = ("%s\0%s\0%s"):format(cfg.context, cfg.namespace, cfg.server)
+  announced[run] = announced[run] or {}
+  if announced[run][key] then return end
+  announced[run][key] = true
+  events.emit { event = "kubernetes_context", context = cfg.context, namespace = cfg.namespace, cluster = cfg.cluster,
+    server = cfg.server, user = cfg.user }
+end
+
 --- A client for one context (see k8s.connect).
 function M.new(opts)
   local cfg = config.resolve(opts)
@@ -120,6 +137,7 @@ function M.new(opts)
   local c = setmetatable({ cfg = cfg, namespace = cfg.namespace, context = cfg.context, server = cfg.server,
     user = cfg.user, timeout = opts and opts.timeout }, Client)
   open(c, config.credentials(cfg))
+  announce(cfg)
   return c
 end
 
@@ -346,7 +364,7 @@ end
 -- shows the would-be object and the diff. Returns the object the server
 -- answered with.
 function M.write(e)
-  local decision = host.gate("k8s", e.op, e.target, e.summary, true)
+  local decision = host.gate("k8s", e.op, e.target, e.summary, true, true)
   local dry = decision ~= "perform"
   local ok, after = pcall(function()
     local before = e.before

@@ -1,8 +1,8 @@
 --- The kubectl verbs operators use, with kubectl's semantics, as methods of
 -- the client (stdlib/k8s.lua documents them): scale, stop_workloads,
 -- start_workloads, rollout_restart,
--- rollout_status, rollout_history, rollout_undo, set_image, set_env, logs,
--- events, wait, top, proxy_get.
+-- rollout_status, rollout_history, rollout_undo, set_image, set_env,
+-- events, wait, top, proxy_get (logs are in k8s/logs.lua).
 local cjson = require "cjson"
 local host = require "runbook.host"
 local client = require "k8s.client"
@@ -540,12 +540,7 @@ function Client:set_env(a, env, rest)
   end
 end
 
--- ---- logs, events ------------------------------------------------------------
-
-local function default_container(pod)
-  local ann = pod.metadata.annotations or {}
-  return ann["kubectl.kubernetes.io/default-container"] or pod.spec.containers[1].name
-end
+-- ---- pods, events ------------------------------------------------------------
 
 local function ready(pod)
   local c = condition(pod, "Ready")
@@ -560,59 +555,6 @@ function Client:pods_of(obj, ns)
   for k, v in pairs((s and (s.matchLabels or (not s.matchExpressions and s))) or {}) do sel[#sel + 1] = k .. "=" .. v end
   table.sort(sel)
   return self:list("pods", { namespace = ns, label_selector = table.concat(sel, ",") })
-end
-
-local function split_lines(text)
-  local out = {}
-  for line in text:gmatch("([^\n]*)\n") do out[#out + 1] = line end
-  local tail = text:match("([^\n]+)$")
-  if tail then out[#out + 1] = tail end
-  return out
-end
-
---- Logs as a list of lines. Target "pod/x", or "deploy/x" (one pod, as kubectl
--- picks it), or opts.selector for every matching pod. Also returns
--- { [pod] = lines } for multi-pod reads.
-function Client:logs(a, b)
-  local t, name, opts
-  if type(a) == "table" then t, name, opts = "pods", nil, a
-  else t, name, opts = client.target_args(a, b, nil, false, "logs") end
-  opts = opts or {}
-  local ns = self:ns(opts)
-  local pods
-  if not name then
-    if not opts.selector then error("k8s.logs: give \"pod/NAME\", \"deploy/NAME\" or {selector = ...}", 2) end
-    pods = self:list("pods", { namespace = ns, label_selector = opts.selector })
-  else
-    local r = self:resource(t)
-    if r.kind == "Pod" then pods = { self:get(r, name, { namespace = ns }) }
-    else
-      local obj = self:get(r, name, { namespace = ns })
-      local all = self:pods_of(obj, ns)
-      table.sort(all, function(x, y)
-        if ready(x) ~= ready(y) then return ready(x) end
-        return (x.metadata.creationTimestamp or "") > (y.metadata.creationTimestamp or "")
-      end)
-      if #all == 0 then raise { op = "logs", code = "404", retryable = false, message = ("no pods found for %s %s"):format(r.singular, name) } end
-      pods = { all[1] }
-    end
-  end
-  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since"))
-  local lines, by_pod = {}, {}
-  for _, pod in ipairs(pods) do
-    local cname = opts.container or default_container(pod)
-    local text = self:call { path = path_of(self:resource("pods"), ns, pod.metadata.name, "log"), op = "logs", raw = true,
-      accept = "*/*", what = ('pod "%s"'):format(pod.metadata.name), query = {
-        container = cname, tailLines = opts.tail, sinceSeconds = since, sinceTime = opts.since_time,
-        previous = opts.previous and "true" or nil, timestamps = opts.timestamps and "true" or nil,
-        limitBytes = opts.limit_bytes } }
-    local pl = split_lines(text or "")
-    by_pod[pod.metadata.name] = pl
-    for _, l in ipairs(pl) do
-      lines[#lines + 1] = opts.prefix and ("[pod/%s/%s] %s"):format(pod.metadata.name, cname, l) or l
-    end
-  end
-  return lines, by_pod
 end
 
 local function event_time(e)

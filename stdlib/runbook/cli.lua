@@ -2,9 +2,9 @@
 -- lua-argparse. Returns the exit status (runbook.exit). `run` and `resume`
 -- hand a request to runbook.run; each option's target is its own flag
 -- (o["--dry-run"]), as runbook.run and runbook.resume read it.
-local argparse = require "argparse"
+-- Modules that a plain run does not need are required where they are used:
+-- loading them is most of start-up.
 local host = require "runbook.host"
-local suggest = require "runbook.suggest"
 
 local M = {}
 
@@ -16,11 +16,15 @@ local EXIT_TEXT = [[
 Exit status: 0 success, 1 a step failed, 2 usage or parameter error,
 3 runbook cannot be loaded, 4 aborted by the operator, 74 the journal
 cannot be written (a full disk), 75 lock held by another run, 76 effects
-of unknown outcome (resume --on-unknown), 124 ended by the watchdog,
-130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
+of unknown outcome (resume --on-unknown), 77 apply: the runbook, params,
+target or an effect differ from the plan, 78 apply: approvals missing,
+124 ended by the watchdog, 130/143 interrupted by SIGINT/SIGTERM/SIGHUP.]]
 
 local GLOBALS_TEXT = "Global options (before or after the command; see runbook --help): -v, -q, --no-color, "
   .. "-o FORMAT, --kubeconfig FILE, --context NAME, -n NAMESPACE."
+
+--- "; did you mean 'x'?" when `word` is close to one of `names`, else "".
+local function hint(word, names) return require("runbook.suggest").hint(word, names) end
 
 local function err(fmt, ...)
   io.stderr:write(host.redact("runbook: " .. fmt:format(...) .. "\n"))
@@ -75,7 +79,7 @@ local function resolve_runbook(ref)
     names[#names + 1] = rb.name
   end
   return nil, ("no runbook named '%s' on RUNBOOK_PATH (%s)%s"):format(ref, table.concat(search_path(), ":"),
-    suggest.hint(ref, names))
+    hint(ref, names))
 end
 
 --- Load a runbook by file or name; on failure print why and return nil, exit status.
@@ -117,7 +121,7 @@ end
 local function build(only)
   parsers = {}
   local function want(name) return only == nil or only == name end
-  local p = argparse("runbook", "Run operational procedures written in Lua, step by step, with a dry run.")
+  local p = require("argparse")("runbook", "Run operational procedures written in Lua, step by step, with a dry run.")
     :add_help(false):require_command(false):command_target("command"):epilog(EXIT_TEXT)
     :help_max_width(100):help_description_margin(30)
   p:flag("-h --help", "Show this help and exit."):target("help")
@@ -162,13 +166,47 @@ local function build(only)
   option(resume, "--wait-lock", "Wait this long for a held lock.", "DURATION")
   flag(resume, "--undo-on-failure", "When a step fails, undo the completed steps in reverse.")
 
+  local plan = command(p, "plan", "Dry-run a runbook and write the plan that apply runs.",
+    "Run the dry run of a runbook and write it as a plan: the runbook's hash, the params (secrets redacted, "
+    .. "bound by hash), the Kubernetes target, who asked, the ordered effects and a digest.")
+  plan:argument("runbook", "The runbook: a FILE, or a NAME on RUNBOOK_PATH."):args("?")
+  option(plan, "-p --param", "Set a param (repeatable); -p wins over --params-file.", "KEY=VALUE"):count("*"):target("-p")
+  option(plan, "--params-file", "Read params from a YAML or JSON file.", "FILE")
+  option(plan, "--out", "Also write the plan to FILE (it is always kept in the state directory).", "FILE")
+  option(plan, "--require-approval", "Approvals the plan needs besides the runbook's own approval policy.", "N")
+
+  local apply = command(p, "apply", "Run a plan for real, holding each effect to it.",
+    "Run a plan made by `runbook plan`: refuses when the runbook, params or target changed (77) or approvals "
+    .. "are missing (78); stops before any effect that is not the plan's next one (77).")
+  apply:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(apply, "-p --param", "Give a secret param again (the plan does not hold it).", "KEY=VALUE")
+    :count("*"):target("-p")
+  flag(apply, "--step", "Ask before each step.")
+  flag(apply, "-y --yes", "Do not ask, also for steps marked confirm.")
+
+  local approve = command(p, "approve", "Approve a plan as a second person.",
+    "Record your approval of a plan's digest (you: RUNBOOK_USER, else the login name; never the requester).")
+  approve:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(approve, "--comment", "Why, for the journal and the report.", "TEXT")
+  option(approve, "--expires", "How long the approval holds (default 1h).", "DURATION")
+
+  local serve = command(p, "serve", "Receive Alertmanager's webhook and plan or run runbooks by rules.",
+    "An HTTP server (libmicrohttpd): POST /v1/alertmanager (bearer token), GET /healthz, GET /metrics. "
+    .. "Each alert matching a rule makes a plan, a run or a dry run, in a child process.")
+  option(serve, "--rules", "The rules file (YAML): which alerts start which runbook, how.", "FILE")
+  option(serve, "--listen", "Address to listen on (default 127.0.0.1:9095; port 0 picks one).", "IPV4:PORT")
+  option(serve, "--token-file", "File holding the bearer token (else RUNBOOK_SERVE_TOKEN).", "FILE")
+  option(serve, "--max-body", "Largest request body, in bytes (default 1048576).", "BYTES")
+  option(serve, "--max-runs", "Plans and runs at once (default 4); alerts over it are refused and counted.", "N")
+
   local history = command(p, "history", "Past runs, newest first.")
   option(history, "--runbook", "Only the runs of this runbook.", "NAME")
   option(history, "--limit", "How many runs (default 20).", "N")
 
   local report = command(p, "report", "A run's timeline for a postmortem.")
   report:argument("run_id", "The run (see runbook history)."):args("?")
-  option(report, "--format", "markdown (default) or json.", "FORMAT"):choices { "markdown", "json" }
+  option(report, "--format", "markdown (default), json or html.", "FORMAT"):choices { "markdown", "json", "html" }
+  flag(report, "--html", "A self-contained HTML page with an SVG timeline (--format html).")
 
   command(p, "describe", "Show a runbook's params and steps (nothing runs).")
     :argument("runbook", "A FILE, or a NAME on RUNBOOK_PATH."):args("?")
@@ -212,7 +250,7 @@ function commands.run(o)
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     local names = {}
     for _, s in ipairs(rb.steps) do names[#names + 1] = s.name end
-    return usage_error("run", "--from: %s has no step named '%s'%s", rb.name, o["--from"], suggest.hint(o["--from"], names))
+    return usage_error("run", "--from: %s has no step named '%s'%s", rb.name, o["--from"], hint(o["--from"], names))
   end
   if o["--outputs-from"] and not o["--from"] then return usage_error("run", "--outputs-from goes with --from STEP") end
   return require("runbook.run").start(rb, require("runbook.run").request(o))
@@ -228,6 +266,46 @@ function commands.resume(o)
   return require("runbook.run").start(plan.rb, plan.request, plan.resumed)
 end
 
+function commands.plan(o)
+  if not o.runbook then return usage_error("plan", "plan: expected one runbook FILE or NAME") end
+  local n = o["--require-approval"] and math.tointeger(tonumber(o["--require-approval"]))
+  if o["--require-approval"] and not (n and n >= 0) then
+    return usage_error("plan", "plan: --require-approval must be a whole number")
+  end
+  local rb, code = load_runbook(o.runbook)
+  if not rb then return code end
+  return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n)
+end
+
+function commands.apply(o)
+  if not o.plan then return usage_error("apply", "apply: expected one plan FILE or ID") end
+  return require("runbook.plan").apply(o.plan, o, load_runbook)
+end
+
+function commands.approve(o)
+  if not o.plan then return usage_error("approve", "approve: expected one plan FILE or ID") end
+  local ttl
+  if o["--expires"] then
+    local why
+    ttl, why = require("duration").parse(o["--expires"])
+    if not ttl then return usage_error("approve", "approve: --expires: %s", why) end
+  end
+  return require("runbook.plan").approve(o.plan, o["--comment"], ttl)
+end
+
+function commands.serve(o)
+  if not o["--rules"] then return usage_error("serve", "serve: --rules FILE is needed") end
+  local nums = {}
+  for _, name in ipairs { "--max-body", "--max-runs" } do
+    nums[name] = o[name] and math.tointeger(tonumber(o[name]))
+    if o[name] and not (nums[name] and nums[name] > 0) then
+      return usage_error("serve", "serve: %s must be a positive whole number", name)
+    end
+  end
+  return require("runbook.serve").serve({ rules = o["--rules"], listen = o["--listen"], token_file = o["--token-file"],
+    max_body = nums["--max-body"], max_runs = nums["--max-runs"] }, resolve_runbook)
+end
+
 function commands.history(o)
   local limit = tonumber(o["--limit"] or "20")
   if not limit or limit < 1 then return usage_error("history", "history: --limit must be a positive number") end
@@ -236,7 +314,10 @@ end
 
 function commands.report(o)
   if not o.run_id then return usage_error("report", "report: expected one RUN_ID (see 'runbook history')") end
-  local text, rerr = require("runbook.report").report(o.run_id, o["--format"] or "markdown")
+  if o["--html"] and o["--format"] and o["--format"] ~= "html" then
+    return usage_error("report", "report: --html and --format " .. o["--format"] .. " ask for different formats")
+  end
+  local text, rerr = require("runbook.report").report(o.run_id, o["--html"] and "html" or o["--format"] or "markdown")
   if not text then err("%s", rerr); return EXIT.usage end
   io.stdout:write(host.redact(text))
   return EXIT.ok
@@ -327,6 +408,44 @@ local function command_index(args)
   end
 end
 
+-- The options of the usual `run FILE|NAME ...` (a script's or a timer's),
+-- by name -> target: flags, and options that take the next word as value.
+local PLAIN_FLAGS = { ["--dry-run"] = "--dry-run", ["-y"] = "--yes", ["--yes"] = "--yes",
+  ["--step"] = "--step", ["--undo-on-failure"] = "--undo-on-failure", ["-v"] = "--verbose",
+  ["--verbose"] = "--verbose", ["-q"] = "--quiet", ["--quiet"] = "--quiet", ["--no-color"] = "--no-color" }
+local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output" }
+local OUTPUTS = { text = true, json = true }
+
+--- The options of `run` in its usual forms, as argparse would return them,
+-- read without building the grammar (most of a no-op run's start-up). nil
+-- for anything else: another option, a joined or missing value, a repeated
+-- flag, --help; argparse parses those, so its messages stay the only ones.
+local function plain_run(args)
+  if args[1] ~= "run" then return nil end
+  local o = { command = "run", run = true, ["-p"] = {} }
+  local i = 2
+  while args[i] do
+    local a, value = args[i], args[i + 1]
+    local target = PLAIN_FLAGS[a] or PLAIN_VALUES[a]
+    if a:sub(1, 1) ~= "-" then
+      if o.runbook then return nil end
+      o.runbook = a
+    elseif PLAIN_FLAGS[a] and not o[target] then
+      o[target] = true
+    elseif target == "-p" and value and value:sub(1, 1) ~= "-" then
+      table.insert(o["-p"], value)
+      i = i + 1
+    elseif target == "--output" and OUTPUTS[value] and not o[target] then
+      o[target] = value
+      i = i + 1
+    else
+      return nil
+    end
+    i = i + 1
+  end
+  return o.runbook and o
+end
+
 --- `runbook help [COMMAND]`, `runbook COMMAND --help`, and bare `runbook`
 -- (the usage on stderr, exit 2).
 local function show_help(parser, o)
@@ -336,7 +455,7 @@ local function show_help(parser, o)
   if topic and not sub then
     local names = {}
     for name in pairs(parsers) do names[#names + 1] = name end
-    return usage_error(nil, "help: no command '%s'%s", topic, suggest.hint(topic, names))
+    return usage_error(nil, "help: no command '%s'%s", topic, hint(topic, names))
   end
   if topic == "run" and o.runbook then return runbook_help(sub, o.runbook) end
   local asked = o.command or o.help
@@ -347,6 +466,11 @@ end
 
 function M.main(args)
   _G.print = redacting_print
+  local plain = plain_run(args)
+  if plain then
+    apply_globals(plain)
+    return commands.run(plain)
+  end
   -- `test` hands everything after it to busted, whose options are its own.
   local at, busted_args = command_index(args)
   if at and args[at] == "test" then

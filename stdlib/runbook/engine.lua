@@ -104,8 +104,15 @@ local function step_call(rb, step, ctx, what, fn, ...)
 end
 
 --- One attempt of one step's function `fn` (its run or fallback) under its deadline.
+-- Under `apply`, the gate holds each effect to the plan's effects of this
+-- step, counted from the attempt's start; a difference it found fails the
+-- attempt whatever the step did with the error.
 local function attempt(rb, step, fn, ctx)
+  host.plan_step(step.name)
   local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx)) end)
+  host.plan_step(nil)
+  local drift = host.plan_drift()
+  if drift then return false, { message = drift, code = "drift", module = "runbook", op = "apply" } end
   if not ok and step.timeout and res.code == "timeout" then
     -- A backend's own words name it, the operation and the target: keep them
     -- (module "runbook" is the step's own deadline, which has nothing to add).
@@ -122,7 +129,7 @@ local function run_with_retries(rb, step, fn, ctx)
   for n = 1, attempts do
     ctx.attempt = n
     ok, res = attempt(rb, step, fn, ctx)
-    if ok or res.interrupted or n == attempts then return ok, res, n end
+    if ok or res.interrupted or res.code == "drift" or n == attempts then return ok, res, n end
     local delay = jitter_delay(step.retry, n)
     require("log").warn("attempt %d/%d failed: %s; retrying in %s", n, attempts, res.message,
       require("duration").format(delay))
@@ -157,10 +164,16 @@ local function preview(run, step)
     error = not ok and res or nil }
 end
 
---- Ask the operator about `step` until they decide. Returns "run", "skip", "all" or "quit".
+-- The journal's word for each answer at a step's prompt.
+local ANSWER = { run = "yes", skip = "no", preview = "preview", all = "all", quit = "quit" }
+
+--- Ask the operator about `step` until they decide; every answer is journaled
+-- with when it was asked. Returns "run", "skip", "all" or "quit".
 local function ask(run, step, total)
   while true do
+    local asked = events.iso8601(host.wallclock())
     local choice = require("runbook.prompt").step(step, total, run.request.step)
+    events.emit { event = "answer", step = step.name, answer = ANSWER[choice], asked = asked }
     if choice ~= "preview" then return choice end
     preview(run, step)
   end
@@ -268,6 +281,8 @@ local function run_step(run, step, i, counts, failure)
   end
   counts.failed = counts.failed + 1
   run.failed = { step = step.name, error = res.message }
+  -- An undo is not in the plan either: after a drift nothing more is performed.
+  if res.code == "drift" then return false, "failed", EXIT.drift end
   if run.rb.on_failure == "undo" or run.request.undo_on_failure then undo_completed(run) end
   return false, "failed", EXIT.failed
 end

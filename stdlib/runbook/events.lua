@@ -38,14 +38,16 @@ end
 -- error); "/" is not escaped; `duration` is in integer milliseconds. One
 -- JSON Schema per event type in docs/events/ says the same.
 local ORDER = {
-  run_start = { "run_id", "runbook", "version", "file", "path", "sha256", "mode", "params", "steps", "user", "host",
-    "pid", "lock", "from", "request", "sources", "resumed", "resume_at" },
+  run_start = { "run_id", "runbook", "version", "file", "path", "sha256", "mode", "params", "params_text", "steps",
+    "user", "host", "pid", "lock", "from", "request", "sources", "resumed", "resume_at" },
   step_start = { "step", "index", "total", "description" },
   log = { "step", "level", "message" },
   intent = { "step", "module", "op", "target", "summary", "seq", "n", "key" },
   effect = { "step", "module", "op", "target", "summary", "decision", "ok", "result", "seq", "unknown" },
   source = { "path", "sha256" },
   step_end = { "step", "index", "status", "duration", "attempts", "reason", "needs", "fallback", "outputs", "error" },
+  answer = { "step", "answer", "asked" },
+  kubernetes_context = { "context", "namespace", "cluster", "server", "user" },
   preview_start = { "step" },
   preview_end = { "step", "status", "error" },
   undo_start = { "step" },
@@ -53,7 +55,7 @@ local ORDER = {
   run_end = { "run_id", "status", "exit_code", "duration", "ok", "failed", "skipped", "mode", "signal" },
   run = { "run_id", "runbook", "started", "duration", "mode", "status", "user", "host", "resumed" },
 }
-local OBJECTS = { params = true, request = true, outputs = true, result = true, error = true }
+local OBJECTS = { params = true, params_text = true, request = true, outputs = true, result = true, error = true }
 
 local function is_array(t)
   local n = 0

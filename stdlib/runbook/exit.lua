@@ -9,6 +9,8 @@ local M = {
   journal = 74,  -- the journal cannot be written, a full disk (EX_IOERR): the run stopped before its next effect
   locked = 75,   -- another run holds the lock (EX_TEMPFAIL)
   unknown = 76,  -- resume found effects of unknown outcome and --on-unknown=fail
+  drift = 77,    -- apply: the runbook, its params or an effect differ from the plan; nothing more was performed
+  unapproved = 78, -- apply: the plan lacks the approvals its policy asks for (or they expired)
   watchdog = 124, -- runbook code did not stop at its deadline (as timeout(1) exits)
 }
 

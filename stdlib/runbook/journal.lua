@@ -49,7 +49,6 @@ local SYNC = { step_end = true, undo_end = true, run_end = true, intent = true }
 local codec = require("cjson").new()
 codec.decode_max_depth(100)
 local encode = require("runbook.events").encode
-local schema = require "runbook.schema"
 
 local function lfs_mode(path) return require("lfs").attributes(path, "mode") end
 M.encode = encode
@@ -68,7 +67,9 @@ function M.sink(run_id)
   if not j then error(busy and { message = dropped, code = "locked" } or dropped, 0) end
   M.failure = nil
   local repaired = dropped > 0 and dropped or nil
+  local closed = false
   return function(e)
+    if closed then return end   -- after run_end (a library announcing itself late)
     if M.failure then
       if e.event == "intent" then error(M.failure, 0) end
       return
@@ -87,7 +88,7 @@ function M.sink(run_id)
       pcall(j.close, j)
       if e.event == "intent" then error(err, 0) end
     end
-    if e.event == "run_end" then j:close() end
+    if e.event == "run_end" then j:close(); closed = true end
   end, path
 end
 
@@ -120,7 +121,7 @@ function M.read(run_id)
     if line == "" and nl == "" then break end
     n = n + 1
     local ok, e = pcall(codec.decode, line)
-    local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or schema.check(e)
+    local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or require("runbook.schema").check(e)
     if not bad then
       events[#events + 1] = integers(e)
     elseif nl == "" then
@@ -193,10 +194,24 @@ end
 -- {start, last_end, status, segments, steps = {[name] = state}, order = {state...}}
 -- where a segment is one process's part of the run (the first run, then each
 -- resume) and a step state is {name, status, outputs, error, effects, unknown
--- (see unknown_effects), started, duration}. A step started without an end was cut off: "interrupted".
+-- (see unknown_effects), started, duration, answers (the operator's, at its
+-- prompt), previews ({started, status, error, effects, logs} each)}. A step
+-- started without an end was cut off: "interrupted". `contexts` lists the
+-- Kubernetes contexts the run connected to (kubernetes_context events).
 function M.summarize(events)
-  local s = { start = events[1], steps = {}, segments = {}, timeline = {} }
-  local seg, current, undoing
+  local s = { start = events[1], steps = {}, segments = {}, timeline = {}, contexts = {} }
+  local seg, current, undoing, previewing
+  -- A step's prompt (its answers and previews) comes before its step_start.
+  local asked = { answers = {}, previews = {} }
+  local function new_step(e, status)
+    local st = { name = e.step, index = e.index, status = status, started = e.time, effects = {}, logs = {},
+      intents = {}, description = e.description, segment = #s.segments, answers = asked.answers,
+      previews = asked.previews }
+    asked = { answers = {}, previews = {} }
+    s.steps[e.step] = st
+    s.timeline[#s.timeline + 1] = st
+    return st
+  end
   for _, e in ipairs(events) do
     local ev = e.event
     if ev == "run_start" then
@@ -204,32 +219,35 @@ function M.summarize(events)
       s.segments[#s.segments + 1] = seg
       current = nil
     elseif ev == "step_start" then
-      current = { name = e.step, index = e.index, status = "interrupted", started = e.time,
-        effects = {}, logs = {}, intents = {}, description = e.description, segment = #s.segments }
-      s.steps[e.step] = current
-      s.timeline[#s.timeline + 1] = current
+      current = new_step(e, "interrupted")
     elseif ev == "step_end" then
       local st = s.steps[e.step]
-      if not st or st ~= current then
-        st = { name = e.step, index = e.index, started = e.time, effects = {}, logs = {}, intents = {},
-          segment = #s.segments }
-        s.steps[e.step] = st
-        s.timeline[#s.timeline + 1] = st
-      end
+      if not st or st ~= current then st = new_step(e) end
       st.status, st.duration, st.outputs, st.error = e.status, e.duration, e.outputs, e.error
       st.attempts, st.reason = e.attempts, e.reason
       current = nil
     elseif ev == "intent" then
-      local target = current or undoing
+      local target = previewing or current or undoing
       if target then target.intents[e.seq] = e end
     elseif ev == "effect" then
-      local target = current or undoing
+      local target = previewing or current or undoing
       if target then
         target.effects[#target.effects + 1] = e
         if e.seq then target.intents[e.seq] = nil end
       end
     elseif ev == "log" then
-      if current then current.logs[#current.logs + 1] = e end
+      local target = previewing or current
+      if target then target.logs[#target.logs + 1] = e end
+    elseif ev == "answer" then
+      asked.answers[#asked.answers + 1] = e
+    elseif ev == "preview_start" then
+      previewing = { started = e.time, status = "interrupted", effects = {}, logs = {}, intents = {} }
+      asked.previews[#asked.previews + 1] = previewing
+    elseif ev == "preview_end" then
+      if previewing then previewing.status, previewing.error, previewing.ended = e.status, e.error, e.time end
+      previewing = nil
+    elseif ev == "kubernetes_context" then
+      s.contexts[#s.contexts + 1] = e
     elseif ev == "undo_start" then
       undoing = { name = e.step, undo = true, started = e.time, effects = {}, logs = {}, intents = {},
         status = "interrupted" }

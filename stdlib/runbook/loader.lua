@@ -10,7 +10,7 @@ local M = {}
 
 --- Top-level fields a runbook may assign, with their expected types.
 local FIELDS = { name = "string", description = "string", version = "string", lock = "string",
-  on_failure = "string", notify = "table" }
+  on_failure = "string", notify = "table", approval = "table" }
 
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
@@ -178,6 +178,15 @@ function M.load(path)
   if #rb.steps == 0 then error(load_error(("%s:1: runbook has no steps"):format(path)), 0) end
   if rb.on_failure and rb.on_failure ~= "undo" and rb.on_failure ~= "stop" then
     error(load_error(("%s:1: on_failure must be \"undo\" or \"stop\""):format(path)), 0)
+  end
+  local a = rb.approval
+  if a then
+    local ok = math.type(a.required) == "integer" and a.required >= 0 and (a.by == nil or type(a.by) == "table")
+    for k in pairs(a) do ok = ok and (k == "required" or k == "by") end
+    for _, name in ipairs(a.by or {}) do ok = ok and type(name) == "string" end
+    if not ok then
+      error(load_error(("%s:1: approval must be {required = N, by = {\"name\", ...}} (by is optional)"):format(path)), 0)
+    end
   end
   if rb.notify then
     local ok, nerr = pcall(require("notify").check_hooks, rb.notify)

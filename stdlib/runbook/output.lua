@@ -162,7 +162,9 @@ function M.human(stream, fancy)
     out(("\n%s%s%s: %d ok, %d failed, %d skipped in %s%s\n"):format(C.bold,
       e.mode == "dry-run" and "dry run " .. status or status, C.reset, e.ok, e.failed, e.skipped,
       duration.format(e.duration), e.mode == "dry-run" and " (nothing was changed)" or ""))
-    if e.status ~= "ok" and e.status ~= "locked" and e.mode ~= "dry-run" then
+    if e.exit_code == require("runbook.exit").drift then
+      out("The run left the plan, and stopped before that effect: make a new plan (runbook plan).\n")
+    elseif e.status ~= "ok" and e.status ~= "locked" and e.mode ~= "dry-run" then
       out(("To continue where it stopped: runbook resume %s\n"):format(e.run_id))
     end
   end

@@ -68,7 +68,9 @@ end
 
 --- Resolve params. `given` is a list of "key=value" strings; `file` an optional path;
 -- `base` the values of an earlier run (a resume), which both override.
--- Returns a table name -> typed value. Secret values are registered with the host.
+-- Returns a table name -> typed value, and one name -> the value as it was
+-- written (the text after -p k=, the file's value, the runbook's default) for
+-- the report. Secret values are registered with the host.
 function M.resolve(rb, given, file, base)
   local raw = {}
   for k, v in pairs(base or {}) do raw[k] = v end
@@ -82,7 +84,7 @@ function M.resolve(rb, given, file, base)
   end
   for k, v in pairs(raw) do
     if base and v == "***" and base[k] == v and rb.params_by_name[k] and rb.params_by_name[k].secret then
-      fail("param '%s' is secret, so the journal does not hold it: give it again with -p %s=...", k, k)
+      fail("param '%s' is secret, so neither the journal nor a plan holds it: give it again with -p %s=...", k, k)
     end
     if not rb.params_by_name[k] then
       local known = {}
@@ -91,7 +93,7 @@ function M.resolve(rb, given, file, base)
         #known > 0 and table.concat(known, ", ") or "no params")
     end
   end
-  local values = {}
+  local values, written = {}, {}
   for _, p in ipairs(rb.params) do
     local v = raw[p.name]
     if v == nil then v = p.default end
@@ -100,9 +102,10 @@ function M.resolve(rb, given, file, base)
     else
       if p.secret then host.secret(tostring(v)) end
       values[p.name] = convert(p, v)
+      written[p.name] = type(v) == "table" and v or tostring(v)
     end
   end
-  return values
+  return values, written
 end
 
 --- The params with secret values shown as "***", for output and the journal.

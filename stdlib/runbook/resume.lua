@@ -191,6 +191,11 @@ function M.plan(run_id, o, load_runbook)
     return fail(EXIT.usage, "run %s was a dry run, which changed nothing: run it again instead", run_id)
   end
   if s.status == "ok" then return fail(EXIT.usage, "run %s finished ok; there is nothing to resume", run_id) end
+  local applied = type(first.request) == "table" and first.request.plan
+  if type(applied) == "table" then
+    return fail(EXIT.usage, "run %s applied plan %s, and a resume would run without it: make a new plan "
+      .. "(runbook plan) and apply that", run_id, tostring(applied.id))
+  end
 
   local rb, code = load_runbook(first.path or first.file)
   if not rb then return nil, code end

@@ -17,7 +17,8 @@ end
 --- The request from the CLI's parsed options `o`: {given = {"k=v"...},
 -- params_file, mode = "run"|"dry-run", step, yes, from, outputs_from,
 -- lock = KEY|true|nil, wait (seconds), undo_on_failure, output = "text"|"json"}.
--- `resume` builds the same table from the journal.
+-- `resume` builds the same table from the journal; `apply` adds plan (its id,
+-- digest and approvals, journaled), `plan` a sink that sees every event.
 function M.request(o)
   local given = {}
   for _, kv in ipairs(o["-p"] or {}) do given[#given + 1] = kv end
@@ -34,7 +35,7 @@ end
 --- What a resume restores of the request that started the run (journaled in run_start).
 function M.journaled(req)
   return { step = req.step, yes = req.yes, wait = req.wait, undo_on_failure = req.undo_on_failure,
-    output = req.output, outputs_from = req.outputs_from }
+    output = req.output, outputs_from = req.outputs_from, plan = req.plan }
 end
 
 --- Refuse before anything runs when we would have to ask and cannot.
@@ -132,6 +133,7 @@ local function install_sinks(run, journal_sink)
     events.add_sink(output.human(io.stdout, host.isatty(1)))
   end
   events.add_sink(journal_sink)
+  if run.request.sink then events.add_sink(run.request.sink) end   -- runbook plan's collector
   local function sink(kind)
     return function(e)
       e.event = kind
@@ -148,7 +150,7 @@ local function new_run_id()
   return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
-local function absolute(path)
+function M.absolute(path)
   if path:sub(1, 1) == "/" then return path end
   return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
 end
@@ -196,28 +198,28 @@ local function sources(req)
   for i, rec in ipairs(require("runbook.env").sources) do out[i] = { path = rec.path, sha256 = rec.sha256 } end
   if req.params_file then
     local sha = host.sha256_file(req.params_file)
-    out[#out + 1] = { path = absolute(req.params_file), sha256 = sha, params = true }
+    out[#out + 1] = { path = M.absolute(req.params_file), sha256 = sha, params = true }
   end
   return #out > 0 and out or nil
 end
 
---- Resolve the params of `req` over `base` (a resumed run's). Returns values
--- and their redacted copy, or nil and the exit status.
+--- Resolve the params of `req` over `base` (a resumed run's). Returns values,
+-- their redacted copy and the redacted text as written, or nil and the exit status.
 local function resolve_params(rb, req, base)
   local params = require "runbook.params"
-  local ok, values = pcall(params.resolve, rb, req.given, req.params_file, base)
+  local ok, values, written = pcall(params.resolve, rb, req.given, req.params_file, base)
   if not ok then
     if getmetatable(values) == params.ParamError then say("%s", values.message); return nil, EXIT.usage end
     error(values, 0)
   end
-  return values, params.redacted(rb, values)
+  return values, params.redacted(rb, values), params.redacted(rb, written)
 end
 
 --- The run `req` asks for, checked before anything runs: params, prompts
 -- that need a terminal, the lock key, --from's needs. Returns the run, or nil
 -- and the exit status (having said why).
 local function new_run(rb, req, resumed)
-  local values, redacted = resolve_params(rb, req, resumed.params)
+  local values, redacted, written = resolve_params(rb, req, resumed.params)
   if not values then return nil, redacted end
   local key = lock_key(rb, req)
   local ok, why = check_can_ask(rb, req)
@@ -230,7 +232,7 @@ local function new_run(rb, req, resumed)
     for name, out in pairs(earlier.outputs) do restored.outputs[name] = restored.outputs[name] or out end
   end
   return { rb = rb, request = req, id = resumed.id or new_run_id(), params = values, redacted = redacted,
-    lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
+    written = written, lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
     resumed = resumed.id ~= nil, resolved = resumed.resolved }
 end
 
@@ -259,9 +261,10 @@ end
 local function run_start(run)
   local rb, req, who = run.rb, run.request, host.identity()
   events.emit { event = "run_start", run_id = run.id, runbook = rb.name, version = rb.version, file = rb.file,
-    path = absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = run.redacted,
-    steps = #rb.steps, user = who.user, host = who.host, pid = who.pid, lock = run.lock_key,
-    request = M.journaled(req), resumed = run.resumed or nil, from = req.from, sources = sources(req),
+    path = M.absolute(rb.file), sha256 = host.sha256(rb.source), mode = req.mode, params = run.redacted,
+    params_text = run.written, steps = #rb.steps, user = who.user, host = who.host, pid = who.pid,
+    lock = run.lock_key, request = M.journaled(req), resumed = run.resumed or nil, from = req.from,
+    sources = sources(req),
     resume_at = run.start and rb.steps[run.start] and rb.steps[run.start].name or nil }
   -- Lua files the runbook requires from here on are journaled as they load.
   require("runbook.env").on_source = function(rec)

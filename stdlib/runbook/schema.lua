@@ -17,7 +17,7 @@ local MODES = { run = true, ["dry-run"] = true }
 -- field = {type, required, values}
 M.EVENTS = {
   run_start = { run_id = { S, true }, runbook = { S, true }, file = { S, true }, mode = { S, true, MODES },
-    version = { S }, path = { S }, sha256 = { S }, params = { T }, steps = { N }, user = { S }, host = { S },
+    version = { S }, path = { S }, sha256 = { S }, params = { T }, params_text = { T }, steps = { N }, user = { S }, host = { S },
     pid = { N }, lock = { S }, resumed = { B }, from = { S }, resume_at = { S }, request = { T }, sources = { T } },
   step_start = { step = { S, true }, index = { N }, total = { N }, description = { S } },
   step_end = { step = { S, true }, index = { N }, duration = { N }, outputs = { T },
@@ -34,6 +34,10 @@ M.EVENTS = {
     status = { S, true, { ok = true, failed = true, aborted = true, interrupted = true, locked = true, timed_out = true } },
     failed = { N }, skipped = { N }, mode = { S, false, MODES }, signal = { S } },
   journal_repaired = { dropped = { N, true } },
+  answer = { step = { S, true }, answer = { S, true }, asked = { S } },
+  preview_start = { step = { S, true } },
+  preview_end = { step = { S, true }, status = { S }, error = { T } },
+  kubernetes_context = { context = { S }, namespace = { S }, cluster = { S }, server = { S }, user = { S } },
   source = { path = { S, true }, sha256 = { S, true } },
 }
 

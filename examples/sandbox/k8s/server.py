@@ -11,11 +11,12 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import resources as R          # noqa: E402
+import podexec                 # noqa: E402
 import proto                   # noqa: E402
 import rbac                    # noqa: E402
 import workload as W           # noqa: E402
@@ -246,7 +247,8 @@ class Handler(BaseHTTPRequestHandler):
         other users: system:masters may do anything, everyone else only get,
         list and watch (the `viewer` context). Refused as the apiserver words it."""
         user, groups = self.user() or ("system:anonymous", [])
-        verb = verb_of(self.command, name, self.q)
+        # Connecting to a pod's processes is a create on pods/exec, whatever the method.
+        verb = "create" if sub in ("exec", "attach") else verb_of(self.command, name, self.q)
         if user.startswith("system:serviceaccount:"):
             # Everyone may ask who they are and what they may do (system:basic-user); a
             # namespace is in its own namespace, so a Role there may grant reading it.
@@ -538,8 +540,10 @@ class Handler(BaseHTTPRequestHandler):
                              "status": {"token": token, "expirationTimestamp": expires}})
 
     def sub_exec(self, res, ns, name, _):
-        raise ApiError(400, "BadRequest", "exec is not available in the sandbox API server; use pods/proxy "
-                       "to reach an app's HTTP endpoints")
+        if self.command not in ("GET", "POST"):
+            raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        self.q_multi = parse_qs(self.raw_query, keep_blank_values=True)
+        podexec.serve(self, self.cluster.api.get(res, ns, name), self.cluster.state_dir, self.cluster.store)
 
     def virtual(self, res, ns, name):
         store = self.cluster.store

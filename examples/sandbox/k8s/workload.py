@@ -11,11 +11,13 @@ from store import now_iso, parse_iso
 LINE_EVERY = 5.0     # seconds between synthetic log lines
 MAX_LINES = 2000
 
-APP_MESSAGES = [("INFO", "GET /health 200"), ("INFO", "GET /api/tasks 200"), ("INFO", "POST /api/tasks 201"),
-                ("INFO", "published event to task-events"), ("INFO", "state saved to statestore"),
-                ("DEBUG", "cache hit for user session"), ("WARNING", "slow query on tasks table (412ms)"),
-                ("INFO", "PATCH /api/tasks 200"), ("ERROR", "publish to task-updates failed: retrying"),
-                ("INFO", "websocket client connected")]
+APP_MESSAGES = [("INFO", "GET /health 200", "uvicorn.access"), ("INFO", "GET /api/tasks 200", "uvicorn.access"),
+                ("INFO", "POST /api/tasks 201", "uvicorn.access"), ("INFO", "published event to task-events", "app.events"),
+                ("INFO", "state saved to statestore", "app.state"), ("DEBUG", "cache hit for user session", "app.cache"),
+                ("WARNING", "slow query on tasks table (412ms)", "app.db"), ("INFO", "PATCH /api/tasks 200", "uvicorn.access"),
+                ("ERROR", "publish to task-updates failed: retrying", "app.events"),
+                ("INFO", "websocket client connected", "app.ws")]
+CRASH = ("ERROR", "unhandled exception in request handler", "app.handlers")
 DAPR_MESSAGES = [("info", "HTTP API Called", "dapr.runtime.http-info"),
                  ("info", "Publishing message to topic", "dapr.runtime.pubsub"),
                  ("info", "component loaded", "dapr.runtime"),
@@ -33,13 +35,13 @@ def log_line(pod, container, app, t, seq):
         level, msg, scope = r.choice(DAPR_MESSAGES)
         return 'time="%s" level=%s msg="%s" app_id=%s instance=%s scope=%s type=log ver=1.14.4' % (
             ts, level, msg, app, pod, scope)
-    level, msg = APP_MESSAGES[r.randrange(len(APP_MESSAGES))] if r.random() < 0.97 else ("ERROR", "unhandled exception in request handler")
-    return json.dumps({"timestamp": ts, "level": level, "service": app, "message": msg,
+    level, msg, logger = APP_MESSAGES[r.randrange(len(APP_MESSAGES))] if r.random() < 0.97 else CRASH
+    return json.dumps({"timestamp": ts, "level": level, "service": app, "logger": logger, "message": msg,
                        "correlation_id": "%08x" % r.getrandbits(32), "pod": pod})
 
 
 def crash_tail(app, t):
-    return [json.dumps({"timestamp": now_iso(t), "level": "ERROR", "service": app,
+    return [json.dumps({"timestamp": now_iso(t), "level": "ERROR", "service": app, "logger": "app.main",
                         "message": "startup failed: could not connect to dependency", "correlation_id": "startup"}),
             "Traceback (most recent call last):",
             '  File "/app/main.py", line 42, in <module>',
@@ -71,7 +73,7 @@ def container_logs(pod, cname, previous, now):
 def container_logs_window(pod, cname, app, start, end, cs, crashed, oom):
     name = pod["metadata"]["name"]
     first = max(0, int((end - start) / LINE_EVERY) - MAX_LINES)
-    out = [(start, json.dumps({"timestamp": now_iso(start), "level": "INFO", "service": app,
+    out = [(start, json.dumps({"timestamp": now_iso(start), "level": "INFO", "service": app, "logger": "app.main",
                                "message": "starting %s (restart %d)" % (app, cs.get("restartCount", 0))}))]
     seq = first
     while start + (seq + 1) * LINE_EVERY <= end:

@@ -1,0 +1,330 @@
+/*
+ * httpd.c: "runbook.httpd", the HTTP server of `runbook serve`, on
+ * libmicrohttpd (HTTP parsing, connection timeouts and, when built with it,
+ * TLS are the library's). One thread: MHD runs in external-select mode from
+ * server:poll(seconds), and each complete request is answered there by the
+ * Lua handler the server was made with. Bodies over max_body are answered
+ * 413 without calling the handler.
+ *
+ *   local s <close> = httpd.listen{host = "127.0.0.1", port = 0, max_body = 1048576,
+ *     timeout = 10, handler = function(req) return 200, "ok\n", "text/plain" end}
+ *   s:port()      -- the port bound (port 0 picks a free one)
+ *   s:poll(0.2)   -- serve for up to 0.2 s
+ *   httpd.equal(a, b)   -- compare two strings in constant time (tokens)
+ *   httpd.spawn(argv, log, env)  -- start a child (posix_spawn), stdout and stderr to log -> pid
+ *   httpd.reap()  -- the pids of children that ended since, as a list
+ *
+ * req = {method, path, body, authorization}. The handler runs protected: an
+ * error is a 500 with no detail (it goes to stderr, redacted).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/select.h>
+#include <sys/wait.h>
+#include <microhttpd.h>
+#include <lauxlib.h>
+#include "runbook.h"
+
+#define SERVER_MT "runbook.httpd.server"
+
+typedef struct {
+    struct MHD_Daemon *daemon;
+    lua_State *L;      /* the state of the poll in progress */
+    int handler;       /* registry ref */
+    size_t max_body;
+} server;
+
+typedef struct {
+    char *body;
+    size_t len;
+    int too_big;
+} request;
+
+static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *body, size_t len,
+                               const char *type)
+{
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, "Content-Type", type ? type : "text/plain; charset=utf-8");
+    enum MHD_Result ok = MHD_queue_response(conn, status, r);
+    MHD_destroy_response(r);
+    return ok;
+}
+
+static int push_request(lua_State *L)
+{
+    struct MHD_Connection *conn = lua_touserdata(L, 1);
+    request *rq = lua_touserdata(L, 2);
+    const char *method = lua_touserdata(L, 3), *url = lua_touserdata(L, 4);
+    server *s = lua_touserdata(L, 5);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler);
+    lua_createtable(L, 0, 4);
+    lua_pushstring(L, method);
+    lua_setfield(L, -2, "method");
+    lua_pushstring(L, url);
+    lua_setfield(L, -2, "path");
+    lua_pushlstring(L, rq->body ? rq->body : "", rq->len);
+    lua_setfield(L, -2, "body");
+    const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
+    if (auth) {
+        lua_pushstring(L, auth);
+        lua_setfield(L, -2, "authorization");
+    }
+    lua_call(L, 1, 3);
+    return 3;
+}
+
+/* Calls the handler protected: returns its status, and its body and type
+ * on the stack (the caller pops them). */
+static unsigned call_handler(server *s, struct MHD_Connection *conn, request *rq, const char *method, const char *url)
+{
+    lua_State *L = s->L;
+    lua_pushcfunction(L, push_request);
+    lua_pushlightuserdata(L, conn);
+    lua_pushlightuserdata(L, rq);
+    lua_pushlightuserdata(L, (void *)method);
+    lua_pushlightuserdata(L, (void *)url);
+    lua_pushlightuserdata(L, s);
+    if (lua_pcall(L, 5, 3, 0) != LUA_OK) {
+        const char *msg = lua_tostring(L, -1);
+        rb_write_redacted(stderr, "runbook: serve: handler error: ", 31);
+        rb_write_redacted(stderr, msg ? msg : "?", msg ? strlen(msg) : 1);
+        rb_write_redacted(stderr, "\n", 1);
+        lua_pop(L, 1);
+        lua_pushliteral(L, "internal error\n");
+        lua_pushnil(L);
+        return 500;
+    }
+    int isnum;
+    lua_Integer status = lua_tointegerx(L, -3, &isnum);
+    lua_remove(L, -3);
+    return isnum && status >= 100 && status <= 599 ? (unsigned)status : 500;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
+                                  const char *version, const char *upload, size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    server *s = cls;
+    request *rq = *con_cls;
+    if (!rq) {
+        rq = calloc(1, sizeof *rq);
+        *con_cls = rq;
+        return rq ? MHD_YES : MHD_NO;
+    }
+    if (*upload_size) {
+        if (!rq->too_big && rq->len + *upload_size <= s->max_body) {
+            char *b = realloc(rq->body, rq->len + *upload_size);
+            if (!b) return MHD_NO;
+            memcpy(b + rq->len, upload, *upload_size);
+            rq->body = b;
+            rq->len += *upload_size;
+        } else {
+            rq->too_big = 1;
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    if (rq->too_big) {
+        static const char msg[] = "request body too large\n";
+        return respond(conn, 413, msg, sizeof msg - 1, NULL);
+    }
+    unsigned status = call_handler(s, conn, rq, method, url);
+    size_t len;
+    const char *body = lua_tolstring(s->L, -2, &len);
+    enum MHD_Result ok = respond(conn, status, body ? body : "", body ? len : 0, lua_tostring(s->L, -1));
+    lua_pop(s->L, 2);
+    return ok;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode t)
+{
+    (void)cls, (void)conn, (void)t;
+    request *rq = *con_cls;
+    if (rq) free(rq->body);
+    free(rq);
+    *con_cls = NULL;
+}
+
+static server *check_server(lua_State *L)
+{
+    server *s = luaL_checkudata(L, 1, SERVER_MT);
+    luaL_argcheck(L, s->daemon != NULL, 1, "server is closed");
+    return s;
+}
+
+static int s_close(lua_State *L)
+{
+    server *s = luaL_checkudata(L, 1, SERVER_MT);
+    if (s->daemon) MHD_stop_daemon(s->daemon);
+    s->daemon = NULL;
+    luaL_unref(L, LUA_REGISTRYINDEX, s->handler);
+    s->handler = LUA_NOREF;
+    return 0;
+}
+
+static int s_port(lua_State *L)
+{
+    server *s = check_server(L);
+    const union MHD_DaemonInfo *info = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    lua_pushinteger(L, info ? info->port : 0);
+    return 1;
+}
+
+/* poll(seconds): wait for traffic up to `seconds`, then let MHD handle what came. */
+static int s_poll(lua_State *L)
+{
+    server *s = check_server(L);
+    double secs = rb_remaining(L, luaL_checknumber(L, 2));
+    fd_set rs, ws, es;
+    FD_ZERO(&rs);
+    FD_ZERO(&ws);
+    FD_ZERO(&es);
+    MHD_socket max = 0;
+    if (MHD_get_fdset(s->daemon, &rs, &ws, &es, &max) != MHD_YES)
+        return rb_error(L, "httpd", "poll", "fdset", 0, "cannot get the server's sockets");
+    MHD_UNSIGNED_LONG_LONG ms;
+    if (MHD_get_timeout(s->daemon, &ms) == MHD_YES && ms / 1000.0 < secs) secs = ms / 1000.0;
+    struct timeval tv = { (time_t)secs, (suseconds_t)((secs - (double)(time_t)secs) * 1e6) };
+    select(max + 1, &rs, &ws, &es, &tv);   /* EINTR (a signal) returns early: the loop checks */
+    s->L = L;
+    MHD_run_from_select(s->daemon, &rs, &ws, &es);
+    return 0;
+}
+
+/* listen{host, port, max_body, timeout, handler} -> server */
+static int h_listen(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_getfield(L, 1, "host");
+    const char *host = luaL_optstring(L, -1, "127.0.0.1");
+    lua_getfield(L, 1, "port");
+    lua_Integer port = luaL_optinteger(L, -1, 0);
+    lua_getfield(L, 1, "max_body");
+    lua_Integer max_body = luaL_optinteger(L, -1, 1 << 20);
+    lua_getfield(L, 1, "timeout");
+    lua_Integer timeout = luaL_optinteger(L, -1, 10);
+    lua_getfield(L, 1, "handler");
+    luaL_argcheck(L, lua_isfunction(L, -1), 1, "handler must be a function");
+    luaL_argcheck(L, port >= 0 && port <= 65535, 1, "port must be 0..65535");
+    struct sockaddr_in addr;
+    memset(&addr, 0, sizeof addr);
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1)
+        return luaL_error(L, "listen: host must be an IPv4 address, got '%s'", host);
+    server *s = lua_newuserdatauv(L, sizeof *s, 0);
+    memset(s, 0, sizeof *s);
+    s->handler = LUA_NOREF;
+    luaL_setmetatable(L, SERVER_MT);
+    lua_pushvalue(L, -2);
+    s->handler = luaL_ref(L, LUA_REGISTRYINDEX);
+    s->max_body = (size_t)max_body;
+    s->daemon = MHD_start_daemon(MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, s,
+                                 MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+                                 MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)timeout,
+                                 MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64,
+                                 MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
+                                 MHD_OPTION_END);
+    if (!s->daemon)
+        return rb_error(L, "httpd", "listen", "listen", 0, "cannot listen on %s:%d", host, (int)port);
+    return 1;
+}
+
+/* equal(a, b): whether two strings are equal, in time that depends only on their lengths. */
+static int h_equal(lua_State *L)
+{
+    size_t la, lb;
+    const char *a = luaL_checklstring(L, 1, &la), *b = luaL_checklstring(L, 2, &lb);
+    unsigned char diff = la != lb;
+    for (size_t i = 0; i < la; i++) diff |= (unsigned char)(a[i] ^ b[i % (lb ? lb : 1)]);
+    lua_pushboolean(L, lb > 0 && diff == 0);
+    return 1;
+}
+
+extern char **environ;
+
+/* A NULL-terminated array of the strings of the table at idx, in a userdata on the stack. */
+static char **push_strings(lua_State *L, int idx, int extra)
+{
+    int n = (int)luaL_len(L, idx);
+    char **v = lua_newuserdatauv(L, sizeof *v * (size_t)(n + extra + 1), 0);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, idx, i + 1);
+        v[i] = (char *)luaL_checkstring(L, -1);   /* kept alive by the table */
+        lua_pop(L, 1);
+    }
+    v[n] = NULL;
+    return v;
+}
+
+/* spawn(argv, log, env): argv[1] started with the environment plus `env`
+ * ({"K=V"...}), stdin /dev/null, stdout and stderr appended to `log`; its pid. */
+static int h_spawn(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *log = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    char **argv = push_strings(L, 1, 0);
+    luaL_argcheck(L, argv[0] != NULL, 1, "argv is empty");
+    int n = 0, extra = (int)luaL_len(L, 3);
+    while (environ[n]) n++;
+    char **envp = lua_newuserdatauv(L, sizeof *envp * (size_t)(n + extra + 1), 0);
+    memcpy(envp, environ, sizeof *envp * (size_t)n);
+    for (int i = 0; i < extra; i++) {
+        lua_rawgeti(L, 3, i + 1);
+        envp[n + i] = (char *)luaL_checkstring(L, -1);
+        lua_pop(L, 1);
+    }
+    envp[n + extra] = NULL;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    pid_t pid;
+    int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) return rb_error(L, "httpd", "spawn", "spawn", 0, "cannot start %s: %s", argv[0], strerror(rc));
+    lua_pushinteger(L, pid);
+    return 1;
+}
+
+static int h_reap(lua_State *L)
+{
+    lua_newtable(L);
+    pid_t pid;
+    int status, n = 0;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        lua_pushinteger(L, pid);
+        lua_rawseti(L, -2, ++n);
+    }
+    return 1;
+}
+
+static const luaL_Reg server_methods[] = {
+    { "poll", s_poll }, { "port", s_port }, { "close", s_close }, { NULL, NULL }
+};
+
+static const luaL_Reg funcs[] = {
+    { "listen", h_listen }, { "equal", h_equal }, { "spawn", h_spawn }, { "reap", h_reap }, { NULL, NULL }
+};
+
+int luaopen_runbook_httpd(lua_State *L)
+{
+    if (luaL_newmetatable(L, SERVER_MT)) {
+        luaL_newlib(L, server_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, s_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, s_close);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_pop(L, 1);
+    luaL_newlib(L, funcs);
+    return 1;
+}

@@ -1,0 +1,166 @@
+--- Logs as data, as methods of the client (stdlib/k8s.lua documents them):
+-- logs, log_query, and target_pods, the pods a target names (exec and cp
+-- share it).
+local cjson = require "cjson"
+local client = require "k8s.client"
+local config = require "k8s.config"
+local verbs = require "k8s.verbs"
+local duration = require "duration"
+
+local Client = client.Client
+local raise, path_of = client.raise, client.path
+
+local M = {}
+
+function M.default_container(pod)
+  local ann = pod.metadata.annotations or {}
+  return ann["kubectl.kubernetes.io/default-container"] or pod.spec.containers[1].name
+end
+
+--- The pods a target names, with the namespace and the options: "pod/x" that
+-- pod; a workload ("deploy/x") its pods, ready ones first, then newest first
+-- (kubectl picks the first), and true; {selector = ...} every matching pod.
+function Client:target_pods(a, b, op)
+  local t, name, opts
+  if type(a) == "table" and not a.kind then t, name, opts = "pods", nil, a
+  else t, name, opts = client.target_args(a, b, nil, false, op) end
+  opts = opts or {}
+  local ns = self:ns(opts)
+  if not name then
+    if not opts.selector then error(("k8s.%s: give \"pod/NAME\", \"deploy/NAME\" or {selector = ...}"):format(op), 3) end
+    return self:list("pods", { namespace = ns, label_selector = client.selector(opts.selector) }), ns, opts
+  end
+  local r = self:resource(t)
+  if r.kind == "Pod" then return { self:get(r, name, { namespace = ns }) }, ns, opts, false end
+  local all = self:pods_of(self:get(r, name, { namespace = ns }), ns)
+  local ready = verbs.pod_ready
+  table.sort(all, function(x, y)
+    if ready(x) ~= ready(y) then return ready(x) end
+    return (x.metadata.creationTimestamp or "") > (y.metadata.creationTimestamp or "")
+  end)
+  if #all == 0 then raise { op = op, code = "404", retryable = false, message = ("no pods found for %s %s"):format(r.singular, name) } end
+  return all, ns, opts, true
+end
+
+-- "2024-05-01T10:00:00.123456789Z" -> seconds since the epoch, with the fraction.
+local function stamp_time(stamp)
+  return (config.parse_time(stamp) or 0) + (tonumber("0" .. (stamp:match("^[^.]*(%.%d+)") or "")) or 0)
+end
+
+-- One container's log as {time, stamp, pod, container, line} records, oldest first.
+local function read_log(self, ns, pod, opts)
+  local cname = opts.container or M.default_container(pod)
+  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since"))
+  local text = self:call { path = path_of(self:resource("pods"), ns, pod.metadata.name, "log"), op = "logs", raw = true,
+    accept = "*/*", what = ('pod "%s"'):format(pod.metadata.name), query = {
+      container = cname, tailLines = opts.tail, sinceSeconds = since, sinceTime = opts.since_time,
+      previous = opts.previous and "true" or nil, timestamps = "true", limitBytes = opts.limit_bytes } }
+  local out = {}
+  for l in (text or ""):gmatch("[^\n]+") do
+    local stamp, line = l:match("^(%S+) (.*)$")
+    if not stamp then stamp, line = l, "" end
+    out[#out + 1] = { time = stamp_time(stamp), stamp = stamp, pod = pod.metadata.name, container = cname, line = line }
+  end
+  return out
+end
+
+-- Every pod's records merged in timestamp order (a pod's own order kept on ties).
+local function read_logs(self, pods, ns, opts)
+  local all = {}
+  for _, pod in ipairs(pods) do
+    for i, rec in ipairs(read_log(self, ns, pod, opts)) do
+      rec.seq = i
+      all[#all + 1] = rec
+    end
+  end
+  if #pods > 1 then
+    table.sort(all, function(x, y)
+      if x.time ~= y.time then return x.time < y.time end
+      if x.pod ~= y.pod then return x.pod < y.pod end
+      return x.seq < y.seq
+    end)
+  end
+  return all
+end
+
+--- Logs as a list of lines. Target "pod/x", or "deploy/x" (one pod, as kubectl
+-- picks it), or opts.selector for every matching pod, merged in timestamp
+-- order. Also returns { [pod] = lines }.
+function Client:logs(a, b)
+  local pods, ns, opts, workload = self:target_pods(a, b, "logs")
+  if workload then pods = { pods[1] } end
+  local lines, by_pod = {}, {}
+  for _, pod in ipairs(pods) do by_pod[pod.metadata.name] = {} end
+  for _, rec in ipairs(read_logs(self, pods, ns, opts)) do
+    local l = opts.timestamps and (rec.stamp .. " " .. rec.line) or rec.line
+    table.insert(by_pod[rec.pod], l)
+    lines[#lines + 1] = opts.prefix and ("[pod/%s/%s] %s"):format(rec.pod, rec.container, l) or l
+  end
+  return lines, by_pod
+end
+
+-- Does a record's field satisfy a `where` condition: equal (as text), one of
+-- a list, or a function's verdict?
+local function satisfies(v, want)
+  if type(want) == "function" then return want(v) and true or false end
+  if type(want) == "table" then
+    for _, w in ipairs(want) do if v ~= nil and tostring(v) == tostring(w) then return true end end
+    return false
+  end
+  return v ~= nil and tostring(v) == tostring(want)
+end
+
+local function check_query(q)
+  if type(q) ~= "table" then error("k8s.log_query expects a table", 3) end
+  if q.where ~= nil and type(q.where) ~= "table" then error("k8s.log_query: where must be a table of field = value", 3) end
+  if q.match ~= nil and type(q.match) ~= "string" then error("k8s.log_query: match must be a string (a Lua pattern)", 3) end
+  if q.count_by ~= nil and type(q.count_by) ~= "string" then error("k8s.log_query: count_by must be a field name", 3) end
+end
+
+--- Logs as records: a target's pods (every pod of a workload) or a selector's,
+-- merged in timestamp order; JSON lines decoded into rec.fields (other lines
+-- kept as text), filtered by `where` and `match`, counted by a field.
+function Client:log_query(q)
+  check_query(q)
+  local pods, ns = self:target_pods(q.target or q, q.target and q or nil, "log_query")
+  local json = q.json ~= false
+  local res = { records = {}, scanned = 0, pods = {} }
+  for _, pod in ipairs(pods) do res.pods[#res.pods + 1] = pod.metadata.name end
+  local counts = {}
+  for _, rec in ipairs(read_logs(self, pods, ns, q)) do
+    res.scanned = res.scanned + 1
+    rec.seq = nil
+    if json and rec.line:match("^%s*{") then
+      local ok, v = pcall(cjson.decode, rec.line)
+      if ok and type(v) == "table" then rec.fields = v end
+    end
+    local keep = true
+    if q.match then
+      local ok, found = pcall(string.find, rec.line, q.match)
+      if not ok then error(("k8s.log_query: match %q is not a valid Lua pattern: %s"):format(q.match, found:gsub("^.-:%d+: ", "")), 2) end
+      keep = found ~= nil
+    end
+    for k, want in pairs(q.where or {}) do
+      if not keep then break end
+      keep = satisfies(rec.fields and rec.fields[k], want)
+    end
+    if keep then
+      res.records[#res.records + 1] = rec
+      if q.count_by then
+        local v = rec.fields and rec.fields[q.count_by]
+        v = v == nil and "(none)" or tostring(v)
+        counts[v] = (counts[v] or 0) + 1
+      end
+    end
+  end
+  res.count, res.first, res.last = #res.records, res.records[1], res.records[#res.records]
+  if q.count_by then
+    res.by = {}
+    for v, n in pairs(counts) do res.by[#res.by + 1] = { value = v, count = n } end
+    table.sort(res.by, function(x, y) if x.count ~= y.count then return x.count > y.count end return x.value < y.value end)
+    for i = #res.by, (q.top or #res.by) + 1, -1 do res.by[i] = nil end
+  end
+  return res
+end
+
+return M
