@@ -104,6 +104,24 @@ describe("k8s pods", function()
       assert.is_true(n ~= nil and n > 0 and n <= 5 * #pods("backend"), out[2])
     end)
 
+    it("follows several pods' logs as they write them, until its timeout", function()
+      local t0 = os.time()
+      local r = run_step([[
+        for rec in k8s.logs { selector = "app.kubernetes.io/component=backend", namespace = "todo-chatbot",
+                              container = "backend", tail = 0, follow = true, timeout = "12s" } do
+          print(("REC %s %s %s"):format(rec.pod, rec.stamp, rec.line))
+        end]])
+      assert.are.equal(0, r.code, r.stdout .. r.stderr)
+      assert.is_true(os.time() - t0 >= 11, "the iterator ended before its timeout")
+      local seen = {}
+      for _, l in ipairs(printed(r.stdout)) do
+        local pod, stamp, line = l:match("^REC (%S+) (%S+) (.*)$")
+        seen[pod] = (seen[pod] or 0) + 1
+        assert.is_truthy(kubectl(("logs %s -c backend --timestamps --since=2m"):format(pod)):find(stamp .. " " .. line, 1, true), l)
+      end
+      for _, pod in ipairs(pods("backend")) do assert.is_true((seen[pod] or 0) >= 1, "nothing followed from " .. pod) end
+    end)
+
     it("names a bad pattern or a bad where clearly, without a traceback", function()
       for _, case in ipairs {
         { 'match = "[a-z"', "match \"%[a%-z\" is not a valid Lua pattern: malformed pattern" },

@@ -40,6 +40,9 @@
 --        timestamps=, prefix=}) -> lines, {pod = lines}
 --       a selector's pods are merged in timestamp order; prefix tags each line
 --       "[pod/NAME/CONTAINER] "
+--   logs(TARGET | {selector=}, {follow = true, timeout = "5m", ...}) -> an iterator of
+--       {time, stamp, pod, container, line} as the pods write them (kubectl logs -f),
+--       until timeout or the step's deadline: for rec in k8s.logs(...) do ... end
 --   log_query{target = TARGET | selector =, container=, since=, since_time=, tail=,
 --        previous=, where = {level = "ERROR", field = value | {v1, v2} | fn(v)},
 --        match = "lua pattern", json = true, count_by = "level", top = 10}
