@@ -6,7 +6,6 @@
  * no way to perform a write in a dry run.
  */
 #include <signal.h>
-#include <stdio.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
@@ -39,13 +38,11 @@ double rb_now(void)
  */
 static lua_Integer intent_seq, pending_seq, ordinal;
 static int library_gate_open;   /* in any mode, so a plan records what apply checks */
-static char library_module[32];
+static int library_whole;       /* the open gate is a library's own: what it does inside is part of it */
 
-/* A C module's check inside an open library gate of its own module. */
-static int same_effect(const rb_effect *e)
-{
-    return library_gate_open && !strcmp(e->module, library_module);
-}
+/* A C module's check inside a library's own gate is that effect, for the
+ * journal and for a plan; inside a runbook's gate.effect it is one of its own. */
+static int same_effect(void) { return library_gate_open && library_whole; }
 
 static int push_sink(lua_State *L, const char *key)
 {
@@ -76,7 +73,7 @@ static void journal_intent(lua_State *L, const rb_effect *e)
 
 rb_decision rb_gate(lua_State *L, const rb_effect *e)
 {
-    int same = same_effect(e);
+    int same = same_effect();
     if (mode == RB_MODE_RUN) {
         if (!same) rb_plan_check(L, e);
         if (!library_gate_open) journal_intent(L, e);
@@ -86,14 +83,11 @@ rb_decision rb_gate(lua_State *L, const rb_effect *e)
     return e->can_simulate ? RB_SIMULATE : RB_SKIP;
 }
 
-rb_decision rb_gate_library(lua_State *L, const rb_effect *e)
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e, int whole)
 {
-    /* An effect nested in a library gate of its own module is held to the
-     * plan as well: a runbook's gate.effect cannot wrap others. */
-    if (mode == RB_MODE_RUN && same_effect(e)) rb_plan_check(L, e);
     rb_decision d = rb_gate(L, e);
     library_gate_open = 1;
-    snprintf(library_module, sizeof library_module, "%s", e->module);
+    library_whole = whole;
     return d;
 }
 

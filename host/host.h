@@ -16,9 +16,11 @@ typedef enum { RB_MODE_RUN, RB_MODE_DRY_RUN } rb_mode;
 void rb_set_mode(rb_mode m);
 rb_mode rb_get_mode(void);
 
-/* The gate for effects written in Lua (host.gate): as rb_gate, and the C
- * module's own check inside it (until host.gate_done) is the same effect. */
-rb_decision rb_gate_library(lua_State *L, const rb_effect *e);
+/* The gate for effects written in Lua (host.gate): as rb_gate. When `whole`
+ * (a runbook library's own effect), the C modules' checks inside it (until
+ * host.gate_done) are the same effect; inside a runbook's gate.effect they
+ * are held to a plan on their own. */
+rb_decision rb_gate_library(lua_State *L, const rb_effect *e, int whole);
 
 /* Step deadline (monotonic seconds; 0 = none), enforced in Lua code by a
  * count hook on the calling thread while it is set (coroutines created

@@ -11,14 +11,20 @@
  *   s:port()      -- the port bound (port 0 picks a free one)
  *   s:poll(0.2)   -- serve for up to 0.2 s
  *   httpd.equal(a, b)   -- compare two strings in constant time (tokens)
+ *   httpd.spawn(argv, log, env)  -- start a child (posix_spawn), stdout and stderr to log -> pid
+ *   httpd.reap()  -- the pids of children that ended since, as a list
  *
  * req = {method, path, body, authorization}. The handler runs protected: an
  * error is a 500 with no detail (it goes to stderr, redacted).
  */
 #include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/select.h>
+#include <sys/wait.h>
 #include <microhttpd.h>
 #include <lauxlib.h>
 #include "runbook.h"
@@ -240,12 +246,72 @@ static int h_equal(lua_State *L)
     return 1;
 }
 
+extern char **environ;
+
+/* A NULL-terminated array of the strings of the table at idx, in a userdata on the stack. */
+static char **push_strings(lua_State *L, int idx, int extra)
+{
+    int n = (int)luaL_len(L, idx);
+    char **v = lua_newuserdatauv(L, sizeof *v * (size_t)(n + extra + 1), 0);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, idx, i + 1);
+        v[i] = (char *)luaL_checkstring(L, -1);   /* kept alive by the table */
+        lua_pop(L, 1);
+    }
+    v[n] = NULL;
+    return v;
+}
+
+/* spawn(argv, log, env): argv[1] started with the environment plus `env`
+ * ({"K=V"...}), stdin /dev/null, stdout and stderr appended to `log`; its pid. */
+static int h_spawn(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    const char *log = luaL_checkstring(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    char **argv = push_strings(L, 1, 0);
+    luaL_argcheck(L, argv[0] != NULL, 1, "argv is empty");
+    int n = 0, extra = (int)luaL_len(L, 3);
+    while (environ[n]) n++;
+    char **envp = lua_newuserdatauv(L, sizeof *envp * (size_t)(n + extra + 1), 0);
+    memcpy(envp, environ, sizeof *envp * (size_t)n);
+    for (int i = 0; i < extra; i++) {
+        lua_rawgeti(L, 3, i + 1);
+        envp[n + i] = (char *)luaL_checkstring(L, -1);
+        lua_pop(L, 1);
+    }
+    envp[n + extra] = NULL;
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0600);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    pid_t pid;
+    int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, envp);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) return rb_error(L, "httpd", "spawn", "spawn", 0, "cannot start %s: %s", argv[0], strerror(rc));
+    lua_pushinteger(L, pid);
+    return 1;
+}
+
+static int h_reap(lua_State *L)
+{
+    lua_newtable(L);
+    pid_t pid;
+    int status, n = 0;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        lua_pushinteger(L, pid);
+        lua_rawseti(L, -2, ++n);
+    }
+    return 1;
+}
+
 static const luaL_Reg server_methods[] = {
     { "poll", s_poll }, { "port", s_port }, { "close", s_close }, { NULL, NULL }
 };
 
 static const luaL_Reg funcs[] = {
-    { "listen", h_listen }, { "equal", h_equal }, { NULL, NULL }
+    { "listen", h_listen }, { "equal", h_equal }, { "spawn", h_spawn }, { "reap", h_reap }, { NULL, NULL }
 };
 
 int luaopen_runbook_httpd(lua_State *L)

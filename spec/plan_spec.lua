@@ -88,6 +88,16 @@ describe("runbook plan", function()
     assert.are.same({ "scale k8s scale plan-spec/deployment/web", "note redis SET plan_spec:reason",
       "note pg exec todo.plan_spec" }, shown)
     assert.are.equal("scale deployment web to 2", plan.effects[1].summary)
+    local view = runbook { "show", path }
+    assert.are.equal(0, view.code, view.stderr)
+    local out = view.stdout
+    assert.truthy(out:find("[scale]\n    would scale deployment web to 2 → replicas 1 -> 2", 1, true), out)
+    assert.truthy(out:find("would insert 1 row into plan_spec → rolled back", 1, true), out)
+    local md = runbook { "show", path, "--format", "markdown" }
+    assert.truthy(md.stdout:find("| 1 | scale | k8s | scale | plan-spec/deployment/web | scale deployment web to 2 → "
+      .. "replicas 1 -> 2 |", 1, true), md.stdout)
+    assert.truthy(md.stdout:find("| approvals | 0 needed; 0 valid |", 1, true), md.stdout)
+    assert.is_nil((out .. md.stdout):find(SECRET, 1, true))
   end)
 end)
 
@@ -107,22 +117,29 @@ describe("runbook apply", function()
     { "the runbook file changed", code = 77, says = "changed since the plan was made",
       between = function(_, rb) assert(os.execute("echo '-- edited' >> " .. cli.quote(rb))) end },
     { "a param given again differs", code = 77, says = "params differ from the plan's: reason",
-      args = { "-p", "reason=other" } },
+      args = { "-p", "reason=other" }, shared = true },
     { "the secret param differs", code = 77, says = "params differ from the plan's: api_key (secret)",
-      args = { "-p", "api_key=wrong-key-0000" } },
+      args = { "-p", "api_key=wrong-key-0000" }, shared = true },
     { "the plan file was edited", code = 77, says = "its digest does not match",
       between = function(plan)
         local text = cli.slurp(plan):gsub('"reason":"r"', '"reason":"edited"')
         local f = assert(io.open(plan, "wb")); f:write(text); f:close()
       end },
     { "the secret param is not given again", code = 2, says = "give it again with -p api_key=",
-      apply = function(plan) return runbook { "apply", plan } end },
+      apply = function(plan) return runbook { "apply", plan } end, shared = true },
     { "approvals are missing", code = 78, says = "needs 1 approval by someone other than alice, and has 0",
       plan_args = { "--require-approval", "1" } },
   }
+  local shared   -- one plan for the rows that change neither it nor its runbook
   for _, row in ipairs(REFUSALS) do
     it("refuses when " .. row[1] .. ", and changes nothing", function()
-      local plan, rb = make_plan({ reason = "r" }, row.plan_args)
+      local plan, rb
+      if row.shared then
+        shared = shared or make_plan { reason = "r" }
+        plan = shared
+      else
+        plan, rb = make_plan({ reason = "r" }, row.plan_args)
+      end
       if row.between then row.between(plan, rb) end
       local before = world()
       local r = row.apply and row.apply(plan) or apply(plan, row.args)
@@ -132,6 +149,19 @@ describe("runbook apply", function()
       assert.are.same({ replicas = row.replicas or 1, note = "none", rows = "0" }, world())
     end)
   end
+end)
+
+describe("runbook apply of a library's effect", function()
+  it("holds pg.dump (its BEGIN and pg_dump inside) to the plan as the one effect the dry run showed", function()
+    local dir = cli.tmpdir()
+    local rb = cli.runbook("name = \"dump\"\ndescription = \"one dump\"\nparam \"dir\" {}\n"
+      .. "step \"dump\" { run = function(ctx) pg.dump { file = ctx.params.dir .. \"/todo.dump\" } end }\n")
+    local r = runbook { "plan", rb, "-p", "dir=" .. dir }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    r = runbook { "apply", r.stdout:match("apply: runbook apply (%S+)") }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.truthy(io.open(dir .. "/todo.dump"), "no dump written")
+  end)
 end)
 
 describe("runbook approve", function()
@@ -199,6 +229,9 @@ describe("runbook apply holds a hostile runbook to its plan", function()
     { "an unplanned write inside a planned gate.effect", [[
         gate.effect { module = "fs", op = "write", target = DIR .. "/planned", summary = "write 1 bytes",
           perform = function() fs.write(DIR .. "/hidden", "x") end } ]] },
+    { "a command run inside a planned gate.effect of its own module", [[
+        gate.effect { module = "exec", op = "run", target = "true", summary = "run true",
+          perform = function() exec.run({ "touch", DIR .. "/hidden" }) end } ]] },
     { "a write in the step's when", nil, when = [[
         if not ctx.dry_run then fs.write(DIR .. "/hidden", "x") end
         return true ]] },

@@ -13,20 +13,7 @@ local host = require "runbook.host"
 
 local M = {}
 
-function M.effect(e)
-  assert(type(e.perform) == "function", "gate.effect: perform must be a function")
-  local decision = host.gate(e.module, e.op, e.target, e.summary, e.simulate ~= nil)
-  local fn = decision == "perform" and e.perform or decision == "simulate" and e.simulate
-  if not fn then
-    host.gate_done(e.module, e.op, e.target, e.summary, "skip", true, nil)
-    return { skipped = true }
-  end
-  local ok, result = pcall(fn)
-  host.gate_done(e.module, e.op, e.target, e.summary, decision, ok,
-    ok and result or tostring(result))
-  if not ok then error(result, 0) end
-  return result
-end
+M.effect = require("runbook.effect").runbook
 
 --- True when writes are being simulated (a dry run or a step preview).
 function M.dry_run() return host.mode() == "dry-run" end

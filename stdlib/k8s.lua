@@ -40,6 +40,9 @@
 --        timestamps=, prefix=}) -> lines, {pod = lines}
 --       a selector's pods are merged in timestamp order; prefix tags each line
 --       "[pod/NAME/CONTAINER] "
+--   logs(TARGET | {selector=}, {follow = true, timeout = "5m", ...}) -> an iterator of
+--       {time, stamp, pod, container, line} as the pods write them (kubectl logs -f),
+--       until timeout or the step's deadline: for rec in k8s.logs(...) do ... end
 --   log_query{target = TARGET | selector =, container=, since=, since_time=, tail=,
 --        previous=, where = {level = "ERROR", field = value | {v1, v2} | fn(v)},
 --        match = "lua pattern", json = true, count_by = "level", top = 10}
@@ -61,6 +64,11 @@
 --       A non-zero exit raises (code = the status) unless check = false; a missing
 --       container raises code "container_not_found"; timeout (default the step's
 --       deadline) and Ctrl-C close the session, which ends the command.
+--   cp("pod/x:/path" | "deploy/x:/path", "local/path", {container=, timeout=})
+--   cp("local/path", "pod/x:/path", {container=}) -> {bytes, pod, container}
+--       a file or directory, by tar over exec as kubectl cp does; `to` names the
+--       copy. Copying out is a read of the pod (unpacked here by exec.run, a local
+--       write); copying in is a gated exec in the pod.
 --
 -- Summaries:
 --   deployment_health(ns, name)   namespace_health(ns)
@@ -122,7 +130,7 @@ end
 local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
   "scale", "stop_workloads", "start_workloads", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
-  "logs", "log_query", "exec", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
+  "logs", "log_query", "exec", "cp", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
   "lease_lock", "lease_renew_due",
 }
 for _, name in ipairs(PUBLIC) do

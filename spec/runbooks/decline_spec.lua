@@ -21,12 +21,14 @@ local PARAMS = {
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
   ["high-error-rate"] = { "service=backend" },
   ["high-latency"] = { "service=backend" },
+  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
 }
 
 -- Runbooks whose confirm steps depend on metrics the sandbox may not have
 -- (a high error rate or latency, a canary's traffic): the run still ends
 -- coherently, but an earlier step may skip or fail before the prompt.
-local MAY_NOT_REACH = { ["canary-deployment"] = true, ["high-error-rate"] = true, ["high-latency"] = true }
+-- heap-dump restarts the pod only after a copy, which a dry run does not make.
+local MAY_NOT_REACH = { ["heap-dump"] = true, ["canary-deployment"] = true, ["high-error-rate"] = true, ["high-latency"] = true }
 
 -- What a runbook needs in the sandbox to reach its confirm steps.
 local SETUP = {

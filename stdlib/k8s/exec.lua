@@ -1,5 +1,5 @@
 --- A command in a pod, as methods of the client (stdlib/k8s.lua documents
--- them): exec. The WebSocket exchange and the gate are in modules/k8s_exec.c,
+-- them): exec, and cp over it (tar, as kubectl cp does). The WebSocket exchange and the gate are in modules/k8s_exec.c,
 -- loaded on first use; this file picks the pod and container as kubectl
 -- does and reads the exit status.
 local cjson = require "cjson"
@@ -87,6 +87,47 @@ function Client:exec(target, argv, opts)
       message = ("%s %s exited with status %d%s"):format(argv[1], where, res.status, tail ~= "" and (": " .. tail) or "") }
   end
   return res
+end
+
+-- "pod/x:/path" or "deploy/x:/path" -> target, path; nil for a local path.
+local function remote(spec)
+  if type(spec) ~= "string" or spec == "" then error("k8s.cp: give \"pod/NAME:/path\" and a local path", 3) end
+  local target, path = spec:match("^([%w.-]+/[%w.-]+):(.+)$")
+  return target, path
+end
+
+local function split(path)
+  local dir, base = path:gsub("/+$", ""):match("^(.*)/([^/]+)$")
+  if not dir then return ".", path end
+  return dir == "" and "/" or dir, base
+end
+
+-- tar in the pod and on this machine: a copy lands in a fresh directory next
+-- to the destination and is then moved onto its name, so `to` names the copy.
+local UNPACK = 'd=$(mktemp -d "$(dirname "$2")/.k8s-cp.XXXXXX") && tar xmf - -C "$d" && mv -f "$d/$1" "$2"; rc=$?; rm -rf "$d"; exit $rc'
+
+--- Copy a file or directory out of a pod or into one (tar over exec, as
+-- kubectl cp). Copying out reads the pod, and its unpacking here is a local
+-- write (exec.run); copying in is a gated exec in the pod. -> {bytes}
+function Client:cp(from, to, opts)
+  opts = opts or {}
+  local ft, fpath = remote(from)
+  local tt, tpath = remote(to)
+  if (ft and tt) or not (ft or tt) then error("k8s.cp: exactly one side must be \"pod/NAME:/path\"", 2) end
+  local o = {}
+  for k, v in pairs(opts) do o[k] = v end
+  if ft then
+    local dir, base = split(fpath)
+    o.read = true
+    local r = self:exec(ft, { "tar", "cf", "-", "-C", dir, base }, o)
+    require("exec").run { shell = UNPACK, base, to, stdin = r.stdout, timeout = opts.timeout }
+    return { bytes = #r.stdout, pod = r.pod, container = r.container }
+  end
+  local dir, base = split(from)
+  local tar = require("exec").read { "tar", "cf", "-", "-C", dir, base, timeout = opts.timeout }
+  o.stdin, o.read = tar.stdout, false
+  local r = self:exec(tt, { "sh", "-c", UNPACK, "sh", base, tpath }, o)
+  return { bytes = #tar.stdout, pod = r.pod, container = r.container, skipped = r.skipped }
 end
 
 return M

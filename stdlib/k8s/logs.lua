@@ -6,6 +6,7 @@ local client = require "k8s.client"
 local config = require "k8s.config"
 local verbs = require "k8s.verbs"
 local duration = require "duration"
+local host = require "runbook.host"
 
 local Client = client.Client
 local raise, path_of = client.raise, client.path
@@ -38,7 +39,7 @@ function Client:target_pods(a, b, op)
     if ready(x) ~= ready(y) then return ready(x) end
     return (x.metadata.creationTimestamp or "") > (y.metadata.creationTimestamp or "")
   end)
-  if #all == 0 then raise { op = op, code = "404", retryable = false, message = ("no pods found for %s %s"):format(r.singular, name) } end
+  if #all == 0 then raise { op = op, code = "404", message = ("no pods found for %s %s"):format(r.singular, name) } end
   return all, ns, opts, true
 end
 
@@ -47,21 +48,62 @@ local function stamp_time(stamp)
   return (config.parse_time(stamp) or 0) + (tonumber("0" .. (stamp:match("^[^.]*(%.%d+)") or "")) or 0)
 end
 
+local function log_query(opts, cname, follow)
+  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since"))
+  return { container = cname, tailLines = opts.tail, sinceSeconds = since, sinceTime = opts.since_time,
+    previous = opts.previous and "true" or nil, timestamps = "true", limitBytes = opts.limit_bytes,
+    follow = follow and "true" or nil }
+end
+
+local function record(l, pod, cname)
+  local stamp, line = l:match("^(%S+) (.*)$")
+  if not stamp then stamp, line = l, "" end
+  return { time = stamp_time(stamp), stamp = stamp, pod = pod, container = cname, line = line }
+end
+
 -- One container's log as {time, stamp, pod, container, line} records, oldest first.
 local function read_log(self, ns, pod, opts)
   local cname = opts.container or M.default_container(pod)
-  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since"))
   local text = self:call { path = path_of(self:resource("pods"), ns, pod.metadata.name, "log"), op = "logs", raw = true,
-    accept = "*/*", what = ('pod "%s"'):format(pod.metadata.name), query = {
-      container = cname, tailLines = opts.tail, sinceSeconds = since, sinceTime = opts.since_time,
-      previous = opts.previous and "true" or nil, timestamps = "true", limitBytes = opts.limit_bytes } }
+    accept = "*/*", what = ('pod "%s"'):format(pod.metadata.name), query = log_query(opts, cname) }
   local out = {}
-  for l in (text or ""):gmatch("[^\n]+") do
-    local stamp, line = l:match("^(%S+) (.*)$")
-    if not stamp then stamp, line = l, "" end
-    out[#out + 1] = { time = stamp_time(stamp), stamp = stamp, pod = pod.metadata.name, container = cname, line = line }
-  end
+  for l in (text or ""):gmatch("[^\n]+") do out[#out + 1] = record(l, pod.metadata.name, cname) end
   return out
+end
+
+-- kubectl logs -f of each pod, as one iterator of records, until opts.timeout
+-- (default 5m) or the step's deadline, whichever comes first, or every stream ends.
+local function follow(self, pods, ns, opts)
+  local stop = host.now() + (opts.timeout and duration.check(opts.timeout, "k8s.logs timeout") or 300)
+  local dl = host.deadline()
+  if dl and dl < stop then stop = dl end
+  local streams = {}
+  self:refresh()
+  for _, pod in ipairs(pods) do
+    local cname = opts.container or M.default_container(pod)
+    streams[#streams + 1] = { pod = pod.metadata.name, container = cname, s = self.conn:stream {
+      path = path_of(self:resource("pods"), ns, pod.metadata.name, "log"), query = log_query(opts, cname, true),
+      accept = "*/*", timeout = math.max(1, stop - host.now()) } }
+  end
+  local i = 0
+  return function()
+    while #streams > 0 and host.now() < stop do
+      i = i % #streams + 1
+      local st = streams[i]
+      local line, why = st.s:next(math.max(0.001, math.min(0.05, stop - host.now())))
+      if line and st.s:status() >= 400 then
+        client.status_error(self, "logs", st.s:status(), line, ('pod "%s"'):format(st.pod))
+      elseif line then
+        return record(line, st.pod, st.container)
+      elseif why ~= "wait" then
+        st.s:close()
+        table.remove(streams, i)
+      end
+    end
+    for _, st in ipairs(streams) do st.s:close() end
+    streams = {}
+    return nil
+  end
 end
 
 -- Every pod's records merged in timestamp order (a pod's own order kept on ties).
@@ -85,10 +127,12 @@ end
 
 --- Logs as a list of lines. Target "pod/x", or "deploy/x" (one pod, as kubectl
 -- picks it), or opts.selector for every matching pod, merged in timestamp
--- order. Also returns { [pod] = lines }.
+-- order. Also returns { [pod] = lines }. With opts.follow, an iterator of
+-- records instead.
 function Client:logs(a, b)
   local pods, ns, opts, workload = self:target_pods(a, b, "logs")
   if workload then pods = { pods[1] } end
+  if opts.follow then return follow(self, pods, ns, opts) end
   local lines, by_pod = {}, {}
   for _, pod in ipairs(pods) do by_pod[pod.metadata.name] = {} end
   for _, rec in ipairs(read_logs(self, pods, ns, opts)) do

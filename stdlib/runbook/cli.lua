@@ -174,6 +174,8 @@ local function build(only)
   option(plan, "--params-file", "Read params from a YAML or JSON file.", "FILE")
   option(plan, "--out", "Also write the plan to FILE (it is always kept in the state directory).", "FILE")
   option(plan, "--require-approval", "Approvals the plan needs besides the runbook's own approval policy.", "N")
+  option(plan, "--alert", "The alert the plan answers (runbook serve sets it): when it resolves, apply refuses.",
+    "KEY")
 
   local apply = command(p, "apply", "Run a plan for real, holding each effect to it.",
     "Run a plan made by `runbook plan`: refuses when the runbook, params or target changed (77) or approvals "
@@ -183,6 +185,10 @@ local function build(only)
     :count("*"):target("-p")
   flag(apply, "--step", "Ask before each step.")
   flag(apply, "-y --yes", "Do not ask, also for steps marked confirm.")
+
+  local show = command(p, "show", "Show a plan as its dry run did, or as Markdown for a ticket.")
+  show:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(show, "--format", "text (default) or markdown.", "FORMAT"):choices { "text", "markdown" }
 
   local approve = command(p, "approve", "Approve a plan as a second person.",
     "Record your approval of a plan's digest (you: RUNBOOK_USER, else the login name; never the requester).")
@@ -274,12 +280,17 @@ function commands.plan(o)
   end
   local rb, code = load_runbook(o.runbook)
   if not rb then return code end
-  return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n)
+  return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n, o["--alert"])
 end
 
 function commands.apply(o)
   if not o.plan then return usage_error("apply", "apply: expected one plan FILE or ID") end
   return require("runbook.plan").apply(o.plan, o, load_runbook)
+end
+
+function commands.show(o)
+  if not o.plan then return usage_error("show", "show: expected one plan FILE or ID") end
+  return require("runbook.plan").show(o.plan, o["--format"])
 end
 
 function commands.approve(o)

@@ -83,6 +83,25 @@ local function k8s_target()
 end
 
 local function plans_dir() return journal.state_dir() .. "/plans" end
+local function resolved_path(alert) return journal.state_dir() .. "/resolved/" .. host.sha256(alert) .. ".json" end
+
+--- Record that `alert` resolved: the plans made for it before now are cancelled.
+function M.resolve_alert(alert)
+  local ok, err = pcall(journal.mkdirs, journal.state_dir() .. "/resolved")
+  if ok then ok, err = host.plan_write(resolved_path(alert), M.canonical { alert = alert, at = iso(os.time()) }) end
+  return ok, err
+end
+
+--- When the alert `plan` answers resolved after the plan was made, nil otherwise.
+local function resolved_since(plan)
+  if type(plan.alert) ~= "string" then return nil end
+  local f = io.open(resolved_path(plan.alert), "rb")
+  if not f then return nil end
+  local ok, rec = pcall(cjson.decode, f:read("a"))
+  f:close()
+  local at = ok and type(rec) == "table" and parse_iso(rec.at)
+  if at and at >= (parse_iso(plan.created_at) or 0) then return rec.at end
+end
 local function approvals_path(id) return journal.state_dir() .. "/approvals/" .. id .. ".jsonl" end
 
 --- A plan file's text: its canonical JSON, one line.
@@ -95,8 +114,9 @@ local function would(result)
 end
 
 --- `runbook plan`: the dry run of `rb` as `req` asks, written as a plan to
--- the state directory and to `out` when given. Returns the exit status.
-function M.make(rb, req, out, require_n)
+-- the state directory and to `out` when given; `alert` names the alert it
+-- answers (serve's), whose resolution cancels it. Returns the exit status.
+function M.make(rb, req, out, require_n, alert)
   local params = require "runbook.params"
   local pok, values = pcall(params.resolve, rb, req.given, req.params_file)
   if not pok then
@@ -132,7 +152,7 @@ function M.make(rb, req, out, require_n)
       sha256 = host.sha256(rb.source) },
     params = params.redacted(rb, values), params_salt = salt, params_sha256 = params_hash(salt, values),
     target = k8s_target(), requested_by = { user = M.identity(), host = who.host }, created_at = iso(os.time()),
-    effects = effects,
+    effects = effects, alert = alert,
     approval = { required = math.max(policy.required or 0, require_n or 0), by = policy.by },
   }
   plan.digest = M.digest(plan)
@@ -175,6 +195,68 @@ function M.read(ref)
       path), EXIT.drift
   end
   return plan
+end
+
+-- ---- show ------------------------------------------------------------------------
+
+local function params_text(plan)
+  local keys, out = {}, {}
+  for k in pairs(plan.params or {}) do keys[#keys + 1] = k end
+  table.sort(keys)
+  for i, k in ipairs(keys) do out[i] = k .. "=" .. tostring(plan.params[k]) end
+  return #out > 0 and table.concat(out, ", ") or "none"
+end
+
+local function facts(plan)
+  local t, a = plan.target, plan.approval or {}
+  local valid = M.valid_approvals(plan)
+  local by = {}
+  for i, v in ipairs(valid) do by[i] = v.by end
+  return {
+    { "runbook", ("%s (%s, sha256 %s)"):format(plan.runbook.name, plan.runbook.path, plan.runbook.sha256:sub(1, 12)) },
+    { "requested", ("by %s on %s at %s"):format(plan.requested_by.user, plan.requested_by.host, plan.created_at) },
+    { "Kubernetes", t and ("context %s, namespace %s (%s)"):format(t.context, t.namespace, t.server) or "none" },
+    { "params", params_text(plan) },
+    { "approvals", ("%d needed%s; %d valid%s"):format(a.required or 0,
+      type(a.by) == "table" and #a.by > 0 and (" from " .. table.concat(a.by, ", ")) or "", #valid,
+      #by > 0 and (" (" .. table.concat(by, ", ") .. ")") or "") },
+    { "digest", plan.digest },
+  }
+end
+
+local function would_text(e)
+  local text = e.outcome or e.summary
+  return e.result and (text .. " → " .. e.result) or text
+end
+
+--- `runbook show PLAN [--format markdown]`: the plan as the dry run showed
+-- it, or as Markdown for a ticket. Returns the exit status.
+function M.show(ref, format)
+  local plan, why, code = M.read(ref)
+  if not plan then say("%s", why); return code end
+  local out = {}
+  if format == "markdown" then
+    out[#out + 1] = ("## Plan %s: %s\n\n| | |\n| --- | --- |"):format(plan.id, plan.runbook.name)
+    for _, f in ipairs(facts(plan)) do out[#out + 1] = ("| %s | %s |"):format(f[1], f[2]:gsub("|", "\\|")) end
+    out[#out + 1] = "\n| # | step | module | op | target | would |\n| --- | --- | --- | --- | --- | --- |"
+    for i, e in ipairs(plan.effects) do
+      local cells = { tostring(i), e.step or "", e.module, e.op, e.target, would_text(e) }
+      for j, c in ipairs(cells) do cells[j] = tostring(c):gsub("|", "\\|") end
+      out[#out + 1] = "| " .. table.concat(cells, " | ") .. " |"
+    end
+    if #plan.effects == 0 then out[#out + 1] = "\nNo effects: the run changes nothing." end
+  else
+    out[#out + 1] = ("plan %s"):format(plan.id)
+    for _, f in ipairs(facts(plan)) do out[#out + 1] = ("  %-11s %s"):format(f[1], f[2]) end
+    local step
+    for _, e in ipairs(plan.effects) do
+      if e.step ~= step then step = e.step; out[#out + 1] = ("[%s]"):format(step or "outside any step") end
+      out[#out + 1] = "    would " .. would_text(e)
+    end
+    if #plan.effects == 0 then out[#out + 1] = "  no effects: the run changes nothing" end
+  end
+  io.stdout:write(host.redact(table.concat(out, "\n") .. "\n"))
+  return EXIT.ok
 end
 
 -- ---- approvals -------------------------------------------------------------------
@@ -266,6 +348,11 @@ end
 -- approvals do not hold. Returns the values of the params, or nil, why and
 -- the exit status.
 local function check(rb, plan, given)
+  local resolved = resolved_since(plan)
+  if resolved then
+    return nil, ("the alert plan %s answers (%s) resolved at %s, so the plan was cancelled; a new firing makes a "
+      .. "new plan"):format(plan.id, plan.alert, resolved), EXIT.drift
+  end
   local sha = host.sha256(rb.source)
   if sha ~= plan.runbook.sha256 then
     return nil, ("runbook %s changed since the plan was made (sha256 %s, now %s); make a new plan"):format(

@@ -114,6 +114,11 @@ local function render(template, alert)
   return out
 end
 
+--- The rule and label set an alert is acted on once for: "rule{k=v,...}".
+local function alert_key(rule, alert)
+  return rule.name .. require("runbook.plan").canonical(alert.labels)
+end
+
 local function matches(rule, alert)
   local labels = type(alert.labels) == "table" and alert.labels or {}
   if labels.alertname ~= rule.alertname then return false end
@@ -123,14 +128,12 @@ local function matches(rule, alert)
   return true
 end
 
-local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
 -- ---- the server --------------------------------------------------------------------
 
 local Server = {}
 Server.__index = Server
 
---- The command line of the child that plans or runs `rule` for `alert`, or nil and why.
+--- The argv of the child that plans or runs `rule` for `alert`, or nil and why.
 function Server:command(rule, alert)
   local args = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }
   for _, p in ipairs(rule.params) do
@@ -143,40 +146,41 @@ function Server:command(rule, alert)
     args[#args + 1] = "--require-approval"
     args[#args + 1] = tostring(rule.require_approval)
   end
+  if rule.mode == "plan" then
+    args[#args + 1] = "--alert"
+    args[#args + 1] = alert_key(rule, alert)
+  end
   args[#args + 1] = rule.mode == "run" and "--yes" or rule.mode == "dry-run" and "--dry-run" or nil
-  for i, a in ipairs(args) do args[i] = shell_quote(a) end
-  return table.concat(args, " ")
+  return args
 end
 
---- Children still running: pids whose /proc entry is there.
+--- Children still running, those that ended reaped.
 function Server:running()
-  local lfs, n = require "lfs", 0
-  for pid in pairs(self.children) do
-    if lfs.attributes("/proc/" .. pid, "mode") then n = n + 1 else self.children[pid] = nil end
+  for _, pid in ipairs(require("runbook.httpd").reap()) do
+    if self.children[pid] then self.children[pid], self.nchildren = nil, self.nchildren - 1 end
   end
-  return n
+  return self.nchildren
 end
 
 --- Start the child for `rule` and `alert` in the background, its output to a log. Returns what was done.
 function Server:start(rule, alert)
-  local cmd, why = self:command(rule, alert)
-  if not cmd then return { rule = rule.name, error = why } end
+  local argv, why = self:command(rule, alert)
+  if not argv then return { rule = rule.name, error = why } end
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
     return { rule = rule.name, error = ("%d runs already running (--max-runs)"):format(self.max_runs) }
   end
   local log = ("%s/%s-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), rule.name:gsub("[^%w%-_]", "_"))
-  local p = io.popen(("RUNBOOK_USER=%s %s </dev/null >%s 2>&1 & echo $!"):format(shell_quote(self.user), cmd,
-    shell_quote(log)))
-  local pid = p and p:read("l")
-  if p then p:close() end
-  if pid then self.children[pid] = true end
+  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. self.user })
+  if not ok then return { rule = rule.name, error = type(pid) == "table" and pid.message or tostring(pid) } end
+  self.children[pid], self.nchildren = true, self.nchildren + 1
   local key = rule.runbook .. "\0" .. rule.mode
   self.metrics.started[key] = (self.metrics.started[key] or 0) + 1
   return { rule = rule.name, runbook = rule.runbook, mode = rule.mode, log = log }
 end
 
---- POST /v1/alertmanager: each firing alert, each rule it matches, once per throttle period per label set.
+--- POST /v1/alertmanager: each firing alert, each rule it matches, once per throttle period per label set;
+-- a resolved one cancels the plans made for it and may fire again.
 function Server:alertmanager(body)
   local ok, doc = pcall(cjson.decode, body)
   if not ok then return 400, { error = "malformed JSON: " .. tostring(doc) } end
@@ -186,10 +190,21 @@ function Server:alertmanager(body)
   local done, now = {}, host.now()
   for _, alert in ipairs(doc.alerts) do
     self.metrics.received = self.metrics.received + 1
-    if type(alert) == "table" and alert.status == "firing" then
+    if type(alert) == "table" and alert.status == "resolved" then
       for _, rule in ipairs(self.rules) do
         if matches(rule, alert) then
-          local key = rule.name .. require("runbook.plan").canonical(alert.labels)
+          local key = alert_key(rule, alert)
+          self.seen[key] = nil
+          if rule.mode == "plan" then
+            require("runbook.plan").resolve_alert(key)
+            done[#done + 1] = { rule = rule.name, cancelled = true }
+          end
+        end
+      end
+    elseif type(alert) == "table" and alert.status == "firing" then
+      for _, rule in ipairs(self.rules) do
+        if matches(rule, alert) then
+          local key = alert_key(rule, alert)
           if self.seen[key] and now - self.seen[key] < rule.throttle then
             self.metrics.deduplicated = self.metrics.deduplicated + 1
           else
@@ -262,8 +277,10 @@ function M.serve(o, resolve)
   local addr, port = (o.listen or "127.0.0.1:9095"):match("^([%d%.]+):(%d+)$")
   if not addr then say("--listen: expected IPV4:PORT, got %s", o.listen); return EXIT.usage end
   local journal = require "runbook.journal"
-  local self = setmetatable({ rules = rules, token = token, children = {}, seen = {}, max_runs = o.max_runs or 4,
-    bin = require("lfs").symlinkattributes("/proc/self/exe").target, user = os.getenv("RUNBOOK_USER") or "runbook-serve",
+  local self = setmetatable({ rules = rules, token = token, children = {}, nchildren = 0, seen = {},
+    max_runs = o.max_runs or 4,
+    bin = require("lfs").symlinkattributes("/proc/self/exe").target,
+    user = os.getenv("RUNBOOK_USER") or "runbook-serve",
     log_dir = journal.mkdirs(journal.state_dir() .. "/serve"),
     metrics = { received = 0, deduplicated = 0, refused = 0, started = {} } }, Server)
   local ok, server = pcall(require("runbook.httpd").listen, { host = addr, port = tonumber(port),
@@ -272,9 +289,10 @@ function M.serve(o, resolve)
   io.stdout:write(("runbook serve: listening on http://%s:%d (%d rules)\n"):format(addr, server:port(), #rules))
   io.stdout:flush()
   host.install_signal_handlers()
-  -- serve loads no runbook: the run mode only lets it start its children (io.popen).
-  host.set_mode("run")
-  while not host.interrupted() do server:poll(0.5) end
+  while not host.interrupted() do
+    server:poll(0.5)
+    self:running()   -- reap the children that ended
+  end
   server:close()
   return EXIT.ok
 end

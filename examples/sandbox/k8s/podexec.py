@@ -2,7 +2,8 @@
 v5, else v4): the command runs for real in a per-pod root directory.
 
 Each pod gets STATE_DIR/k8s/pods/NS/POD/ with var/log (the app's log and rotated
-copies), tmp and app. When user namespaces are available the command runs under
+copies), tmp and app (the working directory, with ./heapdump, the app's heap dump
+command). When user namespaces are available the command runs under
 `unshare -Urm` with the pod's var/log and tmp bind-mounted over /var/log and /tmp,
 so `du -sh /var/log`, `df /tmp` and `kubectl cp pod:/tmp/x` see the pod's files;
 otherwise it runs in the pod's app directory with the host's /var/log and /tmp.
@@ -57,6 +58,11 @@ def pod_root(state_dir, ns, pod, app):
             os.utime(path, (old, old))
         with open(os.path.join(root, "app", "VERSION"), "w") as f:
             f.write("1.0.0\n")
+        # The app's heap dump command, as `jmap -dump` would be: writes FILE, prints its path.
+        dump = os.path.join(root, "app", "heapdump")
+        with open(dump, "w") as f:
+            f.write('#!/bin/sh\nout=${1:-/tmp/heap.hprof}\nhead -c 4000000 /dev/urandom >"$out" && echo "heap dumped to $out"\n')
+        os.chmod(dump, 0o755)
     return root
 
 

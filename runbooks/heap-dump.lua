@@ -1,0 +1,91 @@
+-- heap-dump.lua: a heap dump of the pod that uses the most memory, copied out
+-- with a checksum, then the pod restarted if asked.
+--
+-- Replaces seed 003 "Memory Leaks": `kubectl top pods`, `kubectl exec ... jmap
+-- -dump` (or the app's own dump command), `kubectl cp` of the dump, and
+-- `kubectl delete pod` to get the memory back while the dump is analysed. The
+-- dump is checked byte for byte (sha256 in the pod and here) before the pod
+-- is restarted, so the evidence is never lost with the pod.
+--
+--   runbook run heap-dump -p deployment=todo-chatbot-backend -p dir=./dumps
+--   runbook run heap-dump -p deployment=todo-chatbot-backend -p dir=./dumps -p restart=true \
+--     -p dump_command='jmap -dump:live,format=b,file=/tmp/heap.hprof 1'
+
+name = "heap-dump"
+description = "Dump the heap of a deployment's biggest pod, copy it out with a checksum, restart the pod if asked"
+version = "1.0.0"
+
+param "deployment" { required = true, help = "the deployment with the leak, e.g. todo-chatbot-backend" }
+param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "container" { default = "", help = "the app container (default: the pod's default container)" }
+param "dir" { required = true, help = "local directory the dump is copied into" }
+param "dump_file" { default = "/tmp/heap.hprof", help = "where the dump command writes the dump in the pod" }
+param "dump_command" { default = "./heapdump /tmp/heap.hprof",
+  help = "the app's dump command, run by sh -c in the container (the sandbox's apps have ./heapdump)" }
+param "restart" { type = "boolean", default = false, help = "delete the pod after the dump is safe, so it restarts" }
+param "timeout" { type = "duration", default = "5m", help = "how long the dump and the copy may take" }
+
+local function opts(ctx, extra)
+  local o = { namespace = ctx.params.namespace, container = ctx.params.container ~= "" and ctx.params.container or nil,
+    timeout = ctx.params.timeout }
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+step "Find the pod" {
+  description = "kubectl top pods --sort-by=memory: the deployment's pod using the most memory",
+  run = function(ctx)
+    local d = k8s.get("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace })
+    local sel = {}
+    for k, v in pairs(d.spec.selector.matchLabels) do sel[#sel + 1] = k .. "=" .. v end
+    table.sort(sel)
+    local top = k8s.top("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ","), sort_by = "memory" })
+    if #top == 0 then error("no pod of " .. ctx.params.deployment .. " reports its memory use") end
+    log.info("%s uses the most memory: %d MiB", top[1].name, top[1].memory_bytes // (1024 * 1024))
+    return { pod = top[1].name, memory_bytes = top[1].memory_bytes }
+  end,
+}
+
+step "Dump the heap" {
+  description = "kubectl exec POD -- <dump command>; sha256sum of the dump in the pod",
+  needs = { "Find the pod" },
+  run = function(ctx)
+    local pod = "pod/" .. ctx.outputs["Find the pod"].pod
+    local r = k8s.exec(pod, { "sh", "-c", ctx.params.dump_command }, opts(ctx))
+    if r.skipped then return { dumped = false } end
+    local sum = k8s.exec(pod, { "sha256sum", ctx.params.dump_file }, opts(ctx, { read = true }))
+    local size = k8s.exec(pod, { "wc", "-c", ctx.params.dump_file }, opts(ctx, { read = true }))
+    local dump = { dumped = true, sha256 = sum.stdout:match("^(%x+)"), bytes = tonumber(size.stdout:match("^%s*(%d+)")) }
+    log.info("dump %s: %d bytes, sha256 %s", ctx.params.dump_file, dump.bytes, dump.sha256)
+    return dump
+  end,
+}
+
+step "Copy the dump out" {
+  description = "kubectl cp POD:/tmp/heap.hprof DIR/...; sha256sum here must match the pod's",
+  needs = { "Find the pod", "Dump the heap" },
+  when = function(ctx) return ctx.outputs["Dump the heap"].dumped end,
+  run = function(ctx)
+    local pod, dump = ctx.outputs["Find the pod"].pod, ctx.outputs["Dump the heap"]
+    local to = ("%s/heap-%s-%s.hprof"):format(ctx.params.dir, pod, os.date("!%Y%m%dT%H%M%SZ"))
+    exec.run { "mkdir", "-p", ctx.params.dir }
+    k8s.cp(("pod/%s:%s"):format(pod, ctx.params.dump_file), to, opts(ctx))
+    local here = exec.read { "sha256sum", to }.stdout:match("^(%x+)")
+    if here ~= dump.sha256 then error(("the copy %s has sha256 %s, the pod's dump %s: not restarting"):format(to, here, dump.sha256)) end
+    log.info("copied to %s, sha256 matches", to)
+    return { file = to, sha256 = here }
+  end,
+}
+
+step "Restart the pod" {
+  description = "kubectl delete pod POD: the deployment replaces it, with its memory back",
+  needs = { "Find the pod", "Copy the dump out" },
+  when = function(ctx) return ctx.params.restart end,
+  confirm = true,
+  run = function(ctx)
+    local pod = ctx.outputs["Find the pod"].pod
+    k8s.delete("pod/" .. pod, { namespace = ctx.params.namespace })
+    k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
+    return { deleted = pod }
+  end,
+}

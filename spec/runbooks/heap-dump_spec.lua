@@ -1,0 +1,69 @@
+-- runbooks/heap-dump.lua against the sandbox: the app's dump command runs in
+-- the pod, the copy is checked against kubectl exec sha256sum, the restart
+-- against kubectl get; a dry run leaves the pod and the directory as they were.
+local cli = require "spec.support.cli"
+local sb = require "spec.sandbox.sandbox_helper"
+local cjson = require "cjson"
+
+local RUNBOOK = "runbooks/heap-dump.lua"
+local KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"
+local cache
+
+local function kubectl(args, may_fail)
+  local out, ok = sb.sh(("%s --cache-dir=%s -n todo-chatbot %s"):format(KUBECTL, cache, args))
+  if may_fail then return out, ok end
+  assert(ok, args .. ": " .. out)
+  return out
+end
+
+local function pods()
+  local names = {}
+  for _, p in ipairs(cjson.decode(kubectl("get pods -l app.kubernetes.io/component=backend -o json")).items) do
+    names[#names + 1] = p.metadata.name
+  end
+  table.sort(names)
+  return names
+end
+
+local function clear_dumps()
+  for _, pod in ipairs(pods()) do kubectl(("exec %s -c backend -- rm -f /tmp/heap.hprof"):format(pod)) end
+end
+
+describe("heap-dump", function()
+  setup(function() cache = cli.tmpdir() end)
+  teardown(cli.cleanup)
+
+  it("changes nothing in a dry run: no dump in any pod, no copy, no restart", function()
+    clear_dumps()
+    local before, dir = pods(), cli.tmpdir() .. "/dumps"
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir, "-p", "restart=true", "--dry-run" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches('would run "sh %-c %./heapdump /tmp/heap%.hprof" in pod', r.stdout)
+    for _, pod in ipairs(before) do
+      local _, there = kubectl(("exec %s -c backend -- test -e /tmp/heap.hprof"):format(pod), true)
+      assert.is_false(there, pod)
+    end
+    assert.are.same(before, pods())
+    assert.is_nil(io.open(dir))
+  end)
+
+  it("copies the dump out byte for byte, then restarts the pod", function()
+    clear_dumps()
+    local dir = cli.tmpdir()
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir, "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local file = r.stdout:match("copied to (%S+),")
+    local pod = file:match("heap%-(.-)%-%d+T%d+Z%.hprof$")
+    local sum = sb.sh("sha256sum " .. file):match("^%x+")
+    assert.are.equal(kubectl(("exec %s -c backend -- sha256sum /tmp/heap.hprof"):format(pod)):match("^%x+"), sum)
+
+    local replicas = #pods()
+    r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir, "-p", "restart=true", "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    pod = r.stdout:match("delete pod (%S+)")
+    assert.is_true(sb.wait_until(30, function()
+      local out = kubectl("get pod " .. pod .. " --ignore-not-found -o name")
+      return out == "" and #pods() == replicas
+    end), pod .. " was not replaced")
+  end)
+end)
