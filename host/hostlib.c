@@ -160,11 +160,18 @@ static int h_gate_done(lua_State *L)
     return 0;
 }
 
-/* raise(t): give t the structured error metatable and raise it. */
-static int h_raise(lua_State *L)
+/* The raise function raiser(module) returns: raise {op =, code =, message =,
+ * retryable =, ...} as module's structured error. The module is the
+ * raiser's; retryable is false unless given; the message is redacted. */
+static int h_raise_as(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_setfield(L, 1, "module");
+    lua_pushboolean(L, lua_getfield(L, 1, "retryable") != LUA_TNIL && lua_toboolean(L, -1));
+    lua_setfield(L, 1, "retryable");
+    lua_pop(L, 1);
     if (lua_getfield(L, 1, "message") == LUA_TSTRING) {
         size_t len;
         const char *m = lua_tolstring(L, -1, &len);
@@ -174,6 +181,17 @@ static int h_raise(lua_State *L)
     lua_pop(L, 1);
     luaL_setmetatable(L, RB_ERROR_MT);
     return lua_error(L);
+}
+
+/* raiser(module) -> raise: the one way a Lua library raises a structured
+ * error (docs/design.md, "Errors"); each library names itself once:
+ * local raise = host.raiser "pg". */
+static int h_raiser(lua_State *L)
+{
+    luaL_checkstring(L, 1);
+    lua_settop(L, 1);
+    lua_pushcclosure(L, h_raise_as, 1);
+    return 1;
 }
 
 /* Raise if the step's deadline passed or a signal arrived: the runbook
@@ -252,7 +270,7 @@ static const luaL_Reg host_funcs[] = {
     { "set_effect_sink", h_set_effect_sink },
     { "gate", h_gate },
     { "gate_done", h_gate_done },
-    { "raise", h_raise },
+    { "raiser", h_raiser },
     { "interrupted", h_interrupted },
     { "check_deadline", h_check_deadline },
     { "clear_interrupt", h_clear_interrupt },

@@ -88,6 +88,16 @@ describe("runbook plan", function()
     assert.are.same({ "scale k8s scale plan-spec/deployment/web", "note redis SET plan_spec:reason",
       "note pg exec todo.plan_spec" }, shown)
     assert.are.equal("scale deployment web to 2", plan.effects[1].summary)
+    local view = runbook { "show", path }
+    assert.are.equal(0, view.code, view.stderr)
+    local out = view.stdout
+    assert.truthy(out:find("[scale]\n    would scale deployment web to 2 → replicas 1 -> 2", 1, true), out)
+    assert.truthy(out:find("would insert 1 row into plan_spec → rolled back", 1, true), out)
+    local md = runbook { "show", path, "--format", "markdown" }
+    assert.truthy(md.stdout:find("| 1 | scale | k8s | scale | plan-spec/deployment/web | scale deployment web to 2 → "
+      .. "replicas 1 -> 2 |", 1, true), md.stdout)
+    assert.truthy(md.stdout:find("| approvals | 0 needed; 0 valid |", 1, true), md.stdout)
+    assert.is_nil((out .. md.stdout):find(SECRET, 1, true))
   end)
 end)
 

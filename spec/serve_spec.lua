@@ -50,7 +50,8 @@ local function write(path, text)
 end
 
 local function free_port()
-  local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])']])
+  local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));]]
+    .. [[ print(s.getsockname()[1])']])
   local port = p:read("l")
   p:close()
   return port
@@ -144,7 +145,8 @@ describe("runbook serve", function()
   end
 
   local RULE_ERRORS = {
-    { "an unknown field", "rules:\n  - name: a\n    mach: {alertname: X}\n    runbook: %s\n", ":3: rule 1: unknown field 'mach'" },
+    { "an unknown field", "rules:\n  - name: a\n    mach: {alertname: X}\n    runbook: %s\n",
+      ":3: rule 1: unknown field 'mach'" },
     { "an unknown runbook", "rules:\n  - name: a\n    match: {alertname: X}\n    runbook: no-such-runbook\n",
       ":4: rule 1: rule 'a': no runbook named 'no-such-runbook'" },
     { "a bad mode", "rules:\n  - name: a\n    match: {alertname: X}\n    runbook: %s\n  - name: b\n"

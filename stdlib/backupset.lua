@@ -37,9 +37,7 @@ local log = require "log"
 
 local M = {}
 
-local function fail(op, code, message)
-  host.raise { module = "backupset", op = op, code = code, message = message, retryable = false }
-end
+local raise = host.raiser "backupset"
 
 local function pretty(bytes)
   local units, n, i = { "B", "KiB", "MiB", "GiB", "TiB" }, bytes, 1
@@ -58,7 +56,8 @@ function M.free_bytes(dir)
   end
   local r = exec.read { "df", "-P", "-B1", "--", at }
   local avail = r.stdout:match("\n%S+%s+%d+%s+%d+%s+(%d+)")
-  if not avail then fail("preflight", "df", "cannot read the free space of " .. at .. " from df") end
+  if not avail then raise { op = "preflight", code = "df",
+    message = "cannot read the free space of " .. at .. " from df" } end
   return math.tointeger(tonumber(avail))
 end
 
@@ -187,7 +186,7 @@ function M.seal(set, parts)
     for _, rel in ipairs(part.files or {}) do
       local path = set.partial .. "/" .. rel
       local sha, size = host.sha256_file(path)
-      if not sha then fail("seal", "missing_file", path .. ": " .. tostring(size)) end
+      if not sha then raise { op = "seal", code = "missing_file", message = path .. ": " .. tostring(size) } end
       manifest.files[#manifest.files + 1] = { path = rel, sha256 = sha, size = size }
     end
   end
@@ -238,7 +237,8 @@ function M.find(root, prefix, opts)
   for _, s in ipairs(M.list(root, prefix)) do
     if not before or s.stamp < before then return s.path end
   end
-  fail("find", "no_backup", ("no %s backup set in %s%s"):format(prefix, root, before and (" taken before " .. opts.before) or ""))
+  raise { op = "find", code = "no_backup",
+    message = ("no %s backup set in %s%s"):format(prefix, root, before and (" taken before " .. opts.before) or "") }
 end
 
 -- Every file under dir, deepest first, then the directories.
@@ -264,11 +264,11 @@ function M.remove(path)
     perform = function()
       for _, f in ipairs(files) do
         local ok, err = os.remove(f)
-        if not ok then fail("remove", "io", err) end
+        if not ok then raise { op = "remove", code = "io", message = err } end
       end
       for _, d in ipairs(dirs) do
         local ok, err = lfs.rmdir(d)
-        if not ok then fail("remove", "io", d .. ": " .. tostring(err)) end
+        if not ok then raise { op = "remove", code = "io", message = d .. ": " .. tostring(err) } end
       end
       return { removed = path, files = #files, bytes = bytes }
     end,
@@ -294,23 +294,27 @@ end
 -- and size, and the database dump with pg_restore --list.
 function M.verify(path)
   local mpath = path .. "/manifest.json"
-  if not fs.exists(mpath) then fail("verify", "bad_manifest", path .. " has no manifest.json (not a backup set, or not complete)") end
+  if not fs.exists(mpath) then raise { op = "verify", code = "bad_manifest",
+    message = path .. " has no manifest.json (not a backup set, or not complete)" } end
   local ok, m = pcall(json.decode, fs.read(mpath))
   if not ok or type(m) ~= "table" or type(m.files) ~= "table" then
-    fail("verify", "bad_manifest", mpath .. " is not a backup set manifest")
+    raise { op = "verify", code = "bad_manifest", message = mpath .. " is not a backup set manifest" }
   end
   for _, f in ipairs(m.files) do
     local p = path .. "/" .. f.path
     local sha = host.sha256_file(p)
-    if not sha then fail("verify", "missing_file", p .. " is listed in the manifest but missing") end
+    if not sha then raise { op = "verify", code = "missing_file",
+      message = p .. " is listed in the manifest but missing" } end
     if sha ~= f.sha256 or lfs.attributes(p, "size") ~= f.size then
-      fail("verify", "checksum_mismatch", ("%s does not match the manifest (sha256 %s, expected %s)"):format(
-        p, sha:sub(1, 12), tostring(f.sha256):sub(1, 12)))
+      raise { op = "verify", code = "checksum_mismatch",
+        message = ("%s does not match the manifest (sha256 %s, expected %s)"):format(
+        p, sha:sub(1, 12), tostring(f.sha256):sub(1, 12)) }
     end
   end
   if m.database then
     local r = exec.read { "pg_restore", "--list", "--", path .. "/" .. m.database.dump, check = false }
-    if r.status ~= 0 then fail("verify", "corrupt_dump", path .. "/" .. m.database.dump .. ": pg_restore cannot read it") end
+    if r.status ~= 0 then raise { op = "verify", code = "corrupt_dump",
+      message = path .. "/" .. m.database.dump .. ": pg_restore cannot read it" } end
   end
   return m
 end

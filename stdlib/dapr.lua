@@ -41,10 +41,7 @@ local M = {}
 local Client = {}
 Client.__index = Client
 
-local function raise(t)
-  t.module = "dapr"
-  host.raise(t)
-end
+local raise = host.raiser "dapr"
 
 local function check_name(v, what, op)
   if type(v) ~= "string" or v == "" then
@@ -141,7 +138,7 @@ function Client:healthz_outbound() return probe(self, "healthz_outbound", { "v1.
 function Client:metadata()
   local r = self:call("metadata", "", { path = { "v1.0", "metadata" } })
   if type(r.json) ~= "table" then
-    raise { op = "metadata", code = "bad_response", retryable = false,
+    raise { op = "metadata", code = "bad_response",
       message = "dapr metadata: the sidecar did not answer JSON" }
   end
   return r.json
@@ -341,7 +338,7 @@ function Client:secret(store, name)
   if name ~= nil then check_name(name, "name", "secret") end
   local r = self:call("secret", store .. "/" .. (name or "bulk"), { path = { "v1.0", "secrets", store, name or "bulk" } })
   if type(r.json) ~= "table" then
-    raise { op = "secret", code = "bad_response", retryable = false,
+    raise { op = "secret", code = "bad_response",
       message = ("dapr secret %s: the sidecar did not answer a JSON object"):format(store) }
   end
   return register_all(r.json)

@@ -24,6 +24,8 @@ local native = require "runbook.exec"
 local duration = require "duration"
 local host = require "runbook.host"
 
+local raise = host.raiser "exec"
+
 local exec = {}
 
 local function argv_of(opts)
@@ -46,7 +48,7 @@ local function check_exit(argv, r)
   local name = argv[1] == "/bin/sh" and argv[2] == "-c" and "sh -c" or argv[1]
   local why = r.signal and ("killed by signal " .. r.signal) or ("exited with status " .. r.status)
   local tail = last_line(r.stderr)
-  host.raise { module = "exec", op = "run", code = tostring(r.status), retryable = false,
+  raise { op = "run", code = tostring(r.status),
     message = name .. " " .. why .. (tail ~= "" and (": " .. tail) or "") }
 end
 

@@ -9,13 +9,12 @@ local lfs = require "lfs"
 
 local M = {}
 
-local function fail(op, path, err)
-  host.raise { module = "fs", op = op, message = ("%s: %s"):format(path, err), retryable = false }
-end
+-- io.open, os.remove and os.rename name the path in their messages already.
+local raise = host.raiser "fs"
 
 function M.read(path)
   local f, err = io.open(path, "rb")
-  if not f then fail("read", path, err) end
+  if not f then raise { op = "read", message = err } end
   local data = f:read("a")
   f:close()
   return data
@@ -29,7 +28,7 @@ end
 
 function M.lines(path)
   local f, err = io.open(path, "rb")
-  if not f then fail("lines", path, err) end
+  if not f then raise { op = "lines", message = err } end
   return f:lines()
 end
 
@@ -45,18 +44,18 @@ function M.write(path, data, opts)
     perform = function()
       if opts.append then
         local f, err = io.open(path, "ab")
-        if not f then fail(verb, path, err) end
+        if not f then raise { op = verb, message = err } end
         f:write(data)
         f:close()
       else
         local tmp = path .. ".tmp-" .. host.identity().pid
         local f, err = io.open(tmp, "wb")
-        if not f then fail(verb, path, err) end
+        if not f then raise { op = verb, message = err } end
         local ok, werr = f:write(data)
         f:close()
-        if not ok then os.remove(tmp); fail(verb, path, werr) end
+        if not ok then os.remove(tmp); raise { op = verb, message = path .. ": " .. werr } end
         local renamed, rerr = os.rename(tmp, path)
-        if not renamed then os.remove(tmp); fail(verb, path, rerr) end
+        if not renamed then os.remove(tmp); raise { op = verb, message = rerr } end
       end
       return { bytes = #data }
     end,
@@ -68,7 +67,7 @@ function M.remove(path)
     module = "fs", op = "remove", target = path, summary = "remove " .. path,
     perform = function()
       local ok, err = os.remove(path)
-      if not ok then fail("remove", path, err) end
+      if not ok then raise { op = "remove", message = err } end
       return { removed = path }
     end,
   }
@@ -79,7 +78,7 @@ function M.rename(from, to)
     module = "fs", op = "rename", target = from, summary = ("rename %s to %s"):format(from, to),
     perform = function()
       local ok, err = os.rename(from, to)
-      if not ok then fail("rename", from, err) end
+      if not ok then raise { op = "rename", message = err } end
       return { from = from, to = to }
     end,
   }
@@ -94,7 +93,7 @@ function M.mkdir(path)
         at = at .. "/" .. part
         if lfs.attributes(at, "mode") ~= "directory" then
           local ok, err = host.mkdir(at)
-          if not ok then fail("mkdir", at, err) end
+          if not ok then raise { op = "mkdir", message = at .. ": " .. err } end
         end
       end
       return { created = path }

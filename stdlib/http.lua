@@ -39,6 +39,8 @@ local cjson = require "cjson"
 local duration = require "duration"
 local host = require "runbook.host"
 
+local raise = host.raiser "http"
+
 local http = {}
 
 local function warn(msg)
@@ -109,7 +111,7 @@ function http.check(url, opts)
   local r = http.request(with("GET", url, opts))
   if r.status and r.status >= 400 then
     local method = (opts and opts.method or "GET"):upper()
-    host.raise { module = "http", op = method, code = tostring(r.status), retryable = r.status >= 500 or r.status == 429,
+    raise { op = method, code = tostring(r.status), retryable = r.status >= 500 or r.status == 429,
       message = ("%s %s: HTTP %d"):format(method, (url:gsub("//([^/@:]*):[^/@]*@", "//%1:***@")), r.status) }
   end
   return r

@@ -9,20 +9,18 @@ codec.encode_invalid_numbers(false)
 
 local M = { null = cjson.null }
 
-local function fail(op, err)
-  host.raise { module = "json", op = op, message = tostring(err), retryable = false }
-end
+local raise = host.raiser "json"
 
 function M.encode(v)
   local ok, s = pcall(codec.encode, v)
-  if not ok then fail("encode", s) end
+  if not ok then raise { op = "encode", message = tostring(s) } end
   return s
 end
 
 function M.decode(s)
-  if type(s) ~= "string" then fail("decode", "expected a string, got " .. type(s)) end
+  if type(s) ~= "string" then raise { op = "decode", message = "expected a string, got " .. type(s) } end
   local ok, v = pcall(codec.decode, s)
-  if not ok then fail("decode", v) end
+  if not ok then raise { op = "decode", message = tostring(v) } end
   return v
 end
 

@@ -43,11 +43,9 @@ Client.__index = Client
 local EARLIEST, LATEST = -2, -1
 local API = { DescribeGroups = 15, ListGroups = 16 }
 
-local function raise(op, code, message, retryable)
-  host.raise { module = "kafka", op = op, code = code, message = message, retryable = retryable or false }
-end
+local raise = host.raiser "kafka"
 
-local function bad(op, message) raise(op, "bad_argument", message) end
+local function bad(op, message) raise { op = op, code = "bad_argument", message = message } end
 
 local function log()
   return require "log"
@@ -84,7 +82,8 @@ local function by_topic_partition(a, b)
 end
 
 local function raise_item_error(op, what, e)
-  raise(op, e.code, ("%s: %s"):format(what, e.message), e.code == "_TIMED_OUT" or e.code == "_TRANSPORT")
+  raise { op = op, code = e.code, message = ("%s: %s"):format(what, e.message),
+    retryable = e.code == "_TIMED_OUT" or e.code == "_TRANSPORT" }
 end
 
 -- ---- connecting -----------------------------------------------------------
@@ -109,7 +108,8 @@ function M.connect(opts)
   end
   props["bootstrap.servers"] = props["bootstrap.servers"] or os.getenv("KAFKA_BROKERS")
   if not props["bootstrap.servers"] or props["bootstrap.servers"] == "" then
-    raise("connect", "no_brokers", "no brokers: set KAFKA_BROKERS or call kafka.connect{brokers = \"host:9092\"}")
+    raise { op = "connect", code = "no_brokers",
+      message = "no brokers: set KAFKA_BROKERS or call kafka.connect{brokers = \"host:9092\"}" }
   end
   for k in pairs(props) do keys[#keys + 1] = k end
   table.sort(keys)
@@ -162,7 +162,7 @@ local function partitions_of(op, md, topics, only)
   for _, name in ipairs(topics) do
     local t = find_topic(md, name)
     if not t or (t.error and t.error.code == "UNKNOWN_TOPIC_OR_PART") then
-      raise(op, "UNKNOWN_TOPIC_OR_PART", ("topic %s does not exist"):format(name))
+      raise { op = op, code = "UNKNOWN_TOPIC_OR_PART", message = ("topic %s does not exist"):format(name) }
     elseif t.error then
       raise_item_error(op, "topic " .. name, t.error)
     end
@@ -252,8 +252,8 @@ end
 function Client:_require_api(op, name)
   local apis = self:_apis()
   if apis and not apis[API[name]] then
-    raise(op, "_UNSUPPORTED_FEATURE",
-      ("the broker does not support %s requests (a mock or very old broker)"):format(name))
+    raise { op = op, code = "_UNSUPPORTED_FEATURE",
+      message = ("the broker does not support %s requests (a mock or very old broker)"):format(name) }
   end
 end
 
@@ -340,7 +340,7 @@ function Client:_committed(groups, parts, md, t, op)
     end
   end
   for _, g in ipairs(groups) do
-    if not res[g] then raise(op, "_BAD_MSG", ("no answer for group %s"):format(g)) end
+    if not res[g] then raise { op = op, code = "_BAD_MSG", message = ("no answer for group %s"):format(g) } end
     if res[g].error then raise_item_error(op, "group " .. g, res[g].error) end
     for _, p in ipairs(res[g].partitions) do
       if p.error then raise_item_error(op, ("group %s %s [%d]"):format(g, p.topic, p.partition), p.error) end
@@ -491,9 +491,9 @@ function Client:_check_inactive(group, t)
   local d = self.native:describe_groups({ group }, t)[1]
   if d.error then raise_item_error("reset_offsets", "group " .. group, d.error) end
   if #d.members > 0 or (d.state ~= "Empty" and d.state ~= "Dead" and d.state ~= "Unknown") then
-    raise("reset_offsets", "NON_EMPTY_GROUP", ("group %s has %d active member(s) (state %s): "
+    raise { op = "reset_offsets", code = "NON_EMPTY_GROUP", message = ("group %s has %d active member(s) (state %s): "
       .. "offsets can only be reset while no consumer is running; scale its consumers to zero first"):format(
-        group, #d.members, d.state))
+        group, #d.members, d.state) }
   end
   return true
 end
@@ -583,8 +583,8 @@ function Client:_check_alter(group, result)
   local e = errs[1]
   if not e then return end
   if MEMBER_ERRORS[e.code] then
-    raise("reset_offsets", "NON_EMPTY_GROUP", ("the broker refused to reset group %s (%s): "
-      .. "it has or had active members; scale its consumers to zero first"):format(group, e.code))
+    raise { op = "reset_offsets", code = "NON_EMPTY_GROUP", message = ("the broker refused to reset group %s (%s): "
+      .. "it has or had active members; scale its consumers to zero first"):format(group, e.code) }
   end
   raise_item_error("reset_offsets", "group " .. group, e)
 end
@@ -730,8 +730,9 @@ function Client:consume(opts)
       if remaining <= 0 then
         finish()
         if opts.follow then return nil end
-        raise(op, "_TIMED_OUT", ("%s: timed out after %d message(s) before reaching the end"):format(
-          opts.topic, count), true)
+        raise { op = op, code = "_TIMED_OUT",
+          message = ("%s: timed out after %d message(s) before reaching the end"):format(
+          opts.topic, count), retryable = true }
       end
       local m = self.native:consume_poll(math.min(remaining, 0.5))
       if m then
@@ -818,7 +819,7 @@ function Client:backup_topic(opts)
     perform = function()
       local tmp = opts.file .. ".tmp"
       local f, err = io.open(tmp, "wb")
-      if not f then raise(op, "io", tostring(err)) end
+      if not f then raise { op = op, code = "io", message = tostring(err) } end
       local n, report = 0, progress_logger("backup " .. opts.topic)
       local counts = {}
       local ok, e = pcall(function()
@@ -853,8 +854,9 @@ local function read_manifest(op, file)
   f:close()
   local sha = host.sha256_file(file)
   if sha ~= m.sha256 then
-    raise(op, "checksum_mismatch", ("%s does not match its manifest (sha256 %s, expected %s)"):format(
-      file, tostring(sha), tostring(m.sha256)))
+    raise { op = op, code = "checksum_mismatch",
+      message = ("%s does not match its manifest (sha256 %s, expected %s)"):format(
+      file, tostring(sha), tostring(m.sha256)) }
   end
   return m
 end
@@ -866,7 +868,7 @@ function Client:restore_topic(opts)
   check_opts(op, opts)
   if type(opts.file) ~= "string" then bad(op, "file is required") end
   local f, err = io.open(opts.file, "rb")
-  if not f then raise(op, "io", tostring(err)) end
+  if not f then raise { op = op, code = "io", message = tostring(err) } end
   f:close()
   local manifest = read_manifest(op, opts.file)
   local topic = opts.topic or manifest and manifest.topic
@@ -886,8 +888,8 @@ function Client:restore_topic(opts)
                         partition = (p and p < count) and p or nil, timestamp = math.tointeger(rec.timestamp) }
   end
   if manifest and manifest.messages ~= #msgs then
-    raise(op, "checksum_mismatch", ("%s has %d messages, its manifest says %d"):format(
-      opts.file, #msgs, manifest.messages))
+    raise { op = op, code = "checksum_mismatch", message = ("%s has %d messages, its manifest says %d"):format(
+      opts.file, #msgs, manifest.messages) }
   end
   if #msgs == 0 then return { topic = topic, restored = 0 } end
   local r = self.native:produce(msgs, t, ("restore %d messages from %s to %s"):format(#msgs, opts.file, topic), topic,
@@ -1004,8 +1006,9 @@ function Client:create_partitions(opts)
   local t = timeout_of(self, op, opts)
   local current = #partitions_of(op, self.native:metadata(t), { opts.topic })
   if opts.total <= current then
-    raise(op, "INVALID_PARTITIONS", ("%s has %d partitions; the count can only grow (asked for %d)"):format(
-      opts.topic, current, opts.total))
+    raise { op = op, code = "INVALID_PARTITIONS",
+      message = ("%s has %d partitions; the count can only grow (asked for %d)"):format(
+      opts.topic, current, opts.total) }
   end
   return self.native:create_partitions(opts.topic, opts.total, t,
     ("grow %s from %d to %d partitions"):format(opts.topic, current, opts.total))

@@ -50,10 +50,7 @@ local function deliver(op, opts, send)
   return { ok = false, error = res }
 end
 
-local function raise(op, r, what)
-  host.raise { module = "notify", op = op, code = tostring(r.status), retryable = r.status >= 500 or r.status == 429,
-    status = r.status, message = ("%s answered HTTP %d: %s"):format(what, r.status, one_line(r.body, 200)) }
-end
+local raise = host.raiser "notify"
 
 local function post(op, url, body, headers, effect, timeout, method)
   local h = { ["Content-Type"] = "application/json" }
@@ -61,7 +58,10 @@ local function post(op, url, body, headers, effect, timeout, method)
   local r = native().request { method = method or "POST", url = url, body = body, headers = h,
     timeout = timeout, effect = effect }
   if r.skipped then return r end
-  if r.status >= 300 then raise(op, r, effect.target) end
+  if r.status >= 300 then
+    raise { op = op, code = tostring(r.status), retryable = r.status >= 500 or r.status == 429, status = r.status,
+      message = ("%s answered HTTP %d: %s"):format(effect.target, r.status, one_line(r.body, 200)) }
+  end
   return { ok = true, status = r.status }
 end
 

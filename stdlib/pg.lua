@@ -48,9 +48,7 @@ local host = require "runbook.host"
 
 native.set_json(json.encode, json.decode, json.null)
 
-local function fail(op, code, msg)
-  host.raise { module = "pg", op = op, code = code, retryable = false, message = msg }
-end
+local raise = host.raiser "pg"
 
 local pg = { null = json.null, classify = native.classify }
 local conn = native.methods
@@ -113,7 +111,7 @@ function conn:transaction(fn)
     if status.connected then self:exec("ROLLBACK") end
     if not res[1] then error(res[2], 0) end
     if status.transaction == "failed" then
-      fail("transaction", "25P02", "the transaction failed and was rolled back")
+      raise { op = "transaction", code = "25P02", message = "the transaction failed and was rolled back" }
     end
   else
     self:exec("COMMIT")
@@ -235,7 +233,7 @@ function conn:advisory_lock(key, opts)
   local try = gate.dry_run() and "pg_try_advisory_xact_lock" or "pg_try_advisory_lock"
   while not self:value(("SELECT %s(%s)"):format(try, expr), arg) do
     if host.now() >= deadline then
-      host.raise { module = "pg", op = "advisory_lock", code = "lock_held", retryable = true,
+      raise { op = "advisory_lock", code = "lock_held", retryable = true,
         message = ("advisory lock %s is held by another session"):format(tostring(key)) }
     end
     host.sleep(math.min(0.2, math.max(0.01, deadline - host.now())))
@@ -286,7 +284,8 @@ local function pg_env(url)
   for k, v in pairs(native.conninfo(url)) do
     if PGENV[k] then env[PGENV[k]] = v
     elseif k ~= "fallback_application_name" and k ~= "client_encoding" then
-      fail("conninfo", "unsupported", ("%s= cannot be passed to pg_dump; set it in the environment"):format(k))
+      raise { op = "conninfo", code = "unsupported",
+        message = ("%s= cannot be passed to pg_dump; set it in the environment"):format(k) }
     end
   end
   env.PGAPPNAME = env.PGAPPNAME or "runbook"
@@ -321,14 +320,15 @@ local function verify_parses(file, format, env)
   if format == "plain" then
     local r = exec.read { "tail", "-c", "200", "--", file }
     if not r.stdout:find("PostgreSQL database dump complete", 1, true) then
-      fail("verify", "corrupt_dump", file .. ": plain dump is truncated (no completion trailer)")
+      raise { op = "verify", code = "corrupt_dump",
+        message = file .. ": plain dump is truncated (no completion trailer)" }
     end
     return
   end
   local r = exec.read { "pg_restore", "--list", "--", file, env = env, check = false }
   if r.status ~= 0 then
-    fail("verify", "corrupt_dump", ("%s: pg_restore cannot read it: %s"):format(file,
-      (r.stderr:gsub("%s+$", ""):match("([^\n]*)$"))))
+    raise { op = "verify", code = "corrupt_dump", message = ("%s: pg_restore cannot read it: %s"):format(file,
+      (r.stderr:gsub("%s+$", ""):match("([^\n]*)$"))) }
   end
 end
 
@@ -380,7 +380,8 @@ function pg.dump(opts)
       db:exec("COMMIT")
       verify_parses(file, format, env)
       local hash, size = dump_digest(file)
-      if not size or size == 0 then fail("dump", "empty_dump", file .. ": pg_dump wrote nothing") end
+      if not size or size == 0 then raise { op = "dump", code = "empty_dump",
+        message = file .. ": pg_dump wrote nothing" } end
       local manifest = {
         file = file:match("([^/]+)$"), format = format, sha256 = hash, size = size,
         database = env.PGDATABASE, server_version = version, tables = counts,
@@ -400,7 +401,8 @@ local function read_manifest(file)
   if not f then return nil end
   local ok, m = pcall(json.decode, f:read("a"))
   f:close()
-  if not ok or type(m) ~= "table" then fail("restore", "bad_manifest", file .. ".manifest.json is not valid JSON") end
+  if not ok or type(m) ~= "table" then raise { op = "restore", code = "bad_manifest",
+    message = file .. ".manifest.json is not valid JSON" } end
   return m
 end
 
@@ -414,15 +416,17 @@ function pg.restore(opts)
   local url, file = opts.url or env_url(), opts.file
   local m = read_manifest(file)
   if not m and opts.manifest ~= false then
-    fail("restore", "no_manifest", file .. ": no manifest (" .. file .. ".manifest.json); pass manifest = false to skip the checks")
+    raise { op = "restore", code = "no_manifest",
+      message = file .. ": no manifest (" .. file .. ".manifest.json); pass manifest = false to skip the checks" }
   end
   local format = m and m.format or (is_dir(file) and "directory") or opts.format or "custom"
   local env = pg_env(url)
   if m then
     local hash, size = dump_digest(file)
     if size ~= m.size or hash ~= m.sha256 then
-      fail("restore", "corrupt_dump", ("%s does not match its manifest (size %s, expected %s; sha256 %s, expected %s): refusing to restore")
-        :format(file, tostring(size), tostring(m.size), tostring(hash):sub(1, 12), tostring(m.sha256):sub(1, 12)))
+      raise { op = "restore", code = "corrupt_dump",
+        message = ("%s does not match its manifest (size %s, expected %s; sha256 %s, expected %s): refusing to restore")
+        :format(file, tostring(size), tostring(m.size), tostring(hash):sub(1, 12), tostring(m.sha256):sub(1, 12)) }
     end
   end
   verify_parses(file, format, env)
@@ -450,8 +454,9 @@ function pg.restore(opts)
         result.tables = table_counts(db)
         for name, n in pairs(m.tables) do
           if result.tables[name] ~= n then
-            fail("restore", "count_mismatch", ("%s has %s rows after the restore, the dump had %d")
-              :format(name, tostring(result.tables[name]), n))
+            raise { op = "restore", code = "count_mismatch",
+              message = ("%s has %s rows after the restore, the dump had %d")
+              :format(name, tostring(result.tables[name]), n) }
           end
         end
       end

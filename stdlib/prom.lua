@@ -53,10 +53,7 @@ local M = {}
 local Client = {}
 Client.__index = Client
 
-local function raise(t)
-  t.module = "prom"
-  host.raise(t)
-end
+local raise = host.raiser "prom"
 
 local function number(v)
   if v == "NaN" then return 0 / 0 end
@@ -149,7 +146,7 @@ function Client:value(q, opts)
   opts = opts or {}
   local rows = self:query(q, { time = opts.time, allow_empty = true })
   if #rows > 1 then
-    raise { op = "value", code = "ambiguous", retryable = false,
+    raise { op = "value", code = "ambiguous",
       message = ("%s returned %d series, not one (aggregate it, e.g. sum(...) or max(...))"):format(q, #rows) }
   end
   local v = rows[1] and rows[1].value
@@ -250,7 +247,7 @@ function Client:verify(opts)
       local v = self:value(c.query, { allow_empty = true })
       if v == nil or is_nan(v) then missing = c; break end
       if not holds(c, v) then
-        raise { op = "verify", code = "gate_failed", retryable = false, value = v, threshold = c.below or c.above,
+        raise { op = "verify", code = "gate_failed", value = v, threshold = c.below or c.above,
           query = c.query,
           message = ("%s is %s, not %s %s (query: %s)"):format(c.name, show(v, c.unit), c.below and "below" or "above",
             show(c.below or c.above, c.unit), c.query) }

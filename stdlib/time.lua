@@ -4,6 +4,8 @@ local duration = require "duration"
 local host = require "runbook.host"
 local heartbeat = require "runbook.heartbeat"
 
+local raise = host.raiser "time"
+
 local M = { parse = duration.parse, format = duration.format }
 
 --- Monotonic seconds (for measuring), and wall-clock seconds since the epoch.
@@ -33,7 +35,7 @@ function M.wait_until(opts, fn)
     end
     output.waiting(opts.what or "the condition", deadline - host.now())
     if host.now() + every > deadline then
-      host.raise { module = "time", op = "wait_until", code = "timeout", retryable = true,
+      raise { op = "wait_until", code = "timeout", retryable = true,
         message = ("gave up waiting for %s after %s"):format(opts.what or "the condition", duration.format(timeout)) }
     end
     heartbeat.sleep(host, every)

@@ -16,10 +16,7 @@ local Client = {}
 Client.__index = Client
 M.Client = Client
 
-local function raise(t)
-  t.module = "k8s"
-  host.raise(t)
-end
+local raise = host.raiser "k8s"
 M.raise = raise
 
 -- JSON that keeps empty lists: lua-cjson 2.1 decodes [] and {} alike, so
@@ -307,7 +304,7 @@ function Client:resource(name)
       return r
     end
   end
-  raise { op = "resource", code = "unknown_resource", retryable = false,
+  raise { op = "resource", code = "unknown_resource",
     message = ("the server doesn't have a resource type %q"):format(name) }
 end
 
@@ -320,7 +317,7 @@ function Client:resource_of(obj)
   for _, r in ipairs(self:discover()) do
     if r.kind == obj.kind and r.group == group and r.version == version then return r end
   end
-  raise { op = "resource", code = "unknown_resource", retryable = false,
+  raise { op = "resource", code = "unknown_resource",
     message = ("no resource for kind %s in %s"):format(obj.kind, obj.apiVersion) }
 end
 
@@ -572,7 +569,7 @@ local function documents(manifest, verb)
     end
     local ok, docs = pcall(require("lyaml").load, manifest, { all = true })
     if not ok then
-      raise { op = verb, code = "invalid_yaml", retryable = false, message = "manifest is not valid YAML: " .. tostring(docs) }
+      raise { op = verb, code = "invalid_yaml", message = "manifest is not valid YAML: " .. tostring(docs) }
     end
     local out = {}
     for _, d in ipairs(docs) do

@@ -20,10 +20,7 @@ local M = {}
 
 local SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
-local function fail(code, fmt, ...)
-  host.raise { module = "k8s", op = "config", code = code, retryable = false, message = fmt:format(...) }
-end
-M.fail = fail
+local raise = host.raiser "k8s"
 
 local function read_file(path)
   local f = io.open(path, "rb")
@@ -54,17 +51,21 @@ local function load_file(path)
   local text = read_file(path)
   if not text then return nil end
   local ok, doc = pcall(require("lyaml").load, text)
-  if not ok then fail("invalid_kubeconfig", "kubeconfig %s is not valid YAML: %s", path, tostring(doc)) end
+  if not ok then raise { op = "config", code = "invalid_kubeconfig",
+    message = ("kubeconfig %s is not valid YAML: %s"):format(path, tostring(doc)) } end
   if doc == nil then return {} end
-  if type(doc) ~= "table" then fail("invalid_kubeconfig", "kubeconfig %s is not a mapping", path) end
+  if type(doc) ~= "table" then raise { op = "config", code = "invalid_kubeconfig",
+    message = ("kubeconfig %s is not a mapping"):format(path) } end
   for _, section in ipairs { "clusters", "users", "contexts" } do
     local list = doc[section]
     if list ~= nil and type(list) ~= "table" then
-      fail("invalid_kubeconfig", "kubeconfig %s: %s must be a list", path, section)
+      raise { op = "config", code = "invalid_kubeconfig",
+        message = ("kubeconfig %s: %s must be a list"):format(path, section) }
     end
     for i, entry in ipairs(list or {}) do
       if type(entry) ~= "table" or type(entry.name) ~= "string" then
-        fail("invalid_kubeconfig", "kubeconfig %s: %s[%d] has no name", path, section, i)
+        raise { op = "config", code = "invalid_kubeconfig",
+          message = ("kubeconfig %s: %s[%d] has no name"):format(path, section, i) }
       end
       local body = entry[section == "clusters" and "cluster" or section == "users" and "user" or "context"]
       if type(body) == "table" then
@@ -153,32 +154,37 @@ end
 local function decode_data(what, v, context)
   if v == nil then return nil end
   local out = type(v) == "string" and M.base64_decode(v)
-  if not out then fail("invalid_kubeconfig", "context %s: %s is not base64", context, what) end
+  if not out then raise { op = "config", code = "invalid_kubeconfig",
+    message = ("context %s: %s is not base64"):format(context, what) } end
   return out
 end
 
 local function from_kubeconfig(kc, opts, where)
   local ctx_name = opts.context or kc["current-context"]
   if not ctx_name then
-    fail("no_context", "kubeconfig %s has no current-context; pass k8s.connect{context=...} (contexts: %s)",
-      where, names(kc.contexts))
+    raise { op = "config", code = "no_context",
+      message = ("kubeconfig %s has no current-context; pass k8s.connect{context=...} (contexts: %s)"):format(
+        where, names(kc.contexts)) }
   end
   local ctx = kc.contexts[ctx_name]
   if not ctx then
-    fail("unknown_context", "context %q not found in kubeconfig %s (contexts: %s)", ctx_name, where,
-      names(kc.contexts))
+    raise { op = "config", code = "unknown_context",
+      message = ("context %q not found in kubeconfig %s (contexts: %s)"):format(ctx_name, where, names(kc.contexts)) }
   end
   local cluster = kc.clusters[ctx.cluster or ""]
   if not cluster then
-    fail("invalid_kubeconfig", "context %q names cluster %q, which is not in kubeconfig %s", ctx_name,
-      tostring(ctx.cluster), where)
+    raise { op = "config", code = "invalid_kubeconfig",
+      message = ("context %q names cluster %q, which is not in kubeconfig %s"):format(
+        ctx_name, tostring(ctx.cluster), where) }
   end
   if type(cluster.server) ~= "string" or cluster.server == "" then
-    fail("invalid_kubeconfig", "cluster %q in kubeconfig %s has no server", ctx.cluster, where)
+    raise { op = "config", code = "invalid_kubeconfig",
+      message = ("cluster %q in kubeconfig %s has no server"):format(ctx.cluster, where) }
   end
   local user = ctx.user and kc.users[ctx.user]
   if ctx.user and not user then
-    fail("invalid_kubeconfig", "context %q names user %q, which is not in kubeconfig %s", ctx_name, ctx.user, where)
+    raise { op = "config", code = "invalid_kubeconfig",
+      message = ("context %q names user %q, which is not in kubeconfig %s"):format(ctx_name, ctx.user, where) }
   end
   user = user or {}
   local cfg = {
@@ -197,7 +203,7 @@ local function from_kubeconfig(kc, opts, where)
   if cfg.token then host.secret(cfg.token) end
   if cfg.key_data then host.secret(cfg.key_data) end
   if cfg.exec ~= nil and (type(cfg.exec) ~= "table" or type(cfg.exec.command) ~= "string") then
-    fail("invalid_kubeconfig", "user %q: exec needs a command", ctx.user)
+    raise { op = "config", code = "invalid_kubeconfig", message = ("user %q: exec needs a command"):format(ctx.user) }
   end
   return cfg
 end
@@ -216,13 +222,14 @@ function M.resolve(opts)
     local kc = M.load(paths)
     if kc then return from_kubeconfig(kc, opts, where) end
     if opts.kubeconfig or (os.getenv("KUBECONFIG") or "") ~= "" then
-      fail("no_kubeconfig", "kubeconfig %s: no such file", where)
+      raise { op = "config", code = "no_kubeconfig", message = ("kubeconfig %s: no such file"):format(where) }
     end
   end
   local cfg = in_cluster(opts)
   if cfg then return cfg end
-  fail("no_kubeconfig", "no Kubernetes configuration: set KUBECONFIG, create ~/.kube/config, " ..
-    "or run in a pod (KUBERNETES_SERVICE_HOST is not set)")
+  raise { op = "config", code = "no_kubeconfig",
+    message = "no Kubernetes configuration: set KUBECONFIG, create ~/.kube/config, " ..
+    "or run in a pod (KUBERNETES_SERVICE_HOST is not set)" }
 end
 
 -- ---- credentials -------------------------------------------------------------
@@ -242,8 +249,9 @@ M.parse_time = parse_time
 local function run_exec(cfg)
   local e = cfg.exec
   if e.apiVersion ~= "client.authentication.k8s.io/v1" and e.apiVersion ~= "client.authentication.k8s.io/v1beta1" then
-    fail("invalid_kubeconfig", "user %q: exec apiVersion %s is not supported (use client.authentication.k8s.io/v1)",
-      cfg.user, tostring(e.apiVersion))
+    raise { op = "config", code = "invalid_kubeconfig",
+      message = ("user %q: exec apiVersion %s is not supported (use client.authentication.k8s.io/v1)"):format(
+        cfg.user, tostring(e.apiVersion)) }
   end
   local argv = { e.command }
   for _, a in ipairs(e.args or {}) do argv[#argv + 1] = tostring(a) end
@@ -255,13 +263,15 @@ local function run_exec(cfg)
   local ok, r = pcall(require("exec").read, argv)
   if not ok or r.status ~= 0 then
     local why = ok and (r.stderr:gsub("%s+$", ""):match("([^\n]*)$") or "") or tostring(r.message or r)
-    fail("exec_plugin", "user %q: credential plugin %s failed: %s%s", cfg.user, e.command,
-      ok and ("exit status " .. r.status .. (why ~= "" and (": " .. why) or "")) or why,
-      e.installHint and ("\n" .. e.installHint) or "")
+    raise { op = "config", code = "exec_plugin",
+      message = ("user %q: credential plugin %s failed: %s%s"):format(
+        cfg.user, e.command, ok and ("exit status " .. r.status .. (why ~= "" and (": " .. why) or "")) or why,
+        e.installHint and ("\n" .. e.installHint) or "") }
   end
   local okj, cred = pcall(cjson.decode, r.stdout)
   if not okj or type(cred) ~= "table" or type(cred.status) ~= "table" then
-    fail("exec_plugin", "user %q: credential plugin %s did not print an ExecCredential", cfg.user, e.command)
+    raise { op = "config", code = "exec_plugin",
+      message = ("user %q: credential plugin %s did not print an ExecCredential"):format(cfg.user, e.command) }
   end
   local st = cred.status
   for _, k in ipairs { "token", "clientKeyData" } do
@@ -288,7 +298,8 @@ function M.credentials(cfg, refresh)
     local now = host.now()
     if refresh or not cfg._file_token or now - cfg._file_token_at > 60 then
       local t = read_file(cfg.token_file)
-      if not t then fail("no_token", "token file %s cannot be read", cfg.token_file) end
+      if not t then raise { op = "config", code = "no_token",
+        message = ("token file %s cannot be read"):format(cfg.token_file) } end
       cfg._file_token, cfg._file_token_at = t:gsub("%s+$", ""), now
       host.secret(cfg._file_token)
     end

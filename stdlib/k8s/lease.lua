@@ -135,14 +135,14 @@ end
 --- Renew now; raises code "lost" when another holder took the lease over.
 function Lock:renew()
   if not self.held then
-    client.raise { op = "lease_renew", code = "released", retryable = false,
+    client.raise { op = "lease_renew", code = "released",
       message = ("lease %s/%s is not held"):format(self.namespace, self.name) }
   end
   local ok, holder = self:try()
   if not ok then
     self.held = false
     held[self] = nil
-    client.raise { op = "lease_renew", code = "lost", retryable = false, holder = holder,
+    client.raise { op = "lease_renew", code = "lost", holder = holder,
       message = ("lease %s/%s was lost%s"):format(self.namespace, self.name, holder and (" to " .. holder) or "") }
   end
   return self

@@ -39,7 +39,7 @@ function Client:target_pods(a, b, op)
     if ready(x) ~= ready(y) then return ready(x) end
     return (x.metadata.creationTimestamp or "") > (y.metadata.creationTimestamp or "")
   end)
-  if #all == 0 then raise { op = op, code = "404", retryable = false, message = ("no pods found for %s %s"):format(r.singular, name) } end
+  if #all == 0 then raise { op = op, code = "404", message = ("no pods found for %s %s"):format(r.singular, name) } end
   return all, ns, opts, true
 end
 

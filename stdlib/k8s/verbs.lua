@@ -65,11 +65,11 @@ function Client:scale(a, b, c, d)
   replicas = math.tointeger(replicas)
   local r, ns, name, obj = self:workload(ref, opts, "scale")
   if not r.subresources.scale then
-    raise { op = "scale", code = "not_scalable", retryable = false, message = ("%s cannot be scaled"):format(qualified(r)) }
+    raise { op = "scale", code = "not_scalable", message = ("%s cannot be scaled"):format(qualified(r)) }
   end
   local cur = obj.spec and obj.spec.replicas
   if opts and opts.current_replicas and cur ~= opts.current_replicas then
-    raise { op = "scale", code = "precondition", retryable = false,
+    raise { op = "scale", code = "precondition",
       message = ("expected replicas to be %d, was %s"):format(opts.current_replicas, tostring(cur)) }
   end
   return (write {
@@ -90,7 +90,7 @@ end
 function Client:rollout_restart(a, b)
   local r, ns, name, obj, opts = self:workload(a, b, "rollout_restart")
   if obj.spec and obj.spec.paused then
-    raise { op = "rollout_restart", code = "paused", retryable = false,
+    raise { op = "rollout_restart", code = "paused",
       message = ("can't restart paused %s %s (run rollout resume first)"):format(r.singular, name) }
   end
   return (write {
@@ -121,7 +121,7 @@ function M.deployment_status(d)
   end
   local c = condition(d, "Progressing")
   if c and c.reason == "ProgressDeadlineExceeded" then
-    raise { op = "rollout_status", code = "ProgressDeadlineExceeded", retryable = false,
+    raise { op = "rollout_status", code = "ProgressDeadlineExceeded",
       message = ("deployment %q exceeded its progress deadline"):format(name) }
   end
   local want, updated = spec.replicas or 1, st.updatedReplicas or 0
@@ -173,7 +173,7 @@ function Client:stuck_rollout(r, ns, d)
     for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
       local w = (cs.state or {}).waiting
       if w and STUCK[w.reason] then
-        return { op = "rollout_status", code = w.reason, retryable = false, pod = p.metadata.name, container = cs.name,
+        return { op = "rollout_status", code = w.reason, pod = p.metadata.name, container = cs.name,
           message = ("deployment %q will not finish rolling out: pod %s container %s is %s (%d restarts)%s")
             :format(d.metadata.name, p.metadata.name, cs.name, w.reason, cs.restartCount or 0,
               w.message and (": " .. w.message) or "") }
@@ -230,7 +230,7 @@ function Client:rollout_status(a, b)
     while not res do
       local ty, o = next_event(w, deadline)
       if ty == "DELETED" then
-        raise { op = "rollout_status", code = "404", retryable = false,
+        raise { op = "rollout_status", code = "404",
           message = ("deployment %q was deleted while waiting for its rollout"):format(name) }
       elseif ty then obj = o; res = check(o)
       elseif o == "expired" then
@@ -374,7 +374,7 @@ function Client:last_change(a, b)
   local i = #revs
   while i >= 1 and key(revs[i].template) ~= cur do i = i - 1 end -- a rollout not yet observed
   if i < 1 then
-    raise { op = "last_change", code = "no_revision", retryable = false,
+    raise { op = "last_change", code = "no_revision",
       message = ("no ReplicaSet of deployment %q has its current template yet"):format(name) }
   end
   local top = i
@@ -398,12 +398,12 @@ function Client:rollout_undo(a, b)
   if to == 0 then
     pick = #revs >= 2 and revs[#revs - 1] or nil
     if not pick then
-      raise { op = "rollout_undo", code = "no_revision", retryable = false, message = ("no rollout history found for deployment %q"):format(name) }
+      raise { op = "rollout_undo", code = "no_revision", message = ("no rollout history found for deployment %q"):format(name) }
     end
   else
     for _, rv in ipairs(revs) do if rv.revision == to then pick = rv end end
     if not pick then
-      raise { op = "rollout_undo", code = "no_revision", retryable = false,
+      raise { op = "rollout_undo", code = "no_revision",
         message = ("unable to find specified revision %d in history of deployment %q"):format(to, name) }
     end
   end
@@ -450,7 +450,7 @@ function Client:set_image(ref, images, opts)
   end
   for cname in pairs(images) do
     if cname ~= "*" and not found[cname] then
-      raise { op = "set_image", code = "404", retryable = false,
+      raise { op = "set_image", code = "404",
         message = ("unable to find container named %q in %s %s"):format(cname, r.singular, name) }
     end
   end
@@ -522,7 +522,7 @@ function Client:set_env(a, env, rest)
       end
     end
     if not touched then
-      raise { op = "set_env", code = "404", retryable = false,
+      raise { op = "set_env", code = "404",
         message = ("unable to find container named %q in %s %s"):format(tostring(rest.container), r.singular, name) }
     end
     local names = {}
@@ -632,7 +632,7 @@ function Client:wait(a, b, c)
   end
   relist()
   if not deleting and next(set) == nil then
-    raise { op = "wait", code = "404", retryable = false,
+    raise { op = "wait", code = "404",
       message = name and ('%s "%s" not found'):format(qualified(r), name) or ("no matching %s found"):format(qualified(r)) }
   end
   local function satisfied()

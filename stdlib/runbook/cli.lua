@@ -184,6 +184,10 @@ local function build(only)
   flag(apply, "--step", "Ask before each step.")
   flag(apply, "-y --yes", "Do not ask, also for steps marked confirm.")
 
+  local show = command(p, "show", "Show a plan as its dry run did, or as Markdown for a ticket.")
+  show:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
+  option(show, "--format", "text (default) or markdown.", "FORMAT"):choices { "text", "markdown" }
+
   local approve = command(p, "approve", "Approve a plan as a second person.",
     "Record your approval of a plan's digest (you: RUNBOOK_USER, else the login name; never the requester).")
   approve:argument("plan", "The plan: a FILE, or a plan ID."):args("?")
@@ -280,6 +284,11 @@ end
 function commands.apply(o)
   if not o.plan then return usage_error("apply", "apply: expected one plan FILE or ID") end
   return require("runbook.plan").apply(o.plan, o, load_runbook)
+end
+
+function commands.show(o)
+  if not o.plan then return usage_error("show", "show: expected one plan FILE or ID") end
+  return require("runbook.plan").show(o.plan, o["--format"])
 end
 
 function commands.approve(o)

@@ -265,7 +265,8 @@ function M.summarize(events)
   s.status = last_seg.finish and last_seg.finish.status or "killed"
   s.exit_code = last_seg.finish and last_seg.finish.exit_code
   local t0, t1 = parse_time(s.start.time), parse_time((last_seg.finish or events[#events]).time)
-  s.duration = t0 and t1 and (t1 - t0) or nil
+  -- The wall clock may have stepped back during the run: a duration is never below 0.
+  s.duration = t0 and t1 and math.max(0, t1 - t0) or nil
   return s
 end
 

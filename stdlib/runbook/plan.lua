@@ -177,6 +177,68 @@ function M.read(ref)
   return plan
 end
 
+-- ---- show ------------------------------------------------------------------------
+
+local function params_text(plan)
+  local keys, out = {}, {}
+  for k in pairs(plan.params or {}) do keys[#keys + 1] = k end
+  table.sort(keys)
+  for i, k in ipairs(keys) do out[i] = k .. "=" .. tostring(plan.params[k]) end
+  return #out > 0 and table.concat(out, ", ") or "none"
+end
+
+local function facts(plan)
+  local t, a = plan.target, plan.approval or {}
+  local valid = M.valid_approvals(plan)
+  local by = {}
+  for i, v in ipairs(valid) do by[i] = v.by end
+  return {
+    { "runbook", ("%s (%s, sha256 %s)"):format(plan.runbook.name, plan.runbook.path, plan.runbook.sha256:sub(1, 12)) },
+    { "requested", ("by %s on %s at %s"):format(plan.requested_by.user, plan.requested_by.host, plan.created_at) },
+    { "Kubernetes", t and ("context %s, namespace %s (%s)"):format(t.context, t.namespace, t.server) or "none" },
+    { "params", params_text(plan) },
+    { "approvals", ("%d needed%s; %d valid%s"):format(a.required or 0,
+      type(a.by) == "table" and #a.by > 0 and (" from " .. table.concat(a.by, ", ")) or "", #valid,
+      #by > 0 and (" (" .. table.concat(by, ", ") .. ")") or "") },
+    { "digest", plan.digest },
+  }
+end
+
+local function would_text(e)
+  local text = e.outcome or e.summary
+  return e.result and (text .. " → " .. e.result) or text
+end
+
+--- `runbook show PLAN [--format markdown]`: the plan as the dry run showed
+-- it, or as Markdown for a ticket. Returns the exit status.
+function M.show(ref, format)
+  local plan, why, code = M.read(ref)
+  if not plan then say("%s", why); return code end
+  local out = {}
+  if format == "markdown" then
+    out[#out + 1] = ("## Plan %s: %s\n\n| | |\n| --- | --- |"):format(plan.id, plan.runbook.name)
+    for _, f in ipairs(facts(plan)) do out[#out + 1] = ("| %s | %s |"):format(f[1], f[2]:gsub("|", "\\|")) end
+    out[#out + 1] = "\n| # | step | module | op | target | would |\n| --- | --- | --- | --- | --- | --- |"
+    for i, e in ipairs(plan.effects) do
+      local cells = { tostring(i), e.step or "", e.module, e.op, e.target, would_text(e) }
+      for j, c in ipairs(cells) do cells[j] = tostring(c):gsub("|", "\\|") end
+      out[#out + 1] = "| " .. table.concat(cells, " | ") .. " |"
+    end
+    if #plan.effects == 0 then out[#out + 1] = "\nNo effects: the run changes nothing." end
+  else
+    out[#out + 1] = ("plan %s"):format(plan.id)
+    for _, f in ipairs(facts(plan)) do out[#out + 1] = ("  %-11s %s"):format(f[1], f[2]) end
+    local step
+    for _, e in ipairs(plan.effects) do
+      if e.step ~= step then step = e.step; out[#out + 1] = ("[%s]"):format(step or "outside any step") end
+      out[#out + 1] = "    would " .. would_text(e)
+    end
+    if #plan.effects == 0 then out[#out + 1] = "  no effects: the run changes nothing" end
+  end
+  io.stdout:write(host.redact(table.concat(out, "\n") .. "\n"))
+  return EXIT.ok
+end
+
 -- ---- approvals -------------------------------------------------------------------
 
 --- The approvals recorded for `plan` that still count: its digest, not

@@ -258,7 +258,8 @@ function M.serve(o, resolve)
   local journal = require "runbook.journal"
   local self = setmetatable({ rules = rules, token = token, children = {}, nchildren = 0, seen = {},
     max_runs = o.max_runs or 4,
-    bin = require("lfs").symlinkattributes("/proc/self/exe").target, user = os.getenv("RUNBOOK_USER") or "runbook-serve",
+    bin = require("lfs").symlinkattributes("/proc/self/exe").target,
+    user = os.getenv("RUNBOOK_USER") or "runbook-serve",
     log_dir = journal.mkdirs(journal.state_dir() .. "/serve"),
     metrics = { received = 0, deduplicated = 0, refused = 0, started = {} } }, Server)
   local ok, server = pcall(require("runbook.httpd").listen, { host = addr, port = tonumber(port),

@@ -5,13 +5,11 @@ local host = require "runbook.host"
 
 local M = { null = lyaml.null }
 
-local function fail(op, err)
-  host.raise { module = "yaml", op = op, message = tostring(err), retryable = false }
-end
+local raise = host.raiser "yaml"
 
 function M.load_all(s)
   local ok, docs = pcall(lyaml.load, s, { all = true })
-  if not ok then fail("load", docs) end
+  if not ok then raise { op = "load", message = tostring(docs) } end
   return docs
 end
 
@@ -21,7 +19,7 @@ end
 
 function M.dump(...)
   local ok, s = pcall(lyaml.dump, { ... })
-  if not ok then fail("dump", s) end
+  if not ok then raise { op = "dump", message = tostring(s) } end
   return s
 end
 
