@@ -179,6 +179,21 @@ describe("k8s pods", function()
       assert.are.equal("STDIN 10000 0 ", out[2])
     end)
 
+    it("falls back to v4.channel.k8s.io when the API server predates v5", function()
+      local out, set = sb.ctl("k8s exec-protocol v4")
+      assert(set, out)
+      local ok, err = pcall(function()
+        local r = exec_step([[
+          local r = k8s.exec(P, { "sh", "-c", "head -c 5; echo; echo err >&2; exit 7" },
+            { namespace = "todo-chatbot", stdin = "hello world", check = false })
+          print(("STATUS %d OUT %s ERR %s"):format(r.status, r.stdout:gsub("\n", "|"), r.stderr:gsub("\n", "|")))]])
+        assert.are.equal(0, r.code, r.stdout .. r.stderr)
+        assert.are.equal("STATUS 7 OUT hello| ERR err|", printed(r.stdout)[1])   -- v4 cannot close stdin: head stops by itself
+      end)
+      sb.ctl("k8s exec-protocol v5")
+      assert(ok, err)
+    end)
+
     it("ends the remote command at its timeout", function()
       local r = exec_step([[
         local ok, e = pcall(k8s.exec, P, { "sleep", "31.25" }, { namespace = "todo-chatbot", timeout = "1s" })
