@@ -42,6 +42,55 @@ function M.runbook(src, name)
   return path
 end
 
+--- The JSON lines of every run this process starts with `--output json` (and
+-- every resume that writes them) are kept in build/spec-events/PID/, for
+-- spec/validate_events_spec.lua to check against the schemas once the other
+-- specs ran; those of processes that ended are removed. A run ended by
+-- SIGKILL is left out: its last line may be torn. A runbook that writes to
+-- standard output itself (io.write, io.stdout) puts lines of its own among the
+-- events: its run is marked (FILE.raw), and the check passes over them.
+M.EVENTS = "build/spec-events"
+
+local function events_dir()
+  local lfs = require "lfs"
+  local f = assert(io.open("/proc/self/stat"))
+  local pid = f:read("n")
+  f:close()
+  local dir = ("%s/%d"):format(M.EVENTS, pid)
+  if lfs.attributes(dir, "mode") ~= "directory" then
+    os.execute("mkdir -p " .. shell_quote(dir))
+    for old in lfs.dir(M.EVENTS) do
+      if old:match("^%d+$") and not lfs.attributes("/proc/" .. old, "mode") then
+        os.execute("rm -rf " .. shell_quote(M.EVENTS .. "/" .. old))
+      end
+    end
+  end
+  return dir
+end
+M.events_dir = events_dir
+
+local function wants_json(args)
+  for i, a in ipairs(args) do
+    if a == "--output=json" or a == "-ojson" or (a == "--output" or a == "-o") and args[i + 1] == "json" then
+      return true
+    end
+  end
+  return false
+end
+
+local function keep_events(args, code, stdout, tmp)
+  if code == 137 or not (wants_json(args) or args[1] == "resume" and stdout:match('^{"event":')) then return end
+  local base = events_dir() .. "/" .. tmp:match("[^/]+$")
+  local f = assert(io.open(base .. ".jsonl", "wb"))
+  f:write(stdout)
+  f:close()
+  f = assert(io.open(base .. ".cmd", "wb"))
+  f:write(table.concat(args, " "), "\n")
+  f:close()
+  local src = args[1] == "run" and slurp(args[2] or "") or ""
+  if src:find("io%.write") or src:find("io%.stdout") then assert(io.open(base .. ".raw", "wb")):close() end
+end
+
 --- Run `runbook ARGS...` with stdin from /dev/null (no terminal), an optional
 -- env prefix table and an optional command to run it under (a list of words,
 -- e.g. {"unshare", ...}). Returns {code, stdout, stderr}.
@@ -54,7 +103,9 @@ function M.run(args, env, under)
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
   local cmd = table.concat(parts, " ") .. (" </dev/null >%s/out 2>%s/err; echo $? >%s/code"):format(d, d, d)
   os.execute(cmd)
-  return { code = tonumber(slurp(d .. "/code")), stdout = slurp(d .. "/out"), stderr = slurp(d .. "/err") }
+  local r = { code = tonumber(slurp(d .. "/code")), stdout = slurp(d .. "/out"), stderr = slurp(d .. "/err") }
+  keep_events(args, r.code, r.stdout, d)
+  return r
 end
 
 --- Run `runbook ARGS...` on a pseudo-terminal, typing each of `answers` (a
@@ -158,7 +209,9 @@ function M.spawn(args, env)
   return { pid = pid, dir = d,
     wait = function()
       M.eventually(function() return M.slurp(d .. "/code") ~= "" end, "exit")
-      return tonumber(M.slurp(d .. "/code")), M.slurp(d .. "/out"), M.slurp(d .. "/err")
+      local code, stdout = tonumber(M.slurp(d .. "/code")), M.slurp(d .. "/out")
+      keep_events(args, code, stdout, d)
+      return code, stdout, M.slurp(d .. "/err")
     end }
 end
 

@@ -1,7 +1,10 @@
 -- The JSON lines contract (--output json, history --output json): every event
--- of a set of runs that between them emit every event type is checked by
--- python3-jsonschema against its schema in docs/events/, and for the shape
--- of the line itself (event and time first, no "\/" escapes).
+-- of every run the suite started with --output json (spec/support/cli.lua
+-- keeps them) is checked by python3-jsonschema against its schema in
+-- docs/events/, and for the shape of the line itself (event and time first,
+-- no "\/" escapes). Busted runs a directory's files in sorted order, so this
+-- file, sorting after every other one in spec/, runs once they all have; its
+-- own runs make sure every event type is there when it runs alone.
 local cli = require "spec.support.cli"
 
 local UNDO = [[
@@ -17,10 +20,23 @@ step "Fail" { run = function() log.warn("about to fail\non two lines"); error("i
 ]]
 
 
+local function spec_files()
+  local p = io.popen("find spec -name '*_spec.lua' | LC_ALL=C sort")
+  local files = {}
+  for f in p:lines() do files[#files + 1] = f end
+  p:close()
+  return files
+end
+
 describe("JSON lines", function()
   teardown(cli.cleanup)
 
-  it("every event of these runs matches its schema in docs/events", function()
+  it("are checked after every other spec of spec/ has run", function()
+    local files = spec_files()
+    assert.are.equal("spec/validate_events_spec.lua", files[#files])
+  end)
+
+  it("every event of the suite's runs matches its schema in docs/events", function()
     if not os.execute("python3 -c 'import jsonschema' 2>/dev/null") then
       return pending("python3-jsonschema is not installed")
     end
@@ -38,11 +54,15 @@ describe("JSON lines", function()
     run({ "run", "outage-recovery", "-p", "namespace=todo-chatbot", "--dry-run", "-o", "json" }, 0)
     run({ "history", "-o", "json" }, 0)
     local text = table.concat(out)
-    local d = cli.tmpdir()
-    local f = assert(io.open(d .. "/lines", "w"))
-    f:write(text)
-    f:close()
-    local p = io.popen("python3 spec/fixtures/validate_events.py < " .. d .. "/lines 2>&1")
+    assert.matches('"outputs":{"none":%[%],"written":"', text)   -- an empty list is []
+    assert.matches('"duration":%d+[,}]', text)                   -- integer milliseconds
+
+    local p = io.popen("find " .. cli.events_dir() .. " -name '*.jsonl' | sort")
+    local files = {}
+    for f in p:lines() do files[#files + 1] = cli.quote(f) end
+    p:close()
+    assert.is_true(#files >= 5, #files .. " runs")
+    p = io.popen("python3 spec/fixtures/validate_events.py " .. table.concat(files, " ") .. " 2>&1")
     local report = p:read("a")
     local ok = p:close()
     assert.is_true(ok, report)
@@ -50,7 +70,5 @@ describe("JSON lines", function()
       "run_end", "run" } do
       assert.matches(ev .. "=%d", report)
     end
-    assert.matches('"outputs":{"none":%[%],"written":"', text)   -- an empty list is []
-    assert.matches('"duration":%d+[,}]', text)                   -- integer milliseconds
   end)
 end)
