@@ -506,11 +506,19 @@ static int raise_wait(lua_State *L, client *c, const char *op, const char *what,
     return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: %s", what, push_timed_out(L, c, ms));
 }
 
+/* A broker's or librdkafka's own timeout of a request, with the deadline it had. */
+static const char *note_timeout(lua_State *L, rd_kafka_resp_err_t err, const char *msg, int ms) {
+    if (err != RD_KAFKA_RESP_ERR__TIMED_OUT) return msg;
+    char secs[32];
+    snprintf(secs, sizeof secs, "%.3g", ms / 1000.0);
+    return lua_pushfstring(L, "%s (timed out after %ss)", msg && *msg ? msg : rd_kafka_err2str(err), secs);
+}
+
 /* Raises when the whole admin request failed (e.g. unsupported by the broker). */
-static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, const char *what) {
+static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, const char *what, int ms) {
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     if (!err) return;
-    const char *msg = lua_pushstring(L, rd_kafka_event_error_string(ev));
+    const char *msg = note_timeout(L, err, lua_pushstring(L, rd_kafka_event_error_string(ev)), ms);
     rd_kafka_event_destroy(ev);
     rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what, msg);
 }
@@ -569,7 +577,7 @@ static int k_group_offsets(lua_State *L) {
     for (int i = 0; i < n; i++) {
         rd_kafka_event_t *ev = queue_wait(c->group_queue, ms);
         if (!ev) return raise_wait(L, c, "lag", "reading committed offsets", ms);
-        check_event(L, ev, "lag", "reading committed offsets");
+        check_event(L, ev, "lag", "reading committed offsets", ms);
         size_t cnt;
         const rd_kafka_group_result_t **gr = rd_kafka_ListConsumerGroupOffsets_result_groups(
             rd_kafka_event_ListConsumerGroupOffsets_result(ev), &cnt);
@@ -615,7 +623,7 @@ static int k_alter_group_offsets(lua_State *L) {
         lua_pushstring(L, rd_kafka_event_error_string(ev));
         rb_gate_done(L, &e, d, 0);
     }
-    check_event(L, ev, "reset_offsets", group);
+    check_event(L, ev, "reset_offsets", group, ms);
     size_t cnt;
     const rd_kafka_group_result_t **gr = rd_kafka_AlterConsumerGroupOffsets_result_groups(
         rd_kafka_event_AlterConsumerGroupOffsets_result(ev), &cnt);
@@ -657,7 +665,7 @@ static int k_describe_groups(lua_State *L) {
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
     if (!ev) return raise_wait(L, c, "describe_group", "describing consumer groups", ms);
-    check_event(L, ev, "describe_group", "describing consumer groups");
+    check_event(L, ev, "describe_group", "describing consumer groups", ms);
     size_t cnt;
     const rd_kafka_ConsumerGroupDescription_t **gd =
         rd_kafka_DescribeConsumerGroups_result_groups(rd_kafka_event_DescribeConsumerGroups_result(ev), &cnt);
@@ -700,7 +708,7 @@ static int k_list_groups(lua_State *L) {
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
     if (!ev) return raise_wait(L, c, "list_groups", "listing consumer groups", ms);
-    check_event(L, ev, "list_groups", "listing consumer groups");
+    check_event(L, ev, "list_groups", "listing consumer groups", ms);
     const rd_kafka_ListConsumerGroups_result_t *r = rd_kafka_event_ListConsumerGroups_result(ev);
     size_t nerr;
     const rd_kafka_error_t **errs = rd_kafka_ListConsumerGroups_result_errors(r, &nerr);
@@ -777,11 +785,11 @@ static const rd_kafka_ConfigResource_t *config_request(lua_State *L, client *c, 
 }
 
 static void check_resource(lua_State *L, rd_kafka_event_t *ev, const rd_kafka_ConfigResource_t *r,
-                           const char *op, const char *topic) {
-    check_event(L, ev, op, topic);
+                           const char *op, const char *topic, int ms) {
+    check_event(L, ev, op, topic, ms);
     rd_kafka_resp_err_t err = r ? rd_kafka_ConfigResource_error(r) : RD_KAFKA_RESP_ERR__BAD_MSG;
     if (!err) return;
-    const char *msg = lua_pushstring(L, r ? rd_kafka_ConfigResource_error_string(r) : "no result");
+    const char *msg = note_timeout(L, err, lua_pushstring(L, r ? rd_kafka_ConfigResource_error_string(r) : "no result"), ms);
     rd_kafka_event_destroy(ev);
     rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", topic,
              msg && *msg ? msg : rd_kafka_err2str(err));
@@ -795,7 +803,7 @@ static int k_describe_configs(lua_State *L) {
     rd_kafka_ConfigResource_t *res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
     rd_kafka_event_t *ev;
     const rd_kafka_ConfigResource_t *r = config_request(L, c, res, 0, ms, 0, &ev, "describe_configs");
-    check_resource(L, ev, r, "describe_configs", topic);
+    check_resource(L, ev, r, "describe_configs", topic, ms);
     push_configs(L, r);
     rd_kafka_event_destroy(ev);
     return 1;
@@ -844,7 +852,7 @@ static int k_alter_configs(lua_State *L) {
     if (!err && r && (err = rd_kafka_ConfigResource_error(r))) msg = rd_kafka_ConfigResource_error_string(r);
     msg = lua_pushstring(L, msg);
     rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, msg);
+    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
 static void topic_result(const rd_kafka_topic_result_t **tr, size_t n, rd_kafka_resp_err_t *err, const char **msg) {
@@ -881,7 +889,7 @@ static int k_create_topic(lua_State *L) {
     if (!err) topic_result(rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n), n, &err, &msg);
     msg = lua_pushstring(L, msg);
     rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, msg);
+    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
 /* create_partitions(topic, new_total, timeout, summary) */
@@ -910,7 +918,7 @@ static int k_create_partitions(lua_State *L) {
                      &err, &msg);
     msg = lua_pushstring(L, msg);
     rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, msg);
+    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
 /* ---- produce ------------------------------------------------------------ */
