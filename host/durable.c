@@ -87,11 +87,14 @@ static off_t drop_torn_tail(int fd)
 }
 
 /* mkdir_private(path) -> true | nil, message: a directory of the state dir,
- * created 0700 (journals hold outputs, lock files who runs what). */
+ * created 0700 (journals hold outputs, lock files who runs what); true when
+ * it is a directory already. */
 static int d_mkdir_private(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
-    if (mkdir(path, 0700) < 0 && errno != EEXIST) return push_errno(L, "cannot create directory", path);
+    struct stat st;
+    if (mkdir(path, 0700) < 0 && (errno != EEXIST || stat(path, &st) < 0 || !S_ISDIR(st.st_mode)))
+        return push_errno(L, "cannot create directory", path);
     lua_pushboolean(L, 1);
     return 1;
 }

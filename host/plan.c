@@ -60,7 +60,8 @@ void rb_plan_check(lua_State *L, const rb_effect *e)
     }
     lua_getfield(L, LUA_REGISTRYINDEX, RB_PLAN);
     lua_getfield(L, -1, step ? step : "");
-    int planned = lua_istable(L, -1) && lua_rawgeti(L, -1, ++checked) == LUA_TTABLE;
+    checked++;
+    int planned = lua_istable(L, -1) && lua_rawgeti(L, -1, checked) == LUA_TTABLE;
     int same = planned;
     for (int i = 0; i < 4 && planned; i++) {
         lua_getfield(L, top + 7, FIELDS[i]);   /* the planned effect */

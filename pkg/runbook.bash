@@ -1,6 +1,7 @@
 # bash completion for runbook(1): subcommands, their flags, runbook names
 # (from `runbook list`), each runbook's params after -p (from `runbook
-# describe`), and run ids after resume and report (from `runbook history`).
+# describe`), run ids after resume and report (from `runbook history`), and
+# plan files and ids after apply, show and approve.
 
 _runbook_names()
 {
@@ -19,12 +20,19 @@ _runbook_run_ids()
     runbook history --limit 50 2>/dev/null | awk 'NR > 1 && $1 !~ /^\(/ { print $1 }'
 }
 
+# The ids of the plans in the state directory.
+_runbook_plan_ids()
+{
+    local dir=${RUNBOOK_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/runbook}/plans
+    ls "$dir" 2>/dev/null | sed -n 's/\.json$//p'
+}
+
 _runbook()
 {
     local cur prev words cword
     _init_completion -n = || return
 
-    local commands="run resume history report describe lint list test version help"
+    local commands="run resume plan apply show approve serve history report describe lint list test version help"
     local globals="-h --help --version -v --verbose -q --quiet --no-color -o --output --kubeconfig --context -n --namespace"
     # The command: the first word that is no option and no global option's value.
     local cmd="" at i
@@ -54,6 +62,11 @@ _runbook()
     case $cmd in
         run) flags="-p --param --params-file --dry-run --step --yes -y --from --undo-on-failure --lock --wait-lock" ;;
         resume) flags="-p --param --force --rerun-interrupted --on-unknown --yes -y --step --wait-lock --undo-on-failure" ;;
+        plan) flags="-p --param --params-file --out --require-approval --alert" ;;
+        apply) flags="-p --param --step --yes -y" ;;
+        show) flags="--format" ;;
+        approve) flags="--comment --expires" ;;
+        serve) flags="--rules --listen --token-file --max-body --max-runs" ;;
         history) flags="--runbook --limit" ;;
         report) flags="--format --html" ;;
         help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;
@@ -63,6 +76,8 @@ _runbook()
     for ((i = at + 1; i < cword; i++)); do
         case ${words[i]} in
             -p | --param | --params-file | -o | --output | --from | --wait-lock | --runbook | --limit | --format | \
+                --out | --require-approval | --alert | --comment | --expires | --rules | --listen | --token-file | \
+                --max-body | --max-runs | \
                 --kubeconfig | --context | -n | --namespace) ((i++)) ;;
             -*) ;;
             *) target=${words[i]}; break ;;
@@ -71,12 +86,17 @@ _runbook()
 
     case $prev in
         -p | --param)
-            [[ -n $target && $cmd == run ]] || return
+            [[ -n $target && ($cmd == run || $cmd == plan) ]] || return
             compopt -o nospace
             COMPREPLY=($(compgen -W "$(_runbook_params "$target")" -- "$cur"))
             return ;;
         --params-file) _filedir '@(yaml|yml|json)'; return ;;
-        --format) COMPREPLY=($(compgen -W "markdown json html" -- "$cur")); return ;;
+        --format)
+            if [[ $cmd == show ]]; then COMPREPLY=($(compgen -W "text markdown" -- "$cur"))
+            else COMPREPLY=($(compgen -W "markdown json html" -- "$cur")); fi
+            return ;;
+        --out | --rules | --token-file) _filedir; return ;;
+        --require-approval | --alert | --comment | --expires | --listen | --max-body | --max-runs) return ;;
         --runbook) COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur")); return ;;
         --from | --wait-lock | --limit) return ;;
     esac
@@ -86,11 +106,15 @@ _runbook()
         return
     fi
     case $cmd in
-        run | describe | lint)
+        run | plan | describe | lint)
             [[ $cmd != lint && -n $target ]] && return
             COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur"))
             _filedir lua ;;
         resume | report) [[ -z $target ]] && COMPREPLY=($(compgen -W "$(_runbook_run_ids)" -- "$cur")) ;;
+        apply | show | approve)
+            [[ -n $target ]] && return
+            COMPREPLY=($(compgen -W "$(_runbook_plan_ids)" -- "$cur"))
+            _filedir json ;;
         test) _filedir ;;
     esac
 } &&

@@ -1,7 +1,8 @@
 #compdef runbook
 # zsh completion for runbook(1): subcommands, their flags, runbook names
 # (from `runbook list`), each runbook's params after -p (from `runbook
-# describe`), and run ids after resume and report (from `runbook history`).
+# describe`), run ids after resume and report (from `runbook history`), and
+# plan files and ids after apply, show and approve.
 
 _runbook_names() {
   local -a names
@@ -26,6 +27,14 @@ _runbook_run_ids() {
   _wanted runs expl 'run id' compadd -a ids
 }
 
+_runbook_plans() {
+  local dir=${RUNBOOK_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/runbook}/plans
+  local -a ids
+  ids=(${${(f)"$(ls $dir 2>/dev/null)"}%.json})
+  _wanted plans expl 'plan id' compadd -a ids
+  _files -g '*.json'
+}
+
 _runbook() {
   local curcontext=$curcontext state line expl ret=1
   typeset -A opt_args
@@ -33,6 +42,11 @@ _runbook() {
   commands=(
     'run:run a runbook'
     'resume:continue a failed, aborted, interrupted or killed run'
+    'plan:dry-run a runbook and write the plan that apply runs'
+    'apply:run a plan for real, holding each effect to it'
+    'show:show a plan'
+    'approve:approve a plan as a second person'
+    'serve:receive Alertmanager'"'"'s webhook and plan or run runbooks by rules'
     'history:past runs, newest first'
     'report:a run'"'"'s timeline for a postmortem'
     'describe:show a runbook'"'"'s params and steps'
@@ -83,6 +97,29 @@ _runbook() {
             '--wait-lock[wait for a held lock]:duration:' \
             '--undo-on-failure[undo completed steps when one fails]' \
             '1:run id:_runbook_run_ids' && ret=0 ;;
+        plan)
+          _arguments -s $globals \
+            '*'{-p,--param}'[set a param]:param:_runbook_params' \
+            '--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"' \
+            '--out[also write the plan to a file]:file:_files' \
+            '--require-approval[approvals the plan needs]:count:' \
+            '--alert[the alert the plan answers]:key:' \
+            '1:runbook:_runbook_names' && ret=0 ;;
+        apply)
+          _arguments -s $globals \
+            '*'{-p,--param}'[give a secret param again]:param:' \
+            '--step[ask before each step]' \
+            '(-y --yes)'{-y,--yes}'[do not ask]' \
+            '1:plan:_runbook_plans' && ret=0 ;;
+        show)
+          _arguments $globals '--format[plan format]:format:(text markdown)' '1:plan:_runbook_plans' && ret=0 ;;
+        approve)
+          _arguments $globals '--comment[why]:text:' '--expires[how long the approval holds]:duration:' \
+            '1:plan:_runbook_plans' && ret=0 ;;
+        serve)
+          _arguments $globals '--rules[the rules file]:file:_files -g "*.(yaml|yml)"' \
+            '--listen[address to listen on]:address:' '--token-file[the bearer token]:file:_files' \
+            '--max-body[largest request body]:bytes:' '--max-runs[plans and runs at once]:count:' && ret=0 ;;
         history)
           _arguments $globals \
             '--runbook[only this runbook]:runbook:_runbook_names' \

@@ -54,6 +54,19 @@ step "Measure the error rate" {
   end,
 }
 
+step "Top error messages" {
+  description = "kubectl logs --since | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod of the deployment",
+  needs = { "Measure the error rate" },
+  when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
+  run = function(ctx)
+    local q = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = ctx.params.window,
+      where = { level = "ERROR" }, count_by = "message", top = 5 }
+    log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count, ctx.params.window, #q.pods, q.count > 0 and ":" or "")
+    for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
+    return { errors = q.count, top = q.by }
+  end,
+}
+
 step "Compare with the last change" {
   description = "Did the rate begin with the current template's revision (rollout history, and the rate just before it)?",
   needs = { "Measure the error rate" },

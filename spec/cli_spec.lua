@@ -37,6 +37,9 @@ describe("cli", function()
     { { "run", "examples/hello.lua", "--bogus" }, "unknown option '--bogus'" },
     { { "run", "examples/hello.lua", "--from" }, "option '--from' requires an argument" },
     { { "run", "examples/hello.lua", "--output", "xml" }, "argument for option '--output' must be one of 'text', 'json'" },
+    { { "run", "examples/hello.lua", "-p" }, "option '-p' requires an argument" },
+    { { "run", "examples/hello.lua", "-p", "name=x", "-o" }, "option '-o' requires an argument" },
+    { { "run", "examples/hello.lua", "examples/hello.lua" }, "too many arguments" },
     { { "describe" }, "describe: expected one runbook" },
   }
   for _, c in ipairs(usage) do

@@ -179,6 +179,21 @@ describe("k8s pods", function()
       assert.are.equal("STDIN 10000 0 ", out[2])
     end)
 
+    it("falls back to v4.channel.k8s.io when the API server predates v5", function()
+      local out, set = sb.ctl("k8s exec-protocol v4")
+      assert(set, out)
+      local ok, err = pcall(function()
+        local r = exec_step([[
+          local r = k8s.exec(P, { "sh", "-c", "head -c 5; echo; echo err >&2; exit 7" },
+            { namespace = "todo-chatbot", stdin = "hello world", check = false })
+          print(("STATUS %d OUT %s ERR %s"):format(r.status, r.stdout:gsub("\n", "|"), r.stderr:gsub("\n", "|")))]])
+        assert.are.equal(0, r.code, r.stdout .. r.stderr)
+        assert.are.equal("STATUS 7 OUT hello| ERR err|", printed(r.stdout)[1])   -- v4 cannot close stdin: head stops by itself
+      end)
+      sb.ctl("k8s exec-protocol v5")
+      assert(ok, err)
+    end)
+
     it("ends the remote command at its timeout", function()
       local r = exec_step([[
         local ok, e = pcall(k8s.exec, P, { "sleep", "31.25" }, { namespace = "todo-chatbot", timeout = "1s" })
@@ -197,6 +212,29 @@ describe("k8s pods", function()
       sb.sh("kill -INT $(cat " .. d .. "/pid)")
       assert.is_true(sb.wait_until(20, function() return running("sleep 32.5") == "" end), "the command outlived Ctrl-C")
       assert.matches("interrupted", cli.slurp(d .. "/out"))
+    end)
+
+    it("checks.dependencies from a pod: the app's own env, not this machine's", function()
+      local function down()
+        local r = run_step([[
+          local r = checks.dependencies { namespace = "todo-chatbot", from_pod = "deploy/todo-chatbot-notification" }
+          print("DOWN " .. table.concat(r.down, ","))]])
+        assert.are.equal(0, r.code, r.stdout .. r.stderr)
+        return printed(r.stdout)[#printed(r.stdout)], r.stdout
+      end
+      assert.are.equal("DOWN ", (down()))
+      -- the fault: the app's pods get a Redis URL that does not answer, while this machine's works
+      kubectl("set env deploy/todo-chatbot-notification -c notification REDIS_URL=redis://127.0.0.1:1/0")
+      local ok, err = pcall(function()
+        kubectl("rollout status deploy/todo-chatbot-notification --timeout=60s")
+        local d, out = down()
+        assert.are.equal("DOWN redis from deploy/todo-chatbot-notification", d, out)
+        assert.matches("redis: PONG", out)
+        assert.matches("postgres from deploy/todo%-chatbot%-notification: answers", out)
+      end)
+      kubectl("set env deploy/todo-chatbot-notification -c notification REDIS_URL-")
+      kubectl("rollout status deploy/todo-chatbot-notification --timeout=60s")
+      assert(ok, err)
     end)
 
     it("names a container the pod does not have", function()

@@ -162,9 +162,8 @@ describe("runbook serve", function()
     end)
   end
 
-  it("plans from an alert Alertmanager delivers; a second person approves; apply fixes it", function()
-    local summary = "capacity low " .. os.time()
-    fire("ServeSpecCapacity", summary)
+  --- The id of the plan whose text holds `summary`, once serve's child wrote it.
+  local function plan_for(summary)
     local plans = os.getenv("RUNBOOK_STATE_DIR") .. "/plans"
     local id = sb.wait_until(90, function()
       for f in require("lfs").dir(plans) do
@@ -172,12 +171,38 @@ describe("runbook serve", function()
       end
     end)
     assert.truthy(id, "no plan from the alert: " .. cli.slurp(serve.dir .. "/err"))
+    return id
+  end
+
+  it("plans from an alert Alertmanager delivers; a second person approves; apply fixes it", function()
+    local summary = "capacity low " .. os.time()
+    fire("ServeSpecCapacity", summary)
+    local id = plan_for(summary)
     assert.are.equal(1, replicas())
     assert.are.equal(78, runbook({ "apply", id }, "alice").code)
     assert.are.equal(0, runbook({ "approve", id }, "bob").code)
     local r = runbook({ "apply", id }, "alice")
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal(2, replicas())
+  end)
+
+  it("cancels a plan still waiting for approval when its alert resolves", function()
+    local summary = "resolves " .. os.time()
+    local function payload(status)
+      return cjson.encode { version = "4", status = status, alerts = { { status = status,
+        labels = { alertname = "ServeSpecCapacity", namespace = NS, deployment = DEPLOY, instance = summary },
+        annotations = { summary = summary } } } }
+    end
+    assert.are.equal(200, (post("/v1/alertmanager", payload("firing"), TOKEN)))
+    local id = plan_for(summary)
+    local status, body = post("/v1/alertmanager", payload("resolved"), TOKEN)
+    assert.are.equal(200, status)
+    assert.is_true(cjson.decode(body).started[1].cancelled)
+    assert.are.equal(0, runbook({ "approve", id }, "bob").code)
+    local r = runbook({ "apply", id }, "alice")
+    assert.are.equal(77, r.code, r.stdout .. r.stderr)
+    assert.truthy(r.stderr:find("resolved at", 1, true), r.stderr)
+    assert.are.equal(1, replicas())
   end)
 
   it("runs a rule in run mode without approval", function()

@@ -31,6 +31,7 @@ describe("high-error-rate", function()
     local r = cli.run { "run", RUNBOOK, "-p", "service=backend", "-p", "window=10s", "-p", "hold=4s", "-p", "every=1s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("backend v1.5.0: [%d.]+%%", r.stdout)
+    assert.matches("%d+ ERROR records in the last 10s across %d pod%(s%)", r.stdout)
     assert.matches("the errors began with the last change: roll back to revision 3", r.stdout)
     assert.matches("backend error rate < 1%% held for 4s", r.stdout)
     assert.are.equal("v1.4.0", kh.tag("backend"))

@@ -174,6 +174,8 @@ local function build(only)
   option(plan, "--params-file", "Read params from a YAML or JSON file.", "FILE")
   option(plan, "--out", "Also write the plan to FILE (it is always kept in the state directory).", "FILE")
   option(plan, "--require-approval", "Approvals the plan needs besides the runbook's own approval policy.", "N")
+  option(plan, "--alert", "The alert the plan answers (runbook serve sets it): when it resolves, apply refuses.",
+    "KEY")
 
   local apply = command(p, "apply", "Run a plan for real, holding each effect to it.",
     "Run a plan made by `runbook plan`: refuses when the runbook, params or target changed (77) or approvals "
@@ -278,7 +280,7 @@ function commands.plan(o)
   end
   local rb, code = load_runbook(o.runbook)
   if not rb then return code end
-  return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n)
+  return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n, o["--alert"])
 end
 
 function commands.apply(o)

@@ -20,16 +20,12 @@ end
 --- Make `dir` and its parents, each one this creates 0700 (no other user
 -- reads a journal or a lock); raises naming the directory on failure.
 function M.mkdirs(dir)
-  local lfs = require "lfs"
+  if host.mkdir_private(dir) then return dir end -- the usual case: it is there, or only it was missing
   local path = dir:sub(1, 1) == "/" and "" or "."
   for part in dir:gmatch("[^/]+") do
     path = path .. "/" .. part
-    if lfs.attributes(path, "mode") ~= "directory" then
-      local ok, err = host.mkdir_private(path)
-      if not ok and lfs.attributes(path, "mode") ~= "directory" then
-        error(("cannot create state directory %s: %s"):format(path, err), 0)
-      end
-    end
+    local ok, err = host.mkdir_private(path)
+    if not ok then error(("cannot create state directory %s: %s"):format(path, err), 0) end
   end
   return dir
 end

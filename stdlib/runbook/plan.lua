@@ -83,6 +83,25 @@ local function k8s_target()
 end
 
 local function plans_dir() return journal.state_dir() .. "/plans" end
+local function resolved_path(alert) return journal.state_dir() .. "/resolved/" .. host.sha256(alert) .. ".json" end
+
+--- Record that `alert` resolved: the plans made for it before now are cancelled.
+function M.resolve_alert(alert)
+  local ok, err = pcall(journal.mkdirs, journal.state_dir() .. "/resolved")
+  if ok then ok, err = host.plan_write(resolved_path(alert), M.canonical { alert = alert, at = iso(os.time()) }) end
+  return ok, err
+end
+
+--- When the alert `plan` answers resolved after the plan was made, nil otherwise.
+local function resolved_since(plan)
+  if type(plan.alert) ~= "string" then return nil end
+  local f = io.open(resolved_path(plan.alert), "rb")
+  if not f then return nil end
+  local ok, rec = pcall(cjson.decode, f:read("a"))
+  f:close()
+  local at = ok and type(rec) == "table" and parse_iso(rec.at)
+  if at and at >= (parse_iso(plan.created_at) or 0) then return rec.at end
+end
 local function approvals_path(id) return journal.state_dir() .. "/approvals/" .. id .. ".jsonl" end
 
 --- A plan file's text: its canonical JSON, one line.
@@ -95,8 +114,9 @@ local function would(result)
 end
 
 --- `runbook plan`: the dry run of `rb` as `req` asks, written as a plan to
--- the state directory and to `out` when given. Returns the exit status.
-function M.make(rb, req, out, require_n)
+-- the state directory and to `out` when given; `alert` names the alert it
+-- answers (serve's), whose resolution cancels it. Returns the exit status.
+function M.make(rb, req, out, require_n, alert)
   local params = require "runbook.params"
   local pok, values = pcall(params.resolve, rb, req.given, req.params_file)
   if not pok then
@@ -132,7 +152,7 @@ function M.make(rb, req, out, require_n)
       sha256 = host.sha256(rb.source) },
     params = params.redacted(rb, values), params_salt = salt, params_sha256 = params_hash(salt, values),
     target = k8s_target(), requested_by = { user = M.identity(), host = who.host }, created_at = iso(os.time()),
-    effects = effects,
+    effects = effects, alert = alert,
     approval = { required = math.max(policy.required or 0, require_n or 0), by = policy.by },
   }
   plan.digest = M.digest(plan)
@@ -328,6 +348,11 @@ end
 -- approvals do not hold. Returns the values of the params, or nil, why and
 -- the exit status.
 local function check(rb, plan, given)
+  local resolved = resolved_since(plan)
+  if resolved then
+    return nil, ("the alert plan %s answers (%s) resolved at %s, so the plan was cancelled; a new firing makes a "
+      .. "new plan"):format(plan.id, plan.alert, resolved), EXIT.drift
+  end
   local sha = host.sha256(rb.source)
   if sha ~= plan.runbook.sha256 then
     return nil, ("runbook %s changed since the plan was made (sha256 %s, now %s); make a new plan"):format(

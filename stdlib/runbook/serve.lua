@@ -114,6 +114,11 @@ local function render(template, alert)
   return out
 end
 
+--- The rule and label set an alert is acted on once for: "rule{k=v,...}".
+local function alert_key(rule, alert)
+  return rule.name .. require("runbook.plan").canonical(alert.labels)
+end
+
 local function matches(rule, alert)
   local labels = type(alert.labels) == "table" and alert.labels or {}
   if labels.alertname ~= rule.alertname then return false end
@@ -140,6 +145,10 @@ function Server:command(rule, alert)
   if rule.mode == "plan" and rule.require_approval then
     args[#args + 1] = "--require-approval"
     args[#args + 1] = tostring(rule.require_approval)
+  end
+  if rule.mode == "plan" then
+    args[#args + 1] = "--alert"
+    args[#args + 1] = alert_key(rule, alert)
   end
   args[#args + 1] = rule.mode == "run" and "--yes" or rule.mode == "dry-run" and "--dry-run" or nil
   return args
@@ -170,7 +179,8 @@ function Server:start(rule, alert)
   return { rule = rule.name, runbook = rule.runbook, mode = rule.mode, log = log }
 end
 
---- POST /v1/alertmanager: each firing alert, each rule it matches, once per throttle period per label set.
+--- POST /v1/alertmanager: each firing alert, each rule it matches, once per throttle period per label set;
+-- a resolved one cancels the plans made for it and may fire again.
 function Server:alertmanager(body)
   local ok, doc = pcall(cjson.decode, body)
   if not ok then return 400, { error = "malformed JSON: " .. tostring(doc) } end
@@ -180,10 +190,21 @@ function Server:alertmanager(body)
   local done, now = {}, host.now()
   for _, alert in ipairs(doc.alerts) do
     self.metrics.received = self.metrics.received + 1
-    if type(alert) == "table" and alert.status == "firing" then
+    if type(alert) == "table" and alert.status == "resolved" then
       for _, rule in ipairs(self.rules) do
         if matches(rule, alert) then
-          local key = rule.name .. require("runbook.plan").canonical(alert.labels)
+          local key = alert_key(rule, alert)
+          self.seen[key] = nil
+          if rule.mode == "plan" then
+            require("runbook.plan").resolve_alert(key)
+            done[#done + 1] = { rule = rule.name, cancelled = true }
+          end
+        end
+      end
+    elseif type(alert) == "table" and alert.status == "firing" then
+      for _, rule in ipairs(self.rules) do
+        if matches(rule, alert) then
+          local key = alert_key(rule, alert)
           if self.seen[key] and now - self.seen[key] < rule.throttle then
             self.metrics.deduplicated = self.metrics.deduplicated + 1
           else

@@ -140,6 +140,7 @@ class Faults:
         self.api_error_rate = 0.0
         self.api_error_code = 500
         self.api_latency = 0.0
+        self.exec_protocols = None  # the exec subprotocols served, when narrowed (an API server before 1.30)
         self.bad_image_undo = {}  # (ns, deployment) -> image to restore on reset
 
     def describe(self):
@@ -147,7 +148,7 @@ class Faults:
                 "oom": sorted("%s/%s" % f for f in self.oom),
                 "bad_images": sorted(self.bad_images), "node_notready": sorted(self.notready),
                 "api_errors": self.api_error_rate, "api_error_code": self.api_error_code,
-                "api_latency": self.api_latency}
+                "api_latency": self.api_latency, "exec_protocols": self.exec_protocols}
 
 
 class Controller:

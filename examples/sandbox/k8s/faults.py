@@ -88,6 +88,15 @@ def api_latency(cluster, f, args):
     return "every API request is delayed by %gs" % f.api_latency
 
 
+def exec_protocol(cluster, f, args):
+    """exec-protocol v4: pods/exec speaks only v4.channel.k8s.io, as an API server before 1.30."""
+    import podexec
+    if args[0] not in ("v4", "v5"):
+        raise ValueError("bad protocol %r (use v4 or v5)" % args[0])
+    f.exec_protocols = ("%s.channel.k8s.io" % args[0],)
+    return "pods/exec serves only %s" % f.exec_protocols[0] if args[0] == "v4" else "pods/exec serves %s" % ", ".join(podexec.PROTOCOLS)
+
+
 def metric_target(cluster, text):
     """APP:TAG is one image version of an app (backend:v1.5.0); anything else names a deployment."""
     if ":" in text:
@@ -181,7 +190,8 @@ def lookup_res(name):
 COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_image, 1),
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
-            "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1)}
+            "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
+            "exec-protocol": (exec_protocol, 1)}
 
 
 def run(cluster, cmd, args):

@@ -165,7 +165,7 @@ def status_message(code):
             "reason": "NonZeroExitCode", "details": {"causes": [{"reason": "ExitCode", "message": str(code)}]}}
 
 
-def serve(handler, pod, state_dir, store):
+def serve(handler, pod, state_dir, store, protocols=PROTOCOLS):
     """Answer GET pods/NAME/exec: upgrade, run, stream, report the exit status."""
     q = handler.q_multi
     argv = q.get("command") or []
@@ -182,10 +182,10 @@ def serve(handler, pod, state_dir, store):
         raise ApiError(400, "BadRequest", "the sandbox API server serves exec over WebSocket only "
                        "(v5.channel.k8s.io, v4.channel.k8s.io); use kubectl 1.30 or later")
     offered = [p.strip() for p in handler.headers.get("Sec-WebSocket-Protocol", "").split(",")]
-    proto = next((p for p in PROTOCOLS if p in offered), None)
+    proto = next((p for p in protocols if p in offered), None)
     if proto is None:
         raise ApiError(400, "BadRequest", "none of the offered subprotocols %s is served; want one of %s"
-                       % (offered, ", ".join(PROTOCOLS)))
+                       % (offered, ", ".join(protocols)))
     container = next(c for c in pod["spec"]["containers"] if c["name"] == cname)
     ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
     app = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component") or cname

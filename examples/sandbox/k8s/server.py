@@ -543,7 +543,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.command not in ("GET", "POST"):
             raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         self.q_multi = parse_qs(self.raw_query, keep_blank_values=True)
-        podexec.serve(self, self.cluster.api.get(res, ns, name), self.cluster.state_dir, self.cluster.store)
+        podexec.serve(self, self.cluster.api.get(res, ns, name), self.cluster.state_dir, self.cluster.store,
+                      self.cluster.controller.faults.exec_protocols or podexec.PROTOCOLS)
 
     def virtual(self, res, ns, name):
         store = self.cluster.store
