@@ -3,6 +3,7 @@
  * Runbooks never see it: their environment is built without it.
  */
 #include <errno.h>
+#include <limits.h>
 #include <pwd.h>
 #include <string.h>
 #include <time.h>
@@ -45,6 +46,19 @@ static int h_sleep(lua_State *L)
     if (cut)
         return rb_error(L, "runbook", "step", "timeout", 0, "step timed out");
     lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* absolute(path): `path` against the working directory (a leading "./" dropped);
+ * in C so that a run needs no lfs for it. */
+static int h_absolute(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    if (path[0] == '/') return 1;
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd)) return luaL_error(L, "cannot read the working directory: %s", strerror(errno));
+    if (strncmp(path, "./", 2) == 0) path += 2;
+    lua_pushfstring(L, "%s/%s", cwd, path);
     return 1;
 }
 
@@ -259,6 +273,7 @@ static const luaL_Reg host_funcs[] = {
     { "wallclock", h_wallclock },
     { "sleep", h_sleep },
     { "isatty", h_isatty },
+    { "absolute", h_absolute },
     { "set_mode", h_set_mode },
     { "mode", h_mode },
     { "set_deadline", h_set_deadline },

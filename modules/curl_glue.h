@@ -8,6 +8,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
 #include <curl/curl.h>
 #include "runbook.h"
 
@@ -98,6 +99,44 @@ static int url_add_query(lua_State *L, CURLU *u, int t) {
         lua_pop(L, 1);
     }
     return 1;
+}
+
+/* The deadlines a transfer was given, in seconds, for its messages. */
+typedef struct { double connect, total; } curl_limits;
+
+/* Sets h's timeouts: `total` for the whole transfer and `connect` (never
+ * above total) for connecting, the TLS handshake included. */
+static curl_limits curl_set_limits(CURL *h, double total, double connect) {
+    curl_limits lim = { connect < total ? connect : total, total };
+    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(lim.total * 1000) + 1);
+    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(lim.connect * 1000) + 1);
+    return lim;
+}
+
+/* Why a transfer failed, pushed on the stack: a timeout in the words every
+ * module uses ("connect to HOST:PORT timed out after Ns" while connecting,
+ * "timed out after Ns" later), curl's own text otherwise. curl says
+ * "Operation timed out" only once connected. */
+static const char *curl_why(lua_State *L, CURL *h, CURLcode rc, const char *errbuf, curl_limits lim) {
+    if (rc != CURLE_OPERATION_TIMEDOUT) return lua_pushstring(L, errbuf[0] ? errbuf : curl_easy_strerror(rc));
+    char secs[32];
+    if (!strncmp(errbuf, "Operation timed out", 19)) {
+        snprintf(secs, sizeof secs, "%.3g", lim.total);
+        return lua_pushfstring(L, "timed out after %ss", secs);
+    }
+    snprintf(secs, sizeof secs, "%.3g", lim.connect);
+    char *url = NULL, *host = NULL, *port = NULL;
+    CURLU *u = curl_url();
+    curl_easy_getinfo(h, CURLINFO_EFFECTIVE_URL, &url);
+    if (u && url && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK) {
+        curl_url_get(u, CURLUPART_HOST, &host, 0);
+        curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
+    }
+    const char *why = lua_pushfstring(L, "connect to %s:%s timed out after %ss", host ? host : "?", port ? port : "?", secs);
+    curl_free(host);
+    curl_free(port);
+    curl_url_cleanup(u);
+    return why;
 }
 
 static void curl_reason(CURLcode rc, const char **name, int *retryable) {

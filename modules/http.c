@@ -87,6 +87,7 @@ typedef struct {
     struct curl_slist *headers;
     buffer body, head;
     char errbuf[CURL_ERROR_SIZE];
+    curl_limits limits;   /* of the transfer in progress */
     const char *upload;   /* the SMTP message being sent: read from here */
     size_t upload_left;
 } client;
@@ -225,14 +226,11 @@ static void set_method(CURL *h, const char *method, const char *body, size_t len
         curl_easy_setopt(h, CURLOPT_CUSTOMREQUEST, method);
 }
 
-static void set_timeouts(lua_State *L, CURL *h) {
+static curl_limits set_timeouts(lua_State *L, CURL *h) {
     double total = opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT);
     double left = rb_remaining(L, DEFAULT_TIMEOUT);
     if (left < total) total = left;
-    double conn = opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
-    if (conn > total) conn = total;
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(total * 1000) + 1);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(conn * 1000) + 1);
+    return curl_set_limits(h, total, opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT));
 }
 
 /* A client certificate or key given as PEM text (a kubeconfig's *-data),
@@ -431,7 +429,7 @@ static int raise_transport(lua_State *L, client *c, CURLcode rc, const char *met
     int retryable;
     curl_reason(rc, &code, &retryable);
     if (c->body.oom || c->head.oom) code = "out_of_memory", retryable = 0;
-    const char *why = c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc);
+    const char *why = curl_why(L, c->curl, rc, c->errbuf, c->limits);
     const char *msg = lua_pushfstring(L, "%s %s: %s", method, safe_url, why);
     scratch_free(c);
     if (e) {
@@ -456,7 +454,7 @@ static int http_request(lua_State *L) {
     set_common(c);
     set_headers(L, c, read);
     set_method(c->curl, method, body, len);
-    set_timeouts(L, c->curl);
+    c->limits = set_timeouts(L, c->curl);
     set_tls(L, c->curl);
     if (opt_bool(L, 1, "follow")) {
         curl_easy_setopt(c->curl, CURLOPT_FOLLOWLOCATION, 1L);
@@ -502,6 +500,7 @@ typedef struct {
     CURL *easy;
     buffer body;
     char errbuf[CURL_ERROR_SIZE];
+    curl_limits limits;
     CURLcode result;
     int done;
 } transfer;
@@ -582,7 +581,7 @@ static void start_transfer(lua_State *L, batch *b, int i, const char *url) {
     curl_easy_setopt(h, CURLOPT_USERAGENT, "runbook");
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
     curl_easy_setopt(h, CURLOPT_PRIVATE, (void *)(intptr_t)i);
-    set_timeouts(L, h); /* per transfer: a queued one gets what is left of the step */
+    t->limits = set_timeouts(L, h); /* per transfer: a queued one gets what is left of the step */
     set_tls(L, h);
     if (curl_multi_add_handle(b->multi, h) != CURLM_OK) luaL_error(L, "cannot start a transfer");
 }
@@ -616,7 +615,7 @@ static void push_transfer_result(lua_State *L, transfer *t) {
     lua_setfield(L, -2, "code");
     lua_pushboolean(L, retryable);
     lua_setfield(L, -2, "retryable");
-    lua_pushstring(L, t->errbuf[0] ? t->errbuf : curl_easy_strerror(t->result));
+    curl_why(L, t->easy, t->result, t->errbuf, t->limits);
     lua_setfield(L, -2, "error");
 }
 
@@ -764,7 +763,7 @@ static int http_smtp_send(lua_State *L) {
     lua_pop(L, 1);
     set_recipients(L, c);
     set_smtp_auth(L, c);
-    set_timeouts(L, c->curl);
+    c->limits = set_timeouts(L, c->curl);
     set_tls(L, c->curl);
     c->upload = message;
     c->upload_left = len;
@@ -794,7 +793,7 @@ static int http_smtp_send(lua_State *L) {
         int retryable;
         curl_reason(rc, &code, &retryable);
         const char *msg = lua_pushfstring(L, "mail via %s: %s%s", safe_url,
-            c->errbuf[0] ? c->errbuf : curl_easy_strerror(rc),
+            curl_why(L, c->curl, rc, c->errbuf, c->limits),
             reply ? lua_pushfstring(L, " (server replied %d)", (int)reply) : "");
         scratch_free(c);
         lua_pushvalue(L, -1);

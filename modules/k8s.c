@@ -11,6 +11,7 @@
  *     opts.token             bearer token (a secret)
  *     opts.tls_server_name   the name to send as SNI and verify, instead of the host
  *     opts.insecure          true: no TLS verification
+ *     opts.connect_timeout   seconds to connect (default 10), never above a request's timeout
  *   conn:request{method, path, query, body, content_type, accept, timeout}
  *     -> status, body, content_type, retry_after
  *     path: "/api/v1/...", its segments escaped by the caller; query: {name = value},
@@ -62,7 +63,7 @@
 #define CONN_MT "runbook.k8s.conn"
 #define STREAM_MT "runbook.k8s.stream"
 #define DEFAULT_TIMEOUT 30.0
-#define CONNECT_TIMEOUT 10.0
+#define DEFAULT_CONNECT_TIMEOUT 10.0
 
 static int k8s_connect(lua_State *L);
 static int k8s_mark_empty_arrays(lua_State *L);
@@ -85,6 +86,8 @@ typedef struct {
     char *ca_file, *cert_file, *key_file;
     buffer ca, cert, key;          /* PEM data */
     int insecure;
+    double connect_timeout;
+    curl_limits limits;            /* of the request in progress */
     curl_socket_t fd;              /* the socket of the last connection opened */
     /* scratch */
     CURLU *url;
@@ -103,6 +106,7 @@ typedef struct {
     size_t pos;                    /* start of the unread part of buf */
     int done;                      /* the transfer finished */
     CURLcode rc;
+    curl_limits limits;
     char hostport[256];
     char errbuf[CURL_ERROR_SIZE];
 } stream;
@@ -214,12 +218,6 @@ static void configure(conn *c, CURL *h, char *errbuf) {
     errbuf[0] = '\0';
 }
 
-static void set_timeouts(CURL *h, double total) {
-    double conn_t = total < CONNECT_TIMEOUT ? total : CONNECT_TIMEOUT;
-    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)(total * 1000) + 1);
-    curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS, (long)(conn_t * 1000) + 1);
-}
-
 static struct curl_slist *common_headers(lua_State *L, conn *c, const char *accept) {
     struct curl_slist *l = add_header(L, NULL, "Expect:");
     if (c->auth) l = add_header(L, l, c->auth);
@@ -293,6 +291,7 @@ static int k8s_connect(lua_State *L) {
     c->fd = CURL_SOCKET_BAD;
     luaL_setmetatable(L, CONN_MT);
     if (!(c->curl = curl_easy_init())) return luaL_error(L, "cannot initialise libcurl");
+    c->connect_timeout = opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
 
     set_server(L, c, server, opt_string(L, 1, "tls_server_name", NULL, NULL));
     size_t len = 0;
@@ -445,13 +444,13 @@ static int dry_run(lua_State *L, const char *method, const char *path) {
     return 1;
 }
 
-static int raise_transport(lua_State *L, const char *hostport, CURLcode rc, int oom,
-                           const char *errbuf, const char *method, const char *path) {
+static int raise_transport(lua_State *L, CURL *h, const char *hostport, CURLcode rc, int oom,
+                           const char *errbuf, curl_limits lim, const char *method, const char *path) {
     const char *code;
     int retryable;
     curl_reason(rc, &code, &retryable);
     if (oom) code = "out_of_memory", retryable = 0;
-    const char *why = errbuf[0] ? errbuf : curl_easy_strerror(rc);
+    const char *why = curl_why(L, h, rc, errbuf, lim);
     if (rc == CURLE_ABORTED_BY_CALLBACK)
         return rb_error(L, "k8s", method, code, 0, "%s %s: interrupted", method, path);
     return rb_error(L, "k8s", method, code, retryable,
@@ -486,7 +485,7 @@ static int conn_request(lua_State *L) {
     build_url(L, c, &c->url, method, path, 3, dry);
     curl_easy_reset(h);
     configure(c, h, c->errbuf);
-    set_timeouts(h, timeout);
+    c->limits = curl_set_limits(h, timeout, c->connect_timeout);
     curl_easy_setopt(h, CURLOPT_CURLU, c->url);
     c->headers = common_headers(L, c, accept ? accept : "application/json");
     if (ctype) c->headers = add_header(L, c->headers, lua_pushfstring(L, "Content-Type: %s", ctype));
@@ -511,7 +510,7 @@ static int conn_request(lua_State *L) {
     if (rc != CURLE_OK) {
         int oom = c->body.oom;
         buffer_free(&c->body);
-        return raise_transport(L, c->hostport, rc, oom, c->errbuf, method, path);
+        return raise_transport(L, h, c->hostport, rc, oom, c->errbuf, c->limits, method, path);
     }
     long status = 0;
     curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
@@ -561,7 +560,7 @@ static int conn_stream(lua_State *L) {
         return luaL_error(L, "cannot initialise libcurl");
     build_url(L, c, &s->url, "GET", path, 3, 0);
     configure(c, s->h, s->errbuf);
-    set_timeouts(s->h, timeout);
+    s->limits = curl_set_limits(s->h, timeout, c->connect_timeout);
     curl_easy_setopt(s->h, CURLOPT_CURLU, s->url);
     s->headers = common_headers(L, c, accept ? accept : "application/json");
     curl_easy_setopt(s->h, CURLOPT_HTTPHEADER, s->headers);
@@ -600,7 +599,7 @@ static int stream_next(lua_State *L) {
             lua_pushnil(L);
             if (s->rc == CURLE_OK) lua_pushliteral(L, "end");
             else if (s->rc == CURLE_OPERATION_TIMEDOUT) lua_pushliteral(L, "timeout");
-            else return raise_transport(L, s->hostport, s->rc, s->buf.oom, s->errbuf, "GET", "(stream)");
+            else return raise_transport(L, s->h, s->hostport, s->rc, s->buf.oom, s->errbuf, s->limits, "GET", "(stream)");
             return 2;
         }
         if (rb_interrupted()) return rb_error(L, "k8s", "watch", "interrupted", 0, "interrupted");

@@ -80,6 +80,8 @@ typedef struct {
     rd_kafka_queue_t *group_queue; /* OffsetFetch results, on the consumer (see k_group_offsets) */
     delivery *deliveries;    /* the produce call in progress */
     size_t pending;
+    double connect_timeout;  /* socket.connection.setup.timeout.ms, in seconds */
+    char broker_error[256];  /* librdkafka's last error about reaching the cluster */
 } client;
 
 /* ---- errors ------------------------------------------------------------- */
@@ -100,9 +102,29 @@ static int is_retryable(rd_kafka_resp_err_t err) {
     }
 }
 
-static int raise_err(lua_State *L, const char *op, rd_kafka_resp_err_t err, const char *what) {
-    return rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what,
-                    rd_kafka_err2str(err));
+/* Why the cluster could not be reached, from the errors librdkafka reported
+ * since the last call that asked (served by rd_kafka_poll); "" when none. A
+ * broker connection that was not up in time reads as every module says it. */
+static const char *push_broker_trouble(lua_State *L, client *c) {
+    rd_kafka_poll(c->rk, 0);
+    const char *e = c->broker_error, *slash = strchr(e, '/'), *why;
+    if (slash && strstr(e, "Connection setup timed out")) {
+        char secs[32];
+        snprintf(secs, sizeof secs, "%.3g", c->connect_timeout);
+        why = lua_pushfstring(L, "connect to %s timed out after %ss", lua_pushlstring(L, e, (size_t)(slash - e)), secs);
+    } else {
+        why = lua_pushstring(L, e);
+    }
+    c->broker_error[0] = '\0';
+    return why;
+}
+
+static int raise_err(lua_State *L, client *c, const char *op, rd_kafka_resp_err_t err, const char *what) {
+    int unreachable = err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__TIMED_OUT ||
+                      err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN;
+    const char *trouble = unreachable ? push_broker_trouble(L, c) : "";
+    return rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s%s%s", what,
+                    *trouble ? trouble : "", *trouble ? "; " : "", rd_kafka_err2str(err));
 }
 
 /* Sets t.error = {code, message} for a failed partition, group or resource. */
@@ -171,6 +193,14 @@ static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaqu
     d->partition = m->partition;
     d->offset = m->offset;
     d->done = 1;
+}
+
+/* Keeps the error that says why; "N/N brokers are down" only follows one. */
+static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque) {
+    (void)rk;
+    client *c = opaque;
+    if (!c || (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN && c->broker_error[0])) return;
+    snprintf(c->broker_error, sizeof c->broker_error, "%s", reason);
 }
 
 /* librdkafka's own log lines (from its threads) pass redaction on their way to stderr. */
@@ -269,6 +299,11 @@ static int k_new(lua_State *L) {
     c->conf = rd_kafka_conf_dup(conf);
     rd_kafka_conf_set_opaque(conf, c);
     rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    rd_kafka_conf_set_error_cb(conf, on_error);
+    char ms[32];
+    size_t len = sizeof ms;
+    if (rd_kafka_conf_get(conf, "socket.connection.setup.timeout.ms", ms, &len) == RD_KAFKA_CONF_OK)
+        c->connect_timeout = atof(ms) / 1000;
     c->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
     if (!c->rk) {
         rd_kafka_conf_destroy(conf);
@@ -373,7 +408,7 @@ static int k_metadata(lua_State *L) {
     const struct rd_kafka_metadata *md;
     rd_kafka_resp_err_t err = rd_kafka_metadata(c->rk, rkt == NULL, rkt, &md, ms);
     if (rkt) rd_kafka_topic_destroy(rkt);
-    if (err) return raise_err(L, "metadata", err, "cannot read cluster metadata");
+    if (err) return raise_err(L, c, "metadata", err, "cannot read cluster metadata");
     lua_createtable(L, 0, 3);
     lua_createtable(L, md->broker_cnt, 0);
     for (int i = 0; i < md->broker_cnt; i++) {
@@ -411,7 +446,7 @@ static int k_offsets(lua_State *L) {
         for (int i = 0; i < l->cnt; i++) any |= l->elems[i].err != 0;
         if (!any) {
             rd_kafka_topic_partition_list_destroy(l);
-            return raise_err(L, "offsets", err, "cannot list offsets");
+            return raise_err(L, c, "offsets", err, "cannot list offsets");
         }
     }
     push_partitions(L, l);
@@ -458,16 +493,32 @@ static void queue_drain(rd_kafka_queue_t *q) {
 
 static void admin_drain(client *c) { queue_drain(c->queue); }
 
-static int raise_wait(lua_State *L, const char *op, const char *what) {
+/* "timed out after Ns", with why the cluster could not be reached when librdkafka said. */
+static const char *push_timed_out(lua_State *L, client *c, int ms) {
+    char secs[32];
+    snprintf(secs, sizeof secs, "%.3g", ms / 1000.0);
+    const char *trouble = push_broker_trouble(L, c);
+    return lua_pushfstring(L, "timed out after %ss%s%s", secs, *trouble ? ": " : "", trouble);
+}
+
+static int raise_wait(lua_State *L, client *c, const char *op, const char *what, int ms) {
     if (rb_interrupted()) return rb_error(L, "kafka", op, "interrupted", 0, "%s: interrupted", what);
-    return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: timed out", what);
+    return rb_error(L, "kafka", op, "_TIMED_OUT", 1, "%s: %s", what, push_timed_out(L, c, ms));
+}
+
+/* A broker's or librdkafka's own timeout of a request, with the deadline it had. */
+static const char *note_timeout(lua_State *L, rd_kafka_resp_err_t err, const char *msg, int ms) {
+    if (err != RD_KAFKA_RESP_ERR__TIMED_OUT) return msg;
+    char secs[32];
+    snprintf(secs, sizeof secs, "%.3g", ms / 1000.0);
+    return lua_pushfstring(L, "%s (timed out after %ss)", msg && *msg ? msg : rd_kafka_err2str(err), secs);
 }
 
 /* Raises when the whole admin request failed (e.g. unsupported by the broker). */
-static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, const char *what) {
+static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, const char *what, int ms) {
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     if (!err) return;
-    const char *msg = lua_pushstring(L, rd_kafka_event_error_string(ev));
+    const char *msg = note_timeout(L, err, lua_pushstring(L, rd_kafka_event_error_string(ev)), ms);
     rd_kafka_event_destroy(ev);
     rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", what, msg);
 }
@@ -525,8 +576,8 @@ static int k_group_offsets(lua_State *L) {
     lua_createtable(L, 0, n);
     for (int i = 0; i < n; i++) {
         rd_kafka_event_t *ev = queue_wait(c->group_queue, ms);
-        if (!ev) return raise_wait(L, "lag", "reading committed offsets");
-        check_event(L, ev, "lag", "reading committed offsets");
+        if (!ev) return raise_wait(L, c, "lag", "reading committed offsets", ms);
+        check_event(L, ev, "lag", "reading committed offsets", ms);
         size_t cnt;
         const rd_kafka_group_result_t **gr = rd_kafka_ListConsumerGroupOffsets_result_groups(
             rd_kafka_event_ListConsumerGroupOffsets_result(ev), &cnt);
@@ -565,14 +616,14 @@ static int k_alter_group_offsets(lua_State *L) {
     if (!ev) {
         lua_pushliteral(L, "timed out");
         rb_gate_done(L, &e, d, 0);
-        return raise_wait(L, "reset_offsets", group);
+        return raise_wait(L, c, "reset_offsets", group, ms);
     }
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     if (err) {
         lua_pushstring(L, rd_kafka_event_error_string(ev));
         rb_gate_done(L, &e, d, 0);
     }
-    check_event(L, ev, "reset_offsets", group);
+    check_event(L, ev, "reset_offsets", group, ms);
     size_t cnt;
     const rd_kafka_group_result_t **gr = rd_kafka_AlterConsumerGroupOffsets_result_groups(
         rd_kafka_event_AlterConsumerGroupOffsets_result(ev), &cnt);
@@ -613,8 +664,8 @@ static int k_describe_groups(lua_State *L) {
     rd_kafka_DescribeConsumerGroups(c->rk, names, (size_t)n, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return raise_wait(L, "describe_group", "describing consumer groups");
-    check_event(L, ev, "describe_group", "describing consumer groups");
+    if (!ev) return raise_wait(L, c, "describe_group", "describing consumer groups", ms);
+    check_event(L, ev, "describe_group", "describing consumer groups", ms);
     size_t cnt;
     const rd_kafka_ConsumerGroupDescription_t **gd =
         rd_kafka_DescribeConsumerGroups_result_groups(rd_kafka_event_DescribeConsumerGroups_result(ev), &cnt);
@@ -656,8 +707,8 @@ static int k_list_groups(lua_State *L) {
     rd_kafka_ListConsumerGroups(c->rk, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return raise_wait(L, "list_groups", "listing consumer groups");
-    check_event(L, ev, "list_groups", "listing consumer groups");
+    if (!ev) return raise_wait(L, c, "list_groups", "listing consumer groups", ms);
+    check_event(L, ev, "list_groups", "listing consumer groups", ms);
     const rd_kafka_ListConsumerGroups_result_t *r = rd_kafka_event_ListConsumerGroups_result(ev);
     size_t nerr;
     const rd_kafka_error_t **errs = rd_kafka_ListConsumerGroups_result_errors(r, &nerr);
@@ -723,7 +774,7 @@ static const rd_kafka_ConfigResource_t *config_request(lua_State *L, client *c, 
     const char *topic = lua_pushstring(L, rd_kafka_ConfigResource_name(res));
     rd_kafka_ConfigResource_destroy(res);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) raise_wait(L, op, topic);
+    if (!ev) raise_wait(L, c, op, topic, ms);
     *evp = ev;
     if (rd_kafka_event_error(ev)) return NULL;
     size_t n;
@@ -734,11 +785,11 @@ static const rd_kafka_ConfigResource_t *config_request(lua_State *L, client *c, 
 }
 
 static void check_resource(lua_State *L, rd_kafka_event_t *ev, const rd_kafka_ConfigResource_t *r,
-                           const char *op, const char *topic) {
-    check_event(L, ev, op, topic);
+                           const char *op, const char *topic, int ms) {
+    check_event(L, ev, op, topic, ms);
     rd_kafka_resp_err_t err = r ? rd_kafka_ConfigResource_error(r) : RD_KAFKA_RESP_ERR__BAD_MSG;
     if (!err) return;
-    const char *msg = lua_pushstring(L, r ? rd_kafka_ConfigResource_error_string(r) : "no result");
+    const char *msg = note_timeout(L, err, lua_pushstring(L, r ? rd_kafka_ConfigResource_error_string(r) : "no result"), ms);
     rd_kafka_event_destroy(ev);
     rb_error(L, "kafka", op, rd_kafka_err2name(err), is_retryable(err), "%s: %s", topic,
              msg && *msg ? msg : rd_kafka_err2str(err));
@@ -752,7 +803,7 @@ static int k_describe_configs(lua_State *L) {
     rd_kafka_ConfigResource_t *res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
     rd_kafka_event_t *ev;
     const rd_kafka_ConfigResource_t *r = config_request(L, c, res, 0, ms, 0, &ev, "describe_configs");
-    check_resource(L, ev, r, "describe_configs", topic);
+    check_resource(L, ev, r, "describe_configs", topic, ms);
     push_configs(L, r);
     rd_kafka_event_destroy(ev);
     return 1;
@@ -801,7 +852,7 @@ static int k_alter_configs(lua_State *L) {
     if (!err && r && (err = rd_kafka_ConfigResource_error(r))) msg = rd_kafka_ConfigResource_error_string(r);
     msg = lua_pushstring(L, msg);
     rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, msg);
+    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
 static void topic_result(const rd_kafka_topic_result_t **tr, size_t n, rd_kafka_resp_err_t *err, const char **msg) {
@@ -831,14 +882,14 @@ static int k_create_topic(lua_State *L) {
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_NewTopic_destroy(nt);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, "timed out");
+    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
     size_t n;
     if (!err) topic_result(rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n), n, &err, &msg);
     msg = lua_pushstring(L, msg);
     rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, msg);
+    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
 /* create_partitions(topic, new_total, timeout, summary) */
@@ -858,7 +909,7 @@ static int k_create_partitions(lua_State *L) {
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_NewPartitions_destroy(np);
     rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, "timed out");
+    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
     const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
     size_t n;
@@ -867,7 +918,7 @@ static int k_create_partitions(lua_State *L) {
                      &err, &msg);
     msg = lua_pushstring(L, msg);
     rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, msg);
+    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
 /* ---- produce ------------------------------------------------------------ */
@@ -1116,7 +1167,7 @@ static int k_consume_start(lua_State *L) {
     rd_kafka_t *rk = get_consumer(L, c);
     rd_kafka_resp_err_t err = rd_kafka_assign(rk, l);
     rd_kafka_topic_partition_list_destroy(l);
-    if (err) return raise_err(L, "consume", err, "cannot assign partitions");
+    if (err) return raise_err(L, c, "consume", err, "cannot assign partitions");
     return 0;
 }
 

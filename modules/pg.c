@@ -6,6 +6,8 @@
  *     opts.application_name (default "runbook" unless the conninfo names one)
  *     opts.numeric          "string" (default) or "number": how numeric columns convert
  *     opts.timeout          seconds one statement may take (default: the step's remaining time)
+ *     opts.lock_timeout     seconds one statement may wait for a lock (default 30; false: no
+ *                           limit but the statement's own), as the server's lock_timeout
  *   conninfo(s) -> {keyword = value}     parsed by libpq (for pg_dump's environment)
  *   set_json(encode, decode, null)       the codecs and the NULL sentinel (from pg.lua)
  *   classify(sql) -> "read"|"write"|"transaction", simulatable
@@ -36,7 +38,9 @@
  *
  * Every wait is bounded by the step's remaining time: the socket is polled
  * with a deadline and a late statement is cancelled on the server; the
- * server's statement_timeout is set from the same deadline.
+ * server's statement_timeout is set from the same deadline. Lock waits have
+ * a shorter bound of their own (lock_timeout): a row another session holds
+ * is a stuck backend, not work in progress.
  */
 #include <errno.h>
 #include <math.h>
@@ -55,6 +59,7 @@
 #define CONN_MT "runbook.pg.conn"
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 #define DEFAULT_TIMEOUT 3600.0   /* without a step deadline */
+#define DEFAULT_LOCK_TIMEOUT 30.0
 #define CANCEL_GRACE 5.0         /* seconds to wait for the server after a cancel */
 #define SQL_SUMMARY_MAX 120
 #define REG_JSON_ENCODE "runbook.pg.json_encode"
@@ -81,6 +86,8 @@ typedef struct {
     int check_ready;     /* dry run: CHECK_SQL is prepared on this session */
     int in_sim;          /* dry run: a statement's transaction (or savepoint) is open */
     double timeout;      /* cap on one statement's wait, within the step's remaining time */
+    double lock_timeout; /* cap on one statement's wait for a lock; 0 none */
+    int lock_set;        /* the session's lock_timeout is set */
 } conn;
 
 /* ---- handle ------------------------------------------------------------- */
@@ -113,6 +120,11 @@ static conn *check_conn(lua_State *L, int i) {
 /* "todo@127.0.0.1:5432/todo", for messages: never the password. */
 static const char *push_where(lua_State *L, PGconn *pg) {
     return lua_pushfstring(L, "%s@%s:%s/%s", PQuser(pg), PQhost(pg), PQport(pg), PQdb(pg));
+}
+
+/* host:port/database, for messages about the server rather than the login. */
+static const char *push_target(lua_State *L, PGconn *pg) {
+    return lua_pushfstring(L, "%s:%s/%s", PQhost(pg), PQport(pg), PQdb(pg));
 }
 
 /* libpq's message, its lines joined into one. */
@@ -186,7 +198,8 @@ static int poll_connect(PGconn *pg, int reset, double deadline) {
 static int raise_connect(lua_State *L, conn *c, int waited, double timeout) {
     const char *where = push_where(L, c->pg);
     if (waited == WAIT_TIMEOUT)
-        return rb_error(L, "pg", "connect", "timeout", 1, "connecting to %s: no answer within %.3gs", where, timeout);
+        return rb_error(L, "pg", "connect", "timeout", 1, "connect to %s:%s timed out after %.3gs (database %s, user %s)",
+                        PQhost(c->pg), PQport(c->pg), timeout, PQdb(c->pg), PQuser(c->pg));
     if (waited == WAIT_INTERRUPTED)
         return rb_error(L, "pg", "connect", "interrupted", 0, "connecting to %s: interrupted", where);
     const char *why = push_pq_message(L, PQerrorMessage(c->pg));
@@ -226,6 +239,10 @@ static int pg_connect(lua_State *L) {
     if (!lua_isnoneornil(L, 2)) luaL_checktype(L, 2, LUA_TTABLE);
     double timeout = opt_seconds(L, 2, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     double stmt_timeout = opt_seconds(L, 2, "timeout", DEFAULT_TIMEOUT);
+    int no_lock_timeout = !lua_isnoneornil(L, 2) && lua_getfield(L, 2, "lock_timeout") == LUA_TBOOLEAN &&
+                          !lua_toboolean(L, -1);
+    if (!lua_isnoneornil(L, 2)) lua_pop(L, 1);
+    double lock_timeout = no_lock_timeout ? 0 : opt_seconds(L, 2, "lock_timeout", DEFAULT_LOCK_TIMEOUT);
     const char *app = opt_string(L, 2, "application_name", NULL, NULL);
     const char *numeric = opt_string(L, 2, "numeric", NULL, "string");
     if (strcmp(numeric, "string") != 0 && strcmp(numeric, "number") != 0)
@@ -242,6 +259,7 @@ static int pg_connect(lua_State *L) {
     conn *c = new_conn(L);
     c->numeric_number = numeric[0] == 'n';
     c->timeout = stmt_timeout;
+    c->lock_timeout = lock_timeout;
     const char *keys[] = { "dbname", app ? "application_name" : "fallback_application_name",
                            gss ? NULL : "gssencmode", NULL };
     const char *vals[] = { conninfo, app ? app : "runbook", gss ? NULL : "disable", NULL };
@@ -267,6 +285,7 @@ static void ensure_connected(lua_State *L, conn *c, const char *op) {
     int waited = PQresetStart(c->pg) ? poll_connect(c->pg, 1, rb_now() + timeout) : WAIT_READY;
     c->readonly = -1;
     c->timeout_for = 0;
+    c->lock_set = 0;
     c->dry_tx = c->check_ready = c->in_sim = 0;
     if (waited == WAIT_READY && PQstatus(c->pg) == CONNECTION_OK) {
         PQsetnonblocking(c->pg, 1);
@@ -274,7 +293,8 @@ static void ensure_connected(lua_State *L, conn *c, const char *op) {
     }
     const char *where = push_where(L, c->pg);
     if (waited == WAIT_TIMEOUT)
-        rb_error(L, "pg", op, "timeout", 1, "reconnecting to %s: no answer within %.3gs", where, timeout);
+        rb_error(L, "pg", op, "timeout", 1, "reconnecting to %s: connect to %s:%s timed out after %.3gs", where,
+                 PQhost(c->pg), PQport(c->pg), timeout);
     const char *why = push_pq_message(L, PQerrorMessage(c->pg));
     rb_error(L, "pg", op, "08006", 1, "connection to %s lost and reconnecting failed: %s", where, why);
 }
@@ -327,8 +347,8 @@ static int retryable_state(const char *state) {
 static int raise_result(lua_State *L, conn *c, const char *op, int why, double deadline_secs) {
     if (why != WAIT_READY && PQisBusy(c->pg)) c->broken = 1; /* the cancel went unanswered */
     if (why == WAIT_TIMEOUT)
-        return rb_error(L, "pg", op, "timeout", 1, "statement cancelled after %.3gs (the step's time or the timeout ran out)",
-                        deadline_secs);
+        return rb_error(L, "pg", op, "timeout", 1, "statement on %s timed out after %.3gs and was cancelled "
+                        "(the step's time or the timeout ran out)", push_target(L, c->pg), deadline_secs);
     if (why == WAIT_INTERRUPTED)
         return rb_error(L, "pg", op, "interrupted", 0, "statement cancelled: interrupted");
     if (c->res && PQresultStatus(c->res) == PGRES_FATAL_ERROR) {
@@ -338,6 +358,9 @@ static int raise_result(lua_State *L, conn *c, const char *op, int why, double d
         lua_pushfstring(L, "%s%s%s", primary ? primary : PQresultErrorMessage(c->res),
                         detail ? ": " : "", detail ? detail : "");
         const char *msg = push_pq_message(L, lua_tostring(L, -1));
+        if (state && !strcmp(state, "55P03") && c->lock_timeout > 0 && primary && strstr(primary, "lock timeout"))
+            return rb_error(L, "pg", op, state, 1, "waited %.3gs for a lock on %s (lock_timeout): %s", c->lock_timeout,
+                            push_target(L, c->pg), msg);
         return rb_error(L, "pg", op, state ? state : "08006", retryable_state(state) || !state, "%s", msg);
     }
     const char *msg = push_pq_message(L, PQerrorMessage(c->pg));
@@ -414,15 +437,20 @@ static void run(lua_State *L, conn *c, const char *op, const char *sql, int n, c
 static void run_plain(lua_State *L, conn *c, const char *op, const char *sql) { run(L, c, op, sql, 0, NULL); }
 
 /* The server's statement_timeout follows the step's deadline, as a second
- * line behind the client-side cancel. Set once per step, not per statement. */
+ * line behind the client-side cancel; set once per step, not per statement.
+ * lock_timeout is set with it, once per session. Inside a transaction the
+ * settings may be rolled back, so they count as set only outside one. */
 static void sync_statement_timeout(lua_State *L, conn *c) {
     double left = rb_remaining(L, 0);
     double deadline = left > 0 ? rb_now() + left : 0;
-    if (deadline == 0 ? c->timeout_for == 0 : fabs(deadline - c->timeout_for) < 1.0) return;
-    char sql[96];
-    snprintf(sql, sizeof sql, "SET statement_timeout = %ld", deadline ? (long)(left * 1000) + 1000 : 0L);
+    if ((deadline == 0 ? c->timeout_for == 0 : fabs(deadline - c->timeout_for) < 1.0) && c->lock_set) return;
+    char sql[160];
+    snprintf(sql, sizeof sql, "SELECT set_config('statement_timeout', '%ld', false), set_config('lock_timeout', '%ld', false)",
+             deadline ? (long)(left * 1000) + 1000 : 0L, (long)(c->lock_timeout * 1000));
     run_plain(L, c, "query", sql);
-    c->timeout_for = PQtransactionStatus(c->pg) == PQTRANS_IDLE ? deadline : -1;
+    int idle = PQtransactionStatus(c->pg) == PQTRANS_IDLE;
+    c->timeout_for = idle ? deadline : -1;
+    c->lock_set = idle;
 }
 
 /* In a dry run the session is read-only: even a statement we took for a read

@@ -70,6 +70,8 @@ typedef struct {
     char *host, *user, *password, *ca_file;
     int port, db, use_tls;
     double connect_timeout, timeout;
+    double limit;            /* seconds the exchange in progress was given */
+    int connecting;          /* that exchange opens the connection */
     const char *err_code;    /* the last I/O failure: code and message */
     char err[256];
     int closed;
@@ -122,10 +124,14 @@ static const char *fail(conn *c, const char *code, const char *fmt, ...) {
     return c->err;
 }
 
-/* A wait that ended without the socket being ready. */
+/* A wait that ended without the socket being ready; `what` was awaited
+ * (NULL: the TCP connect itself). */
 static const char *wait_failed(conn *c, const char *what) {
-    if (rb_interrupted()) return fail(c, "interrupted", "%s: interrupted", what);
-    return fail(c, "timeout", "%s: timed out", what);
+    if (rb_interrupted()) return fail(c, "interrupted", "%s: interrupted", what ? what : "connecting");
+    if (c->connecting)
+        return fail(c, "timeout", "connect to %s:%d timed out after %.3gs%s%s%s", c->host, c->port, c->limit,
+                    what ? " (" : "", what ? what : "", what ? ")" : "");
+    return fail(c, "timeout", "%s: timed out after %.3gs", what, c->limit);
 }
 
 /* OpenSSL's reason for a failed TLS call, with the certificate check's when it failed. */
@@ -149,7 +155,8 @@ static int raise_io(lua_State *L, conn *c, const char *op) {
     const char *code = c->err_code ? c->err_code : "io_error";
     int retryable = strcmp(code, "tls_verify") && strcmp(code, "tls_error") && strcmp(code, "protocol_error") &&
                     strcmp(code, "interrupted");
-    lua_pushfstring(L, "%s://%s:%d: %s", c->use_tls ? "rediss" : "redis", c->host, c->port, c->err);
+    if (!strncmp(c->err, "connect to ", 11)) lua_pushstring(L, c->err); /* names the server already */
+    else lua_pushfstring(L, "%s://%s:%d: %s", c->use_tls ? "rediss" : "redis", c->host, c->port, c->err);
     drop_connection(c);
     return rb_error(L, "redis", op, code, retryable, "%s", lua_tostring(L, -1));
 }
@@ -339,7 +346,11 @@ static const char *read_reply(conn *c, double end) {
 }
 
 /* The deadline for one exchange: the command timeout, bounded by the step. */
-static double deadline(lua_State *L, double secs) { return rb_now() + rb_remaining(L, secs); }
+static double deadline(lua_State *L, conn *c, double secs, int connecting) {
+    c->limit = rb_remaining(L, secs);
+    c->connecting = connecting;
+    return rb_now() + c->limit;
+}
 
 /* The TLS handshake on the connected socket, verifying the server's
  * certificate and that it names the host; NULL or why not. */
@@ -392,14 +403,15 @@ static void setup_command(lua_State *L, conn *c, int argc, const char **argv, do
 
 /* Opens (or reopens) the connection: TCP, TLS for rediss://, AUTH, SELECT, a client name. */
 static void open_connection(lua_State *L, conn *c) {
-    double end = deadline(L, c->connect_timeout);
+    double end = deadline(L, c, c->connect_timeout, 1);
     char port[8];
     snprintf(port, sizeof port, "%d", c->port);
     const char *why = NULL;
     c->fd = net_connect(c->host, port, end, &why);
     if (c->fd < 0) {
-        fail(c, strstr(why, "refused") ? "connection_refused" : strstr(why, "timed out") ? "timeout"
-                : !strcmp(why, "interrupted") ? "interrupted" : "io_error", "connecting: %s", why);
+        if (strstr(why, "timed out")) wait_failed(c, NULL);
+        else fail(c, strstr(why, "refused") ? "connection_refused" : !strcmp(why, "interrupted") ? "interrupted"
+                  : "io_error", "connecting: %s", why);
         raise_io(L, c, "connect");
     }
     int one = 1;
@@ -497,7 +509,7 @@ static const char *kind_of(const redisReply *info) {
  * table at the top of the stack: "?" when the server does not know it. */
 static void learn(lua_State *L, conn *c, const char *name) {
     ready(L, c);
-    double end = deadline(L, c->timeout);
+    double end = deadline(L, c, c->timeout, 0);
     const char *argv[3] = { "COMMAND", "INFO", name };
     size_t lens[3] = { 7, 4, strlen(name) };
     scratch_free(c);
@@ -654,7 +666,7 @@ static int conn_command(lua_State *L) {
         }
     }
     ready(L, c);
-    double end = deadline(L, c->timeout);
+    double end = deadline(L, c, c->timeout, 0);
     format_command(L, c, argc, c->argv, c->argvlen);
     if (flush_out(c, end) || read_reply(c, end)) {
         if (write) lua_pushstring(L, c->err), rb_gate_done(L, &e, d, 0);
@@ -712,7 +724,7 @@ static int conn_pipeline(lua_State *L) {
             lua_settop(L, base);
         }
     }
-    double end = deadline(L, c->timeout);
+    double end = deadline(L, c, c->timeout, 0);
     if (c->outlen && flush_out(c, end)) return raise_io(L, c, "pipeline");
     int first_error = 0;
     lua_pushnil(L); /* 5: the first error reply's text */

@@ -21,6 +21,7 @@ param "lag_threshold" { type = "integer", default = 1000, help = "a group's tota
 param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }
 param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
 param "metrics_window" { default = "5m", help = "PromQL rate window of the key metrics" }
+param "disk_warn" { type = "number", default = 0.8, help = "a pod's log volume at this share full is a warning, 10 points more a problem (seed 003: df -h)" }
 param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
 
 -- Each check returns {problems = {...}, warnings = {...}} in its outputs.
@@ -38,7 +39,7 @@ local function result(f, extra)
 end
 
 local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "Resource use",
-  "Key metrics" }
+  "Disk use in pods", "Key metrics" }
 
 -- Seed 000's and seed 003's key-metric tables: above `warn` a warning, above `critical` a problem.
 -- In each query $ns is the namespace and $w the rate window; each row is one service or pod.
@@ -150,6 +151,30 @@ step "Resource use" {
     end
     log.info("%d pods measured, %d warnings", #usage, #f.warnings)
     return result(f, { pods = #usage })
+  end,
+}
+
+step "Disk use in pods" {
+  description = "kubectl exec POD -- df -Pk /var/log in each running pod: a volume near full is a warning, nearer a problem (seed 003)",
+  run = function(ctx)
+    local f = findings()
+    local n = 0
+    for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
+      if (p.status or {}).phase == "Running" then
+        local ok, r = pcall(k8s.exec, "pod/" .. p.metadata.name, { "df", "-Pk", "/var/log" },
+          { namespace = ctx.params.namespace, read = true, timeout = "10s" })
+        local use = ok and tonumber(r.stdout:match("(%d+)%%%s+%S+%s*$"))
+        if not use then
+          log.info("%s: disk use unknown (%s)", p.metadata.name, ok and "no df output" or tostring(type(r) == "table" and r.message or r))
+        else
+          n = n + 1
+          if use >= 100 * ctx.params.disk_warn + 10 then f.problem("%s: /var/log is %d%% full: run disk-cleanup", p.metadata.name, use)
+          elseif use >= 100 * ctx.params.disk_warn then f.warning("%s: /var/log is %d%% full", p.metadata.name, use) end
+        end
+      end
+    end
+    log.info("%d pods measured, %d problems, %d warnings", n, #f.problems, #f.warnings)
+    return result(f, { pods = n })
   end,
 }
 

@@ -21,6 +21,7 @@ param "changed_within" { type = "duration", default = "24h",
 param "rollback" { type = "boolean", default = true, help = "roll back recently changed deployments that still fail (false: report them only)" }
 param "settle" { type = "duration", default = "30s", help = "how long the final verification waits for the namespace to become healthy" }
 param "events_since" { type = "duration", default = "30m", help = "how far back to read Warning events" }
+param "from_pod" { default = "", help = "also check PostgreSQL and Redis from inside this workload's pod, with its env (e.g. deploy/todo-chatbot-backend)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "warn when PostgreSQL connections reach this share of max_connections" }
 param "max_error_rate" { type = "number", default = 0.01, help = "once healthy, the namespace's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
 param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
@@ -130,7 +131,8 @@ step "Assess the cluster" {
 step "Check dependencies" {
   description = "PostgreSQL connections against max_connections, Redis PING, Kafka brokers, Dapr sidecars",
   run = function(ctx)
-    local r = checks.dependencies { namespace = ctx.params.namespace, pg_connections_warn = ctx.params.pg_connections_warn }
+    local r = checks.dependencies { namespace = ctx.params.namespace, pg_connections_warn = ctx.params.pg_connections_warn,
+      from_pod = ctx.params.from_pod ~= "" and ctx.params.from_pod or nil }
     local deps, down = r.dependencies, r.down
     if #down > 0 then
       log.warn("dependencies down: %s; apps that crash because of them will not be rolled back", table.concat(down, ", "))

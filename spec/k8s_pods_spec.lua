@@ -214,6 +214,29 @@ describe("k8s pods", function()
       assert.matches("interrupted", cli.slurp(d .. "/out"))
     end)
 
+    it("checks.dependencies from a pod: the app's own env, not this machine's", function()
+      local function down()
+        local r = run_step([[
+          local r = checks.dependencies { namespace = "todo-chatbot", from_pod = "deploy/todo-chatbot-notification" }
+          print("DOWN " .. table.concat(r.down, ","))]])
+        assert.are.equal(0, r.code, r.stdout .. r.stderr)
+        return printed(r.stdout)[#printed(r.stdout)], r.stdout
+      end
+      assert.are.equal("DOWN ", (down()))
+      -- the fault: the app's pods get a Redis URL that does not answer, while this machine's works
+      kubectl("set env deploy/todo-chatbot-notification -c notification REDIS_URL=redis://127.0.0.1:1/0")
+      local ok, err = pcall(function()
+        kubectl("rollout status deploy/todo-chatbot-notification --timeout=60s")
+        local d, out = down()
+        assert.are.equal("DOWN redis from deploy/todo-chatbot-notification", d, out)
+        assert.matches("redis: PONG", out)
+        assert.matches("postgres from deploy/todo%-chatbot%-notification: answers", out)
+      end)
+      kubectl("set env deploy/todo-chatbot-notification -c notification REDIS_URL-")
+      kubectl("rollout status deploy/todo-chatbot-notification --timeout=60s")
+      assert(ok, err)
+    end)
+
     it("names a container the pod does not have", function()
       local r = exec_step([[k8s.exec(P, { "true" }, { namespace = "todo-chatbot", container = "nope" })]])
       assert.are.equal(1, r.code)

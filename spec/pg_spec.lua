@@ -110,7 +110,7 @@ open(sys.argv[1],"w").write(str(s.getsockname()[1])); time.sleep(30)' %s/port >/
     sb.sh("kill " .. pid)
     assert.are.equal("timeout", err.code)
     assert.is_true(err.retryable)
-    assert.matches("no answer within 0.7s", err.message, 1, true)
+    assert.matches("connect to 127.0.0.1:" .. port .. " timed out after 0.7s", err.message, 1, true)
     assert.is_true(took >= 0.6 and took < 2, "took " .. took)
   end)
 

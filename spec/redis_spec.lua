@@ -361,7 +361,7 @@ describe("redis over TLS (rediss://)", function()
     local err = raises(redis.connect, "rediss://127.0.0.1:" .. port .. "/0", { ca_file = ca, connect_timeout = "500ms" })
     assert.is_true(host.now() - t0 < 2)
     assert.are.same({ "timeout", true }, { err.code, err.retryable })
-    assert.matches("TLS handshake: timed out", err.message)
+    assert.matches("connect to 127.0.0.1:" .. port .. " timed out after 0.5s (TLS handshake)", err.message, 1, true)
   end)
 
   it("speaks TLS only to a TLS port: a plain port fails the handshake clearly", function()

@@ -4,8 +4,15 @@
 -- local Dapr sidecar. A backend not configured here (no DATABASE_URL,
 -- REDIS_URL, KAFKA_BROKERS, DAPR_HTTP_ENDPOINT/PORT) is skipped and says so.
 --
---   checks.dependencies{namespace = "todo-chatbot", pg_connections_warn = 0.8}
+--   checks.dependencies{namespace = "todo-chatbot", pg_connections_warn = 0.8,
+--                       from_pod = "deploy/todo-chatbot-backend"}
 --     -> {dependencies = {[name] = {ok, skipped, error, ...}}, down = {name...}}
+--
+-- With from_pod, PostgreSQL and Redis are also checked from inside that pod
+-- (a read k8s.exec of pg_isready and redis-cli with the container's own
+-- DATABASE_URL and REDIS_URL), so "it answers from here" is not taken for
+-- "the app can reach it". A container without the tool or the variable is
+-- skipped and says so.
 --
 -- And the error rate after a change (rollback, blue-green-switch,
 -- outage-recovery): the 5xx share of http_requests_total must stay under
@@ -79,6 +86,27 @@ function M.dependencies(opts)
     if #bad > 0 then return { ok = false, reachable = #up, brokers = #bs, error = "unreachable: " .. table.concat(bad, ", ") } end
     return { ok = true, reachable = #up, brokers = #bs }
   end)
+  -- exit 127: the container has no such tool or variable, so it cannot tell
+  local function from_pod(name, script)
+    local what = ("%s from %s"):format(name, opts.from_pod)
+    check(what, opts.from_pod, function()
+      local r = require("k8s").exec(opts.from_pod, { "sh", "-c", script },
+        { namespace = opts.namespace, read = true, check = false, timeout = "20s" })
+      if r.status == 127 then
+        log.info("%s: not checked (%s)", what, (r.stderr .. r.stdout):gsub("%s+$", ""):match("([^\n]*)$"))
+        return { ok = true, skipped = true }
+      end
+      if r.status ~= 0 then
+        return { ok = false, error = ("unreachable from %s: %s"):format(r.pod, ((r.stderr .. r.stdout):gsub("%s+$", ""):match("([^\n]*)$"))) }
+      end
+      log.info("%s: answers", what)
+      return { ok = true }
+    end)
+  end
+  from_pod("postgres", 'test -n "$DATABASE_URL" && command -v pg_isready >/dev/null || { echo "no DATABASE_URL or pg_isready" >&2; exit 127; }; '
+    .. 'pg_isready -t 5 -d "$DATABASE_URL" >&2')
+  from_pod("redis", 'test -n "$REDIS_URL" && command -v redis-cli >/dev/null || { echo "no REDIS_URL or redis-cli" >&2; exit 127; }; '
+    .. 'out=$(redis-cli -u "$REDIS_URL" --no-auth-warning ping 2>&1); test "$out" = PONG || { echo "$out" >&2; exit 1; }')
   local dapr = require "dapr"
   check("dapr sidecars", opts.namespace, function()
     local s = dapr.sidecar_status(opts.namespace)

@@ -1,6 +1,6 @@
 --- dapr: the Dapr sidecar's HTTP API for runbooks, over the http module.
 --
---   dapr.connect{endpoint=, app_id=, token=, timeout="10s"} -> client
+--   dapr.connect{endpoint=, app_id=, token=, timeout="10s", connect_timeout="10s"} -> client
 --     endpoint: DAPR_HTTP_ENDPOINT, else http://127.0.0.1:$DAPR_HTTP_PORT (3500);
 --     token: DAPR_API_TOKEN when set, sent as dapr-api-token (a secret).
 --   Every function below exists on a client (c:healthz()) and on the module,
@@ -83,7 +83,7 @@ function Client:call(op, what, req)
   end
   local ok, r = pcall(native.request, {
     method = req.method or "GET", url = self.endpoint, path = req.path, query = req.query,
-    headers = headers, body = body, timeout = self.timeout, effect = req.effect,
+    headers = headers, body = body, timeout = self.timeout, connect_timeout = self.connect_timeout, effect = req.effect,
   })
   if not ok then
     if type(r) ~= "table" or r.module ~= "http" then error(r, 0) end
@@ -114,7 +114,8 @@ function M.connect(opts)
   if token == "" then token = nil end
   if token then host.secret(token) end
   local c = setmetatable({ endpoint = endpoint:gsub("/+$", ""), app_id = opts.app_id, token = token,
-    timeout = duration.check(opts.timeout or "10s", "dapr timeout") }, Client)
+    timeout = duration.check(opts.timeout or "10s", "dapr timeout"),
+    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "dapr connect_timeout") }, Client)
   c.state = setmetatable({}, { __index = function(_, k)
     local f = Client["state_" .. k]
     if f then return function(...) return f(c, ...) end end

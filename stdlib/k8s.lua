@@ -98,7 +98,8 @@ local Client = client.Client
 local k8s = {}
 
 --- A client for a context: opts.context, opts.namespace, opts.kubeconfig
--- (a path list, instead of $KUBECONFIG), opts.in_cluster, opts.timeout (per request).
+-- (a path list, instead of $KUBECONFIG), opts.in_cluster, opts.timeout (per request, default
+-- "30s"), opts.connect_timeout (default "10s").
 function k8s.connect(opts)
   if opts ~= nil and type(opts) ~= "table" then error("k8s.connect expects a table", 2) end
   return client.new(opts or {})

@@ -2,7 +2,9 @@
 -- backup/restore and DLQ replay, over librdkafka (modules/kafka.c).
 --
 --   kafka.connect{brokers = "h:9092,...", ["security.protocol"] = "SASL_SSL", ...,
---                 timeout = "30s"} -> client
+--                 timeout = "30s", connect_timeout = "10s"} -> client
+--     connect_timeout: a broker connection's setup (TCP, TLS, SASL, ApiVersion);
+--     librdkafka retries it within each call's timeout.
 --     any other key is a librdkafka property; passwords never print.
 --     kafka.xxx(...) is the default client's xxx (brokers from KAFKA_BROKERS).
 --
@@ -99,7 +101,7 @@ function M.connect(opts)
     if type(k) ~= "string" then bad("connect", "option names must be strings") end
     if k == "brokers" then
       props["bootstrap.servers"] = type(v) == "table" and table.concat(v, ",") or tostring(v)
-    elseif k ~= "timeout" then
+    elseif k ~= "timeout" and k ~= "connect_timeout" then
       if type(v) ~= "string" and type(v) ~= "number" and type(v) ~= "boolean" then
         bad("connect", ("property %s must be a string"):format(k))
       end
@@ -107,6 +109,13 @@ function M.connect(opts)
     end
   end
   props["bootstrap.servers"] = props["bootstrap.servers"] or os.getenv("KAFKA_BROKERS")
+  -- a broker connection (TCP, TLS, SASL, ApiVersion) that is not up in time is retried
+  local connect = opts.connect_timeout or not props["socket.connection.setup.timeout.ms"] and "10s"
+  if connect then
+    local secs, err = duration.parse(connect)
+    if not secs or secs <= 0 then bad("connect", "connect_timeout: " .. (err or "must be positive")) end
+    props["socket.connection.setup.timeout.ms"] = tostring(math.ceil(secs * 1000))
+  end
   if not props["bootstrap.servers"] or props["bootstrap.servers"] == "" then
     raise { op = "connect", code = "no_brokers",
       message = "no brokers: set KAFKA_BROKERS or call kafka.connect{brokers = \"host:9092\"}" }

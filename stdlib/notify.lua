@@ -4,7 +4,8 @@
 --   notify.webhook{url=, json= or body=, headers=, method="POST"}   (e.g. PagerDuty Events API v2)
 --   notify.email{smtp_url=, from=, to= (address or list), subject=, body=,
 --                username=, password=, starttls="try"|"required"}
---   Every one also takes timeout (default "10s", bounded by the step) and fatal.
+--   Every one also takes timeout (default "10s", bounded by the step), connect_timeout
+--   (default "10s") and fatal.
 --   -> {ok=true} | {skipped=true} (dry run) | {ok=false, error=err} (failed, logged)
 --
 -- Every send goes through the effect gate ("would post to #incidents: ...").
@@ -30,8 +31,10 @@ local function check_string(v, what, op, level)
   return v
 end
 
-local function timeout_of(opts, op)
-  return duration.check(opts.timeout or "10s", "notify." .. op .. " timeout")
+-- {timeout, connect_timeout} as the http module takes them.
+local function timeouts_of(opts, op)
+  return { timeout = duration.check(opts.timeout or "10s", "notify." .. op .. " timeout"),
+    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "notify." .. op .. " connect_timeout") }
 end
 
 local function one_line(s, max)
@@ -52,11 +55,11 @@ end
 
 local raise = host.raiser "notify"
 
-local function post(op, url, body, headers, effect, timeout, method)
+local function post(op, url, body, headers, effect, timeouts, method)
   local h = { ["Content-Type"] = "application/json" }
   for k, v in pairs(headers or {}) do h[k] = v end
   local r = native().request { method = method or "POST", url = url, body = body, headers = h,
-    timeout = timeout, effect = effect }
+    timeout = timeouts.timeout, connect_timeout = timeouts.connect_timeout, effect = effect }
   if r.skipped then return r end
   if r.status >= 300 then
     raise { op = op, code = tostring(r.status), retryable = r.status >= 500 or r.status == 429, status = r.status,
@@ -81,7 +84,7 @@ function M.slack(opts)
   check_string(opts.webhook, "webhook", "slack")
   if opts.text == nil and opts.blocks == nil then error("notify.slack: give text or blocks", 2) end
   if opts.blocks ~= nil and type(opts.blocks) ~= "table" then error("notify.slack: blocks must be a list", 2) end
-  local timeout = timeout_of(opts, "slack")
+  local timeouts = timeouts_of(opts, "slack")
   register_url(opts.webhook)
   local payload = host.redact_value { text = opts.text and tostring(opts.text), blocks = opts.blocks,
     channel = opts.channel, username = opts.username, icon_emoji = opts.icon_emoji }
@@ -89,7 +92,7 @@ function M.slack(opts)
   return deliver("slack", opts, function()
     local body = require("cjson").encode(payload)
     return post("slack", opts.webhook, body, nil, { module = "notify", op = "slack", target = where,
-      summary = ("post to %s: %s"):format(where, one_line(opts.text or "(blocks)", 120)) }, timeout)
+      summary = ("post to %s: %s"):format(where, one_line(opts.text or "(blocks)", 120)) }, timeouts)
   end)
 end
 
@@ -109,7 +112,7 @@ function M.webhook(opts)
   if opts.body ~= nil and type(opts.body) ~= "string" then error("notify.webhook: body must be a string", 2) end
   local method = (opts.method or "POST"):upper()
   if method == "GET" or method == "HEAD" then error("notify.webhook: method must be one that sends (POST, PUT)", 2) end
-  local timeout = timeout_of(opts, "webhook")
+  local timeouts = timeouts_of(opts, "webhook")
   register_url(opts.url)
   -- the body is redacted, but for the credential the receiver needs in it
   local json = opts.json == nil and {} or host.redact_value(opts.json)
@@ -124,7 +127,7 @@ function M.webhook(opts)
   local target = host.redact(opts.url)
   return deliver("webhook", opts, function()
     return post("webhook", opts.url, body, headers, { module = "notify", op = "webhook", target = target,
-      summary = ("post to %s: %s"):format(target, webhook_summary(opts.json, body)) }, timeout, method)
+      summary = ("post to %s: %s"):format(target, webhook_summary(opts.json, body)) }, timeouts, method)
   end)
 end
 
@@ -179,13 +182,14 @@ function M.email(opts)
   if type(to) ~= "table" or #to == 0 then error("notify.email: to is required (an address or a list)", 2) end
   for _, a in ipairs(to) do check_string(a, "each address in to", "email"); header_safe(a, "to") end
   header_safe(opts.from, "from")
-  local timeout = timeout_of(opts, "email")
+  local timeouts = timeouts_of(opts, "email")
   if opts.password then host.secret(tostring(opts.password)) end
   local message = host.redact(build_message(opts, to))
   local rcpt = table.concat(to, ", ")
   return deliver("email", opts, function()
     return native().smtp_send { url = opts.smtp_url, from = opts.from, to = to, message = message,
-      username = opts.username, password = opts.password, starttls = opts.starttls, timeout = timeout,
+      username = opts.username, password = opts.password, starttls = opts.starttls,
+      timeout = timeouts.timeout, connect_timeout = timeouts.connect_timeout,
       cafile = opts.cafile, insecure = opts.insecure,
       effect = { module = "notify", op = "email", target = rcpt,
         summary = ("mail %s: %s"):format(rcpt, one_line(opts.subject or "(no subject)", 120)) } }

@@ -2,6 +2,7 @@
 --
 --   local db <close> = pg.connect(url, opts)   url defaults to $DATABASE_URL;
 --       opts: connect_timeout ("10s"), timeout (per statement; default the step's remaining time),
+--             lock_timeout (a statement's wait for a lock, "30s"; false: only the statement's timeout),
 --             application_name ("runbook"), numeric ("string"|"number")
 --   db:query(sql, params...) -> rows            {{col = value, ...}, ...; columns = {names}}
 --   db:exec(sql, params...) -> n, how           affected rows; how = "performed"|"simulated"|"skipped"
@@ -73,6 +74,7 @@ function pg.connect(url, opts)
   return native.connect(url or env_url(), {
     connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "pg connect_timeout"),
     timeout = opts.timeout and duration.check(opts.timeout, "pg timeout"),
+    lock_timeout = opts.lock_timeout == false and false or opts.lock_timeout and duration.check(opts.lock_timeout, "pg lock_timeout"),
     application_name = opts.application_name, numeric = opts.numeric,
   })
 end

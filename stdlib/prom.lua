@@ -2,7 +2,8 @@
 -- VictoriaMetrics, managed services), over the http module: one connection,
 -- reused, every request bounded by the step's deadline.
 --
---   prom.connect{url=, token=, username=, password=, ca_file=, headers={}, timeout="30s"} -> client
+--   prom.connect{url=, token=, username=, password=, ca_file=, headers={}, timeout="30s",
+--                connect_timeout="10s"} -> client
 --     url: PROMETHEUS_URL by default; token is sent as a bearer token,
 --     username/password as basic auth (both are secrets).
 --   Every function below exists on a client (c:query(q)) and on the module,
@@ -80,7 +81,7 @@ end
 -- returns the decoded `data`. Raises on any failure.
 function Client:get(op, path, params, what)
   local ok, r = pcall(native.request, { method = "GET", url = self.url, path = path, query = params or {},
-    headers = self.headers, timeout = self.timeout, cafile = self.ca_file })
+    headers = self.headers, timeout = self.timeout, connect_timeout = self.connect_timeout, cafile = self.ca_file })
   if not ok then
     if type(r) ~= "table" or r.module ~= "http" then error(r, 0) end
     raise { op = op, code = r.code, retryable = r.retryable,
@@ -305,7 +306,8 @@ function M.connect(opts)
     host.secret(headers.Authorization)
   end
   return setmetatable({ url = url:gsub("/+$", ""), headers = headers, ca_file = opts.ca_file,
-    timeout = duration.check(opts.timeout or "30s", "prom timeout") }, Client)
+    timeout = duration.check(opts.timeout or "30s", "prom timeout"),
+    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "prom connect_timeout") }, Client)
 end
 
 local default

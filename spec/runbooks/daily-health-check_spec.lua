@@ -60,6 +60,15 @@ describe("daily-health-check", function()
     assert.are.equal(1, events[#events].exit_code)
   end)
 
+  it("measures each pod's log volume with df in the pod, warning from disk_warn", function()
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "disk_warn=0" }
+    local disk = outputs(cli.events(r.stdout))["Disk use in pods"]
+    assert.is_true(disk.pods > 0, r.stdout)
+    local found = #disk.warnings + #disk.problems
+    assert.are.equal(disk.pods, found)   -- every pod is at least 0% full
+    assert.matches("^todo%-chatbot%-[%w-]+: /var/log is %d+%% full", (disk.warnings[1] or disk.problems[1]))
+  end)
+
   it("writes nothing, run for real or dry", function()
     local r1, r2 = backends.assert_unchanged(function()
       return cli.run { "run", RUNBOOK, "--yes" }, cli.run { "run", RUNBOOK, "--dry-run" }

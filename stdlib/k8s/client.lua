@@ -105,7 +105,7 @@ local function open(c, cred)
     cert_data = cred.cert_data or cfg.cert_data,
     cert_file = cfg.cert_file,
     key_data = cred.key_data or cfg.key_data, key_file = cfg.key_file,
-    token = cred.token,
+    token = cred.token, connect_timeout = c.connect_timeout,
   }
   c.cred = cred
 end
@@ -131,8 +131,11 @@ end
 function M.new(opts)
   local cfg = config.resolve(opts)
   if cfg.insecure then warn(("k8s: TLS verification is disabled for %s (insecure-skip-tls-verify)"):format(cfg.server)) end
+  local duration = require "duration"
   local c = setmetatable({ cfg = cfg, namespace = cfg.namespace, context = cfg.context, server = cfg.server,
-    user = cfg.user, timeout = opts and opts.timeout }, Client)
+    user = cfg.user, timeout = opts and opts.timeout and duration.check(opts.timeout, "k8s timeout"),
+    connect_timeout = opts and opts.connect_timeout and duration.check(opts.connect_timeout, "k8s connect_timeout") },
+    Client)
   open(c, config.credentials(cfg))
   announce(cfg)
   return c
@@ -209,7 +212,9 @@ function Client:call(req)
     if not ok then
       local err = status
       local readish = method == "GET"
-      if type(err) == "table" and err.retryable and readish and attempt < 5 and sleep(delay) then
+      -- a read that timed out has had its whole deadline: retrying would multiply it
+      if type(err) == "table" and err.retryable and err.code ~= "operation_timedout" and readish and attempt < 5
+        and sleep(delay) then
         delay = delay * 2
       else
         error(err, 0)

@@ -139,8 +139,8 @@ local function read_source(path)
   if not f then error(err, 3) end
   local text = f:read("a")
   f:close()
-  if path:sub(1, 1) ~= "/" then path = require("lfs").currentdir() .. "/" .. path:gsub("^%./", "") end
-  local rec = { path = path, sha256 = require("runbook.host").sha256(text) }
+  local host = require "runbook.host"
+  local rec = { path = host.absolute(path), sha256 = host.sha256(text) }
   M.sources[#M.sources + 1] = rec
   if M.on_source then M.on_source(rec) end
   return text

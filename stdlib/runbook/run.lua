@@ -150,10 +150,8 @@ local function new_run_id()
   return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
-function M.absolute(path)
-  if path:sub(1, 1) == "/" then return path end
-  return require("lfs").currentdir() .. "/" .. path:gsub("^%./", "")
-end
+--- `path` against the working directory.
+M.absolute = host.absolute
 
 --- For --from: the steps before it, {outputs (from run req.outputs_from),
 -- skipped = {name = "from"} for the others}, or nil; nil and why when a step
