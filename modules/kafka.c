@@ -131,12 +131,22 @@ static const char *push_broker_trouble(lua_State *L, client *c) {
     return why;
 }
 
-static int raise_err(lua_State *L, client *c, const char *op, rd_kafka_resp_err_t err, const char *what) {
+/* A broker's or librdkafka's own timeout of a request, with the deadline it had. */
+static const char *note_timeout(lua_State *L, rd_kafka_resp_err_t err, const char *msg, int ms) {
+    if (err != RD_KAFKA_RESP_ERR__TIMED_OUT) return msg;
+    char secs[32];
+    snprintf(secs, sizeof secs, "%.3g", ms / 1000.0);
+    return lua_pushfstring(L, "%s (timed out after %ss)", msg && *msg ? msg : rd_kafka_err2str(err), secs);
+}
+
+/* A failed call that had `ms` milliseconds (0: no deadline of its own). */
+static int raise_err(lua_State *L, client *c, const char *op, rd_kafka_resp_err_t err, const char *what, int ms) {
     int unreachable = err == RD_KAFKA_RESP_ERR__TRANSPORT || err == RD_KAFKA_RESP_ERR__TIMED_OUT ||
                       err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN;
     const char *trouble = unreachable ? push_broker_trouble(L, c) : "";
+    const char *why = ms > 0 ? note_timeout(L, err, rd_kafka_err2str(err), ms) : rd_kafka_err2str(err);
     return rb_error(L, "kafka", op, code_of(err), is_retryable(err), "%s: %s%s%s", what,
-                    *trouble ? trouble : "", *trouble ? "; " : "", rd_kafka_err2str(err));
+                    *trouble ? trouble : "", *trouble ? "; " : "", why);
 }
 
 /* Sets t.error = {code, message} for a failed partition, group or resource. */
@@ -420,7 +430,7 @@ static int k_metadata(lua_State *L) {
     const struct rd_kafka_metadata *md;
     rd_kafka_resp_err_t err = rd_kafka_metadata(c->rk, rkt == NULL, rkt, &md, ms);
     if (rkt) rd_kafka_topic_destroy(rkt);
-    if (err) return raise_err(L, c, "metadata", err, "cannot read cluster metadata");
+    if (err) return raise_err(L, c, "metadata", err, "cannot read cluster metadata", ms);
     lua_createtable(L, 0, 3);
     lua_createtable(L, md->broker_cnt, 0);
     for (int i = 0; i < md->broker_cnt; i++) {
@@ -451,14 +461,15 @@ static int k_metadata(lua_State *L) {
 static int k_offsets(lua_State *L) {
     client *c = check_client(L);
     rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
-    rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(c->rk, l, timeout_ms(L, 3));
+    int ms = timeout_ms(L, 3);
+    rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(c->rk, l, ms);
     if (err && err != RD_KAFKA_RESP_ERR__PARTIAL) {
         /* per-partition errors are reported below; a whole-call failure raises */
         int any = 0;
         for (int i = 0; i < l->cnt; i++) any |= l->elems[i].err != 0;
         if (!any) {
             rd_kafka_topic_partition_list_destroy(l);
-            return raise_err(L, c, "offsets", err, "cannot list offsets");
+            return raise_err(L, c, "offsets", err, "cannot list offsets", ms);
         }
     }
     push_partitions(L, l);
@@ -516,14 +527,6 @@ static const char *push_timed_out(lua_State *L, client *c, int ms) {
 static int raise_wait(lua_State *L, client *c, const char *op, const char *what, int ms) {
     if (rb_interrupted()) return rb_error(L, "kafka", op, "interrupted", 0, "%s: interrupted", what);
     return rb_error(L, "kafka", op, "timeout", 1, "%s: %s", what, push_timed_out(L, c, ms));
-}
-
-/* A broker's or librdkafka's own timeout of a request, with the deadline it had. */
-static const char *note_timeout(lua_State *L, rd_kafka_resp_err_t err, const char *msg, int ms) {
-    if (err != RD_KAFKA_RESP_ERR__TIMED_OUT) return msg;
-    char secs[32];
-    snprintf(secs, sizeof secs, "%.3g", ms / 1000.0);
-    return lua_pushfstring(L, "%s (timed out after %ss)", msg && *msg ? msg : rd_kafka_err2str(err), secs);
 }
 
 /* Raises when the whole admin request failed (e.g. unsupported by the broker). */
@@ -1162,7 +1165,7 @@ static int k_consume_start(lua_State *L) {
     rd_kafka_t *rk = get_consumer(L, c);
     rd_kafka_resp_err_t err = rd_kafka_assign(rk, l);
     rd_kafka_topic_partition_list_destroy(l);
-    if (err) return raise_err(L, c, "consume", err, "cannot assign partitions");
+    if (err) return raise_err(L, c, "consume", err, "cannot assign partitions", 0);
     return 0;
 }
 

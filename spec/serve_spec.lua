@@ -35,7 +35,18 @@ rules:
       deployment: "{{ labels.deployment }}"
       namespace: "{{ labels.namespace }}"
       reason: "{{ annotations.summary }}"
-]]):format(FIXTURE, FIXTURE)
+  - name: capacity-locked
+    match:
+      alertname: ServeSpecLocked
+    runbook: %s
+    mode: run
+    lock: k8s:plan-spec/serve-spec
+    params:
+      deployment: "{{ labels.deployment }}"
+      namespace: "{{ labels.namespace }}"
+      reason: "{{ annotations.summary }}"
+      hold: 5s
+]]):format(FIXTURE, FIXTURE, FIXTURE)
 
 local function replicas()
   local status, d = sb.k8s("GET", PATH)
@@ -57,7 +68,7 @@ local function free_port()
   return port
 end
 
-local dir, serve, url, am_url, am_pid
+local dir, serve, url, am_url, am_pid, serve2
 
 --- curl: returns the HTTP status and the body.
 local function curl(args)
@@ -79,20 +90,36 @@ setup(function()
   sb.kubectl("-n " .. NS .. " create deployment " .. DEPLOY .. " --image=nginx --replicas=1")
   cli.eventually(function() return replicas() ~= nil end, "the deployment")
   sb.psql("CREATE TABLE IF NOT EXISTS plan_spec (reason text)")
-  serve = cli.spawn({ "serve", "--rules", write(dir .. "/rules.yml", RULES), "--listen", "127.0.0.1:0",
-    "--token-file", write(dir .. "/token", TOKEN .. "\n") }, { RUNBOOK_USER = "runbook-serve" })
-  cli.eventually(function() return cli.slurp(serve.dir .. "/out"):match("127%.0%.0%.1:%d+") end, "serve to listen")
-  url = "http://" .. cli.slurp(serve.dir .. "/out"):match("127%.0%.0%.1:%d+")
+  -- Two replicas of serve with the same rules; Alertmanager sends ServeSpecLocked to both.
+  local function start_serve()
+    local s = cli.spawn({ "serve", "--rules", write(dir .. "/rules.yml", RULES), "--listen", "127.0.0.1:0",
+      "--token-file", write(dir .. "/token", TOKEN .. "\n") }, { RUNBOOK_USER = "runbook-serve" })
+    cli.eventually(function() return cli.slurp(s.dir .. "/out"):match("127%.0%.0%.1:%d+") end, "serve to listen")
+    return s, "http://" .. cli.slurp(s.dir .. "/out"):match("127%.0%.0%.1:%d+")
+  end
+  local url2
+  serve, url = start_serve()
+  serve2, url2 = start_serve()
   local port = free_port()
   am_url = "http://127.0.0.1:" .. port
   local config = write(dir .. "/alertmanager.yml", ([[
-route: {receiver: serve, group_by: [alertname], group_wait: 1s, group_interval: 5s, repeat_interval: 1h}
+route:
+  receiver: serve
+  group_by: [alertname]
+  group_wait: 1s
+  group_interval: 5s
+  repeat_interval: 1h
+  routes:
+    - {matchers: ['alertname="ServeSpecLocked"'], receiver: both}
 receivers:
   - name: serve
     webhook_configs:
-      - url: %s/v1/alertmanager
-        http_config: {authorization: {credentials: %s}}
-]]):format(url, TOKEN))
+      - {url: %s/v1/alertmanager, http_config: {authorization: {credentials: %s}}}
+  - name: both
+    webhook_configs:
+      - {url: %s/v1/alertmanager, http_config: {authorization: {credentials: %s}}}
+      - {url: %s/v1/alertmanager, http_config: {authorization: {credentials: %s}}}
+]]):format(url, TOKEN, url, TOKEN, url2, TOKEN))
   os.execute(("prometheus-alertmanager --config.file=%s --storage.path=%s/am --cluster.listen-address= "
     .. "--web.listen-address=127.0.0.1:%s --log.level=warn >%s/am.log 2>&1 & echo $! >%s/am.pid"):format(
     config, dir, port, dir, dir))
@@ -102,7 +129,9 @@ end)
 
 teardown(function()
   if am_pid then os.execute("kill " .. am_pid) end
-  if serve and serve.pid then os.execute("kill " .. serve.pid) end
+  for _, s in ipairs { serve or {}, serve2 or {} } do
+    if s.pid then os.execute("kill " .. s.pid) end
+  end
   sb.kubectl("-n " .. NS .. " delete deployment " .. DEPLOY)
   cli.cleanup()
 end)
@@ -166,6 +195,7 @@ describe("runbook serve", function()
   local function plan_for(summary)
     local plans = os.getenv("RUNBOOK_STATE_DIR") .. "/plans"
     local id = sb.wait_until(90, function()
+      if not require("lfs").attributes(plans) then return nil end
       for f in require("lfs").dir(plans) do
         if f:match("%.json$") and cli.slurp(plans .. "/" .. f):find(summary, 1, true) then return f:sub(1, -6) end
       end
@@ -208,6 +238,28 @@ describe("runbook serve", function()
   it("runs a rule in run mode without approval", function()
     fire("ServeSpecRun", "run at once " .. os.time())
     assert.are.equal(2, sb.wait_until(90, function() return replicas() == 2 and 2 end))
+  end)
+
+  it("runs an alert two replicas receive once: the rule's Lease lets one run, the other ends locked", function()
+    local logs = os.getenv("RUNBOOK_STATE_DIR") .. "/serve"
+    local earlier = {}   -- an earlier run of the suite in the same state directory
+    for f in require("lfs").dir(logs) do earlier[f] = true end
+    local function locked_logs()
+      local texts = {}
+      for f in require("lfs").dir(logs) do
+        if f:match("capacity%-locked%.log$") and not earlier[f] then texts[#texts + 1] = cli.slurp(logs .. "/" .. f) end
+      end
+      return texts
+    end
+    fire("ServeSpecLocked", "two replicas " .. os.time())
+    -- Both children ended: one ok, one refused the Lease (exit 75).
+    local texts = sb.wait_until(120, function()
+      local t = locked_logs()
+      local all = table.concat(t, "\n")
+      return #t == 2 and all:find("\nok: ", 1, true) and all:find("held by", 1, true) and t
+    end)
+    assert.truthy(texts, table.concat(locked_logs(), "\n----\n"))
+    assert.are.equal(2, replicas())
   end)
 
   it("acts on an alert once within the rule's throttle period, and counts the rest", function()

@@ -11,7 +11,7 @@ local M = {}
 
 local MODES = { plan = true, run = true, ["dry-run"] = true }
 local RULE_KEYS = { name = true, match = true, runbook = true, mode = true, params = true, require_approval = true,
-  throttle = true }
+  throttle = true, lock = true }
 
 local function say(fmt, ...)
   io.stderr:write(host.redact("runbook: serve: " .. fmt:format(...) .. "\n"))
@@ -73,13 +73,16 @@ local function compile(rule, i, text, at, resolve)
   end
   local labels = {}
   for k, v in pairs(match.labels or {}) do labels[k] = matcher(tostring(v)) end
+  if rule.lock ~= nil and (type(rule.lock) ~= "string" or mode ~= "run") then
+    bad(line_of(text, "lock", at), "%s: lock is a key (k8s:NAMESPACE/NAME for a Lease) of a rule in run mode", where)
+  end
   local throttle, terr = require("duration").parse(rule.throttle or "1h")
   if not throttle then bad(line_of(text, "throttle", at), "%s: throttle: %s", where, terr) end
   local params = {}
   for k, v in pairs(rule.params or {}) do params[#params + 1] = { name = tostring(k), template = tostring(v) } end
   table.sort(params, function(a, b) return a.name < b.name end)
   return { name = rule.name, runbook = rule.runbook, mode = mode, alertname = match.alertname, labels = labels,
-    params = params, throttle = throttle, require_approval = tonumber(rule.require_approval) }
+    params = params, throttle = throttle, require_approval = tonumber(rule.require_approval), lock = rule.lock }
 end
 
 --- The rules of `path`. Returns the list, or nil and "PATH:LINE: message".
@@ -151,6 +154,7 @@ function Server:command(rule, alert)
     args[#args + 1] = alert_key(rule, alert)
   end
   args[#args + 1] = rule.mode == "run" and "--yes" or rule.mode == "dry-run" and "--dry-run" or nil
+  if rule.lock then args[#args + 1] = "--lock=" .. rule.lock end
   return args
 end
 
@@ -170,7 +174,10 @@ function Server:start(rule, alert)
     self.metrics.refused = self.metrics.refused + 1
     return { rule = rule.name, error = ("%d runs already running (--max-runs)"):format(self.max_runs) }
   end
-  local log = ("%s/%s-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), rule.name:gsub("[^%w%-_]", "_"))
+  -- One log per child, unique across replicas sharing the state directory: time, serve's pid, a count.
+  self.spawned = self.spawned + 1
+  local log = ("%s/%s-%d-%d-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), self.pid, self.spawned,
+    (rule.name:gsub("[^%w%-_]", "_")))
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. self.user })
   if not ok then return { rule = rule.name, error = type(pid) == "table" and pid.message or tostring(pid) } end
   self.children[pid], self.nchildren = true, self.nchildren + 1
@@ -277,7 +284,8 @@ function M.serve(o, resolve)
   local addr, port = (o.listen or "127.0.0.1:9095"):match("^([%d%.]+):(%d+)$")
   if not addr then say("--listen: expected IPV4:PORT, got %s", o.listen); return EXIT.usage end
   local journal = require "runbook.journal"
-  local self = setmetatable({ rules = rules, token = token, children = {}, nchildren = 0, seen = {},
+  local self = setmetatable({ rules = rules, token = token, children = {}, nchildren = 0, seen = {}, spawned = 0,
+    pid = host.identity().pid,
     max_runs = o.max_runs or 4,
     bin = require("lfs").symlinkattributes("/proc/self/exe").target,
     user = os.getenv("RUNBOOK_USER") or "runbook-serve",
