@@ -864,11 +864,26 @@ static int k_alter_configs(lua_State *L) {
     return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
-static void topic_result(const rd_kafka_topic_result_t **tr, size_t n, rd_kafka_resp_err_t *err, const char **msg) {
+/* The end of a gated CreateTopics or CreatePartitions request (one topic):
+ * its event awaited, the request's or the topic's error, then as admin_write_done. */
+static int topic_write_done(lua_State *L, client *c, const rb_effect *e, rb_decision d, int ms) {
+    rd_kafka_event_t *ev = admin_wait(c, ms);
+    if (!ev) return admin_write_done(L, e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
+    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
+    const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
+    size_t n = 0;
+    const rd_kafka_topic_result_t **tr = NULL;
+    if (!err && rd_kafka_event_type(ev) == RD_KAFKA_EVENT_CREATETOPICS_RESULT)
+        tr = rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n);
+    else if (!err)
+        tr = rd_kafka_CreatePartitions_result_topics(rd_kafka_event_CreatePartitions_result(ev), &n);
     if (n && rd_kafka_topic_result_error(tr[0])) {
-        *err = rd_kafka_topic_result_error(tr[0]);
-        *msg = rd_kafka_topic_result_error_string(tr[0]);
+        err = rd_kafka_topic_result_error(tr[0]);
+        msg = rd_kafka_topic_result_error_string(tr[0]);
     }
+    msg = lua_pushstring(L, msg);
+    rd_kafka_event_destroy(ev);
+    return admin_write_done(L, e, d, err, note_timeout(L, err, msg, ms));
 }
 
 /* create_topic(name, partitions, replication_factor, configs, timeout, summary) */
@@ -890,15 +905,7 @@ static int k_create_topic(lua_State *L) {
     rd_kafka_CreateTopics(c->rk, &nt, 1, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_NewTopic_destroy(nt);
-    rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
-    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
-    const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
-    size_t n;
-    if (!err) topic_result(rd_kafka_CreateTopics_result_topics(rd_kafka_event_CreateTopics_result(ev), &n), n, &err, &msg);
-    msg = lua_pushstring(L, msg);
-    rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
+    return topic_write_done(L, c, &e, d, ms);
 }
 
 /* create_partitions(topic, new_total, timeout, summary) */
@@ -917,17 +924,7 @@ static int k_create_partitions(lua_State *L) {
     rd_kafka_CreatePartitions(c->rk, &np, 1, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_NewPartitions_destroy(np);
-    rd_kafka_event_t *ev = admin_wait(c, ms);
-    if (!ev) return admin_write_done(L, &e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
-    rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
-    const char *msg = err ? rd_kafka_event_error_string(ev) : NULL;
-    size_t n;
-    if (!err)
-        topic_result(rd_kafka_CreatePartitions_result_topics(rd_kafka_event_CreatePartitions_result(ev), &n), n,
-                     &err, &msg);
-    msg = lua_pushstring(L, msg);
-    rd_kafka_event_destroy(ev);
-    return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
+    return topic_write_done(L, c, &e, d, ms);
 }
 
 /* ---- produce ------------------------------------------------------------ */
