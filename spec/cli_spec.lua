@@ -71,4 +71,15 @@ describe("cli", function()
     end
     assert.truthy(libs_loaded("local _ = http.get"):find("libcurl", 1, true))
   end)
+
+  it("reports a library's failure as module.op: message, naming the file once", function()
+    local missing = cli.tmpdir() .. "/missing.txt"
+    local path = cli.runbook(("name = 'fs-error' description = 'd'\n"
+      .. "step 'read' { run = function() fs.read(%q) end }\n"):format(missing))
+    local r = cli.run { "run", path }
+    assert.are.equal(1, r.code, r.stderr)
+    local out = r.stdout .. r.stderr
+    assert.truthy(out:find("fs.read: " .. missing .. ": No such file or directory", 1, true), out)
+    assert.are.equal(1, select(2, out:gsub(missing:gsub("%p", "%%%0"), "")), out)
+  end)
 end)
