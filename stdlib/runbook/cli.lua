@@ -239,10 +239,12 @@ local function runbook_help(parser, ref)
   return EXIT.ok
 end
 
+--- --wait-lock is parsed here, once: the request (run.lua, resume.lua) reads its seconds.
 local function duration_ok(cmd, o)
-  local wait = o["--wait-lock"]
-  local ok, why = require("duration").parse(wait or "0")
-  if not ok then return nil, usage_error(cmd, "%s: --wait-lock: %s", cmd, why) end
+  if not o["--wait-lock"] then return true end
+  local secs, why = require("duration").parse(o["--wait-lock"])
+  if not secs then return nil, usage_error(cmd, "%s: --wait-lock: %s", cmd, why) end
+  o["--wait-lock"] = secs
   return true
 end
 

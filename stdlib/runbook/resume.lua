@@ -144,12 +144,11 @@ local function request(rb, first, o)
     end
   end
   local was = type(first.request) == "table" and first.request or {}
-  local wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"])
   return {
     given = o["-p"] or {}, mode = "run", from = first.from, outputs_from = was.outputs_from, lock = first.lock,
     step = o["--step"] or was.step, yes = (o["--yes"] or o["-y"]) or was.yes,
     undo_on_failure = o["--undo-on-failure"] or was.undo_on_failure,
-    wait = wait or was.wait or 0, output = o["--output"] or was.output or "text",
+    wait = o["--wait-lock"] or was.wait or 0, output = o["--output"] or was.output or "text",
   }
 end
 

@@ -27,7 +27,7 @@ function M.request(o)
     given = given, params_file = o["--params-file"], mode = o["--dry-run"] and "dry-run" or "run",
     step = o["--step"] or nil, yes = (o["--yes"] or o["-y"]) or nil, from = o["--from"],
     outputs_from = o["--outputs-from"], lock = o["--lock"],
-    wait = o["--wait-lock"] and require("duration").parse(o["--wait-lock"]) or 0,
+    wait = o["--wait-lock"] or 0,
     undo_on_failure = o["--undo-on-failure"] or nil, output = o["--output"] or "text",
   }
 end
