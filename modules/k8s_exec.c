@@ -342,10 +342,7 @@ static void set_tls(lua_State *L, struct lws_context_creation_info *ci) {
 static int fail(lua_State *L, session *s, const rb_effect *e, rb_decision d, const char *code, int retryable,
                 const char *msg) {
     session_close(s);
-    if (e) {
-        lua_pushstring(L, msg);
-        rb_gate_done(L, e, d, 0);
-    }
+    if (e) gate_failed(L, e, d, msg);
     return rb_error(L, "k8s", "exec", code, retryable, "%s", msg);
 }
 
@@ -436,14 +433,7 @@ static int k8s_exec_run(lua_State *L) {
 
     rb_effect e = {"k8s", "exec", target, lua_tostring(L, 4), 0};
     rb_decision d = RB_PERFORM;
-    if (!is_read && (d = rb_gate(L, &e)) == RB_SKIP) {
-        lua_pushnil(L);
-        rb_gate_done(L, &e, d, 1);
-        lua_createtable(L, 0, 1);
-        lua_pushboolean(L, 1);
-        lua_setfield(L, -2, "skipped");
-        return 1;
-    }
+    if (!is_read && (d = rb_gate(L, &e)) == RB_SKIP) return gate_skipped(L, &e);
     const rb_effect *ge = is_read ? NULL : &e;
 
     struct lws_context *ctx = get_context(L, tls);
