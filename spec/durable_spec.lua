@@ -298,6 +298,8 @@ end }
     local env = { RUNBOOK_STATE_DIR = state }
     local a, b = spawn({ "run", rb, "-p", "dir=" .. dir }, env), spawn({ "run", rb, "-p", "dir=" .. dir }, env)
     eventually(step_started(state, "wait"), "a run's step")
+    -- the holder waits for "go": only the loser can end before it (however slow it starts)
+    eventually(function() return cli.slurp(a.dir .. "/code") ~= "" or cli.slurp(b.dir .. "/code") ~= "" end, "the loser")
     local f = io.open(dir .. "/go", "wb")
     f:close()
     local codes = { (a.wait()), (b.wait()) }
