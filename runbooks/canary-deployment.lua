@@ -64,7 +64,7 @@ local function gate(ctx)
   local w = ctx.params.window
   return {
     { name = ("canary %s error rate"):format(ctx.params.tag), unit = "percent", below = ctx.params.max_error_rate,
-      query = ('sum(rate(http_requests_total{%s,status=~"5.."}[%s])) / sum(rate(http_requests_total{%s}[%s]))'):format(sel, w, sel, w) },
+      query = checks.error_rate_query(sel, w) },
     { name = ("canary %s p95 latency"):format(ctx.params.tag), unit = "seconds", below = ctx.params.max_p95,
       query = ('histogram_quantile(0.95, sum by (le) (rate(http_request_duration_seconds_bucket{%s}[%s])))'):format(sel, w) },
     hold = ctx.params.interval, every = ctx.params.every, warmup = ctx.params.warmup,

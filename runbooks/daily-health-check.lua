@@ -45,7 +45,7 @@ local CHECKS = { "Deployments and nodes", "Services answer health checks", "Depe
 -- In each query $ns is the namespace and $w the rate window; each row is one service or pod.
 local KEY_METRICS = {
   { what = "error rate", unit = "percent", warn = 0.01, critical = 0.05, by = "service",
-    query = 'sum by (service) (rate(http_requests_total{namespace="$ns",status=~"5.."}[$w])) / sum by (service) (rate(http_requests_total{namespace="$ns"}[$w]))' },
+    query = checks.error_rate_query('namespace="$ns"', "$w", "service") },
   { what = "p95 latency", unit = "seconds", warn = 0.5, critical = 2, by = "service",
     query = 'histogram_quantile(0.95, sum by (service, le) (rate(http_request_duration_seconds_bucket{namespace="$ns"}[$w])))' },
   { what = "restarts in the last hour", warn = 3, critical = 10, by = "pod",

@@ -32,18 +32,15 @@ end
 local function target(ctx) return "deploy/" .. deployment(ctx) end
 
 local function rate_query(ctx, by, extra)
-  local sel = ('namespace="%s"%s'):format(ctx.params.namespace, extra or "")
-  local w = ctx.params.window
-  return ('sum%s (rate(http_requests_total{%s,status=~"5.."}[%s])) / sum%s (rate(http_requests_total{%s}[%s]))'):format(
-    by, sel, w, by, sel, w)
+  return checks.error_rate_query(('namespace="%s"%s'):format(ctx.params.namespace, extra or ""), ctx.params.window, by)
 end
-local function service_query(ctx) return rate_query(ctx, "", (',service="%s"'):format(ctx.params.service)) end
+local function service_query(ctx) return rate_query(ctx, nil, (',service="%s"'):format(ctx.params.service)) end
 local function pct(v) return v and ("%.2f%%"):format(v * 100) or "no data" end
 
 step "Measure the error rate" {
   description = "The 5xx share of every service and version in the namespace, and the service's own",
   run = function(ctx)
-    local rows = prom.query(rate_query(ctx, " by (service, version)"), { allow_empty = true })
+    local rows = prom.query(rate_query(ctx, "service, version"), { allow_empty = true })
     table.sort(rows, function(a, b) return (a.value == a.value and a.value or -1) > (b.value == b.value and b.value or -1) end)
     for _, r in ipairs(rows) do log.info("%s %s: %s", r.labels.service, r.labels.version, pct(r.value == r.value and r.value or nil)) end
     local rate = prom.value(service_query(ctx))

@@ -27,6 +27,16 @@
 --     -> {skipped = true} | prom.verify's result
 local M = {}
 
+--- The PromQL of the 5xx share of http_requests_total{selector} over `window`,
+-- summed by `by` (labels, e.g. "service"; nil for one value). A series with
+-- requests but no 5xx counts as 0, not as no data: a service that never
+-- failed has no 5xx series at all.
+function M.error_rate_query(selector, window, by)
+  local sum = by and ("sum by (%s) "):format(by) or "sum "
+  local all = ("%s(rate(http_requests_total{%s}[%s]))"):format(sum, selector, window)
+  return ('(%s(rate(http_requests_total{%s,status=~"5.."}[%s])) or %s * 0) / %s'):format(sum, selector, window, all, all)
+end
+
 function M.error_rate(opts)
   local log = require "log"
   if (os.getenv("PROMETHEUS_URL") or "") == "" then
@@ -37,9 +47,8 @@ function M.error_rate(opts)
     log.info("waiting %s (one rate window) so that only the time since the change counts", opts.window)
     require("time").sleep(opts.window)
   end
-  local q = ('sum(rate(http_requests_total{%s,status=~"5.."}[%s])) / sum(rate(http_requests_total{%s}[%s]))'):format(
-    opts.selector, opts.window, opts.selector, opts.window)
-  return require("prom").verify { name = opts.name, query = q, unit = "percent", below = opts.below,
+  return require("prom").verify { name = opts.name, query = M.error_rate_query(opts.selector, opts.window),
+    unit = "percent", below = opts.below,
     hold = opts.hold, every = opts.every or "15s", warmup = opts.warmup or opts.window }
 end
 

@@ -33,7 +33,7 @@ describe("outage-recovery", function()
     kh.wait_waiting("notification", "ImagePullBackOff")
     assert.are.equal(503, kh.health("backend", 8000))
 
-    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "settle=20s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s" }
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "settle=20s", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     local events = cli.events(r.stdout)
     -- only the crash-looping deployment is restarted (a restart cannot pull a missing image)
@@ -54,7 +54,7 @@ describe("outage-recovery", function()
   it("does not roll back a deployment whose last change is old, and fails saying what remains", function()
     sb.ctl("k8s crashloop frontend")          -- its current image has run for two days
     kh.wait_waiting("frontend", "CrashLoopBackOff")
-    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "settle=1s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s" }
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "settle=1s", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s" }
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     assert.matches("not rolling back todo%-chatbot%-frontend: its last change %(revision 2%) is 2d", r.stdout)
     assert.matches("NOT recovered", r.stdout)
@@ -62,7 +62,7 @@ describe("outage-recovery", function()
   end)
 
   it("does nothing to a healthy namespace, and says so", function()
-    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s" }
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     local events = cli.events(r.stdout)
     assert.are.same({}, effects(events, "rollout_restart"))
@@ -75,7 +75,7 @@ describe("outage-recovery", function()
     sb.ctl("k8s bad-image notification")
     kh.wait_waiting("notification", "ImagePullBackOff")
     -- assess, dependencies, restart, wait, verify: yes; the rollback: preview, then no; final check, report: yes
-    local code, out = cli.pty("y,y,y,y,y,p,n,y,y", { "run", RUNBOOK, "--step", "-p", "settle=1s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s" })
+    local code, out = cli.pty("y,y,y,y,y,p,n,y,y", { "run", RUNBOOK, "--step", "-p", "settle=1s", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s" })
     assert.are.equal(1, code, out)
     local preview = out:find("would roll back deployment todo-chatbot-notification to revision", 1, true)
     local declined = out:find("Roll back recent changes that still fail skipped (by the operator)", 1, true)

@@ -22,7 +22,7 @@ describe("rollback", function()
     local status = sb.k8s("PATCH", "/apis/apps/v1/namespaces/todo-chatbot/deployments/todo-chatbot-backend",
       { spec = { template = { metadata = { annotations = { ["kubectl.kubernetes.io/restartedAt"] = "2026-01-01T00:00:00Z" } } } } })
     assert.are.equal(200, status)
-    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("rolling back to revision 3: registry.digitalocean.com/todo%-chatbot/backend:v1.4.0", r.stdout)
     assert.are.equal("v1.4.0", kh.tag("backend"))
@@ -33,7 +33,7 @@ describe("rollback", function()
   end)
 
   it("goes to a given revision, and refuses one that does not exist", function()
-    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "to_revision=1", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "to_revision=1", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("v1.3.0", kh.tag("backend"))
     r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "to_revision=42", "--yes" }
