@@ -29,7 +29,7 @@ end
 
 describe("prom", function()
   after_each(function()
-    sb.ctl("metrics reset")
+    sb.metrics_reset()
     cli.cleanup()
   end)
 
@@ -110,7 +110,7 @@ describe("prom.verify (the metric gate)", function()
   local ERRORS = 'sum(service:http_errors:ratio_rate30s{service="frontend"})'
 
   after_each(function()
-    sb.ctl("metrics reset")
+    sb.metrics_reset()
     cli.cleanup()
   end)
 

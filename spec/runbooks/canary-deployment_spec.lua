@@ -25,7 +25,7 @@ end
 describe("canary-deployment", function()
   setup(kh.reset_world)
   after_each(function()
-    sb.ctl("metrics reset")
+    sb.metrics_reset()
     kh.reset_world()
     cli.cleanup()
   end)

@@ -6,22 +6,20 @@ local sb = require "spec.sandbox.sandbox_helper"
 local kh = require "spec.runbooks.k8s_helper"
 
 local RUNBOOK = "runbooks/high-error-rate.lua"
-local RATE = 'sum(service:http_errors:ratio_rate30s{service="backend"})'
 
 -- backend released as v1.5.0, whose image answers 30% of requests with 500.
 local function bad_release()
   sb.ctl("metrics errors backend:v1.5.0 30%")
   kh.release("backend", "v1.5.0")
-  assert(sb.wait_until(20, function()
-    local v = sb.promql(RATE)[1]
-    return v and v.value > 0.05
+  assert(sb.wait_until(30, function()
+    for _, sv in ipairs(sb.erroring(0.05)) do if sv == "backend v1.5.0" then return true end end
   end), "the bad release's errors never showed")
 end
 
 describe("high-error-rate", function()
   setup(kh.reset_world)
   after_each(function()
-    sb.ctl("metrics reset")
+    sb.metrics_reset()
     kh.reset_world()
     cli.cleanup()
   end)

@@ -191,4 +191,23 @@ function M.wait_until(seconds, fn)
     return fn()
 end
 
+-- The 5xx share of each service and version over the last 10 s (as the
+-- metric specs' runbooks read it), above `above`: {"service version"...}.
+function M.erroring(above)
+    local out = {}
+    for _, r in ipairs(M.promql('sum by (service, version) (rate(http_requests_total{status=~"5.."}[10s]))'
+        .. ' / sum by (service, version) (rate(http_requests_total[10s])) > ' .. above)) do
+        out[#out + 1] = r.labels.service .. " " .. tostring(r.labels.version)
+    end
+    return out
+end
+
+-- Ends the metric faults and waits until no service and version fails more
+-- than 1% over a 10 s window: a later spec must not read this one's errors.
+function M.metrics_reset()
+    M.ctl("metrics reset")
+    assert(M.wait_until(60, function() return #M.erroring(0.01) == 0 end),
+        "errors still showing 60 s after the faults ended: " .. table.concat(M.erroring(0.01), ", "))
+end
+
 return M
