@@ -6,6 +6,8 @@
  *     opts.timeout          seconds per command (default 30), bounded by the step
  *   set_null(null)                    the sentinel for nil inside arrays (from redis.lua)
  *   methods                           the conn methods table (redis.lua adds to it)
+ *   pipeline(conn, cmds)              conn:pipeline, kept apart from the methods
+ *                                     table, whose pipeline redis.lua replaces
  *
  *   conn:command(name, args...) -> reply    any command; writes go through the gate
  *   conn:pipeline({{name, args...}, ...}) -> {replies}   one round trip
@@ -773,6 +775,7 @@ static const luaL_Reg conn_methods[] = {
 static const luaL_Reg redis_funcs[] = {
     {"connect", redis_connect},
     {"set_null", redis_set_null},
+    {"pipeline", conn_pipeline},
     {NULL, NULL}
 };
 

@@ -157,6 +157,14 @@ describe("redis replies", function()
 end)
 
 describe("redis pipeline, scan, info", function()
+  it("pipelines when the library was loaded again (another environment's copy)", function()
+    package.loaded.redis = nil
+    local again = require("redis").connect(url())
+    package.loaded.redis = redis
+    assert.are.same({ "PONG", "PONG" }, again:pipeline(function(p) p:command("PING"); p:command("PING") end))
+    again:close()
+  end)
+
   it("pipelines commands in one round trip, in order", function()
     local replies = r:pipeline(function(p)
       p:command("SET", "rb:spec:str", "p")

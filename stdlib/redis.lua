@@ -53,7 +53,9 @@ function redis.connect(url, opts)
   })
 end
 
-local native_pipeline = conn.pipeline
+-- The native one from the module, not from `conn`: redis.lua replaces
+-- conn.pipeline, and a second load (another environment) would wrap the wrapper.
+local native_pipeline = native.pipeline
 
 --- fn gets a pipe with :command(...) (and the same shortcuts); the commands
 -- are sent together when fn returns and the replies come back in order.
