@@ -16,12 +16,7 @@ local function sh(cmd)
   return p:close(), out
 end
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-  return path
-end
+local write = cli.write
 
 --- The file's RBAC objects, with `edit(docs)` applied, as YAML.
 local function rbac_yaml(edit)

@@ -23,12 +23,7 @@ local function read(path)
   return s
 end
 
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-  return path
-end
+local write = require("spec.support.cli").write
 
 local function kubectl(args, ctx)
   return sb.sh(("%s --kubeconfig=%s --cache-dir=%s %s%s"):format(KUBECTL, kubeconfig, cache,

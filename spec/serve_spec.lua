@@ -53,12 +53,7 @@ local function replicas()
   return status == 200 and d.spec.replicas or nil
 end
 
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-  return path
-end
+local write = cli.write
 
 local function free_port()
   local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));]]

@@ -4,11 +4,7 @@
 local cli = require "spec.support.cli"
 local cjson = require "cjson"
 
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local write = cli.write
 
 local function killed_run(dir, state)
   write(dir .. "/rb.lua", [[

@@ -19,11 +19,7 @@ step "maybe fail" { run = function(ctx) if ctx.params.fail == "yes" then error("
 on_failure = "undo"
 ]]
 
-local function write(path, text)
-  local f = assert(io.open(path, "wb"))
-  f:write(text)
-  f:close()
-end
+local write = cli.write
 
 --- A real journal: a run whose last step fails and undoes the first.
 local function real_journal(fail)

@@ -17,6 +17,14 @@ local function slurp(path)
 end
 M.slurp = slurp
 
+--- Writes text to path (binary), returns path.
+function M.write(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+  return path
+end
+
 --- A fresh temporary directory (removed by M.cleanup()).
 local made = {}
 function M.tmpdir()
