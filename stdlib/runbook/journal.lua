@@ -1,8 +1,9 @@
 --- The run journal: every event of a run as JSON Lines in
--- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd at each step boundary and
--- after each performed effect, so a run killed at any moment leaves a journal
--- that is valid up to its last complete line. Also reads journals back into
--- the run summaries that resume, history and report use.
+-- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd around each performed effect
+-- and at the ends that follow one, so a run killed at any moment leaves a
+-- journal that is valid up to its last complete line and loses no effect.
+-- Also reads journals back into the run summaries that resume, history and
+-- report use.
 local host = require "runbook.host"
 
 local M = {}
@@ -34,13 +35,14 @@ function M.runs_dir() return M.state_dir() .. "/runs" end
 
 function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 
--- Events after which the journal is fsync'd: a crash right after one of them
--- must not lose it. The run's and a step's start need no sync of their own:
--- lost, the run or step reads as not started, and the fsync after the first
--- performed effect or step end carries them to disk anyway. Logs may be lost
--- with the step they belong to. An intent is synced before its effect is
--- performed: that is its point.
-local SYNC = { step_end = true, undo_end = true, run_end = true, intent = true }
+-- When the journal is fsync'd. An intent is synced before its effect is
+-- performed (that is its point), and a performed effect's outcome after it.
+-- The end of a step, an undo or the run is synced when it performed an effect
+-- (a crash right after must not lose it). Every other line rides along with
+-- the next sync: lost in a crash, it belonged to a step or run that changed
+-- nothing, which then reads as not finished, and its resume changes nothing
+-- either. So a run that performs nothing (a dry run, a check) pays no fsync.
+local ENDS = { step_end = "step", undo_end = "step", run_end = "run" }
 
 local codec = require("cjson").new()
 codec.decode_max_depth(100)
@@ -64,6 +66,7 @@ function M.sink(run_id)
   M.failure = nil
   local repaired = dropped > 0 and dropped or nil
   local closed = false
+  local performed = {}   -- step = / run = true: an effect since that began
   return function(e)
     if closed then return end   -- after run_end (a library announcing itself late)
     if M.failure then
@@ -77,7 +80,14 @@ function M.sink(run_id)
       end
       if e.event == "intent" then e.key = ("%s/%s/%d"):format(run_id, e.step or "", e.n or 0) end
       j:write(host.redact(encode(e)) .. "\n")
-      if SYNC[e.event] or (e.event == "effect" and e.decision == "performed") then j:sync() end
+      local ends = ENDS[e.event]
+      if e.event == "intent" or (e.event == "effect" and e.decision == "performed") then
+        performed.step, performed.run = true, true
+        j:sync()
+      elseif ends and performed[ends] then
+        j:sync()
+      end
+      if ends then performed.step = nil end
     end)
     if not ok then
       M.failure = err
@@ -333,17 +343,22 @@ local function count_starts(f)
   return n
 end
 
---- A run as history lists it: {start (its run_start), status, duration,
--- segments}, or nil and a message naming the file (and line). Reads no more
--- of the journal than it must (see M.WHOLE).
+--- A run as history lists it, from its events (all of them read already):
+-- {start (its run_start), status, duration, resumed (how many times)}.
+function M.row_of(events)
+  local s = M.summarize(events)
+  return { start = s.start, status = s.status, duration = s.duration, resumed = #s.segments - 1 }
+end
+
+--- The same from the journal of `run_id`, reading no more of it than it
+-- must (see M.WHOLE); nil and a message naming the file (and line).
 function M.row(run_id)
   local path = M.path(run_id)
   local size = require("lfs").attributes(path, "size")
   if not size or size <= M.WHOLE then
     local events, err = M.read(run_id)
     if not events then return nil, err end
-    local s = M.summarize(events)
-    return { start = s.start, status = s.status, duration = s.duration, segments = #s.segments }
+    return M.row_of(events)
   end
   local f, oerr = io.open(path, "rb")
   if not f then return nil, ("%s: cannot read the journal: %s"):format(path, oerr) end
@@ -362,7 +377,7 @@ function M.row(run_id)
   f:close()
   if not last then return nil, err end
   local t0, t1 = parse_time(start.time), parse_time(last.time)
-  return { start = start, status = last.event == "run_end" and last.status or "killed", segments = segments,
+  return { start = start, status = last.event == "run_end" and last.status or "killed", resumed = segments - 1,
     duration = t0 and t1 and math.max(0, t1 - t0) or nil }
 end
 

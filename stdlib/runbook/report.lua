@@ -16,6 +16,18 @@ local function live_status(s)
   return journal.running(s.start.run_id) and "running" or "killed"
 end
 
+--- One run's line of history: from its `events` when given, else from
+-- journal.row, which reads no more of the journal than it must; nil and a
+-- message naming the file when the journal is unreadable.
+function M.run_row(id, events)
+  local r, err
+  if events then r = journal.row_of(events) else r, err = journal.row(id) end
+  if not r then return nil, err end
+  local st = r.start
+  return { run_id = id, runbook = st.runbook, started = st.time, duration = r.duration, mode = st.mode,
+    status = live_status(r), user = st.user, host = st.host, resumed = r.resumed }
+end
+
 --- Past runs, newest first: the newest `limit` (of `runbook` only, when
 -- given). Reads only the runs it shows, and of each no more than it must
 -- (journal.row); the filter looks at each journal's first line alone.
@@ -29,8 +41,8 @@ function M.history(runbook, limit, as_json)
   for _, id in ipairs(journal.list()) do
     if shown >= limit then break end
     if not runbook or journal.ran(id, runbook) then
-      local r, err = journal.row(id)
-      if not r then
+      local row, err = M.run_row(id)
+      if not row then
         -- Listed and marked, never a reason to stop listing the others.
         io.stderr:write(host.redact("runbook: history: " .. err .. "\n"))
         if as_json then
@@ -39,17 +51,12 @@ function M.history(runbook, limit, as_json)
         else
           print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format(id, "?", "", "-", "", "unreadable", ""))
         end
+      elseif as_json then
+        row.event, row.time = "run", row.started
+        print(events_mod.json_line(row))
       else
-        local st = r.start
-        local row = { run_id = id, runbook = st.runbook, started = st.time, duration = r.duration, mode = st.mode,
-          status = live_status(r), user = st.user, host = st.host, resumed = r.segments - 1 }
-        if as_json then
-          row.event, row.time = "run", st.time
-          print(events_mod.json_line(row))
-        else
-          print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),
-            dur(row.duration), row.mode, row.status .. (row.resumed > 0 and "*" or ""), row.user, row.host))
-        end
+        print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),
+          dur(row.duration), row.mode, row.status .. (row.resumed > 0 and "*" or ""), row.user, row.host))
       end
       shown = shown + 1
     end
