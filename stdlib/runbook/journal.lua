@@ -1,8 +1,9 @@
 --- The run journal: every event of a run as JSON Lines in
--- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd at each step boundary and
--- after each performed effect, so a run killed at any moment leaves a journal
--- that is valid up to its last complete line. Also reads journals back into
--- the run summaries that resume, history and report use.
+-- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd around each performed effect
+-- and at the ends that follow one, so a run killed at any moment leaves a
+-- journal that is valid up to its last complete line and loses no effect.
+-- Also reads journals back into the run summaries that resume, history and
+-- report use.
 local host = require "runbook.host"
 
 local M = {}
@@ -34,13 +35,14 @@ function M.runs_dir() return M.state_dir() .. "/runs" end
 
 function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 
--- Events after which the journal is fsync'd: a crash right after one of them
--- must not lose it. The run's and a step's start need no sync of their own:
--- lost, the run or step reads as not started, and the fsync after the first
--- performed effect or step end carries them to disk anyway. Logs may be lost
--- with the step they belong to. An intent is synced before its effect is
--- performed: that is its point.
-local SYNC = { step_end = true, undo_end = true, run_end = true, intent = true }
+-- When the journal is fsync'd. An intent is synced before its effect is
+-- performed (that is its point), and a performed effect's outcome after it.
+-- The end of a step, an undo or the run is synced when it performed an effect
+-- (a crash right after must not lose it). Every other line rides along with
+-- the next sync: lost in a crash, it belonged to a step or run that changed
+-- nothing, which then reads as not finished, and its resume changes nothing
+-- either. So a run that performs nothing (a dry run, a check) pays no fsync.
+local ENDS = { step_end = "step", undo_end = "step", run_end = "run" }
 
 local codec = require("cjson").new()
 codec.decode_max_depth(100)
@@ -64,6 +66,7 @@ function M.sink(run_id)
   M.failure = nil
   local repaired = dropped > 0 and dropped or nil
   local closed = false
+  local performed = {}   -- step = / run = true: an effect since that began
   return function(e)
     if closed then return end   -- after run_end (a library announcing itself late)
     if M.failure then
@@ -77,7 +80,14 @@ function M.sink(run_id)
       end
       if e.event == "intent" then e.key = ("%s/%s/%d"):format(run_id, e.step or "", e.n or 0) end
       j:write(host.redact(encode(e)) .. "\n")
-      if SYNC[e.event] or (e.event == "effect" and e.decision == "performed") then j:sync() end
+      local ends = ENDS[e.event]
+      if e.event == "intent" or (e.event == "effect" and e.decision == "performed") then
+        performed.step, performed.run = true, true
+        j:sync()
+      elseif ends and performed[ends] then
+        j:sync()
+      end
+      if ends then performed.step = nil end
     end)
     if not ok then
       M.failure = err
