@@ -16,6 +16,14 @@ local function live_status(s)
   return journal.running(s.start.run_id) and "running" or "killed"
 end
 
+--- One run's line of history, from its journal's events.
+function M.run_row(id, events)
+  local s = journal.summarize(events)
+  local st = s.start
+  return { run_id = id, runbook = st.runbook, started = st.time, duration = s.duration, mode = st.mode,
+    status = live_status(s), user = st.user, host = st.host, resumed = #s.segments - 1 }
+end
+
 function M.history(runbook, limit, as_json)
   local events_mod = require "runbook.events"
   local shown = 0
@@ -37,12 +45,9 @@ function M.history(runbook, limit, as_json)
       end
       shown = shown + 1
     elseif events and (not runbook or events[1].runbook == runbook) then
-      local s = journal.summarize(events)
-      local st = s.start
-      local row = { run_id = id, runbook = st.runbook, started = st.time, duration = s.duration, mode = st.mode,
-        status = live_status(s), user = st.user, host = st.host, resumed = #s.segments - 1 }
+      local row = M.run_row(id, events)
       if as_json then
-        row.event, row.time = "run", st.time
+        row.event, row.time = "run", row.started
         print(events_mod.json_line(row))
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),
