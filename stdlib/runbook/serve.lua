@@ -342,10 +342,8 @@ function Server:list_runs(query)
   local rows = {}
   for _, id in ipairs(journal.list()) do
     if #rows >= limit then break end
-    local events = journal.read(id)
-    if events and (not query.runbook or events[1].runbook == query.runbook) then
-      rows[#rows + 1] = require("runbook.report").run_row(id, events)
-    end
+    local row = (not query.runbook or journal.ran(id, query.runbook)) and require("runbook.report").run_row(id)
+    if row then rows[#rows + 1] = row end
   end
   return 200, { runs = setmetatable(rows, cjson.array_mt) }
 end
