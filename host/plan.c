@@ -49,9 +49,9 @@ static void set_drift(lua_State *L, const char *msg)
 }
 
 /* The run's own effects: its Lease, taken, renewed as time passes and
- * released around the steps, and the push of its metrics after them. The
- * host names them (plan_own) before they happen; they are journaled but
- * neither planned nor held to the plan. No runbook can name an effect so. */
+ * released around the steps. The host names them (plan_own) before they
+ * happen; they are journaled but neither planned nor held to the plan.
+ * A runbook cannot reach plan_own. */
 static int run_own(lua_State *L, const rb_effect *e)
 {
     if (!e->module || !e->op || !e->target) return 0;
