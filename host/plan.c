@@ -26,6 +26,7 @@ static int loaded;
 static char *step;             /* the step whose attempt runs; NULL between steps */
 static lua_Integer checked;    /* effects checked in this attempt */
 static char *drift;            /* the first difference, once found */
+static char *lease;            /* the target of the run's own Lease ("NS/lease/NAME"), or NULL */
 
 static const char *const FIELDS[] = { "module", "op", "target", "summary" };
 
@@ -47,9 +48,18 @@ static void set_drift(lua_State *L, const char *msg)
     raise_drift(L);
 }
 
+/* The run's own Lease is taken, renewed as time passes and released around
+ * the steps: the run's lock, not an effect of the runbook, so it is journaled
+ * but neither planned nor held to the plan. */
+static int run_lease(const rb_effect *e)
+{
+    return lease && e->module && e->op && e->target && !strcmp(e->module, "k8s") && !strcmp(e->op, "lease")
+        && !strcmp(e->target, lease);
+}
+
 void rb_plan_check(lua_State *L, const rb_effect *e)
 {
-    if (!loaded) return;
+    if (!loaded || run_lease(e)) return;
     if (drift) raise_drift(L);
     int top = lua_gettop(L);
     const char *now[4], *want[4];
@@ -97,6 +107,7 @@ void rb_plan_check(lua_State *L, const rb_effect *e)
  * asked under apply: before the write, in the same words. */
 void rb_plan_record(lua_State *L, const rb_effect *e)
 {
+    if (run_lease(e)) return;
     if (lua_getfield(L, LUA_REGISTRYINDEX, RB_PLAN_RECORDER) != LUA_TFUNCTION) {
         lua_pop(L, 1);
         return;
@@ -151,6 +162,16 @@ static int h_plan_step(lua_State *L)
     return 0;
 }
 
+/* plan_lease(target): the run's own Lease, which plans and applies leave out. */
+static int h_plan_lease(lua_State *L)
+{
+    const char *target = luaL_checkstring(L, 1);
+    free(lease);
+    lease = strdup(target);
+    if (!lease) return luaL_error(L, "out of memory");
+    return 0;
+}
+
 /* plan_drift() -> the difference that stopped the run, or nil. */
 static int h_plan_drift(lua_State *L)
 {
@@ -188,5 +209,6 @@ const luaL_Reg rb_plan_funcs[] = {
     { "plan_record", h_plan_record },
     { "plan_step", h_plan_step },
     { "plan_drift", h_plan_drift },
+    { "plan_lease", h_plan_lease },
     { NULL, NULL }
 };

@@ -92,7 +92,7 @@ _runbook() {
           '--on-unknown=-[effects of unknown outcome]:choice:(fail redo skip)' $yes $step $wait_lock $undo
           '1:run id:_runbook_run_ids') ;;
         plan) args=($set_params $params_file '--out[also write the plan to a file]:file:_files'
-          '--require-approval[approvals the plan needs]:count:' '--alert[the alert the plan answers]:key:'
+          '--require-approval[approvals the plan needs]:count:' '--alert[the alert the plan answers]:key:' '--lock=-[the run lock apply holds]::key:'
           '1:runbook:_runbook_names') ;;
         apply) args=($again_params $step $yes '1:plan:_runbook_plans') ;;
         show) args=('--format[plan format]:format:(text markdown)' '1:plan:_runbook_plans') ;;

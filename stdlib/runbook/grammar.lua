@@ -94,6 +94,8 @@ function M.build(only)
   option(plan, "--require-approval", "Approvals the plan needs besides the runbook's own approval policy.", "N")
   option(plan, "--alert", "The alert the plan answers (runbook serve sets it): when it resolves, apply refuses.",
     "KEY")
+  option(plan, "--lock", "The run lock apply holds (default: the runbook's lock, else its name); "
+    .. "k8s:NAMESPACE/NAME is a Kubernetes Lease, which the dry run checks.", "KEY"):args("?")
 
   local apply = command(p, "apply", "Run a plan for real, holding each effect to it.",
     "Run a plan made by `runbook plan`: refuses when the runbook, params or target changed (77) or approvals "

@@ -156,7 +156,7 @@ function M.make(rb, req, out, require_n, alert)
       sha256 = host.sha256(rb.source) },
     params = params.redacted(rb, values), params_salt = salt, params_sha256 = params_hash(salt, values),
     target = k8s_target(), requested_by = { user = M.identity(), host = who.host }, created_at = iso(os.time()),
-    effects = effects, alert = alert,
+    effects = effects, alert = alert, lock = type(req.lock) == "string" and req.lock or nil,
     approval = { required = math.max(policy.required or 0, require_n or 0), by = policy.by },
   }
   plan.digest = M.digest(plan)
@@ -442,7 +442,7 @@ function M.apply(ref, o, load_runbook)
   host.plan_load(by_step)
   local run = require "runbook.run"
   local req = run.request(o)
-  req.given, req.mode = {}, "run"
+  req.given, req.mode, req.lock = {}, "run", plan.lock
   local signed = {}
   for i, a in ipairs(approvals) do signed[i] = { by = a.by, at = a.at, digest = a.digest, comment = a.comment } end
   req.plan = { id = plan.id, digest = plan.digest, requested_by = plan.requested_by.user, approvals = signed }

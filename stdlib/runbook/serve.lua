@@ -74,8 +74,8 @@ local function compile(rule, i, text, at, resolve)
   end
   local labels = {}
   for k, v in pairs(match.labels or {}) do labels[k] = matcher(tostring(v)) end
-  if rule.lock ~= nil and (type(rule.lock) ~= "string" or mode ~= "run") then
-    bad(line_of(text, "lock", at), "%s: lock is a key (k8s:NAMESPACE/NAME for a Lease) of a rule in run mode", where)
+  if rule.lock ~= nil and type(rule.lock) ~= "string" then
+    bad(line_of(text, "lock", at), "%s: lock is a key (k8s:NAMESPACE/NAME for a Lease)", where)
   end
   local throttle, terr = require("duration").parse(rule.throttle or "1h")
   if not throttle then bad(line_of(text, "throttle", at), "%s: throttle: %s", where, terr) end
@@ -342,10 +342,8 @@ function Server:list_runs(query)
   local rows = {}
   for _, id in ipairs(journal.list()) do
     if #rows >= limit then break end
-    local events = journal.read(id)
-    if events and (not query.runbook or events[1].runbook == query.runbook) then
-      rows[#rows + 1] = require("runbook.report").run_row(id, events)
-    end
+    local row = (not query.runbook or journal.ran(id, query.runbook)) and require("runbook.report").run_row(id)
+    if row then rows[#rows + 1] = row end
   end
   return 200, { runs = setmetatable(rows, cjson.array_mt) }
 end

@@ -1,7 +1,11 @@
 """Faults the sandbox can inject, driven by `ctl k8s ...` through /_sandbox/."""
 import copy
 import re
+import subprocess
 import time
+
+import podexec
+import workload
 
 from controller import memory_limit
 
@@ -26,8 +30,12 @@ def duration(text):
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m.group(2)]
 
 
+def app_container(d):
+    return d["spec"]["template"]["spec"]["containers"][0]
+
+
 def app_image(d):
-    return d["spec"]["template"]["spec"]["containers"][0]["image"]
+    return app_container(d)["image"]
 
 
 def crashloop(cluster, f, args):
@@ -90,11 +98,55 @@ def api_latency(cluster, f, args):
 
 def exec_protocol(cluster, f, args):
     """exec-protocol v4: pods/exec speaks only v4.channel.k8s.io, as an API server before 1.30."""
-    import podexec
     if args[0] not in ("v4", "v5"):
         raise ValueError("bad protocol %r (use v4 or v5)" % args[0])
     f.exec_protocols = ("%s.channel.k8s.io" % args[0],)
     return "pods/exec serves only %s" % f.exec_protocols[0] if args[0] == "v4" else "pods/exec serves %s" % ", ".join(podexec.PROTOCOLS)
+
+
+LOG_ERROR = "upstream call failed: connection reset by peer (fault log-errors)"
+
+
+def log_errors(cluster, f, args):
+    """log-errors DEPLOYMENT [MESSAGE]: half the app's log lines from 5 minutes ago on are
+    ERROR lines with MESSAGE (logger app.upstream), as an incident found after it began."""
+    d = find_deployment(cluster.store, args[0])
+    app = d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") or app_container(d)["name"]
+    message = " ".join(args[1:]) or LOG_ERROR
+    workload.LOG_ERRORS[(d["metadata"]["namespace"], app)] = (time.time() - 300, message, "app.upstream", 0.5)
+    return "deployment %s: half its log lines from 5 minutes ago on are ERROR %r" % (d["metadata"]["name"], message)
+
+
+# Appends to an old rotated log until /var/log is $0 percent full; the file is $1.
+FILL = ('set -- "$0" "$1" $(df -Pk /var/log | tail -n 1); want=$(($4 * $1 / 100 - $5)); '
+        'if [ "$want" -gt 0 ]; then head -c "${want}K" /dev/zero >>"$2" || exit; fi; touch -d "14 days ago" "$2"')
+
+
+def running_pods(store, d):
+    sel = d["spec"]["selector"].get("matchLabels", {})
+    return [p for p in store.list("pods", d["metadata"]["namespace"])
+            if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+            and all(p["metadata"].get("labels", {}).get(k) == v for k, v in sel.items())]
+
+
+def disk_full(cluster, f, args):
+    """disk-full DEPLOYMENT [PERCENT]: in each running pod, an old rotated log (APP.log.14,
+    14 days old) fills /var/log to PERCENT (95) full."""
+    d = find_deployment(cluster.store, args[0])
+    pct = int(args[1]) if len(args) > 1 and args[1].isdigit() else 95 if len(args) == 1 else 0
+    if not 1 <= pct <= 100:
+        raise ValueError("bad percentage %r (use 1 to 100)" % args[1])
+    app = d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") or app_container(d)["name"]
+    pods = running_pods(cluster.store, d)
+    if not pods:
+        raise LookupError("deployment %s has no running pod" % d["metadata"]["name"])
+    for p in pods:
+        argv, cwd = podexec.pod_command(cluster.store, cluster.state_dir, p, ["sh", "-c", FILL, str(pct), "/var/log/%s.log.14" % app])
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise ValueError("filling /var/log in pod %s failed: %s" % (p["metadata"]["name"], r.stderr.decode(errors="replace")))
+    return "deployment %s: /var/log is %d%% full in pods %s (%s.log.14)" % (
+        d["metadata"]["name"], pct, ", ".join(p["metadata"]["name"] for p in pods), app)
 
 
 def metric_target(cluster, text):
@@ -155,6 +207,7 @@ def metrics(cluster, f, args):
 
 def reset(cluster, f, args):
     cluster.metrics.faults.reset()
+    workload.LOG_ERRORS.clear()
     if args[:1] == ["--world"]:
         cluster.reseed()
         return "world reseeded, faults cleared"
@@ -179,7 +232,8 @@ def resume(cluster, f, args):
 
 
 def status(cluster, f, args):
-    return dict(f.describe(), metrics=cluster.metrics.faults.describe())
+    return dict(f.describe(), metrics=cluster.metrics.faults.describe(),
+                log_errors=sorted("%s/%s: %s" % (ns, app, v[1]) for (ns, app), v in workload.LOG_ERRORS.items()))
 
 
 def lookup_res(name):
@@ -191,7 +245,7 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
-            "exec-protocol": (exec_protocol, 1)}
+            "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1)}
 
 
 def run(cluster, cmd, args):
