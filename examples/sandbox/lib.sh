@@ -143,7 +143,8 @@ redis_cli() {
 # ---- Prometheus, Alertmanager, Pushgateway ----
 
 # Prometheus scrapes the pods and exporters the Kubernetes stand-in lists in
-# .state/prometheus/targets/ (file_sd: it follows the files as pods come and go)
+# .state/prometheus/targets/ (file_sd: it follows the files as pods come and go),
+# and the Pushgateway (the metrics runs push when they end, their labels kept),
 # every second and evaluates prometheus/rules.yml every second.
 prometheus_config() {
     local d=$STATE_DIR/prometheus
@@ -163,6 +164,9 @@ scrape_configs:
     file_sd_configs: [{files: ['$d/targets/exporters.json']}]
   - job_name: prometheus
     static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/prometheus")']}]
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/pushgateway")']}]
 EOF
 }
 
