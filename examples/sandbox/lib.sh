@@ -144,6 +144,7 @@ redis_cli() {
 
 # Prometheus scrapes the pods and exporters the Kubernetes stand-in lists in
 # .state/prometheus/targets/ (file_sd: it follows the files as pods come and go),
+# the `runbook serve` processes a spec lists in targets/serve.json,
 # and the Pushgateway (the metrics runs push when they end, their labels kept),
 # every second and evaluates prometheus/rules.yml every second.
 prometheus_config() {
@@ -164,6 +165,8 @@ scrape_configs:
     file_sd_configs: [{files: ['$d/targets/exporters.json']}]
   - job_name: prometheus
     static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/prometheus")']}]
+  - job_name: runbook-serve
+    file_sd_configs: [{files: ['$d/targets/serve.json']}]
   - job_name: pushgateway
     honor_labels: true
     static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/pushgateway")']}]
@@ -197,6 +200,7 @@ start_monitoring() {
     local d=$STATE_DIR/prometheus
     rm -rf "$d/data" "$STATE_DIR/alertmanager"
     mkdir -p "$d/targets" "$STATE_DIR/alertmanager"
+    echo '[]' >"$d/targets/serve.json"
     prometheus_config
     alertmanager_config
     spawn prometheus prometheus --config.file="$d/prometheus.yml" --storage.tsdb.path="$d/data" \
