@@ -37,7 +37,7 @@ LIBS_httpd = -lmicrohttpd
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev libwebsockets-dev \
   libmicrohttpd-dev \
-  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps tmux hyperfine time python3-jsonschema \
+  postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps strace tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
   prometheus prometheus-alertmanager prometheus-pushgateway python3-requests chromium
 

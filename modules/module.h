@@ -1,8 +1,9 @@
 /*
  * module.h: what the C modules share besides the host's API (runbook.h):
  * reading the options table a function takes ({timeout = 5, url = "..."}),
- * and the two endings of a gated effect other than success (a skip, a
- * failure), written once so every module reports them alike. A module's
+ * the module table of a backend with a connection class, and the two
+ * endings of a gated effect other than success (a skip, a failure), written
+ * once so every module reports them alike. A module's
  * timeout raises rb_error with code "timeout", retryable.
  * Header-only: each module is a shared object of its own.
  *
@@ -77,6 +78,25 @@ static inline int gate_skipped(lua_State *L, const rb_effect *e)
     lua_pushnil(L);
     rb_gate_done(L, e, RB_SKIP, 1);
     push_skipped(L);
+    return 1;
+}
+
+/*
+ * The module table of a backend with one connection class (pg, redis): the
+ * functions `funcs`, and `methods`, the class's method table, which the Lua
+ * library extends. The class `conn_mt` is registered with `methods`, the
+ * finalizer `fin` and `tostring` as __tostring; it stays below the module.
+ */
+static inline int open_conn_module(lua_State *L, const luaL_Reg *funcs, const char *conn_mt,
+                                   const luaL_Reg *methods, lua_CFunction fin, lua_CFunction tostring)
+{
+    rb_class(L, conn_mt, methods, fin);
+    lua_pushcfunction(L, tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_newtable(L);
+    luaL_setfuncs(L, funcs, 0);
+    lua_getfield(L, -2, "__index");
+    lua_setfield(L, -2, "methods");
     return 1;
 }
 

@@ -1620,11 +1620,5 @@ static const luaL_Reg pg_funcs[] = {
 };
 
 int luaopen_runbook_pg(lua_State *L) {
-    rb_class(L, CONN_MT, conn_methods, conn_close);
-    lua_pushcfunction(L, conn_tostring);
-    lua_setfield(L, -2, "__tostring");
-    luaL_newlib(L, pg_funcs);
-    lua_getfield(L, -2, "__index");
-    lua_setfield(L, -2, "methods");
-    return 1;
+    return open_conn_module(L, pg_funcs, CONN_MT, conn_methods, conn_close, conn_tostring);
 }

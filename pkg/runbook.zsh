@@ -67,74 +67,49 @@ _runbook() {
     '--context[Kubernetes context]:context:'
     '(-n --namespace)'{-n,--namespace}'[default Kubernetes namespace]:namespace:'
   )
+  # Options more than one command takes.
+  local -a set_params again_params params_file step yes wait_lock undo
+  set_params=('*'{-p,--param}'[set a param]:param:_runbook_params')
+  again_params=('*'{-p,--param}'[give a secret param again]:param:')
+  params_file=('--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"')
+  step=('--step[ask before each step]')
+  yes=('(-y --yes)'{-y,--yes}'[do not ask]')
+  wait_lock=('--wait-lock[wait for a held lock]:duration:')
+  undo=('--undo-on-failure[undo completed steps when one fails]')
   _arguments -C $globals '(- *)--version[print the version]' \
     '1:command:->command' '*::arg:->args' && ret=0
   case $state in
     command) _describe -t commands 'runbook command' commands && ret=0 ;;
     args)
       curcontext=${curcontext%:*:*}:runbook-$words[1]:
+      local -a args
       case $words[1] in
-        run)
-          _arguments -s $globals \
-            '*'{-p,--param}'[set a param]:param:_runbook_params' \
-            '--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"' \
-            '--dry-run[change nothing, show each write]' \
-            '--step[ask before each step]' \
-            '(-y --yes)'{-y,--yes}'[do not ask]' \
-            '--from[start at a step]:step:' \
-            '--undo-on-failure[undo completed steps when one fails]' \
-            '--lock=-[hold a run lock]::key:' \
-            '--wait-lock[wait for a held lock]:duration:' \
-            '1:runbook:_runbook_names' && ret=0 ;;
-        resume)
-          _arguments -s $globals \
-            '*'{-p,--param}'[give a secret param again]:param:' \
-            '--force[resume although the runbook changed]' \
-            '--rerun-interrupted[run the interrupted step again]' \
-            '--on-unknown=-[effects of unknown outcome]:choice:(fail redo skip)' \
-            '(-y --yes)'{-y,--yes}'[do not ask]' \
-            '--step[ask before each step]' \
-            '--wait-lock[wait for a held lock]:duration:' \
-            '--undo-on-failure[undo completed steps when one fails]' \
-            '1:run id:_runbook_run_ids' && ret=0 ;;
-        plan)
-          _arguments -s $globals \
-            '*'{-p,--param}'[set a param]:param:_runbook_params' \
-            '--params-file[read params from a YAML or JSON file]:file:_files -g "*.(yaml|yml|json)"' \
-            '--out[also write the plan to a file]:file:_files' \
-            '--require-approval[approvals the plan needs]:count:' \
-            '--alert[the alert the plan answers]:key:' \
-            '1:runbook:_runbook_names' && ret=0 ;;
-        apply)
-          _arguments -s $globals \
-            '*'{-p,--param}'[give a secret param again]:param:' \
-            '--step[ask before each step]' \
-            '(-y --yes)'{-y,--yes}'[do not ask]' \
-            '1:plan:_runbook_plans' && ret=0 ;;
-        show)
-          _arguments $globals '--format[plan format]:format:(text markdown)' '1:plan:_runbook_plans' && ret=0 ;;
-        approve)
-          _arguments $globals '--comment[why]:text:' '--expires[how long the approval holds]:duration:' \
-            '1:plan:_runbook_plans' && ret=0 ;;
-        serve)
-          _arguments $globals '--rules[the rules file]:file:_files -g "*.(yaml|yml)"' \
-            '--listen[address to listen on]:address:' '--token-file[the bearer token]:file:_files' \
-            '--max-body[largest request body]:bytes:' '--max-runs[plans and runs at once]:count:' && ret=0 ;;
-        history)
-          _arguments $globals \
-            '--runbook[only this runbook]:runbook:_runbook_names' \
-            '--limit[how many runs]:count:' && ret=0 ;;
-        report)
-          _arguments $globals \
-            '(--html)--format[report format]:format:(markdown json html)' \
-            '(--format)--html[a self-contained HTML page with an SVG timeline]' \
-            '1:run id:_runbook_run_ids' && ret=0 ;;
-        describe) _arguments $globals '1:runbook:_runbook_names' && ret=0 ;;
-        lint) _arguments $globals '*:runbook:_runbook_names' && ret=0 ;;
-        test) _files && ret=0 ;;
-        help) _describe -t commands 'runbook command' commands && ret=0 ;;
-        *) _arguments $globals && ret=0 ;;
-      esac ;;
+        run) args=($set_params $params_file '--dry-run[change nothing, show each write]' $step $yes
+          '--from[start at a step]:step:' $undo '--lock=-[hold a run lock]::key:' $wait_lock
+          '--push-metrics[push the run metrics to a Pushgateway]:url:' '1:runbook:_runbook_names') ;;
+        resume) args=($again_params '--force[resume although the runbook changed]'
+          '--rerun-interrupted[run the interrupted step again]'
+          '--on-unknown=-[effects of unknown outcome]:choice:(fail redo skip)' $yes $step $wait_lock $undo
+          '1:run id:_runbook_run_ids') ;;
+        plan) args=($set_params $params_file '--out[also write the plan to a file]:file:_files'
+          '--require-approval[approvals the plan needs]:count:' '--alert[the alert the plan answers]:key:' '--lock=-[the run lock apply holds]::key:'
+          '1:runbook:_runbook_names') ;;
+        apply) args=($again_params $step $yes '1:plan:_runbook_plans') ;;
+        show) args=('--format[plan format]:format:(text markdown)' '1:plan:_runbook_plans') ;;
+        approve) args=('--comment[why]:text:' '--expires[how long the approval holds]:duration:'
+          '1:plan:_runbook_plans') ;;
+        serve) args=('--rules[the rules file]:file:_files -g "*.(yaml|yml)"' '--listen[address to listen on]:address:'
+          '--token-file[the bearer token]:file:_files' '--max-body[largest request body]:bytes:'
+          '--max-runs[plans and runs at once]:count:') ;;
+        history) args=('--runbook[only this runbook]:runbook:_runbook_names' '--limit[how many runs]:count:') ;;
+        report) args=('(--html)--format[report format]:format:(markdown json html)'
+          '(--format)--html[a self-contained HTML page with an SVG timeline]' '1:run id:_runbook_run_ids') ;;
+        describe) args=('1:runbook:_runbook_names') ;;
+        lint) args=('*:runbook:_runbook_names') ;;
+        test) _files; return ;;
+        help) _describe -t commands 'runbook command' commands; return ;;
+      esac
+      _arguments -s $globals $args && ret=0 ;;
   esac
   return ret
 }

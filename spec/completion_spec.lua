@@ -56,6 +56,10 @@ local cases = {
   { "runbook -v ru", { "run" } },
   { "runbook -o json run outage-recovery -p rollout_t", { "rollout_timeout" } },
   { "runbook run outage-recovery -o ", { "json", "text" } },
+  { "runbook resume --wa", { "--wait-lock" } },
+  { "runbook apply --st", { "--step" } },
+  { "runbook plan --params-f", { "--params-file" } },
+  { "runbook serve --max-r", { "--max-runs" } },
 }
 
 for _, sh in ipairs(shells) do

@@ -697,6 +697,27 @@ step "after" { run = function() end }
       { RUNBOOK_STATE_DIR = state }).code)
   end)
 
+  -- Started in the same instant, both read a free Lease and write it; the loser's write gets a 409.
+  -- It names the winner, as when the Lease was already held (serve's two replicas depend on it).
+  it("lets one of two runs started at once in; the other exits 75 naming the holder (a lost race too)", function()
+    local d, cmds = cli.tmpdir(), {}
+    for i = 1, 4 do
+      k8s.delete("lease/race-lock-" .. i, { namespace = NS, missing_ok = true })
+      for _, who in ipairs { "a", "b" } do
+        cmds[#cmds + 1] = ("(RUNBOOK_STATE_DIR=%s %s run %s -p hold=2s --yes --lock=k8s:%s/race-lock-%d >%s/%d%s 2>&1; "
+          .. "echo $? >%s/%d%s.code) &"):format(cli.quote(state), cli.BIN, cli.quote(rb), NS, i, d, i, who, d, i, who)
+      end
+    end
+    os.execute(table.concat(cmds, " ") .. " wait")
+    for i = 1, 4 do
+      local codes = { tonumber(cli.slurp(d .. "/" .. i .. "a.code")), tonumber(cli.slurp(d .. "/" .. i .. "b.code")) }
+      table.sort(codes)
+      local out = cli.slurp(d .. "/" .. i .. "a") .. cli.slurp(d .. "/" .. i .. "b")
+      assert.are.same({ 0, 75 }, codes, out)
+      assert.truthy(out:find("race%-lock%-" .. i .. " is held by [^\n]*pid %d+"), out)
+    end
+  end)
+
   it("only checks the lease in a dry run, and rejects a malformed lease name before running", function()
     k8s.delete("lease/dry-cron-lock", { namespace = NS, missing_ok = true })
     local r = cli.run({ "run", rb, "--dry-run", "--lock=k8s:" .. NS .. "/dry-cron-lock" }, { RUNBOOK_STATE_DIR = state })

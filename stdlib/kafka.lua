@@ -53,8 +53,12 @@ local function log()
   return require "log"
 end
 
-local function check_opts(op, opts)
+--- opts must be a table, and each field named after it a non-empty string.
+local function check_opts(op, opts, ...)
   if type(opts) ~= "table" then bad(op, "expected a table of options, got " .. type(opts)) end
+  for _, field in ipairs { ... } do
+    if type(opts[field]) ~= "string" or opts[field] == "" then bad(op, field .. " is required") end
+  end
   return opts
 end
 
@@ -308,21 +312,36 @@ end
 -- returns none (older brokers and the mock ignore the empty request) every
 -- topic partition is asked for explicitly and those without an offset dropped.
 -- While a group's coordinator moves, OffsetFetch answers NOT_COORDINATOR or
--- COORDINATOR_NOT_AVAILABLE / _LOAD_IN_PROGRESS; the next request looks the
--- coordinator up again, so these are asked again, a few times, within `t`.
+-- COORDINATOR_NOT_AVAILABLE / _LOAD_IN_PROGRESS, or its coordinator cannot be
+-- reached (_TRANSPORT); the next request looks the coordinator up again, so
+-- those groups (or the whole call) are asked again, a few times, within `t`.
 local COORDINATOR_MOVING = { NOT_COORDINATOR = true, COORDINATOR_NOT_AVAILABLE = true,
-  COORDINATOR_LOAD_IN_PROGRESS = true }
+  COORDINATOR_LOAD_IN_PROGRESS = true, _TRANSPORT = true }
 
 function Client:_group_offsets(req, t)
-  local deadline, delay = host.now() + t, 0.1
+  local deadline, delay, out = host.now() + t, 0.1, {}
   while true do
-    local ok, res = pcall(self.native.group_offsets, self.native, req, t)
-    if ok then return res end
-    if not (type(res) == "table" and COORDINATOR_MOVING[res.code]) or host.now() + delay >= deadline then
+    local ok, res = pcall(self.native.group_offsets, self.native, req, math.max(deadline - host.now(), 0.001))
+    local again = {}
+    if ok then
+      for _, r in ipairs(req) do
+        local g = res[r.group]
+        out[r.group] = g
+        if g and g.error and COORDINATOR_MOVING[g.error.code] then again[#again + 1] = r end
+      end
+    elseif type(res) == "table" and COORDINATOR_MOVING[res.code] then
+      again = req
+    else
       error(res, 0)
+    end
+    if #again == 0 then return out end
+    if host.now() + delay >= deadline then
+      if not ok then error(res, 0) end
+      return out
     end
     host.sleep(delay)
     delay = math.min(delay * 2, 1)
+    req = again
   end
 end
 
@@ -539,8 +558,7 @@ end
 -- replay, skip}}, replay, skip, applied, members_checked}.
 function Client:reset_offsets(opts)
   local op = "reset_offsets"
-  check_opts(op, opts)
-  if type(opts.group) ~= "string" or opts.group == "" then bad(op, "group is required") end
+  check_opts(op, opts, "group")
   local topics = list_of(op, opts.topics or opts.topic, "topics")
   local to = check_to(op, opts.to)
   local only
@@ -651,8 +669,7 @@ end
 -- sent as JSON. Returns {delivered, partitions, offsets} ({skipped} in a dry run).
 function Client:produce(opts)
   local op = "produce"
-  check_opts(op, opts)
-  if type(opts.topic) ~= "string" or opts.topic == "" then bad(op, "topic is required") end
+  check_opts(op, opts, "topic")
   local msgs = {}
   for i, m in ipairs(opts.messages or { opts }) do msgs[i] = check_message(op, m, opts.topic) end
   if #msgs == 0 then bad(op, "no messages") end
@@ -694,8 +711,7 @@ end
 -- when the timeout passes before the end is reached it raises "timeout".
 function Client:consume(opts)
   local op = "consume"
-  check_opts(op, opts)
-  if type(opts.topic) ~= "string" then bad(op, "topic is required") end
+  check_opts(op, opts, "topic")
   local max = opts.max_messages
   if max ~= nil and (math.type(max) ~= "integer" or max < 0) then bad(op, "max_messages must be an integer >= 0") end
   local only
@@ -808,9 +824,7 @@ end
 -- FILE.manifest.json with the counts per partition and the file's sha256.
 function Client:backup_topic(opts)
   local op = "backup_topic"
-  check_opts(op, opts)
-  if type(opts.topic) ~= "string" then bad(op, "topic is required") end
-  if type(opts.file) ~= "string" or opts.file == "" then bad(op, "file is required") end
+  check_opts(op, opts, "topic", "file")
   local t = timeout_of(self, op, opts)
   local parts = partitions_of(op, self.native:metadata(t), { opts.topic })
   local marks = self:_watermarks(parts, t, op)
@@ -874,8 +888,7 @@ end
 -- headers, timestamps; partitions where the target has that partition).
 function Client:restore_topic(opts)
   local op = "restore_topic"
-  check_opts(op, opts)
-  if type(opts.file) ~= "string" then bad(op, "file is required") end
+  check_opts(op, opts, "file")
   local f, err = io.open(opts.file, "rb")
   if not f then raise { op = op, code = "io", message = tostring(err) } end
   f:close()
@@ -914,9 +927,7 @@ end
 -- replay does not repeat the first. Returns {moved, scanned, matched}.
 function Client:replay(opts)
   local op = "replay"
-  check_opts(op, opts)
-  if type(opts.from_topic) ~= "string" then bad(op, "from_topic is required") end
-  if type(opts.to_topic) ~= "string" then bad(op, "to_topic is required") end
+  check_opts(op, opts, "from_topic", "to_topic")
   if opts.filter ~= nil and type(opts.filter) ~= "function" then bad(op, "filter must be a function(message) -> boolean") end
   if opts.max ~= nil and (math.type(opts.max) ~= "integer" or opts.max < 0) then bad(op, "max must be an integer >= 0") end
   local t = timeout_of(self, op, opts)
@@ -996,8 +1007,7 @@ end
 --- In a dry run the broker validates the request without applying it.
 function Client:create_topic(opts)
   local op = "create_topic"
-  check_opts(op, opts)
-  if type(opts.name) ~= "string" or opts.name == "" then bad(op, "name is required") end
+  check_opts(op, opts, "name")
   if math.type(opts.partitions) ~= "integer" or opts.partitions < 1 then bad(op, "partitions must be an integer >= 1") end
   local rf = opts.replication_factor or -1
   if math.type(rf) ~= "integer" or (rf < 1 and rf ~= -1) then bad(op, "replication_factor must be an integer >= 1") end
@@ -1009,8 +1019,7 @@ end
 --- Partitions can only be added, as in Kafka.
 function Client:create_partitions(opts)
   local op = "create_partitions"
-  check_opts(op, opts)
-  if type(opts.topic) ~= "string" then bad(op, "topic is required") end
+  check_opts(op, opts, "topic")
   if math.type(opts.total) ~= "integer" or opts.total < 1 then bad(op, "total must be the new partition count") end
   local t = timeout_of(self, op, opts)
   local current = #partitions_of(op, self.native:metadata(t), { opts.topic })
@@ -1027,8 +1036,7 @@ end
 -- current dynamic settings are read first and kept unless changed.
 function Client:alter_topic_config(opts)
   local op = "alter_topic_config"
-  check_opts(op, opts)
-  if type(opts.topic) ~= "string" then bad(op, "topic is required") end
+  check_opts(op, opts, "topic")
   local set = check_configs(op, opts.set)
   local delete = opts.delete or {}
   if next(set) == nil and #delete == 0 then bad(op, "nothing to change: give set = {...} or delete = {...}") end

@@ -10,7 +10,7 @@
 -- race); held by someone else whose renewTime + leaseDurationSeconds is still
 -- in the future -> back off and retry until `wait` passes; otherwise (expired,
 -- released, or ours) -> PUT with the resourceVersion read (a 409 Conflict is a
--- lost race). A new holder sets acquireTime and increments leaseTransitions;
+-- lost race, after which it reads the Lease again to name the winner). A new holder sets acquireTime and increments leaseTransitions;
 -- renewing keeps both. Release hands the Lease back as client-go does:
 -- holderIdentity cleared, leaseDurationSeconds 1.
 --
@@ -118,6 +118,9 @@ function M.new(c, opts)
   local deadline = host.now() + wait
   while true do
     local ok, holder, expires = lock:try()
+    -- A lost race (409): another client wrote the Lease between our read and our write; read it
+    -- again, so the winner is named (or, if it has already let go, the Lease taken).
+    if not ok and not holder then ok, holder, expires = lock:try() end
     if ok then
       held[lock] = true
       return lock

@@ -1,8 +1,9 @@
 --- The run journal: every event of a run as JSON Lines in
--- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd at each step boundary and
--- after each performed effect, so a run killed at any moment leaves a journal
--- that is valid up to its last complete line. Also reads journals back into
--- the run summaries that resume, history and report use.
+-- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd around each performed effect
+-- and at the ends that follow one, so a run killed at any moment leaves a
+-- journal that is valid up to its last complete line and loses no effect.
+-- Also reads journals back into the run summaries that resume, history and
+-- report use.
 local host = require "runbook.host"
 
 local M = {}
@@ -34,13 +35,14 @@ function M.runs_dir() return M.state_dir() .. "/runs" end
 
 function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 
--- Events after which the journal is fsync'd: a crash right after one of them
--- must not lose it. The run's and a step's start need no sync of their own:
--- lost, the run or step reads as not started, and the fsync after the first
--- performed effect or step end carries them to disk anyway. Logs may be lost
--- with the step they belong to. An intent is synced before its effect is
--- performed: that is its point.
-local SYNC = { step_end = true, undo_end = true, run_end = true, intent = true }
+-- When the journal is fsync'd. An intent is synced before its effect is
+-- performed (that is its point), and a performed effect's outcome after it.
+-- The end of a step, an undo or the run is synced when it performed an effect
+-- (a crash right after must not lose it). Every other line rides along with
+-- the next sync: lost in a crash, it belonged to a step or run that changed
+-- nothing, which then reads as not finished, and its resume changes nothing
+-- either. So a run that performs nothing (a dry run, a check) pays no fsync.
+local ENDS = { step_end = "step", undo_end = "step", run_end = "run" }
 
 local codec = require("cjson").new()
 codec.decode_max_depth(100)
@@ -64,6 +66,7 @@ function M.sink(run_id)
   M.failure = nil
   local repaired = dropped > 0 and dropped or nil
   local closed = false
+  local performed = {}   -- step = / run = true: an effect since that began
   return function(e)
     if closed then return end   -- after run_end (a library announcing itself late)
     if M.failure then
@@ -77,7 +80,14 @@ function M.sink(run_id)
       end
       if e.event == "intent" then e.key = ("%s/%s/%d"):format(run_id, e.step or "", e.n or 0) end
       j:write(host.redact(encode(e)) .. "\n")
-      if SYNC[e.event] or (e.event == "effect" and e.decision == "performed") then j:sync() end
+      local ends = ENDS[e.event]
+      if e.event == "intent" or (e.event == "effect" and e.decision == "performed") then
+        performed.step, performed.run = true, true
+        j:sync()
+      elseif ends and performed[ends] then
+        j:sync()
+      end
+      if ends then performed.step = nil end
     end)
     if not ok then
       M.failure = err
@@ -136,6 +146,17 @@ end
 --- True while a process holds the journal of `run_id` (the run is running).
 function M.running(run_id) return host.lock_held(M.path(run_id)) end
 
+--- The first line of a run's journal, decoded (its run_start when the journal
+-- is sound), or nil.
+local function first_event(id)
+  local f = io.open(M.path(id), "rb")
+  if not f then return nil end
+  local line = f:read("l")
+  f:close()
+  local ok, e = pcall(codec.decode, line or "")
+  return ok and type(e) == "table" and e or nil
+end
+
 --- Run ids in the state directory, newest first.
 function M.list()
   local lfs = require "lfs"
@@ -145,24 +166,43 @@ function M.list()
     local id = f:match("^(.+)%.jsonl$")
     if id then ids[#ids + 1] = id end
   end
-  -- An id starts with its second; two runs in one second are ordered by the
-  -- millisecond start time on their journal's first line.
-  local started = {}
+  -- An id starts with its second: sorted as strings, without a Lua comparator
+  -- (10,000 runs sort in milliseconds). Two runs in one second are then
+  -- ordered by the millisecond start time on their journal's first line.
+  table.sort(ids)
+  local n = #ids
+  for i = 1, n // 2 do ids[i], ids[n + 1 - i] = ids[n + 1 - i], ids[i] end
   local function start_time(id)
-    if not started[id] then
-      local f = io.open(M.path(id))
-      local ok, e = pcall(codec.decode, f and f:read("l") or "")
-      if f then f:close() end
-      started[id] = ok and type(e) == "table" and type(e.time) == "string" and e.time or ""
-    end
-    return started[id]
+    local e = first_event(id)
+    return e and type(e.time) == "string" and e.time or ""
   end
-  table.sort(ids, function(a, b)
-    local sa, sb = a:match("^[^-]+"), b:match("^[^-]+")
-    if sa ~= sb then return sa > sb end
-    return start_time(a) > start_time(b)
-  end)
+  local i = 1
+  while i <= n do
+    local second, j = ids[i]:match("^[^-]+"), i
+    while j < n and ids[j + 1]:match("^[^-]+") == second do j = j + 1 end
+    if j > i then
+      local group, started = table.move(ids, i, j, 1, {}), {}
+      for _, id in ipairs(group) do started[id] = start_time(id) end
+      table.sort(group, function(a, b)
+        if started[a] ~= started[b] then return started[a] > started[b] end
+        return a > b
+      end)
+      table.move(group, 1, #group, i, ids)
+    end
+    i = j + 1
+  end
   return ids
+end
+
+--- True when run `id` ran runbook `name`, told from its journal's first line
+-- alone; a line without the name's JSON text is not even decoded.
+function M.ran(id, name)
+  local f = io.open(M.path(id), "rb")
+  local line = f and f:read("l")
+  if f then f:close() end
+  if not line or not line:find(codec.encode(name), 1, true) then return false end
+  local ok, e = pcall(codec.decode, line)
+  return ok and type(e) == "table" and e.event == "run_start" and e.runbook == name
 end
 
 local function parse_time(iso)
@@ -264,6 +304,81 @@ function M.summarize(events)
   -- The wall clock may have stepped back during the run: a duration is never below 0.
   s.duration = t0 and t1 and math.max(0, t1 - t0) or nil
   return s
+end
+
+-- A journal up to this size is read whole for its history row, and checked
+-- line by line; a larger one (a step of 100,000 effects) by its first line,
+-- its last lines and the lines that start a resume.
+M.WHOLE = 1024 * 1024
+local TAIL, CHUNK = 64 * 1024, 1024 * 1024
+
+local function checked(line, path, where)
+  local ok, e = pcall(codec.decode, line)
+  local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or require("runbook.schema").check(e)
+  if bad then return nil, ("%s:%s: not a valid journal line (%s)"):format(path, where, bad) end
+  return integers(e)
+end
+
+--- How many times the run started (1 + its resumes): the lines of the
+-- journal that are run_start events, found without decoding the others.
+local function count_starts(f)
+  local n, carry = 0, ""
+  f:seek("set", 0)
+  while true do
+    local chunk = f:read(CHUNK)
+    if not chunk then break end
+    local text = carry .. chunk
+    local whole = text:match("^.*\n") or ""
+    carry = text:sub(#whole + 1)
+    local at = whole:find('"run_start"', 1, true)
+    while at do
+      local from = at
+      while from > 1 and whole:byte(from - 1) ~= 10 do from = from - 1 end
+      local to = whole:find("\n", at, true)
+      local ok, e = pcall(codec.decode, whole:sub(from, to - 1))
+      if ok and type(e) == "table" and e.event == "run_start" then n = n + 1 end
+      at = whole:find('"run_start"', to, true)
+    end
+  end
+  return n
+end
+
+--- A run as history lists it, from its events (all of them read already):
+-- {start (its run_start), status, duration, resumed (how many times)}.
+function M.row_of(events)
+  local s = M.summarize(events)
+  return { start = s.start, status = s.status, duration = s.duration, resumed = #s.segments - 1 }
+end
+
+--- The same from the journal of `run_id`, reading no more of it than it
+-- must (see M.WHOLE); nil and a message naming the file (and line).
+function M.row(run_id)
+  local path = M.path(run_id)
+  local size = require("lfs").attributes(path, "size")
+  if not size or size <= M.WHOLE then
+    local events, err = M.read(run_id)
+    if not events then return nil, err end
+    return M.row_of(events)
+  end
+  local f, oerr = io.open(path, "rb")
+  if not f then return nil, ("%s: cannot read the journal: %s"):format(path, oerr) end
+  local start, err = checked(f:read("l") or "", path, 1)
+  if start and start.event ~= "run_start" then
+    start, err = nil, ("%s:1: the journal does not start with a run_start event"):format(path)
+  end
+  local last
+  if start then
+    f:seek("set", size - TAIL)
+    local tail = f:read("a"):match("\n(.*\n)") or ""   -- whole lines only: a torn last line is dropped
+    local line = tail:match("([^\n]+)\n$")
+    last, err = checked(line or "", path, "last line")
+  end
+  local segments = last and count_starts(f)
+  f:close()
+  if not last then return nil, err end
+  local t0, t1 = parse_time(start.time), parse_time(last.time)
+  return { start = start, status = last.event == "run_end" and last.status or "killed", resumed = segments - 1,
+    duration = t0 and t1 and math.max(0, t1 - t0) or nil }
 end
 
 return M
