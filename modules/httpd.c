@@ -1,21 +1,27 @@
 /*
  * httpd.c: "runbook.httpd", the HTTP server of `runbook serve`, on
- * libmicrohttpd (HTTP parsing, connection timeouts and, when built with it,
- * TLS are the library's). One thread: MHD runs in external-select mode from
+ * libmicrohttpd (HTTP parsing, connection timeouts and TLS are the
+ * library's). One thread: MHD runs in external-select mode from
  * server:poll(seconds), and each complete request is answered there by the
  * Lua handler the server was made with. Bodies over max_body are answered
- * 413 without calling the handler.
+ * 413 without calling the handler; a connection idle for `timeout` seconds
+ * (a request sent too slowly) is closed.
  *
  *   local s <close> = httpd.listen{host = "127.0.0.1", port = 0, max_body = 1048576,
- *     timeout = 10, handler = function(req) return 200, "ok\n", "text/plain" end}
+ *     timeout = 10, tls_cert = PEM, tls_key = PEM,
+ *     handler = function(req) return 200, "ok\n", "text/plain" end}
  *   s:port()      -- the port bound (port 0 picks a free one)
  *   s:poll(0.2)   -- serve for up to 0.2 s
  *   httpd.equal(a, b)   -- compare two strings in constant time (tokens)
  *   httpd.spawn(argv, log, env)  -- start a child (posix_spawn), stdout and stderr to log -> pid
- *   httpd.reap()  -- the pids of children that ended since, as a list
+ *   httpd.reap()  -- the children that ended since: {[pid] = exit status (128 + signal if killed)}
  *
- * req = {method, path, body, authorization}. The handler runs protected: an
- * error is a 500 with no detail (it goes to stderr, redacted).
+ * req = {method, path, query = {k = v}, body, authorization}. The handler
+ * runs protected: an error is a 500 with no detail (it goes to stderr,
+ * redacted). A handler may answer a stream (Server-Sent Events) by returning
+ * a function as the body: each call returns the next text, "" for nothing
+ * yet (the connection waits, and the function is asked again at the next
+ * poll, within 0.25 s), or nil at the end.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -30,19 +36,43 @@
 #include "runbook.h"
 
 #define SERVER_MT "runbook.httpd.server"
+#define STREAM_POLL 0.25   /* seconds a waiting stream waits before its function is asked again */
+
+typedef struct stream stream;
 
 typedef struct {
     struct MHD_Daemon *daemon;
     lua_State *L;      /* the state of the poll in progress */
     int handler;       /* registry ref */
     size_t max_body;
+    int streams;       /* streamed responses open */
+    stream *waiting;   /* their connections suspended until the next poll */
+    char *tls_cert, *tls_key;   /* kept for the daemon's life */
 } server;
+
+/* A streamed response: the Lua function that makes it, and the text it gave
+ * that did not fit MHD's buffer yet. */
+struct stream {
+    server *s;
+    struct MHD_Connection *conn;
+    int producer;      /* registry ref */
+    char *text;
+    size_t len, off;
+    stream *next;      /* in s->waiting */
+};
 
 typedef struct {
     char *body;
     size_t len;
     int too_big;
 } request;
+
+static void log_error(const char *what, const char *msg)
+{
+    rb_write_redacted(stderr, what, strlen(what));
+    rb_write_redacted(stderr, msg ? msg : "?", msg ? strlen(msg) : 1);
+    rb_write_redacted(stderr, "\n", 1);
+}
 
 static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *body, size_t len,
                                const char *type)
@@ -55,6 +85,15 @@ static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, con
     return ok;
 }
 
+static enum MHD_Result push_query_arg(void *cls, enum MHD_ValueKind kind, const char *key, const char *value)
+{
+    (void)kind;
+    lua_State *L = cls;
+    lua_pushstring(L, value ? value : "");
+    lua_setfield(L, -2, key);
+    return MHD_YES;
+}
+
 static int push_request(lua_State *L)
 {
     struct MHD_Connection *conn = lua_touserdata(L, 1);
@@ -62,7 +101,10 @@ static int push_request(lua_State *L)
     const char *method = lua_touserdata(L, 3), *url = lua_touserdata(L, 4);
     server *s = lua_touserdata(L, 5);
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler);
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 5);
+    lua_newtable(L);
+    MHD_get_connection_values(conn, MHD_GET_ARGUMENT_KIND, push_query_arg, L);
+    lua_setfield(L, -2, "query");
     lua_pushstring(L, method);
     lua_setfield(L, -2, "method");
     lua_pushstring(L, url);
@@ -90,10 +132,7 @@ static unsigned call_handler(server *s, struct MHD_Connection *conn, request *rq
     lua_pushlightuserdata(L, (void *)url);
     lua_pushlightuserdata(L, s);
     if (lua_pcall(L, 5, 3, 0) != LUA_OK) {
-        const char *msg = lua_tostring(L, -1);
-        rb_write_redacted(stderr, "runbook: serve: handler error: ", 31);
-        rb_write_redacted(stderr, msg ? msg : "?", msg ? strlen(msg) : 1);
-        rb_write_redacted(stderr, "\n", 1);
+        log_error("runbook: serve: handler error: ", lua_tostring(L, -1));
         lua_pop(L, 1);
         lua_pushliteral(L, "internal error\n");
         lua_pushnil(L);
@@ -103,6 +142,85 @@ static unsigned call_handler(server *s, struct MHD_Connection *conn, request *rq
     lua_Integer status = lua_tointegerx(L, -3, &isnum);
     lua_remove(L, -3);
     return isnum && status >= 100 && status <= 599 ? (unsigned)status : 500;
+}
+
+/* MHD asks for more of a stream: what its function left, else the function's next text. */
+static ssize_t read_stream(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    (void)pos;
+    stream *st = cls;
+    if (st->off == st->len) {
+        lua_State *L = st->s->L;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, st->producer);
+        if (lua_pcall(L, 0, 1, 0) != LUA_OK) {
+            log_error("runbook: serve: stream error: ", lua_tostring(L, -1));
+            lua_pop(L, 1);
+            return MHD_CONTENT_READER_END_WITH_ERROR;
+        }
+        size_t len;
+        const char *text = lua_tolstring(L, -1, &len);
+        if (!text) {
+            lua_pop(L, 1);
+            return MHD_CONTENT_READER_END_OF_STREAM;
+        }
+        char *copy = len ? malloc(len) : NULL;
+        if (len && copy) memcpy(copy, text, len);
+        lua_pop(L, 1);
+        if (len && !copy) return MHD_CONTENT_READER_END_WITH_ERROR;
+        free(st->text);
+        st->text = copy, st->len = len, st->off = 0;
+        if (!len) {   /* nothing yet: rest until the next poll resumes it */
+            MHD_suspend_connection(st->conn);
+            st->next = st->s->waiting;
+            st->s->waiting = st;
+            return 0;
+        }
+    }
+    size_t n = st->len - st->off < max ? st->len - st->off : max;
+    memcpy(buf, st->text + st->off, n);
+    st->off += n;
+    return (ssize_t)n;
+}
+
+static void free_stream(void *cls)
+{
+    stream *st = cls;
+    luaL_unref(st->s->L, LUA_REGISTRYINDEX, st->producer);
+    st->s->streams--;
+    free(st->text);
+    free(st);
+}
+
+/* Answer with the stream the function on top of the stack makes (popped). */
+static enum MHD_Result respond_stream(server *s, struct MHD_Connection *conn, unsigned status, const char *type)
+{
+    stream *st = calloc(1, sizeof *st);
+    if (!st) return MHD_NO;
+    st->s = s, st->conn = conn;
+    lua_pushvalue(s->L, -2);
+    st->producer = luaL_ref(s->L, LUA_REGISTRYINDEX);
+    s->streams++;
+    struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, read_stream, st, free_stream);
+    if (!r) {
+        free_stream(st);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, "Content-Type", type ? type : "text/event-stream");
+    MHD_add_response_header(r, "Cache-Control", "no-store");
+    enum MHD_Result ok = MHD_queue_response(conn, status, r);
+    MHD_destroy_response(r);
+    return ok;
+}
+
+/* Let every waiting stream's function be asked again. */
+static void resume_streams(server *s)
+{
+    for (stream *st = s->waiting, *next; st; st = next) {
+        next = st->next;
+        st->next = NULL;
+        MHD_resume_connection(st->conn);
+    }
+    s->waiting = NULL;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url, const char *method,
@@ -134,6 +252,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         return respond(conn, 413, msg, sizeof msg - 1, NULL);
     }
     unsigned status = call_handler(s, conn, rq, method, url);
+    if (lua_isfunction(s->L, -2)) {
+        enum MHD_Result ok = respond_stream(s, conn, status, lua_tostring(s->L, -1));
+        lua_pop(s->L, 2);
+        return ok;
+    }
     size_t len;
     const char *body = lua_tolstring(s->L, -2, &len);
     enum MHD_Result ok = respond(conn, status, body ? body : "", body ? len : 0, lua_tostring(s->L, -1));
@@ -160,10 +283,17 @@ static server *check_server(lua_State *L)
 static int s_close(lua_State *L)
 {
     server *s = luaL_checkudata(L, 1, SERVER_MT);
-    if (s->daemon) MHD_stop_daemon(s->daemon);
+    s->L = L;   /* the streams' finalizers run in MHD_stop_daemon */
+    if (s->daemon) {
+        resume_streams(s);   /* MHD stops no daemon with connections suspended */
+        MHD_stop_daemon(s->daemon);
+    }
     s->daemon = NULL;
     luaL_unref(L, LUA_REGISTRYINDEX, s->handler);
     s->handler = LUA_NOREF;
+    free(s->tls_cert);
+    free(s->tls_key);
+    s->tls_cert = s->tls_key = NULL;
     return 0;
 }
 
@@ -180,6 +310,9 @@ static int s_poll(lua_State *L)
 {
     server *s = check_server(L);
     double secs = rb_remaining(L, luaL_checknumber(L, 2));
+    s->L = L;
+    if (s->streams && secs > STREAM_POLL) secs = STREAM_POLL;
+    resume_streams(s);
     fd_set rs, ws, es;
     FD_ZERO(&rs);
     FD_ZERO(&ws);
@@ -191,12 +324,20 @@ static int s_poll(lua_State *L)
     if (MHD_get_timeout(s->daemon, &ms) == MHD_YES && ms / 1000.0 < secs) secs = ms / 1000.0;
     struct timeval tv = { (time_t)secs, (suseconds_t)((secs - (double)(time_t)secs) * 1e6) };
     select(max + 1, &rs, &ws, &es, &tv);   /* EINTR (a signal) returns early: the loop checks */
-    s->L = L;
     MHD_run_from_select(s->daemon, &rs, &ws, &es);
     return 0;
 }
 
-/* listen{host, port, max_body, timeout, handler} -> server */
+/* A copy of the optional string field `name` of the table at 1, or NULL. */
+static char *opt_copy(lua_State *L, const char *name)
+{
+    lua_getfield(L, 1, name);
+    const char *v = luaL_optstring(L, -1, NULL);
+    lua_pop(L, 1);
+    return v ? strdup(v) : NULL;
+}
+
+/* listen{host, port, max_body, timeout, tls_cert, tls_key, handler} -> server */
 static int h_listen(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
@@ -224,14 +365,33 @@ static int h_listen(lua_State *L)
     lua_pushvalue(L, -2);
     s->handler = luaL_ref(L, LUA_REGISTRYINDEX);
     s->max_body = (size_t)max_body;
-    s->daemon = MHD_start_daemon(MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, s,
+    s->tls_cert = opt_copy(L, "tls_cert");
+    s->tls_key = opt_copy(L, "tls_key");
+    unsigned flags = MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME;
+    struct MHD_OptionItem tls[] = {
+        { MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert },
+        { MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key },
+        { MHD_OPTION_END, 0, NULL },
+    };
+    if (s->tls_cert || s->tls_key) {
+        if (!s->tls_cert || !s->tls_key)
+            return luaL_error(L, "listen: TLS needs both a certificate and a key");
+        if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
+            return luaL_error(L, "listen: this libmicrohttpd was built without TLS");
+        flags |= MHD_USE_TLS;
+    } else {
+        tls[0].option = MHD_OPTION_END;
+    }
+    s->daemon = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s,
                                  MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
                                  MHD_OPTION_CONNECTION_TIMEOUT, (unsigned int)timeout,
                                  MHD_OPTION_CONNECTION_LIMIT, (unsigned int)64,
                                  MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
+                                 MHD_OPTION_ARRAY, tls,
                                  MHD_OPTION_END);
     if (!s->daemon)
-        return rb_error(L, "httpd", "listen", "listen", 0, "cannot listen on %s:%d", host, (int)port);
+        return rb_error(L, "httpd", "listen", "listen", 0, "cannot listen on %s:%d%s", host, (int)port,
+                        s->tls_cert ? " with TLS (is the certificate and key PEM, and the key unencrypted?)" : "");
     return 1;
 }
 
@@ -298,10 +458,10 @@ static int h_reap(lua_State *L)
 {
     lua_newtable(L);
     pid_t pid;
-    int status, n = 0;
+    int status;
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
-        lua_pushinteger(L, pid);
-        lua_rawseti(L, -2, ++n);
+        lua_pushinteger(L, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+        lua_rawseti(L, -2, pid);
     }
     return 1;
 }

@@ -16,7 +16,8 @@
  *                                          where offset is -2 earliest, -1 latest
  *                                          or a timestamp in ms; one request per leader
  *   group_offsets(requests, timeout)       OffsetFetch, one per {group, partitions|nil},
- *                                          all in flight together
+ *                                          all in flight together (over the wire
+ *                                          on a plaintext listener: see below)
  *   alter_group_offsets(group, list, timeout, summary)    gated; a dry run simulates
  *   describe_groups(names, timeout)  list_groups(timeout)
  *   describe_configs(topic, timeout)
@@ -37,11 +38,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -58,6 +61,8 @@
 
 static int k_new(lua_State *L);
 static int k_probe(lua_State *L);
+static void on_delivery(rd_kafka_t *rk, const rd_kafka_message_t *m, void *opaque);
+static void on_error(rd_kafka_t *rk, int err, const char *reason, void *opaque);
 
 static const luaL_Reg kafka_funcs[] = {
     {"new", k_new},
@@ -73,12 +78,17 @@ typedef struct {
     int done;
 } delivery;
 
+/* Each handle is made on first use, so a run that only reads (lag,
+ * watermarks) starts, connects and stops one librdkafka handle, not two. */
 typedef struct {
-    rd_kafka_t *rk;          /* producer handle: metadata, offsets, admin, produce */
-    rd_kafka_t *consumer;    /* created on first consume, no group */
-    rd_kafka_conf_t *conf;   /* a copy to create the consumer from */
-    rd_kafka_queue_t *queue; /* admin results */
-    rd_kafka_queue_t *group_queue; /* OffsetFetch results, on the consumer (see k_group_offsets) */
+    rd_kafka_t *rk;          /* producer handle: admin requests, produce */
+    rd_kafka_t *consumer;    /* the reader: metadata, offsets, committed offsets, consume */
+    rd_kafka_conf_t *conf;   /* the client's settings, both handles are made from; NULL once closed */
+    rd_kafka_queue_t *queue; /* admin results, on rk */
+    rd_kafka_queue_t *group_queue; /* OffsetFetch results, on the reader (see k_group_offsets) */
+    int consuming;           /* the reader's queue serves consume_poll (rd_kafka_poll_set_consumer) */
+    int plaintext;           /* security.protocol plaintext: committed offsets over the wire */
+    int debug_protocol;      /* debug=protocol (or all): the wire requests are logged as librdkafka's are */
     delivery *deliveries;    /* the produce call in progress */
     size_t pending;
     double connect_timeout;  /* socket.connection.setup.timeout.ms, in seconds */
@@ -118,7 +128,8 @@ static const char *code_of(rd_kafka_resp_err_t err) {
  * since the last call that asked (served by rd_kafka_poll); "" when none. A
  * broker connection that was not up in time reads as every module says it. */
 static const char *push_broker_trouble(lua_State *L, client *c) {
-    rd_kafka_poll(c->rk, 0);
+    if (c->rk) rd_kafka_poll(c->rk, 0);
+    if (c->consumer && !c->consuming) rd_kafka_poll(c->consumer, 0);
     const char *e = c->broker_error, *slash = strchr(e, '/'), *why;
     if (slash && strstr(e, "Connection setup timed out")) {
         char secs[32];
@@ -188,13 +199,58 @@ static int client_close(lua_State *L) {
     c->consumer = c->rk = NULL;
     c->queue = c->group_queue = NULL;
     c->conf = NULL;
+    c->consuming = 0;
     return 0;
 }
 
 static client *check_client(lua_State *L) {
     client *c = luaL_checkudata(L, 1, CLIENT_MT);
-    if (!c->rk) luaL_error(L, "kafka client is closed");
+    if (!c->conf) luaL_error(L, "kafka client is closed");
     return c;
+}
+
+/* A new handle of the client's settings, reporting errors to it. */
+static rd_kafka_t *new_handle(lua_State *L, client *c, rd_kafka_type_t type, rd_kafka_conf_t *conf) {
+    char err[512];
+    rd_kafka_conf_set_opaque(conf, c);
+    rd_kafka_conf_set_error_cb(conf, on_error);
+    rd_kafka_t *rk = rd_kafka_new(type, conf, err, sizeof err);
+    if (!rk) {
+        rd_kafka_conf_destroy(conf);
+        rb_error(L, "kafka", "connect", "_INVALID_ARG", 0, "cannot create the client: %s", err);
+    }
+    return rk;
+}
+
+/* The client, with its producer handle made. */
+static client *check_producer(lua_State *L) {
+    client *c = check_client(L);
+    if (c->rk) return c;
+    rd_kafka_conf_t *conf = rd_kafka_conf_dup(c->conf);
+    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
+    c->rk = new_handle(L, c, RD_KAFKA_PRODUCER, conf);
+    c->queue = rd_kafka_queue_new(c->rk);
+    return c;
+}
+
+/* The reader: a consumer handle that never joins its group nor commits.
+ * librdkafka wants a group.id for assign() and, for the OffsetFetch of
+ * committed offsets, a consumer group of the handle's own (see
+ * k_group_offsets); a group that never joins or commits does not exist on
+ * the broker. It connects to every broker at once (not sparse): lag asks all
+ * of them, and a coordinator found already connected is asked at once
+ * instead of being looked up again when its connection comes up. */
+static rd_kafka_t *reader(lua_State *L, client *c) {
+    if (c->consumer) return c->consumer;
+    char err[512];
+    rd_kafka_conf_t *conf = rd_kafka_conf_dup(c->conf);
+    rd_kafka_conf_set(conf, "group.id", "runbook-reader-no-commit", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.partition.eof", "false", err, sizeof err);
+    rd_kafka_conf_set(conf, "enable.sparse.connections", "false", err, sizeof err);
+    c->consumer = new_handle(L, c, RD_KAFKA_CONSUMER, conf);
+    return c->consumer;
 }
 
 static int timeout_ms(lua_State *L, int idx) {
@@ -318,20 +374,19 @@ static int k_new(lua_State *L) {
     rd_kafka_conf_set_log_cb(conf, on_log);
     apply_props(L, conf);
     rd_kafka_conf_set(conf, "sasl.kerberos.min.time.before.relogin", "0", err, sizeof err); /* no kinit */
-    c->conf = rd_kafka_conf_dup(conf);
-    rd_kafka_conf_set_opaque(conf, c);
-    rd_kafka_conf_set_dr_msg_cb(conf, on_delivery);
-    rd_kafka_conf_set_error_cb(conf, on_error);
     char ms[32];
     size_t len = sizeof ms;
     if (rd_kafka_conf_get(conf, "socket.connection.setup.timeout.ms", ms, &len) == RD_KAFKA_CONF_OK)
         c->connect_timeout = atof(ms) / 1000;
-    c->rk = rd_kafka_new(RD_KAFKA_PRODUCER, conf, err, sizeof err);
-    if (!c->rk) {
-        rd_kafka_conf_destroy(conf);
-        return rb_error(L, "kafka", "connect", "_INVALID_ARG", 0, "cannot create the client: %s", err);
-    }
-    c->queue = rd_kafka_queue_new(c->rk);
+    char proto[32];
+    len = sizeof proto;
+    c->plaintext = rd_kafka_conf_get(conf, "security.protocol", proto, &len) == RD_KAFKA_CONF_OK &&
+                   !strcasecmp(proto, "plaintext");
+    char debug[512];
+    len = sizeof debug;
+    c->debug_protocol = rd_kafka_conf_get(conf, "debug", debug, &len) == RD_KAFKA_CONF_OK &&
+                        (strstr(debug, "protocol") || strstr(debug, "all"));
+    c->conf = conf;
     return 1;
 }
 
@@ -426,9 +481,11 @@ static int k_metadata(lua_State *L) {
     client *c = check_client(L);
     int ms = timeout_ms(L, 2);
     const char *topic = luaL_optstring(L, 3, NULL);
-    rd_kafka_topic_t *rkt = topic ? rd_kafka_topic_new(c->rk, topic, NULL) : NULL;
+    /* one topic's metadata is asked for as a producer would, which may create it */
+    rd_kafka_t *rk = topic ? check_producer(L)->rk : reader(L, c);
+    rd_kafka_topic_t *rkt = topic ? rd_kafka_topic_new(rk, topic, NULL) : NULL;
     const struct rd_kafka_metadata *md;
-    rd_kafka_resp_err_t err = rd_kafka_metadata(c->rk, rkt == NULL, rkt, &md, ms);
+    rd_kafka_resp_err_t err = rd_kafka_metadata(rk, rkt == NULL, rkt, &md, ms);
     if (rkt) rd_kafka_topic_destroy(rkt);
     if (err) return raise_err(L, c, "metadata", err, "cannot read cluster metadata", ms);
     lua_createtable(L, 0, 3);
@@ -462,7 +519,7 @@ static int k_offsets(lua_State *L) {
     client *c = check_client(L);
     rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
     int ms = timeout_ms(L, 3);
-    rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(c->rk, l, ms);
+    rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(reader(L, c), l, ms);
     if (err && err != RD_KAFKA_RESP_ERR__PARTIAL) {
         /* per-partition errors are reported below; a whole-call failure raises */
         int any = 0;
@@ -552,23 +609,430 @@ static void push_group_results(lua_State *L, const rd_kafka_group_result_t **gr,
     }
 }
 
-static rd_kafka_t *get_consumer(lua_State *L, client *c);
+/* ---- committed offsets over the wire ------------------------------------ */
+
+/*
+ * librdkafka 2.0.2 takes one group per ListConsumerGroupOffsets and looks the
+ * group's coordinator up again for most of them: lag over 200 groups sent
+ * about 480 FindCoordinator requests, and its cost grew with them. On a
+ * plaintext listener lag speaks the two requests itself: each group's
+ * FindCoordinator pipelined on one connection, then every coordinator's
+ * OffsetFetches pipelined on one connection to it, so N groups cost N of
+ * each in two round trips, whatever N. FindCoordinator v1 and OffsetFetch v2
+ * (null topics: every committed partition) are answered by every broker from
+ * Kafka 0.11 to 4.x (4.0 removed only their v0). The batched forms
+ * (FindCoordinator v4, OffsetFetch v8, Kafka 3.0) would need one request of
+ * each per coordinator, but the sandbox's brokers (librdkafka's mock) answer
+ * neither, so they are not used. TLS and SASL listeners go through librdkafka.
+ */
+#define API_OFFSET_FETCH 9
+#define API_FIND_COORDINATOR 10
+
+typedef struct { unsigned char *p; size_t len, cap; } wbuf;
+
+static void wb_need(lua_State *L, wbuf *b, size_t n) {
+    if (b->len + n <= b->cap) return;
+    size_t cap = b->cap ? b->cap * 2 : 4096;
+    while (cap < b->len + n) cap *= 2;
+    unsigned char *p = realloc(b->p, cap);
+    if (!p) luaL_error(L, "out of memory");
+    b->p = p, b->cap = cap;
+}
+static void wb_int(lua_State *L, wbuf *b, uint64_t v, int bytes) {
+    wb_need(L, b, (size_t)bytes);
+    for (int i = bytes - 1; i >= 0; i--) b->p[b->len++] = (unsigned char)(v >> (8 * i));
+}
+static void wb_str(lua_State *L, wbuf *b, const char *s, size_t n) {
+    wb_int(L, b, n, 2);
+    wb_need(L, b, n);
+    memcpy(b->p + b->len, s, n);
+    b->len += n;
+}
+/* Request header v1; the size in front is set by wb_end. Returns where the request starts. */
+static size_t wb_begin(lua_State *L, wbuf *b, int api, int version, int32_t corr) {
+    size_t at = b->len;
+    wb_int(L, b, 0, 4);
+    wb_int(L, b, (uint64_t)api, 2);
+    wb_int(L, b, (uint64_t)version, 2);
+    wb_int(L, b, (uint32_t)corr, 4);
+    wb_str(L, b, "runbook", 7);
+    return at;
+}
+static void wb_set32(wbuf *b, size_t at, uint32_t v) {
+    for (int i = 0; i < 4; i++) b->p[at + (size_t)i] = (unsigned char)(v >> (8 * (3 - i)));
+}
+static void wb_end(wbuf *b, size_t at) { wb_set32(b, at, (uint32_t)(b->len - at - 4)); }
+
+/* A bounds-checked reader of one response; `bad` once it ran past the end. */
+typedef struct { const unsigned char *p, *end; int bad; } rd;
+
+static uint64_t rd_int(rd *r, int bytes) {
+    if (r->end - r->p < bytes) { r->bad = 1; r->p = r->end; return 0; }
+    uint64_t v = 0;
+    for (int i = 0; i < bytes; i++) v = v << 8 | *r->p++;
+    return v;
+}
+/* A (nullable) string: its bytes and length, -1 for null. */
+static const char *rd_str(rd *r, int *len) {
+    *len = (int16_t)rd_int(r, 2);
+    if (*len < 0) return NULL;
+    if (r->end - r->p < *len) { r->bad = 1; r->p = r->end; *len = -1; return NULL; }
+    const char *s = (const char *)r->p;
+    r->p += *len;
+    return s;
+}
+
+/* One broker connection: requests to send, responses still due. */
+typedef struct {
+    char host[256], port[16];
+    int fd, due;
+    wbuf out, in;
+    size_t sent;
+    const char *why;    /* why it failed, NULL while it works */
+} wconn;
+
+typedef struct {
+    const char *name;   /* referenced by the request table */
+    int explicit;       /* partitions given (else every committed one) */
+    int pending;        /* no result yet */
+    int conn;           /* its coordinator's connection, -1 unknown */
+} wgroup;
+
+/* One call: its groups, connections (bootstrap brokers first) and results. */
+typedef struct {
+    wgroup *gs;
+    wconn *cs;
+    int n, nc, cap, nbootstrap, results;
+    int log;            /* debug=protocol */
+} wcall;
+
+/* Queues a request on w: its header and body are already in w->out. */
+static void wire_queued(wcall *k, wconn *w, const char *what) {
+    w->due++;
+    if (!k->log) return;
+    char line[512];
+    int n = snprintf(line, sizeof line, "runbook: kafka: 7|SEND| wire %s:%s: Sent %sRequest\n", w->host, w->port, what);
+    rb_write_redacted(stderr, line, (size_t)(n < (int)sizeof line ? n : (int)sizeof line - 1));
+}
+
+static int wconn_find(lua_State *L, wcall *k, const char *host, int hlen, const char *port) {
+    for (int i = 0; i < k->nc; i++)
+        if ((int)strlen(k->cs[i].host) == hlen && !strncmp(k->cs[i].host, host, (size_t)hlen) &&
+            !strcmp(k->cs[i].port, port))
+            return i;
+    if (k->nc == k->cap) {
+        int cap = k->cap ? k->cap * 2 : 8;
+        wconn *cs = realloc(k->cs, sizeof *cs * (size_t)cap);
+        if (!cs) luaL_error(L, "out of memory");
+        k->cs = cs, k->cap = cap;
+    }
+    wconn *w = &k->cs[k->nc];
+    memset(w, 0, sizeof *w);
+    snprintf(w->host, sizeof w->host, "%.*s", hlen, host);
+    snprintf(w->port, sizeof w->port, "%s", port);
+    w->fd = -1;
+    return k->nc++;
+}
+
+static void wconn_fail(wconn *w, const char *why) {
+    if (w->fd >= 0) close(w->fd);
+    w->fd = -1;
+    w->why = why;
+    w->due = 0;
+}
+
+typedef void (*frame_fn)(lua_State *L, wcall *k, int32_t corr, rd *r);
+
+/* Sends every connection's requests and reads their responses, calling
+ * on_frame for each, until none is due (1) or the deadline or an interrupt
+ * (0). A connection that fails stops (its `why` says why); the others go on. */
+static int wire_pump(lua_State *L, wcall *k, double end, frame_fn on_frame) {
+    struct pollfd ps[k->nc];
+    for (int i = 0; i < k->nc; i++) {
+        if (k->cs[i].due && k->cs[i].fd < 0) {
+            const char *why = NULL;
+            k->cs[i].fd = net_connect(k->cs[i].host, k->cs[i].port, end, &why);
+            if (k->cs[i].fd < 0) wconn_fail(&k->cs[i], why);
+        }
+    }
+    for (;;) {
+        int live = 0;
+        for (int i = 0; i < k->nc; i++) {
+            wconn *w = &k->cs[i];
+            ps[i] = (struct pollfd){w->due ? w->fd : -1, (short)(POLLIN | (w->sent < w->out.len ? POLLOUT : 0)), 0};
+            live += w->due > 0;
+        }
+        if (!live) return 1;
+        int left = (int)((end - rb_now()) * 1000);
+        if (left <= 0 || rb_interrupted()) return 0;
+        if (poll(ps, (nfds_t)k->nc, left < NET_SLICE_MS ? left : NET_SLICE_MS) < 0 && errno != EINTR) return 0;
+        for (int i = 0; i < k->nc; i++) {
+            wconn *w = &k->cs[i];
+            if (!ps[i].revents || w->fd < 0) continue;
+            if (ps[i].revents & POLLOUT) {
+                ssize_t m = send(w->fd, w->out.p + w->sent, w->out.len - w->sent, MSG_NOSIGNAL);
+                if (m < 0 && errno != EAGAIN && errno != EINTR) { wconn_fail(w, strerror(errno)); continue; }
+                if (m > 0) w->sent += (size_t)m;
+            }
+            if (!(ps[i].revents & (POLLIN | POLLERR | POLLHUP))) continue;
+            wb_need(L, &w->in, 65536);
+            ssize_t m = recv(w->fd, w->in.p + w->in.len, w->in.cap - w->in.len, 0);
+            if (m == 0) { wconn_fail(w, "connection closed by the broker"); continue; }
+            if (m < 0) {
+                if (errno != EAGAIN && errno != EINTR) wconn_fail(w, strerror(errno));
+                continue;
+            }
+            w->in.len += (size_t)m;
+            setsockopt(w->fd, IPPROTO_TCP, TCP_QUICKACK, &(int){1}, sizeof(int));
+            size_t at = 0;
+            while (w->due && w->in.len - at >= 8) {
+                rd head = {w->in.p + at, w->in.p + at + 4, 0};
+                uint32_t size = (uint32_t)rd_int(&head, 4);
+                if (size < 4 || size > 64u << 20) { wconn_fail(w, "not a Kafka answer"); break; }
+                if (w->in.len - at < 4 + (size_t)size) break;
+                rd r = {w->in.p + at + 4, w->in.p + at + 4 + size, 0};
+                int32_t corr = (int32_t)rd_int(&r, 4);
+                if (corr >= 0 && corr < k->n) on_frame(L, k, corr, &r);
+                w->due--;
+                at += 4 + (size_t)size;
+            }
+            if (w->fd >= 0) {
+                memmove(w->in.p, w->in.p + at, w->in.len - at);
+                w->in.len -= at;
+            }
+        }
+    }
+}
+
+/* Sets results[group] = {group, error}. */
+static void group_error(lua_State *L, wcall *k, const wgroup *g, int err, const char *why) {
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, g->name);
+    lua_setfield(L, -2, "group");
+    set_error(L, (rd_kafka_resp_err_t)err, why);
+    lua_setfield(L, k->results, g->name);
+}
+
+/* FindCoordinator v1 response: the coordinator's connection, or the group's
+ * error (one that says the coordinator moves is kafka.lua's to retry). */
+static void on_coordinator(lua_State *L, wcall *k, int32_t corr, rd *r) {
+    wgroup *g = &k->gs[corr];
+    int len;
+    rd_int(r, 4); /* throttle time */
+    int err = (int16_t)rd_int(r, 2);
+    rd_str(r, &len);
+    rd_int(r, 4); /* node id */
+    const char *host = rd_str(r, &len);
+    int port = (int)(int32_t)rd_int(r, 4);
+    if (r->bad || !host) err = RD_KAFKA_RESP_ERR__BAD_MSG;
+    if (err) {
+        group_error(L, k, g, err, NULL);
+        g->pending = 0;
+        return;
+    }
+    char p[16];
+    snprintf(p, sizeof p, "%d", port);
+    g->conn = wconn_find(L, k, host, len, p);
+}
+
+/* OffsetFetch v2 response: results[group] = {group, partitions, error}. */
+static void on_offsets(lua_State *L, wcall *k, int32_t corr, rd *r) {
+    wgroup *g = &k->gs[corr];
+    lua_createtable(L, 0, 3);
+    lua_pushstring(L, g->name);
+    lua_setfield(L, -2, "group");
+    lua_newtable(L);
+    int nt = (int)(int32_t)rd_int(r, 4), n = 0;
+    for (int t = 0; t < nt && !r->bad; t++) {
+        int tlen, mlen;
+        const char *topic = rd_str(r, &tlen);
+        int np = (int)(int32_t)rd_int(r, 4);
+        for (int i = 0; i < np && !r->bad; i++) {
+            int32_t partition = (int32_t)rd_int(r, 4);
+            int64_t offset = (int64_t)rd_int(r, 8);
+            const char *meta = rd_str(r, &mlen);
+            int err = (int16_t)rd_int(r, 2);
+            if (r->bad) break;
+            lua_createtable(L, 0, 5);
+            lua_pushlstring(L, topic ? topic : "", topic ? (size_t)tlen : 0);
+            lua_setfield(L, -2, "topic");
+            lua_pushinteger(L, partition);
+            lua_setfield(L, -2, "partition");
+            lua_pushinteger(L, offset);
+            lua_setfield(L, -2, "offset");
+            if (meta && mlen > 0) {
+                lua_pushlstring(L, meta, (size_t)mlen);
+                lua_setfield(L, -2, "metadata");
+            }
+            set_error(L, (rd_kafka_resp_err_t)err, NULL);
+            lua_rawseti(L, -2, ++n);
+        }
+    }
+    lua_setfield(L, -2, "partitions");
+    int err = (int16_t)rd_int(r, 2);
+    set_error(L, r->bad ? RD_KAFKA_RESP_ERR__BAD_MSG : (rd_kafka_resp_err_t)err, NULL);
+    lua_setfield(L, k->results, g->name);
+    g->pending = 0;
+}
+
+/* OffsetFetch v2 for request i: its partitions, a topic entry per run of
+ * one topic (kafka.lua lists a topic's partitions together), or null: every
+ * committed partition. */
+static void offset_fetch(lua_State *L, wbuf *b, const wgroup *g, int i) {
+    size_t at = wb_begin(L, b, API_OFFSET_FETCH, 2, i);
+    wb_str(L, b, g->name, strlen(g->name));
+    if (!g->explicit) {
+        wb_int(L, b, 0xffffffffu, 4);
+        wb_end(b, at);
+        return;
+    }
+    lua_geti(L, 2, i + 1);
+    lua_getfield(L, -1, "partitions");
+    int parts = lua_gettop(L), n = (int)luaL_len(L, parts), topics = 0;
+    size_t topics_at = b->len, count_at = 0;
+    uint32_t count = 0;
+    wb_int(L, b, 0, 4);
+    lua_pushnil(L); /* the topic of the run */
+    for (int j = 1; j <= n; j++) {
+        lua_geti(L, parts, j);
+        lua_getfield(L, -1, "topic");
+        lua_getfield(L, -2, "partition");
+        if (!lua_rawequal(L, -2, -4)) {
+            if (topics++) wb_set32(b, count_at, count);
+            size_t tl;
+            const char *topic = lua_tolstring(L, -2, &tl);
+            wb_str(L, b, topic, tl);
+            count_at = b->len, count = 0;
+            wb_int(L, b, 0, 4);
+            lua_pushvalue(L, -2);
+            lua_replace(L, -5);
+        }
+        wb_int(L, b, (uint32_t)lua_tointeger(L, -1), 4);
+        count++;
+        lua_pop(L, 3);
+    }
+    if (topics) wb_set32(b, count_at, count);
+    wb_set32(b, topics_at, (uint32_t)topics);
+    lua_pop(L, 3);
+    wb_end(b, at);
+}
+
+/* Checks request i: {group = name, partitions = {{topic, partition}...} | nil}. */
+static wgroup check_request(lua_State *L, int i) {
+    lua_geti(L, 2, i);
+    luaL_argcheck(L, lua_istable(L, -1), 2, "requests must be tables {group=, partitions=}");
+    lua_getfield(L, -1, "group");
+    luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "each request needs a group name");
+    wgroup g = {lua_tostring(L, -1), 0, 1, -1};
+    if (lua_getfield(L, -2, "partitions") == LUA_TTABLE) {
+        g.explicit = 1;
+        rd_kafka_topic_partition_list_destroy(check_partitions(L, lua_gettop(L), 0));
+    }
+    lua_pop(L, 3);
+    return g;
+}
+
+/* The connections to bootstrap.servers ("h:p,PLAINTEXT://h:p,[::1]:p"). */
+static void bootstrap_conns(lua_State *L, client *c, wcall *k) {
+    char list[2048];
+    size_t len = sizeof list;
+    if (rd_kafka_conf_get(c->conf, "bootstrap.servers", list, &len) != RD_KAFKA_CONF_OK) list[0] = '\0';
+    for (char *save, *tok = strtok_r(list, ", ", &save); tok; tok = strtok_r(NULL, ", ", &save)) {
+        char *s = strstr(tok, "://") ? strstr(tok, "://") + 3 : tok, *colon = strrchr(s, ':');
+        if (!colon) continue;
+        *colon = '\0';
+        if (*s == '[' && colon > s + 1 && colon[-1] == ']') s++, colon[-1] = '\0';
+        wconn_find(L, k, s, (int)strlen(s), colon + 1);
+    }
+    k->nbootstrap = k->nc;
+}
+
+static int wire_close(lua_State *L) {
+    wcall *k = lua_touserdata(L, 1);
+    for (int i = 0; k->cs && i < k->nc; i++) {
+        if (k->cs[i].fd >= 0) close(k->cs[i].fd);
+        free(k->cs[i].out.p);
+        free(k->cs[i].in.p);
+    }
+    free(k->cs);
+    k->cs = NULL;
+    k->nc = 0;
+    return 0;
+}
+
+/* group_offsets on a plaintext listener: requests at 2; pushes {[group] = result}.
+ * One round: a group whose coordinator moves or cannot be reached gets that
+ * error, which kafka.lua asks again. */
+static int wire_group_offsets(lua_State *L, client *c, int ms) {
+    int n = (int)luaL_len(L, 2);
+    double end = rb_now() + ms / 1000.0;
+    wcall *k = lua_newuserdatauv(L, sizeof *k, 0);   /* closed by its __close on any exit */
+    memset(k, 0, sizeof *k);
+    k->n = n;
+    k->log = c->debug_protocol;
+    lua_newtable(L);
+    lua_pushcfunction(L, wire_close);
+    lua_setfield(L, -2, "__close");
+    lua_setmetatable(L, -2);
+    lua_toclose(L, -1);
+    k->gs = lua_newuserdatauv(L, sizeof *k->gs * (size_t)(n > 0 ? n : 1), 0);
+    for (int i = 0; i < n; i++) k->gs[i] = check_request(L, i + 1);
+    lua_createtable(L, 0, n);
+    k->results = lua_gettop(L);
+    bootstrap_conns(L, c, k);
+    /* 1. every group's coordinator, from the first bootstrap broker that answers */
+    const char *why = "no bootstrap.servers";
+    int ok = 1, asked = 0;
+    for (int b = 0; b < k->nbootstrap && ok && !asked; b++) {
+        wconn *w = &k->cs[b];
+        for (int i = 0; i < n; i++) {
+            size_t at = wb_begin(L, &w->out, API_FIND_COORDINATOR, 1, i);
+            wb_str(L, &w->out, k->gs[i].name, strlen(k->gs[i].name));
+            wb_int(L, &w->out, 0, 1);
+            wb_end(&w->out, at);
+            wire_queued(k, w, "FindCoordinator");
+        }
+        ok = wire_pump(L, k, end, on_coordinator);
+        asked = !w->why;
+        if (w->why) why = lua_pushfstring(L, "%s:%s: %s", w->host, w->port, w->why);
+    }
+    /* 2. each coordinator's groups, pipelined on one connection to it */
+    for (int i = 0; ok && asked && i < n; i++) {
+        wgroup *g = &k->gs[i];
+        if (!g->pending) continue;
+        offset_fetch(L, &k->cs[g->conn].out, g, i);
+        wire_queued(k, &k->cs[g->conn], "OffsetFetch");
+    }
+    if (ok && asked) ok = wire_pump(L, k, end, on_offsets);
+    if (!ok) return raise_wait(L, c, "lag", "reading committed offsets", ms);
+    for (int i = 0; i < n; i++) {
+        wgroup *g = &k->gs[i];
+        if (!g->pending) continue;
+        if (asked) why = lua_pushfstring(L, "coordinator %s:%s: %s", k->cs[g->conn].host, k->cs[g->conn].port,
+                                         k->cs[g->conn].why ? k->cs[g->conn].why : "no answer");
+        group_error(L, k, g, RD_KAFKA_RESP_ERR__TRANSPORT, why);
+    }
+    lua_pushvalue(L, k->results);
+    return 1;
+}
 
 /* group_offsets({{group=, partitions=list|nil}...}, timeout) -> {[group] = {group, partitions, error}}
- * librdkafka takes one group per request: they are all sent, then collected.
+ * On a plaintext listener over the wire (above); elsewhere librdkafka takes
+ * one group per request: they are all sent, then collected.
  *
- * They go through the consumer handle, not the producer one. librdkafka 2.0.2
+ * They go through the reader, a consumer handle, not the producer one. librdkafka 2.0.2
  * segfaults in its own thread when the OffsetFetch of ListConsumerGroupOffsets
  * fails with NOT_COORDINATOR or COORDINATOR_NOT_AVAILABLE (the coordinator
  * moving): rd_kafka_handle_OffsetFetch asks the handle's consumer group to
  * look up its coordinator again, and a producer handle has none (NULL). The
- * consumer handle has one (its group never joins), so the error comes back as
+ * reader has one (its group never joins), so the error comes back as
  * the group's result, retryable. spec/kafka_spec.lua keeps the crash away. */
 static int k_group_offsets(lua_State *L) {
     client *c = check_client(L);
     luaL_checktype(L, 2, LUA_TTABLE);
     int ms = timeout_ms(L, 3), n = (int)luaL_len(L, 2);
-    rd_kafka_t *rk = get_consumer(L, c);
+    if (c->plaintext) return wire_group_offsets(L, c, ms);
+    rd_kafka_t *rk = reader(L, c);
     if (!c->group_queue) c->group_queue = rd_kafka_queue_new(rk);
     queue_drain(c->group_queue);
     for (int i = 1; i <= n; i++) {
@@ -604,7 +1068,7 @@ static int k_group_offsets(lua_State *L) {
 
 /* alter_group_offsets(group, list, timeout, summary) -> {decision, partitions} */
 static int k_alter_group_offsets(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     const char *group = luaL_checkstring(L, 2);
     int ms = timeout_ms(L, 4);
     const char *summary = luaL_checkstring(L, 5);
@@ -658,7 +1122,7 @@ static const char *group_state(rd_kafka_consumer_group_state_t s) {
 
 /* describe_groups(names, timeout) -> {{group, state, members = {{client_id, host, consumer_id}}, error}} */
 static int k_describe_groups(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     luaL_checktype(L, 2, LUA_TTABLE);
     int ms = timeout_ms(L, 3), n = (int)luaL_len(L, 2);
     luaL_argcheck(L, n > 0 && n < 1000, 2, "give 1 to 999 group names");
@@ -710,7 +1174,7 @@ static int k_describe_groups(lua_State *L) {
 
 /* list_groups(timeout) -> {{group, state, simple}} */
 static int k_list_groups(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     int ms = timeout_ms(L, 2);
     admin_drain(c);
     rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS, ms, 0);
@@ -807,7 +1271,7 @@ static void check_resource(lua_State *L, rd_kafka_event_t *ev, const rd_kafka_Co
 
 /* describe_configs(topic, timeout) -> {[name] = {value, source, default, read_only}} */
 static int k_describe_configs(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     const char *topic = luaL_checkstring(L, 2);
     int ms = timeout_ms(L, 3);
     rd_kafka_ConfigResource_t *res = rd_kafka_ConfigResource_new(RD_KAFKA_RESOURCE_TOPIC, topic);
@@ -845,7 +1309,7 @@ static void check_config_pair(lua_State *L, int idx) {
 /* alter_configs(topic, {name = value}, timeout, summary): the whole set of
  * dynamic configs (AlterConfigs replaces them; kafka.lua merges first). */
 static int k_alter_configs(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     const char *topic = luaL_checkstring(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
     int ms = timeout_ms(L, 4);
@@ -888,7 +1352,7 @@ static int topic_write_done(lua_State *L, client *c, const rb_effect *e, rb_deci
 
 /* create_topic(name, partitions, replication_factor, configs, timeout, summary) */
 static int k_create_topic(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     const char *name = luaL_checkstring(L, 2);
     int parts = (int)luaL_checkinteger(L, 3), rf = (int)luaL_checkinteger(L, 4);
     luaL_checktype(L, 5, LUA_TTABLE);
@@ -910,7 +1374,7 @@ static int k_create_topic(lua_State *L) {
 
 /* create_partitions(topic, new_total, timeout, summary) */
 static int k_create_partitions(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     const char *topic = luaL_checkstring(L, 2);
     lua_Integer total = luaL_checkinteger(L, 3);
     int ms = timeout_ms(L, 4);
@@ -1077,7 +1541,7 @@ static void push_deliveries(lua_State *L, client *c) {
 /* produce(messages, timeout, summary, target, progress) -> {delivered, partitions, offsets}
  * messages: {{topic, key, value, partition, timestamp (ms), headers = {{name, value}}}...} */
 static int k_produce(lua_State *L) {
-    client *c = check_client(L);
+    client *c = check_producer(L);
     luaL_checktype(L, 2, LUA_TTABLE);
     int ms = timeout_ms(L, 3);
     rb_effect e = {"kafka", "produce", luaL_checkstring(L, 5), luaL_checkstring(L, 4), 0};
@@ -1135,31 +1599,14 @@ static int k_produce(lua_State *L) {
 
 /* ---- consume ------------------------------------------------------------ */
 
-/* The consumer never joins its group nor commits: it reads what it is
- * assigned. librdkafka wants a group.id for assign() all the same; a group
- * that never joins or commits does not exist on the broker. */
-static rd_kafka_t *get_consumer(lua_State *L, client *c) {
-    if (c->consumer) return c->consumer;
-    char err[512];
-    rd_kafka_conf_t *conf = rd_kafka_conf_dup(c->conf);
-    rd_kafka_conf_set(conf, "group.id", "runbook-reader-no-commit", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.auto.commit", "false", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", err, sizeof err);
-    rd_kafka_conf_set(conf, "enable.partition.eof", "false", err, sizeof err);
-    c->consumer = rd_kafka_new(RD_KAFKA_CONSUMER, conf, err, sizeof err);
-    if (!c->consumer) {
-        rd_kafka_conf_destroy(conf);
-        rb_error(L, "kafka", "consume", "_INVALID_ARG", 0, "cannot create the consumer: %s", err);
-    }
-    rd_kafka_poll_set_consumer(c->consumer);
-    return c->consumer;
-}
-
+/* The reader reads what it is assigned (see reader()). */
 /* consume_start({{topic, partition, offset}...}): replaces the assignment. */
 static int k_consume_start(lua_State *L) {
     client *c = check_client(L);
     rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
-    rd_kafka_t *rk = get_consumer(L, c);
+    rd_kafka_t *rk = reader(L, c);
+    if (!c->consuming) rd_kafka_poll_set_consumer(rk);
+    c->consuming = 1;
     rd_kafka_resp_err_t err = rd_kafka_assign(rk, l);
     rd_kafka_topic_partition_list_destroy(l);
     if (err) return raise_err(L, c, "consume", err, "cannot assign partitions", 0);

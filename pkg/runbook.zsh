@@ -86,13 +86,13 @@ _runbook() {
       case $words[1] in
         run) args=($set_params $params_file '--dry-run[change nothing, show each write]' $step $yes
           '--from[start at a step]:step:' $undo '--lock=-[hold a run lock]::key:' $wait_lock
-          '1:runbook:_runbook_names') ;;
+          '--push-metrics[push the run metrics to a Pushgateway]:url:' '1:runbook:_runbook_names') ;;
         resume) args=($again_params '--force[resume although the runbook changed]'
           '--rerun-interrupted[run the interrupted step again]'
           '--on-unknown=-[effects of unknown outcome]:choice:(fail redo skip)' $yes $step $wait_lock $undo
           '1:run id:_runbook_run_ids') ;;
         plan) args=($set_params $params_file '--out[also write the plan to a file]:file:_files'
-          '--require-approval[approvals the plan needs]:count:' '--alert[the alert the plan answers]:key:'
+          '--require-approval[approvals the plan needs]:count:' '--alert[the alert the plan answers]:key:' '--lock=-[the run lock apply holds]::key:'
           '1:runbook:_runbook_names') ;;
         apply) args=($again_params $step $yes '1:plan:_runbook_plans') ;;
         show) args=('--format[plan format]:format:(text markdown)' '1:plan:_runbook_plans') ;;

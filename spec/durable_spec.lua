@@ -504,6 +504,60 @@ step "broken" { run = function(ctx) error("disk full at " .. ctx.params.token) e
     assert.are.same({ "beta", "failed" }, { js[1].runbook, js[1].status })
   end)
 
+  it("history: a large state directory, a corrupt run among them, and large journals read by their ends", function()
+    local state = cli.tmpdir()
+    local env = { RUNBOOK_STATE_DIR = state }
+    local rb = cli.runbook('name = "cron"\ndescription = "x"\nstep "a" { run = function() fs.write("' .. state
+      .. '/f", "x") end }')
+    assert.are.equal(0, cli.run({ "run", rb }, env).code)
+    local path = io.popen("ls " .. state .. "/runs/*.jsonl"):read("l")
+    local ls = lines(path)
+    os.remove(path)
+    local old = ls[1]:match('"run_id":"([^"]+)"')
+    local function put(id, text) cli.write(state .. "/runs/" .. id .. ".jsonl", (text:gsub(old, id))) end
+    -- 300 cron runs, one of them of another runbook and one corrupt, newest first by id
+    for i = 1, 300 do
+      local id = ("20250101T%02d%02d00Z-%08x"):format(i // 60, i % 60, i)
+      local text = table.concat(ls, "\n") .. "\n"
+      if i == 7 then text = text:gsub('"runbook":"cron"', '"runbook":"other"') end
+      if i == 250 then text = text:gsub('"status":"ok"', '"status":7', 1) end
+      put(id, text)
+    end
+    -- two journals over a megabyte: one resumed and ended ok, one killed in its step;
+    -- a malformed line in the middle of a large one is not read by history
+    local filler = {}
+    for i = 1, 12000 do filler[i] = ls[2]:gsub('"step":"a"', '"step":"a' .. i .. '"') end
+    local resumed = ls[1]:gsub('"event":"run_start"', '"event":"run_start","resumed":true')
+    filler[6000] = '{"event":"log","time":7}'
+    put("20260101T000000Z-0000000a", table.concat({ ls[1], table.concat(filler, "\n"), resumed,
+      table.concat(ls, "\n", 2) }, "\n") .. "\n")
+    put("20260101T000000Z-0000000b", table.concat({ ls[1], table.concat(filler, "\n"), ls[2], ls[3] }, "\n") .. "\n{\"ev")
+
+    local h = cli.run({ "history", "--limit", "1000", "--output", "json" }, env)
+    assert.are.equal(0, h.code, h.stderr)
+    local rows = cli.events(h.stdout)
+    assert.are.equal(302, #rows)
+    local by = {}
+    for _, r in ipairs(rows) do by[r.run_id] = r end
+    assert.are.same({ "cron", "ok", 1 }, { by["20260101T000000Z-0000000a"].runbook, by["20260101T000000Z-0000000a"].status,
+      by["20260101T000000Z-0000000a"].resumed })
+    assert.are.same({ "killed", 0 }, { by["20260101T000000Z-0000000b"].status, by["20260101T000000Z-0000000b"].resumed })
+    assert.are.equal("unreadable", by[("20250101T041000Z-%08x"):format(250)].status)
+    assert.matches(("%08x"):format(250) .. "%.jsonl:5: not a valid journal line", h.stderr)
+    assert.are.equal("ok", by[("20250101T000100Z-%08x"):format(1)].status)
+    -- report reads every line, and names the malformed one
+    local r = cli.run({ "report", "20260101T000000Z-0000000a" }, env)
+    assert.are.equal(2, r.code)
+    assert.matches("0000000a%.jsonl:6001: not a valid journal line", r.stderr)
+
+    local only = cli.events(cli.run({ "history", "--runbook", "other", "--output", "json" }, env).stdout)
+    assert.are.same({ ("20250101T000700Z-%08x"):format(7) }, { only[1] and only[1].run_id, only[2] })
+    local newest = split(cli.run({ "history", "--limit", "3" }, env).stdout)
+    assert.are.equal(4, #newest)
+    assert.matches("^20260101T000000Z%-0000000b +cron .* killed ", newest[2])
+    assert.matches("^20260101T000000Z%-0000000a +cron .* ok%* ", newest[3])
+  end)
+
   it("history: runs started in the same second are newest first too", function()
     local env = { RUNBOOK_STATE_DIR = cli.tmpdir() }
     local names = {}

@@ -109,6 +109,31 @@ describe("runbook apply", function()
     assert.are.same({ replicas = 2, note = "applied", rows = "1" }, world())
   end)
 
+  -- The run's Lease is taken, renewed and released around the steps: the run's lock, not a planned effect.
+  it("holds the Lease the plan names (--lock=k8s:NS/NAME): a held one ends it with 75, a free one is taken", function()
+    local LEASES = "/apis/coordination.k8s.io/v1/namespaces/" .. NS .. "/leases"
+    sb.k8s("DELETE", LEASES .. "/apply-lock")
+    local path = make_plan({ reason = "leased" }, { "--lock=k8s:" .. NS .. "/apply-lock" })
+    assert.are.equal("k8s:" .. NS .. "/apply-lock", cjson.decode(cli.slurp(path)).lock)
+    local before = world()
+    local now = os.date("!%Y-%m-%dT%H:%M:%S.000000Z")
+    assert.are.equal(201, (sb.k8s("POST", LEASES, { apiVersion = "coordination.k8s.io/v1", kind = "Lease",
+      metadata = { name = "apply-lock" }, spec = { holderIdentity = "cron-job-elsewhere", leaseDurationSeconds = 300,
+        acquireTime = now, renewTime = now } })))
+    local r = apply(path)
+    assert.are.equal(75, r.code, r.stdout .. r.stderr)
+    assert.truthy((r.stdout .. r.stderr):find("held by cron-job-elsewhere", 1, true), r.stdout .. r.stderr)
+    assert.are.same(before, world())
+    assert.are.equal(200, (sb.k8s("DELETE", LEASES .. "/apply-lock")))
+    r = apply(path)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.truthy(r.stdout:find("take lease " .. NS .. "/apply-lock", 1, true), r.stdout)
+    assert.are.same({ replicas = 2, note = "leased", rows = "1" }, world())
+    local status, lease = sb.k8s("GET", LEASES .. "/apply-lock")
+    assert.are.equal(200, status)
+    assert.is_nil(lease.spec.holderIdentity)   -- handed back
+  end)
+
   -- Each row: what happens between plan and apply, then the apply's exit
   -- status and message; nothing the runbook writes may have changed.
   local REFUSALS = {

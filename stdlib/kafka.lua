@@ -318,21 +318,36 @@ end
 -- returns none (older brokers and the mock ignore the empty request) every
 -- topic partition is asked for explicitly and those without an offset dropped.
 -- While a group's coordinator moves, OffsetFetch answers NOT_COORDINATOR or
--- COORDINATOR_NOT_AVAILABLE / _LOAD_IN_PROGRESS; the next request looks the
--- coordinator up again, so these are asked again, a few times, within `t`.
+-- COORDINATOR_NOT_AVAILABLE / _LOAD_IN_PROGRESS, or its coordinator cannot be
+-- reached (_TRANSPORT); the next request looks the coordinator up again, so
+-- those groups (or the whole call) are asked again, a few times, within `t`.
 local COORDINATOR_MOVING = { NOT_COORDINATOR = true, COORDINATOR_NOT_AVAILABLE = true,
-  COORDINATOR_LOAD_IN_PROGRESS = true }
+  COORDINATOR_LOAD_IN_PROGRESS = true, _TRANSPORT = true }
 
 function Client:_group_offsets(req, t)
-  local deadline, delay = host.now() + t, 0.1
+  local deadline, delay, out = host.now() + t, 0.1, {}
   while true do
-    local ok, res = pcall(self.native.group_offsets, self.native, req, t)
-    if ok then return res end
-    if not (type(res) == "table" and COORDINATOR_MOVING[res.code]) or host.now() + delay >= deadline then
+    local ok, res = pcall(self.native.group_offsets, self.native, req, math.max(deadline - host.now(), 0.001))
+    local again = {}
+    if ok then
+      for _, r in ipairs(req) do
+        local g = res[r.group]
+        out[r.group] = g
+        if g and g.error and COORDINATOR_MOVING[g.error.code] then again[#again + 1] = r end
+      end
+    elseif type(res) == "table" and COORDINATOR_MOVING[res.code] then
+      again = req
+    else
       error(res, 0)
+    end
+    if #again == 0 then return out end
+    if host.now() + delay >= deadline then
+      if not ok then error(res, 0) end
+      return out
     end
     host.sleep(delay)
     delay = math.min(delay * 2, 1)
+    req = again
   end
 end
 

@@ -13,7 +13,7 @@ NS=todo-chatbot
 tmp=$(mktemp -d)
 state=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
 trap 'rm -rf "$tmp" "$state"' EXIT
-pod=$($KUBECTL --cache-dir="$tmp/cache" get pods -n $NS -l app.kubernetes.io/component=backend -o name | head -1)
+pod=pod/$($KUBECTL --cache-dir="$tmp/cache" get pods -n $NS -l app.kubernetes.io/component=backend --field-selector=status.phase=Running -o jsonpath="{.items[0].metadata.name}")
 
 for i in $(seq 1 100); do
   echo "$KUBECTL --cache-dir=$tmp/cache exec -n $NS $pod -c backend -- echo $i >/dev/null"

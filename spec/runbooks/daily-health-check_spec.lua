@@ -69,6 +69,24 @@ describe("daily-health-check", function()
     assert.matches("^todo%-chatbot%-[%w-]+: /var/log is %d+%% full", (disk.warnings[1] or disk.problems[1]))
   end)
 
+  it("names the pods whose log volume a fault filled, as df in the pod shows it, and tells to run disk-cleanup", function()
+    local out, ok = sb.ctl("k8s disk-full recurring-task 96")
+    assert(ok, out)
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json" }
+    local problems = table.concat(outputs(cli.events(r.stdout))["Disk use in pods"].problems, "\n")
+    local n = 0
+    for _, p in ipairs(kh.pods("recurring-task")) do
+      if p.status.phase == "Running" then
+        local df = assert(sb.kubectl("exec -n todo-chatbot " .. p.metadata.name .. " -c recurring-task -- df -Pk /var/log"))
+        local use = tonumber(df:match("(%d+)%% /var/log"))
+        assert.is_true(use >= 95, df)
+        assert.truthy(problems:find(p.metadata.name .. ": /var/log is " .. use .. "% full: run disk-cleanup", 1, true), problems)
+        n = n + 1
+      end
+    end
+    assert.is_true(n > 0)
+  end)
+
   it("writes nothing, run for real or dry", function()
     local r1, r2 = backends.assert_unchanged(function()
       return cli.run { "run", RUNBOOK, "--yes" }, cli.run { "run", RUNBOOK, "--dry-run" }

@@ -1,5 +1,5 @@
--- runbooks/disk-cleanup.lua against the sandbox: a pod's log volume is filled
--- with old rotated logs through kubectl exec; the runbook deletes them and
+-- runbooks/disk-cleanup.lua against the sandbox: the disk-full fault fills the
+-- pods' log volume with an old rotated log; the runbook deletes them and
 -- only them; kubectl exec lists what is left.
 local cli = require "spec.support.cli"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -26,13 +26,16 @@ local function listing(pod)
   return kubectl(("exec %s -c recurring-task -- ls /var/log"):format(pod))
 end
 
--- The fault: 20 MB of rotated logs from 30 days ago in each pod, next to the
--- live log and recent rotations.
+local function use(pod)
+  return tonumber(kubectl(("exec %s -c recurring-task -- df -Pk /var/log"):format(pod)):match("(%d+)%% /var/log"))
+end
+
+-- The fault: an old rotated log (recurring-task.log.14, 14 days old) fills
+-- each pod's /var/log to 95%, next to the live log and recent rotations.
 local function fill()
-  for _, pod in ipairs(pods()) do
-    kubectl(("exec %s -c recurring-task -- sh -c 'head -c 20000000 /dev/zero >/var/log/recurring-task.log.30 && "
-      .. "touch -d \"30 days ago\" /var/log/recurring-task.log.30'"):format(pod))
-  end
+  local out, ok = sb.ctl("k8s disk-full recurring-task")
+  assert(ok, out)
+  for _, pod in ipairs(pods()) do assert.is_true(use(pod) >= 95) end
 end
 
 describe("disk-cleanup", function()
@@ -46,8 +49,11 @@ describe("disk-cleanup", function()
     local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-recurring-task", "-p", "older_than=3d", "--dry-run" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("would run \"find /var/log %-type f %-name %*%.log%.%[0%-9%]%* %-mtime %+2 %-print %-delete\" in pod", r.stdout)
-    assert.matches("recurring%-task%.log%.30", r.stdout)   -- the largest entry
-    for pod, l in pairs(before) do assert.are.equal(l, listing(pod)) end
+    assert.matches("recurring%-task%.log%.14", r.stdout)   -- the largest entry
+    for pod, l in pairs(before) do
+      assert.are.equal(l, listing(pod))
+      assert.is_true(use(pod) >= 95)
+    end
   end)
 
   it("deletes the rotated logs older than older_than, and only those, and measures the space freed", function()
@@ -61,7 +67,8 @@ describe("disk-cleanup", function()
       assert.matches("recurring%-task%.log%.1\n", l)
       assert.matches("recurring%-task%.log%.2\n", l)
       assert.not_matches("recurring%-task%.log%.[345]\n", l)
-      assert.not_matches("recurring%-task%.log%.30", l)
+      assert.not_matches("recurring%-task%.log%.14", l)
+      assert.is_true(use(pod) < 10)
     end
   end)
 end)

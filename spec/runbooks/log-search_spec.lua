@@ -30,6 +30,22 @@ describe("log-search", function()
   setup(function() cache = cli.tmpdir() end)
   teardown(cli.cleanup)
 
+  it("finds the errors a fault raised, names their message first, and counts them as kubectl and jq do", function()
+    local out, ok = sb.ctl("k8s log-errors backend")
+    assert(ok, out)
+    finally(function() sb.ctl("k8s reset") end)
+    local fault = function(rec) return rec.message == "upstream call failed: connection reset by peer (fault log-errors)" end
+    local before = errors(fault)
+    assert.is_true(before > 0)
+    local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "level=ERROR", "-p", "since=10m",
+      "-p", "pattern=fault log%-errors" }
+    local after = errors(fault)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local n = tonumber(r.stdout:match("(%d+) of %d+ records match in 2 pod%(s%)"))
+    assert.is_true(n ~= nil and n >= before and n <= after, r.stdout)
+    assert.matches("top messages:\n%s+| +%d+  upstream call failed: connection reset by peer %(fault log%-errors%)", r.stdout)
+  end)
+
   it("counts a deployment's errors across its pods and names the top message", function()
     local before = errors()
     local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "level=ERROR", "-p", "since=1h" }

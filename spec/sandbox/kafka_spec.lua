@@ -191,6 +191,27 @@ describe("sandbox Kafka", function()
         assert.equal(marks[0] + 1, sb.watermarks("task-updates", 3)[0])
     end)
 
+    it("makes N consumer groups with committed offsets on scale-events with ctl kafka groups", function()
+        local out, ok = sb.ctl("kafka groups 30")
+        assert.is_true(ok, out)
+        assert.matches("groups=30 topic=scale-events partitions=12", out, 1, true)
+        -- group g commits (7g + 3p) % 100 on partition p of 100 messages
+        local total, parts = sb.lag("scale-group-30", "scale-events")
+        assert.equal(12, #parts)
+        local want = 0
+        for _, p in ipairs(parts) do
+            assert.same({100, (7 * 30 + 3 * p.partition) % 100}, {p.high, p.committed})
+            want = want + 100 - p.committed
+        end
+        assert.equal(want, total)
+        out, ok = sb.ctl("kafka groups 30")   -- idempotent: the same offsets again
+        assert.is_true(ok, out)
+        assert.equal(want, (sb.lag("scale-group-30", "scale-events")))
+        out, ok = sb.ctl("kafka groups 0")
+        assert.is_false(ok)
+        assert.matches("N >= 1", out)
+    end)
+
     it("rejects control commands it cannot carry out, saying why", function()
         local out, ok = sb.ctl("kafka broker-down 4")
         assert.is_false(ok)

@@ -163,14 +163,15 @@ end
 function commands.serve(o)
   if not o["--rules"] then return usage_error("serve", "serve: --rules FILE is needed") end
   local nums = {}
-  for _, name in ipairs { "--max-body", "--max-runs" } do
+  for _, name in ipairs { "--max-body", "--max-runs", "--request-timeout" } do
     nums[name] = o[name] and math.tointeger(tonumber(o[name]))
     if o[name] and not (nums[name] and nums[name] > 0) then
       return usage_error("serve", "serve: %s must be a positive whole number", name)
     end
   end
   return require("runbook.serve").serve({ rules = o["--rules"], listen = o["--listen"], token_file = o["--token-file"],
-    max_body = nums["--max-body"], max_runs = nums["--max-runs"] }, resolve_runbook)
+    max_body = nums["--max-body"], max_runs = nums["--max-runs"], timeout = nums["--request-timeout"],
+    tls_cert = o["--tls-cert"], tls_key = o["--tls-key"] }, resolve_runbook)
 end
 
 function commands.history(o)

@@ -18,7 +18,7 @@ M.libraries = {
   json = "json", yaml = "runbook.yaml", log = "log", exec = "exec", http = "http", fs = "fs",
   time = "time", duration = "duration", secret = "secret", gate = "gate",
   k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify", checks = "checks", base64 = "base64",
-  backupset = "backupset", prom = "prom", steps = "steps",
+  backupset = "backupset", prom = "prom", alertmanager = "alertmanager", steps = "steps",
 }
 
 local SAFE = {

@@ -66,6 +66,9 @@ function M.build(only)
     option(run, "--lock", "Hold a run lock (default key: the runbook's lock, else its name); "
       .. "k8s:NAMESPACE/NAME is a Kubernetes Lease.", "KEY"):args("?")
     option(run, "--wait-lock", "Wait this long for a held lock instead of ending with 75.", "DURATION")
+    option(run, "--push-metrics", "When the run ends, push its metrics to this Pushgateway "
+      .. "(default: RUNBOOK_PUSHGATEWAY).", "URL")
+    option(run, "--run-id", "The new run's id (runbook serve sets it, to answer with it).", "ID")
   end
   if only then return p end
 
@@ -89,9 +92,12 @@ function M.build(only)
   option(plan, "-p --param", "Set a param (repeatable); -p wins over --params-file.", "KEY=VALUE"):count("*"):target("-p")
   option(plan, "--params-file", "Read params from a YAML or JSON file.", "FILE")
   option(plan, "--out", "Also write the plan to FILE (it is always kept in the state directory).", "FILE")
+  option(plan, "--run-id", "The dry run's id, which is the plan's (runbook serve sets it).", "ID")
   option(plan, "--require-approval", "Approvals the plan needs besides the runbook's own approval policy.", "N")
   option(plan, "--alert", "The alert the plan answers (runbook serve sets it): when it resolves, apply refuses.",
     "KEY")
+  option(plan, "--lock", "The run lock apply holds (default: the runbook's lock, else its name); "
+    .. "k8s:NAMESPACE/NAME is a Kubernetes Lease, which the dry run checks.", "KEY"):args("?")
 
   local apply = command(p, "apply", "Run a plan for real, holding each effect to it.",
     "Run a plan made by `runbook plan`: refuses when the runbook, params or target changed (77) or approvals "
@@ -113,13 +119,18 @@ function M.build(only)
   option(approve, "--expires", "How long the approval holds (default 1h).", "DURATION")
 
   local serve = command(p, "serve", "Receive Alertmanager's webhook and plan or run runbooks by rules.",
-    "An HTTP server (libmicrohttpd): POST /v1/alertmanager (bearer token), GET /healthz, GET /metrics. "
+    "An HTTP server (libmicrohttpd): POST /v1/alertmanager, POST and GET /v1/runs, GET /v1/runs/ID[/events], "
+    .. "POST /v1/plans/ID/approve|deny (bearer token), GET /healthz, GET /metrics. "
     .. "Each alert matching a rule makes a plan, a run or a dry run, in a child process.")
   option(serve, "--rules", "The rules file (YAML): which alerts start which runbook, how.", "FILE")
   option(serve, "--listen", "Address to listen on (default 127.0.0.1:9095; port 0 picks one).", "IPV4:PORT")
   option(serve, "--token-file", "File holding the bearer token (else RUNBOOK_SERVE_TOKEN).", "FILE")
   option(serve, "--max-body", "Largest request body, in bytes (default 1048576).", "BYTES")
   option(serve, "--max-runs", "Plans and runs at once (default 4); alerts over it are refused and counted.", "N")
+  option(serve, "--request-timeout", "Close a connection idle this many seconds, as a request sent too slowly "
+    .. "(default 10).", "SECONDS")
+  option(serve, "--tls-cert", "Serve HTTPS with this certificate (PEM; with --tls-key).", "FILE")
+  option(serve, "--tls-key", "The certificate's private key (PEM, unencrypted).", "FILE")
 
   local history = command(p, "history", "Past runs, newest first.")
   option(history, "--runbook", "Only the runs of this runbook.", "NAME")

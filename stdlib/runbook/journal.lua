@@ -146,6 +146,17 @@ end
 --- True while a process holds the journal of `run_id` (the run is running).
 function M.running(run_id) return host.lock_held(M.path(run_id)) end
 
+--- The first line of a run's journal, decoded (its run_start when the journal
+-- is sound), or nil.
+local function first_event(id)
+  local f = io.open(M.path(id), "rb")
+  if not f then return nil end
+  local line = f:read("l")
+  f:close()
+  local ok, e = pcall(codec.decode, line or "")
+  return ok and type(e) == "table" and e or nil
+end
+
 --- Run ids in the state directory, newest first.
 function M.list()
   local lfs = require "lfs"
@@ -155,24 +166,43 @@ function M.list()
     local id = f:match("^(.+)%.jsonl$")
     if id then ids[#ids + 1] = id end
   end
-  -- An id starts with its second; two runs in one second are ordered by the
-  -- millisecond start time on their journal's first line.
-  local started = {}
+  -- An id starts with its second: sorted as strings, without a Lua comparator
+  -- (10,000 runs sort in milliseconds). Two runs in one second are then
+  -- ordered by the millisecond start time on their journal's first line.
+  table.sort(ids)
+  local n = #ids
+  for i = 1, n // 2 do ids[i], ids[n + 1 - i] = ids[n + 1 - i], ids[i] end
   local function start_time(id)
-    if not started[id] then
-      local f = io.open(M.path(id))
-      local ok, e = pcall(codec.decode, f and f:read("l") or "")
-      if f then f:close() end
-      started[id] = ok and type(e) == "table" and type(e.time) == "string" and e.time or ""
-    end
-    return started[id]
+    local e = first_event(id)
+    return e and type(e.time) == "string" and e.time or ""
   end
-  table.sort(ids, function(a, b)
-    local sa, sb = a:match("^[^-]+"), b:match("^[^-]+")
-    if sa ~= sb then return sa > sb end
-    return start_time(a) > start_time(b)
-  end)
+  local i = 1
+  while i <= n do
+    local second, j = ids[i]:match("^[^-]+"), i
+    while j < n and ids[j + 1]:match("^[^-]+") == second do j = j + 1 end
+    if j > i then
+      local group, started = table.move(ids, i, j, 1, {}), {}
+      for _, id in ipairs(group) do started[id] = start_time(id) end
+      table.sort(group, function(a, b)
+        if started[a] ~= started[b] then return started[a] > started[b] end
+        return a > b
+      end)
+      table.move(group, 1, #group, i, ids)
+    end
+    i = j + 1
+  end
   return ids
+end
+
+--- True when run `id` ran runbook `name`, told from its journal's first line
+-- alone; a line without the name's JSON text is not even decoded.
+function M.ran(id, name)
+  local f = io.open(M.path(id), "rb")
+  local line = f and f:read("l")
+  if f then f:close() end
+  if not line or not line:find(codec.encode(name), 1, true) then return false end
+  local ok, e = pcall(codec.decode, line)
+  return ok and type(e) == "table" and e.event == "run_start" and e.runbook == name
 end
 
 local function parse_time(iso)
@@ -274,6 +304,81 @@ function M.summarize(events)
   -- The wall clock may have stepped back during the run: a duration is never below 0.
   s.duration = t0 and t1 and math.max(0, t1 - t0) or nil
   return s
+end
+
+-- A journal up to this size is read whole for its history row, and checked
+-- line by line; a larger one (a step of 100,000 effects) by its first line,
+-- its last lines and the lines that start a resume.
+M.WHOLE = 1024 * 1024
+local TAIL, CHUNK = 64 * 1024, 1024 * 1024
+
+local function checked(line, path, where)
+  local ok, e = pcall(codec.decode, line)
+  local bad = not ok and "not JSON: " .. tostring(e):gsub("^.-: ", "") or require("runbook.schema").check(e)
+  if bad then return nil, ("%s:%s: not a valid journal line (%s)"):format(path, where, bad) end
+  return integers(e)
+end
+
+--- How many times the run started (1 + its resumes): the lines of the
+-- journal that are run_start events, found without decoding the others.
+local function count_starts(f)
+  local n, carry = 0, ""
+  f:seek("set", 0)
+  while true do
+    local chunk = f:read(CHUNK)
+    if not chunk then break end
+    local text = carry .. chunk
+    local whole = text:match("^.*\n") or ""
+    carry = text:sub(#whole + 1)
+    local at = whole:find('"run_start"', 1, true)
+    while at do
+      local from = at
+      while from > 1 and whole:byte(from - 1) ~= 10 do from = from - 1 end
+      local to = whole:find("\n", at, true)
+      local ok, e = pcall(codec.decode, whole:sub(from, to - 1))
+      if ok and type(e) == "table" and e.event == "run_start" then n = n + 1 end
+      at = whole:find('"run_start"', to, true)
+    end
+  end
+  return n
+end
+
+--- A run as history lists it, from its events (all of them read already):
+-- {start (its run_start), status, duration, resumed (how many times)}.
+function M.row_of(events)
+  local s = M.summarize(events)
+  return { start = s.start, status = s.status, duration = s.duration, resumed = #s.segments - 1 }
+end
+
+--- The same from the journal of `run_id`, reading no more of it than it
+-- must (see M.WHOLE); nil and a message naming the file (and line).
+function M.row(run_id)
+  local path = M.path(run_id)
+  local size = require("lfs").attributes(path, "size")
+  if not size or size <= M.WHOLE then
+    local events, err = M.read(run_id)
+    if not events then return nil, err end
+    return M.row_of(events)
+  end
+  local f, oerr = io.open(path, "rb")
+  if not f then return nil, ("%s: cannot read the journal: %s"):format(path, oerr) end
+  local start, err = checked(f:read("l") or "", path, 1)
+  if start and start.event ~= "run_start" then
+    start, err = nil, ("%s:1: the journal does not start with a run_start event"):format(path)
+  end
+  local last
+  if start then
+    f:seek("set", size - TAIL)
+    local tail = f:read("a"):match("\n(.*\n)") or ""   -- whole lines only: a torn last line is dropped
+    local line = tail:match("([^\n]+)\n$")
+    last, err = checked(line or "", path, "last line")
+  end
+  local segments = last and count_starts(f)
+  f:close()
+  if not last then return nil, err end
+  local t0, t1 = parse_time(start.time), parse_time(last.time)
+  return { start = start, status = last.event == "run_end" and last.status or "killed", resumed = segments - 1,
+    duration = t0 and t1 and math.max(0, t1 - t0) or nil }
 end
 
 return M

@@ -83,6 +83,10 @@ local function k8s_target()
 end
 
 local function plans_dir() return journal.state_dir() .. "/plans" end
+M.dir = plans_dir
+
+--- Where the plan `id` is kept.
+function M.path(id) return plans_dir() .. "/" .. id .. ".json" end
 local function resolved_path(alert) return journal.state_dir() .. "/resolved/" .. host.sha256(alert) .. ".json" end
 
 --- Record that `alert` resolved: the plans made for it before now are cancelled.
@@ -152,12 +156,12 @@ function M.make(rb, req, out, require_n, alert)
       sha256 = host.sha256(rb.source) },
     params = params.redacted(rb, values), params_salt = salt, params_sha256 = params_hash(salt, values),
     target = k8s_target(), requested_by = { user = M.identity(), host = who.host }, created_at = iso(os.time()),
-    effects = effects, alert = alert,
+    effects = effects, alert = alert, lock = type(req.lock) == "string" and req.lock or nil,
     approval = { required = math.max(policy.required or 0, require_n or 0), by = policy.by },
   }
   plan.digest = M.digest(plan)
   local mok, merr = pcall(journal.mkdirs, plans_dir())
-  local path = plans_dir() .. "/" .. plan.id .. ".json"
+  local path = M.path(plan.id)
   local ok, werr = false, type(merr) == "table" and merr.message or merr
   if mok then ok, werr = host.plan_write(path, encode(plan)) end
   if ok and out then ok, werr = host.plan_write(out, encode(plan)) end
@@ -179,7 +183,7 @@ end
 -- digest verified. Returns the plan, or nil, why and the exit status.
 function M.read(ref)
   local path = ref
-  if not ref:find("/", 1, true) and not ref:match("%.json$") then path = plans_dir() .. "/" .. ref .. ".json" end
+  if not ref:find("/", 1, true) and not ref:match("%.json$") then path = M.path(ref) end
   local f, err = io.open(path, "rb")
   if not f then return nil, ("plan %s: %s"):format(ref, err), EXIT.usage end
   local text = f:read("a")
@@ -261,52 +265,76 @@ end
 
 -- ---- approvals -------------------------------------------------------------------
 
---- The approvals recorded for `plan` that still count: its digest, not
--- expired, not by the requester, by someone the policy names, one per person.
-function M.valid_approvals(plan)
-  local out, seen, by = {}, {}, nil
-  if type(plan.approval.by) == "table" and #plan.approval.by > 0 then
-    by = {}
-    for _, name in ipairs(plan.approval.by) do by[name] = true end
-  end
+--- The approvals and denials recorded for `plan`, each a table, in order.
+local function verdicts(plan)
+  local out = {}
   local f = io.open(approvals_path(plan.id), "rb")
   if not f then return out end
-  local now = os.time()
   for line in f:lines() do
     local ok, a = pcall(cjson.decode, line)
-    if ok and type(a) == "table" and a.digest == plan.digest and type(a.by) == "string"
-      and a.by ~= plan.requested_by.user and (not by or by[a.by]) and not seen[a.by]
-      and (parse_iso(a.expires) or 0) > now then
-      seen[a.by] = true
-      out[#out + 1] = a
-    end
+    if ok and type(a) == "table" and a.digest == plan.digest and type(a.by) == "string" then out[#out + 1] = a end
   end
   f:close()
   return out
 end
 
---- `runbook approve PLAN [--comment TEXT] [--expires DURATION]`.
-function M.approve(ref, comment, ttl)
-  local plan, why, code = M.read(ref)
-  if not plan then say("%s", why); return code end
-  local me = M.identity()
-  if me == plan.requested_by.user then
-    say("approve: %s requested plan %s, so another person approves it (identity: RUNBOOK_USER, else the login name)",
-      me, plan.id)
-    return EXIT.usage
-  end
+--- Who the plan's policy lets decide on it (a set), or nil when anyone but the requester may.
+local function approvers(plan)
   local by = plan.approval.by
-  if type(by) == "table" and #by > 0 then
-    local listed = false
-    for _, name in ipairs(by) do listed = listed or name == me end
-    if not listed then
-      say("approve: %s may not approve plan %s (approvers: %s)", me, plan.id, table.concat(by, ", "))
-      return EXIT.usage
+  if type(by) ~= "table" or #by == 0 then return nil end
+  local set = {}
+  for _, name in ipairs(by) do set[name] = true end
+  return set
+end
+
+--- The approvals recorded for `plan` that still count: its digest, not
+-- expired, not by the requester, by someone the policy names, one per person.
+function M.valid_approvals(plan)
+  local out, seen, by, now = {}, {}, approvers(plan), os.time()
+  for _, a in ipairs(verdicts(plan)) do
+    if not a.denied and a.by ~= plan.requested_by.user and (not by or by[a.by]) and not seen[a.by]
+      and (parse_iso(a.expires) or 0) > now then
+      seen[a.by] = true
+      out[#out + 1] = a
     end
   end
+  return out
+end
+
+--- The first denial of `plan`'s digest by someone who may decide on it, or nil.
+-- A denial does not expire: the plan is refused for good, a new plan is asked again.
+function M.denial(plan)
+  local by = approvers(plan)
+  for _, a in ipairs(verdicts(plan)) do
+    if a.denied and a.by ~= plan.requested_by.user and (not by or by[a.by]) then return a end
+  end
+end
+
+--- Whether `plan` waits for approvals: it needs more than it has, and was
+-- neither denied nor cancelled by its alert resolving.
+function M.pending(plan)
+  return (plan.approval.required or 0) > #M.valid_approvals(plan) and not M.denial(plan) and not resolved_since(plan)
+end
+
+--- `who` approves (or, `deny` true, denies) the plan at `ref`, bound to its
+-- digest; `ttl` seconds an approval holds. `runbook approve` and serve's POST
+-- /v1/plans/ID/approve|deny both record here. Returns the record, or nil,
+-- why and the exit status.
+function M.decide(ref, who, deny, comment, ttl)
+  local plan, why, code = M.read(ref)
+  if not plan then return nil, why, code end
+  local verb = deny and "deny" or "approve"
+  if who == plan.requested_by.user then
+    return nil, ("%s: %s requested plan %s, so another person approves it (identity: RUNBOOK_USER, else the login "
+      .. "name)"):format(verb, who, plan.id), EXIT.usage
+  end
+  if approvers(plan) and not approvers(plan)[who] then
+    return nil, ("%s: %s may not %s plan %s (approvers: %s)"):format(verb, who, verb, plan.id,
+      table.concat(plan.approval.by, ", ")), EXIT.usage
+  end
   local now = os.time()
-  local rec = { plan = plan.id, digest = plan.digest, by = me, host = host.identity().host, at = iso(now),
-    expires = iso(now + (ttl or M.APPROVAL_TTL)), comment = comment }
+  local rec = { plan = plan.id, digest = plan.digest, by = who, host = host.identity().host, at = iso(now),
+    expires = not deny and iso(now + (ttl or M.APPROVAL_TTL)) or nil, denied = deny or nil, comment = comment }
   -- Appended under the journal's lock, so approvers at the same time both count.
   local ok, f = pcall(journal.mkdirs, journal.state_dir() .. "/approvals")
   local err
@@ -314,10 +342,17 @@ function M.approve(ref, comment, ttl)
   if f then ok, err = pcall(f.write, f, M.canonical(rec) .. "\n") end
   if f then f:close() end
   if not (f and ok) then
-    say("approve: the approval was not recorded: %s", tostring(err))
-    return EXIT.usage
+    return nil, ("%s: the %s was not recorded: %s"):format(verb, deny and "denial" or "approval", tostring(err)),
+      EXIT.usage
   end
-  print(("approved plan %s (%s) as %s, until %s"):format(plan.id, plan.digest, me, rec.expires))
+  return rec
+end
+
+--- `runbook approve PLAN [--comment TEXT] [--expires DURATION]`.
+function M.approve(ref, comment, ttl)
+  local rec, why, code = M.decide(ref, M.identity(), false, comment, ttl)
+  if not rec then say("%s", why); return code end
+  print(("approved plan %s (%s) as %s, until %s"):format(rec.plan, rec.digest, rec.by, rec.expires))
   return EXIT.ok
 end
 
@@ -372,6 +407,11 @@ local function check(rb, plan, given)
       end
     end
   end
+  local denied = M.denial(plan)
+  if denied then
+    return nil, ("plan %s was denied by %s at %s%s; make a new plan"):format(plan.id, denied.by, denied.at,
+      denied.comment and (" (" .. denied.comment .. ")") or ""), EXIT.unapproved
+  end
   local required = math.max(plan.approval.required or 0, rb.approval and rb.approval.required or 0)
   local approvals = M.valid_approvals(plan)
   if #approvals < required then
@@ -402,7 +442,7 @@ function M.apply(ref, o, load_runbook)
   host.plan_load(by_step)
   local run = require "runbook.run"
   local req = run.request(o)
-  req.given, req.mode = {}, "run"
+  req.given, req.mode, req.lock = {}, "run", plan.lock
   local signed = {}
   for i, a in ipairs(approvals) do signed[i] = { by = a.by, at = a.at, digest = a.digest, comment = a.comment } end
   req.plan = { id = plan.id, digest = plan.digest, requested_by = plan.requested_by.user, approvals = signed }

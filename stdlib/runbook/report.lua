@@ -16,6 +16,21 @@ local function live_status(s)
   return journal.running(s.start.run_id) and "running" or "killed"
 end
 
+--- One run's line of history: from its `events` when given, else from
+-- journal.row, which reads no more of the journal than it must; nil and a
+-- message naming the file when the journal is unreadable.
+function M.run_row(id, events)
+  local r, err
+  if events then r = journal.row_of(events) else r, err = journal.row(id) end
+  if not r then return nil, err end
+  local st = r.start
+  return { run_id = id, runbook = st.runbook, started = st.time, duration = r.duration, mode = st.mode,
+    status = live_status(r), user = st.user, host = st.host, resumed = r.resumed }
+end
+
+--- Past runs, newest first: the newest `limit` (of `runbook` only, when
+-- given). Reads only the runs it shows, and of each no more than it must
+-- (journal.row); the filter looks at each journal's first line alone.
 function M.history(runbook, limit, as_json)
   local events_mod = require "runbook.events"
   local shown = 0
@@ -25,24 +40,19 @@ function M.history(runbook, limit, as_json)
   end
   for _, id in ipairs(journal.list()) do
     if shown >= limit then break end
-    local events, err = journal.read(id)
-    if not events and not runbook then
-      -- Listed and marked, never a reason to stop listing the others.
-      io.stderr:write(host.redact("runbook: history: " .. err .. "\n"))
-      if as_json then
-        print(events_mod.json_line { event = "run", time = events_mod.iso8601(host.wallclock()), run_id = id,
-          status = "unreadable", error = err })
-      else
-        print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format(id, "?", "", "-", "", "unreadable", ""))
-      end
-      shown = shown + 1
-    elseif events and (not runbook or events[1].runbook == runbook) then
-      local s = journal.summarize(events)
-      local st = s.start
-      local row = { run_id = id, runbook = st.runbook, started = st.time, duration = s.duration, mode = st.mode,
-        status = live_status(s), user = st.user, host = st.host, resumed = #s.segments - 1 }
-      if as_json then
-        row.event, row.time = "run", st.time
+    if not runbook or journal.ran(id, runbook) then
+      local row, err = M.run_row(id)
+      if not row then
+        -- Listed and marked, never a reason to stop listing the others.
+        io.stderr:write(host.redact("runbook: history: " .. err .. "\n"))
+        if as_json then
+          print(events_mod.json_line { event = "run", time = events_mod.iso8601(host.wallclock()), run_id = id,
+            status = "unreadable", error = err })
+        else
+          print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format(id, "?", "", "-", "", "unreadable", ""))
+        end
+      elseif as_json then
+        row.event, row.time = "run", row.started
         print(events_mod.json_line(row))
       else
         print(("%-26s %-24s %-20s %9s %-7s %-11s %s@%s"):format(id, row.runbook, (row.started or ""):sub(1, 19),

@@ -26,9 +26,9 @@ function M.request(o)
   return {
     given = given, params_file = o["--params-file"], mode = o["--dry-run"] and "dry-run" or "run",
     step = o["--step"] or nil, yes = (o["--yes"] or o["-y"]) or nil, from = o["--from"],
-    outputs_from = o["--outputs-from"], lock = o["--lock"],
+    outputs_from = o["--outputs-from"], lock = o["--lock"], push_metrics = o["--push-metrics"],
     wait = o["--wait-lock"] or 0,
-    undo_on_failure = o["--undo-on-failure"] or nil, output = o["--output"] or "text",
+    undo_on_failure = o["--undo-on-failure"] or nil, output = o["--output"] or "text", run_id = o["--run-id"],
   }
 end
 
@@ -150,6 +150,17 @@ local function new_run_id()
   return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
+--- A run id given with --run-id (runbook serve names its children's runs, to
+-- answer with the id): new, and shaped like the ones made here.
+local function check_run_id(id)
+  if id == nil then return true end
+  if not id:match("^%d%d%d%d%d%d%d%dT%d%d%d%d%d%dZ%-%x+$") then
+    return false, ("--run-id %s: expected an id like 20260101T000000Z-0a1b2c3d"):format(id)
+  end
+  if require("lfs").attributes(require("runbook.journal").path(id)) then return false, ("--run-id %s: that run exists"):format(id) end
+  return true
+end
+
 --- `path` against the working directory.
 M.absolute = host.absolute
 
@@ -221,6 +232,7 @@ local function new_run(rb, req, resumed)
   if not values then return nil, redacted end
   local key = lock_key(rb, req)
   local ok, why = check_can_ask(rb, req)
+  if ok then ok, why = check_run_id(req.run_id) end
   if ok then ok, why = check_lock(key) end
   local earlier
   if ok then earlier, why = earlier_steps(rb, req); ok = not why end
@@ -229,7 +241,7 @@ local function new_run(rb, req, resumed)
   if resumed.restored and earlier then -- a resumed --from run: the outputs it took from the earlier run
     for name, out in pairs(earlier.outputs) do restored.outputs[name] = restored.outputs[name] or out end
   end
-  return { rb = rb, request = req, id = resumed.id or new_run_id(), params = values, redacted = redacted,
+  return { rb = rb, request = req, id = resumed.id or req.run_id or new_run_id(), params = values, redacted = redacted,
     written = written, lock_key = key, dry_run = req.mode == "dry-run", start = resumed.start, restored = restored,
     resumed = resumed.id ~= nil, resolved = resumed.resolved }
 end
@@ -286,6 +298,14 @@ local function finish(run, lease, status, code, counts, t0)
     skipped = counts.skipped, mode = run.request.mode, signal = run.signal and EXIT.signal_name(run.signal) or nil }
 end
 
+--- A run that ended pushes its metrics (runbook.metrics) when asked to; a dry run does not.
+local function push_metrics(run, code, took)
+  local url = run.request.push_metrics or os.getenv("RUNBOOK_PUSHGATEWAY")
+  if run.dry_run or not url or url == "" then return end
+  local ok, why = require("runbook.metrics").push(url, run.rb.name, code, took)
+  if not ok then say("the run's metrics were not pushed to %s: %s", url, why) end
+end
+
 --- Run `rb` as `req` asks. `resumed` continues a journaled run: {id, params
 -- (the journal's), start (the step index to continue at), restored =
 -- {outputs, completed, skipped}}. Returns the exit status.
@@ -306,8 +326,9 @@ function M.start(rb, req, resumed)
   if jfail then
     say("the run stopped: %s (journal %s, cut back to its last whole line); free space, then: runbook resume %s",
       type(jfail) == "table" and jfail.message or tostring(jfail), require("runbook.journal").path(run.id), run.id)
-    return EXIT.journal
+    code = EXIT.journal
   end
+  push_metrics(run, code, host.now() - t0)
   return code
 end
 

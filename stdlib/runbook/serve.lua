@@ -6,6 +6,9 @@
 local host = require "runbook.host"
 local cjson = require "cjson"
 local EXIT = require "runbook.exit"
+local run_metrics = require "runbook.metrics"
+local label, sorted_keys = run_metrics.label, run_metrics.sorted_keys
+local journal = require "runbook.journal"
 
 local M = {}
 
@@ -73,8 +76,8 @@ local function compile(rule, i, text, at, resolve)
   end
   local labels = {}
   for k, v in pairs(match.labels or {}) do labels[k] = matcher(tostring(v)) end
-  if rule.lock ~= nil and (type(rule.lock) ~= "string" or mode ~= "run") then
-    bad(line_of(text, "lock", at), "%s: lock is a key (k8s:NAMESPACE/NAME for a Lease) of a rule in run mode", where)
+  if rule.lock ~= nil and type(rule.lock) ~= "string" then
+    bad(line_of(text, "lock", at), "%s: lock is a key (k8s:NAMESPACE/NAME for a Lease)", where)
   end
   local throttle, terr = require("duration").parse(rule.throttle or "1h")
   if not throttle then bad(line_of(text, "throttle", at), "%s: throttle: %s", where, terr) end
@@ -85,7 +88,9 @@ local function compile(rule, i, text, at, resolve)
     params = params, throttle = throttle, require_approval = tonumber(rule.require_approval), lock = rule.lock }
 end
 
---- The rules of `path`. Returns the list, or nil and "PATH:LINE: message".
+--- The rules of `path`, and the set of runbooks POST /v1/runs may start:
+-- those of the rules in run mode and of the top-level `runs:` list. Returns
+-- them, or nil and "PATH:LINE: message".
 function M.load_rules(path, resolve)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
@@ -96,13 +101,22 @@ function M.load_rules(path, resolve)
   if type(doc) ~= "table" or type(doc.rules) ~= "table" or #doc.rules == 0 then
     return nil, ("%s:1: expected 'rules:' with a list of rules"):format(path)
   end
-  local rules, lines = {}, rule_lines(text)
+  local rules, lines, allowed = {}, rule_lines(text), {}
   for i, r in ipairs(doc.rules) do
     local cok, rule = pcall(compile, r, i, text, lines[i] or 1, resolve)
     if not cok then return nil, ("%s:%s"):format(path, rule) end
     rules[i] = rule
+    if rule.mode == "run" then allowed[rule.runbook] = true end
   end
-  return rules
+  if doc.runs ~= nil and type(doc.runs) ~= "table" then
+    return nil, ("%s:%d: runs: expected a list of runbooks"):format(path, line_of(text, "runs"))
+  end
+  for _, name in ipairs(doc.runs or {}) do
+    local found, why = resolve(tostring(name))
+    if not found then return nil, ("%s:%d: runs: %s"):format(path, line_of(text, "runs"), why) end
+    allowed[tostring(name)] = true
+  end
+  return rules, allowed
 end
 
 --- `{{ labels.x }}` and `{{ annotations.y }}` from the alert; nil and why when one is missing.
@@ -136,6 +150,14 @@ end
 local Server = {}
 Server.__index = Server
 
+--- A new run id, as runbook.run makes them; the child runs under it, so serve can answer with it.
+local function new_run_id()
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local bytes = f:read(4)
+  f:close()
+  return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
 --- The argv of the child that plans or runs `rule` for `alert`, or nil and why.
 function Server:command(rule, alert)
   local args = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }
@@ -158,66 +180,101 @@ function Server:command(rule, alert)
   return args
 end
 
---- Children still running, those that ended reaped.
+--- Account for a child that ended with exit status `code`: a run's status,
+-- duration and last success go to the metrics.
+function Server:ended(child, code)
+  self.exits[child.run_id] = code
+  self.nexits = self.nexits + 1
+  if self.nexits > 10000 then self.exits, self.nexits = {}, 0 end   -- only recent runs are followed
+  if child.mode ~= "run" then return end
+  run_metrics.account(self.metrics, child.runbook, code, host.now() - child.started)
+end
+
+--- Children still running, those that ended reaped and accounted for.
 function Server:running()
-  for _, pid in ipairs(require("runbook.httpd").reap()) do
-    if self.children[pid] then self.children[pid], self.nchildren = nil, self.nchildren - 1 end
+  for pid, code in pairs(require("runbook.httpd").reap()) do
+    local child = self.children[pid]
+    if child then
+      self.children[pid], self.nchildren = nil, self.nchildren - 1
+      self.by_run[child.run_id] = nil
+      self:ended(child, code)
+    end
   end
   return self.nchildren
 end
 
---- Start the child for `rule` and `alert` in the background, its output to a log. Returns what was done.
-function Server:start(rule, alert)
-  local argv, why = self:command(rule, alert)
-  if not argv then return { rule = rule.name, error = why } end
+--- Start `argv` (a runbook command without its run id) as a child of
+-- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`.
+-- Returns what was started, or nil and why.
+function Server:spawn(argv, name, runbook, mode, user)
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
-    return { rule = rule.name, error = ("%d runs already running (--max-runs)"):format(self.max_runs) }
+    return nil, ("%d runs already running (--max-runs)"):format(self.max_runs)
   end
   -- One log per child, unique across replicas sharing the state directory: time, serve's pid, a count.
   self.spawned = self.spawned + 1
   local log = ("%s/%s-%d-%d-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), self.pid, self.spawned,
-    (rule.name:gsub("[^%w%-_]", "_")))
-  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. self.user })
-  if not ok then return { rule = rule.name, error = type(pid) == "table" and pid.message or tostring(pid) } end
-  self.children[pid], self.nchildren = true, self.nchildren + 1
-  local key = rule.runbook .. "\0" .. rule.mode
+    (name:gsub("[^%w%-_]", "_")))
+  local run_id = new_run_id()
+  argv[#argv + 1] = "--run-id=" .. run_id
+  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user })
+  if not ok then return nil, type(pid) == "table" and pid.message or tostring(pid) end
+  self.children[pid], self.nchildren = { run_id = run_id, runbook = runbook, mode = mode, started = host.now() },
+    self.nchildren + 1
+  self.by_run[run_id] = pid
+  local key = runbook .. "\0" .. mode
   self.metrics.started[key] = (self.metrics.started[key] or 0) + 1
-  return { rule = rule.name, runbook = rule.runbook, mode = rule.mode, log = log }
+  return { runbook = runbook, mode = mode, run_id = run_id, log = log }
 end
 
---- POST /v1/alertmanager: each firing alert, each rule it matches, once per throttle period per label set;
--- a resolved one cancels the plans made for it and may fire again.
-function Server:alertmanager(body)
+--- Start the child for `rule` and `alert` in the background. Returns what was done.
+function Server:start(rule, alert)
+  local argv, why = self:command(rule, alert)
+  local started
+  if argv then started, why = self:spawn(argv, rule.name, rule.runbook, rule.mode, self.user) end
+  if not started then return { rule = rule.name, error = why } end
+  started.rule = rule.name
+  if rule.mode == "plan" then started.plan = started.run_id end
+  return started
+end
+
+local function decode(body)
   local ok, doc = pcall(cjson.decode, body)
-  if not ok then return 400, { error = "malformed JSON: " .. tostring(doc) } end
-  if type(doc) ~= "table" or doc.version ~= "4" or type(doc.alerts) ~= "table" then
+  if not ok then return nil, "malformed JSON: " .. tostring(doc) end
+  if type(doc) ~= "table" then return nil, "expected a JSON object" end
+  return doc
+end
+
+--- POST /v1/alertmanager: each firing alert, each rule it matches, once per
+-- throttle period per label set. While it fires, Alertmanager's repeats are
+-- deduplicated; a resolved one cancels the plans made for it, and firing
+-- again within the period is throttled.
+function Server:alertmanager(body)
+  local doc, why = decode(body)
+  if not doc then return 400, { error = why } end
+  if doc.version ~= "4" or type(doc.alerts) ~= "table" then
     return 400, { error = "expected an Alertmanager webhook payload (version \"4\" with alerts)" }
   end
-  local done, now = {}, host.now()
+  local m, done, now = self.metrics, {}, host.now()
   for _, alert in ipairs(doc.alerts) do
-    self.metrics.received = self.metrics.received + 1
-    if type(alert) == "table" and alert.status == "resolved" then
-      for _, rule in ipairs(self.rules) do
-        if matches(rule, alert) then
-          local key = alert_key(rule, alert)
-          self.seen[key] = nil
+    m.received = m.received + 1
+    local status = type(alert) == "table" and alert.status
+    for _, rule in ipairs((status == "firing" or status == "resolved") and self.rules or {}) do
+      if matches(rule, alert) then
+        local key = alert_key(rule, alert)
+        local seen = self.seen[key]
+        if status == "resolved" then
+          if seen then seen.firing = false end
           if rule.mode == "plan" then
             require("runbook.plan").resolve_alert(key)
             done[#done + 1] = { rule = rule.name, cancelled = true }
           end
-        end
-      end
-    elseif type(alert) == "table" and alert.status == "firing" then
-      for _, rule in ipairs(self.rules) do
-        if matches(rule, alert) then
-          local key = alert_key(rule, alert)
-          if self.seen[key] and now - self.seen[key] < rule.throttle then
-            self.metrics.deduplicated = self.metrics.deduplicated + 1
-          else
-            self.seen[key] = now
-            done[#done + 1] = self:start(rule, alert)
-          end
+        elseif seen and now - seen.at < rule.throttle then
+          if seen.firing then m.deduplicated = m.deduplicated + 1 else m.throttled = m.throttled + 1 end
+          seen.firing = true
+        else
+          self.seen[key] = { at = now, firing = true }
+          done[#done + 1] = self:start(rule, alert)
         end
       end
     end
@@ -225,26 +282,174 @@ function Server:alertmanager(body)
   return 200, { accepted = #doc.alerts, started = done }
 end
 
-function Server:metrics_text()
-  local m = self.metrics
-  local out = {
-    "# HELP runbook_alerts_received_total Alerts received from Alertmanager.",
-    "# TYPE runbook_alerts_received_total counter", "runbook_alerts_received_total " .. m.received,
-    "# HELP runbook_alerts_deduplicated_total Alerts not acted on again within their rule's throttle period.",
-    "# TYPE runbook_alerts_deduplicated_total counter", "runbook_alerts_deduplicated_total " .. m.deduplicated,
-    "# HELP runbook_serve_refused_total Alerts not acted on because --max-runs runs were running.",
-    "# TYPE runbook_serve_refused_total counter", "runbook_serve_refused_total " .. m.refused,
-    "# HELP runbook_serve_started_total Plans and runs started, by runbook and mode.",
-    "# TYPE runbook_serve_started_total counter",
-  }
-  local keys = {}
-  for k in pairs(m.started) do keys[#keys + 1] = k end
-  table.sort(keys)
-  for _, k in ipairs(keys) do
-    local rb, mode = k:match("^(.-)%z(.*)$")
-    out[#out + 1] = ('runbook_serve_started_total{runbook="%s",mode="%s"} %d'):format(rb, mode, m.started[k])
+--- POST /v1/runs {runbook, params = {k = v}, dry_run, by}: start an
+-- allow-listed runbook (a rule's in run mode, or the rules file's `runs:`).
+function Server:start_run(body)
+  local doc, why = decode(body)
+  if not doc then return 400, { error = why } end
+  if type(doc.runbook) ~= "string" then return 400, { error = "expected {\"runbook\": NAME, \"params\": {...}}" } end
+  if not self.allowed[doc.runbook] then
+    return 403, { error = ("runbook '%s' may not be started here: it is not in the rules file's runs: list, nor a "
+      .. "rule's in run mode"):format(doc.runbook) }
   end
+  local by = doc.by or self.user
+  if type(by) ~= "string" or not by:match("^[%w._@%-]+$") then
+    return 400, { error = "by: expected a user name (letters, digits, . _ @ -)" }
+  end
+  local argv = { self.bin, "run", doc.runbook, doc.dry_run == true and "--dry-run" or "--yes" }
+  if doc.params ~= nil and type(doc.params) ~= "table" then return 400, { error = "params: expected an object" } end
+  local names = {}
+  for k in pairs(doc.params or {}) do names[#names + 1] = tostring(k) end
+  table.sort(names)
+  for _, k in ipairs(names) do
+    local v = doc.params[k]
+    if not k:match("^[%w_]+$") or not (type(v) == "string" or type(v) == "number" or type(v) == "boolean") then
+      return 400, { error = ("params.%s: expected a param name with a string, number or boolean value"):format(k) }
+    end
+    argv[#argv + 1] = "-p"
+    argv[#argv + 1] = k .. "=" .. tostring(math.tointeger(v) or v)
+  end
+  local mode = doc.dry_run == true and "dry-run" or "run"
+  local started, err = self:spawn(argv, doc.runbook, doc.runbook, mode, by)
+  if not started then return 429, { error = err } end
+  started.events = "/v1/runs/" .. started.run_id .. "/events"
+  return 202, started
+end
+
+--- GET /v1/runs?limit=N&runbook=NAME: the newest runs, as `runbook history --output json` lists them.
+function Server:list_runs(query)
+  local limit = math.tointeger(tonumber(query.limit or "50"))
+  if not limit or limit < 1 or limit > 1000 then return 400, { error = "limit: expected 1..1000" } end
+  local rows = {}
+  for _, id in ipairs(journal.list()) do
+    if #rows >= limit then break end
+    local row = (not query.runbook or journal.ran(id, query.runbook)) and require("runbook.report").run_row(id)
+    if row then rows[#rows + 1] = row end
+  end
+  return 200, { runs = setmetatable(rows, cjson.array_mt) }
+end
+
+--- GET /v1/runs/ID: the run's journal events.
+function Server:get_run(id)
+  local events, why = journal.read(id)
+  if events then
+    return 200, { run = require("runbook.report").run_row(id, events), events = events }
+  end
+  if self.by_run[id] then return 200, { run = { run_id = id, status = "starting" }, events = cjson.empty_array } end
+  return 404, { error = why }
+end
+
+--- GET /v1/runs/ID/events: Server-Sent Events, one `data:` per journal
+-- event as it is written, until the run ends; then `event: end` with its
+-- exit status. A comment every 5 s keeps the connection open meanwhile.
+function Server:follow(id)
+  local path, f, pos, partial, last, done = journal.path(id), nil, 0, "", host.now(), false
+  return function()
+    if done then return nil end
+    local out = {}
+    f = f or io.open(path, "rb")
+    if f then
+      f:seek("set", pos)
+      local chunk = f:read("a") or ""
+      pos = pos + #chunk
+      local text = partial .. chunk
+      partial = text:match("[^\n]*$")
+      for line in text:gmatch("([^\n]*)\n") do
+        out[#out + 1] = "data: " .. line .. "\n\n"
+        local ok, e = pcall(cjson.decode, line)
+        done = done or (ok and type(e) == "table" and e.event == "run_end")
+      end
+    end
+    -- A run that ends without its run_end (killed, or refused before its journal) ends the stream too.
+    local code = self.exits[id]
+    if not done and not self.by_run[id] and not (f and journal.running(id)) then
+      self:running()
+      done = not self.by_run[id]
+    end
+    if done then
+      f = f and f:close() and nil
+      out[#out + 1] = "event: end\ndata: " .. cjson.encode { run_id = id, exit_code = code or self.exits[id] } .. "\n\n"
+    elseif #out == 0 and host.now() - last > 5 then
+      out[1] = ": waiting\n\n"
+    end
+    if #out > 0 then last = host.now() end
+    return host.redact(table.concat(out))
+  end
+end
+
+--- POST /v1/plans/ID/approve|deny {by, comment, expires}: as `runbook approve`, by `by`.
+function Server:decide(id, verb, body)
+  local doc, why = decode(body)
+  if not doc then return 400, { error = why } end
+  if type(doc.by) ~= "string" or doc.by == "" then return 400, { error = "by: who approves, as a string" } end
+  if doc.comment ~= nil and type(doc.comment) ~= "string" then return 400, { error = "comment: expected a string" } end
+  local ttl
+  if doc.expires ~= nil then
+    ttl, why = require("duration").parse(tostring(doc.expires))
+    if not ttl then return 400, { error = "expires: " .. why } end
+  end
+  local plan = require "runbook.plan"
+  if not require("lfs").attributes(plan.path(id)) then return 404, { error = "no plan " .. id } end
+  local rec, err, code = plan.decide(id, doc.by, verb == "deny", doc.comment, ttl)
+  if rec then return 200, rec end
+  return code == EXIT.drift and 409 or 403, { error = err }
+end
+
+--- Plans in the state directory that wait for approval.
+function Server:pending_plans()
+  local plan, lfs, n = require "runbook.plan", require "lfs", 0
+  local dir = plan.dir()
+  if lfs.attributes(dir, "mode") ~= "directory" then return 0 end
+  for f in lfs.dir(dir) do
+    local p = f:match("^(.+)%.json$") and plan.read(dir .. "/" .. f)
+    if p and plan.pending(p) then n = n + 1 end
+  end
+  return n
+end
+
+--- GET /metrics, in Prometheus's text exposition format.
+function Server:metrics_text()
+  local m, out = self.metrics, {}
+  local function family(name, kind, help)
+    out[#out + 1] = ("# HELP %s %s\n# TYPE %s %s"):format(name, help, name, kind)
+  end
+  local function sample(name, labels, v) out[#out + 1] = ("%s%s %s"):format(name, labels, v) end
+  family("runbook_alerts_received_total", "counter", "Alerts received from Alertmanager.")
+  sample("runbook_alerts_received_total", "", m.received)
+  family("runbook_alerts_deduplicated_total", "counter", "Alerts not acted on again while they still fire.")
+  sample("runbook_alerts_deduplicated_total", "", m.deduplicated)
+  family("runbook_alerts_throttled_total", "counter", "Alerts firing again within their rule's throttle period.")
+  sample("runbook_alerts_throttled_total", "", m.throttled)
+  family("runbook_serve_refused_total", "counter", "Alerts and run requests refused: --max-runs runs were running.")
+  sample("runbook_serve_refused_total", "", m.refused)
+  family("runbook_serve_started_total", "counter", "Plans, runs and dry runs started, by runbook and mode.")
+  for _, k in ipairs(sorted_keys(m.started)) do
+    local rb, mode = k:match("^(.-)%z(.*)$")
+    sample("runbook_serve_started_total", ('{runbook="%s",mode="%s"}'):format(label(rb), label(mode)), m.started[k])
+  end
+  run_metrics.write(m, family, sample)
+  family("runbook_plans_pending_approval", "gauge", "Plans that wait for approval (not denied, not cancelled).")
+  sample("runbook_plans_pending_approval", "", self:pending_plans())
   return table.concat(out, "\n") .. "\n"
+end
+
+--- The answer to an authorized request: status and document, or status and a stream.
+function Server:route(req)
+  local m, p = req.method, req.path
+  if p == "/v1/alertmanager" and m == "POST" then return self:alertmanager(req.body) end
+  if p == "/v1/runs" and m == "POST" then return self:start_run(req.body) end
+  if p == "/v1/runs" and m == "GET" then return self:list_runs(req.query or {}) end
+  local id, rest = p:match("^/v1/runs/([%w%-]+)(.*)$")
+  if id and rest == "" and m == "GET" then return self:get_run(id) end
+  if id and rest == "/events" and m == "GET" then
+    if not self.by_run[id] and not require("lfs").attributes(journal.path(id)) then
+      return 404, { error = "no run " .. id }
+    end
+    return 200, self:follow(id)
+  end
+  local plan, verb = p:match("^/v1/plans/([%w%-]+)/(%a+)$")
+  if plan and (verb == "approve" or verb == "deny") and m == "POST" then return self:decide(plan, verb, req.body) end
+  return 404, { error = ("no endpoint %s %s"):format(m, p) }
 end
 
 --- Every request: /healthz and /metrics open, the rest behind the bearer token.
@@ -257,24 +462,32 @@ function Server:handle(req)
   local given = (req.authorization or ""):match("^Bearer%s+(.+)$") or ""
   if not require("runbook.httpd").equal(given, self.token) then
     status, doc = 401, { error = "missing or wrong bearer token" }
-  elseif req.path == "/v1/alertmanager" and req.method == "POST" then
-    status, doc = self:alertmanager(req.body)
   else
-    status, doc = 404, { error = ("no endpoint %s %s"):format(req.method, req.path) }
+    status, doc = self:route(req)
   end
+  if type(doc) == "function" then return status, doc, "text/event-stream" end
   return status, host.redact(cjson.encode(doc)) .. "\n", "application/json"
 end
 
---- `runbook serve`: o = {rules, listen, token_file, max_body, max_runs}; resolve(name) -> path or nil, why.
+--- The text of the file `path`, or nil and why.
+local function slurp(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+--- `runbook serve`: o = {rules, listen, token_file, max_body, max_runs, timeout, tls_cert, tls_key};
+-- resolve(name) -> path or nil, why.
 function M.serve(o, resolve)
-  local rules, why = M.load_rules(o.rules, resolve)
-  if not rules then say("%s", why); return EXIT.usage end
+  local rules, allowed = M.load_rules(o.rules, resolve)
+  if not rules then say("%s", allowed); return EXIT.usage end
   local token = os.getenv("RUNBOOK_SERVE_TOKEN")
   if o.token_file then
-    local f, ferr = io.open(o.token_file, "rb")
-    if not f then say("--token-file: %s", ferr); return EXIT.usage end
-    token = f:read("l")
-    f:close()
+    local text, ferr = slurp(o.token_file)
+    if not text then say("--token-file: %s", ferr); return EXIT.usage end
+    token = text:match("^[^\n]*")
   end
   if not token or #token < 16 then
     say("a bearer token of at least 16 characters is needed: --token-file FILE or RUNBOOK_SERVE_TOKEN")
@@ -283,18 +496,28 @@ function M.serve(o, resolve)
   host.secret(token)
   local addr, port = (o.listen or "127.0.0.1:9095"):match("^([%d%.]+):(%d+)$")
   if not addr then say("--listen: expected IPV4:PORT, got %s", o.listen); return EXIT.usage end
-  local journal = require "runbook.journal"
-  local self = setmetatable({ rules = rules, token = token, children = {}, nchildren = 0, seen = {}, spawned = 0,
+  local tls = {}
+  if (o.tls_cert == nil) ~= (o.tls_key == nil) then say("TLS needs both --tls-cert and --tls-key"); return EXIT.usage end
+  for _, k in ipairs { "tls_cert", "tls_key" } do
+    local why
+    if o[k] then tls[k], why = slurp(o[k]) end
+    if o[k] and not tls[k] then say("--%s: %s", k:gsub("_", "-"), why); return EXIT.usage end
+  end
+  local self = setmetatable({ rules = rules, allowed = allowed, token = token, children = {}, nchildren = 0,
+    by_run = {}, exits = {}, nexits = 0, seen = {}, spawned = 0,
     pid = host.identity().pid,
     max_runs = o.max_runs or 4,
     bin = require("lfs").symlinkattributes("/proc/self/exe").target,
     user = os.getenv("RUNBOOK_USER") or "runbook-serve",
     log_dir = journal.mkdirs(journal.state_dir() .. "/serve"),
-    metrics = { received = 0, deduplicated = 0, refused = 0, started = {} } }, Server)
+    metrics = { received = 0, deduplicated = 0, throttled = 0, refused = 0, started = {}, runs = {}, durations = {},
+      last_success = {} } }, Server)
   local ok, server = pcall(require("runbook.httpd").listen, { host = addr, port = tonumber(port),
-    max_body = o.max_body or 1048576, timeout = 10, handler = function(req) return self:handle(req) end })
+    max_body = o.max_body or 1048576, timeout = o.timeout or 10, tls_cert = tls.tls_cert, tls_key = tls.tls_key,
+    handler = function(req) return self:handle(req) end })
   if not ok then say("%s", type(server) == "table" and server.message or tostring(server)); return EXIT.usage end
-  io.stdout:write(("runbook serve: listening on http://%s:%d (%d rules)\n"):format(addr, server:port(), #rules))
+  io.stdout:write(("runbook serve: listening on %s://%s:%d (%d rules)\n"):format(tls.tls_cert and "https" or "http",
+    addr, server:port(), #rules))
   io.stdout:flush()
   host.install_signal_handlers()
   while not host.interrupted() do

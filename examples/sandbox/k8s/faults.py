@@ -1,7 +1,11 @@
 """Faults the sandbox can inject, driven by `ctl k8s ...` through /_sandbox/."""
 import copy
 import re
+import subprocess
 import time
+
+import podexec
+import workload
 
 from controller import memory_limit
 
@@ -26,8 +30,12 @@ def duration(text):
     return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[m.group(2)]
 
 
+def app_container(d):
+    return d["spec"]["template"]["spec"]["containers"][0]
+
+
 def app_image(d):
-    return d["spec"]["template"]["spec"]["containers"][0]["image"]
+    return app_container(d)["image"]
 
 
 def crashloop(cluster, f, args):
@@ -55,6 +63,59 @@ def bad_image(cluster, f, args):
     res = lookup_res("deployments")
     cluster.api.commit(res, d, new, {}, "sandbox-fault")
     return "deployment %s: image set to %s (cannot be pulled)" % (d["metadata"]["name"], bad)
+
+
+def change_template(cluster, f, d, change):
+    """A release that changes the pod template (change(spec) edits it); reset undoes it while
+    the template is still the fault's."""
+    new = copy.deepcopy(d)
+    change(new["spec"]["template"]["spec"])
+    key = (d["metadata"]["namespace"], d["metadata"]["name"])
+    f.template_undo.setdefault(key, (None, d["spec"]["template"]["spec"]))
+    f.template_undo[key] = (new["spec"]["template"]["spec"], f.template_undo[key][1])
+    cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
+
+
+def unschedulable(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+
+    def change(spec):
+        spec["containers"][0].setdefault("resources", {}).setdefault("requests", {})["cpu"] = "8"
+    change_template(cluster, f, d, change)
+    return "deployment %s: the app container requests 8 CPUs, more than any node has: new pods stay Pending" % (
+        d["metadata"]["name"])
+
+
+def pvc_pending(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    ns, claim = d["metadata"]["namespace"], d["metadata"]["name"] + "-data"
+    if cluster.store.get("persistentvolumeclaims", ns, claim) is None:
+        import resources
+        cluster.api.create(resources.lookup("", "v1", "persistentvolumeclaims"), ns, {
+            "metadata": {"name": claim}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast-ssd",
+                                                   "resources": {"requests": {"storage": "5Gi"}}}}, {}, "sandbox-fault")
+    f.claims.add((ns, claim))
+
+    def change(spec):
+        spec.setdefault("volumes", []).append({"name": "data", "persistentVolumeClaim": {"claimName": claim}})
+        spec["containers"][0].setdefault("volumeMounts", []).append({"name": "data", "mountPath": "/data"})
+    change_template(cluster, f, d, change)
+    return ("deployment %s: pods mount PVC %s of storage class fast-ssd, which does not exist: the claim stays "
+            "Pending and new pods unschedulable" % (d["metadata"]["name"], claim))
+
+
+def pull_secret(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    import controller
+    image = controller.PRIVATE_REGISTRY + "/todo-chatbot/" + app_image(d).rsplit("/", 1)[-1]
+
+    def change(spec):
+        spec["containers"][0]["image"] = image
+        spec["imagePullSecrets"] = [{"name": "regcred"}]
+    change_template(cluster, f, d, change)
+    return ("deployment %s: image %s from a registry that wants credentials, imagePullSecrets regcred (which does "
+            "not exist): ErrImagePull until a kubernetes.io/dockerconfigjson Secret regcred with an auth for %s "
+            "exists" % (d["metadata"]["name"], image, controller.PRIVATE_REGISTRY))
 
 
 def node_notready(cluster, f, args):
@@ -90,11 +151,55 @@ def api_latency(cluster, f, args):
 
 def exec_protocol(cluster, f, args):
     """exec-protocol v4: pods/exec speaks only v4.channel.k8s.io, as an API server before 1.30."""
-    import podexec
     if args[0] not in ("v4", "v5"):
         raise ValueError("bad protocol %r (use v4 or v5)" % args[0])
     f.exec_protocols = ("%s.channel.k8s.io" % args[0],)
     return "pods/exec serves only %s" % f.exec_protocols[0] if args[0] == "v4" else "pods/exec serves %s" % ", ".join(podexec.PROTOCOLS)
+
+
+LOG_ERROR = "upstream call failed: connection reset by peer (fault log-errors)"
+
+
+def log_errors(cluster, f, args):
+    """log-errors DEPLOYMENT [MESSAGE]: half the app's log lines from 5 minutes ago on are
+    ERROR lines with MESSAGE (logger app.upstream), as an incident found after it began."""
+    d = find_deployment(cluster.store, args[0])
+    app = d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") or app_container(d)["name"]
+    message = " ".join(args[1:]) or LOG_ERROR
+    workload.LOG_ERRORS[(d["metadata"]["namespace"], app)] = (time.time() - 300, message, "app.upstream", 0.5)
+    return "deployment %s: half its log lines from 5 minutes ago on are ERROR %r" % (d["metadata"]["name"], message)
+
+
+# Appends to an old rotated log until /var/log is $0 percent full; the file is $1.
+FILL = ('set -- "$0" "$1" $(df -Pk /var/log | tail -n 1); want=$(($4 * $1 / 100 - $5)); '
+        'if [ "$want" -gt 0 ]; then head -c "${want}K" /dev/zero >>"$2" || exit; fi; touch -d "14 days ago" "$2"')
+
+
+def running_pods(store, d):
+    sel = d["spec"]["selector"].get("matchLabels", {})
+    return [p for p in store.list("pods", d["metadata"]["namespace"])
+            if p.get("status", {}).get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+            and all(p["metadata"].get("labels", {}).get(k) == v for k, v in sel.items())]
+
+
+def disk_full(cluster, f, args):
+    """disk-full DEPLOYMENT [PERCENT]: in each running pod, an old rotated log (APP.log.14,
+    14 days old) fills /var/log to PERCENT (95) full."""
+    d = find_deployment(cluster.store, args[0])
+    pct = int(args[1]) if len(args) > 1 and args[1].isdigit() else 95 if len(args) == 1 else 0
+    if not 1 <= pct <= 100:
+        raise ValueError("bad percentage %r (use 1 to 100)" % args[1])
+    app = d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") or app_container(d)["name"]
+    pods = running_pods(cluster.store, d)
+    if not pods:
+        raise LookupError("deployment %s has no running pod" % d["metadata"]["name"])
+    for p in pods:
+        argv, cwd = podexec.pod_command(cluster.store, cluster.state_dir, p, ["sh", "-c", FILL, str(pct), "/var/log/%s.log.14" % app])
+        r = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=60)
+        if r.returncode != 0:
+            raise ValueError("filling /var/log in pod %s failed: %s" % (p["metadata"]["name"], r.stderr.decode(errors="replace")))
+    return "deployment %s: /var/log is %d%% full in pods %s (%s.log.14)" % (
+        d["metadata"]["name"], pct, ", ".join(p["metadata"]["name"] for p in pods), app)
 
 
 def metric_target(cluster, text):
@@ -155,9 +260,18 @@ def metrics(cluster, f, args):
 
 def reset(cluster, f, args):
     cluster.metrics.faults.reset()
+    workload.LOG_ERRORS.clear()
     if args[:1] == ["--world"]:
         cluster.reseed()
         return "world reseeded, faults cleared"
+    for (ns, name), (faulted, spec) in f.template_undo.items():
+        d = cluster.store.get("deployments.apps", ns, name)
+        if d and d["spec"]["template"]["spec"] == faulted:
+            new = copy.deepcopy(d)
+            new["spec"]["template"]["spec"] = spec
+            cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
+    for ns, claim in f.claims:
+        cluster.store.remove("persistentvolumeclaims", ns, claim)
     for (ns, name), image in f.bad_image_undo.items():
         d = cluster.store.get("deployments.apps", ns, name)
         if d and d["spec"]["template"]["spec"]["containers"][0]["image"] in f.bad_images:
@@ -179,7 +293,8 @@ def resume(cluster, f, args):
 
 
 def status(cluster, f, args):
-    return dict(f.describe(), metrics=cluster.metrics.faults.describe())
+    return dict(f.describe(), metrics=cluster.metrics.faults.describe(),
+                log_errors=sorted("%s/%s: %s" % (ns, app, v[1]) for (ns, app), v in workload.LOG_ERRORS.items()))
 
 
 def lookup_res(name):
@@ -191,7 +306,8 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
-            "exec-protocol": (exec_protocol, 1)}
+            "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
+            "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1)}
 
 
 def run(cluster, cmd, args):

@@ -3,10 +3,15 @@ v5, else v4): the command runs for real in a per-pod root directory.
 
 Each pod gets STATE_DIR/k8s/pods/NS/POD/ with var/log (the app's log and rotated
 copies), tmp and app (the working directory, with ./heapdump, the app's heap dump
-command). When user namespaces are available the command runs under
-`unshare -Urm` with the pod's var/log and tmp bind-mounted over /var/log and /tmp,
-so `du -sh /var/log`, `df /tmp` and `kubectl cp pod:/tmp/x` see the pod's files;
-otherwise it runs in the pod's app directory with the host's /var/log and /tmp.
+command). When user namespaces are available the command runs in the pod's own
+user and mount namespaces: /var/log is a tmpfs of LOG_VOLUME seeded from the pod's
+var/log (so `df /var/log` gives a real share, and the disk-full fault can fill it)
+and the pod's tmp is bind-mounted over /tmp, so `du -sh /var/log` and
+`kubectl cp pod:/tmp/x` see the pod's files; otherwise it runs in the pod's app
+directory with the host's /var/log and /tmp. A holder process per pod keeps those
+namespaces and each command enters them with nsenter, which costs about what a
+plain exec does; making them anew for each command (unshare, two mounts) cost
+several times more.
 The container's env (env, envFrom of ConfigMaps and Secrets) is the process env, so
 DATABASE_URL and REDIS_URL reach the sandbox's real PostgreSQL and Redis.
 
@@ -16,7 +21,6 @@ import base64
 import hashlib
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -66,10 +70,6 @@ def pod_root(state_dir, ns, pod, app):
     return root
 
 
-def remove_pod_root(state_dir, ns, pod):
-    shutil.rmtree(os.path.join(state_dir, "k8s", "pods", ns, pod), ignore_errors=True)
-
-
 def container_env(store, ns, container, pod_name):
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOSTNAME": pod_name, "HOME": "/tmp", "LANG": "C.UTF-8"}
 
@@ -97,11 +97,43 @@ def container_env(store, ns, container, pod_name):
     return env
 
 
-def command_argv(root, argv):
+_holders, _holders_lock = {}, threading.Lock()
+LOG_VOLUME = "64m"   # the size of each pod's /var/log, so that df gives a real share and a fault can fill it
+HOLD = ('R="$0"; mount -t tmpfs -o size=%s,mode=755 pod-log /var/log && cp -a "$R/var/log/." /var/log/ && '
+        'mount --bind "$R/tmp" /tmp && echo ready && read _' % LOG_VOLUME)
+
+
+def holder(store, root, ns, pod):
+    """The pid of the process that holds the pod's namespaces, started on first use:
+    /var/log is a tmpfs of LOG_VOLUME that starts with the pod root's var/log, /tmp
+    is the pod root's tmp. It exits when its stdin, a pipe from the stand-in, closes:
+    when the stand-in exits, however it ends, or when a later call finds its pod
+    deleted."""
+    with _holders_lock:
+        for key in [k for k in _holders if k != (ns, pod) and store.get("pods", *k) is None]:
+            _holders.pop(key).stdin.close()
+        h = _holders.get((ns, pod))
+        if h is None or h.poll() is not None:
+            h = subprocess.Popen(["unshare", "-Urm", "/bin/sh", "-c", HOLD, root], start_new_session=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            if h.stdout.readline() != b"ready\n":
+                h.kill()
+                h.wait()
+                raise OSError("cannot set up the pod's namespaces")
+            h.stdout.close()
+            _holders[(ns, pod)] = h
+        return h.pid
+
+
+def pod_command(store, state_dir, pod, argv, cname=None):
+    """The argv that runs argv in the pod's filesystem, and its working directory."""
+    ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
+    app = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component") or cname or pod["spec"]["containers"][0]["name"]
+    root = pod_root(state_dir, ns, name, app)
+    cwd = os.path.join(root, "app")
     if not can_unshare():
-        return argv, os.path.join(root, "app")
-    mounts = "mount --bind \"$R/var/log\" /var/log && mount --bind \"$R/tmp\" /tmp && cd \"$R/app\" && exec \"$@\""
-    return ["unshare", "-Urm", "/bin/sh", "-c", "R=\"$0\"; " + mounts, root] + argv, root
+        return argv, cwd
+    return ["nsenter", "-t", str(holder(store, root, ns, name)), "-U", "-m", "--wd=" + cwd, "--"] + argv, cwd
 
 
 class Socket:
@@ -188,8 +220,6 @@ def serve(handler, pod, state_dir, store, protocols=PROTOCOLS):
                        % (offered, ", ".join(protocols)))
     container = next(c for c in pod["spec"]["containers"] if c["name"] == cname)
     ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-    app = pod["metadata"].get("labels", {}).get("app.kubernetes.io/component") or cname
-    root = pod_root(state_dir, ns, name, app)
     want_stdin = q.get("stdin", ["false"])[0] in ("true", "1")
 
     key = handler.headers.get("Sec-WebSocket-Key", "")
@@ -204,8 +234,8 @@ def serve(handler, pod, state_dir, store, protocols=PROTOCOLS):
     handler.close_connection = True
     ws = Socket(handler.rfile, handler.wfile)
 
-    run, cwd = command_argv(root, argv)
     try:
+        run, cwd = pod_command(store, state_dir, pod, argv, cname)
         proc = subprocess.Popen(run, cwd=cwd, env=container_env(store, ns, container, name), start_new_session=True,
                                 stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)

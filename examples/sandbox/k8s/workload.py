@@ -18,6 +18,9 @@ APP_MESSAGES = [("INFO", "GET /health 200", "uvicorn.access"), ("INFO", "GET /ap
                 ("ERROR", "publish to task-updates failed: retrying", "app.events"),
                 ("INFO", "websocket client connected", "app.ws")]
 CRASH = ("ERROR", "unhandled exception in request handler", "app.handlers")
+# The log-errors fault: (namespace, app) -> (since, message, logger, share). From
+# `since` on, that share of the app's log lines are ERROR lines with the fault's message.
+LOG_ERRORS = {}
 DAPR_MESSAGES = [("info", "HTTP API Called", "dapr.runtime.http-info"),
                  ("info", "Publishing message to topic", "dapr.runtime.pubsub"),
                  ("info", "component loaded", "dapr.runtime"),
@@ -70,15 +73,26 @@ def container_logs(pod, cname, previous, now):
     return container_logs_window(pod, cname, app, start, end, cs, crashed, oom)
 
 
+def fault_line(pod, app, t, seq, fault):
+    """An ERROR line of the log-errors fault, or None for a line it leaves alone."""
+    since, message, logger, share = fault
+    if t < since or _rng(pod, "log-errors", seq).random() >= share:
+        return None
+    return json.dumps({"timestamp": now_iso(t), "level": "ERROR", "service": app, "logger": logger, "message": message,
+                       "correlation_id": "%08x" % _rng(pod, "log-errors-id", seq).getrandbits(32), "pod": pod})
+
+
 def container_logs_window(pod, cname, app, start, end, cs, crashed, oom):
     name = pod["metadata"]["name"]
+    fault = LOG_ERRORS.get((pod["metadata"]["namespace"], app)) if cname != "daprd" else None
     first = max(0, int((end - start) / LINE_EVERY) - MAX_LINES)
     out = [(start, json.dumps({"timestamp": now_iso(start), "level": "INFO", "service": app, "logger": "app.main",
                                "message": "starting %s (restart %d)" % (app, cs.get("restartCount", 0))}))]
     seq = first
     while start + (seq + 1) * LINE_EVERY <= end:
         t = start + (seq + 1) * LINE_EVERY
-        out.append((t, log_line(name, cname, app, t, "%d-%d" % (start, seq))))
+        key = "%d-%d" % (start, seq)
+        out.append((t, fault and fault_line(name, app, t, key, fault) or log_line(name, cname, app, t, key)))
         seq += 1
     if crashed and cname != "daprd":
         out += [(end, l) for l in (["Killed (out of memory)"] if oom else crash_tail(app, end))]

@@ -11,6 +11,10 @@
  *       STATE_DIR/kafka/control.port and, once ready, STATE_DIR/kafka/bootstrap.
  *       Control commands arrive one line per connection on the control port.
  *
+ *       The control command "groups N" adds consumer groups scale-group-1..N
+ *       with committed offsets on every partition of scale-events (12
+ *       partitions of SCALE_MESSAGES messages each), for the scale benchmarks.
+ *
  *   kafka-sandbox lag BROKERS GROUP TOPIC
  *       An independent client: prints committed offset, high watermark and
  *       lag per partition, then "total <lag>".
@@ -671,6 +675,104 @@ static void push_errors(int16_t apikey, size_t cnt, rd_kafka_resp_err_t code)
     free(errs);
 }
 
+/* ---- many groups, for the scale benchmarks ---- */
+
+#define SCALE_TOPIC "scale-events"
+#define SCALE_PARTITIONS 12
+#define SCALE_MESSAGES 100   /* per partition */
+
+/* Group g's committed offset on partition p: every group lags differently. */
+static int64_t scale_offset(int g, int p) { return (g * 7 + p * 3) % SCALE_MESSAGES; }
+
+/* Creates scale-events once and fills every partition with SCALE_MESSAGES. */
+static const char *scale_topic(void)
+{
+    static int created;
+    if (created)
+        return NULL;
+    if (rd_kafka_mock_topic_create(mc, SCALE_TOPIC, SCALE_PARTITIONS, NBROKERS))
+        return "cannot create " SCALE_TOPIC;
+    rd_kafka_topic_t *rkt = rd_kafka_topic_new(control_rk, SCALE_TOPIC, NULL);
+    const struct rd_kafka_metadata *md;
+    if (rd_kafka_metadata(control_rk, 0, rkt, &md, 5000) == RD_KAFKA_RESP_ERR_NO_ERROR)
+        rd_kafka_metadata_destroy(md);
+    rd_kafka_topic_destroy(rkt);
+    for (int p = 0; p < SCALE_PARTITIONS; p++)
+        for (int i = 0; i < SCALE_MESSAGES; i++) {
+            char v[32];
+            snprintf(v, sizeof v, "scale %d/%d", p, i);
+            while (rd_kafka_producev(control_rk, RD_KAFKA_V_TOPIC(SCALE_TOPIC), RD_KAFKA_V_PARTITION(p),
+                                     RD_KAFKA_V_VALUE(v, strlen(v)), RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+                                     RD_KAFKA_V_END) == RD_KAFKA_RESP_ERR__QUEUE_FULL)
+                rd_kafka_poll(control_rk, 50);
+        }
+    if (rd_kafka_flush(control_rk, 30000))
+        return "producing to " SCALE_TOPIC " timed out";
+    created = 1;
+    return NULL;
+}
+
+/* groups N: scale-group-1..N commit their offsets on scale-events, all
+ * commits in flight at once (admin offset commits: no JoinGroup, so
+ * runbooks can still reset these groups). Idempotent. */
+static void cmd_groups(char **argv, int argc, char *out, size_t n)
+{
+    static rd_kafka_t *admin;
+    int count = argc == 2 && is_number(argv[1]) ? atoi(argv[1]) : 0;
+    if (count < 1 || count > 100000) {
+        snprintf(out, n, "error usage: groups N (1..100000)");
+        return;
+    }
+    const char *why = scale_topic();
+    if (why) {
+        snprintf(out, n, "error %s", why);
+        return;
+    }
+    if (!admin)
+        admin = new_client(RD_KAFKA_CONSUMER, rd_kafka_mock_cluster_bootstraps(mc), NULL, NULL);
+    rd_kafka_queue_t *q = rd_kafka_queue_new(admin);
+    for (int g = 1; g <= count; g++) {
+        char name[64];
+        snprintf(name, sizeof name, "scale-group-%d", g);
+        rd_kafka_topic_partition_list_t *l = rd_kafka_topic_partition_list_new(SCALE_PARTITIONS);
+        for (int p = 0; p < SCALE_PARTITIONS; p++)
+            rd_kafka_topic_partition_list_add(l, SCALE_TOPIC, p)->offset = scale_offset(g, p);
+        rd_kafka_AlterConsumerGroupOffsets_t *req = rd_kafka_AlterConsumerGroupOffsets_new(name, l);
+        rd_kafka_AlterConsumerGroupOffsets(admin, &req, 1, NULL, q);
+        rd_kafka_AlterConsumerGroupOffsets_destroy(req);
+        rd_kafka_topic_partition_list_destroy(l);
+    }
+    int failed = 0;
+    char first[256] = "";
+    for (int done = 0; done < count;) {
+        rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 60000);
+        if (!ev)
+            break;
+        if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_ALTERCONSUMERGROUPOFFSETS_RESULT) {
+            done++;
+            size_t cnt;
+            const rd_kafka_group_result_t **gr = rd_kafka_AlterConsumerGroupOffsets_result_groups(
+                rd_kafka_event_AlterConsumerGroupOffsets_result(ev), &cnt);
+            const rd_kafka_error_t *e = rd_kafka_event_error(ev) ? NULL : cnt ? rd_kafka_group_result_error(gr[0]) : NULL;
+            if (rd_kafka_event_error(ev) || e) {
+                if (!failed++)
+                    snprintf(first, sizeof first, "%s", e ? rd_kafka_error_string(e) : rd_kafka_event_error_string(ev));
+            }
+        }
+        rd_kafka_event_destroy(ev);
+    }
+    rd_kafka_queue_destroy(q);
+    int64_t lag = 0;
+    for (int g = 1; g <= count; g++)
+        for (int p = 0; p < SCALE_PARTITIONS; p++)
+            lag += SCALE_MESSAGES - scale_offset(g, p);
+    if (failed)
+        snprintf(out, n, "error %d of %d groups failed to commit: %s", failed, count, first);
+    else
+        snprintf(out, n, "ok groups=%d topic=%s partitions=%d lag=%lld", count, SCALE_TOPIC,
+                 SCALE_PARTITIONS, (long long)lag);
+}
+
 #define USAGE(...) do { snprintf(out, n, "error usage: " __VA_ARGS__); return; } while (0)
 
 static void run_command(char *line, char *out, size_t n)
@@ -710,6 +812,8 @@ static void run_command(char *line, char *out, size_t n)
     } else if (strcmp(cmd, "reset-groups") == 0) {
         if (!reset_groups())
             snprintf(out, n, "error the workload did not stop within 30 s");
+    } else if (strcmp(cmd, "groups") == 0) {
+        cmd_groups(argv, argc, out, n);
     } else if (strcmp(cmd, "status") == 0) {
         cmd_status(out, n);
     } else {
