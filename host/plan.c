@@ -21,12 +21,12 @@
 
 #define RB_PLAN "runbook.plan"
 #define RB_PLAN_RECORDER "runbook.plan_recorder"
+#define RB_PLAN_OWN "runbook.plan_own"   /* the run's own effects: "module op target" -> true */
 
 static int loaded;
 static char *step;             /* the step whose attempt runs; NULL between steps */
 static lua_Integer checked;    /* effects checked in this attempt */
 static char *drift;            /* the first difference, once found */
-static char *lease;            /* the target of the run's own Lease ("NS/lease/NAME"), or NULL */
 
 static const char *const FIELDS[] = { "module", "op", "target", "summary" };
 
@@ -48,18 +48,26 @@ static void set_drift(lua_State *L, const char *msg)
     raise_drift(L);
 }
 
-/* The run's own Lease is taken, renewed as time passes and released around
- * the steps: the run's lock, not an effect of the runbook, so it is journaled
- * but neither planned nor held to the plan. */
-static int run_lease(const rb_effect *e)
+/* The run's own effects: its Lease, taken, renewed as time passes and
+ * released around the steps. The host names them (plan_own) before they
+ * happen; they are journaled but neither planned nor held to the plan.
+ * A runbook cannot reach plan_own. */
+static int run_own(lua_State *L, const rb_effect *e)
 {
-    return lease && e->module && e->op && e->target && !strcmp(e->module, "k8s") && !strcmp(e->op, "lease")
-        && !strcmp(e->target, lease);
+    if (!e->module || !e->op || !e->target) return 0;
+    if (lua_getfield(L, LUA_REGISTRYINDEX, RB_PLAN_OWN) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    lua_pushfstring(L, "%s %s %s", e->module, e->op, e->target);
+    int own = lua_rawget(L, -2) != LUA_TNIL;
+    lua_pop(L, 2);
+    return own;
 }
 
 void rb_plan_check(lua_State *L, const rb_effect *e)
 {
-    if (!loaded || run_lease(e)) return;
+    if (!loaded || run_own(L, e)) return;
     if (drift) raise_drift(L);
     int top = lua_gettop(L);
     const char *now[4], *want[4];
@@ -107,7 +115,7 @@ void rb_plan_check(lua_State *L, const rb_effect *e)
  * asked under apply: before the write, in the same words. */
 void rb_plan_record(lua_State *L, const rb_effect *e)
 {
-    if (run_lease(e)) return;
+    if (run_own(L, e)) return;
     if (lua_getfield(L, LUA_REGISTRYINDEX, RB_PLAN_RECORDER) != LUA_TFUNCTION) {
         lua_pop(L, 1);
         return;
@@ -162,13 +170,19 @@ static int h_plan_step(lua_State *L)
     return 0;
 }
 
-/* plan_lease(target): the run's own Lease, which plans and applies leave out. */
-static int h_plan_lease(lua_State *L)
+/* plan_own(module, op, target): an effect of the run's own, which plans and applies leave out. */
+static int h_plan_own(lua_State *L)
 {
-    const char *target = luaL_checkstring(L, 1);
-    free(lease);
-    lease = strdup(target);
-    if (!lease) return luaL_error(L, "out of memory");
+    const char *m = luaL_checkstring(L, 1), *op = luaL_checkstring(L, 2), *target = luaL_checkstring(L, 3);
+    if (lua_getfield(L, LUA_REGISTRYINDEX, RB_PLAN_OWN) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, -1);
+        lua_setfield(L, LUA_REGISTRYINDEX, RB_PLAN_OWN);
+    }
+    lua_pushfstring(L, "%s %s %s", m, op, target);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, -3);
     return 0;
 }
 
@@ -209,6 +223,6 @@ const luaL_Reg rb_plan_funcs[] = {
     { "plan_record", h_plan_record },
     { "plan_step", h_plan_step },
     { "plan_drift", h_plan_drift },
-    { "plan_lease", h_plan_lease },
+    { "plan_own", h_plan_own },
     { NULL, NULL }
 };

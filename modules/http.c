@@ -19,6 +19,8 @@
  *     opts.follow           true: follow redirects (off by default)
  *     opts.effect           {module, op, target, summary}: how the gate names a
  *                           write (for stdlib wrappers: "dapr publish ...")
+ *   report(opts) -> {status, headers, body}: request's options, for the host's
+ *     own report after a run (run metrics to a Pushgateway); asks no gate
  *   check_all(urls, opts) -> {{status, latency, content_type, body, error, code, retryable}, ...}
  *     GETs every URL at once over the multi interface, opts.concurrency at a
  *     time (default 50); opts.timeout, connect_timeout, headers and the TLS
@@ -68,11 +70,13 @@
 #define DEFAULT_CONNECT_TIMEOUT 10.0
 
 static int http_request(lua_State *L);
+static int http_report(lua_State *L);
 static int http_check_all(lua_State *L);
 static int http_smtp_send(lua_State *L);
 
 static const luaL_Reg http_funcs[] = {
     {"request", http_request},
+    {"report", http_report},
     {"check_all", http_check_all},
     {"smtp_send", http_smtp_send},
     {NULL, NULL}
@@ -436,7 +440,8 @@ static int raise_transport(lua_State *L, client *c, CURLcode rc, const char *met
     return rb_error(L, "http", method, code, retryable, "%s", msg);
 }
 
-static int http_request(lua_State *L) {
+/* A request; `gated`: a write asks the gate (every request a runbook makes). */
+static int perform(lua_State *L, int gated) {
     client *c = check_client(L);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
@@ -460,6 +465,7 @@ static int http_request(lua_State *L) {
 
     rb_effect e = {"http", method, safe_url, NULL, 0};
     rb_decision d = RB_PERFORM;
+    if (!gated) read = 1;   /* the host's report: nothing to gate or account for */
     if (!read) {
         push_summary(L, method, safe_url, len);
         e.summary = lua_tostring(L, -1);
@@ -482,6 +488,14 @@ static int http_request(lua_State *L) {
     }
     return 1;
 }
+
+static int http_request(lua_State *L) { return perform(L, 1); }
+
+/* report(opts): a request of the host's own after a run (its metrics to a
+ * Pushgateway), as the journal is written: no effect of the runbook, so it
+ * asks no gate. Only host code reaches it (stdlib/runbook/metrics.lua);
+ * runbooks get stdlib/http.lua, which never calls it. */
+static int http_report(lua_State *L) { return perform(L, 0); }
 
 /* ---- check_all: many GETs at once ---------------------------------------- */
 

@@ -60,7 +60,7 @@ _runbook()
 
     local flags target=""
     case $cmd in
-        run) flags="-p --param --params-file --dry-run --step --yes -y --from --undo-on-failure --lock --wait-lock" ;;
+        run) flags="-p --param --params-file --dry-run --step --yes -y --from --undo-on-failure --lock --wait-lock --push-metrics" ;;
         resume) flags="-p --param --force --rerun-interrupted --on-unknown --yes -y --step --wait-lock --undo-on-failure" ;;
         plan) flags="-p --param --params-file --out --require-approval --alert --lock" ;;
         apply) flags="-p --param --step --yes -y" ;;

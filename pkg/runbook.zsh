@@ -86,7 +86,7 @@ _runbook() {
       case $words[1] in
         run) args=($set_params $params_file '--dry-run[change nothing, show each write]' $step $yes
           '--from[start at a step]:step:' $undo '--lock=-[hold a run lock]::key:' $wait_lock
-          '1:runbook:_runbook_names') ;;
+          '--push-metrics[push the run metrics to a Pushgateway]:url:' '1:runbook:_runbook_names') ;;
         resume) args=($again_params '--force[resume although the runbook changed]'
           '--rerun-interrupted[run the interrupted step again]'
           '--on-unknown=-[effects of unknown outcome]:choice:(fail redo skip)' $yes $step $wait_lock $undo

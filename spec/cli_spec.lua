@@ -60,7 +60,8 @@ describe("cli", function()
   it("loads a backend library only when a runbook uses it", function()
     local function libs_loaded(body)
       local path = cli.runbook("name = 'noop' description = 'd'\nstep 'a' { run = function() " .. body .. " end }\n")
-      local p = io.popen("LD_DEBUG=libs " .. cli.BIN .. " run " .. path .. " 2>&1 >/dev/null")
+      -- Without a Pushgateway: pushing the run's metrics at its end loads libcurl (the sandbox's env sets one).
+      local p = io.popen("RUNBOOK_PUSHGATEWAY= LD_DEBUG=libs " .. cli.BIN .. " run " .. path .. " 2>&1 >/dev/null")
       local out = p:read("a")
       p:close()
       return out

@@ -2,7 +2,7 @@
 -- its Server-Sent Events, approving and denying plans, /metrics, and the
 -- security limits (token, body size, malformed JSON, secrets, TLS, a request
 -- sent too slowly). Checked with curl; the runbooks write files, checked with
--- the file system. Needs no sandbox.
+-- the file system; the sandbox's Prometheus scrapes /metrics.
 local cli = require "spec.support.cli"
 local cjson = require "cjson"
 
@@ -211,8 +211,16 @@ describe("runbook serve's API", function()
     assert.are.equal("", cli.slurp(out))
   end)
 
-  it("answers no secret: a secret param given to a run is not in its journal's answer", function()
-    local run = start_run { api_key = SECRET }
+  it("answers no secret: a secret param given to a run is in no answer, nor in the run's command line", function()
+    local go = dir .. "/go-" .. math.random(1e9)
+    local run = start_run { api_key = SECRET, go = go }
+    local argv = wait_until(60, function()
+      local out = sh("ps -eo args")
+      return out:find(run.run_id, 1, true) and out
+    end)
+    assert.truthy(argv, "the run's process was not seen")
+    assert.is_nil(argv:find(SECRET, 1, true))
+    cli.write(go, "")
     local body = wait_until(60, function()
       local _, b = get("/v1/runs/" .. run.run_id)
       return b:find('"status":"ok"', 1, true) and b
@@ -254,6 +262,21 @@ describe("runbook serve's API", function()
       assert.is_nil(body:find(TOKEN, 1, true))
     end)
   end
+
+  it("is scraped by the sandbox's Prometheus", function()
+    package.path = "spec/sandbox/?.lua;" .. package.path
+    local sb = require "sandbox_helper"
+    local targets = sb.state .. "/prometheus/targets/serve.json"
+    cli.write(targets, cjson.encode { { targets = { url:match("//(.*)$") } } })
+    local ok, rows = pcall(wait_until, 90, function()
+      local r = sb.promql('runbook_plans_pending_approval{job="runbook-serve"}')
+      return #r == 1 and r
+    end)
+    cli.write(targets, "[]")
+    assert.is_true(ok, tostring(rows))
+    assert.truthy(rows, "Prometheus did not scrape serve within 90 s")
+    assert.are.equal(1, sb.promql('up{job="runbook-serve"}')[1].value)
+  end)
 
   it("serves TLS with the certificate given; a client without it refuses", function()
     local status, body = curl(("--cacert %s %s"):format(cli.quote(dir .. "/cert.pem"), cli.quote(tls_url .. "/healthz")))

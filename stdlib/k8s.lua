@@ -63,7 +63,8 @@
 --       a dry run it is reported (would run "df -h" in pod ns/x container c), not run.
 --       A non-zero exit raises (code = the status) unless check = false; a missing
 --       container raises code "container_not_found"; timeout (default the step's
---       deadline) and Ctrl-C close the session, which ends the command.
+--       deadline) and Ctrl-C close the session, which ends the command. tty = true
+--       is refused with a clear error: the streams are read apart, with no terminal.
 --   cp("pod/x:/path" | "deploy/x:/path", "local/path", {container=, timeout=})
 --   cp("local/path", "pod/x:/path", {container=}) -> {bytes, pod, container}
 --       a file or directory, by tar over exec as kubectl cp does; `to` names the

@@ -143,7 +143,9 @@ redis_cli() {
 # ---- Prometheus, Alertmanager, Pushgateway ----
 
 # Prometheus scrapes the pods and exporters the Kubernetes stand-in lists in
-# .state/prometheus/targets/ (file_sd: it follows the files as pods come and go)
+# .state/prometheus/targets/ (file_sd: it follows the files as pods come and go),
+# the `runbook serve` processes a spec lists in targets/serve.json,
+# and the Pushgateway (the metrics runs push when they end, their labels kept),
 # every second and evaluates prometheus/rules.yml every second.
 prometheus_config() {
     local d=$STATE_DIR/prometheus
@@ -163,7 +165,34 @@ scrape_configs:
     file_sd_configs: [{files: ['$d/targets/exporters.json']}]
   - job_name: prometheus
     static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/prometheus")']}]
+  - job_name: runbook-serve
+    file_sd_configs: [{files: ['$d/targets/serve.json']}]
+  - job_name: pushgateway
+    honor_labels: true
+    static_configs: [{targets: ['127.0.0.1:$(cat "$STATE_DIR/ports/pushgateway")']}]
 EOF
+}
+
+# Alertmanager keeps the alerts (GET /api/v2/alerts) and groups them quickly. Given a
+# webhook URL and a file with its bearer token (`ctl alertmanager webhook`), it also
+# sends them there, e.g. to a `runbook serve`; without one, nowhere.
+alertmanager_config() {
+    local url=${1:-} token_file=${2:-} webhook=""
+    if [ -n "$url" ]; then
+        webhook="    webhook_configs: [{url: '$url', http_config: {authorization: {credentials_file: '$token_file'}}}]"
+    fi
+    cat >"$STATE_DIR/alertmanager.yml.tmp" <<EOF
+route:
+  receiver: sandbox
+  group_by: [alertname, service]
+  group_wait: 1s
+  group_interval: 5s
+  repeat_interval: 1h
+receivers:
+  - name: sandbox
+$webhook
+EOF
+    mv "$STATE_DIR/alertmanager.yml.tmp" "$STATE_DIR/alertmanager.yml"
 }
 
 # Each starts from empty storage, as every sandbox starts from the seeded state.
@@ -171,11 +200,13 @@ start_monitoring() {
     local d=$STATE_DIR/prometheus
     rm -rf "$d/data" "$STATE_DIR/alertmanager"
     mkdir -p "$d/targets" "$STATE_DIR/alertmanager"
+    echo '[]' >"$d/targets/serve.json"
     prometheus_config
+    alertmanager_config
     spawn prometheus prometheus --config.file="$d/prometheus.yml" --storage.tsdb.path="$d/data" \
         --storage.tsdb.retention.time=1d --web.listen-address="127.0.0.1:$(cat "$STATE_DIR/ports/prometheus")" \
         --log.level=warn
-    spawn alertmanager prometheus-alertmanager --config.file="$SANDBOX_DIR/prometheus/alertmanager.yml" \
+    spawn alertmanager prometheus-alertmanager --config.file="$STATE_DIR/alertmanager.yml" \
         --storage.path="$STATE_DIR/alertmanager" --cluster.listen-address= \
         --web.listen-address="127.0.0.1:$(cat "$STATE_DIR/ports/alertmanager")" --log.level=warn
     spawn pushgateway prometheus-pushgateway --web.listen-address="127.0.0.1:$(cat "$STATE_DIR/ports/pushgateway")" \

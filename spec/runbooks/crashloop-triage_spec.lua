@@ -90,3 +90,77 @@ describe("crashloop-triage", function()
     assert.matches("would patch deployment todo%-chatbot%-websocket", r.stdout)
   end)
 end)
+
+-- Seed 000 "Pod Not Starting": each row injects a fault that keeps new pods
+-- from starting, waits until kubectl shows it, runs the runbook dry (nothing
+-- changes: kubectl reads the same deployment) and then for real; kubectl
+-- checks the diagnosis against the cluster and, where the runbook fixes, the fix.
+local function kubectl(args)
+  local out, ok = sb.kubectl("-n todo-chatbot " .. args)
+  assert(ok, args .. ": " .. out)
+  return out
+end
+
+local function events(kind)
+  return kubectl("get events --field-selector type=Warning,involvedObject.kind=" .. kind
+    .. " -o jsonpath='{range .items[*]}{.reason}: {.message}{\"\\n\"}{end}'")
+end
+
+local NOT_STARTING = {
+  { name = "a release that asks for more CPU than any node has: Pending, unschedulable; rolled back",
+    fault = "unschedulable backend", app = "backend",
+    shows = function() return events("Pod"):find("FailedScheduling: 0/3 nodes are available: 3 Insufficient cpu", 1, true) end,
+    diagnosis = "diagnosis: pods are Pending, the scheduler cannot place them %(0/3 nodes are available: 3 Insufficient cpu%.",
+    fixed = function()
+      assert.are.equal("100m", kubectl("get deploy todo-chatbot-backend -o jsonpath='{.spec.template.spec.containers[0].resources.requests.cpu}'"))
+      assert.truthy(kh.wait_rolled_out("backend", 40))
+      assert.not_matches("Pending", kubectl("get pods -l app.kubernetes.io/component=backend"))
+    end },
+  { name = "a claim that does not bind (no such storage class): Pending pods, the claim named",
+    fault = "pvc-pending websocket", app = "websocket",
+    shows = function() return kubectl("get pvc todo-chatbot-websocket-data -o jsonpath='{.status.phase}'") == "Pending"
+      and events("Pod"):find("unbound immediate PersistentVolumeClaims", 1, true) end,
+    diagnosis = 'persistentvolumeclaim todo%-chatbot%-websocket%-data is Pending %(storage class fast%-ssd: storageclass%.storage%.k8s%.io "fast%-ssd" not found%)',
+    fixed = function()   -- not fixed: still Pending, the claim too
+      assert.are.equal("Pending", kubectl("get pvc todo-chatbot-websocket-data -o jsonpath='{.status.phase}'"))
+    end },
+  { name = "an image the registry refuses without credentials: the missing pull secret named",
+    fault = "pull-secret notification", app = "notification",
+    shows = function() return kh.waiting("notification") == "ImagePullBackOff" end,
+    diagnosis = "the registry refuses to pull the image without credentials %(ErrImagePull: authorization failed%); "
+      .. "secret regcred %(imagePullSecrets%) does not exist",
+    fixed = function()
+      local out = sb.kubectl("-n todo-chatbot get secret regcred")
+      assert.matches('secrets "regcred" not found', out)
+      -- what the diagnosis says to do heals it: a dockerconfigjson Secret with the registry's auth
+      kubectl("create secret docker-registry regcred --docker-server=registry.sandbox.internal --docker-username=ci --docker-password=s3cret")
+      assert.truthy(kh.wait_rolled_out("notification", 40), "notification did not start once regcred existed")
+    end },
+}
+
+describe("crashloop-triage: pods not starting (seed 000)", function()
+  setup(kh.reset_world)
+  after_each(function()
+    kh.reset_world()
+    cli.cleanup()
+  end)
+
+  for _, case in ipairs(NOT_STARTING) do
+    it(case.name, function()
+      local out, ok = sb.ctl("k8s " .. case.fault)
+      assert(ok, out)
+      assert.truthy(sb.wait_until(40, case.shows), case.fault .. ": kubectl never showed the fault")
+      local deploy = "deploy/todo-chatbot-" .. case.app
+      local before = kubectl("get " .. deploy .. " -o jsonpath='{.metadata.generation} {.spec.template}'")
+      local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-" .. case.app, "--dry-run" }
+      assert.are.equal(0, r.code, r.stdout .. r.stderr)
+      assert.matches(case.diagnosis, r.stdout)
+      assert.are.equal(before, kubectl("get " .. deploy .. " -o jsonpath='{.metadata.generation} {.spec.template}'"))
+
+      r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-" .. case.app, "-p", "observe=3s", "--yes" }
+      assert.are.equal(0, r.code, r.stdout .. r.stderr)
+      assert.matches(case.diagnosis, r.stdout)
+      case.fixed()
+    end)
+  end
+end)

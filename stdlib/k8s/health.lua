@@ -36,6 +36,9 @@ local function pod_health(p)
     ph.last_termination_reason = ph.last_termination_reason or c.last_termination_reason
   end
   ph.reason = ph.reason or st.reason
+  for _, c in ipairs(st.conditions or {}) do
+    if c.type == "PodScheduled" and c.status == "False" then ph.unschedulable = c.message or c.reason or "Unschedulable" end
+  end
   return ph
 end
 
@@ -80,7 +83,7 @@ function M.of(d, pods)
         end
       end
       if ph.phase == "Pending" and #ph.containers == 0 then problem("pod %s is Pending%s", ph.name,
-        ph.reason and (": " .. ph.reason) or "") end
+        (ph.unschedulable or ph.reason) and (": " .. (ph.unschedulable or ph.reason)) or "") end
     end
   end
   table.sort(h.pods, function(a, b) return a.name < b.name end)

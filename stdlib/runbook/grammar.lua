@@ -66,6 +66,8 @@ function M.build(only)
     option(run, "--lock", "Hold a run lock (default key: the runbook's lock, else its name); "
       .. "k8s:NAMESPACE/NAME is a Kubernetes Lease.", "KEY"):args("?")
     option(run, "--wait-lock", "Wait this long for a held lock instead of ending with 75.", "DURATION")
+    option(run, "--push-metrics", "When the run ends, push its metrics to this Pushgateway "
+      .. "(default: RUNBOOK_PUSHGATEWAY).", "URL")
     option(run, "--run-id", "The new run's id (runbook serve sets it, to answer with it).", "ID")
   end
   if only then return p end

@@ -88,7 +88,7 @@ function M.lease(key, holder, wait)
   local lease = assert(M.lease_name(key))
   local k8s = require "k8s"
   local namespace = lease.namespace or k8s.client().namespace
-  host.plan_lease(namespace .. "/lease/" .. lease.name)   -- the run's lock, not one of its planned effects
+  host.plan_own("k8s", "lease", namespace .. "/lease/" .. lease.name)   -- the run's lock, not a planned effect
   return k8s.lease_lock {
     namespace = namespace, name = lease.name, duration = M.LEASE_DURATION, wait = wait, try = true,
     identity = ("%s@%s pid %d run %s"):format(holder.user, holder.host, holder.pid, holder.run_id),

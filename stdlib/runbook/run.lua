@@ -26,7 +26,7 @@ function M.request(o)
   return {
     given = given, params_file = o["--params-file"], mode = o["--dry-run"] and "dry-run" or "run",
     step = o["--step"] or nil, yes = (o["--yes"] or o["-y"]) or nil, from = o["--from"],
-    outputs_from = o["--outputs-from"], lock = o["--lock"],
+    outputs_from = o["--outputs-from"], lock = o["--lock"], push_metrics = o["--push-metrics"],
     wait = o["--wait-lock"] or 0,
     undo_on_failure = o["--undo-on-failure"] or nil, output = o["--output"] or "text", run_id = o["--run-id"],
   }
@@ -298,6 +298,14 @@ local function finish(run, lease, status, code, counts, t0)
     skipped = counts.skipped, mode = run.request.mode, signal = run.signal and EXIT.signal_name(run.signal) or nil }
 end
 
+--- A run that ended pushes its metrics (runbook.metrics) when asked to; a dry run does not.
+local function push_metrics(run, code, took)
+  local url = run.request.push_metrics or os.getenv("RUNBOOK_PUSHGATEWAY")
+  if run.dry_run or not url or url == "" then return end
+  local ok, why = require("runbook.metrics").push(url, run.rb.name, code, took)
+  if not ok then say("the run's metrics were not pushed to %s: %s", url, why) end
+end
+
 --- Run `rb` as `req` asks. `resumed` continues a journaled run: {id, params
 -- (the journal's), start (the step index to continue at), restored =
 -- {outputs, completed, skipped}}. Returns the exit status.
@@ -318,8 +326,9 @@ function M.start(rb, req, resumed)
   if jfail then
     say("the run stopped: %s (journal %s, cut back to its last whole line); free space, then: runbook resume %s",
       type(jfail) == "table" and jfail.message or tostring(jfail), require("runbook.journal").path(run.id), run.id)
-    return EXIT.journal
+    code = EXIT.journal
   end
+  push_metrics(run, code, host.now() - t0)
   return code
 end
 

@@ -6,6 +6,8 @@
 local host = require "runbook.host"
 local cjson = require "cjson"
 local EXIT = require "runbook.exit"
+local run_metrics = require "runbook.metrics"
+local label, sorted_keys = run_metrics.label, run_metrics.sorted_keys
 local journal = require "runbook.journal"
 
 local M = {}
@@ -148,16 +150,6 @@ end
 local Server = {}
 Server.__index = Server
 
---- Exit statuses by name, for runbook_runs_total's status label.
-local STATUS = {}
-for name, code in pairs(EXIT) do
-  if type(code) == "number" then STATUS[code] = name end
-end
-STATUS[EXIT.interrupted(2)], STATUS[EXIT.interrupted(15)] = "interrupted", "interrupted"
-
--- Upper bounds (seconds) of the run-duration histogram's buckets.
-local BUCKETS = { 1, 5, 15, 60, 300, 900, 3600 }
-
 --- A new run id, as runbook.run makes them; the child runs under it, so serve can answer with it.
 local function new_run_id()
   local f = assert(io.open("/dev/urandom", "rb"))
@@ -195,18 +187,7 @@ function Server:ended(child, code)
   self.nexits = self.nexits + 1
   if self.nexits > 10000 then self.exits, self.nexits = {}, 0 end   -- only recent runs are followed
   if child.mode ~= "run" then return end
-  local m, rb = self.metrics, child.runbook
-  local status = STATUS[code] or ("exit " .. code)
-  local key = rb .. "\0" .. status
-  m.runs[key] = (m.runs[key] or 0) + 1
-  local h = m.durations[rb] or { count = 0, sum = 0, buckets = {} }
-  m.durations[rb] = h
-  local took = host.now() - child.started
-  h.count, h.sum = h.count + 1, h.sum + took
-  for i, le in ipairs(BUCKETS) do
-    if took <= le then h.buckets[i] = (h.buckets[i] or 0) + 1 end
-  end
-  if code == EXIT.ok then m.last_success[rb] = host.wallclock() end
+  run_metrics.account(self.metrics, child.runbook, code, host.now() - child.started)
 end
 
 --- Children still running, those that ended reaped and accounted for.
@@ -223,9 +204,11 @@ function Server:running()
 end
 
 --- Start `argv` (a runbook command without its run id) as a child of
--- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`.
--- Returns what was started, or nil and why.
-function Server:spawn(argv, name, runbook, mode, user)
+-- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`;
+-- `params` (an API caller's, which may hold secrets) reach it as JSON on its
+-- standard input (--params-file /dev/stdin), never in argv, where any local
+-- user sees them, nor in a file. Returns what was started, or nil and why.
+function Server:spawn(argv, name, runbook, mode, user, params)
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
     return nil, ("%d runs already running (--max-runs)"):format(self.max_runs)
@@ -236,7 +219,9 @@ function Server:spawn(argv, name, runbook, mode, user)
     (name:gsub("[^%w%-_]", "_")))
   local run_id = new_run_id()
   argv[#argv + 1] = "--run-id=" .. run_id
-  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user })
+  local input = params and next(params) and cjson.encode(params)
+  if input then argv[#argv + 1] = "--params-file=/dev/stdin" end
+  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
   if not ok then return nil, type(pid) == "table" and pid.message or tostring(pid) end
   self.children[pid], self.nchildren = { run_id = run_id, runbook = runbook, mode = mode, started = host.now() },
     self.nchildren + 1
@@ -317,19 +302,17 @@ function Server:start_run(body)
   end
   local argv = { self.bin, "run", doc.runbook, doc.dry_run == true and "--dry-run" or "--yes" }
   if doc.params ~= nil and type(doc.params) ~= "table" then return 400, { error = "params: expected an object" } end
-  local names = {}
-  for k in pairs(doc.params or {}) do names[#names + 1] = tostring(k) end
-  table.sort(names)
-  for _, k in ipairs(names) do
-    local v = doc.params[k]
+  local params = {}
+  for k, v in pairs(doc.params or {}) do
+    k = tostring(k)
     if not k:match("^[%w_]+$") or not (type(v) == "string" or type(v) == "number" or type(v) == "boolean") then
       return 400, { error = ("params.%s: expected a param name with a string, number or boolean value"):format(k) }
     end
-    argv[#argv + 1] = "-p"
-    argv[#argv + 1] = k .. "=" .. tostring(math.tointeger(v) or v)
+    params[k] = tostring(math.tointeger(v) or v)   -- as -p would give it
   end
+  if #cjson.encode(params) > 60000 then return 413, { error = "params: over 60000 bytes of JSON" } end
   local mode = doc.dry_run == true and "dry-run" or "run"
-  local started, err = self:spawn(argv, doc.runbook, doc.runbook, mode, by)
+  local started, err = self:spawn(argv, doc.runbook, doc.runbook, mode, by, params)
   if not started then return 429, { error = err } end
   started.events = "/v1/runs/" .. started.run_id .. "/events"
   return 202, started
@@ -426,15 +409,6 @@ function Server:pending_plans()
   return n
 end
 
-local function label(v) return (tostring(v):gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" })) end
-
-local function sorted_keys(t)
-  local keys = {}
-  for k in pairs(t) do keys[#keys + 1] = k end
-  table.sort(keys)
-  return keys
-end
-
 --- GET /metrics, in Prometheus's text exposition format.
 function Server:metrics_text()
   local m, out = self.metrics, {}
@@ -455,26 +429,7 @@ function Server:metrics_text()
     local rb, mode = k:match("^(.-)%z(.*)$")
     sample("runbook_serve_started_total", ('{runbook="%s",mode="%s"}'):format(label(rb), label(mode)), m.started[k])
   end
-  family("runbook_runs_total", "counter", "Runs started here that ended, by runbook and exit status.")
-  for _, k in ipairs(sorted_keys(m.runs)) do
-    local rb, status = k:match("^(.-)%z(.*)$")
-    sample("runbook_runs_total", ('{runbook="%s",status="%s"}'):format(label(rb), label(status)), m.runs[k])
-  end
-  family("runbook_run_duration_seconds", "histogram", "How long runs started here took, by runbook.")
-  for _, rb in ipairs(sorted_keys(m.durations)) do
-    local h, l = m.durations[rb], label(rb)
-    for i, le in ipairs(BUCKETS) do
-      sample("runbook_run_duration_seconds_bucket", ('{runbook="%s",le="%s"}'):format(l, le), h.buckets[i] or 0)
-    end
-    sample("runbook_run_duration_seconds_bucket", ('{runbook="%s",le="+Inf"}'):format(l), h.count)
-    sample("runbook_run_duration_seconds_sum", ('{runbook="%s"}'):format(l), ("%.3f"):format(h.sum))
-    sample("runbook_run_duration_seconds_count", ('{runbook="%s"}'):format(l), h.count)
-  end
-  family("runbook_last_success_timestamp_seconds", "gauge", "When a run of the runbook started here last succeeded.")
-  for _, rb in ipairs(sorted_keys(m.last_success)) do
-    sample("runbook_last_success_timestamp_seconds", ('{runbook="%s"}'):format(label(rb)),
-      ("%.3f"):format(m.last_success[rb]))
-  end
+  run_metrics.write(m, family, sample)
   family("runbook_plans_pending_approval", "gauge", "Plans that wait for approval (not denied, not cancelled).")
   sample("runbook_plans_pending_approval", "", self:pending_plans())
   return table.concat(out, "\n") .. "\n"

@@ -4,6 +4,7 @@ Every sync computes the wanted object and writes only when it differs, so a
 cluster at rest keeps its resourceVersions. Time comes in as `now` so the seed
 can play the first rollout two days in the past.
 """
+import base64
 import copy
 import hashlib
 import json
@@ -28,6 +29,10 @@ OOM_PERIOD = 15.0      # an OOM-faulted container is killed this often
 EVICT_AFTER = 10.0     # pods on a NotReady node are evicted after this
 ALPHA = "bcdfghjklmnpqrstvwxz2456789"
 BAD_TAGS = ("does-not-exist", "doesnotexist", "nonexistent")
+# A registry that wants credentials: a pull needs an imagePullSecrets entry naming a
+# kubernetes.io/dockerconfigjson Secret with an auth for it (the pull-secret fault).
+PRIVATE_REGISTRY = "registry.sandbox.internal"
+STORAGE_CLASSES = ("standard",)   # the only class a claim binds with (none set means this one)
 REV = "deployment.kubernetes.io/revision"
 
 
@@ -121,6 +126,12 @@ MEMORY_UNITS = {"": 1, "k": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4
                 "Ki": 1024, "Mi": 1024 ** 2, "Gi": 1024 ** 3, "Ti": 1024 ** 4}
 
 
+def cpu_millis(q):
+    """"500m" -> 500, "2" -> 2000; 0 when unset or unreadable."""
+    m = re.match(r'^([\d.]+)(m?)$', str(q or ""))
+    return 0 if not m else float(m.group(1)) * (1 if m.group(2) else 1000)
+
+
 def memory_limit(container):
     """A container's memory limit in bytes ("256Mi", "1G", "134217728"); None when unset or unreadable."""
     q = ((container.get("resources") or {}).get("limits") or {}).get("memory")
@@ -142,13 +153,17 @@ class Faults:
         self.api_latency = 0.0
         self.exec_protocols = None  # the exec subprotocols served, when narrowed (an API server before 1.30)
         self.bad_image_undo = {}  # (ns, deployment) -> image to restore on reset
+        self.template_undo = {}   # (ns, deployment) -> (the faulted pod spec, the one to restore on reset)
+        self.claims = set()       # (ns, name) of the claims pvc-pending made, deleted on reset
 
     def describe(self):
         return {"crashloop": sorted("%s/%s image=%s" % f for f in self.crash),
                 "oom": sorted("%s/%s" % f for f in self.oom),
                 "bad_images": sorted(self.bad_images), "node_notready": sorted(self.notready),
                 "api_errors": self.api_error_rate, "api_error_code": self.api_error_code,
-                "api_latency": self.api_latency, "exec_protocols": self.exec_protocols}
+                "api_latency": self.api_latency, "exec_protocols": self.exec_protocols,
+                "template_changes": sorted("%s/%s" % k for k in self.template_undo),
+                "claims": sorted("%s/%s" % k for k in self.claims)}
 
 
 class Controller:
@@ -250,6 +265,8 @@ class Controller:
             pods = by_owner(self.shared("pods"))
             for rs in self.shared("replicasets.apps"):
                 self.guarded(self.sync_replicaset, rs, now, pods.get(rs["metadata"]["uid"], []))
+            for c in self.shared("persistentvolumeclaims"):
+                self.guarded(self.sync_claim, c, now)
             for p in self.shared("pods"):
                 self.guarded(self.sync_pod, p, now)
             pods = by_owner(self.shared("pods"))
@@ -556,16 +573,58 @@ class Controller:
         self.pod_conditions(new, now)
         self.save("pods", p, new)
 
+    def sync_claim(self, c, now):
+        """The volume provisioner: a claim of a known storage class binds; any other stays Pending."""
+        if c.get("status", {}).get("phase") == "Bound":
+            return
+        new = clone(c)
+        sc = c["spec"].get("storageClassName") or STORAGE_CLASSES[0]
+        if sc in STORAGE_CLASSES:
+            new["spec"]["volumeName"] = "pvc-" + c["metadata"]["uid"]
+            new["status"] = {"phase": "Bound", "accessModes": c["spec"].get("accessModes", ["ReadWriteOnce"]),
+                             "capacity": {"storage": ((c["spec"].get("resources") or {}).get("requests") or {}).get("storage", "1Gi")}}
+            self.save("persistentvolumeclaims", c, new)
+            return
+        if c.get("status", {}).get("phase") != "Pending":
+            new["status"] = {"phase": "Pending"}
+            self.save("persistentvolumeclaims", c, new)
+            self.emit(c, "Warning", "ProvisioningFailed", 'storageclass.storage.k8s.io "%s" not found' % sc, now,
+                      "persistentvolume-controller")
+
+    def cannot_schedule(self, p, nodes):
+        """Why the scheduler leaves p Pending (its FailedScheduling message), or None."""
+        n = len(self.shared("nodes"))
+        for v in p["spec"].get("volumes") or []:
+            claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
+            if not claim:
+                continue
+            pvc = self.store.get("persistentvolumeclaims", p["metadata"]["namespace"], claim)
+            if pvc is None:
+                return 'persistentvolumeclaim "%s" not found' % claim
+            if pvc.get("status", {}).get("phase") != "Bound":
+                return ("0/%d nodes are available: pod has unbound immediate PersistentVolumeClaims. preemption: "
+                        "0/%d nodes are available: %d Preemption is not helpful for scheduling." % (n, n, n))
+        if not nodes:
+            return "0/%d nodes are available." % n
+        requests = [(c.get("resources") or {}).get("requests") or {} for c in p["spec"]["containers"]]
+        cpu = sum(cpu_millis(r.get("cpu")) for r in requests)
+        if not any(cpu <= cpu_millis(node["status"]["allocatable"]["cpu"]) for node in nodes):
+            return ("0/%d nodes are available: %d Insufficient cpu. preemption: 0/%d nodes are available: "
+                    "%d No preemption victims found for incoming pod." % (n, len(nodes), n, len(nodes)))
+        return None
+
     def schedule(self, p, now):
         nodes = [n for n in self.shared("nodes") if self.node_ready(n["metadata"]["name"])
                  and not n["spec"].get("unschedulable")]
-        if not nodes:
-            if not p["status"].get("conditions"):
+        why = self.cannot_schedule(p, nodes)
+        if why:
+            cond = (p["status"].get("conditions") or [{}])[0]
+            if cond.get("message") != why:
                 new = clone(p)
                 new["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                                                "message": "0/3 nodes are available.", "lastTransitionTime": now_iso(now)}]
+                                                "message": why, "lastTransitionTime": now_iso(now)}]
                 self.save("pods", p, new)
-                self.emit(p, "Warning", "FailedScheduling", "0/3 nodes are available.", now, "default-scheduler")
+                self.emit(p, "Warning", "FailedScheduling", why, now, "default-scheduler")
             return
         load = {n["metadata"]["name"]: 0 for n in nodes}
         for q in self.shared("pods"):
@@ -602,11 +661,28 @@ class Controller:
                 p["metadata"]["namespace"], p["metadata"]["name"]), now, "taint-eviction-controller")
             self.kill_pod(new, now)
 
+    def pull_allowed(self, p, image):
+        """Whether the kubelet may pull image: a private registry's needs a pull secret with its auth."""
+        if image.split("/")[0] != PRIVATE_REGISTRY:
+            return True
+        for ref in p["spec"].get("imagePullSecrets") or []:
+            sec = self.store.get("secrets", p["metadata"]["namespace"], ref.get("name", ""))
+            if sec and sec.get("type") == "kubernetes.io/dockerconfigjson":
+                try:
+                    auths = json.loads(base64.b64decode(sec.get("data", {}).get(".dockerconfigjson", "")))["auths"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if PRIVATE_REGISTRY in auths:
+                    return True
+        return False
+
     def mode_of(self, p):
         c = p["spec"]["containers"][0]
         image = c.get("image", "")
         if image in self.faults.bad_images or any(t in image.split(":")[-1] for t in BAD_TAGS):
             return "badimage"
+        if not self.pull_allowed(p, image):
+            return "noauth"
         dep = self.deployment_of(p)
         ns = p["metadata"]["namespace"]
         if dep and (ns, dep, image) in self.faults.crash:
@@ -653,7 +729,7 @@ class Controller:
         if cur.get("image") != c["image"]:
             cur = self.waiting(c, "ContainerCreating", None, restarts)
             state = cur["state"]
-        if mode == "badimage":
+        if mode in ("badimage", "noauth"):
             w = state.get("waiting", {}).get("reason")
             if w == "ImagePullBackOff":
                 return cur
@@ -662,11 +738,14 @@ class Controller:
                 ev("Warning", "Failed", "Error: ImagePullBackOff")
                 return self.waiting(c, "ImagePullBackOff", 'Back-off pulling image "%s"' % c["image"], restarts)
             ev("Normal", "Pulling", 'Pulling image "%s"' % c["image"])
-            ev("Warning", "Failed", 'Failed to pull image "%s": rpc error: code = NotFound desc = failed to pull '
-               'and unpack image "%s": not found' % (c["image"], c["image"]))
+            why = ('rpc error: code = NotFound desc = failed to pull and unpack image "%s": not found' % c["image"]
+                   if mode == "badimage" else
+                   'rpc error: code = Unknown desc = failed to pull and unpack image "%s": failed to resolve reference '
+                   '"%s": pull access denied, repository does not exist or may require authorization: '
+                   'authorization failed: no basic auth credentials' % (c["image"], c["image"]))
+            ev("Warning", "Failed", 'Failed to pull image "%s": %s' % (c["image"], why))
             ev("Warning", "Failed", "Error: ErrImagePull")
-            return self.waiting(c, "ErrImagePull", 'rpc error: code = NotFound desc = failed to pull and unpack '
-                                'image "%s": not found' % c["image"], restarts)
+            return self.waiting(c, "ErrImagePull", why, restarts)
         if "running" in state:
             started = parse_iso(state["running"]["startedAt"])
             if mode == "crash" and now - started >= CRASH_RUN:

@@ -65,6 +65,59 @@ def bad_image(cluster, f, args):
     return "deployment %s: image set to %s (cannot be pulled)" % (d["metadata"]["name"], bad)
 
 
+def change_template(cluster, f, d, change):
+    """A release that changes the pod template (change(spec) edits it); reset undoes it while
+    the template is still the fault's."""
+    new = copy.deepcopy(d)
+    change(new["spec"]["template"]["spec"])
+    key = (d["metadata"]["namespace"], d["metadata"]["name"])
+    f.template_undo.setdefault(key, (None, d["spec"]["template"]["spec"]))
+    f.template_undo[key] = (new["spec"]["template"]["spec"], f.template_undo[key][1])
+    cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
+
+
+def unschedulable(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+
+    def change(spec):
+        spec["containers"][0].setdefault("resources", {}).setdefault("requests", {})["cpu"] = "8"
+    change_template(cluster, f, d, change)
+    return "deployment %s: the app container requests 8 CPUs, more than any node has: new pods stay Pending" % (
+        d["metadata"]["name"])
+
+
+def pvc_pending(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    ns, claim = d["metadata"]["namespace"], d["metadata"]["name"] + "-data"
+    if cluster.store.get("persistentvolumeclaims", ns, claim) is None:
+        import resources
+        cluster.api.create(resources.lookup("", "v1", "persistentvolumeclaims"), ns, {
+            "metadata": {"name": claim}, "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "fast-ssd",
+                                                   "resources": {"requests": {"storage": "5Gi"}}}}, {}, "sandbox-fault")
+    f.claims.add((ns, claim))
+
+    def change(spec):
+        spec.setdefault("volumes", []).append({"name": "data", "persistentVolumeClaim": {"claimName": claim}})
+        spec["containers"][0].setdefault("volumeMounts", []).append({"name": "data", "mountPath": "/data"})
+    change_template(cluster, f, d, change)
+    return ("deployment %s: pods mount PVC %s of storage class fast-ssd, which does not exist: the claim stays "
+            "Pending and new pods unschedulable" % (d["metadata"]["name"], claim))
+
+
+def pull_secret(cluster, f, args):
+    d = find_deployment(cluster.store, args[0])
+    import controller
+    image = controller.PRIVATE_REGISTRY + "/todo-chatbot/" + app_image(d).rsplit("/", 1)[-1]
+
+    def change(spec):
+        spec["containers"][0]["image"] = image
+        spec["imagePullSecrets"] = [{"name": "regcred"}]
+    change_template(cluster, f, d, change)
+    return ("deployment %s: image %s from a registry that wants credentials, imagePullSecrets regcred (which does "
+            "not exist): ErrImagePull until a kubernetes.io/dockerconfigjson Secret regcred with an auth for %s "
+            "exists" % (d["metadata"]["name"], image, controller.PRIVATE_REGISTRY))
+
+
 def node_notready(cluster, f, args):
     if cluster.store.get("nodes", "", args[0]) is None:
         raise LookupError('node "%s" not found' % args[0])
@@ -211,6 +264,14 @@ def reset(cluster, f, args):
     if args[:1] == ["--world"]:
         cluster.reseed()
         return "world reseeded, faults cleared"
+    for (ns, name), (faulted, spec) in f.template_undo.items():
+        d = cluster.store.get("deployments.apps", ns, name)
+        if d and d["spec"]["template"]["spec"] == faulted:
+            new = copy.deepcopy(d)
+            new["spec"]["template"]["spec"] = spec
+            cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
+    for ns, claim in f.claims:
+        cluster.store.remove("persistentvolumeclaims", ns, claim)
     for (ns, name), image in f.bad_image_undo.items():
         d = cluster.store.get("deployments.apps", ns, name)
         if d and d["spec"]["template"]["spec"]["containers"][0]["image"] in f.bad_images:
@@ -245,7 +306,8 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
-            "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1)}
+            "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
+            "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1)}
 
 
 def run(cluster, cmd, args):

@@ -163,6 +163,10 @@ def hpa_targets(o):
 
 
 COLUMNS = {
+    "persistentvolumeclaims": [NAME, col("Status", lambda o: o.get("status", {}).get("phase", "")),
+                               col("Volume", lambda o: o["spec"].get("volumeName", "")),
+                               col("Capacity", lambda o: o.get("status", {}).get("capacity", {}).get("storage", "")),
+                               col("StorageClass", lambda o: o["spec"].get("storageClassName", "")), AGE],
     "pods": [NAME, col("Ready", pod_ready), col("Status", pod_status),
              col("Restarts", pod_restarts), AGE,
              col("IP", lambda o: o.get("status", {}).get("podIP", "<none>"), priority=1),
@@ -227,6 +231,7 @@ REGISTRY = [
     Res("", "v1", "events", "Event", ["ev"]),
     Res("", "v1", "configmaps", "ConfigMap", ["cm"]),
     Res("", "v1", "secrets", "Secret"),
+    Res("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", ["pvc"], subs=("status",)),
     Res("", "v1", "serviceaccounts", "ServiceAccount", ["sa"], subs=("token",)),
     Res("apps", "v1", "deployments", "Deployment", ["deploy"], subs=("status", "scale"), cats=ALL, generation=True),
     Res("apps", "v1", "replicasets", "ReplicaSet", ["rs"], subs=("status", "scale"), cats=ALL, generation=True),

@@ -57,6 +57,8 @@ SCHEMAS = {
         "trafficDistribution", ports=[fields("name protocol appProtocol port targetPort nodePort")]), status=ANY),
     "configmaps": kind(data=ANY, binaryData=ANY, immutable=ANY),
     "secrets": kind(data=ANY, stringData=ANY, type=ANY, immutable=ANY),
+    "persistentvolumeclaims": kind(spec=fields("accessModes selector resources volumeName storageClassName volumeMode "
+                                               "dataSource dataSourceRef volumeAttributesClassName"), status=ANY),
     "serviceaccounts": kind(secrets=ANY, imagePullSecrets=ANY, automountServiceAccountToken=ANY),
     "namespaces": kind(spec=ANY, status=ANY),
     "nodes": kind(spec=ANY, status=ANY),
