@@ -38,11 +38,41 @@ static rb_fd *new_fd(lua_State *L, const char *mt)
     return h;
 }
 
+/*
+ * Deferred syncs: the intent of an effect that takes place only later (a
+ * Redis pipeline's send, a PostgreSQL transaction's COMMIT) is written at
+ * once, and the batch is made durable by one fsync right before that point
+ * (rb_journal_flush). `owed` is the journal written since its last fsync.
+ */
+static int deferring;
+static int owed = -1;
+
+void rb_journal_defer(int on) { deferring = on; }
+
+static int sync_fd(int fd)
+{
+    if (fd == owed) owed = -1;
+    return fsync(fd) < 0 && errno != EINVAL ? -1 : 0;
+}
+
+static int raise_sync(lua_State *L)
+{
+    int e = errno;
+    return rb_error(L, "journal", "sync", e == ENOSPC || e == EDQUOT ? "disk_full" : "journal_write", 0,
+                    "cannot sync the journal: %s", strerror(e));
+}
+
+void rb_journal_flush(lua_State *L)
+{
+    if (owed >= 0 && sync_fd(owed) < 0) raise_sync(L);
+}
+
 /* One finalizer for __gc, __close and close(): closing twice is harmless. */
 static int fd_close(lua_State *L)
 {
     rb_fd *h = lua_touserdata(L, 1);
     if (h && h->fd >= 0) {
+        if (h->fd == owed) owed = -1;
         close(h->fd);
         h->fd = -1;
     }
@@ -151,13 +181,13 @@ static int j_write(lua_State *L)
                     "cannot write the journal: %s", strerror(e));
 }
 
-/* journal:sync(): the line written so far survives a crash or power loss. */
+/* journal:sync(): the lines written so far survive a crash or power loss
+ * (while deferring, by the next rb_journal_flush or sync). */
 static int j_sync(lua_State *L)
 {
     rb_fd *h = check_journal(L);
-    if (fsync(h->fd) < 0 && errno != EINVAL)
-        return rb_error(L, "journal", "sync", errno == ENOSPC || errno == EDQUOT ? "disk_full" : "journal_write", 0,
-                        "cannot sync the journal: %s", strerror(errno));
+    if (deferring) owed = h->fd;
+    else if (sync_fd(h->fd) < 0) return raise_sync(L);
     return 0;
 }
 

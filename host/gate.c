@@ -55,7 +55,7 @@ static void set_redacted(lua_State *L, const char *key, const char *value);
 
 /* Raises (the sink's error: a full disk) when the intent cannot be journaled,
  * so the effect is not performed. */
-static void journal_intent(lua_State *L, const rb_effect *e)
+static void journal_intent(lua_State *L, const rb_effect *e, int deferred)
 {
     if (!push_sink(L, RB_INTENT_SINK)) return;
     pending_seq = ++intent_seq;
@@ -68,20 +68,26 @@ static void journal_intent(lua_State *L, const rb_effect *e)
     lua_setfield(L, -2, "seq");
     lua_pushinteger(L, ++ordinal);
     lua_setfield(L, -2, "n");
-    lua_call(L, 1, 0);
+    rb_journal_defer(deferred);
+    int rc = lua_pcall(L, 1, 0, 0);
+    rb_journal_defer(0);
+    if (rc != LUA_OK) lua_error(L);
 }
 
-rb_decision rb_gate(lua_State *L, const rb_effect *e)
+static rb_decision gate(lua_State *L, const rb_effect *e, int deferred)
 {
     int same = same_effect();
     if (mode == RB_MODE_RUN) {
         if (!same) rb_plan_check(L, e);
-        if (!library_gate_open) journal_intent(L, e);
+        if (!library_gate_open) journal_intent(L, e, deferred);
         return RB_PERFORM;
     }
     if (!same) rb_plan_record(L, e);
     return e->can_simulate ? RB_SIMULATE : RB_SKIP;
 }
+
+rb_decision rb_gate(lua_State *L, const rb_effect *e) { return gate(L, e, 0); }
+rb_decision rb_gate_deferred(lua_State *L, const rb_effect *e) { return gate(L, e, 1); }
 
 rb_decision rb_gate_library(lua_State *L, const rb_effect *e, int whole)
 {
@@ -118,10 +124,11 @@ static int outcome_unknown(rb_decision d, int ok)
     return d == RB_PERFORM && !ok && (nsignals || (deadline > 0 && rb_now() > deadline));
 }
 
-void rb_gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok)
+lua_Integer rb_gate_seq(void) { return pending_seq; }
+
+static void gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok, lua_Integer seq)
 {
     int result = lua_gettop(L);
-    lua_Integer seq = d == RB_PERFORM ? pending_seq : 0;
     pending_seq = library_gate_open = 0;
     if (!push_sink(L, RB_EFFECT_SINK)) {
         lua_pop(L, 1);   /* no engine listening (e.g. a module used from a spec) */
@@ -148,6 +155,16 @@ void rb_gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok)
     lua_setfield(L, -2, "result");
     lua_call(L, 1, 0);
     lua_settop(L, result - 1);
+}
+
+void rb_gate_done(lua_State *L, const rb_effect *e, rb_decision d, int ok)
+{
+    gate_done(L, e, d, ok, d == RB_PERFORM ? pending_seq : 0);
+}
+
+void rb_gate_done_seq(lua_State *L, const rb_effect *e, int ok, lua_Integer seq)
+{
+    gate_done(L, e, RB_PERFORM, ok, seq);
 }
 
 /* A count hook that scripts cannot catch: while runbook code runs (a

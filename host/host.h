@@ -68,4 +68,7 @@ extern const luaL_Reg rb_plan_funcs[];
 /* The journal, run lock and sha256 functions, added to the host library. */
 void rb_durable_open(lua_State *L);
 
+/* While on, a journal's sync() only notes that it is owed (rb_journal_flush pays it). */
+void rb_journal_defer(int on);
+
 #endif

@@ -45,6 +45,29 @@ typedef struct {
 rb_decision rb_gate(lua_State *L, const rb_effect *e);
 
 /*
+ * rb_gate() for an effect that takes place only later, at a point where the
+ * module first calls rb_journal_flush() (a pipeline's send, a transaction's
+ * COMMIT): its intent is journaled now and made durable then, with the rest
+ * of its batch, by one fsync.
+ */
+rb_decision rb_gate_deferred(lua_State *L, const rb_effect *e);
+
+/*
+ * A batch whose outcomes come after all of it was sent (a pipeline): keep
+ * rb_gate_seq() after each rb_gate_deferred() that returned RB_PERFORM, and
+ * report each outcome with rb_gate_done_seq() and its seq, as rb_gate_done().
+ */
+lua_Integer rb_gate_seq(void);
+void rb_gate_done_seq(lua_State *L, const rb_effect *e, int ok, lua_Integer seq);
+
+/*
+ * Make the intents of deferred effects durable. A no-op when none waits.
+ * Raises as rb_gate() does when the journal cannot be synced, so nothing of
+ * the batch takes place.
+ */
+void rb_journal_flush(lua_State *L);
+
+/*
  * Nonzero in a dry run (and during a preview). For a module that must shape a
  * session before any effect (pg makes its session read-only); the perform or
  * skip decision for an effect is still rb_gate()'s.

@@ -13,7 +13,7 @@
  *   s:port()      -- the port bound (port 0 picks a free one)
  *   s:poll(0.2)   -- serve for up to 0.2 s
  *   httpd.equal(a, b)   -- compare two strings in constant time (tokens)
- *   httpd.spawn(argv, log, env)  -- start a child (posix_spawn), stdout and stderr to log -> pid
+ *   httpd.spawn(argv, log, env, input)  -- start a child (posix_spawn), input on stdin, stdout and stderr to log -> pid
  *   httpd.reap()  -- the children that ended since: {[pid] = exit status (128 + signal if killed)}
  *
  * req = {method, path, query = {k = v}, body, authorization}. The handler
@@ -23,6 +23,7 @@
  * yet (the connection waits, and the function is asked again at the next
  * poll, within 0.25 s), or nil at the end.
  */
+#define _GNU_SOURCE   /* pipe2 */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -422,13 +423,19 @@ static char **push_strings(lua_State *L, int idx, int extra)
     return v;
 }
 
-/* spawn(argv, log, env): argv[1] started with the environment plus `env`
- * ({"K=V"...}), stdin /dev/null, stdout and stderr appended to `log`; its pid. */
+/* spawn(argv, log, env[, input]): argv[1] started with the environment plus
+ * `env` ({"K=V"...}), stdout and stderr appended to `log`, and on stdin
+ * `input` (a pipe holding it: at most PIPE_INPUT bytes, so serve never waits
+ * for the child to read) or else /dev/null; its pid. */
+#define PIPE_INPUT 60000
 static int h_spawn(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     const char *log = luaL_checkstring(L, 2);
     luaL_checktype(L, 3, LUA_TTABLE);
+    size_t input_len = 0;
+    const char *input = luaL_optlstring(L, 4, NULL, &input_len);
+    luaL_argcheck(L, input_len <= PIPE_INPUT, 4, "input too long for a pipe");
     char **argv = push_strings(L, 1, 0);
     luaL_argcheck(L, argv[0] != NULL, 1, "argv is empty");
     int n = 0, extra = (int)luaL_len(L, 3);
@@ -441,14 +448,22 @@ static int h_spawn(lua_State *L)
         lua_pop(L, 1);
     }
     envp[n + extra] = NULL;
+    int in[2] = { -1, -1 };   /* filled before the child starts: it fits, and no write can meet a closed end */
+    if (input && (pipe2(in, O_CLOEXEC) != 0 || write(in[1], input, input_len) != (ssize_t)input_len)) {
+        int e = errno;
+        if (in[0] >= 0) close(in[0]), close(in[1]);
+        return rb_error(L, "httpd", "spawn", "spawn", 0, "cannot fill the child's input: %s", strerror(e));
+    }
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    if (input) posix_spawn_file_actions_adddup2(&fa, in[0], 0);
+    else posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0600);
     posix_spawn_file_actions_adddup2(&fa, 1, 2);
     pid_t pid;
     int rc = posix_spawn(&pid, argv[0], &fa, NULL, argv, envp);
     posix_spawn_file_actions_destroy(&fa);
+    if (input) close(in[0]), close(in[1]);
     if (rc != 0) return rb_error(L, "httpd", "spawn", "spawn", 0, "cannot start %s: %s", argv[0], strerror(rc));
     lua_pushinteger(L, pid);
     return 1;

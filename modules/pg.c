@@ -1201,13 +1201,22 @@ static rb_decision statement(lua_State *L, conn *c, const char *op, const char *
     const char **vals = params(L, first, last, &n);
     if (dry) return dry_statement(L, c, op, sql, n, vals, &k, force_write);
     if (k.kind != SQL_WRITE) {
+        if (k.kind == SQL_TRANSACTION) rb_journal_flush(L);   /* a COMMIT: see deferred below */
         run(L, c, op, sql, n, vals);
         return RB_PERFORM;
     }
     gated g = { { "pg", op, PQdb(c->pg), NULL, 0 }, RB_PERFORM };
     if (k.table[0]) g.e.target = lua_pushfstring(L, "%s.%s", PQdb(c->pg), k.table);
     g.e.summary = lua_pushfstring(L, "run: %s", push_sql_summary(L, sql));
-    g.d = rb_gate(L, &g.e);
+    /* Inside a transaction block, plain DML that calls no function a rollback
+     * leaves done (one statement: the extended protocol takes no more) takes
+     * place at the COMMIT, before which the block's intents are made durable
+     * together. */
+    lexer lx = { sql };
+    token t = next_token(&lx);
+    int at_commit = k.simulatable && PQtransactionStatus(c->pg) == PQTRANS_INTRANS &&
+                    (word_is(&t, "INSERT") || word_is(&t, "UPDATE") || word_is(&t, "DELETE") || word_is(&t, "MERGE"));
+    g.d = at_commit ? rb_gate_deferred(L, &g.e) : rb_gate(L, &g.e);
     outcome o = attempt(L, c, sql, n, vals);
     if (!succeeded(c, o)) {
         push_failure(L, c, o);

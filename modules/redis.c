@@ -680,45 +680,60 @@ static int conn_command(lua_State *L) {
     return 1;
 }
 
+/* Pipeline command i (of the table at index 2) into c->argv, its arguments
+ * left on the stack; returns argc. */
+static int pipeline_command(lua_State *L, conn *c, int i) {
+    int base = lua_gettop(L);
+    if (lua_rawgeti(L, 2, i) != LUA_TTABLE) luaL_error(L, "pipeline: command %d is not a table", i);
+    int argc = (int)lua_rawlen(L, -1);
+    luaL_checkstack(L, argc + 8, "too many arguments");
+    for (int j = 1; j <= argc; j++) lua_rawgeti(L, base + 1, j);
+    return collect_args(L, c, base + 2, lua_gettop(L));
+}
+
 /* pipeline({{cmd, args...}, ...}): writes a dry run skips come back as
  * {skipped = true}; every reply is read before the first error is raised,
- * so the connection stays in step. */
+ * so the connection stays in step. The writes' intents are made durable
+ * together before anything is sent, and their outcomes journaled once every
+ * reply is in: a pipeline cut off in between leaves them unknown. */
 static int conn_pipeline(lua_State *L) {
     conn *c = check_conn(L, 1);
     luaL_checktype(L, 2, LUA_TTABLE);
     lua_settop(L, 2);
     int n = (int)lua_rawlen(L, 2);
     lua_createtable(L, n, 0);                       /* 3: results */
-    char *sent = lua_newuserdatauv(L, (size_t)n + 1, 0); /* 4: which were sent */
+    char *sent = lua_newuserdatauv(L, (size_t)n + 1, 0); /* 4: 'r' read, 'w' write, 'e' failed write, 0 skipped */
+    lua_Integer *seq = lua_newuserdatauv(L, sizeof *seq * ((size_t)n + 1), 0); /* 5: each write's intent */
     ready(L, c);
     /* classify every command first: asking the server must not interleave with the batch */
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 1; i <= n; i++) {
             int base = lua_gettop(L);
-            if (lua_rawgeti(L, 2, i) != LUA_TTABLE) luaL_error(L, "pipeline: command %d is not a table", i);
-            int argc = (int)lua_rawlen(L, -1);
-            luaL_checkstack(L, argc + 8, "too many arguments");
-            for (int j = 1; j <= argc; j++) lua_rawgeti(L, base + 1, j);
-            argc = collect_args(L, c, base + 2, lua_gettop(L));
+            int argc = pipeline_command(L, c, i);
             if (pass == 0) {
                 sent[i] = is_write(L, c, argc) ? 'w' : 'r';
             } else {
                 if (sent[i] == 'w') {
                     rb_effect e = effect_of(L, c, argc);
-                    rb_decision d = rb_gate(L, &e);
-                    lua_pushnil(L);
-                    rb_gate_done(L, &e, d, 1);
-                    if (d == RB_SKIP) sent[i] = 0;
+                    rb_decision d = rb_gate_deferred(L, &e);
+                    if (d == RB_PERFORM) {
+                        seq[i] = rb_gate_seq();
+                    } else {
+                        lua_pushnil(L);
+                        rb_gate_done(L, &e, d, 1);
+                        sent[i] = 0;
+                    }
                 }
                 if (sent[i]) format_command(L, c, argc, c->argv, c->argvlen);
             }
             lua_settop(L, base);
         }
     }
+    rb_journal_flush(L);
     double end = deadline(L, c, c->timeout, 0);
     if (c->outlen && flush_out(c, end)) return raise_io(L, c, "pipeline");
     int first_error = 0;
-    lua_pushnil(L); /* 5: the first error reply's text */
+    lua_pushnil(L); /* 6: the first error reply's text */
     for (int i = 1; i <= n; i++) {
         if (!sent[i]) {
             push_skipped(L);
@@ -726,18 +741,29 @@ static int conn_pipeline(lua_State *L) {
             continue;
         }
         if (read_reply(c, end)) return raise_io(L, c, "pipeline");
-        if (c->reply->type == REDIS_REPLY_ERROR && !first_error) {
-            first_error = i;
-            lua_pushstring(L, c->reply->str);
-            lua_replace(L, 5);
+        if (c->reply->type == REDIS_REPLY_ERROR) {
+            if (sent[i] == 'w') sent[i] = 'e';
+            if (!first_error) {
+                first_error = i;
+                lua_pushstring(L, c->reply->str);
+                lua_replace(L, 6);
+            }
         }
         push_reply(L, c->reply, 0);
         lua_rawseti(L, 3, i);
         scratch_free(c);
     }
+    for (int i = 1; i <= n; i++) {
+        if (sent[i] != 'w' && sent[i] != 'e') continue;
+        int base = lua_gettop(L);
+        rb_effect e = effect_of(L, c, pipeline_command(L, c, i));
+        lua_rawgeti(L, 3, i);
+        rb_gate_done_seq(L, &e, sent[i] == 'w', seq[i]);
+        lua_settop(L, base);
+    }
     if (first_error) {
         const char *which = lua_pushfstring(L, "command %d", first_error);
-        return raise_reply(L, "pipeline", which, lua_tostring(L, 5));
+        return raise_reply(L, "pipeline", which, lua_tostring(L, 6));
     }
     lua_pushvalue(L, 3);
     return 1;

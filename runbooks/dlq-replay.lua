@@ -3,7 +3,8 @@
 -- Replaces seed 002 "Reminder Delivery Failures" (notification-service logs,
 -- kafka-console-consumer on reminders-dlq, then POST /api/admin/retry-dlq with
 -- max_count 100). First the consumer must be able to take them (healthy, its
--- recent logs), then the DLQ is read and summarized by error, then the chosen
+-- recent logs, and the mail server answering from inside its pod, as seed 002's
+-- `kubectl exec deployment/notification-service -- curl -f smtp://...`), then the DLQ is read and summarized by error, then the chosen
 -- messages are produced to their original topic with their key and headers.
 -- A consumer group (`group`) remembers how far the replays got, so a second
 -- run never sends the same message twice.
@@ -23,6 +24,7 @@ param "error_match" { default = "", help = "Lua pattern the message's error head
 param "deployment" { default = "todo-chatbot-notification", help = "the consumer of to_topic, which must be healthy before a replay" }
 param "namespace" (steps.params.namespace)
 param "require_healthy" { type = "boolean", default = true, help = "refuse to replay into an unhealthy consumer (the messages would fail again)" }
+param "smtp_url" { default = "", help = "the mail server to check from inside the consumer's pod (smtp://host:port); empty: the pod's own $SMTP_URL, no check when it has none" }
 param "inspect_max" { type = "integer", default = 10000, help = "most DLQ messages to read for the summary" }
 
 local function header(m, name)
@@ -67,6 +69,30 @@ step "Check the consumer" {
       log.warn("%s", msg)
     end
     return { healthy = h.healthy, log_errors = errors }
+  end,
+}
+
+-- curl in the pod, with the pod's env: the URL (it may hold a password) is never printed.
+local SMTP_CHECK = 'url=${1:-$SMTP_URL}; [ -n "$url" ] || { echo none; exit 0; }; curl -fsS --max-time 10 -o /dev/null "$url"'
+
+step "Check the mail server from the consumer's pod" {
+  description = "kubectl exec deploy/DEPLOYMENT -- curl -f smtp://...: the mail server answers from where the consumer sends",
+  run = function(ctx)
+    local r = k8s.exec("deploy/" .. ctx.params.deployment, { "sh", "-c", SMTP_CHECK, "sh", ctx.params.smtp_url },
+      { namespace = ctx.params.namespace, read = true, check = false, timeout = "30s" })
+    if r.status == 0 and r.stdout:match("^none") then
+      log.info("pod %s has no SMTP_URL and no smtp_url was given: no mail server to check", r.pod)
+      return { checked = false }
+    end
+    if r.status ~= 0 then
+      local msg = ("the mail server does not answer from pod %s (curl exit %d: %s)"):format(r.pod, r.status,
+        (r.stderr:gsub("%s+$", "")))
+      if ctx.params.require_healthy then error(msg .. "; replayed reminders would fail again (or -p require_healthy=false)", 0) end
+      log.warn("%s", msg)
+      return { checked = true, answers = false }
+    end
+    log.info("the mail server answers from pod %s", r.pod)
+    return { checked = true, answers = true }
   end,
 }
 

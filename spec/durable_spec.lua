@@ -486,6 +486,25 @@ step "broken" { run = function(ctx) error("disk full at " .. ctx.params.token) e
     assert.truthy(md:find("2. would (not simulated) run touch", 1, true), md)
   end)
 
+  it("report: a step of many effects shows its first and last ten and counts the rest; JSON keeps all", function()
+    local state = cli.tmpdir()
+    local env = { RUNBOOK_STATE_DIR = state }
+    local rb = cli.runbook('name = "many"\ndescription = "x"\nstep "s" { run = function() for i = 1, 60 do fs.write("'
+      .. state .. '/f" .. i, "x"); if i == 30 then exec.run { "true" } end end end }')
+    assert.are.equal(0, cli.run({ "run", rb }, env).code)
+    local id = run_id(state)
+    local md = cli.run({ "report", id }, env).stdout
+    local _, shown = md:gsub("\n%- [^\n]* %*%*done%*%* ", "")
+    assert.are.equal(20, shown, md)
+    assert.truthy(md:find("\n- … 41 more: 40 done fs write, 1 done exec run\n", 1, true), md)
+    assert.truthy(md:find("/f10 (fs write", 1, true) and md:find("/f51 (fs write", 1, true)
+      and not md:find("/f11 (fs write", 1, true), md)
+    local html = cli.run({ "report", id, "--html" }, env).stdout
+    assert.truthy(html:find('<li class="more">… 41 more: 40 done fs write, 1 done exec run</li>', 1, true))
+    local doc = cjson.decode(cli.run({ "report", id, "--format", "json" }, env).stdout)
+    assert.are.equal(61, #doc.steps[1].effects)
+  end)
+
   it("history: one line per run, newest first, filtered by runbook and limited", function()
     local state = cli.tmpdir()
     local env = { RUNBOOK_STATE_DIR = state }

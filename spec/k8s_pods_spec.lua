@@ -244,6 +244,13 @@ describe("k8s pods", function()
         r.stdout .. r.stderr)
     end)
 
+    it("refuses tty with a clear error, not a traceback", function()
+      local r = exec_step([[k8s.exec(P, { "true" }, { namespace = "todo-chatbot", tty = true })]])
+      assert.are.equal(1, r.code)
+      assert.matches("k8s.exec: tty is not supported: a runbook reads the streams separately", r.stdout .. r.stderr)
+      assert.not_matches("traceback", r.stdout .. r.stderr)
+    end)
+
     it("reports a write exec in a dry run and runs nothing; a read runs", function()
       local mark = "/tmp/pods-spec-dry-run"
       kubectl(("exec %s -c backend -- rm -f %s"):format(pod, mark))

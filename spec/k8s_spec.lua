@@ -921,6 +921,12 @@ describe("k8s last_change and rollout_status{fail_fast}", function()
     assert.is_false(sh.ok)
     assert.matches("^HTTP 404", sh.services[1].error)
     assert.are.same({ ok = true, services = {} }, k8s.service_health("deploy/lc", { namespace = NS }))
+    -- every deployment of the namespace at once: each Service in front of one, checked once
+    local all = k8s.services_health(APP_NS, { path = "/health" })
+    local names = {}
+    for _, row in ipairs(all.services) do names[#names + 1] = row.service end
+    assert.are.same({ "todo-chatbot-backend", "todo-chatbot-frontend", "todo-chatbot-notification",
+      "todo-chatbot-recurring-task", "todo-chatbot-websocket" }, names)
   end)
 
   it("gives up on a rollout whose new pods cannot pull their image, naming the pod and the reason", function()

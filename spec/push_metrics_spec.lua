@@ -6,7 +6,7 @@ package.path = "spec/sandbox/?.lua;" .. package.path
 local sb = require "sandbox_helper"
 local cli = require "spec.support.cli"
 
-local GATEWAY = os.getenv("RUNBOOK_PUSHGATEWAY")
+local GATEWAY = sb.env("RUNBOOK_PUSHGATEWAY")   -- the sandbox's (make test clears it for the other specs)
 
 local function runbook(name, fails)
   return cli.runbook(('name = %q\ndescription = "a cron job"\nstep "work" { run = function() %s end }\n'):format(

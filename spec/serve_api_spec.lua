@@ -211,8 +211,16 @@ describe("runbook serve's API", function()
     assert.are.equal("", cli.slurp(out))
   end)
 
-  it("answers no secret: a secret param given to a run is not in its journal's answer", function()
-    local run = start_run { api_key = SECRET }
+  it("answers no secret: a secret param given to a run is in no answer, nor in the run's command line", function()
+    local go = dir .. "/go-" .. math.random(1e9)
+    local run = start_run { api_key = SECRET, go = go }
+    local argv = wait_until(60, function()
+      local out = sh("ps -eo args")
+      return out:find(run.run_id, 1, true) and out
+    end)
+    assert.truthy(argv, "the run's process was not seen")
+    assert.is_nil(argv:find(SECRET, 1, true))
+    cli.write(go, "")
     local body = wait_until(60, function()
       local _, b = get("/v1/runs/" .. run.run_id)
       return b:find('"status":"ok"', 1, true) and b

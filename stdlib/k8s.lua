@@ -63,7 +63,8 @@
 --       a dry run it is reported (would run "df -h" in pod ns/x container c), not run.
 --       A non-zero exit raises (code = the status) unless check = false; a missing
 --       container raises code "container_not_found"; timeout (default the step's
---       deadline) and Ctrl-C close the session, which ends the command.
+--       deadline) and Ctrl-C close the session, which ends the command. tty = true
+--       is refused with a clear error: the streams are read apart, with no terminal.
 --   cp("pod/x:/path" | "deploy/x:/path", "local/path", {container=, timeout=})
 --   cp("local/path", "pod/x:/path", {container=}) -> {bytes, pod, container}
 --       a file or directory, by tar over exec as kubectl cp does; `to` names the
@@ -74,6 +75,8 @@
 --   deployment_health(ns, name)   namespace_health(ns)
 --   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error}...}}:
 --       GET path through the proxy of every Service selecting the workload's pods
+--   services_health(ns, {path = "/health"}) -> the same for every deployment of the namespace
+--       at once: two lists and one GET per Service, not two lists per deployment
 --
 -- A cluster-wide lock (see stdlib/k8s/lease.lua):
 --   lease_lock{namespace=, name=, duration = "60s", wait = "0s", identity=, try=}
@@ -132,6 +135,7 @@ local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
   "scale", "stop_workloads", "start_workloads", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
   "logs", "log_query", "exec", "cp", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
+  "services_health",
   "lease_lock", "lease_renew_due",
 }
 for _, name in ipairs(PUBLIC) do

@@ -294,23 +294,18 @@ local function pg_env(url)
   return env
 end
 
-local function sha256(path)
-  local r = exec.read { "sha256sum", "--", path }
-  return r.stdout:match("^(%x+)")
-end
-
-local function file_size(path)
-  local r = exec.read { "stat", "-c", "%s", "--", path }
-  return math.tointeger(tonumber(r.stdout))
-end
-
 local function is_dir(path)
-  return exec.read { "test", "-d", path, check = false }.status == 0
+  return require("lfs").attributes(path, "mode") == "directory"
 end
 
 -- A directory-format dump's checksum: of its files' sorted sha256sum lines.
 local function dump_digest(path)
-  if not is_dir(path) then return sha256(path), file_size(path) end
+  if not is_dir(path) then
+    -- in this process (nettle: SHA extensions where the CPU has them), no sha256sum
+    local hash, size = host.sha256_file(path)
+    if not hash then raise { op = "checksum", code = "read_failed", message = size } end
+    return hash, size
+  end
   local r = exec.read { shell = 'cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum', path }
   local size = exec.read { shell = 'cd "$1" && find . -type f -printf "%s\\n" | awk "{s+=\\$1} END {print s+0}"', path }
   local hash = exec.read { "sha256sum", stdin = r.stdout }.stdout:match("^(%x+)")
@@ -334,14 +329,48 @@ local function verify_parses(file, format, env)
   end
 end
 
+local TABLES = [[
+  SELECT n.nspname || '.' || c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+    AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1]]
+
 local function table_counts(db)
   local counts = {}
-  for _, t in ipairs(db:query([[
-      SELECT n.nspname || '.' || c.relname AS name FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-      WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-        AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1]])) do
+  for _, t in ipairs(db:query(TABLES)) do
     counts[t.name] = db:value(("SELECT count(*) FROM %s"):format(pg.quote_ident(t.name)))
   end
+  return counts
+end
+
+-- pg_dump ($3...) with psql counting the rows beside it in the same snapshot
+-- ($1; $2 the count statement, which prints one JSON array): the counts'
+-- scans overlap the dump instead of following it.
+local DUMP_AND_COUNT = [[
+psql -X -q -A -t -v ON_ERROR_STOP=1 -c "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" \
+  -c "SET TRANSACTION SNAPSHOT '$1'" -c "$2" & counting=$!
+shift 2
+"$@"; dumped=$?
+wait $counting; counted=$?
+[ $dumped -ne 0 ] && exit $dumped
+exit $counted
+]]
+
+--- Runs pg_dump (argv) in `snapshot`; with `tables`, counts their rows in
+-- the same snapshot meanwhile and returns {name = rows}.
+local function dump_and_count(argv, env, snapshot, tables)
+  if not tables then
+    exec.read(argv)
+    return nil
+  end
+  if #tables == 0 then exec.read(argv); return {} end
+  local each = {}
+  for i, name in ipairs(tables) do each[i] = ("(SELECT count(*) FROM %s)"):format(pg.quote_ident(name)) end
+  assert(snapshot:match("^[%x%-]+$"), "unexpected snapshot id")
+  local sh = { shell = DUMP_AND_COUNT, snapshot, "SELECT json_build_array(" .. table.concat(each, ", ") .. ")",
+    env = env }
+  local got = json.decode(exec.read(table.move(argv, 1, #argv, 3, sh)).stdout)
+  local counts = {}
+  for i, name in ipairs(tables) do counts[name] = math.tointeger(got[i]) end
   return counts
 end
 
@@ -373,11 +402,15 @@ function pg.dump(opts)
       if format == "plain" and opts.clean ~= false then
         argv[#argv + 1] = "--clean"; argv[#argv + 1] = "--if-exists"
       end
+      local tables
+      if opts.counts ~= false then
+        tables = {}
+        for i, t in ipairs(db:query(TABLES)) do tables[i] = t.name end
+      end
       local t0 = host.now()
       argv.env = env
-      exec.read(argv)
+      local counts = dump_and_count(argv, env, snapshot, tables)
       local secs = host.now() - t0
-      local counts = opts.counts ~= false and table_counts(db) or nil
       local version = db:value("SHOW server_version")
       db:exec("COMMIT")
       verify_parses(file, format, env)

@@ -16,8 +16,8 @@ shm=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
 trap 'rm -rf "$tmp" "$disk" "$shm"' EXIT
 
 hyperfine -N --warmup 20 --runs "${RUNS:-300}" --export-json "$tmp/h.json" \
-  "env RUNBOOK_STATE_DIR=$disk ./runbook run $tmp/noop.lua --yes --output json" \
-  "env RUNBOOK_STATE_DIR=$shm ./runbook run $tmp/noop.lua --yes --output json" \
+  "env RUNBOOK_PUSHGATEWAY= RUNBOOK_STATE_DIR=$disk ./runbook run $tmp/noop.lua --yes --output json" \
+  "env RUNBOOK_PUSHGATEWAY= RUNBOOK_STATE_DIR=$shm ./runbook run $tmp/noop.lua --yes --output json" \
   "env lua5.4 $tmp/empty.lua" >/dev/null
 python3 - "$tmp/h.json" <<'PY'
 import json, sys
@@ -27,6 +27,6 @@ print(f"no-op runbook, journal on disk: median {disk:.2f} ms ({disk/lua:.2f}x lu
 print(f"no-op runbook, journal on tmpfs: median {shm:.2f} ms ({shm/lua:.2f}x lua5.4)")
 print(f"lua5.4 empty file: median {lua:.2f} ms")
 PY
-export RUNBOOK_STATE_DIR="$shm"
+export RUNBOOK_STATE_DIR="$shm" RUNBOOK_PUSHGATEWAY=
 peak=$(/usr/bin/time -f %M ./runbook run "$tmp/noop.lua" --yes 2>&1 >/dev/null | tail -n 1)
 echo "no-op runbook peak RSS: $((peak / 1024)).$(( (peak % 1024) * 10 / 1024 )) MB"

@@ -45,6 +45,43 @@ local function replayed_counts()
   return c
 end
 
+-- A mail server for curl's smtp:// check (greeting, EHLO, HELP, QUIT), on a free
+-- port, for 120 s: its pid and port.
+local SMTP = [[
+import socket, sys, threading, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(8)
+print(s.getsockname()[1], flush=True)
+def serve(c):
+    f = c.makefile("rwb")
+    f.write(b"220 spec ESMTP\r\n"); f.flush()
+    for line in f:
+        cmd = line[:4].upper()
+        f.write(b"221 bye\r\n" if cmd == b"QUIT" else b"214 help\r\n" if cmd == b"HELP" else b"250 ok\r\n"); f.flush()
+        if cmd == b"QUIT": break
+    c.close()
+s.settimeout(120)
+try:
+    while True: threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+except OSError: pass
+]]
+
+local function smtp_server()
+  local path = os.tmpname()
+  local f = assert(io.open(path, "w"))
+  f:write(SMTP)
+  f:close()
+  local out = sb.sh("python3 " .. path .. " >" .. path .. ".port 2>/dev/null & echo $!")
+  local pid = out:match("%d+")
+  local port = sb.wait_until(20, function()
+    local pf = io.open(path .. ".port")
+    local v = pf and pf:read("l")
+    if pf then pf:close() end
+    return v and v:match("^%d+$")
+  end)
+  assert(port, "the spec's mail server did not start")
+  return pid, port, function() sb.sh("kill " .. pid .. "; rm -f " .. path .. " " .. path .. ".port") end
+end
+
 local function group() return ("spec-dlq-%d-%d"):format(os.time(), math.random(1e6)) end
 
 describe("dlq-replay", function()
@@ -93,6 +130,21 @@ describe("dlq-replay", function()
     local r = cli.run { "run", RUNBOOK, "-p", "group=" .. group(), "--yes" }
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     assert.matches("todo%-chatbot%-notification is not healthy", r.stdout)
+    assert.are.same({}, replayed_since(before))
+  end)
+
+  it("checks the mail server from inside the consumer's pod, and refuses to replay when it does not answer", function()
+    local _, port, stop = smtp_server()
+    finally(stop)
+    local r = cli.run { "run", RUNBOOK, "-p", "group=" .. group(), "-p", "smtp_url=smtp://127.0.0.1:" .. port, "--dry-run" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("the mail server answers from pod todo%-chatbot%-notification%-", r.stdout)
+
+    stop()   -- now nothing listens there
+    local before = replayed_counts()
+    r = cli.run { "run", RUNBOOK, "-p", "group=" .. group(), "-p", "smtp_url=smtp://127.0.0.1:" .. port, "--yes" }
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("the mail server does not answer from pod todo%-chatbot%-notification%-[%w-]+ %(curl exit 7", r.stdout .. r.stderr)
     assert.are.same({}, replayed_since(before))
   end)
 

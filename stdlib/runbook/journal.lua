@@ -1,5 +1,5 @@
 --- The run journal: every event of a run as JSON Lines in
--- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd around each performed effect
+-- $RUNBOOK_STATE_DIR/runs/<run-id>.jsonl, fsync'd before each performed effect
 -- and at the ends that follow one, so a run killed at any moment leaves a
 -- journal that is valid up to its last complete line and loses no effect.
 -- Also reads journals back into the run summaries that resume, history and
@@ -36,9 +36,13 @@ function M.runs_dir() return M.state_dir() .. "/runs" end
 function M.path(run_id) return M.runs_dir() .. "/" .. run_id .. ".jsonl" end
 
 -- When the journal is fsync'd. An intent is synced before its effect is
--- performed (that is its point), and a performed effect's outcome after it.
--- The end of a step, an undo or the run is synced when it performed an effect
--- (a crash right after must not lose it). Every other line rides along with
+-- performed: that is its point (a batch's intents, a pipeline's or a
+-- transaction's, by one fsync before the batch takes place: rb_gate_deferred).
+-- An outcome rides along with the next intent's sync or its step's end: lost
+-- in a crash in between, its effect reads as unknown, which resume checks or
+-- asks about, never as not done; that halves the fsyncs of a step of many
+-- small writes. The end of a step, an undo or the run is synced when it
+-- performed an effect (a crash right after must not lose it). Every other line rides along with
 -- the next sync: lost in a crash, it belonged to a step or run that changed
 -- nothing, which then reads as not finished, and its resume changes nothing
 -- either. So a run that performs nothing (a dry run, a check) pays no fsync.
@@ -81,7 +85,7 @@ function M.sink(run_id)
       if e.event == "intent" then e.key = ("%s/%s/%d"):format(run_id, e.step or "", e.n or 0) end
       j:write(host.redact(encode(e)) .. "\n")
       local ends = ENDS[e.event]
-      if e.event == "intent" or (e.event == "effect" and e.decision == "performed") then
+      if e.event == "intent" then
         performed.step, performed.run = true, true
         j:sync()
       elseif ends and performed[ends] then

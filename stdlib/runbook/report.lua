@@ -173,6 +173,30 @@ local function verb(e)
   return e.decision == "simulated" and "would" or "would (not simulated)"
 end
 
+--- A step of many effects (a loop of small writes) shows its first and last
+-- EFFECTS_SHOWN / 2 and, between them, how many more and what they did; the
+-- journal and the JSON report keep every one. Calls show(e, i) for each
+-- shown, and elided(count, what) once where the others were.
+M.EFFECTS_SHOWN = 20
+local function each_shown(effects, show, elided)
+  local n, half = #effects, M.EFFECTS_SHOWN // 2
+  if n <= M.EFFECTS_SHOWN then
+    for i, e in ipairs(effects) do show(e, i) end
+    return
+  end
+  for i = 1, half do show(effects[i], i) end
+  local counts, what = {}, {}
+  for i = half + 1, n - half do
+    local e = effects[i]
+    local key = ("%s %s %s"):format(verb(e), e.module, e.op)
+    if not counts[key] then counts[key], what[#what + 1] = 0, key end
+    counts[key] = counts[key] + 1
+  end
+  for k, key in ipairs(what) do what[k] = ("%d %s"):format(counts[key], key) end
+  elided(n - 2 * half, table.concat(what, ", "))
+  for i = n - half + 1, n do show(effects[i], i) end
+end
+
 local function step_facts(st)
   local facts = { "started " .. stamp(st.started), dur(st.duration) }
   if st.attempts and st.attempts > 1 then facts[#facts + 1] = st.attempts .. " attempts" end
@@ -267,6 +291,11 @@ local function effect_line(e, indent)
     e.op, code_span(e.target or ""), md_change(e))
 end
 
+local function md_effects(add, effects, indent)
+  each_shown(effects, function(e) add("%s", effect_line(e, indent)) end,
+    function(n, what) add("%s- … %d more: %s", indent, n, what) end)
+end
+
 local function md_log(add, logs, indent)
   add("%s```", indent)
   for _, l in ipairs(logs) do
@@ -287,7 +316,7 @@ local function md_operator(add, st)
     if pv then
       add("  - preview %s, %s to %s:%s", pv.status, stamp(pv.started), stamp(pv.ended),
         #pv.effects == 0 and " it would change nothing" or "")
-      for _, e in ipairs(pv.effects) do add("%s", effect_line(e, "    ")) end
+      md_effects(add, pv.effects, "    ")
       if pv.error then add("    - error: %s", cell(pv.error.message)) end
       if #pv.logs > 0 then add(""); md_log(add, pv.logs, "    ") end
     end
@@ -304,7 +333,7 @@ local function md_step(add, st)
     add("")
     add("Effects:")
     add("")
-    for _, e in ipairs(st.effects) do add("%s", effect_line(e)) end
+    md_effects(add, st.effects, "")
   end
   if #st.unknown > 0 then
     add("")
@@ -378,9 +407,8 @@ local function markdown(doc)
     add("## Dry-run plan")
     add("")
     if #doc.plan == 0 then add("The run would change nothing.") end
-    for i, e in ipairs(doc.plan) do
-      add("%d. %s %s%s", i, verb(e), cell(e.summary), md_change(e))
-    end
+    each_shown(doc.plan, function(e, i) add("%d. %s %s%s", i, verb(e), cell(e.summary), md_change(e)) end,
+      function(n, what) add("\n… %d more: %s\n", n, what) end)   -- the list goes on at its own number
   end
   add("")
   add("Journal: %s", code_span(journal.path(doc.run_id)))
@@ -469,7 +497,8 @@ end
 local function html_effects(add, effects)
   if #effects == 0 then add('<p class="none">No effects.</p>'); return end
   add('<ul class="effects">')
-  for _, e in ipairs(effects) do add("%s", html_effect(e)) end
+  each_shown(effects, function(e) add("%s", html_effect(e)) end,
+    function(n, what) add('<li class="more">… %d more: %s</li>', n, esc(what)) end)
   add("</ul>")
 end
 
@@ -555,9 +584,9 @@ local function html(doc)
     add("<h2>Dry-run plan</h2>")
     if #doc.plan == 0 then add('<p class="none">The run would change nothing.</p>') end
     add('<ol class="plan">')
-    for _, e in ipairs(doc.plan) do
-      add("<li>%s %s%s</li>", esc(verb(e)), esc(e.summary), html_change(e))
-    end
+    each_shown(doc.plan, function(e, i)
+      add('<li value="%d">%s %s%s</li>', i, esc(verb(e)), esc(e.summary), html_change(e))
+    end, function(n, what) add('<li class="more">… %d more: %s</li>', n, esc(what)) end)
     add("</ol>")
   end
   add("<footer><p>Journal: <code>%s</code></p></footer>\n</body>\n</html>", esc(journal.path(doc.run_id)))

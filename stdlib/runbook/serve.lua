@@ -204,9 +204,11 @@ function Server:running()
 end
 
 --- Start `argv` (a runbook command without its run id) as a child of
--- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`.
--- Returns what was started, or nil and why.
-function Server:spawn(argv, name, runbook, mode, user)
+-- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`;
+-- `params` (an API caller's, which may hold secrets) reach it as JSON on its
+-- standard input (--params-file /dev/stdin), never in argv, where any local
+-- user sees them, nor in a file. Returns what was started, or nil and why.
+function Server:spawn(argv, name, runbook, mode, user, params)
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
     return nil, ("%d runs already running (--max-runs)"):format(self.max_runs)
@@ -217,7 +219,9 @@ function Server:spawn(argv, name, runbook, mode, user)
     (name:gsub("[^%w%-_]", "_")))
   local run_id = new_run_id()
   argv[#argv + 1] = "--run-id=" .. run_id
-  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user })
+  local input = params and next(params) and cjson.encode(params)
+  if input then argv[#argv + 1] = "--params-file=/dev/stdin" end
+  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
   if not ok then return nil, type(pid) == "table" and pid.message or tostring(pid) end
   self.children[pid], self.nchildren = { run_id = run_id, runbook = runbook, mode = mode, started = host.now() },
     self.nchildren + 1
@@ -298,19 +302,17 @@ function Server:start_run(body)
   end
   local argv = { self.bin, "run", doc.runbook, doc.dry_run == true and "--dry-run" or "--yes" }
   if doc.params ~= nil and type(doc.params) ~= "table" then return 400, { error = "params: expected an object" } end
-  local names = {}
-  for k in pairs(doc.params or {}) do names[#names + 1] = tostring(k) end
-  table.sort(names)
-  for _, k in ipairs(names) do
-    local v = doc.params[k]
+  local params = {}
+  for k, v in pairs(doc.params or {}) do
+    k = tostring(k)
     if not k:match("^[%w_]+$") or not (type(v) == "string" or type(v) == "number" or type(v) == "boolean") then
       return 400, { error = ("params.%s: expected a param name with a string, number or boolean value"):format(k) }
     end
-    argv[#argv + 1] = "-p"
-    argv[#argv + 1] = k .. "=" .. tostring(math.tointeger(v) or v)
+    params[k] = tostring(math.tointeger(v) or v)   -- as -p would give it
   end
+  if #cjson.encode(params) > 60000 then return 413, { error = "params: over 60000 bytes of JSON" } end
   local mode = doc.dry_run == true and "dry-run" or "run"
-  local started, err = self:spawn(argv, doc.runbook, doc.runbook, mode, by)
+  local started, err = self:spawn(argv, doc.runbook, doc.runbook, mode, by, params)
   if not started then return 429, { error = err } end
   started.events = "/v1/runs/" .. started.run_id .. "/events"
   return 202, started
