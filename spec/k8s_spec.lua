@@ -820,6 +820,21 @@ describe("k8s health summaries", function()
     assert.is_true(#nh.nodes > 0 and nh.nodes[1].ready)
   end)
 
+  it("reads a namespace of 200 deployments with one list per kind and page, not per deployment", function()
+    assert(select(2, sb.ctl("k8s populate health-scale 200 5")))
+    sb.ctl("k8s requests reset")
+    local nh = k8s.namespace_health("health-scale")
+    -- the stand-in's own count of what was asked
+    local asked = cjson.decode((sb.ctl("k8s requests reset")))
+    sb.ctl("k8s depopulate health-scale")
+    assert.are.equal(200, #nh.deployments)
+    assert.is_true(nh.healthy, table.concat(nh.problems, "; "))
+    for _, h in ipairs(nh.deployments) do assert.are.equal(5, #h.pods, h.name) end
+    assert.are.same({ 1, 2, 1 }, { asked["list deployments"], asked["list pods"], asked["list nodes"] })
+    assert.is_nil(asked["get deployments"])
+    assert.is_nil(asked["get pods"])
+  end)
+
   it("names CrashLoopBackOff, OOMKilled and NotReady nodes", function()
     assert(select(2, sb.ctl("k8s crashloop todo-chatbot-notification")))
     assert(select(2, sb.ctl("k8s oom todo-chatbot-recurring-task")))

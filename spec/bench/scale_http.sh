@@ -68,7 +68,7 @@ for l in open(sys.argv[1]):
         print(o["slowest"], o["duration"], o["fast"], sys.argv[2], sys.argv[3], sys.argv[4])' "$tmp/out" "$fds" "$rss" "$cpu" >>"$tmp/runs"
   done
   hyperfine -N --warmup 1 --runs "${RUNS:-3}" --export-json "$tmp/h.json" \
-    "curl -sf -Z --parallel-max 50 -m 10 -K $tmp/curl.conf" >/dev/null
+    "curl -sf -Z --parallel-max 50 -m 10 -K $tmp/curl.conf" >/dev/null 2>"$tmp/err" || { cat "$tmp/err" >&2; exit 1; }
   t_x=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["results"][0]["median"])' "$tmp/h.json")
   python3 - "$tmp/runs" "$n" "$t_x" <<'PY'
 import statistics as st, sys
