@@ -218,7 +218,7 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   local log = ("%s/%s-%d-%d-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), self.pid, self.spawned,
     (name:gsub("[^%w%-_]", "_")))
   local run_id = new_run_id()
-  argv[#argv + 1] = "--run-id=" .. run_id
+  argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
   local input = params and next(params) and cjson.encode(params)
   if input then argv[#argv + 1] = "--params-file=/dev/stdin" end
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
