@@ -499,14 +499,15 @@ static int http_report(lua_State *L) { return perform(L, 0); }
 
 /* ---- check_all: many GETs at once ---------------------------------------- */
 
-/* One transfer of a check_all batch. */
+/* One running transfer of a check_all batch: a slot, reused for the next
+ * target once its result is out, so memory and sockets stay bounded by the
+ * concurrency, not by the number of targets. */
 typedef struct {
     CURL *easy;
     buffer body;
     char errbuf[CURL_ERROR_SIZE];
     curl_limits limits;
-    CURLcode result;
-    int done;
+    int target; /* index in urls, from 0 */
 } transfer;
 
 /* A check_all call's handles, in a userdata so an error raised anywhere
@@ -515,7 +516,7 @@ typedef struct {
 typedef struct {
     CURLM *multi;
     struct curl_slist *headers;
-    transfer *t;
+    transfer *t; /* n slots */
     int n;
 } batch;
 
@@ -547,6 +548,8 @@ static batch *new_batch(lua_State *L, int n) {
     if (n > 0 && !(b->t = calloc((size_t)n, sizeof *b->t))) luaL_error(L, "out of memory");
     b->n = n;
     if (!(b->multi = curl_multi_init())) luaL_error(L, "cannot initialise libcurl");
+    /* no more idle connections kept than transfers run at once: fds stay bounded */
+    curl_multi_setopt(b->multi, CURLMOPT_MAXCONNECTS, (long)(n > 0 ? n : 1));
     return b;
 }
 
@@ -572,10 +575,18 @@ static const char *check_url(lua_State *L, int urls, int i) {
     return url;
 }
 
-static void start_transfer(lua_State *L, batch *b, int i, const char *url) {
-    transfer *t = &b->t[i];
-    if (!(t->easy = curl_easy_init())) luaL_error(L, "cannot initialise libcurl");
+/* Starts target i of urls in a free slot. */
+static void start_transfer(lua_State *L, batch *b, transfer *t, int urls, int i) {
+    lua_rawgeti(L, urls, i + 1);
+    const char *url = lua_tostring(L, -1);
+    lua_pop(L, 1); /* still referenced by urls */
+    if (!t->easy && !(t->easy = curl_easy_init())) luaL_error(L, "cannot initialise libcurl");
     CURL *h = t->easy;
+    curl_easy_reset(h);
+    t->body.len = 0;
+    t->body.oom = 0;
+    t->errbuf[0] = 0;
+    t->target = i;
     curl_easy_setopt(h, CURLOPT_URL, url);
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_ERRORBUFFER, t->errbuf);
@@ -584,19 +595,19 @@ static void start_transfer(lua_State *L, batch *b, int i, const char *url) {
     curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http,https");
     curl_easy_setopt(h, CURLOPT_USERAGENT, "runbook");
     curl_easy_setopt(h, CURLOPT_HTTPHEADER, b->headers);
-    curl_easy_setopt(h, CURLOPT_PRIVATE, (void *)(intptr_t)i);
+    curl_easy_setopt(h, CURLOPT_PRIVATE, (void *)t);
     t->limits = set_timeouts(L, h); /* per transfer: a queued one gets what is left of the step */
     set_tls(L, h);
     if (curl_multi_add_handle(b->multi, h) != CURLM_OK) luaL_error(L, "cannot start a transfer");
 }
 
-static void push_transfer_result(lua_State *L, transfer *t) {
+static void push_transfer_result(lua_State *L, transfer *t, CURLcode result) {
     lua_createtable(L, 0, 6);
     curl_off_t us = 0;
     curl_easy_getinfo(t->easy, CURLINFO_TOTAL_TIME_T, &us);
     lua_pushnumber(L, (double)us / 1e6);
     lua_setfield(L, -2, "latency");
-    if (t->result == CURLE_OK) {
+    if (result == CURLE_OK) {
         long status = 0;
         char *ctype = NULL;
         curl_easy_getinfo(t->easy, CURLINFO_RESPONSE_CODE, &status);
@@ -613,31 +624,38 @@ static void push_transfer_result(lua_State *L, transfer *t) {
     }
     const char *code;
     int retryable;
-    curl_reason(t->result, &code, &retryable);
+    curl_reason(result, &code, &retryable);
     if (t->body.oom) code = "out_of_memory", retryable = 0;
     lua_pushstring(L, code);
     lua_setfield(L, -2, "code");
     lua_pushboolean(L, retryable);
     lua_setfield(L, -2, "retryable");
-    curl_why(L, t->easy, t->result, t->errbuf, t->limits);
+    curl_why(L, t->easy, result, t->errbuf, t->limits);
     lua_setfield(L, -2, "error");
 }
 
-/* Moves finished transfers out of the multi handle; returns how many. */
-static int reap(batch *b) {
-    int finished = 0, left;
+/* Moves each finished transfer's result into the results table (at index
+ * `results`) and starts the next target in its slot; returns how many
+ * transfers still run. */
+static int reap(lua_State *L, batch *b, int results, int urls, int *next, int n, int active) {
+    int left;
     CURLMsg *m;
     while ((m = curl_multi_info_read(b->multi, &left))) {
         if (m->msg != CURLMSG_DONE) continue;
         void *p = NULL;
+        CURLcode result = m->data.result;
         curl_easy_getinfo(m->easy_handle, CURLINFO_PRIVATE, &p);
-        transfer *t = &b->t[(intptr_t)p];
-        t->result = m->data.result;
-        t->done = 1;
+        transfer *t = p;
+        push_transfer_result(L, t, result);
+        lua_rawseti(L, results, t->target + 1);
         curl_multi_remove_handle(b->multi, t->easy);
-        finished++;
+        active--;
+        if (*next < n) {
+            start_transfer(L, b, t, urls, (*next)++);
+            active++;
+        }
     }
-    return finished;
+    return active;
 }
 
 static int http_check_all(lua_State *L) {
@@ -658,27 +676,18 @@ static int http_check_all(lua_State *L) {
     opt_seconds(L, 1, "connect_timeout", DEFAULT_CONNECT_TIMEOUT);
     for (int i = 1; i <= n; i++) check_url(L, urls, i);
 
-    batch *b = new_batch(L, (int)n);
+    int slots = (int)(conc < n ? conc : n);
+    batch *b = new_batch(L, slots);
     int bidx = lua_gettop(L);
     append_headers(L, &b->headers, 1);
+    lua_createtable(L, (int)n, 0);
+    int results = lua_gettop(L);
     int next = 0, active = 0;
-    while (next < n && active < conc) {
-        lua_rawgeti(L, urls, next + 1);
-        start_transfer(L, b, next, lua_tostring(L, -1));
-        lua_pop(L, 1);
-        next++, active++;
-    }
+    for (; next < slots; next++, active++) start_transfer(L, b, &b->t[next], urls, next);
     while (active > 0) {
         int running;
         curl_multi_perform(b->multi, &running);
-        int finished = reap(b);
-        active -= finished;
-        for (; finished > 0 && next < n; finished--) {
-            lua_rawgeti(L, urls, next + 1);
-            start_transfer(L, b, next, lua_tostring(L, -1));
-            lua_pop(L, 1);
-            next++, active++;
-        }
+        active = reap(L, b, results, urls, &next, (int)n, active);
         if (rb_interrupted()) {
             lua_pushcfunction(L, batch_close);
             lua_pushvalue(L, bidx);
@@ -687,15 +696,10 @@ static int http_check_all(lua_State *L) {
         }
         if (active > 0 && running > 0) curl_multi_poll(b->multi, NULL, 0, 100, NULL);
     }
-    lua_createtable(L, (int)n, 0);
-    for (int i = 0; i < n; i++) {
-        push_transfer_result(L, &b->t[i]);
-        lua_rawseti(L, -2, i + 1);
-    }
     lua_pushcfunction(L, batch_close);
     lua_pushvalue(L, bidx);
     lua_call(L, 1, 0);
-    return 1;
+    return 1; /* results */
 }
 
 /* ---- smtp_send: one mail over libcurl's SMTP ---------------------------- */

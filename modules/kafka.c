@@ -10,14 +10,17 @@
  *                                   does a broker answer ApiVersions (or,
  *                                   when not plaintext, accept TCP)?
  *
+ * On a plaintext listener metadata (of every topic), offsets and
+ * group_offsets speak the protocol themselves, falling back to librdkafka
+ * for anything but the plain case (see "over the wire" below).
+ *
  * Client methods (timeout: seconds, always bounded by the step's deadline):
  *   metadata(timeout, topic)               brokers and every topic's (or one topic's) partitions
  *   offsets(list, timeout)                 ListOffsets for {topic, partition, offset}
  *                                          where offset is -2 earliest, -1 latest
  *                                          or a timestamp in ms; one request per leader
  *   group_offsets(requests, timeout)       OffsetFetch, one per {group, partitions|nil},
- *                                          all in flight together (over the wire
- *                                          on a plaintext listener: see below)
+ *                                          all in flight together
  *   alter_group_offsets(group, list, timeout, summary)    gated; a dry run simulates
  *   describe_groups(names, timeout)  list_groups(timeout)
  *   describe_configs(topic, timeout)
@@ -89,6 +92,7 @@ typedef struct {
     int consuming;           /* the reader's queue serves consume_poll (rd_kafka_poll_set_consumer) */
     int plaintext;           /* security.protocol plaintext: committed offsets over the wire */
     int debug_protocol;      /* debug=protocol (or all): the wire requests are logged as librdkafka's are */
+    int metadata_version;    /* the Metadata version the wire path asks (0: ask ApiVersions first) */
     delivery *deliveries;    /* the produce call in progress */
     size_t pending;
     double connect_timeout;  /* socket.connection.setup.timeout.ms, in seconds */
@@ -363,7 +367,7 @@ static void apply_props(lua_State *L, rd_kafka_conf_t *conf) {
 static int k_new(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    client *c = lua_newuserdatauv(L, sizeof *c, 0);
+    client *c = lua_newuserdatauv(L, sizeof *c, 1); /* 1: the last wire metadata */
     memset(c, 0, sizeof *c);
     luaL_setmetatable(L, CLIENT_MT);
     rd_kafka_conf_t *conf = rd_kafka_conf_new();
@@ -475,12 +479,16 @@ static void push_topic(lua_State *L, const rd_kafka_metadata_topic_t *t) {
     lua_setfield(L, -2, "partitions");
 }
 
+static int wire_metadata(lua_State *L, client *c, int ms);
+static int wire_offsets(lua_State *L, client *c, rd_kafka_topic_partition_list_t *l, int ms);
+
 /* metadata(timeout, topic) -> {brokers = {{id, host, port}}, topics = {...}, answered_by}
  * Every topic, or only `topic` (which a cluster that auto-creates topics creates). */
 static int k_metadata(lua_State *L) {
     client *c = check_client(L);
     int ms = timeout_ms(L, 2);
     const char *topic = luaL_optstring(L, 3, NULL);
+    if (!topic && c->plaintext && wire_metadata(L, c, ms)) return 1;
     /* one topic's metadata is asked for as a producer would, which may create it */
     rd_kafka_t *rk = topic ? check_producer(L)->rk : reader(L, c);
     rd_kafka_topic_t *rkt = topic ? rd_kafka_topic_new(rk, topic, NULL) : NULL;
@@ -519,7 +527,8 @@ static int k_offsets(lua_State *L) {
     client *c = check_client(L);
     rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
     int ms = timeout_ms(L, 3);
-    rd_kafka_resp_err_t err = rd_kafka_offsets_for_times(reader(L, c), l, ms);
+    rd_kafka_resp_err_t err = c->plaintext && wire_offsets(L, c, l, ms) ? RD_KAFKA_RESP_ERR_NO_ERROR
+                                                                       : rd_kafka_offsets_for_times(reader(L, c), l, ms);
     if (err && err != RD_KAFKA_RESP_ERR__PARTIAL) {
         /* per-partition errors are reported below; a whole-call failure raises */
         int any = 0;
@@ -704,6 +713,10 @@ typedef struct {
     wconn *cs;
     int n, nc, cap, nbootstrap, results;
     int log;            /* debug=protocol */
+    int version;        /* Metadata's */
+    rd_kafka_topic_partition_list_t *list;  /* ListOffsets': the partitions asked, */
+    int64_t *offsets;   /* their answers, */
+    int answered, failed;   /* how many, and whether one had an error */
 } wcall;
 
 /* Queues a request on w: its header and body are already in w->out. */
@@ -1014,6 +1027,277 @@ static int wire_group_offsets(lua_State *L, client *c, int ms) {
     }
     lua_pushvalue(L, k->results);
     return 1;
+}
+
+/* ---- metadata and watermarks over the wire ------------------------------ */
+
+/*
+ * Reads of metadata and offsets on a plaintext listener go over the wire too,
+ * so a run that only reads (lag, watermarks) never starts librdkafka: its
+ * threads, connections, SASL plugin loading and teardown were most of such a
+ * run. Only the plain case is handled here: an ApiVersions exchange (once per
+ * client) picks the Metadata version (the highest up to v8, the last before
+ * the flexible encoding), and ListOffsets v1 goes to each partition's leader
+ * from the last metadata read this way. Anything else (no bootstrap broker
+ * answers, a partition without a leader or with an error, a leader that does
+ * not answer) is handed to librdkafka, which retries and reports as before.
+ */
+#define API_LIST_OFFSETS 2
+#define API_METADATA 3
+#define API_VERSIONS 18
+
+static void on_api_versions(lua_State *L, wcall *k, int32_t corr, rd *r) {
+    (void)L, (void)corr;
+    int err = (int16_t)rd_int(r, 2), n = (int)(int32_t)rd_int(r, 4);
+    for (int i = 0; i < n && !r->bad && !err; i++) {
+        int key = (int16_t)rd_int(r, 2), min = (int16_t)rd_int(r, 2), max = (int16_t)rd_int(r, 2);
+        if (key == API_METADATA && !r->bad && min <= 8 && max >= 1) k->version = max < 8 ? max : 8;
+    }
+}
+
+static void push_int32s(lua_State *L, rd *r) {
+    int n = (int)(int32_t)rd_int(r, 4);
+    lua_createtable(L, n > 0 && n < 4096 ? n : 0, 0);
+    for (int i = 0; i < n && !r->bad; i++) {
+        lua_pushinteger(L, (int32_t)rd_int(r, 4));
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+static void push_rd_str(lua_State *L, rd *r) {
+    int len;
+    const char *s = rd_str(r, &len);
+    lua_pushlstring(L, s ? s : "", s ? (size_t)len : 0);
+}
+
+/* Metadata v1..v8 response, as k_metadata pushes librdkafka's. */
+static void on_metadata(lua_State *L, wcall *k, int32_t corr, rd *r) {
+    (void)corr;
+    int v = k->version, len;
+    if (v >= 3) rd_int(r, 4); /* throttle time */
+    lua_createtable(L, 0, 3);
+    int nb = (int)(int32_t)rd_int(r, 4);
+    lua_createtable(L, nb > 0 && nb < 4096 ? nb : 0, 0);
+    for (int i = 0; i < nb && !r->bad; i++) {
+        lua_createtable(L, 0, 3);
+        lua_pushinteger(L, (int32_t)rd_int(r, 4));
+        lua_setfield(L, -2, "id");
+        push_rd_str(L, r);
+        lua_setfield(L, -2, "host");
+        lua_pushinteger(L, (int32_t)rd_int(r, 4));
+        lua_setfield(L, -2, "port");
+        if (v >= 1) rd_str(r, &len); /* rack */
+        lua_rawseti(L, -2, i + 1);
+    }
+    lua_setfield(L, -2, "brokers");
+    if (v >= 2) rd_str(r, &len); /* cluster id */
+    if (v >= 1) rd_int(r, 4);    /* controller id */
+    int nt = (int)(int32_t)rd_int(r, 4);
+    lua_createtable(L, nt > 0 && nt < 65536 ? nt : 0, 0);
+    for (int t = 0; t < nt && !r->bad; t++) {
+        lua_createtable(L, 0, 3);
+        int terr = (int16_t)rd_int(r, 2);
+        push_rd_str(L, r);
+        lua_setfield(L, -2, "name");
+        set_error(L, (rd_kafka_resp_err_t)terr, NULL);
+        if (v >= 1) rd_int(r, 1); /* is internal */
+        int np = (int)(int32_t)rd_int(r, 4);
+        lua_createtable(L, np > 0 && np < 65536 ? np : 0, 0);
+        for (int p = 0; p < np && !r->bad; p++) {
+            lua_createtable(L, 0, 5);
+            int perr = (int16_t)rd_int(r, 2);
+            lua_pushinteger(L, (int32_t)rd_int(r, 4));
+            lua_setfield(L, -2, "partition");
+            lua_pushinteger(L, (int32_t)rd_int(r, 4));
+            lua_setfield(L, -2, "leader");
+            if (v >= 7) rd_int(r, 4); /* leader epoch */
+            push_int32s(L, r);
+            lua_setfield(L, -2, "replicas");
+            push_int32s(L, r);
+            lua_setfield(L, -2, "isr");
+            if (v >= 5) {         /* offline replicas */
+                push_int32s(L, r);
+                lua_pop(L, 1);
+            }
+            set_error(L, (rd_kafka_resp_err_t)perr, NULL);
+            lua_rawseti(L, -2, p + 1);
+        }
+        lua_setfield(L, -2, "partitions");
+        if (v >= 8) rd_int(r, 4); /* topic authorized operations */
+        lua_rawseti(L, -2, t + 1);
+    }
+    lua_setfield(L, -2, "topics");
+    lua_pushinteger(L, -1);
+    lua_setfield(L, -2, "answered_by");
+    if (r->bad) lua_pop(L, 1);
+    else lua_replace(L, k->results);
+}
+
+/* New call state on the stack (closed on any exit), with the bootstrap brokers. */
+static wcall *wire_call(lua_State *L, client *c, int n) {
+    wcall *k = lua_newuserdatauv(L, sizeof *k, 0);
+    memset(k, 0, sizeof *k);
+    k->n = n;
+    k->log = c->debug_protocol;
+    lua_newtable(L);
+    lua_pushcfunction(L, wire_close);
+    lua_setfield(L, -2, "__close");
+    lua_setmetatable(L, -2);
+    lua_toclose(L, -1);
+    lua_pushnil(L);
+    k->results = lua_gettop(L);
+    return k;
+}
+
+/* metadata of every topic: pushes it (and keeps it for wire_offsets), or
+ * returns 0 for librdkafka to ask. */
+static int wire_metadata(lua_State *L, client *c, int ms) {
+    double end = rb_now() + ms / 1000.0;
+    int top = lua_gettop(L);
+    wcall *k = wire_call(L, c, 2);
+    bootstrap_conns(L, c, k);
+    k->version = c->metadata_version;
+    for (int b = 0; b < k->nbootstrap; b++) {
+        wconn *w = &k->cs[b];
+        if (!k->version) {
+            wb_end(&w->out, wb_begin(L, &w->out, API_VERSIONS, 0, 0));
+            wire_queued(k, w, "ApiVersion");
+            if (!wire_pump(L, k, end, on_api_versions) || w->why) continue;
+            if (!k->version) break;   /* no Metadata version (1..8) this code reads */
+        }
+        size_t at = wb_begin(L, &w->out, API_METADATA, k->version, 1);
+        wb_int(L, &w->out, 0xffffffffu, 4);                  /* every topic */
+        if (k->version >= 4) wb_int(L, &w->out, 0, 1);       /* no auto-creation */
+        if (k->version >= 8) wb_int(L, &w->out, 0, 2);       /* no authorized operations */
+        wb_end(&w->out, at);
+        wire_queued(k, w, "Metadata");
+        if (!wire_pump(L, k, end, on_metadata) || w->why) continue;
+        if (lua_isnil(L, k->results)) break;
+        c->metadata_version = k->version;
+        lua_pushvalue(L, k->results);
+        lua_setiuservalue(L, 1, 1);
+        lua_pushvalue(L, k->results);
+        return 1;
+    }
+    lua_settop(L, top);
+    return 0;
+}
+
+/* ListOffsets v1 response: offsets into the list; any error: the whole call to librdkafka. */
+static void on_list_offsets(lua_State *L, wcall *k, int32_t corr, rd *r) {
+    (void)L, (void)corr;
+    rd_kafka_topic_partition_list_t *l = k->list;
+    int nt = (int)(int32_t)rd_int(r, 4);
+    for (int t = 0; t < nt && !r->bad; t++) {
+        int tlen;
+        const char *topic = rd_str(r, &tlen);
+        char name[512];
+        snprintf(name, sizeof name, "%.*s", tlen > 0 ? tlen : 0, topic ? topic : "");
+        int np = (int)(int32_t)rd_int(r, 4);
+        for (int p = 0; p < np && !r->bad; p++) {
+            int32_t partition = (int32_t)rd_int(r, 4);
+            int err = (int16_t)rd_int(r, 2);
+            rd_int(r, 8); /* timestamp */
+            int64_t offset = (int64_t)rd_int(r, 8);
+            rd_kafka_topic_partition_t *tp = rd_kafka_topic_partition_list_find(l, name, partition);
+            if (r->bad || !tp) break;
+            if (err) k->failed = 1;
+            k->offsets[tp - l->elems] = offset;
+            k->answered++;
+        }
+    }
+    if (r->bad) k->failed = 1;
+}
+
+/* offsets(list) from each partition's leader in the last wire metadata: 1
+ * when every partition has its offset, 0 for librdkafka to ask. */
+static int wire_offsets(lua_State *L, client *c, rd_kafka_topic_partition_list_t *l, int ms) {
+    double end = rb_now() + ms / 1000.0;
+    int top = lua_gettop(L);
+    if (l->cnt == 0 || lua_getiuservalue(L, 1, 1) != LUA_TTABLE) return lua_settop(L, top), 0;
+    int md = lua_gettop(L);
+    wcall *k = wire_call(L, c, 1 << 30);
+    k->list = l;
+    k->offsets = lua_newuserdatauv(L, sizeof *k->offsets * (size_t)l->cnt, 0);
+    lua_newtable(L); /* broker id -> its connection */
+    int ids = lua_gettop(L);
+    lua_newtable(L); /* "topic partition" -> its leader's connection */
+    int leaders = lua_gettop(L);
+    lua_getfield(L, md, "brokers");
+    for (lua_Integer b = 1; lua_geti(L, -1, b) == LUA_TTABLE; b++) {
+        lua_getfield(L, -1, "host");
+        lua_getfield(L, -2, "port");
+        size_t hl;
+        const char *h = lua_tolstring(L, -2, &hl);
+        int conn = wconn_find(L, k, h, (int)hl, lua_tostring(L, -1));
+        lua_getfield(L, -3, "id");
+        lua_pushinteger(L, conn);
+        lua_rawset(L, ids);
+        lua_pop(L, 3);
+    }
+    lua_pop(L, 2);
+    lua_getfield(L, md, "topics");
+    for (lua_Integer t = 1; lua_geti(L, -1, t) == LUA_TTABLE; t++) {
+        lua_getfield(L, -1, "name");
+        const char *name = lua_tostring(L, -1);
+        lua_getfield(L, -2, "partitions");
+        for (lua_Integer p = 1; lua_geti(L, -1, p) == LUA_TTABLE; p++) {
+            lua_getfield(L, -1, "partition");
+            lua_getfield(L, -2, "leader");
+            lua_pushfstring(L, "%s %d", name ? name : "", (int)lua_tointeger(L, -2));
+            lua_pushvalue(L, -2);
+            lua_rawget(L, ids);
+            lua_rawset(L, leaders);
+            lua_pop(L, 3);
+        }
+        lua_pop(L, 4);
+    }
+    lua_pop(L, 2);
+    int *conn_of = lua_newuserdatauv(L, sizeof *conn_of * (size_t)l->cnt, 0);
+    for (int i = 0; i < l->cnt; i++) {
+        lua_pushfstring(L, "%s %d", l->elems[i].topic, (int)l->elems[i].partition);
+        lua_rawget(L, leaders);
+        int known;
+        conn_of[i] = (int)lua_tointegerx(L, -1, &known);
+        lua_pop(L, 1);
+        if (!known) return lua_settop(L, top), 0;
+    }
+    for (int ci = 0; ci < k->nc; ci++) {   /* one request per leader, a topic entry per run of one topic */
+        wconn *w = &k->cs[ci];
+        size_t req = 0, topics_at = 0, count_at = 0;
+        uint32_t topics = 0, count = 0;
+        const char *last = NULL;
+        for (int i = 0; i < l->cnt; i++) {
+            if (conn_of[i] != ci) continue;
+            if (!last) {
+                req = wb_begin(L, &w->out, API_LIST_OFFSETS, 1, ci);
+                wb_int(L, &w->out, 0xffffffffu, 4); /* replica id: a client */
+                topics_at = w->out.len;
+                wb_int(L, &w->out, 0, 4);
+            }
+            if (!last || strcmp(last, l->elems[i].topic)) {
+                if (last) wb_set32(&w->out, count_at, count);
+                last = l->elems[i].topic;
+                topics++;
+                wb_str(L, &w->out, last, strlen(last));
+                count_at = w->out.len, count = 0;
+                wb_int(L, &w->out, 0, 4);
+            }
+            wb_int(L, &w->out, (uint32_t)l->elems[i].partition, 4);
+            wb_int(L, &w->out, (uint64_t)l->elems[i].offset, 8);
+            count++;
+        }
+        if (!last) continue;
+        wb_set32(&w->out, count_at, count);
+        wb_set32(&w->out, topics_at, topics);
+        wb_end(&w->out, req);
+        wire_queued(k, w, "ListOffsets");
+    }
+    int ok = wire_pump(L, k, end, on_list_offsets) && !k->failed && k->answered == l->cnt;
+    for (int ci = 0; ci < k->nc; ci++) ok &= !k->cs[ci].why;
+    for (int i = 0; ok && i < l->cnt; i++) l->elems[i].offset = k->offsets[i], l->elems[i].err = 0;
+    lua_settop(L, top);
+    return ok;
 }
 
 /* group_offsets({{group=, partitions=list|nil}...}, timeout) -> {[group] = {group, partitions, error}}

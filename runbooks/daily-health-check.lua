@@ -74,12 +74,9 @@ step "Services answer health checks" {
   run = function(ctx)
     local f = findings()
     local n = 0
-    for _, d in ipairs(k8s.list("deployments", { namespace = ctx.params.namespace })) do
-      local sh = k8s.service_health("deploy/" .. d.metadata.name, { namespace = ctx.params.namespace, path = ctx.params.health_path })
-      for _, row in ipairs(sh.services) do
-        n = n + 1
-        if not row.ok then f.problem("service %s %s: %s", row.service, ctx.params.health_path, row.error) end
-      end
+    for _, row in ipairs(k8s.services_health(ctx.params.namespace, { path = ctx.params.health_path }).services) do
+      n = n + 1
+      if not row.ok then f.problem("service %s %s: %s", row.service, ctx.params.health_path, row.error) end
     end
     log.info("%d services checked, %d failing", n, #f.problems)
     return result(f, { services = n })

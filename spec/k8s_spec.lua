@@ -820,6 +820,21 @@ describe("k8s health summaries", function()
     assert.is_true(#nh.nodes > 0 and nh.nodes[1].ready)
   end)
 
+  it("reads a namespace of 200 deployments with one list per kind and page, not per deployment", function()
+    assert(select(2, sb.ctl("k8s populate health-scale 200 5")))
+    sb.ctl("k8s requests reset")
+    local nh = k8s.namespace_health("health-scale")
+    -- the stand-in's own count of what was asked
+    local asked = cjson.decode((sb.ctl("k8s requests reset")))
+    sb.ctl("k8s depopulate health-scale")
+    assert.are.equal(200, #nh.deployments)
+    assert.is_true(nh.healthy, table.concat(nh.problems, "; "))
+    for _, h in ipairs(nh.deployments) do assert.are.equal(5, #h.pods, h.name) end
+    assert.are.same({ 1, 2, 1 }, { asked["list deployments"], asked["list pods"], asked["list nodes"] })
+    assert.is_nil(asked["get deployments"])
+    assert.is_nil(asked["get pods"])
+  end)
+
   it("names CrashLoopBackOff, OOMKilled and NotReady nodes", function()
     assert(select(2, sb.ctl("k8s crashloop todo-chatbot-notification")))
     assert(select(2, sb.ctl("k8s oom todo-chatbot-recurring-task")))
@@ -921,6 +936,12 @@ describe("k8s last_change and rollout_status{fail_fast}", function()
     assert.is_false(sh.ok)
     assert.matches("^HTTP 404", sh.services[1].error)
     assert.are.same({ ok = true, services = {} }, k8s.service_health("deploy/lc", { namespace = NS }))
+    -- every deployment of the namespace at once: each Service in front of one, checked once
+    local all = k8s.services_health(APP_NS, { path = "/health" })
+    local names = {}
+    for _, row in ipairs(all.services) do names[#names + 1] = row.service end
+    assert.are.same({ "todo-chatbot-backend", "todo-chatbot-frontend", "todo-chatbot-notification",
+      "todo-chatbot-recurring-task", "todo-chatbot-websocket" }, names)
   end)
 
   it("gives up on a rollout whose new pods cannot pull their image, naming the pod and the reason", function()

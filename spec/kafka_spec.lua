@@ -183,6 +183,66 @@ describe("kafka.lag", function()
   end)
 end)
 
+-- Lag over many groups sends the fewest requests brokers that take one group
+-- per request allow: metadata once, a FindCoordinator and an OffsetFetch per
+-- group, a ListOffsets per leader broker (counted from debug=protocol lines).
+describe("kafka requests at scale", function()
+  local cli = require "spec.support.cli"
+  after_each(cli.cleanup)
+
+  local function requests(src)
+    local r = cli.run({ "run", cli.runbook(src), "--output", "json" },
+      { KAFKA_BROKERS = brokers(), RUNBOOK_STATE_DIR = cli.tmpdir() })
+    assert.are.equal(0, r.code, r.stderr .. r.stdout)
+    local sent = {}
+    for what in r.stderr:gmatch("Sent (%a+)Request") do sent[what] = (sent[what] or 0) + 1 end
+    local outputs
+    for _, e in ipairs(cli.events(r.stdout)) do if e.event == "step_end" then outputs = e.outputs end end
+    return sent, outputs
+  end
+
+  it("lag of 40 groups: one Metadata, 40 FindCoordinator, 40 OffsetFetch, a ListOffsets per broker", function()
+    local out, ok = sb.ctl("kafka groups 40")   -- commits them, and says their total lag
+    assert.is_true(ok, out)
+    local want = tonumber(out:match("lag=(%d+)"))
+    local sent, outputs = requests([[
+name = "lag-at-scale"
+description = "lag of 40 groups"
+step "lag" { run = function()
+  local groups = {}
+  for g = 1, 40 do groups[g] = "scale-group-" .. g end
+  local k = kafka.connect { brokers = os.getenv("KAFKA_BROKERS"), debug = "protocol" }
+  return { total = k:lag { groups = groups, topics = "scale-events" }.total }
+end }
+]])
+    assert.are.equal(want, outputs.total)
+    assert.are.same({ 1, 40, 40 }, { sent.Metadata, sent.FindCoordinator, sent.OffsetFetch })
+    assert.is_true(sent.ListOffsets >= 1 and sent.ListOffsets <= 3, tostring(sent.ListOffsets))
+  end)
+
+  it("watermarks of a topic send no more requests than kcat -Q", function()
+    assert.is_true(select(2, sb.ctl("kafka groups 1")))
+    local sent, outputs = requests([[
+name = "watermarks-requests"
+description = "watermarks of scale-events"
+step "marks" { run = function()
+  local k = kafka.connect { brokers = os.getenv("KAFKA_BROKERS"), debug = "protocol" }
+  local n = 0
+  for _, m in pairs(k:watermarks("scale-events")) do n = n + m.high - m.low end
+  return { messages = n }
+end }
+]])
+    assert.are.equal(1200, outputs.messages)
+    local n = 0
+    for _, c in pairs(sent) do n = n + c end
+    local args = {}
+    for p = 0, 11 do args[#args + 1] = "-t scale-events:" .. p .. ":-1" end
+    local kout = sb.kcat("-Q -X debug=protocol " .. table.concat(args, " ") .. " 2>&1")
+    local kn = select(2, kout:gsub("Sent %a+Request", ""))
+    assert.is_true(n <= kn, ("runbook %d requests, kcat %d"):format(n, kn))
+  end)
+end)
+
 -- librdkafka 2.0.2 segfaulted (exit 139, in its own thread) when the
 -- OffsetFetch behind lag failed with NOT_COORDINATOR (16) or
 -- COORDINATOR_NOT_AVAILABLE (15) while the coordinator moves; modules/kafka.c

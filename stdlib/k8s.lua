@@ -75,6 +75,8 @@
 --   deployment_health(ns, name)   namespace_health(ns)
 --   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error}...}}:
 --       GET path through the proxy of every Service selecting the workload's pods
+--   services_health(ns, {path = "/health"}) -> the same for every deployment of the namespace
+--       at once: two lists and one GET per Service, not two lists per deployment
 --
 -- A cluster-wide lock (see stdlib/k8s/lease.lua):
 --   lease_lock{namespace=, name=, duration = "60s", wait = "0s", identity=, try=}
@@ -133,6 +135,7 @@ local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
   "scale", "stop_workloads", "start_workloads", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
   "logs", "log_query", "exec", "cp", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
+  "services_health",
   "lease_lock", "lease_renew_due",
 }
 for _, name in ipairs(PUBLIC) do

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pg.dump of a large database (default ~1.1 GB) against pg_dump alone, both
-# --format=custom to a file on the checkout's filesystem, side by side in one
-# hyperfine run (RUNS each, default 3), with peak memory. pg.dump adds a verification (pg_restore
+# --format=custom to a file on the checkout's filesystem, RUNS each (default
+# 3), alternating, with CPU time and peak memory. pg.dump adds a verification (pg_restore
 # --list), the dump's sha256 and the manifest's exact row counts (counted by
 # psql beside pg_dump, in its snapshot).
 # Needs the sandbox (make sandbox). The database rb_dump_large is built with
@@ -43,18 +43,31 @@ step "dump" { run = function() pg.dump { url = "$db_url", file = "$tmp/rb.dump",
 LUA
 env_of() { python3 -c 'import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(f"PGHOST={p.hostname} PGPORT={p.port} PGUSER={p.username} PGPASSWORD={u.unquote(p.password)} PGDATABASE={p.path[1:]}")' "$1"; }
 echo "env $(env_of "$db_url") pg_dump --format=c --file=$tmp/pg.dump" >"$tmp/pg_dump.sh"
-# each under /usr/bin/time, for its peak memory (the last run's)
-hyperfine --runs "$RUNS" --export-json "$tmp/d.json" --prepare "rm -f $tmp/rb.dump $tmp/pg.dump" \
-  "/usr/bin/time -o $tmp/rss.runbook -f %M ./runbook run $tmp/dump.lua --yes --output json" \
-  "/usr/bin/time -o $tmp/rss.pg_dump -f %M bash $tmp/pg_dump.sh" >/dev/null
-rss_runbook=$(tail -n 1 "$tmp/rss.runbook") rss_pg_dump=$(tail -n 1 "$tmp/rss.pg_dump")
-python3 - "$tmp/d.json" "$size" "$(stat -c %s "$tmp/pg.dump")" "$rss_runbook" "$rss_pg_dump" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))["results"]
-a, b = r[0]["median"], r[1]["median"]
-size, dump = sys.argv[2], int(sys.argv[3])
-print(f"| database | dump | pg.dump (median) | pg_dump (median) | ratio | peak RSS pg.dump / pg_dump |")
-print(f"|---|---|---|---|---|---|")
-print(f"| {size} | {dump / 2**20:.0f} MB | {a:.2f} s | {b:.2f} s | {a / b:.3f} | "
-      f"{int(sys.argv[4]) / 1024:.1f} MB / {int(sys.argv[5]) / 1024:.1f} MB |")
+# Alternating runs (pg.dump, pg_dump, pg.dump...), so a change in the machine's load falls on both;
+# wall time, and the CPU time of the processes on this side (the server's is not counted).
+python3 - "$RUNS" "$tmp" "$size" <<'PY'
+import os, resource, statistics, subprocess, sys, time
+runs, tmp, size = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+cmds = {"pg.dump": ["./runbook", "run", f"{tmp}/dump.lua", "--yes", "--output", "json"],
+        "pg_dump": ["bash", f"{tmp}/pg_dump.sh"]}
+wall, cpu, rss = {k: [] for k in cmds}, {k: [] for k in cmds}, {k: 0 for k in cmds}
+for _ in range(runs):
+    for name, cmd in cmds.items():
+        for f in ("rb.dump", "pg.dump"):
+            if os.path.exists(f"{tmp}/{f}"): os.remove(f"{tmp}/{f}")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall[name].append(time.monotonic() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        rss[name] = max(rss[name], after.ru_maxrss)
+dump = os.path.getsize(f"{tmp}/pg.dump")
+a, b = statistics.median(wall["pg.dump"]), statistics.median(wall["pg_dump"])
+ca, cb = statistics.median(cpu["pg.dump"]), statistics.median(cpu["pg_dump"])
+print(f"load average {open('/proc/loadavg').read().split()[0]} at the end; {runs} runs each, alternating")
+print("| database | dump | pg.dump (median) | pg_dump (median) | ratio | CPU here pg.dump / pg_dump | peak RSS |")
+print("|---|---|---|---|---|---|---|")
+print(f"| {size} | {dump / 2**20:.0f} MB | {a:.2f} s | {b:.2f} s | {a / b:.3f} | {ca:.2f} s / {cb:.2f} s "
+      f"| {rss['pg.dump'] / 1024:.1f} MB (the largest process) |")
 PY

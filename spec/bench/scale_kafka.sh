@@ -9,16 +9,20 @@
 #    calling kafka.watermarks against `kcat -Q` asking the high ones (kcat
 #    cannot ask both of one partition in one call: it answers the later
 #    for both), so kcat does half the work.
-# Each size is one hyperfine run of both commands side by side; the table
-# gives medians, their ratio, peak RSS (GNU time) and the Kafka requests each
-# sends (librdkafka debug=protocol lines, by type).
-# SIZES="50 200 1000" RUNS=5 by default.
+# The two commands of a row run alternately, RUNS times each after a warm-up
+# (this machine's load changes from second to second: hyperfine's runs of one
+# command, then of the other, met different loads); the table gives the
+# medians, their ratio, peak RSS (GNU time) and the Kafka requests each sends
+# (debug=protocol lines, by type; the runbook logs its own wire requests so).
+# SIZES="50 200 1000" RUNS=7 by default. No Pushgateway: a run would push its
+# metrics at its end, which the peers do not.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 examples/sandbox/up >/dev/null 2>&1
 . examples/sandbox/.state/env
 sizes=${SIZES:-50 200 1000}
-runs=${RUNS:-5}
+runs=${RUNS:-7}
+unset RUNBOOK_PUSHGATEWAY
 tmp=$(mktemp -d)
 state=$(mktemp -d)
 trap 'rm -rf "$tmp" "$state"' EXIT
@@ -84,8 +88,23 @@ peak_mb() {    # peak RSS of one run, in MB
   /usr/bin/time -f %M -o "$tmp/rss" "$@" >/dev/null 2>&1
   awk '{printf "%.1f", $1 / 1024}' "$tmp/rss"
 }
-median_ms() {  # median of command $2 in hyperfine's json $1, in ms
-  python3 -c 'import json, sys; print("%.1f" % (json.load(open(sys.argv[1]))["results"][int(sys.argv[2])]["median"] * 1000))' "$1" "$2"
+cat >"$tmp/alternate.py" <<'PY'
+import statistics, subprocess, sys, time
+runs, cmds = int(sys.argv[1]), [c.split() for c in sys.argv[2:]]
+def once(c):
+    t = time.monotonic()
+    subprocess.run(c, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    return (time.monotonic() - t) * 1000
+for c in cmds:
+    once(c)
+times = [[] for _ in cmds]
+for _ in range(runs):
+    for i, c in enumerate(cmds):
+        times[i].append(once(c))
+print(" ".join("%.1f" % statistics.median(t) for t in times))
+PY
+medians() {    # medians in ms of commands run alternately: medians RUNS "CMD A" "CMD B"
+  python3 "$tmp/alternate.py" "$@"
 }
 
 echo "| groups x 12 partitions | runbook | python3-confluent-kafka | ratio | peak RSS runbook / python | requests runbook | requests python |"
@@ -94,8 +113,7 @@ for n in $sizes; do
   export GROUPS_N=$n
   a=$("${rb_lag[@]}" | sed -n 's/^ *| \([0-9]*\)$/\1/p') b=$("${py_lag[@]}")
   [ "$a" = "$b" ] || { echo "lag of $n groups: runbook says $a, python $b" >&2; exit 1; }
-  hyperfine -N --warmup 1 --runs "$runs" --export-json "$tmp/lag-$n.json" "${rb_lag[*]}" "${py_lag[*]}" >/dev/null
-  r=$(median_ms "$tmp/lag-$n.json" 0) p=$(median_ms "$tmp/lag-$n.json" 1)
+  read -r r p < <(medians "$runs" "${rb_lag[*]}" "${py_lag[*]}")
   printf '| %d | %s ms | %s ms | %sx faster | %s / %s MB | %s | %s |\n' "$n" "$r" "$p" \
     "$(python3 -c "print('%.1f' % ($p / $r))")" "$(peak_mb "${rb_lag[@]}")" "$(peak_mb "${py_lag[@]}")" \
     "$(requests "${rb_lag[@]}")" "$(requests "${py_lag[@]}")"
@@ -104,8 +122,7 @@ done
 echo
 echo "| watermarks of scale-events (12 partitions) | runbook (low and high) | kcat -Q (high) | ratio runbook/kcat | peak RSS runbook / kcat | requests runbook | requests kcat |"
 echo "|---|---|---|---|---|---|---|"
-hyperfine -N --warmup 2 --runs "$((runs * 4))" --export-json "$tmp/marks.json" "${rb_marks[*]}" "${kcat_q[*]}" >/dev/null
-r=$(median_ms "$tmp/marks.json" 0) k=$(median_ms "$tmp/marks.json" 1)
+read -r r k < <(medians "$((runs * 4))" "${rb_marks[*]}" "${kcat_q[*]}")
 printf '| 1 topic | %s ms | %s ms | %s | %s / %s MB | %s | %s |\n' "$r" "$k" "$(python3 -c "print('%.2f' % ($r / $k))")" \
   "$(peak_mb "${rb_marks[@]}")" "$(peak_mb "${kcat_q[@]}")" "$(requests "${rb_marks[@]}")" \
   "$(requests "${kcat_q[@]}" -X debug=protocol)"

@@ -845,6 +845,107 @@ describe("k8s stand-in with kubectl", function()
         end)
     end)
 
+    describe("list paging", function()
+        local PNS = "paging"
+        local function raw(path)
+            return cjson.decode(k("get --raw " .. q(path)))
+        end
+        local function names(list)
+            local out = {}
+            for _, it in ipairs(list.items) do out[#out + 1] = it.metadata.name end
+            return out
+        end
+
+        setup(function()
+            ctl("populate " .. PNS .. " 120")
+        end)
+
+        teardown(function()
+            run(sb.sandbox .. "/ctl k8s depopulate " .. PNS)
+        end)
+
+        it("kubectl get --chunk-size pages with limit and continue and shows every object", function()
+            local out = k("get deploy -n " .. PNS .. " --chunk-size=50 -v=6")
+            local rows, pages = 0, 0
+            for line in out:gmatch("[^\n]+") do
+                if line:match("^load%-%d+%s+5/5%s+5%s+5%s") then rows = rows + 1 end
+                if line:match("GET https://%S+/deployments%?limit=50") then pages = pages + 1 end
+                if line:match("GET https://%S+/deployments%?continue=%S+&limit=50") then pages = pages + 1 end
+            end
+            assert.equal(120, rows, out:sub(1, 2000))
+            assert.equal(3, pages, out:sub(1, 2000))
+        end)
+
+        it("kubectl get -o json over 600 pods pages by 100 and returns them all, in name order", function()
+            local list = json("get pods -n " .. PNS .. " --chunk-size=100")
+            local got = names(list)
+            assert.equal(600, #got)
+            local sorted = { table.unpack(got) }
+            table.sort(sorted)
+            assert.same(sorted, got)
+        end)
+
+        it("serves every page at the first page's resourceVersion, whatever was written since", function()
+            local base = "/apis/apps/v1/namespaces/" .. PNS .. "/deployments"
+            local first = raw(base .. "?limit=40")
+            assert.equal(40, #first.items)
+            assert.equal(80, first.metadata.remainingItemCount)
+            k("delete deploy load-00100 -n " .. PNS .. " --wait=false")
+            k("create deploy load-00050a -n " .. PNS .. " --image=nginx:1.27")
+            local seen, cont = names(first), first.metadata.continue
+            while cont do
+                local page = raw(base .. "?limit=40&continue=" .. cont)
+                assert.equal(first.metadata.resourceVersion, page.metadata.resourceVersion)
+                for _, n in ipairs(names(page)) do seen[#seen + 1] = n end
+                cont = page.metadata.continue
+            end
+            assert.equal(120, #seen)
+            assert.equal("load-00100", seen[101])
+            -- a new list sees both writes
+            local now_names = names(json("get deploy -n " .. PNS))
+            assert.equal(120, #now_names)
+            assert.equal("load-00050a", now_names[52])
+        end)
+
+        it("answers resourceVersion and resourceVersionMatch as the apiserver does", function()
+            local base = "/api/v1/namespaces/" .. PNS .. "/pods"
+            local all = raw(base .. "?limit=7&resourceVersion=0")  -- the watch cache ignores limit
+            assert.is_nil(all.metadata.continue)
+            assert.is_true(#all.items >= 595)
+            local rv = tonumber(all.metadata.resourceVersion)
+            k("delete pod " .. all.items[1].metadata.name .. " -n " .. PNS .. " --grace-period=0 --force")
+            local exact = raw(base .. "?resourceVersion=" .. rv .. "&resourceVersionMatch=Exact&limit=1")
+            assert.equal(all.items[1].metadata.name, exact.items[1].metadata.name)
+            assert.equal(tostring(rv), exact.metadata.resourceVersion)
+            local out, rc = kubectl("get --raw " .. q(base .. "?resourceVersion=" .. (rv + 100000)))
+            assert.is_true(rc ~= 0)
+            assert.matches("Too large resource version", out)
+            out, rc = kubectl("get --raw " .. q(base .. "?limit=1&resourceVersion=1&continue=" .. all.metadata.resourceVersion))
+            assert.is_true(rc ~= 0)
+            assert.matches("specifying resource version is not allowed when using continue", out)
+        end)
+
+        it("answers a continue from a compacted revision with 410 Expired and a token to go on inconsistently", function()
+            local base = "/api/v1/namespaces/" .. NS .. "/configmaps"
+            local first = raw(base .. "?limit=1")
+            assert.is_string(first.metadata.continue)
+            ctl("reset --world")   -- drops the event history, as compaction does
+            local out, rc = kubectl("get --raw " .. q(base .. "?limit=1&continue=" .. first.metadata.continue))
+            assert.is_true(rc ~= 0)
+            assert.matches("Expired", out)
+            assert.matches("too old to display a consistent list result", out)
+            local server = run("grep -o 'https://[^ ]*' " .. q(sb.env("KUBECONFIG"))):gsub("%s+$", "")
+            local token = run("cat " .. q(sb.state .. "/k8s/token")):gsub("%s+$", "")
+            local body = run("curl -s -m 10 --cacert " .. q(sb.state .. "/k8s/ca.crt") .. " -H " .. q("Authorization: Bearer "
+                .. token) .. " " .. q(server .. base .. "?limit=1&continue=" .. first.metadata.continue))
+            local st = cjson.decode(body)
+            assert.same({ 410, "Expired" }, { st.code, st.reason })
+            local rest = raw(base .. "?limit=100&continue=" .. st.metadata.continue)
+            assert.is_true(#rest.items >= 1)
+            assert.is_true(rest.items[1].metadata.name > first.items[1].metadata.name)
+        end)
+    end)
+
     describe("faults", function()
         setup(function()
             ctl("reset --world")

@@ -85,15 +85,20 @@ describe("outage-recovery", function()
     assert.are.equal("does-not-exist", kh.tag("notification"))
   end)
 
-  it("changes nothing in a dry run, and says what it would do", function()
+  it("changes nothing in a dry run, says what it would do, and checks the dependencies from the app's pod", function()
     sb.ctl("k8s bad-image notification")
     kh.wait_waiting("notification", "ImagePullBackOff")
     sb.sleep(1) -- the stuck rollout's last status write
     local r = backends.assert_unchanged(function()
-      return cli.run { "run", RUNBOOK, "--dry-run" }
+      return cli.run { "run", RUNBOOK, "--dry-run", "-p", "from_pod=deploy/todo-chatbot-backend" }
     end)
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("would roll back deployment todo%-chatbot%-notification to revision", r.stdout)
+    -- the in-pod connectivity check, with the backend's own env, agrees with kubectl exec
+    assert.matches("postgres from deploy/todo%-chatbot%-backend: answers", r.stdout)
+    assert.matches("redis from deploy/todo%-chatbot%-backend: answers", r.stdout)
+    local out, ok = sb.kubectl("-n todo-chatbot exec deploy/todo-chatbot-backend -c backend -- sh -c 'pg_isready -t 5 -d \"$DATABASE_URL\"'")
+    assert(ok, out)
     assert.matches("Dry run: NOT recovered", r.stdout)
     assert.are.equal("does-not-exist", kh.tag("notification"))
   end)

@@ -438,12 +438,16 @@ function Client:get(a, b, c)
   return obj
 end
 
---- Every item, following `continue` until the list is complete.
-function Client:list(t, opts)
+--- Every item, page by page as kubectl pages (limit 500, then `continue`):
+-- fn(item) for each; returns the last page's list metadata. Only one page is
+-- held at a time. A list whose first revision the server no longer keeps
+-- fails as kubectl's does (410 Expired).
+function Client:each(t, opts, fn)
   opts = opts or {}
   local r = self:resource(t)
   local ns = not opts.all_namespaces and self:ns(opts) or nil
-  local items, meta, cont = {}, nil, nil
+  local api_version = r.group == "" and r.version or (r.group .. "/" .. r.version)
+  local meta, cont
   repeat
     local doc = self:call { path = M.path(r, r.namespaced and ns or nil), op = "list", what = M.qualified(r),
       timeout = opts.timeout, query = {
@@ -453,12 +457,19 @@ function Client:list(t, opts)
       } }
     for _, it in ipairs(doc.items or {}) do
       it.kind = it.kind or r.kind
-      it.apiVersion = it.apiVersion or (r.group == "" and r.version or (r.group .. "/" .. r.version))
-      items[#items + 1] = it
+      it.apiVersion = it.apiVersion or api_version
+      fn(it)
     end
     meta = doc.metadata or {}
     cont = meta.continue ~= "" and meta.continue or nil
   until not cont
+  return meta
+end
+
+--- Every item, following `continue` until the list is complete.
+function Client:list(t, opts)
+  local items = {}
+  local meta = self:each(t, opts, function(it) items[#items + 1] = it end)
   return M.array(items), meta
 end
 

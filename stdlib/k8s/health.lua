@@ -57,8 +57,39 @@ local function matches(sel, labels)
   return true
 end
 
---- The health of one deployment object, given its namespace's pods.
-function M.of(d, pods)
+-- What deployment health needs of a pod: its labels and pod_health.
+local function pod_entry(p)
+  return { labels = p.metadata.labels or {}, health = pod_health(p) }
+end
+
+-- Pod entries and an index of them by label ("key=value" -> entries), so a
+-- deployment's selector looks at the pods of its shortest matchLabels list
+-- rather than at every pod of the namespace.
+local function pod_set()
+  local set = { all = {}, index = {} }
+  function set.add(p)
+    local e = pod_entry(p)
+    set.all[#set.all + 1] = e
+    for k, v in pairs(e.labels) do
+      local key = k .. "=" .. v
+      local l = set.index[key]
+      if not l then l = {}; set.index[key] = l end
+      l[#l + 1] = e
+    end
+  end
+  function set.candidates(sel)
+    local best
+    for k, v in pairs((sel or {}).matchLabels or {}) do
+      local l = set.index[k .. "=" .. v] or {}
+      if not best or #l < #best then best = l end
+    end
+    return best or set.all
+  end
+  return set
+end
+
+--- The health of one deployment object, given a pod_set of its namespace's pods.
+local function health_of(d, pods)
   local spec, st = d.spec or {}, d.status or {}
   local h = {
     name = d.metadata.name, namespace = d.metadata.namespace,
@@ -70,9 +101,9 @@ function M.of(d, pods)
     h.conditions[c.type] = { status = c.status, reason = c.reason, message = c.message }
   end
   local function problem(fmt, ...) h.problems[#h.problems + 1] = fmt:format(...) end
-  for _, p in ipairs(pods) do
-    if matches(spec.selector, p.metadata.labels) then
-      local ph = pod_health(p)
+  for _, e in ipairs(pods.candidates(spec.selector)) do
+    if matches(spec.selector, e.labels) then
+      local ph = e.health
       h.pods[#h.pods + 1] = ph
       for _, c in ipairs(ph.containers) do
         if c.waiting_reason and BAD_WAITING[c.waiting_reason] then
@@ -103,21 +134,24 @@ end
 function Client:deployment_health(ns, name)
   if type(name) ~= "string" then ns, name = self.namespace, ns end
   local d = self:get("deployments", name, { namespace = ns })
-  return M.of(d, self:pods_of(d, ns))
+  local pods = pod_set()
+  for _, p in ipairs(self:pods_of(d, ns)) do pods.add(p) end
+  return health_of(d, pods)
 end
 
 --- namespace_health(namespace): every deployment's health, node readiness,
 -- and healthy when all deployments and nodes are.
 function Client:namespace_health(ns)
   ns = ns or self.namespace
-  local deps = self:list("deployments", { namespace = ns })
-  local pods = self:list("pods", { namespace = ns })
+  -- page by page: the pods' entries first, then each deployment as its page comes
+  local pods = pod_set()
+  self:each("pods", { namespace = ns }, pods.add)
   local out = { namespace = ns, deployments = {}, nodes = {}, problems = {}, healthy = true }
-  for _, d in ipairs(deps) do
-    local h = M.of(d, pods)
+  self:each("deployments", { namespace = ns }, function(d)
+    local h = health_of(d, pods)
     out.deployments[#out.deployments + 1] = h
     for _, p in ipairs(h.problems) do out.problems[#out.problems + 1] = ("deployment %s: %s"):format(h.name, p) end
-  end
+  end)
   local ok, nodes = pcall(self.list, self, "nodes")
   for _, n in ipairs(ok and nodes or {}) do
     local c = condition(n, "Ready")
@@ -132,20 +166,22 @@ function Client:namespace_health(ns)
   return out
 end
 
---- service_health(TARGET, {path = "/health", timeout = 10}): GET `path`
--- through the API server's proxy of every Service whose selector picks the
--- workload's pods (its first port; not the <app>-dapr Services the Dapr
--- operator makes, labelled dapr.io/enabled). A refused or failing check is a
--- result, not an error. -> {ok, services = {{service, port, status, ok, error}...}}
--- (ok is also true when no Service selects the pods: services is then empty).
-function Client:service_health(a, b)
-  local _, ns, _, d, opts = self:workload(a, b, "service_health")
-  local labels = (((d.spec or {}).template or {}).metadata or {}).labels or {}
+-- GET opts.path through the proxy of each Service of `services` (a list)
+-- that selects pods labelled as one of `label_sets` (pod template labels),
+-- each Service once. A refused or failing check is a result, not an error.
+local function check_services(self, ns, services, label_sets, opts)
   local out = { ok = true, services = {} }
-  for _, s in ipairs(self:list("services", { namespace = ns })) do
+  for _, s in ipairs(services) do
     local sel, port = s.spec.selector, s.spec.ports and s.spec.ports[1] and s.spec.ports[1].port
     local pick = sel ~= nil and next(sel) ~= nil and port ~= nil and (s.metadata.labels or {})["dapr.io/enabled"] ~= "true"
-    for k, v in pairs(sel or {}) do if labels[k] ~= v then pick = false end end
+    if pick then
+      pick = false
+      for _, labels in ipairs(label_sets) do
+        local all = true
+        for k, v in pairs(sel) do if labels[k] ~= v then all = false break end end
+        if all then pick = true break end
+      end
+    end
     if pick then
       local row = { service = s.metadata.name, port = port }
       local ok, r = pcall(self.proxy_get, self, ("svc/%s:%d"):format(row.service, port), opts.path or "/health",
@@ -163,6 +199,33 @@ function Client:service_health(a, b)
   end
   table.sort(out.services, function(x, y) return x.service < y.service end)
   return out
+end
+
+local function template_labels(d)
+  return (((d.spec or {}).template or {}).metadata or {}).labels or {}
+end
+
+--- service_health(TARGET, {path = "/health", timeout = 10}): GET `path`
+-- through the API server's proxy of every Service whose selector picks the
+-- workload's pods (its first port; not the <app>-dapr Services the Dapr
+-- operator makes, labelled dapr.io/enabled). A refused or failing check is a
+-- result, not an error. -> {ok, services = {{service, port, status, ok, error}...}}
+-- (ok is also true when no Service selects the pods: services is then empty).
+function Client:service_health(a, b)
+  local _, ns, _, d, opts = self:workload(a, b, "service_health")
+  return check_services(self, ns, self:list("services", { namespace = ns }), { template_labels(d) }, opts)
+end
+
+--- services_health(namespace, {path = "/health", timeout = 10}): service_health
+-- of every deployment of the namespace at once: one list of deployments, one
+-- of Services, then one GET per Service picked (each once, however many
+-- deployments it selects). -> {ok, services = {...}} as service_health.
+function Client:services_health(ns, opts)
+  if type(ns) == "table" then ns, opts = nil, ns end
+  ns = ns or self.namespace
+  local label_sets = {}
+  self:each("deployments", { namespace = ns }, function(d) label_sets[#label_sets + 1] = template_labels(d) end)
+  return check_services(self, ns, self:list("services", { namespace = ns }), label_sets, opts or {})
 end
 
 return M

@@ -230,26 +230,69 @@ class Api:
         return obj
 
     def list(self, res, ns, q):
-        reqs = parse_label_selector(q.get("labelSelector"))
-        items = [o for o in self.store.list(res.key, ns)
-                 if labels_match(reqs, o["metadata"].get("labels"))
-                 and fields_match(q.get("fieldSelector"), o)]
-        rv = str(self.store.rv)
-        start = 0
-        if q.get("continue"):
-            try:
-                tok = json.loads(base64.b64decode(q["continue"]))
-                start, rv = tok["start"], tok["rv"]
-            except (ValueError, KeyError):
-                raise ApiError(400, "BadRequest", "invalid continue token")
+        """A list as the apiserver serves it (objects shared: callers must not
+        modify them). limit/continue pages in etcd key order, every page read at
+        the revision of the first (410 Expired once that is compacted); and the
+        resourceVersion/resourceVersionMatch rules: unset is the latest, "0" is
+        any (the watch cache: limit ignored), N is not older than N, or exactly N
+        when paging or asked for (Exact)."""
+        rv, match, cont = q.get("resourceVersion") or "", q.get("resourceVersionMatch") or "", q.get("continue")
         limit = int(q.get("limit") or 0)
-        meta = {"resourceVersion": rv}
-        page = items[start:start + limit] if limit else items[start:]
-        if limit and start + limit < len(items):
-            meta["continue"] = base64.b64encode(json.dumps(
-                {"start": start + limit, "rv": rv}).encode()).decode()
-            meta["remainingItemCount"] = len(items) - start - limit
-        return page, meta
+        if match and match not in ("Exact", "NotOlderThan"):
+            raise ApiError(400, "BadRequest", 'resourceVersionMatch: Unsupported value: "%s": supported values: '
+                           '"Exact", "NotOlderThan"' % match)
+        if match and not rv:
+            raise ApiError(400, "BadRequest", "resourceVersionMatch is forbidden unless resourceVersion is provided")
+        if match == "Exact" and rv == "0":
+            raise ApiError(400, "BadRequest", 'resourceVersionMatch "exact" is forbidden for resourceVersion "0"')
+        if cont and (rv or match):
+            raise ApiError(400, "BadRequest", "specifying resource version is not allowed when using continue")
+        try:
+            want = int(rv) if rv else None
+        except ValueError:
+            raise ApiError(400, "BadRequest", 'invalid resource version "%s"' % rv)
+        start = ""
+        if cont:
+            try:
+                tok = json.loads(base64.urlsafe_b64decode(cont + "=" * (-len(cont) % 4)))
+                want, start = int(tok["rv"]), str(tok["start"])
+                if tok.get("v") != "meta.k8s.io/v1":
+                    raise ValueError("unknown version")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ApiError(400, "BadRequest", "continue key is not valid: %s" % e)
+            if want < 0:
+                want = None     # an inconsistent continue: the latest objects from the start key on
+        elif rv == "0":
+            want, limit = None, 0
+        elif want is not None and not (limit or match == "Exact"):
+            want = None if want <= self.store.rv else want   # not older than: the latest
+        if want is not None and want > self.store.rv:
+            raise too_large(want, self.store.rv)
+        with self.store.lock:
+            at = want if want is not None else self.store.rv
+            objs = self.store.list_at(res.key, ns, at)
+        if objs is None:
+            if cont:
+                raise ApiError(410, "Expired", EXPIRED_CONTINUE, meta={"continue": continue_token(-1, start)})
+            raise ApiError(410, "Expired", "too old resource version: %d (%d)" % (at, self.store.oldest_rv()))
+        reqs = parse_label_selector(q.get("labelSelector"))
+        fields = q.get("fieldSelector")
+        keyed = sorted((key_of(o, ns), o) for o in objs)
+        items, last, more = [], None, 0
+        for key, o in keyed:
+            if key < start or not (labels_match(reqs, o["metadata"].get("labels")) and fields_match(fields, o)):
+                continue
+            if limit and len(items) == limit:
+                more += 1
+                continue
+            items.append(o)
+            last = key
+        meta = {"resourceVersion": str(at)}
+        if more:
+            meta["continue"] = continue_token(at, last + "\x00")
+            if not reqs and not fields:
+                meta["remainingItemCount"] = more
+        return items, meta
 
     # writes --------------------------------------------------------------------
     def create(self, res, ns, obj, q, manager):
@@ -451,6 +494,30 @@ class Api:
                     self.terminate_pod(child)
                 else:
                     self.store.remove(key, n, nm)
+
+
+EXPIRED_CONTINUE = ("The provided continue parameter is too old to display a consistent list result. You can start "
+                    "a new list without the continue parameter, or use the continue token in this response to "
+                    "retrieve the remainder of the results. Continuing with the provided token results in an "
+                    "inconsistent list - objects that were created, modified, or deleted between the time the first "
+                    "chunk was returned and now may show up in the list.")
+
+
+def key_of(obj, ns):
+    """An object's etcd key below the list's prefix: NAME in a namespace, else NAMESPACE/NAME."""
+    md = obj["metadata"]
+    return md["name"] if ns is not None or not md.get("namespace") else md["namespace"] + "/" + md["name"]
+
+
+def continue_token(rv, start):
+    doc = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": start}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(doc.encode()).decode().rstrip("=")
+
+
+def too_large(want, have):
+    return ApiError(504, "Timeout", "Too large resource version: %d, current: %d" % (want, have),
+                    {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                     "retryAfterSeconds": 1}, {"Retry-After": "1"})
 
 
 def go_value(v):

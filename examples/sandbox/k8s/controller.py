@@ -97,6 +97,42 @@ def fenceposts(d):
     return surge, min(unavailable, want)
 
 
+def replicaset_for(d, revision, now):
+    """The ReplicaSet of a deployment's current template, with no replicas yet."""
+    h = template_hash(d["spec"]["template"])
+    tmpl = copy.deepcopy(d["spec"]["template"])
+    tmpl["metadata"].setdefault("labels", {})["pod-template-hash"] = h
+    sel = copy.deepcopy(d["spec"]["selector"])
+    sel.setdefault("matchLabels", {})["pod-template-hash"] = h
+    labels = dict(tmpl["metadata"]["labels"])
+    ann = {k: v for k, v in d["metadata"].get("annotations", {}).items()
+           if k not in (REV, "kubectl.kubernetes.io/last-applied-configuration")}
+    ann.update({REV: str(revision), "deployment.kubernetes.io/desired-replicas": str(d["spec"]["replicas"]),
+                "deployment.kubernetes.io/max-replicas": str(d["spec"]["replicas"] + fenceposts(d)[0])})
+    rs = {"kind": "ReplicaSet", "apiVersion": "apps/v1",
+          "metadata": {"name": "%s-%s" % (d["metadata"]["name"], h), "namespace": d["metadata"]["namespace"],
+                       "labels": labels, "annotations": ann, "generation": 1,
+                       "creationTimestamp": now_iso(now), "ownerReferences": [owner_ref(d)]},
+          "spec": {"replicas": 0, "minReadySeconds": d["spec"].get("minReadySeconds", 0),
+                   "selector": sel, "template": tmpl},
+          "status": {"replicas": 0}}
+    return rs
+
+
+def pod_for(rs, name, now):
+    """A new Pending pod of a ReplicaSet."""
+    tmpl = clone(rs["spec"]["template"])
+    pod = {"kind": "Pod", "apiVersion": "v1",
+           "metadata": {"name": name, "generateName": rs["metadata"]["name"] + "-",
+                        "namespace": rs["metadata"]["namespace"],
+                        "labels": tmpl["metadata"].get("labels", {}), "creationTimestamp": now_iso(now),
+                        "ownerReferences": [owner_ref(rs)]},
+           "spec": tmpl["spec"], "status": {"phase": "Pending", "qosClass": qos_class(tmpl["spec"])}}
+    if tmpl["metadata"].get("annotations"):
+        pod["metadata"]["annotations"] = tmpl["metadata"]["annotations"]
+    return pod
+
+
 def spec_replicas(rs):
     return rs["spec"].get("replicas", 0)
 
@@ -184,6 +220,10 @@ class Controller:
         self.bare = {}          # (uid, resourceVersion) -> bare_template of a ReplicaSet
         self.replicas_written = {}
         self.reported = set()
+        self.quiet = {}         # deployment uid -> the families() signature it was found at rest with
+        self.lists, self.lists_rv = {}, None   # shared() lists, valid while the store's resourceVersion stays
+        self.families_read, self.families_rv = {}, None
+        self.quiet_from, self.quiet_faults = None, None
 
     # plumbing ------------------------------------------------------------------
     def save(self, key, old, new):
@@ -252,35 +292,108 @@ class Controller:
                 traceback.print_exc()
 
     def shared(self, key, ns=None):
-        return self.store.list(key, ns, shared=True)
+        """The store's objects of a kind, read-only; the same list until anything is written."""
+        if self.lists_rv != self.store.rv:
+            self.lists, self.lists_rv = {}, self.store.rv
+        if (key, ns) not in self.lists:
+            self.lists[(key, ns)] = self.store.list(key, ns, shared=True)
+        return self.lists[(key, ns)]
+
+    def owned(self, key):
+        """by_owner of shared(key), cached alike."""
+        self.shared(key)
+        if ("owned", key) not in self.lists:
+            self.lists[("owned", key)] = by_owner(self.shared(key))
+        return self.lists[("owned", key)]
 
     def tick(self, now):
         """One pass of every controller. Objects come shared (read-only): a sync
-        copies what it changes and writes only when the copy differs."""
+        copies what it changes and writes only when the copy differs. A
+        deployment whose objects are at rest and were not written by the last
+        pass is skipped whole (see quiet): a namespace of a thousand settled
+        deployments costs a tick little more than listing them."""
         with self.store.lock:
             self.sync_nodes(now)
-            rss = by_owner(self.shared("replicasets.apps"))
+            before = self.families()
+            faults = self.faults.describe()
+            skip = set()
+            for uid, (sig, members) in before.items():
+                if self.quiet.get(uid) == sig and faults == self.quiet_faults:
+                    skip.update(members)
+            rss = self.owned("replicasets.apps")
             for d in self.shared("deployments.apps"):
-                self.guarded(self.sync_deployment, d, now, rss.get(d["metadata"]["uid"], []))
-            pods = by_owner(self.shared("pods"))
+                if d["metadata"]["uid"] not in skip:
+                    self.guarded(self.sync_deployment, d, now, rss.get(d["metadata"]["uid"], []))
+            pods = self.owned("pods")
             for rs in self.shared("replicasets.apps"):
-                self.guarded(self.sync_replicaset, rs, now, pods.get(rs["metadata"]["uid"], []))
+                if rs["metadata"]["uid"] not in skip:
+                    self.guarded(self.sync_replicaset, rs, now, pods.get(rs["metadata"]["uid"], []))
             for c in self.shared("persistentvolumeclaims"):
                 self.guarded(self.sync_claim, c, now)
             for p in self.shared("pods"):
-                self.guarded(self.sync_pod, p, now)
-            pods = by_owner(self.shared("pods"))
+                if p["metadata"]["uid"] not in skip:
+                    self.guarded(self.sync_pod, p, now)
+            pods = self.owned("pods")
             for rs in self.shared("replicasets.apps"):
-                self.replicaset_status(rs, pods.get(rs["metadata"]["uid"], []))
-            rss = by_owner(self.shared("replicasets.apps"))
+                if rs["metadata"]["uid"] not in skip:
+                    self.replicaset_status(rs, pods.get(rs["metadata"]["uid"], []))
+            rss = self.owned("replicasets.apps")
             for d in self.shared("deployments.apps"):
-                self.deployment_status(d, now, rss.get(d["metadata"]["uid"], []))
-            all_pods = self.shared("pods")
+                if d["metadata"]["uid"] not in skip:
+                    self.deployment_status(d, now, rss.get(d["metadata"]["uid"], []))
+            by_ns = {}
+            for p in self.shared("pods"):
+                by_ns.setdefault(p["metadata"]["namespace"], []).append(p)
             for s in self.shared("services"):
-                self.sync_endpoints(s, now, all_pods)
+                self.sync_endpoints(s, now, by_ns.get(s["metadata"]["namespace"], []))
             for h in self.shared("horizontalpodautoscalers.autoscaling"):
                 self.sync_hpa(h)
             self.write_replica_files()
+            after = self.families()
+            if after is not before or after is not self.quiet_from or faults != self.quiet_faults:
+                clean = faults == Faults().describe()
+                self.quiet = {uid: sig for uid, (sig, _) in after.items()
+                              if clean and uid in before and before[uid][0] == sig and self.at_rest(uid)}
+                # a pass that wrote nothing over the same read decides the same again
+                self.quiet_from = after if after is before else None
+                self.quiet_faults = faults
+
+    def families(self):
+        """Each deployment's uid -> (the resourceVersions of it, its ReplicaSets and
+        their pods; the uids of them all). Read again only after a write."""
+        if self.families_rv == self.store.rv:
+            return self.families_read
+        rss = self.owned("replicasets.apps")
+        pods = self.owned("pods")
+        out, deps = {}, {}
+        for d in self.shared("deployments.apps"):
+            uid = d["metadata"]["uid"]
+            deps[uid] = d
+            sig, members = [d["metadata"]["resourceVersion"]], [uid]
+            for rs in rss.get(uid, []):
+                ps = pods.get(rs["metadata"]["uid"], [])
+                sig.append((rs["metadata"]["resourceVersion"], tuple(p["metadata"]["resourceVersion"] for p in ps)))
+                members += [rs["metadata"]["uid"]] + [p["metadata"]["uid"] for p in ps]
+            out[uid] = (tuple(sig), members)
+        self.last_read = (deps, rss, pods)
+        self.families_read, self.families_rv = out, self.store.rv
+        return out
+
+    def at_rest(self, uid):
+        """Nothing left for the controllers to do over time (tick asks only when
+        no fault is set at all): the rollout complete, every pod Running and Ready (no start-up, back-off,
+        termination or progress deadline pending). Uses the last families() read."""
+        deps, rss, pods = self.last_read
+        d = deps[uid]
+        st, want = d.get("status") or {}, d["spec"].get("replicas", 1)
+        if st.get("observedGeneration") != d["metadata"].get("generation", 1) or any(
+                st.get(k, 0) != want for k in ("replicas", "updatedReplicas", "readyReplicas", "availableReplicas")):
+            return False
+        for rs in rss.get(uid, []):
+            for p in pods.get(rs["metadata"]["uid"], []):
+                if p["metadata"].get("deletionTimestamp") or not self.pod_is_ready(p):
+                    return False
+        return True
 
     # nodes ---------------------------------------------------------------------
     def sync_nodes(self, now):
@@ -350,24 +463,7 @@ class Controller:
         self.cleanup_history(d, rss, new_rs)
 
     def create_replicaset(self, d, revision, now):
-        h = template_hash(d["spec"]["template"])
-        tmpl = copy.deepcopy(d["spec"]["template"])
-        tmpl["metadata"].setdefault("labels", {})["pod-template-hash"] = h
-        sel = copy.deepcopy(d["spec"]["selector"])
-        sel.setdefault("matchLabels", {})["pod-template-hash"] = h
-        labels = dict(tmpl["metadata"]["labels"])
-        ann = {k: v for k, v in d["metadata"].get("annotations", {}).items()
-               if k not in (REV, "kubectl.kubernetes.io/last-applied-configuration")}
-        ann.update({REV: str(revision), "deployment.kubernetes.io/desired-replicas": str(d["spec"]["replicas"]),
-                    "deployment.kubernetes.io/max-replicas": str(d["spec"]["replicas"] + fenceposts(d)[0])})
-        rs = {"kind": "ReplicaSet", "apiVersion": "apps/v1",
-              "metadata": {"name": "%s-%s" % (d["metadata"]["name"], h), "namespace": d["metadata"]["namespace"],
-                           "labels": labels, "annotations": ann, "generation": 1,
-                           "creationTimestamp": now_iso(now), "ownerReferences": [owner_ref(d)]},
-              "spec": {"replicas": 0, "minReadySeconds": d["spec"].get("minReadySeconds", 0),
-                       "selector": sel, "template": tmpl},
-              "status": {"replicas": 0}}
-        return self.store.put("replicasets.apps", rs)
+        return self.store.put("replicasets.apps", replicaset_for(d, revision, now))
 
     def rollout(self, d, new_rs, olds, now):
         """The deployment controller's Recreate and RollingUpdate steps: the new
@@ -426,6 +522,13 @@ class Controller:
             self.store.remove("replicasets.apps", r["metadata"]["namespace"], r["metadata"]["name"])
 
     def deployment_status(self, d, now, rss):
+        st = self.deployment_status_of(d, now, rss)
+        if st != d.get("status"):
+            d2 = clone(d)
+            d2["status"] = st
+            self.store.put("deployments.apps", d2)
+
+    def deployment_status_of(self, d, now, rss):
         rev = d["metadata"].get("annotations", {}).get(REV)
         new_rs = next((r for r in rss if r["metadata"]["annotations"].get(REV) == rev
                        and self.bare_of(r) == bare_template(d["spec"]["template"])), None)
@@ -440,10 +543,7 @@ class Controller:
         st["conditions"] = self.conditions(d, new_rs, st, want, max_unavail, now)
         if "collisionCount" in d.get("status", {}):
             st["collisionCount"] = d["status"]["collisionCount"]
-        if st != d.get("status"):
-            d2 = clone(d)
-            d2["status"] = st
-            self.store.put("deployments.apps", d2)
+        return st
 
     def conditions(self, d, new_rs, st, want, max_unavail, now):
         old = {c["type"]: c for c in d.get("status", {}).get("conditions", [])}
@@ -497,17 +597,8 @@ class Controller:
                           "replicaset-controller")
 
     def create_pod(self, rs, now):
-        tmpl = clone(rs["spec"]["template"])
         name = "%s-%s" % (rs["metadata"]["name"], "".join(random.choice(ALPHA) for _ in range(5)))
-        pod = {"kind": "Pod", "apiVersion": "v1",
-               "metadata": {"name": name, "generateName": rs["metadata"]["name"] + "-",
-                            "namespace": rs["metadata"]["namespace"],
-                            "labels": tmpl["metadata"].get("labels", {}), "creationTimestamp": now_iso(now),
-                            "ownerReferences": [owner_ref(rs)]},
-               "spec": tmpl["spec"], "status": {"phase": "Pending", "qosClass": qos_class(tmpl["spec"])}}
-        if tmpl["metadata"].get("annotations"):
-            pod["metadata"]["annotations"] = tmpl["metadata"]["annotations"]
-        pod = self.store.put("pods", pod)
+        pod = self.store.put("pods", pod_for(rs, name, now))
         self.emit(rs, "Normal", "SuccessfulCreate", "Created pod: " + name, now, "replicaset-controller")
         return pod
 
@@ -542,15 +633,18 @@ class Controller:
         return any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
 
     def replicaset_status(self, rs, pods):
-        pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-        ready = sum(1 for p in pods if self.pod_is_ready(p))
-        st = {"replicas": len(pods), "fullyLabeledReplicas": len(pods), "readyReplicas": ready,
-              "availableReplicas": ready, "observedGeneration": rs["metadata"].get("generation", 1)}
-        drop_zero(st, ["fullyLabeledReplicas", "readyReplicas", "availableReplicas"])
+        st = self.replicaset_status_of(rs, pods)
         if st != rs.get("status"):
             r2 = clone(rs)
             r2["status"] = st
             self.store.put("replicasets.apps", r2)
+
+    def replicaset_status_of(self, rs, pods):
+        pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        ready = sum(1 for p in pods if self.pod_is_ready(p))
+        st = {"replicas": len(pods), "fullyLabeledReplicas": len(pods), "readyReplicas": ready,
+              "availableReplicas": ready, "observedGeneration": rs["metadata"].get("generation", 1)}
+        return drop_zero(st, ["fullyLabeledReplicas", "readyReplicas", "availableReplicas"])
 
     # pods (scheduler + kubelet) ---------------------------------------------------
     def sync_pod(self, p, now):
@@ -804,13 +898,13 @@ class Controller:
         p["status"]["phase"] = "Running" if started or any(c.get("restartCount") for c in cs) else "Pending"
 
     # services, hpa, replica files ------------------------------------------------
-    def sync_endpoints(self, svc, now, all_pods):
+    def sync_endpoints(self, svc, now, ns_pods):
         sel = svc["spec"].get("selector")
         if not sel:
             return
         ns = svc["metadata"]["namespace"]
         reqs = [(k, "=", v) for k, v in sel.items()]
-        pods = [p for p in all_pods if p["metadata"]["namespace"] == ns and p["status"].get("podIP")
+        pods = [p for p in ns_pods if p["metadata"]["namespace"] == ns and p["status"].get("podIP")
                 and not p["metadata"].get("deletionTimestamp") and labels_match(reqs, p["metadata"].get("labels"))]
         addr = lambda p: {"ip": p["status"]["podIP"], "nodeName": p["spec"]["nodeName"],
                           "targetRef": {"kind": "Pod", "name": p["metadata"]["name"], "namespace": ns,

@@ -302,12 +302,31 @@ def lookup_res(name):
     return resources.lookup("apps", "v1", name)
 
 
+def populate(cluster, f, args):
+    import populate as P
+    return P.populate(cluster, args)
+
+
+def depopulate(cluster, f, args):
+    import populate as P
+    return P.depopulate(cluster, args)
+
+
+def requests(cluster, f, args):
+    """requests [reset]: the API requests served since the last reset, by kind."""
+    counts = dict(cluster.requests, total=sum(cluster.requests.values()))
+    if args[:1] == ["reset"]:
+        cluster.requests.clear()
+    return counts
+
+
 COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_image, 1),
             "node-notready": (node_notready, 1), "api-errors": (api_errors, 1),
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
             "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
-            "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1)}
+            "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
+            "populate": (populate, 2), "depopulate": (depopulate, 1), "requests": (requests, 0)}
 
 
 def run(cluster, cmd, args):

@@ -48,8 +48,39 @@ class Cluster:
                       read("exec-token"): ("sandbox-exec-user", ["system:masters", "system:authenticated"]),
                       read("viewer-token"): ("sandbox-viewer", ["system:authenticated"])}
         self.admin_token = read("admin-token")
+        self.requests = {}
+        self.json_cache = {}
         self.reseed()
         self.metrics = Metrics(self)
+
+    def encoded(self, res, gv, obj):
+        """A stored object as list items carry it, JSON-encoded once per resourceVersion
+        and version asked for (stored objects never change in place): a page of 500
+        pods is then a join, not an encoding."""
+        md = obj["metadata"]
+        key = (res.key, md.get("namespace", ""), md["name"], md.get("resourceVersion"), res.api_version(gv))
+        data = self.json_cache.get(key)
+        if data is None:
+            if len(self.json_cache) >= 50000:
+                self.json_cache.clear()
+            data = json.dumps(dict(obj, apiVersion=key[-1], kind=res.kind), separators=(",", ":")).encode()
+            self.json_cache[key] = data
+        return data
+
+    def count(self, method, path, q):
+        """Requests by kind, for `ctl k8s requests`: "list pods", "get deployments",
+        "watch pods", "patch deployments/scale", or the path (discovery)."""
+        parts = path.strip("/").split("/")
+        rest = parts[2:] if parts[0] == "api" else parts[3:] if parts[0] == "apis" else []
+        if rest[:1] == ["namespaces"] and len(rest) >= 3:
+            rest = rest[2:]
+        if not rest:
+            kind = method + " " + path
+        else:
+            kind = verb_of(method, rest[1] if len(rest) > 1 else None, q) + " " + rest[0] + \
+                ("/" + rest[2] if len(rest) > 2 else "")
+        with self.store.lock:
+            self.requests[kind] = self.requests.get(kind, 0) + 1
 
     def next_cluster_ip(self):
         self.ip += 1
@@ -97,8 +128,10 @@ class Handler(BaseHTTPRequestHandler):
         self._body = data
         return data
 
-    def send_json(self, code, obj, headers=None):
-        data = json.dumps(obj, separators=(",", ":")).encode()
+    def send_json(self, code, obj, headers=None, data=None):
+        """obj as JSON, or data: JSON already encoded."""
+        if data is None:
+            data = json.dumps(obj, separators=(",", ":")).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -160,6 +193,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path.startswith("/_sandbox/"):
                 return self.admin(path)
+            self.cluster.count(self.command, path, self.q)
             faults = self.cluster.controller.faults
             if faults.api_latency:
                 time.sleep(faults.api_latency)
@@ -339,11 +373,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def reply_list(self, res, ns):
         items, meta = self.cluster.api.list(res, ns, self.q)
-        items = [self.as_version(res, o) for o in items]
         if self.wants_table():
+            items = [self.as_version(res, dict(o)) for o in items]
             return self.send_json(200, self.table(res, items, meta))
-        self.send_json(200, {"kind": res.kind + "List", "apiVersion": res.api_version(self.gv),
-                             "metadata": meta, "items": items})
+        head = json.dumps({"kind": res.kind + "List", "apiVersion": res.api_version(self.gv), "metadata": meta},
+                          separators=(",", ":")).encode()
+        body = b",".join(self.cluster.encoded(res, self.gv, o) for o in items)
+        self.send_json(200, None, data=head[:-1] + b',"items":[' + body + b"]}")
 
     def table(self, res, objs, meta, columns=None):
         columns = columns or res.columns
@@ -387,7 +423,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_line({"type": "ERROR", "object": ApiError(
                     410, "Expired", "too old resource version: %s (%d)" % (pos, store.oldest_rv())).status()})
                 break
-            for erv, kind, key, obj in evs:
+            for erv, kind, key, obj, _ in evs:
                 if key == res.key and match(obj):
                     self.send_event(kind, res, obj)
             pos = max(pos, pos_now)

@@ -2,7 +2,8 @@
 
 Objects are keyed by (resource key, namespace, name); a resource key is
 "deployments.apps" or "pods" for the core group. Every write bumps the global
-resourceVersion and appends to a bounded event log; watchers wait on `cond`.
+resourceVersion and appends to a bounded event log; watchers wait on `cond`,
+and paged lists read past revisions from it.
 """
 import collections
 import json
@@ -10,7 +11,7 @@ import datetime
 import threading
 import uuid
 
-HISTORY = 1000
+HISTORY = 10000   # events kept: the apiserver's etcd keeps about 5 minutes of revisions
 
 
 def now_iso(t=None):
@@ -32,14 +33,15 @@ def parse_iso(s):
 class ApiError(Exception):
     """A failure that becomes a Status object on the wire."""
 
-    def __init__(self, code, reason, message, details=None, headers=None):
+    def __init__(self, code, reason, message, details=None, headers=None, meta=None):
         super().__init__(message)
         self.code, self.reason, self.message = code, reason, message
         self.details = details
         self.headers = headers or {}
+        self.meta = meta or {}   # the Status's ListMeta (an expired list's inconsistent continue)
 
     def status(self):
-        st = {"kind": "Status", "apiVersion": "v1", "metadata": {},
+        st = {"kind": "Status", "apiVersion": "v1", "metadata": dict(self.meta),
               "status": "Failure", "message": self.message,
               "reason": self.reason, "code": self.code}
         if not self.reason:
@@ -93,33 +95,57 @@ class Store:
         items.sort(key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]))
         return items
 
+    def list_at(self, key, ns, rv):
+        """The objects (shared) as they were at resourceVersion rv, in key order
+        (namespace, name), as etcd reads a revision; None when rv is older than
+        the history kept (compacted)."""
+        with self.lock:
+            if rv < self.floor or rv > self.rv:
+                return None
+            now = {ident: o for ident, o in self.objects[key].items() if ns is None or ident[0] == ns}
+            for erv, kind, k, obj, prev in reversed(self.log):
+                if erv <= rv:
+                    break
+                md = obj["metadata"]
+                ident = (md.get("namespace", ""), md["name"])
+                if k != key or (ns is not None and ident[0] != ns):
+                    continue
+                if prev is None:
+                    now.pop(ident, None)
+                else:
+                    now[ident] = prev
+        return [now[ident] for ident in sorted(now)]
+
     def keys(self):
         with self.lock:
             return [(k, n, nm) for k, objs in self.objects.items() for (n, nm) in objs]
 
-    def put(self, key, obj):
-        """Store obj (ADDED or MODIFIED), stamping a fresh resourceVersion."""
+    def put(self, key, obj, give=False):
+        """Store obj (ADDED or MODIFIED), stamping a fresh resourceVersion. With
+        give, the store keeps obj itself (the caller must not touch it again)
+        and returns it shared, saving two copies."""
         with self.lock:
             md = obj["metadata"]
             ident = (md.get("namespace", ""), md["name"])
-            kind = "MODIFIED" if ident in self.objects[key] else "ADDED"
+            prev = self.objects[key].get(ident)
+            kind = "MODIFIED" if prev is not None else "ADDED"
             md.setdefault("uid", str(uuid.uuid4()))
             md.setdefault("creationTimestamp", now_iso())
             self.rv += 1
             md["resourceVersion"] = str(self.rv)
-            stored = clone(obj)
+            stored = obj if give else clone(obj)
             self.objects[key][ident] = stored
-            self._record(kind, key, stored)
-            return clone(obj)
+            self._record(kind, key, stored, prev)
+            return obj if give else clone(obj)
 
     def remove(self, key, ns, name):
         with self.lock:
-            obj = self.objects[key].pop((ns or "", name), None)
-            if obj is None:
+            prev = self.objects[key].pop((ns or "", name), None)
+            if prev is None:
                 return None
             self.rv += 1
-            obj["metadata"]["resourceVersion"] = str(self.rv)
-            self._record("DELETED", key, obj)
+            obj = dict(prev, metadata=dict(prev["metadata"], resourceVersion=str(self.rv)))
+            self._record("DELETED", key, obj, prev)
             return clone(obj)
 
     def clear(self):
@@ -134,11 +160,13 @@ class Store:
             self.floor = self.rv
             self.cond.notify_all()
 
-    def _record(self, kind, key, obj):
-        # Stored objects are never modified in place, so the log can share them.
+    def _record(self, kind, key, obj, prev):
+        # Stored objects are never modified in place, so the log can share them;
+        # prev (the object before the write, None for ADDED) lets a paged list
+        # read the revision its first page was served at (list_at).
         if len(self.log) == self.log.maxlen:
             self.floor = self.log[0][0]
-        self.log.append((self.rv, kind, key, obj))
+        self.log.append((self.rv, kind, key, obj, prev if kind != "ADDED" else None))
         self.cond.notify_all()
 
     def oldest_rv(self):
@@ -150,7 +178,13 @@ class Store:
         with self.lock:
             if rv < self.floor:
                 return None
-            return [e for e in self.log if e[0] > rv]
+            out = []
+            for e in reversed(self.log):
+                if e[0] <= rv:
+                    break
+                out.append(e)
+            out.reverse()
+            return out
 
     def owned_by(self, uid):
         with self.lock:
