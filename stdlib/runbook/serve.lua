@@ -471,14 +471,7 @@ function Server:handle(req)
   return status, host.redact(cjson.encode(doc)) .. "\n", "application/json"
 end
 
---- The text of the file `path`, or nil and why.
-local function slurp(path)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local text = f:read("a")
-  f:close()
-  return text
-end
+local slurp = require("runbook.loader").read_file
 
 --- `runbook serve`: o = {rules, listen, token_file, max_body, max_runs, timeout, tls_cert, tls_key};
 -- resolve(name) -> path or nil, why.
