@@ -480,6 +480,13 @@ static void push_topic(lua_State *L, const rd_kafka_metadata_topic_t *t) {
 }
 
 static int wire_metadata(lua_State *L, client *c, int ms);
+
+/* What is left of a deadline, in ms (at least 1): a call handed to librdkafka
+ * after the wire path gave up keeps the call's deadline, not a new one. */
+static int ms_left(double end) {
+    double left = (end - rb_now()) * 1000;
+    return left < 1 ? 1 : (int)left;
+}
 static int wire_offsets(lua_State *L, client *c, rd_kafka_topic_partition_list_t *l, int ms);
 
 /* metadata(timeout, topic) -> {brokers = {{id, host, port}}, topics = {...}, answered_by}
@@ -488,12 +495,13 @@ static int k_metadata(lua_State *L) {
     client *c = check_client(L);
     int ms = timeout_ms(L, 2);
     const char *topic = luaL_optstring(L, 3, NULL);
+    double end = rb_now() + ms / 1000.0;
     if (!topic && c->plaintext && wire_metadata(L, c, ms)) return 1;
     /* one topic's metadata is asked for as a producer would, which may create it */
     rd_kafka_t *rk = topic ? check_producer(L)->rk : reader(L, c);
     rd_kafka_topic_t *rkt = topic ? rd_kafka_topic_new(rk, topic, NULL) : NULL;
     const struct rd_kafka_metadata *md;
-    rd_kafka_resp_err_t err = rd_kafka_metadata(rk, rkt == NULL, rkt, &md, ms);
+    rd_kafka_resp_err_t err = rd_kafka_metadata(rk, rkt == NULL, rkt, &md, ms_left(end));
     if (rkt) rd_kafka_topic_destroy(rkt);
     if (err) return raise_err(L, c, "metadata", err, "cannot read cluster metadata", ms);
     lua_createtable(L, 0, 3);
@@ -527,8 +535,10 @@ static int k_offsets(lua_State *L) {
     client *c = check_client(L);
     rd_kafka_topic_partition_list_t *l = check_partitions(L, 2, 1);
     int ms = timeout_ms(L, 3);
-    rd_kafka_resp_err_t err = c->plaintext && wire_offsets(L, c, l, ms) ? RD_KAFKA_RESP_ERR_NO_ERROR
-                                                                       : rd_kafka_offsets_for_times(reader(L, c), l, ms);
+    double end = rb_now() + ms / 1000.0;
+    rd_kafka_resp_err_t err = c->plaintext && wire_offsets(L, c, l, ms)
+                                  ? RD_KAFKA_RESP_ERR_NO_ERROR
+                                  : rd_kafka_offsets_for_times(reader(L, c), l, ms_left(end));
     if (err && err != RD_KAFKA_RESP_ERR__PARTIAL) {
         /* per-partition errors are reported below; a whole-call failure raises */
         int any = 0;

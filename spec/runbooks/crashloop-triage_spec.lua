@@ -113,7 +113,7 @@ local NOT_STARTING = {
     diagnosis = "diagnosis: pods are Pending, the scheduler cannot place them %(0/3 nodes are available: 3 Insufficient cpu%.",
     fixed = function()
       assert.are.equal("100m", kubectl("get deploy todo-chatbot-backend -o jsonpath='{.spec.template.spec.containers[0].resources.requests.cpu}'"))
-      assert.truthy(kh.wait_rolled_out("backend", 40))
+      assert.truthy(kh.wait_rolled_out("backend", 90))
       assert.not_matches("Pending", kubectl("get pods -l app.kubernetes.io/component=backend"))
     end },
   { name = "a claim that does not bind (no such storage class): Pending pods, the claim named",
@@ -134,7 +134,7 @@ local NOT_STARTING = {
       assert.matches('secrets "regcred" not found', out)
       -- what the diagnosis says to do heals it: a dockerconfigjson Secret with the registry's auth
       kubectl("create secret docker-registry regcred --docker-server=registry.sandbox.internal --docker-username=ci --docker-password=s3cret")
-      assert.truthy(kh.wait_rolled_out("notification", 40), "notification did not start once regcred existed")
+      assert.truthy(kh.wait_rolled_out("notification", 90), "notification did not start once regcred existed")
     end },
 }
 
@@ -149,7 +149,7 @@ describe("crashloop-triage: pods not starting (seed 000)", function()
     it(case.name, function()
       local out, ok = sb.ctl("k8s " .. case.fault)
       assert(ok, out)
-      assert.truthy(sb.wait_until(40, case.shows), case.fault .. ": kubectl never showed the fault")
+      assert.truthy(sb.wait_until(90, case.shows), case.fault .. ": kubectl never showed the fault")
       local deploy = "deploy/todo-chatbot-" .. case.app
       local before = kubectl("get " .. deploy .. " -o jsonpath='{.metadata.generation} {.spec.template}'")
       local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-" .. case.app, "--dry-run" }

@@ -75,8 +75,10 @@ describe("kafka-lag-remediation", function()
   it("changes nothing in a dry run, says what it would do, and names the consumer's processing errors", function()
     local out, ok = sb.ctl("k8s log-errors recurring-task 'reminder processing failed: template not found'")
     assert(ok, out)
-    local logs = sb.kubectl("-n todo-chatbot logs deploy/todo-chatbot-recurring-task -c recurring-task --since=15m")
-    assert.matches('"level": "ERROR"[^\n]*"message": "reminder processing failed: template not found"', logs)
+    assert.truthy(sb.wait_until(90, function()   -- a fresh pod has written few lines yet
+      local logs = sb.kubectl("-n todo-chatbot logs deploy/todo-chatbot-recurring-task -c recurring-task --since=15m")
+      return logs:find('"level": "ERROR"[^\n]*"message": "reminder processing failed: template not found"')
+    end), "kubectl logs never showed the fault's errors")
     local r = backends.assert_unchanged(function()
       return cli.run { "run", RUNBOOK, "--dry-run" }
     end)

@@ -40,9 +40,13 @@ local function check_keys(t, allowed, what)
   end
 end
 
-local function check_param(name, spec)
+-- The param's own copy of `spec` is checked and completed: one table may serve
+-- several params or runbooks (steps.params).
+local function check_param(name, given)
   local what = ("param '%s'"):format(name)
-  if type(spec) ~= "table" then error(what .. ": expected a table of options", 0) end
+  if type(given) ~= "table" then error(what .. ": expected a table of options", 0) end
+  local spec = {}
+  for k, v in pairs(given) do spec[k] = v end
   check_keys(spec, PARAM_KEYS, what)
   if type(spec.type) == "table" then spec.type, spec.values = "enum", spec.type end
   spec.type = spec.type or "string"

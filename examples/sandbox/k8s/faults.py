@@ -185,6 +185,8 @@ def running_pods(store, d):
 def disk_full(cluster, f, args):
     """disk-full DEPLOYMENT [PERCENT]: in each running pod, an old rotated log (APP.log.14,
     14 days old) fills /var/log to PERCENT (95) full."""
+    if not podexec.can_unshare():   # the command would run on this machine's own /var/log
+        raise ValueError("disk-full needs user namespaces (the pods' own /var/log), which this machine refuses")
     d = find_deployment(cluster.store, args[0])
     pct = int(args[1]) if len(args) > 1 and args[1].isdigit() else 95 if len(args) == 1 else 0
     if not 1 <= pct <= 100:
