@@ -21,7 +21,7 @@ on_failure = "undo"
 param "from" { required = true, help = "the live deployment (and, by default, its Service), e.g. todo-chatbot-frontend" }
 param "tag" { required = true, help = "image tag for the new color's app container" }
 param "to" { default = "", help = "the new color's deployment and Service name (default FROM-green; after a green, its blue: FROM-blue or plain FROM)" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "ingress" { default = "todo-chatbot", help = "the Ingress whose paths to FROM's Service are switched" }
 param "service" { default = "", help = "the live Service the Ingress sends to (default: FROM)" }
 param "split_label" { default = "app.kubernetes.io/instance", help = "pod label given the color as a suffix, so the colors' selectors stay apart" }
@@ -89,32 +89,20 @@ step "Deploy the new color" {
     if existed then -- an earlier color, kept at 0 replicas: its own selector stays, the image and size change
       local revision = k8s.last_change("deploy/" .. to_name(ctx), ns(ctx)).revision
       local c = existed.spec.template.spec.containers[1]
-      local image = c.image:gsub(":[^:/]+$", "") .. ":" .. ctx.params.tag
+      local image = steps.retag(c.image, ctx.params.tag)
       k8s.set_image("deploy/" .. to_name(ctx), { [c.name] = image }, ns(ctx))
       k8s.scale("deploy/" .. to_name(ctx), replicas, ns(ctx))
       local labels = existed.spec.template.metadata.labels or {}
       labels["pod-template-hash"] = nil
       return { created = false, image = image, labels = labels, replicas_before = existed.spec.replicas, revision = revision }
     end
-    local from = k8s.get("deploy/" .. ctx.params.from, ns(ctx))
-    local tmpl = from.spec.template
-    local labels = tmpl.metadata.labels or {}
-    local split = ctx.params.split_label
-    if not labels[split] then error(("the pods of %s have no label %s to set the colors apart with (see split_label)"):format(
-      ctx.params.from, split), 0) end
-    labels[split] = labels[split]:gsub("%-green$", ""):gsub("%-blue$", "") .. "-" .. color(ctx)
-    labels["pod-template-hash"] = nil
-    local app = tmpl.spec.containers[1]
-    app.image = app.image:gsub(":[^:/]+$", "") .. ":" .. ctx.params.tag
-    k8s.apply({
-      apiVersion = "apps/v1", kind = "Deployment",
-      metadata = { name = to_name(ctx), namespace = ctx.params.namespace, labels = labels,
-        annotations = { ["kubernetes.io/change-cause"] = ("blue-green-switch from %s, tag %s"):format(ctx.params.from, ctx.params.tag) } },
-      spec = { replicas = replicas, selector = { matchLabels = labels },
-        template = { metadata = { labels = labels, annotations = tmpl.metadata.annotations }, spec = tmpl.spec } },
-    }, { force = true })
-    log.info("%s: %s, %d replicas", to_name(ctx), app.image, replicas)
-    return { created = true, image = app.image, labels = labels }
+    local deployment, labels, image = steps.sibling_deployment { from = ctx.params.from, name = to_name(ctx),
+      namespace = ctx.params.namespace, tag = ctx.params.tag, split = ctx.params.split_label, what = "the colors",
+      relabel = function(v) return v:gsub("%-green$", ""):gsub("%-blue$", "") .. "-" .. color(ctx) end,
+      replicas = replicas, cause = ("blue-green-switch from %s, tag %s"):format(ctx.params.from, ctx.params.tag) }
+    k8s.apply(deployment, { force = true })
+    log.info("%s: %s, %d replicas", to_name(ctx), image, replicas)
+    return { created = true, image = image, labels = labels }
   end,
   undo = function(ctx, out)
     if out.created then k8s.delete("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
@@ -131,13 +119,8 @@ step "Give it a Service" {
   run = function(ctx)
     local have = k8s.get("svc/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
     if have then log.info("service %s exists", to_name(ctx)); return { created = false } end
-    local ports = {}
-    for _, p in ipairs(ctx.outputs["Check the live color"].ports) do
-      ports[#ports + 1] = { name = p.name, port = p.port, targetPort = p.targetPort, protocol = p.protocol }
-    end
-    k8s.create { apiVersion = "v1", kind = "Service",
-      metadata = { name = to_name(ctx), namespace = ctx.params.namespace, labels = ctx.outputs["Deploy the new color"].labels },
-      spec = { selector = ctx.outputs["Deploy the new color"].labels, ports = ports } }
+    k8s.create(steps.service_for(to_name(ctx), ctx.params.namespace, ctx.outputs["Deploy the new color"].labels,
+      ctx.outputs["Check the live color"].ports))
     return { created = true }
   end,
   undo = function(ctx, out)
@@ -145,13 +128,10 @@ step "Give it a Service" {
   end,
 }
 
-step "Wait for the new color" {
-  description = "kubectl rollout status; gives up at once when its pods crash-loop or cannot pull the image",
+step "Wait for the new color" (steps.rollout_status {
   needs = { "Check the live color", "Deploy the new color" },
-  run = function(ctx)
-    k8s.rollout_status("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-  end,
-}
+  target = function(ctx) return "deploy/" .. to_name(ctx) end,
+})
 
 step "Health-check the new color" {
   description = "GET health_path through the new color's Service (API server proxy) before any traffic goes to it",

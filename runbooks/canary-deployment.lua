@@ -24,7 +24,7 @@ on_failure = "undo"
 
 param "deployment" { required = true, help = "the stable deployment, e.g. todo-chatbot-backend" }
 param "tag" { required = true, help = "the new image tag for the app container" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "ingress" { default = "todo-chatbot", help = "the Ingress that sends to the stable Service" }
 param "service" { default = "", help = "the stable Service (default: the deployment's name)" }
 param "split_label" { default = "app.kubernetes.io/instance", help = "pod label given a -canary suffix so the stable Service never selects the canary" }
@@ -98,24 +98,12 @@ step "Deploy the canary" {
   description = "One replica of the stable pod template with the new tag, its pods labelled apart",
   needs = { "Check the stable deployment" },
   run = function(ctx)
-    local tmpl = k8s.get("deploy/" .. ctx.params.deployment, ns(ctx)).spec.template
-    local labels = tmpl.metadata.labels or {}
-    local split = ctx.params.split_label
-    if not labels[split] then
-      error(("the pods of %s have no label %s to set the canary apart with (see split_label)"):format(ctx.params.deployment, split), 0)
-    end
-    labels[split] = labels[split] .. "-canary"
-    labels["pod-template-hash"] = nil
-    local app = tmpl.spec.containers[1]
-    app.image = app.image:gsub(":[^:/]+$", "") .. ":" .. ctx.params.tag
-    k8s.create {
-      apiVersion = "apps/v1", kind = "Deployment",
-      metadata = { name = canary(ctx), namespace = ctx.params.namespace, labels = labels,
-        annotations = { ["kubernetes.io/change-cause"] = ("canary-deployment of %s, tag %s"):format(ctx.params.deployment, ctx.params.tag) } },
-      spec = { replicas = 1, selector = { matchLabels = labels },
-        template = { metadata = { labels = labels, annotations = tmpl.metadata.annotations }, spec = tmpl.spec } },
-    }
-    return { image = app.image, labels = labels }
+    local deployment, labels, image = steps.sibling_deployment { from = ctx.params.deployment, name = canary(ctx),
+      namespace = ctx.params.namespace, tag = ctx.params.tag, split = ctx.params.split_label, what = "the canary",
+      relabel = function(v) return v .. "-canary" end, replicas = 1,
+      cause = ("canary-deployment of %s, tag %s"):format(ctx.params.deployment, ctx.params.tag) }
+    k8s.create(deployment)
+    return { image = image, labels = labels }
   end,
   undo = function(ctx) k8s.delete("deploy/" .. canary(ctx), { namespace = ctx.params.namespace, missing_ok = true }) end,
 }
@@ -124,25 +112,16 @@ step "Give it a Service" {
   description = "A Service named like the canary, selecting its pods, with the stable Service's ports",
   needs = { "Check the stable deployment", "Deploy the canary" },
   run = function(ctx)
-    local ports = {}
-    for _, p in ipairs(ctx.outputs["Check the stable deployment"].ports) do
-      ports[#ports + 1] = { name = p.name, port = p.port, targetPort = p.targetPort, protocol = p.protocol }
-    end
-    local labels = ctx.outputs["Deploy the canary"].labels
-    k8s.create { apiVersion = "v1", kind = "Service",
-      metadata = { name = canary(ctx), namespace = ctx.params.namespace, labels = labels },
-      spec = { selector = labels, ports = ports } }
+    k8s.create(steps.service_for(canary(ctx), ctx.params.namespace, ctx.outputs["Deploy the canary"].labels,
+      ctx.outputs["Check the stable deployment"].ports))
   end,
   undo = function(ctx) k8s.delete("svc/" .. canary(ctx), { namespace = ctx.params.namespace, missing_ok = true }) end,
 }
 
-step "Wait for the canary" {
-  description = "kubectl rollout status; gives up at once when its pods crash-loop or cannot pull the image",
+step "Wait for the canary" (steps.rollout_status {
   needs = { "Check the stable deployment", "Deploy the canary" },
-  run = function(ctx)
-    k8s.rollout_status("deploy/" .. canary(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-  end,
-}
+  target = function(ctx) return "deploy/" .. canary(ctx) end,
+})
 
 step "Create the canary Ingress" {
   description = "An nginx canary Ingress for the stable paths, to the canary's Service, at weight 0",

@@ -22,7 +22,7 @@ param "to" { required = true,
   help = "earliest | latest | offset:N | shift:N (e.g. shift:-500 replays 500 per partition) | datetime:2026-11-22T10:00:00Z" }
 param "partitions" { default = "", help = "comma-separated partitions (default: all of the topic's)" }
 param "deployment" { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers (scaled to 0 during the reset)" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "timeout" { type = "duration", default = "2m", help = "how long the consumers may take to stop, and to come back" }
 
 -- "shift:-500" -> {shift = -500}; errors name the param.

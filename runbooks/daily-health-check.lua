@@ -14,7 +14,7 @@ name = "daily-health-check"
 description = "Read-only health check of the namespace: deployments and nodes, service /health, PostgreSQL, Redis, Kafka and lag, Dapr, resource use"
 version = "1.0.0"
 
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "health_path" { default = "/health", help = "path every service answers health checks on (through the API server's service proxy)" }
 param "groups" { default = "recurring-task-service,websocket-service,notification-service", help = "consumer groups whose lag is checked (comma-separated)" }
 param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
@@ -32,10 +32,14 @@ local function findings()
   return f
 end
 
-local function result(f, extra)
-  local out = extra or {}
-  out.problems, out.warnings = f.problems, f.warnings
-  return out
+-- A check step: check(ctx, f) records what it finds in f and returns its other outputs.
+local function check_step(description, check)
+  return { description = description, run = function(ctx)
+    local f = findings()
+    local out = check(ctx, f) or {}
+    out.problems, out.warnings = f.problems, f.warnings
+    return out
+  end }
 end
 
 local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "Resource use",
@@ -56,55 +60,44 @@ local KEY_METRICS = {
     query = 'sum by (service) (db_pool_connections_in_use{namespace="$ns"}) / sum by (service) (db_pool_connections_max{namespace="$ns"})' },
 }
 
-step "Deployments and nodes" {
-  description = "kubectl get deploy,nodes: every deployment has its replicas ready with no waiting reason, every node Ready",
-  run = function(ctx)
-    local f = findings()
+step "Deployments and nodes" (check_step("kubectl get deploy,nodes: every deployment has its replicas ready with no waiting reason, every node Ready",
+  function(ctx, f)
     local h = k8s.namespace_health(ctx.params.namespace)
     for _, p in ipairs(h.problems) do f.problem("%s", p) end
     local healthy = 0
     for _, d in ipairs(h.deployments) do if d.healthy then healthy = healthy + 1 end end
     log.info("%d of %d deployments healthy; %d nodes", healthy, #h.deployments, #h.nodes)
-    return result(f, { deployments = #h.deployments, healthy = healthy, nodes = #h.nodes })
-  end,
-}
+    return { deployments = #h.deployments, healthy = healthy, nodes = #h.nodes }
+  end))
 
-step "Services answer health checks" {
-  description = "curl /api/health for every service: GET health_path through each Service in front of a deployment",
-  run = function(ctx)
-    local f = findings()
+step "Services answer health checks" (check_step("curl /api/health for every service: GET health_path through each Service in front of a deployment",
+  function(ctx, f)
     local n = 0
     for _, row in ipairs(k8s.services_health(ctx.params.namespace, { path = ctx.params.health_path }).services) do
       n = n + 1
       if not row.ok then f.problem("service %s %s: %s", row.service, ctx.params.health_path, row.error) end
     end
     log.info("%d services checked, %d failing", n, #f.problems)
-    return result(f, { services = n })
-  end,
-}
+    return { services = n }
+  end))
 
-step "Dependencies" {
-  description = "PostgreSQL connections against max_connections, Redis PING, Kafka brokers, Dapr sidecars and the local sidecar",
-  run = function(ctx)
-    local f = findings()
+step "Dependencies" (check_step("PostgreSQL connections against max_connections, Redis PING, Kafka brokers, Dapr sidecars and the local sidecar",
+  function(ctx, f)
     local r = checks.dependencies { namespace = ctx.params.namespace, pg_connections_warn = ctx.params.pg_connections_warn }
     for _, name in ipairs(r.down) do f.problem("%s: %s", name, r.dependencies[name].error) end
-    return result(f, { dependencies = r.dependencies })
-  end,
-}
+    return { dependencies = r.dependencies }
+  end))
 
-step "Consumer lag" {
-  description = "kafka-consumer-groups --describe for each group: total lag against lag_threshold",
-  run = function(ctx)
-    local f = findings()
+step "Consumer lag" (check_step("kafka-consumer-groups --describe for each group: total lag against lag_threshold",
+  function(ctx, f)
     local groups = {}
     for g in ctx.params.groups:gmatch("[^,%s]+") do groups[#groups + 1] = g end
-    if #groups == 0 or not os.getenv("KAFKA_BROKERS") then log.info("no groups or no brokers configured: lag not checked"); return result(f) end
+    if #groups == 0 or not os.getenv("KAFKA_BROKERS") then log.info("no groups or no brokers configured: lag not checked"); return end
     local lags = {}
     local ok, r = pcall(kafka.lag, { groups = groups })
     if not ok then
       f.problem("consumer lag unreadable: %s", tostring(type(r) == "table" and r.message or r))
-      return result(f)
+      return
     end
     for _, g in ipairs(r) do
       lags[g.group] = g.total
@@ -115,18 +108,15 @@ step "Consumer lag" {
         log.info("group %s: lag %d", g.group, g.total)
       end
     end
-    return result(f, { lag = lags })
-  end,
-}
+    return { lag = lags }
+  end))
 
-step "Resource use" {
-  description = "kubectl top pods: containers near their memory (85%) or CPU (80%) limit are warnings (seed 003's key metrics)",
-  run = function(ctx)
-    local f = findings()
+step "Resource use" (check_step("kubectl top pods: containers near their memory (85%) or CPU (80%) limit are warnings (seed 003's key metrics)",
+  function(ctx, f)
     local ok, usage = pcall(k8s.top, "pods", { namespace = ctx.params.namespace })
     if not ok then
       f.warning("resource use unknown (metrics API): %s", tostring(type(usage) == "table" and usage.message or usage))
-      return result(f)
+      return
     end
     local limits = {}
     for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
@@ -147,14 +137,11 @@ step "Resource use" {
       end
     end
     log.info("%d pods measured, %d warnings", #usage, #f.warnings)
-    return result(f, { pods = #usage })
-  end,
-}
+    return { pods = #usage }
+  end))
 
-step "Disk use in pods" {
-  description = "kubectl exec POD -- df -Pk /var/log in each running pod: a volume near full is a warning, nearer a problem (seed 003)",
-  run = function(ctx)
-    local f = findings()
+step "Disk use in pods" (check_step("kubectl exec POD -- df -Pk /var/log in each running pod: a volume near full is a warning, nearer a problem (seed 003)",
+  function(ctx, f)
     local n = 0
     for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
       if (p.status or {}).phase == "Running" then
@@ -171,22 +158,14 @@ step "Disk use in pods" {
       end
     end
     log.info("%d pods measured, %d problems, %d warnings", n, #f.problems, #f.warnings)
-    return result(f, { pods = n })
-  end,
-}
+    return { pods = n }
+  end))
 
-step "Key metrics" {
-  description = "Prometheus: error rate, p95, restarts per hour, WebSocket connections and pool usage against the seeds' warning and critical thresholds",
-  run = function(ctx)
-    local f = findings()
+step "Key metrics" (check_step("Prometheus: error rate, p95, restarts per hour, WebSocket connections and pool usage against the seeds' warning and critical thresholds",
+  function(ctx, f)
     if (os.getenv("PROMETHEUS_URL") or "") == "" then
       log.info("no PROMETHEUS_URL: key metrics not checked")
-      return result(f, { checked = false })
-    end
-    local function show(v, unit)
-      if unit == "percent" then return ("%.2f%%"):format(v * 100) end
-      if unit == "seconds" then return duration.format(v) end
-      return ("%g"):format(v)
+      return { checked = false }
     end
     local n = 0
     for _, m in ipairs(KEY_METRICS) do
@@ -195,15 +174,14 @@ step "Key metrics" {
         local v, who = r.value, r.labels[m.by] or "?"
         if v == v then
           n = n + 1
-          if v > m.critical then f.problem("%s %s is %s (critical above %s)", who, m.what, show(v, m.unit), show(m.critical, m.unit))
-          elseif v > m.warn then f.warning("%s %s is %s (warning above %s)", who, m.what, show(v, m.unit), show(m.warn, m.unit)) end
+          if v > m.critical then f.problem("%s %s is %s (critical above %s)", who, m.what, prom.show(v, m.unit), prom.show(m.critical, m.unit))
+          elseif v > m.warn then f.warning("%s %s is %s (warning above %s)", who, m.what, prom.show(v, m.unit), prom.show(m.warn, m.unit)) end
         end
       end
     end
     log.info("%d key-metric values read, %d critical, %d warnings", n, #f.problems, #f.warnings)
-    return result(f, { checked = true, values = n })
-  end,
-}
+    return { checked = true, values = n }
+  end))
 
 step "Verdict" {
   description = "HEALTHY or UNHEALTHY with every problem and warning; exit 1 when unhealthy",

@@ -15,7 +15,7 @@ name = "dapr-pubsub-check"
 description = "Check Dapr pub/sub end to end: sidecars, the Kafka component, topics, subscriptions, and a test event seen on Kafka"
 version = "1.0.0"
 
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace of the apps" }
+param "namespace" (steps.params.namespace)
 param "pubsub" { default = "kafka-pubsub", help = "the pub/sub component's name" }
 param "app_id" { default = "backend", help = "the app whose sidecar publishes (DAPR_HTTP_ENDPOINT is its sidecar)" }
 param "topic" { default = "task-events", help = "the topic the test event goes to" }

@@ -19,15 +19,14 @@ on_failure = "undo"
 param "checks" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
   help = "integrity checks separated by ';': each counts bad rows, 0 when healthy (before: what is corrupt; after: must be 0)" }
 param "dir" { default = "./backups", help = "directory holding the backup sets (the corrupted state is backed up there too)" }
-param "prefix" { default = "todo", help = "name of the sets in dir" }
+param "prefix" (steps.params.prefix)
 param "set" { default = "", help = "the good backup set to restore (a directory; default: the newest, or the newest before `before`)" }
 param "before" { default = "", help = "restore the newest set taken before this time (e.g. when the corruption began: 2026-11-22T10:00:00Z)" }
 param "force" { type = "boolean", default = false, help = "restore even when no check finds corruption" }
-param "database_url" { secret = true, default = os.getenv("DATABASE_URL"), help = "the corrupted database (default $DATABASE_URL)" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace of the writers" }
-param "writers" { default = "todo-chatbot-backend,todo-chatbot-recurring-task",
-  help = "comma-separated deployments that write to the database: scaled to 0 until the data is good" }
-param "timeout" { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" }
+param "database_url" (steps.params.database_url)
+param "namespace" (steps.params.namespace)
+param "writers" (steps.params.writers)
+param "timeout" (steps.params.writers_timeout)
 
 step "Assess the corruption" {
   description = "Run each integrity check on the live database, and choose and verify the good backup set",
@@ -68,21 +67,10 @@ step "Back up the corrupted state" (steps.backup_database {
   suffix = "-corrupted",
 })
 
-step "Restore the good backup" {
-  description = "pg_restore --clean --single-transaction from the good set; the restored row counts must equal the dump's",
+step "Restore the good backup" (steps.restore_database {
   needs = { "Assess the corruption", "Back up the corrupted state" },
-  confirm = true,
-  run = function(ctx)
-    local path = ctx.outputs["Assess the corruption"].set
-    local r = backupset.restore_database(path, { url = ctx.params.database_url })
-    if not r.skipped then
-      local a = ctx.outputs["Assess the corruption"]
-      log.info("restored %s; writes since %s are not in the database (the corrupted state keeps them)", path,
-        a.set_created_at)
-    end
-    return { path = path }
-  end,
-}
+  set = function(ctx) return ctx.outputs["Assess the corruption"].set end,
+})
 
 step "Validate" (steps.validate {
   description = "Row counts against the good set's manifest, and every integrity check returns 0",

@@ -19,7 +19,7 @@ param "idle_for" { type = "duration", default = "5m", help = "sessions idle in a
 param "user" { default = "", help = "only end sessions of this database user (default: any but superusers)" }
 param "warn_share" { type = "number", default = 0.8, help = "connections at this share of max_connections are too many (seed 003: 80% of pool)" }
 param "deployment" { default = "todo-chatbot-backend", help = "the app whose pool is raised when pool_size is set" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "pool_size" { type = "integer", default = 0, help = "set DB_POOL_SIZE on the deployment (seed: 30); 0 leaves the pool alone" }
 param "max_overflow" { type = "integer", default = 0, help = "set DB_MAX_OVERFLOW with it (seed: 20)" }
 

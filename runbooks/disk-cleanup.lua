@@ -15,8 +15,8 @@ description = "Find what fills a deployment's pods' log volume and delete old ro
 version = "1.0.0"
 
 param "deployment" { required = true, help = "the deployment whose pods to clean, e.g. todo-chatbot-backend" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
-param "container" { default = "", help = "the container (default: each pod's default container)" }
+param "namespace" (steps.params.namespace)
+param "container" (steps.params.container)
 param "path" { default = "/var/log", help = "the directory that fills up" }
 param "older_than" { type = "duration", default = "7d", help = "rotated logs older than this are deleted" }
 

@@ -22,7 +22,7 @@ param "group" { default = "runbook-dlq-replay", help = "consumer group that reme
 param "max" { type = "integer", default = 100, help = "most messages to replay in one run (seed: max_count 100)" }
 param "error_match" { default = "", help = "Lua pattern the message's error header must match (e.g. ^smtp for transient mail failures); empty: every error" }
 param "deployment" { default = "todo-chatbot-notification", help = "the consumer of to_topic, which must be healthy before a replay" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "require_healthy" { type = "boolean", default = true, help = "refuse to replay into an unhealthy consumer (the messages would fail again)" }
 param "smtp_url" { default = "", help = "the mail server to check from inside the consumer's pod (smtp://host:port); empty: the pod's own $SMTP_URL, no check when it has none" }
 param "inspect_max" { type = "integer", default = 10000, help = "most DLQ messages to read for the summary" }

@@ -17,39 +17,25 @@ description = "Measure a service's 5xx rate per version, roll back if it began w
 version = "1.0.0"
 
 param "service" { required = true, help = "the app whose error rate is high (the service label), e.g. backend" }
-param "deployment" { default = "", help = "its deployment (default todo-chatbot-SERVICE)" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "deployment" (steps.params.service_deployment)
+param "namespace" (steps.params.namespace)
 param "max_error_rate" { type = "number", default = 0.01, help = "the 5xx share the service must stay under (seed 000: warning above 1%)" }
-param "window" { default = "5m", help = "PromQL rate window" }
+param "window" (steps.params.window)
 param "recent" { type = "duration", default = "1h", help = "without data from before the last change, a change this young is blamed" }
-param "hold" { type = "duration", default = "5m", help = "how long the rate must stay under max_error_rate after the fix" }
-param "every" { type = "duration", default = "15s", help = "how often the rate is evaluated while verifying" }
+param "hold" (steps.params.hold)
+param "every" (steps.params.every)
 param "timeout" { type = "duration", default = "5m", help = "how long the rollback or restart may take to roll out" }
 
-local function deployment(ctx)
-  return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
-end
+local deployment = steps.service_deployment
 local function target(ctx) return "deploy/" .. deployment(ctx) end
 
-local function rate_query(ctx, by, extra)
-  return checks.error_rate_query(('namespace="%s"%s'):format(ctx.params.namespace, extra or ""), ctx.params.window, by)
-end
-local function service_query(ctx) return rate_query(ctx, nil, (',service="%s"'):format(ctx.params.service)) end
-local function pct(v) return v and ("%.2f%%"):format(v * 100) or "no data" end
+local ERROR_RATE = steps.metric { name = "error rate", unit = "percent", max = "max_error_rate", by = "service, version",
+  query = checks.error_rate_query }
 
-step "Measure the error rate" {
+step "Measure the error rate" (steps.measure_metric {
   description = "The 5xx share of every service and version in the namespace, and the service's own",
-  run = function(ctx)
-    local rows = prom.query(rate_query(ctx, "service, version"), { allow_empty = true })
-    table.sort(rows, function(a, b) return (a.value == a.value and a.value or -1) > (b.value == b.value and b.value or -1) end)
-    for _, r in ipairs(rows) do log.info("%s %s: %s", r.labels.service, r.labels.version, pct(r.value == r.value and r.value or nil)) end
-    local rate = prom.value(service_query(ctx))
-    local high = rate >= ctx.params.max_error_rate
-    log.info("%s: %s of requests fail over %s (threshold %s)%s", ctx.params.service, pct(rate), ctx.params.window,
-      pct(ctx.params.max_error_rate), high and "" or ": under the threshold, nothing to fix")
-    return { rate = rate, high = high }
-  end,
-}
+  metric = ERROR_RATE,
+})
 
 step "Top error messages" {
   description = "kubectl logs --since | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod of the deployment",
@@ -70,12 +56,12 @@ step "Compare with the last change" {
   when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
   run = function(ctx)
     local change = k8s.last_change(target(ctx), { namespace = ctx.params.namespace })
-    local before = change.created and prom.value(service_query(ctx), { time = change.created - 1, allow_empty = true })
+    local before = change.created and prom.value(ERROR_RATE:promql(ctx), { time = change.created - 1, allow_empty = true })
     local began
     if before ~= nil then began = before < ctx.params.max_error_rate
     else began = (change.age or math.huge) < ctx.params.recent end
     log.info("last change: revision %d (%s), %s ago; error rate just before it: %s", change.revision,
-      table.concat(change.images, ", "), duration.format(change.age or 0), pct(before))
+      table.concat(change.images, ", "), duration.format(change.age or 0), ERROR_RATE:show(before))
     local decision = began and change.previous and "rollback" or "restart"
     if began and not change.previous then log.warn("it began with revision %d, but there is no revision before it", change.revision) end
     log.info(decision == "rollback" and "the errors began with the last change: roll back to revision %s"
@@ -128,15 +114,7 @@ step "Restart" {
   end,
 }
 
-step "Verify the error rate" {
+step "Verify the error rate" (steps.verify_metric {
   description = "After one rate window (so only the time since the fix counts), the rate must stay under max_error_rate for `hold`",
-  needs = { "Measure the error rate" },
-  run = function(ctx)
-    if ctx.outputs["Measure the error rate"].high and not ctx.dry_run then
-      time.sleep(duration.parse(ctx.params.window) or 0)
-    end
-    local r = prom.verify { name = ctx.params.service .. " error rate", query = service_query(ctx), unit = "percent",
-      below = ctx.params.max_error_rate, hold = ctx.params.hold, every = ctx.params.every }
-    return { rate = r.values and r.values[ctx.params.service .. " error rate"] }
-  end,
-}
+  metric = ERROR_RATE, measured = "Measure the error rate",
+})

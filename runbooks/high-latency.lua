@@ -12,39 +12,28 @@ description = "Measure p95 latency per service, CPU and memory saturation and th
 version = "1.0.0"
 
 param "service" { required = true, help = "the app whose latency is high (the service label), e.g. backend" }
-param "deployment" { default = "", help = "its deployment (default todo-chatbot-SERVICE)" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "deployment" (steps.params.service_deployment)
+param "namespace" (steps.params.namespace)
 param "max_p95" { type = "duration", default = "500ms", help = "the p95 the service must stay under (seed 000: warning above 500ms)" }
-param "window" { default = "5m", help = "PromQL rate window" }
+param "window" (steps.params.window)
 param "stats_url" { default = "", secret = true, help = "PostgreSQL URL of the database where pg_stat_statements is installed (default $DATABASE_URL)" }
 param "max_replicas" { type = "integer", default = 10, help = "scale out to twice the replicas, at most this many" }
-param "hold" { type = "duration", default = "5m", help = "how long p95 must stay under max_p95 after scaling" }
-param "every" { type = "duration", default = "15s", help = "how often p95 is evaluated while verifying" }
+param "hold" (steps.params.hold)
+param "every" (steps.params.every)
 param "timeout" { type = "duration", default = "5m", help = "how long the scale-out may take to roll out" }
 
-local function deployment(ctx)
-  return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
-end
+local deployment = steps.service_deployment
 
-local function p95_query(ctx, by, extra)
-  return ('histogram_quantile(0.95, sum by (%sle) (rate(http_request_duration_seconds_bucket{namespace="%s"%s}[%s])))'):format(
-    by, ctx.params.namespace, extra or "", ctx.params.window)
-end
-local function service_query(ctx) return p95_query(ctx, "", (',service="%s"'):format(ctx.params.service)) end
-local function ms(v) return v == v and duration.format(v) or "no data" end
+local P95 = steps.metric { name = "p95 latency", unit = "seconds", max = "max_p95", by = "service",
+  query = function(selector, window, by)
+    return ('histogram_quantile(0.95, sum by (%sle) (rate(http_request_duration_seconds_bucket{%s}[%s])))'):format(
+      by and by .. ", " or "", selector, window)
+  end }
 
-step "Measure the p95 latency" {
+step "Measure the p95 latency" (steps.measure_metric {
   description = "p95 request latency of every service in the namespace, and the service's own",
-  run = function(ctx)
-    local rows = prom.query(p95_query(ctx, "service, "), { allow_empty = true })
-    for _, r in ipairs(rows) do log.info("%s: p95 %s", r.labels.service, ms(r.value)) end
-    local p95 = prom.value(service_query(ctx))
-    local high = p95 >= ctx.params.max_p95
-    log.info("%s: p95 %s over %s (threshold %s)%s", ctx.params.service, ms(p95), ctx.params.window,
-      ms(ctx.params.max_p95), high and "" or ": under the threshold, nothing to fix")
-    return { p95 = p95, high = high }
-  end,
-}
+  metric = P95,
+})
 
 step "Check saturation" {
   description = "kubectl top pods of the deployment: CPU and memory against their limits",
@@ -94,14 +83,7 @@ step "Scale out" {
   end,
 }
 
-step "Verify the latency" {
+step "Verify the latency" (steps.verify_metric {
   description = "After one rate window (so only the time since scaling counts), p95 must stay under max_p95 for `hold`",
-  needs = { "Measure the p95 latency" },
-  run = function(ctx)
-    if ctx.outputs["Measure the p95 latency"].high and not ctx.dry_run then
-      time.sleep(duration.parse(ctx.params.window) or 0)
-    end
-    prom.verify { name = ctx.params.service .. " p95 latency", query = service_query(ctx), unit = "seconds",
-      below = ctx.params.max_p95, hold = ctx.params.hold, every = ctx.params.every }
-  end,
-}
+  metric = P95, measured = "Measure the p95 latency",
+})

@@ -18,7 +18,7 @@ version = "1.0.0"
 param "group" { default = "recurring-task-service", help = "the consumer group" }
 param "topic" { default = "task-events", help = "the topic it consumes" }
 param "deployment" { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "threshold" { type = "integer", default = 1000, help = "total lag (messages) above which to act (seed: >1000)" }
 param "lag_per_replica" { type = "integer", default = 100, help = "lag one consumer is expected to hold (the seed's HPA target averageValue)" }
 param "max_replicas" { type = "integer", default = 0, help = "upper bound for the replicas (0: the topic's partition count)" }
@@ -131,16 +131,11 @@ step "Scale the consumers" {
   end,
 }
 
-step "Wait for the new consumers" {
-  description = "kubectl rollout status: every replica ready (gives up at once on a crash loop)",
+step "Wait for the new consumers" (steps.rollout_status {
   needs = { "Plan the replicas", "Scale the consumers" },
   when = scaling,
-  run = function(ctx)
-    local r = k8s.rollout_status(deploy(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout,
-      fail_fast = true })
-    return { message = r.message }
-  end,
-}
+  target = deploy, within = "rollout_timeout",
+})
 
 step "Watch the lag fall" {
   description = "Measure the lag every `interval` until it is within the threshold, for at most `watch`",

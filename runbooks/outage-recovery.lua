@@ -13,7 +13,7 @@ name = "outage-recovery"
 description = "Assess a namespace, restart what is unhealthy, roll back recent changes that still fail, verify /health"
 version = "1.0.0"
 
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace of the services" }
+param "namespace" (steps.params.namespace)
 param "health_path" { default = "/health", help = "HTTP path each service answers health checks on (through the API server's service proxy)" }
 param "rollout_timeout" { type = "duration", default = "2m", help = "how long to wait for each restart or rollback to roll out" }
 param "changed_within" { type = "duration", default = "24h",

@@ -16,16 +16,15 @@ version = "1.0.0"
 on_failure = "undo"
 
 param "dir" { default = "./backups", help = "directory holding the backup sets (for the newest one, and the safety backup)" }
-param "prefix" { default = "todo", help = "name of the sets in dir" }
+param "prefix" (steps.params.prefix)
 param "set" { default = "", help = "the backup set directory to restore (default: the newest PREFIX set in dir)" }
-param "database_url" { secret = true, default = os.getenv("DATABASE_URL"), help = "the database to restore into (default $DATABASE_URL)" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace of the writers" }
-param "writers" { default = "todo-chatbot-backend,todo-chatbot-recurring-task",
-  help = "comma-separated deployments that write to the database: scaled to 0 during the restore" }
+param "database_url" (steps.params.database_url)
+param "namespace" (steps.params.namespace)
+param "writers" (steps.params.writers)
 param "safety_backup" { type = "boolean", default = true, help = "back up the current database before replacing it (into dir, as PREFIX-pre-restore-...)" }
 param "validate" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
   help = "validation queries separated by ';', each must return 0 after the restore" }
-param "timeout" { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" }
+param "timeout" (steps.params.writers_timeout)
 
 step "Verify the backup set" {
   description = "Every file's sha256 and size against manifest.json, and pg_restore --list on the dump, before anything is touched",
@@ -50,17 +49,10 @@ step "Safety backup" (steps.backup_database {
   suffix = "-pre-restore",
 })
 
-step "Restore the database" {
-  description = "pg_restore --clean --single-transaction from the set; the restored row counts must equal the dump's",
+step "Restore the database" (steps.restore_database {
   needs = { "Verify the backup set" },
-  confirm = true,
-  run = function(ctx)
-    local path = ctx.outputs["Verify the backup set"].path
-    local r = backupset.restore_database(path, { url = ctx.params.database_url })
-    if not r.skipped then log.info("restored %s", path) end
-    return { path = path }
-  end,
-}
+  set = function(ctx) return ctx.outputs["Verify the backup set"].path end,
+})
 
 step "Validate" (steps.validate {
   description = "Row counts of every table against the manifest, and each validation query returns 0",

@@ -14,7 +14,7 @@ description = "Roll a deployment back to the revision before its last change (or
 version = "1.0.0"
 
 param "deployment" { required = true, help = "the deployment to roll back, e.g. todo-chatbot-backend" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "to_revision" { type = "integer", default = 0,
   help = "revision to go back to (0: the one before the last change, looking past rollout restarts)" }
 param "timeout" { type = "duration", default = "5m", help = "how long the rollback may take to roll out" }
@@ -79,14 +79,7 @@ step "Roll back" {
   end,
 }
 
-step "Wait for the rollout" {
-  description = "kubectl rollout status; gives up at once when the new pods crash-loop or cannot pull their image",
-  run = function(ctx)
-    local r = k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout,
-      fail_fast = true })
-    return { message = r.message }
-  end,
-}
+step "Wait for the rollout" (steps.rollout_status { target = target })
 
 step "Verify health" {
   description = "The deployment healthy, and GET health_path through each of its services (API server proxy)",

@@ -20,7 +20,7 @@ on_failure = "undo"
 
 param "secret" { default = "todo-chatbot-secrets", help = "the Secret holding the database URL (a name from an earlier rotation works too)" }
 param "url_key" { default = "DATABASE_URL", help = "its key holding postgresql://USER:PASSWORD@HOST/DB" }
-param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace" }
+param "namespace" (steps.params.namespace)
 param "connect_url" { secret = true, default = os.getenv("DATABASE_URL"),
   help = "how this runbook reaches the database with the current password (default $DATABASE_URL; the Secret's URL may be in-cluster only)" }
 param "rollout_timeout" { type = "duration", default = "5m", help = "how long each deployment may take to roll onto the new Secret" }

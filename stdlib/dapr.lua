@@ -32,16 +32,12 @@
 -- message}) raise structured errors: code is the errorCode, status the HTTP
 -- status; an ETag mismatch (409) has code "conflict". A sidecar that cannot
 -- be reached raises with curl's reason ("couldnt_connect").
-local native = require "runbook.http"
 local cjson = require "cjson"
 local duration = require "duration"
 local host = require "runbook.host"
 
-local M = {}
-local Client = {}
-Client.__index = Client
-
-local raise = host.raiser "dapr"
+local api = require("http.api").new("dapr", "sidecar")
+local M, Client, raise = api.module, api.Client, api.raise
 
 local function check_name(v, what, op)
   if type(v) ~= "string" or v == "" then
@@ -81,15 +77,8 @@ function Client:call(op, what, req)
     body = cjson.encode(req.json)
     headers["Content-Type"] = headers["Content-Type"] or "application/json"
   end
-  local ok, r = pcall(native.request, {
-    method = req.method or "GET", url = self.endpoint, path = req.path, query = req.query,
-    headers = headers, body = body, timeout = self.timeout, connect_timeout = self.connect_timeout, effect = req.effect,
-  })
-  if not ok then
-    if type(r) ~= "table" or r.module ~= "http" then error(r, 0) end
-    raise { op = op, code = r.code, retryable = r.retryable,
-      message = ("%ssidecar at %s: %s"):format(what ~= "" and what .. ": " or "", self.endpoint, tostring(r.message)) }
-  end
+  local r = api:request(self, op, what, { method = req.method or "GET", path = req.path, query = req.query,
+    headers = headers, body = body, effect = req.effect })
   if r.skipped then return r end
   if r.status >= 400 then response_error(op, what, r) end
   if (r.headers["content-type"] or ""):lower():match("json") and r.body ~= "" then r.json = decode_json(r.body) end
@@ -98,8 +87,7 @@ end
 
 --- A client for one sidecar.
 function M.connect(opts)
-  opts = opts or {}
-  if type(opts) ~= "table" then error("dapr.connect expects a table {endpoint=, app_id=, token=}", 2) end
+  opts = api:options(opts, "{endpoint=, app_id=, token=}")
   local endpoint = opts.endpoint or os.getenv("DAPR_HTTP_ENDPOINT")
   if not endpoint or endpoint == "" then
     local port = os.getenv("DAPR_HTTP_PORT")
@@ -107,15 +95,11 @@ function M.connect(opts)
     if not port:match("^%d+$") then error(("DAPR_HTTP_PORT is not a port number: %q"):format(port), 2) end
     endpoint = "http://127.0.0.1:" .. port
   end
-  if type(endpoint) ~= "string" or not endpoint:match("^https?://") then
-    error(("dapr.connect: endpoint must be an http(s) URL, got %s"):format(tostring(endpoint)), 2)
-  end
+  endpoint = api:url(endpoint, "endpoint")
   local token = opts.token or os.getenv("DAPR_API_TOKEN")
   if token == "" then token = nil end
   if token then host.secret(token) end
-  local c = setmetatable({ endpoint = endpoint:gsub("/+$", ""), app_id = opts.app_id, token = token,
-    timeout = duration.check(opts.timeout or "10s", "dapr timeout"),
-    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "dapr connect_timeout") }, Client)
+  local c = api:client(opts, { url = endpoint, endpoint = endpoint, app_id = opts.app_id, token = token }, "10s")
   c.state = setmetatable({}, { __index = function(_, k)
     local f = Client["state_" .. k]
     if f then return function(...) return f(c, ...) end end
@@ -475,15 +459,7 @@ end
 
 -- ---- the module-level client ---------------------------------------------------
 
-local default
-local function client()
-  default = default or M.connect()
-  return default
-end
-
-for _, name in ipairs { "healthz", "healthz_outbound", "metadata", "publish", "invoke", "secret", "check_app" } do
-  M[name] = function(...) local c = client(); return c[name](c, ...) end
-end
+local client = api:export { "healthz", "healthz_outbound", "metadata", "publish", "invoke", "secret", "check_app" }
 
 M.state = setmetatable({}, { __index = function(_, k)
   local f = Client["state_" .. k]

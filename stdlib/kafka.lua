@@ -169,8 +169,14 @@ local function find_topic(md, name)
   end
 end
 
---- {{topic, partition}} of the named topics (all partitions, or `only`).
-local function partitions_of(op, md, topics, only)
+--- {{topic, partition}} of the named topics: all partitions, or those numbered
+-- in the list `partitions`.
+local function partitions_of(op, md, topics, partitions)
+  local only
+  if partitions then
+    only = {}
+    for _, p in ipairs(partitions) do only[p] = true end
+  end
   local out = {}
   for _, name in ipairs(topics) do
     local t = find_topic(md, name)
@@ -561,14 +567,9 @@ function Client:reset_offsets(opts)
   check_opts(op, opts, "group")
   local topics = list_of(op, opts.topics or opts.topic, "topics")
   local to = check_to(op, opts.to)
-  local only
-  if opts.partitions then
-    only = {}
-    for _, p in ipairs(opts.partitions) do only[p] = true end
-  end
   local t = timeout_of(self, op, opts)
   local md = self.native:metadata(t)
-  local parts = partitions_of(op, md, topics, only)
+  local parts = partitions_of(op, md, topics, opts.partitions)
   if #parts == 0 then bad(op, "no partitions selected") end
   local checked = self:_check_inactive(opts.group, t)
   local current = {}
@@ -714,13 +715,8 @@ function Client:consume(opts)
   check_opts(op, opts, "topic")
   local max = opts.max_messages
   if max ~= nil and (math.type(max) ~= "integer" or max < 0) then bad(op, "max_messages must be an integer >= 0") end
-  local only
-  if opts.partitions then
-    only = {}
-    for _, p in ipairs(opts.partitions) do only[p] = true end
-  end
   local t = timeout_of(self, op, opts)
-  local parts = partitions_of(op, self.native:metadata(t), { opts.topic }, only)
+  local parts = partitions_of(op, self.native:metadata(t), { opts.topic }, opts.partitions)
   local marks = self:_watermarks(parts, t, op)
   local starts = self:_start_offsets(op, parts, opts.from or "earliest", marks, t)
   for _, p in ipairs(parts) do   -- from_offsets = {[partition] = offset} overrides from

@@ -19,6 +19,7 @@
 --   rules({type = "alert"|"record"})      -> Prometheus's rule groups
 --   targets({state = "active"|"dropped"}) -> {{labels, health, last_error, scrape_url, job}, ...}
 --   verify{...}                           a metric gate: see below
+--   show(v, unit)                         a value as the gate shows it ("0.4%", "412ms")
 --
 -- No data is an error (code "no_data"): an empty result, or a NaN from
 -- value(), never passes a check by accident. {allow_empty = true} returns
@@ -45,16 +46,12 @@
 --   In a dry run it evaluates once against the live data and reports
 --   (`would wait 2m for error rate < 1%: now 0.4%`), never failing on the values.
 --   -> {values = {name = value}, held = seconds, evaluations = n}
-local native = require "runbook.http"
 local cjson = require "cjson"
 local duration = require "duration"
 local host = require "runbook.host"
 
-local M = {}
-local Client = {}
-Client.__index = Client
-
-local raise = host.raiser "prom"
+local api = require("http.api").new("prom", "Prometheus")
+local M, Client, raise = api.module, api.Client, api.raise
 
 local function number(v)
   if v == "NaN" then return 0 / 0 end
@@ -80,13 +77,7 @@ end
 --- One GET of the API (path: its segments, e.g. {"api", "v1", "query"});
 -- returns the decoded `data`. Raises on any failure.
 function Client:get(op, path, params, what)
-  local ok, r = pcall(native.request, { method = "GET", url = self.url, path = path, query = params or {},
-    headers = self.headers, timeout = self.timeout, connect_timeout = self.connect_timeout, cafile = self.ca_file })
-  if not ok then
-    if type(r) ~= "table" or r.module ~= "http" then error(r, 0) end
-    raise { op = op, code = r.code, retryable = r.retryable,
-      message = ("%sPrometheus at %s: %s"):format(what and (what .. ": ") or "", self.url, tostring(r.message)) }
-  end
+  local r = api:request(self, op, what, { method = "GET", path = path, query = params or {}, headers = self.headers })
   local doc = (r.headers["content-type"] or ""):lower():match("json") and select(2, pcall(cjson.decode, r.body))
   if type(doc) == "table" and doc.status == "error" then
     raise { op = op, code = tostring(doc.errorType or r.status), status = r.status,
@@ -185,6 +176,7 @@ end
 
 -- ---- the metric gate --------------------------------------------------------
 
+--- A value as the gate shows it: show(0.004, "percent") -> "0.4%", "seconds" -> "412ms".
 local function show(v, unit)
   if v == nil then return "no data" end
   if is_nan(v) then return "NaN" end
@@ -192,6 +184,7 @@ local function show(v, unit)
   if unit == "seconds" then return duration.format(v) end
   return ("%.4g"):format(v)
 end
+M.show = show
 
 local function conditions_of(opts)
   local list = #opts > 0 and opts or { opts }
@@ -283,15 +276,12 @@ end
 -- ---- connecting ----------------------------------------------------------------
 
 function M.connect(opts)
-  opts = opts or {}
-  if type(opts) ~= "table" then error("prom.connect expects a table {url=, token=, username=, password=, ca_file=, headers=}", 2) end
+  opts = api:options(opts, "{url=, token=, username=, password=, ca_file=, headers=}")
   local url = opts.url or os.getenv("PROMETHEUS_URL")
   if url == nil or url == "" then
     error("prom: no Prometheus endpoint: set PROMETHEUS_URL or pass prom.connect{url = ...}", 2)
   end
-  if type(url) ~= "string" or not url:match("^https?://[^/]") then
-    error(("prom.connect: url must be an http(s) URL, got %s"):format(tostring(url)), 2)
-  end
+  url = api:url(url, "url")
   local headers = { Accept = "application/json" }
   for k, v in pairs(opts.headers or {}) do headers[k] = v end
   if opts.token then
@@ -305,17 +295,9 @@ function M.connect(opts)
     headers.Authorization = "Basic " .. require("base64").encode(opts.username .. ":" .. opts.password)
     host.secret(headers.Authorization)
   end
-  return setmetatable({ url = url:gsub("/+$", ""), headers = headers, ca_file = opts.ca_file,
-    timeout = duration.check(opts.timeout or "30s", "prom timeout"),
-    connect_timeout = opts.connect_timeout and duration.check(opts.connect_timeout, "prom connect_timeout") }, Client)
+  return api:client(opts, { url = url, headers = headers }, "30s")
 end
 
-local default
-for _, name in ipairs { "query", "query_range", "value", "alerts", "rules", "targets", "verify" } do
-  M[name] = function(...)
-    default = default or M.connect()
-    return default[name](default, ...)
-  end
-end
+api:export { "query", "query_range", "value", "alerts", "rules", "targets", "verify" }
 
 return M

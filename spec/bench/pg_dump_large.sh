@@ -2,8 +2,7 @@
 # pg.dump of a large database (default ~1.1 GB) against pg_dump alone, both
 # --format=custom to a file on the checkout's filesystem, RUNS each (default
 # 3), alternating, with CPU time and peak memory. pg.dump adds a verification (pg_restore
-# --list), the dump's sha256 and the manifest's exact row counts (counted by
-# psql beside pg_dump, in its snapshot).
+# --list), the dump's sha256 and the manifest's exact row counts.
 # Needs the sandbox (make sandbox). The database rb_dump_large is built with
 # generate_series in the sandbox's PostgreSQL and dropped at the end (KEEP=1
 # keeps it for a re-run). Not part of the test suite.

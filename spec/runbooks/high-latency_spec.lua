@@ -37,7 +37,7 @@ describe("high-latency", function()
     local r = cli.run { "run", RUNBOOK, "-p", "service=backend", "-p", "window=10s", "-p", "hold=4s", "-p", "every=1s",
       "-p", "stats_url=" .. stats, "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
-    assert.matches("backend: p95 [%d.]+m?s over 10s %(threshold 500ms%)", r.stdout)
+    assert.matches("backend: p95 latency [%d.]+m?s over 10s %(threshold 500ms%)", r.stdout)
     assert.matches("calls  SELECT pg_sleep%(%$1%), count%(%*%) FROM tasks", r.stdout)
     assert.matches("scale deployment todo%-chatbot%-backend to 4", r.stdout)
     assert.matches("backend p95 latency < 500ms held for 4s", r.stdout)

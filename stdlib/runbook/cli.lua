@@ -108,21 +108,9 @@ local function runbook_help(parser, ref)
   return EXIT.ok
 end
 
---- --wait-lock is parsed here, once: the request (run.lua, resume.lua) reads its seconds.
-local function duration_ok(cmd, o)
-  if not o["--wait-lock"] then return true end
-  local secs, why = require("duration").parse(o["--wait-lock"])
-  if not secs then return nil, usage_error(cmd, "%s: --wait-lock: %s", cmd, why) end
-  o["--wait-lock"] = secs
-  return true
-end
-
 function commands.run(o)
   if not o.runbook then return usage_error("run", "run: expected one runbook FILE or NAME") end
-  local ok, code = duration_ok("run", o)
-  if not ok then return code end
-  local rb
-  rb, code = load_runbook(o.runbook)
+  local rb, code = load_runbook(o.runbook)
   if not rb then return code end
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     local names = {}
@@ -135,10 +123,7 @@ end
 
 function commands.resume(o)
   if not o.run_id then return usage_error("resume", "resume: expected one RUN_ID (see 'runbook history')") end
-  local ok, code = duration_ok("resume", o)
-  if not ok then return code end
-  local plan
-  plan, code = require("runbook.resume").plan(o.run_id, o, load_runbook)
+  local plan, code = require("runbook.resume").plan(o.run_id, o, load_runbook)
   if not plan then return code end
   return require("runbook.run").start(plan.rb, plan.request, plan.resumed)
 end
@@ -296,8 +281,15 @@ end
 local PLAIN_FLAGS = { ["--dry-run"] = "--dry-run", ["-y"] = "--yes", ["--yes"] = "--yes",
   ["--step"] = "--step", ["--undo-on-failure"] = "--undo-on-failure", ["-v"] = "--verbose",
   ["--verbose"] = "--verbose", ["-q"] = "--quiet", ["--quiet"] = "--quiet", ["--no-color"] = "--no-color" }
-local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output" }
+local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output",
+  ["--run-id"] = "--run-id" }
 local OUTPUTS = { text = true, json = true }
+
+--- Whether `value` is one the plain reading takes for option `target`.
+local function plain_value(target, value)
+  if target == "--output" then return OUTPUTS[value] end
+  return value and value:sub(1, 1) ~= "-"
+end
 
 --- The options of `run` in its usual forms, as argparse would return them,
 -- read without building the grammar (most of a no-op run's start-up). nil
@@ -315,10 +307,10 @@ local function plain_run(args)
       o.runbook = a
     elseif PLAIN_FLAGS[a] and not o[target] then
       o[target] = true
-    elseif target == "-p" and value and value:sub(1, 1) ~= "-" then
+    elseif target == "-p" and plain_value(target, value) then
       table.insert(o["-p"], value)
       i = i + 1
-    elseif target == "--output" and OUTPUTS[value] and not o[target] then
+    elseif PLAIN_VALUES[a] and plain_value(target, value) and not o[target] then
       o[target] = value
       i = i + 1
     else
@@ -385,6 +377,11 @@ function M.main(args)
   if o["--version"] then return commands.version() end
   if o.command == "help" or o.help or not o.command then return show_help(parser, o) end
   if o.command == "test" then return require("runbook.test").run(busted_args) end
+  if o["--wait-lock"] then -- parsed here, once: the request (run.lua, resume.lua) reads its seconds
+    local secs, why = require("duration").parse(o["--wait-lock"])
+    if not secs then return usage_error(o.command, "%s: --wait-lock: %s", o.command, why) end
+    o["--wait-lock"] = secs
+  end
   return commands[o.command](o)
 end
 

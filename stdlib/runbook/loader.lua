@@ -40,9 +40,13 @@ local function check_keys(t, allowed, what)
   end
 end
 
-local function check_param(name, spec)
+-- The param's own copy of `spec` is checked and completed: one table may serve
+-- several params or runbooks (steps.params).
+local function check_param(name, given)
   local what = ("param '%s'"):format(name)
-  if type(spec) ~= "table" then error(what .. ": expected a table of options", 0) end
+  if type(given) ~= "table" then error(what .. ": expected a table of options", 0) end
+  local spec = {}
+  for k, v in pairs(given) do spec[k] = v end
   check_keys(spec, PARAM_KEYS, what)
   if type(spec.type) == "table" then spec.type, spec.values = "enum", spec.type end
   spec.type = spec.type or "string"
@@ -142,6 +146,7 @@ local function dsl(rb)
   }
 end
 
+--- The text of the file `path`, or nil and why.
 local function read_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
@@ -149,6 +154,7 @@ local function read_file(path)
   f:close()
   return text
 end
+M.read_file = read_file
 
 --- Load and check the runbook at `path`. Returns the runbook, or raises a LoadError.
 function M.load(path)
