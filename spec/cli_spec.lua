@@ -73,6 +73,23 @@ describe("cli", function()
     assert.truthy(libs_loaded("local _ = http.get"):find("libcurl", 1, true))
   end)
 
+  it("reads a plain run, as serve and timers start one, without building the command grammar", function()
+    local path = cli.runbook("name = 'noop' description = 'd'\nparam 'g' {}\nstep 'a' { run = function() end }\n")
+    local state = cli.tmpdir()
+    local function opened(args)
+      local p = io.popen(("RUNBOOK_STATE_DIR=%s strace -f -qq -e trace=openat %s run %s %s 2>&1 >/dev/null")
+        :format(state, cli.BIN, path, args))
+      local out = p:read("a")
+      p:close()
+      return out
+    end
+    local id = "20261206T170000Z-0a1b2c3d"
+    local plain = opened("-p g=x --dry-run -o json --run-id " .. id)
+    assert.truthy(plain:find(id .. ".jsonl", 1, true), plain)
+    assert.falsy(plain:find("grammar", 1, true), "the grammar was built for a plain run")
+    assert.truthy(opened("--from a --dry-run"):find("grammar", 1, true))
+  end)
+
   it("reports a library's failure as module.op: message, naming the file once", function()
     local missing = cli.tmpdir() .. "/missing.txt"
     local path = cli.runbook(("name = 'fs-error' description = 'd'\n"

@@ -22,13 +22,7 @@ local SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 local raise = host.raiser "k8s"
 
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("a")
-  f:close()
-  return s
-end
+local read_file = require("runbook.loader").read_file
 M.read_file = read_file
 
 M.base64_decode = require("base64").decode

@@ -281,8 +281,15 @@ end
 local PLAIN_FLAGS = { ["--dry-run"] = "--dry-run", ["-y"] = "--yes", ["--yes"] = "--yes",
   ["--step"] = "--step", ["--undo-on-failure"] = "--undo-on-failure", ["-v"] = "--verbose",
   ["--verbose"] = "--verbose", ["-q"] = "--quiet", ["--quiet"] = "--quiet", ["--no-color"] = "--no-color" }
-local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output" }
+local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output",
+  ["--run-id"] = "--run-id" }
 local OUTPUTS = { text = true, json = true }
+
+--- Whether `value` is one the plain reading takes for option `target`.
+local function plain_value(target, value)
+  if target == "--output" then return OUTPUTS[value] end
+  return value and value:sub(1, 1) ~= "-"
+end
 
 --- The options of `run` in its usual forms, as argparse would return them,
 -- read without building the grammar (most of a no-op run's start-up). nil
@@ -300,10 +307,10 @@ local function plain_run(args)
       o.runbook = a
     elseif PLAIN_FLAGS[a] and not o[target] then
       o[target] = true
-    elseif target == "-p" and value and value:sub(1, 1) ~= "-" then
+    elseif target == "-p" and plain_value(target, value) then
       table.insert(o["-p"], value)
       i = i + 1
-    elseif target == "--output" and OUTPUTS[value] and not o[target] then
+    elseif PLAIN_VALUES[a] and plain_value(target, value) and not o[target] then
       o[target] = value
       i = i + 1
     else

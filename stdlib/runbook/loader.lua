@@ -146,6 +146,7 @@ local function dsl(rb)
   }
 end
 
+--- The text of the file `path`, or nil and why.
 local function read_file(path)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
@@ -153,6 +154,7 @@ local function read_file(path)
   f:close()
   return text
 end
+M.read_file = read_file
 
 --- Load and check the runbook at `path`. Returns the runbook, or raises a LoadError.
 function M.load(path)

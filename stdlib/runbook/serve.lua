@@ -218,7 +218,7 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   local log = ("%s/%s-%d-%d-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), self.pid, self.spawned,
     (name:gsub("[^%w%-_]", "_")))
   local run_id = new_run_id()
-  argv[#argv + 1] = "--run-id=" .. run_id
+  argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
   local input = params and next(params) and cjson.encode(params)
   if input then argv[#argv + 1] = "--params-file=/dev/stdin" end
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
@@ -471,14 +471,7 @@ function Server:handle(req)
   return status, host.redact(cjson.encode(doc)) .. "\n", "application/json"
 end
 
---- The text of the file `path`, or nil and why.
-local function slurp(path)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local text = f:read("a")
-  f:close()
-  return text
-end
+local slurp = require("runbook.loader").read_file
 
 --- `runbook serve`: o = {rules, listen, token_file, max_body, max_runs, timeout, tls_cert, tls_key};
 -- resolve(name) -> path or nil, why.
