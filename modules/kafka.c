@@ -727,6 +727,7 @@ typedef struct {
     rd_kafka_topic_partition_list_t *list;  /* ListOffsets': the partitions asked, */
     int64_t *offsets;   /* their answers, */
     int answered, failed;   /* how many, and whether one had an error */
+    double setup_end;   /* connections are set up by then (0: by the call's end) */
 } wcall;
 
 /* Queues a request on w: its header and body are already in w->out. */
@@ -774,7 +775,8 @@ static int wire_pump(lua_State *L, wcall *k, double end, frame_fn on_frame) {
     for (int i = 0; i < k->nc; i++) {
         if (k->cs[i].due && k->cs[i].fd < 0) {
             const char *why = NULL;
-            k->cs[i].fd = net_connect(k->cs[i].host, k->cs[i].port, end, &why);
+            double by = k->setup_end > 0 && k->setup_end < end ? k->setup_end : end;
+            k->cs[i].fd = net_connect(k->cs[i].host, k->cs[i].port, by, &why);
             if (k->cs[i].fd < 0) wconn_fail(&k->cs[i], why);
         }
     }
@@ -1167,12 +1169,15 @@ static int wire_metadata(lua_State *L, client *c, int ms) {
     wcall *k = wire_call(L, c, 2);
     bootstrap_conns(L, c, k);
     k->version = c->metadata_version;
+    /* A connection's setup (connect, ApiVersions) has the connect timeout, as librdkafka's has. */
+    k->setup_end = c->connect_timeout > 0 ? rb_now() + c->connect_timeout : end;
+    if (k->setup_end > end) k->setup_end = end;
     for (int b = 0; b < k->nbootstrap; b++) {
         wconn *w = &k->cs[b];
         if (!k->version) {
             wb_end(&w->out, wb_begin(L, &w->out, API_VERSIONS, 0, 0));
             wire_queued(k, w, "ApiVersion");
-            if (!wire_pump(L, k, end, on_api_versions) || w->why) continue;
+            if (!wire_pump(L, k, k->setup_end, on_api_versions) || w->why) continue;
             if (!k->version) break;   /* no Metadata version (1..8) this code reads */
         }
         size_t at = wb_begin(L, &w->out, API_METADATA, k->version, 1);
@@ -1188,6 +1193,14 @@ static int wire_metadata(lua_State *L, client *c, int ms) {
         lua_setiuservalue(L, 1, 1);
         lua_pushvalue(L, k->results);
         return 1;
+    }
+    /* No bootstrap broker was set up within the connect timeout: librdkafka
+     * would fare no better in what is left, so that is the answer. */
+    if (k->setup_end < end && (int)((k->setup_end - rb_now()) * 1000) <= 0 && !rb_interrupted()) {
+        char secs[32];
+        snprintf(secs, sizeof secs, "%.3g", c->connect_timeout);
+        return rb_error(L, "kafka", "metadata", "timeout", 1, "cannot read cluster metadata: connect to %s:%s timed out after %ss",
+                        k->cs[0].host, k->cs[0].port, secs);
     }
     lua_settop(L, top);
     return 0;

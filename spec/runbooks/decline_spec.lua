@@ -22,6 +22,8 @@ local PARAMS = {
   ["high-error-rate"] = { "service=backend" },
   ["high-latency"] = { "service=backend" },
   ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
+  ["maintenance-window"] = { "deployment=todo-chatbot-frontend", "image=registry.digitalocean.com/todo-chatbot/frontend:v1.5.0",
+    "reason=declined at the prompt", "backup_dir=" .. dir, "watch=1s", "error_rate_window=10s" },
 }
 
 -- Runbooks whose confirm steps depend on metrics the sandbox may not have
@@ -50,6 +52,7 @@ local SETUP = {
   end,
 }
 SETUP["data-corruption"] = SETUP["restore"]
+SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 
 local function runbooks()
   local p = io.popen("ls runbooks/*.lua")
