@@ -378,7 +378,7 @@ end
 
 local function verdict_row(add, p, a, valid)
   local counts = false
-  for _, v in ipairs(valid) do counts = counts or v == a end
+  for _, v in ipairs(valid) do counts = counts or (v.by == a.by and v.at == a.at) end
   local note = a.denied and "denied" or counts and ("approved, until " .. stamp(a.expires))
     or a.by == p.requested_by.user and "the requester's own: does not count"
     or (plan.parse_iso(a.expires) or 0) <= os.time() and "expired" or "does not count"
@@ -393,7 +393,7 @@ function Console:plan_page(id, session, message, status)
   add("<h1>Plan <code>%s</code>: %s</h1>", esc(p.id), esc(p.runbook.name))
   if message then add('<p class="error">%s</p>', esc(message)) end
   add('<table class="summary">')
-  add("<tr><th>State</th><td>%s</td></tr>", H.badge(state))
+  add('<tr><th>State</th><td><span class="status state-%s">%s</span></td></tr>', state, state)
   add("<tr><th>Requested</th><td>by <b>%s</b> on %s at %s</td></tr>", esc(p.requested_by.user),
     esc(p.requested_by.host), esc(stamp(p.created_at)))
   add("<tr><th>Runbook</th><td><code>%s</code> (sha256 <code>%s</code>)</td></tr>", esc(p.runbook.path),
@@ -485,11 +485,17 @@ function Console:handle(req)
   if m == "GET" and p == "/static/console.js" then
     return 200, assets.js, "text/javascript; charset=utf-8", self:headers { ["Cache-Control"] = "max-age=300" }
   end
-  if m == "GET" and p == "/login" then return self:login_page(200, nil, plan.random_hex(16)) end
+  if m == "GET" and p == "/login" then
+    -- The token of a login page open in another tab (or before a redirect to it) stays valid.
+    local pre = cookies(req.cookie).rb_login
+    return self:login_page(200, nil, pre and #pre == 32 and pre or plan.random_hex(16))
+  end
   if m == "POST" and p == "/login" then return self:login(req) end
   local session, sid = self:session(req)
   if not session then
-    if m == "GET" and not p:match("/events$") and not p:match("^/live/") then return redirect(self, "/login") end
+    if m == "GET" and (p == "/" or p:match("^/runs/[^/]*$") or p:match("^/plans/[^/]*$")) then
+      return redirect(self, "/login")
+    end
     return 401, "log in first: /login\n", "text/plain; charset=utf-8", self:headers()
   end
   if m == "POST" then

@@ -10,7 +10,8 @@ body{margin:0 auto;padding:0 .8em}
 header nav{display:flex;flex-wrap:wrap;gap:.8em;align-items:center;border-bottom:1px solid #d0d7de;padding:.5em 0}
 header .home{font-weight:700;text-decoration:none;color:#1f2328}header .who{margin-left:auto;color:#57606a}
 form.inline{display:inline}
-table.runs,table.summary,table.approvals{display:block;overflow-x:auto;max-width:100%}
+table.runs,table.approvals{display:block;overflow-x:auto;max-width:100%}
+table.summary td,table.approvals td{overflow-wrap:anywhere}
 table.runs td,table.runs th{white-space:nowrap}
 .labels{color:#57606a;font-family:ui-monospace,monospace;font-size:.9em;white-space:normal}
 .dry{background:#fff8c5;padding:0 .3em;border-radius:.3em}
@@ -22,6 +23,8 @@ form.decide label{flex:1 1 16em}
 button{border:1px solid #d0d7de;border-radius:.4em;background:#f6f8fa;cursor:pointer}
 button.approve{background:#2da44e;color:#fff;border-color:#2da44e}
 button.deny{background:#cf222e;color:#fff;border-color:#cf222e}
+.state-pending{background:#bf8700}.state-approved{background:#2da44e}.state-denied{background:#cf222e}
+.state-cancelled{background:#8c959f}
 pre.diff{margin:.2em 0 .4em}code.copy{user-select:all}
 svg.timeline{max-width:100%;height:auto}
 @media (max-width:600px){body{font-size:15px}h1{font-size:1.2em}}
