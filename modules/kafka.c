@@ -168,10 +168,8 @@ static int raise_err(lua_State *L, client *c, const char *op, rd_kafka_resp_err_
 static void set_error(lua_State *L, rd_kafka_resp_err_t err, const char *msg) {
     if (!err) return;
     lua_createtable(L, 0, 2);
-    lua_pushstring(L, code_of(err));
-    lua_setfield(L, -2, "code");
-    lua_pushstring(L, msg && *msg ? msg : rd_kafka_err2str(err));
-    lua_setfield(L, -2, "message");
+    set_string(L, "code", code_of(err));
+    set_string(L, "message", msg && *msg ? msg : rd_kafka_err2str(err));
     lua_setfield(L, -2, "error");
 }
 
@@ -431,12 +429,9 @@ static void push_partitions(lua_State *L, const rd_kafka_topic_partition_list_t 
     for (int i = 0; l && i < l->cnt; i++) {
         const rd_kafka_topic_partition_t *tp = &l->elems[i];
         lua_createtable(L, 0, 4);
-        lua_pushstring(L, tp->topic);
-        lua_setfield(L, -2, "topic");
-        lua_pushinteger(L, tp->partition);
-        lua_setfield(L, -2, "partition");
-        lua_pushinteger(L, tp->offset);
-        lua_setfield(L, -2, "offset");
+        set_string(L, "topic", tp->topic);
+        set_integer(L, "partition", tp->partition);
+        set_integer(L, "offset", tp->offset);
         if (tp->metadata_size) {
             lua_pushlstring(L, tp->metadata, tp->metadata_size);
             lua_setfield(L, -2, "metadata");
@@ -458,17 +453,14 @@ static void push_int_array(lua_State *L, const int32_t *a, int n) {
 
 static void push_topic(lua_State *L, const rd_kafka_metadata_topic_t *t) {
     lua_createtable(L, 0, 3);
-    lua_pushstring(L, t->topic);
-    lua_setfield(L, -2, "name");
+    set_string(L, "name", t->topic);
     set_error(L, t->err, NULL);
     lua_createtable(L, t->partition_cnt, 0);
     for (int p = 0; p < t->partition_cnt; p++) {
         const rd_kafka_metadata_partition_t *mp = &t->partitions[p];
         lua_createtable(L, 0, 5);
-        lua_pushinteger(L, mp->id);
-        lua_setfield(L, -2, "partition");
-        lua_pushinteger(L, mp->leader);
-        lua_setfield(L, -2, "leader");
+        set_integer(L, "partition", mp->id);
+        set_integer(L, "leader", mp->leader);
         push_int_array(L, mp->replicas, mp->replica_cnt);
         lua_setfield(L, -2, "replicas");
         push_int_array(L, mp->isrs, mp->isr_cnt);
@@ -508,12 +500,9 @@ static int k_metadata(lua_State *L) {
     lua_createtable(L, md->broker_cnt, 0);
     for (int i = 0; i < md->broker_cnt; i++) {
         lua_createtable(L, 0, 3);
-        lua_pushinteger(L, md->brokers[i].id);
-        lua_setfield(L, -2, "id");
-        lua_pushstring(L, md->brokers[i].host);
-        lua_setfield(L, -2, "host");
-        lua_pushinteger(L, md->brokers[i].port);
-        lua_setfield(L, -2, "port");
+        set_integer(L, "id", md->brokers[i].id);
+        set_string(L, "host", md->brokers[i].host);
+        set_integer(L, "port", md->brokers[i].port);
         lua_rawseti(L, -2, i + 1);
     }
     lua_setfield(L, -2, "brokers");
@@ -523,8 +512,7 @@ static int k_metadata(lua_State *L) {
         lua_rawseti(L, -2, i + 1);
     }
     lua_setfield(L, -2, "topics");
-    lua_pushinteger(L, md->orig_broker_id);
-    lua_setfield(L, -2, "answered_by");
+    set_integer(L, "answered_by", md->orig_broker_id);
     rd_kafka_metadata_destroy(md);
     return 1;
 }
@@ -555,18 +543,6 @@ static int k_offsets(lua_State *L) {
 
 /* ---- admin requests ----------------------------------------------------- */
 
-static rd_kafka_AdminOptions_t *admin_options(lua_State *L, client *c, rd_kafka_admin_op_t op,
-                                              int ms, int validate_only) {
-    char err[256];
-    rd_kafka_AdminOptions_t *o = rd_kafka_AdminOptions_new(c->rk, op);
-    rd_kafka_AdminOptions_set_request_timeout(o, ms, err, sizeof err);
-    if (op == RD_KAFKA_ADMIN_OP_CREATETOPICS || op == RD_KAFKA_ADMIN_OP_CREATEPARTITIONS)
-        rd_kafka_AdminOptions_set_operation_timeout(o, ms, err, sizeof err);
-    if (validate_only) rd_kafka_AdminOptions_set_validate_only(o, 1, err, sizeof err);
-    (void)L;
-    return o;
-}
-
 /* Waits for the next admin result on the client's queue. The request's own
  * timeout should answer first; the extra second only guards against a lost
  * reply. Returns NULL on timeout or interruption. */
@@ -590,7 +566,18 @@ static void queue_drain(rd_kafka_queue_t *q) {
     while ((ev = rd_kafka_queue_poll(q, 0))) rd_kafka_event_destroy(ev);
 }
 
-static void admin_drain(client *c) { queue_drain(c->queue); }
+/* The options of an admin request, after the queue is drained of the results
+ * of earlier requests that timed out. */
+static rd_kafka_AdminOptions_t *admin_options(client *c, rd_kafka_admin_op_t op, int ms, int validate_only) {
+    char err[256];
+    queue_drain(c->queue);
+    rd_kafka_AdminOptions_t *o = rd_kafka_AdminOptions_new(c->rk, op);
+    rd_kafka_AdminOptions_set_request_timeout(o, ms, err, sizeof err);
+    if (op == RD_KAFKA_ADMIN_OP_CREATETOPICS || op == RD_KAFKA_ADMIN_OP_CREATEPARTITIONS)
+        rd_kafka_AdminOptions_set_operation_timeout(o, ms, err, sizeof err);
+    if (validate_only) rd_kafka_AdminOptions_set_validate_only(o, 1, err, sizeof err);
+    return o;
+}
 
 /* "timed out after Ns", with why the cluster could not be reached when librdkafka said. */
 static const char *push_timed_out(lua_State *L, client *c, int ms) {
@@ -617,8 +604,7 @@ static void check_event(lua_State *L, rd_kafka_event_t *ev, const char *op, cons
 static void push_group_results(lua_State *L, const rd_kafka_group_result_t **gr, size_t n) {
     for (size_t i = 0; i < n; i++) {
         lua_createtable(L, 0, 3);
-        lua_pushstring(L, rd_kafka_group_result_name(gr[i]));
-        lua_setfield(L, -2, "group");
+        set_string(L, "group", rd_kafka_group_result_name(gr[i]));
         const rd_kafka_error_t *e = rd_kafka_group_result_error(gr[i]);
         if (e) set_error(L, rd_kafka_error_code(e), rd_kafka_error_string(e));
         push_partitions(L, rd_kafka_group_result_partitions(gr[i]));
@@ -832,8 +818,7 @@ static int wire_pump(lua_State *L, wcall *k, double end, frame_fn on_frame) {
 /* Sets results[group] = {group, error}. */
 static void group_error(lua_State *L, wcall *k, const wgroup *g, int err, const char *why) {
     lua_createtable(L, 0, 2);
-    lua_pushstring(L, g->name);
-    lua_setfield(L, -2, "group");
+    set_string(L, "group", g->name);
     set_error(L, (rd_kafka_resp_err_t)err, why);
     lua_setfield(L, k->results, g->name);
 }
@@ -864,8 +849,7 @@ static void on_coordinator(lua_State *L, wcall *k, int32_t corr, rd *r) {
 static void on_offsets(lua_State *L, wcall *k, int32_t corr, rd *r) {
     wgroup *g = &k->gs[corr];
     lua_createtable(L, 0, 3);
-    lua_pushstring(L, g->name);
-    lua_setfield(L, -2, "group");
+    set_string(L, "group", g->name);
     lua_newtable(L);
     int nt = (int)(int32_t)rd_int(r, 4), n = 0;
     for (int t = 0; t < nt && !r->bad; t++) {
@@ -881,10 +865,8 @@ static void on_offsets(lua_State *L, wcall *k, int32_t corr, rd *r) {
             lua_createtable(L, 0, 5);
             lua_pushlstring(L, topic ? topic : "", topic ? (size_t)tlen : 0);
             lua_setfield(L, -2, "topic");
-            lua_pushinteger(L, partition);
-            lua_setfield(L, -2, "partition");
-            lua_pushinteger(L, offset);
-            lua_setfield(L, -2, "offset");
+            set_integer(L, "partition", partition);
+            set_integer(L, "offset", offset);
             if (meta && mlen > 0) {
                 lua_pushlstring(L, meta, (size_t)mlen);
                 lua_setfield(L, -2, "metadata");
@@ -985,13 +967,9 @@ static int wire_close(lua_State *L) {
     return 0;
 }
 
-/* group_offsets on a plaintext listener: requests at 2; pushes {[group] = result}.
- * One round: a group whose coordinator moves or cannot be reached gets that
- * error, which kafka.lua asks again. */
-static int wire_group_offsets(lua_State *L, client *c, int ms) {
-    int n = (int)luaL_len(L, 2);
-    double end = rb_now() + ms / 1000.0;
-    wcall *k = lua_newuserdatauv(L, sizeof *k, 0);   /* closed by its __close on any exit */
+/* New call state on the stack (closed on any exit), then its results slot (nil). */
+static wcall *wire_call(lua_State *L, client *c, int n) {
+    wcall *k = lua_newuserdatauv(L, sizeof *k, 0);
     memset(k, 0, sizeof *k);
     k->n = n;
     k->log = c->debug_protocol;
@@ -1000,10 +978,22 @@ static int wire_group_offsets(lua_State *L, client *c, int ms) {
     lua_setfield(L, -2, "__close");
     lua_setmetatable(L, -2);
     lua_toclose(L, -1);
+    lua_pushnil(L);
+    k->results = lua_gettop(L);
+    return k;
+}
+
+/* group_offsets on a plaintext listener: requests at 2; pushes {[group] = result}.
+ * One round: a group whose coordinator moves or cannot be reached gets that
+ * error, which kafka.lua asks again. */
+static int wire_group_offsets(lua_State *L, client *c, int ms) {
+    int n = (int)luaL_len(L, 2);
+    double end = rb_now() + ms / 1000.0;
+    wcall *k = wire_call(L, c, n);
     k->gs = lua_newuserdatauv(L, sizeof *k->gs * (size_t)(n > 0 ? n : 1), 0);
     for (int i = 0; i < n; i++) k->gs[i] = check_request(L, i + 1);
     lua_createtable(L, 0, n);
-    k->results = lua_gettop(L);
+    lua_replace(L, k->results);
     bootstrap_conns(L, c, k);
     /* 1. every group's coordinator, from the first bootstrap broker that answers */
     const char *why = "no bootstrap.servers";
@@ -1092,12 +1082,10 @@ static void on_metadata(lua_State *L, wcall *k, int32_t corr, rd *r) {
     lua_createtable(L, nb > 0 && nb < 4096 ? nb : 0, 0);
     for (int i = 0; i < nb && !r->bad; i++) {
         lua_createtable(L, 0, 3);
-        lua_pushinteger(L, (int32_t)rd_int(r, 4));
-        lua_setfield(L, -2, "id");
+        set_integer(L, "id", (int32_t)rd_int(r, 4));
         push_rd_str(L, r);
         lua_setfield(L, -2, "host");
-        lua_pushinteger(L, (int32_t)rd_int(r, 4));
-        lua_setfield(L, -2, "port");
+        set_integer(L, "port", (int32_t)rd_int(r, 4));
         if (v >= 1) rd_str(r, &len); /* rack */
         lua_rawseti(L, -2, i + 1);
     }
@@ -1118,10 +1106,8 @@ static void on_metadata(lua_State *L, wcall *k, int32_t corr, rd *r) {
         for (int p = 0; p < np && !r->bad; p++) {
             lua_createtable(L, 0, 5);
             int perr = (int16_t)rd_int(r, 2);
-            lua_pushinteger(L, (int32_t)rd_int(r, 4));
-            lua_setfield(L, -2, "partition");
-            lua_pushinteger(L, (int32_t)rd_int(r, 4));
-            lua_setfield(L, -2, "leader");
+            set_integer(L, "partition", (int32_t)rd_int(r, 4));
+            set_integer(L, "leader", (int32_t)rd_int(r, 4));
             if (v >= 7) rd_int(r, 4); /* leader epoch */
             push_int32s(L, r);
             lua_setfield(L, -2, "replicas");
@@ -1139,26 +1125,9 @@ static void on_metadata(lua_State *L, wcall *k, int32_t corr, rd *r) {
         lua_rawseti(L, -2, t + 1);
     }
     lua_setfield(L, -2, "topics");
-    lua_pushinteger(L, -1);
-    lua_setfield(L, -2, "answered_by");
+    set_integer(L, "answered_by", -1);
     if (r->bad) lua_pop(L, 1);
     else lua_replace(L, k->results);
-}
-
-/* New call state on the stack (closed on any exit), with the bootstrap brokers. */
-static wcall *wire_call(lua_State *L, client *c, int n) {
-    wcall *k = lua_newuserdatauv(L, sizeof *k, 0);
-    memset(k, 0, sizeof *k);
-    k->n = n;
-    k->log = c->debug_protocol;
-    lua_newtable(L);
-    lua_pushcfunction(L, wire_close);
-    lua_setfield(L, -2, "__close");
-    lua_setmetatable(L, -2);
-    lua_toclose(L, -1);
-    lua_pushnil(L);
-    k->results = lua_gettop(L);
-    return k;
 }
 
 /* metadata of every topic: pushes it (and keeps it for wire_offsets), or
@@ -1387,14 +1356,12 @@ static int k_alter_group_offsets(lua_State *L) {
         rd_kafka_topic_partition_list_destroy(l);
         rb_gate_done(L, &e, d, 1);
         lua_createtable(L, 0, 1);
-        lua_pushstring(L, d == RB_SIMULATE ? "simulated" : "skipped");
-        lua_setfield(L, -2, "decision");
+        set_string(L, "decision", d == RB_SIMULATE ? "simulated" : "skipped");
         return 1;
     }
-    admin_drain(c);
     rd_kafka_AlterConsumerGroupOffsets_t *req = rd_kafka_AlterConsumerGroupOffsets_new(group, l);
     rd_kafka_topic_partition_list_destroy(l);
-    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_ALTERCONSUMERGROUPOFFSETS, ms, 0);
+    rd_kafka_AdminOptions_t *o = admin_options(c, RD_KAFKA_ADMIN_OP_ALTERCONSUMERGROUPOFFSETS, ms, 0);
     rd_kafka_AlterConsumerGroupOffsets(c->rk, &req, 1, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_AlterConsumerGroupOffsets_destroy(req);
@@ -1440,8 +1407,7 @@ static int k_describe_groups(lua_State *L) {
         luaL_argcheck(L, lua_type(L, -1) == LUA_TSTRING, 2, "group names must be strings");
         lua_pop(L, 1); /* still referenced by the table */
     }
-    admin_drain(c);
-    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS, ms, 0);
+    rd_kafka_AdminOptions_t *o = admin_options(c, RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS, ms, 0);
     rd_kafka_DescribeConsumerGroups(c->rk, names, (size_t)n, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
@@ -1453,10 +1419,8 @@ static int k_describe_groups(lua_State *L) {
     lua_createtable(L, (int)cnt, 0);
     for (size_t i = 0; i < cnt; i++) {
         lua_createtable(L, 0, 5);
-        lua_pushstring(L, rd_kafka_ConsumerGroupDescription_group_id(gd[i]));
-        lua_setfield(L, -2, "group");
-        lua_pushstring(L, group_state(rd_kafka_ConsumerGroupDescription_state(gd[i])));
-        lua_setfield(L, -2, "state");
+        set_string(L, "group", rd_kafka_ConsumerGroupDescription_group_id(gd[i]));
+        set_string(L, "state", group_state(rd_kafka_ConsumerGroupDescription_state(gd[i])));
         const rd_kafka_error_t *e = rd_kafka_ConsumerGroupDescription_error(gd[i]);
         if (e) set_error(L, rd_kafka_error_code(e), rd_kafka_error_string(e));
         size_t m = rd_kafka_ConsumerGroupDescription_member_count(gd[i]);
@@ -1464,12 +1428,9 @@ static int k_describe_groups(lua_State *L) {
         for (size_t j = 0; j < m; j++) {
             const rd_kafka_MemberDescription_t *md = rd_kafka_ConsumerGroupDescription_member(gd[i], j);
             lua_createtable(L, 0, 3);
-            lua_pushstring(L, rd_kafka_MemberDescription_client_id(md));
-            lua_setfield(L, -2, "client_id");
-            lua_pushstring(L, rd_kafka_MemberDescription_consumer_id(md));
-            lua_setfield(L, -2, "consumer_id");
-            lua_pushstring(L, rd_kafka_MemberDescription_host(md));
-            lua_setfield(L, -2, "host");
+            set_string(L, "client_id", rd_kafka_MemberDescription_client_id(md));
+            set_string(L, "consumer_id", rd_kafka_MemberDescription_consumer_id(md));
+            set_string(L, "host", rd_kafka_MemberDescription_host(md));
             lua_rawseti(L, -2, (int)j + 1);
         }
         lua_setfield(L, -2, "members");
@@ -1483,8 +1444,7 @@ static int k_describe_groups(lua_State *L) {
 static int k_list_groups(lua_State *L) {
     client *c = check_producer(L);
     int ms = timeout_ms(L, 2);
-    admin_drain(c);
-    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS, ms, 0);
+    rd_kafka_AdminOptions_t *o = admin_options(c, RD_KAFKA_ADMIN_OP_LISTCONSUMERGROUPS, ms, 0);
     rd_kafka_ListConsumerGroups(c->rk, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
@@ -1506,12 +1466,9 @@ static int k_list_groups(lua_State *L) {
     lua_createtable(L, (int)cnt, 0);
     for (size_t i = 0; i < cnt; i++) {
         lua_createtable(L, 0, 3);
-        lua_pushstring(L, rd_kafka_ConsumerGroupListing_group_id(gl[i]));
-        lua_setfield(L, -2, "group");
-        lua_pushstring(L, group_state(rd_kafka_ConsumerGroupListing_state(gl[i])));
-        lua_setfield(L, -2, "state");
-        lua_pushboolean(L, rd_kafka_ConsumerGroupListing_is_simple_consumer_group(gl[i]));
-        lua_setfield(L, -2, "simple");
+        set_string(L, "group", rd_kafka_ConsumerGroupListing_group_id(gl[i]));
+        set_string(L, "state", group_state(rd_kafka_ConsumerGroupListing_state(gl[i])));
+        set_boolean(L, "simple", rd_kafka_ConsumerGroupListing_is_simple_consumer_group(gl[i]));
         lua_rawseti(L, -2, (int)i + 1);
     }
     rd_kafka_event_destroy(ev);
@@ -1529,15 +1486,11 @@ static void push_configs(lua_State *L, const rd_kafka_ConfigResource_t *res) {
         const char *v = rd_kafka_ConfigEntry_value(entries[i]);
         lua_createtable(L, 0, 4);
         if (v && !rd_kafka_ConfigEntry_is_sensitive(entries[i])) {
-            lua_pushstring(L, v);
-            lua_setfield(L, -2, "value");
+            set_string(L, "value", v);
         }
-        lua_pushstring(L, rd_kafka_ConfigSource_name(rd_kafka_ConfigEntry_source(entries[i])));
-        lua_setfield(L, -2, "source");
-        lua_pushboolean(L, rd_kafka_ConfigEntry_is_default(entries[i]));
-        lua_setfield(L, -2, "default");
-        lua_pushboolean(L, rd_kafka_ConfigEntry_is_read_only(entries[i]));
-        lua_setfield(L, -2, "read_only");
+        set_string(L, "source", rd_kafka_ConfigSource_name(rd_kafka_ConfigEntry_source(entries[i])));
+        set_boolean(L, "default", rd_kafka_ConfigEntry_is_default(entries[i]));
+        set_boolean(L, "read_only", rd_kafka_ConfigEntry_is_read_only(entries[i]));
         lua_setfield(L, -2, rd_kafka_ConfigEntry_name(entries[i]));
     }
 }
@@ -1546,9 +1499,8 @@ static void push_configs(lua_State *L, const rd_kafka_ConfigResource_t *res) {
 static const rd_kafka_ConfigResource_t *config_request(lua_State *L, client *c, rd_kafka_ConfigResource_t *res,
                                                        int alter, int ms, int validate_only,
                                                        rd_kafka_event_t **evp, const char *op) {
-    admin_drain(c);
     rd_kafka_AdminOptions_t *o = admin_options(
-        L, c, alter ? RD_KAFKA_ADMIN_OP_ALTERCONFIGS : RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS, ms, validate_only);
+        c, alter ? RD_KAFKA_ADMIN_OP_ALTERCONFIGS : RD_KAFKA_ADMIN_OP_DESCRIBECONFIGS, ms, validate_only);
     if (alter) rd_kafka_AlterConfigs(c->rk, &res, 1, o, c->queue);
     else rd_kafka_DescribeConfigs(c->rk, &res, 1, o, c->queue);
     rd_kafka_AdminOptions_destroy(o);
@@ -1601,8 +1553,7 @@ static int admin_write_done(lua_State *L, const rb_effect *e, rb_decision d, rd_
     lua_pushstring(L, d == RB_PERFORM ? "done" : "validated by the broker, not applied");
     rb_gate_done(L, e, d, 1);
     lua_createtable(L, 0, 1);
-    lua_pushstring(L, d == RB_PERFORM ? "performed" : "simulated");
-    lua_setfield(L, -2, "decision");
+    set_string(L, "decision", d == RB_PERFORM ? "performed" : "simulated");
     return 1;
 }
 
@@ -1635,9 +1586,22 @@ static int k_alter_configs(lua_State *L) {
     return admin_write_done(L, &e, d, err, note_timeout(L, err, msg, ms));
 }
 
-/* The end of a gated CreateTopics or CreatePartitions request (one topic):
- * its event awaited, the request's or the topic's error, then as admin_write_done. */
-static int topic_write_done(lua_State *L, client *c, const rb_effect *e, rb_decision d, int ms) {
+/* A CreateTopics or CreatePartitions request for one topic (req, which it
+ * frees), through the gate (validate only unless performed): its event awaited,
+ * the request's or the topic's error, then as admin_write_done. */
+static int topic_write(lua_State *L, client *c, const rb_effect *e, rd_kafka_admin_op_t op, void *req, int ms) {
+    rb_decision d = rb_gate(L, e);
+    rd_kafka_AdminOptions_t *o = admin_options(c, op, ms, d != RB_PERFORM);
+    if (op == RD_KAFKA_ADMIN_OP_CREATETOPICS) {
+        rd_kafka_NewTopic_t *nt = req;
+        rd_kafka_CreateTopics(c->rk, &nt, 1, o, c->queue);
+        rd_kafka_NewTopic_destroy(nt);
+    } else {
+        rd_kafka_NewPartitions_t *np = req;
+        rd_kafka_CreatePartitions(c->rk, &np, 1, o, c->queue);
+        rd_kafka_NewPartitions_destroy(np);
+    }
+    rd_kafka_AdminOptions_destroy(o);
     rd_kafka_event_t *ev = admin_wait(c, ms);
     if (!ev) return admin_write_done(L, e, d, RD_KAFKA_RESP_ERR__TIMED_OUT, push_timed_out(L, c, ms));
     rd_kafka_resp_err_t err = rd_kafka_event_error(ev);
@@ -1670,13 +1634,7 @@ static int k_create_topic(lua_State *L) {
     rd_kafka_NewTopic_t *nt = rd_kafka_NewTopic_new(name, parts, rf, errstr, sizeof errstr);
     if (!nt) return luaL_error(L, "create_topic %s: %s", name, errstr);
     EACH_CONFIG(L, 5) rd_kafka_NewTopic_set_config(nt, lua_tostring(L, -2), lua_tostring(L, -1));
-    rb_decision d = rb_gate(L, &e);
-    admin_drain(c);
-    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_CREATETOPICS, ms, d != RB_PERFORM);
-    rd_kafka_CreateTopics(c->rk, &nt, 1, o, c->queue);
-    rd_kafka_AdminOptions_destroy(o);
-    rd_kafka_NewTopic_destroy(nt);
-    return topic_write_done(L, c, &e, d, ms);
+    return topic_write(L, c, &e, RD_KAFKA_ADMIN_OP_CREATETOPICS, nt, ms);
 }
 
 /* create_partitions(topic, new_total, timeout, summary) */
@@ -1689,13 +1647,7 @@ static int k_create_partitions(lua_State *L) {
     char errstr[512];
     rd_kafka_NewPartitions_t *np = rd_kafka_NewPartitions_new(topic, (size_t)total, errstr, sizeof errstr);
     if (!np) return luaL_error(L, "create_partitions %s: %s", topic, errstr);
-    rb_decision d = rb_gate(L, &e);
-    admin_drain(c);
-    rd_kafka_AdminOptions_t *o = admin_options(L, c, RD_KAFKA_ADMIN_OP_CREATEPARTITIONS, ms, d != RB_PERFORM);
-    rd_kafka_CreatePartitions(c->rk, &np, 1, o, c->queue);
-    rd_kafka_AdminOptions_destroy(o);
-    rd_kafka_NewPartitions_destroy(np);
-    return topic_write_done(L, c, &e, d, ms);
+    return topic_write(L, c, &e, RD_KAFKA_ADMIN_OP_CREATEPARTITIONS, np, ms);
 }
 
 /* ---- produce ------------------------------------------------------------ */
@@ -1829,8 +1781,7 @@ static void abandon(client *c) {
 /* Pushes {delivered, partitions = {[i] = partition}, offsets = {[i] = offset}}. */
 static void push_deliveries(lua_State *L, client *c) {
     lua_createtable(L, 0, 3);
-    lua_pushinteger(L, (lua_Integer)c->pending);
-    lua_setfield(L, -2, "delivered");
+    set_integer(L, "delivered", (lua_Integer)c->pending);
     lua_createtable(L, (int)c->pending, 0);
     lua_createtable(L, (int)c->pending, 0);
     for (size_t i = 0; i < c->pending; i++) {
@@ -1947,12 +1898,9 @@ static void push_message_headers(lua_State *L, rd_kafka_message_t *m) {
 
 static void push_message(lua_State *L, rd_kafka_message_t *m) {
     lua_createtable(L, 0, 8);
-    lua_pushstring(L, rd_kafka_topic_name(m->rkt));
-    lua_setfield(L, -2, "topic");
-    lua_pushinteger(L, m->partition);
-    lua_setfield(L, -2, "partition");
-    lua_pushinteger(L, m->offset);
-    lua_setfield(L, -2, "offset");
+    set_string(L, "topic", rd_kafka_topic_name(m->rkt));
+    set_integer(L, "partition", m->partition);
+    set_integer(L, "offset", m->offset);
     if (m->key) {
         lua_pushlstring(L, m->key, m->key_len);
         lua_setfield(L, -2, "key");
@@ -1964,8 +1912,7 @@ static void push_message(lua_State *L, rd_kafka_message_t *m) {
     rd_kafka_timestamp_type_t tt;
     int64_t ts = rd_kafka_message_timestamp(m, &tt);
     if (tt != RD_KAFKA_TIMESTAMP_NOT_AVAILABLE) {
-        lua_pushinteger(L, ts);
-        lua_setfield(L, -2, "timestamp");
+        set_integer(L, "timestamp", ts);
     }
     push_message_headers(L, m);
     lua_setfield(L, -2, "headers");
@@ -2100,7 +2047,6 @@ int luaopen_runbook_kafka(lua_State *L) {
     rb_class(L, CLIENT_MT, client_methods, client_close);
     lua_pop(L, 1);
     luaL_newlib(L, kafka_funcs);
-    lua_pushstring(L, rd_kafka_version_str());
-    lua_setfield(L, -2, "librdkafka_version");
+    set_string(L, "librdkafka_version", rd_kafka_version_str());
     return 1;
 }

@@ -110,4 +110,23 @@ static inline void gate_failed(lua_State *L, const rb_effect *e, rb_decision d, 
     rb_gate_done(L, e, d, 0);
 }
 
+/* Field `field` of the table on top of the stack, set to a string (nil for NULL), an integer or a boolean. */
+static inline void set_string(lua_State *L, const char *field, const char *v)
+{
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, field);
+}
+
+static inline void set_integer(lua_State *L, const char *field, lua_Integer v)
+{
+    lua_pushinteger(L, v);
+    lua_setfield(L, -2, field);
+}
+
+static inline void set_boolean(lua_State *L, const char *field, int v)
+{
+    lua_pushboolean(L, v);
+    lua_setfield(L, -2, field);
+}
+
 #endif
