@@ -186,6 +186,9 @@ describe("runbook serve's console", function()
     _, _, page = http("GET", "/runs/" .. alert_run, { jar = jar })
     assert.is_nil(page:find(LABEL, 1, true))
     assert.truthy(page:find("&lt;img src=x onerror=alert(1)&gt;", 1, true), page)
+    -- The rule's mode is dry-run: the page says so, and what the step would have done.
+    assert.truthy(page:find('<span class="dry">dry run</span>', 1, true))
+    assert.truthy(page:find("<b>would (not simulated)</b> write", 1, true), page)
     -- The list names the alert with its labels; a filter's text comes back escaped.
     _, _, page = http("GET", "/?alert=ConsoleXss", { jar = jar })
     assert.truthy(page:find(alert_run, 1, true))
@@ -200,6 +203,27 @@ describe("runbook serve's console", function()
       { jar = jar })
     assert.is_nil(page:find(XSS, 1, true))
     assert.truthy(page:find("&lt;script&gt;", 1, true))
+  end)
+
+  it("names a run without a terminal as cron's or a script's, and logs out", function()
+    local r = cli.run { "run", dir .. "/writer.lua", "--yes", "-p", "out=" .. dir .. "/cron-out" }
+    assert.are.equal(0, r.code, r.stderr)
+    local jar = login(VICTOR)
+    local _, _, page = http("GET", "/", { jar = jar })
+    assert.truthy(page:find("cron or script, ", 1, true), page)
+    local status, headers = http("POST", "/logout", { jar = jar, form = { csrf = csrf_of(jar, "/") } })
+    assert.are.equal(303, status)
+    assert.are.equal("/login", headers.location)
+    assert.are.equal(303, (http("GET", "/", { jar = jar })))
+  end)
+
+  it("refuses a --users file with a bad line, naming it", function()
+    local users = cli.write(dir .. "/bad-users", "alice approver " .. ALICE .. "\nbob admin " .. VICTOR .. "\n")
+    local r = cli.run { "serve", "--rules", dir .. "/rules.yml", "--listen", "127.0.0.1:0", "--token-file",
+      dir .. "/token", "--users", users }
+    assert.are.equal(2, r.code)
+    assert.truthy(r.stderr:find(users .. ":2: role 'admin': expected viewer or approver", 1, true), r.stderr)
+    assert.is_nil(r.stderr:find(VICTOR, 1, true))
   end)
 
   it("refuses a POST without the session's CSRF token", function()
