@@ -170,8 +170,8 @@ function commands.serve(o)
     end
   end
   return require("runbook.serve").serve({ rules = o["--rules"], listen = o["--listen"], token_file = o["--token-file"],
-    max_body = nums["--max-body"], max_runs = nums["--max-runs"], timeout = nums["--request-timeout"],
-    tls_cert = o["--tls-cert"], tls_key = o["--tls-key"] }, resolve_runbook)
+    users = o["--users"], max_body = nums["--max-body"], max_runs = nums["--max-runs"],
+    timeout = nums["--request-timeout"], tls_cert = o["--tls-cert"], tls_key = o["--tls-key"] }, resolve_runbook)
 end
 
 function commands.history(o)

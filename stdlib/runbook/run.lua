@@ -35,7 +35,7 @@ end
 --- What a resume restores of the request that started the run (journaled in run_start).
 function M.journaled(req)
   return { step = req.step, yes = req.yes, wait = req.wait, undo_on_failure = req.undo_on_failure,
-    output = req.output, outputs_from = req.outputs_from, plan = req.plan }
+    output = req.output, outputs_from = req.outputs_from, plan = req.plan, terminal = host.isatty(0) }
 end
 
 --- Refuse before anything runs when we would have to ask and cannot.
