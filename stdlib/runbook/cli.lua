@@ -282,7 +282,7 @@ local PLAIN_FLAGS = { ["--dry-run"] = "--dry-run", ["-y"] = "--yes", ["--yes"] =
   ["--step"] = "--step", ["--undo-on-failure"] = "--undo-on-failure", ["-v"] = "--verbose",
   ["--verbose"] = "--verbose", ["-q"] = "--quiet", ["--quiet"] = "--quiet", ["--no-color"] = "--no-color" }
 local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output",
-  ["--run-id"] = "--run-id" }
+  ["--run-id"] = "--run-id", ["--params-file"] = "--params-file" }
 local OUTPUTS = { text = true, json = true }
 
 --- Whether `value` is one the plain reading takes for option `target`.

@@ -205,7 +205,7 @@ end
 local function sources(req)
   local out = {}
   for i, rec in ipairs(require("runbook.env").sources) do out[i] = { path = rec.path, sha256 = rec.sha256 } end
-  if req.params_file then
+  if req.params_file and require("runbook.params").rereadable(req.params_file) then
     local sha = host.sha256_file(req.params_file)
     out[#out + 1] = { path = M.absolute(req.params_file), sha256 = sha, params = true }
   end

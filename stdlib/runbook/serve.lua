@@ -158,14 +158,14 @@ local function new_run_id()
   return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
---- The argv of the child that plans or runs `rule` for `alert`, or nil and why.
+--- The argv of the child that plans or runs `rule` for `alert`, and the
+-- params it renders from the alert's labels; or nil and why.
 function Server:command(rule, alert)
-  local args = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }
+  local args, params = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }, {}
   for _, p in ipairs(rule.params) do
     local v, why = render(p.template, alert)
     if not v then return nil, why end
-    args[#args + 1] = "-p"
-    args[#args + 1] = p.name .. "=" .. v
+    params[p.name] = v
   end
   if rule.mode == "plan" and rule.require_approval then
     args[#args + 1] = "--require-approval"
@@ -177,7 +177,7 @@ function Server:command(rule, alert)
   end
   args[#args + 1] = rule.mode == "run" and "--yes" or rule.mode == "dry-run" and "--dry-run" or nil
   if rule.lock then args[#args + 1] = "--lock=" .. rule.lock end
-  return args
+  return args, params
 end
 
 --- Account for a child that ended with exit status `code`: a run's status,
@@ -205,7 +205,7 @@ end
 
 --- Start `argv` (a runbook command without its run id) as a child of
 -- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`;
--- `params` (an API caller's, which may hold secrets) reach it as JSON on its
+-- `params` (an API caller's or an alert's, which may hold secrets) reach it as JSON on its
 -- standard input (--params-file /dev/stdin), never in argv, where any local
 -- user sees them, nor in a file. Returns what was started, or nil and why.
 function Server:spawn(argv, name, runbook, mode, user, params)
@@ -220,7 +220,7 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   local run_id = new_run_id()
   argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
   local input = params and next(params) and cjson.encode(params)
-  if input then argv[#argv + 1] = "--params-file=/dev/stdin" end
+  if input then argv[#argv + 1], argv[#argv + 2] = "--params-file", "/dev/stdin" end
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
   if not ok then return nil, type(pid) == "table" and pid.message or tostring(pid) end
   self.children[pid], self.nchildren = { run_id = run_id, runbook = runbook, mode = mode, started = host.now() },
@@ -256,9 +256,10 @@ end
 
 --- Start the child for `rule` and `alert` in the background. Returns what was done.
 function Server:start(rule, alert)
-  local argv, why = self:command(rule, alert)
-  local started
-  if argv then started, why = self:spawn(argv, rule.name, rule.runbook, rule.mode, self.user) end
+  local argv, params = self:command(rule, alert)
+  local started, why
+  if argv then started, why = self:spawn(argv, rule.name, rule.runbook, rule.mode, self.user, params)
+  else why = params end
   if not started then return { rule = rule.name, error = why } end
   self:note_origin(started.run_id, { rule = rule.name, alert = rule.alertname,
     labels = type(alert.labels) == "table" and alert.labels or nil })
