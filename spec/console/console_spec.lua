@@ -226,6 +226,48 @@ describe("runbook serve's console", function()
     assert.is_nil(r.stderr:find(VICTOR, 1, true))
   end)
 
+  it("shows a plan's hostile param escaped, and refuses to approve a plan changed after it was made", function()
+    local id = plan_by("carol", XSS)
+    local jar = login(ALICE)
+    local _, _, page = http("GET", "/plans/" .. id, { jar = jar })
+    assert.is_nil(page:find(XSS, 1, true))
+    assert.truthy(page:find("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;", 1, true), page)
+    local file = os.getenv("RUNBOOK_STATE_DIR") .. "/plans/" .. id .. ".json"
+    cli.write(file, (cli.slurp(file):gsub('"required":1', '"required":0')))
+    local status
+    status, _, page = http("POST", "/plans/" .. id .. "/approve", { jar = jar, form = { csrf = csrf_of(jar, "/") } })
+    assert.are.equal(409, status)
+    assert.truthy(page:find("the plan was changed after it was made", 1, true), page)
+    assert.are.equal("", approvals(id))
+  end)
+
+  it("marks the cookie Secure under TLS, and redacts serve's tokens from pages", function()
+    os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/key.pem -out %s/cert.pem -days 1 "
+      .. "-subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null"):format(dir, dir))
+    local tls = cli.spawn({ "serve", "--rules", dir .. "/rules.yml", "--listen", "127.0.0.1:0", "--token-file",
+      dir .. "/token", "--users", dir .. "/users", "--tls-cert", dir .. "/cert.pem", "--tls-key", dir .. "/key.pem" })
+    local tls_url = wait_until(60, function() return cli.slurp(tls.dir .. "/out"):match("https://127%.0%.0%.1:%d+") end)
+    assert.truthy(tls_url, cli.slurp(tls.dir .. "/err"))
+    local p = io.popen(("curl -s --cacert %s/cert.pem -D - -o /dev/null %s/login"):format(dir, tls_url))
+    local headers = p:read("a")
+    p:close()
+    os.execute("kill " .. tls.pid)
+    assert.truthy(headers:find("Set%-Cookie: rb_login=%x+;[^\n]*; Secure"), headers)
+    -- A run that logs a person's token (it does not know it is one): the console does.
+    local start = cjson.encode { runbook = dir .. "/writer.lua", params = { note = ALICE, out = dir .. "/tok-out" } }
+    local status, _, body = http("POST", "/v1/runs", { bearer = TOKEN, json = start })
+    assert.are.equal(202, status, body)
+    local run = cjson.decode(body).run_id
+    local jar = login(VICTOR)
+    local page = wait_until(60, function()
+      local _, _, pg = http("GET", "/runs/" .. run, { jar = jar })
+      return pg:find("s-ok", 1, true) and pg
+    end)
+    assert.truthy(page, "the run did not end ok")
+    assert.is_nil(page:find(ALICE, 1, true))
+    assert.truthy(page:find("note: ***", 1, true), page)
+  end)
+
   it("refuses a POST without the session's CSRF token", function()
     local id = plan_by("carol", "csrf")
     local jar, other = login(ALICE), login(ALICE)
