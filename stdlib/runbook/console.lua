@@ -222,18 +222,13 @@ end
 
 --- The rows the filters keep (runbook, status, alert), newest first, at most M.PAGE_ROWS.
 function Console:runs(q)
-  local want = (q.status or "") ~= "" or (q.alert or "") ~= ""
-  local _, doc = self.server:list_runs { runbook = (q.runbook or "") ~= "" and q.runbook or nil,
-    limit = tostring(want and 1000 or M.PAGE_ROWS) }
+  local origins = self.server.origins
+  local function given(k) return (q[k] or "") ~= "" and q[k] or nil end
+  local alert = given "alert"
+  local _, doc = self.server:list_runs({ runbook = given "runbook", status = given "status",
+    limit = tostring(M.PAGE_ROWS) }, alert and function(id) return (origins[id] or {}).alert == alert end)
   local rows = {}
-  for _, row in ipairs(doc.runs or {}) do
-    local origin = self.server.origins[row.run_id]
-    if ((q.status or "") == "" or row.status == q.status)
-      and ((q.alert or "") == "" or (origin and origin.alert == q.alert)) then
-      rows[#rows + 1] = { row = row, origin = origin }
-      if #rows >= M.PAGE_ROWS then break end
-    end
-  end
+  for i, row in ipairs(doc.runs or {}) do rows[i] = { row = row, origin = origins[row.run_id] } end
   return rows
 end
 
@@ -387,7 +382,9 @@ end
 
 function Console:plan_page(id, session, message, status)
   local p, why = plan.read(id)
-  if not p then return html(self, 404, "No plan", session, ('<p class="error">%s</p>'):format(esc(why))) end
+  if not p then
+    return html(self, status or 404, "No plan", session, ('<p class="error">%s</p>'):format(esc(message or why)))
+  end
   local state, valid = plan_state(p)
   local out, add = builder()
   add("<h1>Plan <code>%s</code>: %s</h1>", esc(p.id), esc(p.runbook.name))
