@@ -67,7 +67,13 @@ const scenarios = {
   async live(browser) {
     const page = await alice(browser);
     const go = path.join(process.env.DIR, "go-" + Date.now());
+    await page.goto(URL + "/");
+    await page.waitForFunction(() => document.getElementById("live"), null, { timeout: WAIT });
+    await page.evaluate(() => { window.listStillHere = true; });
     const id = await startRun({ go });
+    // The list shows the new run by itself.
+    await page.waitForSelector(`#live a[href="/runs/${id}"]`, { timeout: WAIT });
+    if (!(await page.evaluate(() => window.listStillHere))) throw new Error("the list was reloaded");
     await page.goto(URL + "/runs/" + id);
     await page.waitForSelector('section.step[data-step="first"]', { timeout: WAIT });
     await page.evaluate(() => { window.stillHere = true; });
@@ -82,7 +88,7 @@ const scenarios = {
     await page.waitForSelector('svg.timeline g.bar[data-step="third"]', { timeout: WAIT });
     if (!(await page.evaluate(() => window.stillHere))) throw new Error("the page was reloaded");
     await shot(page, "run-done");
-    return `the second step appeared ${ms} ms after its go file, without a reload`;
+    return `the run appeared on the list, its second step ${ms} ms after its go file, without a reload`;
   },
 
   async approve(browser) {

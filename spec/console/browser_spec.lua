@@ -83,7 +83,7 @@ end)
 describe("the console in headless Chromium", function()
   for _, case in ipairs {
     { "refused", "sends every page to the login without a token, and refuses a wrong one" },
-    { "live", "shows a run's steps as they start, through Server-Sent Events, without a reload" },
+    { "live", "shows a new run on the list and its steps as they start, through Server-Sent Events, without a reload" },
     { "approve", "approves a plan by clicking, with a comment, and applies it into a run" },
     { "deny", "denies another plan" },
     { "nojs", "approves without JavaScript, on a phone's screen" },

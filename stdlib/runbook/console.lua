@@ -382,7 +382,9 @@ end
 
 function Console:plan_page(id, session, message, status)
   local p, why = plan.read(id)
-  if not p then return html(self, 404, "No plan", session, ('<p class="error">%s</p>'):format(esc(why))) end
+  if not p then
+    return html(self, status or 404, "No plan", session, ('<p class="error">%s</p>'):format(esc(message or why)))
+  end
   local state, valid = plan_state(p)
   local out, add = builder()
   add("<h1>Plan <code>%s</code>: %s</h1>", esc(p.id), esc(p.runbook.name))
