@@ -13,6 +13,7 @@
 
 name = "daily-health-check"
 description = "Read-only health check of the namespace: deployments and nodes, service /health, PostgreSQL, Redis, Kafka and lag, Dapr, the WebSocket endpoint, resource use"
+replaces = { "000-1", "000-15", "001-1", "001-3", "003-5", "003-6" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
