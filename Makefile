@@ -14,7 +14,7 @@ endif
 HOST_SRC = $(wildcard host/*.c)
 # sha256 from nettle, linked statically: a few KB, nothing more to load at start.
 HOST_LIBS = -l:libnettle.a
-MODULES  = exec http k8s k8s_exec ws pg redis kafka httpd
+MODULES  = exec http k8s k8s_exec ws pg redis kafka httpd tls
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 # The stdlib precompiled to bytecode: parsing the source was most of start-up.
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
@@ -34,10 +34,11 @@ LIBS_kafka = -lrdkafka
 LIBS_pg    = $(shell pkg-config --cflags --libs libpq 2>/dev/null || echo -I/usr/include/postgresql -lpq)
 LIBS_redis = -lhiredis -lssl -lcrypto
 LIBS_httpd = -lmicrohttpd
+LIBS_tls   = -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev libwebsockets-dev \
-  libmicrohttpd-dev \
+  libmicrohttpd-dev lua-luaossl \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps strace tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
   prometheus prometheus-alertmanager prometheus-pushgateway python3-requests python3-websockets chromium nodejs
