@@ -14,7 +14,7 @@
 
 name = "high-error-rate"
 description = "Measure a service's 5xx rate per version, roll back if it began with the last change (else restart), verify it stays down"
-replaces = {}
+replaces = { "000-11" }
 version = "1.0.0"
 
 param "service" { required = true, help = "the app whose error rate is high (the service label), e.g. backend" }

@@ -83,9 +83,20 @@ step "write" { run = function(ctx)
 end }
 ]]
 
+-- Fails at its second step until the file `ready` exists: a resume then finishes it.
+local FLAKY = [[
+name = "flaky" description = "fails until ready"
+param "ready" {}
+step "first" { run = function() log.info("first") end }
+step "second" { run = function(ctx)
+  if not fs.exists(ctx.params.ready) then error("not ready yet") end
+end }
+]]
+
 setup(function()
   dir = cli.tmpdir()
   local writer = cli.write(dir .. "/writer.lua", WRITER)
+  local flaky = cli.write(dir .. "/flaky.lua", FLAKY)
   -- Apply needs a plan's secrets given again: the console's plans have none.
   cli.write(dir .. "/planned.lua", (WRITER:gsub('param "api_key"[^\n]*\n', "")))
   local rules = cli.write(dir .. "/rules.yml", ([[
@@ -95,8 +106,8 @@ rules:
     runbook: %s
     mode: dry-run
     params: {note: "{{ labels.service }}", out: "%s/alert-out"}
-runs: [%s]
-]]):format(writer, dir, writer))
+runs: [%s, %s]
+]]):format(writer, dir, writer, flaky))
   local users = cli.write(dir .. "/users", ("# name role token\nalice approver %s\nvictor viewer %s\n"):format(ALICE,
     VICTOR))
   serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:0", "--token-file",
@@ -266,6 +277,32 @@ describe("runbook serve's console", function()
     assert.truthy(page, "the run did not end ok")
     assert.is_nil(page:find(ALICE, 1, true))
     assert.truthy(page:find("note: ***", 1, true), page)
+  end)
+
+  it("resumes a failed run for an approver, not for a viewer", function()
+    local ready = dir .. "/ready-" .. math.random(1e9)
+    local status, _, body = http("POST", "/v1/runs", { bearer = TOKEN,
+      json = cjson.encode { runbook = dir .. "/flaky.lua", params = { ready = ready } } })
+    assert.are.equal(202, status, body)
+    local run = cjson.decode(body).run_id
+    local viewer, jar = login(VICTOR), login(ALICE)
+    local page = wait_until(60, function()
+      local _, _, pg = http("GET", "/runs/" .. run, { jar = jar })
+      return pg:find("s-failed", 1, true) and pg
+    end)
+    assert.truthy(page, "the run did not fail")
+    assert.truthy(page:find("runbook resume " .. run, 1, true))
+    local csrf = page:match('name="csrf" value="(%x+)"')
+    local _, _, seen = http("GET", "/runs/" .. run, { jar = viewer })
+    assert.is_nil(seen:find('action="/runs/' .. run .. '/resume"', 1, true))
+    local theirs = csrf_of(viewer, "/")
+    assert.are.equal(403, (http("POST", "/runs/" .. run .. "/resume", { jar = viewer, form = { csrf = theirs } })))
+    cli.write(ready, "")
+    assert.are.equal(303, (http("POST", "/runs/" .. run .. "/resume", { jar = jar, form = { csrf = csrf } })))
+    assert.truthy(wait_until(60, function()
+      local _, _, pg = http("GET", "/runs/" .. run, { jar = jar })
+      return pg:find('<tr><th>Status</th><td><span class="status s-ok">', 1, true)
+    end), "the resumed run did not end ok")
   end)
 
   it("refuses a POST without the session's CSRF token", function()

@@ -20,6 +20,7 @@ local PARAMS = {
   ["restore"] = { "dir=" .. dir },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
   ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
+  ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
   ["high-error-rate"] = { "service=backend" },
   ["high-latency"] = { "service=backend" },

@@ -207,8 +207,10 @@ end
 -- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`;
 -- `params` (an API caller's or an alert's, which may hold secrets) reach it as JSON on its
 -- standard input (--params-file /dev/stdin), never in argv, where any local
--- user sees them, nor in a file. Returns what was started, or nil and why.
-function Server:spawn(argv, name, runbook, mode, user, params)
+-- user sees them, nor in a file. `resumes`, a run id, is the run the child
+-- resumes, under its own id; any other child gets a new one. Returns what was
+-- started, or nil and why.
+function Server:spawn(argv, name, runbook, mode, user, params, resumes)
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
     return nil, ("%d runs already running (--max-runs)"):format(self.max_runs)
@@ -217,8 +219,10 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   self.spawned = self.spawned + 1
   local log = ("%s/%s-%d-%d-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), self.pid, self.spawned,
     (name:gsub("[^%w%-_]", "_")))
-  local run_id = new_run_id()
-  argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
+  local run_id = resumes or new_run_id()
+  if not resumes then
+    argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
+  end
   local input = params and next(params) and cjson.encode(params)
   if input then argv[#argv + 1], argv[#argv + 2] = "--params-file", "/dev/stdin" end
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
