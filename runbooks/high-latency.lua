@@ -9,7 +9,7 @@
 
 name = "high-latency"
 description = "Measure p95 latency per service, CPU and memory saturation and the slowest SQL; scale out, verify p95 stays down"
-replaces = {}
+replaces = { "004-2" }
 version = "1.0.0"
 
 param "service" { required = true, help = "the app whose latency is high (the service label), e.g. backend" }

@@ -10,6 +10,7 @@ local certs = require "spec.support.certs"
 local dir = cli.tmpdir()
 local PARAMS = {
   ["backup"] = { "dir=" .. dir },
+  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
@@ -19,7 +20,7 @@ local PARAMS = {
   ["outage-recovery"] = { "settle=1s" },
   ["restore"] = { "dir=" .. dir },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
-  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
+  ["restart"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket" },
   ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
   ["high-error-rate"] = { "service=backend" },
