@@ -10,6 +10,7 @@ local dir = cli.tmpdir()
 local PARAMS = {
   ["backup"] = { "dir=" .. dir },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
+  ["config-update"] = { "object=configmap/todo-chatbot-config", "key=LOG_LEVEL", "value=WARNING" },
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
   ["data-corruption"] = { "dir=" .. dir, "force=true" },

@@ -540,6 +540,58 @@ function Client:set_env(a, env, rest)
   end
 end
 
+-- ---- what uses a ConfigMap or a Secret --------------------------------------------
+
+-- Whether a pod template reads the ConfigMap (kind "configmap") or Secret
+-- ("secret") `name`: envFrom, env valueFrom, volumes, projected volumes.
+local function reads(tmpl, kind, name)
+  local ref, key_ref = kind == "secret" and "secretRef" or "configMapRef", kind == "secret" and "secretKeyRef" or "configMapKeyRef"
+  local vol = kind == "secret" and "secret" or "configMap"
+  local function volume_names(v)
+    return v[vol] and (v[vol].secretName or v[vol].name) == name
+  end
+  local spec = tmpl.spec or {}
+  for _, list in ipairs { spec.containers or {}, spec.initContainers or {} } do
+    for _, c in ipairs(list) do
+      for _, ef in ipairs(c.envFrom or {}) do if ef[ref] and ef[ref].name == name then return true end end
+      for _, e in ipairs(c.env or {}) do
+        local r = e.valueFrom and e.valueFrom[key_ref]
+        if r and r.name == name then return true end
+      end
+    end
+  end
+  for _, v in ipairs(spec.volumes or {}) do
+    if volume_names(v) then return true end
+    for _, src in ipairs(v.projected and v.projected.sources or {}) do
+      if volume_names(src) then return true end
+    end
+  end
+  return false
+end
+
+--- users_of("configmap/NAME" | "secret/NAME", {namespace=}) -> {deployments = {name...},
+-- others = {"statefulsets/x", "daemonsets/y", "cronjobs/z"...}}: the workloads whose pod
+-- templates read it (envFrom, env valueFrom, volumes), which a change reaches on their restart.
+function Client:users_of(ref, opts)
+  local kind, name = tostring(ref):lower():match("^(%a+)/(.+)$")
+  kind = ({ cm = "configmap", configmap = "configmap", configmaps = "configmap", secret = "secret", secrets = "secret" })[kind or ""]
+  if not kind then error(("k8s.users_of: expected \"configmap/NAME\" or \"secret/NAME\", got %q"):format(tostring(ref)), 2) end
+  local ns = self:ns(opts or {})
+  local out = { deployments = {}, others = {} }
+  for _, d in ipairs(self:list("deployments", { namespace = ns })) do
+    if reads(d.spec.template, kind, name) then out.deployments[#out.deployments + 1] = d.metadata.name end
+  end
+  for _, what in ipairs { "statefulsets", "daemonsets", "cronjobs" } do
+    local ok, items = pcall(self.list, self, what, { namespace = ns })
+    if not ok and not (type(items) == "table" and items.code == "unknown_resource") then error(items, 0) end
+    for _, o in ipairs(ok and items or {}) do
+      local tmpl = what == "cronjobs" and o.spec.jobTemplate.spec.template or o.spec.template
+      if reads(tmpl, kind, name) then out.others[#out.others + 1] = what .. "/" .. o.metadata.name end
+    end
+  end
+  return out
+end
+
 -- ---- pods, events ------------------------------------------------------------
 
 local function ready(pod)
