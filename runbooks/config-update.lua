@@ -61,14 +61,17 @@ step "Find the users" {
   run = function(ctx)
     local kind, name = object(ctx)
     previous = current(ctx)
-    local users = k8s.users_of(kind .. "/" .. name, { namespace = ctx.params.namespace })
-    local deployments = {}
-    for i, d in ipairs(users.deployments) do deployments[i] = { name = d } end
-    log.info("%s %s: key %s %s; read by %s", kind, name, ctx.params.key, previous and "set" or "not set yet",
-      #deployments > 0 and table.concat(users.deployments, ", ") or "no deployment")
-    if #users.others > 0 then
-      log.warn("also read by %s: restart them yourself", table.concat(users.others, ", "))
+    local deployments, names, others = {}, {}, {}
+    for _, u in ipairs(k8s.users_of(kind .. "/" .. name, { namespace = ctx.params.namespace })) do
+      if u.kind == "deployments" then
+        deployments[#deployments + 1], names[#names + 1] = { name = u.name }, u.name
+      else
+        others[#others + 1] = u.kind .. "/" .. u.name
+      end
     end
+    log.info("%s %s: key %s %s; read by %s", kind, name, ctx.params.key, previous and "set" or "not set yet",
+      #names > 0 and table.concat(names, ", ") or "no deployment")
+    if #others > 0 then log.warn("also read by %s: restart them yourself", table.concat(others, ", ")) end
     return { deployments = deployments }
   end,
 }

@@ -71,7 +71,7 @@ step "Stop writes" (steps.stop_writers {})
     local lines = { 'name = "all" description = "every library function"', 'step "A" { run = function()' }
     for global, module in pairs(env.libraries) do
       for k, v in pairs(require(module)) do
-        if type(k) == "string" and type(v) == "function" then lines[#lines + 1] = ("  local _ = %s.%s"):format(global, k) end
+        if type(k) == "string" and type(v) == "function" then lines[#lines + 1] = ("  do local _ = %s.%s end"):format(global, k) end
       end
     end
     assert.is_true(#lines > 100, #lines .. " library functions")
