@@ -39,7 +39,10 @@ DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yam
   libmicrohttpd-dev \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps strace tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
-  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests chromium
+  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests chromium nodejs
+# The console's browser spec (spec/console/browser_spec.lua) drives Debian's chromium with
+# playwright-core from npm, pinned, installed under build/node (not in the tree).
+PLAYWRIGHT_CORE = playwright-core@1.65.1
 
 # The package version is the one `runbook version` prints.
 VERSION := $(shell sed -n 's/^M.VERSION = "\(.*\)"$$/\1/p' stdlib/runbook/cli.lua)
@@ -71,6 +74,9 @@ lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 deps:
 	@if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y $(DEB_PACKAGES)
+	@if command -v npm >/dev/null; then \
+	  npm install --prefix build/node --no-save --no-audit --no-fund $(PLAYWRIGHT_CORE); \
+	else echo "deps: no npm, so no playwright-core: the console's browser spec will be pending"; fi
 
 # Integration specs need the sandbox; starting it is idempotent.
 # Specs run with the sandbox's env; the runs they start keep their journals

@@ -16,10 +16,11 @@
  *   httpd.spawn(argv, log, env, input)  -- start a child (posix_spawn), input on stdin, stdout and stderr to log -> pid
  *   httpd.reap()  -- the children that ended since: {[pid] = exit status (128 + signal if killed)}
  *
- * req = {method, path, query = {k = v}, body, authorization}. The handler
- * runs protected: an error is a 500 with no detail (it goes to stderr,
- * redacted). A handler may answer a stream (Server-Sent Events) by returning
- * a function as the body: each call returns the next text, "" for nothing
+ * req = {method, path, query = {k = v}, body, authorization, cookie}. The
+ * handler returns status, body, content type and, optionally, a table of
+ * more response headers ({["Set-Cookie"] = ...}). It runs protected: an
+ * error is a 500 with no detail (it goes to stderr, redacted). A handler may
+ * answer a stream (Server-Sent Events) by returning a function as the body: each call returns the next text, "" for nothing
  * yet (the connection waits, and the function is asked again at the next
  * poll, within 0.25 s), or nil at the end.
  */
@@ -75,12 +76,27 @@ static void log_error(const char *what, const char *msg)
     rb_write_redacted(stderr, "\n", 1);
 }
 
+/* The handler's headers (a table at stack index idx, or nothing there) added to r. */
+static void add_headers(lua_State *L, int idx, struct MHD_Response *r)
+{
+    if (!L || !lua_istable(L, idx)) return;
+    idx = lua_absindex(L, idx);
+    lua_pushnil(L);
+    while (lua_next(L, idx)) {
+        if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TSTRING)
+            MHD_add_response_header(r, lua_tostring(L, -2), lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+}
+
+/* Answer with body; L (when not NULL) holds the handler's headers on top. */
 static enum MHD_Result respond(struct MHD_Connection *conn, unsigned status, const char *body, size_t len,
-                               const char *type)
+                               const char *type, lua_State *L)
 {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, (void *)body, MHD_RESPMEM_MUST_COPY);
     if (!r) return MHD_NO;
     MHD_add_response_header(r, "Content-Type", type ? type : "text/plain; charset=utf-8");
+    add_headers(L, -1, r);
     enum MHD_Result ok = MHD_queue_response(conn, status, r);
     MHD_destroy_response(r);
     return ok;
@@ -112,17 +128,20 @@ static int push_request(lua_State *L)
     lua_setfield(L, -2, "path");
     lua_pushlstring(L, rq->body ? rq->body : "", rq->len);
     lua_setfield(L, -2, "body");
-    const char *auth = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "Authorization");
-    if (auth) {
-        lua_pushstring(L, auth);
-        lua_setfield(L, -2, "authorization");
+    static const char *const headers[][2] = { { "Authorization", "authorization" }, { "Cookie", "cookie" } };
+    for (size_t i = 0; i < sizeof headers / sizeof headers[0]; i++) {
+        const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, headers[i][0]);
+        if (v) {
+            lua_pushstring(L, v);
+            lua_setfield(L, -2, headers[i][1]);
+        }
     }
-    lua_call(L, 1, 3);
-    return 3;
+    lua_call(L, 1, 4);
+    return 4;
 }
 
-/* Calls the handler protected: returns its status, and its body and type
- * on the stack (the caller pops them). */
+/* Calls the handler protected: returns its status, and its body, type and
+ * headers on the stack (the caller pops the three). */
 static unsigned call_handler(server *s, struct MHD_Connection *conn, request *rq, const char *method, const char *url)
 {
     lua_State *L = s->L;
@@ -132,16 +151,17 @@ static unsigned call_handler(server *s, struct MHD_Connection *conn, request *rq
     lua_pushlightuserdata(L, (void *)method);
     lua_pushlightuserdata(L, (void *)url);
     lua_pushlightuserdata(L, s);
-    if (lua_pcall(L, 5, 3, 0) != LUA_OK) {
+    if (lua_pcall(L, 5, 4, 0) != LUA_OK) {
         log_error("runbook: serve: handler error: ", lua_tostring(L, -1));
         lua_pop(L, 1);
         lua_pushliteral(L, "internal error\n");
         lua_pushnil(L);
+        lua_pushnil(L);
         return 500;
     }
     int isnum;
-    lua_Integer status = lua_tointegerx(L, -3, &isnum);
-    lua_remove(L, -3);
+    lua_Integer status = lua_tointegerx(L, -4, &isnum);
+    lua_remove(L, -4);
     return isnum && status >= 100 && status <= 599 ? (unsigned)status : 500;
 }
 
@@ -192,13 +212,13 @@ static void free_stream(void *cls)
     free(st);
 }
 
-/* Answer with the stream the function on top of the stack makes (popped). */
+/* Answer with the stream the function under the type and headers on the stack makes. */
 static enum MHD_Result respond_stream(server *s, struct MHD_Connection *conn, unsigned status, const char *type)
 {
     stream *st = calloc(1, sizeof *st);
     if (!st) return MHD_NO;
     st->s = s, st->conn = conn;
-    lua_pushvalue(s->L, -2);
+    lua_pushvalue(s->L, -3);
     st->producer = luaL_ref(s->L, LUA_REGISTRYINDEX);
     s->streams++;
     struct MHD_Response *r = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, read_stream, st, free_stream);
@@ -208,6 +228,7 @@ static enum MHD_Result respond_stream(server *s, struct MHD_Connection *conn, un
     }
     MHD_add_response_header(r, "Content-Type", type ? type : "text/event-stream");
     MHD_add_response_header(r, "Cache-Control", "no-store");
+    add_headers(s->L, -1, r);
     enum MHD_Result ok = MHD_queue_response(conn, status, r);
     MHD_destroy_response(r);
     return ok;
@@ -250,18 +271,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (rq->too_big) {
         static const char msg[] = "request body too large\n";
-        return respond(conn, 413, msg, sizeof msg - 1, NULL);
+        return respond(conn, 413, msg, sizeof msg - 1, NULL, NULL);
     }
     unsigned status = call_handler(s, conn, rq, method, url);
-    if (lua_isfunction(s->L, -2)) {
-        enum MHD_Result ok = respond_stream(s, conn, status, lua_tostring(s->L, -1));
-        lua_pop(s->L, 2);
+    if (lua_isfunction(s->L, -3)) {
+        enum MHD_Result ok = respond_stream(s, conn, status, lua_tostring(s->L, -2));
+        lua_pop(s->L, 3);
         return ok;
     }
     size_t len;
-    const char *body = lua_tolstring(s->L, -2, &len);
-    enum MHD_Result ok = respond(conn, status, body ? body : "", body ? len : 0, lua_tostring(s->L, -1));
-    lua_pop(s->L, 2);
+    const char *body = lua_tolstring(s->L, -3, &len);
+    enum MHD_Result ok = respond(conn, status, body ? body : "", body ? len : 0, lua_tostring(s->L, -2), s->L);
+    lua_pop(s->L, 3);
     return ok;
 }
 

@@ -66,7 +66,7 @@ _runbook()
         apply) flags="-p --param --step --yes -y" ;;
         show) flags="--format" ;;
         approve) flags="--comment --expires" ;;
-        serve) flags="--rules --listen --token-file --max-body --max-runs" ;;
+        serve) flags="--rules --listen --token-file --users --max-body --max-runs" ;;
         history) flags="--runbook --limit" ;;
         report) flags="--format --html" ;;
         help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;
@@ -76,7 +76,7 @@ _runbook()
     for ((i = at + 1; i < cword; i++)); do
         case ${words[i]} in
             -p | --param | --params-file | -o | --output | --from | --wait-lock | --runbook | --limit | --format | \
-                --out | --require-approval | --alert | --comment | --expires | --rules | --listen | --token-file | \
+                --out | --require-approval | --alert | --comment | --expires | --rules | --listen | --token-file | --users | \
                 --max-body | --max-runs | \
                 --kubeconfig | --context | -n | --namespace) ((i++)) ;;
             -*) ;;
@@ -95,7 +95,7 @@ _runbook()
             if [[ $cmd == show ]]; then COMPREPLY=($(compgen -W "text markdown" -- "$cur"))
             else COMPREPLY=($(compgen -W "markdown json html" -- "$cur")); fi
             return ;;
-        --out | --rules | --token-file) _filedir; return ;;
+        --out | --rules | --token-file | --users) _filedir; return ;;
         --require-approval | --alert | --comment | --expires | --listen | --max-body | --max-runs) return ;;
         --runbook) COMPREPLY=($(compgen -W "$(_runbook_names)" -- "$cur")); return ;;
         --from | --wait-lock | --limit) return ;;

@@ -99,7 +99,8 @@ _runbook() {
         approve) args=('--comment[why]:text:' '--expires[how long the approval holds]:duration:'
           '1:plan:_runbook_plans') ;;
         serve) args=('--rules[the rules file]:file:_files -g "*.(yaml|yml)"' '--listen[address to listen on]:address:'
-          '--token-file[the bearer token]:file:_files' '--max-body[largest request body]:bytes:'
+          '--token-file[the bearer token]:file:_files' '--users[the console'"'"'s people and their tokens]:file:_files'
+          '--max-body[largest request body]:bytes:'
           '--max-runs[plans and runs at once]:count:') ;;
         history) args=('--runbook[only this runbook]:runbook:_runbook_names' '--limit[how many runs]:count:') ;;
         report) args=('(--html)--format[report format]:format:(markdown json html)'

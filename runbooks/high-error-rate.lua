@@ -18,6 +18,7 @@ version = "1.0.0"
 
 params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }
 param "max_error_rate" { type = "number", default = 0.01, help = "the 5xx share the service must stay under (seed 000: warning above 1%)" }
+param "log_since" { type = "duration", default = "5m", help = "how far back the pods' logs are read for the top error messages (seed 000: kubectl logs --since=5m)" }
 param "recent" { type = "duration", default = "1h", help = "without data from before the last change, a change this young is blamed" }
 param "timeout" { type = "duration", default = "5m", help = "how long the rollback or restart may take to roll out" }
 
@@ -33,13 +34,14 @@ step "Measure the error rate" (steps.measure_metric {
 })
 
 step "Top error messages" {
-  description = "kubectl logs --since | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod of the deployment",
+  description = "kubectl logs --since=<log_since> | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod of the deployment",
   needs = { "Measure the error rate" },
   when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
   run = function(ctx)
-    local q = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = ctx.params.window,
+    local q = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = ctx.params.log_since,
       where = { level = "ERROR" }, count_by = "message", top = 5 }
-    log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count, ctx.params.window, #q.pods, q.count > 0 and ":" or "")
+    log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count, duration.format(ctx.params.log_since), #q.pods,
+      q.count > 0 and ":" or "")
     for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
     return { errors = q.count, top = q.by }
   end,

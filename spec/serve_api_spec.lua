@@ -77,8 +77,13 @@ rules:
     match: {alertname: Other}
     runbook: %s/other.lua
     mode: plan
+  - name: from-labels
+    match: {alertname: ServeApiArgv}
+    runbook: %s
+    mode: run
+    params: {out: "{{ labels.out }}", go: "{{ labels.go }}", api_key: "{{ labels.key }}"}
 runs: [%s]
-]]):format(dir, writer))
+]]):format(dir, writer, writer))
   serve, url = start_serve(rules)
   os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/key.pem -out %s/cert.pem -days 1 "
     .. "-subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null"):format(dir, dir))
@@ -230,6 +235,26 @@ describe("runbook serve's API", function()
     local _, stream = curl(auth() .. " " .. cli.quote(url .. run.events))
     assert.truthy(stream:find("event: end", 1, true))
     assert.is_nil(stream:find(SECRET, 1, true))
+  end)
+
+  it("puts no param a rule takes from an alert's labels on the run's command line", function()
+    local go, out = dir .. "/go-" .. math.random(1e9), dir .. "/out-" .. math.random(1e9)
+    local alert = { alertname = "ServeApiArgv", out = out, go = go, key = SECRET }
+    local status, body = post("/v1/alertmanager", cjson.encode { version = "4", status = "firing",
+      alerts = { { status = "firing", labels = alert, annotations = {} } } })
+    assert.are.equal(200, status, body)
+    local run_id = cjson.decode(body).started[1].run_id
+    local argv = wait_until(60, function()
+      local ps = sh("ps -eo args")
+      return ps:find(run_id, 1, true) and ps
+    end)
+    assert.truthy(argv, "the run's process was not seen")
+    assert.is_nil(argv:find(SECRET, 1, true))
+    cli.write(go, "")
+    assert.are.equal("hello", wait_until(60, function()
+      local text = cli.slurp(out)
+      return text ~= "" and text
+    end))
   end)
 
   local big = nil

@@ -1,5 +1,6 @@
 -- runbooks/high-error-rate.lua against the sandbox: a bad version's 5xx is
--- fixed by a rollback, verified with Prometheus; a dry run changes nothing.
+-- fixed by a rollback, verified with Prometheus; a dry run changes nothing and
+-- names the most frequent error messages of the pods' logs with their counts.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -16,6 +17,29 @@ local function bad_release()
   end), "the bad release's errors never showed")
 end
 
+-- What the bad release logs (the sandbox's log-errors fault).
+local INJECTED = "payment gateway refused the charge: card declined (spec)"
+
+-- kubectl logs of the backend's pods over the last 5m: {[message] = count} of ERROR records.
+local function error_counts()
+  local out, ok = sb.kubectl("logs -n todo-chatbot -l app.kubernetes.io/component=backend -c backend --since=5m --tail=-1")
+  assert(ok, out)
+  local counts = {}
+  for line in out:gmatch("[^\n]+") do
+    local okj, rec = pcall(require("cjson").decode, line)
+    if okj and type(rec) == "table" and rec.level == "ERROR" then counts[rec.message] = (counts[rec.message] or 0) + 1 end
+  end
+  return counts
+end
+
+-- The runbook's "top error messages" rows, in its order: {{count, message}, ...}.
+local function listed(stdout)
+  local block = stdout:match("ERROR records in the last 5m across %d+ pod%(s%):\n(.-)\n%s*ok Top error messages") or ""
+  local rows = {}
+  for n, msg in block:gmatch("(%d+)  ([^\n]+)") do rows[#rows + 1] = { tonumber(n), msg } end
+  return rows
+end
+
 describe("high-error-rate", function()
   setup(kh.reset_world)
   after_each(function()
@@ -29,7 +53,7 @@ describe("high-error-rate", function()
     local r = cli.run { "run", RUNBOOK, "-p", "service=backend", "-p", "window=10s", "-p", "hold=4s", "-p", "every=1s", "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("backend v1.5.0: [%d.]+%%", r.stdout)
-    assert.matches("%d+ ERROR records in the last 10s across %d pod%(s%)", r.stdout)
+    assert.matches("%d+ ERROR records in the last 5m across %d pod%(s%)", r.stdout)
     assert.matches("the errors began with the last change: roll back to revision 3", r.stdout)
     assert.matches("backend error rate < 1%% held for 4s", r.stdout)
     assert.are.equal("v1.4.0", kh.tag("backend"))
@@ -37,12 +61,31 @@ describe("high-error-rate", function()
     assert.is_true(now[1].value < 0.01, "error rate after the rollback: " .. tostring(now[1].value))
   end)
 
-  it("changes nothing in a dry run", function()
+  it("changes nothing in a dry run, and lists the top error messages of the logs with their counts", function()
     bad_release()
+    local out, ok = sb.ctl("k8s log-errors backend " .. sb.quote(INJECTED))
+    assert(ok, out)
+    -- The release's pods are seconds old: wait until their logs hold injected lines.
+    local before = sb.wait_until(60, function()
+      local c = error_counts()
+      return (c[INJECTED] or 0) >= 2 and c
+    end)
+    assert(before, "kubectl logs showed no injected error lines within 60s")
     local r = backends.assert_unchanged(function()
       return cli.run { "run", RUNBOOK, "-p", "service=backend", "-p", "window=10s", "--dry-run" }
     end)
+    local after = error_counts()
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    -- The release's pods are younger than 5m, so kubectl's counts before and
+    -- after the run bound the runbook's: lines are only ever added.
+    local rows, seen = listed(r.stdout), false
+    for _, row in ipairs(rows) do
+      seen = seen or row[2] == INJECTED
+      local n, msg = row[1], row[2]
+      assert.is_true((before[msg] or 0) <= n and n <= (after[msg] or 0),
+        ("%q listed %d times; kubectl counted %d before the run and %d after"):format(msg, n, before[msg] or 0, after[msg] or 0))
+    end
+    assert.is_true(seen, "the injected error is not among the top messages:\n" .. r.stdout)
     assert.matches("would roll back deployment todo%-chatbot%-backend to revision 3", r.stdout)
     assert.matches("would wait 5m for backend error rate < 1%%: now [%d.]+%% %(would fail now%)", r.stdout)
     assert.are.equal("v1.5.0", kh.tag("backend"))

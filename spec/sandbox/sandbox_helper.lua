@@ -26,6 +26,27 @@ function M.sh(cmd)
     return out:gsub("__rc=%d+%s*$", ""), rc == 0
 end
 
+-- Runs shell commands at once; returns their outputs and whether each exited 0, in order.
+function M.sh_all(cmds)
+    local dir = M.sh("mktemp -d"):match("%S+")
+    local jobs = {}
+    for i, cmd in ipairs(cmds) do
+        jobs[i] = ("(%s) >%s/%d 2>&1; echo $? >%s/%d.rc &"):format(cmd, dir, i, dir, i)
+    end
+    M.sh(table.concat(jobs, "\n") .. "\nwait")
+    local outs, oks = {}, {}
+    for i in ipairs(cmds) do
+        local f = io.open(dir .. "/" .. i)
+        outs[i] = f and f:read("a") or ""
+        if f then f:close() end
+        f = io.open(dir .. "/" .. i .. ".rc")
+        oks[i] = f and f:read("n") == 0
+        if f then f:close() end
+    end
+    os.execute("rm -rf " .. M.quote(dir))
+    return outs, oks
+end
+
 -- The sandbox's environment, read from .state/env on every call, so specs
 -- still work after a spec restarted the sandbox on new ports.
 function M.env(name)
@@ -86,12 +107,21 @@ end
 
 -- High watermarks per partition ({[0] = n, ...}) from `kcat -Q` (ListOffsets, latest).
 function M.watermarks(topic, partitions)
-    local args = {}
-    for p = 0, partitions - 1 do args[#args + 1] = "-t " .. topic .. ":" .. p .. ":-1" end
+    return M.all_watermarks({ [topic] = partitions })[topic]
+end
+
+-- The same for many topics ({topic = partitions}) in one `kcat -Q`: {topic = {[0] = n, ...}}.
+function M.all_watermarks(topics)
+    local args, marks = {}, {}
+    for topic, partitions in pairs(topics) do
+        marks[topic] = {}
+        for p = 0, partitions - 1 do args[#args + 1] = "-t " .. topic .. ":" .. p .. ":-1" end
+    end
     local out, ok = M.kcat("-Q " .. table.concat(args, " "))
     assert(ok, out)
-    local marks = {}
-    for p, offset in out:gmatch("%[(%d+)%] offset (%-?%d+)") do marks[tonumber(p)] = tonumber(offset) end
+    for topic, p, offset in out:gmatch("(%S+) %[(%d+)%] offset (%-?%d+)") do
+        marks[topic][tonumber(p)] = tonumber(offset)
+    end
     return marks
 end
 
@@ -101,9 +131,11 @@ end
 -- offsets come from `kafka-sandbox lag`, a separate librdkafka process that only
 -- sends OffsetFetch and ListOffsets (no JoinGroup, no commit); specs cross-check
 -- its high watermarks with kcat -Q.
-function M.lag(group, topic)
-    local out, ok = M.sh(M.state .. "/bin/kafka-sandbox lag " .. M.quote(M.env("KAFKA_BROKERS"))
-        .. " " .. group .. " " .. topic)
+local function lag_cmd(group, topic)
+    return M.state .. "/bin/kafka-sandbox lag " .. M.quote(M.env("KAFKA_BROKERS")) .. " " .. group .. " " .. topic
+end
+
+local function parse_lag(out, ok)
     assert(ok, out)
     local parts = {}
     for t, p, committed, high in out:gmatch("(%S+) (%d+) (%-?%d+) (%d+) %-?%d+\n") do
@@ -111,6 +143,20 @@ function M.lag(group, topic)
                              high = tonumber(high)}
     end
     return tonumber(out:match("total (%-?%d+)")), parts
+end
+
+function M.lag(group, topic)
+    return parse_lag(M.sh(lag_cmd(group, topic)))
+end
+
+-- M.lag of each {group, topic} of `list`, run at once: {{total, parts}, ...} in order.
+function M.lags(list)
+    local cmds = {}
+    for i, gt in ipairs(list) do cmds[i] = lag_cmd(gt[1], gt[2]) end
+    local outs, oks = M.sh_all(cmds)
+    local lags = {}
+    for i in ipairs(list) do lags[i] = table.pack(parse_lag(outs[i], oks[i])) end
+    return lags
 end
 
 -- The replica count the simulated consumers of a deployment scale with.
@@ -128,10 +174,10 @@ local function named(list, name)
     error("kubeconfig has no entry " .. name)
 end
 
--- curl against the Kubernetes stand-in as KUBECONFIG's current context
--- (server, CA and bearer token); kubectl is not a Debian package. Returns the
--- HTTP status and the decoded body.
-function M.k8s(method, path, body)
+-- curl with KUBECONFIG's current context (server, CA and bearer token) for
+-- the Kubernetes stand-in; kubectl is not a Debian package. Returns the start
+-- of the command line, the server's URL and a function removing the CA's files.
+local function k8s_curl()
     local f = assert(io.open(M.env("KUBECONFIG")))
     local cfg = require("lyaml").load(f:read("a"))
     f:close()
@@ -142,18 +188,49 @@ function M.k8s(method, path, body)
     f = assert(io.open(ca, "w"))
     f:write(cluster["certificate-authority-data"])
     f:close()
-    local cmd = ("base64 -d -i %s > %s.pem && curl -s -m 20 --cacert %s.pem -H %s -X %s -w '\n%%{http_code}' %s"):format(
-        ca, ca, ca, M.quote("Authorization: Bearer " .. user.token), method, M.quote(cluster.server .. path))
+    local curl = ("base64 -d -i %s > %s.pem && curl -s -m 20 --cacert %s.pem -H %s"):format(
+        ca, ca, ca, M.quote("Authorization: Bearer " .. user.token))
+    return curl, cluster.server, function()
+        os.remove(ca)
+        os.remove(ca .. ".pem")
+    end
+end
+
+-- curl against the Kubernetes stand-in. Returns the HTTP status and the decoded body.
+function M.k8s(method, path, body)
+    local curl, server, done = k8s_curl()
+    local cmd = ("%s -X %s -w '\n%%{http_code}' %s"):format(curl, method, M.quote(server .. path))
     if body then
         cmd = cmd .. " -H 'Content-Type: application/merge-patch+json' --data-binary "
             .. M.quote(require("cjson").encode(body))
     end
     local out = M.sh(cmd)
-    os.remove(ca)
-    os.remove(ca .. ".pem")
+    done()
     local text, status = out:match("^(.*)\n(%d+)%s*$")
     local ok, doc = pcall(require("cjson").decode, text or "")
     return tonumber(status), ok and doc or out
+end
+
+-- GETs of every path of `paths` in one curl (one connection):
+-- {{status, body}, ...} in order, as M.k8s returns them.
+function M.k8s_get_all(paths)
+    local curl, server, done = k8s_curl()
+    local dir = M.sh("mktemp -d"):match("%S+")
+    local cmd = { curl, "-w '%{http_code}\\n'" }
+    for i, path in ipairs(paths) do cmd[#cmd + 1] = ("-o %s/%d %s"):format(dir, i, M.quote(server .. path)) end
+    local out = M.sh(table.concat(cmd, " "))
+    done()
+    local got, i = {}, 0
+    for status in out:gmatch("%d+") do
+        i = i + 1
+        local f = io.open(dir .. "/" .. i)
+        local text = f and f:read("a") or ""
+        if f then f:close() end
+        local ok, doc = pcall(require("cjson").decode, text)
+        got[i] = { tonumber(status), ok and doc or text }
+    end
+    os.execute("rm -rf " .. M.quote(dir))
+    return got
 end
 
 -- An instant query with curl against the sandbox's Prometheus: {{labels, value}, ...}.

@@ -20,8 +20,9 @@ M.k8s_lists = {
 M.kafka_groups = { "recurring-task-service", "websocket-service", "notification-service" }
 
 local function k8s_state(into)
-  for _, path in ipairs(M.k8s_lists) do
-    local status, doc = sb.k8s("GET", path)
+  local got = sb.k8s_get_all(M.k8s_lists)
+  for i, path in ipairs(M.k8s_lists) do
+    local status, doc = table.unpack(got[i] or {})
     assert(status == 200, ("GET %s: %s %s"):format(path, tostring(status), tostring(doc)))
     for _, item in ipairs(doc.items) do
       local md = item.metadata
@@ -41,15 +42,14 @@ end
 -- A checksum and row count of every user table, and every sequence's position
 -- (nextval is not rolled back with a transaction, so a dry run must not call it).
 local function pg_state(into)
-  local tables = psql_rows([[select format('%I.%I', schemaname, relname) from pg_stat_user_tables order by 1]])
   local parts = {}
-  for _, t in ipairs(tables) do
-    parts[#parts + 1] = ("select %s, count(*) || ' ' || coalesce(md5(string_agg(x::text, ',' order by x::text)), '') from %s x")
-        :format(sb.quote(t), t)
-  end
-  local seqs = psql_rows([[select format('%I.%I', schemaname, sequencename) from pg_sequences order by 1]])
-  for _, s in ipairs(seqs) do
-    parts[#parts + 1] = ("select %s, last_value || ' ' || is_called from %s"):format(sb.quote(s), s)
+  for _, row in ipairs(psql_rows([[select 't' || format('%I.%I', schemaname, relname) from pg_stat_user_tables
+      union all select 's' || format('%I.%I', schemaname, sequencename) from pg_sequences order by 1]])) do
+    local kind, name = row:sub(1, 1), row:sub(2)
+    parts[#parts + 1] = kind == "t"
+      and ("select %s, count(*) || ' ' || coalesce(md5(string_agg(x::text, ',' order by x::text)), '') from %s x")
+        :format(sb.quote(name), name)
+      or ("select %s, last_value || ' ' || is_called from %s"):format(sb.quote(name), name)
   end
   if #parts == 0 then return end
   for _, row in ipairs(psql_rows(table.concat(parts, " union all "))) do
@@ -78,21 +78,24 @@ local function redis_state(into)
   end
 end
 
+-- Every topic's high watermarks in one kcat, every group's committed offsets
+-- on every topic read at once.
 local function kafka_state(into, groups)
   local meta, ok = sb.kcat("-L -J")
   assert(ok, meta)
-  local doc = require("cjson").decode(meta)
-  for _, t in ipairs(doc.topics) do
+  local topics, group_topics = {}, {}
+  for _, t in ipairs(require("cjson").decode(meta).topics) do
     if not t.topic:match("^__") then
-      for p, high in pairs(sb.watermarks(t.topic, #t.partitions)) do
-        into(("kafka %s[%d] high"):format(t.topic, p), high)
-      end
-      for _, g in ipairs(groups) do
-        local _, parts = sb.lag(g, t.topic)
-        for _, part in ipairs(parts) do
-          into(("kafka %s %s[%d] committed"):format(g, t.topic, part.partition), part.committed)
-        end
-      end
+      topics[t.topic] = #t.partitions
+      for _, g in ipairs(groups) do group_topics[#group_topics + 1] = { g, t.topic } end
+    end
+  end
+  for topic, marks in pairs(sb.all_watermarks(topics)) do
+    for p, high in pairs(marks) do into(("kafka %s[%d] high"):format(topic, p), high) end
+  end
+  for i, lag in ipairs(sb.lags(group_topics)) do
+    for _, part in ipairs(lag[2]) do
+      into(("kafka %s %s[%d] committed"):format(group_topics[i][1], group_topics[i][2], part.partition), part.committed)
     end
   end
 end

@@ -174,8 +174,8 @@ function commands.serve(o)
     end
   end
   return require("runbook.serve").serve({ rules = o["--rules"], listen = o["--listen"], token_file = o["--token-file"],
-    max_body = nums["--max-body"], max_runs = nums["--max-runs"], timeout = nums["--request-timeout"],
-    tls_cert = o["--tls-cert"], tls_key = o["--tls-key"] }, resolve_runbook)
+    users = o["--users"], max_body = nums["--max-body"], max_runs = nums["--max-runs"],
+    timeout = nums["--request-timeout"], tls_cert = o["--tls-cert"], tls_key = o["--tls-key"] }, resolve_runbook)
 end
 
 function commands.history(o)
@@ -285,7 +285,7 @@ local PLAIN_FLAGS = { ["--dry-run"] = "--dry-run", ["-y"] = "--yes", ["--yes"] =
   ["--step"] = "--step", ["--undo-on-failure"] = "--undo-on-failure", ["-v"] = "--verbose",
   ["--verbose"] = "--verbose", ["-q"] = "--quiet", ["--quiet"] = "--quiet", ["--no-color"] = "--no-color" }
 local PLAIN_VALUES = { ["-p"] = "-p", ["--param"] = "-p", ["-o"] = "--output", ["--output"] = "--output",
-  ["--run-id"] = "--run-id" }
+  ["--run-id"] = "--run-id", ["--params-file"] = "--params-file" }
 local OUTPUTS = { text = true, json = true }
 
 --- Whether `value` is one the plain reading takes for option `target`.

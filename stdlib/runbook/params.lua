@@ -50,10 +50,17 @@ local function convert(p, v)
   fail("param '%s': expected %s %s, got %q", p.name, t == "integer" and "an" or "a", t, shown)
 end
 
+-- Params files read so far, by path: {doc, seekable}. Each is read once, so
+-- that a plan and its dry run see the same params, and a pipe (serve's
+-- /dev/stdin) can be given at all.
+local files = {}
+
 local function read_params_file(path)
+  if files[path] then return files[path].doc end
   local f, err = io.open(path, "rb")
   if not f then fail("--params-file: %s", err) end
   local text = f:read("a")
+  local seekable = f:seek("set") ~= nil
   f:close()
   local ok, doc
   if path:match("%.json$") then
@@ -63,8 +70,13 @@ local function read_params_file(path)
   end
   if not ok then fail("--params-file %s: cannot parse: %s", path, tostring(doc)) end
   if type(doc) ~= "table" then fail("--params-file %s: expected a mapping of param names to values", path) end
+  files[path] = { doc = doc, seekable = seekable }
   return doc
 end
+
+--- Whether the params file at `path` was a file that can be read again (not a
+-- pipe), so that resume can tell whether it changed.
+function M.rereadable(path) return files[path] == nil or files[path].seekable end
 
 --- Resolve params. `given` is a list of "key=value" strings; `file` an optional path;
 -- `base` the values of an earlier run (a resume), which both override.

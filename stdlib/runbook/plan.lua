@@ -60,6 +60,7 @@ local function parse_iso(s)
   local t = os.time { year = y, month = mo, day = d, hour = h, min = mi, sec = sec }
   return t + (t - os.time(os.date("!*t", t)))
 end
+M.parse_iso = parse_iso
 
 local function hex(bytes) return (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end)) end
 
@@ -69,6 +70,7 @@ local function random_hex(n)
   f:close()
   return hex(bytes)
 end
+M.random_hex = random_hex   -- serve's console: session ids and CSRF tokens
 
 --- The params bound by hash: secrets included, salted so a plan file is no
 -- lookup table for them.
@@ -265,8 +267,8 @@ end
 
 -- ---- approvals -------------------------------------------------------------------
 
---- The approvals and denials recorded for `plan`, each a table, in order.
-local function verdicts(plan)
+--- The approvals and denials recorded for `plan`'s digest, each a table, in order.
+function M.verdicts(plan)
   local out = {}
   local f = io.open(approvals_path(plan.id), "rb")
   if not f then return out end
@@ -291,7 +293,7 @@ end
 -- expired, not by the requester, by someone the policy names, one per person.
 function M.valid_approvals(plan)
   local out, seen, by, now = {}, {}, approvers(plan), os.time()
-  for _, a in ipairs(verdicts(plan)) do
+  for _, a in ipairs(M.verdicts(plan)) do
     if not a.denied and a.by ~= plan.requested_by.user and (not by or by[a.by]) and not seen[a.by]
       and (parse_iso(a.expires) or 0) > now then
       seen[a.by] = true
@@ -305,7 +307,7 @@ end
 -- A denial does not expire: the plan is refused for good, a new plan is asked again.
 function M.denial(plan)
   local by = approvers(plan)
-  for _, a in ipairs(verdicts(plan)) do
+  for _, a in ipairs(M.verdicts(plan)) do
     if a.denied and a.by ~= plan.requested_by.user and (not by or by[a.by]) then return a end
   end
 end

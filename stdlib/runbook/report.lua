@@ -25,7 +25,8 @@ function M.run_row(id, events)
   if not r then return nil, err end
   local st = r.start
   return { run_id = id, runbook = st.runbook, started = st.time, duration = r.duration, mode = st.mode,
-    status = live_status(r), user = st.user, host = st.host, resumed = r.resumed }
+    status = live_status(r), user = st.user, host = st.host, resumed = r.resumed,
+    unattended = type(st.request) == "table" and st.request.terminal == false or nil }
 end
 
 --- Past runs, newest first: the newest `limit` (of `runbook` only, when
@@ -416,6 +417,9 @@ local function esc(v) return (tostring(v == nil and "" or v):gsub("[&<>\"']", ES
 local COLOURS = { ok = "#2da44e", failed = "#cf222e", interrupted = "#bf8700", aborted = "#8250df",
   skipped = "#8c959f", running = "#0969da" }
 local function colour(status) return COLOURS[status] or "#57606a" end
+-- A status's colour is a class (s-ok...), not a style attribute, so the page
+-- holds under a Content-Security-Policy without 'unsafe-inline' (serve's console).
+local function status_class(status) return COLOURS[status] and ("s-" .. status) or "s-other" end
 
 local CSS = [[
 body{font:14px/1.45 system-ui,sans-serif;color:#1f2328;max-width:1000px;margin:2em auto;padding:0 1em}
@@ -429,9 +433,19 @@ pre{background:#f6f8fa;padding:.6em;overflow-x:auto;white-space:pre-wrap}
 .facts,.none{color:#57606a}.error{color:#cf222e}
 svg.timeline text{font-size:12px;fill:#1f2328}svg.timeline .axis{fill:#57606a}
 ]]
+do
+  local rules = { ".status.s-other{background:#57606a}" }
+  for status, c in pairs(COLOURS) do
+    rules[#rules + 1] = ('.status.s-%s{background:%s}.step[data-status="%s"]{border-color:%s}'):format(status, c,
+      status, c)
+  end
+  table.sort(rules)
+  CSS = CSS .. table.concat(rules, "\n") .. "\n"
+end
+M.CSS = CSS
 
 local function status_badge(status)
-  return ('<span class="status" style="background:%s">%s</span>'):format(colour(status), esc(status))
+  return ('<span class="status %s">%s</span>'):format(status_class(status), esc(status))
 end
 
 --- The SVG timeline: one bar per step, placed by its start and length within
@@ -494,7 +508,7 @@ local function html_effects(add, effects)
 end
 
 local function html_step(add, st, i)
-  add('<section class="step" id="step-%d" data-step="%s" style="border-color:%s">', i, esc(st.name), colour(st.status))
+  add('<section class="step" id="step-%d" data-step="%s" data-status="%s">', i, esc(st.name), esc(st.status))
   add("<h3>%s %s</h3>", esc(step_label(st):gsub("^undo", "Undo")), status_badge(st.status))
   add('<p class="facts">%s</p>', esc(step_facts(st)))
   if #st.answers > 0 then
@@ -583,6 +597,13 @@ local function html(doc)
   add("<footer><p>Journal: <code>%s</code></p></footer>\n</body>\n</html>", esc(journal.path(doc.run_id)))
   return table.concat(out, "\n") .. "\n"
 end
+
+--- What serve's console (stdlib/runbook/console.lua) draws a run with, so
+-- its page and the HTML report are one picture: the document of a run, and
+-- the pieces of the report's HTML (each `add(fmt, ...)`-driven, escaped).
+M.document = document
+M.html = { esc = esc, stamp = stamp, dur = dur, badge = status_badge, timeline = svg_timeline, step = html_step,
+  effects = html_effects, verb = verb }
 
 --- The report of `run_id` as text in `fmt` ("markdown", "json" or "html"), or nil and a message.
 function M.report(run_id, fmt)

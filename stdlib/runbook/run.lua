@@ -35,7 +35,7 @@ end
 --- What a resume restores of the request that started the run (journaled in run_start).
 function M.journaled(req)
   return { step = req.step, yes = req.yes, wait = req.wait, undo_on_failure = req.undo_on_failure,
-    output = req.output, outputs_from = req.outputs_from, plan = req.plan }
+    output = req.output, outputs_from = req.outputs_from, plan = req.plan, terminal = host.isatty(0) }
 end
 
 --- Refuse before anything runs when we would have to ask and cannot.
@@ -205,7 +205,7 @@ end
 local function sources(req)
   local out = {}
   for i, rec in ipairs(require("runbook.env").sources) do out[i] = { path = rec.path, sha256 = rec.sha256 } end
-  if req.params_file then
+  if req.params_file and require("runbook.params").rereadable(req.params_file) then
     local sha = host.sha256_file(req.params_file)
     out[#out + 1] = { path = M.absolute(req.params_file), sha256 = sha, params = true }
   end

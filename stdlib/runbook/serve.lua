@@ -158,14 +158,14 @@ local function new_run_id()
   return os.date("!%Y%m%dT%H%M%SZ") .. "-" .. (bytes:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
 end
 
---- The argv of the child that plans or runs `rule` for `alert`, or nil and why.
+--- The argv of the child that plans or runs `rule` for `alert`, and the
+-- params it renders from the alert's labels; or nil and why.
 function Server:command(rule, alert)
-  local args = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }
+  local args, params = { self.bin, rule.mode == "plan" and "plan" or "run", rule.runbook }, {}
   for _, p in ipairs(rule.params) do
     local v, why = render(p.template, alert)
     if not v then return nil, why end
-    args[#args + 1] = "-p"
-    args[#args + 1] = p.name .. "=" .. v
+    params[p.name] = v
   end
   if rule.mode == "plan" and rule.require_approval then
     args[#args + 1] = "--require-approval"
@@ -177,7 +177,7 @@ function Server:command(rule, alert)
   end
   args[#args + 1] = rule.mode == "run" and "--yes" or rule.mode == "dry-run" and "--dry-run" or nil
   if rule.lock then args[#args + 1] = "--lock=" .. rule.lock end
-  return args
+  return args, params
 end
 
 --- Account for a child that ended with exit status `code`: a run's status,
@@ -205,7 +205,7 @@ end
 
 --- Start `argv` (a runbook command without its run id) as a child of
 -- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`;
--- `params` (an API caller's, which may hold secrets) reach it as JSON on its
+-- `params` (an API caller's or an alert's, which may hold secrets) reach it as JSON on its
 -- standard input (--params-file /dev/stdin), never in argv, where any local
 -- user sees them, nor in a file. Returns what was started, or nil and why.
 function Server:spawn(argv, name, runbook, mode, user, params)
@@ -220,7 +220,7 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   local run_id = new_run_id()
   argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
   local input = params and next(params) and cjson.encode(params)
-  if input then argv[#argv + 1] = "--params-file=/dev/stdin" end
+  if input then argv[#argv + 1], argv[#argv + 2] = "--params-file", "/dev/stdin" end
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
   if not ok then return nil, type(pid) == "table" and pid.message or tostring(pid) end
   self.children[pid], self.nchildren = { run_id = run_id, runbook = runbook, mode = mode, started = host.now() },
@@ -231,12 +231,38 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   return { runbook = runbook, mode = mode, run_id = run_id, log = log }
 end
 
+--- Note who or what started run `run_id` ({alert, labels, rule} or {by[, plan]}),
+-- for the console: in memory, and a line of state/serve/origins.jsonl that
+-- the next serve reads back (load_origins).
+function Server:note_origin(run_id, origin)
+  self.origins[run_id] = origin
+  -- Appended as approvals are (serve stays in dry-run mode, where io.open may not write).
+  local f = host.journal_open(self.log_dir .. "/origins.jsonl")
+  if f then
+    pcall(f.write, f, cjson.encode { run_id = run_id, origin = origin } .. "\n")
+    f:close()
+  end
+end
+
+local function load_origins(dir)
+  local origins, f = {}, io.open(dir .. "/origins.jsonl", "rb")
+  for line in f and f:lines() or function() end do
+    local ok, rec = pcall(cjson.decode, line)
+    if ok and type(rec) == "table" and type(rec.run_id) == "string" then origins[rec.run_id] = rec.origin end
+  end
+  if f then f:close() end
+  return origins
+end
+
 --- Start the child for `rule` and `alert` in the background. Returns what was done.
 function Server:start(rule, alert)
-  local argv, why = self:command(rule, alert)
-  local started
-  if argv then started, why = self:spawn(argv, rule.name, rule.runbook, rule.mode, self.user) end
+  local argv, params = self:command(rule, alert)
+  local started, why
+  if argv then started, why = self:spawn(argv, rule.name, rule.runbook, rule.mode, self.user, params)
+  else why = params end
   if not started then return { rule = rule.name, error = why } end
+  self:note_origin(started.run_id, { rule = rule.name, alert = rule.alertname,
+    labels = type(alert.labels) == "table" and alert.labels or nil })
   started.rule = rule.name
   if rule.mode == "plan" then started.plan = started.run_id end
   return started
@@ -314,6 +340,7 @@ function Server:start_run(body)
   local mode = doc.dry_run == true and "dry-run" or "run"
   local started, err = self:spawn(argv, doc.runbook, doc.runbook, mode, by, params)
   if not started then return 429, { error = err } end
+  self:note_origin(started.run_id, { by = by })
   started.events = "/v1/runs/" .. started.run_id .. "/events"
   return 202, started
 end
@@ -454,12 +481,14 @@ function Server:route(req)
   return 404, { error = ("no endpoint %s %s"):format(m, p) }
 end
 
---- Every request: /healthz and /metrics open, the rest behind the bearer token.
+--- Every request: /healthz and /metrics open, /v1/ behind the bearer token,
+-- the rest the console's (stdlib/runbook/console.lua), behind its login.
 function Server:handle(req)
   if req.method == "GET" and req.path == "/healthz" then return 200, "ok\n" end
   if req.method == "GET" and req.path == "/metrics" then
     return 200, self:metrics_text(), "text/plain; version=0.0.4"
   end
+  if not req.path:match("^/v1/") then return self.console:handle(req) end
   local status, doc
   local given = (req.authorization or ""):match("^Bearer%s+(.+)$") or ""
   if not require("runbook.httpd").equal(given, self.token) then
@@ -473,7 +502,7 @@ end
 
 local slurp = require("runbook.loader").read_file
 
---- `runbook serve`: o = {rules, listen, token_file, max_body, max_runs, timeout, tls_cert, tls_key};
+--- `runbook serve`: o = {rules, listen, token_file, users, max_body, max_runs, timeout, tls_cert, tls_key};
 -- resolve(name) -> path or nil, why.
 function M.serve(o, resolve)
   local rules, allowed = M.load_rules(o.rules, resolve)
@@ -489,6 +518,12 @@ function M.serve(o, resolve)
     return EXIT.usage
   end
   host.secret(token)
+  local console, users = require "runbook.console", nil
+  if o.users then
+    local text, uerr = slurp(o.users)
+    if text then users, uerr = console.load_users(o.users, text) end
+    if not users then say("--users: %s", uerr); return EXIT.usage end
+  end
   local addr, port = (o.listen or "127.0.0.1:9095"):match("^([%d%.]+):(%d+)$")
   if not addr then say("--listen: expected IPV4:PORT, got %s", o.listen); return EXIT.usage end
   local tls = {}
@@ -498,15 +533,17 @@ function M.serve(o, resolve)
     if o[k] then tls[k], why = slurp(o[k]) end
     if o[k] and not tls[k] then say("--%s: %s", k:gsub("_", "-"), why); return EXIT.usage end
   end
+  local log_dir = journal.mkdirs(journal.state_dir() .. "/serve")
   local self = setmetatable({ rules = rules, allowed = allowed, token = token, children = {}, nchildren = 0,
     by_run = {}, exits = {}, nexits = 0, seen = {}, spawned = 0,
     pid = host.identity().pid,
     max_runs = o.max_runs or 4,
     bin = require("lfs").symlinkattributes("/proc/self/exe").target,
     user = os.getenv("RUNBOOK_USER") or "runbook-serve",
-    log_dir = journal.mkdirs(journal.state_dir() .. "/serve"),
+    log_dir = log_dir, origins = load_origins(log_dir),
     metrics = { received = 0, deduplicated = 0, throttled = 0, refused = 0, started = {}, runs = {}, durations = {},
       last_success = {} } }, Server)
+  self.console = console.new(self, { users = users, secure = tls.tls_cert ~= nil })
   local ok, server = pcall(require("runbook.httpd").listen, { host = addr, port = tonumber(port),
     max_body = o.max_body or 1048576, timeout = o.timeout or 10, tls_cert = tls.tls_cert, tls_key = tls.tls_key,
     handler = function(req) return self:handle(req) end })
