@@ -14,7 +14,7 @@ endif
 HOST_SRC = $(wildcard host/*.c)
 # sha256 from nettle, linked statically: a few KB, nothing more to load at start.
 HOST_LIBS = -l:libnettle.a
-MODULES  = exec http k8s k8s_exec pg redis kafka httpd
+MODULES  = exec http k8s k8s_exec ws pg redis kafka httpd tls
 MODULE_SO = $(MODULES:%=lib/runbook/%.so)
 # The stdlib precompiled to bytecode: parsing the source was most of start-up.
 STDLIB_SRC := $(shell find stdlib -name '*.lua')
@@ -29,17 +29,19 @@ STDLIB_BC += $(ARGPARSE:/usr/share/lua/5.4/%.lua=lib/lua/%.luac)
 LIBS_http  = -lcurl
 LIBS_k8s   = -lcurl
 LIBS_k8s_exec = -lwebsockets
+LIBS_ws    = -lwebsockets
 LIBS_kafka = -lrdkafka
 LIBS_pg    = $(shell pkg-config --cflags --libs libpq 2>/dev/null || echo -I/usr/include/postgresql -lpq)
 LIBS_redis = -lhiredis -lssl -lcrypto
 LIBS_httpd = -lmicrohttpd
+LIBS_tls   = -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev libwebsockets-dev \
-  libmicrohttpd-dev \
+  libmicrohttpd-dev lua-luaossl \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps strace tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
-  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests chromium nodejs
+  prometheus prometheus-alertmanager prometheus-pushgateway python3-requests python3-websockets chromium nodejs
 # The console's browser spec (spec/console/browser_spec.lua) drives Debian's chromium with
 # playwright-core from npm, pinned, installed under build/node (not in the tree).
 PLAYWRIGHT_CORE = playwright-core@1.65.1

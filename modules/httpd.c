@@ -38,7 +38,7 @@
 #include "runbook.h"
 
 #define SERVER_MT "runbook.httpd.server"
-#define STREAM_POLL 0.25   /* seconds a waiting stream waits before its function is asked again */
+#define STREAM_POLL 0.05   /* seconds a waiting stream waits before its function is asked again */
 
 typedef struct stream stream;
 

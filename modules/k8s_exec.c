@@ -34,11 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <libwebsockets.h>
-#include <lauxlib.h>
-#include <lua.h>
-
-#include "module.h"
+#include "lws_glue.h"
 
 #define SESSION_MT "runbook.k8s_exec.session"
 #define CONTEXT_MT "runbook.k8s_exec.context"
@@ -46,7 +42,6 @@
 #define STDIN_CHUNK 32768
 #define OUTPUT_MAX (1024u * 1024u * 1024u)   /* 1 GiB per stream: a runaway command, not a result */
 #define SUMMARY_MAX 200
-#define TICK_US (50 * LWS_US_PER_MS)
 
 static int k8s_exec_run(lua_State *L);
 
@@ -57,24 +52,8 @@ static const luaL_Reg k8s_exec_funcs[] = {
 
 typedef struct { char *data; size_t len, cap; } bytes;
 
-/* The lws context (its TLS setup costs some 200 ms) is kept for the next
- * exec with the same server and credentials, in the module's upvalue. */
-typedef struct {
-    struct lws_context *ctx;
-    char *key;                 /* the options it was made for */
-    size_t key_len;
-} context;
-
-static void context_free(context *c) {
-    if (c->ctx) lws_context_destroy(c->ctx);
-    c->ctx = NULL;
-    if (c->key) memset(c->key, 0, c->key_len);
-    free(c->key);
-    c->key = NULL;
-}
-
 static int context_gc(lua_State *L) {
-    context_free(luaL_checkudata(L, 1, CONTEXT_MT));
+    wsc_cache_free(luaL_checkudata(L, 1, CONTEXT_MT));
     return 0;
 }
 
@@ -82,20 +61,16 @@ static int context_gc(lua_State *L) {
  * finalizer frees the buffers, so an error raised anywhere leaks nothing.
  * The connection itself is always closed before run() returns or raises. */
 typedef struct {
-    lws_sorted_usec_list_t tick;  /* wakes lws_service up to check the deadline and Ctrl-C */
-    int ticking;
-    struct lws *wsi;
+    wsc_conn conn;             /* first: lws_glue.h finds it through the wsi's user pointer */
     bytes out[4];              /* by channel: 1 stdout, 2 stderr, 3 status */
     int channel;               /* of the message being received */
     const char *stdin_data;    /* owned by opts, anchored on the stack */
     size_t stdin_len, stdin_sent;
     int stdin_closed;          /* the v5 close message went out (or is not needed) */
     int v5;
-    int done;                  /* the connection closed */
     int too_large;
     char auth[4096];           /* "Bearer ..." or "" */
     char protocol[32];         /* the subprotocol the server chose */
-    char error[256];           /* why the connection failed, when it did */
     unsigned char *tx;         /* LWS_PRE + 1 + STDIN_CHUNK */
 } session;
 
@@ -108,18 +83,6 @@ static void session_free(session *s) {
     free(s->tx);
     s->tx = NULL;
     memset(s->auth, 0, sizeof s->auth);
-}
-
-static void tick(lws_sorted_usec_list_t *sul) {
-    (void)sul;
-}
-
-/* Close the connection now (the callbacks for it run before this returns). */
-static void session_close(session *s) {
-    if (s->ticking) lws_sul_cancel(&s->tick);
-    s->ticking = 0;
-    if (s->wsi) lws_set_timeout(s->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_SYNC);
-    s->wsi = NULL;
 }
 
 static int session_gc(lua_State *L) {
@@ -198,28 +161,15 @@ static int callback(struct lws *wsi, enum lws_callback_reasons reason, void *use
         if (s->channel >= 1 && s->channel <= 3 && append(s, &s->out[s->channel], p, len) < 0) return -1;
         /* The status is the last message, as kubectl takes it: done without
          * waiting for the close handshake. */
-        if (s->channel == 3 && lws_is_final_fragment(wsi)) s->done = 1;
+        if (s->channel == 3 && lws_is_final_fragment(wsi)) s->conn.done = 1;
         break;
     }
-    case LWS_CALLBACK_CLIENT_CONNECTION_ERROR:
-        snprintf(s->error, sizeof s->error, "%s", in ? (const char *)in : "connection failed");
-        s->done = 1;
-        s->wsi = NULL;
-        break;
-    case LWS_CALLBACK_CLIENT_CLOSED:
-        s->done = 1;
-        s->wsi = NULL;
-        break;
     default:
+        wsc_event(&s->conn, wsi, reason, in);
         break;
     }
     return 0;
 }
-
-static const struct lws_protocols protocols[] = {
-    {"k8s-exec", callback, 0, 65536, 0, NULL, 0},
-    {NULL, NULL, 0, 0, 0, NULL, 0}
-};
 
 /* ---- options ------------------------------------------------------------ */
 
@@ -302,46 +252,11 @@ static void push_summary(lua_State *L, const arg *argv, int argc, const char *ns
     lua_remove(L, -2);
 }
 
-/* "https://host:port" -> host, port, tls. */
-static void parse_server(lua_State *L, const char *server, char *host, size_t hostlen, int *port, int *tls) {
-    *tls = strncmp(server, "https://", 8) == 0;
-    if (!*tls && strncmp(server, "http://", 7) != 0) luaL_argerror(L, 1, "server must be an http:// or https:// URL");
-    const char *p = server + (*tls ? 8 : 7);
-    size_t n = strcspn(p, "/");
-    const char *colon = NULL;
-    if (*p == '[') {   /* [v6]:port */
-        const char *close = memchr(p, ']', n);
-        if (!close) luaL_argerror(L, 1, "server: bad IPv6 address");
-        colon = close[1] == ':' ? close + 1 : NULL;
-        p++;
-        n = (size_t)(close - p);
-    } else {
-        colon = memchr(p, ':', n);
-        if (colon) n = (size_t)(colon - p);
-    }
-    if (n == 0 || n >= hostlen) luaL_argerror(L, 1, "server: bad host");
-    memcpy(host, p, n);
-    host[n] = '\0';
-    *port = colon ? atoi(colon + 1) : (*tls ? 443 : 80);
-    if (*port <= 0 || *port > 65535) luaL_argerror(L, 1, "server: bad port");
-}
-
 /* ---- run ------------------------------------------------------------------ */
-
-static void set_tls(lua_State *L, struct lws_context_creation_info *ci) {
-    size_t len;
-    const char *v;
-    if ((v = opt_string(L, 1, "ca_data", &len, NULL))) ci->client_ssl_ca_mem = v, ci->client_ssl_ca_mem_len = (unsigned)len;
-    ci->client_ssl_ca_filepath = opt_string(L, 1, "ca_file", NULL, NULL);
-    if ((v = opt_string(L, 1, "cert_data", &len, NULL))) ci->client_ssl_cert_mem = v, ci->client_ssl_cert_mem_len = (unsigned)len;
-    ci->client_ssl_cert_filepath = opt_string(L, 1, "cert_file", NULL, NULL);
-    if ((v = opt_string(L, 1, "key_data", &len, NULL))) ci->client_ssl_key_mem = v, ci->client_ssl_key_mem_len = (unsigned)len;
-    ci->client_ssl_private_key_filepath = opt_string(L, 1, "key_file", NULL, NULL);
-}
 
 static int fail(lua_State *L, session *s, const rb_effect *e, rb_decision d, const char *code, int retryable,
                 const char *msg) {
-    session_close(s);
+    wsc_close(&s->conn);
     if (e) gate_failed(L, e, d, msg);
     return rb_error(L, "k8s", "exec", code, retryable, "%s", msg);
 }
@@ -358,46 +273,6 @@ static void push_result(lua_State *L, session *s) {
     lua_setfield(L, -2, "protocol");
 }
 
-/* The cached context when opts ask for the same TLS setup, else a new one. */
-static struct lws_context *get_context(lua_State *L, int tls) {
-    context *c = lua_touserdata(L, lua_upvalueindex(1));
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    static const char *const fields[] = {"server", "ca_data", "ca_file", "cert_data", "cert_file", "key_data", "key_file"};
-    for (size_t i = 0; i < sizeof fields / sizeof *fields; i++) {
-        size_t len;
-        const char *v = opt_string(L, 1, fields[i], &len, "");
-        luaL_addlstring(&b, v, len);
-        luaL_addchar(&b, '\0');
-    }
-    luaL_addchar(&b, opt_bool(L, 1, "insecure") ? '1' : '0');
-    luaL_pushresult(&b);
-    size_t len;
-    const char *key = lua_tolstring(L, -1, &len);
-    if (c->ctx && c->key_len == len && memcmp(c->key, key, len) == 0) {
-        lua_pop(L, 1);
-        return c->ctx;
-    }
-    context_free(c);
-    if (!(c->key = malloc(len))) return NULL;
-    memcpy(c->key, key, len);
-    c->key_len = len;
-    lua_pop(L, 1);
-
-    struct lws_context_creation_info ci;
-    memset(&ci, 0, sizeof ci);
-    ci.port = CONTEXT_PORT_NO_LISTEN;
-    ci.protocols = protocols;
-    ci.gid = -1;
-    ci.uid = -1;
-    if (tls) {
-        ci.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
-        set_tls(L, &ci);
-    }
-    lws_set_log_level(0, NULL);
-    return c->ctx = lws_create_context(&ci);
-}
-
 static int k8s_exec_run(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
@@ -406,14 +281,12 @@ static int k8s_exec_run(lua_State *L) {
     size_t stdin_len = 0;
     const char *stdin_data = opt_string(L, 1, "stdin", &stdin_len, NULL);
     const char *token = opt_string(L, 1, "token", NULL, NULL);
-    const char *sni = opt_string(L, 1, "tls_server_name", NULL, NULL);
     if (token && (strlen(token) + 8 > sizeof ((session *)0)->auth || strpbrk(token, "\r\n")))
         luaL_argerror(L, 1, "token is too long or has a line break");
     double timeout = rb_remaining(L, opt_seconds(L, 1, "timeout", DEFAULT_TIMEOUT));
-    int is_read = opt_bool(L, 1, "read"), insecure = opt_bool(L, 1, "insecure");
-    char host[256];
-    int port, tls;
-    parse_server(L, server, host, sizeof host, &port, &tls);
+    int is_read = opt_bool(L, 1, "read");
+    wsc_url u;
+    wsc_parse_url(L, "server", server, &u);
     int argc;
     const arg *argv = check_command(L, &argc);                             /* 2 */
     push_path(L, argv, argc, ns, pod, container, stdin_data != NULL);      /* 3 */
@@ -436,45 +309,22 @@ static int k8s_exec_run(lua_State *L) {
     if (!is_read && (d = rb_gate(L, &e)) == RB_SKIP) return gate_skipped(L, &e);
     const rb_effect *ge = is_read ? NULL : &e;
 
-    struct lws_context *ctx = get_context(L, tls);
+    struct lws_context *ctx = wsc_context(L, lua_touserdata(L, lua_upvalueindex(1)), u.tls, "k8s-exec", callback, 65536);
     if (!ctx) return fail(L, s, ge, d, "tls", 0, "k8s exec: cannot set up the connection (TLS material?)");
-
-    struct lws_client_connect_info cc;
-    memset(&cc, 0, sizeof cc);
-    cc.context = ctx;
-    cc.address = host;
-    cc.port = port;
-    cc.path = path;
-    cc.host = sni ? sni : host;
-    cc.origin = cc.host;
-    cc.ssl_connection = tls ? LCCSCF_USE_SSL : 0;
-    if (tls && insecure) cc.ssl_connection |= LCCSCF_ALLOW_SELFSIGNED | LCCSCF_SKIP_SERVER_CERT_HOSTNAME_CHECK | LCCSCF_ALLOW_INSECURE;
-    cc.alpn = "http/1.1";
-    cc.protocol = "v5.channel.k8s.io,v4.channel.k8s.io";
-    cc.local_protocol_name = "k8s-exec";
-    cc.userdata = s;
-    cc.pwsi = &s->wsi;
-    if (!lws_client_connect_via_info(&cc) && !s->done)
+    if (!wsc_start(L, &s->conn, ctx, &u, path, "v5.channel.k8s.io,v4.channel.k8s.io", "k8s-exec"))
         return fail(L, s, ge, d, "couldnt_connect", 1, lua_pushfstring(L, "k8s exec: cannot connect to %s", server));
 
-    double deadline = rb_now() + timeout;
-    while (!s->done) {
-        if (rb_interrupted())
-            return fail(L, s, ge, d, "interrupted", 0, lua_pushfstring(L, "k8s exec in pod %s/%s: interrupted", ns, pod));
-        if (rb_now() > deadline)
-            return fail(L, s, ge, d, "timeout", 1, lua_pushfstring(L, "k8s exec in pod %s/%s: timed out after %ss, connection closed",
-                                                                   ns, pod, lua_pushfstring(L, "%f", timeout)));
-        /* lws_service waits for the next scheduled event (its timeout
-         * argument is ignored): a tick bounds the wait. */
-        lws_sul_schedule(ctx, 0, &s->tick, tick, TICK_US);
-        s->ticking = 1;
-        lws_service(ctx, 0);
-    }
+    const char *why = wsc_wait(&s->conn, ctx, rb_now() + timeout, NULL);
+    if (why && *why == 'i')
+        return fail(L, s, ge, d, "interrupted", 0, lua_pushfstring(L, "k8s exec in pod %s/%s: interrupted", ns, pod));
+    if (why)
+        return fail(L, s, ge, d, "timeout", 1, lua_pushfstring(L, "k8s exec in pod %s/%s: timed out after %ss, connection closed",
+                                                               ns, pod, lua_pushfstring(L, "%f", timeout)));
     if (s->too_large)
         return fail(L, s, ge, d, "out_of_memory", 0, lua_pushfstring(L, "k8s exec in pod %s/%s: output too large", ns, pod));
-    if (s->error[0])
-        return fail(L, s, ge, d, "couldnt_connect", 1, lua_pushfstring(L, "k8s exec in pod %s/%s: %s", ns, pod, s->error));
-    session_close(s);
+    if (s->conn.error[0])
+        return fail(L, s, ge, d, "couldnt_connect", 1, lua_pushfstring(L, "k8s exec in pod %s/%s: %s", ns, pod, s->conn.error));
+    wsc_close(&s->conn);
     push_result(L, s);
     if (ge) {
         int ok = s->out[3].data && strstr(s->out[3].data, "\"Success\"");
@@ -486,11 +336,5 @@ static int k8s_exec_run(lua_State *L) {
 }
 
 int luaopen_runbook_k8s_exec(lua_State *L) {
-    luaL_newlibtable(L, k8s_exec_funcs);
-    context *c = lua_newuserdatauv(L, sizeof *c, 0);
-    memset(c, 0, sizeof *c);
-    rb_class(L, CONTEXT_MT, NULL, context_gc);
-    lua_setmetatable(L, -2);
-    luaL_setfuncs(L, k8s_exec_funcs, 1);
-    return 1;
+    return wsc_open_module(L, k8s_exec_funcs, CONTEXT_MT, context_gc);
 }

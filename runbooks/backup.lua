@@ -12,6 +12,7 @@
 
 name = "backup"
 description = "Back up PostgreSQL (and optionally the namespace's Kubernetes configuration and Kafka topics) into a verified set with one manifest; keep the newest N"
+replaces = { "001-13" }
 version = "1.0.0"
 
 param "dir" { default = "./backups", help = "directory the backup sets go in (each set is DIR/PREFIX-YYYYMMDDTHHMMSSZ/)" }

@@ -15,6 +15,7 @@
 
 name = "blue-green-switch"
 description = "Deploy a new color beside the live deployment, health-check it, switch the Ingress, watch, retire the old color"
+replaces = {}
 version = "1.0.0"
 on_failure = "undo"
 

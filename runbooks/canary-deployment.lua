@@ -19,6 +19,7 @@
 
 name = "canary-deployment"
 description = "Deploy a canary of a new image, shift traffic 10/25/50/100% by Ingress weight, gated on its error rate and p95; promote or abort"
+replaces = { "003-3" }
 version = "1.0.0"
 on_failure = "undo"
 

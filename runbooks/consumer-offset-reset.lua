@@ -13,6 +13,7 @@
 
 name = "consumer-offset-reset"
 description = "Stop a consumer group's consumers, reset its offsets (earliest, latest, an offset, a shift, a time), verify, start them again"
+replaces = { "002-10" }
 version = "1.0.0"
 on_failure = "undo"
 

@@ -18,6 +18,7 @@
 
 name = "crashloop-triage"
 description = "Diagnose a crash-looping, OOM-killed or not-starting deployment (reasons, previous logs, config, claims, pull secrets) and offer the fix"
+replaces = { "000-6", "001-7", "004-3", "004-5" }
 version = "1.0.0"
 
 params (steps.params) { "deployment", "namespace" }

@@ -1,9 +1,10 @@
 -- daily-health-check.lua: the morning check, for cron.
 --
 -- Replaces seed 003 "Daily Health Check" (curl /api/health, database and Redis
--- health through the app, WebSocket, disk) and its "Key Metrics" table. Read
--- only: every check runs even when an earlier one failed, the last step gives
--- the verdict, and the run exits 1 when something is unhealthy, so cron and
+-- health through the app, WebSocket, disk) and its "Key Metrics" table. The
+-- WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
+-- it), else not checked. Read only: every check runs even when an earlier one
+-- failed, the last step gives the verdict, and the run exits 1 when something is unhealthy, so cron and
 -- CI see it. With --output json each check's result is in its step_end
 -- event's outputs and the verdict's outputs hold the whole summary.
 --
@@ -11,7 +12,8 @@
 --   runbook run daily-health-check -p lag_threshold=5000
 
 name = "daily-health-check"
-description = "Read-only health check of the namespace: deployments and nodes, service /health, PostgreSQL, Redis, Kafka and lag, Dapr, resource use"
+description = "Read-only health check of the namespace: deployments and nodes, service /health, PostgreSQL, Redis, Kafka and lag, Dapr, the WebSocket endpoint, resource use"
+replaces = { "000-1", "000-15", "001-1", "001-3", "003-5", "003-6" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
@@ -22,6 +24,7 @@ param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL
 param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
 param "metrics_window" { default = "5m", help = "PromQL rate window of the key metrics" }
 param "disk_warn" { type = "number", default = 0.8, help = "a pod's log volume at this share full is a warning, 10 points more a problem (seed 003: df -h)" }
+param "websocket_url" { default = "", help = "the WebSocket endpoint whose handshake and ping are checked (ws:// or wss://); default $WEBSOCKET_URL, neither: not checked" }
 param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
 
 -- Each check returns {problems = {...}, warnings = {...}} in its outputs.
@@ -42,8 +45,8 @@ local function check_step(description, check)
   end }
 end
 
-local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "Resource use",
-  "Disk use in pods", "Key metrics" }
+local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "WebSocket",
+  "Resource use", "Disk use in pods", "Key metrics" }
 
 -- Seed 000's and seed 003's key-metric tables: above `warn` a warning, above `critical` a problem.
 -- In each query $ns is the namespace and $w the rate window; each row is one service or pod.
@@ -109,6 +112,22 @@ step "Consumer lag" (check_step("kafka-consumer-groups --describe for each group
       end
     end
     return { lag = lags }
+  end))
+
+step "WebSocket" (check_step("curl -H 'Upgrade: websocket' URL: the endpoint completes the WebSocket handshake and answers a ping (seed 003)",
+  function(ctx, f)
+    local url = ctx.params.websocket_url ~= "" and ctx.params.websocket_url or os.getenv("WEBSOCKET_URL") or ""
+    if url == "" then
+      log.info("no websocket_url or WEBSOCKET_URL: WebSocket not checked")
+      return { checked = false }
+    end
+    local ok, r = pcall(http.websocket, url, { timeout = "10s" })
+    if not ok then
+      f.problem("%s", tostring(type(r) == "table" and r.message or r))
+      return { checked = true, url = url }
+    end
+    log.info("%s: handshake in %s, pong in %s", url, duration.format(r.connect), duration.format(r.pong))
+    return { checked = true, url = url, connect = r.connect, pong = r.pong }
   end))
 
 step "Resource use" (check_step("kubectl top pods: containers near their memory (85%) or CPU (80%) limit are warnings (seed 003's key metrics)",
@@ -191,11 +210,12 @@ step "Verdict" {
     for _, name in ipairs(CHECKS) do
       local o = ctx.skipped(name) and { problems = {}, warnings = { name .. " was not checked (skipped)" } }
         or ctx.outputs[name]
-      summary[name] = ctx.skipped(name) and "skipped" or #o.problems == 0 and "ok" or "failed"
+      summary[name] = ctx.skipped(name) and "skipped" or o.checked == false and "not checked"
+        or #o.problems == 0 and "ok" or "failed"
       for _, p in ipairs(o.problems) do problems[#problems + 1] = p end
       for _, w in ipairs(o.warnings) do warnings[#warnings + 1] = w end
     end
-    local MARK = { ok = "✅", failed = "❌", skipped = "➖" }
+    local MARK = { ok = "✅", failed = "❌", skipped = "➖", ["not checked"] = "➖" }
     for _, name in ipairs(CHECKS) do log.info("%s %s", MARK[summary[name]], name) end
     if #warnings > 0 then log.info("%d warnings (not failing the check)", #warnings) end
     if #problems > 0 then

@@ -13,6 +13,7 @@
 
 name = "dapr-pubsub-check"
 description = "Check Dapr pub/sub end to end: sidecars, the Kafka component, topics, subscriptions, and a test event seen on Kafka"
+replaces = { "000-7", "000-10", "001-8" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)

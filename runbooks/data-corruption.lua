@@ -13,6 +13,7 @@
 
 name = "data-corruption"
 description = "Show the corruption, stop the writers, back up the corrupted state, restore a good backup set, validate, resume writes"
+replaces = { "002-25", "004-18" }
 version = "1.0.0"
 on_failure = "undo"
 

@@ -10,6 +10,7 @@
 
 name = "db-maintenance"
 description = "Sizes and dead rows, purge checkpoints older than N days (counted first, in batches), VACUUM ANALYZE, sizes again"
+replaces = { "004-15" }
 version = "1.0.0"
 
 param "older_than" { type = "duration", default = "30d", help = "checkpoints created longer ago than this are deleted (seed: 30 days)" }

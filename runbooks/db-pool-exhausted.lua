@@ -13,6 +13,7 @@
 
 name = "db-pool-exhausted"
 description = "Connections by application and state against max_connections; end sessions idle in transaction; optionally raise the app's pool; verify"
+replaces = {}
 version = "1.0.0"
 
 param "idle_for" { type = "duration", default = "5m", help = "sessions idle in a transaction longer than this are ended" }

@@ -12,6 +12,7 @@
 
 name = "disk-cleanup"
 description = "Find what fills a deployment's pods' log volume and delete old rotated logs"
+replaces = { "004-16" }
 version = "1.0.0"
 
 params (steps.params) { "deployment", "namespace", "container" }

@@ -14,6 +14,7 @@
 
 name = "dlq-replay"
 description = "Check the consumer, summarize the dead-letter topic by error, replay the chosen messages to their original topic"
+replaces = { "002-22" }
 version = "1.0.0"
 
 param "dlq_topic" { default = "reminders-dlq", help = "the dead-letter topic" }

@@ -13,6 +13,7 @@
 
 name = "kafka-lag-remediation"
 description = "Measure a consumer group's lag; over the threshold, scale its consumers (capped at the partition count) and watch the lag drain"
+replaces = { "000-13", "001-8", "002-6", "002-21" }
 version = "1.0.0"
 
 param "group" (steps.params.group)

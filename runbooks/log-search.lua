@@ -12,6 +12,7 @@
 
 name = "log-search"
 description = "Search a deployment's logs across its pods by level, correlation id, pattern and time range"
+replaces = { "000-10" }
 version = "1.0.0"
 
 params (steps.params) { "deployment", "namespace", "container" }

@@ -11,6 +11,7 @@
 
 name = "maintenance-window"
 description = "Silence the namespace's alerts for the window, check a recent backup, scale up for buffer, roll out the new image, verify health and the error rate, scale back, end the silence"
+replaces = { "000-16" }
 version = "1.0.0"
 
 param "deployment" { required = true, help = "the deployment to change, e.g. todo-chatbot-backend" }

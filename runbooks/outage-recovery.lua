@@ -11,6 +11,7 @@
 
 name = "outage-recovery"
 description = "Assess a namespace, restart what is unhealthy, roll back recent changes that still fail, verify /health"
+replaces = { "001-7", "002-24" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)

@@ -12,6 +12,7 @@
 
 name = "restore"
 description = "Verify a backup set, stop the writers, keep a safety backup, restore the database, validate it, start the writers"
+replaces = {}
 version = "1.0.0"
 on_failure = "undo"
 

@@ -11,6 +11,7 @@
 
 name = "rollback"
 description = "Roll a deployment back to the revision before its last change (or a given one), wait, verify /health and the error rate"
+replaces = { "000-5", "004-9" }
 version = "1.0.0"
 
 params (steps.params) { "deployment", "namespace" }

@@ -13,6 +13,14 @@ describe("cli", function()
     end
   end)
 
+  it("describes the seed procedures a runbook replaces", function()
+    local r = cli.run { "describe", "runbooks/rollback.lua" }
+    assert.are.equal(0, r.code, r.stderr)
+    assert.truthy(r.stdout:find("Replaces seed procedures: 000-5, 004-9\n", 1, true), r.stdout)
+    r = cli.run { "describe", "examples/hello.lua" }
+    assert.falsy(r.stdout:find("Replaces", 1, true), r.stdout)
+  end)
+
   it("lints runbooks, and lists those on RUNBOOK_PATH with their descriptions", function()
     local r = cli.run { "lint", "examples/hello.lua" }
     assert.are.equal(0, r.code, r.stderr)

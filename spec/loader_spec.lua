@@ -21,6 +21,16 @@ local cases = {
     ":3:", "param 'p': unknown type 'float'" },
   { "no steps", "name = 'x'\ndescription = 'd'\n", ":1:", "runbook has no steps" },
   { "a name of the wrong type", "name = 3\ndescription = 'd'\nstep 'a' { run = function() end }\n", ":1:", "name must be a string" },
+  { "replaces as a string", "name = 'x'\ndescription = 'd'\nreplaces = '000-1'\nstep 'a' { run = function() end }\n",
+    ":1:", "replaces must be a table, got string" },
+  { "a malformed seed id in replaces", "name = 'x'\ndescription = 'd'\nreplaces = { '000-1', '00-11' }\nstep 'a' { run = function() end }\n",
+    ":3: replaces", 'entry 2 ("00-11") is not a seed procedure id NNN-N' },
+  { "a number in replaces", "name = 'x'\ndescription = 'd'\n\nreplaces = { 4 }\nstep 'a' { run = function() end }\n",
+    ":4: replaces", "entry 1 (number) is not a seed procedure id" },
+  { "a seed id named twice in replaces", "name = 'x'\ndescription = 'd'\nreplaces = { '000-1', '000-1' }\nstep 'a' { run = function() end }\n",
+    ":3: replaces", "000-1 is named twice" },
+  { "replaces with keys", "name = 'x'\ndescription = 'd'\nreplaces = { seed = '000-1' }\nstep 'a' { run = function() end }\n",
+    ":3: replaces", "expected a list of seed procedure ids" },
 }
 
 describe("loading", function()

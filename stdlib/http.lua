@@ -17,6 +17,19 @@
 --     it answered with a status accepted by `expect` (default: below 400);
 --     refused connections and timeouts are results with error and code
 --     ("couldnt_connect", "timeout"), never raised.
+--   http.websocket(url, {timeout = "10s", protocol = "chat", ping = true, send = "hello", expect = "^hello$",
+--                       cafile=, insecure=, cert=, key=})
+--     -> {ok = true, status = 101, protocol, connect = seconds, pong = seconds, reply, binary, latency, skipped}
+--     A WebSocket endpoint probed, as seed 003's curl -H "Upgrade: websocket"
+--     and more: the handshake, a ping answered by a pong (unless ping =
+--     false), and with send a text message sent and the first message back
+--     read as reply, which must match the Lua pattern expect when given.
+--     The handshake and the ping are reads. The message is a write (the
+--     endpoint may act on it): in a dry run it is not sent, and the result
+--     has skipped = true and no reply. Failures raise, naming the URL:
+--     code "couldnt_connect", the status ("503") when the upgrade is
+--     refused, "timeout", "closed" (closed before the pong or the reply),
+--     "unexpected_reply".
 --
 -- Non-2xx statuses are returned by request and the method helpers; only
 -- check raises for them (code = the status, retryable for 5xx and 429).
@@ -105,6 +118,35 @@ for _, method in ipairs { "get", "head", "post", "put", "patch", "delete" } do
   http[method] = function(url, opts)
     return http.request(with(method:upper(), url, opts))
   end
+end
+
+local function option(opts, name, kind)
+  local v = opts[name]
+  if v ~= nil and type(v) ~= kind then error(("http.websocket: %s must be a %s"):format(name, kind), 3) end
+  return v
+end
+
+function http.websocket(url, opts)
+  if type(url) ~= "string" then error("http.websocket expects a URL (ws://host:port/path)", 2) end
+  opts = opts or {}
+  if type(opts) ~= "table" then error("http.websocket: options must be a table", 2) end
+  local expect = option(opts, "expect", "string")
+  if expect then
+    local ok, err = pcall(string.find, "", expect)
+    if not ok then error(("http.websocket: expect is not a valid Lua pattern: %s"):format(err), 2) end
+  end
+  if opts.insecure then warn("TLS verification disabled for " .. url) end
+  local r = require("runbook.ws").probe {
+    url = url, timeout = duration.check(opts.timeout or "10s", "http.websocket timeout"),
+    protocol = option(opts, "protocol", "string"), ping = opts.ping ~= false, send = option(opts, "send", "string"),
+    ca_file = opts.cafile, insecure = opts.insecure, cert_file = opts.cert, key_file = opts.key,
+  }
+  if expect and r.reply and not r.reply:find(expect) then
+    raise { op = "websocket", code = "unexpected_reply", retryable = false,
+      message = ("WebSocket %s: the reply %q does not match %q"):format(url, r.reply:sub(1, 200), expect) }
+  end
+  r.ok = true
+  return r
 end
 
 function http.check(url, opts)

@@ -3,7 +3,7 @@
 -- (spec/adversarial/support.lua); the backend is looked at before and after
 -- with its own client (kubectl, curl against a local HTTP server, redis-cli
 -- for Dapr's state, the file system for what a librdkafka property could
--- make) and must be the same. A row may be refused with an error or skipped
+-- make, the sandbox's WebSocket app's count of messages) and must be the same. A row may be refused with an error or skipped
 -- as a write; either way the world is as it was.
 --
 -- Adding a variant: a row {name, body = <Lua run inside the step>,
@@ -115,6 +115,12 @@ backends.mark = {
   end,
 }
 
+-- The messages the sandbox's WebSocket endpoint (${WS}) has received, by its /stats.
+backends.ws_messages = { reset = function() end, snapshot = function()
+  local stats = must("curl -s -f -m 5 " .. q(vars.WS:gsub("^ws:", "http:"):gsub("/ws$", "/stats")))
+  return require("cjson").decode(stats).messages_received
+end }
+
 local CM = [[{apiVersion = "v1", kind = "ConfigMap", metadata = {name = "attack"}, data = {x = "1"}}]]
 local CM_PATH = "/api/v1/namespaces/${NS}/configmaps"
 
@@ -183,6 +189,15 @@ local rows = {
       insecure = c.cfg.insecure, namespace = "${NS}", pod = pod.metadata.name,
       container = pod.spec.containers[1].name, command = { "touch", "/tmp/pwned" }, read = false }]] },
 
+  -- A WebSocket message: runbook.ws asks the gate in C once the handshake is
+  -- done, right before the message is queued (the handshake and ping are reads).
+  { "http.websocket: a message sent", check = "ws_messages", body = [[
+    require("http").websocket("${WS}", { send = "pwned" })]] },
+  { "http.websocket: a message sent without a ping, to a subprotocol", check = "ws_messages", body = [[
+    require("http").websocket("${WS}", { send = "pwned", ping = false, protocol = "chat" })]] },
+  { "runbook.ws: the module called directly with a message", check = "ws_messages", body = [[
+    require("runbook.ws").probe { url = "${WS}", send = "pwned", ping = true }]] },
+
   -- A body on a GET or HEAD.
   { "http.get with a body", check = "http", body = [[
     require("http").get("${HTTP}/capture/get", { body = "x" })]] },
@@ -240,6 +255,7 @@ setup(function()
   tmp = cli.tmpdir()
   local port, pid = cli.fixture("http_server.py")
   vars.HTTP, fixture_pid = "http://127.0.0.1:" .. port, pid
+  vars.WS = os.getenv("WEBSOCKET_URL")
   vars.MARK = tmp .. "/mark"
   -- a library whose loading alone leaves the mark, as any code librdkafka loaded could
   vars.EVIL_SO = tmp .. "/evil.so"

@@ -83,9 +83,20 @@ step "write" { run = function(ctx)
 end }
 ]]
 
+-- Fails at its second step until the file `ready` exists: a resume then finishes it.
+local FLAKY = [[
+name = "flaky" description = "fails until ready"
+param "ready" {}
+step "first" { run = function() log.info("first") end }
+step "second" { run = function(ctx)
+  if not fs.exists(ctx.params.ready) then error("not ready yet") end
+end }
+]]
+
 setup(function()
   dir = cli.tmpdir()
   local writer = cli.write(dir .. "/writer.lua", WRITER)
+  local flaky = cli.write(dir .. "/flaky.lua", FLAKY)
   -- Apply needs a plan's secrets given again: the console's plans have none.
   cli.write(dir .. "/planned.lua", (WRITER:gsub('param "api_key"[^\n]*\n', "")))
   local rules = cli.write(dir .. "/rules.yml", ([[
@@ -95,8 +106,8 @@ rules:
     runbook: %s
     mode: dry-run
     params: {note: "{{ labels.service }}", out: "%s/alert-out"}
-runs: [%s]
-]]):format(writer, dir, writer))
+runs: [%s, %s]
+]]):format(writer, dir, writer, flaky))
   local users = cli.write(dir .. "/users", ("# name role token\nalice approver %s\nvictor viewer %s\n"):format(ALICE,
     VICTOR))
   serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:0", "--token-file",
@@ -186,16 +197,112 @@ describe("runbook serve's console", function()
     _, _, page = http("GET", "/runs/" .. alert_run, { jar = jar })
     assert.is_nil(page:find(LABEL, 1, true))
     assert.truthy(page:find("&lt;img src=x onerror=alert(1)&gt;", 1, true), page)
+    -- The rule's mode is dry-run: the page says so, and what the step would have done.
+    assert.truthy(page:find('<span class="dry">dry run</span>', 1, true))
+    assert.truthy(page:find("<b>would (not simulated)</b> write", 1, true), page)
     -- The list names the alert with its labels; a filter's text comes back escaped.
     _, _, page = http("GET", "/?alert=ConsoleXss", { jar = jar })
     assert.truthy(page:find(alert_run, 1, true))
     assert.is_nil(page:find(run, 1, true))
     assert.is_nil(page:find(LABEL, 1, true))
     assert.truthy(page:find("service=&lt;img src=x onerror=alert(1)&gt;", 1, true), page)
+    _, _, page = http("GET", "/?status=failed", { jar = jar })
+    assert.is_nil(page:find(alert_run, 1, true))
+    _, _, page = http("GET", "/?status=ok&alert=ConsoleXss", { jar = jar })
+    assert.truthy(page:find(alert_run, 1, true))
     _, _, page = http("GET", "/?runbook=" .. XSS:gsub("[^%w]", function(c) return ("%%%02X"):format(c:byte()) end),
       { jar = jar })
     assert.is_nil(page:find(XSS, 1, true))
     assert.truthy(page:find("&lt;script&gt;", 1, true))
+  end)
+
+  it("names a run without a terminal as cron's or a script's, and logs out", function()
+    local r = cli.run { "run", dir .. "/writer.lua", "--yes", "-p", "out=" .. dir .. "/cron-out" }
+    assert.are.equal(0, r.code, r.stderr)
+    local jar = login(VICTOR)
+    local _, _, page = http("GET", "/", { jar = jar })
+    assert.truthy(page:find("cron or script, ", 1, true), page)
+    local status, headers = http("POST", "/logout", { jar = jar, form = { csrf = csrf_of(jar, "/") } })
+    assert.are.equal(303, status)
+    assert.are.equal("/login", headers.location)
+    assert.are.equal(303, (http("GET", "/", { jar = jar })))
+  end)
+
+  it("refuses a --users file with a bad line, naming it", function()
+    local users = cli.write(dir .. "/bad-users", "alice approver " .. ALICE .. "\nbob admin " .. VICTOR .. "\n")
+    local r = cli.run { "serve", "--rules", dir .. "/rules.yml", "--listen", "127.0.0.1:0", "--token-file",
+      dir .. "/token", "--users", users }
+    assert.are.equal(2, r.code)
+    assert.truthy(r.stderr:find(users .. ":2: role 'admin': expected viewer or approver", 1, true), r.stderr)
+    assert.is_nil(r.stderr:find(VICTOR, 1, true))
+  end)
+
+  it("shows a plan's hostile param escaped, and refuses to approve a plan changed after it was made", function()
+    local id = plan_by("carol", XSS)
+    local jar = login(ALICE)
+    local _, _, page = http("GET", "/plans/" .. id, { jar = jar })
+    assert.is_nil(page:find(XSS, 1, true))
+    assert.truthy(page:find("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;", 1, true), page)
+    local file = os.getenv("RUNBOOK_STATE_DIR") .. "/plans/" .. id .. ".json"
+    cli.write(file, (cli.slurp(file):gsub('"required":1', '"required":0')))
+    local status
+    status, _, page = http("POST", "/plans/" .. id .. "/approve", { jar = jar, form = { csrf = csrf_of(jar, "/") } })
+    assert.are.equal(409, status)
+    assert.truthy(page:find("the plan was changed after it was made", 1, true), page)
+    assert.are.equal("", approvals(id))
+  end)
+
+  it("marks the cookie Secure under TLS, and redacts serve's tokens from pages", function()
+    os.execute(("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s/key.pem -out %s/cert.pem -days 1 "
+      .. "-subj /CN=127.0.0.1 -addext subjectAltName=IP:127.0.0.1 2>/dev/null"):format(dir, dir))
+    local tls = cli.spawn({ "serve", "--rules", dir .. "/rules.yml", "--listen", "127.0.0.1:0", "--token-file",
+      dir .. "/token", "--users", dir .. "/users", "--tls-cert", dir .. "/cert.pem", "--tls-key", dir .. "/key.pem" })
+    local tls_url = wait_until(60, function() return cli.slurp(tls.dir .. "/out"):match("https://127%.0%.0%.1:%d+") end)
+    assert.truthy(tls_url, cli.slurp(tls.dir .. "/err"))
+    local p = io.popen(("curl -s --cacert %s/cert.pem -D - -o /dev/null %s/login"):format(dir, tls_url))
+    local headers = p:read("a")
+    p:close()
+    os.execute("kill " .. tls.pid)
+    assert.truthy(headers:find("Set%-Cookie: rb_login=%x+;[^\n]*; Secure"), headers)
+    -- A run that logs a person's token (it does not know it is one): the console does.
+    local start = cjson.encode { runbook = dir .. "/writer.lua", params = { note = ALICE, out = dir .. "/tok-out" } }
+    local status, _, body = http("POST", "/v1/runs", { bearer = TOKEN, json = start })
+    assert.are.equal(202, status, body)
+    local run = cjson.decode(body).run_id
+    local jar = login(VICTOR)
+    local page = wait_until(60, function()
+      local _, _, pg = http("GET", "/runs/" .. run, { jar = jar })
+      return pg:find("s-ok", 1, true) and pg
+    end)
+    assert.truthy(page, "the run did not end ok")
+    assert.is_nil(page:find(ALICE, 1, true))
+    assert.truthy(page:find("note: ***", 1, true), page)
+  end)
+
+  it("resumes a failed run for an approver, not for a viewer", function()
+    local ready = dir .. "/ready-" .. math.random(1e9)
+    local status, _, body = http("POST", "/v1/runs", { bearer = TOKEN,
+      json = cjson.encode { runbook = dir .. "/flaky.lua", params = { ready = ready } } })
+    assert.are.equal(202, status, body)
+    local run = cjson.decode(body).run_id
+    local viewer, jar = login(VICTOR), login(ALICE)
+    local page = wait_until(60, function()
+      local _, _, pg = http("GET", "/runs/" .. run, { jar = jar })
+      return pg:find("s-failed", 1, true) and pg
+    end)
+    assert.truthy(page, "the run did not fail")
+    assert.truthy(page:find("runbook resume " .. run, 1, true))
+    local csrf = page:match('name="csrf" value="(%x+)"')
+    local _, _, seen = http("GET", "/runs/" .. run, { jar = viewer })
+    assert.is_nil(seen:find('action="/runs/' .. run .. '/resume"', 1, true))
+    local theirs = csrf_of(viewer, "/")
+    assert.are.equal(403, (http("POST", "/runs/" .. run .. "/resume", { jar = viewer, form = { csrf = theirs } })))
+    cli.write(ready, "")
+    assert.are.equal(303, (http("POST", "/runs/" .. run .. "/resume", { jar = jar, form = { csrf = csrf } })))
+    assert.truthy(wait_until(60, function()
+      local _, _, pg = http("GET", "/runs/" .. run, { jar = jar })
+      return pg:find('<tr><th>Status</th><td><span class="status s-ok">', 1, true)
+    end), "the resumed run did not end ok")
   end)
 
   it("refuses a POST without the session's CSRF token", function()

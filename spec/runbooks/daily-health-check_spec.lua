@@ -1,7 +1,8 @@
 -- runbooks/daily-health-check.lua against the sandbox, as cron runs it
 -- (--yes --output json): healthy once recurring-task-service has caught up,
 -- unhealthy (exit 1, each failing check in its step's outputs) with a
--- crash-looping deployment and Redis down; and it never writes anything.
+-- crash-looping deployment, Redis down and the WebSocket endpoint refusing
+-- upgrades (curl sees the 503); and it never writes anything.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -17,7 +18,15 @@ local function outputs(events)
   return out
 end
 
+-- curl's upgrade request to the sandbox's WebSocket endpoint, as seed 003 sends it: the status.
+local function ws_status()
+  return tonumber((sb.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket'"
+    .. " -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Sec-WebSocket-Version: 13' "
+    .. sb.quote(sb.env("WEBSOCKET_URL"):gsub("^ws:", "http:")))))
+end
+
 local function restore()
+  sb.ctl("dapr ws-accept websocket")
   sb.ctl("redis start")
   sb.ctl("workload reset")
   kh.reset_world()
@@ -42,12 +51,20 @@ describe("daily-health-check", function()
     assert.is_true(out["Verdict"].healthy)
     assert.are.equal(5, out["Services answer health checks"].services)
     assert.are.same({}, out["Consumer lag"].problems)
+    assert.are.equal(101, ws_status())
+    assert.is_true(out["WebSocket"].checked)
+    assert.are.equal(sb.env("WEBSOCKET_URL"), out["WebSocket"].url)
+    assert.are.same({}, out["WebSocket"].problems)
+    assert.is_true(out["WebSocket"].pong >= 0)
+    assert.are.equal("ok", out["Verdict"].checks["WebSocket"])
   end)
 
   it("is unhealthy (exit 1) naming a crash-looping deployment, Redis down and the lag", function()
     sb.ctl("k8s crashloop websocket")
     kh.wait_waiting("websocket", "CrashLoopBackOff")
     sb.ctl("redis stop")
+    sb.ctl("dapr ws-refuse websocket")
+    assert.are.equal(503, ws_status())
     local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json" }
     assert.are.equal(1, r.code, r.stdout .. r.stderr)
     local events = cli.events(r.stdout)
@@ -56,6 +73,7 @@ describe("daily-health-check", function()
     assert.matches("deployment todo%-chatbot%-websocket: ", table.concat(out["Deployments and nodes"].problems, "\n"))
     assert.matches("^redis: ", table.concat(out["Dependencies"].problems, "\n"))
     assert.matches("recurring%-task%-service is %d+ messages behind", table.concat(out["Consumer lag"].problems, "\n"))
+    assert.are.same({ ("WebSocket %s: handshake rejected: HTTP 503"):format(sb.env("WEBSOCKET_URL")) }, out["WebSocket"].problems)
     assert.matches("^UNHEALTHY: %d+ problems", out["Verdict"].error.message)
     assert.are.equal(1, events[#events].exit_code)
   end)
@@ -91,8 +109,13 @@ describe("daily-health-check", function()
     local r1, r2 = backends.assert_unchanged(function()
       return cli.run { "run", RUNBOOK, "--yes" }, cli.run { "run", RUNBOOK, "--dry-run" }
     end)
-    assert.are.same({}, cli.only(cli.events(cli.run({ "run", RUNBOOK, "--yes", "--output", "json" }).stdout), "effect"))
+    -- without an endpoint the WebSocket check is left out, and the verdict says so
+    local r3 = cli.run({ "run", RUNBOOK, "--yes", "--output", "json" }, { WEBSOCKET_URL = "" })
+    local events = cli.events(r3.stdout)
+    assert.are.same({}, cli.only(events, "effect"))
+    assert.are.same({ checked = false, problems = {}, warnings = {} }, outputs(events)["WebSocket"])
     assert.matches("Consumer lag", r1.stdout)
     assert.matches("Consumer lag", r2.stdout)
+    assert.matches(sb.env("WEBSOCKET_URL"):gsub("%p", "%%%0") .. ": handshake in %d+ms, pong in ", r2.stdout)
   end)
 end)

@@ -1,6 +1,7 @@
 -- The Dapr sidecar stand-in, driven with curl and checked against its real
 -- backends with kcat (publish) and redis-cli (state): status codes and error
--- bodies as in reference/dapr-api.md, and the `ctl dapr` health fault.
+-- bodies as in reference/dapr-api.md, and the `ctl dapr` health fault; the
+-- websocket app's WebSocket echo with python3-websockets and curl.
 package.path = "spec/sandbox/?.lua;" .. package.path
 local sb = require("sandbox_helper")
 local cjson = require("cjson")
@@ -197,6 +198,42 @@ describe("sandbox Dapr sidecar", function()
         assert.equal(204, (sb.dapr("GET", "/v1.0/healthz", nil, nil, "websocket")))
         assert.is_true(select(2, sb.ctl("dapr healthy backend")))
         assert.equal(204, (sb.dapr("GET", "/v1.0/healthz")))
+    end)
+
+    it("serves the websocket app's WebSocket echo, counted on /stats, and refuses upgrades with ctl dapr ws-refuse", function()
+        finally(function() sb.ctl("dapr ws-accept websocket") end)
+        local url = sb.env("WEBSOCKET_URL")
+        local http_url = url:gsub("^ws:", "http:")
+        local function stats()
+            local out, ok = sb.sh("curl -s -f -m 5 " .. sb.quote((http_url:gsub("/ws$", "/stats"))))
+            assert(ok, out)
+            return decode(out)
+        end
+        local function upgrade()
+            return tonumber((sb.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 --http1.1 -H 'Connection: Upgrade'"
+                .. " -H 'Upgrade: websocket' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Sec-WebSocket-Version: 13' "
+                .. sb.quote(http_url))))
+        end
+        local before = stats().messages_received
+        -- Debian's python3, which python3-websockets is installed for
+        local out, ok = sb.sh("/usr/bin/python3 -c " .. sb.quote([[
+import asyncio, sys, websockets
+async def main():
+    async with websockets.connect(sys.argv[1], subprotocols=["chat"]) as ws:
+        await ws.send("one")
+        await ws.send(b"two")
+        print(await ws.recv(), await ws.recv(), ws.subprotocol)
+        await (await ws.ping())
+asyncio.run(asyncio.wait_for(main(), 10))]]) .. " " .. sb.quote(url))
+        assert(ok, out)
+        assert.equal("one b'two' chat\n", out)
+        assert.equal(before + 2, stats().messages_received)
+        assert.equal(426, (tonumber((sb.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 " .. sb.quote(http_url))))))
+        assert.equal(101, upgrade())
+        assert.is_true(select(2, sb.ctl("dapr ws-refuse websocket")))
+        assert.equal(503, upgrade())
+        assert.is_true(select(2, sb.ctl("dapr ws-accept websocket")))
+        assert.equal(101, upgrade())
     end)
 
     it("reports its outbound side unhealthy and state errors while Redis is down", function()

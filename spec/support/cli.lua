@@ -104,13 +104,23 @@ end
 -- e.g. {"unshare", ...}). Returns {code, stdout, stderr}.
 function M.run(args, env, under)
   local d = M.tmpdir()
+  os.execute(M.command(args, env, under) .. (" </dev/null >%s/out 2>%s/err; echo $? >%s/code"):format(d, d, d))
+  return M.result(args, d)
+end
+
+--- The shell words of M.run's `runbook ARGS...`, with env and under.
+function M.command(args, env, under)
   local parts = {}
   for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. shell_quote(v) end
   for _, a in ipairs(under or {}) do parts[#parts + 1] = shell_quote(a) end
   parts[#parts + 1] = M.BIN
   for _, a in ipairs(args) do parts[#parts + 1] = shell_quote(a) end
-  local cmd = table.concat(parts, " ") .. (" </dev/null >%s/out 2>%s/err; echo $? >%s/code"):format(d, d, d)
-  os.execute(cmd)
+  return table.concat(parts, " ")
+end
+
+--- {code, stdout, stderr} of the run of ARGS that wrote into dir d (out, err,
+-- code), its events kept as M.run keeps them.
+function M.result(args, d)
   local r = { code = tonumber(slurp(d .. "/code")), stdout = slurp(d .. "/out"), stderr = slurp(d .. "/err") }
   keep_events(args, r.code, r.stdout, d)
   return r
@@ -207,12 +217,8 @@ end
 -- {pid, dir, wait = function() -> code, stdout, stderr}.
 function M.spawn(args, env)
   local d = M.tmpdir()
-  local parts = {}
-  for k, v in pairs(env or {}) do parts[#parts + 1] = k .. "=" .. M.quote(v) end
-  parts[#parts + 1] = M.BIN
-  for _, a in ipairs(args) do parts[#parts + 1] = M.quote(a) end
   os.execute(("(%s </dev/null >%s/out 2>%s/err; echo $? >%s/code) & echo $! >%s/pid"):format(
-    table.concat(parts, " "), d, d, d, d))
+    M.command(args, env), d, d, d, d))
   M.eventually(function() return M.slurp(d .. "/pid") ~= "" end, "pid")
   -- The subshell's pid; the runbook process is its only child.
   local sub = M.slurp(d .. "/pid"):match("%d+")

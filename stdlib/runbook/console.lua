@@ -222,18 +222,13 @@ end
 
 --- The rows the filters keep (runbook, status, alert), newest first, at most M.PAGE_ROWS.
 function Console:runs(q)
-  local want = (q.status or "") ~= "" or (q.alert or "") ~= ""
-  local _, doc = self.server:list_runs { runbook = (q.runbook or "") ~= "" and q.runbook or nil,
-    limit = tostring(want and 1000 or M.PAGE_ROWS) }
+  local origins = self.server.origins
+  local function given(k) return (q[k] or "") ~= "" and q[k] or nil end
+  local alert = given "alert"
+  local _, doc = self.server:list_runs({ runbook = given "runbook", status = given "status",
+    limit = tostring(M.PAGE_ROWS) }, alert and function(id) return (origins[id] or {}).alert == alert end)
   local rows = {}
-  for _, row in ipairs(doc.runs or {}) do
-    local origin = self.server.origins[row.run_id]
-    if ((q.status or "") == "" or row.status == q.status)
-      and ((q.alert or "") == "" or (origin and origin.alert == q.alert)) then
-      rows[#rows + 1] = { row = row, origin = origin }
-      if #rows >= M.PAGE_ROWS then break end
-    end
-  end
+  for i, row in ipairs(doc.runs or {}) do rows[i] = { row = row, origin = origins[row.run_id] } end
   return rows
 end
 
@@ -320,8 +315,8 @@ end
 
 local RESUMABLE = { failed = true, interrupted = true, killed = true, aborted = true }
 
---- The live part of a run's page: summary, timeline, steps.
-function Console:run_body(id)
+--- The live part of a run's page, as `session` sees it: summary, timeline, steps.
+function Console:run_body(id, session)
   local out, add = builder()
   local doc = report.document(id)
   if not doc then
@@ -338,7 +333,12 @@ function Console:run_body(id)
   add("<tr><th>Started</th><td>%s</td></tr><tr><th>Duration</th><td>%s</td></tr>", esc(stamp(doc.started)),
     esc(dur(doc.duration)))
   if RESUMABLE[doc.status] then
-    add('<tr><th>Resume</th><td><code class="copy">runbook resume %s</code></td></tr>', esc(id))
+    add('<tr><th>Resume</th><td><code class="copy">runbook resume %s</code>', esc(id))
+    if session.role == "approver" then
+      add('<form method="post" action="/runs/%s/resume" class="inline"><input type="hidden" name="csrf" value="%s">'
+        .. '<button class="approve">Resume</button></form>', esc(id), esc(session.csrf))
+    end
+    add("</td></tr>")
   end
   add("</table>")
   add("<h2>Timeline</h2>")
@@ -353,7 +353,7 @@ function Console:run_page(id, session)
   if not doc and not self.server.by_run[id] then
     return html(self, 404, "No run", session, ('<p class="error">No run %s.</p>'):format(esc(id)))
   end
-  local body, live = self:run_body(id)
+  local body, live = self:run_body(id, session)
   local out, add = builder()
   add("<h1>Run <code>%s</code>%s</h1>", esc(id), doc and (": " .. esc(doc.start.runbook)) or "")
   if live then
@@ -387,7 +387,9 @@ end
 
 function Console:plan_page(id, session, message, status)
   local p, why = plan.read(id)
-  if not p then return html(self, 404, "No plan", session, ('<p class="error">%s</p>'):format(esc(why))) end
+  if not p then
+    return html(self, status or 404, "No plan", session, ('<p class="error">%s</p>'):format(esc(message or why)))
+  end
   local state, valid = plan_state(p)
   local out, add = builder()
   add("<h1>Plan <code>%s</code>: %s</h1>", esc(p.id), esc(p.runbook.name))
@@ -472,6 +474,20 @@ function Console:apply(id, session)
   return redirect(self, "/runs/" .. started.run_id)
 end
 
+--- POST /runs/ID/resume: `runbook resume ID --yes` in a child, as the session's person.
+function Console:resume(id, session)
+  local row = journal.row(id)
+  local status = row and self.server:run_row(id).status
+  if not RESUMABLE[status] or self.server.by_run[id] then
+    return html(self, 409, "Not resumable", session, ('<p class="error">Run %s is %s: only a failed, aborted, '
+      .. 'interrupted or killed run resumes.</p>'):format(esc(id), esc(status or "unknown")))
+  end
+  local started, err = self.server:spawn({ self.server.bin, "resume", id, "--yes" }, "resume-" .. row.start.runbook,
+    row.start.runbook, "run", session.user, nil, id)
+  if not started then return html(self, 429, "Refused", session, ('<p class="error">%s</p>'):format(esc(err))) end
+  return redirect(self, "/runs/" .. id)
+end
+
 -- ---- routing --------------------------------------------------------------------
 
 local RUN_ID = "[%w%-]+"
@@ -509,13 +525,15 @@ function Console:handle(req)
       return redirect(self, "/login", { ["Set-Cookie"] = self:cookie("rb_session", "x", 0) })
     end
     local id, verb = p:match("^/plans/(" .. RUN_ID .. ")/(%a+)$")
-    if not id or not (verb == "approve" or verb == "deny" or verb == "apply") then
+    local run = p:match("^/runs/(" .. RUN_ID .. ")/resume$")
+    if not run and not (verb == "approve" or verb == "deny" or verb == "apply") then
       return html(self, 404, "Not found", session, '<p class="error">No such page.</p>')
     end
     if session.role ~= "approver" then
-      return html(self, 403, "Refused", session, ('<p class="error">Refused: %s is a viewer; approvers approve, deny '
-        .. "and apply.</p>"):format(esc(session.user)))
+      return html(self, 403, "Refused", session, ('<p class="error">Refused: %s is a viewer; approvers approve, deny, '
+        .. "apply and resume.</p>"):format(esc(session.user)))
     end
+    if run then return self:resume(run, session) end
     if verb == "apply" then return self:apply(id, session) end
     return self:decide(id, verb, req, session)
   end
@@ -533,7 +551,7 @@ function Console:handle(req)
     return status, stream, "text/event-stream", self:headers()
   end
   id = p:match("^/live/runs/(" .. RUN_ID .. ")$")
-  if id then return 200, host.redact((self:run_body(id))), "text/html; charset=utf-8", self:headers() end
+  if id then return 200, host.redact((self:run_body(id, session))), "text/html; charset=utf-8", self:headers() end
   id = p:match("^/plans/(" .. RUN_ID .. ")$")
   if id then return self:plan_page(id, session) end
   return html(self, 404, "Not found", session, '<p class="error">No such page.</p>')

@@ -31,6 +31,9 @@ end
 function M.text(rb)
   local out = { ("%s%s"):format(rb.name, rb.version and (" " .. rb.version) or ""), "", rb.description, "" }
   out[#out + 1] = ("File: %s"):format(rb.file)
+  if rb.replaces and #rb.replaces > 0 then
+    out[#out + 1] = ("Replaces seed procedures: %s"):format(table.concat(rb.replaces, ", "))
+  end
   if rb.on_failure == "undo" then out[#out + 1] = "On failure: undo completed steps in reverse order" end
   out[#out + 1] = ""
   out[#out + 1] = "Params:"

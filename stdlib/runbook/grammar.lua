@@ -121,7 +121,8 @@ function M.build(only)
 
   local serve = command(p, "serve", "Receive Alertmanager's webhook and plan or run runbooks by rules.",
     "An HTTP server (libmicrohttpd): POST /v1/alertmanager, POST and GET /v1/runs, GET /v1/runs/ID[/events], "
-    .. "POST /v1/plans/ID/approve|deny (bearer token), GET /healthz, GET /metrics. "
+    .. "POST /v1/plans/ID/approve|deny (bearer token), GET /healthz, GET /metrics, and a web console for people "
+    .. "(/, /runs/ID, /plans/ID; a login with a token). "
     .. "Each alert matching a rule makes a plan, a run or a dry run, in a child process.")
   option(serve, "--rules", "The rules file (YAML): which alerts start which runbook, how.", "FILE")
   option(serve, "--listen", "Address to listen on (default 127.0.0.1:9095; port 0 picks one).", "IPV4:PORT")

@@ -10,7 +10,7 @@ local M = {}
 
 --- Top-level fields a runbook may assign, with their expected types.
 local FIELDS = { name = "string", description = "string", version = "string", lock = "string",
-  on_failure = "string", notify = "table", approval = "table" }
+  on_failure = "string", notify = "table", approval = "table", replaces = "table" }
 
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
 local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
@@ -171,6 +171,36 @@ local function read_file(path)
 end
 M.read_file = read_file
 
+--- The line of `text` that assigns `field` at the top level, else 1.
+local function field_line(text, field)
+  local n = 1
+  for line in text:gmatch("([^\n]*)\n?") do
+    if line:match("^" .. field .. "%s*=") then return n end
+    n = n + 1
+  end
+  return 1
+end
+
+--- `replaces`: the seed procedures the runbook does in full, as their ids in
+-- docs/seed-procedures.md ("000-11"), each once.
+local function check_replaces(rb)
+  local list = rb.replaces
+  if list == nil then return end
+  local at = ("%s:%d: replaces"):format(rb.file, field_line(rb.source, "replaces"))
+  local seen = {}
+  for k, id in pairs(list) do
+    if math.type(k) ~= "integer" or k < 1 or k > #list then
+      error(load_error(("%s: expected a list of seed procedure ids like {\"000-11\", \"003-7\"}, got the key %s"):format(at, tostring(k))), 0)
+    end
+    if type(id) ~= "string" or not id:match("^%d%d%d%-%d+$") then
+      error(load_error(("%s: entry %d (%s) is not a seed procedure id NNN-N, such as \"000-11\""):format(at, k,
+        type(id) == "string" and ("%q"):format(id) or type(id))), 0)
+    end
+    if seen[id] then error(load_error(("%s: %s is named twice"):format(at, id)), 0) end
+    seen[id] = true
+  end
+end
+
 --- Load and check the runbook at `path`. Returns the runbook, or raises a LoadError.
 function M.load(path)
   local text, err = read_file(path)
@@ -213,6 +243,7 @@ function M.load(path)
     local ok, nerr = pcall(require("notify").check_hooks, rb.notify)
     if not ok then error(load_error(("%s:1: %s"):format(path, tostring(nerr))), 0) end
   end
+  check_replaces(rb)
   rb.env = e
   return rb
 end

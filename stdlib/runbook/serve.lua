@@ -207,8 +207,10 @@ end
 -- `runbook` in `mode`, on behalf of `user`, its output to a log of `name`;
 -- `params` (an API caller's or an alert's, which may hold secrets) reach it as JSON on its
 -- standard input (--params-file /dev/stdin), never in argv, where any local
--- user sees them, nor in a file. Returns what was started, or nil and why.
-function Server:spawn(argv, name, runbook, mode, user, params)
+-- user sees them, nor in a file. `resumes`, a run id, is the run the child
+-- resumes, under its own id; any other child gets a new one. Returns what was
+-- started, or nil and why.
+function Server:spawn(argv, name, runbook, mode, user, params, resumes)
   if self:running() >= self.max_runs then
     self.metrics.refused = self.metrics.refused + 1
     return nil, ("%d runs already running (--max-runs)"):format(self.max_runs)
@@ -217,8 +219,10 @@ function Server:spawn(argv, name, runbook, mode, user, params)
   self.spawned = self.spawned + 1
   local log = ("%s/%s-%d-%d-%s.log"):format(self.log_dir, os.date("!%Y%m%dT%H%M%SZ"), self.pid, self.spawned,
     (name:gsub("[^%w%-_]", "_")))
-  local run_id = new_run_id()
-  argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
+  local run_id = resumes or new_run_id()
+  if not resumes then
+    argv[#argv + 1], argv[#argv + 2] = "--run-id", run_id   -- two words: a plain run skips argparse (cli.lua)
+  end
   local input = params and next(params) and cjson.encode(params)
   if input then argv[#argv + 1], argv[#argv + 2] = "--params-file", "/dev/stdin" end
   local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
@@ -345,15 +349,36 @@ function Server:start_run(body)
   return 202, started
 end
 
---- GET /v1/runs?limit=N&runbook=NAME: the newest runs, as `runbook history --output json` lists them.
-function Server:list_runs(query)
+--- A run's row (report.run_row). An ended run's is kept while its journal
+-- keeps its size (a resume appends), so listing the newest runs again reads
+-- no journal but a new one's: a stat each.
+function Server:run_row(id)
+  local size = require("lfs").attributes(journal.path(id), "size")
+  local kept = self.rows[id]
+  if kept and kept.size == size then return kept.row end
+  local row = require("runbook.report").run_row(id)
+  if row and size and row.status ~= "running" and row.status ~= "killed" then
+    if self.nrows >= 10000 then self.rows, self.nrows = {}, 0 end
+    self.rows[id], self.nrows = { size = size, row = row }, self.nrows + 1
+  end
+  return row
+end
+
+--- GET /v1/runs?limit=N&runbook=NAME&status=S: the newest runs, as `runbook
+-- history --output json` lists them; `keep(run_id)`, when given, filters
+-- before the journal is read (the console's alert filter). Looks at the
+-- newest 10,000 runs at most.
+function Server:list_runs(query, keep)
   local limit = math.tointeger(tonumber(query.limit or "50"))
   if not limit or limit < 1 or limit > 1000 then return 400, { error = "limit: expected 1..1000" } end
   local rows = {}
-  for _, id in ipairs(journal.list()) do
-    if #rows >= limit then break end
-    local row = (not query.runbook or journal.ran(id, query.runbook)) and require("runbook.report").run_row(id)
-    if row then rows[#rows + 1] = row end
+  for i, id in ipairs(journal.list()) do
+    if #rows >= limit or i > 10000 then break end
+    local row = (not keep or keep(id)) and (not query.runbook or journal.ran(id, query.runbook))
+      and self:run_row(id)
+    if row and (not query.status or row.status == query.status) then
+      rows[#rows + 1] = row
+    end
   end
   return 200, { runs = setmetatable(rows, cjson.array_mt) }
 end
@@ -535,7 +560,7 @@ function M.serve(o, resolve)
   end
   local log_dir = journal.mkdirs(journal.state_dir() .. "/serve")
   local self = setmetatable({ rules = rules, allowed = allowed, token = token, children = {}, nchildren = 0,
-    by_run = {}, exits = {}, nexits = 0, seen = {}, spawned = 0,
+    by_run = {}, exits = {}, nexits = 0, seen = {}, spawned = 0, rows = {}, nrows = 0,
     pid = host.identity().pid,
     max_runs = o.max_runs or 4,
     bin = require("lfs").symlinkattributes("/proc/self/exe").target,

@@ -5,7 +5,9 @@
 
 One process serves every app: for each app id it runs one sidecar HTTP server
 (the Dapr API, as a real daprd next to that app would) and one small "app"
-server (GET /health), each on its own free loopback port. One server per app
+server (GET /health; the websocket app also GET /ws, a WebSocket echo, and GET
+/stats, its counts of connections and messages), each on its own free loopback
+port. One server per app
 id rather than one routing by app id, because that is what clients see in
 Kubernetes: each app talks to its own sidecar at DAPR_HTTP_ENDPOINT and the
 sidecar knows its app id without being told.
@@ -16,7 +18,9 @@ publish produces a CloudEvent to the sandbox's Kafka through the Kafka
 program's control socket. Writes STATE_DIR/apps.json, STATE_DIR/ports/dapr
 (the backend sidecar's port) and, last, STATE_DIR/dapr.json once every
 server listens. A sidecar reports unhealthy while the file
-STATE_DIR/dapr/unhealthy/<appid> exists (see `ctl dapr unhealthy`).
+STATE_DIR/dapr/unhealthy/<appid> exists (see `ctl dapr unhealthy`); an app
+refuses WebSocket upgrades with 503 while STATE_DIR/dapr/ws-refused/<appid>
+exists (`ctl dapr ws-refuse`).
 """
 
 import base64
@@ -31,6 +35,9 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "k8s"))
+from podexec import upgrade  # noqa: E402  (the Kubernetes stand-in's WebSocket framing)
 
 RUNTIME_VERSION = "1.12.0"
 STATE_STORE = "statestore"
@@ -269,14 +276,54 @@ class Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = lambda self: self.dispatch()
 
 
+# The websocket app's /stats (seed 000's WebSocket checks read it): connections
+# open and made, and messages received (a ping is no message).
+WS_STATS = {"connections": 0, "connections_total": 0, "messages_received": 0}
+WS_STATS_LOCK = threading.Lock()
+
+
+def count(**deltas):
+    with WS_STATS_LOCK:
+        for name, d in deltas.items():
+            WS_STATS[name] += d
+
+
 class AppHandler(Handler):
     """The app itself: enough for health probes and service invocation."""
 
     def route(self, url):
         if url.path == "/health":
             self.send(200, {"status": "healthy", "service": self.server.app_id})
+        elif url.path == "/ws" and self.server.app_id == "websocket":
+            self.echo()
+        elif url.path == "/stats" and self.server.app_id == "websocket":
+            with WS_STATS_LOCK:
+                self.send(200, dict(WS_STATS))
         else:
             self.send(404, {"detail": "Not Found"})
+
+    def echo(self):
+        """The app's WebSocket endpoint: every text or binary message comes back as it came;
+        of the subprotocols a client offers, the first is taken."""
+        if "websocket" not in self.headers.get("Upgrade", "").lower():
+            return self.send(426, {"detail": "Upgrade Required: this endpoint speaks WebSocket"}, {"Upgrade": "websocket"})
+        if os.path.exists(os.path.join(STATE_DIR, "dapr", "ws-refused", self.server.app_id)):
+            return self.send(503, {"detail": "WebSocket upgrades refused (fault ws-refuse)"})
+        offered = self.headers.get("Sec-WebSocket-Protocol", "").split(",")[0].strip()
+        ws = upgrade(self, offered or None)
+        count(connections=1, connections_total=1)
+        try:
+            while True:
+                op, data = ws.read_message()
+                if op == 8:
+                    ws.send(8, data[:2])
+                    return
+                count(messages_received=1)
+                ws.send(op, data)
+        except (EOFError, OSError, ValueError):
+            pass
+        finally:
+            count(connections=-1)
 
 
 def json_body(handler):
@@ -502,6 +549,7 @@ def main():
         sys.exit("usage: daprd.py STATE_DIR")
     STATE_DIR = os.path.abspath(sys.argv[1])
     os.makedirs(os.path.join(STATE_DIR, "dapr", "unhealthy"), exist_ok=True)
+    os.makedirs(os.path.join(STATE_DIR, "dapr", "ws-refused"), exist_ok=True)
     ensure_secrets()
     servers = []
     for app_id in SUBSCRIPTIONS:

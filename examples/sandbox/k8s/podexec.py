@@ -189,6 +189,23 @@ class Socket:
         self.send(2, bytes([ch]) + data)
 
 
+def upgrade(handler, proto=None):
+    """Answer a WebSocket upgrade request with 101 (and the subprotocol chosen):
+    the Socket over the handler's connection, which closes when the exchange ends."""
+    key = handler.headers.get("Sec-WebSocket-Key", "")
+    accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
+    handler.send_response(101, "Switching Protocols")
+    handler.send_header("Upgrade", "websocket")
+    handler.send_header("Connection", "Upgrade")
+    handler.send_header("Sec-WebSocket-Accept", accept)
+    if proto:
+        handler.send_header("Sec-WebSocket-Protocol", proto)
+    handler.end_headers()
+    handler.wfile.flush()
+    handler.close_connection = True
+    return Socket(handler.rfile, handler.wfile)
+
+
 def status_message(code):
     if code == 0:
         return {"metadata": {}, "status": "Success"}
@@ -222,17 +239,7 @@ def serve(handler, pod, state_dir, store, protocols=PROTOCOLS):
     ns, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
     want_stdin = q.get("stdin", ["false"])[0] in ("true", "1")
 
-    key = handler.headers.get("Sec-WebSocket-Key", "")
-    accept = base64.b64encode(hashlib.sha1((key + GUID).encode()).digest()).decode()
-    handler.send_response(101, "Switching Protocols")
-    handler.send_header("Upgrade", "websocket")
-    handler.send_header("Connection", "Upgrade")
-    handler.send_header("Sec-WebSocket-Accept", accept)
-    handler.send_header("Sec-WebSocket-Protocol", proto)
-    handler.end_headers()
-    handler.wfile.flush()
-    handler.close_connection = True
-    ws = Socket(handler.rfile, handler.wfile)
+    ws = upgrade(handler, proto)
 
     try:
         run, cwd = pod_command(store, state_dir, pod, argv, cname)
