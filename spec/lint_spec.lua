@@ -72,12 +72,18 @@ step "Stop writes" (steps.stop_writers {})
   it("knows every function of every library a runbook can use (the definition is made from the stdlib)", function()
     local env = require "runbook.env"
     local lines = { 'name = "all" description = "every library function"', 'step "A" { run = function()' }
+    local n = 0
     for global, module in pairs(env.libraries) do
+      lines[#lines + 1] = "  do"   -- a block per library: Lua allows 200 locals at once
       for k, v in pairs(require(module)) do
-        if type(k) == "string" and type(v) == "function" then lines[#lines + 1] = ("  local _ = %s.%s"):format(global, k) end
+        if type(k) == "string" and type(v) == "function" then
+          lines[#lines + 1] = ("    local _ = %s.%s"):format(global, k)
+          n = n + 1
+        end
       end
+      lines[#lines + 1] = "  end"
     end
-    assert.is_true(#lines > 100, #lines .. " library functions")
+    assert.is_true(n > 100, n .. " library functions")
     lines[#lines + 1] = "end }"
     local r = cli.run { "lint", cli.runbook(table.concat(lines, "\n")) }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
