@@ -226,6 +226,8 @@ static inline void wsc_event(wsc_conn *conn, struct lws *wsi, enum lws_callback_
         if (status && status != 101) {
             conn->status = (int)status;
             snprintf(conn->error, sizeof conn->error, "handshake rejected: HTTP %u", status);
+        } else if (strcmp(why, "Unable to connect") == 0) {   /* lws's words for a failed connect(2) */
+            snprintf(conn->error, sizeof conn->error, "connection refused or host unreachable");
         } else {
             snprintf(conn->error, sizeof conn->error, "%s", why);
         }

@@ -216,7 +216,7 @@ static int ws_probe(lua_State *L) {
     p->start = rb_now();
     r.deadline = p->start + r.timeout;
     if (!wsc_start(L, &p->conn, ctx, &u, lua_tostring(L, 2), protocol, "ws-probe"))
-        return fail(&r, "couldnt_connect", 1, p->conn.error[0] ? p->conn.error : "cannot connect");
+        return fail(&r, "couldnt_connect", 1, p->conn.error[0] ? p->conn.error : lua_pushfstring(L, "cannot resolve or reach %s", u.host));
     wait_for(&r, ctx, &p->established, "waiting for the handshake");
 
     if (opt_bool(L, 1, "ping")) {

@@ -13,7 +13,7 @@
 
 name = "heap-dump"
 description = "Dump the heap of a deployment's biggest pod, copy it out with a checksum, restart the pod if asked"
-replaces = {}
+replaces = { "003-8" }
 version = "1.0.0"
 
 params (steps.params) { "deployment", "namespace", "container" }

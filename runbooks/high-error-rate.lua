@@ -14,7 +14,7 @@
 
 name = "high-error-rate"
 description = "Measure a service's 5xx rate per version, roll back if it began with the last change (else restart), verify it stays down"
-replaces = {}
+replaces = { "000-11" }
 version = "1.0.0"
 
 params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }

@@ -39,6 +39,8 @@ M.metric_params = {
   window = { default = "5m", help = "PromQL rate window" },
   hold = { type = "duration", default = "5m", help = "how long the value must stay under its threshold after the fix" },
   every = { type = "duration", default = "15s", help = "how often the value is evaluated while verifying" },
+  -- for M.deployments
+  deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
 }
 
 -- A shared step: `build(args)` makes the step from the runbook's table `t`,
@@ -63,6 +65,41 @@ function M.writers(ctx)
   if #list == 0 then error("param writers: name at least one deployment", 0) end
   return list
 end
+
+--- The deployments of param `deployments` (names, "deploy/NAME"s, or "all")
+-- in param namespace, each as {name, replicas}; a name the namespace lacks is an error.
+function M.deployments(ctx)
+  local k8s, ns = require "k8s", ctx.params.namespace
+  local objs = {}
+  if ctx.params.deployments == "all" then
+    objs = k8s.list("deployments", { namespace = ns })
+    if #objs == 0 then error(("namespace %s has no deployments"):format(ns), 0) end
+  else
+    for name in ctx.params.deployments:gmatch("[^,%s]+") do
+      objs[#objs + 1] = k8s.get("deploy/" .. name:gsub("^deploy/", ""), { namespace = ns })
+    end
+    if #objs == 0 then error("param deployments: name at least one deployment, or all", 0) end
+  end
+  local out = {}
+  for i, d in ipairs(objs) do out[i] = { name = d.metadata.name, replicas = d.spec.replicas or 1 } end
+  return out
+end
+
+--- Wait for the rollout of each deployment in `ctx.outputs[t.of].deployments`
+-- (param timeout each; kubectl rollout status), giving up at once on one
+-- whose new pods crash-loop or cannot pull their image.
+M.wait_rollouts = shared({ of = true }, function(a)
+  local of = a.of
+  return {
+    description = "kubectl rollout status of each; gives up at once when new pods crash-loop or cannot pull their image",
+    run = function(ctx)
+      for _, d in ipairs(ctx.outputs[of].deployments) do
+        require("k8s").rollout_status("deploy/" .. d.name, { namespace = ctx.params.namespace,
+          timeout = ctx.params.timeout, fail_fast = true })
+      end
+    end,
+  }
+end)
 
 --- Scale the writers (params writers, namespace, timeout) to 0 and wait until
 -- their pods are gone, remembering their replicas; undo starts them again.

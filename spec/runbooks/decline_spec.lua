@@ -18,6 +18,7 @@ local PARAMS = {
   ["outage-recovery"] = { "settle=1s" },
   ["restore"] = { "dir=" .. dir },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
+  ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
   ["high-error-rate"] = { "service=backend" },
   ["high-latency"] = { "service=backend" },

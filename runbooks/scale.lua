@@ -1,0 +1,72 @@
+-- scale.lua: set the replicas of one deployment, several, or every one in the
+-- namespace; wait for them; check each has exactly that many ready pods.
+--
+-- Replaces seed 000 "Scale Services", 001 "Scaling Services", 002 "Manual
+-- Scaling" and 004 "Manual Scaling" (kubectl scale --replicas=N, then kubectl
+-- get pods). When the wait or the check fails, every deployment goes back to
+-- the replicas it had (on_failure = "undo"); the first step names them, so a
+-- later run with the old count scales back by hand.
+--
+--   runbook run scale -p deployments=todo-chatbot-websocket -p replicas=3
+--   runbook run scale -p deployments=all -p replicas=2 --step
+
+name = "scale"
+description = "Scale one deployment, several or all in the namespace to N replicas, wait, verify; scale back on failure"
+replaces = { "000-3", "000-11", "001-4", "002-4", "003-8", "004-10" }
+version = "1.0.0"
+on_failure = "undo"
+
+param "deployments" (steps.params.deployments)
+param "replicas" { type = "integer", required = true, help = "the replicas every deployment named should have" }
+param "namespace" (steps.params.namespace)
+param "timeout" { type = "duration", default = "5m", help = "how long each deployment may take to get there" }
+
+step "Find the deployments" {
+  description = "kubectl get deploy: the deployments named (or all) and the replicas each has now",
+  run = function(ctx)
+    if ctx.params.replicas < 0 then error("param replicas: expected 0 or more", 0) end
+    local found = steps.deployments(ctx)
+    for _, d in ipairs(found) do log.info("%s: %d replicas now, %d wanted", d.name, d.replicas, ctx.params.replicas) end
+    return { deployments = found }
+  end,
+}
+
+step "Scale" {
+  description = "kubectl scale --replicas=N for each deployment not at N yet (undo: the replicas each had)",
+  confirm = true,
+  needs = { "Find the deployments" },
+  run = function(ctx)
+    local scaled = {}
+    for _, d in ipairs(ctx.outputs["Find the deployments"].deployments) do
+      if d.replicas ~= ctx.params.replicas then
+        k8s.scale("deploy/" .. d.name, ctx.params.replicas, { namespace = ctx.params.namespace, current_replicas = d.replicas })
+        scaled[#scaled + 1] = d
+      end
+    end
+    return { scaled = scaled }
+  end,
+  undo = function(ctx, out)
+    for _, d in ipairs(out.scaled) do
+      k8s.scale("deploy/" .. d.name, d.replicas, { namespace = ctx.params.namespace })
+      log.info("%s back at %d replicas", d.name, d.replicas)
+    end
+  end,
+}
+
+step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the deployments", needs = { "Find the deployments", "Scale" } })
+
+step "Verify" {
+  description = "Each deployment healthy, with exactly N pods, all ready (old pods gone)",
+  needs = { "Find the deployments", "Scale" },
+  run = function(ctx)
+    local want = ctx.params.replicas
+    for _, d in ipairs(ctx.outputs["Find the deployments"].deployments) do
+      local h
+      time.wait_until({ timeout = ctx.params.timeout, what = d.name .. "'s pods to number " .. want }, function()
+        h = k8s.deployment_health(ctx.params.namespace, d.name)
+        return h.healthy and h.ready == want and #h.pods == want
+      end)
+      log.info("%s: %d of %d ready, %d pods", d.name, h.ready, h.desired, #h.pods)
+    end
+  end,
+}
