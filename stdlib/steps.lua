@@ -27,6 +27,8 @@ M.params = {
   group = { default = "recurring-task-service", help = "the consumer group" },
   topic = { default = "task-events", help = "the topic the group consumes" },
   consumers = { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers" },
+  -- for M.deployments
+  deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
 }
 
 --- The params of a service whose metric is too high, which service_deployment,
@@ -39,8 +41,6 @@ M.metric_params = {
   window = { default = "5m", help = "PromQL rate window" },
   hold = { type = "duration", default = "5m", help = "how long the value must stay under its threshold after the fix" },
   every = { type = "duration", default = "15s", help = "how often the value is evaluated while verifying" },
-  -- for M.deployments
-  deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
 }
 
 -- A shared step: `build(args)` makes the step from the runbook's table `t`,
