@@ -9,7 +9,7 @@
 
 name = "high-latency"
 description = "Measure p95 latency per service, CPU and memory saturation and the slowest SQL; scale out, verify p95 stays down"
-replaces = {}
+replaces = { "004-2" }
 version = "1.0.0"
 
 params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }

@@ -68,6 +68,14 @@ describe("tls", function()
       assert.is_true(tls.covers(tls.parse(plain.pem), "nosan.example.test"))
     end)
 
+    it("tells whether a private key is the certificate's", function()
+      assert.is_true(tls.key_matches(leaf.pem, cli.slurp(leaf.key)))
+      assert.is_false(tls.key_matches(leaf.pem, cli.slurp(old.key)))
+      local err = raises(function() tls.key_matches(leaf.pem, "junk", "key.pem") end)
+      assert.are.equal("bad_key", err.code)
+      assert.are.equal("key.pem: the key is not a PEM private key", err.message)
+    end)
+
     for _, case in ipairs {
       { "no PEM block", "hello", "secret x/y: no certificate in it" },
       { "a broken block", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",

@@ -97,8 +97,9 @@ function M.dependencies(opts)
   end)
   -- exit 127: the container has no such tool or variable, so it cannot tell
   local function from_pod(name, script)
+    if not opts.from_pod then return end   -- the in-pod checks are asked for, not configured
     local what = ("%s from %s"):format(name, opts.from_pod)
-    check(what, opts.from_pod, function()
+    check(what, true, function()
       local r = require("k8s").exec(opts.from_pod, { "sh", "-c", script },
         { namespace = opts.namespace, read = true, check = false, timeout = "20s" })
       if r.status == 127 then

@@ -50,6 +50,9 @@
 --           scanned, first, last, pods, by = {{value, count}...} (with count_by)}
 --       every pod of a workload, merged in timestamp order; JSON lines decode
 --       into rec.fields, other lines are kept as text (fields nil)
+--   users_of("secret/NAME" | "configmap/NAME") -> {{kind = "deployments", name, how = {"volume",
+--       "envFrom", "env"}, restartable}...}: the deployments, statefulsets, daemonsets and
+--       cronjobs whose pod template names it (containers, init containers, projected volumes)
 --   events([TARGET], {namespace=, object=, type=, reason=, since=}) -> oldest first
 --   wait(TARGET | TYPE, condition, {selector=, timeout = "30s"}): condition
 --       "Ready", "Available", "condition=Progressing=False", "delete", or fn(obj)
@@ -134,7 +137,7 @@ end
 local PUBLIC = {
   "get", "list", "create", "replace", "patch", "apply", "delete", "watch",
   "scale", "stop_workloads", "start_workloads", "rollout_restart", "rollout_status", "rollout_history", "rollout_undo", "last_change", "set_image", "set_env",
-  "logs", "log_query", "exec", "cp", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
+  "users_of", "logs", "log_query", "exec", "cp", "events", "wait", "top", "proxy_get", "deployment_health", "namespace_health", "service_health",
   "services_health",
   "lease_lock", "lease_renew_due",
 }

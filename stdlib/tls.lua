@@ -9,6 +9,8 @@
 --       self-signed, another name), with cert.chain as the server sent it
 --   tls.covers(cert, name) -> boolean    a SAN (or, with no SANs, the CN)
 --       matches the host name or IP address, a wildcard for one label
+--   tls.key_matches(pem, key_pem, where) -> boolean   the private key is the
+--       certificate's (its public half is the certificate's public key)
 --
 -- A cert is {subject, issuer, common_name, sans = {"DNS:a.example", "IP:10.0.0.1"},
 -- names = {"a.example", "10.0.0.1"}, serial (hex, as `openssl x509 -serial`),
@@ -19,6 +21,7 @@
 -- `where` and which certificate; op "peer_chain" (see modules/tls.c) naming
 -- host:port, code "connection_refused", "timeout", "not_tls", ...
 local x509 = require "openssl.x509"
+local pkey = require "openssl.pkey"
 local native = require "runbook.tls"
 local host = require "runbook.host"
 
@@ -90,6 +93,16 @@ function M.certificate(hostname, port, opts)
   local cert = parse_chain(native.peer_chain(hostname, n, opts), ("%s:%d"):format(hostname, n))
   cert.host, cert.port = hostname, n
   return cert
+end
+
+function M.key_matches(pem, key_pem, where)
+  where = where or "PEM text"
+  local block = type(pem) == "string" and pem:match(BLOCK)
+  local ok, cert = pcall(x509.new, block or "", "PEM")
+  if not ok then raise { op = "key_matches", code = "bad_pem", message = where .. ": no valid certificate in it" } end
+  local ok_key, key = pcall(pkey.new, type(key_pem) == "string" and key_pem or "", "PEM")
+  if not ok_key then raise { op = "key_matches", code = "bad_key", message = where .. ": the key is not a PEM private key" } end
+  return cert:getPublicKey():toPEM("public") == key:toPEM("public")
 end
 
 -- One SAN or CN pattern against a name: exact (case-insensitive), or "*."

@@ -5,10 +5,12 @@
 local cli = require "spec.support.cli"
 local loader = require "runbook.loader"
 local sb = require "spec.sandbox.sandbox_helper"
+local certs = require "spec.support.certs"
 
 local dir = cli.tmpdir()
 local PARAMS = {
   ["backup"] = { "dir=" .. dir },
+  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
@@ -18,6 +20,7 @@ local PARAMS = {
   ["outage-recovery"] = { "settle=1s" },
   ["restore"] = { "dir=" .. dir },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
+  ["restart"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket" },
   ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
   ["high-error-rate"] = { "service=backend" },
@@ -52,6 +55,15 @@ local SETUP = {
         .. "AND state = 'idle in transaction'"):match("^%s*1") end), "no idle session")
   end,
 }
+-- a TLS Secret to renew, and the certificate to renew it with
+SETUP["cert-check"] = function()
+  if not io.open(dir .. "/renewed.crt") then
+    certs.make(dir, "renewed", { cn = "todo.example.com", sans = "DNS:todo.example.com", days = 90 })
+  end
+  -- (already there from the step before, unless a reset removed it)
+  sb.kubectl(("-n todo-chatbot create secret tls todo-chatbot-tls --cert=%s --key=%s"):format(
+    cli.quote(dir .. "/renewed.crt"), cli.quote(dir .. "/renewed.key")))
+end
 SETUP["data-corruption"] = SETUP["restore"]
 SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 

@@ -69,6 +69,7 @@ describe("outage-recovery", function()
     assert.are.same({}, effects(events, "rollout_undo"))
     assert.matches("nothing is failing: nothing to roll back", r.stdout)
     assert.matches("recovered: all 5 deployments healthy, all 5 services answer", r.stdout)
+    assert.is_nil(r.stdout:find("from nil", 1, true), "in-pod checks not asked for are not listed")
   end)
 
   it("walked with --step: the operator previews the rollback, declines it, and the report says so", function()

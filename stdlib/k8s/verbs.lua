@@ -2,7 +2,7 @@
 -- the client (stdlib/k8s.lua documents them): scale, stop_workloads,
 -- start_workloads, rollout_restart,
 -- rollout_status, rollout_history, rollout_undo, set_image, set_env,
--- events, wait, top, proxy_get (logs are in k8s/logs.lua).
+-- users_of, events, wait, top, proxy_get (logs are in k8s/logs.lua).
 local cjson = require "cjson"
 local host = require "runbook.host"
 local client = require "k8s.client"
@@ -538,6 +538,59 @@ function Client:set_env(a, env, rest)
     if ok then return res end
     if not (type(res) == "table" and res.code == "409" and attempt < 5) then error(res, 0) end
   end
+end
+
+-- ---- who uses a Secret or ConfigMap -------------------------------------------
+
+-- How a pod spec names a Secret ("secret") or ConfigMap ("configmap"): "volume",
+-- "envFrom", "env" (each once, in that order), from every container and init
+-- container, projected volumes included.
+local function references(spec, kind, name)
+  local ref, key = kind == "secret" and "secretRef" or "configMapRef", kind == "secret" and "secretKeyRef" or "configMapKeyRef"
+  local found = {}
+  for _, v in ipairs(spec.volumes or {}) do
+    if kind == "secret" and v.secret and v.secret.secretName == name or kind == "configmap" and v.configMap and v.configMap.name == name then
+      found.volume = true
+    end
+    for _, src in ipairs(v.projected and v.projected.sources or {}) do
+      local s = kind == "secret" and src.secret or src.configMap
+      if s and s.name == name then found.volume = true end
+    end
+  end
+  for _, list in ipairs { spec.containers or {}, spec.initContainers or {} } do
+    for _, c in ipairs(list) do
+      for _, ef in ipairs(c.envFrom or {}) do if ef[ref] and ef[ref].name == name then found.envFrom = true end end
+      for _, e in ipairs(c.env or {}) do
+        if e.valueFrom and e.valueFrom[key] and e.valueFrom[key].name == name then found.env = true end
+      end
+    end
+  end
+  local how = {}
+  for _, h in ipairs { "volume", "envFrom", "env" } do if found[h] then how[#how + 1] = h end end
+  return how
+end
+
+-- Kinds whose pods read a Secret or ConfigMap: a rollout restart reloads the first three.
+local USERS = { { "deployments", true }, { "statefulsets", true }, { "daemonsets", true }, { "cronjobs", false } }
+
+--- users_of("secret/NAME" | "configmap/NAME", {namespace=}) -> {{kind, name, how, restartable}...}:
+-- the workloads whose pod template names it (kind "deployments", ...; how
+-- {"volume", "envFrom", "env"}); a kind the server does not serve is passed over.
+function Client:users_of(a, b)
+  local t, name, opts = client.target_args(a, b, nil, false, "users_of")
+  local kind = ({ secret = "secret", secrets = "secret", configmap = "configmap", configmaps = "configmap", cm = "configmap" })[t]
+  if not kind or not name then error("k8s.users_of: expected \"secret/NAME\" or \"configmap/NAME\"", 2) end
+  local ns, out = self:ns(opts or {}), {}
+  for _, u in ipairs(USERS) do
+    local ok, items = pcall(self.list, self, u[1], { namespace = ns })
+    if not ok and not (type(items) == "table" and items.code == "unknown_resource") then error(items, 0) end
+    for _, o in ipairs(ok and items or {}) do
+      local tmpl = u[1] == "cronjobs" and o.spec.jobTemplate.spec.template or o.spec.template
+      local how = references(tmpl.spec or {}, kind, name)
+      if #how > 0 then out[#out + 1] = { kind = u[1], name = o.metadata.name, how = how, restartable = u[2] } end
+    end
+  end
+  return out
 end
 
 -- ---- pods, events ------------------------------------------------------------
