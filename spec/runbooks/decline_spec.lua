@@ -12,6 +12,7 @@ local PARAMS = {
   ["backup"] = { "dir=" .. dir },
   ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
+  ["config-update"] = { "object=configmap/todo-chatbot-config", "key=LOG_LEVEL", "value=WARNING" },
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
   ["data-corruption"] = { "dir=" .. dir, "force=true" },
