@@ -16,7 +16,7 @@ replaces = { "001-13" }
 version = "1.0.0"
 
 param "dir" { default = "./backups", help = "directory the backup sets go in (each set is DIR/PREFIX-YYYYMMDDTHHMMSSZ/)" }
-param "prefix" { default = "todo", help = "name of the sets (letters, digits, '-', '_', '.')" }
+param "prefix" (steps.params.prefix)
 param "database_url" (steps.params.database_url)
 param "keep" { type = "integer", default = 7, help = "how many sets to keep: older ones are deleted after a successful backup" }
 param "kubernetes" { type = "boolean", default = false,

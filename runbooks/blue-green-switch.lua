@@ -26,11 +26,11 @@ param "namespace" (steps.params.namespace)
 param "ingress" { default = "todo-chatbot", help = "the Ingress whose paths to FROM's Service are switched" }
 param "service" { default = "", help = "the live Service the Ingress sends to (default: FROM)" }
 param "split_label" { default = "app.kubernetes.io/instance", help = "pod label given the color as a suffix, so the colors' selectors stay apart" }
-param "health_path" { default = "/health", help = "path the new color answers health checks on" }
+param "health_path" (steps.params.health_path)
 param "observe" { type = "duration", default = "10m", help = "how long to watch the new color after the switch (seed: 10 minutes)" }
 param "timeout" { type = "duration", default = "5m", help = "how long the new color may take to roll out" }
 param "max_error_rate" { type = "number", default = 0.01, help = "after the switch, the new color's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
-param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_window" (steps.params.error_rate_window)
 param "error_rate_hold" { type = "duration", default = "2m", help = "how long the new color's error rate must hold after the switch" }
 param "retire_old" { type = "boolean", default = true, help = "scale the old color to 0 once the new one held" }
 
@@ -67,8 +67,7 @@ end
 step "Check the live color" {
   description = "FROM healthy, its Service there, and the Ingress paths that send to it",
   run = function(ctx)
-    local h = k8s.deployment_health(ctx.params.namespace, ctx.params.from)
-    if not h.healthy then error(("%s is not healthy: %s"):format(ctx.params.from, table.concat(h.problems, "; ")), 0) end
+    local h = steps.healthy(ctx, ctx.params.from)
     local svc = k8s.get("svc/" .. live_service(ctx), ns(ctx))
     local to = pick_to(ctx)
     local _, paths = switched(k8s.get("ingress/" .. ctx.params.ingress, ns(ctx)), live_service(ctx), to)
@@ -95,7 +94,8 @@ step "Deploy the new color" {
       k8s.scale("deploy/" .. to_name(ctx), replicas, ns(ctx))
       local labels = existed.spec.template.metadata.labels or {}
       labels["pod-template-hash"] = nil
-      return { created = false, image = image, labels = labels, replicas_before = existed.spec.replicas, revision = revision }
+      return { name = to_name(ctx), created = false, image = image, labels = labels,
+        replicas_before = existed.spec.replicas, revision = revision }
     end
     local deployment, labels, image = steps.sibling_deployment { from = ctx.params.from, name = to_name(ctx),
       namespace = ctx.params.namespace, tag = ctx.params.tag, split = ctx.params.split_label, what = "the colors",
@@ -103,7 +103,7 @@ step "Deploy the new color" {
       replicas = replicas, cause = ("blue-green-switch from %s, tag %s"):format(ctx.params.from, ctx.params.tag) }
     k8s.apply(deployment, { force = true })
     log.info("%s: %s, %d replicas", to_name(ctx), image, replicas)
-    return { created = true, image = image, labels = labels }
+    return { name = to_name(ctx), created = true, image = image, labels = labels }
   end,
   undo = function(ctx, out)
     if out.created then k8s.delete("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
@@ -114,25 +114,9 @@ step "Deploy the new color" {
   end,
 }
 
-step "Give it a Service" {
-  description = "A Service named like the new color, selecting its pods, with the live Service's ports",
-  needs = { "Check the live color", "Deploy the new color" },
-  run = function(ctx)
-    local have = k8s.get("svc/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
-    if have then log.info("service %s exists", to_name(ctx)); return { created = false } end
-    k8s.create(steps.service_for(to_name(ctx), ctx.params.namespace, ctx.outputs["Deploy the new color"].labels,
-      ctx.outputs["Check the live color"].ports))
-    return { created = true }
-  end,
-  undo = function(ctx, out)
-    if out.created then k8s.delete("svc/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true }) end
-  end,
-}
+step "Give it a Service" (steps.sibling_service { live = "Check the live color", deployed = "Deploy the new color" })
 
-step "Wait for the new color" (steps.rollout_status {
-  needs = { "Check the live color", "Deploy the new color" },
-  target = function(ctx) return "deploy/" .. to_name(ctx) end,
-})
+step "Wait for the new color" (steps.rollout_status { deployed = "Deploy the new color" })
 
 step "Health-check the new color" {
   description = "GET health_path through the new color's Service (API server proxy) before any traffic goes to it",

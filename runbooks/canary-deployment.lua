@@ -23,9 +23,8 @@ replaces = { "003-3" }
 version = "1.0.0"
 on_failure = "undo"
 
-param "deployment" { required = true, help = "the stable deployment, e.g. todo-chatbot-backend" }
+params (steps.params) { "deployment", "namespace" }
 param "tag" { required = true, help = "the new image tag for the app container" }
-param "namespace" (steps.params.namespace)
 param "ingress" { default = "todo-chatbot", help = "the Ingress that sends to the stable Service" }
 param "service" { default = "", help = "the stable Service (default: the deployment's name)" }
 param "split_label" { default = "app.kubernetes.io/instance", help = "pod label given a -canary suffix so the stable Service never selects the canary" }
@@ -80,8 +79,7 @@ end
 step "Check the stable deployment" {
   description = "The stable deployment healthy, on another tag; its Service and the Ingress paths that send to it",
   run = function(ctx)
-    local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
-    if not h.healthy then error(("%s is not healthy: %s"):format(ctx.params.deployment, table.concat(h.problems, "; ")), 0) end
+    local h = steps.healthy(ctx, ctx.params.deployment)
     local d = k8s.get("deploy/" .. ctx.params.deployment, ns(ctx))
     local app = d.spec.template.spec.containers[1]
     local current = app.image:match(":([^:/]+)$")
@@ -104,25 +102,14 @@ step "Deploy the canary" {
       relabel = function(v) return v .. "-canary" end, replicas = 1,
       cause = ("canary-deployment of %s, tag %s"):format(ctx.params.deployment, ctx.params.tag) }
     k8s.create(deployment)
-    return { image = image, labels = labels }
+    return { name = canary(ctx), image = image, labels = labels }
   end,
   undo = function(ctx) k8s.delete("deploy/" .. canary(ctx), { namespace = ctx.params.namespace, missing_ok = true }) end,
 }
 
-step "Give it a Service" {
-  description = "A Service named like the canary, selecting its pods, with the stable Service's ports",
-  needs = { "Check the stable deployment", "Deploy the canary" },
-  run = function(ctx)
-    k8s.create(steps.service_for(canary(ctx), ctx.params.namespace, ctx.outputs["Deploy the canary"].labels,
-      ctx.outputs["Check the stable deployment"].ports))
-  end,
-  undo = function(ctx) k8s.delete("svc/" .. canary(ctx), { namespace = ctx.params.namespace, missing_ok = true }) end,
-}
+step "Give it a Service" (steps.sibling_service { live = "Check the stable deployment", deployed = "Deploy the canary" })
 
-step "Wait for the canary" (steps.rollout_status {
-  needs = { "Check the stable deployment", "Deploy the canary" },
-  target = function(ctx) return "deploy/" .. canary(ctx) end,
-})
+step "Wait for the canary" (steps.rollout_status { deployed = "Deploy the canary" })
 
 step "Create the canary Ingress" {
   description = "An nginx canary Ingress for the stable paths, to the canary's Service, at weight 0",

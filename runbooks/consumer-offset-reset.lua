@@ -17,12 +17,12 @@ replaces = { "002-10" }
 version = "1.0.0"
 on_failure = "undo"
 
-param "group" { default = "recurring-task-service", help = "the consumer group" }
-param "topic" { default = "task-events", help = "the topic whose offsets to move" }
+param "group" (steps.params.group)
+param "topic" (steps.params.topic)
 param "to" { required = true,
   help = "earliest | latest | offset:N | shift:N (e.g. shift:-500 replays 500 per partition) | datetime:2026-11-22T10:00:00Z" }
 param "partitions" { default = "", help = "comma-separated partitions (default: all of the topic's)" }
-param "deployment" { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers (scaled to 0 during the reset)" }
+param "deployment" (steps.params.consumers)
 param "namespace" (steps.params.namespace)
 param "timeout" { type = "duration", default = "2m", help = "how long the consumers may take to stop, and to come back" }
 

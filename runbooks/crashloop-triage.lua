@@ -21,8 +21,7 @@ description = "Diagnose a crash-looping, OOM-killed or not-starting deployment (
 replaces = { "000-6", "001-7", "004-3", "004-5" }
 version = "1.0.0"
 
-param "deployment" { required = true, help = "the deployment whose pods crash, e.g. todo-chatbot-backend" }
-param "namespace" (steps.params.namespace)
+params (steps.params) { "deployment", "namespace" }
 param "tail" { type = "integer", default = 20, help = "log lines to show per container (current and previous)" }
 param "fix" { type = { "auto", "rollback", "memory", "restart", "none" }, default = "auto",
   help = "the fix to offer: auto (from the diagnosis), or force one; none only diagnoses" }

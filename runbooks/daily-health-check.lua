@@ -17,7 +17,7 @@ replaces = { "000-1", "000-15", "001-1", "001-3", "003-5", "003-6" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
-param "health_path" { default = "/health", help = "path every service answers health checks on (through the API server's service proxy)" }
+param "health_path" (steps.params.health_path)
 param "groups" { default = "recurring-task-service,websocket-service,notification-service", help = "consumer groups whose lag is checked (comma-separated)" }
 param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }

@@ -15,9 +15,7 @@ description = "Find what fills a deployment's pods' log volume and delete old ro
 replaces = { "004-16" }
 version = "1.0.0"
 
-param "deployment" { required = true, help = "the deployment whose pods to clean, e.g. todo-chatbot-backend" }
-param "namespace" (steps.params.namespace)
-param "container" (steps.params.container)
+params (steps.params) { "deployment", "namespace", "container" }
 param "path" { default = "/var/log", help = "the directory that fills up" }
 param "older_than" { type = "duration", default = "7d", help = "rotated logs older than this are deleted" }
 

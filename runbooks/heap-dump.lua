@@ -16,9 +16,7 @@ description = "Dump the heap of a deployment's biggest pod, copy it out with a c
 replaces = { "003-8" }
 version = "1.0.0"
 
-param "deployment" { required = true, help = "the deployment with the leak, e.g. todo-chatbot-backend" }
-param "namespace" (steps.params.namespace)
-param "container" { default = "", help = "the app container (default: the pod's default container)" }
+params (steps.params) { "deployment", "namespace", "container" }
 param "dir" { required = true, help = "local directory the dump is copied into" }
 param "dump_file" { default = "/tmp/heap.hprof", help = "where the dump command writes the dump in the pod" }
 param "dump_command" { default = "./heapdump /tmp/heap.hprof",

@@ -17,15 +17,10 @@ description = "Measure a service's 5xx rate per version, roll back if it began w
 replaces = { "000-11" }
 version = "1.0.0"
 
-param "service" { required = true, help = "the app whose error rate is high (the service label), e.g. backend" }
-param "deployment" (steps.params.service_deployment)
-param "namespace" (steps.params.namespace)
+params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }
 param "max_error_rate" { type = "number", default = 0.01, help = "the 5xx share the service must stay under (seed 000: warning above 1%)" }
-param "window" (steps.params.window)
 param "log_since" { type = "duration", default = "5m", help = "how far back the pods' logs are read for the top error messages (seed 000: kubectl logs --since=5m)" }
 param "recent" { type = "duration", default = "1h", help = "without data from before the last change, a change this young is blamed" }
-param "hold" (steps.params.hold)
-param "every" (steps.params.every)
 param "timeout" { type = "duration", default = "5m", help = "how long the rollback or restart may take to roll out" }
 
 local deployment = steps.service_deployment

@@ -12,15 +12,10 @@ description = "Measure p95 latency per service, CPU and memory saturation and th
 replaces = { "004-2" }
 version = "1.0.0"
 
-param "service" { required = true, help = "the app whose latency is high (the service label), e.g. backend" }
-param "deployment" (steps.params.service_deployment)
-param "namespace" (steps.params.namespace)
+params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }
 param "max_p95" { type = "duration", default = "500ms", help = "the p95 the service must stay under (seed 000: warning above 500ms)" }
-param "window" (steps.params.window)
 param "stats_url" { default = "", secret = true, help = "PostgreSQL URL of the database where pg_stat_statements is installed (default $DATABASE_URL)" }
 param "max_replicas" { type = "integer", default = 10, help = "scale out to twice the replicas, at most this many" }
-param "hold" (steps.params.hold)
-param "every" (steps.params.every)
 param "timeout" { type = "duration", default = "5m", help = "how long the scale-out may take to roll out" }
 
 local deployment = steps.service_deployment

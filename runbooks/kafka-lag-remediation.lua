@@ -16,9 +16,9 @@ description = "Measure a consumer group's lag; over the threshold, scale its con
 replaces = { "000-13", "001-8", "002-6", "002-21" }
 version = "1.0.0"
 
-param "group" { default = "recurring-task-service", help = "the consumer group" }
-param "topic" { default = "task-events", help = "the topic it consumes" }
-param "deployment" { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers" }
+param "group" (steps.params.group)
+param "topic" (steps.params.topic)
+param "deployment" (steps.params.consumers)
 param "namespace" (steps.params.namespace)
 param "threshold" { type = "integer", default = 1000, help = "total lag (messages) above which to act (seed: >1000)" }
 param "lag_per_replica" { type = "integer", default = 100, help = "lag one consumer is expected to hold (the seed's HPA target averageValue)" }
@@ -45,6 +45,15 @@ end
 local function measure(ctx)
   local r = kafka.lag { group = ctx.params.group, topics = ctx.params.topic }
   return r, r.total
+end
+
+-- The replicas for the lag `m` (of "Measure the lag") with `current` running:
+-- ceil(lag / lag_per_replica), never fewer than current, never more than the
+-- partitions (or max_replicas). Returns them, the cap and the replicas wanted.
+local function replicas_for(ctx, m, current)
+  local cap = ctx.params.max_replicas > 0 and math.min(ctx.params.max_replicas, m.partitions) or m.partitions
+  local want = math.ceil(m.total / ctx.params.lag_per_replica)
+  return math.max(current, math.min(want, cap)), cap, want
 end
 
 -- The HPA whose scaleTargetRef is the deployment, if any.
@@ -86,13 +95,10 @@ step "Plan the replicas" {
   description = "ceil(lag / lag_per_replica), never fewer than now, never more than the partitions (seed: beyond 12 gives nothing)",
   needs = { "Measure the lag" },
   run = function(ctx)
+    local current = k8s.get(deploy(ctx), ns(ctx)).spec.replicas or 1
     local m = ctx.outputs["Measure the lag"]
-    local d = k8s.get(deploy(ctx), ns(ctx))
-    local current = d.spec.replicas or 1
     if not m.over then return { current = current, target = current } end
-    local cap = ctx.params.max_replicas > 0 and math.min(ctx.params.max_replicas, m.partitions) or m.partitions
-    local want = math.ceil(m.total / ctx.params.lag_per_replica)
-    local target = math.max(current, math.min(want, cap))
+    local target, cap, want = replicas_for(ctx, m, current)
     if ctx.params.max_replicas > m.partitions then
       log.warn("max_replicas %d is more than the %d partitions of %s: capped at %d", ctx.params.max_replicas,
         m.partitions, ctx.params.topic, m.partitions)

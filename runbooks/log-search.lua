@@ -15,9 +15,7 @@ description = "Search a deployment's logs across its pods by level, correlation 
 replaces = { "000-10" }
 version = "1.0.0"
 
-param "deployment" { required = true, help = "the deployment whose pods' logs to search, e.g. todo-chatbot-backend" }
-param "namespace" (steps.params.namespace)
-param "container" (steps.params.container)
+params (steps.params) { "deployment", "namespace", "container" }
 param "level" { default = "", help = "only records of this level (ERROR, WARNING, INFO ...)" }
 param "correlation_id" { default = "", help = "only records with this correlation_id" }
 param "pattern" { default = "", help = "only lines matching this Lua pattern (JSON or plain text lines)" }

@@ -25,7 +25,7 @@ param "backup_prefix" { default = "todo", help = "the sets' prefix (runbook back
 param "backup_max_age" { type = "duration", default = "24h", help = "the newest backup must be younger than this" }
 param "timeout" { type = "duration", default = "5m", help = "how long each rollout may take" }
 param "watch" { type = "duration", default = "15m", help = "how long the error rate must stay low after the change (seed: 15 minutes)" }
-param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_window" (steps.params.error_rate_window)
 
 local function target(ctx) return "deploy/" .. ctx.params.deployment end
 local function ns(ctx) return { namespace = ctx.params.namespace } end
@@ -88,15 +88,7 @@ step "Roll out the new image" {
   end,
 }
 
-step "Verify health" {
-  description = "The deployment healthy, and its services answering /health",
-  retry = { attempts = 5, base = "1s", max = "5s" },
-  run = function(ctx)
-    local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
-    if not h.healthy and not ctx.dry_run then error("not healthy: " .. table.concat(h.problems, "; "), 0) end
-    return { healthy = h.healthy }
-  end,
-}
+step "Verify health" (steps.verify_health { services = false, description = "The deployment healthy (its pods ready)" })
 
 step "Watch the error rate" {
   description = "The deployment's 5xx share stays under 1% for watch (Prometheus; skipped without PROMETHEUS_URL)",

@@ -15,7 +15,7 @@ replaces = { "001-7", "002-24" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
-param "health_path" { default = "/health", help = "HTTP path each service answers health checks on (through the API server's service proxy)" }
+param "health_path" (steps.params.health_path)
 param "rollout_timeout" { type = "duration", default = "2m", help = "how long to wait for each restart or rollback to roll out" }
 param "changed_within" { type = "duration", default = "24h",
   help = "roll back a deployment still failing after its restart only when its last change (past restarts) is this recent" }
@@ -25,7 +25,7 @@ param "events_since" { type = "duration", default = "30m", help = "how far back 
 param "from_pod" { default = "", help = "also check PostgreSQL and Redis from inside this workload's pod, with its env (e.g. deploy/todo-chatbot-backend)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "warn when PostgreSQL connections reach this share of max_connections" }
 param "max_error_rate" { type = "number", default = 0.01, help = "once healthy, the namespace's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
-param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_window" (steps.params.error_rate_window)
 param "error_rate_hold" { type = "duration", default = "1m", help = "how long the error rate must hold: recovered means serving, not only answering /health" }
 
 -- The outcome goes to Slack when SLACK_WEBHOOK is set (channel SLACK_CHANNEL, default #incidents).

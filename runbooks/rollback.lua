@@ -14,14 +14,13 @@ description = "Roll a deployment back to the revision before its last change (or
 replaces = { "000-5", "004-9" }
 version = "1.0.0"
 
-param "deployment" { required = true, help = "the deployment to roll back, e.g. todo-chatbot-backend" }
-param "namespace" (steps.params.namespace)
+params (steps.params) { "deployment", "namespace" }
 param "to_revision" { type = "integer", default = 0,
   help = "revision to go back to (0: the one before the last change, looking past rollout restarts)" }
 param "timeout" { type = "duration", default = "5m", help = "how long the rollback may take to roll out" }
-param "health_path" { default = "/health", help = "path each of the deployment's services answers health checks on" }
+param "health_path" (steps.params.health_path)
 param "max_error_rate" { type = "number", default = 0.01, help = "after the rollback, its 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
-param "error_rate_window" { default = "1m", help = "PromQL rate window of the error rate" }
+param "error_rate_window" (steps.params.error_rate_window)
 param "error_rate_hold" { type = "duration", default = "2m", help = "how long the error rate must hold after the rollback" }
 param "metrics_selector" { default = "", help = "PromQL labels of the deployment's requests (default: namespace and deployment)" }
 
@@ -82,23 +81,7 @@ step "Roll back" {
 
 step "Wait for the rollout" (steps.rollout_status { target = target })
 
-step "Verify health" {
-  description = "The deployment healthy, and GET health_path through each of its services (API server proxy)",
-  retry = { attempts = 5, base = "1s", max = "5s" },
-  run = function(ctx)
-    local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
-    if not h.healthy and not ctx.dry_run then error("not healthy: " .. table.concat(h.problems, "; "), 0) end
-    local sh = k8s.service_health(target(ctx), { namespace = ctx.params.namespace, path = ctx.params.health_path })
-    local checked = {}
-    for _, row in ipairs(sh.services) do
-      log.info("%s %s: %s", row.service, ctx.params.health_path, row.ok and ("HTTP " .. row.status) or row.error)
-      if not row.ok and not ctx.dry_run then error(row.service .. " " .. ctx.params.health_path .. ": " .. row.error, 0) end
-      checked[#checked + 1] = row.service
-    end
-    if #checked == 0 then log.warn("no service selects %s's pods: only its pods' readiness was checked", ctx.params.deployment) end
-    return { healthy = h.healthy, services = checked }
-  end,
-}
+step "Verify health" (steps.verify_health {})
 
 step "Verify the error rate" {
   description = "After one rate window, the deployment's 5xx share must stay under max_error_rate for error_rate_hold (Prometheus)",

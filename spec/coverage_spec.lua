@@ -12,12 +12,7 @@ local function set_of(list)
   return s
 end
 
-local function sorted_keys(t)
-  local out = {}
-  for k in pairs(t) do out[#out + 1] = k end
-  table.sort(out)
-  return out
-end
+local sorted_keys = require("runbook.metrics").sorted_keys
 
 --- The ids of docs/seed-procedures.md, in order.
 local function seed_ids()

@@ -34,6 +34,9 @@ local CASES = {
   { "unused param",
     'param "unused" { default = "y" }\nstep "A" { run = function(ctx) return { ctx.params.namespace } end }',
     "3:7: param 'unused' is declared but never read (no ctx.params.unused): remove it, or use it" },
+  { "unused param declared with shared specs",
+    'params (steps.params) { "container" }\nstep "A" { run = function(ctx) return { ctx.params.namespace } end }',
+    "3:25: param 'container' is declared but never read (no ctx.params.container): remove it, or use it" },
   { "outputs of a step not declared in needs or uses",
     'step "First" { run = function(ctx) return { ctx.params.namespace } end }\n'
       .. 'step "Second" { run = function(ctx) return ctx.outputs.First end }',

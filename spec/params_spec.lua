@@ -76,4 +76,37 @@ describe("params", function()
     assert.falsy(r.stdout:find("hunter2-secret", 1, true))
     assert.truthy(r.stdout:find('"token":"***"', 1, true))
   end)
+
+  -- `params (specs) { names }`: params that share their specs (steps.params), declared in one line.
+  describe("declared together from shared specs", function()
+    local SHARED = [[
+name = "shared"
+description = "d"
+local specs = { target = { required = true, help = "the deployment" }, zone = { default = "eu", help = "where" } }
+params (specs) { "target", "zone" }
+param "own" { default = "x" }
+step "Show" { run = function(ctx) return { target = ctx.params.target, zone = ctx.params.zone } end }
+]]
+
+    it("declares each name in order with its spec, shown by describe", function()
+      local p = cli.runbook(SHARED)
+      local r = cli.run { "run", p, "--output", "json", "-p", "target=api" }
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.same({ target = "api", zone = "eu" }, outputs(r))
+      assert.are.equal(2, cli.run { "run", p }.code)
+      local d = cli.run { "describe", p }
+      local at_target, at_zone, at_own = d.stdout:find("target", 1, true), d.stdout:find("zone", 1, true),
+        d.stdout:find("own", 1, true)
+      assert.truthy(at_target and at_zone and at_own and at_target < at_zone and at_zone < at_own, d.stdout)
+      assert.truthy(d.stdout:find("the deployment", 1, true), d.stdout)
+    end)
+
+    it("rejects a name the specs do not have, with exit 3 and file:line", function()
+      local p = cli.runbook((SHARED:gsub('"zone" }', '"zoen" }')))
+      local r = cli.run { "describe", p }
+      assert.are.equal(3, r.code, r.stderr)
+      assert.truthy(r.stderr:find(p .. ":4:", 1, true), r.stderr)
+      assert.truthy(r.stderr:find("params: no shared spec 'zoen' (known: target, zone)", 1, true), r.stderr)
+    end)
+  end)
 end)

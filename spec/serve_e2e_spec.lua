@@ -34,20 +34,12 @@ rules:
 
 local serve, started
 
-local function free_port()
-  local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));]]
-    .. [[ print(s.getsockname()[1])']])
-  local port = p:read("l")
-  p:close()
-  return port
-end
-
 --- Start serve with the rule in `mode`, and point the sandbox's Alertmanager at it.
 local function start_serve(mode)
   local dir = cli.tmpdir()
   local rules = cli.write(dir .. "/rules.yml", RULES:format(RUNBOOK, mode))
   local token = cli.write(dir .. "/token", TOKEN .. "\n")
-  serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:" .. free_port(), "--token-file", token },
+  serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:" .. cli.free_port(), "--token-file", token },
     { RUNBOOK_USER = "runbook-serve" })
   cli.eventually(function() return cli.slurp(serve.dir .. "/out"):match("127%.0%.0%.1:%d+") end, "serve to listen")
   local url = "http://" .. cli.slurp(serve.dir .. "/out"):match("127%.0%.0%.1:%d+") .. "/v1/alertmanager"

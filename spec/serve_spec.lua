@@ -55,14 +55,6 @@ end
 
 local write = cli.write
 
-local function free_port()
-  local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));]]
-    .. [[ print(s.getsockname()[1])']])
-  local port = p:read("l")
-  p:close()
-  return port
-end
-
 local dir, serve, url, am_url, am_pid, serve2
 
 --- curl: returns the HTTP status and the body.
@@ -95,7 +87,7 @@ setup(function()
   local url2
   serve, url = start_serve()
   serve2, url2 = start_serve()
-  local port = free_port()
+  local port = cli.free_port()
   am_url = "http://127.0.0.1:" .. port
   local config = write(dir .. "/alertmanager.yml", ([[
 route:

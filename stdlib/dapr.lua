@@ -419,6 +419,27 @@ function Client:check_publish(rep, tp, problem)
   end
 end
 
+-- The daprd sidecar of `pod` (app `app_id`): {pod, app_id, injected, ready, restarts, problem}.
+local function sidecar_row(pod, app_id)
+  local row = { pod = pod.metadata.name, app_id = app_id, injected = false, ready = false, restarts = 0 }
+  for _, list_name in ipairs { "containers", "initContainers" } do
+    for _, c in ipairs((pod.spec or {})[list_name] or {}) do
+      if c.name == "daprd" then row.injected = true end
+    end
+  end
+  for _, list_name in ipairs { "containerStatuses", "initContainerStatuses" } do
+    for _, cs in ipairs((pod.status or {})[list_name] or {}) do
+      if cs.name == "daprd" then row.ready, row.restarts = cs.ready == true, cs.restartCount or 0 end
+    end
+  end
+  if not row.injected then
+    row.problem = "no daprd container: the sidecar was not injected (check the injector and the annotations)"
+  elseif not row.ready then
+    row.problem = "daprd is not ready"
+  end
+  return row
+end
+
 --- Pods in `namespace` that should run a daprd sidecar (annotation
 -- dapr.io/enabled: "true"), with whether it is there and ready (seed 002
 -- "Dapr Sidecar Not Injected"). Needs the k8s module; opts.selector narrows
@@ -431,25 +452,8 @@ function M.sidecar_status(namespace, opts)
   for _, pod in ipairs(items) do
     local ann = pod.metadata.annotations or {}
     if ann["dapr.io/enabled"] == "true" then
-      local row = { pod = pod.metadata.name, app_id = ann["dapr.io/app-id"], injected = false, ready = false, restarts = 0 }
-      local spec = pod.spec or {}
-      for _, list_name in ipairs { "containers", "initContainers" } do
-        for _, c in ipairs(spec[list_name] or {}) do
-          if c.name == "daprd" then row.injected = true end
-        end
-      end
-      local st = pod.status or {}
-      for _, list_name in ipairs { "containerStatuses", "initContainerStatuses" } do
-        for _, cs in ipairs(st[list_name] or {}) do
-          if cs.name == "daprd" then row.ready, row.restarts = cs.ready == true, cs.restartCount or 0 end
-        end
-      end
-      if not row.injected then
-        row.problem = "no daprd container: the sidecar was not injected (check the injector and the annotations)"
-      elseif not row.ready then
-        row.problem = "daprd is not ready"
-      end
-      if row.problem then out.ok = false end
+      local row = sidecar_row(pod, ann["dapr.io/app-id"])
+      out.ok = out.ok and not row.problem
       out.pods[#out.pods + 1] = row
     end
   end

@@ -2,6 +2,7 @@
 -- they read, declared once:
 --
 --   param "namespace" (steps.params.namespace)
+--   params (steps.params) { "deployment", "namespace" }
 --   step "Stop writes" (steps.stop_writers { needs = { "Verify the backup set" } })
 --   step "Start writes" (steps.start_writers { stopped = "Stop writes" })
 --
@@ -11,21 +12,35 @@ local M = {}
 
 --- Params that mean the same in every runbook that declares them.
 M.params = {
+  deployment = { required = true, help = "the deployment, e.g. todo-chatbot-backend" },
   namespace = { default = "todo-chatbot", help = "Kubernetes namespace" },
   writers = { default = "todo-chatbot-backend,todo-chatbot-recurring-task",
     help = "comma-separated deployments that write to the database: scaled to 0 while the data is replaced" },
   -- as param "timeout", which stop_writers and start_writers read
   writers_timeout = { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" },
   database_url = { secret = true, default = os.getenv("DATABASE_URL"), help = "the database (default $DATABASE_URL)" },
-  prefix = { default = "todo", help = "name of the backup sets in dir" },
-  container = { default = "", help = "the container (default: each pod's default container)" },
-  -- for service_deployment, measure_metric and verify_metric
-  service_deployment = { default = "", help = "the service's deployment (default todo-chatbot-SERVICE)" },
+  prefix = { default = "todo", help = "name of the backup sets in dir (letters, digits, '-', '_', '.')" },
+  container = { default = "", help = "the app container (default: each pod's default container)" },
+  health_path = { default = "/health", help = "path the services answer health checks on (through the API server's service proxy)" },
+  error_rate_window = { default = "1m", help = "PromQL rate window of the error rate" },
+  -- a consumer group, the topic it consumes and the deployment running its consumers
+  group = { default = "recurring-task-service", help = "the consumer group" },
+  topic = { default = "task-events", help = "the topic the group consumes" },
+  consumers = { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers" },
+  -- for M.deployments
+  deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
+}
+
+--- The params of a service whose metric is too high, which service_deployment,
+-- measure_metric and verify_metric read:
+--   params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }
+M.metric_params = {
+  service = { required = true, help = "the app whose metric is too high (its service label), e.g. backend" },
+  deployment = { default = "", help = "the service's deployment (default todo-chatbot-SERVICE)" },
+  namespace = M.params.namespace,
   window = { default = "5m", help = "PromQL rate window" },
   hold = { type = "duration", default = "5m", help = "how long the value must stay under its threshold after the fix" },
   every = { type = "duration", default = "15s", help = "how often the value is evaluated while verifying" },
-  -- for M.deployments
-  deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
 }
 
 -- A shared step: `build(args)` makes the step from the runbook's table `t`,
@@ -150,17 +165,55 @@ M.restore_database = shared({ set = true }, function(a)
   }
 end)
 
---- Wait for the rollout of `t.target(ctx)` (kubectl rollout status) for at
--- most param `t.within` (default: timeout); gives up at once when its new
--- pods crash-loop or cannot pull their image.
-M.rollout_status = shared({ target = true, within = true }, function(a)
-  local target_of, within = a.target, a.within or "timeout"
+--- Wait for the rollout of `t.target(ctx)`, or of the deployment the step
+-- `t.deployed` made (its output `name`), (kubectl rollout status) for at most
+-- param `t.within` (default: timeout); gives up at once when its new pods
+-- crash-loop or cannot pull their image.
+M.rollout_status = shared({ target = true, within = true, deployed = true }, function(a)
+  local deployed, within = a.deployed, a.within or "timeout"
+  local target_of = a.target or function(ctx) return "deploy/" .. ctx.outputs[deployed].name end
   return {
     description = "kubectl rollout status; gives up at once when the new pods crash-loop or cannot pull their image",
+    needs = deployed and { deployed },
     run = function(ctx)
       local r = require("k8s").rollout_status(target_of(ctx), { namespace = ctx.params.namespace,
         timeout = ctx.params[within], fail_fast = true })
       return { message = r.message }
+    end,
+  }
+end)
+
+--- The health of deployment `name` in param namespace (k8s.deployment_health);
+-- raises "NAME is not healthy: ..." when it is not.
+function M.healthy(ctx, name)
+  local h = require("k8s").deployment_health(ctx.params.namespace, name)
+  if not h.healthy then error(("%s is not healthy: %s"):format(name, table.concat(h.problems, "; ")), 0) end
+  return h
+end
+
+--- The deployment of param deployment healthy and, unless `t.services` is
+-- false, GET param health_path through each Service that selects its pods (API
+-- server proxy). In a dry run, failures are reported, not raised.
+M.verify_health = shared({ services = true }, function(a)
+  local services = a.services ~= false
+  return {
+    description = "The deployment healthy, and GET health_path through each of its services (API server proxy)",
+    retry = { attempts = 5, base = "1s", max = "5s" },
+    run = function(ctx)
+      local k8s, log = require "k8s", require "log"
+      local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
+      if not h.healthy and not ctx.dry_run then error("not healthy: " .. table.concat(h.problems, "; "), 0) end
+      if not services then return { healthy = h.healthy } end
+      local sh = k8s.service_health("deploy/" .. ctx.params.deployment,
+        { namespace = ctx.params.namespace, path = ctx.params.health_path })
+      local checked = {}
+      for _, row in ipairs(sh.services) do
+        log.info("%s %s: %s", row.service, ctx.params.health_path, row.ok and ("HTTP " .. row.status) or row.error)
+        if not row.ok and not ctx.dry_run then error(row.service .. " " .. ctx.params.health_path .. ": " .. row.error, 0) end
+        checked[#checked + 1] = row.service
+      end
+      if #checked == 0 then log.warn("no service selects %s's pods: only its pods' readiness was checked", ctx.params.deployment) end
+      return { healthy = h.healthy, services = checked }
     end,
   }
 end)
@@ -297,14 +350,37 @@ function M.sibling_deployment(o)
   }, labels, app.image
 end
 
---- The Service `name` selecting `labels`, with the ports `ports` of another Service.
-function M.service_for(name, namespace, labels, ports)
-  local list = {}
-  for _, p in ipairs(ports) do
-    list[#list + 1] = { name = p.name, port = p.port, targetPort = p.targetPort, protocol = p.protocol }
-  end
-  return { apiVersion = "v1", kind = "Service", metadata = { name = name, namespace = namespace, labels = labels },
-    spec = { selector = labels, ports = list } }
-end
+--- A Service for the deployment the step `t.deployed` made (its outputs
+-- `name` and `labels`: the Service has its name and selects its pods), with
+-- the ports of the live Service (output `ports` of the step `t.live`). One that
+-- exists already (an earlier color's) is kept; undo deletes one it created.
+M.sibling_service = shared({ deployed = true, live = true }, function(a)
+  local deployed, live = a.deployed, a.live
+  return {
+    description = "A Service named like the new deployment, selecting its pods, with the live Service's ports",
+    needs = { live, deployed },
+    run = function(ctx)
+      local k8s = require "k8s"
+      local d = ctx.outputs[deployed]
+      if k8s.get("svc/" .. d.name, { namespace = ctx.params.namespace, missing_ok = true }) then
+        require("log").info("service %s exists", d.name)
+        return { created = false }
+      end
+      local ports = {}
+      for _, p in ipairs(ctx.outputs[live].ports) do
+        ports[#ports + 1] = { name = p.name, port = p.port, targetPort = p.targetPort, protocol = p.protocol }
+      end
+      k8s.create { apiVersion = "v1", kind = "Service",
+        metadata = { name = d.name, namespace = ctx.params.namespace, labels = d.labels },
+        spec = { selector = d.labels, ports = ports } }
+      return { created = true }
+    end,
+    undo = function(ctx, out)
+      if out.created then
+        require("k8s").delete("svc/" .. ctx.outputs[deployed].name, { namespace = ctx.params.namespace, missing_ok = true })
+      end
+    end,
+  }
+end)
 
 return M

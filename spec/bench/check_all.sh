@@ -4,14 +4,8 @@
 # usual parallel shell (`xargs -P 50 curl`), side by side in one hyperfine
 # run against the same local fixture server: 190 fast targets and 10 that
 # answer after 200 ms. Prints medians and the ratios.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-tmp=$(mktemp -d)
-python3 spec/fixtures/http_server.py "$tmp/port" >/dev/null 2>&1 &
-server=$!
-trap 'kill $server; rm -rf "$tmp"' EXIT
-i=0; while [ ! -s "$tmp/port" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
-base="http://127.0.0.1:$(cat "$tmp/port")"
+. "$(dirname "$0")/lib.sh"
+http_fixture
 for i in $(seq 1 190); do echo "$base/status/200?i=$i"; done >"$tmp/urls"
 for i in $(seq 1 10); do echo "$base/slow?ms=200&i=$i"; done >>"$tmp/urls"
 
@@ -33,10 +27,7 @@ hyperfine -N --warmup 1 --runs "${RUNS:-5}" --export-json "$tmp/h.json" \
   "./runbook run $tmp/check.lua --yes --output json" \
   "bash $tmp/loop.sh $tmp/urls" \
   "xargs -a $tmp/urls -P 50 -n 1 curl -sf -o /dev/null -m 10" >/dev/null
-python3 - "$tmp/h.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))["results"]
-rb, loop, xargs = (x["median"] * 1000 for x in r)
+medians "$tmp/h.json" rb loop xargs <<'PY'
 print(f"runbook http.check_all, 200 targets: median {rb:.0f} ms")
 print(f"curl -f in a shell loop:             median {loop:.0f} ms ({loop/rb:.1f}x the runbook)")
 print(f"xargs -P 50 curl:                    median {xargs:.0f} ms ({xargs/rb:.1f}x the runbook)")

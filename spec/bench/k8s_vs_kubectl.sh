@@ -4,16 +4,12 @@
 # same 200 done as kubectl invocations (kubectl 1.32 called directly, with a
 # warm discovery cache, as an operator's shell would), side by side in one
 # hyperfine run. Prints both medians, the ratio, and the module's per-op median.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-examples/sandbox/up >/dev/null
-. examples/sandbox/.state/env
-KUBECTL=${KUBECTL:-/usr/lib/google-cloud-sdk/bin/kubectl.1.32}
+. "$(dirname "$0")/lib.sh"
+with_sandbox
 NS=bench
-tmp=$(mktemp -d)
-state=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
-trap 'rm -rf "$tmp" "$state"; $KUBECTL --cache-dir="$tmp/cache" delete ns $NS --wait=false >/dev/null 2>&1 || true' EXIT
+private_dir state shm
 kc() { $KUBECTL --cache-dir="$tmp/cache" "$@"; }
+at_exit 'kc delete ns $NS --wait=false >/dev/null 2>&1'
 
 kc create ns $NS >/dev/null 2>&1 || true
 kc create deployment bench-web -n $NS --image=nginx:1.25 --replicas=1 >/dev/null 2>&1 || true
@@ -61,11 +57,8 @@ RUNBOOK_STATE_DIR=$state ./runbook run "$tmp/bench.lua" --yes 2>&1 | grep -o 'pe
 hyperfine -N --warmup 1 --runs "${RUNS:-3}" --export-json "$tmp/h.json" \
   "env RUNBOOK_STATE_DIR=$state ./runbook run $tmp/bench.lua --yes --output json" \
   "sh $tmp/kubectl.sh" >/dev/null
-python3 - "$tmp/h.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))["results"]
-mod, kc = (x["median"] for x in r)
-print(f"200 ops via the k8s module (one runbook run): median {mod * 1000:.0f} ms ({mod * 1000 / 200:.2f} ms per op, start-up and discovery included)")
-print(f"200 ops via kubectl invocations:              median {kc * 1000:.0f} ms ({kc * 1000 / 200:.1f} ms per op)")
+medians "$tmp/h.json" mod kc <<'PY'
+print(f"200 ops via the k8s module (one runbook run): median {mod:.0f} ms ({mod / 200:.2f} ms per op, start-up and discovery included)")
+print(f"200 ops via kubectl invocations:              median {kc:.0f} ms ({kc / 200:.1f} ms per op)")
 print(f"ratio: {kc / mod:.1f}x faster")
 PY

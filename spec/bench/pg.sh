@@ -8,15 +8,10 @@
 #      directly, both --format=custom.
 # Needs the sandbox (examples/sandbox/up). The bench database rb_bench is made
 # once with the sandbox's superuser and kept for re-runs; DROP=1 drops it.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
+. "$(dirname "$0")/lib.sh"
 . examples/sandbox/.state/env
 QUERIES=${QUERIES:-10000} DUMP_MB=${DUMP_MB:-1024} RUNS=${RUNS:-2} QUERY_RUNS=${QUERY_RUNS:-1}
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 export RUNBOOK_STATE_DIR="$tmp/state"
-su_url=$(echo "$DATABASE_URL" | sed "s|//todo:[^@]*@|//postgres:$(cat examples/sandbox/.state/secrets/postgres)@|; s|/todo\$|/postgres|")
-bench_url=$(echo "$DATABASE_URL" | sed 's|/todo$|/rb_bench|')
 
 ratio() { # hyperfine json, label, the other tool's name
   python3 - "$@" <<'PY'
@@ -43,24 +38,13 @@ hyperfine --runs "$QUERY_RUNS" --export-json "$tmp/q.json" \
 ratio "$tmp/q.json" "$QUERIES queries" "psql -c"
 
 # ---- 2. dump of a large database ----
-if [ "$(psql -X -A -t "$su_url" -c "SELECT count(*) FROM pg_database WHERE datname = 'rb_bench'")" = 0 ]; then
-  psql -X -q "$su_url" -c "CREATE DATABASE rb_bench OWNER todo"
-  # ~200 bytes a row, half of it incompressible, so compression has real work
-  psql -X -q "$bench_url" -v ON_ERROR_STOP=1 <<SQL
-CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL, kind text NOT NULL, payload text NOT NULL);
-INSERT INTO events SELECT g, now() - g * interval '1 second', 'task.' || (g % 7),
-  md5(g::text) || md5((g * 31)::text) || md5((g * 17)::text) || repeat('x', 80)
-FROM generate_series(1, ($DUMP_MB::bigint * 1024 * 1024 / 250)) g;
-VACUUM ANALYZE events;
-SQL
-fi
-echo "bench database: $(psql -X -A -t "$bench_url" -c "SELECT pg_size_pretty(pg_database_size('rb_bench'))")"
+bench_database rb_bench "$DUMP_MB"
+echo "bench database: $(psql -X -A -t "$db_url" -c "SELECT pg_size_pretty(pg_database_size('rb_bench'))")"
 cat >"$tmp/dump.lua" <<LUA
 name = "dump" description = "dump rb_bench"
-step "dump" { run = function() pg.dump { url = "$bench_url", file = "$tmp/rb.dump", format = "custom" } end }
+step "dump" { run = function() pg.dump { url = "$db_url", file = "$tmp/rb.dump", format = "custom" } end }
 LUA
-env_of() { python3 -c 'import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(f"PGHOST={p.hostname} PGPORT={p.port} PGUSER={p.username} PGPASSWORD={u.unquote(p.password)} PGDATABASE={p.path[1:]}")' "$1"; }
-echo "env $(env_of "$bench_url") pg_dump --format=c --file=$tmp/pg.dump" >"$tmp/pg_dump.sh"
+echo "env $(pg_env "$db_url") pg_dump --format=c --file=$tmp/pg.dump" >"$tmp/pg_dump.sh"
 hyperfine --runs "$RUNS" --export-json "$tmp/d.json" --prepare "rm -f $tmp/rb.dump $tmp/pg.dump" \
   "./runbook run $tmp/dump.lua --yes --output json" "bash $tmp/pg_dump.sh" >/dev/null
 ratio "$tmp/d.json" "dump of rb_bench (custom format)" "pg_dump"

@@ -6,42 +6,26 @@
 # Needs the sandbox (make sandbox). The database rb_dump_large is built with
 # generate_series in the sandbox's PostgreSQL and dropped at the end (KEEP=1
 # keeps it for a re-run). Not part of the test suite.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
+. "$(dirname "$0")/lib.sh"
 . examples/sandbox/.state/env
 DUMP_MB=${DUMP_MB:-1100} RUNS=${RUNS:-3}
-mkdir -p build
-tmp=$(mktemp -d -p "$PWD/build" bench-dump.XXXXXX)
-su_url=$(echo "$DATABASE_URL" | sed "s|//todo:[^@]*@|//postgres:$(cat examples/sandbox/.state/secrets/postgres)@|; s|/todo\$|/postgres|")
-db_url=$(echo "$DATABASE_URL" | sed 's|/todo$|/rb_dump_large|')
-cleanup() {
-  rm -rf "$tmp"
-  if [ "${KEEP:-0}" != 1 ]; then psql -X -q "$su_url" -c "DROP DATABASE IF EXISTS rb_dump_large" || true; fi
-}
-trap cleanup EXIT
+private_dir tmp build
 export RUNBOOK_STATE_DIR="$tmp/state"
 
-if [ "$(psql -X -A -t "$su_url" -c "SELECT count(*) FROM pg_database WHERE datname = 'rb_dump_large'")" = 0 ]; then
-  psql -X -q "$su_url" -c "CREATE DATABASE rb_dump_large OWNER todo"
-  # About 250 bytes a row on disk, half of it incompressible: compression has real work.
-  psql -X -q "$db_url" -v ON_ERROR_STOP=1 <<SQL
-CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL, kind text NOT NULL, payload text NOT NULL);
-INSERT INTO events SELECT g, now() - g * interval '1 second', 'task.' || (g % 7),
-  md5(g::text) || md5((g * 31)::text) || md5((g * 17)::text) || repeat('x', 80)
-FROM generate_series(1, ($DUMP_MB::bigint * 1024 * 1024 / 250)) g;
-CREATE TABLE tags (id int PRIMARY KEY, name text NOT NULL);
-INSERT INTO tags SELECT g, 'tag-' || g FROM generate_series(1, 1000) g;
-VACUUM ANALYZE events; VACUUM ANALYZE tags;
+bench_database rb_dump_large "$DUMP_MB"
+if [ "${KEEP:-0}" != 1 ]; then at_exit 'psql -X -q "$su_url" -c "DROP DATABASE IF EXISTS rb_dump_large"'; fi
+psql -X -q "$db_url" -v ON_ERROR_STOP=1 <<SQL
+CREATE TABLE IF NOT EXISTS tags (id int PRIMARY KEY, name text NOT NULL);
+INSERT INTO tags SELECT g, 'tag-' || g FROM generate_series(1, 1000) g ON CONFLICT DO NOTHING;
+VACUUM ANALYZE tags;
 SQL
-fi
 size=$(psql -X -A -t "$db_url" -c "SELECT pg_size_pretty(pg_database_size('rb_dump_large'))")
 
 cat >"$tmp/dump.lua" <<LUA
 name = "dump" description = "dump rb_dump_large"
 step "dump" { run = function() pg.dump { url = "$db_url", file = "$tmp/rb.dump", format = "custom" } end }
 LUA
-env_of() { python3 -c 'import sys,urllib.parse as u; p=u.urlparse(sys.argv[1]); print(f"PGHOST={p.hostname} PGPORT={p.port} PGUSER={p.username} PGPASSWORD={u.unquote(p.password)} PGDATABASE={p.path[1:]}")' "$1"; }
-echo "env $(env_of "$db_url") pg_dump --format=c --file=$tmp/pg.dump" >"$tmp/pg_dump.sh"
+echo "env $(pg_env "$db_url") pg_dump --format=c --file=$tmp/pg.dump" >"$tmp/pg_dump.sh"
 # Alternating runs (pg.dump, pg_dump, pg.dump...), so a change in the machine's load falls on both;
 # wall time, and the CPU time of the processes on this side (the server's is not counted).
 python3 - "$RUNS" "$tmp" "$size" <<'PY'

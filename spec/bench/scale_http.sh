@@ -9,14 +9,8 @@
 # stay flat: bounded by concurrency), and the same check by curl itself,
 # `curl -Z --parallel-max 50` (one process, parallel transfers), timed alike.
 # SIZES="200 2000" RUNS=3 by default.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-tmp=$(mktemp -d)
-python3 spec/fixtures/http_server.py "$tmp/port" >/dev/null 2>&1 &
-server=$!
-trap 'kill $server; rm -rf "$tmp"' EXIT
-i=0; while [ ! -s "$tmp/port" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
-base="http://127.0.0.1:$(cat "$tmp/port")"
+. "$(dirname "$0")/lib.sh"
+http_fixture
 export RUNBOOK_STATE_DIR="$tmp/state"
 
 # measure OUT CMD...: runs CMD with its stdout in OUT, sampling its open fds

@@ -7,16 +7,12 @@
 # time (the rest of its wall time is the stand-in's), peak RSS, and the API
 # requests each made (counted by the stand-in: lists, and discovery).
 # SIZES="10 100 1000" RUNS=3 by default.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-examples/sandbox/up >/dev/null
-. examples/sandbox/.state/env
-KUBECTL=${KUBECTL:-/usr/lib/google-cloud-sdk/bin/kubectl.1.32}
+. "$(dirname "$0")/lib.sh"
+with_sandbox
 NS=scale
-tmp=$(mktemp -d)
-state=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
+private_dir state shm
 ctl() { examples/sandbox/ctl k8s "$@"; }
-trap 'rm -rf "$tmp" "$state"; ctl depopulate $NS >/dev/null 2>&1 || true' EXIT
+at_exit 'ctl depopulate $NS >/dev/null 2>&1'
 
 cat >"$tmp/health.lua" <<EOF
 name = "scale-namespace-health"

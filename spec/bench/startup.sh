@@ -3,26 +3,19 @@
 # interpreter running an empty file, side by side in one hyperfine run (each
 # through env, so both pay the same exec), and the runbook's peak memory.
 # Prints medians and the ratios.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/lib.sh"
 printf 'name = "noop"\ndescription = "does nothing"\nstep "nothing" { run = function() end }\n' >"$tmp/noop.lua"
 : >"$tmp/empty.lua"
 # The journal is fsync'd at the step's and the run's end: timed with the state
 # dir on the checkout's filesystem (real fsync) and on tmpfs (none to speak of).
-disk=$(mkdir -p build && mktemp -d -p "$PWD/build")
-shm=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
-trap 'rm -rf "$tmp" "$disk" "$shm"' EXIT
+private_dir disk build
+private_dir shm shm
 
 hyperfine -N --warmup 20 --runs "${RUNS:-300}" --export-json "$tmp/h.json" \
   "env RUNBOOK_PUSHGATEWAY= RUNBOOK_STATE_DIR=$disk ./runbook run $tmp/noop.lua --yes --output json" \
   "env RUNBOOK_PUSHGATEWAY= RUNBOOK_STATE_DIR=$shm ./runbook run $tmp/noop.lua --yes --output json" \
   "env lua5.4 $tmp/empty.lua" >/dev/null
-python3 - "$tmp/h.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))["results"]
-disk, shm, lua = (x["median"] * 1000 for x in r)
+medians "$tmp/h.json" disk shm lua <<'PY'
 print(f"no-op runbook, journal on disk: median {disk:.2f} ms ({disk/lua:.2f}x lua5.4)")
 print(f"no-op runbook, journal on tmpfs: median {shm:.2f} ms ({shm/lua:.2f}x lua5.4)")
 print(f"lua5.4 empty file: median {lua:.2f} ms")

@@ -204,6 +204,15 @@ function M.eventually(cond, what)
   error("timed out waiting for " .. what)
 end
 
+--- A TCP port on 127.0.0.1 that nothing listens on now.
+function M.free_port()
+  local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));]]
+    .. [[ print(s.getsockname()[1])']])
+  local port = p:read("l")
+  p:close()
+  return port
+end
+
 --- Start `runbook ARGS...` in the background (stdin /dev/null). Returns
 -- {pid, dir, wait = function() -> code, stdout, stderr}.
 function M.spawn(args, env)

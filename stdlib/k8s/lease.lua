@@ -22,7 +22,6 @@
 -- not taken (lock.simulated is true).
 local host = require "runbook.host"
 local client = require "k8s.client"
-local config = require "k8s.config"
 local duration = require "duration"
 
 local M = {}
@@ -37,7 +36,7 @@ end
 
 local function parse_micro(s)
   if type(s) ~= "string" then return nil end
-  local t = config.parse_time(s)
+  local t = require("k8s.config").parse_time(s)
   local frac = s:match("%.(%d+)")
   return t and (t + (frac and tonumber("0." .. frac) or 0))
 end

@@ -3,8 +3,6 @@
 -- share it).
 local cjson = require "cjson"
 local client = require "k8s.client"
-local config = require "k8s.config"
-local verbs = require "k8s.verbs"
 local duration = require "duration"
 local host = require "runbook.host"
 
@@ -34,7 +32,7 @@ function Client:target_pods(a, b, op)
   local r = self:resource(t)
   if r.kind == "Pod" then return { self:get(r, name, { namespace = ns }) }, ns, opts, false end
   local all = self:pods_of(self:get(r, name, { namespace = ns }), ns)
-  local ready = verbs.pod_ready
+  local ready = require("k8s.verbs").pod_ready
   table.sort(all, function(x, y)
     if ready(x) ~= ready(y) then return ready(x) end
     return (x.metadata.creationTimestamp or "") > (y.metadata.creationTimestamp or "")
@@ -45,7 +43,7 @@ end
 
 -- "2024-05-01T10:00:00.123456789Z" -> seconds since the epoch, with the fraction.
 local function stamp_time(stamp)
-  return (config.parse_time(stamp) or 0) + (tonumber("0" .. (stamp:match("^[^.]*(%.%d+)") or "")) or 0)
+  return (require("k8s.config").parse_time(stamp) or 0) + (tonumber("0" .. (stamp:match("^[^.]*(%.%d+)") or "")) or 0)
 end
 
 local function log_query(opts, cname, follow)

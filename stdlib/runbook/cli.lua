@@ -86,6 +86,12 @@ local function load_runbook(ref)
   return nil, EXIT.load
 end
 
+--- The runbook command `cmd` names (o.runbook), loaded; or nil and the exit status.
+local function command_runbook(o, cmd)
+  if not o.runbook then return nil, usage_error(cmd, "%s: expected one runbook FILE or NAME", cmd) end
+  return load_runbook(o.runbook)
+end
+
 -- Each command's parser by name, for `runbook help COMMAND`: set by build.
 local parsers
 
@@ -109,8 +115,7 @@ local function runbook_help(parser, ref)
 end
 
 function commands.run(o)
-  if not o.runbook then return usage_error("run", "run: expected one runbook FILE or NAME") end
-  local rb, code = load_runbook(o.runbook)
+  local rb, code = command_runbook(o, "run")
   if not rb then return code end
   if o["--from"] and not rb.steps_by_name[o["--from"]] then
     local names = {}
@@ -129,13 +134,12 @@ function commands.resume(o)
 end
 
 function commands.plan(o)
-  if not o.runbook then return usage_error("plan", "plan: expected one runbook FILE or NAME") end
+  local rb, code = command_runbook(o, "plan")
+  if not rb then return code end
   local n = o["--require-approval"] and math.tointeger(tonumber(o["--require-approval"]))
   if o["--require-approval"] and not (n and n >= 0) then
     return usage_error("plan", "plan: --require-approval must be a whole number")
   end
-  local rb, code = load_runbook(o.runbook)
-  if not rb then return code end
   return require("runbook.plan").make(rb, require("runbook.run").request(o), o["--out"], n, o["--alert"])
 end
 
@@ -192,8 +196,7 @@ function commands.report(o)
 end
 
 function commands.describe(o)
-  if not o.runbook then return usage_error("describe", "describe: expected one runbook FILE or NAME") end
-  local rb, code = load_runbook(o.runbook)
+  local rb, code = command_runbook(o, "describe")
   if not rb then return code end
   print(require("runbook.describe").text(rb))
   return EXIT.ok

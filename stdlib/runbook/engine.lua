@@ -4,7 +4,6 @@
 local events = require "runbook.events"
 local EXIT = require "runbook.exit"
 local host = require "runbook.host"
-local heartbeat = require "runbook.heartbeat"
 local deadline = require "runbook.deadline"
 
 local M = {}
@@ -303,7 +302,7 @@ function M.run(run, counts)
     local step = rb.steps[i]
     run.step = step.name
     run.missing = missing_need(run, step)
-    local alive, choice, reason = protected(rb, heartbeat.beat)
+    local alive, choice, reason = protected(rb, require("runbook.heartbeat").beat)
     if alive then choice, reason = decide(run, step, #rb.steps) else choice, reason = "error", choice end
     if choice == "quit" then
       events.emit { event = "step_end", step = step.name, index = i, status = "aborted", duration = 0 }

@@ -216,11 +216,17 @@ local function ctx_problems(rb, add)
     end
   end)
   if dynamic then return end   -- ctx.params[expr] or ctx.params handed on: which params are read is not known
-  walk(ast, nil, function(node)
-    local decl = node.tag == "Call" and node[1].tag == "Call" and node[1][1].tag == "Id" and node[1][1][1] == "param"
-      and node[1][2]
+  local function unread(decl)
     if decl and decl.tag == "String" and rb.params_by_name[decl[1]] and not read[decl[1]] then
       at(decl, "param '%s' is declared but never read (no ctx.params.%s): remove it, or use it", decl[1], decl[1])
+    end
+  end
+  -- param "x" {...}, and params (specs) { "x", ... }
+  walk(ast, nil, function(node)
+    local dsl = node.tag == "Call" and node[1].tag == "Call" and node[1][1].tag == "Id" and node[1][1][1]
+    if dsl == "param" then unread(node[1][2]) end
+    if dsl == "params" and node[2] and node[2].tag == "Table" then
+      for _, decl in ipairs(node[2]) do unread(decl) end
     end
   end)
 end

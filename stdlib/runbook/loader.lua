@@ -116,28 +116,43 @@ end
 
 --- The DSL functions for one runbook being loaded; they fill `rb`.
 local function dsl(rb)
-  -- `kind "name" { spec }`: problems are raised at the runbook's line.
+  -- fn(...), its problems raised at the line of the runbook that called the caller.
+  local function located(fn, ...)
+    local ok, err = pcall(fn, ...)
+    if not ok then
+      local at = debug.getinfo(3, "Sl")
+      local src = at.source:sub(1, 1) == "@" and at.source:sub(2) or at.short_src
+      error(("%s:%d: %s"):format(src, at.currentline, tostring(err)), 0)
+    end
+  end
+  -- `kind "name" { spec }`
   local function named(kind, fn)
     return function(name)
       if type(name) ~= "string" or name == "" then
         error(("%s needs a name: %s \"name\" { ... }"):format(kind, kind), 2)
       end
-      return function(spec)
-        local ok, err = pcall(fn, name, spec)
-        if not ok then
-          local at = debug.getinfo(2, "Sl")
-          local src = at.source:sub(1, 1) == "@" and at.source:sub(2) or at.short_src
-          error(("%s:%d: %s"):format(src, at.currentline, tostring(err)), 0)
-        end
-      end
+      return function(spec) located(fn, name, spec) end
+    end
+  end
+  local function declare_param(name, spec)
+    if rb.params_by_name[name] then error(("param '%s' is declared twice"):format(name), 0) end
+    local p = check_param(name, spec)
+    rb.params[#rb.params + 1], rb.params_by_name[name] = p, p
+  end
+  -- `params (specs) { "a", "b" }`: params a and b, in order, with the specs
+  -- specs.a and specs.b (a shared set, as steps.params).
+  local function shared_params(specs, names)
+    if type(specs) ~= "table" or type(names) ~= "table" then
+      error('params: expected params (specs) { "name", ... }', 0)
+    end
+    for _, name in ipairs(names) do
+      if specs[name] == nil then error(("params: no shared spec '%s' (known: %s)"):format(name, keys_of(specs)), 0) end
+      declare_param(name, specs[name])
     end
   end
   return {
-    param = named("param", function(name, spec)
-      if rb.params_by_name[name] then error(("param '%s' is declared twice"):format(name), 0) end
-      local p = check_param(name, spec)
-      rb.params[#rb.params + 1], rb.params_by_name[name] = p, p
-    end),
+    param = named("param", declare_param),
+    params = function(specs) return function(names) located(shared_params, specs, names) end end,
     step = named("step", function(name, spec)
       if rb.steps_by_name[name] then error(("step '%s' is declared twice: step names must be unique"):format(name), 0) end
       local s = check_step(rb, name, spec, #rb.steps + 1)

@@ -307,11 +307,16 @@ local function md_log(add, logs, indent)
   add("%s```", indent)
 end
 
+-- A line with a blank line before and after it: a heading, or a list's label.
+local function md_head(add, ...)
+  add("")
+  add(...)
+  add("")
+end
+
 local function md_operator(add, st)
   if #st.answers == 0 then return end
-  add("")
-  add("Operator:")
-  add("")
+  md_head(add, "Operator:")
   each_answer(st, function(a, pv)
     add("- asked %s, answered **%s** at %s", stamp(a.asked), a.answer, stamp(a.time))
     if pv then
@@ -325,29 +330,21 @@ local function md_operator(add, st)
 end
 
 local function md_step(add, st)
-  add("")
-  add("### %s: %s", step_label(st):gsub("^undo", "Undo"), st.status)
-  add("")
+  md_head(add, "### %s: %s", step_label(st):gsub("^undo", "Undo"), st.status)
   add("%s", step_facts(st))
   md_operator(add, st)
   if #st.effects > 0 then
-    add("")
-    add("Effects:")
-    add("")
+    md_head(add, "Effects:")
     md_effects(add, st.effects, "")
   end
   if #st.unknown > 0 then
-    add("")
-    add("In flight when the run stopped (outcome unknown; see `resume --on-unknown`):")
-    add("")
+    md_head(add, "In flight when the run stopped (outcome unknown; see `resume --on-unknown`):")
     for _, e in ipairs(st.unknown) do
       add("- %s **unknown** %s (%s %s %s)", stamp(e.time), cell(e.summary), e.module, e.op, code_span(e.target or ""))
     end
   end
   if #st.logs > 0 then
-    add("")
-    add("Log:")
-    add("")
+    md_head(add, "Log:")
     md_log(add, st.logs, "")
   end
   if st.error then
@@ -381,18 +378,14 @@ local function markdown(doc)
     local seg = doc.segments[i]
     add("| Resumed | %s at step %s (pid %s): %s |", stamp(seg.started), cell(seg.resume_at or "(none left)"), seg.pid, seg.status)
   end
-  add("")
-  add("## Parameters")
-  add("")
+  md_head(add, "## Parameters")
   local names = param_names(doc)
   if #names == 0 then add("(none)") else
     add("| Name | Value |")
     add("|---|---|")
     for _, k in ipairs(names) do add("| %s | %s |", cell(k), code_span(param_text(doc.params[k]))) end
   end
-  add("")
-  add("## Timeline")
-  add("")
+  md_head(add, "## Timeline")
   add("| Time | Step | Status | Duration | Effects |")
   add("|---|---|---|---|---|")
   for _, st in ipairs(doc.steps) do
@@ -404,9 +397,7 @@ local function markdown(doc)
   end
   for _, st in ipairs(doc.steps) do md_step(add, st) end
   if doc.plan then
-    add("")
-    add("## Dry-run plan")
-    add("")
+    md_head(add, "## Dry-run plan")
     if #doc.plan == 0 then add("The run would change nothing.") end
     each_shown(doc.plan, function(e, i) add("%d. %s %s%s", i, verb(e), cell(e.summary), md_change(e)) end,
       function(n, what) add("\n… %d more: %s\n", n, what) end)   -- the list goes on at its own number
