@@ -20,7 +20,7 @@
 name = "cert-check"
 description = "TLS Secrets and endpoints: expiry, names and chain against thresholds; optionally a Secret renewed from PEM files and its users restarted"
 version = "1.0.0"
-replaces = {}
+replaces = { "001-15" }
 on_failure = "undo"
 
 param "namespace" (steps.params.namespace)

@@ -15,7 +15,7 @@
 
 name = "rotate-db-credentials"
 description = "New PostgreSQL password: set it, put it in a new Secret, roll the deployments onto it, verify, delete the old Secret"
-replaces = { "002-11" }
+replaces = { "002-11", "001-15" }
 version = "1.0.0"
 on_failure = "undo"
 
