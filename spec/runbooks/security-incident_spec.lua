@@ -1,0 +1,70 @@
+-- runbooks/security-incident.lua against the sandbox: the backend taken as
+-- compromised; kubectl checks the deny-all NetworkPolicy, sha256sum the
+-- sealed evidence, and a dry run leaves no policy and no evidence behind.
+local cli = require "spec.support.cli"
+local json = require "json"
+local sb = require "spec.sandbox.sandbox_helper"
+
+local RUNBOOK = "runbooks/security-incident.lua"
+local NS = "todo-chatbot"
+local POLICY = "isolate-todo-chatbot-backend"
+
+local function kubectl(args)
+  local out, ok = sb.kubectl(args)
+  assert(ok, "kubectl " .. args .. ": " .. out)
+  return out
+end
+
+local function policy()
+  local out, ok = sb.kubectl(("-n %s get networkpolicy %s -o json"):format(NS, POLICY))
+  return ok and json.decode(out) or nil
+end
+
+describe("security-incident", function()
+  local dir
+  before_each(function() dir = cli.tmpdir() end)
+  after_each(function()
+    sb.kubectl(("-n %s delete networkpolicy %s --ignore-not-found"):format(NS, POLICY))
+    cli.cleanup()
+  end)
+
+  it("changes nothing in a dry run: no policy, no evidence", function()
+    local r = cli.run { "run", RUNBOOK, "--dry-run", "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("would apply networkpolicy " .. POLICY:gsub("%-", "%%-"), r.stdout)
+    assert.is_nil(policy())
+    assert.are.equal("", (sb.sh("ls -A " .. cli.quote(dir))))
+  end)
+
+  it("seals the evidence, isolates the pods with a deny-all policy, and names the Secrets to rotate", function()
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir, "-p", "log_tail=200" }
+    local out = r.stdout .. r.stderr
+    assert.are.equal(0, r.code, out)
+    -- the policy, as kubectl sees it: the deployment's pods, both directions, no rule letting anything through
+    local p = policy()
+    assert.truthy(p, "no networkpolicy " .. POLICY)
+    local selector = json.decode(kubectl(("-n %s get deploy todo-chatbot-backend -o jsonpath='{.spec.selector.matchLabels}'"):format(NS)))
+    assert.are.same(selector, p.spec.podSelector.matchLabels)
+    assert.are.same({ "Ingress", "Egress" }, p.spec.policyTypes)
+    assert.is_nil(p.spec.ingress)
+    assert.is_nil(p.spec.egress)
+    -- the evidence: every file in the manifest checks with sha256sum; each pod's logs are there
+    local set = out:match("evidence sealed in (%S+):")
+    assert.truthy(set, out)
+    local manifest = json.decode(cli.slurp(set .. "/manifest.json"))
+    local lines = {}
+    for _, f in ipairs(manifest.files) do lines[#lines + 1] = f.sha256 .. "  " .. f.path end
+    cli.write(dir .. "/SHA256SUMS", table.concat(lines, "\n") .. "\n")
+    local check, ok = sb.sh(("cd %s && sha256sum -c %s"):format(cli.quote(set), cli.quote(dir .. "/SHA256SUMS")))
+    assert.is_true(ok, check)
+    local pods = kubectl(("-n %s get pods -l app.kubernetes.io/component=backend -o name"):format(NS))
+    local n = 0
+    for pod in pods:gmatch("pod/(%S+)") do
+      assert.truthy(io.open(("%s/logs/%s_backend.log"):format(set, pod)), "no log of " .. pod)
+      n = n + 1
+    end
+    assert.is_true(n > 0, pods)
+    assert.truthy(io.open(set .. "/pods.yaml") and io.open(set .. "/events.yaml") and io.open(set .. "/k8s/deployments.yaml"))
+    assert.matches("rotate: runbook run rotate%-secret %-p namespace=todo%-chatbot %-p secret=todo%-chatbot%-secrets", out)
+  end)
+end)
