@@ -1,25 +1,28 @@
--- config-update.lua: set one key of a ConfigMap or a Secret, restart the
--- deployments that read it, wait for them, verify; the old value back on failure.
+-- config-update.lua: set one key of a ConfigMap, a Secret or a Dapr component,
+-- restart the deployments that read it, wait for them, verify; the old value
+-- back on failure.
 --
 -- Replaces seed 001 "Configuration Management" (kubectl edit configmap, then
--- restart the pods) and does seed 002 "Update Configuration" for ConfigMaps and
--- Secrets (kubectl edit, then kubectl rollout restart of the deployments that
--- read it, found here from their pod templates: envFrom, env, volumes). The
--- value is a secret param: never printed, and the old one is kept in this
--- process only, for the undo. When the restarted pods do not come up, the old
+-- restart the pods) and seed 002 "Update Configuration" (kubectl edit configmap
+-- or component, then kubectl rollout restart of the deployments that read it:
+-- for a ConfigMap or Secret those whose pod templates name it in envFrom, env
+-- or volumes; for a component, a metadata item, the Dapr-enabled deployments
+-- in its scopes). The value is a secret param: never printed, and the old one
+-- is kept in this process only, for the undo. When the restarted pods do not come up, the old
 -- value goes back and the deployments are restarted onto it (on_failure = "undo").
 --
 --   runbook run config-update -p object=configmap/todo-chatbot-config -p key=LOG_LEVEL -p value=INFO
 --   runbook run config-update -p object=secret/todo-chatbot-secrets -p key=SMTP_PASSWORD -p value=... --step
+--   runbook run config-update -p object=component/kafka-pubsub -p key=maxMessageBytes -p value=2097152
 
 name = "config-update"
-description = "Set a key of a ConfigMap or Secret, restart the deployments that read it, wait, verify; the old value back on failure"
-replaces = { "001-5" }
+description = "Set a key of a ConfigMap, Secret or Dapr component, restart the deployments that read it, wait, verify; the old value back on failure"
+replaces = { "001-5", "002-3" }
 version = "1.0.0"
 on_failure = "undo"
 
-param "object" { required = true, help = "the ConfigMap or Secret: configmap/NAME or secret/NAME" }
-param "key" { required = true, help = "the key to set" }
+param "object" { required = true, help = "configmap/NAME, secret/NAME or component/NAME (a Dapr component)" }
+param "key" { required = true, help = "the key to set (a component's metadata item)" }
 param "value" { required = true, secret = true, help = "its new value (never printed)" }
 param "namespace" (steps.params.namespace)
 param "timeout" { type = "duration", default = "5m", help = "how long each deployment's rollout may take" }
@@ -27,29 +30,71 @@ param "timeout" { type = "duration", default = "5m", help = "how long each deplo
 -- The key's value before the change (false: it had none), in this process only.
 local previous
 
---- "configmap" or "secret", and the object's name.
+--- "configmap", "secret" or "component", and the object's name.
 local function object(ctx)
   local kind, name = ctx.params.object:lower():match("^(%a+)/(.+)$")
-  kind = ({ cm = "configmap", configmap = "configmap", secret = "secret" })[kind or ""]
-  if not kind then error(("param object: expected configmap/NAME or secret/NAME, got %q"):format(ctx.params.object), 0) end
-  return kind, name
+  kind = ({ cm = "configmap", configmap = "configmap", secret = "secret", component = "component" })[kind or ""]
+  if not kind then
+    error(("param object: expected configmap/NAME, secret/NAME or component/NAME, got %q"):format(ctx.params.object), 0)
+  end
+  return kind, name, k8s.get(kind .. "/" .. name, { namespace = ctx.params.namespace })
+end
+
+--- A component's metadata items, and the index of the one named `key` (nil: none).
+local function items(c, key)
+  local list = c.spec.metadata or {}
+  for i, m in ipairs(list) do
+    if m.name == key then return list, i end
+  end
+  return list
 end
 
 --- The key's value in the object now (a Secret's decoded and registered), or false.
 local function current(ctx)
-  local kind, name = object(ctx)
-  local data = k8s.get(kind .. "/" .. name, { namespace = ctx.params.namespace }).data or {}
-  local v = data[ctx.params.key]
+  local kind, _, o = object(ctx)
+  if kind == "component" then
+    local list, i = items(o, ctx.params.key)
+    if i and list[i].secretKeyRef then error(("%s is a secretKeyRef: change the Secret it names"):format(ctx.params.key), 0) end
+    return i and list[i].value or false
+  end
+  local v = (o.data or {})[ctx.params.key]
   if v == nil then return false end
   return kind == "secret" and secret.register(base64.decode(v)) or v
 end
 
 --- Set the key to `v` (false: remove it).
 local function set(ctx, v)
-  local kind, name = object(ctx)
-  if v and kind == "secret" then v = base64.encode(v) end
-  k8s.patch(kind .. "/" .. name, { data = { [ctx.params.key] = v or json.null } }, { namespace = ctx.params.namespace,
-    type = "merge", summary = ("set %s in %s %s"):format(ctx.params.key, kind, name) })
+  local kind, name, o = object(ctx)
+  local patch
+  if kind == "component" then
+    local list, i = items(o, ctx.params.key)
+    if not v then
+      table.remove(list, i)
+    elseif i then
+      list[i].value = v
+    else
+      list[#list + 1] = { name = ctx.params.key, value = v }
+    end
+    patch = { spec = { metadata = #list > 0 and list or k8s.array() } }
+  else
+    patch = { data = { [ctx.params.key] = v and (kind == "secret" and base64.encode(v) or v) or json.null } }
+  end
+  k8s.patch(kind .. "/" .. name, patch, { namespace = ctx.params.namespace, type = "merge",
+    summary = ("set %s in %s %s"):format(ctx.params.key, kind, name) })
+end
+
+--- The deployments a component reaches: Dapr-enabled, and in its scopes when it has any.
+local function dapr_users(c, namespace)
+  local scoped = {}
+  for _, app in ipairs(c.scopes or {}) do scoped[app] = true end
+  local out = {}
+  for _, d in ipairs(k8s.list("deployments", { namespace = namespace })) do
+    local a = d.spec.template.metadata and d.spec.template.metadata.annotations or {}
+    if a["dapr.io/enabled"] == "true" and (next(scoped) == nil or scoped[a["dapr.io/app-id"]]) then
+      out[#out + 1] = { kind = "deployments", name = d.metadata.name }
+    end
+  end
+  return out
 end
 
 local function restart(ctx, deployments)
@@ -57,12 +102,14 @@ local function restart(ctx, deployments)
 end
 
 step "Find the users" {
-  description = "The key's value now, and the deployments whose pod templates read the object (envFrom, env, volumes)",
+  description = "The key's value now, and the deployments that read the object (envFrom, env, volumes; a component's scopes)",
   run = function(ctx)
-    local kind, name = object(ctx)
+    local kind, name, o = object(ctx)
     previous = current(ctx)
+    local users = kind == "component" and dapr_users(o, ctx.params.namespace)
+      or k8s.users_of(kind .. "/" .. name, { namespace = ctx.params.namespace })
     local deployments, names, others = {}, {}, {}
-    for _, u in ipairs(k8s.users_of(kind .. "/" .. name, { namespace = ctx.params.namespace })) do
+    for _, u in ipairs(users) do
       if u.kind == "deployments" then
         deployments[#deployments + 1], names[#names + 1] = { name = u.name }, u.name
       else

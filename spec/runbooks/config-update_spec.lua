@@ -1,7 +1,9 @@
 -- runbooks/config-update.lua against the sandbox: a wrong value in the
 -- ConfigMap every service reads (seed 001 edits it and restarts the pods) is
 -- set right and every user restarted onto it; a Secret's key changed while a
--- user's new pods crash-loop goes back to its old value; checked with kubectl.
+-- user's new pods crash-loop goes back to its old value; a Dapr component's
+-- metadata item (seed 002 edits the component) reaches the apps in its scopes;
+-- checked with kubectl.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -84,9 +86,29 @@ describe("config-update", function()
     assert.falsy((r.stdout .. r.stderr):find(old, 1, true), "the old value was printed")
   end)
 
-  it("refuses an object that is neither a ConfigMap nor a Secret", function()
+  it("sets a Dapr component's metadata item and restarts the Dapr apps in its scopes", function()
+    local out, ok = sb.kubectl("-n todo-chatbot get component kafka-pubsub -o json")
+    assert(ok, out)
+    local before = require("cjson").decode(out).spec.metadata
+    finally(function()
+      sb.k8s("PATCH", "/apis/dapr.io/v1alpha1/namespaces/todo-chatbot/components/kafka-pubsub", { spec = { metadata = before } })
+    end)
+    local pods = {}
+    for _, app in ipairs(APPS) do pods[app] = pod_names(app) end
+    local r = update("component/kafka-pubsub", "maxMessageBytes", "2097152", "--yes")
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    out = sb.kubectl([[-n todo-chatbot get component kafka-pubsub -o jsonpath='{.spec.metadata[?(@.name=="maxMessageBytes")].value}']])
+    assert.are.equal("2097152", out:match("%S+"))
+    out = sb.kubectl([[-n todo-chatbot get component kafka-pubsub -o jsonpath='{.spec.metadata[?(@.name=="authType")].value}']])
+    assert.are.equal("none", out:match("%S+"))
+    for _, app in ipairs(APPS) do
+      for name in pairs(pod_names(app)) do assert.is_nil(pods[app][name], app .. ": pod " .. name .. " was not restarted") end
+    end
+  end)
+
+  it("refuses an object that is neither a ConfigMap, a Secret nor a component", function()
     local r = update("deploy/todo-chatbot-backend", "X", "y", "--yes")
     assert.are.equal(1, r.code)
-    assert.matches("param object: expected configmap/NAME or secret/NAME", r.stdout)
+    assert.matches("param object: expected configmap/NAME, secret/NAME or component/NAME", r.stdout)
   end)
 end)
