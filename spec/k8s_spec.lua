@@ -550,6 +550,34 @@ describe("k8s kubectl verbs", function()
   end)
 end)
 
+describe("k8s users_of", function()
+  it("finds the workloads whose pods read a Secret or ConfigMap: volumes, projected sources, envFrom, env, init containers", function()
+    local reads = deployment("reads")
+    local spec = reads.spec.template.spec
+    spec.volumes = { { name = "p", projected = { sources = { { secret = { name = "shared" } } } } } }
+    spec.initContainers = { { name = "init", image = "busybox:1.36", envFrom = { { configMapRef = { name = "settings" } } } } }
+    spec.containers[1].env[2] = { name = "TOKEN", valueFrom = { secretKeyRef = { name = "shared", key = "token" } } }
+    local mounts = deployment("mounts")
+    mounts.spec.template.spec.volumes = { { name = "s", secret = { secretName = "shared" } }, { name = "c", configMap = { name = "other" } } }
+    k8s.create(reads)
+    k8s.create(mounts)
+    finally(function()
+      k8s.delete("deploy/reads", { namespace = NS, missing_ok = true })
+      k8s.delete("deploy/mounts", { namespace = NS, missing_ok = true })
+    end)
+    local found = {}
+    for _, u in ipairs(k8s.users_of("secret/shared", { namespace = NS })) do found[u.kind .. "/" .. u.name] = u end
+    assert.are.same({ "volume", "env" }, found["deployments/reads"].how)
+    assert.are.same({ "volume" }, found["deployments/mounts"].how)
+    assert.is_true(found["deployments/reads"].restartable)
+    local cm = k8s.users_of("configmap/settings", { namespace = NS })
+    assert.are.equal(1, #cm)
+    assert.are.same({ "deployments", "reads", { "envFrom" } }, { cm[1].kind, cm[1].name, cm[1].how })
+    assert.are.same({}, k8s.users_of("secret/nobody-reads-this", { namespace = NS }))
+    assert.has_error(function() k8s.users_of("deploy/reads") end, 'k8s.users_of: expected "secret/NAME" or "configmap/NAME"')
+  end)
+end)
+
 describe("k8s API errors", function()
   after_each(function() sb.ctl("k8s reset") end)
 
