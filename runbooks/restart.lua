@@ -16,8 +16,7 @@ description = "Rolling restart of one deployment, several or all in the namespac
 replaces = { "000-4", "001-6", "002-2", "004-2" }
 version = "1.0.0"
 
-param "deployments" (steps.params.deployments)
-param "namespace" (steps.params.namespace)
+params (steps.params) { "deployments", "namespace" }
 param "timeout" { type = "duration", default = "5m", help = "how long each deployment's rollout may take" }
 
 step "Find the deployments" {
@@ -46,23 +45,15 @@ step "Restart" {
 
 step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the deployments", needs = { "Find the deployments", "Restart" } })
 
-step "Verify" {
+step "Verify" (steps.verify_deployments {
   description = "Each deployment healthy, and none of the pods it ran before is left",
   needs = { "Find the deployments", "Restart" },
-  run = function(ctx)
-    for _, d in ipairs(ctx.outputs["Find the deployments"].deployments) do
-      local old = {}
-      for _, name in ipairs(d.pods) do old[name] = true end
-      local h, left
-      time.wait_until({ timeout = ctx.params.timeout, what = d.name .. "'s old pods to go" }, function()
-        h, left = k8s.deployment_health(ctx.params.namespace, d.name), {}
-        for _, p in ipairs(h.pods) do
-          if old[p.name] then left[#left + 1] = p.name end
-        end
-        return h.healthy and #left == 0
-      end)
-      log.info("%s: %d of %d ready, %d old pods left%s", d.name, h.ready, h.desired, #left,
-        #h.problems > 0 and (": " .. table.concat(h.problems, "; ")) or "")
-    end
+  of = "Find the deployments",
+  what = function(_, d) return d.name .. "'s old pods to go" end,
+  holds = function(_, d, h)
+    local old, left = {}, 0
+    for _, name in ipairs(d.pods) do old[name] = true end
+    for _, p in ipairs(h.pods) do left = left + (old[p.name] and 1 or 0) end
+    return h.healthy and left == 0, ("%d old pods left"):format(left)
   end,
-}
+})

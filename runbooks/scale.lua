@@ -16,9 +16,8 @@ replaces = { "000-3", "000-11", "001-4", "002-4", "003-8", "004-10" }
 version = "1.0.0"
 on_failure = "undo"
 
-param "deployments" (steps.params.deployments)
+params (steps.params) { "deployments", "namespace" }
 param "replicas" { type = "integer", required = true, help = "the replicas every deployment named should have" }
-param "namespace" (steps.params.namespace)
 param "timeout" { type = "duration", default = "5m", help = "how long each deployment may take to get there" }
 
 step "Find the deployments" {
@@ -55,18 +54,13 @@ step "Scale" {
 
 step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the deployments", needs = { "Find the deployments", "Scale" } })
 
-step "Verify" {
+step "Verify" (steps.verify_deployments {
   description = "Each deployment healthy, with exactly N pods, all ready (old pods gone)",
   needs = { "Find the deployments", "Scale" },
-  run = function(ctx)
+  of = "Find the deployments",
+  what = function(ctx, d) return d.name .. "'s pods to number " .. ctx.params.replicas end,
+  holds = function(ctx, _, h)
     local want = ctx.params.replicas
-    for _, d in ipairs(ctx.outputs["Find the deployments"].deployments) do
-      local h
-      time.wait_until({ timeout = ctx.params.timeout, what = d.name .. "'s pods to number " .. want }, function()
-        h = k8s.deployment_health(ctx.params.namespace, d.name)
-        return h.healthy and h.ready == want and #h.pods == want
-      end)
-      log.info("%s: %d of %d ready, %d pods", d.name, h.ready, h.desired, #h.pods)
-    end
+    return h.healthy and h.ready == want and #h.pods == want, ("%d pods"):format(#h.pods)
   end,
-}
+})

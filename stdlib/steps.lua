@@ -101,6 +101,27 @@ M.wait_rollouts = shared({ of = true }, function(a)
   }
 end)
 
+--- Verify each deployment in `ctx.outputs[t.of].deployments`: wait (param
+-- timeout each) until `t.holds(ctx, d, health)` (k8s.deployment_health)
+-- returns true and a note for the log, `t.what(ctx, d)` naming the wait.
+M.verify_deployments = shared({ of = true, holds = true, what = true }, function(a)
+  return {
+    run = function(ctx)
+      for _, d in ipairs(ctx.outputs[a.of].deployments) do
+        local h, note
+        local held = require("time").wait_until({ timeout = ctx.params.timeout, what = a.what(ctx, d) }, function()
+          h = require("k8s").deployment_health(ctx.params.namespace, d.name)
+          local ok
+          ok, note = a.holds(ctx, d, h)
+          return ok
+        end)
+        if held then require("log").info("%s: %d of %d ready, %s%s", d.name, h.ready, h.desired, note,
+          #h.problems > 0 and (": " .. table.concat(h.problems, "; ")) or "") end
+      end
+    end,
+  }
+end)
+
 --- Scale the writers (params writers, namespace, timeout) to 0 and wait until
 -- their pods are gone, remembering their replicas; undo starts them again.
 M.stop_writers = shared({}, function()
