@@ -30,38 +30,9 @@ param "charset" { type = { "alnum", "hex", "base64", "urlsafe" }, default = "aln
 param "check" { help = "svc/NAME:PORT/PATH: a GET through the API server's service proxy that must answer below 400 after the restarts" }
 param "rollout_timeout" { type = "duration", default = "5m", help = "how long each restarted workload may take" }
 
-local CHARSETS = {
-  alnum = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789",
-  hex = "0123456789abcdef",
-  base64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
-  urlsafe = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-}
-
 local FIND = "Find the Secret and its users"
 
 local function ns(ctx) return { namespace = ctx.params.namespace } end
-
--- `length` characters of `chars`, each drawn uniformly from /dev/urandom
--- (bytes past the last whole multiple of #chars are dropped, not folded).
-local function generate(length, chars)
-  local f <close> = assert(io.open("/dev/urandom", "rb"))
-  local out, limit = {}, 256 - 256 % #chars
-  while #out < length do
-    for b in f:read(length * 2):gmatch(".") do
-      local v = b:byte()
-      if v < limit and #out < length then out[#out + 1] = chars:sub(v % #chars + 1, v % #chars + 1) end
-    end
-  end
-  return secret.register(table.concat(out))
-end
-
--- The restartable users, restarted, then waited for.
-local function restart(ctx, users)
-  for _, ref in ipairs(users) do k8s.rollout_restart(ref, ns(ctx)) end
-  for _, ref in ipairs(users) do
-    k8s.rollout_status(ref, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout, fail_fast = true })
-  end
-end
 
 step(FIND) {
   description = "The Secret and the key; the workloads whose pods read the Secret (volumes, envFrom, env)",
@@ -78,37 +49,27 @@ step(FIND) {
     end
     if not has then log.warn("secret %s has no key %s yet: it will be added", p.secret, p.key) end
     if #others > 0 then log.info("%s get the new value on their next run", table.concat(others, ", ")) end
-    return { users = restartable, others = others, had_key = has, resource_version = s.metadata.resourceVersion,
-      copy = p.secret .. "-before-" .. os.date("!%Y%m%d%H%M%S") }
+    return { users = restartable, others = others }
   end,
 }
 
 step "Set the new value" {
-  description = "The old value kept in a copy of the Secret (NAME-before-STAMP), then the key set to the new one",
+  description = "The old value kept in a copy of the Secret (NAME-before-STAMP-KEY), then the key set to the new one",
   needs = { FIND },
   confirm = true,
   run = function(ctx)
-    local p, f = ctx.params, ctx.outputs[FIND]
-    local value = p.value or generate(p.length, CHARSETS[p.charset])
-    local s = k8s.get("secret/" .. p.secret, ns(ctx))
-    if f.had_key and base64.decode(s.data[p.key]) == value then error("the new value is the current one", 0) end
-    k8s.create { apiVersion = "v1", kind = "Secret", type = "Opaque",
-      metadata = { name = f.copy, namespace = p.namespace, annotations = { ["runbook/rotated-from"] = p.secret .. "/" .. p.key } },
-      data = { value = f.had_key and s.data[p.key] or nil } }
-    k8s.patch("secret/" .. p.secret, { data = { [p.key] = base64.encode(value) } }, { namespace = p.namespace, type = "merge" })
+    local p = ctx.params
+    local value = p.value or rotation.generate(p.length, p.charset)
+    local r = rotation.set { namespace = p.namespace, secret = p.secret, key = p.key, value = value }
     log.info("secret %s key %s: a new value of %d characters", p.secret, p.key, #value)
+    return r
   end,
-  undo = function(ctx)
-    local p, f = ctx.params, ctx.outputs[FIND]
-    local copy = k8s.get("secret/" .. f.copy, { namespace = p.namespace, missing_ok = true })
-    if not copy then error(("the copy %s of the old value is gone: secret %s keeps the new value"):format(f.copy, p.secret), 0) end
-    local old = copy.data and copy.data.value
-    -- a JSON merge patch's null removes a key the Secret did not have before
-    k8s.patch("secret/" .. p.secret, { data = { [p.key] = old or json.null } }, { namespace = p.namespace, type = "merge" })
+  undo = function(ctx, out)
+    local p, users = ctx.params, ctx.outputs[FIND].users
+    rotation.restore { namespace = p.namespace, secret = p.secret, key = p.key, copy = out.copy }
     log.warn("secret %s key %s: the old value is back%s", p.secret, p.key,
-      #f.users > 0 and ("; restarting " .. table.concat(f.users, ", ")) or "")
-    restart(ctx, f.users)
-    k8s.delete("secret/" .. f.copy, { namespace = p.namespace, missing_ok = true })
+      #users > 0 and ("; restarting " .. table.concat(users, ", ")) or "")
+    rotation.restart(users, { namespace = p.namespace, timeout = p.rollout_timeout })
   end,
 }
 
@@ -117,7 +78,7 @@ step "Restart the workloads that use it" {
   needs = { FIND, "Set the new value" },
   confirm = true,
   run = function(ctx)
-    restart(ctx, ctx.outputs[FIND].users)
+    rotation.restart(ctx.outputs[FIND].users, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout })
     if #ctx.outputs[FIND].users == 0 then log.info("no workload reads secret %s: nothing to restart", ctx.params.secret) end
     return { restarted = ctx.outputs[FIND].users }
   end,
@@ -125,12 +86,11 @@ step "Restart the workloads that use it" {
 
 step "Verify" {
   description = "The Secret holds a new value, every restarted workload is healthy, and the check answers",
-  needs = { FIND, "Restart the workloads that use it" },
+  needs = { FIND, "Set the new value", "Restart the workloads that use it" },
   run = function(ctx)
     local p, f = ctx.params, ctx.outputs[FIND]
     if ctx.dry_run then log.info("would read secret %s back and check %s", p.secret, p.check or "the workloads' health"); return end
-    local s, copy = k8s.get("secret/" .. p.secret, ns(ctx)), k8s.get("secret/" .. f.copy, ns(ctx))
-    if not (s.data and s.data[p.key]) or copy.data and copy.data.value == s.data[p.key] then
+    if not rotation.holds_new { namespace = p.namespace, secret = p.secret, key = p.key, copy = ctx.outputs["Set the new value"].copy } then
       error(("secret %s key %s does not hold the new value"):format(p.secret, p.key), 0)
     end
     for _, ref in ipairs(f.users) do
@@ -153,8 +113,8 @@ step "Verify" {
 
 step "Delete the copy of the old value" {
   description = "The old value is no longer needed once the new one is verified",
-  needs = { FIND, "Verify" },
+  needs = { "Set the new value", "Verify" },
   run = function(ctx)
-    k8s.delete("secret/" .. ctx.outputs[FIND].copy, { namespace = ctx.params.namespace, missing_ok = true })
+    k8s.delete("secret/" .. ctx.outputs["Set the new value"].copy, { namespace = ctx.params.namespace, missing_ok = true })
   end,
 }

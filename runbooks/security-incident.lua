@@ -7,10 +7,11 @@
 -- container's), the namespace's events and configuration, in one backup set
 -- with a sha256 manifest (backupset; verified after sealing). Then the pods
 -- are cut off with a deny-all NetworkPolicy (ingress and egress), which stays
--- until someone lifts it. The team is told on Slack when SLACK_WEBHOOK is
--- set. The report names the Secrets the pods read, with the rotate-secret
--- and rotate-db-credentials commands to run for each: rotating is not done
--- here (yet).
+-- until someone lifts it. The credentials named in `rotate` (SECRET/KEY) get
+-- new values as rotate-secret gives them (stdlib/rotation.lua), their readers
+-- restarted, every old value back on failure. The team is told on Slack when
+-- SLACK_WEBHOOK is set. The report names every Secret the pods read, with the
+-- rotate-secret command for each.
 --
 --   runbook run security-incident -p deployment=todo-chatbot-backend -p dir=/srv/evidence --step
 
@@ -23,6 +24,8 @@ param "deployment" { required = true, help = "the compromised deployment" }
 param "namespace" (steps.params.namespace)
 param "dir" { default = "./evidence", help = "where the evidence set is written (a directory of its own, mode 0700)" }
 param "log_tail" { type = "integer", default = 5000, help = "lines of each container's log to keep" }
+param "rotate" { default = "", help = "SECRET/KEY,... credentials to rotate now (rotate-secret's way: a generated value, the readers restarted, the old value back on failure)" }
+param "rollout_timeout" { type = "duration", default = "5m", help = "how long each workload restarted after a rotation may take" }
 
 local SLACK = os.getenv("SLACK_WEBHOOK")
 local ASSESS, EVIDENCE, ISOLATE = "Assess", "Preserve the evidence", "Isolate the pods"
@@ -126,16 +129,61 @@ step(ISOLATE) {
   end,
 }
 
+-- SECRET/KEY pairs of param rotate.
+local function pairs_to_rotate(ctx)
+  local out = {}
+  for item in ctx.params.rotate:gmatch("[^,%s]+") do
+    local s, k = item:match("^([^/]+)/(.+)$")
+    if not s then error(("param rotate: %q is not SECRET/KEY"):format(item), 0) end
+    out[#out + 1] = { secret = s, key = k }
+  end
+  return out
+end
+
+step "Rotate the credentials" {
+  description = "Each SECRET/KEY of param rotate gets a generated value (the old one copied aside), the workloads reading them restarted; any failure puts every old value back",
+  needs = { ISOLATE },
+  when = function(ctx) return ctx.params.rotate ~= "" end,
+  confirm = true,
+  run = function(ctx)
+    local p, done, readers, seen = ctx.params, {}, {}, {}
+    local ok, err = pcall(function()
+      for _, r in ipairs(pairs_to_rotate(ctx)) do
+        local set = rotation.set { namespace = p.namespace, secret = r.secret, key = r.key, value = rotation.generate(32, "alnum") }
+        done[#done + 1] = { namespace = p.namespace, secret = r.secret, key = r.key, copy = set.copy }
+        for _, ref in ipairs((rotation.readers(p.namespace, r.secret))) do
+          if not seen[ref] then seen[ref], readers[#readers + 1] = true, ref end
+        end
+      end
+      rotation.restart(readers, { namespace = p.namespace, timeout = p.rollout_timeout })
+    end)
+    if not ok then
+      for _, d in ipairs(done) do rotation.restore(d) end
+      if #done > 0 then log.warn("the old values are back in %d keys", #done) end
+      error(err, 0)
+    end
+    local rotated = {}
+    for _, d in ipairs(done) do
+      if not ctx.dry_run then k8s.delete("secret/" .. d.copy, { namespace = p.namespace, missing_ok = true }) end
+      rotated[#rotated + 1] = d.secret .. "/" .. d.key
+    end
+    log.info("rotated %s; restarted %s", table.concat(rotated, ", "), #readers > 0 and table.concat(readers, ", ") or "nothing")
+    return { rotated = rotated, restarted = readers }
+  end,
+}
+
 step "Notify and report" {
   description = "What was kept and done, to Slack when SLACK_WEBHOOK is set; the Secrets to rotate, with the commands",
   needs = { ASSESS, EVIDENCE },
-  uses = { ISOLATE },
+  uses = { ISOLATE, "Rotate the credentials" },
   run = function(ctx)
     local p, a = ctx.params, ctx.outputs[ASSESS]
     local isolated = ctx.skipped(ISOLATE) and "NOT isolated" or ctx.dry_run and "would be isolated"
       or ("isolated by networkpolicy " .. ctx.outputs[ISOLATE].policy)
     local lines = { ("Security incident: deployment %s in %s, %s"):format(p.deployment, p.namespace, isolated),
       ("evidence: %s"):format(ctx.outputs[EVIDENCE].path), ("timeline: runbook report %s"):format(ctx.run_id) }
+    local rotated = not ctx.skipped("Rotate the credentials") and ctx.outputs["Rotate the credentials"].rotated or {}
+    if #rotated > 0 then lines[#lines + 1] = "rotated: " .. table.concat(rotated, ", ") end
     for _, s in ipairs(a.secrets) do
       lines[#lines + 1] = ("rotate: runbook run rotate-secret -p namespace=%s -p secret=%s -p key=KEY (or rotate-db-credentials for a database URL)")
         :format(p.namespace, s)

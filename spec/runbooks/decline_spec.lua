@@ -10,7 +10,7 @@ local certs = require "spec.support.certs"
 local dir = cli.tmpdir()
 local PARAMS = {
   ["backup"] = { "dir=" .. dir },
-  ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir },
+  ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY" },
   ["rotate-secret"] = { "secret=todo-chatbot-secrets", "key=API_KEY" },
   ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },

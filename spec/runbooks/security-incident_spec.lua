@@ -4,6 +4,7 @@
 local cli = require "spec.support.cli"
 local json = require "json"
 local sb = require "spec.sandbox.sandbox_helper"
+local kh = require "spec.runbooks.k8s_helper"
 
 local RUNBOOK = "runbooks/security-incident.lua"
 local NS = "todo-chatbot"
@@ -21,6 +22,7 @@ local function policy()
 end
 
 describe("security-incident", function()
+  teardown(kh.reset_world)
   local dir
   before_each(function() dir = cli.tmpdir() end)
   after_each(function()
@@ -66,5 +68,27 @@ describe("security-incident", function()
     assert.is_true(n > 0, pods)
     assert.truthy(io.open(set .. "/pods.yaml") and io.open(set .. "/events.yaml") and io.open(set .. "/k8s/deployments.yaml"))
     assert.matches("rotate: runbook run rotate%-secret %-p namespace=todo%-chatbot %-p secret=todo%-chatbot%-secrets", out)
+  end)
+
+  it("rotates the credentials it is given, restarting their readers, and never prints them", function()
+    local old = "leaked-key-0123456789"
+    kubectl(("-n %s delete secret leaked --ignore-not-found"):format(NS))
+    kubectl(("-n %s create secret generic leaked --from-literal=token=%s"):format(NS, old))
+    kubectl(("-n %s patch deployment todo-chatbot-backend --type=json -p %s"):format(NS, cli.quote(
+      '[{"op":"add","path":"/spec/template/spec/containers/0/env/-","value":{"name":"TOKEN","valueFrom":{"secretKeyRef":{"name":"leaked","key":"token"}}}}]')))
+    assert.truthy(kh.wait_rolled_out("backend"))
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir, "-p", "log_tail=10",
+      "-p", "rotate=leaked/token" }
+    local out = r.stdout .. r.stderr
+    assert.are.equal(0, r.code, out)
+    local new = kubectl(("-n %s get secret leaked -o jsonpath='{.data.token}' | base64 -d"):format(NS))
+    assert.are_not.equal(old, new)
+    assert.matches("^%w+$", new)
+    assert.falsy(out:find(new, 1, true), "the new value was printed")
+    assert.matches("rotated leaked/token; restarted deployments/todo%-chatbot%-backend", out)
+    assert.truthy(kubectl(("-n %s get deploy todo-chatbot-backend -o jsonpath='{.spec.template.metadata.annotations}'"):format(NS))
+      :find("restartedAt", 1, true))
+    assert.falsy(kubectl(("-n %s get secrets -o name"):format(NS)):find("leaked-before", 1, true))
+    kubectl(("-n %s delete secret leaked"):format(NS))
   end)
 end)
