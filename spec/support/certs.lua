@@ -93,16 +93,18 @@ function M.serve(cert)
   local port = M.free_port()
   local pid = sb.sh(("openssl s_server -quiet -www -accept 127.0.0.1:%d -cert %s -key %s -cert_chain %s </dev/null >/dev/null 2>&1 & echo $!")
     :format(port, q(cert.cert), q(cert.key), q(cert.cert))):match("%d+")
-  assert(sb.wait_until(20, function() return up(port) end), "openssl s_server did not start")
-  return port, function() os.execute("kill " .. pid .. " 2>/dev/null") end
+  local stop = function() os.execute("kill " .. pid .. " 2>/dev/null") end
+  if not sb.wait_until(20, function() return up(port) end) then stop(); error("openssl s_server did not start", 2) end
+  return port, stop
 end
 
 --- A local port that accepts connections and never answers -> port, stop().
 function M.silent()
   local port = M.free_port()
   local pid = sb.sh(([[perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(LocalAddr => "127.0.0.1:%d", Listen => 8, ReuseAddr => 1); sleep 120' >/dev/null 2>&1 & echo $!]]):format(port)):match("%d+")
-  assert(sb.wait_until(20, function() return up(port) end), "the silent listener did not start")
-  return port, function() os.execute("kill " .. pid .. " 2>/dev/null") end
+  local stop = function() os.execute("kill " .. pid .. " 2>/dev/null") end
+  if not sb.wait_until(20, function() return up(port) end) then stop(); error("the silent listener did not start", 2) end
+  return port, stop
 end
 
 return M
