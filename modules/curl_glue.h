@@ -9,8 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <stdio.h>
+#include <arpa/inet.h>
 #include <curl/curl.h>
 #include "runbook.h"
+#include "net.h"
 
 typedef struct {
     char *data;
@@ -136,6 +138,62 @@ static const char *curl_why(lua_State *L, CURL *h, CURLcode rc, const char *errb
     curl_free(host);
     curl_free(port);
     curl_url_cleanup(u);
+    return why;
+}
+
+/* libcurl's resolver thread cannot be cut short: a transfer ends at its
+ * connect timeout, and curl then waits for the lookup to end by itself (the
+ * resolver's own timeouts, seconds per try and server). So the URL's host
+ * name is looked up first within `secs` (net_resolve) and its addresses are
+ * handed to curl (CURLOPT_RESOLVE, appended to *pins; "+": cached no longer
+ * than curl's own lookups). Not through a proxy from the environment, which
+ * looks the name up itself. NULL, or why not (pushed) and *code. */
+static inline const char *curl_pin_host(lua_State *L, CURL *h, CURLU *u, double secs, struct curl_slist **pins,
+                                        const char **code) {
+    static const char *const proxies[] = { "http_proxy", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", NULL };
+    for (int i = 0; proxies[i]; i++)
+        if (getenv(proxies[i]) && *getenv(proxies[i])) return NULL;
+    char *host = NULL, *port = NULL;
+    const char *why = NULL, *failed;
+    unsigned char addr[16];
+    struct addrinfo *list;
+    if (curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK || host[0] == '[' ||
+        inet_pton(AF_INET, host, addr) == 1) {
+        /* no name to look up: an address, or a URL curl will refuse itself */
+    } else if (net_resolve(host, port, rb_now() + secs, &list, &failed) != 0) {
+        char s[32];
+        snprintf(s, sizeof s, "%.3g", secs);
+        *code = strstr(failed, "timed out") ? "timeout" : strcmp(failed, "interrupted") ? "couldnt_resolve_host" : "interrupted";
+        why = *code[0] == 't' ? lua_pushfstring(L, "connect to %s:%s timed out after %ss (the name lookup did not answer)",
+                                                host, port, s)
+                              : lua_pushfstring(L, "%s %s", failed, host);
+    } else {
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        luaL_addstring(&b, "+");
+        luaL_addstring(&b, host);
+        luaL_addchar(&b, ':');
+        luaL_addstring(&b, port);
+        luaL_addchar(&b, ':');
+        int n = 0;
+        for (struct addrinfo *ai = list; ai; ai = ai->ai_next) {
+            char a[INET6_ADDRSTRLEN];
+            const void *src = ai->ai_family == AF_INET6 ? (const void *)&((struct sockaddr_in6 *)ai->ai_addr)->sin6_addr
+                                                         : (const void *)&((struct sockaddr_in *)ai->ai_addr)->sin_addr;
+            if (!inet_ntop(ai->ai_family, src, a, sizeof a)) continue;
+            if (n++) luaL_addchar(&b, ',');
+            lua_pushfstring(L, ai->ai_family == AF_INET6 ? "[%s]" : "%s", a);
+            luaL_addvalue(&b);
+        }
+        freeaddrinfo(list);
+        luaL_pushresult(&b);
+        struct curl_slist *l = n ? curl_slist_append(*pins, lua_tostring(L, -1)) : NULL;
+        lua_pop(L, 1);
+        if (l) *pins = l, curl_easy_setopt(h, CURLOPT_RESOLVE, l);
+    }
+    curl_free(host);
+    curl_free(port);
     return why;
 }
 

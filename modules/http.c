@@ -49,6 +49,7 @@
  * and reused; curl_easy_reset before each request clears options but keeps
  * the connection cache.
  */
+#define _GNU_SOURCE   /* getaddrinfo_a, in net.h */
 #include <ctype.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -88,7 +89,7 @@ static const luaL_Reg http_funcs[] = {
 typedef struct {
     CURL *curl;
     CURLU *url;
-    struct curl_slist *headers;
+    struct curl_slist *headers, *pins;   /* pins: the host's addresses, looked up (curl_pin_host) */
     buffer body, head;
     char errbuf[CURL_ERROR_SIZE];
     curl_limits limits;   /* of the transfer in progress */
@@ -100,7 +101,8 @@ static void scratch_free(client *c) {
     curl_url_cleanup(c->url);
     c->url = NULL;
     curl_slist_free_all(c->headers);
-    c->headers = NULL;
+    curl_slist_free_all(c->pins);
+    c->headers = c->pins = NULL;
     buffer_free(&c->body);
     buffer_free(&c->head);
 }
@@ -427,17 +429,21 @@ static void push_summary(lua_State *L, const char *method, const char *safe_url,
     lua_pushfstring(L, "%s %s (%d bytes)", method, safe_url, (int)len);
 }
 
+static int raise_failed(lua_State *L, client *c, const char *code, int retryable, const char *why, const char *method,
+                        const char *safe_url, const rb_effect *e, rb_decision d) {
+    const char *msg = lua_pushfstring(L, "%s %s: %s", method, safe_url, why);
+    scratch_free(c);
+    if (e) gate_failed(L, e, d, msg);
+    return rb_error(L, "http", method, code, retryable, "%s", msg);
+}
+
 static int raise_transport(lua_State *L, client *c, CURLcode rc, const char *method,
                            const char *safe_url, const rb_effect *e, rb_decision d) {
     const char *code;
     int retryable;
     curl_reason(rc, &code, &retryable);
     if (c->body.oom || c->head.oom) code = "out_of_memory", retryable = 0;
-    const char *why = curl_why(L, c->curl, rc, c->errbuf, c->limits);
-    const char *msg = lua_pushfstring(L, "%s %s: %s", method, safe_url, why);
-    scratch_free(c);
-    if (e) gate_failed(L, e, d, msg);
-    return rb_error(L, "http", method, code, retryable, "%s", msg);
+    return raise_failed(L, c, code, retryable, curl_why(L, c->curl, rc, c->errbuf, c->limits), method, safe_url, e, d);
 }
 
 /* A request; `gated`: a write asks the gate (every request a runbook makes). */
@@ -475,6 +481,8 @@ static int perform(lua_State *L, int gated) {
             return gate_skipped(L, &e);
         }
     }
+    const char *code, *why = curl_pin_host(L, c->curl, c->url, c->limits.connect, &c->pins, &code);
+    if (why) return raise_failed(L, c, code, 1, why, method, safe_url, read ? NULL : &e, d);
     CURLcode rc = curl_easy_perform(c->curl);
     if (rc != CURLE_OK) return raise_transport(L, c, rc, method, safe_url, read ? NULL : &e, d);
     push_response(L, c);

@@ -43,6 +43,7 @@
  * connection is kept alive; streams get a handle of their own, since a watch
  * holds its connection open while the runbook keeps making requests.
  */
+#define _GNU_SOURCE   /* getaddrinfo_a, in net.h (curl_glue.h) */
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>

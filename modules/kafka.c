@@ -37,6 +37,7 @@
  * per-partition and per-group errors
  * come back in the results as {code, message} for kafka.lua to judge.
  */
+#define _GNU_SOURCE   /* getaddrinfo_a, in net.h */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>

@@ -42,6 +42,7 @@
  * a shorter bound of their own (lock_timeout): a row another session holds
  * is a stuck backend, not work in progress.
  */
+#define _GNU_SOURCE   /* getaddrinfo_a, in net.h */
 #include <errno.h>
 #include <math.h>
 #include <poll.h>
@@ -55,6 +56,7 @@
 #include <lua.h>
 
 #include "module.h"
+#include "net.h"
 
 #define CONN_MT "runbook.pg.conn"
 #define DEFAULT_CONNECT_TIMEOUT 10.0
@@ -248,12 +250,37 @@ static int pg_connect(lua_State *L) {
     if (strcmp(numeric, "string") != 0 && strcmp(numeric, "number") != 0)
         luaL_argerror(L, 2, "numeric must be \"string\" or \"number\"");
     register_passwords(L, conninfo);
+    if (timeout > rb_remaining(L, timeout)) timeout = rb_remaining(L, timeout);
+    double end = rb_now() + timeout;
     PQconninfoOption *parsed = parse_conninfo(L, conninfo, "connect");
     /* GSSAPI encryption is tried first by default, which initialises Kerberos
      * on every connect; runbooks opt in with gssencmode= like any client */
     int gss = getenv("PGGSSENCMODE") != NULL;
-    for (PQconninfoOption *o = parsed; o->keyword; o++)
+    const char *host = NULL, *port = NULL, *hostaddr = NULL;
+    for (PQconninfoOption *o = parsed; o->keyword; o++) {
         if (o->val && strcmp(o->keyword, "gssencmode") == 0) gss = 1;
+        if (strcmp(o->keyword, "host") == 0) host = o->val;
+        if (strcmp(o->keyword, "port") == 0) port = o->val;
+        if (strcmp(o->keyword, "hostaddr") == 0) hostaddr = o->val;
+    }
+    /* libpq looks a host name up with a plain getaddrinfo, which no
+     * connect_timeout bounds: a name is looked up first within the deadline
+     * (one host; sockets and given addresses need no lookup) */
+    if (host && !hostaddr && host[0] != '/' && host[0] != '@' && !strchr(host, ',') && !(port && strchr(port, ','))) {
+        struct addrinfo *list;
+        const char *why;
+        if (net_resolve(host, port && *port ? port : "5432", end, &list, &why) == 0) freeaddrinfo(list);
+        else {
+            lua_pushstring(L, host);
+            PQconninfoFree(parsed);
+            host = lua_tostring(L, -1);
+            if (strstr(why, "timed out"))
+                return rb_error(L, "pg", "connect", "timeout", 1, "connect to %s timed out after %.3gs: the name lookup did not answer",
+                                host, timeout);
+            return rb_error(L, "pg", "connect", strcmp(why, "interrupted") ? "08001" : "interrupted", 1,
+                            "connecting to %s: %s", host, why);
+        }
+    }
     PQconninfoFree(parsed);
 
     conn *c = new_conn(L);
@@ -265,8 +292,7 @@ static int pg_connect(lua_State *L) {
     const char *vals[] = { conninfo, app ? app : "runbook", gss ? NULL : "disable", NULL };
     c->pg = PQconnectStartParams(keys, vals, 1);
     if (!c->pg) return luaL_error(L, "out of memory");
-    if (timeout > rb_remaining(L, timeout)) timeout = rb_remaining(L, timeout);
-    int waited = PQstatus(c->pg) == CONNECTION_BAD ? WAIT_READY : poll_connect(c->pg, 0, rb_now() + timeout);
+    int waited = PQstatus(c->pg) == CONNECTION_BAD ? WAIT_READY : poll_connect(c->pg, 0, end);
     if (waited != WAIT_READY || PQstatus(c->pg) != CONNECTION_OK) return raise_connect(L, c, waited, timeout);
     /* the password libpq actually used, which may come from PGPASSWORD or a passfile */
     const char *pw = PQpass(c->pg);

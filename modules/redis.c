@@ -31,6 +31,7 @@
  * at most the step's remaining time. A connection that failed (timeout,
  * server gone) is reopened on the next command.
  */
+#define _GNU_SOURCE   /* getaddrinfo_a, in net.h */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>

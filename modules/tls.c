@@ -14,6 +14,7 @@
  * handshake failed: the server does not speak TLS, or no protocol or cipher
  * in common), "interrupted" or "io_error".
  */
+#define _GNU_SOURCE   /* getaddrinfo_a, in net.h */
 #include <arpa/inet.h>
 #include <stdarg.h>
 #include <openssl/err.h>

@@ -31,6 +31,32 @@ local raise = host.raiser "tls"
 local BLOCK = "%-%-%-%-%-BEGIN CERTIFICATE%-%-%-%-%-.-%-%-%-%-%-END CERTIFICATE%-%-%-%-%-"
 local DAY = 86400
 
+--- Whether a PEM block's body is one DER SEQUENCE of the length it declares.
+-- Only such text is handed to luaossl: its error path reads the file name of
+-- OpenSSL's error record after clearing the record, which frees it under
+-- OpenSSL 3 (a use after free, caught by AddressSanitizer).
+local function der_sequence(pem)
+  local body = type(pem) == "string" and pem:match("^%s*%-%-%-%-%-BEGIN [^\n]-%-%-%-%-%-(.-)%-%-%-%-%-END ")
+  local der = body and require("base64").decode(body)
+  if not der or #der < 2 or der:byte(1) ~= 0x30 then return false end
+  local len, head = der:byte(2), 2
+  if len >= 0x80 then
+    local k = len - 0x80
+    if k < 1 or k > 4 or #der < 2 + k then return false end
+    len = 0
+    for i = 1, k do len = len * 256 + der:byte(2 + i) end
+    head = 2 + k
+  end
+  return head + len == #der
+end
+
+--- luaossl's `new(text, "PEM")` of `pem`, or nil when it is not one.
+local function openssl_new(kind, pem)
+  if not der_sequence(pem) then return nil end
+  local ok, v = pcall(kind.new, pem, "PEM")
+  return ok and v or nil
+end
+
 -- "CN = a, O = b" as `openssl x509 -subject` prints it, and the CN.
 local function name_text(name)
   local parts, cn = {}, nil
@@ -41,10 +67,56 @@ local function name_text(name)
   return table.concat(parts, ", "), cn
 end
 
+--- A DER length at `i` of `der`: the length, and where its content starts.
+local function der_length(der, i)
+  local n = der:byte(i) or 0
+  if n < 0x80 then return n, i + 1 end
+  local len = 0
+  for j = 1, n - 0x80 do len = len * 256 + (der:byte(i + j) or 0) end
+  return len, i + 1 + (n - 0x80)
+end
+
+--- An iPAddress name's text: a.b.c.d, or IPv6 as inet_ntop writes it.
+local function ip_text(raw)
+  if #raw == 4 then return ("%d.%d.%d.%d"):format(raw:byte(1, 4)) end
+  local groups = {}
+  for i = 1, #raw - 1, 2 do groups[#groups + 1] = ("%x"):format(raw:byte(i) * 256 + raw:byte(i + 1)) end
+  local text = ":" .. table.concat(groups, ":") .. ":"
+  local longest
+  for run in text:gmatch(":0:[0:]*") do
+    if not longest or #run > #longest then longest = run end
+  end
+  if longest and #longest > 3 then text = text:gsub(longest:gsub("%p", "%%%0"), "::", 1) end
+  return (text:gsub("^:([^:])", "%1"):gsub("([^:]):$", "%1"))
+end
+
+-- GeneralName's context tags (RFC 5280) of the names a certificate check reads.
+local SAN_KINDS = { [0x81] = "email", [0x82] = "DNS", [0x86] = "URI", [0x87] = "IP" }
+
+--- The subjectAltName of certificate `c` in order, as {kind, value} pairs,
+-- read from the extension's DER: luaossl's own getSubjectAlt leaves what it
+-- decodes unfreed (a leak a certificate).
+local function subject_alt(c)
+  local ok, ext = pcall(c.getExtension, c, "subjectAltName")
+  local der, out = ok and ext and ext:getData() or "", {}
+  if der:byte(1) ~= 0x30 then return out end
+  local len, i = der_length(der, 2)
+  local stop = math.min(i + len, #der + 1)
+  while i < stop do
+    local tag = der:byte(i)
+    local n, at = der_length(der, i + 1)
+    local kind, v = SAN_KINDS[tag], der:sub(at, at + n - 1)
+    if kind then out[#out + 1] = { kind, kind == "IP" and ip_text(v) or v } end
+    i = at + n
+  end
+  return out
+end
+
 local function describe(c, now)
   local not_before, not_after = c:getLifetime()
   local sans, names = {}, {}
-  for kind, v in pairs(c:getSubjectAlt() or {}) do
+  for _, san in ipairs(subject_alt(c)) do
+    local kind, v = san[1], san[2]
     sans[#sans + 1] = kind .. ":" .. v
     if kind == "DNS" or kind == "IP" then names[#names + 1] = v end
   end
@@ -61,8 +133,8 @@ end
 local function parse_chain(blocks, where)
   local now, chain = os.time(), {}
   for i, block in ipairs(blocks) do
-    local ok, c = pcall(x509.new, block, "PEM")
-    if not ok then
+    local c = openssl_new(x509, block)
+    if not c then
       raise { op = "parse", code = "bad_pem", message = ("%s: certificate %d of %d is not a valid X.509 certificate"):format(
         where, i, #blocks) }
     end
@@ -90,7 +162,11 @@ function M.certificate(hostname, port, opts)
   if type(hostname) ~= "string" or hostname == "" then error("tls.certificate: expected a host name", 2) end
   local n = math.tointeger(tonumber(port))
   if not n then error(("tls.certificate: port must be a number, got %s"):format(tostring(port)), 2) end
-  local cert = parse_chain(native.peer_chain(hostname, n, opts), ("%s:%d"):format(hostname, n))
+  opts = opts or {}
+  if type(opts) ~= "table" then error("tls.certificate: options must be a table", 2) end
+  local o = { servername = opts.servername,
+    timeout = opts.timeout ~= nil and require("duration").check(opts.timeout, "tls.certificate timeout") or nil }
+  local cert = parse_chain(native.peer_chain(hostname, n, o), ("%s:%d"):format(hostname, n))
   cert.host, cert.port = hostname, n
   return cert
 end
@@ -98,10 +174,10 @@ end
 function M.key_matches(pem, key_pem, where)
   where = where or "PEM text"
   local block = type(pem) == "string" and pem:match(BLOCK)
-  local ok, cert = pcall(x509.new, block or "", "PEM")
-  if not ok then raise { op = "key_matches", code = "bad_pem", message = where .. ": no valid certificate in it" } end
-  local ok_key, key = pcall(pkey.new, type(key_pem) == "string" and key_pem or "", "PEM")
-  if not ok_key then raise { op = "key_matches", code = "bad_key", message = where .. ": the key is not a PEM private key" } end
+  local cert = openssl_new(x509, block)
+  if not cert then raise { op = "key_matches", code = "bad_pem", message = where .. ": no valid certificate in it" } end
+  local key = openssl_new(pkey, key_pem)
+  if not key then raise { op = "key_matches", code = "bad_key", message = where .. ": the key is not a PEM private key" } end
   return cert:getPublicKey():toPEM("public") == key:toPEM("public")
 end
 
