@@ -4,7 +4,7 @@
 -- timeouts (seconds per try, per server) nor at the step's watchdog. The run
 -- sees a resolver of its own: /etc/resolv.conf bound, in a mount namespace of
 -- its own (unshare -m, as root), to a file naming a local UDP port that
--- swallows every query.
+-- swallows every query (127.0.0.153, clear of any local resolver).
 local cli = require "spec.support.cli"
 local host = require "runbook.host"
 
@@ -23,11 +23,11 @@ describe("adversarial: a resolver that never answers", function()
   local dir, under
   setup(function()
     dir = cli.tmpdir()
-    -- A UDP "DNS server" on 127.0.0.1:53 that reads and never answers.
+    -- A UDP "DNS server" on 127.0.0.153:53 that reads and never answers.
     local py = cli.write(dir .. "/blackhole.py", [[
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("127.0.0.1", 53))
+s.bind(("127.0.0.153", 53))
 open(sys.argv[1], "w").write("up")
 while True:
     s.recvfrom(4096)
@@ -38,7 +38,7 @@ while True:
       os.execute("sleep 0.1")
     end
     assert.are.equal("up", cli.slurp(dir .. "/up"), "the silent DNS server did not start")
-    local conf = cli.write(dir .. "/resolv.conf", "nameserver 127.0.0.1\noptions timeout:5 attempts:3\n")
+    local conf = cli.write(dir .. "/resolv.conf", "nameserver 127.0.0.153\noptions timeout:5 attempts:3\n")
     under = { "timeout", "-s", "KILL", "60", "unshare", "-m", "sh", "-c",
       'mount --bind "$0" /etc/resolv.conf && exec "$@"', conf }
   end)
