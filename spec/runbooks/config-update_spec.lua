@@ -102,6 +102,7 @@ describe("config-update", function()
     out = sb.kubectl([[-n todo-chatbot get component kafka-pubsub -o jsonpath='{.spec.metadata[?(@.name=="authType")].value}']])
     assert.are.equal("none", out:match("%S+"))
     for _, app in ipairs(APPS) do
+      assert.truthy(kh.wait_rolled_out(app, 60), app)
       for name in pairs(pod_names(app)) do assert.is_nil(pods[app][name], app .. ": pod " .. name .. " was not restarted") end
     end
   end)
