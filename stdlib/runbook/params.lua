@@ -62,12 +62,10 @@ local function read_params_file(path)
   local text = f:read("a")
   local seekable = f:seek("set") ~= nil
   f:close()
-  local ok, doc
-  if path:match("%.json$") then
-    ok, doc = pcall(require("cjson").decode, text)
-  else
-    ok, doc = pcall(function() return require("lyaml").load(text) end)
-  end
+  -- JSON (a .json file, or text that is an object: serve's) without loading the YAML parser
+  local ok, doc = false, nil
+  if path:match("%.json$") or text:match("^%s*{") then ok, doc = pcall(require("cjson").decode, text) end
+  if not ok and not path:match("%.json$") then ok, doc = pcall(function() return require("lyaml").load(text) end) end
   if not ok then fail("--params-file %s: cannot parse: %s", path, tostring(doc)) end
   if type(doc) ~= "table" then fail("--params-file %s: expected a mapping of param names to values", path) end
   files[path] = { doc = doc, seekable = seekable }
