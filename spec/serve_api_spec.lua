@@ -10,15 +10,7 @@ local TOKEN = "serve-api-token-7d41b0c3"
 local SECRET = "hunter2-serve-api-secret"
 local dir, serve, url, tls_serve, tls_url
 
---- Poll fn every 0.1 s until it returns a truthy value (returned), for up to `secs`.
-local function wait_until(secs, fn)
-  local deadline = os.time() + secs
-  repeat
-    local v = fn()
-    if v then return v end
-    os.execute("sleep 0.1")
-  until os.time() > deadline
-end
+local wait_until = cli.wait_until
 
 local function sh(cmd)
   local p = io.popen(cmd)

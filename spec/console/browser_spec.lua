@@ -12,14 +12,7 @@ local ALICE = "alice-browser-token-6a1f03"   -- a viewer's refusal: console_spec
 local PLAYWRIGHT = os.getenv("PWD") .. "/build/node/node_modules/playwright-core"
 local dir, serve, results, missing = nil, nil, {}, nil
 
-local function wait_until(secs, fn)
-  local deadline = os.time() + secs
-  repeat
-    local v = fn()
-    if v then return v end
-    os.execute("sleep 0.1")
-  until os.time() > deadline
-end
+local wait_until = cli.wait_until
 
 -- A run whose steps wait for go files: the browser sees each appear.
 local LIVE = [[

@@ -12,15 +12,7 @@ local XSS = [[<script>alert("x")</script>]]
 local LABEL = [[<img src=x onerror=alert(1)>]]
 local dir, serve, url
 
---- Poll fn every 0.1 s until it returns a truthy value (returned), for up to `secs`.
-local function wait_until(secs, fn)
-  local deadline = os.time() + secs
-  repeat
-    local v = fn()
-    if v then return v end
-    os.execute("sleep 0.1")
-  until os.time() > deadline
-end
+local wait_until = cli.wait_until
 
 --- A request with curl: its status, headers (lower-case names) and body.
 -- o = {jar = a cookie file, form = {k = v}, json = text, bearer = token}.

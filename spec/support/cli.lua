@@ -204,6 +204,16 @@ function M.eventually(cond, what)
   error("timed out waiting for " .. what)
 end
 
+--- Poll fn every 0.1 s until it returns a truthy value (returned), for up to `secs`; nil after.
+function M.wait_until(secs, fn)
+  local deadline = os.time() + secs
+  repeat
+    local v = fn()
+    if v then return v end
+    os.execute("sleep 0.1")
+  until os.time() > deadline
+end
+
 --- A TCP port on 127.0.0.1 that nothing listens on now.
 function M.free_port()
   local p = io.popen([[python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0));]]
