@@ -271,6 +271,24 @@ function M.service_deployment(ctx)
   return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
 end
 
+--- kubectl top of deployment `name`'s pods (param namespace), each logged with
+-- the app container's limits: {replicas, limits = {cpu, memory} (strings, as
+-- written), pods = k8s.top's rows, highest CPU first}.
+function M.pod_usage(ctx, name)
+  local k8s = require "k8s"
+  local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace })
+  local sel = {}
+  for k, v in pairs(d.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  local limits = (d.spec.template.spec.containers[1].resources or {}).limits or {}
+  local pods = k8s.top("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ","), sort_by = "cpu" })
+  for _, p in ipairs(pods) do
+    require("log").info("%s: cpu %dm, memory %dMi (limits: cpu %s, memory %s)", p.name, p.cpu_millicores,
+      p.memory_bytes // (1024 * 1024), limits.cpu or "none", limits.memory or "none")
+  end
+  return { replicas = d.spec.replicas, limits = { cpu = limits.cpu, memory = limits.memory }, pods = pods }
+end
+
 -- ---- one metric of a service, in Prometheus ----------------------------------
 
 local Metric = {}

@@ -30,6 +30,8 @@ local PARAMS = {
   ["high-latency"] = { "service=backend" },
   ["hpa"] = { "deployment=todo-chatbot-recurring-task", "max=12", "lag_metric=kafka_consumer_lag" },
   ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
+  -- an endpoint that refuses connections: the handshake fails, so the restart is offered
+  ["websocket-triage"] = { "websocket_url=ws://127.0.0.1:9/ws", "settle=1s" },
   ["maintenance-window"] = { "deployment=todo-chatbot-frontend", "image=registry.digitalocean.com/todo-chatbot/frontend:v1.5.0",
     "reason=declined at the prompt", "backup_dir=" .. dir, "watch=1s", "error_rate_window=10s" },
 }
@@ -68,6 +70,8 @@ SETUP["cert-check"] = function()
   sb.kubectl(("-n todo-chatbot create secret tls todo-chatbot-tls --cert=%s --key=%s"):format(
     cli.quote(dir .. "/renewed.crt"), cli.quote(dir .. "/renewed.key")))
 end
+-- crowded websocket pods, so that the scale-out is offered (cleared after each run)
+SETUP["websocket-triage"] = function() assert(select(2, sb.ctl("dapr ws-load websocket 900"))) end
 SETUP["data-corruption"] = SETUP["restore"]
 SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 
@@ -83,6 +87,7 @@ describe("declining a step at the prompt", function()
   teardown(cli.cleanup)
   after_each(function()
     sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'decline-spec'")
+    sb.ctl("dapr ws-load websocket 0")
   end)
   for _, file in ipairs(runbooks()) do
     local rb = loader.load(file)
