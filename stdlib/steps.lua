@@ -91,15 +91,23 @@ function M.deployments(ctx)
   return out
 end
 
+--- The step's needs: the step `of` that found the deployments, and `after`, the
+-- step that changed them.
+local function found_and(a)
+  return { a.of, a.after }
+end
+
 --- Wait for the rollout of each deployment in `ctx.outputs[t.of].deployments`
--- (param timeout each; kubectl rollout status), giving up at once on one
--- whose new pods crash-loop or cannot pull their image.
-M.wait_rollouts = shared({ of = true }, function(a)
-  local of = a.of
+-- (t.of defaults to "Find the deployments"; param timeout each; kubectl rollout
+-- status), giving up at once on one whose new pods crash-loop or cannot pull
+-- their image. The step needs t.of and t.after.
+M.wait_rollouts = shared({ of = true, after = true }, function(a)
+  a.of = a.of or "Find the deployments"
   return {
     description = "kubectl rollout status of each; gives up at once when new pods crash-loop or cannot pull their image",
+    needs = found_and(a),
     run = function(ctx)
-      for _, d in ipairs(ctx.outputs[of].deployments) do
+      for _, d in ipairs(ctx.outputs[a.of].deployments) do
         require("k8s").rollout_status("deploy/" .. d.name, { namespace = ctx.params.namespace,
           timeout = ctx.params.timeout, fail_fast = true })
       end
@@ -107,18 +115,45 @@ M.wait_rollouts = shared({ of = true }, function(a)
   }
 end)
 
---- Verify each deployment in `ctx.outputs[t.of].deployments`: wait (param
--- timeout each) until `t.holds(ctx, d, health)` (k8s.deployment_health)
--- returns true and a note for the log, `t.what(ctx, d)` naming the wait.
-M.verify_deployments = shared({ of = true, holds = true, what = true }, function(a)
+-- What verify_deployments waits for: the wait's name, and whether the
+-- deployment's health `h` (k8s.deployment_health) holds, with a note.
+local settled = {
+  replaced = {
+    description = "Each deployment healthy, and none of the pods it ran before (the finding step's `pods`) is left",
+    what = function(_, d) return d.name .. "'s old pods to go" end,
+    holds = function(_, d, h)
+      local old, left = {}, 0
+      for _, name in ipairs(d.pods) do old[name] = true end
+      for _, p in ipairs(h.pods) do left = left + (old[p.name] and 1 or 0) end
+      return h.healthy and left == 0, ("%d old pods left"):format(left)
+    end,
+  },
+  scaled = {
+    description = "Each deployment healthy, with exactly param replicas pods, all ready (old pods gone)",
+    what = function(ctx, d) return d.name .. "'s pods to number " .. ctx.params.replicas end,
+    holds = function(ctx, _, h)
+      local want = ctx.params.replicas
+      return h.healthy and h.ready == want and #h.pods == want, ("%d pods"):format(#h.pods)
+    end,
+  },
+}
+
+--- Verify each deployment in `ctx.outputs[t.of].deployments` (as wait_rollouts):
+-- wait (param timeout each) until it has `settled` as t.check says: "replaced"
+-- (every pod it ran before gone) or "scaled" (exactly param replicas, ready).
+M.verify_deployments = shared({ of = true, after = true, check = true }, function(a)
+  a.of = a.of or "Find the deployments"
+  local check = settled[a.check] or error("steps.verify_deployments: check must be replaced or scaled", 2)
   return {
+    description = check.description,
+    needs = found_and(a),
     run = function(ctx)
       for _, d in ipairs(ctx.outputs[a.of].deployments) do
         local h, note
-        local held = require("time").wait_until({ timeout = ctx.params.timeout, what = a.what(ctx, d) }, function()
+        local held = require("time").wait_until({ timeout = ctx.params.timeout, what = check.what(ctx, d) }, function()
           h = require("k8s").deployment_health(ctx.params.namespace, d.name)
           local ok
-          ok, note = a.holds(ctx, d, h)
+          ok, note = check.holds(ctx, d, h)
           return ok
         end)
         if held then require("log").info("%s: %d of %d ready, %s%s", d.name, h.ready, h.desired, note,

@@ -19,7 +19,7 @@ local PARAMS = {
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
   ["data-corruption"] = { "dir=" .. dir, "force=true" },
-  ["db-pool-exhausted"] = { "idle_for=0s", "pool_size=30" },
+  ["db-pool-exhausted"] = { "idle_for=0s", "running_for=0s", "pool_size=30" },
   ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
   ["outage-recovery"] = { "settle=1s" },
   ["restore"] = { "dir=" .. dir },
@@ -50,14 +50,16 @@ local SETUP = {
       io.open(dir .. "/done", "w"):close()
     end
   end,
-  -- a session idle in a transaction (ended after the run)
+  -- a session idle in a transaction and one running a query (ended after the run)
   ["db-pool-exhausted"] = function()
-    local p = io.popen(("sh -c \"(printf 'BEGIN;\\nSELECT 1;\\n'; sleep 30) | PGAPPNAME=decline-spec psql -X -q %s\" "
-      .. ">/dev/null 2>&1 & echo $!"):format(sb.env("DATABASE_URL")))
-    p:close()
+    for _, sql in ipairs { "BEGIN;\\nSELECT 1;", "SELECT pg_sleep(30);" } do
+      local p = io.popen(("sh -c \"(printf '%s\\n'; sleep 30) | PGAPPNAME=decline-spec psql -X -q %s\" "
+        .. ">/dev/null 2>&1 & echo $!"):format(sql, sb.env("DATABASE_URL")))
+      p:close()
+    end
     assert(sb.wait_until(10, function()
       return sb.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'decline-spec' "
-        .. "AND state = 'idle in transaction'"):match("^%s*1") end), "no idle session")
+        .. "AND state IN ('idle in transaction', 'active')"):match("^%s*2") end), "no idle session and running query")
   end,
 }
 -- a TLS Secret to renew, and the certificate to renew it with
