@@ -31,6 +31,7 @@ end
 
 describe("deploy", function()
   setup(kh.reset_world)
+  teardown(kh.reset_world)   -- the images as seeded, for the specs after this one
   after_each(function()
     sb.ctl("k8s reset")
     cli.cleanup()
