@@ -13,6 +13,7 @@ local PARAMS = {
   ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY" },
   ["rotate-secret"] = { "secret=todo-chatbot-secrets", "key=API_KEY" },
   ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
+  ["deploy"] = { "deployment=todo-chatbot-websocket", "tag=v1.5.0", "backup=true", "dir=" .. dir, "smoke_paths=/health" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
   ["config-update"] = { "object=configmap/todo-chatbot-config", "key=LOG_LEVEL", "value=WARNING" },
   ["consumer-offset-reset"] = { "to=earliest" },
