@@ -21,7 +21,8 @@ local PARAMS = {
   ["db-pool-exhausted"] = { "idle_for=0s", "pool_size=30" },
   ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
   ["outage-recovery"] = { "settle=1s" },
-  ["restore"] = { "dir=" .. dir },
+  ["restore"] = { "dir=" .. dir, "kubernetes=true", "topics=all" },
+  ["disaster-recovery"] = { "dir=" .. dir, "force=true" },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
   ["restart"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket" },
   ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
@@ -42,10 +43,11 @@ local MAY_NOT_REACH = { ["heap-dump"] = true, ["canary-deployment"] = true, ["hi
 
 -- What a runbook needs in the sandbox to reach its confirm steps.
 local SETUP = {
-  -- a backup set to restore
+  -- a backup set to restore, with the namespace's objects and a topic
   ["restore"] = function()
     if not io.open(dir .. "/done") then
-      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "--yes" }).code)
+      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "-p", "kubernetes=true",
+        "-p", "topics=reminders-dlq", "--yes" }).code)
       io.open(dir .. "/done", "w"):close()
     end
   end,
@@ -69,6 +71,7 @@ SETUP["cert-check"] = function()
     cli.quote(dir .. "/renewed.crt"), cli.quote(dir .. "/renewed.key")))
 end
 SETUP["data-corruption"] = SETUP["restore"]
+SETUP["disaster-recovery"] = SETUP["restore"]
 SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 
 local function runbooks()
