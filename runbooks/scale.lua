@@ -52,15 +52,6 @@ step "Scale" {
   end,
 }
 
-step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the deployments", needs = { "Find the deployments", "Scale" } })
+step "Wait for the rollouts" (steps.wait_rollouts { after = "Scale" })
 
-step "Verify" (steps.verify_deployments {
-  description = "Each deployment healthy, with exactly N pods, all ready (old pods gone)",
-  needs = { "Find the deployments", "Scale" },
-  of = "Find the deployments",
-  what = function(ctx, d) return d.name .. "'s pods to number " .. ctx.params.replicas end,
-  holds = function(ctx, _, h)
-    local want = ctx.params.replicas
-    return h.healthy and h.ready == want and #h.pods == want, ("%d pods"):format(#h.pods)
-  end,
-})
+step "Verify" (steps.verify_deployments { after = "Scale", check = "scaled" })
