@@ -76,7 +76,7 @@
 --
 -- Summaries:
 --   deployment_health(ns, name)   namespace_health(ns)
---   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error}...}}:
+--   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error, json}...}}:
 --       GET path through the proxy of every Service selecting the workload's pods
 --   services_health(ns, {path = "/health"}) -> the same for every deployment of the namespace
 --       at once: two lists and one GET per Service, not two lists per deployment

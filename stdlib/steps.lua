@@ -27,6 +27,12 @@ M.params = {
   group = { default = "recurring-task-service", help = "the consumer group" },
   topic = { default = "task-events", help = "the topic the group consumes" },
   consumers = { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers" },
+  -- for M.smoke_test
+  smoke = { default = "", help = "a smoke-test command (sh -c on this host, not run in a dry run) that must exit 0; it gets "
+    .. "TARGET_NAMESPACE, TARGET_DEPLOYMENT, TARGET_SERVICE and TARGET_PROXY (the Service's API server proxy path: "
+    .. "kubectl get --raw \"$TARGET_PROXY/health\")" },
+  smoke_paths = { default = "", help = "comma-separated paths GET through each Service selecting the pods (API server proxy) "
+    .. "as a smoke test: each must answer below 400" },
   -- for M.deployments
   deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
 }
@@ -338,6 +344,24 @@ function M.service_deployment(ctx)
   return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
 end
 
+--- kubectl top of deployment `name`'s pods (param namespace), each logged with
+-- the app container's limits: {replicas, limits = {cpu, memory} (strings, as
+-- written), pods = k8s.top's rows, highest CPU first}.
+function M.pod_usage(ctx, name)
+  local k8s = require "k8s"
+  local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace })
+  local sel = {}
+  for k, v in pairs(d.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  local limits = (d.spec.template.spec.containers[1].resources or {}).limits or {}
+  local pods = k8s.top("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ","), sort_by = "cpu" })
+  for _, p in ipairs(pods) do
+    require("log").info("%s: cpu %dm, memory %dMi (limits: cpu %s, memory %s)", p.name, p.cpu_millicores,
+      p.memory_bytes // (1024 * 1024), limits.cpu or "none", limits.memory or "none")
+  end
+  return { replicas = d.spec.replicas, limits = { cpu = limits.cpu, memory = limits.memory }, pods = pods }
+end
+
 -- ---- one metric of a service, in Prometheus ----------------------------------
 
 local Metric = {}
@@ -402,6 +426,52 @@ M.verify_metric = shared({ metric = true, measured = true }, function(a)
       local r = require("prom").verify { name = name, query = m:promql(ctx), unit = m.unit,
         below = ctx.params[m.max], hold = ctx.params.hold, every = ctx.params.every }
       return { value = r.values and r.values[name] }
+    end,
+  }
+end)
+
+--- The smoke test of the deployment `t.target(ctx)` names, in param namespace
+-- (deploy, blue-green-switch), when param smoke or smoke_paths is given: GET
+-- each path of smoke_paths (or health_path) through every Service that
+-- selects its pods, each below 400, then the command of param smoke (sh -c,
+-- through the gate) with the deployment and its first Service in its
+-- environment. A dry run says what it would do.
+M.smoke_test = shared({ target = true }, function(a)
+  local target = a.target
+  return {
+    description = "GET each of smoke_paths through the Services of its pods, then the smoke command; all must pass",
+    when = function(ctx) return ctx.params.smoke ~= "" or ctx.params.smoke_paths ~= "" end,
+    run = function(ctx)
+      local k8s, log, name, ns = require "k8s", require "log", target(ctx), ctx.params.namespace
+      local paths = {}
+      for p in ctx.params.smoke_paths:gmatch("[^,%s]+") do paths[#paths + 1] = p end
+      if #paths == 0 then paths[1] = ctx.params.health_path end
+      if ctx.dry_run then
+        log.info("would GET %s through the Services of %s%s", table.concat(paths, ", "), name,
+          ctx.params.smoke ~= "" and (" and run the smoke command: " .. ctx.params.smoke) or "")
+        return
+      end
+      local first
+      for _, path in ipairs(paths) do
+        local sh = k8s.service_health("deploy/" .. name, { namespace = ns, path = path })
+        if #sh.services == 0 then error(("smoke test: no Service selects the pods of %s"):format(name), 0) end
+        for _, row in ipairs(sh.services) do
+          if not row.ok then error(("smoke test: %s %s: %s"):format(row.service, path, row.error), 0) end
+          log.info("smoke test: %s %s: HTTP %d", row.service, path, row.status)
+        end
+        first = first or sh.services[1]
+      end
+      if ctx.params.smoke == "" then return { paths = paths } end
+      local r = require("exec").run { shell = ctx.params.smoke, check = false, env = { TARGET_NAMESPACE = ns,
+        TARGET_DEPLOYMENT = name, TARGET_SERVICE = first.service,
+        TARGET_PROXY = ("/api/v1/namespaces/%s/services/%s:%d/proxy"):format(ns, first.service, first.port) } }
+      local out = (r.stdout .. r.stderr):gsub("%s+$", "")
+      if out ~= "" then log.info("smoke test: %s", out) end
+      if r.status ~= 0 then
+        error("smoke test: the command " .. (r.signal and ("was killed by signal " .. r.signal)
+          or ("exited with status " .. r.status)), 0)
+      end
+      return { paths = paths, command = r.status }
     end,
   }
 end)

@@ -13,6 +13,7 @@ local PARAMS = {
   ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY" },
   ["rotate-secret"] = { "secret=todo-chatbot-secrets", "key=API_KEY" },
   ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
+  ["deploy"] = { "deployment=todo-chatbot-websocket", "tag=v1.5.0", "backup=true", "dir=" .. dir, "smoke_paths=/health" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
   ["config-update"] = { "object=configmap/todo-chatbot-config", "key=LOG_LEVEL", "value=WARNING" },
   ["consumer-offset-reset"] = { "to=earliest" },
@@ -30,6 +31,8 @@ local PARAMS = {
   ["high-latency"] = { "service=backend" },
   ["hpa"] = { "deployment=todo-chatbot-recurring-task", "max=12", "lag_metric=kafka_consumer_lag" },
   ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
+  -- an endpoint that refuses connections: the handshake fails, so the restart is offered
+  ["websocket-triage"] = { "websocket_url=ws://127.0.0.1:9/ws", "settle=1s" },
   ["maintenance-window"] = { "deployment=todo-chatbot-frontend", "image=registry.digitalocean.com/todo-chatbot/frontend:v1.5.0",
     "reason=declined at the prompt", "backup_dir=" .. dir, "watch=1s", "error_rate_window=10s" },
 }
@@ -70,6 +73,8 @@ SETUP["cert-check"] = function()
   sb.kubectl(("-n todo-chatbot create secret tls todo-chatbot-tls --cert=%s --key=%s"):format(
     cli.quote(dir .. "/renewed.crt"), cli.quote(dir .. "/renewed.key")))
 end
+-- crowded websocket pods, so that the scale-out is offered (cleared after each run)
+SETUP["websocket-triage"] = function() assert(select(2, sb.ctl("dapr ws-load websocket 900"))) end
 SETUP["data-corruption"] = SETUP["restore"]
 SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 
@@ -85,6 +90,7 @@ describe("declining a step at the prompt", function()
   teardown(cli.cleanup)
   after_each(function()
     sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'decline-spec'")
+    sb.ctl("dapr ws-load websocket 0")
   end)
   for _, file in ipairs(runbooks()) do
     local rb = loader.load(file)

@@ -190,7 +190,7 @@ local function check_services(self, ns, services, label_sets, opts)
         require("runbook.host").check_deadline() -- a timed-out step or Ctrl-C is not a failed check
         row.ok, row.error = false, tostring(type(r) == "table" and r.message or r)
       else
-        row.status, row.ok = r.status, r.status < 400
+        row.status, row.ok, row.json = r.status, r.status < 400, r.json
         if not row.ok then row.error = ("HTTP %d: %s"):format(r.status, r.json and r.json.message or (r.body or ""):sub(1, 120)) end
       end
       out.ok = out.ok and row.ok
@@ -209,7 +209,7 @@ end
 -- through the API server's proxy of every Service whose selector picks the
 -- workload's pods (its first port; not the <app>-dapr Services the Dapr
 -- operator makes, labelled dapr.io/enabled). A refused or failing check is a
--- result, not an error. -> {ok, services = {{service, port, status, ok, error}...}}
+-- result, not an error. -> {ok, services = {{service, port, status, ok, error, json}...}}
 -- (ok is also true when no Service selects the pods: services is then empty).
 function Client:service_health(a, b)
   local _, ns, _, d, opts = self:workload(a, b, "service_health")
