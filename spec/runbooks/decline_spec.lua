@@ -28,7 +28,7 @@ local PARAMS = {
   ["restart"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket" },
   ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
-  ["high-error-rate"] = { "service=backend" },
+  ["high-error-rate"] = { "service=backend", "replicas=3" },
   ["high-latency"] = { "service=backend" },
   ["hpa"] = { "deployment=todo-chatbot-recurring-task", "max=12", "lag_metric=kafka_consumer_lag" },
   ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
