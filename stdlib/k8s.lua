@@ -26,7 +26,7 @@
 --   scale(TARGET, replicas, {current_replicas=})
 --   stop_workloads({TARGET...}, {timeout = "2m"}) -> saved   each scaled to 0, its pods gone
 --   start_workloads(saved, {timeout = "5m"})   each back to its replicas, rolled out
---   rollout_restart(TARGET)    rollout_status(TARGET, {timeout = "5m", progress = fn|false,
+--   rollout_restart(TARGET)    rollout_status(TARGET (a deployment or statefulset), {timeout = "5m", progress = fn|false,
 --                                                  fail_fast = true: raise once new pods crash-loop
 --                                                  or cannot pull their image, code = that reason})
 --   rollout_history(TARGET) -> {{revision, replicaset, images, change_cause, template}...}
@@ -75,7 +75,7 @@
 --       write); copying in is a gated exec in the pod.
 --
 -- Summaries:
---   deployment_health(ns, name)   namespace_health(ns)
+--   deployment_health(ns, name | "sts/NAME")   namespace_health(ns)
 --   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error, json}...}}:
 --       GET path through the proxy of every Service selecting the workload's pods
 --   services_health(ns, {path = "/health"}) -> the same for every deployment of the namespace
