@@ -163,6 +163,38 @@ M.verify_deployments = shared({ of = true, after = true, check = true }, functio
   }
 end)
 
+--- kubectl scale --replicas=<param replicas> of each deployment of
+-- `t.deployments(ctx)` (a list of {name, replicas}; default: the output
+-- `deployments` of the step "Find the deployments") not at it yet, refused if
+-- its replicas changed in between; undo scales each back. Its outputs:
+-- `deployments`, those it was given (for wait_rollouts and
+-- verify_deployments with of = this step), and `scaled`.
+M.scale = shared({ deployments = true }, function(a)
+  local found = a.deployments or function(ctx) return ctx.outputs["Find the deployments"].deployments end
+  return {
+    description = "kubectl scale --replicas=N for each deployment not at N yet (undo: the replicas each had)",
+    confirm = true,
+    needs = not a.deployments and { "Find the deployments" } or nil,
+    run = function(ctx)
+      local list, scaled = found(ctx), {}
+      for _, d in ipairs(list) do
+        if d.replicas ~= ctx.params.replicas then
+          require("k8s").scale("deploy/" .. d.name, ctx.params.replicas,
+            { namespace = ctx.params.namespace, current_replicas = d.replicas })
+          scaled[#scaled + 1] = d
+        end
+      end
+      return { deployments = list, scaled = scaled }
+    end,
+    undo = function(ctx, out)
+      for _, d in ipairs(out.scaled) do
+        require("k8s").scale("deploy/" .. d.name, d.replicas, { namespace = ctx.params.namespace })
+        require("log").info("%s back at %d replicas", d.name, d.replicas)
+      end
+    end,
+  }
+end)
+
 --- Scale the writers (params writers, namespace, timeout) to 0 and wait until
 -- their pods are gone, remembering their replicas; undo starts them again.
 M.stop_writers = shared({}, function()
