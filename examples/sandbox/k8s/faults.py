@@ -170,6 +170,27 @@ def log_errors(cluster, f, args):
     return "deployment %s: half its log lines from 5 minutes ago on are ERROR %r" % (d["metadata"]["name"], message)
 
 
+DAPR_COMPONENTS = ("operator", "placement", "sentry", "injector")
+
+
+def dapr_stuck(cluster, f, args):
+    """dapr-stuck COMPONENT: the Dapr control plane's COMPONENT pods that run now stay Running
+    and Ready but fail at their work: they log their component's error (from 5 minutes ago
+    on), and a stuck injector injects no daprd into new pods. A new pod (a restart) works."""
+    if args[0] not in DAPR_COMPONENTS:
+        raise ValueError("unknown Dapr component %r (one of %s)" % (args[0], ", ".join(DAPR_COMPONENTS)))
+    pods = [p for p in cluster.store.list("pods", "dapr-system")
+            if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == args[0]
+            and not p["metadata"].get("deletionTimestamp")]
+    if not pods:
+        raise LookupError("no %s pod runs in dapr-system" % args[0])
+    for p in pods:
+        workload.DAPR_STUCK[p["metadata"]["uid"]] = time.time() - 300
+    return "dapr %s: pods %s are stuck (errors in their logs%s) until they are replaced" % (
+        args[0], ", ".join(p["metadata"]["name"] for p in pods),
+        "; new Dapr-enabled pods get no daprd" if args[0] == "injector" else "")
+
+
 # Appends to an old rotated log until /var/log is $0 percent full; the file is $1.
 FILL = ('set -- "$0" "$1" $(df -Pk /var/log | tail -n 1); want=$(($4 * $1 / 100 - $5)); '
         'if [ "$want" -gt 0 ]; then head -c "${want}K" /dev/zero >>"$2" || exit; fi; touch -d "14 days ago" "$2"')
@@ -263,6 +284,7 @@ def metrics(cluster, f, args):
 def reset(cluster, f, args):
     cluster.metrics.faults.reset()
     workload.LOG_ERRORS.clear()
+    workload.DAPR_STUCK.clear()
     if args[:1] == ["--world"]:
         cluster.reseed()
         return "world reseeded, faults cleared"
@@ -296,7 +318,9 @@ def resume(cluster, f, args):
 
 def status(cluster, f, args):
     return dict(f.describe(), metrics=cluster.metrics.faults.describe(),
-                log_errors=sorted("%s/%s: %s" % (ns, app, v[1]) for (ns, app), v in workload.LOG_ERRORS.items()))
+                log_errors=sorted("%s/%s: %s" % (ns, app, v[1]) for (ns, app), v in workload.LOG_ERRORS.items()),
+                dapr_stuck=sorted(p["metadata"]["name"] for p in cluster.store.list("pods", "dapr-system")
+                                  if p["metadata"]["uid"] in workload.DAPR_STUCK))
 
 
 def lookup_res(name):
@@ -327,6 +351,7 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
             "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
+            "dapr-stuck": (dapr_stuck, 1),
             "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
             "populate": (populate, 2), "depopulate": (depopulate, 1), "requests": (requests, 0)}
 
