@@ -119,6 +119,8 @@ k8s.array = client.array
 
 --- A quantity as a number: k8s.quantity("128Mi") -> 134217728, ("250m") -> 0.25; nil when not one.
 k8s.quantity = verbs.quantity
+--- A quantity times a factor, in its unit: k8s.scale_quantity("256Mi", 2) -> "512Mi"; nil when not one.
+k8s.scale_quantity = verbs.scale_quantity
 
 local default
 --- The default client (connected on first use).

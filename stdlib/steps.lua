@@ -362,6 +362,34 @@ function M.pod_usage(ctx, name)
   return { replicas = d.spec.replicas, limits = { cpu = limits.cpu, memory = limits.memory }, pods = pods }
 end
 
+--- Watch deployment `name` (param namespace) for param observe: no pod may
+-- restart once it is healthy, and it must be healthy at the end (raises
+-- otherwise). -> {healthy = true}
+function M.watch_restarts(ctx, name)
+  local k8s, time = require "k8s", require "time"
+  local function restarts()
+    local h = k8s.deployment_health(ctx.params.namespace, name)
+    local n = 0
+    for _, p in ipairs(h.pods) do if not p.terminating then n = n + p.restarts end end
+    return n, h
+  end
+  local until_t = time.monotonic() + ctx.params.observe
+  local base
+  while true do
+    local n, h = restarts()
+    local settled = #h.problems == 0
+    if settled then base = base or n end
+    if base and n > base then error(("pods restarted again after the fix: %s"):format(table.concat(h.problems, "; ")), 0) end
+    if time.monotonic() >= until_t then
+      if not settled then error("not healthy after the fix: " .. table.concat(h.problems, "; "), 0) end
+      require("log").info("%s: %d/%d ready, no restart in %s", name, h.ready, h.desired,
+        require("duration").format(ctx.params.observe))
+      return { healthy = true }
+    end
+    time.sleep(1)
+  end
+end
+
 -- ---- one metric of a service, in Prometheus ----------------------------------
 
 local Metric = {}

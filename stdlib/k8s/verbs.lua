@@ -776,6 +776,15 @@ function M.quantity(q)
   return tonumber(num) * f
 end
 
+--- A quantity times `factor`, in its own unit: ("256Mi", 2) -> "512Mi", ("500m", 1.5) -> "750m";
+-- nil when q is not a plain number with an optional unit.
+function M.scale_quantity(q, factor)
+  local n, unit = tostring(q):match("^([%d.]+)(%a*)$")
+  if not n or not tonumber(n) then return nil end
+  local v = tonumber(n) * factor
+  return (math.floor(v) == v and ("%d"):format(v) or ("%.1f"):format(v)) .. unit
+end
+
 --- Resource usage from the metrics API: top("pods"|"nodes", opts) ->
 -- { {name, namespace, cpu_millicores, memory_bytes, containers}, ... } sorted by
 -- opts.sort_by ("cpu" or "memory", highest first) or name.
