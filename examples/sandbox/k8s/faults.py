@@ -249,10 +249,10 @@ def metric_target(cluster, text):
 
 
 def metrics(cluster, f, args):
-    """metrics errors|latency|memory|pool|scrape-fail|reminder-failures|reset ...: the pods' /metrics."""
+    """metrics errors|latency|capacity|rate-limit|memory|pool|scrape-fail|reminder-failures|reset ...: the pods' /metrics."""
     mf = cluster.metrics.faults
     cmd, rest = args[0], args[1:]
-    need = {"errors": 2, "latency": 2, "capacity": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
+    need = {"errors": 2, "latency": 2, "capacity": 2, "rate-limit": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
     if cmd not in need:
         raise ValueError("unknown metrics fault %r; known: %s" % (cmd, ", ".join(sorted(need))))
     if len(rest) != need[cmd]:
@@ -281,6 +281,14 @@ def metrics(cluster, f, args):
         if mf.capacity[target] <= 0:
             raise ValueError("bad capacity %r (requests per second per pod, e.g. 5)" % rest[1])
         return "%s: a pod serving more than %g requests/s slows down" % (rest[0], mf.capacity[target])
+    if cmd == "rate-limit":
+        try:
+            mf.rate_limit[target] = float(rest[1])
+        except ValueError:
+            mf.rate_limit[target] = 0
+        if mf.rate_limit[target] <= 0:
+            raise ValueError("bad rate limit %r (requests per second per API key, e.g. 10)" % rest[1])
+        return "%s: %g requests/s per API key, the rest answer 429" % (rest[0], mf.rate_limit[target])
     if cmd == "latency":
         mf.latency[target] = duration(rest[1])
         if mf.latency[target] <= 0:
