@@ -8,6 +8,7 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -1058,3 +1059,22 @@ class Controller:
                     f.write("%d\n" % n)
                 os.rename(tmp, os.path.join(folder, name))
             self.replicas_written[full] = n
+            self.heal_ws_stuck(d)
+
+    def heal_ws_stuck(self, d):
+        """`ctl dapr ws-stuck APP`: the app refuses WebSocket upgrades (the Dapr stand-in reads the
+        file) until its pods are replaced: once every ready pod was created after the fault, it goes."""
+        app = d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        path = os.path.join(self.state_dir, "dapr", "ws-refused", app or "")
+        try:
+            with open(path) as f:
+                if not app or f.read().strip() != "until-restart":
+                    return
+            since = math.ceil(os.stat(path).st_mtime)
+        except OSError:
+            return
+        ready = [p for p in self.shared("pods", d["metadata"]["namespace"])
+                 if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == app
+                 and self.pod_is_ready(p) and not p["metadata"].get("deletionTimestamp")]
+        if ready and all(parse_iso(p["metadata"]["creationTimestamp"]) >= since for p in ready):
+            os.remove(path)
