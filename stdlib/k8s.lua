@@ -45,11 +45,14 @@
 --       until timeout or the step's deadline: for rec in k8s.logs(...) do ... end
 --   log_query{target = TARGET | selector =, container=, since=, since_time=, tail=,
 --        previous=, where = {level = "ERROR", field = value | {v1, v2} | fn(v)},
---        match = "lua pattern", json = true, count_by = "level", top = 10}
+--        match = "lua pattern", json = true, count_by = "level", top = 10,
+--        follow = "2m", max = N, each = fn(rec)}
 --       -> {records = {{time, stamp, pod, container, line, fields}...}, count,
 --           scanned, first, last, pods, by = {{value, count}...} (with count_by)}
 --       every pod of a workload, merged in timestamp order; JSON lines decode
---       into rec.fields, other lines are kept as text (fields nil)
+--       into rec.fields, other lines are kept as text (fields nil); with follow, the
+--       pods' logs as they write them for that long (kubectl logs -f), each match
+--       passed to each() as it comes, ending early at max matches
 --   users_of("secret/NAME" | "configmap/NAME") -> {{kind = "deployments", name, how = {"volume",
 --       "envFrom", "env"}, restartable}...}: the deployments, statefulsets, daemonsets and
 --       cronjobs whose pod template names it (containers, init containers, projected volumes)

@@ -14,6 +14,7 @@ M.k8s_lists = {
   "/apis/coordination.k8s.io/v1/leases", "/apis/autoscaling/v2/horizontalpodautoscalers",
   "/apis/networking.k8s.io/v1/ingresses", "/apis/networking.k8s.io/v1/networkpolicies",
   "/apis/dapr.io/v1alpha1/components", "/apis/dapr.io/v1alpha1/subscriptions",
+  "/apis/cert-manager.io/v1/certificates",
 }
 
 -- The sandbox's consumer groups; specs add the groups their runbooks commit for.

@@ -170,6 +170,18 @@ def log_errors(cluster, f, args):
     return "deployment %s: half its log lines from 5 minutes ago on are ERROR %r" % (d["metadata"]["name"], message)
 
 
+def cert_expiring(cluster, f, args):
+    """cert-expiring NAMESPACE/NAME [DAYS]: the Certificate's Secret holds a certificate with DAYS
+    (5) left, and cert-manager's renewal failed just now (it retries in an hour)."""
+    ns, _, name = args[0].rpartition("/")
+    crt = cluster.store.get("certificates.cert-manager.io", ns or NS, name)
+    if crt is None:
+        raise LookupError('certificate "%s" not found in %s' % (name, ns or NS))
+    days = float(args[1]) if len(args) > 1 else 5.0
+    cluster.controller.certs.expiring(crt, days, time.time())
+    return "certificate %s/%s: %g days left, its renewal failed (retried in an hour)" % (ns or NS, name, days)
+
+
 DAPR_COMPONENTS = ("operator", "placement", "sentry", "injector")
 
 
@@ -351,7 +363,7 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
             "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
-            "dapr-stuck": (dapr_stuck, 1),
+            "dapr-stuck": (dapr_stuck, 1), "cert-expiring": (cert_expiring, 1),
             "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
             "populate": (populate, 2), "depopulate": (depopulate, 1), "requests": (requests, 0)}
 
