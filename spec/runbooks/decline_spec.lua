@@ -22,7 +22,8 @@ local PARAMS = {
   ["db-pool-exhausted"] = { "idle_for=0s", "running_for=0s", "pool_size=30" },
   ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
   ["outage-recovery"] = { "settle=1s" },
-  ["restore"] = { "dir=" .. dir },
+  ["restore"] = { "dir=" .. dir, "kubernetes=true", "topics=all" },
+  ["disaster-recovery"] = { "dir=" .. dir, "force=true" },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
   ["restart"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket" },
   ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
@@ -45,10 +46,11 @@ local MAY_NOT_REACH = { ["heap-dump"] = true, ["canary-deployment"] = true, ["hi
 
 -- What a runbook needs in the sandbox to reach its confirm steps.
 local SETUP = {
-  -- a backup set to restore
+  -- a backup set to restore, with the namespace's objects and a topic
   ["restore"] = function()
     if not io.open(dir .. "/done") then
-      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "--yes" }).code)
+      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "-p", "kubernetes=true",
+        "-p", "topics=reminders-dlq", "--yes" }).code)
       io.open(dir .. "/done", "w"):close()
     end
   end,
@@ -76,6 +78,7 @@ end
 -- crowded websocket pods, so that the scale-out is offered (cleared after each run)
 SETUP["websocket-triage"] = function() assert(select(2, sb.ctl("dapr ws-load websocket 900"))) end
 SETUP["data-corruption"] = SETUP["restore"]
+SETUP["disaster-recovery"] = SETUP["restore"]
 SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 
 local function runbooks()
