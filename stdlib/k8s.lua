@@ -120,6 +120,10 @@ k8s.array = client.array
 --- A quantity as a number: k8s.quantity("128Mi") -> 134217728, ("250m") -> 0.25; nil when not one.
 k8s.quantity = verbs.quantity
 
+--- Whether a label selector ({matchLabels, matchExpressions}, as a Deployment's
+-- or a NetworkPolicy's podSelector) selects these labels: k8s.selects(sel, labels).
+k8s.selects = require("k8s.health").matches
+
 local default
 --- The default client (connected on first use).
 function k8s.client()
