@@ -34,6 +34,8 @@ local PARAMS = {
   ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true", "memory_limit=512Mi" },
   -- an endpoint that refuses connections: the handshake fails, so the restart is offered
   ["websocket-triage"] = { "websocket_url=ws://127.0.0.1:9/ws", "settle=1s" },
+  ["rate-limit"] = { "service=backend", "add_keys=sk-decline-spec-key" },
+  ["service-degradation"] = { "deployment=todo-chatbot-notification", "debug_for=1s", "observe=1s" },
   ["maintenance-window"] = { "deployment=todo-chatbot-frontend", "image=registry.digitalocean.com/todo-chatbot/frontend:v1.5.0",
     "reason=declined at the prompt", "backup_dir=" .. dir, "watch=1s", "error_rate_window=10s" },
 }

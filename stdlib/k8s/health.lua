@@ -131,10 +131,11 @@ end
 
 --- deployment_health(namespace, name): desired/ready/available/updated, the
 -- conditions, every pod with phase, restarts, waiting and last termination
--- reasons, the problems found (strings) and healthy (a boolean).
+-- reasons, the problems found (strings) and healthy (a boolean). name may be a
+-- target of another workload with replicas, "sts/NAME": a StatefulSet's health alike.
 function Client:deployment_health(ns, name)
   if type(name) ~= "string" then ns, name = self.namespace, ns end
-  local d = self:get("deployments", name, { namespace = ns })
+  local d = name:find("/", 1, true) and self:get(name, { namespace = ns }) or self:get("deployments", name, { namespace = ns })
   local pods = pod_set()
   for _, p in ipairs(self:pods_of(d, ns)) do pods.add(p) end
   return health_of(d, pods)

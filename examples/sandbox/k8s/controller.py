@@ -17,6 +17,7 @@ import time
 
 import workload
 from api import labels_match, qos_class
+from certmanager import CertManager
 from store import clone, now_iso, parse_iso
 
 # Time runs fast in the sandbox: a rollout of two replicas takes about 2 s.
@@ -211,6 +212,7 @@ class Controller:
         self.stop = threading.Event()
         self.paused = False      # `ctl workload pause`: no tick runs, so nothing changes by itself
         self.ip_seq = 10
+        self.certs = CertManager(self, state_dir)
         self.reset()
 
     def reset(self):
@@ -355,6 +357,8 @@ class Controller:
                 self.sync_endpoints(s, now, by_ns.get(s["metadata"]["namespace"], []))
             for h in self.shared("horizontalpodautoscalers.autoscaling"):
                 self.sync_hpa(h)
+            for crt in self.shared("certificates.cert-manager.io"):
+                self.guarded(self.certs.sync, crt, now)
             self.write_replica_files()
             after = self.families()
             if after is not before or after is not self.quiet_from or faults != self.quiet_faults:
