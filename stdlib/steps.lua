@@ -277,6 +277,15 @@ M.rollout_status = shared({ target = true, within = true, deployed = true }, fun
   }
 end)
 
+--- kubectl set resources deploy/NAME -c CONTAINER --limits=memory=LIMIT
+-- [--requests=memory=REQUEST], in param namespace: a new pod template, so the
+-- pods roll (crashloop-triage, heap-dump).
+function M.set_memory(ctx, name, container, limit, request)
+  require("k8s").patch("deploy/" .. name, { spec = { template = { spec = { containers = { { name = container,
+    resources = { limits = { memory = limit }, requests = request and { memory = request } or nil } } } } } } },
+    { namespace = ctx.params.namespace })
+end
+
 --- The health of deployment `name` in param namespace (k8s.deployment_health);
 -- raises "NAME is not healthy: ..." when it is not.
 function M.healthy(ctx, name)
