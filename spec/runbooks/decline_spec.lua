@@ -32,7 +32,7 @@ local PARAMS = {
   ["high-error-rate"] = { "service=backend", "replicas=3" },
   ["high-latency"] = { "service=backend" },
   ["hpa"] = { "deployment=todo-chatbot-recurring-task", "max=12", "lag_metric=kafka_consumer_lag" },
-  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
+  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true", "memory_limit=512Mi" },
   -- an endpoint that refuses connections: the handshake fails, so the restart is offered
   ["websocket-triage"] = { "websocket_url=ws://127.0.0.1:9/ws", "settle=1s" },
   ["rate-limit"] = { "service=backend", "add_keys=sk-decline-spec-key" },
