@@ -5,7 +5,8 @@
 -- 002's "Health Check" (pods in all namespaces, `dapr status -k`, the brokers)
 -- seed 001's "Resource Constraints" (top pods and nodes against limits and
 -- allocatable, Failed and Evicted pods) and seed 002's "Monitor Consumer Lag"
--- (every group, and a mail when unhealthy). The WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
+-- (every group, and a mail when unhealthy), and seed 001's "Routine Checks"
+-- (error logs, topics' partitions, leaders and retention, database performance). The WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
 -- it), else not checked. Read only: every check runs even when an earlier one
 -- failed, the last step gives the verdict, and the run exits 1 when something is unhealthy, so cron and
 -- CI see it. With --output json each check's result is in its step_end
@@ -17,8 +18,8 @@
 --   SMTP_URL=smtp://mail:25 ALERT_EMAIL=ops@example.com runbook run daily-health-check --yes
 
 name = "daily-health-check"
-description = "Read-only health check of the namespaces: deployments and nodes, failed and evicted pods, Dapr's control plane, service /health, PostgreSQL, Redis, Kafka and lag, the WebSocket endpoint, resource use of pods and nodes"
-replaces = { "000-1", "000-15", "001-1", "001-3", "001-11", "002-1", "002-9", "003-5", "003-6" }
+description = "Read-only health check of the namespaces: deployments and nodes, failed and evicted pods, Dapr's control plane, service /health, PostgreSQL and its performance, Redis, Kafka, every group's lag and the topics, error logs, the WebSocket endpoint, resource use of pods and nodes"
+replaces = { "000-1", "000-15", "001-1", "001-3", "001-11", "001-12", "002-1", "002-9", "003-5", "003-6" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
@@ -32,6 +33,12 @@ param "memory_warn" { type = "number", default = 0.85, help = "warn for a contai
 param "metrics_window" { default = "5m", help = "PromQL rate window of the key metrics" }
 param "disk_warn" { type = "number", default = 0.8, help = "a pod's log volume at this share full is a warning, 10 points more a problem (seed 003: df -h)" }
 param "websocket_url" { default = "", help = "the WebSocket endpoint whose handshake and ping are checked (ws:// or wss://); default $WEBSOCKET_URL, neither: not checked" }
+param "log_since" { type = "duration", default = "1h", help = "how far back each deployment's logs are reviewed for errors and warnings" }
+param "error_log_warn" { type = "number", default = 0.2, help = "warn for a deployment whose log records are ERROR at this share or more" }
+param "slow_query" { type = "duration", default = "5m", help = "an active PostgreSQL query running this long is a warning" }
+param "cache_hit_warn" { type = "number", default = 0.9, help = "warn when PostgreSQL's buffer cache serves less than this share of the database's block reads" }
+param "stats_url" { default = "", secret = true, help = "PostgreSQL URL of the database where pg_stat_statements is installed (default $DATABASE_URL)" }
+param "retention_warn" { type = "duration", default = "1d", help = "warn for a topic that keeps its messages less long than this (retention.ms)" }
 param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
 
 -- An unhealthy run is mailed (seed 002's `mail -s "KAFKA LAG ALERT"`) when SMTP_URL
@@ -65,7 +72,8 @@ local function check_step(description, check)
 end
 
 local CHECKS = { "Deployments and nodes", "Failed and evicted pods", "Dapr control plane", "Services answer health checks",
-  "Dependencies", "Consumer lag", "WebSocket", "Resource use", "Disk use in pods", "Key metrics" }
+  "Dependencies", "Consumer lag", "Topics", "Database performance", "Error logs", "WebSocket", "Resource use",
+  "Disk use in pods", "Key metrics" }
 
 -- The namespaces param as a list (the namespace when empty; every namespace for "all").
 local function namespaces(ctx)
@@ -185,7 +193,7 @@ step "Consumer lag" (check_step("kafka-consumer-groups --all-groups --describe: 
     if not os.getenv("KAFKA_BROKERS") then log.info("no brokers configured: lag not checked"); return end
     local ok, groups, source = pcall(consumer_groups, ctx)
     local r = groups
-    if ok and #groups > 0 then ok, r = pcall(kafka.lag, { groups = groups }) end
+    if ok and #groups > 0 then ok, r = pcall(kafka.lag, { groups = groups, timeout = "10s" }) end
     if not ok then
       f.problem("consumer lag unreadable: %s", message_of(r))
       return
@@ -205,6 +213,119 @@ step "Consumer lag" (check_step("kafka-consumer-groups --all-groups --describe: 
       end
     end
     return { lag = lags, groups = groups }
+  end))
+
+-- How a topic's partitions spread over the brokers: {[broker id] = partitions it leads}, and a
+-- complaint when a broker leads none (of a topic with as many partitions as brokers) or more than
+-- twice its share.
+local function spread(partitions, brokers)
+  local leads = {}
+  for _, b in ipairs(brokers) do leads[b.id] = 0 end
+  for _, p in ipairs(partitions) do if p.leader >= 0 then leads[p.leader] = (leads[p.leader] or 0) + 1 end end
+  if #partitions < #brokers then return leads end
+  local share = #partitions / #brokers
+  for _, b in ipairs(brokers) do
+    local n = leads[b.id] or 0
+    if n == 0 or n > 2 * share then
+      return leads, ("broker %d leads %d of its %d partitions (an even spread is %.0f)"):format(b.id, n, #partitions, share)
+    end
+  end
+  return leads
+end
+
+step "Topics" (check_step("kafka-topics --describe and kafka-configs --describe: every partition led and in sync, the leaders spread over the brokers, each topic's retention",
+  function(ctx, f)
+    if not os.getenv("KAFKA_BROKERS") then log.info("no brokers configured: topics not checked"); return { checked = false } end
+    local brokers, out, configs = kafka.brokers { probe_timeout = "3s" }, {}, true
+    for _, t in ipairs(kafka.topics()) do
+      local d = kafka.describe_topic(t.name)
+      local row = { topic = t.name, partitions = #d.partitions, messages = d.messages }
+      for _, p in ipairs(d.partitions) do
+        if p.leader < 0 then f.problem("topic %s partition %d has no leader", t.name, p.partition)
+        elseif p.under_replicated then f.problem("topic %s partition %d is under-replicated (ISR %s of replicas %s)",
+          t.name, p.partition, table.concat(p.isr, ","), table.concat(p.replicas, ",")) end
+      end
+      local why
+      row.leaders, why = spread(d.partitions, brokers)
+      if why then f.warning("topic %s: %s", t.name, why) end
+      if configs then
+        local ok, c = pcall(kafka.describe_configs, t.name, { timeout = "10s" })
+        if ok then
+          local ms = tonumber(c["retention.ms"] and c["retention.ms"].value)
+          row.retention = ms and ms >= 0 and ms / 1000 or "unlimited"
+          if ms and ms >= 0 and ms / 1000 < ctx.params.retention_warn then
+            f.warning("topic %s keeps its messages %s (retention.ms), less than %s", t.name, duration.format(ms / 1000),
+              duration.format(ctx.params.retention_warn))
+          end
+        else
+          configs = false   -- the same answer for every topic: said once
+          log.info("retention not read: %s", message_of(c))
+        end
+      end
+      log.info("topic %s: %d partitions, %d messages%s", t.name, row.partitions, row.messages,
+        type(row.retention) == "number" and (", retention " .. duration.format(row.retention)) or "")
+      out[#out + 1] = row
+    end
+    return { checked = true, topics = out }
+  end))
+
+step "Database performance" (check_step("pg_stat_activity, pg_stat_statements, pg_stat_database, pg_stat_user_tables: queries running longer than slow_query, the slowest statements, the cache hit ratio, bloated tables",
+  function(ctx, f)
+    if (os.getenv("DATABASE_URL") or "") == "" then log.info("no DATABASE_URL: database performance not checked"); return { checked = false } end
+    local db <close> = pg.connect(nil, { connect_timeout = "5s", timeout = "20s" })
+    local long = db:activity { min_duration = ctx.params.slow_query }.long_running
+    for _, q in ipairs(long) do
+      f.warning("query %d (%s, %s) %s for %s: %s", q.pid, tostring(q.user), tostring(q.application_name), q.state,
+        duration.format(q.seconds), q.query:gsub("%s+", " "):sub(1, 120))
+    end
+    local stats <close> = ctx.params.stats_url ~= "" and pg.connect(ctx.params.stats_url, { connect_timeout = "5s" }) or nil
+    local slowest, why = (stats or db):slow_statements(5)
+    for _, st in ipairs(slowest or {}) do log.info("%10.2f ms mean, %6d calls: %s", st.mean_ms, st.calls, st.query) end
+    if not slowest then log.info("slowest statements unknown: %s (see stats_url)", why) end
+    local hit = db:cache_hit_ratio()
+    if hit and hit < ctx.params.cache_hit_warn then
+      f.warning("the buffer cache serves %.1f%% of block reads (below %.0f%%): shared_buffers may be too small", 100 * hit,
+        100 * ctx.params.cache_hit_warn)
+    end
+    local bloated = db:bloat()
+    for _, t in ipairs(bloated) do
+      f.warning("table %s: %d dead rows, %.0f%% of its rows (last vacuum %s): see db-maintenance", t.table, t.dead,
+        100 * t.dead_share, tostring(t.last_vacuum or "never"))
+    end
+    log.info("%d long-running queries, cache hit %s, %d bloated tables", #long, hit and ("%.1f%%"):format(100 * hit) or "unknown", #bloated)
+    return { checked = true, long_running = long, slowest = slowest, cache_hit_ratio = hit, bloated = bloated }
+  end))
+
+step "Error logs" (check_step("kubectl logs --since=log_since of every deployment's pods | jq select(.level == \"ERROR\" or .level == \"WARNING\"): counts and the top error; a high ERROR share is a warning",
+  function(ctx, f)
+    local out = {}
+    for _, ns in ipairs(namespaces(ctx)) do
+      for _, d in ipairs(k8s.list("deployments", { namespace = ns })) do
+        local ok, r = pcall(k8s.log_query, { target = "deploy/" .. d.metadata.name, namespace = ns, since = ctx.params.log_since,
+          where = { level = { "ERROR", "WARNING" } }, count_by = "level" })
+        if ok then
+          local by, top = {}, {}
+          for _, b in ipairs(r.by) do by[b.value] = b.count end
+          for _, rec in ipairs(r.records) do
+            if rec.fields.level == "ERROR" then top[rec.fields.message or rec.line] = (top[rec.fields.message or rec.line] or 0) + 1 end
+          end
+          local worst, n = nil, 0
+          for m, c in pairs(top) do if c > n or (c == n and m < worst) then worst, n = m, c end end
+          local row = { namespace = ns, deployment = d.metadata.name, records = r.scanned, errors = by.ERROR or 0,
+            warnings = by.WARNING or 0, top_error = worst }
+          out[#out + 1] = row
+          log.info("%s/%s: %d errors, %d warnings in %d records%s", ns, row.deployment, row.errors, row.warnings, row.records,
+            worst and (("; most often (%d): %s"):format(n, worst)) or "")
+          if r.scanned > 0 and row.errors / r.scanned >= ctx.params.error_log_warn then
+            f.warning("%s/%s: %.0f%% of its log records are ERROR (%d of %d since %s), most often: %s", ns, row.deployment,
+              100 * row.errors / r.scanned, row.errors, r.scanned, duration.format(ctx.params.log_since), worst)
+          end
+        else
+          log.info("%s/%s: logs unreadable (%s)", ns, d.metadata.name, message_of(r))
+        end
+      end
+    end
+    return { deployments = out }
   end))
 
 step "WebSocket" (check_step("curl -H 'Upgrade: websocket' URL: the endpoint completes the WebSocket handshake and answers a ping (seed 003)",

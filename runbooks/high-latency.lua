@@ -44,12 +44,11 @@ step "Find the slowest statements" {
   when = function(ctx) return ctx.params.stats_url ~= "" or (os.getenv("DATABASE_URL") or "") ~= "" end,
   run = function(ctx)
     local db <close> = pg.connect(ctx.params.stats_url ~= "" and ctx.params.stats_url or nil, { connect_timeout = "5s" })
-    if not db:value("SELECT to_regclass('pg_stat_statements') IS NOT NULL") then
-      log.warn("pg_stat_statements is not installed in this database (see stats_url): slowest statements unknown")
+    local rows, why = db:slow_statements(10)
+    if not rows then
+      log.warn("%s (see stats_url): slowest statements unknown", why)
       return { statements = 0 }
     end
-    local rows = db:query([[SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS query, calls,
-      round(mean_exec_time::numeric, 2) AS mean_ms FROM pg_stat_statements ORDER BY mean_exec_time DESC LIMIT 10]])
     for _, r in ipairs(rows) do log.info("%8s ms  %6s calls  %s", tostring(r.mean_ms), tostring(r.calls), r.query) end
     return { statements = #rows }
   end,

@@ -43,7 +43,7 @@ local Client = {}
 Client.__index = Client
 
 local EARLIEST, LATEST = -2, -1
-local API = { DescribeGroups = 15, ListGroups = 16 }
+local API = { DescribeGroups = 15, ListGroups = 16, DescribeConfigs = 32 }
 
 local raise = host.raiser "kafka"
 
@@ -984,6 +984,7 @@ end
 
 function Client:describe_configs(topic, opts)
   if type(topic) ~= "string" then bad("describe_configs", "expected a topic name") end
+  self:_require_api("describe_configs", "DescribeConfigs")
   return self.native:describe_configs(topic, timeout_of(self, "describe_configs", opts))
 end
 

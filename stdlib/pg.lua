@@ -13,6 +13,7 @@
 --   db:copy_to(sql_or_table, path, opts)        COPY ... TO STDOUT streamed into a file (csv by default)
 --   db:copy_from(path, table, opts)             a file streamed into COPY table FROM STDIN
 --   db:activity(opts)  db:max_connections()  db:database_size(name)  db:terminate(pid)
+--   db:slow_statements(limit) (pg_stat_statements)  db:cache_hit_ratio()  db:bloat{min_rows=, min_share=}
 --   db:cancel(pid)  db:vacuum_analyze(table)  db:advisory_lock(key, opts)
 --   pg.dump{...}  pg.restore{...}               through Debian's pg_dump / pg_restore / psql
 --   pg.null                                     SQL NULL (the same value as json.null)
@@ -184,6 +185,42 @@ function conn:activity(opts)
   return out
 end
 
+--- The `limit` (10) statements with the highest mean execution time, from
+-- pg_stat_statements: {{query (first 100 characters, spaces squeezed), calls,
+-- mean_ms, total_ms}...}; nil and why when the extension is not in this database.
+function conn:slow_statements(limit)
+  if not self:value("SELECT to_regclass('pg_stat_statements') IS NOT NULL") then
+    return nil, "pg_stat_statements is not installed in this database"
+  end
+  local rows = self:query([[SELECT left(regexp_replace(query, '\s+', ' ', 'g'), 100) AS query, calls,
+      round(mean_exec_time::numeric, 2)::float8 AS mean_ms, round(total_exec_time::numeric, 2)::float8 AS total_ms
+    FROM pg_stat_statements ORDER BY mean_exec_time DESC LIMIT $1]], limit or 10)
+  rows.columns = nil
+  return rows
+end
+
+--- The share of this database's block reads served from the buffer cache
+-- (pg_stat_database: blks_hit / (blks_hit + blks_read)); nil before any read.
+function conn:cache_hit_ratio()
+  return self:value([[SELECT blks_hit::float8 / nullif(blks_hit + blks_read, 0)
+    FROM pg_stat_database WHERE datname = current_database()]])
+end
+
+--- Tables whose dead rows are at least opts.min_share (0.2) of their rows, with
+-- at least opts.min_rows (1000) rows: {{table, live, dead, dead_share,
+-- last_vacuum}...} (pg_stat_user_tables), the most bloated first.
+function conn:bloat(opts)
+  opts = opts or {}
+  local rows = self:query([[SELECT schemaname || '.' || relname AS table, n_live_tup AS live, n_dead_tup AS dead,
+      n_dead_tup::float8 / nullif(n_live_tup + n_dead_tup, 0) AS dead_share,
+      greatest(last_vacuum, last_autovacuum)::text AS last_vacuum
+    FROM pg_stat_user_tables
+    WHERE n_live_tup + n_dead_tup >= $1 AND n_dead_tup::float8 / nullif(n_live_tup + n_dead_tup, 0) >= $2
+    ORDER BY 4 DESC]], opts.min_rows or 1000, opts.min_share or 0.2)
+  rows.columns = nil
+  return rows
+end
+
 function conn:max_connections()
   return math.tointeger(tonumber(self:value("SHOW max_connections")))
 end
@@ -262,6 +299,7 @@ local function default()
 end
 
 for _, name in ipairs { "query", "exec", "one", "value", "transaction", "copy_to", "copy_from", "activity",
+  "slow_statements", "cache_hit_ratio", "bloat",
   "max_connections", "database_size", "terminate", "cancel", "vacuum_analyze", "advisory_lock" } do
   pg[name] = function(...) local db = default(); return db[name](db, ...) end
 end

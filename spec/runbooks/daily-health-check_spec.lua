@@ -159,6 +159,57 @@ describe("daily-health-check", function()
     assert.matches("group recurring%-task%-service is %d+ messages behind", mail.data)
   end)
 
+  it("reviews the error logs, the topics' partitions and leaders and the database's long queries, as kubectl, kcat and psql see them", function()
+    -- the faults: half the backend's lines ERROR, a query running long
+    local out, ok = sb.ctl("k8s log-errors backend")
+    assert(ok, out)
+    os.execute(("PGAPPNAME=daily-spec psql -X -q %s -c 'SELECT pg_sleep(40)' >/dev/null 2>&1 &"):format(sb.quote(sb.env("DATABASE_URL"))))
+    finally(function() sb.psql("SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE application_name = 'daily-spec'") end)
+    local pid = sb.wait_until(20, function()
+      return tonumber((sb.psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'daily-spec' AND state = 'active' "
+        .. "AND now() - query_start > interval '1 second'")):match("%d+"))
+    end)
+    assert.truthy(pid, "the long query did not start")
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "log_since=5m", "-p", "slow_query=1s" }
+    local checks = outputs(cli.events(r.stdout))
+    -- psql: the query is active, and named with its pid
+    local db = checks["Database performance"]
+    assert.matches(("^query %d %%(%%S+, daily%%-spec%%) active for [%%d.]+%%a+: SELECT pg_sleep%%(40%%)"):format(pid),
+      table.concat(db.warnings, "\n"))
+    assert.is_true(db.cache_hit_ratio > 0 and db.cache_hit_ratio <= 1)
+    -- kcat -L: each topic's partitions and the brokers leading them, as the check counted them
+    local meta, kok = sb.kcat("-L")
+    assert(kok, meta)
+    assert.is_true(#checks["Topics"].topics >= 4)
+    for _, t in ipairs(checks["Topics"].topics) do
+      local leads, n = {}, 0
+      local block = meta:match('topic "' .. t.topic:gsub("%p", "%%%0") .. '" with %d+ partitions:\n(.-)\n  topic') or
+        meta:match('topic "' .. t.topic:gsub("%p", "%%%0") .. '" with %d+ partitions:\n(.*)$')
+      for leader in block:gmatch("leader (%d+),") do
+        n = n + 1
+        leads[tonumber(leader)] = (leads[tonumber(leader)] or 0) + 1
+      end
+      assert.are.equal(n, t.partitions, t.topic)
+      for id, c in pairs(leads) do assert.are.equal(c, t.leaders[id] or t.leaders[tostring(id)], t.topic .. " broker " .. id) end
+    end
+    -- kubectl logs --since=5m | jq: the backend's ERROR share, over error_log_warn, with the fault's message
+    local errors, total = 0, 0
+    for pod in (sb.kubectl("get pods -n todo-chatbot -l app.kubernetes.io/component=backend -o name")):gmatch("pod/(%S+)") do
+      for line in (sb.kubectl("logs -n todo-chatbot " .. pod .. " -c backend --since=5m")):gmatch("[^\n]+") do
+        total = total + 1
+        local dok, rec = pcall(cjson.decode, line)
+        if dok and type(rec) == "table" and rec.level == "ERROR" then errors = errors + 1 end
+      end
+    end
+    assert.is_true(errors / total >= 0.2, ("kubectl: %d of %d"):format(errors, total))
+    local backend
+    for _, row in ipairs(checks["Error logs"].deployments) do if row.deployment == "todo-chatbot-backend" then backend = row end end
+    assert.is_true(math.abs(backend.errors - errors) <= 4, ("%d errors, kubectl %d"):format(backend.errors, errors))
+    assert.are.equal("upstream call failed: connection reset by peer (fault log-errors)", backend.top_error)
+    assert.matches("todo%-chatbot/todo%-chatbot%-backend: %d+%% of its log records are ERROR",
+      table.concat(checks["Error logs"].warnings, "\n"))
+  end)
+
   it("measures each pod's log volume with df in the pod, warning from disk_warn", function()
     local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "disk_warn=0" }
     local disk = outputs(cli.events(r.stdout))["Disk use in pods"]
