@@ -93,6 +93,7 @@
 -- reason ("couldnt_connect"), with reason ("NotFound") and status fields.
 -- Reads are retried with backoff on 429/5xx and connection failures.
 -- k8s.array() is an empty list that encodes as [] (lua-cjson writes {} otherwise).
+-- k8s.selects(selector, labels): whether a label selector (matchLabels, matchExpressions) selects them.
 local client = require "k8s.client"
 local verbs = require "k8s.verbs"
 require "k8s.health"
@@ -119,6 +120,9 @@ k8s.array = client.array
 
 --- A quantity as a number: k8s.quantity("128Mi") -> 134217728, ("250m") -> 0.25; nil when not one.
 k8s.quantity = verbs.quantity
+
+--- Whether a label selector ({matchLabels, matchExpressions}) selects these labels.
+k8s.selects = require("k8s.health").matches
 
 local default
 --- The default client (connected on first use).
