@@ -1010,6 +1010,33 @@ describe("k8s stand-in with kubectl", function()
             end))
         end)
 
+        it("issues a cert-manager Certificate's Secret, re-issues it when Issuing is set, and cert-expiring shortens it", function()
+            k("apply -f " .. manifest([[
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata: {name: spec-cert}
+spec:
+  secretName: spec-cert-tls
+  dnsNames: [spec.todo.example.com]
+  duration: 2160h
+  issuerRef: {name: letsencrypt, kind: ClusterIssuer}
+]]))
+            local enddate = function()
+                return run(kubectl_cmd("get secret spec-cert-tls -o jsonpath='{.data.tls\\.crt}'")
+                    .. " | base64 -d | openssl x509 -noout -enddate -ext subjectAltName")
+            end
+            assert.truthy(eventually(10, function() return k("get certificate spec-cert"):match("\nspec%-cert%s+True%s+spec%-cert%-tls%s") end))
+            assert.matches("DNS:spec%.todo%.example%.com", enddate())
+            ctl("cert-expiring spec-cert 3")
+            local short = enddate()
+            assert.matches("Reason:%s+Failed", k("describe certificate spec-cert"))
+            k([[patch certificate spec-cert --subresource=status --type=merge -p '{"status":{"conditions":[{"type":"Issuing","status":"True","reason":"ManuallyTriggered","message":"Certificate re-issuance manually triggered"}]}}']])
+            assert.truthy(eventually(10, function() return json("get certificate spec-cert").status.revision == 3 end))
+            assert.are_not.equal(short, enddate())
+            k("delete certificate spec-cert")
+            k("delete secret spec-cert-tls")
+        end)
+
         it("dapr-stuck injector: new Dapr-enabled pods lack daprd and the injector logs why; its restart heals", function()
             ctl("dapr-stuck injector")
             k("delete pod -l app.kubernetes.io/component=notification --wait=false")

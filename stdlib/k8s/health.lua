@@ -42,7 +42,8 @@ local function pod_health(p)
   return ph
 end
 
-local function matches(sel, labels)
+--- Whether a label selector ({matchLabels, matchExpressions}) selects these labels.
+function M.matches(sel, labels)
   labels = labels or {}
   for k, v in pairs((sel or {}).matchLabels or {}) do
     if labels[k] ~= v then return false end
@@ -104,7 +105,7 @@ local function health_of(d, pods)
   end
   local function problem(fmt, ...) h.problems[#h.problems + 1] = fmt:format(...) end
   for _, e in ipairs(pods.candidates(spec.selector)) do
-    if matches(spec.selector, e.labels) then
+    if M.matches(spec.selector, e.labels) then
       local ph = e.health
       h.pods[#h.pods + 1] = ph
       for _, c in ipairs(ph.containers) do
@@ -132,10 +133,11 @@ end
 
 --- deployment_health(namespace, name): desired/ready/available/updated, the
 -- conditions, every pod with phase, restarts, waiting and last termination
--- reasons, the problems found (strings) and healthy (a boolean).
+-- reasons, the problems found (strings) and healthy (a boolean). name may be a
+-- target of another workload with replicas, "sts/NAME": a StatefulSet's health alike.
 function Client:deployment_health(ns, name)
   if type(name) ~= "string" then ns, name = self.namespace, ns end
-  local d = self:get("deployments", name, { namespace = ns })
+  local d = name:find("/", 1, true) and self:get(name, { namespace = ns }) or self:get("deployments", name, { namespace = ns })
   local pods = pod_set()
   for _, p in ipairs(self:pods_of(d, ns)) do pods.add(p) end
   return health_of(d, pods)

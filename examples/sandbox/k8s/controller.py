@@ -17,6 +17,7 @@ import time
 
 import workload
 from api import labels_match, qos_class
+from certmanager import CertManager
 from store import clone, now_iso, parse_iso
 
 # Time runs fast in the sandbox: a rollout of two replicas takes about 2 s.
@@ -193,6 +194,7 @@ class Faults:
         self.bad_image_undo = {}  # (ns, deployment) -> image to restore on reset
         self.template_undo = {}   # (ns, deployment) -> (the faulted pod spec, the one to restore on reset)
         self.claims = set()       # (ns, name) of the claims pvc-pending made, deleted on reset
+        self.evicted = set()      # (ns, name) of the pods evicted made, deleted on reset
 
     def describe(self):
         return {"crashloop": sorted("%s/%s image=%s" % f for f in self.crash),
@@ -211,6 +213,7 @@ class Controller:
         self.stop = threading.Event()
         self.paused = False      # `ctl workload pause`: no tick runs, so nothing changes by itself
         self.ip_seq = 10
+        self.certs = CertManager(self, state_dir)
         self.reset()
 
     def reset(self):
@@ -355,6 +358,8 @@ class Controller:
                 self.sync_endpoints(s, now, by_ns.get(s["metadata"]["namespace"], []))
             for h in self.shared("horizontalpodautoscalers.autoscaling"):
                 self.sync_hpa(h)
+            for crt in self.shared("certificates.cert-manager.io"):
+                self.guarded(self.certs.sync, crt, now)
             self.write_replica_files()
             after = self.families()
             if after is not before or after is not self.quiet_from or faults != self.quiet_faults:
@@ -738,6 +743,8 @@ class Controller:
     def sync_pod(self, p, now):
         if p["metadata"].get("deletionTimestamp"):
             return self.finish_termination(p, now)
+        if p["status"].get("phase") in ("Failed", "Succeeded"):
+            return   # a pod that ended stays as it ended (an evicted pod until deleted)
         node = p["spec"].get("nodeName")
         if not node:
             return self.schedule(p, now)

@@ -224,6 +224,14 @@ class Seeder:
                          {"path": p, "pathType": "Prefix", "backend": {"service": {"name": "todo-chatbot-" + s, "port": {"number": port}}}}
                          for p, s, port in [("/api", "backend", 8000), ("/ws", "websocket", 8001), ("/", "frontend", 3000)]]}}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}}, 10)
+        self.put("cert-manager.io", "v1", "clusterissuers", {
+            "metadata": {"name": "letsencrypt"},
+            "spec": {"acme": {"server": "https://acme-v02.api.letsencrypt.org/directory", "email": "ops@example.com",
+                              "privateKeySecretRef": {"name": "letsencrypt-account-key"},
+                              "solvers": [{"http01": {"ingress": {"ingressClassName": "nginx"}}}]}},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "ACMEAccountRegistered",
+                                       "message": "The ACME account was registered with the ACME server",
+                                       "lastTransitionTime": now_iso(time.time() - 12 * DAY)}]}}, 12)
         self.put("networking.k8s.io", "v1", "networkpolicies", {
             "metadata": {"name": "allow-same-namespace", "namespace": NS},
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {}}]}]}}, 10)

@@ -17,6 +17,8 @@ APP_MESSAGES = [("INFO", "GET /health 200", "uvicorn.access"), ("INFO", "GET /ap
                 ("WARNING", "slow query on tasks table (412ms)", "app.db"), ("INFO", "PATCH /api/tasks 200", "uvicorn.access"),
                 ("ERROR", "publish to task-updates failed: retrying", "app.events"),
                 ("INFO", "websocket client connected", "app.ws")]
+# seed 002's structured-log fields: every app line names its user, event lines their event type
+EVENT_TYPES = ["task.created", "task.updated", "task.completed", "task.deleted"]
 CRASH = ("ERROR", "unhandled exception in request handler", "app.handlers")
 # The log-errors fault: (namespace, app) -> (since, message, logger, share). From
 # `since` on, that share of the app's log lines are ERROR lines with the fault's message.
@@ -69,8 +71,11 @@ def log_line(pod, container, app, t, seq):
         level, msg, scope = r.choice(DAPR_MESSAGES)
         return dapr_line(ts, level, msg, pod, scope, app)
     level, msg, logger = APP_MESSAGES[r.randrange(len(APP_MESSAGES))] if r.random() < 0.97 else CRASH
-    return json.dumps({"timestamp": ts, "level": level, "service": app, "logger": logger, "message": msg,
-                       "correlation_id": "%08x" % r.getrandbits(32), "pod": pod})
+    rec = {"timestamp": ts, "level": level, "service": app, "logger": logger, "message": msg,
+           "correlation_id": "%08x" % r.getrandbits(32), "pod": pod, "user_id": "user-%d" % r.randint(1, 20)}
+    if logger == "app.events":
+        rec["event_type"] = r.choice(EVENT_TYPES)
+    return json.dumps(rec)
 
 
 def dapr_line(ts, level, msg, pod, scope, app=None):
