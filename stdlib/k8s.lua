@@ -96,7 +96,6 @@
 -- reason ("couldnt_connect"), with reason ("NotFound") and status fields.
 -- Reads are retried with backoff on 429/5xx and connection failures.
 -- k8s.array() is an empty list that encodes as [] (lua-cjson writes {} otherwise).
--- k8s.selects(selector, labels): whether a label selector (matchLabels, matchExpressions) selects them.
 local client = require "k8s.client"
 local verbs = require "k8s.verbs"
 require "k8s.health"
@@ -128,9 +127,6 @@ k8s.scale_quantity = verbs.scale_quantity
 
 --- Whether a label selector ({matchLabels, matchExpressions}, as a Deployment's
 -- or a NetworkPolicy's podSelector) selects these labels: k8s.selects(sel, labels).
-k8s.selects = require("k8s.health").matches
-
---- Whether a label selector ({matchLabels, matchExpressions}) selects these labels.
 k8s.selects = require("k8s.health").matches
 
 local default

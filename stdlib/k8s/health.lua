@@ -58,8 +58,6 @@ function M.matches(sel, labels)
   return true
 end
 
-M.matches = matches
-
 -- What deployment health needs of a pod: its labels and pod_health.
 local function pod_entry(p)
   return { labels = p.metadata.labels or {}, health = pod_health(p) }
