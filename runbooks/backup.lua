@@ -20,7 +20,7 @@ param "prefix" (steps.params.prefix)
 param "database_url" (steps.params.database_url)
 param "keep" { type = "integer", default = 7, help = "how many sets to keep: older ones are deleted after a successful backup" }
 param "kubernetes" { type = "boolean", default = false,
-  help = "also back up the namespace's deployments, services, configmaps, HPAs, ingresses and Dapr components as YAML" }
+  help = "also back up the namespace's workloads, services, configmaps, service accounts, network policies, HPAs, ingresses and Dapr components as YAML" }
 param "secrets" { type = "boolean", default = false, help = "with kubernetes=true, include the namespace's Secrets (the files then hold them)" }
 param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace whose configuration is backed up" }
 param "topics" { default = "", help = "comma-separated Kafka topics to back up as JSON Lines (default: none)" }
@@ -60,7 +60,7 @@ step "Dump the database" {
 }
 
 step "Back up the Kubernetes configuration" {
-  description = "Deployments, services, configmaps, HPAs, ingresses, Dapr components (secrets only with secrets=true) as YAML",
+  description = "Deployments, statefulsets, daemonsets, cronjobs, services, configmaps, service accounts, network policies, HPAs, ingresses, Dapr components and subscriptions (secrets only with secrets=true) as YAML",
   needs = { "Dump the database" },
   when = function(ctx) return ctx.params.kubernetes end,
   run = function(ctx)

@@ -17,11 +17,14 @@
 --   backupset.seal(set, parts)               -> manifest: writes manifest.json, renames into place
 --   backupset.list(root, prefix)             -> sets, newest first: {name, path}
 --   backupset.prune(root, prefix, keep, {pending=}) -> removed paths (each a gated delete)
+--   backupset.manifest(path)                 -> the set's manifest.json, read, not verified
 --   backupset.verify(path)                   -> manifest; raises code "checksum_mismatch",
 --                                               "missing_file" or "bad_manifest" naming the file
 --   backupset.latest(root, prefix)           -> path of the newest set, or nil
 --   backupset.find(root, prefix, {set=, before=}) -> the set to restore (a path, or the newest before a time)
 --   backupset.restore_database(path, {url=}) -> pg.restore's result (row counts checked)
+--   backupset.restore_kubernetes(path, manifest, {namespace=, files=, hold=}) -> {namespace, created, applied, held}
+--   backupset.restore_topics(path, manifest, {topics = {"NAME" | "NAME=TARGET"...}}) -> {restored, kept}
 --   backupset.validate{manifest=, url=, queries = {sql...}} -> problems (empty when valid)
 --
 -- Writes (directories, dumps, files, renames, deletes) go through the effect
@@ -119,7 +122,18 @@ M.KINDS = {
   { type = "deployments.apps", file = "deployments" }, { type = "services", file = "services" },
   { type = "configmaps", file = "configmaps" }, { type = "horizontalpodautoscalers.autoscaling", file = "hpas" },
   { type = "ingresses.networking.k8s.io", file = "ingresses" }, { type = "components.dapr.io", file = "dapr-components" },
+  { type = "subscriptions.dapr.io", file = "dapr-subscriptions" },
+  { type = "serviceaccounts", file = "serviceaccounts" },
+  { type = "networkpolicies.networking.k8s.io", file = "networkpolicies" },
+  { type = "statefulsets.apps", file = "statefulsets" }, { type = "daemonsets.apps", file = "daemonsets" },
+  { type = "cronjobs.batch", file = "cronjobs" },
 }
+
+-- The order a restore applies them in: what others name (accounts, Secrets,
+-- ConfigMaps, Dapr components) before what names them, Services before the
+-- workloads behind them, autoscalers and ingresses last.
+M.RESTORE_ORDER = { "serviceaccounts", "secrets", "configmaps", "dapr-components", "dapr-subscriptions",
+  "networkpolicies", "services", "deployments", "statefulsets", "daemonsets", "cronjobs", "hpas", "ingresses" }
 
 -- What the server adds to an object, which an apply of the backup must not carry.
 local function clean(obj)
@@ -290,9 +304,8 @@ function M.prune(root, prefix, keep, opts)
   return removed
 end
 
---- Reads a set's manifest and checks every file it lists against its sha256
--- and size, and the database dump with pg_restore --list.
-function M.verify(path)
+--- A set's manifest.json, read (not verified: M.verify checks the files).
+function M.manifest(path)
   local mpath = path .. "/manifest.json"
   if not fs.exists(mpath) then raise { op = "verify", code = "bad_manifest",
     message = path .. " has no manifest.json (not a backup set, or not complete)" } end
@@ -300,6 +313,13 @@ function M.verify(path)
   if not ok or type(m) ~= "table" or type(m.files) ~= "table" then
     raise { op = "verify", code = "bad_manifest", message = mpath .. " is not a backup set manifest" }
   end
+  return m
+end
+
+--- Reads a set's manifest and checks every file it lists against its sha256
+-- and size, and the database dump with pg_restore --list.
+function M.verify(path)
+  local m = M.manifest(path)
   for _, f in ipairs(m.files) do
     local p = path .. "/" .. f.path
     local sha = host.sha256_file(p)
@@ -324,6 +344,117 @@ end
 function M.restore_database(path, opts)
   opts = opts or {}
   return pg.restore { url = opts.url, file = path .. "/database.dump" }
+end
+
+-- The set's Kubernetes files (k8s/FILE.yaml in its manifest), in RESTORE_ORDER.
+local function kubernetes_files(manifest)
+  local listed = {}
+  for _, f in ipairs(manifest.files or {}) do
+    local file = f.path:match("^k8s/(.+)%.yaml$")
+    if file then listed[file] = true end
+  end
+  local out = {}
+  for _, file in ipairs(M.RESTORE_ORDER) do if listed[file] then out[#out + 1] = file end end
+  return out
+end
+M.kubernetes_files = kubernetes_files
+
+--- Applies the set's Kubernetes objects (server-side apply, forced: the set's
+-- version wins) to opts.namespace (default the set's), creating the namespace
+-- when it is missing. opts.files: which of the set's files (default all), each
+-- applied in RESTORE_ORDER. opts.hold: deployment names applied at 0 replicas,
+-- returned as `held`, {target, namespace, replicas = the set's}, which
+-- k8s.start_workloads takes. In a dry run against a namespace that does not
+-- exist yet, the server cannot check the objects: they are counted, not sent.
+-- Returns {namespace, created, applied = {file = n}, held}.
+function M.restore_kubernetes(path, manifest, opts)
+  opts = opts or {}
+  local k8s, yaml = require "k8s", require "runbook.yaml"
+  local ns = opts.namespace or (manifest.kubernetes or {}).namespace
+  if not ns then raise { op = "restore_kubernetes", code = "bad_manifest", message = path .. " names no namespace" } end
+  local want = {}
+  for _, f in ipairs(opts.files or kubernetes_files(manifest)) do want[f] = true end
+  local hold = {}
+  for _, name in ipairs(opts.hold or {}) do hold[name] = true end
+  local out = { namespace = ns, applied = {}, held = {} }
+  local cur = k8s.get("namespaces/" .. ns, { missing_ok = true })
+  if cur and cur.metadata.deletionTimestamp then
+    raise { op = "restore_kubernetes", code = "terminating",
+      message = ("namespace %s is being deleted: wait until it is gone, then restore"):format(ns) }
+  end
+  if not cur then
+    local labels = { ["kubernetes.io/metadata.name"] = ns }
+    k8s.apply({ apiVersion = "v1", kind = "Namespace", metadata = { name = ns, labels = labels } }, { force = true })
+    out.created = true
+  end
+  local unchecked = not cur and require("gate").dry_run()
+  for _, file in ipairs(kubernetes_files(manifest)) do
+    if want[file] then
+      local objs = yaml.load_all(fs.read(path .. "/k8s/" .. file .. ".yaml"))
+      for _, obj in ipairs(objs) do
+        obj.metadata.namespace = ns
+        if obj.kind == "Deployment" and hold[obj.metadata.name] then
+          out.held[#out.held + 1] = { target = "deploy/" .. obj.metadata.name, namespace = ns, replicas = obj.spec.replicas or 1 }
+          obj.spec.replicas = 0
+        end
+      end
+      if unchecked then
+        log.info("would apply %d %s to namespace %s, which does not exist yet", #objs, file, ns)
+      elseif #objs > 0 then
+        k8s.apply(objs, { force = true })
+      end
+      out.applied[file] = #objs
+    end
+  end
+  return out
+end
+
+--- Produces the set's topics back (kafka.restore_topic: keys, headers,
+-- timestamps, partitions) into topics that hold no message: a new cluster's,
+-- or one emptied. A topic that holds messages is left as it is (the set's
+-- would be duplicates) and named in `kept`; one that does not exist is an
+-- error naming the partitions to create it with. opts.topics: which of the set's
+-- topics, each "NAME" or "NAME=TARGET" to restore beside it (default all).
+-- Returns {restored = {target = n}, kept = {target = reason}}.
+function M.restore_topics(path, manifest, opts)
+  local kafka = require "kafka"
+  local inset = (manifest.kafka or {}).topics or {}
+  local pairs_ = {}
+  for _, item in ipairs(opts and opts.topics or {}) do
+    local from, to = item:match("^([^=]+)=(.+)$")
+    pairs_[#pairs_ + 1] = { from = from or item, to = to or item }
+  end
+  if not opts or not opts.topics then
+    for name in pairs(inset) do pairs_[#pairs_ + 1] = { from = name, to = name } end
+    table.sort(pairs_, function(a, b) return a.from < b.from end)
+  end
+  local out = { restored = {}, kept = {} }
+  for _, t in ipairs(pairs_) do
+    if not inset[t.from] then
+      raise { op = "restore_topics", code = "not_in_set", message = ("%s holds no topic %s"):format(path, t.from) }
+    end
+    local ok, marks = pcall(kafka.watermarks, t.to)
+    if not ok and type(marks) == "table" and marks.code == "UNKNOWN_TOPIC_OR_PART" then
+      local tm = json.decode(fs.read(path .. "/kafka/" .. t.from .. ".jsonl.manifest.json"))
+      local n = 0
+      for _ in pairs(tm.partitions or {}) do n = n + 1 end
+      raise { op = "restore_topics", code = "no_topic",
+        message = ("topic %s does not exist: create it with %d partitions, as %s had (kafka-topics.sh --create,"
+          .. " or its KafkaTopic), then restore the topics again"):format(t.to, n, t.from) }
+    elseif not ok then error(marks, 0) end
+    local held = 0
+    for _, w in pairs(marks) do held = held + (w.high - w.low) end
+    if held > 0 then
+      out.kept[t.to] = ("holds %d messages: restoring the set's %d would duplicate them"):format(held, inset[t.from])
+      log.warn("topic %s %s; left as it is", t.to, out.kept[t.to])
+    else
+      local r = kafka.restore_topic { file = path .. "/kafka/" .. t.from .. ".jsonl", topic = t.to }
+      out.restored[t.to] = r.skipped and 0 or r.restored
+      log.info("topic %s: %s %d messages of the set's %s", t.to, r.skipped and "would produce" or "produced",
+        r.messages or 0, t.from)
+    end
+  end
+  return out
 end
 
 --- Row counts against the manifest's, and each validation query, which

@@ -28,13 +28,15 @@
 local M = {}
 
 --- The PromQL of the 5xx share of http_requests_total{selector} over `window`,
--- summed by `by` (labels, e.g. "service"; nil for one value). A series with
--- requests but no 5xx counts as 0, not as no data: a service that never
--- failed has no 5xx series at all.
-function M.error_rate_query(selector, window, by)
+-- summed by `by` (labels, e.g. "service"; nil for one value); with `status`
+-- (a regular expression, "429") the share of those statuses instead. A series
+-- with requests but none of those statuses counts as 0, not as no data: a
+-- service that never failed has no 5xx series at all.
+function M.error_rate_query(selector, window, by, status)
   local sum = by and ("sum by (%s) "):format(by) or "sum "
   local all = ("%s(rate(http_requests_total{%s}[%s]))"):format(sum, selector, window)
-  return ('(%s(rate(http_requests_total{%s,status=~"5.."}[%s])) or %s * 0) / %s'):format(sum, selector, window, all, all)
+  return ('(%s(rate(http_requests_total{%s,status=~"%s"}[%s])) or %s * 0) / %s'):format(sum, selector,
+    status or "5..", window, all, all)
 end
 
 function M.error_rate(opts)

@@ -1,7 +1,9 @@
 -- runbooks/db-pool-exhausted.lua against the sandbox's PostgreSQL: a leaking
 -- worker holds sessions idle in a transaction (psql processes that began a
 -- transaction and never ended it). The runbook ends them; psql counts them
--- independently. The pool raise is checked with curl against Kubernetes.
+-- independently. A report holds a query running (psql in pg_sleep): the
+-- runbook cancels it; psql sees it no longer active. The pool raise is checked
+-- with curl against Kubernetes.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -27,8 +29,23 @@ local function leak(n)
   sb.sleep(2) -- idle for longer than the specs' idle_for of 1s
 end
 
+local function running()
+  return tonumber((sb.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'long-report' "
+    .. "AND state = 'active'")))
+end
+
+-- A session that runs a ten-minute query, then stays connected (idle).
+local function long_query()
+  local p = io.popen(("sh -c \"(printf 'SELECT pg_sleep(600);\\n'; sleep 120) | PGAPPNAME=long-report "
+    .. "psql -X -q %s\" >/dev/null 2>&1 & echo $!"):format(sb.env("DATABASE_URL")))
+  leakers[#leakers + 1] = p:read("l")
+  p:close()
+  assert(sb.wait_until(10, function() return running() == 1 end), "the long query did not start")
+  sb.sleep(2) -- running for longer than the specs' running_for of 1s
+end
+
 local function stop_leaks()
-  sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'leaky-worker'")
+  sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name IN ('leaky-worker', 'long-report')")
   for _, pid in ipairs(leakers) do os.execute(("pkill -P %s; kill %s 2>/dev/null"):format(pid, pid)) end
   leakers = {}
 end
@@ -51,6 +68,17 @@ describe("db-pool-exhausted", function()
     assert.is_true(tonumber((sb.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"))) <= before - 4)
   end)
 
+  it("cancels a query running for longer than running_for, and lists it among the longest-running", function()
+    long_query()
+    local r = cli.run { "run", RUNBOOK, "-p", "running_for=1s", "--yes" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("pid %d+ %(long%-report, todo from [^)]+%) running a query for [%d.]+s: SELECT pg_sleep%(600%)", r.stdout)
+    assert.matches("cancelled 1 query", r.stdout)
+    -- checked with psql: the session is still there, its query is not
+    assert.are.equal(0, running())
+    assert.are.equal("1", sb.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'long-report'"):match("%d+"))
+  end)
+
   it("leaves sessions younger than idle_for, and other users' sessions", function()
     leak(2)
     local r = cli.run { "run", RUNBOOK, "-p", "idle_for=10m", "--yes" }
@@ -70,13 +98,16 @@ describe("db-pool-exhausted", function()
     assert.truthy(kh.wait_rolled_out("backend"))
   end)
 
-  it("changes nothing in a dry run: the stuck sessions stay", function()
+  it("changes nothing in a dry run: the stuck sessions and the long query stay", function()
     leak(2)
+    long_query()
     local r = backends.assert_unchanged(function()
-      return cli.run { "run", RUNBOOK, "-p", "idle_for=1s", "-p", "pool_size=30", "--dry-run" }
+      return cli.run { "run", RUNBOOK, "-p", "idle_for=1s", "-p", "running_for=1s", "-p", "pool_size=30", "--dry-run" }
     end)
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("would .*pg_terminate_backend", r.stdout)
+    assert.matches("would .*pg_cancel_backend", r.stdout)
     assert.are.equal(2, leaked())
+    assert.are.equal(1, running())
   end)
 end)
