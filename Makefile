@@ -138,9 +138,12 @@ image: deb base-image
 sandbox:
 	examples/sandbox/up
 
+# Stops the sandbox of SANDBOX_STATE when it is set, else every one of this
+# checkout's (spec/suite starts one per worker).
 sandbox-stop:
 	examples/sandbox/down
-	for s in examples/sandbox/.state-*; do [ ! -d "$$s" ] || SANDBOX_STATE=$(CURDIR)/$$s examples/sandbox/down; done
+	[ -n "$$SANDBOX_STATE" ] || for s in examples/sandbox/.state-*; do \
+	  [ ! -d "$$s" ] || SANDBOX_STATE=$(CURDIR)/$$s examples/sandbox/down; done
 
 demo: all
 	examples/demo
