@@ -243,8 +243,7 @@ step "Apply the fix" {
   run = function(ctx)
     local dx = ctx.outputs["Diagnose"]
     if dx.fix == "memory" then
-      k8s.patch(target(ctx), { spec = { template = { spec = { containers = { { name = dx.detail.container,
-        resources = { limits = { memory = dx.detail.memory_limit } } } } } } } }, { namespace = ctx.params.namespace })
+      steps.set_memory(ctx, ctx.params.deployment, dx.detail.container, dx.detail.memory_limit)
     elseif dx.fix == "rollback" then
       k8s.rollout_undo(target(ctx), { namespace = ctx.params.namespace, to_revision = dx.detail.revision })
     else

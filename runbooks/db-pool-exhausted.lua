@@ -10,19 +10,28 @@
 -- running_for (terminating the session of one that ignores the cancel),
 -- optionally raises the app's pool, and checks the connections came down.
 --
+-- And seed 000 and 001 "Database Connection Issues" / "Database
+-- Connectivity": first, whether the app reaches the database at all: psql
+-- from inside its pod with its own DATABASE_URL (kubectl exec), where that URL
+-- comes from and the Secret it is in, shown masked (kubectl get secret -o
+-- yaml, without the passwords), and the NetworkPolicies that select its pods:
+-- one that restricts egress without allowing the database's address and port
+-- is named. A database the app cannot reach stops the run there.
+--
 --   runbook run db-pool-exhausted --step
 --   runbook run db-pool-exhausted -p idle_for=1m -p pool_size=30 -p max_overflow=20
 
 name = "db-pool-exhausted"
-description = "Connections by application and state against max_connections; end sessions idle in transaction, cancel long-running queries; optionally raise the app's pool; verify"
-replaces = { "002-23" }
+description = "Can the app reach PostgreSQL (from its pod, its Secret masked, NetworkPolicies); connections against max_connections; end sessions idle in transaction, cancel long-running queries; optionally raise the app's pool; verify"
+replaces = { "002-23", "000-9", "001-9" }
 version = "1.0.0"
 
 param "idle_for" { type = "duration", default = "5m", help = "sessions idle in a transaction longer than this are ended" }
 param "running_for" { type = "duration", default = "5m", help = "queries active for longer than this are cancelled (pg_cancel_backend)" }
 param "user" { default = "", help = "only end sessions and cancel queries of this database user (default: any but superusers)" }
 param "warn_share" { type = "number", default = 0.8, help = "connections at this share of max_connections are too many (seed 003: 80% of pool)" }
-param "deployment" { default = "todo-chatbot-backend", help = "the app whose pool is raised when pool_size is set" }
+param "deployment" { default = "todo-chatbot-backend",
+  help = "the app: the database is checked from its pod with its DATABASE_URL, and its pool raised when pool_size is set" }
 param "namespace" (steps.params.namespace)
 param "pool_size" { type = "integer", default = 0, help = "set DB_POOL_SIZE on the deployment (seed: 30); 0 leaves the pool alone" }
 param "max_overflow" { type = "integer", default = 0, help = "set DB_MAX_OVERFLOW with it (seed: 20)" }
@@ -58,6 +67,194 @@ local function measure(db, ctx)
   stuck.columns, long.columns = nil, nil
   return { total = a.total, max = a.max_connections, share = share, stuck = stuck, long = long, longest = a.long_running }
 end
+
+local function app(ctx) return "deploy/" .. ctx.params.deployment end
+
+-- postgresql://user:password@host:port/db?x -> {user, host, port, database}, and the URL with its password masked.
+local function parse_url(url)
+  local scheme, userinfo, hostport, db = url:match("^([%w+.-]+)://([^@/]*)@([^/?]*)/?([^?]*)")
+  if not scheme then
+    scheme, hostport, db = url:match("^([%w+.-]+)://([^/?]*)/?([^?]*)")
+    if not scheme then return nil, "(not a URL)" end
+  end
+  local user = userinfo and userinfo:match("^([^:]*)")
+  local host, port = hostport:match("^%[(.-)%]:?(%d*)$")
+  if not host then host, port = hostport:match("^([^:]*):?(%d*)$") end
+  local masked = userinfo and userinfo:find(":", 1, true) and url:gsub("^([%w+.-]+://[^:/@]*:)[^@]*@", "%1***@", 1) or url
+  return { user = user, host = host, port = tonumber(port) or 5432, database = db }, masked
+end
+
+-- A Secret or ConfigMap (nil when missing), and its key's value as the pod sees it.
+local function source(ctx, kind, name, key)
+  local o = k8s.get(kind .. "/" .. name, { namespace = ctx.params.namespace, missing_ok = true })
+  local v = o and key and (o.data or {})[key]
+  if v and kind == "secret" then v = base64.decode(v) end
+  return o, v
+end
+
+step "Connect from the app's pod" {
+  description = "kubectl exec deploy/DEPLOYMENT -- psql \"$DATABASE_URL\" -c 'SELECT 1': the database as the app reaches it, with its own env",
+  run = function(ctx)
+    local r = checks.in_pod("postgres", app(ctx), { namespace = ctx.params.namespace })
+    if not r.ok then log.warn("postgres from %s: %s", app(ctx), r.error) end
+    return { ok = r.ok, skipped = r.skipped, error = r.error }
+  end,
+}
+
+step "Show the connection settings" {
+  description = "Where the app's DATABASE_URL comes from, and the Secret it is in, masked (kubectl get secret -o yaml without the passwords)",
+  run = function(ctx)
+    local c = k8s.get(app(ctx), { namespace = ctx.params.namespace }).spec.template.spec.containers[1]
+    local url, from, secrets = nil, nil, {}
+    for _, ef in ipairs(c.envFrom or {}) do
+      local ref = ef.secretRef or ef.configMapRef
+      local kind = ef.secretRef and "secret" or "configmap"
+      local o = source(ctx, kind, ref.name)
+      if kind == "secret" and o then secrets[#secrets + 1] = o end
+      for k in pairs((o or {}).data or {}) do
+        if (ef.prefix or "") .. k == "DATABASE_URL" then
+          url, from = select(2, source(ctx, kind, ref.name, k)), ("%s %s, key %s"):format(kind, ref.name, k)
+        end
+      end
+    end
+    for _, e in ipairs(c.env or {}) do   -- env wins over envFrom, as in the container
+      if e.name == "DATABASE_URL" then
+        local vf = e.valueFrom or {}
+        local ref = vf.secretKeyRef or vf.configMapKeyRef
+        if ref then
+          url, from = select(2, source(ctx, vf.secretKeyRef and "secret" or "configmap", ref.name, ref.key)),
+            ("%s %s, key %s"):format(vf.secretKeyRef and "secret" or "configmap", ref.name, ref.key)
+        else url, from = e.value, "the pod template's env" end
+      end
+    end
+    for _, o in ipairs(secrets) do
+      log.info("secret %s (%s):", o.metadata.name, o.type or "Opaque")
+      local keys = {}
+      for k in pairs(o.data or {}) do keys[#keys + 1] = k end
+      table.sort(keys)
+      for _, k in ipairs(keys) do
+        local v = base64.decode(o.data[k])
+        local _, masked = parse_url(v)
+        log.info("  %s: %s", k, masked ~= "(not a URL)" and masked or ("(%d bytes)"):format(#v))
+      end
+    end
+    if not url then
+      log.warn("%s's container %s has no DATABASE_URL", ctx.params.deployment, c.name)
+      return { found = false }
+    end
+    local u, masked = parse_url(url)
+    log.info("the app's DATABASE_URL (%s): %s", from, masked)
+    if not u then return { found = true, from = from } end
+    local here = parse_url(os.getenv("DATABASE_URL") or "")
+    if here and (here.host ~= u.host or here.port ~= u.port or here.database ~= u.database) then
+      log.warn("the app's database %s:%d/%s is not the one this runbook measures (%s:%d/%s)", u.host, u.port, u.database,
+        here.host, here.port, here.database)
+    end
+    return { found = true, from = from, host = u.host, port = u.port, database = u.database, user = u.user }
+  end,
+}
+
+-- a.b.c.d -> an integer, or nil
+local function ipv4(s)
+  local a, b, c, d = (s or ""):match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
+  return a and ((tonumber(a) * 256 + tonumber(b)) * 256 + tonumber(c)) * 256 + tonumber(d)
+end
+
+local function in_cidr(ip, cidr)
+  local net, bits = cidr:match("^([%d.]+)/(%d+)$")
+  net, bits = ipv4(net), tonumber(bits)
+  if not (ip and net) then return false end
+  local size = 1 << (32 - bits)
+  return ip // size == net // size
+end
+
+-- Whether one egress peer lets the pods reach the database: true, false, or nil when it cannot be told.
+local function peer_allows(peer, db)
+  if peer.ipBlock then
+    if not db.ip then return nil end
+    if not in_cidr(db.ip, peer.ipBlock.cidr) then return false end
+    for _, ex in ipairs(peer.ipBlock.except or {}) do if in_cidr(db.ip, ex) then return false end end
+    return true
+  end
+  if not db.labels then return false end    -- a pod or namespace selector cannot select an address outside the cluster
+  return k8s.selects(peer.namespaceSelector or { matchLabels = { ["kubernetes.io/metadata.name"] = db.namespace } },
+    { ["kubernetes.io/metadata.name"] = db.namespace }) and k8s.selects(peer.podSelector or {}, db.labels)
+end
+
+local function port_allows(ports, port)
+  if not ports or #ports == 0 then return true end
+  for _, p in ipairs(ports) do
+    if (p.protocol or "TCP") == "TCP" and (p.port == nil or type(p.port) == "string" or p.port == port
+      or (p.endPort and p.port <= port and port <= p.endPort)) then return true end
+  end
+  return false
+end
+
+step "Check the network policies" {
+  description = "The NetworkPolicies that select the app's pods: does one restrict egress without allowing the database's address and port? "
+    .. "Then the verdict: the app reaches the database, or the run stops here",
+  needs = { "Connect from the app's pod", "Show the connection settings" },
+  run = function(ctx)
+    local ns, conn = ctx.params.namespace, ctx.outputs["Show the connection settings"]
+    local labels = k8s.get(app(ctx), { namespace = ns }).spec.template.metadata.labels or {}
+    local db, blocked, unknown = nil, {}, {}
+    if conn.host then
+      db = { host = conn.host, port = conn.port, ip = ipv4(conn.host) }
+      -- NAME, NAME.NS, NAME.NS.svc[.cluster.local]: a Service of the cluster, whose pods are the database
+      local svc, svc_ns = conn.host:match("^([%w-]+)%.?([%w-]*)")
+      if not db.ip and svc then
+        local s = k8s.get("svc/" .. svc, { namespace = svc_ns ~= "" and svc_ns or ns, missing_ok = true })
+        if s and s.spec.selector then
+          db.namespace, db.labels = s.metadata.namespace, s.spec.selector
+          local sel = {}
+          for k, v in pairs(s.spec.selector) do sel[#sel + 1] = k .. "=" .. v end
+          table.sort(sel)
+          for _, p in ipairs(k8s.list("pods", { namespace = db.namespace, selector = table.concat(sel, ",") })) do
+            log.info("database pod %s: %s", p.metadata.name, (p.status or {}).phase or "?")
+          end
+        end
+      end
+    end
+    local restricting = 0
+    for _, np in ipairs(k8s.list("networkpolicies", { namespace = ns })) do
+      local types = np.spec.policyTypes or (np.spec.egress and { "Ingress", "Egress" } or { "Ingress" })
+      local egress = false
+      for _, t in ipairs(types) do egress = egress or t == "Egress" end
+      if egress and k8s.selects(np.spec.podSelector or {}, labels) then
+        restricting = restricting + 1
+        local verdict = false
+        for _, rule in ipairs(np.spec.egress or {}) do
+          if db and port_allows(rule.ports, db.port) then
+            if not rule.to or #rule.to == 0 then verdict = true end
+            for _, peer in ipairs(rule.to or {}) do
+              local a = peer_allows(peer, db)
+              if a then verdict = true elseif a == nil and verdict == false then verdict = nil end
+            end
+          end
+        end
+        if verdict then log.info("networkpolicy %s allows egress to %s:%d", np.metadata.name, db.host, db.port)
+        elseif verdict == nil then unknown[#unknown + 1] = np.metadata.name
+        else blocked[#blocked + 1] = np.metadata.name end
+      end
+    end
+    -- Egress is allowed where any policy allows it: blocked only when every restricting policy blocks.
+    local allowed_by = restricting - #blocked - #unknown
+    if restricting == 0 then log.info("no NetworkPolicy restricts the egress of %s's pods", ctx.params.deployment)
+    elseif allowed_by == 0 and #unknown > 0 then
+      log.warn("networkpolicies %s restrict egress to addresses; whether %s is among them cannot be told from here",
+        table.concat(unknown, ", "), db and db.host or "the database")
+    end
+    local problems = {}
+    local pod = ctx.outputs["Connect from the app's pod"]
+    if not pod.ok then problems[#problems + 1] = "psql from " .. app(ctx) .. ": " .. pod.error end
+    if restricting > 0 and allowed_by == 0 and #unknown == 0 then
+      problems[#problems + 1] = ("networkpolicy %s selects the pods of %s and allows no egress to %s"):format(
+        table.concat(blocked, ", "), ctx.params.deployment, db and ("%s:%d"):format(db.host, db.port) or "the database")
+    end
+    if #problems > 0 then error("the app cannot reach the database: " .. table.concat(problems, "; "), 0) end
+    return { blocked = blocked, restricting = restricting }
+  end,
+}
 
 step "Measure the connections" {
   description = "SELECT count(*) FROM pg_stat_activity, by application, user and state; the 10 longest-running statements; "

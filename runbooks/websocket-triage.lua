@@ -221,10 +221,15 @@ step "Scale out" {
   confirm = true,
   run = function(ctx)
     local from = k8s.get("deploy/" .. ctx.params.deployment, ns(ctx)).spec.replicas
-    local to = math.min(ctx.params.max_replicas, ctx.outputs["Read the connection stats"].want)
+    local want = ctx.outputs["Read the connection stats"].want
+    if want <= from then
+      log.info("%s has %d replicas, enough once all are ready (%d would do)", ctx.params.deployment, from, want)
+      return { from = from, to = from }
+    end
+    local to = math.min(ctx.params.max_replicas, want)
     if to <= from then
-      error(("%s has %d replicas and may not have more than %d (max_replicas)"):format(ctx.params.deployment, from,
-        ctx.params.max_replicas), 0)
+      error(("%s needs %d replicas, but has %d and may not have more than %d (max_replicas)"):format(
+        ctx.params.deployment, want, from, ctx.params.max_replicas), 0)
     end
     k8s.scale("deploy/" .. ctx.params.deployment, to, ns(ctx))
     k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace,

@@ -125,6 +125,10 @@ k8s.quantity = verbs.quantity
 --- A quantity times a factor, in its unit: k8s.scale_quantity("256Mi", 2) -> "512Mi"; nil when not one.
 k8s.scale_quantity = verbs.scale_quantity
 
+--- Whether a label selector ({matchLabels, matchExpressions}, as a Deployment's
+-- or a NetworkPolicy's podSelector) selects these labels: k8s.selects(sel, labels).
+k8s.selects = require("k8s.health").matches
+
 local default
 --- The default client (connected on first use).
 function k8s.client()

@@ -277,6 +277,15 @@ M.rollout_status = shared({ target = true, within = true, deployed = true }, fun
   }
 end)
 
+--- kubectl set resources deploy/NAME -c CONTAINER --limits=memory=LIMIT
+-- [--requests=memory=REQUEST], in param namespace: a new pod template, so the
+-- pods roll (crashloop-triage, heap-dump).
+function M.set_memory(ctx, name, container, limit, request)
+  require("k8s").patch("deploy/" .. name, { spec = { template = { spec = { containers = { { name = container,
+    resources = { limits = { memory = limit }, requests = request and { memory = request } or nil } } } } } } },
+    { namespace = ctx.params.namespace })
+end
+
 --- The health of deployment `name` in param namespace (k8s.deployment_health);
 -- raises "NAME is not healthy: ..." when it is not.
 function M.healthy(ctx, name)
@@ -364,8 +373,9 @@ end
 
 --- Watch deployment `name` (param namespace) for param observe: no pod may
 -- restart once it is healthy, and it must be healthy at the end (raises
--- otherwise). -> {healthy = true}
-function M.watch_restarts(ctx, name)
+-- otherwise); `tick()`, when given, is called at each look (every second).
+-- -> {healthy = true}
+function M.watch_restarts(ctx, name, tick)
   local k8s, time = require "k8s", require "time"
   local function restarts()
     local h = k8s.deployment_health(ctx.params.namespace, name)
@@ -380,6 +390,7 @@ function M.watch_restarts(ctx, name)
     local settled = #h.problems == 0
     if settled then base = base or n end
     if base and n > base then error(("pods restarted again after the fix: %s"):format(table.concat(h.problems, "; ")), 0) end
+    if tick then tick() end
     if time.monotonic() >= until_t then
       if not settled then error("not healthy after the fix: " .. table.concat(h.problems, "; "), 0) end
       require("log").info("%s: %d/%d ready, no restart in %s", name, h.ready, h.desired,

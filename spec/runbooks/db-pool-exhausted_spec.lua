@@ -3,7 +3,9 @@
 -- transaction and never ended it). The runbook ends them; psql counts them
 -- independently. A report holds a query running (psql in pg_sleep): the
 -- runbook cancels it; psql sees it no longer active. The pool raise is checked
--- with curl against Kubernetes.
+-- with curl against Kubernetes. A NetworkPolicy that denies the backend's
+-- egress to the database is named (kubectl reads the same policy), one that
+-- allows it is not, and the app's Secret is shown with its passwords masked.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -109,5 +111,41 @@ describe("db-pool-exhausted", function()
     assert.matches("would .*pg_cancel_backend", r.stdout)
     assert.are.equal(2, leaked())
     assert.are.equal(1, running())
+  end)
+
+  it("names a NetworkPolicy that denies the app's egress to the database, and shows its Secret masked", function()
+    local url = sb.env("DATABASE_URL")
+    local password, port = url:match("^postgresql://[^:]+:([^@]+)@[^:]+:(%d+)/")
+    local function policy(name, egress)
+      return require("cjson").encode { apiVersion = "networking.k8s.io/v1", kind = "NetworkPolicy",
+        metadata = { name = name, namespace = kh.NS },
+        spec = { podSelector = { matchLabels = { ["app.kubernetes.io/component"] = "backend" } },
+          policyTypes = { "Egress" }, egress = egress } }
+    end
+    finally(function() sb.kubectl("-n todo-chatbot delete networkpolicy deny-db-egress allow-db-egress --ignore-not-found") end)
+    -- the fault: the backend's pods may only resolve names
+    local out, ok = sb.kubectl("apply -f -", policy("deny-db-egress", { { ports = { { protocol = "UDP", port = 53 } } } }))
+    assert(ok, out)
+    local r = backends.assert_unchanged(function() return cli.run { "run", RUNBOOK, "--dry-run" } end)
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("the app cannot reach the database: networkpolicy deny%-db%-egress selects the pods of "
+      .. "todo%-chatbot%-backend and allows no egress to 127%.0%.0%.1:" .. port, r.stdout .. r.stderr)
+    -- kubectl: that policy restricts the backend pods' egress
+    out = sb.kubectl("-n todo-chatbot get networkpolicy deny-db-egress -o jsonpath='{.spec.policyTypes[0]} {.spec.podSelector.matchLabels}'")
+    assert.matches('^Egress {"app.kubernetes.io/component":"backend"}', out)
+
+    -- a second policy that allows the database's address and port: egress is allowed where any policy allows it
+    out, ok = sb.kubectl("apply -f -", policy("allow-db-egress",
+      { { to = { { ipBlock = { cidr = "127.0.0.0/8" } } }, ports = { { protocol = "TCP", port = tonumber(port) } } } }))
+    assert(ok, out)
+    r = cli.run { "run", RUNBOOK, "--dry-run" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("networkpolicy allow%-db%-egress allows egress to 127%.0%.0%.1:" .. port, r.stdout)
+    assert.matches("postgres from deploy/todo%-chatbot%-backend: answers", r.stdout)
+    -- the Secret the app reads, masked: the URL without its password, other values by size
+    assert.matches("the app's DATABASE_URL %(secret todo%-chatbot%-secrets, key DATABASE_URL%): postgresql://todo:%*%*%*@127%.0%.0%.1:"
+      .. port .. "/todo", r.stdout)
+    assert.matches("JWT_SECRET: %(%d+ bytes%)", r.stdout)
+    assert.falsy((r.stdout .. r.stderr):find(password, 1, true), "the password printed")
   end)
 end)

@@ -12,7 +12,8 @@ local PARAMS = {
   ["backup"] = { "dir=" .. dir },
   ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY" },
   ["rotate-secret"] = { "secret=todo-chatbot-secrets", "key=API_KEY" },
-  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
+  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key",
+    "renew=expiring" },
   ["deploy"] = { "deployment=todo-chatbot-websocket", "tag=v1.5.0", "backup=true", "dir=" .. dir, "smoke_paths=/health" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
   ["config-update"] = { "object=configmap/todo-chatbot-config", "key=LOG_LEVEL", "value=WARNING" },
@@ -31,7 +32,7 @@ local PARAMS = {
   ["high-error-rate"] = { "service=backend", "replicas=3" },
   ["high-latency"] = { "service=backend" },
   ["hpa"] = { "deployment=todo-chatbot-recurring-task", "max=12", "lag_metric=kafka_consumer_lag" },
-  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
+  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true", "memory_limit=512Mi" },
   -- an endpoint that refuses connections: the handshake fails, so the restart is offered
   ["websocket-triage"] = { "websocket_url=ws://127.0.0.1:9/ws", "settle=1s" },
   ["rate-limit"] = { "service=backend", "add_keys=sk-decline-spec-key" },

@@ -42,7 +42,8 @@ local function pod_health(p)
   return ph
 end
 
-local function matches(sel, labels)
+--- Whether a label selector ({matchLabels, matchExpressions}) selects these labels.
+function M.matches(sel, labels)
   labels = labels or {}
   for k, v in pairs((sel or {}).matchLabels or {}) do
     if labels[k] ~= v then return false end
@@ -102,7 +103,7 @@ local function health_of(d, pods)
   end
   local function problem(fmt, ...) h.problems[#h.problems + 1] = fmt:format(...) end
   for _, e in ipairs(pods.candidates(spec.selector)) do
-    if matches(spec.selector, e.labels) then
+    if M.matches(spec.selector, e.labels) then
       local ph = e.health
       h.pods[#h.pods + 1] = ph
       for _, c in ipairs(ph.containers) do

@@ -194,6 +194,7 @@ class Faults:
         self.bad_image_undo = {}  # (ns, deployment) -> image to restore on reset
         self.template_undo = {}   # (ns, deployment) -> (the faulted pod spec, the one to restore on reset)
         self.claims = set()       # (ns, name) of the claims pvc-pending made, deleted on reset
+        self.evicted = set()      # (ns, name) of the pods evicted made, deleted on reset
 
     def describe(self):
         return {"crashloop": sorted("%s/%s image=%s" % f for f in self.crash),
@@ -742,6 +743,8 @@ class Controller:
     def sync_pod(self, p, now):
         if p["metadata"].get("deletionTimestamp"):
             return self.finish_termination(p, now)
+        if p["status"].get("phase") in ("Failed", "Succeeded"):
+            return   # a pod that ended stays as it ended (an evicted pod until deleted)
         node = p["spec"].get("nodeName")
         if not node:
             return self.schedule(p, now)

@@ -118,6 +118,30 @@ def pull_secret(cluster, f, args):
             "exists" % (d["metadata"]["name"], image, controller.PRIVATE_REGISTRY))
 
 
+def evicted(cluster, f, args):
+    """evicted DEPLOYMENT: a pod of it the kubelet evicted for memory pressure an hour ago, left
+    behind Failed (reason Evicted), as `kubectl get pods --field-selector=status.phase=Failed` lists it."""
+    d = find_deployment(cluster.store, args[0])
+    ns, app = d["metadata"]["namespace"], app_container(d)["name"]
+    name = "%s-evicted-%d" % (d["metadata"]["name"], len(f.evicted) + 1)
+    node = next((n["metadata"]["name"] for n in cluster.store.list("nodes")), "")
+    then = time.time() - 3600
+    from store import now_iso
+    cluster.store.put("pods", {"kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns, "labels": {"sandbox/evicted-from": d["metadata"]["name"]},
+                     "creationTimestamp": now_iso(then - 600)},
+        "spec": dict(copy.deepcopy(d["spec"]["template"]["spec"]), nodeName=node),
+        "status": {"phase": "Failed", "reason": "Evicted", "startTime": now_iso(then - 600),
+                   "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 51200Ki. "
+                              "Container %s was using 1843Mi, request is 256Mi, has larger consumption of request." % app,
+                   "containerStatuses": [{"name": c["name"], "image": c["image"], "ready": False, "restartCount": 0,
+                                          "state": {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
+                                                                   "finishedAt": now_iso(then)}}}
+                                         for c in d["spec"]["template"]["spec"]["containers"]]}})
+    f.evicted.add((ns, name))
+    return "pod %s/%s: evicted (Failed, reason Evicted) on node %s" % (ns, name, node)
+
+
 def node_notready(cluster, f, args):
     if cluster.store.get("nodes", "", args[0]) is None:
         raise LookupError('node "%s" not found' % args[0])
@@ -316,6 +340,8 @@ def reset(cluster, f, args):
             cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
     for ns, claim in f.claims:
         cluster.store.remove("persistentvolumeclaims", ns, claim)
+    for ns, name in f.evicted:
+        cluster.store.remove("pods", ns, name)
     for (ns, name), image in f.bad_image_undo.items():
         d = cluster.store.get("deployments.apps", ns, name)
         if d and d["spec"]["template"]["spec"]["containers"][0]["image"] in f.bad_images:
@@ -372,7 +398,7 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
             "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
             "dapr-stuck": (dapr_stuck, 1), "cert-expiring": (cert_expiring, 1),
-            "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
+            "unschedulable": (unschedulable, 1), "evicted": (evicted, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
             "populate": (populate, 2), "depopulate": (depopulate, 1), "requests": (requests, 0)}
 
 
