@@ -373,8 +373,9 @@ end
 
 --- Watch deployment `name` (param namespace) for param observe: no pod may
 -- restart once it is healthy, and it must be healthy at the end (raises
--- otherwise). -> {healthy = true}
-function M.watch_restarts(ctx, name)
+-- otherwise); `tick()`, when given, is called at each look (every second).
+-- -> {healthy = true}
+function M.watch_restarts(ctx, name, tick)
   local k8s, time = require "k8s", require "time"
   local function restarts()
     local h = k8s.deployment_health(ctx.params.namespace, name)
@@ -389,6 +390,7 @@ function M.watch_restarts(ctx, name)
     local settled = #h.problems == 0
     if settled then base = base or n end
     if base and n > base then error(("pods restarted again after the fix: %s"):format(table.concat(h.problems, "; ")), 0) end
+    if tick then tick() end
     if time.monotonic() >= until_t then
       if not settled then error("not healthy after the fix: " .. table.concat(h.problems, "; "), 0) end
       require("log").info("%s: %d/%d ready, no restart in %s", name, h.ready, h.desired,

@@ -78,7 +78,7 @@ describe("deploy", function()
     sb.ctl("k8s crashloop todo-chatbot-websocket")
     assert.truthy(sb.wait_until(40, function() return cli.slurp(run.dir .. "/code") ~= "" end), "the run did not end")
     local code, out, err = run.wait()
-    assert.matches("restarted %d+ times while watched", out .. err)
+    assert.matches("pods restarted again after the fix", out .. err)
     rolled_back({ code = code, stdout = out, stderr = err }, before)
   end)
 
