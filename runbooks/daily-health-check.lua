@@ -3,8 +3,9 @@
 -- Replaces seed 003 "Daily Health Check" (curl /api/health, database and Redis
 -- health through the app, WebSocket, disk) and its "Key Metrics" table, seed
 -- 002's "Health Check" (pods in all namespaces, `dapr status -k`, the brokers)
--- and seed 001's "Resource Constraints" (top pods and nodes against limits and
--- allocatable, Failed and Evicted pods). The WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
+-- seed 001's "Resource Constraints" (top pods and nodes against limits and
+-- allocatable, Failed and Evicted pods) and seed 002's "Monitor Consumer Lag"
+-- (every group, and a mail when unhealthy). The WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
 -- it), else not checked. Read only: every check runs even when an earlier one
 -- failed, the last step gives the verdict, and the run exits 1 when something is unhealthy, so cron and
 -- CI see it. With --output json each check's result is in its step_end
@@ -13,17 +14,18 @@
 --   runbook run daily-health-check --yes --output json >> /var/log/runbook/daily.jsonl
 --   runbook run daily-health-check -p lag_threshold=5000
 --   runbook run daily-health-check -p namespaces=all
+--   SMTP_URL=smtp://mail:25 ALERT_EMAIL=ops@example.com runbook run daily-health-check --yes
 
 name = "daily-health-check"
 description = "Read-only health check of the namespaces: deployments and nodes, failed and evicted pods, Dapr's control plane, service /health, PostgreSQL, Redis, Kafka and lag, the WebSocket endpoint, resource use of pods and nodes"
-replaces = { "000-1", "000-15", "001-1", "001-3", "001-11", "002-1", "003-5", "003-6" }
+replaces = { "000-1", "000-15", "001-1", "001-3", "001-11", "002-1", "002-9", "003-5", "003-6" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
 param "namespaces" { default = "", help = "the namespaces whose deployments, pods and resource use are checked: NS,NS... or all (kubectl get pods -A); default the namespace" }
 param "dapr_namespace" { default = "dapr-system", help = "the namespace of Dapr's control plane (dapr status -k)" }
 param "health_path" (steps.params.health_path)
-param "groups" { default = "recurring-task-service,websocket-service,notification-service", help = "consumer groups whose lag is checked (comma-separated)" }
+param "groups" { default = "all", help = "consumer groups whose lag is checked: comma-separated, or all (every group the brokers list; where they cannot, those of the namespace's Dapr Kafka components)" }
 param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }
 param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
@@ -31,6 +33,18 @@ param "metrics_window" { default = "5m", help = "PromQL rate window of the key m
 param "disk_warn" { type = "number", default = 0.8, help = "a pod's log volume at this share full is a warning, 10 points more a problem (seed 003: df -h)" }
 param "websocket_url" { default = "", help = "the WebSocket endpoint whose handshake and ping are checked (ws:// or wss://); default $WEBSOCKET_URL, neither: not checked" }
 param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
+
+-- An unhealthy run is mailed (seed 002's `mail -s "KAFKA LAG ALERT"`) when SMTP_URL
+-- and ALERT_EMAIL are set (from ALERT_EMAIL_FROM, default runbook@localhost), and
+-- posted to Slack when SLACK_WEBHOOK is (channel SLACK_CHANNEL, default #incidents).
+local function env(name) local v = os.getenv(name); return v ~= "" and v or nil end
+if env("SMTP_URL") and env("ALERT_EMAIL") or env("SLACK_WEBHOOK") then
+  notify = { on_failure = {
+    email = env("SMTP_URL") and env("ALERT_EMAIL") and { smtp_url = env("SMTP_URL"), to = env("ALERT_EMAIL"),
+      from = env("ALERT_EMAIL_FROM") or "runbook@localhost" },
+    slack = env("SLACK_WEBHOOK") and { webhook = env("SLACK_WEBHOOK"), channel = env("SLACK_CHANNEL") or "#incidents" },
+  } }
+end
 
 -- Each check returns {problems = {...}, warnings = {...}} in its outputs.
 local function findings()
@@ -147,27 +161,50 @@ step "Dependencies" (check_step("PostgreSQL connections against max_connections,
     return { dependencies = r.dependencies }
   end))
 
-step "Consumer lag" (check_step("kafka-consumer-groups --describe for each group: total lag against lag_threshold",
+-- The groups param as a list of names, and where they came from.
+local function consumer_groups(ctx)
+  if ctx.params.groups ~= "all" then
+    local list = {}
+    for g in ctx.params.groups:gmatch("[^,%s]+") do list[#list + 1] = g end
+    return list, "named"
+  end
+  local ok, listed = pcall(kafka.list_groups)
+  if ok then
+    local list = {}
+    for _, g in ipairs(listed) do list[#list + 1] = g.group end
+    return list, "listed by the brokers"
+  end
+  if type(listed) ~= "table" or listed.code ~= "_UNSUPPORTED_FEATURE" then error(listed, 0) end
+  local list = {}
+  for _, g in ipairs(dapr.consumer_groups(ctx.params.namespace)) do list[#list + 1] = g.group end
+  return list, "the brokers cannot list groups: those of the Dapr Kafka components' apps"
+end
+
+step "Consumer lag" (check_step("kafka-consumer-groups --all-groups --describe: each group's total lag against lag_threshold",
   function(ctx, f)
-    local groups = {}
-    for g in ctx.params.groups:gmatch("[^,%s]+") do groups[#groups + 1] = g end
-    if #groups == 0 or not os.getenv("KAFKA_BROKERS") then log.info("no groups or no brokers configured: lag not checked"); return end
-    local lags = {}
-    local ok, r = pcall(kafka.lag, { groups = groups })
+    if not os.getenv("KAFKA_BROKERS") then log.info("no brokers configured: lag not checked"); return end
+    local ok, groups, source = pcall(consumer_groups, ctx)
+    local r = groups
+    if ok and #groups > 0 then ok, r = pcall(kafka.lag, { groups = groups }) end
     if not ok then
-      f.problem("consumer lag unreadable: %s", tostring(type(r) == "table" and r.message or r))
+      f.problem("consumer lag unreadable: %s", message_of(r))
       return
     end
+    log.info("%d group(s), %s", #groups, source)
+    local lags = {}
     for _, g in ipairs(r) do
-      lags[g.group] = g.total
-      if g.total > ctx.params.lag_threshold then
+      if #g.partitions == 0 then
+        log.info("group %s: no committed offsets", g.group)
+      elseif g.total > ctx.params.lag_threshold then
+        lags[g.group] = g.total
         f.problem("group %s is %d messages behind (threshold %d): see kafka-lag-remediation", g.group, g.total,
           ctx.params.lag_threshold)
       else
+        lags[g.group] = g.total
         log.info("group %s: lag %d", g.group, g.total)
       end
     end
-    return { lag = lags }
+    return { lag = lags, groups = groups }
   end))
 
 step "WebSocket" (check_step("curl -H 'Upgrade: websocket' URL: the endpoint completes the WebSocket handshake and answers a ping (seed 003)",

@@ -259,6 +259,23 @@ M.restore_database = shared({ set = true }, function(a)
   }
 end)
 
+--- Each consumer group the set `t.set(ctx)` recorded (backup -p groups=)
+-- back at its offsets of then, so that its consumers process again the
+-- events the restored database lacks (backupset.replay_events). Runs while
+-- the writers are stopped: the groups' consumers must be among them.
+M.replay_events = shared({ set = true }, function(a)
+  local set_of = a.set
+  return {
+    description = "Each consumer group the set recorded back at its offsets of then: the events since are processed again when the writers resume",
+    confirm = true,
+    when = function(ctx) return require("backupset").manifest(set_of(ctx)).offsets ~= nil end,
+    run = function(ctx)
+      local backupset = require "backupset"
+      return backupset.replay_events(backupset.manifest(set_of(ctx)))
+    end,
+  }
+end)
+
 --- Wait for the rollout of `t.target(ctx)`, or of the deployment the step
 -- `t.deployed` made (its output `name`), (kubectl rollout status) for at most
 -- param `t.within` (default: timeout); gives up at once when its new pods
@@ -322,7 +339,7 @@ M.verify_health = shared({ services = true }, function(a)
 end)
 
 --- The restored database against the set: row counts against its manifest,
--- and each query of param t.queries returns 0. `t.set(ctx)` is the set's
+-- and each query of param t.queries (or of the list `t.queries(ctx)` gives) returns 0. `t.set(ctx)` is the set's
 -- path; `t.kept` names the step that kept the database as it was (for the
 -- message). In a dry run, nothing was restored: it shows the state now.
 M.validate = shared({ set = true, queries = true, kept = true }, function(a)
@@ -332,7 +349,7 @@ M.validate = shared({ set = true, queries = true, kept = true }, function(a)
       local backupset = require "backupset"
       local path = set_of(ctx)
       local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
-        queries = backupset.queries(ctx.params[queries]) }
+        queries = type(queries) == "function" and queries(ctx) or backupset.queries(ctx.params[queries]) }
       if ctx.dry_run then
         require("log").info("now, before the restore: %s", #problems == 0 and "the database matches the set"
           or table.concat(problems, "; "))

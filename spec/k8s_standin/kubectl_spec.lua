@@ -1137,7 +1137,8 @@ spec:
         end)
 
         it("reset clears every fault", function()
-            ctl("api-latency 2s")
+            -- Far above kubectl's own time on a loaded machine.
+            ctl("api-latency 20s")
             ctl("crashloop websocket")
             ctl("reset")
             local status = cjson.decode(ctl("status"))
@@ -1145,7 +1146,7 @@ spec:
             assert.equal(0, status.api_latency)
             local t0 = now()
             k("get --raw /api/v1/namespaces/" .. NS .. "/configmaps")
-            assert.is_true(now() - t0 < 2)
+            assert.is_true(now() - t0 < 20)
         end)
     end)
 end)

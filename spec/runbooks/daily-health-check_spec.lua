@@ -118,6 +118,47 @@ describe("daily-health-check", function()
     end
   end)
 
+  it("measures every group the Dapr components give their apps, and mails the lag a burst of events raised", function()
+    local dir = cli.tmpdir()
+    local port, pid = cli.fixture("smtp_server.py", dir .. "/mailbox.jsonl")
+    finally(function() os.execute("kill " .. pid) end)
+    -- the groups kubectl's components and deployments name: {appID}-service of each Dapr app
+    local want = {}
+    for _, d in ipairs(kubectl_json("get deploy -n todo-chatbot").items) do
+      local app = (d.spec.template.metadata.annotations or {})["dapr.io/app-id"]
+      if app then want[#want + 1] = app .. "-service" end
+    end
+    table.sort(want)
+    -- the fault: 1500 task events at once, more than the consumers take in the run's time
+    local out, ok = sb.sh(("seq 1500 | sed 's/.*/{\"event_type\":\"task.created\",\"burst\":&}/' | timeout 30 kcat -P -b %s -t task-events")
+      :format(sb.quote(sb.env("KAFKA_BROKERS"))))
+    assert(ok, out)
+    local TOPICS = { ["recurring-task-service"] = "task-events", ["websocket-service"] = "task-events", ["notification-service"] = "reminders" }
+    local list = {}
+    for g, t in pairs(TOPICS) do list[#list + 1] = { g, t } end
+    local before = sb.lags(list)
+    local r = cli.run({ "run", RUNBOOK, "--yes", "--output", "json" },
+      { SMTP_URL = "smtp://127.0.0.1:" .. port, ALERT_EMAIL = "ops@example.com" })
+    local after = sb.lags(list)
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    local lag = outputs(cli.events(r.stdout))["Consumer lag"]
+    assert.are.same(want, lag.groups)
+    for i, gt in ipairs(list) do
+      -- kafka-sandbox lag, an independent client, before and after the run
+      local lo, hi = math.min(before[i][1], after[i][1]), math.max(before[i][1], after[i][1])
+      assert.is_true(lag.lag[gt[1]] >= lo - 100 and lag.lag[gt[1]] <= hi + 100,
+        ("%s: %s, kafka-sandbox lag %d .. %d"):format(gt[1], tostring(lag.lag[gt[1]]), lo, hi))
+    end
+    assert.matches("group recurring%-task%-service is %d+ messages behind", table.concat(lag.problems, "\n"))
+    -- the mail, as seed 002's `mail -s "KAFKA LAG ALERT" ops@example.com`
+    local first = cli.slurp(dir .. "/mailbox.jsonl"):match("[^\n]+")
+    assert.truthy(first, "no mail")
+    local mail = cjson.decode(first)
+    assert.are.same({ "ops@example.com" }, mail.to)
+    assert.matches("Subject: %[runbook%] daily%-health%-check failed", mail.data)
+    assert.matches("group recurring%-task%-service is %d+ messages behind", mail.data)
+  end)
+
   it("measures each pod's log volume with df in the pod, warning from disk_warn", function()
     local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "disk_warn=0" }
     local disk = outputs(cli.events(r.stdout))["Disk use in pods"]
