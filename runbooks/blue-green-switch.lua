@@ -1,32 +1,43 @@
 -- blue-green-switch.lua: bring up a new color beside the live deployment,
--- check it, move the Ingress to it, watch it, and retire the old color.
+-- check and smoke-test it, move the Ingress to it, watch it, retire the old
+-- color, and label which one is current.
 --
 -- Replaces seed 003 "Blue-Green Deployment" and its "Rollback Procedure": if
 -- the new color fails before or while it is watched, every completed step is
 -- undone in reverse (on_failure = "undo"): the Ingress points at the old color
--- again, the old color is scaled back, what was created is removed.
+-- again, the old color is scaled back, what was created is removed. Later, once
+-- this run is over, rollback=true switches back to the other color while it is
+-- still there (the retired one, kept at 0 replicas): scaled back up, checked,
+-- the Ingress switched, the broken color scaled to 0, the labels swapped.
 --
 --   runbook run blue-green-switch -p from=todo-chatbot-frontend -p tag=v1.5.0 --step
+--   runbook run blue-green-switch -p from=todo-chatbot-frontend-green -p rollback=true --step
 --
 -- The new color (default: FROM-green; for FROM-green, FROM-blue or plain FROM) is
 -- FROM's pod template with the new image tag, its pods labelled apart from
 -- FROM's (split_label gets the color as a suffix, so FROM's Service and
--- selector never pick them), with a Service of the same name.
+-- selector never pick them), with a Service of the same name. In a rollback,
+-- "the new color" is the one switched back to. Once the Ingress sends to it,
+-- the deployments are labelled current=true and current=false (seed 003's
+-- labels for the next iteration).
 
 name = "blue-green-switch"
-description = "Deploy a new color beside the live deployment, health-check it, switch the Ingress, watch, retire the old color"
-replaces = {}
+description = "Deploy a new color beside the live deployment, health- and smoke-test it, switch the Ingress, watch, retire the old color; or switch back (rollback=true)"
+replaces = { "003-1", "003-2" }
 version = "1.0.0"
 on_failure = "undo"
 
 param "from" { required = true, help = "the live deployment (and, by default, its Service), e.g. todo-chatbot-frontend" }
-param "tag" { required = true, help = "image tag for the new color's app container" }
+param "tag" { default = "", help = "image tag for the new color's app container (required, unless rollback=true)" }
+param "rollback" { type = "boolean", default = false, help = "switch back to the other color, still there at 0 replicas (no tag: it keeps its image)" }
 param "to" { default = "", help = "the new color's deployment and Service name (default FROM-green; after a green, its blue: FROM-blue or plain FROM)" }
 param "namespace" (steps.params.namespace)
 param "ingress" { default = "todo-chatbot", help = "the Ingress whose paths to FROM's Service are switched" }
 param "service" { default = "", help = "the live Service the Ingress sends to (default: FROM)" }
 param "split_label" { default = "app.kubernetes.io/instance", help = "pod label given the color as a suffix, so the colors' selectors stay apart" }
 param "health_path" (steps.params.health_path)
+param "smoke" (steps.params.smoke)
+param "smoke_paths" (steps.params.smoke_paths)
 param "observe" { type = "duration", default = "10m", help = "how long to watch the new color after the switch (seed: 10 minutes)" }
 param "timeout" { type = "duration", default = "5m", help = "how long the new color may take to roll out" }
 param "max_error_rate" { type = "number", default = 0.01, help = "after the switch, the new color's 5xx share must stay below this (Prometheus; skipped without PROMETHEUS_URL)" }
@@ -65,11 +76,17 @@ local function switched(ing, a, b)
 end
 
 step "Check the live color" {
-  description = "FROM healthy, its Service there, and the Ingress paths that send to it",
+  description = "FROM healthy (in a rollback, the other color still there), its Service, and the Ingress paths that send to it",
   run = function(ctx)
-    local h = steps.healthy(ctx, ctx.params.from)
+    local p = ctx.params
+    if p.rollback == (p.tag ~= "") then error("give tag (the new color's image tag), or rollback=true without a tag", 0) end
+    local h = p.rollback and k8s.deployment_health(p.namespace, p.from) or steps.healthy(ctx, p.from)
     local svc = k8s.get("svc/" .. live_service(ctx), ns(ctx))
     local to = pick_to(ctx)
+    if p.rollback and not (k8s.get("deploy/" .. to, { namespace = p.namespace, missing_ok = true })
+        and k8s.get("svc/" .. to, { namespace = p.namespace, missing_ok = true })) then
+      error(("nothing to switch back to: %s or its Service is gone (deploy it again with -p tag=...)"):format(to), 0)
+    end
     local _, paths = switched(k8s.get("ingress/" .. ctx.params.ingress, ns(ctx)), live_service(ctx), to)
     if paths == 0 then
       error(("ingress %s sends nothing to service %s"):format(ctx.params.ingress, live_service(ctx)), 0)
@@ -83,6 +100,7 @@ step "Check the live color" {
 step "Deploy the new color" {
   description = "Create (or update) the new color's deployment: FROM's template, the new image tag, FROM's replicas",
   needs = { "Check the live color" },
+  when = function(ctx) return not ctx.params.rollback end,
   run = function(ctx)
     local replicas = ctx.outputs["Check the live color"].replicas
     local existed = k8s.get("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
@@ -116,11 +134,26 @@ step "Deploy the new color" {
 
 step "Give it a Service" (steps.sibling_service { live = "Check the live color", deployed = "Deploy the new color" })
 
-step "Wait for the new color" (steps.rollout_status { deployed = "Deploy the new color" })
+step "Scale the other color back up" {
+  description = "In a rollback: the color switched back to, at FROM's replicas again",
+  needs = { "Check the live color" },
+  when = function(ctx) return ctx.params.rollback end,
+  run = function(ctx)
+    local replicas = math.max(ctx.outputs["Check the live color"].replicas, 1)
+    local before = k8s.get("deploy/" .. to_name(ctx), ns(ctx)).spec.replicas or 1
+    if before < replicas then k8s.scale("deploy/" .. to_name(ctx), replicas, ns(ctx)) end
+    log.info("%s: %d replicas (was %d)", to_name(ctx), math.max(before, replicas), before)
+    return { replicas_before = before }
+  end,
+  undo = function(ctx, out) k8s.scale("deploy/" .. to_name(ctx), out.replicas_before, ns(ctx)) end,
+}
+
+step "Wait for the new color" (steps.rollout_status {
+  target = function(ctx) return "deploy/" .. to_name(ctx) end, needs = { "Check the live color" } })
 
 step "Health-check the new color" {
   description = "GET health_path through the new color's Service (API server proxy) before any traffic goes to it",
-  needs = { "Check the live color", "Give it a Service" },
+  needs = { "Check the live color" },
   retry = { attempts = 3, base = "1s" },
   run = function(ctx)
     if ctx.dry_run then log.info("would GET %s through service %s", ctx.params.health_path, to_name(ctx)); return end
@@ -132,6 +165,8 @@ step "Health-check the new color" {
     end
   end,
 }
+
+step "Smoke-test the new color" (steps.smoke_test { target = to_name, needs = { "Check the live color" } })
 
 step "Switch the Ingress" {
   description = "Point the Ingress paths that send to the live Service at the new color's Service",
@@ -187,9 +222,34 @@ step "Retire the old color" {
   run = function(ctx)
     local replicas = k8s.get("deploy/" .. ctx.params.from, ns(ctx)).spec.replicas
     k8s.scale("deploy/" .. ctx.params.from, 0, ns(ctx))
-    log.info("%s scaled 0 (was %d); to go back: runbook run blue-green-switch -p from=%s -p to=%s -p tag=...",
+    log.info("%s scaled 0 (was %d); to go back: runbook run blue-green-switch -p from=%s -p to=%s -p rollback=true",
       ctx.params.from, replicas, to_name(ctx), ctx.params.from)
     return { replicas = replicas }
   end,
   undo = function(ctx, out) k8s.scale("deploy/" .. ctx.params.from, out.replicas, ns(ctx)) end,
+}
+
+step "Label the colors" {
+  description = "current=true on the color the Ingress sends to, current=false on the other (for the next switch)",
+  needs = { "Check the live color", "Switch the Ingress" },
+  run = function(ctx)
+    local before = {}
+    for name, current in pairs { [to_name(ctx)] = "true", [ctx.params.from] = "false" } do
+      local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace, missing_ok = ctx.dry_run })
+      if d then
+        before[name] = (d.metadata.labels or {}).current or false
+        k8s.patch("deploy/" .. name, { metadata = { labels = { current = current } } }, { namespace = ctx.params.namespace, type = "merge" })
+      else
+        log.info("would label %s current=%s (a dry run did not create it)", name, current)
+      end
+    end
+    log.info("%s current=true, %s current=false", to_name(ctx), ctx.params.from)
+    return { before = before }
+  end,
+  undo = function(ctx, out)
+    for name, was in pairs(out.before) do
+      k8s.patch("deploy/" .. name, { metadata = { labels = { current = was or json.null } } },
+        { namespace = ctx.params.namespace, type = "merge" })
+    end
+  end,
 }

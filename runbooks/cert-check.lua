@@ -9,18 +9,23 @@
 -- expired, unreadable or not covering its host a failure. With renew_secret,
 -- the Secret gets the certificate and key of cert_file and key_file (checked
 -- first: valid, the key its own, the hosts covered; the old Secret kept as a
--- copy) and the workloads that mount it are restarted. Certificates managed
--- by cert-manager are renewed by cert-manager: this sandbox serves no
--- Certificate resource, so the renewal here is the Secret's.
+-- copy) and the workloads that mount it are restarted. cert-manager's
+-- Certificates (kubectl get certificate; describe) get a row each: Ready, the
+-- certificate in their Secret, the renewal time and a failed renewal. With
+-- renew (names, or "expiring": those within warn_days), each is renewed as
+-- `cmctl renew` does (its Issuing condition set; cert-manager issues a new
+-- Secret), without seed 004's window in which the Secret is deleted, and the
+-- new certificate is waited for and read back.
 --
 --   runbook run cert-check
+--   runbook run cert-check -p renew=expiring --step
 --   runbook run cert-check -p endpoints=api.example.com:443,10.0.0.5:8443@api.example.com -p warn_days=21
 --   runbook run cert-check -p renew_secret=todo-chatbot-tls -p cert_file=tls.crt -p key_file=tls.key --step
 
 name = "cert-check"
 description = "TLS Secrets and endpoints: expiry, names and chain against thresholds; optionally a Secret renewed from PEM files and its users restarted"
-version = "1.0.0"
-replaces = { "001-15" }
+version = "1.1.0"
+replaces = { "001-15", "004-14" }
 on_failure = "undo"
 
 param "namespace" (steps.params.namespace)
@@ -32,6 +37,8 @@ param "timeout" { type = "duration", default = "10s", help = "per endpoint: conn
 param "renew_secret" { help = "the TLS Secret to renew (in namespace) from cert_file and key_file" }
 param "cert_file" { help = "PEM certificate (with its chain) for renew_secret" }
 param "key_file" { help = "PEM private key for renew_secret" }
+param "renew" { default = "", help = "cert-manager Certificates to renew now (cmctl renew): NAME,... or expiring (those within warn_days)" }
+param "renew_timeout" { type = "duration", default = "5m", help = "how long cert-manager may take to issue each renewed certificate" }
 param "rollout_timeout" { type = "duration", default = "5m", help = "how long each restarted workload may take" }
 
 -- The hosts an Ingress serves with each Secret: "ns/secret" -> {host...}.
@@ -103,6 +110,62 @@ step "Check the TLS Secrets" {
   end,
 }
 
+-- The Ready condition's and the other conditions of a cert-manager object, by type.
+local function conditions(o)
+  local out = {}
+  for _, c in ipairs((o.status or {}).conditions or {}) do out[c.type] = c end
+  return out
+end
+
+step "Check the Certificates" {
+  description = "kubectl get certificate; describe: each cert-manager Certificate Ready, the certificate in its Secret, its renewal time, a renewal that failed",
+  run = function(ctx)
+    local scope = ctx.params.all_namespaces and { all_namespaces = true } or { namespace = ctx.params.namespace }
+    local ok, items = pcall(k8s.list, "certificates.cert-manager.io", scope)
+    if not ok then
+      if type(items) == "table" and items.code == "unknown_resource" then
+        log.info("cert-manager is not installed (no certificates.cert-manager.io)")
+        return { rows = {}, renew = {} }
+      end
+      error(items, 0)
+    end
+    local hosts, rows, renew = ingress_hosts(ctx), {}, {}
+    local wanted = {}
+    for n in ctx.params.renew:gmatch("[^,%s]+") do wanted[n] = true end
+    for _, c in ipairs(items) do
+      local ns, st, cond = c.metadata.namespace, c.status or {}, conditions(c)
+      local sid = ns .. "/" .. c.spec.secretName
+      local s = k8s.get("secret/" .. c.spec.secretName, { namespace = ns, missing_ok = true })
+      local cert, err
+      if s then
+        local good, parsed = pcall(secret_cert, s)
+        if good then cert = parsed else err = parsed end
+      else err = ("its secret %s does not exist"):format(c.spec.secretName) end
+      local row = verdict(ctx, "certificate " .. ns .. "/" .. c.metadata.name, cert, hosts[sid] or c.spec.dnsNames or {}, err)
+      row.certificate, row.secret, row.namespace, row.revision = c.metadata.name, c.spec.secretName, ns, st.revision
+      local ready, issuing = cond.Ready or {}, cond.Issuing or {}
+      local notes = {}
+      if ready.status ~= "True" then notes[#notes + 1] = ("not Ready: %s"):format(tostring(ready.message or ready.reason)) end
+      if issuing.status == "False" and issuing.reason == "Failed" then
+        notes[#notes + 1] = ("its last renewal failed at %s: %s"):format(tostring(st.lastFailureTime), tostring(issuing.message))
+        if row.verdict == "ok" then row.verdict = "warn" end
+      elseif issuing.status == "True" then notes[#notes + 1] = "being issued: " .. tostring(issuing.message) end
+      if st.renewalTime then notes[#notes + 1] = "cert-manager renews it at " .. st.renewalTime end
+      if #notes > 0 then row.reason = row.reason .. "; " .. table.concat(notes, "; ") end
+      if wanted[c.metadata.name] or (wanted.expiring and row.days_left and row.days_left < ctx.params.warn_days) then
+        renew[#renew + 1] = { name = c.metadata.name, namespace = ns, secret = c.spec.secretName, revision = st.revision or 0,
+          sha256 = row.sha256 }
+        wanted[c.metadata.name] = nil
+      end
+      rows[#rows + 1] = row
+    end
+    wanted.expiring = nil
+    for n in pairs(wanted) do error(("param renew: no Certificate %s in %s"):format(n, ctx.params.namespace), 0) end
+    log.info("%d cert-manager Certificates; %d to renew", #rows, #renew)
+    return { rows = rows, renew = renew }
+  end,
+}
+
 step "Check the endpoints" {
   description = "Each HOST:PORT[@NAME]: the certificate it presents (verified or not), its chain, expiry and names",
   run = function(ctx)
@@ -120,11 +183,17 @@ step "Check the endpoints" {
 
 step "Report" {
   description = "One line per certificate: verdict, days left, expiry, names; fails on a critical one (unless it is being renewed)",
-  needs = { "Check the TLS Secrets", "Check the endpoints" },
+  needs = { "Check the TLS Secrets", "Check the Certificates", "Check the endpoints" },
   run = function(ctx)
     local rows, counts, failing = {}, { ok = 0, warn = 0, critical = 0 }, {}
-    for _, s in ipairs { "Check the TLS Secrets", "Check the endpoints" } do
-      for _, r in ipairs(ctx.outputs[s].rows) do rows[#rows + 1] = r end
+    -- a Secret that a Certificate manages is its Certificate's row; one being renewed does not fail the run
+    local managed, renewing = {}, {}
+    for _, r in ipairs(ctx.outputs["Check the Certificates"].rows) do managed[r.namespace .. "/" .. r.secret] = true end
+    for _, c in ipairs(ctx.outputs["Check the Certificates"].renew) do renewing[c.namespace .. "/" .. c.secret] = true end
+    for _, s in ipairs { "Check the TLS Secrets", "Check the Certificates", "Check the endpoints" } do
+      for _, r in ipairs(ctx.outputs[s].rows) do
+        if not (s == "Check the TLS Secrets" and managed[r.source:match("^secret (.*)$")]) then rows[#rows + 1] = r end
+      end
     end
     log.info("%-8s %5s  %-16s  %-50s %s", "VERDICT", "DAYS", "NOT AFTER", "CERTIFICATE", "NAMES / REASON")
     for _, r in ipairs(rows) do
@@ -132,10 +201,15 @@ step "Report" {
       local line = ("%-8s %5s  %-16s  %-50s %s%s"):format(r.verdict:upper(), r.days_left or "-", r.not_after or "-", r.source,
         r.names and (r.names .. ": ") or "", r.reason)
       log.info("%s", line)
-      if r.verdict == "critical" and not (r.secret and r.secret == ctx.params.renew_secret) then failing[#failing + 1] = r.source end
+      local renewed = r.certificate and renewing[r.namespace .. "/" .. r.secret] or r.secret and r.secret == ctx.params.renew_secret
+      if r.verdict == "critical" and not renewed then failing[#failing + 1] = r.source end
     end
     log.info("%d ok, %d warnings, %d critical", counts.ok, counts.warn, counts.critical)
-    if #failing > 0 then error(("%d certificates need action now: %s"):format(#failing, table.concat(failing, ", ")), 0) end
+    if #failing > 0 then
+      local managed_failing = table.concat(failing, " "):find("certificate ", 1, true)
+      error(("%d certificates need action now: %s%s"):format(#failing, table.concat(failing, ", "),
+        managed_failing and " (cert-manager's: -p renew=expiring renews them)" or ""), 0)
+    end
     return { rows = rows, ok = counts.ok, warnings = counts.warn, critical = counts.critical }
   end,
 }
@@ -173,37 +247,106 @@ step "Replace the certificate" {
   end,
 }
 
+step "Renew the Certificates" {
+  description = "cmctl renew of each Certificate of param renew: its Issuing condition set (reason ManuallyTriggered); wait until cert-manager has issued the new certificate, Ready",
+  needs = { "Report", "Check the Certificates" },
+  when = function(ctx) return ctx.params.renew ~= "" end,
+  confirm = true,
+  run = function(ctx)
+    local done = {}
+    for _, c in ipairs(ctx.outputs["Check the Certificates"].renew) do
+      local obj = k8s.get("certificates.cert-manager.io/" .. c.name, { namespace = c.namespace })
+      local conds, keep = conditions(obj), {}
+      if (conds.Issuing or {}).status == "True" then
+        log.info("certificate %s/%s is being issued already", c.namespace, c.name)
+      else
+        for _, cond in ipairs((obj.status or {}).conditions or {}) do
+          if cond.type ~= "Issuing" then keep[#keep + 1] = cond end
+        end
+        keep[#keep + 1] = { type = "Issuing", status = "True", reason = "ManuallyTriggered",
+          message = "Certificate re-issuance manually triggered", observedGeneration = obj.metadata.generation,
+          lastTransitionTime = os.date("!%Y-%m-%dT%H:%M:%SZ") }
+        k8s.patch("certificates.cert-manager.io/" .. c.name, { status = { conditions = keep } },
+          { namespace = c.namespace, type = "merge", subresource = "status" })
+      end
+      done[#done + 1] = c
+    end
+    if not ctx.dry_run then
+      for _, c in ipairs(done) do
+        time.wait_until({ timeout = ctx.params.renew_timeout, what = ("cert-manager to issue certificate %s/%s"):format(c.namespace, c.name) },
+          function()
+            local obj = k8s.get("certificates.cert-manager.io/" .. c.name, { namespace = c.namespace })
+            local conds = conditions(obj)
+            return ((obj.status or {}).revision or 0) > c.revision and (conds.Ready or {}).status == "True"
+              and (conds.Issuing or {}).status ~= "True"
+          end)
+        log.info("certificate %s/%s: issued again", c.namespace, c.name)
+      end
+    end
+    return { renewed = done }
+  end,
+}
+
+-- The Secrets renewed by this run: renew_secret's, and those of the Certificates renewed.
+local function renewed_secrets(ctx)
+  local out = {}
+  if not ctx.skipped("Replace the certificate") then out[#out + 1] = { namespace = ctx.params.namespace, name = ctx.params.renew_secret } end
+  if not ctx.skipped("Renew the Certificates") then
+    for _, c in ipairs(ctx.outputs["Renew the Certificates"].renewed) do out[#out + 1] = { namespace = c.namespace, name = c.secret } end
+  end
+  return out
+end
+
 step "Restart the workloads that mount it" {
-  description = "The deployments, statefulsets and daemonsets whose pods read the Secret (volumes, envFrom, env): a rolling restart each, waited for",
-  needs = { "Replace the certificate" },
+  description = "The deployments, statefulsets and daemonsets whose pods read a renewed Secret (volumes, envFrom, env): a rolling restart each, waited for",
+  uses = { "Replace the certificate", "Renew the Certificates" },
+  when = function(ctx) return ctx.params.renew_secret ~= nil or ctx.params.renew ~= "" end,
   confirm = true,
   run = function(ctx)
     local restarted = {}
-    for _, u in ipairs(k8s.users_of("secret/" .. ctx.params.renew_secret, { namespace = ctx.params.namespace })) do
-      if u.restartable then
-        k8s.rollout_restart(u.kind .. "/" .. u.name, { namespace = ctx.params.namespace })
-        restarted[#restarted + 1] = u.kind .. "/" .. u.name
-      else
-        log.info("%s/%s reads it too: its next run gets the new certificate", u.kind, u.name)
+    for _, s in ipairs(renewed_secrets(ctx)) do
+      for _, u in ipairs(k8s.users_of("secret/" .. s.name, { namespace = s.namespace })) do
+        if u.restartable then
+          k8s.rollout_restart(u.kind .. "/" .. u.name, { namespace = s.namespace })
+          restarted[#restarted + 1] = { namespace = s.namespace, ref = u.kind .. "/" .. u.name }
+        else
+          log.info("%s/%s reads it too: its next run gets the new certificate", u.kind, u.name)
+        end
       end
     end
-    for _, ref in ipairs(restarted) do
-      k8s.rollout_status(ref, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout, fail_fast = true })
+    local names = {}
+    for _, r in ipairs(restarted) do
+      k8s.rollout_status(r.ref, { namespace = r.namespace, timeout = ctx.params.rollout_timeout, fail_fast = true })
+      names[#names + 1] = r.ref
     end
+    restarted = names
     log.info("restarted: %s", #restarted > 0 and table.concat(restarted, ", ") or "(nothing mounts it)")
     return { restarted = restarted }
   end,
 }
 
 step "Verify the renewal" {
-  description = "The Secret holds the new certificate, and it passes the thresholds",
-  needs = { "Replace the certificate", "Restart the workloads that mount it" },
+  description = "Each renewed Secret holds the new certificate, and it passes the thresholds",
+  uses = { "Replace the certificate", "Renew the Certificates" },
+  needs = { "Restart the workloads that mount it", "Check the Certificates" },
   run = function(ctx)
-    if ctx.dry_run then log.info("would read secret %s back and check it holds the new certificate", ctx.params.renew_secret); return end
-    local cert = secret_cert(k8s.get("secret/" .. ctx.params.renew_secret, { namespace = ctx.params.namespace }))
-    if cert.sha256 ~= ctx.outputs["Replace the certificate"].sha256 then
-      error(("secret %s does not hold the new certificate"):format(ctx.params.renew_secret), 0)
+    for _, s in ipairs(renewed_secrets(ctx)) do
+      if ctx.dry_run then log.info("would read secret %s/%s back and check it holds a new certificate", s.namespace, s.name)
+      else
+        local cert = secret_cert(k8s.get("secret/" .. s.name, { namespace = s.namespace }))
+        local replaced = s.name == ctx.params.renew_secret and s.namespace == ctx.params.namespace
+          and not ctx.skipped("Replace the certificate") and ctx.outputs["Replace the certificate"].sha256
+        local before
+        for _, c in ipairs(ctx.outputs["Check the Certificates"].renew) do
+          if c.namespace == s.namespace and c.secret == s.name then before = c.sha256 end
+        end
+        if (replaced and cert.sha256 ~= replaced) or (not replaced and cert.sha256 == before) then
+          error(("secret %s/%s does not hold the new certificate"):format(s.namespace, s.name), 0)
+        end
+        local row = verdict(ctx, "secret " .. s.namespace .. "/" .. s.name, cert, {})
+        if row.verdict ~= "ok" then error(("secret %s/%s: the new certificate %s"):format(s.namespace, s.name, row.reason), 0) end
+        log.info("secret %s/%s: the new certificate, %d days left", s.namespace, s.name, cert.days_left)
+      end
     end
-    log.info("secret %s: the new certificate, %d days left", ctx.params.renew_secret, cert.days_left)
   end,
 }

@@ -145,7 +145,7 @@ step "Restart the users" {
   run = function(ctx) restart(ctx, ctx.outputs["Find the users"].deployments) end,
 }
 
-step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the users", needs = { "Find the users", "Restart the users" } })
+step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the users", after = "Restart the users" })
 
 step "Verify" {
   description = "The object holds the new value, and every deployment that reads it is healthy",

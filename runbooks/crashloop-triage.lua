@@ -42,21 +42,6 @@ end
 local function target(ctx) return "deploy/" .. ctx.params.deployment end
 local function ns(ctx) return { namespace = ctx.params.namespace } end
 
--- "256Mi" * 2 -> "512Mi"; keeps the unit when there is one.
-local function scale_quantity(q, factor)
-  local n, unit = tostring(q):match("^([%d.]+)(%a*)$")
-  if not n then return nil end
-  local v = tonumber(n) * factor
-  return (math.floor(v) == v and ("%d"):format(v) or ("%.1f"):format(v)) .. unit
-end
-
-local function restarts_of(ctx)
-  local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
-  local n = 0
-  for _, p in ipairs(h.pods) do if not p.terminating then n = n + p.restarts end end
-  return n, h
-end
-
 step "Find the failing pods" {
   description = "kubectl get pods / describe: each pod's phase, containers' states and reasons, restarts, last termination",
   run = function(ctx)
@@ -231,7 +216,7 @@ step "Diagnose" {
     if fix == "auto" then fix = auto else why = why .. "; fix chosen with -p fix=" .. fix end
     if fix == "memory" then
       detail.container = app.name
-      detail.memory_limit = app.memory_limit and scale_quantity(app.memory_limit, ctx.params.memory_factor)
+      detail.memory_limit = app.memory_limit and k8s.scale_quantity(app.memory_limit, ctx.params.memory_factor)
       if not detail.memory_limit then
         fix, why = "none", "the app container has no readable memory limit to raise: set one in the chart"
       else
@@ -258,8 +243,7 @@ step "Apply the fix" {
   run = function(ctx)
     local dx = ctx.outputs["Diagnose"]
     if dx.fix == "memory" then
-      k8s.patch(target(ctx), { spec = { template = { spec = { containers = { { name = dx.detail.container,
-        resources = { limits = { memory = dx.detail.memory_limit } } } } } } } }, { namespace = ctx.params.namespace })
+      steps.set_memory(ctx, ctx.params.deployment, dx.detail.container, dx.detail.memory_limit)
     elseif dx.fix == "rollback" then
       k8s.rollout_undo(target(ctx), { namespace = ctx.params.namespace, to_revision = dx.detail.revision })
     else
@@ -276,19 +260,6 @@ step "Verify the fix" {
   run = function(ctx)
     if ctx.dry_run then log.info("would wait for the rollout and watch the pods for %s", duration.format(ctx.params.observe)); return end
     k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
-    local until_t = time.monotonic() + ctx.params.observe
-    local base
-    while true do
-      local n, h = restarts_of(ctx)
-      local settled = #h.problems == 0
-      if settled then base = base or n end
-      if base and n > base then error(("pods restarted again after the fix: %s"):format(table.concat(h.problems, "; ")), 0) end
-      if time.monotonic() >= until_t then
-        if not settled then error("not healthy after the fix: " .. table.concat(h.problems, "; "), 0) end
-        log.info("%s: %d/%d ready, no restart in %s", ctx.params.deployment, h.ready, h.desired, duration.format(ctx.params.observe))
-        return { healthy = true }
-      end
-      time.sleep(1)
-    end
+    return steps.watch_restarts(ctx, ctx.params.deployment)
   end,
 }

@@ -1,8 +1,11 @@
 -- daily-health-check.lua: the morning check, for cron.
 --
 -- Replaces seed 003 "Daily Health Check" (curl /api/health, database and Redis
--- health through the app, WebSocket, disk) and its "Key Metrics" table. The
--- WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
+-- health through the app, WebSocket, disk) and its "Key Metrics" table, seed
+-- 002's "Health Check" (pods in all namespaces, `dapr status -k`, the brokers)
+-- seed 001's "Resource Constraints" (top pods and nodes against limits and
+-- allocatable, Failed and Evicted pods) and seed 002's "Monitor Consumer Lag"
+-- (every group, and a mail when unhealthy). The WebSocket endpoint is websocket_url, else $WEBSOCKET_URL (the sandbox sets
 -- it), else not checked. Read only: every check runs even when an earlier one
 -- failed, the last step gives the verdict, and the run exits 1 when something is unhealthy, so cron and
 -- CI see it. With --output json each check's result is in its step_end
@@ -10,15 +13,19 @@
 --
 --   runbook run daily-health-check --yes --output json >> /var/log/runbook/daily.jsonl
 --   runbook run daily-health-check -p lag_threshold=5000
+--   runbook run daily-health-check -p namespaces=all
+--   SMTP_URL=smtp://mail:25 ALERT_EMAIL=ops@example.com runbook run daily-health-check --yes
 
 name = "daily-health-check"
-description = "Read-only health check of the namespace: deployments and nodes, service /health, PostgreSQL, Redis, Kafka and lag, Dapr, the WebSocket endpoint, resource use"
-replaces = { "000-1", "000-15", "001-1", "001-3", "003-5", "003-6" }
+description = "Read-only health check of the namespaces: deployments and nodes, failed and evicted pods, Dapr's control plane, service /health, PostgreSQL, Redis, Kafka and lag, the WebSocket endpoint, resource use of pods and nodes"
+replaces = { "000-1", "000-15", "001-1", "001-3", "001-11", "002-1", "002-9", "003-5", "003-6" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
+param "namespaces" { default = "", help = "the namespaces whose deployments, pods and resource use are checked: NS,NS... or all (kubectl get pods -A); default the namespace" }
+param "dapr_namespace" { default = "dapr-system", help = "the namespace of Dapr's control plane (dapr status -k)" }
 param "health_path" (steps.params.health_path)
-param "groups" { default = "recurring-task-service,websocket-service,notification-service", help = "consumer groups whose lag is checked (comma-separated)" }
+param "groups" { default = "all", help = "consumer groups whose lag is checked: comma-separated, or all (every group the brokers list; where they cannot, those of the namespace's Dapr Kafka components)" }
 param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }
 param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
@@ -26,6 +33,18 @@ param "metrics_window" { default = "5m", help = "PromQL rate window of the key m
 param "disk_warn" { type = "number", default = 0.8, help = "a pod's log volume at this share full is a warning, 10 points more a problem (seed 003: df -h)" }
 param "websocket_url" { default = "", help = "the WebSocket endpoint whose handshake and ping are checked (ws:// or wss://); default $WEBSOCKET_URL, neither: not checked" }
 param "cpu_warn" { type = "number", default = 0.8, help = "warn for a container using this share of its CPU limit (seed 003: 80%)" }
+
+-- An unhealthy run is mailed (seed 002's `mail -s "KAFKA LAG ALERT"`) when SMTP_URL
+-- and ALERT_EMAIL are set (from ALERT_EMAIL_FROM, default runbook@localhost), and
+-- posted to Slack when SLACK_WEBHOOK is (channel SLACK_CHANNEL, default #incidents).
+local function env(name) local v = os.getenv(name); return v ~= "" and v or nil end
+if env("SMTP_URL") and env("ALERT_EMAIL") or env("SLACK_WEBHOOK") then
+  notify = { on_failure = {
+    email = env("SMTP_URL") and env("ALERT_EMAIL") and { smtp_url = env("SMTP_URL"), to = env("ALERT_EMAIL"),
+      from = env("ALERT_EMAIL_FROM") or "runbook@localhost" },
+    slack = env("SLACK_WEBHOOK") and { webhook = env("SLACK_WEBHOOK"), channel = env("SLACK_CHANNEL") or "#incidents" },
+  } }
+end
 
 -- Each check returns {problems = {...}, warnings = {...}} in its outputs.
 local function findings()
@@ -45,8 +64,22 @@ local function check_step(description, check)
   end }
 end
 
-local CHECKS = { "Deployments and nodes", "Services answer health checks", "Dependencies", "Consumer lag", "WebSocket",
-  "Resource use", "Disk use in pods", "Key metrics" }
+local CHECKS = { "Deployments and nodes", "Failed and evicted pods", "Dapr control plane", "Services answer health checks",
+  "Dependencies", "Consumer lag", "WebSocket", "Resource use", "Disk use in pods", "Key metrics" }
+
+-- The namespaces param as a list (the namespace when empty; every namespace for "all").
+local function namespaces(ctx)
+  local list = {}
+  if ctx.params.namespaces == "all" then
+    for _, ns in ipairs(k8s.list("namespaces")) do list[#list + 1] = ns.metadata.name end
+  else
+    for ns in ctx.params.namespaces:gmatch("[^,%s]+") do list[#list + 1] = ns end
+  end
+  if #list == 0 then list[1] = ctx.params.namespace end
+  return list
+end
+
+local function message_of(err) return tostring(type(err) == "table" and err.message or err) end
 
 -- Seed 000's and seed 003's key-metric tables: above `warn` a warning, above `critical` a problem.
 -- In each query $ns is the namespace and $w the rate window; each row is one service or pod.
@@ -63,14 +96,51 @@ local KEY_METRICS = {
     query = 'sum by (service) (db_pool_connections_in_use{namespace="$ns"}) / sum by (service) (db_pool_connections_max{namespace="$ns"})' },
 }
 
-step "Deployments and nodes" (check_step("kubectl get deploy,nodes: every deployment has its replicas ready with no waiting reason, every node Ready",
+step "Deployments and nodes" (check_step("kubectl get deploy,nodes in each of the namespaces: every deployment has its replicas ready with no waiting reason, every node Ready",
   function(ctx, f)
-    local h = k8s.namespace_health(ctx.params.namespace)
-    for _, p in ipairs(h.problems) do f.problem("%s", p) end
-    local healthy = 0
-    for _, d in ipairs(h.deployments) do if d.healthy then healthy = healthy + 1 end end
-    log.info("%d of %d deployments healthy; %d nodes", healthy, #h.deployments, #h.nodes)
-    return { deployments = #h.deployments, healthy = healthy, nodes = #h.nodes }
+    local list, healthy, total, nodes = namespaces(ctx), 0, 0, 0
+    for _, ns in ipairs(list) do
+      local h = k8s.namespace_health(ns)
+      for _, p in ipairs(h.problems) do f.problem("%s%s", #list > 1 and (ns .. ": ") or "", p) end
+      for _, d in ipairs(h.deployments) do if d.healthy then healthy = healthy + 1 end end
+      total, nodes = total + #h.deployments, #h.nodes
+    end
+    log.info("%d of %d deployments healthy in %d namespace(s); %d nodes", healthy, total, #list, nodes)
+    return { deployments = total, healthy = healthy, nodes = nodes, namespaces = list }
+  end))
+
+step "Failed and evicted pods" (check_step("kubectl get pods -A --field-selector=status.phase=Failed: pods that ended, evicted ones with the kubelet's reason (warnings: their workloads replaced them)",
+  function(ctx, f)
+    local wanted = {}
+    for _, ns in ipairs(namespaces(ctx)) do wanted[ns] = true end
+    local failed = {}
+    for _, p in ipairs(k8s.list("pods", { all_namespaces = true, field_selector = "status.phase=Failed" })) do
+      local ns = p.metadata.namespace
+      if ctx.params.namespaces == "all" or wanted[ns] then
+        local st = p.status or {}
+        failed[#failed + 1] = { namespace = ns, pod = p.metadata.name, reason = st.reason, message = st.message }
+        f.warning("pod %s/%s %s%s: kubectl delete pod %s -n %s once understood", ns, p.metadata.name,
+          st.reason == "Evicted" and "was evicted" or ("failed" .. (st.reason and (" (" .. st.reason .. ")") or "")),
+          st.message and (": " .. st.message) or "", p.metadata.name, ns)
+      end
+    end
+    log.info("%d failed or evicted pod(s)", #failed)
+    return { failed = failed }
+  end))
+
+step "Dapr control plane" (check_step("dapr status -k: the deployments of Dapr's control plane (operator, sentry, sidecar injector ...) in dapr_namespace are healthy",
+  function(ctx, f)
+    local ns = ctx.params.dapr_namespace
+    local h = k8s.namespace_health(ns)
+    if #h.deployments == 0 then
+      log.info("Dapr's control plane is not installed (no deployments in namespace %s): not checked", ns)
+      return { checked = false }
+    end
+    for _, p in ipairs(h.problems) do
+      if not p:match("^node ") then f.problem("%s: %s", ns, p) end   -- nodes are the first check's
+    end
+    log.info("%d of %d control-plane deployments healthy in %s", #h.deployments - #f.problems, #h.deployments, ns)
+    return { checked = true, deployments = #h.deployments }
   end))
 
 step "Services answer health checks" (check_step("curl /api/health for every service: GET health_path through each Service in front of a deployment",
@@ -91,27 +161,50 @@ step "Dependencies" (check_step("PostgreSQL connections against max_connections,
     return { dependencies = r.dependencies }
   end))
 
-step "Consumer lag" (check_step("kafka-consumer-groups --describe for each group: total lag against lag_threshold",
+-- The groups param as a list of names, and where they came from.
+local function consumer_groups(ctx)
+  if ctx.params.groups ~= "all" then
+    local list = {}
+    for g in ctx.params.groups:gmatch("[^,%s]+") do list[#list + 1] = g end
+    return list, "named"
+  end
+  local ok, listed = pcall(kafka.list_groups)
+  if ok then
+    local list = {}
+    for _, g in ipairs(listed) do list[#list + 1] = g.group end
+    return list, "listed by the brokers"
+  end
+  if type(listed) ~= "table" or listed.code ~= "_UNSUPPORTED_FEATURE" then error(listed, 0) end
+  local list = {}
+  for _, g in ipairs(dapr.consumer_groups(ctx.params.namespace)) do list[#list + 1] = g.group end
+  return list, "the brokers cannot list groups: those of the Dapr Kafka components' apps"
+end
+
+step "Consumer lag" (check_step("kafka-consumer-groups --all-groups --describe: each group's total lag against lag_threshold",
   function(ctx, f)
-    local groups = {}
-    for g in ctx.params.groups:gmatch("[^,%s]+") do groups[#groups + 1] = g end
-    if #groups == 0 or not os.getenv("KAFKA_BROKERS") then log.info("no groups or no brokers configured: lag not checked"); return end
-    local lags = {}
-    local ok, r = pcall(kafka.lag, { groups = groups })
+    if not os.getenv("KAFKA_BROKERS") then log.info("no brokers configured: lag not checked"); return end
+    local ok, groups, source = pcall(consumer_groups, ctx)
+    local r = groups
+    if ok and #groups > 0 then ok, r = pcall(kafka.lag, { groups = groups }) end
     if not ok then
-      f.problem("consumer lag unreadable: %s", tostring(type(r) == "table" and r.message or r))
+      f.problem("consumer lag unreadable: %s", message_of(r))
       return
     end
+    log.info("%d group(s), %s", #groups, source)
+    local lags = {}
     for _, g in ipairs(r) do
-      lags[g.group] = g.total
-      if g.total > ctx.params.lag_threshold then
+      if #g.partitions == 0 then
+        log.info("group %s: no committed offsets", g.group)
+      elseif g.total > ctx.params.lag_threshold then
+        lags[g.group] = g.total
         f.problem("group %s is %d messages behind (threshold %d): see kafka-lag-remediation", g.group, g.total,
           ctx.params.lag_threshold)
       else
+        lags[g.group] = g.total
         log.info("group %s: lag %d", g.group, g.total)
       end
     end
-    return { lag = lags }
+    return { lag = lags, groups = groups }
   end))
 
 step "WebSocket" (check_step("curl -H 'Upgrade: websocket' URL: the endpoint completes the WebSocket handshake and answers a ping (seed 003)",
@@ -130,33 +223,62 @@ step "WebSocket" (check_step("curl -H 'Upgrade: websocket' URL: the endpoint com
     return { checked = true, url = url, connect = r.connect, pong = r.pong }
   end))
 
-step "Resource use" (check_step("kubectl top pods: containers near their memory (85%) or CPU (80%) limit are warnings (seed 003's key metrics)",
+-- Warnings for what uses `warn` or more of its limit: usage and limit as {cpu_millicores, memory_bytes} and {cpu (cores), memory}.
+local function near_limit(f, ctx, who, usage, limit, advice)
+  if limit.memory and usage.memory_bytes >= ctx.params.memory_warn * limit.memory then
+    f.warning("%s uses %.0f%% of its memory %s", who, 100 * usage.memory_bytes / limit.memory, advice.memory)
+  end
+  if limit.cpu and usage.cpu_millicores >= ctx.params.cpu_warn * limit.cpu * 1000 then
+    f.warning("%s uses %.0f%% of its CPU %s", who, 100 * usage.cpu_millicores / (limit.cpu * 1000), advice.cpu)
+  end
+end
+
+step "Resource use" (check_step("kubectl top pods and top nodes: containers near their memory (85%) or CPU (80%) limit, nodes near their allocatable memory or CPU, are warnings (seed 003's key metrics, seed 001's resource constraints)",
   function(ctx, f)
-    local ok, usage = pcall(k8s.top, "pods", { namespace = ctx.params.namespace })
+    local pods = 0
+    for _, ns in ipairs(namespaces(ctx)) do
+      local ok, usage = pcall(k8s.top, "pods", { namespace = ns })
+      if not ok then
+        f.warning("resource use in %s unknown (metrics API): %s", ns, message_of(usage))
+      else
+        local limits = {}
+        for _, p in ipairs(k8s.list("pods", { namespace = ns })) do
+          for _, c in ipairs(p.spec.containers) do
+            local l = (c.resources or {}).limits or {}
+            limits[p.metadata.name .. "/" .. c.name] = { memory = k8s.quantity(l.memory), cpu = k8s.quantity(l.cpu) }
+          end
+        end
+        for _, p in ipairs(usage) do
+          for _, c in ipairs(p.containers) do
+            near_limit(f, ctx, p.name .. "/" .. c.name, c, limits[p.name .. "/" .. c.name] or {},
+              { memory = "limit: check for a leak", cpu = "limit: consider scaling" })
+          end
+        end
+        pods = pods + #usage
+      end
+    end
+    local ok, usage = pcall(k8s.top, "nodes")
     if not ok then
-      f.warning("resource use unknown (metrics API): %s", tostring(type(usage) == "table" and usage.message or usage))
-      return
+      f.warning("node resource use unknown (metrics API): %s", message_of(usage))
+      return { pods = pods }
     end
-    local limits = {}
-    for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
-      for _, c in ipairs(p.spec.containers) do
-        local l = (c.resources or {}).limits or {}
-        limits[p.metadata.name .. "/" .. c.name] = { memory = k8s.quantity(l.memory), cpu = k8s.quantity(l.cpu) }
-      end
+    local allocatable = {}
+    for _, n in ipairs(k8s.list("nodes")) do
+      local a = (n.status or {}).allocatable or {}
+      allocatable[n.metadata.name] = { memory = k8s.quantity(a.memory), cpu = k8s.quantity(a.cpu) }
     end
-    for _, p in ipairs(usage) do
-      for _, c in ipairs(p.containers) do
-        local l = limits[p.name .. "/" .. c.name] or {}
-        if l.memory and c.memory_bytes >= ctx.params.memory_warn * l.memory then
-          f.warning("%s/%s uses %.0f%% of its memory limit: check for a leak", p.name, c.name, 100 * c.memory_bytes / l.memory)
-        end
-        if l.cpu and c.cpu_millicores >= ctx.params.cpu_warn * l.cpu * 1000 then
-          f.warning("%s/%s uses %.0f%% of its CPU limit: consider scaling", p.name, c.name, 100 * c.cpu_millicores / (l.cpu * 1000))
-        end
-      end
+    local nodes = {}
+    for _, n in ipairs(usage) do
+      local a = allocatable[n.name] or {}
+      nodes[#nodes + 1] = { name = n.name, cpu_millicores = n.cpu_millicores, memory_bytes = n.memory_bytes,
+        cpu_share = a.cpu and n.cpu_millicores / (a.cpu * 1000), memory_share = a.memory and n.memory_bytes / a.memory }
+      log.info("node %s: cpu %dm (%s), memory %dMi (%s)", n.name, n.cpu_millicores,
+        a.cpu and ("%.0f%%"):format(100 * nodes[#nodes].cpu_share) or "?", n.memory_bytes // 1048576,
+        a.memory and ("%.0f%%"):format(100 * nodes[#nodes].memory_share) or "?")
+      near_limit(f, ctx, "node " .. n.name, n, a, { memory = "allocatable: pods may be evicted", cpu = "allocatable" })
     end
-    log.info("%d pods measured, %d warnings", #usage, #f.warnings)
-    return { pods = #usage }
+    log.info("%d pods and %d nodes measured, %d warnings", pods, #nodes, #f.warnings)
+    return { pods = pods, nodes = nodes }
   end))
 
 step "Disk use in pods" (check_step("kubectl exec POD -- df -Pk /var/log in each running pod: a volume near full is a warning, nearer a problem (seed 003)",

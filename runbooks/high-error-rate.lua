@@ -5,6 +5,11 @@
 -- Replaces seed 000 "High Error Rate", seed 003 "High Error Rate Alert" and
 -- seed 004 "High Error Rate" (the error rate from Prometheus, rollout history,
 -- rollout undo when deployment-related, dependency checks, scale or restart).
+-- The dependencies are checked from here and from inside the service's own
+-- pod, with its env (seed 003's `kubectl exec ... health:db`, seed 004's
+-- psql and redis-cli from a debug pod in the namespace): what the app reaches,
+-- not only what this machine reaches. The scale-up (seed 003 and 004 "scale
+-- up if needed") is the scale runbook's step, asked for with `replicas`.
 -- The error rate is read per service and version; "began with the last
 -- change" means the rate was under the threshold just before the current
 -- template's revision appeared (or, without data from then, that the change is
@@ -14,14 +19,16 @@
 
 name = "high-error-rate"
 description = "Measure a service's 5xx rate per version, roll back if it began with the last change (else restart), verify it stays down"
-replaces = { "000-11" }
+replaces = { "000-11", "003-7", "004-1" }
 version = "1.0.0"
 
 params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }
 param "max_error_rate" { type = "number", default = 0.01, help = "the 5xx share the service must stay under (seed 000: warning above 1%)" }
 param "log_since" { type = "duration", default = "5m", help = "how far back the pods' logs are read for the top error messages (seed 000: kubectl logs --since=5m)" }
 param "recent" { type = "duration", default = "1h", help = "without data from before the last change, a change this young is blamed" }
-param "timeout" { type = "duration", default = "5m", help = "how long the rollback or restart may take to roll out" }
+param "timeout" { type = "duration", default = "5m", help = "how long the rollback, restart or scale-up may take to roll out" }
+param "replicas" { type = "integer", default = 0,
+  help = "after the fix, scale up to this many replicas when it has fewer (seeds 003 and 004: when capacity is the issue); 0 does not scale" }
 
 local deployment = steps.service_deployment
 local function target(ctx) return "deploy/" .. deployment(ctx) end
@@ -69,11 +76,12 @@ step "Compare with the last change" {
 }
 
 step "Check the dependencies" {
-  description = "PostgreSQL, Redis, Kafka and the Dapr sidecars, as outage-recovery checks them: a fix in the service cannot mend a dependency",
+  description = "PostgreSQL, Redis, Kafka and the Dapr sidecars, as outage-recovery checks them, and PostgreSQL and Redis "
+    .. "from inside the service's pod with its env: a fix in the service cannot mend a dependency",
   needs = { "Measure the error rate" },
   when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
   run = function(ctx)
-    local deps = checks.dependencies { namespace = ctx.params.namespace }
+    local deps = checks.dependencies { namespace = ctx.params.namespace, from_pod = target(ctx) }
     if #deps.down > 0 then
       error(("dependencies down: %s (run outage-recovery; a rollback or restart of %s would not help)"):format(
         table.concat(deps.down, ", "), deployment(ctx)), 0)
@@ -111,6 +119,24 @@ step "Restart" {
     k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
   end,
 }
+
+step "Scale up" (steps.scale {
+  description = "kubectl scale --replicas=<replicas> when the deployment has fewer (as the scale runbook does)",
+  needs = { "Measure the error rate" },
+  when = function(ctx) return ctx.outputs["Measure the error rate"].high and ctx.params.replicas > 0 end,
+  deployments = function(ctx)
+    local have = k8s.get(target(ctx), { namespace = ctx.params.namespace }).spec.replicas or 1
+    if have >= ctx.params.replicas then
+      log.info("%s has %d replicas already, not fewer than %d: not scaling", deployment(ctx), have, ctx.params.replicas)
+      return {}
+    end
+    return { { name = deployment(ctx), replicas = have } }
+  end,
+})
+
+step "Wait for the scale-up" (steps.wait_rollouts { of = "Scale up" })
+
+step "Verify the replicas" (steps.verify_deployments { of = "Scale up", check = "scaled" })
 
 step "Verify the error rate" (steps.verify_metric {
   description = "After one rate window (so only the time since the fix counts), the rate must stay under max_error_rate for `hold`",

@@ -34,17 +34,8 @@ step "Measure the p95 latency" (steps.measure_metric {
 step "Check saturation" {
   description = "kubectl top pods of the deployment: CPU and memory against their limits",
   run = function(ctx)
-    local d = k8s.get("deploy/" .. deployment(ctx), { namespace = ctx.params.namespace })
-    local sel = {}
-    for k, v in pairs(d.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
-    table.sort(sel)
-    local limits = (d.spec.template.spec.containers[1].resources or {}).limits or {}
-    local pods = k8s.top("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ","), sort_by = "cpu" })
-    for _, p in ipairs(pods) do
-      log.info("%s: cpu %dm, memory %dMi (limits: cpu %s, memory %s)", p.name, p.cpu_millicores,
-        p.memory_bytes // (1024 * 1024), limits.cpu or "none", limits.memory or "none")
-    end
-    return { pods = #pods, replicas = d.spec.replicas }
+    local u = steps.pod_usage(ctx, deployment(ctx))
+    return { pods = #u.pods, replicas = u.replicas }
   end,
 }
 

@@ -43,17 +43,6 @@ step "Restart" {
   end,
 }
 
-step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the deployments", needs = { "Find the deployments", "Restart" } })
+step "Wait for the rollouts" (steps.wait_rollouts { after = "Restart" })
 
-step "Verify" (steps.verify_deployments {
-  description = "Each deployment healthy, and none of the pods it ran before is left",
-  needs = { "Find the deployments", "Restart" },
-  of = "Find the deployments",
-  what = function(_, d) return d.name .. "'s old pods to go" end,
-  holds = function(_, d, h)
-    local old, left = {}, 0
-    for _, name in ipairs(d.pods) do old[name] = true end
-    for _, p in ipairs(h.pods) do left = left + (old[p.name] and 1 or 0) end
-    return h.healthy and left == 0, ("%d old pods left"):format(left)
-  end,
-})
+step "Verify" (steps.verify_deployments { after = "Restart", check = "replaced" })

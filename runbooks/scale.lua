@@ -30,37 +30,8 @@ step "Find the deployments" {
   end,
 }
 
-step "Scale" {
-  description = "kubectl scale --replicas=N for each deployment not at N yet (undo: the replicas each had)",
-  confirm = true,
-  needs = { "Find the deployments" },
-  run = function(ctx)
-    local scaled = {}
-    for _, d in ipairs(ctx.outputs["Find the deployments"].deployments) do
-      if d.replicas ~= ctx.params.replicas then
-        k8s.scale("deploy/" .. d.name, ctx.params.replicas, { namespace = ctx.params.namespace, current_replicas = d.replicas })
-        scaled[#scaled + 1] = d
-      end
-    end
-    return { scaled = scaled }
-  end,
-  undo = function(ctx, out)
-    for _, d in ipairs(out.scaled) do
-      k8s.scale("deploy/" .. d.name, d.replicas, { namespace = ctx.params.namespace })
-      log.info("%s back at %d replicas", d.name, d.replicas)
-    end
-  end,
-}
+step "Scale" (steps.scale {})
 
-step "Wait for the rollouts" (steps.wait_rollouts { of = "Find the deployments", needs = { "Find the deployments", "Scale" } })
+step "Wait for the rollouts" (steps.wait_rollouts { after = "Scale" })
 
-step "Verify" (steps.verify_deployments {
-  description = "Each deployment healthy, with exactly N pods, all ready (old pods gone)",
-  needs = { "Find the deployments", "Scale" },
-  of = "Find the deployments",
-  what = function(ctx, d) return d.name .. "'s pods to number " .. ctx.params.replicas end,
-  holds = function(ctx, _, h)
-    local want = ctx.params.replicas
-    return h.healthy and h.ready == want and #h.pods == want, ("%d pods"):format(#h.pods)
-  end,
-})
+step "Verify" (steps.verify_deployments { after = "Scale", check = "scaled" })

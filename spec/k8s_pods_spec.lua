@@ -2,6 +2,7 @@
 -- ./runbook against the sandbox's Kubernetes stand-in and checked with kubectl.
 local cli = require "spec.support.cli"
 local sb = require "spec.sandbox.sandbox_helper"
+local k8s_helper = require "spec.runbooks.k8s_helper"
 local cjson = require "cjson"
 
 local NS = "todo-chatbot"
@@ -42,7 +43,11 @@ local function printed(out)
 end
 
 describe("k8s pods", function()
-  setup(function() cache = cli.tmpdir() end)
+  setup(function()
+    cache = cli.tmpdir()
+    -- A rollout an earlier spec left going replaces pods under the queries.
+    assert(k8s_helper.wait_rolled_out("backend", 120), "the backend did not settle")
+  end)
   teardown(cli.cleanup)
 
   describe("log_query", function()

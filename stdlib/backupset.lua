@@ -12,16 +12,23 @@
 --   backupset.preflight{root=, url=}         -> {db_bytes, db_pretty, free_bytes, free_pretty, enough}
 --   backupset.new(root, prefix)              -> set (a plain table: root, partial, final, name, stamp)
 --   backupset.dump_database(set, {url=, format=})   -> {files, tables, database, server_version}
---   backupset.dump_kubernetes(set, {namespace=, secrets=false}) -> {files, objects = {kind = n}}
+--   backupset.dump_kubernetes(set, {namespace=, secrets=false, passphrase=}) -> {files, objects = {kind = n}, encrypted}
 --   backupset.dump_topics(set, {topic...})   -> {files, topics = {topic = messages}}
+--   backupset.record_offsets({"GROUP:TOPIC"...}) -> {groups}: consumer offsets, read before the dump
 --   backupset.seal(set, parts)               -> manifest: writes manifest.json, renames into place
 --   backupset.list(root, prefix)             -> sets, newest first: {name, path}
 --   backupset.prune(root, prefix, keep, {pending=}) -> removed paths (each a gated delete)
+--   backupset.manifest(path)                 -> the set's manifest.json, read, not verified
 --   backupset.verify(path)                   -> manifest; raises code "checksum_mismatch",
 --                                               "missing_file" or "bad_manifest" naming the file
 --   backupset.latest(root, prefix)           -> path of the newest set, or nil
 --   backupset.find(root, prefix, {set=, before=}) -> the set to restore (a path, or the newest before a time)
 --   backupset.restore_database(path, {url=}) -> pg.restore's result (row counts checked)
+--   backupset.restore_kubernetes(path, manifest, {namespace=, files=, hold=, passphrase=}) -> {namespace, created, applied, held}
+--   backupset.read_kubernetes(path, file, passphrase) -> the objects of k8s/FILE.yaml(.enc)
+--   backupset.encrypt(text, passphrase), backupset.decrypt(data, passphrase, what): openssl enc's format (M.ENCRYPTION)
+--   backupset.restore_topics(path, manifest, {topics = {"NAME" | "NAME=TARGET"...}}) -> {restored, kept}
+--   backupset.replay_events(manifest)        -> {groups = {group = n}, total}: each recorded group set back
 --   backupset.validate{manifest=, url=, queries = {sql...}} -> problems (empty when valid)
 --
 -- Writes (directories, dumps, files, renames, deletes) go through the effect
@@ -119,7 +126,18 @@ M.KINDS = {
   { type = "deployments.apps", file = "deployments" }, { type = "services", file = "services" },
   { type = "configmaps", file = "configmaps" }, { type = "horizontalpodautoscalers.autoscaling", file = "hpas" },
   { type = "ingresses.networking.k8s.io", file = "ingresses" }, { type = "components.dapr.io", file = "dapr-components" },
+  { type = "subscriptions.dapr.io", file = "dapr-subscriptions" },
+  { type = "serviceaccounts", file = "serviceaccounts" },
+  { type = "networkpolicies.networking.k8s.io", file = "networkpolicies" },
+  { type = "statefulsets.apps", file = "statefulsets" }, { type = "daemonsets.apps", file = "daemonsets" },
+  { type = "cronjobs.batch", file = "cronjobs" },
 }
+
+-- The order a restore applies them in: what others name (accounts, Secrets,
+-- ConfigMaps, Dapr components) before what names them, Services before the
+-- workloads behind them, autoscalers and ingresses last.
+M.RESTORE_ORDER = { "serviceaccounts", "secrets", "configmaps", "dapr-components", "dapr-subscriptions",
+  "networkpolicies", "services", "deployments", "statefulsets", "daemonsets", "cronjobs", "hpas", "ingresses" }
 
 -- What the server adds to an object, which an apply of the backup must not carry.
 local function clean(obj)
@@ -135,25 +153,65 @@ local function clean(obj)
   return obj
 end
 
+-- Encrypted files are what `openssl enc -aes-256-cbc -pbkdf2 -iter 100000 -md sha256`
+-- writes ("Salted__", an 8-byte salt, the ciphertext), so that openssl can
+-- decrypt them without this program; their integrity is the manifest's sha256.
+M.ENCRYPTION = { cipher = "aes-256-cbc", kdf = "pbkdf2", md = "sha256", iter = 100000, format = "openssl enc",
+  decrypt = "openssl enc -d -aes-256-cbc -pbkdf2 -iter 100000 -md sha256 -pass env:BACKUP_PASSPHRASE -in FILE" }
+
+local function key_iv(passphrase, salt)
+  local kiv = require("openssl.kdf").derive { type = "PBKDF2", md = M.ENCRYPTION.md, pass = passphrase, salt = salt,
+    iter = M.ENCRYPTION.iter, outlen = 48 }
+  return kiv:sub(1, 32), kiv:sub(33, 48)
+end
+
+--- `text` encrypted with the passphrase (M.ENCRYPTION).
+function M.encrypt(text, passphrase)
+  local salt = require("openssl.rand").bytes(8)
+  local key, iv = key_iv(passphrase, salt)
+  return "Salted__" .. salt .. require("openssl.cipher").new(M.ENCRYPTION.cipher):encrypt(key, iv):final(text)
+end
+
+--- The plaintext of M.encrypt's output; raises code "decrypt" naming `what`
+-- when the passphrase is wrong or the data damaged.
+function M.decrypt(data, passphrase, what)
+  local function fail() raise { op = "decrypt", code = "decrypt",
+    message = ("%s cannot be decrypted: a wrong passphrase, or a damaged file"):format(what) } end
+  if type(passphrase) ~= "string" or passphrase == "" then
+    raise { op = "decrypt", code = "no_passphrase", message = what .. " is encrypted: give the passphrase (BACKUP_PASSPHRASE)" }
+  end
+  if data:sub(1, 8) ~= "Salted__" or #data < 32 then fail() end
+  local key, iv = key_iv(passphrase, data:sub(9, 16))
+  local ok, text = pcall(function()
+    return require("openssl.cipher").new(M.ENCRYPTION.cipher):decrypt(key, iv):final(data:sub(17))
+  end)
+  if not ok or not text then fail() end
+  return text
+end
+
 --- The namespace's configuration as YAML, one file per kind (secrets only
 -- with secrets = true: the file then holds them, base64 as the API gives them).
+-- With opts.passphrase each file is encrypted (k8s/KIND.yaml.enc, M.ENCRYPTION)
+-- and no plaintext touches the disk.
 function M.dump_kubernetes(set, opts)
   local k8s = require "k8s"
   local ns = opts.namespace
   local kinds = { table.unpack(M.KINDS) }
   if opts.secrets then kinds[#kinds + 1] = { type = "secrets", file = "secrets" } end
-  local out = { files = {}, objects = {} }
+  local out = { files = {}, objects = {}, encrypted = opts.passphrase ~= nil }
   if written(set) then fs.mkdir(set.partial .. "/k8s") end
   for _, kind in ipairs(kinds) do
     local ok, items = pcall(k8s.list, kind.type, { namespace = ns })
-    if not ok then
+    local unserved = not ok and type(items) == "table" and items.code == "unknown_resource" -- a kind this cluster lacks
+    if not ok and not unserved then
       log.warn("%s in %s not backed up: %s", kind.file, ns, tostring(type(items) == "table" and items.message or items))
-    elseif #items > 0 then
+    elseif ok and #items > 0 then
       local docs = {}
       for i, obj in ipairs(items) do docs[i] = clean(obj) end
       out.objects[kind.file] = #items
-      local rel = "k8s/" .. kind.file .. ".yaml"
-      local w = fs.write(set.partial .. "/" .. rel, require("runbook.yaml").dump(table.unpack(docs)))
+      local rel = "k8s/" .. kind.file .. ".yaml" .. (opts.passphrase and ".enc" or "")
+      local text = require("runbook.yaml").dump(table.unpack(docs))
+      local w = fs.write(set.partial .. "/" .. rel, opts.passphrase and M.encrypt(text, opts.passphrase) or text)
       if not w.skipped then out.files[#out.files + 1] = rel end
       log.info("%d %s from %s", #items, kind.file, ns)
     end
@@ -177,6 +235,29 @@ function M.dump_topics(set, topics)
   return out
 end
 
+--- The committed offsets of consumer groups, {"GROUP:TOPIC"...}, read
+-- before the database is dumped: a restore can then set each group back to
+-- them, and its consumers process again the events the restored rows lack
+-- (at least once: one processed between this read and the dump's snapshot
+-- is processed twice). -> {groups = {group = {topic = {["0"] = offset...}}}}
+function M.record_offsets(list)
+  local kafka = require "kafka"
+  local out = { files = {}, groups = {} }
+  for _, item in ipairs(list) do
+    local group, topic = item:match("^([^:]+):(.+)$")
+    if not group then error(("backupset.record_offsets: %q is not GROUP:TOPIC"):format(item), 2) end
+    local per = {}
+    for _, p in ipairs(kafka.lag { group = group, topics = { topic } }.partitions) do
+      if p.committed then per[tostring(p.partition)] = p.committed end
+    end
+    out.groups[group] = out.groups[group] or {}
+    out.groups[group][topic] = per
+    log.info("group %s on %s: committed offsets of %d partitions recorded", group, topic, (function()
+      local n = 0; for _ in pairs(per) do n = n + 1 end; return n end)())
+  end
+  return out
+end
+
 --- Writes manifest.json (every file's sha256 and size, and what each part
 -- recorded) and renames the partial directory to the set's final name.
 function M.seal(set, parts)
@@ -195,8 +276,12 @@ function M.seal(set, parts)
     manifest.database = { name = parts.database.database, server_version = parts.database.server_version,
       dump = "database.dump", tables = parts.database.tables }
   end
-  if parts.kubernetes then manifest.kubernetes = { namespace = parts.kubernetes.namespace, objects = parts.kubernetes.objects } end
+  if parts.kubernetes then
+    manifest.kubernetes = { namespace = parts.kubernetes.namespace, objects = parts.kubernetes.objects,
+      encrypted = parts.kubernetes.encrypted and M.ENCRYPTION or nil }
+  end
   if parts.kafka then manifest.kafka = { topics = parts.kafka.topics } end
+  if parts.offsets then manifest.offsets = parts.offsets.groups end
   fs.write(set.partial .. "/manifest.json", json.encode(manifest) .. "\n")
   fs.rename(set.partial, set.final)
   manifest.path = set.final
@@ -290,9 +375,8 @@ function M.prune(root, prefix, keep, opts)
   return removed
 end
 
---- Reads a set's manifest and checks every file it lists against its sha256
--- and size, and the database dump with pg_restore --list.
-function M.verify(path)
+--- A set's manifest.json, read (not verified: M.verify checks the files).
+function M.manifest(path)
   local mpath = path .. "/manifest.json"
   if not fs.exists(mpath) then raise { op = "verify", code = "bad_manifest",
     message = path .. " has no manifest.json (not a backup set, or not complete)" } end
@@ -300,6 +384,13 @@ function M.verify(path)
   if not ok or type(m) ~= "table" or type(m.files) ~= "table" then
     raise { op = "verify", code = "bad_manifest", message = mpath .. " is not a backup set manifest" }
   end
+  return m
+end
+
+--- Reads a set's manifest and checks every file it lists against its sha256
+-- and size, and the database dump with pg_restore --list.
+function M.verify(path)
+  local m = M.manifest(path)
   for _, f in ipairs(m.files) do
     local p = path .. "/" .. f.path
     local sha = host.sha256_file(p)
@@ -324,6 +415,150 @@ end
 function M.restore_database(path, opts)
   opts = opts or {}
   return pg.restore { url = opts.url, file = path .. "/database.dump" }
+end
+
+-- The set's Kubernetes files (k8s/FILE.yaml, or .yaml.enc, in its manifest), in RESTORE_ORDER.
+local function kubernetes_files(manifest)
+  local listed = {}
+  for _, f in ipairs(manifest.files or {}) do
+    local file = f.path:match("^k8s/(.+)%.yaml$") or f.path:match("^k8s/(.+)%.yaml%.enc$")
+    if file then listed[file] = true end
+  end
+  local out = {}
+  for _, file in ipairs(M.RESTORE_ORDER) do if listed[file] then out[#out + 1] = file end end
+  return out
+end
+M.kubernetes_files = kubernetes_files
+
+--- The objects of the set's k8s/FILE.yaml (decrypted with `passphrase` when
+-- the set's files are encrypted).
+function M.read_kubernetes(path, file, passphrase)
+  local enc, text = path .. "/k8s/" .. file .. ".yaml.enc"
+  if fs.exists(enc) then text = M.decrypt(fs.read(enc), passphrase, enc) else text = fs.read(path .. "/k8s/" .. file .. ".yaml") end
+  return require("runbook.yaml").load_all(text)
+end
+
+--- Applies the set's Kubernetes objects (server-side apply, forced: the set's
+-- version wins) to opts.namespace (default the set's), creating the namespace
+-- when it is missing. opts.files: which of the set's files (default all), each
+-- applied in RESTORE_ORDER; opts.passphrase for an encrypted set. opts.hold: deployment names applied at 0 replicas,
+-- returned as `held`, {target, namespace, replicas = the set's}, which
+-- k8s.start_workloads takes. In a dry run against a namespace that does not
+-- exist yet, the server cannot check the objects: they are counted, not sent.
+-- Returns {namespace, created, applied = {file = n}, held}.
+function M.restore_kubernetes(path, manifest, opts)
+  opts = opts or {}
+  local k8s = require "k8s"
+  local ns = opts.namespace or (manifest.kubernetes or {}).namespace
+  if not ns then raise { op = "restore_kubernetes", code = "bad_manifest", message = path .. " names no namespace" } end
+  local want = {}
+  for _, f in ipairs(opts.files or kubernetes_files(manifest)) do want[f] = true end
+  local hold = {}
+  for _, name in ipairs(opts.hold or {}) do hold[name] = true end
+  local out = { namespace = ns, applied = {}, held = {} }
+  local cur = k8s.get("namespaces/" .. ns, { missing_ok = true })
+  if cur and cur.metadata.deletionTimestamp then
+    raise { op = "restore_kubernetes", code = "terminating",
+      message = ("namespace %s is being deleted: wait until it is gone, then restore"):format(ns) }
+  end
+  if not cur then
+    local labels = { ["kubernetes.io/metadata.name"] = ns }
+    k8s.apply({ apiVersion = "v1", kind = "Namespace", metadata = { name = ns, labels = labels } }, { force = true })
+    out.created = true
+  end
+  local unchecked = not cur and require("gate").dry_run()
+  for _, file in ipairs(kubernetes_files(manifest)) do
+    if want[file] then
+      local objs = M.read_kubernetes(path, file, opts.passphrase)
+      for _, obj in ipairs(objs) do
+        obj.metadata.namespace = ns
+        if obj.kind == "Deployment" and hold[obj.metadata.name] then
+          out.held[#out.held + 1] = { target = "deploy/" .. obj.metadata.name, namespace = ns, replicas = obj.spec.replicas or 1 }
+          obj.spec.replicas = 0
+        end
+      end
+      if unchecked then
+        log.info("would apply %d %s to namespace %s, which does not exist yet", #objs, file, ns)
+      elseif #objs > 0 then
+        k8s.apply(objs, { force = true })
+      end
+      out.applied[file] = #objs
+    end
+  end
+  return out
+end
+
+--- Produces the set's topics back (kafka.restore_topic: keys, headers,
+-- timestamps, partitions) into topics that hold no message: a new cluster's,
+-- or one emptied. A topic that holds messages is left as it is (the set's
+-- would be duplicates) and named in `kept`; one that does not exist is an
+-- error naming the partitions to create it with. opts.topics: which of the set's
+-- topics, each "NAME" or "NAME=TARGET" to restore beside it (default all).
+-- Returns {restored = {target = n}, kept = {target = reason}}.
+function M.restore_topics(path, manifest, opts)
+  local kafka = require "kafka"
+  local inset = (manifest.kafka or {}).topics or {}
+  local pairs_ = {}
+  for _, item in ipairs(opts and opts.topics or {}) do
+    local from, to = item:match("^([^=]+)=(.+)$")
+    pairs_[#pairs_ + 1] = { from = from or item, to = to or item }
+  end
+  if not opts or not opts.topics then
+    for name in pairs(inset) do pairs_[#pairs_ + 1] = { from = name, to = name } end
+    table.sort(pairs_, function(a, b) return a.from < b.from end)
+  end
+  local out = { restored = {}, kept = {} }
+  for _, t in ipairs(pairs_) do
+    if not inset[t.from] then
+      raise { op = "restore_topics", code = "not_in_set", message = ("%s holds no topic %s"):format(path, t.from) }
+    end
+    local ok, marks = pcall(kafka.watermarks, t.to)
+    if not ok and type(marks) == "table" and marks.code == "UNKNOWN_TOPIC_OR_PART" then
+      local tm = json.decode(fs.read(path .. "/kafka/" .. t.from .. ".jsonl.manifest.json"))
+      local n = 0
+      for _ in pairs(tm.partitions or {}) do n = n + 1 end
+      raise { op = "restore_topics", code = "no_topic",
+        message = ("topic %s does not exist: create it with %d partitions, as %s had (kafka-topics.sh --create,"
+          .. " or its KafkaTopic), then restore the topics again"):format(t.to, n, t.from) }
+    elseif not ok then error(marks, 0) end
+    local held = 0
+    for _, w in pairs(marks) do held = held + (w.high - w.low) end
+    if held > 0 then
+      out.kept[t.to] = ("holds %d messages: restoring the set's %d would duplicate them"):format(held, inset[t.from])
+      log.warn("topic %s %s; left as it is", t.to, out.kept[t.to])
+    else
+      local r = kafka.restore_topic { file = path .. "/kafka/" .. t.from .. ".jsonl", topic = t.to }
+      out.restored[t.to] = r.skipped and 0 or r.restored
+      log.info("topic %s: %s %d messages of the set's %s", t.to, r.skipped and "would produce" or "produced",
+        r.messages or 0, t.from)
+    end
+  end
+  return out
+end
+
+--- Sets each consumer group the set recorded (record_offsets) back to its
+-- offsets then, one partition at a time (kafka.reset_offsets), so that its
+-- consumers replay what came after. Their consumers must be stopped.
+-- -> {groups = {group = messages to replay}}
+function M.replay_events(manifest)
+  local kafka = require "kafka"
+  local out = { groups = {}, total = 0 }
+  local groups = {}
+  for g in pairs(manifest.offsets or {}) do groups[#groups + 1] = g end
+  table.sort(groups)
+  for _, group in ipairs(groups) do
+    local n = 0
+    for topic, per in pairs(manifest.offsets[group]) do
+      for p, offset in pairs(per) do
+        local plan = kafka.reset_offsets { group = group, topics = { topic }, partitions = { tonumber(p) },
+          to = { offset = math.tointeger(offset) } }
+        n = n + plan.replay
+      end
+    end
+    out.groups[group], out.total = n, out.total + n
+    log.info("group %s: back at the offsets of the set, %d messages to process again", group, n)
+  end
+  return out
 end
 
 --- Row counts against the manifest's, and each validation query, which

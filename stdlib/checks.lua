@@ -9,8 +9,8 @@
 --     -> {dependencies = {[name] = {ok, skipped, error, ...}}, down = {name...}}
 --
 -- With from_pod, PostgreSQL and Redis are also checked from inside that pod
--- (a read k8s.exec of pg_isready and redis-cli with the container's own
--- DATABASE_URL and REDIS_URL), so "it answers from here" is not taken for
+-- (checks.in_pod: a read k8s.exec of psql and redis-cli with the container's
+-- own DATABASE_URL and REDIS_URL), so "it answers from here" is not taken for
 -- "the app can reach it". A container without the tool or the variable is
 -- skipped and says so.
 --
@@ -28,13 +28,15 @@
 local M = {}
 
 --- The PromQL of the 5xx share of http_requests_total{selector} over `window`,
--- summed by `by` (labels, e.g. "service"; nil for one value). A series with
--- requests but no 5xx counts as 0, not as no data: a service that never
--- failed has no 5xx series at all.
-function M.error_rate_query(selector, window, by)
+-- summed by `by` (labels, e.g. "service"; nil for one value); with `status`
+-- (a regular expression, "429") the share of those statuses instead. A series
+-- with requests but none of those statuses counts as 0, not as no data: a
+-- service that never failed has no 5xx series at all.
+function M.error_rate_query(selector, window, by, status)
   local sum = by and ("sum by (%s) "):format(by) or "sum "
   local all = ("%s(rate(http_requests_total{%s}[%s]))"):format(sum, selector, window)
-  return ('(%s(rate(http_requests_total{%s,status=~"5.."}[%s])) or %s * 0) / %s'):format(sum, selector, window, all, all)
+  return ('(%s(rate(http_requests_total{%s,status=~"%s"}[%s])) or %s * 0) / %s'):format(sum, selector,
+    status or "5..", window, all, all)
 end
 
 function M.error_rate(opts)
@@ -50,6 +52,35 @@ function M.error_rate(opts)
   return require("prom").verify { name = opts.name, query = M.error_rate_query(opts.selector, opts.window),
     unit = "percent", below = opts.below,
     hold = opts.hold, every = opts.every or "15s", warmup = opts.warmup or opts.window }
+end
+
+-- What each in-pod check runs (sh -c) with the container's own env; exit 127:
+-- the container has no such tool or variable, so it cannot tell.
+local IN_POD = {
+  postgres = 'test -n "$DATABASE_URL" && command -v psql >/dev/null || { echo "no DATABASE_URL or psql" >&2; exit 127; }; '
+    .. 'PGCONNECT_TIMEOUT=5 psql -X -q -At -d "$DATABASE_URL" -c "SELECT 1" >/dev/null',
+  redis = 'test -n "$REDIS_URL" && command -v redis-cli >/dev/null || { echo "no REDIS_URL or redis-cli" >&2; exit 127; }; '
+    .. 'out=$(redis-cli -u "$REDIS_URL" --no-auth-warning ping 2>&1); test "$out" = PONG || { echo "$out" >&2; exit 1; }',
+}
+
+--- PostgreSQL ("postgres": connects and runs SELECT 1 with psql) or Redis
+-- ("redis": PING) from inside a pod of `target` (deploy/NAME, pod/NAME), with
+-- its container's own DATABASE_URL or REDIS_URL (a read k8s.exec):
+-- {ok = true} | {ok = true, skipped = true} (no such tool or variable) |
+-- {ok = false, error = the client's last line}; opts.namespace, opts.container.
+function M.in_pod(name, target, opts)
+  local log = require "log"
+  local what = ("%s from %s"):format(name, target)
+  local r = require("k8s").exec(target, { "sh", "-c", IN_POD[name] or error("checks.in_pod: postgres or redis", 2) },
+    { namespace = opts.namespace, container = opts.container, read = true, check = false, timeout = "20s" })
+  local last = ((r.stderr .. r.stdout):gsub("%s+$", "")):match("([^\n]*)$")
+  if r.status == 127 then
+    log.info("%s: not checked (%s)", what, last)
+    return { ok = true, skipped = true }
+  end
+  if r.status ~= 0 then return { ok = false, error = ("unreachable from %s: %s"):format(r.pod, last) } end
+  log.info("%s: answers", what)
+  return { ok = true, pod = r.pod }
 end
 
 function M.dependencies(opts)
@@ -95,28 +126,14 @@ function M.dependencies(opts)
     if #bad > 0 then return { ok = false, reachable = #up, brokers = #bs, error = "unreachable: " .. table.concat(bad, ", ") } end
     return { ok = true, reachable = #up, brokers = #bs }
   end)
-  -- exit 127: the container has no such tool or variable, so it cannot tell
-  local function from_pod(name, script)
+  local function from_pod(name)
     if not opts.from_pod then return end   -- the in-pod checks are asked for, not configured
-    local what = ("%s from %s"):format(name, opts.from_pod)
-    check(what, true, function()
-      local r = require("k8s").exec(opts.from_pod, { "sh", "-c", script },
-        { namespace = opts.namespace, read = true, check = false, timeout = "20s" })
-      if r.status == 127 then
-        log.info("%s: not checked (%s)", what, (r.stderr .. r.stdout):gsub("%s+$", ""):match("([^\n]*)$"))
-        return { ok = true, skipped = true }
-      end
-      if r.status ~= 0 then
-        return { ok = false, error = ("unreachable from %s: %s"):format(r.pod, ((r.stderr .. r.stdout):gsub("%s+$", ""):match("([^\n]*)$"))) }
-      end
-      log.info("%s: answers", what)
-      return { ok = true }
+    check(("%s from %s"):format(name, opts.from_pod), true, function()
+      return M.in_pod(name, opts.from_pod, { namespace = opts.namespace })
     end)
   end
-  from_pod("postgres", 'test -n "$DATABASE_URL" && command -v pg_isready >/dev/null || { echo "no DATABASE_URL or pg_isready" >&2; exit 127; }; '
-    .. 'pg_isready -t 5 -d "$DATABASE_URL" >&2')
-  from_pod("redis", 'test -n "$REDIS_URL" && command -v redis-cli >/dev/null || { echo "no REDIS_URL or redis-cli" >&2; exit 127; }; '
-    .. 'out=$(redis-cli -u "$REDIS_URL" --no-auth-warning ping 2>&1); test "$out" = PONG || { echo "$out" >&2; exit 1; }')
+  from_pod("postgres")
+  from_pod("redis")
   local dapr = require "dapr"
   check("dapr sidecars", opts.namespace, function()
     local s = dapr.sidecar_status(opts.namespace)

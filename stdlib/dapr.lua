@@ -23,6 +23,8 @@
 --   secret(store, name)  -> {key = value}; secret(store) -> every secret; values are secrets
 --   check_app(app_id, {components=, topics=, test_publish=}) -> a summary (see below)
 --   sidecar_status(namespace, {selector=}) -> pods that should have a daprd sidecar, and whether they do
+--   consumer_groups(namespace) -> {{group, app_id, component}...}: the Kafka consumer groups the
+--                                  namespace's pub/sub components give their apps
 --
 -- Writes (publish, state save/delete/transaction, invoke with any verb but
 -- GET or HEAD) go through the effect gate: a dry run skips them and they
@@ -458,6 +460,42 @@ function M.sidecar_status(namespace, opts)
     end
   end
   table.sort(out.pods, function(a, b) return a.pod < b.pod end)
+  return out
+end
+
+--- The Kafka consumer groups the namespace's Dapr pub/sub components give the
+-- apps they are scoped to (every Dapr-enabled deployment without scopes):
+-- each component's consumerGroup, else its consumerID, else the app id, with
+-- "{appID}" replaced as daprd replaces it. For brokers that cannot list their
+-- groups (ListGroups; librdkafka's mock brokers). Needs the k8s module.
+-- Returns {{group, app_id, component}, ...} sorted by group, each group once.
+function M.consumer_groups(namespace)
+  check_name(namespace, "namespace", "consumer_groups")
+  local k8s = require "k8s"
+  local apps = {}
+  for _, d in ipairs(k8s.list("deployments", { namespace = namespace })) do
+    local ann = d.spec.template.metadata and d.spec.template.metadata.annotations or {}
+    if ann["dapr.io/enabled"] == "true" and ann["dapr.io/app-id"] then apps[#apps + 1] = ann["dapr.io/app-id"] end
+  end
+  local out, seen = {}, {}
+  for _, c in ipairs(k8s.list("components.dapr.io", { namespace = namespace })) do
+    if (c.spec or {}).type == "pubsub.kafka" then
+      local md = {}
+      for _, m in ipairs(c.spec.metadata or {}) do md[m.name] = m.value end
+      local scoped = {}
+      for _, app in ipairs(c.scopes or {}) do scoped[app] = true end
+      for _, app in ipairs(apps) do
+        if not c.scopes or scoped[app] then
+          local group = tostring(md.consumerGroup or md.consumerID or app):gsub("{appID}", (app:gsub("%%", "%%%%")))
+          if not seen[group] then
+            seen[group] = true
+            out[#out + 1] = { group = group, app_id = app, component = c.metadata.name }
+          end
+        end
+      end
+    end
+  end
+  table.sort(out, function(a, b) return a.group < b.group end)
   return out
 end
 

@@ -26,7 +26,7 @@
 --   scale(TARGET, replicas, {current_replicas=})
 --   stop_workloads({TARGET...}, {timeout = "2m"}) -> saved   each scaled to 0, its pods gone
 --   start_workloads(saved, {timeout = "5m"})   each back to its replicas, rolled out
---   rollout_restart(TARGET)    rollout_status(TARGET, {timeout = "5m", progress = fn|false,
+--   rollout_restart(TARGET)    rollout_status(TARGET (a deployment or statefulset), {timeout = "5m", progress = fn|false,
 --                                                  fail_fast = true: raise once new pods crash-loop
 --                                                  or cannot pull their image, code = that reason})
 --   rollout_history(TARGET) -> {{revision, replicaset, images, change_cause, template}...}
@@ -45,11 +45,14 @@
 --       until timeout or the step's deadline: for rec in k8s.logs(...) do ... end
 --   log_query{target = TARGET | selector =, container=, since=, since_time=, tail=,
 --        previous=, where = {level = "ERROR", field = value | {v1, v2} | fn(v)},
---        match = "lua pattern", json = true, count_by = "level", top = 10}
+--        match = "lua pattern", json = true, count_by = "level", top = 10,
+--        follow = "2m", max = N, each = fn(rec)}
 --       -> {records = {{time, stamp, pod, container, line, fields}...}, count,
 --           scanned, first, last, pods, by = {{value, count}...} (with count_by)}
 --       every pod of a workload, merged in timestamp order; JSON lines decode
---       into rec.fields, other lines are kept as text (fields nil)
+--       into rec.fields, other lines are kept as text (fields nil); with follow, the
+--       pods' logs as they write them for that long (kubectl logs -f), each match
+--       passed to each() as it comes, ending early at max matches
 --   users_of("secret/NAME" | "configmap/NAME") -> {{kind = "deployments", name, how = {"volume",
 --       "envFrom", "env"}, restartable}...}: the deployments, statefulsets, daemonsets and
 --       cronjobs whose pod template names it (containers, init containers, projected volumes)
@@ -75,8 +78,8 @@
 --       write); copying in is a gated exec in the pod.
 --
 -- Summaries:
---   deployment_health(ns, name)   namespace_health(ns)
---   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error}...}}:
+--   deployment_health(ns, name | "sts/NAME")   namespace_health(ns)
+--   service_health(TARGET, {path = "/health"}) -> {ok, services = {{service, port, status, ok, error, json}...}}:
 --       GET path through the proxy of every Service selecting the workload's pods
 --   services_health(ns, {path = "/health"}) -> the same for every deployment of the namespace
 --       at once: two lists and one GET per Service, not two lists per deployment
@@ -119,6 +122,12 @@ k8s.array = client.array
 
 --- A quantity as a number: k8s.quantity("128Mi") -> 134217728, ("250m") -> 0.25; nil when not one.
 k8s.quantity = verbs.quantity
+--- A quantity times a factor, in its unit: k8s.scale_quantity("256Mi", 2) -> "512Mi"; nil when not one.
+k8s.scale_quantity = verbs.scale_quantity
+
+--- Whether a label selector ({matchLabels, matchExpressions}, as a Deployment's
+-- or a NetworkPolicy's podSelector) selects these labels: k8s.selects(sel, labels).
+k8s.selects = require("k8s.health").matches
 
 local default
 --- The default client (connected on first use).

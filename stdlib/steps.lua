@@ -27,6 +27,12 @@ M.params = {
   group = { default = "recurring-task-service", help = "the consumer group" },
   topic = { default = "task-events", help = "the topic the group consumes" },
   consumers = { default = "todo-chatbot-recurring-task", help = "the deployment running the group's consumers" },
+  -- for M.smoke_test
+  smoke = { default = "", help = "a smoke-test command (sh -c on this host, not run in a dry run) that must exit 0; it gets "
+    .. "TARGET_NAMESPACE, TARGET_DEPLOYMENT, TARGET_SERVICE and TARGET_PROXY (the Service's API server proxy path: "
+    .. "kubectl get --raw \"$TARGET_PROXY/health\")" },
+  smoke_paths = { default = "", help = "comma-separated paths GET through each Service selecting the pods (API server proxy) "
+    .. "as a smoke test: each must answer below 400" },
   -- for M.deployments
   deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
 }
@@ -85,15 +91,23 @@ function M.deployments(ctx)
   return out
 end
 
+--- The step's needs: the step `of` that found the deployments, and `after`, the
+-- step that changed them.
+local function found_and(a)
+  return { a.of, a.after }
+end
+
 --- Wait for the rollout of each deployment in `ctx.outputs[t.of].deployments`
--- (param timeout each; kubectl rollout status), giving up at once on one
--- whose new pods crash-loop or cannot pull their image.
-M.wait_rollouts = shared({ of = true }, function(a)
-  local of = a.of
+-- (t.of defaults to "Find the deployments"; param timeout each; kubectl rollout
+-- status), giving up at once on one whose new pods crash-loop or cannot pull
+-- their image. The step needs t.of and t.after.
+M.wait_rollouts = shared({ of = true, after = true }, function(a)
+  a.of = a.of or "Find the deployments"
   return {
     description = "kubectl rollout status of each; gives up at once when new pods crash-loop or cannot pull their image",
+    needs = found_and(a),
     run = function(ctx)
-      for _, d in ipairs(ctx.outputs[of].deployments) do
+      for _, d in ipairs(ctx.outputs[a.of].deployments) do
         require("k8s").rollout_status("deploy/" .. d.name, { namespace = ctx.params.namespace,
           timeout = ctx.params.timeout, fail_fast = true })
       end
@@ -101,22 +115,81 @@ M.wait_rollouts = shared({ of = true }, function(a)
   }
 end)
 
---- Verify each deployment in `ctx.outputs[t.of].deployments`: wait (param
--- timeout each) until `t.holds(ctx, d, health)` (k8s.deployment_health)
--- returns true and a note for the log, `t.what(ctx, d)` naming the wait.
-M.verify_deployments = shared({ of = true, holds = true, what = true }, function(a)
+-- What verify_deployments waits for: the wait's name, and whether the
+-- deployment's health `h` (k8s.deployment_health) holds, with a note.
+local settled = {
+  replaced = {
+    description = "Each deployment healthy, and none of the pods it ran before (the finding step's `pods`) is left",
+    what = function(_, d) return d.name .. "'s old pods to go" end,
+    holds = function(_, d, h)
+      local old, left = {}, 0
+      for _, name in ipairs(d.pods) do old[name] = true end
+      for _, p in ipairs(h.pods) do left = left + (old[p.name] and 1 or 0) end
+      return h.healthy and left == 0, ("%d old pods left"):format(left)
+    end,
+  },
+  scaled = {
+    description = "Each deployment healthy, with exactly param replicas pods, all ready (old pods gone)",
+    what = function(ctx, d) return d.name .. "'s pods to number " .. ctx.params.replicas end,
+    holds = function(ctx, _, h)
+      local want = ctx.params.replicas
+      return h.healthy and h.ready == want and #h.pods == want, ("%d pods"):format(#h.pods)
+    end,
+  },
+}
+
+--- Verify each deployment in `ctx.outputs[t.of].deployments` (as wait_rollouts):
+-- wait (param timeout each) until it has `settled` as t.check says: "replaced"
+-- (every pod it ran before gone) or "scaled" (exactly param replicas, ready).
+M.verify_deployments = shared({ of = true, after = true, check = true }, function(a)
+  a.of = a.of or "Find the deployments"
+  local check = settled[a.check] or error("steps.verify_deployments: check must be replaced or scaled", 2)
   return {
+    description = check.description,
+    needs = found_and(a),
     run = function(ctx)
       for _, d in ipairs(ctx.outputs[a.of].deployments) do
         local h, note
-        local held = require("time").wait_until({ timeout = ctx.params.timeout, what = a.what(ctx, d) }, function()
+        local held = require("time").wait_until({ timeout = ctx.params.timeout, what = check.what(ctx, d) }, function()
           h = require("k8s").deployment_health(ctx.params.namespace, d.name)
           local ok
-          ok, note = a.holds(ctx, d, h)
+          ok, note = check.holds(ctx, d, h)
           return ok
         end)
         if held then require("log").info("%s: %d of %d ready, %s%s", d.name, h.ready, h.desired, note,
           #h.problems > 0 and (": " .. table.concat(h.problems, "; ")) or "") end
+      end
+    end,
+  }
+end)
+
+--- kubectl scale --replicas=<param replicas> of each deployment of
+-- `t.deployments(ctx)` (a list of {name, replicas}; default: the output
+-- `deployments` of the step "Find the deployments") not at it yet, refused if
+-- its replicas changed in between; undo scales each back. Its outputs:
+-- `deployments`, those it was given (for wait_rollouts and
+-- verify_deployments with of = this step), and `scaled`.
+M.scale = shared({ deployments = true }, function(a)
+  local found = a.deployments or function(ctx) return ctx.outputs["Find the deployments"].deployments end
+  return {
+    description = "kubectl scale --replicas=N for each deployment not at N yet (undo: the replicas each had)",
+    confirm = true,
+    needs = not a.deployments and { "Find the deployments" } or nil,
+    run = function(ctx)
+      local list, scaled = found(ctx), {}
+      for _, d in ipairs(list) do
+        if d.replicas ~= ctx.params.replicas then
+          require("k8s").scale("deploy/" .. d.name, ctx.params.replicas,
+            { namespace = ctx.params.namespace, current_replicas = d.replicas })
+          scaled[#scaled + 1] = d
+        end
+      end
+      return { deployments = list, scaled = scaled }
+    end,
+    undo = function(ctx, out)
+      for _, d in ipairs(out.scaled) do
+        require("k8s").scale("deploy/" .. d.name, d.replicas, { namespace = ctx.params.namespace })
+        require("log").info("%s back at %d replicas", d.name, d.replicas)
       end
     end,
   }
@@ -186,6 +259,23 @@ M.restore_database = shared({ set = true }, function(a)
   }
 end)
 
+--- Each consumer group the set `t.set(ctx)` recorded (backup -p groups=)
+-- back at its offsets of then, so that its consumers process again the
+-- events the restored database lacks (backupset.replay_events). Runs while
+-- the writers are stopped: the groups' consumers must be among them.
+M.replay_events = shared({ set = true }, function(a)
+  local set_of = a.set
+  return {
+    description = "Each consumer group the set recorded back at its offsets of then: the events since are processed again when the writers resume",
+    confirm = true,
+    when = function(ctx) return require("backupset").manifest(set_of(ctx)).offsets ~= nil end,
+    run = function(ctx)
+      local backupset = require "backupset"
+      return backupset.replay_events(backupset.manifest(set_of(ctx)))
+    end,
+  }
+end)
+
 --- Wait for the rollout of `t.target(ctx)`, or of the deployment the step
 -- `t.deployed` made (its output `name`), (kubectl rollout status) for at most
 -- param `t.within` (default: timeout); gives up at once when its new pods
@@ -203,6 +293,15 @@ M.rollout_status = shared({ target = true, within = true, deployed = true }, fun
     end,
   }
 end)
+
+--- kubectl set resources deploy/NAME -c CONTAINER --limits=memory=LIMIT
+-- [--requests=memory=REQUEST], in param namespace: a new pod template, so the
+-- pods roll (crashloop-triage, heap-dump).
+function M.set_memory(ctx, name, container, limit, request)
+  require("k8s").patch("deploy/" .. name, { spec = { template = { spec = { containers = { { name = container,
+    resources = { limits = { memory = limit }, requests = request and { memory = request } or nil } } } } } } },
+    { namespace = ctx.params.namespace })
+end
 
 --- The health of deployment `name` in param namespace (k8s.deployment_health);
 -- raises "NAME is not healthy: ..." when it is not.
@@ -240,7 +339,7 @@ M.verify_health = shared({ services = true }, function(a)
 end)
 
 --- The restored database against the set: row counts against its manifest,
--- and each query of param t.queries returns 0. `t.set(ctx)` is the set's
+-- and each query of param t.queries (or of the list `t.queries(ctx)` gives) returns 0. `t.set(ctx)` is the set's
 -- path; `t.kept` names the step that kept the database as it was (for the
 -- message). In a dry run, nothing was restored: it shows the state now.
 M.validate = shared({ set = true, queries = true, kept = true }, function(a)
@@ -250,7 +349,7 @@ M.validate = shared({ set = true, queries = true, kept = true }, function(a)
       local backupset = require "backupset"
       local path = set_of(ctx)
       local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
-        queries = backupset.queries(ctx.params[queries]) }
+        queries = type(queries) == "function" and queries(ctx) or backupset.queries(ctx.params[queries]) }
       if ctx.dry_run then
         require("log").info("now, before the restore: %s", #problems == 0 and "the database matches the set"
           or table.concat(problems, "; "))
@@ -269,6 +368,54 @@ end)
 --- The deployment of param service: param deployment, or todo-chatbot-SERVICE.
 function M.service_deployment(ctx)
   return ctx.params.deployment ~= "" and ctx.params.deployment or "todo-chatbot-" .. ctx.params.service
+end
+
+--- kubectl top of deployment `name`'s pods (param namespace), each logged with
+-- the app container's limits: {replicas, limits = {cpu, memory} (strings, as
+-- written), pods = k8s.top's rows, highest CPU first}.
+function M.pod_usage(ctx, name)
+  local k8s = require "k8s"
+  local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace })
+  local sel = {}
+  for k, v in pairs(d.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  local limits = (d.spec.template.spec.containers[1].resources or {}).limits or {}
+  local pods = k8s.top("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ","), sort_by = "cpu" })
+  for _, p in ipairs(pods) do
+    require("log").info("%s: cpu %dm, memory %dMi (limits: cpu %s, memory %s)", p.name, p.cpu_millicores,
+      p.memory_bytes // (1024 * 1024), limits.cpu or "none", limits.memory or "none")
+  end
+  return { replicas = d.spec.replicas, limits = { cpu = limits.cpu, memory = limits.memory }, pods = pods }
+end
+
+--- Watch deployment `name` (param namespace) for param observe: no pod may
+-- restart once it is healthy, and it must be healthy at the end (raises
+-- otherwise); `tick()`, when given, is called at each look (every second).
+-- -> {healthy = true}
+function M.watch_restarts(ctx, name, tick)
+  local k8s, time = require "k8s", require "time"
+  local function restarts()
+    local h = k8s.deployment_health(ctx.params.namespace, name)
+    local n = 0
+    for _, p in ipairs(h.pods) do if not p.terminating then n = n + p.restarts end end
+    return n, h
+  end
+  local until_t = time.monotonic() + ctx.params.observe
+  local base
+  while true do
+    local n, h = restarts()
+    local settled = #h.problems == 0
+    if settled then base = base or n end
+    if base and n > base then error(("pods restarted again after the fix: %s"):format(table.concat(h.problems, "; ")), 0) end
+    if tick then tick() end
+    if time.monotonic() >= until_t then
+      if not settled then error("not healthy after the fix: " .. table.concat(h.problems, "; "), 0) end
+      require("log").info("%s: %d/%d ready, no restart in %s", name, h.ready, h.desired,
+        require("duration").format(ctx.params.observe))
+      return { healthy = true }
+    end
+    time.sleep(1)
+  end
 end
 
 -- ---- one metric of a service, in Prometheus ----------------------------------
@@ -339,6 +486,52 @@ M.verify_metric = shared({ metric = true, measured = true }, function(a)
   }
 end)
 
+--- The smoke test of the deployment `t.target(ctx)` names, in param namespace
+-- (deploy, blue-green-switch), when param smoke or smoke_paths is given: GET
+-- each path of smoke_paths (or health_path) through every Service that
+-- selects its pods, each below 400, then the command of param smoke (sh -c,
+-- through the gate) with the deployment and its first Service in its
+-- environment. A dry run says what it would do.
+M.smoke_test = shared({ target = true }, function(a)
+  local target = a.target
+  return {
+    description = "GET each of smoke_paths through the Services of its pods, then the smoke command; all must pass",
+    when = function(ctx) return ctx.params.smoke ~= "" or ctx.params.smoke_paths ~= "" end,
+    run = function(ctx)
+      local k8s, log, name, ns = require "k8s", require "log", target(ctx), ctx.params.namespace
+      local paths = {}
+      for p in ctx.params.smoke_paths:gmatch("[^,%s]+") do paths[#paths + 1] = p end
+      if #paths == 0 then paths[1] = ctx.params.health_path end
+      if ctx.dry_run then
+        log.info("would GET %s through the Services of %s%s", table.concat(paths, ", "), name,
+          ctx.params.smoke ~= "" and (" and run the smoke command: " .. ctx.params.smoke) or "")
+        return
+      end
+      local first
+      for _, path in ipairs(paths) do
+        local sh = k8s.service_health("deploy/" .. name, { namespace = ns, path = path })
+        if #sh.services == 0 then error(("smoke test: no Service selects the pods of %s"):format(name), 0) end
+        for _, row in ipairs(sh.services) do
+          if not row.ok then error(("smoke test: %s %s: %s"):format(row.service, path, row.error), 0) end
+          log.info("smoke test: %s %s: HTTP %d", row.service, path, row.status)
+        end
+        first = first or sh.services[1]
+      end
+      if ctx.params.smoke == "" then return { paths = paths } end
+      local r = require("exec").run { shell = ctx.params.smoke, check = false, env = { TARGET_NAMESPACE = ns,
+        TARGET_DEPLOYMENT = name, TARGET_SERVICE = first.service,
+        TARGET_PROXY = ("/api/v1/namespaces/%s/services/%s:%d/proxy"):format(ns, first.service, first.port) } }
+      local out = (r.stdout .. r.stderr):gsub("%s+$", "")
+      if out ~= "" then log.info("smoke test: %s", out) end
+      if r.status ~= 0 then
+        error("smoke test: the command " .. (r.signal and ("was killed by signal " .. r.signal)
+          or ("exited with status " .. r.status)), 0)
+      end
+      return { paths = paths, command = r.status }
+    end,
+  }
+end)
+
 -- ---- a new version beside a live deployment (blue-green-switch, canary-deployment)
 
 --- `image` with its tag replaced by `tag`.
@@ -400,6 +593,213 @@ M.sibling_service = shared({ deployed = true, live = true }, function(a)
       if out.created then
         require("k8s").delete("svc/" .. ctx.outputs[deployed].name, { namespace = ctx.params.namespace, missing_ok = true })
       end
+    end,
+  }
+end)
+
+-- ---- Dapr (dapr-pubsub-check, dapr-control-plane) ------------------------------
+
+--- The params the Dapr steps read:
+--   params (steps.dapr_params) { "namespace", "pubsub", "app_id", ... }
+M.dapr_params = {
+  namespace = M.params.namespace,
+  system_namespace = { default = "dapr-system", help = "the namespace of Dapr's control plane" },
+  pubsub = { default = "kafka-pubsub", help = "the pub/sub component's name" },
+  app_id = { default = "backend", help = "the app whose sidecar publishes (DAPR_HTTP_ENDPOINT is its sidecar)" },
+  topic = { default = "task-events", help = "the topic the test event goes to" },
+  topics = { default = "task-events,task-updates,reminders", help = "topics that must exist on the brokers (comma-separated)" },
+  test_publish = { type = "boolean", default = true, help = "publish a test event through the sidecar and look for it on Kafka" },
+  publish_timeout = { type = "duration", default = "10s", help = "how long to look for the test event on the topic" },
+  log_since = { type = "duration", default = "15m", help = "how far back the Dapr logs are read for errors" },
+}
+
+-- The control plane's workloads by component, as Dapr's Helm chart names and labels them (app=NAME).
+M.DAPR_CONTROL_PLANE = {
+  { component = "operator", name = "dapr-operator" }, { component = "placement", name = "dapr-placement-server" },
+  { component = "sentry", name = "dapr-sentry" }, { component = "injector", name = "dapr-sidecar-injector" },
+}
+
+-- A check step's problems go in its outputs (so a resumed run still has them
+-- for the verdict); problem() logs one and adds it to the list.
+local function collector()
+  local problems = {}
+  return problems, function(fmt, ...)
+    local p = fmt:format(...)
+    problems[#problems + 1] = p
+    require("log").warn("%s", p)
+  end
+end
+
+--- Every pod annotated dapr.io/enabled in param namespace has a daprd
+-- container, and it is ready: {pods, ready, missing = {pod names without daprd}, problems}.
+M.dapr_sidecars = shared({}, function()
+  return {
+    description = "Every pod annotated dapr.io/enabled has a daprd container, and it is ready",
+    run = function(ctx)
+      local problems, problem = collector()
+      local s = require("dapr").sidecar_status(ctx.params.namespace)
+      local ready, missing = 0, {}
+      for _, p in ipairs(s.pods) do
+        if p.problem then problem("pod %s (app %s): %s", p.pod, tostring(p.app_id), p.problem)
+        else ready = ready + 1 end
+        if not p.injected then missing[#missing + 1] = p.pod end
+      end
+      require("log").info("%d of %d pods have a ready daprd sidecar", ready, #s.pods)
+      return { pods = #s.pods, ready = ready, missing = missing, problems = problems }
+    end,
+  }
+end)
+
+--- kubectl get components: every Dapr component of param namespace with its
+-- type; param pubsub is deployed as pubsub.kafka, and the Kafka brokers answer.
+M.dapr_component = shared({}, function()
+  return {
+    description = "kubectl get components: each with its type; the pub/sub component is deployed as pubsub.kafka and its brokers are reachable",
+    run = function(ctx)
+      local problems, problem = collector()
+      local k8s = require "k8s"
+      local all = {}
+      for _, comp in ipairs(k8s.list("components.dapr.io", { namespace = ctx.params.namespace })) do
+        all[#all + 1] = ("%s (%s)"):format(comp.metadata.name, tostring((comp.spec or {}).type))
+      end
+      require("log").info("components in %s: %s", ctx.params.namespace, #all > 0 and table.concat(all, ", ") or "none")
+      local c = k8s.get("components.dapr.io/" .. ctx.params.pubsub,
+        { namespace = ctx.params.namespace, missing_ok = true })
+      if not c then
+        problem("component %s is not deployed in %s (kubectl get components -n %s)", ctx.params.pubsub,
+          ctx.params.namespace, ctx.params.namespace)
+        return { deployed = false, problems = problems }
+      end
+      if c.spec.type ~= "pubsub.kafka" then problem("component %s is %s, not pubsub.kafka", ctx.params.pubsub, tostring(c.spec.type)) end
+      local brokers
+      for _, m in ipairs(c.spec.metadata or {}) do if m.name == "brokers" then brokers = m.value end end
+      require("log").info("component %s: %s, brokers %s", ctx.params.pubsub, c.spec.type, tostring(brokers))
+      local down = {}
+      for _, b in ipairs(require("kafka").brokers { probe_timeout = "3s" }) do
+        if not b.reachable then down[#down + 1] = ("%s:%d (%s)"):format(b.host, b.port, tostring(b.reason)) end
+      end
+      if #down > 0 then problem("Kafka brokers not answering: %s", table.concat(down, ", ")) end
+      return { deployed = true, brokers = brokers, problems = problems }
+    end,
+  }
+end)
+
+--- kafka-topics --list: every topic of param topics exists.
+M.dapr_topics = shared({}, function()
+  return {
+    description = "kafka-topics --list: the topics the apps publish to and subscribe to exist",
+    run = function(ctx)
+      local problems, problem = collector()
+      local have = {}
+      for _, t in ipairs(require("kafka").topics()) do have[t.name] = t.partitions end
+      for t in ctx.params.topics:gmatch("[^,%s]+") do
+        if not have[t] then problem("topic %s does not exist on the brokers", t)
+        else require("log").info("topic %s: %d partitions", t, have[t]) end
+      end
+      return { problems = problems }
+    end,
+  }
+end)
+
+--- The sidecar of param app_id: healthz, outbound, the component loaded, its
+-- subscriptions; with param test_publish, an event published through it and
+-- read back from Kafka by its key.
+M.dapr_publish = shared({}, function()
+  return {
+    description = "The app's sidecar: healthz, outbound, the component loaded, its subscriptions; then POST /v1.0/publish and read the event back from Kafka",
+    run = function(ctx)
+      local kafka, log = require "kafka", require "log"
+      local problems, problem = collector()
+      local before = kafka.watermarks(ctx.params.topic)
+      local rep = require("dapr").check_app(ctx.params.app_id, {
+        components = { [ctx.params.pubsub] = "pubsub.kafka" },
+        test_publish = ctx.params.test_publish and {
+          pubsub = ctx.params.pubsub, topic = ctx.params.topic,
+          confirm = function(ev) -- the event, keyed by its check id, read from the partitions' old ends
+            local from = {}
+            for p, w in pairs(before) do from[p] = w.high end
+            for m in kafka.consume { topic = ctx.params.topic, from_offsets = from, timeout = ctx.params.publish_timeout } do
+              if m.key == ev.check_id then
+                log.info("test event %s is on %s partition %d offset %d", ev.check_id, ctx.params.topic, m.partition, m.offset)
+                return true
+              end
+            end
+            return false
+          end,
+        } or nil,
+      })
+      log.info("sidecar %s (%s): healthz %s, outbound %s, runtime %s", rep.app_id, rep.endpoint, tostring(rep.healthy),
+        tostring(rep.outbound), tostring(rep.runtime_version))
+      log.info("subscriptions: %s", #rep.subscriptions > 0 and table.concat(rep.subscriptions, ", ") or "none")
+      for _, p in ipairs(rep.problems) do problem("%s", p) end
+      return { publish = rep.publish, subscriptions = rep.subscriptions, problems = problems }
+    end,
+  }
+end)
+
+-- The message of a Dapr log line (logfmt msg="..."), or the line.
+local function dapr_message(line)
+  return line:match('msg="(.-)"%s') or line
+end
+
+--- The errors (level=error or fatal) since param log_since in the logs of the
+-- control plane's components `t.components` (names of DAPR_CONTROL_PLANE, in
+-- param system_namespace; kubectl logs -l app=dapr-operator) and of every daprd
+-- sidecar in param namespace (kubectl logs POD -c daprd), and how many lines of
+-- param app_id's sidecars name pub/sub (| grep -i pubsub):
+-- {components = {{name, errors, top}...}, pubsub_lines, problems}.
+M.dapr_logs = shared({ components = true }, function(a)
+  local wanted = {}
+  for _, c in ipairs(a.components) do wanted[c] = true end
+  return {
+    description = "kubectl logs -l app=dapr-... -n dapr-system and -c daprd: the errors of the control plane and the sidecars; the app's daprd lines about pub/sub",
+    run = function(ctx)
+      local k8s, log = require "k8s", require "log"
+      local problems, problem = collector()
+      local out = { components = {}, pubsub_lines = 0, problems = problems }
+      for _, c in ipairs(M.DAPR_CONTROL_PLANE) do
+        if wanted[c.component] then
+          local lines = k8s.logs { selector = "app=" .. c.name, namespace = ctx.params.system_namespace,
+            since = ctx.params.log_since }
+          local counts, errors = {}, 0
+          for _, l in ipairs(lines) do
+            if l:match("level=error") or l:match("level=fatal") then
+              errors = errors + 1
+              local m = dapr_message(l)
+              counts[m] = (counts[m] or 0) + 1
+            end
+          end
+          local top = {}
+          for m, n in pairs(counts) do top[#top + 1] = { message = m, count = n } end
+          table.sort(top, function(x, y) return x.count > y.count or x.count == y.count and x.message < y.message end)
+          out.components[#out.components + 1] = { name = c.name, lines = #lines, errors = errors, top = top }
+          if errors > 0 then
+            problem("%s logged %d errors in the last %s, most often (%dx): %s", c.name, errors,
+              require("duration").format(ctx.params.log_since), top[1].count, top[1].message)
+          else log.info("%s: %d lines in the last %s, no errors", c.name, #lines, require("duration").format(ctx.params.log_since)) end
+        end
+      end
+      for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
+        local has_daprd = false
+        for _, c in ipairs(p.spec.containers or {}) do has_daprd = has_daprd or c.name == "daprd" end
+        if has_daprd then
+          local app = (p.metadata.annotations or {})["dapr.io/app-id"] == ctx.params.app_id
+          local lines = k8s.logs("pod/" .. p.metadata.name,
+            { namespace = ctx.params.namespace, container = "daprd", since = ctx.params.log_since })
+          local errors, first = 0, nil
+          for _, l in ipairs(lines) do
+            if app and l:lower():find("pubsub", 1, true) then out.pubsub_lines = out.pubsub_lines + 1 end
+            if l:match("level=error") or l:match("level=fatal") then
+              errors, first = errors + 1, first or dapr_message(l)
+            end
+          end
+          if errors > 0 then problem("pod %s daprd logged %d errors, the first: %s", p.metadata.name, errors, first) end
+        end
+      end
+      log.info("the daprd sidecars logged no errors but those named; %d lines of %s's name pub/sub in the last %s",
+        out.pubsub_lines, ctx.params.app_id,
+        require("duration").format(ctx.params.log_since))
+      return out
     end,
   }
 end)

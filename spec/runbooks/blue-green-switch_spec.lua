@@ -1,7 +1,8 @@
 -- runbooks/blue-green-switch.lua against the sandbox: a new color comes up
--- beside the live frontend and takes the Ingress; a new color that cannot
--- start, or that fails while watched, never keeps the traffic. Checked with
--- curl against the Kubernetes API.
+-- beside the live frontend, passes its smoke test and takes the Ingress, is
+-- labelled current, and a later rollback=true switches back; a new color that
+-- cannot start, fails its smoke test, or fails while watched never keeps the
+-- traffic. Checked with curl against the Kubernetes API.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -19,6 +20,15 @@ local function backend_of(path)
   end
 end
 
+-- The `current` label of a deployment.
+local function current(app)
+  return (kh.deployment(app).metadata.labels or {}).current
+end
+
+-- Runs whose error rate is not the point skip it (no PROMETHEUS_URL): the
+-- first switch holds it.
+local NO_PROM = { PROMETHEUS_URL = "" }
+
 local function exists(kind, name)
   local path = kind == "deployment" and "/apis/apps/v1/namespaces/todo-chatbot/deployments/" or "/api/v1/namespaces/todo-chatbot/services/"
   return sb.k8s("GET", path .. name) == 200
@@ -26,13 +36,20 @@ end
 
 describe("blue-green-switch", function()
   setup(kh.reset_world)
+  -- A run that fails undoes itself: the world is reseeded only when a case left it switched.
   after_each(function()
-    kh.reset_world()
+    sb.ctl("k8s reset")
+    local switched = backend_of("/") ~= "todo-chatbot-frontend" or exists("deployment", "todo-chatbot-frontend-green")
+      or kh.deployment("frontend").spec.replicas ~= 2 or current("frontend") ~= nil
+    if switched then kh.reset_world() end
     cli.cleanup()
   end)
 
-  it("brings up green beside blue, switches the Ingress, watches it and retires blue", function()
-    local r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "tag=v1.5.0", "-p", "observe=3s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
+  it("brings up green, smoke-tests it, switches, retires blue, labels green current; rollback=true switches back", function()
+    local dir = cli.tmpdir()
+    local smoke = ('echo "$TARGET_SERVICE" > %s/smoked && kubectl get --raw "$TARGET_PROXY/health" >> %s/smoked'):format(dir, dir)
+    local r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "tag=v1.5.0", "-p", "observe=3s",
+      "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "-p", "smoke_paths=/health", "-p", "smoke=" .. smoke, "--yes" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("todo-chatbot-frontend-green", backend_of("/"))
     assert.are.equal("todo-chatbot-backend", backend_of("/api"))    -- the other paths stay
@@ -40,13 +57,35 @@ describe("blue-green-switch", function()
     assert.are.equal(2, kh.deployment("frontend-green").status.readyReplicas)
     assert.are.equal(0, kh.deployment("frontend").spec.replicas)
     assert.are.equal(200, sb.k8s("GET", "/api/v1/namespaces/todo-chatbot/services/todo-chatbot-frontend-green:3000/proxy/health"))
-    -- and back the other way: blue gets the next tag and the traffic
-    r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend-green", "-p", "tag=v1.6.0", "-p", "observe=1s", "-p", "error_rate_window=5s", "-p", "error_rate_hold=2s", "--yes" }
+    assert.matches('^todo%-chatbot%-frontend%-green\n.*"status": "healthy"', cli.slurp(dir .. "/smoked"))
+    assert.are.equal("true", current("frontend-green"))
+    assert.are.equal("false", current("frontend"))
+    -- later, the rollback: blue back up, the Ingress back to it, green retired, the labels swapped
+    r = cli.run({ "run", RUNBOOK, "-p", "from=todo-chatbot-frontend-green", "-p", "rollback=true", "-p", "observe=1s", "--yes" }, NO_PROM)
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("todo-chatbot-frontend", backend_of("/"))
-    assert.are.equal("v1.6.0", kh.tag("frontend"))
-    assert.are.equal(0, kh.deployment("frontend-green").spec.replicas)
     assert.truthy(kh.wait_rolled_out("frontend"))
+    assert.are.equal(2, kh.deployment("frontend").status.readyReplicas)
+    assert.are.equal(0, kh.deployment("frontend-green").spec.replicas)
+    assert.are.equal("true", current("frontend"))
+    assert.are.equal("false", current("frontend-green"))
+    -- and the next release goes to the green kept at 0
+    r = cli.run({ "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "tag=v1.6.0", "-p", "observe=1s", "--yes" }, NO_PROM)
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal("todo-chatbot-frontend-green", backend_of("/"))
+    assert.are.equal("v1.6.0", kh.tag("frontend-green"))
+    assert.are.equal(0, kh.deployment("frontend").spec.replicas)
+    assert.truthy(sb.wait_until(20, function()
+      local st = kh.deployment("frontend-green").status or {}
+      return st.updatedReplicas == 2 and st.readyReplicas == 2 and st.replicas == 2
+    end), "green did not settle at 2 replicas of v1.6.0")
+  end)
+
+  it("refuses a rollback when the other color is gone", function()
+    local r = cli.run { "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "rollback=true", "--yes" }
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("nothing to switch back to: todo%-chatbot%-frontend%-green", r.stdout .. r.stderr)
+    assert.are.equal("todo-chatbot-frontend", backend_of("/"))
   end)
 
   it("never switches to a color whose image cannot be pulled, and removes it", function()
@@ -57,6 +96,18 @@ describe("blue-green-switch", function()
     assert.truthy(sb.wait_until(10, function() return not exists("deployment", "todo-chatbot-frontend-green") end))
     assert.is_false(exists("service", "todo-chatbot-frontend-green"))
     assert.are.equal(2, kh.deployment("frontend").spec.replicas)
+  end)
+
+  it("never switches to a color whose smoke test fails, and removes it", function()
+    local r = cli.run({ "run", RUNBOOK, "-p", "from=todo-chatbot-frontend", "-p", "tag=v1.5.0",
+      "-p", 'smoke=kubectl get --raw "$TARGET_PROXY/api/tasks"', "--yes" }, NO_PROM)
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    assert.matches("smoke test: the command exited with status 1", r.stdout .. r.stderr)
+    assert.are.equal("todo-chatbot-frontend", backend_of("/"))
+    assert.truthy(sb.wait_until(10, function() return not exists("deployment", "todo-chatbot-frontend-green") end))
+    assert.is_false(exists("service", "todo-chatbot-frontend-green"))
+    assert.are.equal(2, kh.deployment("frontend").spec.replicas)
+    assert.is_nil(current("frontend"))
   end)
 
   it("switches back when the new color fails while it is watched", function()

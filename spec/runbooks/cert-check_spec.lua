@@ -1,7 +1,9 @@
 -- runbooks/cert-check.lua against the sandbox: TLS Secrets made with the
 -- openssl CLI and put in by kubectl (expired, about to expire, fine, not
 -- covering the Ingress's host), a live endpoint served by openssl s_server;
--- the verdicts checked, a renewal checked with kubectl and openssl.
+-- the verdicts checked, a renewal checked with kubectl and openssl. A
+-- cert-manager Certificate (the stand-in issues it) near expiry whose renewal
+-- failed: warned about, then renewed through cert-manager.
 local cli = require "spec.support.cli"
 local certs = require "spec.support.certs"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -132,4 +134,62 @@ describe("cert-check", function()
     local key_body = cli.slurp(good.key):match("KEY%-%-%-%-%-\n(.-)\n")
     assert.falsy(out:find(key_body, 1, true), "the private key was printed")
   end)
+
+  -- A cert-manager Certificate in a namespace of its own (CNS), issued by the stand-in, then left
+  -- with 5 days and a failed renewal.
+  local CNS = "cert-spec"
+  local function expiring_certificate()
+    kubectl("create namespace " .. CNS)
+    assert(sb.kubectl(("-n %s apply -f -"):format(CNS), [[
+apiVersion: cert-manager.io/v1
+kind: Certificate
+metadata: {name: api-cert}
+spec:
+  secretName: api-cert-tls
+  dnsNames: [api.todo.example.com]
+  duration: 2160h
+  renewBefore: 720h
+  issuerRef: {name: letsencrypt, kind: ClusterIssuer}
+]]))
+    assert.truthy(sb.wait_until(20, function()
+      return sb.kubectl(("-n %s get certificate api-cert -o jsonpath='{.status.revision}'"):format(CNS)) == "1"
+    end), "the Certificate was not issued")
+    assert(sb.ctl("k8s cert-expiring " .. CNS .. "/api-cert 5"))
+    return function() kubectl("delete namespace " .. CNS) end
+  end
+
+  -- Days until the Secret's certificate expires, by kubectl, openssl and date.
+  local function days_left(name)
+    local out = kubectl(("-n %s get secret %s -o jsonpath='{.data.tls\\.crt}' | base64 -d | openssl x509 -noout -enddate")
+      :format(CNS, name))
+    local t = tonumber((sb.sh("date -u -d " .. sb.quote(out:match("notAfter=(.-)%s*$")) .. " +%s")))
+    return (t - os.time()) / 86400
+  end
+
+  it("warns of a cert-manager Certificate near expiry whose renewal failed, and renews it through cert-manager", function()
+    finally(expiring_certificate())
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "namespace=" .. CNS }
+    local out = r.stdout .. r.stderr
+    assert.are.equal(1, r.code, out)
+    assert.matches("CRITICAL%s+[45] .*certificate cert%-spec/api%-cert .*expires in [45] days; its last renewal failed at .*403 urn:ietf:params:acme:error:unauthorized",
+      line_of(out, "certificate cert-spec/api-cert"))
+    assert.matches("%-p renew=expiring renews them", out)
+    assert.is_true(days_left("api-cert-tls") < 6)
+    -- a dry run of the renewal changes nothing
+    local before = kubectl(("-n %s get certificate,secret -o custom-columns=N:.metadata.name,V:.metadata.resourceVersion --no-headers"):format(CNS))
+    r = cli.run { "run", RUNBOOK, "--dry-run", "-p", "namespace=" .. CNS, "-p", "renew=expiring" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("would patch certificate api%-cert", r.stdout)
+    assert.are.equal(before, kubectl(("-n %s get certificate,secret -o custom-columns=N:.metadata.name,V:.metadata.resourceVersion --no-headers"):format(CNS)))
+    -- the renewal: cert-manager issues a new certificate for the whole duration
+    r = cli.run { "run", RUNBOOK, "--yes", "-p", "namespace=" .. CNS, "-p", "renew=expiring" }
+    out = r.stdout .. r.stderr
+    assert.are.equal(0, r.code, out)
+    assert.matches("secret cert%-spec/api%-cert%-tls: the new certificate, 89 days left", out)
+    assert.is_true(days_left("api-cert-tls") > 89)
+    local described = kubectl(("-n %s describe certificate api-cert"):format(CNS))
+    assert.matches("Certificate re%-issuance manually triggered", described)
+    assert.matches("Reason:%s+Ready\n%s+Status:%s+True\n%s+Type:%s+Ready", described)
+  end)
+
 end)

@@ -2,11 +2,13 @@
 -- (--yes --output json): healthy once recurring-task-service has caught up,
 -- unhealthy (exit 1, each failing check in its step's outputs) with a
 -- crash-looping deployment, Redis down and the WebSocket endpoint refusing
--- upgrades (curl sees the 503); and it never writes anything.
+-- upgrades (curl sees the 503); an evicted pod, every namespace and node as
+-- kubectl lists and tops them; and it never writes anything.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
 local kh = require "spec.runbooks.k8s_helper"
+local cjson = require "cjson"
 
 local RUNBOOK = "runbooks/daily-health-check.lua"
 
@@ -23,6 +25,13 @@ local function ws_status()
   return tonumber((sb.sh("curl -s -o /dev/null -w '%{http_code}' -m 5 --http1.1 -H 'Connection: Upgrade' -H 'Upgrade: websocket'"
     .. " -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' -H 'Sec-WebSocket-Version: 13' "
     .. sb.quote(sb.env("WEBSOCKET_URL"):gsub("^ws:", "http:")))))
+end
+
+-- kubectl ARGS -o json, decoded.
+local function kubectl_json(args)
+  local out, ok = sb.kubectl(args .. " -o json")
+  assert(ok, out)
+  return cjson.decode(out)
 end
 
 local function restore()
@@ -78,6 +87,78 @@ describe("daily-health-check", function()
     assert.are.equal(1, events[#events].exit_code)
   end)
 
+  it("checks every namespace, the nodes' use against what they can allocate, Dapr's control plane, and names an evicted pod", function()
+    local out, ok = sb.ctl("k8s evicted backend")
+    assert(ok, out)
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "namespaces=all" }
+    local checks = outputs(cli.events(r.stdout))
+    -- kubectl get pods -A --field-selector=status.phase=Failed
+    local failed = kubectl_json("get pods -A --field-selector=status.phase=Failed").items
+    assert.are.equal(#failed, #checks["Failed and evicted pods"].failed)
+    local evicted = checks["Failed and evicted pods"].failed[1]
+    assert.are.same({ failed[1].metadata.namespace, failed[1].metadata.name, "Evicted", failed[1].status.message },
+      { evicted.namespace, evicted.pod, evicted.reason, evicted.message })
+    assert.matches("^pod todo%-chatbot/todo%-chatbot%-backend%-evicted%-%d+ was evicted: The node was low on resource: memory",
+      checks["Failed and evicted pods"].warnings[1])
+    -- kubectl get deploy -A, get deploy -n dapr-system, top nodes
+    local deploys = kubectl_json("get deploy -A").items
+    assert.are.equal(#deploys, checks["Deployments and nodes"].deployments)
+    local dapr = kubectl_json("get deploy -n dapr-system").items
+    assert.is_true(#dapr > 0 and checks["Dapr control plane"].checked)
+    assert.are.equal(#dapr, checks["Dapr control plane"].deployments)
+    local top, top_ok = sb.kubectl("top nodes --no-headers")
+    assert(top_ok, top)
+    local nodes = checks["Resource use"].nodes
+    assert.is_true(#nodes > 0)
+    for _, n in ipairs(nodes) do
+      local cpu, mem = top:match(n.name:gsub("%p", "%%%0") .. "%s+(%d+)m%s+%d+%%%s+(%d+)Mi")
+      assert.are.equal(tonumber(cpu), n.cpu_millicores, top)
+      assert.are.equal(tonumber(mem), n.memory_bytes // 1048576, top)
+      assert.is_true(n.cpu_share > 0 and n.cpu_share < 1 and n.memory_share > 0 and n.memory_share < 1)
+    end
+  end)
+
+  it("measures every group the Dapr components give their apps, and mails the lag a burst of events raised", function()
+    local dir = cli.tmpdir()
+    local port, pid = cli.fixture("smtp_server.py", dir .. "/mailbox.jsonl")
+    finally(function() os.execute("kill " .. pid) end)
+    -- the groups kubectl's components and deployments name: {appID}-service of each Dapr app
+    local want = {}
+    for _, d in ipairs(kubectl_json("get deploy -n todo-chatbot").items) do
+      local app = (d.spec.template.metadata.annotations or {})["dapr.io/app-id"]
+      if app then want[#want + 1] = app .. "-service" end
+    end
+    table.sort(want)
+    -- the fault: 1500 task events at once, more than the consumers take in the run's time
+    local out, ok = sb.sh(("seq 1500 | sed 's/.*/{\"event_type\":\"task.created\",\"burst\":&}/' | timeout 30 kcat -P -b %s -t task-events")
+      :format(sb.quote(sb.env("KAFKA_BROKERS"))))
+    assert(ok, out)
+    local TOPICS = { ["recurring-task-service"] = "task-events", ["websocket-service"] = "task-events", ["notification-service"] = "reminders" }
+    local list = {}
+    for g, t in pairs(TOPICS) do list[#list + 1] = { g, t } end
+    local before = sb.lags(list)
+    local r = cli.run({ "run", RUNBOOK, "--yes", "--output", "json" },
+      { SMTP_URL = "smtp://127.0.0.1:" .. port, ALERT_EMAIL = "ops@example.com" })
+    local after = sb.lags(list)
+    assert.are.equal(1, r.code, r.stdout .. r.stderr)
+    local lag = outputs(cli.events(r.stdout))["Consumer lag"]
+    assert.are.same(want, lag.groups)
+    for i, gt in ipairs(list) do
+      -- kafka-sandbox lag, an independent client, before and after the run
+      local lo, hi = math.min(before[i][1], after[i][1]), math.max(before[i][1], after[i][1])
+      assert.is_true(lag.lag[gt[1]] >= lo - 100 and lag.lag[gt[1]] <= hi + 100,
+        ("%s: %s, kafka-sandbox lag %d .. %d"):format(gt[1], tostring(lag.lag[gt[1]]), lo, hi))
+    end
+    assert.matches("group recurring%-task%-service is %d+ messages behind", table.concat(lag.problems, "\n"))
+    -- the mail, as seed 002's `mail -s "KAFKA LAG ALERT" ops@example.com`
+    local first = cli.slurp(dir .. "/mailbox.jsonl"):match("[^\n]+")
+    assert.truthy(first, "no mail")
+    local mail = cjson.decode(first)
+    assert.are.same({ "ops@example.com" }, mail.to)
+    assert.matches("Subject: %[runbook%] daily%-health%-check failed", mail.data)
+    assert.matches("group recurring%-task%-service is %d+ messages behind", mail.data)
+  end)
+
   it("measures each pod's log volume with df in the pod, warning from disk_warn", function()
     local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "disk_warn=0" }
     local disk = outputs(cli.events(r.stdout))["Disk use in pods"]
@@ -110,10 +191,13 @@ describe("daily-health-check", function()
       return cli.run { "run", RUNBOOK, "--yes" }, cli.run { "run", RUNBOOK, "--dry-run" }
     end)
     -- without an endpoint the WebSocket check is left out, and the verdict says so
-    local r3 = cli.run({ "run", RUNBOOK, "--yes", "--output", "json" }, { WEBSOCKET_URL = "" })
+    -- nor Dapr's control plane where its namespace has nothing
+    local r3 = cli.run({ "run", RUNBOOK, "--yes", "--output", "json", "-p", "dapr_namespace=no-such-namespace" }, { WEBSOCKET_URL = "" })
     local events = cli.events(r3.stdout)
     assert.are.same({}, cli.only(events, "effect"))
     assert.are.same({ checked = false, problems = {}, warnings = {} }, outputs(events)["WebSocket"])
+    assert.are.same({ checked = false, problems = {}, warnings = {} }, outputs(events)["Dapr control plane"])
+    assert.matches("Dapr's control plane is not installed %(no deployments in namespace no%-such%-namespace%)", r3.stdout)
     assert.matches("Consumer lag", r1.stdout)
     assert.matches("Consumer lag", r2.stdout)
     assert.matches(sb.env("WEBSOCKET_URL"):gsub("%p", "%%%0") .. ": handshake in %d+ms, pong in ", r2.stdout)

@@ -10,26 +10,35 @@ local certs = require "spec.support.certs"
 local dir = cli.tmpdir()
 local PARAMS = {
   ["backup"] = { "dir=" .. dir },
-  ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY" },
+  ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY",
+    "rotate_all=true", "image=registry.digitalocean.com/todo-chatbot/backend:v1.5.0" },
   ["rotate-secret"] = { "secret=todo-chatbot-secrets", "key=API_KEY" },
-  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key" },
+  ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key",
+    "renew=expiring" },
+  ["deploy"] = { "deployment=todo-chatbot-websocket", "tag=v1.5.0", "backup=true", "dir=" .. dir, "smoke_paths=/health" },
   ["blue-green-switch"] = { "from=todo-chatbot-frontend", "tag=v1.5.0", "observe=1s" },
   ["config-update"] = { "object=configmap/todo-chatbot-config", "key=LOG_LEVEL", "value=WARNING" },
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
   ["data-corruption"] = { "dir=" .. dir, "force=true" },
-  ["db-pool-exhausted"] = { "idle_for=0s", "pool_size=30" },
+  ["db-pool-exhausted"] = { "idle_for=0s", "running_for=0s", "pool_size=30",
+    "db_workload=deployment/todo-chatbot-frontend", "restart_db=true" },   -- any workload's pods stand for the database's
   ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
   ["outage-recovery"] = { "settle=1s" },
-  ["restore"] = { "dir=" .. dir },
+  ["restore"] = { "dir=" .. dir, "kubernetes=true", "topics=all" },
+  ["disaster-recovery"] = { "dir=" .. dir, "force=true" },
   ["rollback"] = { "deployment=todo-chatbot-backend" },
   ["restart"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket" },
   ["scale"] = { "deployments=todo-chatbot-frontend,todo-chatbot-websocket", "replicas=3" },
   ["canary-deployment"] = { "deployment=todo-chatbot-backend", "tag=v1.5.0", "interval=1s", "every=1s", "warmup=0s" },
-  ["high-error-rate"] = { "service=backend" },
+  ["high-error-rate"] = { "service=backend", "replicas=3" },
   ["high-latency"] = { "service=backend" },
   ["hpa"] = { "deployment=todo-chatbot-recurring-task", "max=12", "lag_metric=kafka_consumer_lag" },
-  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true" },
+  ["heap-dump"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "restart=true", "memory_limit=512Mi" },
+  -- an endpoint that refuses connections: the handshake fails, so the restart is offered
+  ["websocket-triage"] = { "websocket_url=ws://127.0.0.1:9/ws", "settle=1s" },
+  ["rate-limit"] = { "service=backend", "add_keys=sk-decline-spec-key" },
+  ["service-degradation"] = { "deployment=todo-chatbot-notification", "debug_for=1s", "observe=1s" },
   ["maintenance-window"] = { "deployment=todo-chatbot-frontend", "image=registry.digitalocean.com/todo-chatbot/frontend:v1.5.0",
     "reason=declined at the prompt", "backup_dir=" .. dir, "watch=1s", "error_rate_window=10s" },
 }
@@ -42,21 +51,24 @@ local MAY_NOT_REACH = { ["heap-dump"] = true, ["canary-deployment"] = true, ["hi
 
 -- What a runbook needs in the sandbox to reach its confirm steps.
 local SETUP = {
-  -- a backup set to restore
+  -- a backup set to restore, with the namespace's objects, a topic and a group's offsets
   ["restore"] = function()
     if not io.open(dir .. "/done") then
-      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "--yes" }).code)
+      assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "-p", "kubernetes=true",
+        "-p", "topics=reminders-dlq", "-p", "groups=recurring-task-service:task-events", "--yes" }).code)
       io.open(dir .. "/done", "w"):close()
     end
   end,
-  -- a session idle in a transaction (ended after the run)
+  -- a session idle in a transaction and one running a query (ended after the run)
   ["db-pool-exhausted"] = function()
-    local p = io.popen(("sh -c \"(printf 'BEGIN;\\nSELECT 1;\\n'; sleep 30) | PGAPPNAME=decline-spec psql -X -q %s\" "
-      .. ">/dev/null 2>&1 & echo $!"):format(sb.env("DATABASE_URL")))
-    p:close()
+    for _, sql in ipairs { "BEGIN;\\nSELECT 1;", "SELECT pg_sleep(30);" } do
+      local p = io.popen(("sh -c \"(printf '%s\\n'; sleep 30) | PGAPPNAME=decline-spec psql -X -q %s\" "
+        .. ">/dev/null 2>&1 & echo $!"):format(sql, sb.env("DATABASE_URL")))
+      p:close()
+    end
     assert(sb.wait_until(10, function()
       return sb.psql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'decline-spec' "
-        .. "AND state = 'idle in transaction'"):match("^%s*1") end), "no idle session")
+        .. "AND state IN ('idle in transaction', 'active')"):match("^%s*2") end), "no idle session and running query")
   end,
 }
 -- a TLS Secret to renew, and the certificate to renew it with
@@ -68,7 +80,10 @@ SETUP["cert-check"] = function()
   sb.kubectl(("-n todo-chatbot create secret tls todo-chatbot-tls --cert=%s --key=%s"):format(
     cli.quote(dir .. "/renewed.crt"), cli.quote(dir .. "/renewed.key")))
 end
+-- crowded websocket pods, so that the scale-out is offered (cleared after each run)
+SETUP["websocket-triage"] = function() assert(select(2, sb.ctl("dapr ws-load websocket 900"))) end
 SETUP["data-corruption"] = SETUP["restore"]
+SETUP["disaster-recovery"] = SETUP["restore"]
 SETUP["maintenance-window"] = SETUP["restore"]   -- a recent backup set
 
 local function runbooks()
@@ -83,6 +98,7 @@ describe("declining a step at the prompt", function()
   teardown(cli.cleanup)
   after_each(function()
     sb.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'decline-spec'")
+    sb.ctl("dapr ws-load websocket 0")
   end)
   for _, file in ipairs(runbooks()) do
     local rb = loader.load(file)

@@ -10,10 +10,11 @@ local M = {}
 M.k8s_lists = {
   "/api/v1/namespaces", "/api/v1/nodes", "/api/v1/pods", "/api/v1/services", "/api/v1/endpoints",
   "/api/v1/configmaps", "/api/v1/secrets", "/api/v1/serviceaccounts", "/api/v1/events",
-  "/apis/apps/v1/deployments", "/apis/apps/v1/replicasets",
+  "/apis/apps/v1/deployments", "/apis/apps/v1/replicasets", "/apis/apps/v1/statefulsets",
   "/apis/coordination.k8s.io/v1/leases", "/apis/autoscaling/v2/horizontalpodautoscalers",
   "/apis/networking.k8s.io/v1/ingresses", "/apis/networking.k8s.io/v1/networkpolicies",
   "/apis/dapr.io/v1alpha1/components", "/apis/dapr.io/v1alpha1/subscriptions",
+  "/apis/cert-manager.io/v1/certificates",
 }
 
 -- The sandbox's consumer groups; specs add the groups their runbooks commit for.

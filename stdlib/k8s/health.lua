@@ -42,7 +42,8 @@ local function pod_health(p)
   return ph
 end
 
-local function matches(sel, labels)
+--- Whether a label selector ({matchLabels, matchExpressions}) selects these labels.
+function M.matches(sel, labels)
   labels = labels or {}
   for k, v in pairs((sel or {}).matchLabels or {}) do
     if labels[k] ~= v then return false end
@@ -102,7 +103,7 @@ local function health_of(d, pods)
   end
   local function problem(fmt, ...) h.problems[#h.problems + 1] = fmt:format(...) end
   for _, e in ipairs(pods.candidates(spec.selector)) do
-    if matches(spec.selector, e.labels) then
+    if M.matches(spec.selector, e.labels) then
       local ph = e.health
       h.pods[#h.pods + 1] = ph
       for _, c in ipairs(ph.containers) do
@@ -130,10 +131,11 @@ end
 
 --- deployment_health(namespace, name): desired/ready/available/updated, the
 -- conditions, every pod with phase, restarts, waiting and last termination
--- reasons, the problems found (strings) and healthy (a boolean).
+-- reasons, the problems found (strings) and healthy (a boolean). name may be a
+-- target of another workload with replicas, "sts/NAME": a StatefulSet's health alike.
 function Client:deployment_health(ns, name)
   if type(name) ~= "string" then ns, name = self.namespace, ns end
-  local d = self:get("deployments", name, { namespace = ns })
+  local d = name:find("/", 1, true) and self:get(name, { namespace = ns }) or self:get("deployments", name, { namespace = ns })
   local pods = pod_set()
   for _, p in ipairs(self:pods_of(d, ns)) do pods.add(p) end
   return health_of(d, pods)
@@ -190,7 +192,7 @@ local function check_services(self, ns, services, label_sets, opts)
         require("runbook.host").check_deadline() -- a timed-out step or Ctrl-C is not a failed check
         row.ok, row.error = false, tostring(type(r) == "table" and r.message or r)
       else
-        row.status, row.ok = r.status, r.status < 400
+        row.status, row.ok, row.json = r.status, r.status < 400, r.json
         if not row.ok then row.error = ("HTTP %d: %s"):format(r.status, r.json and r.json.message or (r.body or ""):sub(1, 120)) end
       end
       out.ok = out.ok and row.ok
@@ -209,7 +211,7 @@ end
 -- through the API server's proxy of every Service whose selector picks the
 -- workload's pods (its first port; not the <app>-dapr Services the Dapr
 -- operator makes, labelled dapr.io/enabled). A refused or failing check is a
--- result, not an error. -> {ok, services = {{service, port, status, ok, error}...}}
+-- result, not an error. -> {ok, services = {{service, port, status, ok, error, json}...}}
 -- (ok is also true when no Service selects the pods: services is then empty).
 function Client:service_health(a, b)
   local _, ns, _, d, opts = self:workload(a, b, "service_health")

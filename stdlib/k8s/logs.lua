@@ -47,7 +47,7 @@ local function stamp_time(stamp)
 end
 
 local function log_query(opts, cname, follow)
-  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since"))
+  local since = opts.since and math.ceil(duration.check(opts.since, "k8s.logs since")) or nil
   return { container = cname, tailLines = opts.tail, sinceSeconds = since, sinceTime = opts.since_time,
     previous = opts.previous and "true" or nil, timestamps = "true", limitBytes = opts.limit_bytes,
     follow = follow and "true" or nil }
@@ -70,12 +70,18 @@ local function read_log(self, ns, pod, opts)
 end
 
 -- kubectl logs -f of each pod, as one iterator of records, until opts.timeout
--- (default 5m) or the step's deadline, whichever comes first, or every stream ends.
+-- (default 5m) or the step's deadline, whichever comes first, or every stream
+-- ends. Its fourth value closes every stream, so a generic for that ends early
+-- (a break, an error, Ctrl-C) leaves none open.
 local function follow(self, pods, ns, opts)
   local stop = host.now() + (opts.timeout and duration.check(opts.timeout, "k8s.logs timeout") or 300)
   local dl = host.deadline()
   if dl and dl < stop then stop = dl end
   local streams = {}
+  local function close_all()
+    for _, st in ipairs(streams) do st.s:close() end
+    streams = {}
+  end
   self:refresh()
   for _, pod in ipairs(pods) do
     local cname = opts.container or M.default_container(pod)
@@ -84,7 +90,7 @@ local function follow(self, pods, ns, opts)
       accept = "*/*", timeout = math.max(1, stop - host.now()) } }
   end
   local i = 0
-  return function()
+  local function next_record()
     while #streams > 0 and host.now() < stop do
       i = i % #streams + 1
       local st = streams[i]
@@ -98,10 +104,10 @@ local function follow(self, pods, ns, opts)
         table.remove(streams, i)
       end
     end
-    for _, st in ipairs(streams) do st.s:close() end
-    streams = {}
+    close_all()
     return nil
   end
+  return next_record, nil, nil, setmetatable({}, { __close = close_all })
 end
 
 -- Every pod's records merged in timestamp order (a pod's own order kept on ties).
@@ -141,15 +147,22 @@ function Client:logs(a, b)
   return lines, by_pod
 end
 
+-- A field's value as text: a JSON number that is whole prints as an integer
+-- (cjson decodes 42 as 42.0), so user_id=42 matches it.
+local function text(v)
+  if math.type(v) == "float" and v == math.floor(v) and math.abs(v) < 2^53 then return ("%d"):format(v) end
+  return tostring(v)
+end
+
 -- Does a record's field satisfy a `where` condition: equal (as text), one of
 -- a list, or a function's verdict?
 local function satisfies(v, want)
   if type(want) == "function" then return want(v) and true or false end
   if type(want) == "table" then
-    for _, w in ipairs(want) do if v ~= nil and tostring(v) == tostring(w) then return true end end
+    for _, w in ipairs(want) do if v ~= nil and text(v) == text(w) then return true end end
     return false
   end
-  return v ~= nil and tostring(v) == tostring(want)
+  return v ~= nil and text(v) == text(want)
 end
 
 local function check_query(q)
@@ -157,42 +170,66 @@ local function check_query(q)
   if q.where ~= nil and type(q.where) ~= "table" then error("k8s.log_query: where must be a table of field = value", 3) end
   if q.match ~= nil and type(q.match) ~= "string" then error("k8s.log_query: match must be a string (a Lua pattern)", 3) end
   if q.count_by ~= nil and type(q.count_by) ~= "string" then error("k8s.log_query: count_by must be a field name", 3) end
+  if q.each ~= nil and type(q.each) ~= "function" then error("k8s.log_query: each must be a function", 3) end
+  if q.max ~= nil and math.type(q.max) ~= "integer" then error("k8s.log_query: max must be an integer", 3) end
+  if q.follow ~= nil and q.follow ~= false then duration.check(q.follow, "k8s.log_query follow") end
+end
+
+-- Decodes a record's JSON into rec.fields (other lines stay text) and says
+-- whether the query's `match` and `where` keep it.
+local function keeps(q, rec)
+  if q.json ~= false and rec.line:match("^%s*{") then
+    local ok, v = pcall(cjson.decode, rec.line)
+    if ok and type(v) == "table" then rec.fields = v end
+  end
+  if q.match then
+    local ok, found = pcall(string.find, rec.line, q.match)
+    if not ok then error(("k8s.log_query: match %q is not a valid Lua pattern: %s"):format(q.match, found:gsub("^.-:%d+: ", "")), 0) end
+    if not found then return false end
+  end
+  for k, want in pairs(q.where or {}) do
+    if not satisfies(rec.fields and rec.fields[k], want) then return false end
+  end
+  return true
+end
+
+-- The records a query reads: every pod's log merged in time order, or with
+-- q.follow each pod's stream from now on (history first as since/tail ask).
+local function source(self, pods, ns, q)
+  if q.follow then
+    return follow(self, pods, ns, { container = q.container, since = q.since, since_time = q.since_time,
+      tail = q.tail, timeout = q.follow })
+  end
+  local all, i = read_logs(self, pods, ns, q), 0
+  return function()
+    i = i + 1
+    if all[i] then all[i].seq = nil end
+    return all[i]
+  end
 end
 
 --- Logs as records: a target's pods (every pod of a workload) or a selector's,
 -- merged in timestamp order; JSON lines decoded into rec.fields (other lines
--- kept as text), filtered by `where` and `match`, counted by a field.
+-- kept as text), filtered by `where` and `match`, counted by a field. With
+-- `follow` (a duration) the pods' logs as they write them, for that long;
+-- `each(rec)` sees each match as it comes; `max` stops at that many matches.
 function Client:log_query(q)
   check_query(q)
   local pods, ns = self:target_pods(q.target or q, q.target and q or nil, "log_query")
-  local json = q.json ~= false
   local res = { records = {}, scanned = 0, pods = {} }
   for _, pod in ipairs(pods) do res.pods[#res.pods + 1] = pod.metadata.name end
   local counts = {}
-  for _, rec in ipairs(read_logs(self, pods, ns, q)) do
+  for rec in source(self, pods, ns, q) do
     res.scanned = res.scanned + 1
-    rec.seq = nil
-    if json and rec.line:match("^%s*{") then
-      local ok, v = pcall(cjson.decode, rec.line)
-      if ok and type(v) == "table" then rec.fields = v end
-    end
-    local keep = true
-    if q.match then
-      local ok, found = pcall(string.find, rec.line, q.match)
-      if not ok then error(("k8s.log_query: match %q is not a valid Lua pattern: %s"):format(q.match, found:gsub("^.-:%d+: ", "")), 2) end
-      keep = found ~= nil
-    end
-    for k, want in pairs(q.where or {}) do
-      if not keep then break end
-      keep = satisfies(rec.fields and rec.fields[k], want)
-    end
-    if keep then
+    if keeps(q, rec) then
       res.records[#res.records + 1] = rec
       if q.count_by then
         local v = rec.fields and rec.fields[q.count_by]
-        v = v == nil and "(none)" or tostring(v)
+        v = v == nil and "(none)" or text(v)
         counts[v] = (counts[v] or 0) + 1
       end
+      if q.each then q.each(rec) end
+      if q.max and #res.records >= q.max then break end
     end
   end
   res.count, res.first, res.last = #res.records, res.records[1], res.records[#res.records]

@@ -182,9 +182,44 @@ function Client:stuck_rollout(r, ns, d)
   end
 end
 
---- Watches the deployment until it is rolled out (returns {message, deployment}),
+--- kubectl's status of a StatefulSet's rolling update (RollingUpdate only):
+-- done once the spec is observed, every replica ready, and every pod at the
+-- update revision (or, with a partition, the pods from it up).
+function M.statefulset_status(s)
+  local name, spec, st = s.metadata.name, s.spec or {}, s.status or {}
+  local strategy = spec.updateStrategy or {}
+  if (strategy.type or "RollingUpdate") ~= "RollingUpdate" then
+    raise { op = "rollout_status", code = "unsupported",
+      message = ("statefulset %q: rollout status is only available for RollingUpdate strategy type"):format(name) }
+  end
+  if (st.observedGeneration or 0) == 0 or (s.metadata.generation or 0) > st.observedGeneration then
+    return "Waiting for statefulset spec update to be observed...", false
+  end
+  local want = spec.replicas or 1
+  if (st.readyReplicas or 0) < want then
+    return ("Waiting for %d pods to be ready..."):format(want - (st.readyReplicas or 0)), false
+  end
+  local partition = (strategy.rollingUpdate or {}).partition or 0
+  if partition > 0 then
+    if (st.updatedReplicas or 0) < want - partition then
+      return ("Waiting for partitioned roll out to finish: %d out of %d new pods have been updated...")
+        :format(st.updatedReplicas or 0, want - partition), false
+    end
+    return ("partitioned roll out complete: %d new pods have been updated..."):format(st.updatedReplicas or 0), true
+  end
+  if st.updateRevision ~= st.currentRevision then
+    return ("waiting for statefulset rolling update to complete %d pods at revision %s...")
+      :format(st.updatedReplicas or 0, tostring(st.updateRevision)), false
+  end
+  return ("statefulset rolling update complete %d pods at revision %s..."):format(st.currentReplicas or 0,
+    tostring(st.currentRevision)), true
+end
+
+local ROLLOUT_STATUS = { Deployment = M.deployment_status, StatefulSet = M.statefulset_status }
+
+--- Watches the deployment (or StatefulSet) until it is rolled out (returns {message, deployment}),
 -- its progress deadline passes or `timeout` does (all raise). With
--- opts.fail_fast it also raises (code = the waiting reason, e.g.
+-- opts.fail_fast a deployment's wait also raises (code = the waiting reason, e.g.
 -- "CrashLoopBackOff") as soon as a pod of the new ReplicaSet is stuck in a
 -- state that waiting does not end (crash loop, image pull, bad config).
 -- In a dry run the rollout would follow simulated writes (the deployment may
@@ -200,14 +235,15 @@ function Client:rollout_status(a, b)
     return { message = msg, dry_run = true }
   end
   local r, ns, name, obj, opts = self:workload(a, b, "rollout_status")
-  if r.kind ~= "Deployment" then error("k8s.rollout_status: only deployments are supported", 2) end
+  local status_of = ROLLOUT_STATUS[r.kind]
+  if not status_of then error("k8s.rollout_status: only deployments and statefulsets are supported", 2) end
   local timeout = secs(opts.timeout, "k8s.rollout_status timeout", 300)
   local progress = opts.progress
   if progress == nil or progress == true then progress = function(m) require("log").info("%s", m) end end
   local deadline = host.now() + timeout
   local last
   local function check(d)
-    local msg, done = M.deployment_status(d)
+    local msg, done = status_of(d)
     if msg ~= last and progress and not done then progress(msg) end
     require("runbook.output").waiting(done and "" or ("rollout of %s: %s"):format(name, msg), deadline - host.now())
     last = msg
@@ -216,7 +252,7 @@ function Client:rollout_status(a, b)
   local res = check(obj)
   local checked = -math.huge
   local function stuck() -- at most every 2 s: it lists ReplicaSets and pods
-    if not opts.fail_fast or res or host.now() - checked < 2 then return end
+    if not opts.fail_fast or r.kind ~= "Deployment" or res or host.now() - checked < 2 then return end
     checked = host.now()
     local e = self:stuck_rollout(r, ns, obj)
     if e then raise(e) end
@@ -738,6 +774,15 @@ function M.quantity(q)
   local f = SUFFIX[suf or ""]
   if not num or num == "" or not f or not tonumber(num) then return nil end
   return tonumber(num) * f
+end
+
+--- A quantity times `factor`, in its own unit: ("256Mi", 2) -> "512Mi", ("500m", 1.5) -> "750m";
+-- nil when q is not a plain number with an optional unit.
+function M.scale_quantity(q, factor)
+  local n, unit = tostring(q):match("^([%d.]+)(%a*)$")
+  if not n or not tonumber(n) then return nil end
+  local v = tonumber(n) * factor
+  return (math.floor(v) == v and ("%d"):format(v) or ("%.1f"):format(v)) .. unit
 end
 
 --- Resource usage from the metrics API: top("pods"|"nodes", opts) ->

@@ -20,7 +20,10 @@ program's control socket. Writes STATE_DIR/apps.json, STATE_DIR/ports/dapr
 server listens. A sidecar reports unhealthy while the file
 STATE_DIR/dapr/unhealthy/<appid> exists (see `ctl dapr unhealthy`); an app
 refuses WebSocket upgrades with 503 while STATE_DIR/dapr/ws-refused/<appid>
-exists (`ctl dapr ws-refuse`).
+exists (`ctl dapr ws-refuse`; `ctl dapr ws-stuck` writes "until-restart" in it,
+and the Kubernetes stand-in removes it once the app's pods are replaced), and
+its /stats counts the connections in STATE_DIR/dapr/ws-load/<appid> as open too
+(`ctl dapr ws-load`).
 """
 
 import base64
@@ -282,6 +285,16 @@ WS_STATS = {"connections": 0, "connections_total": 0, "messages_received": 0}
 WS_STATS_LOCK = threading.Lock()
 
 
+def ws_load(app_id):
+    """Connections of clients the sandbox does not hold open, counted on /stats as open
+    (STATE_DIR/dapr/ws-load/<appid>, written by `ctl dapr ws-load`)."""
+    try:
+        with open(os.path.join(STATE_DIR, "dapr", "ws-load", app_id)) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def count(**deltas):
     with WS_STATS_LOCK:
         for name, d in deltas.items():
@@ -298,7 +311,11 @@ class AppHandler(Handler):
             self.echo()
         elif url.path == "/stats" and self.server.app_id == "websocket":
             with WS_STATS_LOCK:
-                self.send(200, dict(WS_STATS))
+                stats = dict(WS_STATS)
+            load = ws_load(self.server.app_id)
+            stats["connections"] += load
+            stats["connections_total"] += load
+            self.send(200, stats)
         else:
             self.send(404, {"detail": "Not Found"})
 

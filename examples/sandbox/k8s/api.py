@@ -115,10 +115,14 @@ def qos_class(pod_spec):
     return "Burstable"
 
 
+# Kinds with a pod template and a selector.
+WORKLOADS = ("deployments", "replicasets", "statefulsets")
+
+
 def apply_defaults(res, obj):
     spec = obj.setdefault("spec", {}) if res.name in (
-        "deployments", "replicasets", "pods", "services", "namespaces") else obj.get("spec")
-    if res.name in ("deployments", "replicasets"):
+        "deployments", "replicasets", "statefulsets", "pods", "services", "namespaces") else obj.get("spec")
+    if res.name in WORKLOADS:
         spec.setdefault("replicas", 1)
         spec.setdefault("selector", {"matchLabels": obj["spec"].get("template", {}).get("metadata", {}).get("labels", {})})
         tmpl = spec.setdefault("template", {})
@@ -129,6 +133,10 @@ def apply_defaults(res, obj):
                                      "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}})
         spec.setdefault("revisionHistoryLimit", 10)
         spec.setdefault("progressDeadlineSeconds", 600)
+    elif res.name == "statefulsets":
+        spec.setdefault("podManagementPolicy", "OrderedReady")
+        spec.setdefault("updateStrategy", {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}})
+        spec.setdefault("revisionHistoryLimit", 10)
     elif res.name == "pods":
         default_pod_spec(spec)
         obj.setdefault("status", {"phase": "Pending", "qosClass": qos_class(spec)})
@@ -150,7 +158,7 @@ def apply_defaults(res, obj):
 def validate(res, obj):
     """The few checks a real apiserver makes that our controller relies on."""
     spec = obj.get("spec") or {}
-    pod_spec = spec.get("template", {}).get("spec") if res.name in ("deployments", "replicasets") else \
+    pod_spec = spec.get("template", {}).get("spec") if res.name in WORKLOADS else \
         spec if res.name == "pods" else None
     if pod_spec is None:
         return
@@ -162,7 +170,7 @@ def validate(res, obj):
         for f in ("name", "image"):
             if not c.get(f):
                 causes.append(("FieldValueRequired", "Required value", "%s.containers[%d].%s" % (prefix, i, f)))
-    if res.name in ("deployments", "replicasets"):
+    if res.name in WORKLOADS:
         sel = selector_of(spec.get("selector"))
         if not labels_match(sel, spec.get("template", {}).get("metadata", {}).get("labels")):
             causes.append(("FieldValueInvalid", "Invalid value: `selector` does not match template `labels`",

@@ -8,13 +8,16 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import threading
 import time
 
+import workload
 from api import labels_match, qos_class
+from certmanager import CertManager
 from store import clone, now_iso, parse_iso
 
 # Time runs fast in the sandbox: a rollout of two replicas takes about 2 s.
@@ -191,6 +194,7 @@ class Faults:
         self.bad_image_undo = {}  # (ns, deployment) -> image to restore on reset
         self.template_undo = {}   # (ns, deployment) -> (the faulted pod spec, the one to restore on reset)
         self.claims = set()       # (ns, name) of the claims pvc-pending made, deleted on reset
+        self.evicted = set()      # (ns, name) of the pods evicted made, deleted on reset
 
     def describe(self):
         return {"crashloop": sorted("%s/%s image=%s" % f for f in self.crash),
@@ -209,6 +213,7 @@ class Controller:
         self.stop = threading.Event()
         self.paused = False      # `ctl workload pause`: no tick runs, so nothing changes by itself
         self.ip_seq = 10
+        self.certs = CertManager(self, state_dir)
         self.reset()
 
     def reset(self):
@@ -328,6 +333,9 @@ class Controller:
             for rs in self.shared("replicasets.apps"):
                 if rs["metadata"]["uid"] not in skip:
                     self.guarded(self.sync_replicaset, rs, now, pods.get(rs["metadata"]["uid"], []))
+            pods = self.owned("pods")
+            for sts in self.shared("statefulsets.apps"):
+                self.guarded(self.sync_statefulset, sts, now, pods.get(sts["metadata"]["uid"], []))
             for c in self.shared("persistentvolumeclaims"):
                 self.guarded(self.sync_claim, c, now)
             for p in self.shared("pods"):
@@ -341,6 +349,8 @@ class Controller:
             for d in self.shared("deployments.apps"):
                 if d["metadata"]["uid"] not in skip:
                     self.deployment_status(d, now, rss.get(d["metadata"]["uid"], []))
+            for sts in self.shared("statefulsets.apps"):
+                self.statefulset_status(sts, pods.get(sts["metadata"]["uid"], []))
             by_ns = {}
             for p in self.shared("pods"):
                 by_ns.setdefault(p["metadata"]["namespace"], []).append(p)
@@ -348,6 +358,8 @@ class Controller:
                 self.sync_endpoints(s, now, by_ns.get(s["metadata"]["namespace"], []))
             for h in self.shared("horizontalpodautoscalers.autoscaling"):
                 self.sync_hpa(h)
+            for crt in self.shared("certificates.cert-manager.io"):
+                self.guarded(self.certs.sync, crt, now)
             self.write_replica_files()
             after = self.families()
             if after is not before or after is not self.quiet_from or faults != self.quiet_faults:
@@ -598,9 +610,90 @@ class Controller:
 
     def create_pod(self, rs, now):
         name = "%s-%s" % (rs["metadata"]["name"], "".join(random.choice(ALPHA) for _ in range(5)))
-        pod = self.store.put("pods", pod_for(rs, name, now))
+        pod = self.store.put("pods", self.admit(pod_for(rs, name, now)))
         self.emit(rs, "Normal", "SuccessfulCreate", "Created pod: " + name, now, "replicaset-controller")
         return pod
+
+    def admit(self, pod):
+        """Dapr's sidecar injector, a mutating webhook with failurePolicy Ignore: a pod annotated
+        dapr.io/enabled is created without its daprd container while no injector pod works
+        (none ready, or each stuck: `ctl k8s dapr-stuck injector`). The templates carry daprd
+        already, so a working injector has nothing to add."""
+        ann = pod["metadata"].get("annotations") or {}
+        if ann.get("dapr.io/enabled") != "true" or self.injector_works():
+            return pod
+        pod["spec"]["containers"] = [c for c in pod["spec"]["containers"] if c["name"] != "daprd"] or pod["spec"]["containers"]
+        return pod
+
+    def injector_works(self):
+        return any(self.pod_is_ready(p) and p["metadata"]["uid"] not in workload.DAPR_STUCK
+                   and not p["metadata"].get("deletionTimestamp")
+                   for p in self.shared("pods", "dapr-system")
+                   if (p["metadata"].get("labels") or {}).get("app") == "dapr-sidecar-injector")
+
+    # statefulsets ------------------------------------------------------------------
+    def sync_statefulset(self, sts, now, pods):
+        """The StatefulSet controller, OrderedReady with RollingUpdate: pods NAME-0..N-1 made in
+        order, each once the one before is ready; removed from the highest ordinal; on a new
+        template, the highest pod of an old revision is replaced first, one at a time."""
+        name, want = sts["metadata"]["name"], sts["spec"].get("replicas", 1)
+        rev = "%s-%s" % (name, template_hash(sts["spec"]["template"]))
+        by_ordinal = {int(p["metadata"]["name"].rsplit("-", 1)[1]): p for p in pods}
+        if any(p["metadata"].get("deletionTimestamp") for p in pods):
+            return   # one change at a time: wait for the terminating pod to go
+        for i in sorted(by_ordinal, reverse=True):
+            if i >= want:
+                return self.delete_member(sts, by_ordinal[i], now)
+        for i in range(want):
+            if i not in by_ordinal:
+                return self.create_member(sts, i, rev, now)
+            if not self.pod_is_ready(by_ordinal[i]):
+                return
+        for i in sorted(by_ordinal, reverse=True):
+            if by_ordinal[i]["metadata"]["labels"].get("controller-revision-hash") != rev:
+                return self.delete_member(sts, by_ordinal[i], now)
+
+    def create_member(self, sts, i, rev, now):
+        md = sts["metadata"]
+        tmpl = clone(sts["spec"]["template"])
+        name = "%s-%d" % (md["name"], i)
+        labels = dict(tmpl["metadata"].get("labels", {}), **{
+            "controller-revision-hash": rev, "statefulset.kubernetes.io/pod-name": name, "apps.kubernetes.io/pod-index": str(i)})
+        spec = dict(tmpl["spec"], hostname=name)
+        if sts["spec"].get("serviceName"):
+            spec["subdomain"] = sts["spec"]["serviceName"]
+        pod = {"kind": "Pod", "apiVersion": "v1",
+               "metadata": {"name": name, "namespace": md["namespace"], "labels": labels,
+                            "creationTimestamp": now_iso(now), "ownerReferences": [owner_ref(sts)]},
+               "spec": spec, "status": {"phase": "Pending", "qosClass": qos_class(spec)}}
+        if tmpl["metadata"].get("annotations"):
+            pod["metadata"]["annotations"] = tmpl["metadata"]["annotations"]
+        self.store.put("pods", self.admit(pod))
+        self.emit(sts, "Normal", "SuccessfulCreate", "create Pod %s in StatefulSet %s successful" % (name, md["name"]),
+                  now, "statefulset-controller")
+
+    def delete_member(self, sts, p, now):
+        self.kill_pod(p, now)
+        self.emit(sts, "Normal", "SuccessfulDelete", "delete Pod %s in StatefulSet %s successful" % (
+            p["metadata"]["name"], sts["metadata"]["name"]), now, "statefulset-controller")
+
+    def statefulset_status(self, sts, pods):
+        rev = "%s-%s" % (sts["metadata"]["name"], template_hash(sts["spec"]["template"]))
+        pods = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+        ready = sum(1 for p in pods if self.pod_is_ready(p))
+        at = lambda r: sum(1 for p in pods if p["metadata"]["labels"].get("controller-revision-hash") == r)
+        old = sts.get("status") or {}
+        current = old.get("currentRevision") or rev
+        if at(rev) == len(pods) == sts["spec"].get("replicas", 1):
+            current = rev
+        st = {"observedGeneration": sts["metadata"].get("generation", 1), "replicas": len(pods), "readyReplicas": ready,
+              "availableReplicas": ready, "currentReplicas": at(current), "updatedReplicas": at(rev),
+              "currentRevision": current, "updateRevision": rev, "collisionCount": 0}
+        st = drop_zero(st, ["readyReplicas", "availableReplicas", "currentReplicas", "updatedReplicas"])
+        if st != old:
+            new = clone(sts)
+            new["status"] = st
+            self.store.put("statefulsets.apps", new)
 
     def kill_pod(self, p, now):
         """Delete a pod gracefully: Terminating now, gone TERMINATION seconds later."""
@@ -650,6 +743,8 @@ class Controller:
     def sync_pod(self, p, now):
         if p["metadata"].get("deletionTimestamp"):
             return self.finish_termination(p, now)
+        if p["status"].get("phase") in ("Failed", "Succeeded"):
+            return   # a pod that ended stays as it ended (an evicted pod until deleted)
         node = p["spec"].get("nodeName")
         if not node:
             return self.schedule(p, now)
@@ -971,3 +1066,22 @@ class Controller:
                     f.write("%d\n" % n)
                 os.rename(tmp, os.path.join(folder, name))
             self.replicas_written[full] = n
+            self.heal_ws_stuck(d)
+
+    def heal_ws_stuck(self, d):
+        """`ctl dapr ws-stuck APP`: the app refuses WebSocket upgrades (the Dapr stand-in reads the
+        file) until its pods are replaced: once every ready pod was created after the fault, it goes."""
+        app = d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+        path = os.path.join(self.state_dir, "dapr", "ws-refused", app or "")
+        try:
+            with open(path) as f:
+                if not app or f.read().strip() != "until-restart":
+                    return
+            since = math.ceil(os.stat(path).st_mtime)
+        except OSError:
+            return
+        ready = [p for p in self.shared("pods", d["metadata"]["namespace"])
+                 if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == app
+                 and self.pod_is_ready(p) and not p["metadata"].get("deletionTimestamp")]
+        if ready and all(parse_iso(p["metadata"]["creationTimestamp"]) >= since for p in ready):
+            os.remove(path)

@@ -118,6 +118,30 @@ def pull_secret(cluster, f, args):
             "exists" % (d["metadata"]["name"], image, controller.PRIVATE_REGISTRY))
 
 
+def evicted(cluster, f, args):
+    """evicted DEPLOYMENT: a pod of it the kubelet evicted for memory pressure an hour ago, left
+    behind Failed (reason Evicted), as `kubectl get pods --field-selector=status.phase=Failed` lists it."""
+    d = find_deployment(cluster.store, args[0])
+    ns, app = d["metadata"]["namespace"], app_container(d)["name"]
+    name = "%s-evicted-%d" % (d["metadata"]["name"], len(f.evicted) + 1)
+    node = next((n["metadata"]["name"] for n in cluster.store.list("nodes")), "")
+    then = time.time() - 3600
+    from store import now_iso
+    cluster.store.put("pods", {"kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": ns, "labels": {"sandbox/evicted-from": d["metadata"]["name"]},
+                     "creationTimestamp": now_iso(then - 600)},
+        "spec": dict(copy.deepcopy(d["spec"]["template"]["spec"]), nodeName=node),
+        "status": {"phase": "Failed", "reason": "Evicted", "startTime": now_iso(then - 600),
+                   "message": "The node was low on resource: memory. Threshold quantity: 100Mi, available: 51200Ki. "
+                              "Container %s was using 1843Mi, request is 256Mi, has larger consumption of request." % app,
+                   "containerStatuses": [{"name": c["name"], "image": c["image"], "ready": False, "restartCount": 0,
+                                          "state": {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
+                                                                   "finishedAt": now_iso(then)}}}
+                                         for c in d["spec"]["template"]["spec"]["containers"]]}})
+    f.evicted.add((ns, name))
+    return "pod %s/%s: evicted (Failed, reason Evicted) on node %s" % (ns, name, node)
+
+
 def node_notready(cluster, f, args):
     if cluster.store.get("nodes", "", args[0]) is None:
         raise LookupError('node "%s" not found' % args[0])
@@ -170,6 +194,39 @@ def log_errors(cluster, f, args):
     return "deployment %s: half its log lines from 5 minutes ago on are ERROR %r" % (d["metadata"]["name"], message)
 
 
+def cert_expiring(cluster, f, args):
+    """cert-expiring NAMESPACE/NAME [DAYS]: the Certificate's Secret holds a certificate with DAYS
+    (5) left, and cert-manager's renewal failed just now (it retries in an hour)."""
+    ns, _, name = args[0].rpartition("/")
+    crt = cluster.store.get("certificates.cert-manager.io", ns or NS, name)
+    if crt is None:
+        raise LookupError('certificate "%s" not found in %s' % (name, ns or NS))
+    days = float(args[1]) if len(args) > 1 else 5.0
+    cluster.controller.certs.expiring(crt, days, time.time())
+    return "certificate %s/%s: %g days left, its renewal failed (retried in an hour)" % (ns or NS, name, days)
+
+
+DAPR_COMPONENTS = ("operator", "placement", "sentry", "injector")
+
+
+def dapr_stuck(cluster, f, args):
+    """dapr-stuck COMPONENT: the Dapr control plane's COMPONENT pods that run now stay Running
+    and Ready but fail at their work: they log their component's error (from 5 minutes ago
+    on), and a stuck injector injects no daprd into new pods. A new pod (a restart) works."""
+    if args[0] not in DAPR_COMPONENTS:
+        raise ValueError("unknown Dapr component %r (one of %s)" % (args[0], ", ".join(DAPR_COMPONENTS)))
+    pods = [p for p in cluster.store.list("pods", "dapr-system")
+            if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == args[0]
+            and not p["metadata"].get("deletionTimestamp")]
+    if not pods:
+        raise LookupError("no %s pod runs in dapr-system" % args[0])
+    for p in pods:
+        workload.DAPR_STUCK[p["metadata"]["uid"]] = time.time() - 300
+    return "dapr %s: pods %s are stuck (errors in their logs%s) until they are replaced" % (
+        args[0], ", ".join(p["metadata"]["name"] for p in pods),
+        "; new Dapr-enabled pods get no daprd" if args[0] == "injector" else "")
+
+
 # Appends to an old rotated log until /var/log is $0 percent full; the file is $1.
 FILL = ('set -- "$0" "$1" $(df -Pk /var/log | tail -n 1); want=$(($4 * $1 / 100 - $5)); '
         'if [ "$want" -gt 0 ]; then head -c "${want}K" /dev/zero >>"$2" || exit; fi; touch -d "14 days ago" "$2"')
@@ -216,10 +273,10 @@ def metric_target(cluster, text):
 
 
 def metrics(cluster, f, args):
-    """metrics errors|latency|memory|pool|scrape-fail|reminder-failures|reset ...: the pods' /metrics."""
+    """metrics errors|latency|capacity|rate-limit|memory|pool|scrape-fail|reminder-failures|reset ...: the pods' /metrics."""
     mf = cluster.metrics.faults
     cmd, rest = args[0], args[1:]
-    need = {"errors": 2, "latency": 2, "capacity": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
+    need = {"errors": 2, "latency": 2, "capacity": 2, "rate-limit": 2, "memory": 2, "pool": 2, "scrape-fail": 1, "reminder-failures": 1, "reset": 0}
     if cmd not in need:
         raise ValueError("unknown metrics fault %r; known: %s" % (cmd, ", ".join(sorted(need))))
     if len(rest) != need[cmd]:
@@ -248,6 +305,14 @@ def metrics(cluster, f, args):
         if mf.capacity[target] <= 0:
             raise ValueError("bad capacity %r (requests per second per pod, e.g. 5)" % rest[1])
         return "%s: a pod serving more than %g requests/s slows down" % (rest[0], mf.capacity[target])
+    if cmd == "rate-limit":
+        try:
+            mf.rate_limit[target] = float(rest[1])
+        except ValueError:
+            mf.rate_limit[target] = 0
+        if mf.rate_limit[target] <= 0:
+            raise ValueError("bad rate limit %r (requests per second per API key, e.g. 10)" % rest[1])
+        return "%s: %g requests/s per API key, the rest answer 429" % (rest[0], mf.rate_limit[target])
     if cmd == "latency":
         mf.latency[target] = duration(rest[1])
         if mf.latency[target] <= 0:
@@ -263,6 +328,7 @@ def metrics(cluster, f, args):
 def reset(cluster, f, args):
     cluster.metrics.faults.reset()
     workload.LOG_ERRORS.clear()
+    workload.DAPR_STUCK.clear()
     if args[:1] == ["--world"]:
         cluster.reseed()
         return "world reseeded, faults cleared"
@@ -274,6 +340,8 @@ def reset(cluster, f, args):
             cluster.api.commit(lookup_res("deployments"), d, new, {}, "sandbox-fault")
     for ns, claim in f.claims:
         cluster.store.remove("persistentvolumeclaims", ns, claim)
+    for ns, name in f.evicted:
+        cluster.store.remove("pods", ns, name)
     for (ns, name), image in f.bad_image_undo.items():
         d = cluster.store.get("deployments.apps", ns, name)
         if d and d["spec"]["template"]["spec"]["containers"][0]["image"] in f.bad_images:
@@ -296,7 +364,9 @@ def resume(cluster, f, args):
 
 def status(cluster, f, args):
     return dict(f.describe(), metrics=cluster.metrics.faults.describe(),
-                log_errors=sorted("%s/%s: %s" % (ns, app, v[1]) for (ns, app), v in workload.LOG_ERRORS.items()))
+                log_errors=sorted("%s/%s: %s" % (ns, app, v[1]) for (ns, app), v in workload.LOG_ERRORS.items()),
+                dapr_stuck=sorted(p["metadata"]["name"] for p in cluster.store.list("pods", "dapr-system")
+                                  if p["metadata"]["uid"] in workload.DAPR_STUCK))
 
 
 def lookup_res(name):
@@ -327,7 +397,8 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "api-latency": (api_latency, 1), "reset": (reset, 0), "status": (status, 0),
             "pause": (pause, 0), "resume": (resume, 0), "metrics": (metrics, 1),
             "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
-            "unschedulable": (unschedulable, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
+            "dapr-stuck": (dapr_stuck, 1), "cert-expiring": (cert_expiring, 1),
+            "unschedulable": (unschedulable, 1), "evicted": (evicted, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
             "populate": (populate, 2), "depopulate": (depopulate, 1), "requests": (requests, 0)}
 
 

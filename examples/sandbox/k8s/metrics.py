@@ -53,6 +53,7 @@ class MetricFaults:
         self.errors, self.latency, self.pool, self.scrape_fail = {}, {}, {}, set()
         self.capacity = {}           # target -> requests per second one pod serves before it slows down
         self.memory = {}             # target -> (MiB per second, since)
+        self.rate_limit = {}         # target -> requests per second an upstream provider allows per API key
         self.reminder_failures = None
 
     def describe(self):
@@ -62,6 +63,7 @@ class MetricFaults:
                 "memory_growth_mib_per_s": {name(t): v[0] for t, v in self.memory.items()},
                 "pool_usage": {name(t): v for t, v in self.pool.items()},
                 "capacity_rps_per_pod": {name(t): v for t, v in self.capacity.items()},
+                "rate_limit_rps_per_key": {name(t): v for t, v in self.rate_limit.items()},
                 "scrape_fail": sorted(name(t) for t in self.scrape_fail),
                 "reminder_failures": self.reminder_failures}
 
@@ -79,6 +81,7 @@ class Pod:
         self.reminders = {"success": 0.0, "failure": 0.0}
         self.rps = 0.0
         self.info = {}
+        self.api_keys = 1            # the API keys its env held when it started (at least 1)
 
 
 class Metrics:
@@ -148,17 +151,38 @@ class Metrics:
             ready = [p for p in pods if labels_match(reqs, p["metadata"].get("labels")) and is_ready(p)]
             for p in ready:
                 share[p["metadata"]["uid"]] = share.get(p["metadata"]["uid"], 0.0) + rps[s["metadata"]["name"]] / len(ready)
+        total = {}                   # deployment -> rps of all its pods
+        for p in pods:
+            d = deployment_of.get(p["metadata"]["uid"])
+            total[d] = total.get(d, 0.0) + share.get(p["metadata"]["uid"], 0.0)
         with self.lock:
             seen = {}
             for p in pods:
                 uid = p["metadata"]["uid"]
-                st = self.pods.get(uid) or Pod(uid)
+                st = self.pods.get(uid)
+                if st is None:
+                    st = Pod(uid)
+                    st.api_keys = self.api_keys(p)
                 st.info = pod_info(p, deployment_of.get(uid))
                 st.rps = share.get(uid, 0.0)
-                self.advance(st, dt, now)
+                self.advance(st, dt, now, total.get(deployment_of.get(uid)) or st.rps)
                 seen[uid] = st
             self.pods = seen
         self.write_targets()
+
+    def api_keys(self, p):
+        """The keys with API_KEY in their name of the Secrets the pod's containers read (envFrom, env)."""
+        keys = set()
+        for c in p["spec"].get("containers", []):
+            for ef in c.get("envFrom") or []:
+                ref = ef.get("secretRef")
+                s = ref and self.store.get("secrets", p["metadata"]["namespace"], ref.get("name"))
+                keys.update(k for k in ((s or {}).get("data") or {}) if "API_KEY" in k)
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and "API_KEY" in ref.get("key", ""):
+                    keys.add(ref["key"])
+        return max(1, len(keys))
 
     def fault(self, table, info, default=None):
         """The value a fault table holds for a pod: its version's, else its deployment's."""
@@ -167,7 +191,7 @@ class Metrics:
                 return table[key]
         return default
 
-    def advance(self, st, dt, now):
+    def advance(self, st, dt, now, total):
         info = st.info
         app = APPS.get(info["service"])
         if not app or st.rps <= 0:
@@ -178,10 +202,13 @@ class Metrics:
         capacity = self.fault(self.faults.capacity, info)
         if capacity and st.rps > capacity:   # a saturated pod queues: latency grows with the square of the overload
             median *= (st.rps / capacity) ** 2
+        quota = self.fault(self.faults.rate_limit, info)   # the provider's, per API key, over the deployment
+        throttled = max(0.0, 1 - quota * st.api_keys / total) if quota else 0.0
         for method, part in (("GET", 0.75), ("POST", 0.25)):
             ok = "200" if method == "GET" else "201"
-            for status, k in ((ok, 1 - err), ("500", err)):
-                st.requests[(method, status)] = st.requests.get((method, status), 0.0) + n * part * k
+            for status, k in ((ok, (1 - throttled) * (1 - err)), ("500", (1 - throttled) * err), ("429", throttled)):
+                if k > 0 or status != "429":
+                    st.requests[(method, status)] = st.requests.get((method, status), 0.0) + n * part * k
         for i, le in enumerate(BUCKETS):
             st.buckets[i] += n * lognormal_cdf(le, median)
         st.count += n

@@ -151,6 +151,10 @@ def endpoints_str(o):
     return ",".join(out[:3]) + (" + %d more..." % (len(out) - 3) if len(out) > 3 else "") or "<none>"
 
 
+def condition(o, ctype, field="status"):
+    return next((c.get(field, "") for c in (o.get("status") or {}).get("conditions", []) if c["type"] == ctype), "")
+
+
 def hpa_targets(o):
     out = []
     cur = {m.get("resource", {}).get("name"): m for m in o.get("status", {}).get("currentMetrics", []) or []}
@@ -185,6 +189,10 @@ COLUMNS = {
                     AGE, col("Containers", lambda o: containers(o, "name"), priority=1),
                     col("Images", lambda o: containers(o, "image"), priority=1),
                     col("Selector", lambda o: selector_str(o["spec"].get("selector")), priority=1)],
+    "statefulsets": [NAME, col("Ready", lambda o: "%d/%d" % (o.get("status", {}).get("readyReplicas", 0),
+                                                             o["spec"].get("replicas", 1))),
+                     AGE, col("Containers", lambda o: containers(o, "name"), priority=1),
+                     col("Images", lambda o: containers(o, "image"), priority=1)],
     "services": [NAME, col("Type", lambda o: o["spec"].get("type", "ClusterIP")),
                  col("Cluster-IP", lambda o: o["spec"].get("clusterIP", "<none>")),
                  col("External-IP", lambda o: "<none>"), col("Port(s)", svc_ports), AGE,
@@ -214,6 +222,11 @@ COLUMNS = {
                   col("Address", lambda o: ",".join(i.get("ip", "") for i in o.get("status", {}).get("loadBalancer", {}).get("ingress", []) or [])),
                   col("Ports", lambda o: "80, 443" if o["spec"].get("tls") else "80"), AGE],
     "networkpolicies": [NAME, col("Pod-Selector", lambda o: selector_str(o["spec"].get("podSelector")) or "<none>"), AGE],
+    # as cert-manager's CRDs print them (additionalPrinterColumns)
+    "certificates": [NAME, col("Ready", lambda o: condition(o, "Ready")), col("Secret", lambda o: o["spec"].get("secretName", "")),
+                     col("Issuer", lambda o: (o["spec"].get("issuerRef") or {}).get("name", ""), priority=1),
+                     col("Status", lambda o: condition(o, "Ready", "message"), priority=1), AGE],
+    "clusterissuers": [NAME, col("Ready", lambda o: condition(o, "Ready")), AGE],
     "customresourcedefinitions": [NAME, col("Created At", lambda o: o["metadata"].get("creationTimestamp"), "date")],
 }
 
@@ -235,6 +248,7 @@ REGISTRY = [
     Res("", "v1", "serviceaccounts", "ServiceAccount", ["sa"], subs=("token",)),
     Res("apps", "v1", "deployments", "Deployment", ["deploy"], subs=("status", "scale"), cats=ALL, generation=True),
     Res("apps", "v1", "replicasets", "ReplicaSet", ["rs"], subs=("status", "scale"), cats=ALL, generation=True),
+    Res("apps", "v1", "statefulsets", "StatefulSet", ["sts"], subs=("status", "scale"), cats=ALL, generation=True),
     Res("coordination.k8s.io", "v1", "leases", "Lease"),
     Res("rbac.authorization.k8s.io", "v1", "roles", "Role"),
     Res("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
@@ -250,6 +264,11 @@ REGISTRY = [
     Res("dapr.io", "v1alpha1", "components", "Component", generation=True, custom=True),
     Res("dapr.io", "v2alpha1", "subscriptions", "Subscription", generation=True, custom=True,
         versions=["v2alpha1", "v1alpha1"]),
+    # cert-manager's (certmanager.py issues the Certificates)
+    Res("cert-manager.io", "v1", "certificates", "Certificate", ["cert", "certs"], subs=("status",),
+        generation=True, custom=True),
+    Res("cert-manager.io", "v1", "clusterissuers", "ClusterIssuer", namespaced=False, subs=("status",),
+        generation=True, custom=True),
     Res("metrics.k8s.io", "v1beta1", "pods", "PodMetrics", verbs=RO, virtual=True),
     Res("metrics.k8s.io", "v1beta1", "nodes", "NodeMetrics", namespaced=False, verbs=RO, virtual=True),
     Res("authentication.k8s.io", "v1", "selfsubjectreviews", "SelfSubjectReview", namespaced=False,
@@ -286,9 +305,10 @@ for _, vs in GROUPS:
 
 
 def crd_of(r):
-    """The CustomResourceDefinition that would make r served, as the Dapr Helm chart installs it."""
+    """The CustomResourceDefinition that would make r served, as the Dapr or cert-manager chart installs it."""
     versions = sorted(r.versions, key=version_priority)
-    return {"metadata": {"name": r.key, "labels": {"app.kubernetes.io/part-of": "dapr"}},
+    part_of = "cert-manager" if r.group == "cert-manager.io" else "dapr"
+    return {"metadata": {"name": r.key, "labels": {"app.kubernetes.io/part-of": part_of}},
             "spec": {"group": r.group, "scope": "Namespaced" if r.namespaced else "Cluster",
                      "names": {"plural": r.name, "singular": r.singular, "kind": r.kind, "listKind": r.kind + "List"},
                      "conversion": {"strategy": "None"},

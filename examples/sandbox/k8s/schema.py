@@ -49,6 +49,9 @@ SCHEMAS = {
     "pods": kind(spec=POD_SPEC, status=ANY),
     "deployments.apps": kind(spec=fields("replicas selector strategy minReadySeconds revisionHistoryLimit paused "
                                          "progressDeadlineSeconds", template=TEMPLATE), status=ANY),
+    "statefulsets.apps": kind(spec=fields("replicas selector serviceName podManagementPolicy updateStrategy "
+                                          "revisionHistoryLimit minReadySeconds volumeClaimTemplates ordinals "
+                                          "persistentVolumeClaimRetentionPolicy", template=TEMPLATE), status=ANY),
     "replicasets.apps": kind(spec=fields("replicas minReadySeconds selector", template=TEMPLATE), status=ANY),
     "services": kind(spec=fields(
         "selector clusterIP clusterIPs type externalIPs sessionAffinity loadBalancerIP loadBalancerSourceRanges "

@@ -14,10 +14,10 @@ from api import apply_defaults
 from controller import REV, owner_ref, template_hash
 from resources import crd_of, custom_resources, lookup
 from store import now_iso
+from workload import DAPR_VERSION
 
 NS = "todo-chatbot"
 REGISTRY = "registry.digitalocean.com/todo-chatbot"
-DAPR_VERSION = "1.14.4"
 NODES = ["pool-todo-chatbot-r7k2x", "pool-todo-chatbot-r7k2m", "pool-todo-chatbot-r7k2q"]
 # name, port, replicas, image history (oldest first; the last is current), Dapr app id
 APPS = [
@@ -89,17 +89,17 @@ class Seeder:
         self.put("", "v1", "services", {"metadata": {"name": "kubernetes", "namespace": "default",
                                                      "labels": {"component": "apiserver", "provider": "kubernetes"}},
                                         "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}}, 30)
-        for name, port, replicas, images in APPS:
-            self.app(name, port, replicas, images)
         for name, port, comp in DAPR_SYSTEM:
             self.dapr_system(name, port, comp)
+        self.settle(time.time() - 2 * DAY - 60)   # the sidecar injector runs before the apps' pods are made
+        for name, port, replicas, images in APPS:
+            self.app(name, port, replicas, images)
         self.config()
         self.dapr_resources()
         self.extras()
-        self.settle()
+        self.settle(time.time() - 2 * DAY)
 
-    def settle(self):
-        start = time.time() - 2 * DAY
+    def settle(self, start):
         for i in range(8):
             self.ctl.tick(start + i * 2)
 
@@ -139,17 +139,27 @@ class Seeder:
                                                            {"name": "dapr-grpc", "port": 50001, "targetPort": 50001}]}}, 10)
 
     def dapr_system(self, name, port, comp):
-        labels = {"app": name, "app.kubernetes.io/part-of": "dapr", "app.kubernetes.io/component": comp}
+        """One workload of the Dapr control plane as its Helm chart installs it: a Deployment,
+        but the placement server, a StatefulSet behind a headless Service."""
+        labels = {"app": name, "app.kubernetes.io/name": "dapr", "app.kubernetes.io/part-of": "dapr",
+                  "app.kubernetes.io/component": comp, "app.kubernetes.io/version": DAPR_VERSION}
         image = "docker.io/daprio/%s:%s" % ("dashboard" if comp == "dashboard" else "dapr", DAPR_VERSION if comp != "dashboard" else "0.15.0")
         tmpl = {"metadata": {"labels": dict(labels)},
                 "spec": {"serviceAccountName": name, "containers": [
                     {"name": name, "image": image, "ports": [{"name": "http", "containerPort": port}],
+                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 3},
                      "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}}}]}}
-        self.put("apps", "v1", "deployments", {
-            "metadata": {"name": name, "namespace": "dapr-system", "labels": dict(labels)},
-            "spec": {"replicas": 1, "selector": {"matchLabels": dict(labels)}, "template": tmpl}}, 12)
+        spec = {"replicas": 1, "selector": {"matchLabels": {"app": name}}, "template": tmpl}
+        meta = {"name": name, "namespace": "dapr-system", "labels": dict(labels)}
+        svc = {"selector": {"app": name}, "ports": [{"name": "http", "port": port, "targetPort": port}]}
+        if comp == "placement":
+            svc = dict(svc, clusterIP="None", publishNotReadyAddresses=True)
+            self.put("apps", "v1", "statefulsets", {"metadata": meta, "spec": dict(spec, serviceName=name)}, 12)
+        else:
+            self.put("apps", "v1", "deployments", {"metadata": meta, "spec": spec}, 12)
+        self.put("", "v1", "serviceaccounts", {"metadata": {"name": name, "namespace": "dapr-system"}}, 12)
         self.put("", "v1", "services", {"metadata": {"name": name, "namespace": "dapr-system", "labels": dict(labels)},
-                                        "spec": {"selector": labels, "ports": [{"name": "http", "port": port, "targetPort": port}]}}, 12)
+                                        "spec": svc}, 12)
 
     def config(self):
         db = self.env.get("DATABASE_URL", "postgresql://todo:todo-sandbox-pw@127.0.0.1:5432/todo")
@@ -214,6 +224,14 @@ class Seeder:
                          {"path": p, "pathType": "Prefix", "backend": {"service": {"name": "todo-chatbot-" + s, "port": {"number": port}}}}
                          for p, s, port in [("/api", "backend", 8000), ("/ws", "websocket", 8001), ("/", "frontend", 3000)]]}}]},
             "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}}}, 10)
+        self.put("cert-manager.io", "v1", "clusterissuers", {
+            "metadata": {"name": "letsencrypt"},
+            "spec": {"acme": {"server": "https://acme-v02.api.letsencrypt.org/directory", "email": "ops@example.com",
+                              "privateKeySecretRef": {"name": "letsencrypt-account-key"},
+                              "solvers": [{"http01": {"ingress": {"ingressClassName": "nginx"}}}]}},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "ACMEAccountRegistered",
+                                       "message": "The ACME account was registered with the ACME server",
+                                       "lastTransitionTime": now_iso(time.time() - 12 * DAY)}]}}, 12)
         self.put("networking.k8s.io", "v1", "networkpolicies", {
             "metadata": {"name": "allow-same-namespace", "namespace": NS},
             "spec": {"podSelector": {}, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": {}}]}]}}, 10)

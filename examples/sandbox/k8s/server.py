@@ -503,12 +503,14 @@ class Handler(BaseHTTPRequestHandler):
         if q.get("tailLines"):
             n = int(q["tailLines"])
             lines = lines[-n:] if n > 0 else []
-        stamp = q.get("timestamps") in ("true", "1")
-        text = "".join(("%s " % now_iso(t).replace("Z", ".000000000Z") if stamp else "") + l + "\n" for t, l in lines)
-        data = text.encode()
+        data = self.log_text(lines)
         if q.get("limitBytes"):
             data = data[:int(q["limitBytes"])]
         return data
+
+    def log_text(self, lines):
+        stamp = self.q.get("timestamps") in ("true", "1")
+        return "".join(("%s " % now_iso(t).replace("Z", ".000000000Z") if stamp else "") + l + "\n" for t, l in lines).encode()
 
     def follow_logs(self, res, ns, name, cname, data, last):
         self.start_chunked("text/plain")
@@ -521,7 +523,7 @@ class Handler(BaseHTTPRequestHandler):
                 break
             lines = [l for l in (W.container_logs(pod, cname, False, time.time()) or []) if l[0] > last]
             if lines:
-                self.chunk("".join(l + "\n" for _, l in lines).encode())
+                self.chunk(self.log_text(lines))
                 last = lines[-1][0]
         self.end_chunked()
 

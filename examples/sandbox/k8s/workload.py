@@ -17,10 +17,40 @@ APP_MESSAGES = [("INFO", "GET /health 200", "uvicorn.access"), ("INFO", "GET /ap
                 ("WARNING", "slow query on tasks table (412ms)", "app.db"), ("INFO", "PATCH /api/tasks 200", "uvicorn.access"),
                 ("ERROR", "publish to task-updates failed: retrying", "app.events"),
                 ("INFO", "websocket client connected", "app.ws")]
+# seed 002's structured-log fields: every app line names its user, event lines their event type
+EVENT_TYPES = ["task.created", "task.updated", "task.completed", "task.deleted"]
 CRASH = ("ERROR", "unhandled exception in request handler", "app.handlers")
 # The log-errors fault: (namespace, app) -> (since, message, logger, share). From
 # `since` on, that share of the app's log lines are ERROR lines with the fault's message.
 LOG_ERRORS = {}
+# The dapr-stuck fault: pod uid -> since. From `since` on, that control-plane pod logs its
+# component's errors (and the injector's stops injecting: controller.admit).
+DAPR_STUCK = {}
+DAPR_VERSION = "1.14.4"
+# The control plane's own lines, by component (label app.kubernetes.io/component): what
+# each logs at work, and what it logs when stuck.
+CONTROL_PLANE = {
+    "operator": ([("info", "Sending component kafka-pubsub (pubsub.kafka) to sidecar todo-chatbot/backend", "dapr.operator.api"),
+                  ("info", "Reconciled component todo-chatbot/statestore", "dapr.operator"),
+                  ("debug", "Renewed lease dapr-system/operator.dapr.io", "dapr.operator")],
+                 ("error", "Error sending component update to sidecar todo-chatbot/backend: rpc error: code = Unavailable "
+                           "desc = connection error: transport: authentication handshake failed: x509: certificate signed "
+                           "by unknown authority", "dapr.operator.api")),
+    "injector": ([("info", "Sidecar injector succeeded injection for app 'backend'", "dapr.injector.service"),
+                  ("debug", "Admission request for pod todo-chatbot/backend: dapr.io/enabled=true", "dapr.injector.service"),
+                  ("info", "Healthz check passed", "dapr.injector")],
+                 ("error", "Sidecar injector failed to inject for app 'backend'. Error: failed to get the trust bundle "
+                           "from dapr-sentry: context deadline exceeded", "dapr.injector.service")),
+    "sentry": ([("info", "Successfully signed certificate for todo-chatbot/backend", "dapr.sentry"),
+                ("info", "Validated token of todo-chatbot/websocket", "dapr.sentry.identity"),
+                ("debug", "Trust bundle dapr-trust-bundle is current", "dapr.sentry")],
+               ("error", "Failed to sign certificate for todo-chatbot/backend: issuer certificate has expired", "dapr.sentry")),
+    "placement": ([("info", "Placement tables updated, version: 42", "dapr.placement"),
+                   ("debug", "Heartbeat from todo-chatbot/recurring-task", "dapr.placement"),
+                   ("info", "Raft leader is dapr-placement-server-0", "dapr.placement.raft")],
+                  ("error", "Failed to disseminate placement tables: raft: no leader elected (lost quorum)", "dapr.placement.raft")),
+    "dashboard": ([("info", "GET /api/overview 200", "dapr.dashboard")], None),
+}
 DAPR_MESSAGES = [("info", "HTTP API Called", "dapr.runtime.http-info"),
                  ("info", "Publishing message to topic", "dapr.runtime.pubsub"),
                  ("info", "component loaded", "dapr.runtime"),
@@ -34,13 +64,32 @@ def _rng(*parts):
 def log_line(pod, container, app, t, seq):
     r = _rng(pod, container, seq)
     ts = now_iso(t)
+    if app in CONTROL_PLANE:
+        level, msg, scope = r.choice(CONTROL_PLANE[app][0])
+        return dapr_line(ts, level, msg, pod, scope)
     if container == "daprd":
         level, msg, scope = r.choice(DAPR_MESSAGES)
-        return 'time="%s" level=%s msg="%s" app_id=%s instance=%s scope=%s type=log ver=1.14.4' % (
-            ts, level, msg, app, pod, scope)
+        return dapr_line(ts, level, msg, pod, scope, app)
     level, msg, logger = APP_MESSAGES[r.randrange(len(APP_MESSAGES))] if r.random() < 0.97 else CRASH
-    return json.dumps({"timestamp": ts, "level": level, "service": app, "logger": logger, "message": msg,
-                       "correlation_id": "%08x" % r.getrandbits(32), "pod": pod})
+    rec = {"timestamp": ts, "level": level, "service": app, "logger": logger, "message": msg,
+           "correlation_id": "%08x" % r.getrandbits(32), "pod": pod, "user_id": "user-%d" % r.randint(1, 20)}
+    if logger == "app.events":
+        rec["event_type"] = r.choice(EVENT_TYPES)
+    return json.dumps(rec)
+
+
+def dapr_line(ts, level, msg, pod, scope, app=None):
+    """A line as Dapr's binaries log it (logfmt)."""
+    return 'time="%s" level=%s msg="%s"%s instance=%s scope=%s type=log ver=%s' % (
+        ts, level, msg.replace('"', '\\"'), " app_id=" + app if app else "", pod, scope, DAPR_VERSION)
+
+
+def stuck_line(pod, app, t, seq, since):
+    """Two lines in three of a stuck control-plane pod from `since` on: its component's error."""
+    if since is None or t < since or _rng(pod, "stuck", seq).random() >= 0.67:
+        return None
+    level, msg, scope = CONTROL_PLANE[app][1]
+    return dapr_line(now_iso(t), level, msg, pod, scope)
 
 
 def crash_tail(app, t):
@@ -85,16 +134,25 @@ def fault_line(pod, app, t, seq, fault):
 def container_logs_window(pod, cname, app, start, end, cs, crashed, oom):
     name = pod["metadata"]["name"]
     fault = LOG_ERRORS.get((pod["metadata"]["namespace"], app)) if cname != "daprd" else None
+    control = pod["metadata"]["namespace"] == "dapr-system" and app in CONTROL_PLANE
+    if not control:
+        app = app if app not in CONTROL_PLANE else cname
+    since = DAPR_STUCK.get(pod["metadata"].get("uid")) if control and CONTROL_PLANE[app][1] else None
     first = max(0, int((end - start) / LINE_EVERY) - MAX_LINES)
-    out = [(start, json.dumps({"timestamp": now_iso(start), "level": "INFO", "service": app, "logger": "app.main",
-                               "message": "starting %s (restart %d)" % (app, cs.get("restartCount", 0))}))]
+    out = [(start, dapr_line(now_iso(start), "info", "Starting Dapr %s -- version %s" % (app, DAPR_VERSION), name,
+                             "dapr." + app) if control else
+            json.dumps({"timestamp": now_iso(start), "level": "INFO", "service": app, "logger": "app.main",
+                        "message": "starting %s (restart %d)" % (app, cs.get("restartCount", 0))}))]
     seq = first
     while start + (seq + 1) * LINE_EVERY <= end:
         t = start + (seq + 1) * LINE_EVERY
         key = "%d-%d" % (start, seq)
-        out.append((t, fault and fault_line(name, app, t, key, fault) or log_line(name, cname, app, t, key)))
+        line = stuck_line(name, app, t, key, since) if control else fault and fault_line(name, app, t, key, fault)
+        out.append((t, line or log_line(name, cname, app, t, key)))
         seq += 1
-    if crashed and cname != "daprd":
+    if crashed and control:
+        out.append((end, dapr_line(now_iso(end), "fatal", "Failed to start Dapr %s: exiting" % app, name, "dapr." + app)))
+    elif crashed and cname != "daprd":
         out += [(end, l) for l in (["Killed (out of memory)"] if oom else crash_tail(app, end))]
     return out
 

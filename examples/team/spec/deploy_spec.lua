@@ -1,4 +1,5 @@
--- The team's spec for deploy.lua, run inside the runbook host:
+-- The team's spec of how it ships a service: the shipped `deploy` runbook,
+-- by name, with the team's deployments. Run inside the runbook host:
 --   runbook test examples/team/spec
 -- It runs the runbook as the team does (the `runbook` command, JSON output)
 -- against the cluster KUBECONFIG names (here the sandbox's), and reads the
@@ -9,7 +10,7 @@ local run = require "examples.team.spec.run"
 local NS = "todo-chatbot"
 
 local function deploy(service, tag)
-  return run { "run", "examples/team/deploy.lua", "-p", "service=" .. service, "-p", "tag=" .. tag, "--yes", "--output", "json" }
+  return run { "run", "deploy", "-p", "deployment=todo-chatbot-" .. service, "-p", "tag=" .. tag, "--yes", "--output", "json" }
 end
 
 local function image(service)
