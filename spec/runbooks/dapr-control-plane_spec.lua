@@ -58,7 +58,7 @@ describe("dapr-control-plane", function()
     cli.cleanup()
   end)
 
-  it("changes nothing in a dry run; then restarts a stuck injector and re-creates the pod it left without daprd", function()
+  it("changes nothing in a dry run; then restarts a stuck injector (and the rest) and re-creates the pod it left without daprd", function()
     break_the_injector()
     local injector = pod_names("app=dapr-sidecar-injector")
     local dry = backends.assert_unchanged(function()
@@ -68,8 +68,12 @@ describe("dapr-control-plane", function()
     assert.matches("would restart deployment dapr%-sidecar%-injector", dry.stdout)
     assert.matches("would delete pod todo%-chatbot%-notification%-", dry.stdout)
     assert.are.same({ "notification" }, containers_of("notification"))
-    local r = cli.run { "run", RUNBOOK, "--yes" }
+    local placement = kubectl_json("-n dapr-system get pod dapr-placement-server-0").metadata.uid
+    -- restart=all: every control-plane workload restarted, as seed 002 does
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "restart=all" }
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("restarting sts/dapr%-placement%-server %(restart=all%)", r.stdout)
+    assert.are_not.equal(placement, kubectl_json("-n dapr-system get pod dapr-placement-server-0").metadata.uid)
     assert.matches("dapr%-sidecar%-injector logged %d+ errors .*Sidecar injector failed to inject", r.stdout)
     assert.matches("pod todo%-chatbot%-notification%-[%w-]+ %(app notification%): no daprd container", r.stdout)
     assert.matches("restarting deploy/dapr%-sidecar%-injector %(logs errors%)", r.stdout)
