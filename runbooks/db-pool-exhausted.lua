@@ -36,7 +36,8 @@ param "running_for" { type = "duration", default = "5m", help = "queries active 
 param "user" { default = "", help = "only end sessions and cancel queries of this database user (default: any but superusers)" }
 param "warn_share" { type = "number", default = 0.8, help = "connections at this share of max_connections are too many (seed 003: 80% of pool)" }
 param "deployment" { default = "todo-chatbot-backend",
-  help = "the app: the database is checked from its pod with its DATABASE_URL, and its pool raised when pool_size is set" }
+  help = "the app: the database is checked from its pod with its DATABASE_URL, and its pool raised when pool_size is set; "
+    .. "'' checks from here only" }
 param "namespace" (steps.params.namespace)
 param "db_workload" { default = "", help = "PostgreSQL's StatefulSet or Deployment in the namespace (statefulset/postgres): its pods, logs and disk are checked" }
 param "db_log_lines" { type = "integer", default = 20, help = "the last log lines shown of each database pod" }
@@ -78,6 +79,7 @@ local function measure(db, ctx)
 end
 
 local function app(ctx) return "deploy/" .. ctx.params.deployment end
+local function has_app(ctx) return ctx.params.deployment ~= "" end
 
 -- postgresql://user:password@host:port/db?x -> {user, host, port, database}, and the URL with its password masked.
 local function parse_url(url)
@@ -103,6 +105,7 @@ end
 
 step "Connect from the app's pod" {
   description = "kubectl exec deploy/DEPLOYMENT -- psql \"$DATABASE_URL\" -c 'SELECT 1': the database as the app reaches it, with its own env",
+  when = has_app,
   run = function(ctx)
     local r = checks.in_pod("postgres", app(ctx), { namespace = ctx.params.namespace })
     if not r.ok then log.warn("postgres from %s: %s", app(ctx), r.error) end
@@ -112,6 +115,7 @@ step "Connect from the app's pod" {
 
 step "Show the connection settings" {
   description = "Where the app's DATABASE_URL comes from, and the Secret it is in, masked (kubectl get secret -o yaml without the passwords)",
+  when = has_app,
   run = function(ctx)
     local c = k8s.get(app(ctx), { namespace = ctx.params.namespace }).spec.template.spec.containers[1]
     local url, from, secrets = nil, nil, {}
@@ -218,11 +222,12 @@ step "Check the database's pods" {
 step "Restart the database" {
   description = "kubectl delete pod -l <db_workload's selector> (seed 004), when the app cannot reach it, a pod is not ready, or restart_db; "
     .. "wait until new pods are ready",
-  needs = { "Check the database's pods", "Connect from the app's pod" },
+  needs = { "Check the database's pods" },
+  uses = { "Connect from the app's pod" },
   confirm = true,
   when = function(ctx)
-    local db = ctx.outputs["Check the database's pods"]
-    return ctx.params.restart_db or db.ready < db.replicas or not ctx.outputs["Connect from the app's pod"].ok
+    local db, app_side = ctx.outputs["Check the database's pods"], ctx.outputs["Connect from the app's pod"]
+    return ctx.params.restart_db or db.ready < db.replicas or (app_side ~= nil and not app_side.ok)
   end,
   run = function(ctx)
     local before = {}

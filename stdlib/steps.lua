@@ -650,13 +650,20 @@ M.dapr_sidecars = shared({}, function()
   }
 end)
 
---- kubectl get component: param pubsub is deployed as pubsub.kafka, and the Kafka brokers answer.
+--- kubectl get components: every Dapr component of param namespace with its
+-- type; param pubsub is deployed as pubsub.kafka, and the Kafka brokers answer.
 M.dapr_component = shared({}, function()
   return {
-    description = "kubectl get component: the pub/sub component is deployed as pubsub.kafka and its brokers are reachable",
+    description = "kubectl get components: each with its type; the pub/sub component is deployed as pubsub.kafka and its brokers are reachable",
     run = function(ctx)
       local problems, problem = collector()
-      local c = require("k8s").get("components.dapr.io/" .. ctx.params.pubsub,
+      local k8s = require "k8s"
+      local all = {}
+      for _, comp in ipairs(k8s.list("components.dapr.io", { namespace = ctx.params.namespace })) do
+        all[#all + 1] = ("%s (%s)"):format(comp.metadata.name, tostring((comp.spec or {}).type))
+      end
+      require("log").info("components in %s: %s", ctx.params.namespace, #all > 0 and table.concat(all, ", ") or "none")
+      local c = k8s.get("components.dapr.io/" .. ctx.params.pubsub,
         { namespace = ctx.params.namespace, missing_ok = true })
       if not c then
         problem("component %s is not deployed in %s (kubectl get components -n %s)", ctx.params.pubsub,
@@ -737,15 +744,15 @@ end
 
 --- The errors (level=error or fatal) since param log_since in the logs of the
 -- control plane's components `t.components` (names of DAPR_CONTROL_PLANE, in
--- param system_namespace; kubectl logs -l app=dapr-operator), and the lines of
--- param app_id's daprd sidecars that name pub/sub (kubectl logs POD -c daprd |
--- grep -i pubsub), its errors among them:
+-- param system_namespace; kubectl logs -l app=dapr-operator) and of every daprd
+-- sidecar in param namespace (kubectl logs POD -c daprd), and how many lines of
+-- param app_id's sidecars name pub/sub (| grep -i pubsub):
 -- {components = {{name, errors, top}...}, pubsub_lines, problems}.
 M.dapr_logs = shared({ components = true }, function(a)
   local wanted = {}
   for _, c in ipairs(a.components) do wanted[c] = true end
   return {
-    description = "kubectl logs -l app=dapr-... -n dapr-system: the errors of the control plane; the app's daprd lines about pub/sub",
+    description = "kubectl logs -l app=dapr-... -n dapr-system and -c daprd: the errors of the control plane and the sidecars; the app's daprd lines about pub/sub",
     run = function(ctx)
       local k8s, log = require "k8s", require "log"
       local problems, problem = collector()
@@ -775,20 +782,22 @@ M.dapr_logs = shared({ components = true }, function(a)
       for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
         local has_daprd = false
         for _, c in ipairs(p.spec.containers or {}) do has_daprd = has_daprd or c.name == "daprd" end
-        if (p.metadata.annotations or {})["dapr.io/app-id"] == ctx.params.app_id and has_daprd then
+        if has_daprd then
+          local app = (p.metadata.annotations or {})["dapr.io/app-id"] == ctx.params.app_id
           local lines = k8s.logs("pod/" .. p.metadata.name,
             { namespace = ctx.params.namespace, container = "daprd", since = ctx.params.log_since })
+          local errors, first = 0, nil
           for _, l in ipairs(lines) do
-            if l:lower():find("pubsub", 1, true) then
-              out.pubsub_lines = out.pubsub_lines + 1
-              if l:match("level=error") or l:match("level=fatal") then
-                problem("pod %s daprd: %s", p.metadata.name, dapr_message(l))
-              end
+            if app and l:lower():find("pubsub", 1, true) then out.pubsub_lines = out.pubsub_lines + 1 end
+            if l:match("level=error") or l:match("level=fatal") then
+              errors, first = errors + 1, first or dapr_message(l)
             end
           end
+          if errors > 0 then problem("pod %s daprd logged %d errors, the first: %s", p.metadata.name, errors, first) end
         end
       end
-      log.info("%d daprd lines of %s name pub/sub in the last %s", out.pubsub_lines, ctx.params.app_id,
+      log.info("the daprd sidecars logged no errors but those named; %d lines of %s's name pub/sub in the last %s",
+        out.pubsub_lines, ctx.params.app_id,
         require("duration").format(ctx.params.log_since))
       return out
     end,

@@ -22,7 +22,7 @@ local PARAMS = {
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
   ["data-corruption"] = { "dir=" .. dir, "force=true" },
   ["db-pool-exhausted"] = { "idle_for=0s", "running_for=0s", "pool_size=30",
-    "db_workload=deployment/todo-chatbot-frontend", "restart_db=true" },   -- any workload's pods stand for the database's
+    "db_workload=deployment/todo-chatbot-notification", "restart_db=true" },   -- any workload's pods stand for the database's
   ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
   ["outage-recovery"] = { "settle=1s" },
   ["restore"] = { "dir=" .. dir, "kubernetes=true", "topics=all" },
