@@ -137,7 +137,9 @@ static int h_zygote_spawn(lua_State *L)
         return 1;
     }
     int nargs = (int)luaL_len(L, 1) - 1, nenv = (int)luaL_len(L, 3);
-    static char buf[MAX_REQUEST];
+    static char *buf;   /* serve's only: in the zygote's .bss, own_pages would copy it for every run */
+    if (!buf && !(buf = malloc(MAX_REQUEST)))
+        return rb_error(L, "serve", "spawn", "spawn", 0, "out of memory");
     size_t at = (size_t)snprintf(buf, MAX_REQUEST, "%d %d\n", nargs, nenv);
     int fits = put(buf, &at, log, strlen(log));
     for (int t = 1; t <= 3; t += 2) {
