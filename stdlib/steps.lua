@@ -373,7 +373,7 @@ end
 --- kubectl top of deployment `name`'s pods (param namespace), each logged with
 -- the app container's limits: {replicas, limits = {cpu, memory} (strings, as
 -- written), pods = k8s.top's rows, highest CPU first}.
-function M.pod_usage(ctx, name)
+local function pod_usage(ctx, name)
   local k8s = require "k8s"
   local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace })
   local sel = {}
@@ -387,6 +387,42 @@ function M.pod_usage(ctx, name)
   end
   return { replicas = d.spec.replicas, limits = { cpu = limits.cpu, memory = limits.memory }, pods = pods }
 end
+
+-- The deployment a shared step reads: t.deployment(ctx), or param deployment.
+local function deployment_of(a, ctx)
+  return a.deployment and a.deployment(ctx) or ctx.params.deployment
+end
+
+--- kubectl top pods of the deployment (t.deployment(ctx), default param
+-- deployment): each pod's CPU and memory against the limits (pod_usage).
+M.resource_use = shared({ deployment = true }, function(a)
+  return {
+    description = "kubectl top pods: CPU and memory of each pod against the limits",
+    run = function(ctx)
+      local u = pod_usage(ctx, deployment_of(a, ctx))
+      return { pods = #u.pods, replicas = u.replicas }
+    end,
+  }
+end)
+
+--- The deployment's ERROR records of the last t.since (a duration, or a
+-- function of ctx giving one) in every pod, counted by message, the top five
+-- shown. -> {errors = count, top = {{value, count}...}}
+M.top_errors = shared({ deployment = true, since = true }, function(a)
+  return {
+    description = "kubectl logs --since | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod",
+    run = function(ctx)
+      local since = type(a.since) == "function" and a.since(ctx) or a.since
+      local q = require("k8s").log_query { target = "deploy/" .. deployment_of(a, ctx), namespace = ctx.params.namespace,
+        since = since, where = { level = "ERROR" }, count_by = "message", top = 5 }
+      local log = require "log"
+      log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count,
+        type(since) == "number" and require("duration").format(since) or since, #q.pods, q.count > 0 and ":" or "")
+      for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
+      return { errors = q.count, top = q.by }
+    end,
+  }
+end)
 
 --- Watch deployment `name` (param namespace) for param observe: no pod may
 -- restart once it is healthy, and it must be healthy at the end (raises
