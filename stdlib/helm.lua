@@ -7,12 +7,13 @@
 -- (helm's pkg/storage/driver). These functions read and write those Secrets
 -- through the k8s library, so every write goes through its effect gate.
 --
---   helm.releases{namespace=} -> {{name, namespace, revision, status, chart, app_version, updated, description}...}
+--   helm.releases{namespace=} -> {{name, namespace, revision, status, chart, app_version, updated,
+--       age (seconds since updated), description}...}
 --       the last revision of each release in the namespace, as `helm list --all` shows them
---   helm.history(NAME, {namespace=}) -> {{revision, status, chart, app_version, updated, description}...}
+--   helm.history(NAME, {namespace=}) -> {{revision, status, chart, app_version, updated, age, description}...}
 --       oldest first, as `helm history`
 --   helm.get(NAME, {revision=, namespace=}) -> {name, namespace, revision, status, description,
---       first_deployed, updated, chart = {name, version, app_version}, values (the user's, as
+--       first_deployed, updated, age, chart = {name, version, app_version}, values (the user's, as
 --       `helm get values`), manifest (the rendered YAML), objects (its documents, decoded)}
 --       the last revision without revision
 --   helm.rollback(NAME, {revision=, namespace=, wait = false, timeout = "5m"})
@@ -115,11 +116,33 @@ end
 
 local function ns_of(opts) return opts.namespace or k8s.client():ns(opts) end
 
+-- Seconds since an RFC 3339 time as Go writes it ("2026-12-04T23:17:34.379239082Z",
+-- "...+02:00"); nil when it is not one.
+local function age(stamp)
+  local date, zone = tostring(stamp):match("^(%d+%-%d+%-%d+T%d+:%d+:%d+)[.%d]*(.*)$")
+  if not date then return nil end
+  local y, mo, d, h, mi, sec = date:match("(%d+)-(%d+)-(%d+)T(%d+):(%d+):(%d+)")
+  y, mo, d, h, mi, sec = tonumber(y), tonumber(mo), tonumber(d), tonumber(h), tonumber(mi), tonumber(sec)
+  local off = 0
+  if zone ~= "Z" then
+    local sign, zh, zm = zone:match("^([+-])(%d%d):(%d%d)$")
+    if not sign then return nil end
+    off = (sign == "-" and -1 or 1) * (tonumber(zh) * 3600 + tonumber(zm) * 60)
+  end
+  -- days since 1970-01-01 of a Gregorian date (days_from_civil)
+  if mo <= 2 then y = y - 1 end
+  local era = y // 400
+  local yoe = y - era * 400
+  local doy = (153 * ((mo + 9) % 12) + 2) // 5 + d - 1
+  local days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+  return host.wallclock() - (days * 86400 + h * 3600 + mi * 60 + sec - off)
+end
+
 local function summary(rel)
   local meta = type(rel.chart) == "table" and type(rel.chart.metadata) == "table" and rel.chart.metadata or {}
   return { name = rel.name, namespace = rel.namespace, revision = rel.version, status = rel.info.status,
     chart = meta.name and (meta.name .. "-" .. tostring(meta.version)) or nil, app_version = meta.appVersion,
-    updated = rel.info.last_deployed, description = rel.info.description }
+    updated = rel.info.last_deployed, age = age(rel.info.last_deployed), description = rel.info.description }
 end
 
 function M.releases(opts)
