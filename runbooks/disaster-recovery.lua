@@ -149,10 +149,12 @@ step(ASSESS) {
     for _, p in ipairs(h.problems) do scope[#scope + 1] = p end
     local deps = checks.dependencies { namespace = s.namespace }
     if #deps.down > 0 then scope[#scope + 1] = "dependencies down: " .. table.concat(deps.down, ", ") end
-    if s.database and not deps.dependencies.postgres.ok then
-      error("PostgreSQL is down: the database cannot be restored until it answers (or database_url names the new one)", 0)
-    end
     if s.database then
+      local up, err = pcall(function() pg.connect(ctx.params.database_url, { connect_timeout = "10s" }):close() end)
+      if not up then
+        error(("the database does not answer (%s): it cannot be restored until it does, or database_url names the new one")
+          :format(tostring(type(err) == "table" and err.message or err)), 0)
+      end
       local problems = backupset.validate { manifest = manifest(ctx), url = ctx.params.database_url }
       if #problems > 0 then scope[#scope + 1] = "the database differs from the set: " .. table.concat(problems, "; ") end
     end
