@@ -38,7 +38,7 @@ LIBS_tls   = -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev libwebsockets-dev \
-  libmicrohttpd-dev lua-luaossl \
+  libmicrohttpd-dev lua-luaossl lua-zlib \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps strace tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
   prometheus prometheus-alertmanager prometheus-pushgateway python3-requests python3-websockets chromium nodejs

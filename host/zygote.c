@@ -223,20 +223,24 @@ static int read_stat(long *threads, unsigned long addr[4])
     return field >= 51;
 }
 
-/* Move the environment's strings to the heap, so the title may take their room. */
+/* Move the environment's strings to the heap, so the title may take their room.
+ * Kept here as well (volatile: never read, but stored), so a leak checker finds
+ * them once a run's putenv has replaced an entry or environ itself. */
+static char **volatile env_array, **volatile env_strings, *volatile invocation;
 static void title_init(unsigned long addr[4])
 {
     unsigned long arg_start = addr[0], arg_end = addr[1], env_start = addr[2], env_end = addr[3];
     if (!arg_start || arg_end <= arg_start) return;
     int n = 0;
     while (environ[n]) n++;
-    char **copy = malloc(sizeof *copy * (size_t)(n + 1));
-    if (!copy) return;
+    char **env = calloc((size_t)n + 1, sizeof *env), **strings = calloc((size_t)n + 1, sizeof *strings);
+    env_array = env, env_strings = strings;
+    if (!env || !strings) return;
     for (int i = 0; i < n; i++)
-        if (!(copy[i] = strdup(environ[i]))) return;
-    copy[n] = NULL;
-    environ = copy;
-    program_invocation_name = strdup(program_invocation_name);   /* it points at argv[0] */
+        if (!(env[i] = strings[i] = strdup(environ[i]))) return;
+    if (!(invocation = strdup(program_invocation_name))) return;
+    environ = env;
+    program_invocation_name = invocation;   /* it pointed at argv[0] */
     title = (char *)arg_start;
     title_room = (env_start == arg_end && env_end > env_start ? env_end : arg_end) - arg_start;
     if (title_room > 4096) title_room = 4096;   /* Linux shows one page of it */
