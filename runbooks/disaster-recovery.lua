@@ -105,6 +105,14 @@ end
 -- The set's manifest (its files were verified by the first step).
 local function manifest(ctx) return backupset.manifest(ctx.outputs[SET].path) end
 
+-- The set's objects of `files` (those it holds) applied into its namespace,
+-- the deployments named in `hold` at 0 replicas (backupset.restore_kubernetes).
+local function restore(ctx, files, hold)
+  local s = ctx.outputs[SET]
+  return backupset.restore_kubernetes(s.path, manifest(ctx),
+    { namespace = s.namespace, files = in_set(ctx, files), hold = hold, passphrase = ctx.params.passphrase })
+end
+
 local function topic_list(ctx)
   if ctx.params.topics == "" then return nil end
   local out = {}
@@ -185,9 +193,7 @@ step(CONFIG) {
   needs = { SET, ASSESS },
   confirm = true,
   run = function(ctx)
-    local s = ctx.outputs[SET]
-    local r = backupset.restore_kubernetes(s.path, manifest(ctx),
-      { namespace = s.namespace, files = in_set(ctx, CONFIG_FILES), passphrase = ctx.params.passphrase })
+    local r = restore(ctx, CONFIG_FILES)
     for file, n in pairs(r.applied) do log.info("%d %s applied", n, file) end
     return { created = r.created, applied = r.applied }
   end,
@@ -197,11 +203,7 @@ step(SERVICES) {
   description = "The set's Services, before the workloads behind them",
   needs = { SET, CONFIG },
   confirm = true,
-  run = function(ctx)
-    local s = ctx.outputs[SET]
-    return { applied = backupset.restore_kubernetes(s.path, manifest(ctx),
-      { namespace = s.namespace, files = in_set(ctx, { "services" }), passphrase = ctx.params.passphrase }).applied }
-  end,
+  run = function(ctx) return { applied = restore(ctx, { "services" }).applied } end,
 }
 
 step(WORKLOADS) {
@@ -211,8 +213,7 @@ step(WORKLOADS) {
   run = function(ctx)
     local s = ctx.outputs[SET]
     local writers = held_writers(ctx)
-    local r = backupset.restore_kubernetes(s.path, manifest(ctx),
-      { namespace = s.namespace, files = in_set(ctx, WORKLOAD_FILES), hold = writers, passphrase = ctx.params.passphrase })
+    local r = restore(ctx, WORKLOAD_FILES, writers)
     local saved = r.held
     if #saved > 0 and not ctx.dry_run then
       -- writers that were running (a partial outage): their pods gone before the data changes
