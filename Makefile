@@ -38,7 +38,7 @@ LIBS_tls   = -lssl -lcrypto
 
 DEB_PACKAGES = build-essential pkg-config lua5.4 liblua5.4-dev lua-cjson lua-yaml lua-busted \
   nettle-dev libcurl4-openssl-dev librdkafka-dev libpq-dev libhiredis-dev libssl-dev libwebsockets-dev \
-  libmicrohttpd-dev lua-luaossl \
+  libmicrohttpd-dev lua-luaossl lua-zlib \
   postgresql postgresql-client redis-server redis-tools kcat python3-confluent-kafka curl python3 openssl procps strace tmux hyperfine time python3-jsonschema \
   lua-filesystem lua-argparse lua-check scdoc debootstrap bash-completion zsh podman runc \
   prometheus prometheus-alertmanager prometheus-pushgateway python3-requests python3-websockets chromium nodejs
@@ -80,15 +80,14 @@ deps:
 	  npm install --prefix build/node --no-save --no-audit --no-fund $(PLAYWRIGHT_CORE); \
 	else echo "deps: no npm, so no playwright-core: the console's browser spec will be pending"; fi
 
-# Integration specs need the sandbox; starting it is idempotent.
-# Specs run with the sandbox's env; the runs they start keep their journals
+# The whole suite: spec/suite starts the sandboxes it needs (one per worker),
+# runs the specs with their env, and the runs they start keep their journals
 # and locks in a state dir of their own, and push no metrics (loading libcurl
-# at the end of each of thousands of runs) unless a spec asks.
+# at the end of each of thousands of runs) unless a spec asks. `make check`
+# runs the specs that need no sandbox.
 TEST_STATE = build/test-state
-WITH_SANDBOX = examples/sandbox/up >/dev/null && rm -rf $(TEST_STATE) && mkdir -p $(TEST_STATE) && \
-  . examples/sandbox/.state/env && RUNBOOK_PUSHGATEWAY= RUNBOOK_STATE_DIR=$(CURDIR)/$(TEST_STATE)
 test: all
-	$(WITH_SANDBOX) ./runbook test spec examples/team/spec
+	spec/suite
 
 # The specs that need no sandbox, in seconds: engine, CLI, loader, params,
 # journal, gate and the modules against local fixtures.
@@ -110,8 +109,7 @@ check-asan:
 	ln -sfn ../../stdlib build/asan/stdlib
 	$(MAKE) --no-print-directory CFLAGS="$(ASAN_FLAGS)" build/asan/runbook \
 	  $(MODULES:%=build/asan/lib/runbook/%.so)
-	$(WITH_SANDBOX) RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1:intercept_tls_get_addr=0 \
-	  build/asan/runbook test spec examples/team/spec
+	RUNBOOK_BIN=build/asan/runbook ASAN_OPTIONS=detect_leaks=1:intercept_tls_get_addr=0 spec/suite build/asan/runbook
 
 build/asan/runbook: $(HOST_SRC) host/runbook.h host/host.h
 	$(CC) $(CFLAGS) $(WARN) $(LUA_INC) -o $@ $(HOST_SRC) $(LUA_LIB) $(HOST_LIBS) -lm -ldl -Wl,-E
@@ -121,8 +119,8 @@ build/asan/lib/runbook/%.so: modules/%.c host/runbook.h $(wildcard modules/*.h)
 
 # The suite with every runbook process under valgrind's memcheck.
 check-valgrind: all
-	$(WITH_SANDBOX) RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --suppressions=spec/valgrind.supp ./runbook" \
-	  ./runbook test spec examples/team/spec
+	RUNBOOK_BIN="valgrind -q --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite --suppressions=spec/valgrind.supp ./runbook" \
+	  spec/suite
 
 # The Debian 12 root (debootstrap --variant=minbase), made once.
 build/bookworm-minbase:
@@ -140,8 +138,12 @@ image: deb base-image
 sandbox:
 	examples/sandbox/up
 
+# Stops the sandbox of SANDBOX_STATE when it is set, else every one of this
+# checkout's (spec/suite starts one per worker).
 sandbox-stop:
 	examples/sandbox/down
+	[ -n "$$SANDBOX_STATE" ] || for s in examples/sandbox/.state-*; do \
+	  [ ! -d "$$s" ] || SANDBOX_STATE=$(CURDIR)/$$s examples/sandbox/down; done
 
 demo: all
 	examples/demo

@@ -65,6 +65,10 @@ void rb_plan_record(lua_State *L, const rb_effect *e);
 void rb_plan_check_stop(lua_State *L);
 extern const luaL_Reg rb_plan_funcs[];
 
+/* serve's zygote (zygote.c): zygote_start and zygote_spawn for serve,
+ * zygote_wait for the zygote, added to the host library. */
+extern const luaL_Reg rb_zygote_funcs[];
+
 /* The journal, run lock and sha256 functions, added to the host library. */
 void rb_durable_open(lua_State *L);
 

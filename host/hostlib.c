@@ -338,6 +338,7 @@ int luaopen_runbook_host(lua_State *L)
     luaL_setfuncs(L, rb_ticker_funcs, 0);
     luaL_setfuncs(L, rb_guard_funcs, 0);
     luaL_setfuncs(L, rb_plan_funcs, 0);
+    luaL_setfuncs(L, rb_zygote_funcs, 0);
     rb_durable_open(L);
     lua_pushvalue(L, -2);
     lua_setfield(L, -2, "error_mt");

@@ -444,8 +444,8 @@ static char **push_strings(lua_State *L, int idx, int extra)
     return v;
 }
 
-/* spawn(argv, log, env[, input]): argv[1] started with the environment plus
- * `env` ({"K=V"...}), stdout and stderr appended to `log`, and on stdin
+/* spawn(argv, log, env[, input]): argv[1] started with the environment and
+ * `env` ({"K=V"...}, replacing the environment's own K), stdout and stderr appended to `log`, and on stdin
  * `input` (a pipe holding it: at most PIPE_INPUT bytes, so serve never waits
  * for the child to read) or else /dev/null; its pid. */
 #define PIPE_INPUT 60000
@@ -459,16 +459,18 @@ static int h_spawn(lua_State *L)
     luaL_argcheck(L, input_len <= PIPE_INPUT, 4, "input too long for a pipe");
     char **argv = push_strings(L, 1, 0);
     luaL_argcheck(L, argv[0] != NULL, 1, "argv is empty");
-    int n = 0, extra = (int)luaL_len(L, 3);
-    while (environ[n]) n++;
-    char **envp = lua_newuserdatauv(L, sizeof *envp * (size_t)(n + extra + 1), 0);
-    memcpy(envp, environ, sizeof *envp * (size_t)n);
-    for (int i = 0; i < extra; i++) {
-        lua_rawgeti(L, 3, i + 1);
-        envp[n + i] = (char *)luaL_checkstring(L, -1);
-        lua_pop(L, 1);
+    int total = 0, n = 0;
+    while (environ[total]) total++;
+    char **extra = push_strings(L, 3, 0);
+    char **envp = lua_newuserdatauv(L, sizeof *envp * (size_t)(total + luaL_len(L, 3) + 1), 0);
+    for (int i = 0; i < total; i++) {   /* an entry of `env` replaces the environment's own */
+        size_t name = strcspn(environ[i], "=") + 1;
+        int replaced = 0;
+        for (char **e = extra; *e && !replaced; e++) replaced = strncmp(*e, environ[i], name) == 0;
+        if (!replaced) envp[n++] = environ[i];
     }
-    envp[n + extra] = NULL;
+    for (char **e = extra; *e; e++) envp[n++] = *e;
+    envp[n] = NULL;
     int in[2] = { -1, -1 };   /* filled before the child starts: it fits, and no write can meet a closed end */
     if (input && (pipe2(in, O_CLOEXEC) != 0 || write(in[1], input, input_len) != (ssize_t)input_len)) {
         int e = errno;

@@ -9,10 +9,12 @@
 --
 --   runbook run backup -p dir=/var/backups/todo -p keep=7 -p kubernetes=true
 --   runbook run backup --dry-run            # the checks, and what it would write and delete
+--   BACKUP_PASSPHRASE=... runbook run backup -p kubernetes=true -p secrets=true -p encrypt=true
+--       # the configuration encrypted: openssl enc -d -aes-256-cbc -pbkdf2 -iter 100000 -md sha256 decrypts it
 
 name = "backup"
 description = "Back up PostgreSQL (and optionally the namespace's Kubernetes configuration and Kafka topics) into a verified set with one manifest; keep the newest N"
-replaces = { "001-13" }
+replaces = { "001-13", "004-13" }
 version = "1.0.0"
 
 param "dir" { default = "./backups", help = "directory the backup sets go in (each set is DIR/PREFIX-YYYYMMDDTHHMMSSZ/)" }
@@ -23,7 +25,12 @@ param "kubernetes" { type = "boolean", default = false,
   help = "also back up the namespace's workloads, services, configmaps, service accounts, network policies, HPAs, ingresses and Dapr components as YAML" }
 param "secrets" { type = "boolean", default = false, help = "with kubernetes=true, include the namespace's Secrets (the files then hold them)" }
 param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace whose configuration is backed up" }
+param "encrypt" { type = "boolean", default = false,
+  help = "encrypt the Kubernetes files (k8s/KIND.yaml.enc: AES-256-CBC, PBKDF2, openssl enc's format) with passphrase" }
+param "passphrase" { secret = true, default = os.getenv("BACKUP_PASSPHRASE"), help = "with encrypt=true (default $BACKUP_PASSPHRASE)" }
 param "topics" { default = "", help = "comma-separated Kafka topics to back up as JSON Lines (default: none)" }
+param "groups" { default = "",
+  help = "GROUP:TOPIC,... consumer groups whose committed offsets are recorded before the dump, so a restore can replay the events after it" }
 param "min_free" { type = "number", default = 1.5, help = "free space needed at DIR, as a multiple of the database's size" }
 
 local function topics(ctx)
@@ -38,6 +45,8 @@ step "Preflight" {
     local p = ctx.params
     if p.keep < 1 then error("param keep: must be at least 1", 0) end
     if p.secrets and not p.kubernetes then error("param secrets: needs kubernetes=true", 0) end
+    if p.encrypt and not p.kubernetes then error("param encrypt: needs kubernetes=true (it encrypts the Kubernetes files)", 0) end
+    if p.encrypt and (p.passphrase or "") == "" then error("param encrypt: give a passphrase (or set BACKUP_PASSPHRASE)", 0) end
     local pf = backupset.preflight { root = p.dir, url = p.database_url }
     log.info("database: %s (PostgreSQL %s); free at %s: %s", pf.db_pretty, pf.server_version, p.dir, pf.free_pretty)
     if pf.free_bytes < pf.db_bytes * p.min_free then
@@ -51,21 +60,25 @@ step "Preflight" {
 }
 
 step "Dump the database" {
-  description = "pg_dump --format=custom into a partial set directory, then pg_restore --list to prove it reads back",
+  description = "The groups' committed offsets (when asked), then pg_dump --format=custom into a partial set directory and pg_restore --list to prove it reads back",
   run = function(ctx)
+    local groups = {}
+    for g in ctx.params.groups:gmatch("[^,%s]+") do groups[#groups + 1] = g end
     local set = backupset.new(ctx.params.dir, ctx.params.prefix)
+    -- the offsets first: what the consumers committed before the snapshot is in it
+    local offsets = #groups > 0 and backupset.record_offsets(groups) or nil
     local db = backupset.dump_database(set, { url = ctx.params.database_url })
-    return { set = set, database = db }
+    return { set = set, database = db, offsets = offsets }
   end,
 }
 
 step "Back up the Kubernetes configuration" {
-  description = "Deployments, statefulsets, daemonsets, cronjobs, services, configmaps, service accounts, network policies, HPAs, ingresses, Dapr components and subscriptions (secrets only with secrets=true) as YAML",
+  description = "Deployments, statefulsets, daemonsets, cronjobs, services, configmaps, service accounts, network policies, HPAs, ingresses, Dapr components and subscriptions (secrets only with secrets=true) as YAML, encrypted with encrypt=true",
   needs = { "Dump the database" },
   when = function(ctx) return ctx.params.kubernetes end,
   run = function(ctx)
     local out = backupset.dump_kubernetes(ctx.outputs["Dump the database"].set,
-      { namespace = ctx.params.namespace, secrets = ctx.params.secrets })
+      { namespace = ctx.params.namespace, secrets = ctx.params.secrets, passphrase = ctx.params.encrypt and ctx.params.passphrase or nil })
     out.namespace = ctx.params.namespace
     return out
   end,
@@ -85,7 +98,7 @@ step "Seal the set" {
   needs = { "Dump the database" }, uses = { "Back up the Kubernetes configuration", "Back up Kafka topics" },
   run = function(ctx)
     local dumped = ctx.outputs["Dump the database"]
-    local parts = { database = dumped.database }
+    local parts = { database = dumped.database, offsets = dumped.offsets }
     if ctx.params.kubernetes and not ctx.skipped("Back up the Kubernetes configuration") then parts.kubernetes = ctx.outputs["Back up the Kubernetes configuration"] end
     if #topics(ctx) > 0 and not ctx.skipped("Back up Kafka topics") then parts.kafka = ctx.outputs["Back up Kafka topics"] end
     local m = backupset.seal(dumped.set, parts)

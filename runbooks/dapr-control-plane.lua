@@ -60,6 +60,14 @@ step "Check the control plane" {
         row.ready, row.desired, row.version, row.restarts = h.ready, h.desired, version_of(h), 0
         for _, p in ipairs(h.pods) do row.restarts = row.restarts + p.restarts end
         for _, p in ipairs(h.problems) do row.problems[#row.problems + 1] = p end
+        -- an unhealthy workload's pod whose container ended: the last lines it wrote (kubectl logs --previous)
+        for _, p in ipairs(h.pods) do
+          if not h.healthy and p.last_termination_reason then
+            local last = k8s.logs("pod/" .. p.name, { namespace = ctx.params.system_namespace, previous = true, tail = 3 })
+            row.problems[#row.problems + 1] = ("pod %s ended %s; its last lines: %s"):format(p.name,
+              p.last_termination_reason, #last > 0 and table.concat(last, " / ") or "(none)")
+          end
+        end
         if h.desired == 0 then row.problems[#row.problems + 1] = ("scaled to 0 (kubectl scale %s -n %s --replicas=1)")
           :format(target, ctx.params.system_namespace) end
       end

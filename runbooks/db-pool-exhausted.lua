@@ -18,12 +18,17 @@
 -- one that restricts egress without allowing the database's address and port
 -- is named. A database the app cannot reach stops the run there.
 --
+-- And seed 004 "Database Connection Issues", when PostgreSQL runs in the
+-- cluster (db_workload): its pods, their last log lines and `df -h` in each
+-- (kubectl exec), and, when the app cannot reach it, its pods are not ready
+-- or restart_db asks, the pods deleted so that they restart (confirm).
+--
 --   runbook run db-pool-exhausted --step
 --   runbook run db-pool-exhausted -p idle_for=1m -p pool_size=30 -p max_overflow=20
 
 name = "db-pool-exhausted"
-description = "Can the app reach PostgreSQL (from its pod, its Secret masked, NetworkPolicies); connections against max_connections; end sessions idle in transaction, cancel long-running queries; optionally raise the app's pool; verify"
-replaces = { "002-23", "000-9", "001-9" }
+description = "Can the app reach PostgreSQL (from its pod, its Secret masked, NetworkPolicies; the database's pods, logs, disk, restart); connections against max_connections; end sessions idle in transaction, cancel long-running queries; optionally raise the app's pool; verify"
+replaces = { "002-23", "000-9", "001-9", "004-4" }
 version = "1.0.0"
 
 param "idle_for" { type = "duration", default = "5m", help = "sessions idle in a transaction longer than this are ended" }
@@ -31,8 +36,13 @@ param "running_for" { type = "duration", default = "5m", help = "queries active 
 param "user" { default = "", help = "only end sessions and cancel queries of this database user (default: any but superusers)" }
 param "warn_share" { type = "number", default = 0.8, help = "connections at this share of max_connections are too many (seed 003: 80% of pool)" }
 param "deployment" { default = "todo-chatbot-backend",
-  help = "the app: the database is checked from its pod with its DATABASE_URL, and its pool raised when pool_size is set" }
+  help = "the app: the database is checked from its pod with its DATABASE_URL, and its pool raised when pool_size is set; "
+    .. "'' checks from here only" }
 param "namespace" (steps.params.namespace)
+param "db_workload" { default = "", help = "PostgreSQL's StatefulSet or Deployment in the namespace (statefulset/postgres): its pods, logs and disk are checked" }
+param "db_log_lines" { type = "integer", default = 20, help = "the last log lines shown of each database pod" }
+param "restart_db" { type = "boolean", default = false,
+  help = "restart the database's pods even when they are ready and the app reaches them (asks first)" }
 param "pool_size" { type = "integer", default = 0, help = "set DB_POOL_SIZE on the deployment (seed: 30); 0 leaves the pool alone" }
 param "max_overflow" { type = "integer", default = 0, help = "set DB_MAX_OVERFLOW with it (seed: 20)" }
 
@@ -69,6 +79,7 @@ local function measure(db, ctx)
 end
 
 local function app(ctx) return "deploy/" .. ctx.params.deployment end
+local function has_app(ctx) return ctx.params.deployment ~= "" end
 
 -- postgresql://user:password@host:port/db?x -> {user, host, port, database}, and the URL with its password masked.
 local function parse_url(url)
@@ -94,6 +105,7 @@ end
 
 step "Connect from the app's pod" {
   description = "kubectl exec deploy/DEPLOYMENT -- psql \"$DATABASE_URL\" -c 'SELECT 1': the database as the app reaches it, with its own env",
+  when = has_app,
   run = function(ctx)
     local r = checks.in_pod("postgres", app(ctx), { namespace = ctx.params.namespace })
     if not r.ok then log.warn("postgres from %s: %s", app(ctx), r.error) end
@@ -103,6 +115,7 @@ step "Connect from the app's pod" {
 
 step "Show the connection settings" {
   description = "Where the app's DATABASE_URL comes from, and the Secret it is in, masked (kubectl get secret -o yaml without the passwords)",
+  when = has_app,
   run = function(ctx)
     local c = k8s.get(app(ctx), { namespace = ctx.params.namespace }).spec.template.spec.containers[1]
     local url, from, secrets = nil, nil, {}
@@ -154,6 +167,87 @@ step "Show the connection settings" {
   end,
 }
 
+local function db_pods(ctx)
+  local w = k8s.get(ctx.params.db_workload, { namespace = ctx.params.namespace })
+  local sel = {}
+  for k, v in pairs(w.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
+  table.sort(sel)
+  local pods = k8s.list("pods", { namespace = ctx.params.namespace, selector = table.concat(sel, ",") })
+  return pods, w.spec.replicas or 1
+end
+
+local function ready(p)
+  for _, c in ipairs((p.status or {}).conditions or {}) do
+    if c.type == "Ready" then return c.status == "True" end
+  end
+  return false
+end
+
+step "Check the database's pods" {
+  description = "kubectl get pods -l <db_workload's selector>, kubectl logs --tail=<db_log_lines>, kubectl exec -- df -h in each",
+  when = function(ctx) return ctx.params.db_workload ~= "" end,
+  run = function(ctx)
+    local pods, replicas = db_pods(ctx)
+    local out, full = { pods = {}, replicas = replicas, ready = 0 }, {}
+    for _, p in ipairs(pods) do
+      local name, restarts = p.metadata.name, 0
+      for _, cs in ipairs((p.status or {}).containerStatuses or {}) do restarts = restarts + (cs.restartCount or 0) end
+      local ok = ready(p)
+      out.ready = out.ready + (ok and 1 or 0)
+      log[ok and "info" or "warn"]("database pod %s: %s, %s, %d restarts", name, (p.status or {}).phase or "?",
+        ok and "ready" or "not ready", restarts)
+      local lok, lines = pcall(k8s.logs, "pod/" .. name, { namespace = ctx.params.namespace, tail = ctx.params.db_log_lines })
+      if lok then
+        for _, l in ipairs(lines) do log.info("  %s", l) end
+      else log.warn("  logs: %s", tostring(type(lines) == "table" and lines.message or lines)) end
+      local df = k8s.exec("pod/" .. name, { "df", "-h" }, { namespace = ctx.params.namespace, read = true, check = false, timeout = "20s" })
+      local fullest = { use = -1 }
+      for line in df.stdout:gmatch("[^\n]+") do
+        local use, mount = line:match("%s(%d+)%%%s+(%S+)$")
+        use = tonumber(use)
+        if use and use > fullest.use then fullest = { use = use, mount = mount, line = line } end
+        if use and use >= 90 then full[#full + 1] = ("%s %s %d%%"):format(name, mount, use); log.warn("  df: %s", line) end
+      end
+      if df.status ~= 0 then log.warn("  df -h: %s", (df.stderr:gsub("%s+$", "")))
+      elseif fullest.mount then log.info("  df -h: the fullest filesystem is %s at %d%%", fullest.mount, fullest.use) end
+      out.pods[#out.pods + 1] = { name = name, uid = p.metadata.uid, ready = ok, restarts = restarts, fullest = fullest.use }
+    end
+    if #pods == 0 then log.warn("%s has no pods", ctx.params.db_workload) end
+    if #full > 0 then log.warn("filesystems 90%% full or more: %s (a full disk stops PostgreSQL's writes)", table.concat(full, ", ")) end
+    out.full = full
+    return out
+  end,
+}
+
+step "Restart the database" {
+  description = "kubectl delete pod -l <db_workload's selector> (seed 004), when the app cannot reach it, a pod is not ready, or restart_db; "
+    .. "wait until new pods are ready",
+  needs = { "Check the database's pods" },
+  uses = { "Connect from the app's pod" },
+  confirm = true,
+  when = function(ctx)
+    local db, app_side = ctx.outputs["Check the database's pods"], ctx.outputs["Connect from the app's pod"]
+    return ctx.params.restart_db or db.ready < db.replicas or (app_side ~= nil and not app_side.ok)
+  end,
+  run = function(ctx)
+    local before = {}
+    for _, p in ipairs(ctx.outputs["Check the database's pods"].pods) do
+      before[p.uid] = true
+      k8s.delete("pod/" .. p.name, { namespace = ctx.params.namespace })
+    end
+    time.wait_until({ timeout = "5m", what = "the database's pods to be back and ready" }, function()
+      local pods, replicas = db_pods(ctx)
+      if #pods ~= replicas then return false end
+      for _, p in ipairs(pods) do
+        if before[p.metadata.uid] or not ready(p) then return false end
+      end
+      return true
+    end)
+    if not ctx.dry_run then log.info("%s: every pod restarted and ready", ctx.params.db_workload) end
+    return { restarted = true }
+  end,
+}
+
 -- a.b.c.d -> an integer, or nil
 local function ipv4(s)
   local a, b, c, d = (s or ""):match("^(%d+)%.(%d+)%.(%d+)%.(%d+)$")
@@ -194,6 +288,7 @@ step "Check the network policies" {
   description = "The NetworkPolicies that select the app's pods: does one restrict egress without allowing the database's address and port? "
     .. "Then the verdict: the app reaches the database, or the run stops here",
   needs = { "Connect from the app's pod", "Show the connection settings" },
+  uses = { "Restart the database" },
   run = function(ctx)
     local ns, conn = ctx.params.namespace, ctx.outputs["Show the connection settings"]
     local labels = k8s.get(app(ctx), { namespace = ns }).spec.template.metadata.labels or {}
@@ -246,6 +341,9 @@ step "Check the network policies" {
     end
     local problems = {}
     local pod = ctx.outputs["Connect from the app's pod"]
+    if not pod.ok and not ctx.skipped("Restart the database") and not ctx.dry_run then   -- again, after the restart
+      pod = checks.in_pod("postgres", app(ctx), { namespace = ctx.params.namespace })
+    end
     if not pod.ok then problems[#problems + 1] = "psql from " .. app(ctx) .. ": " .. pod.error end
     if restricting > 0 and allowed_by == 0 and #unknown == 0 then
       problems[#problems + 1] = ("networkpolicy %s selects the pods of %s and allows no egress to %s"):format(

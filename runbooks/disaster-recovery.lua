@@ -35,6 +35,7 @@ param "writers" (steps.params.writers)
 param "topics" { default = "", help = "the set's topics to restore, NAME or NAME=TARGET, comma-separated (default: every topic in the set)" }
 param "validate" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
   help = "validation queries separated by ';', each must return 0 after the restore" }
+param "passphrase" { secret = true, default = os.getenv("BACKUP_PASSPHRASE"), help = "for a set whose Kubernetes files are encrypted (default $BACKUP_PASSPHRASE)" }
 param "health_path" (steps.params.health_path)
 param "timeout" { type = "duration", default = "3m", help = "how long each rollout, and the writers' stop and start, may take" }
 param "eta" { type = "duration", default = "30m", help = "the recovery time announced to stakeholders (the report gives the actual one)" }
@@ -61,19 +62,19 @@ local function say(ctx, text)
 end
 
 -- The set's objects of one file: {{type, name, kind}...}.
-local function objects_of(path, file)
+local function objects_of(ctx, path, file)
   local out = {}
-  for _, o in ipairs(yaml.load_all(fs.read(path .. "/k8s/" .. file .. ".yaml"))) do
+  for _, o in ipairs(backupset.read_kubernetes(path, file, ctx.params.passphrase)) do
     out[#out + 1] = { type = TYPE[file], name = o.metadata.name, kind = o.kind, replicas = o.spec and o.spec.replicas }
   end
   return out
 end
 
 -- The set's objects the cluster lacks in namespace ns: "kind/name" list, and the count of all.
-local function missing_objects(path, files, ns)
+local function missing_objects(ctx, path, files, ns)
   local missing, all = {}, 0
   for _, file in ipairs(files) do
-    for _, o in ipairs(objects_of(path, file)) do
+    for _, o in ipairs(objects_of(ctx, path, file)) do
       all = all + 1
       if not k8s.get(o.type .. "/" .. o.name, { namespace = ns, missing_ok = true }) then
         missing[#missing + 1] = o.kind .. "/" .. o.name
@@ -95,7 +96,7 @@ end
 -- The writers (param writers) that are deployments in the set.
 local function held_writers(ctx)
   local inset = {}
-  for _, o in ipairs(objects_of(ctx.outputs[SET].path, "deployments")) do inset[o.name] = true end
+  for _, o in ipairs(objects_of(ctx, ctx.outputs[SET].path, "deployments")) do inset[o.name] = true end
   local out = {}
   for w in ctx.params.writers:gmatch("[^,%s]+") do if inset[w] then out[#out + 1] = w end end
   return out
@@ -103,6 +104,14 @@ end
 
 -- The set's manifest (its files were verified by the first step).
 local function manifest(ctx) return backupset.manifest(ctx.outputs[SET].path) end
+
+-- The set's objects of `files` (those it holds) applied into its namespace,
+-- the deployments named in `hold` at 0 replicas (backupset.restore_kubernetes).
+local function restore(ctx, files, hold)
+  local s = ctx.outputs[SET]
+  return backupset.restore_kubernetes(s.path, manifest(ctx),
+    { namespace = s.namespace, files = in_set(ctx, files), hold = hold, passphrase = ctx.params.passphrase })
+end
 
 local function topic_list(ctx)
   if ctx.params.topics == "" then return nil end
@@ -139,7 +148,7 @@ step(ASSESS) {
     local s = ctx.outputs[SET]
     local scope = {}
     local ns_obj = k8s.get("namespaces/" .. s.namespace, { missing_ok = true })
-    local missing, all = missing_objects(s.path, s.files, s.namespace)
+    local missing, all = missing_objects(ctx, s.path, s.files, s.namespace)
     if not ns_obj then scope[#scope + 1] = ("namespace %s is gone"):format(s.namespace)
     elseif #missing > 0 then
       scope[#scope + 1] = ("%d of the set's %d objects are missing: %s"):format(#missing, all, table.concat(missing, ", "))
@@ -148,10 +157,12 @@ step(ASSESS) {
     for _, p in ipairs(h.problems) do scope[#scope + 1] = p end
     local deps = checks.dependencies { namespace = s.namespace }
     if #deps.down > 0 then scope[#scope + 1] = "dependencies down: " .. table.concat(deps.down, ", ") end
-    if s.database and not deps.dependencies.postgres.ok then
-      error("PostgreSQL is down: the database cannot be restored until it answers (or database_url names the new one)", 0)
-    end
     if s.database then
+      local up, err = pcall(function() pg.connect(ctx.params.database_url, { connect_timeout = "10s" }):close() end)
+      if not up then
+        error(("the database does not answer (%s): it cannot be restored until it does, or database_url names the new one")
+          :format(tostring(type(err) == "table" and err.message or err)), 0)
+      end
       local problems = backupset.validate { manifest = manifest(ctx), url = ctx.params.database_url }
       if #problems > 0 then scope[#scope + 1] = "the database differs from the set: " .. table.concat(problems, "; ") end
     end
@@ -182,9 +193,7 @@ step(CONFIG) {
   needs = { SET, ASSESS },
   confirm = true,
   run = function(ctx)
-    local s = ctx.outputs[SET]
-    local r = backupset.restore_kubernetes(s.path, manifest(ctx),
-      { namespace = s.namespace, files = in_set(ctx, CONFIG_FILES) })
+    local r = restore(ctx, CONFIG_FILES)
     for file, n in pairs(r.applied) do log.info("%d %s applied", n, file) end
     return { created = r.created, applied = r.applied }
   end,
@@ -194,11 +203,7 @@ step(SERVICES) {
   description = "The set's Services, before the workloads behind them",
   needs = { SET, CONFIG },
   confirm = true,
-  run = function(ctx)
-    local s = ctx.outputs[SET]
-    return { applied = backupset.restore_kubernetes(s.path, manifest(ctx),
-      { namespace = s.namespace, files = in_set(ctx, { "services" }) }).applied }
-  end,
+  run = function(ctx) return { applied = restore(ctx, { "services" }).applied } end,
 }
 
 step(WORKLOADS) {
@@ -208,8 +213,7 @@ step(WORKLOADS) {
   run = function(ctx)
     local s = ctx.outputs[SET]
     local writers = held_writers(ctx)
-    local r = backupset.restore_kubernetes(s.path, manifest(ctx),
-      { namespace = s.namespace, files = in_set(ctx, WORKLOAD_FILES), hold = writers })
+    local r = restore(ctx, WORKLOAD_FILES, writers)
     local saved = r.held
     if #saved > 0 and not ctx.dry_run then
       -- writers that were running (a partial outage): their pods gone before the data changes
@@ -220,7 +224,7 @@ step(WORKLOADS) {
     local held = {}
     for _, w in ipairs(writers) do held[w] = true end
     local deployments = {}
-    for _, o in ipairs(r.applied.deployments and objects_of(s.path, "deployments") or {}) do
+    for _, o in ipairs(r.applied.deployments and objects_of(ctx, s.path, "deployments") or {}) do
       if not held[o.name] then
         deployments[#deployments + 1] = o.name
         if not ctx.dry_run then
@@ -264,7 +268,7 @@ step(VERIFY) {
   run = function(ctx)
     local s = ctx.outputs[SET]
     local problems = {}
-    local missing = missing_objects(s.path, s.files, s.namespace)
+    local missing = missing_objects(ctx, s.path, s.files, s.namespace)
     if #missing > 0 then problems[#problems + 1] = "missing: " .. table.concat(missing, ", ") end
     local h = k8s.namespace_health(s.namespace)
     for _, p in ipairs(h.problems) do problems[#problems + 1] = p end

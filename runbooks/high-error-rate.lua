@@ -41,19 +41,13 @@ step "Measure the error rate" (steps.measure_metric {
   metric = ERROR_RATE,
 })
 
-step "Top error messages" {
+step "Top error messages" (steps.top_errors {
   description = "kubectl logs --since=<log_since> | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod of the deployment",
   needs = { "Measure the error rate" },
   when = function(ctx) return ctx.outputs["Measure the error rate"].high end,
-  run = function(ctx)
-    local q = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = ctx.params.log_since,
-      where = { level = "ERROR" }, count_by = "message", top = 5 }
-    log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count, duration.format(ctx.params.log_since), #q.pods,
-      q.count > 0 and ":" or "")
-    for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
-    return { errors = q.count, top = q.by }
-  end,
-}
+  deployment = deployment,
+  since = function(ctx) return ctx.params.log_since end,
+})
 
 step "Compare with the last change" {
   description = "Did the rate begin with the current template's revision (rollout history, and the rate just before it)?",

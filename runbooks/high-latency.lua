@@ -31,13 +31,10 @@ step "Measure the p95 latency" (steps.measure_metric {
   metric = P95,
 })
 
-step "Check saturation" {
+step "Check saturation" (steps.resource_use {
   description = "kubectl top pods of the deployment: CPU and memory against their limits",
-  run = function(ctx)
-    local u = steps.pod_usage(ctx, deployment(ctx))
-    return { pods = #u.pods, replicas = u.replicas }
-  end,
-}
+  deployment = deployment,
+})
 
 step "Find the slowest statements" {
   description = "pg_stat_statements: the 10 statements with the highest mean execution time (skipped without a database URL)",

@@ -78,18 +78,12 @@ step "Measure the lag" {
   end,
 }
 
-step "Consumer errors" {
+step "Consumer errors" (steps.top_errors {
   description = "kubectl logs of every consumer pod | jq select(.level == \"ERROR\"): processing errors scaling would not fix",
   needs = { "Measure the lag" },
   when = function(ctx) return ctx.outputs["Measure the lag"].over end,
-  run = function(ctx)
-    local q = k8s.log_query { target = deploy(ctx), namespace = ctx.params.namespace, since = "15m",
-      where = { level = "ERROR" }, count_by = "message", top = 5 }
-    log.info("%d ERROR records in the consumers' logs in the last 15m across %d pod(s)%s", q.count, #q.pods, q.count > 0 and ":" or "")
-    for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
-    return { errors = q.count, top = q.by }
-  end,
-}
+  since = "15m",
+})
 
 step "Plan the replicas" {
   description = "ceil(lag / lag_per_replica), never fewer than now, never more than the partitions (seed: beyond 12 gives nothing)",

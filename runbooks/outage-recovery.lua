@@ -3,15 +3,17 @@
 -- Replaces seed 000 "Complete Outage", seed 002 "Complete Service Outage" and
 -- seed 003 "Complete System Recovery": instead of restarting everything and
 -- watching `kubectl get pods`, it looks first, restarts only what is
--- unhealthy, rolls back what a restart did not fix when it changed recently,
--- and checks each service's /health through the API server before saying so.
+-- unhealthy, rolls back what a restart did not fix when it changed recently
+-- (a whole Helm release, as `helm rollback` does, when its last revision is the
+-- recent change that renders them), and checks each service's /health through
+-- the API server before saying so.
 --
 --   runbook run runbooks/outage-recovery.lua -p namespace=todo-chatbot --step
 --   runbook run outage-recovery --dry-run          # what it would do, nothing changes
 
 name = "outage-recovery"
 description = "Assess a namespace, restart what is unhealthy, roll back recent changes that still fail, verify /health"
-replaces = { "001-7", "002-24" }
+replaces = { "000-14", "001-7", "002-24" }
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
@@ -76,6 +78,23 @@ local function deployments_now(ctx)
       unfixable = unfixable_by_restart(d) }
   end
   return h, deps
+end
+
+-- The Helm release whose last revision is recent and renders failing deployments
+-- (seed 000's `helm rollback`): the release and the names of those deployments.
+local function recent_release(ctx, failing)
+  for _, rel in ipairs(helm.releases { namespace = ctx.params.namespace }) do
+    if rel.status == "deployed" and rel.revision > 1 and rel.age and rel.age <= ctx.params.changed_within then
+      local rendered, hit = {}, {}
+      for _, o in ipairs(helm.get(rel.name, { namespace = ctx.params.namespace }).objects) do
+        if o.kind == "Deployment" then rendered[o.metadata.name] = true end
+      end
+      for _, d in ipairs(failing) do
+        if rendered[d.name] then hit[#hit + 1] = d.name end
+      end
+      if #hit > 0 then return rel, hit end
+    end
+  end
 end
 
 -- Wait for each named rollout; {name = "ok" | "dry run" | error text}.
@@ -195,7 +214,8 @@ step "Verify service health" {
 }
 
 step "Roll back recent changes that still fail" {
-  description = "rollout undo, past restarts, of each deployment still failing whose last change is recent; then wait for it",
+  description = "helm rollback of a release whose recent last revision renders deployments still failing; rollout undo,"
+    .. " past restarts, of each other deployment still failing whose last change is recent; then wait for them",
   needs = { "Verify service health", "Check dependencies" },
   confirm = true,
   run = function(ctx)
@@ -206,8 +226,29 @@ step "Roll back recent changes that still fail" {
       return { rolled_back = {}, not_rolled_back = {}, rollouts = {} }
     end
     local deps_down = #ctx.outputs["Check dependencies"].down > 0
-    local rolled, kept = {}, {}
+    local rolled, kept, release, in_release = {}, {}, nil, {}
+    local rel, hit = recent_release(ctx, failing)
+    if rel then
+      local unfixable = false
+      for _, name in ipairs(hit) do in_release[name] = true end
+      for _, d in ipairs(failing) do unfixable = unfixable or (in_release[d.name] and d.unfixable ~= nil) end
+      if deps_down and not unfixable then
+        local why = ("a dependency is down; %s may be failing because of that, not because of release %s revision %d")
+          :format(table.concat(hit, ", "), rel.name, rel.revision)
+        for _, name in ipairs(hit) do kept[#kept + 1] = { name = name, reason = why } end
+        log.warn("not rolling back release %s: %s", rel.name, why)
+      else
+        log.info("release %s revision %d (%s ago) renders %s, which still fail: helm rollback to revision %d", rel.name,
+          rel.revision, duration.format(rel.age), table.concat(hit, ", "), rel.revision - 1)
+        local r = helm.rollback(rel.name, { namespace = ctx.params.namespace })
+        release = { name = rel.name, from = r.from, to = r.to, revision = r.revision, deployments = hit }
+      end
+    end
+    local others = {} -- the failing deployments the release does not render (or none is recent)
     for _, d in ipairs(failing) do
+      if not in_release[d.name] then others[#others + 1] = d end
+    end
+    for _, d in ipairs(others) do
       local c = k8s.last_change("deploy/" .. d.name, ns_opts(ctx))
       local why
       if not c.previous then why = "no earlier revision to roll back to"
@@ -228,7 +269,8 @@ step "Roll back recent changes that still fail" {
     end
     local names = {}
     for _, r in ipairs(rolled) do names[#names + 1] = r.name end
-    return { rolled_back = rolled, not_rolled_back = kept, rollouts = wait_rollouts(ctx, names) }
+    for _, name in ipairs(release and release.deployments or {}) do names[#names + 1] = name end
+    return { rolled_back = rolled, release = release, not_rolled_back = kept, rollouts = wait_rollouts(ctx, names) }
   end,
 }
 
@@ -303,6 +345,10 @@ step "Report" {
     local declined = ctx.skipped(ROLLBACK)
     for _, r in ipairs(declined and {} or ctx.outputs[ROLLBACK].rolled_back) do
       rolled[#rolled + 1] = ("%s (revision %d -> %d)"):format(r.name, r.from, r.to)
+    end
+    local release = not declined and ctx.outputs[ROLLBACK].release
+    if release then
+      rolled[#rolled + 1] = ("release %s (revision %d -> %d, recorded as %d)"):format(release.name, release.from, release.to, release.revision)
     end
     local would = ctx.dry_run and "would have " or ""
     local lines = {

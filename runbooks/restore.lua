@@ -35,6 +35,7 @@ param "validate" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
 param "timeout" (steps.params.writers_timeout)
 param "kubernetes" { type = "boolean", default = false,
   help = "first put the set's Kubernetes objects back (server-side apply in dependency order; the namespace created when missing)" }
+param "passphrase" { secret = true, default = os.getenv("BACKUP_PASSPHRASE"), help = "for a set whose Kubernetes files are encrypted (default $BACKUP_PASSPHRASE)" }
 param "topics" { default = "", help = "the set's topics to produce back into topics that hold no message: all, or NAME or NAME=TARGET, comma-separated (default: none)" }
 
 local VERIFY = "Verify the backup set"
@@ -75,7 +76,8 @@ step "Restore the Kubernetes objects" {
   confirm = true,
   run = function(ctx)
     local path = ctx.outputs[VERIFY].path
-    local r = backupset.restore_kubernetes(path, backupset.manifest(path), { namespace = ctx.params.namespace })
+    local r = backupset.restore_kubernetes(path, backupset.manifest(path),
+      { namespace = ctx.params.namespace, passphrase = ctx.params.passphrase })
     for _, file in ipairs(backupset.RESTORE_ORDER) do
       if r.applied[file] then log.info("%s: %d applied", file, r.applied[file]) end
     end

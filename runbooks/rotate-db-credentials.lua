@@ -28,13 +28,7 @@ param "rollout_timeout" { type = "duration", default = "5m", help = "how long ea
 
 local function ns(ctx) return { namespace = ctx.params.namespace } end
 
--- postgresql://user:pass@host... -> user, pass (percent-decoded)
-local function credentials(url)
-  local user, pass = url:match("^postgres%a*://([^:@/]+):([^@/]*)@")
-  if not user then return nil end
-  local function dec(s) return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
-  return dec(user), dec(pass)
-end
+local credentials = rotation.db_credentials
 
 -- Every place a Secret's name appears in a pod template: envFrom and env.valueFrom.
 local function references(tmpl, name)
@@ -109,14 +103,10 @@ end
 local function password_in(ctx, name) return select(2, credentials(secret_data(ctx, name)[ctx.params.url_key])) end
 
 -- connect_url with another password.
-local function url_with(ctx, password)
-  return (ctx.params.connect_url:gsub("^(postgres%a*://[^:@/]+:)[^@/]*@", "%1" .. password:gsub("%%", "%%%%") .. "@", 1))
-end
+local function url_with(ctx, password) return rotation.with_password(ctx.params.connect_url, password) end
 
 local function set_password(ctx, url, password)
-  local db <close> = pg.connect(url, { connect_timeout = "10s" })
-  db:exec(("ALTER ROLE %s PASSWORD '%s'"):format(pg.quote_ident(ctx.outputs["Find the credentials and their users"].user),
-    password:gsub("'", "''")))
+  rotation.set_db_password(url, ctx.outputs["Find the credentials and their users"].user, password)
 end
 
 local function repoint_deployment(ctx, name, from, to)

@@ -56,13 +56,7 @@ step "Check the pods" {
   end,
 }
 
-step "Check resource use" {
-  description = "kubectl top pods: CPU and memory of each pod against the limits",
-  run = function(ctx)
-    local u = steps.pod_usage(ctx, ctx.params.deployment)
-    return { pods = #u.pods }
-  end,
-}
+step "Check resource use" (steps.resource_use {})
 
 step "Review recent changes" {
   description = "kubectl rollout history: each revision's images and change cause, and how long ago the template last changed",

@@ -94,13 +94,9 @@ step "Read the connection stats" {
   end,
 }
 
-step "Check resource use" {
+step "Check resource use" (steps.resource_use {
   description = "kubectl top pod | grep websocket: CPU and memory of each pod against its limits",
-  run = function(ctx)
-    local u = steps.pod_usage(ctx, ctx.params.deployment)
-    return { pods = #u.pods }
-  end,
-}
+})
 
 step "Compare the token secrets" {
   description = "JWT_SECRET must match BETTER_AUTH_SECRET: the same_keys of the Secret hold one value (never printed)",

@@ -115,8 +115,9 @@ describe("the seed coverage matrix", function()
     local counts = { F = 0, P = 0, L = 0, B = 0 }
     for _, row in ipairs(seed_rows) do counts[row[3]] = counts[row[3]] + 1 end
     local readme = cli.slurp("README.md")
-    local line = ("Of the %d procedures, %d are covered fully (F), %d partly (P), %d are possible but not shipped (L), and %d are blocked (B).")
-      :format(#ids, counts.F, counts.P, counts.L, counts.B)
+    local function are(n) return n == 1 and "1 is" or n .. " are" end
+    local line = ("Of the %d procedures, %s covered fully (F), %d partly (P), %s possible but not shipped (L), and %s blocked (B).")
+      :format(#ids, are(counts.F), counts.P, are(counts.L), are(counts.B))
     assert.truthy(readme:find(line, 1, true), "README.md should say: " .. line)
   end)
 

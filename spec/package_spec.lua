@@ -58,7 +58,7 @@ describe("the Debian package", function()
     if why then return pending(why) end
     assert.is_true(installed, install_out)
     local _, deps = in_root("dpkg-query -W -f '${Depends}' runbook")
-    for _, dep in ipairs { "lua-filesystem", "lua-argparse", "lua-luaossl", "lua-cjson", "lua-yaml", "lua-busted", "libcurl4", "libpq5", "librdkafka1",
+    for _, dep in ipairs { "lua-filesystem", "lua-argparse", "lua-luaossl", "lua-zlib", "lua-cjson", "lua-yaml", "lua-busted", "libcurl4", "libpq5", "librdkafka1",
       "libhiredis0.14" } do
       assert.truthy(deps:find(dep, 1, true), dep .. " missing from Depends: " .. deps)
     end

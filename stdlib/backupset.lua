@@ -12,8 +12,9 @@
 --   backupset.preflight{root=, url=}         -> {db_bytes, db_pretty, free_bytes, free_pretty, enough}
 --   backupset.new(root, prefix)              -> set (a plain table: root, partial, final, name, stamp)
 --   backupset.dump_database(set, {url=, format=})   -> {files, tables, database, server_version}
---   backupset.dump_kubernetes(set, {namespace=, secrets=false}) -> {files, objects = {kind = n}}
+--   backupset.dump_kubernetes(set, {namespace=, secrets=false, passphrase=}) -> {files, objects = {kind = n}, encrypted}
 --   backupset.dump_topics(set, {topic...})   -> {files, topics = {topic = messages}}
+--   backupset.record_offsets({"GROUP:TOPIC"...}) -> {groups}: consumer offsets, read before the dump
 --   backupset.seal(set, parts)               -> manifest: writes manifest.json, renames into place
 --   backupset.list(root, prefix)             -> sets, newest first: {name, path}
 --   backupset.prune(root, prefix, keep, {pending=}) -> removed paths (each a gated delete)
@@ -23,8 +24,11 @@
 --   backupset.latest(root, prefix)           -> path of the newest set, or nil
 --   backupset.find(root, prefix, {set=, before=}) -> the set to restore (a path, or the newest before a time)
 --   backupset.restore_database(path, {url=}) -> pg.restore's result (row counts checked)
---   backupset.restore_kubernetes(path, manifest, {namespace=, files=, hold=}) -> {namespace, created, applied, held}
+--   backupset.restore_kubernetes(path, manifest, {namespace=, files=, hold=, passphrase=}) -> {namespace, created, applied, held}
+--   backupset.read_kubernetes(path, file, passphrase) -> the objects of k8s/FILE.yaml(.enc)
+--   backupset.encrypt(text, passphrase), backupset.decrypt(data, passphrase, what): openssl enc's format (M.ENCRYPTION)
 --   backupset.restore_topics(path, manifest, {topics = {"NAME" | "NAME=TARGET"...}}) -> {restored, kept}
+--   backupset.replay_events(manifest)        -> {groups = {group = n}, total}: each recorded group set back
 --   backupset.validate{manifest=, url=, queries = {sql...}} -> problems (empty when valid)
 --
 -- Writes (directories, dumps, files, renames, deletes) go through the effect
@@ -149,25 +153,65 @@ local function clean(obj)
   return obj
 end
 
+-- Encrypted files are what `openssl enc -aes-256-cbc -pbkdf2 -iter 100000 -md sha256`
+-- writes ("Salted__", an 8-byte salt, the ciphertext), so that openssl can
+-- decrypt them without this program; their integrity is the manifest's sha256.
+M.ENCRYPTION = { cipher = "aes-256-cbc", kdf = "pbkdf2", md = "sha256", iter = 100000, format = "openssl enc",
+  decrypt = "openssl enc -d -aes-256-cbc -pbkdf2 -iter 100000 -md sha256 -pass env:BACKUP_PASSPHRASE -in FILE" }
+
+local function key_iv(passphrase, salt)
+  local kiv = require("openssl.kdf").derive { type = "PBKDF2", md = M.ENCRYPTION.md, pass = passphrase, salt = salt,
+    iter = M.ENCRYPTION.iter, outlen = 48 }
+  return kiv:sub(1, 32), kiv:sub(33, 48)
+end
+
+--- `text` encrypted with the passphrase (M.ENCRYPTION).
+function M.encrypt(text, passphrase)
+  local salt = require("openssl.rand").bytes(8)
+  local key, iv = key_iv(passphrase, salt)
+  return "Salted__" .. salt .. require("openssl.cipher").new(M.ENCRYPTION.cipher):encrypt(key, iv):final(text)
+end
+
+--- The plaintext of M.encrypt's output; raises code "decrypt" naming `what`
+-- when the passphrase is wrong or the data damaged.
+function M.decrypt(data, passphrase, what)
+  local function fail() raise { op = "decrypt", code = "decrypt",
+    message = ("%s cannot be decrypted: a wrong passphrase, or a damaged file"):format(what) } end
+  if type(passphrase) ~= "string" or passphrase == "" then
+    raise { op = "decrypt", code = "no_passphrase", message = what .. " is encrypted: give the passphrase (BACKUP_PASSPHRASE)" }
+  end
+  if data:sub(1, 8) ~= "Salted__" or #data < 32 then fail() end
+  local key, iv = key_iv(passphrase, data:sub(9, 16))
+  local ok, text = pcall(function()
+    return require("openssl.cipher").new(M.ENCRYPTION.cipher):decrypt(key, iv):final(data:sub(17))
+  end)
+  if not ok or not text then fail() end
+  return text
+end
+
 --- The namespace's configuration as YAML, one file per kind (secrets only
 -- with secrets = true: the file then holds them, base64 as the API gives them).
+-- With opts.passphrase each file is encrypted (k8s/KIND.yaml.enc, M.ENCRYPTION)
+-- and no plaintext touches the disk.
 function M.dump_kubernetes(set, opts)
   local k8s = require "k8s"
   local ns = opts.namespace
   local kinds = { table.unpack(M.KINDS) }
   if opts.secrets then kinds[#kinds + 1] = { type = "secrets", file = "secrets" } end
-  local out = { files = {}, objects = {} }
+  local out = { files = {}, objects = {}, encrypted = opts.passphrase ~= nil }
   if written(set) then fs.mkdir(set.partial .. "/k8s") end
   for _, kind in ipairs(kinds) do
     local ok, items = pcall(k8s.list, kind.type, { namespace = ns })
-    if not ok then
+    local unserved = not ok and type(items) == "table" and items.code == "unknown_resource" -- a kind this cluster lacks
+    if not ok and not unserved then
       log.warn("%s in %s not backed up: %s", kind.file, ns, tostring(type(items) == "table" and items.message or items))
-    elseif #items > 0 then
+    elseif ok and #items > 0 then
       local docs = {}
       for i, obj in ipairs(items) do docs[i] = clean(obj) end
       out.objects[kind.file] = #items
-      local rel = "k8s/" .. kind.file .. ".yaml"
-      local w = fs.write(set.partial .. "/" .. rel, require("runbook.yaml").dump(table.unpack(docs)))
+      local rel = "k8s/" .. kind.file .. ".yaml" .. (opts.passphrase and ".enc" or "")
+      local text = require("runbook.yaml").dump(table.unpack(docs))
+      local w = fs.write(set.partial .. "/" .. rel, opts.passphrase and M.encrypt(text, opts.passphrase) or text)
       if not w.skipped then out.files[#out.files + 1] = rel end
       log.info("%d %s from %s", #items, kind.file, ns)
     end
@@ -191,6 +235,29 @@ function M.dump_topics(set, topics)
   return out
 end
 
+--- The committed offsets of consumer groups, {"GROUP:TOPIC"...}, read
+-- before the database is dumped: a restore can then set each group back to
+-- them, and its consumers process again the events the restored rows lack
+-- (at least once: one processed between this read and the dump's snapshot
+-- is processed twice). -> {groups = {group = {topic = {["0"] = offset...}}}}
+function M.record_offsets(list)
+  local kafka = require "kafka"
+  local out = { files = {}, groups = {} }
+  for _, item in ipairs(list) do
+    local group, topic = item:match("^([^:]+):(.+)$")
+    if not group then error(("backupset.record_offsets: %q is not GROUP:TOPIC"):format(item), 2) end
+    local per = {}
+    for _, p in ipairs(kafka.lag { group = group, topics = { topic } }.partitions) do
+      if p.committed then per[tostring(p.partition)] = p.committed end
+    end
+    out.groups[group] = out.groups[group] or {}
+    out.groups[group][topic] = per
+    log.info("group %s on %s: committed offsets of %d partitions recorded", group, topic, (function()
+      local n = 0; for _ in pairs(per) do n = n + 1 end; return n end)())
+  end
+  return out
+end
+
 --- Writes manifest.json (every file's sha256 and size, and what each part
 -- recorded) and renames the partial directory to the set's final name.
 function M.seal(set, parts)
@@ -209,8 +276,12 @@ function M.seal(set, parts)
     manifest.database = { name = parts.database.database, server_version = parts.database.server_version,
       dump = "database.dump", tables = parts.database.tables }
   end
-  if parts.kubernetes then manifest.kubernetes = { namespace = parts.kubernetes.namespace, objects = parts.kubernetes.objects } end
+  if parts.kubernetes then
+    manifest.kubernetes = { namespace = parts.kubernetes.namespace, objects = parts.kubernetes.objects,
+      encrypted = parts.kubernetes.encrypted and M.ENCRYPTION or nil }
+  end
   if parts.kafka then manifest.kafka = { topics = parts.kafka.topics } end
+  if parts.offsets then manifest.offsets = parts.offsets.groups end
   fs.write(set.partial .. "/manifest.json", json.encode(manifest) .. "\n")
   fs.rename(set.partial, set.final)
   manifest.path = set.final
@@ -346,11 +417,11 @@ function M.restore_database(path, opts)
   return pg.restore { url = opts.url, file = path .. "/database.dump" }
 end
 
--- The set's Kubernetes files (k8s/FILE.yaml in its manifest), in RESTORE_ORDER.
+-- The set's Kubernetes files (k8s/FILE.yaml, or .yaml.enc, in its manifest), in RESTORE_ORDER.
 local function kubernetes_files(manifest)
   local listed = {}
   for _, f in ipairs(manifest.files or {}) do
-    local file = f.path:match("^k8s/(.+)%.yaml$")
+    local file = f.path:match("^k8s/(.+)%.yaml$") or f.path:match("^k8s/(.+)%.yaml%.enc$")
     if file then listed[file] = true end
   end
   local out = {}
@@ -359,17 +430,25 @@ local function kubernetes_files(manifest)
 end
 M.kubernetes_files = kubernetes_files
 
+--- The objects of the set's k8s/FILE.yaml (decrypted with `passphrase` when
+-- the set's files are encrypted).
+function M.read_kubernetes(path, file, passphrase)
+  local enc, text = path .. "/k8s/" .. file .. ".yaml.enc"
+  if fs.exists(enc) then text = M.decrypt(fs.read(enc), passphrase, enc) else text = fs.read(path .. "/k8s/" .. file .. ".yaml") end
+  return require("runbook.yaml").load_all(text)
+end
+
 --- Applies the set's Kubernetes objects (server-side apply, forced: the set's
 -- version wins) to opts.namespace (default the set's), creating the namespace
 -- when it is missing. opts.files: which of the set's files (default all), each
--- applied in RESTORE_ORDER. opts.hold: deployment names applied at 0 replicas,
+-- applied in RESTORE_ORDER; opts.passphrase for an encrypted set. opts.hold: deployment names applied at 0 replicas,
 -- returned as `held`, {target, namespace, replicas = the set's}, which
 -- k8s.start_workloads takes. In a dry run against a namespace that does not
 -- exist yet, the server cannot check the objects: they are counted, not sent.
 -- Returns {namespace, created, applied = {file = n}, held}.
 function M.restore_kubernetes(path, manifest, opts)
   opts = opts or {}
-  local k8s, yaml = require "k8s", require "runbook.yaml"
+  local k8s = require "k8s"
   local ns = opts.namespace or (manifest.kubernetes or {}).namespace
   if not ns then raise { op = "restore_kubernetes", code = "bad_manifest", message = path .. " names no namespace" } end
   local want = {}
@@ -390,7 +469,7 @@ function M.restore_kubernetes(path, manifest, opts)
   local unchecked = not cur and require("gate").dry_run()
   for _, file in ipairs(kubernetes_files(manifest)) do
     if want[file] then
-      local objs = yaml.load_all(fs.read(path .. "/k8s/" .. file .. ".yaml"))
+      local objs = M.read_kubernetes(path, file, opts.passphrase)
       for _, obj in ipairs(objs) do
         obj.metadata.namespace = ns
         if obj.kind == "Deployment" and hold[obj.metadata.name] then
@@ -453,6 +532,31 @@ function M.restore_topics(path, manifest, opts)
       log.info("topic %s: %s %d messages of the set's %s", t.to, r.skipped and "would produce" or "produced",
         r.messages or 0, t.from)
     end
+  end
+  return out
+end
+
+--- Sets each consumer group the set recorded (record_offsets) back to its
+-- offsets then, one partition at a time (kafka.reset_offsets), so that its
+-- consumers replay what came after. Their consumers must be stopped.
+-- -> {groups = {group = messages to replay}}
+function M.replay_events(manifest)
+  local kafka = require "kafka"
+  local out = { groups = {}, total = 0 }
+  local groups = {}
+  for g in pairs(manifest.offsets or {}) do groups[#groups + 1] = g end
+  table.sort(groups)
+  for _, group in ipairs(groups) do
+    local n = 0
+    for topic, per in pairs(manifest.offsets[group]) do
+      for p, offset in pairs(per) do
+        local plan = kafka.reset_offsets { group = group, topics = { topic }, partitions = { tonumber(p) },
+          to = { offset = math.tointeger(offset) } }
+        n = n + plan.replay
+      end
+    end
+    out.groups[group], out.total = n, out.total + n
+    log.info("group %s: back at the offsets of the set, %d messages to process again", group, n)
   end
   return out
 end

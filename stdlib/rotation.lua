@@ -11,6 +11,9 @@
 --   rotation.holds_new{namespace, secret, key, copy} -> boolean   the key differs from the copy
 --   rotation.restart(refs, {namespace, timeout})   a rolling restart of each, then waits for each
 --   rotation.readers(namespace, secret) -> restartable refs, other refs  (k8s.users_of)
+--   rotation.db_credentials(url) -> user, password   of a postgresql://USER:PASSWORD@... URL (nil if not one)
+--   rotation.with_password(url, password) -> url     the URL with another password
+--   rotation.set_db_password(url, user, password)    ALTER ROLE user PASSWORD, connected by url (a gated write)
 local k8s = require "k8s"
 local base64 = require "base64"
 local json = require "json"
@@ -82,6 +85,23 @@ function M.readers(namespace, name)
     table.insert(u.restartable and restartable or others, ref)
   end
   return restartable, others
+end
+
+function M.db_credentials(url)
+  local user, pass = tostring(url):match("^postgres%a*://([^:@/]+):([^@/]*)@")
+  if not user then return nil end
+  local function dec(v) return (v:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end)) end
+  return dec(user), dec(pass)
+end
+
+function M.with_password(url, password)
+  return (url:gsub("^(postgres%a*://[^:@/]+:)[^@/]*@", "%1" .. password:gsub("%%", "%%%%") .. "@", 1))
+end
+
+function M.set_db_password(url, user, password)
+  local pg = require "pg"
+  local db <close> = pg.connect(url, { connect_timeout = "10s" })
+  db:exec(("ALTER ROLE %s PASSWORD '%s'"):format(pg.quote_ident(user), password:gsub("'", "''")))
 end
 
 return M

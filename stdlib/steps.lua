@@ -259,6 +259,23 @@ M.restore_database = shared({ set = true }, function(a)
   }
 end)
 
+--- Each consumer group the set `t.set(ctx)` recorded (backup -p groups=)
+-- back at its offsets of then, so that its consumers process again the
+-- events the restored database lacks (backupset.replay_events). Runs while
+-- the writers are stopped: the groups' consumers must be among them.
+M.replay_events = shared({ set = true }, function(a)
+  local set_of = a.set
+  return {
+    description = "Each consumer group the set recorded back at its offsets of then: the events since are processed again when the writers resume",
+    confirm = true,
+    when = function(ctx) return require("backupset").manifest(set_of(ctx)).offsets ~= nil end,
+    run = function(ctx)
+      local backupset = require "backupset"
+      return backupset.replay_events(backupset.manifest(set_of(ctx)))
+    end,
+  }
+end)
+
 --- Wait for the rollout of `t.target(ctx)`, or of the deployment the step
 -- `t.deployed` made (its output `name`), (kubectl rollout status) for at most
 -- param `t.within` (default: timeout); gives up at once when its new pods
@@ -322,7 +339,7 @@ M.verify_health = shared({ services = true }, function(a)
 end)
 
 --- The restored database against the set: row counts against its manifest,
--- and each query of param t.queries returns 0. `t.set(ctx)` is the set's
+-- and each query of param t.queries (or of the list `t.queries(ctx)` gives) returns 0. `t.set(ctx)` is the set's
 -- path; `t.kept` names the step that kept the database as it was (for the
 -- message). In a dry run, nothing was restored: it shows the state now.
 M.validate = shared({ set = true, queries = true, kept = true }, function(a)
@@ -332,7 +349,7 @@ M.validate = shared({ set = true, queries = true, kept = true }, function(a)
       local backupset = require "backupset"
       local path = set_of(ctx)
       local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
-        queries = backupset.queries(ctx.params[queries]) }
+        queries = type(queries) == "function" and queries(ctx) or backupset.queries(ctx.params[queries]) }
       if ctx.dry_run then
         require("log").info("now, before the restore: %s", #problems == 0 and "the database matches the set"
           or table.concat(problems, "; "))
@@ -356,7 +373,7 @@ end
 --- kubectl top of deployment `name`'s pods (param namespace), each logged with
 -- the app container's limits: {replicas, limits = {cpu, memory} (strings, as
 -- written), pods = k8s.top's rows, highest CPU first}.
-function M.pod_usage(ctx, name)
+local function pod_usage(ctx, name)
   local k8s = require "k8s"
   local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace })
   local sel = {}
@@ -370,6 +387,42 @@ function M.pod_usage(ctx, name)
   end
   return { replicas = d.spec.replicas, limits = { cpu = limits.cpu, memory = limits.memory }, pods = pods }
 end
+
+-- The deployment a shared step reads: t.deployment(ctx), or param deployment.
+local function deployment_of(a, ctx)
+  return a.deployment and a.deployment(ctx) or ctx.params.deployment
+end
+
+--- kubectl top pods of the deployment (t.deployment(ctx), default param
+-- deployment): each pod's CPU and memory against the limits (pod_usage).
+M.resource_use = shared({ deployment = true }, function(a)
+  return {
+    description = "kubectl top pods: CPU and memory of each pod against the limits",
+    run = function(ctx)
+      local u = pod_usage(ctx, deployment_of(a, ctx))
+      return { pods = #u.pods, replicas = u.replicas }
+    end,
+  }
+end)
+
+--- The deployment's ERROR records of the last t.since (a duration, or a
+-- function of ctx giving one) in every pod, counted by message, the top five
+-- shown. -> {errors = count, top = {{value, count}...}}
+M.top_errors = shared({ deployment = true, since = true }, function(a)
+  return {
+    description = "kubectl logs --since | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod",
+    run = function(ctx)
+      local since = type(a.since) == "function" and a.since(ctx) or a.since
+      local q = require("k8s").log_query { target = "deploy/" .. deployment_of(a, ctx), namespace = ctx.params.namespace,
+        since = since, where = { level = "ERROR" }, count_by = "message", top = 5 }
+      local log = require "log"
+      log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count,
+        type(since) == "number" and require("duration").format(since) or since, #q.pods, q.count > 0 and ":" or "")
+      for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
+      return { errors = q.count, top = q.by }
+    end,
+  }
+end)
 
 --- Watch deployment `name` (param namespace) for param observe: no pod may
 -- restart once it is healthy, and it must be healthy at the end (raises
@@ -633,13 +686,20 @@ M.dapr_sidecars = shared({}, function()
   }
 end)
 
---- kubectl get component: param pubsub is deployed as pubsub.kafka, and the Kafka brokers answer.
+--- kubectl get components: every Dapr component of param namespace with its
+-- type; param pubsub is deployed as pubsub.kafka, and the Kafka brokers answer.
 M.dapr_component = shared({}, function()
   return {
-    description = "kubectl get component: the pub/sub component is deployed as pubsub.kafka and its brokers are reachable",
+    description = "kubectl get components: each with its type; the pub/sub component is deployed as pubsub.kafka and its brokers are reachable",
     run = function(ctx)
       local problems, problem = collector()
-      local c = require("k8s").get("components.dapr.io/" .. ctx.params.pubsub,
+      local k8s = require "k8s"
+      local all = {}
+      for _, comp in ipairs(k8s.list("components.dapr.io", { namespace = ctx.params.namespace })) do
+        all[#all + 1] = ("%s (%s)"):format(comp.metadata.name, tostring((comp.spec or {}).type))
+      end
+      require("log").info("components in %s: %s", ctx.params.namespace, #all > 0 and table.concat(all, ", ") or "none")
+      local c = k8s.get("components.dapr.io/" .. ctx.params.pubsub,
         { namespace = ctx.params.namespace, missing_ok = true })
       if not c then
         problem("component %s is not deployed in %s (kubectl get components -n %s)", ctx.params.pubsub,
@@ -720,15 +780,15 @@ end
 
 --- The errors (level=error or fatal) since param log_since in the logs of the
 -- control plane's components `t.components` (names of DAPR_CONTROL_PLANE, in
--- param system_namespace; kubectl logs -l app=dapr-operator), and the lines of
--- param app_id's daprd sidecars that name pub/sub (kubectl logs POD -c daprd |
--- grep -i pubsub), its errors among them:
+-- param system_namespace; kubectl logs -l app=dapr-operator) and of every daprd
+-- sidecar in param namespace (kubectl logs POD -c daprd), and how many lines of
+-- param app_id's sidecars name pub/sub (| grep -i pubsub):
 -- {components = {{name, errors, top}...}, pubsub_lines, problems}.
 M.dapr_logs = shared({ components = true }, function(a)
   local wanted = {}
   for _, c in ipairs(a.components) do wanted[c] = true end
   return {
-    description = "kubectl logs -l app=dapr-... -n dapr-system: the errors of the control plane; the app's daprd lines about pub/sub",
+    description = "kubectl logs -l app=dapr-... -n dapr-system and -c daprd: the errors of the control plane and the sidecars; the app's daprd lines about pub/sub",
     run = function(ctx)
       local k8s, log = require "k8s", require "log"
       local problems, problem = collector()
@@ -758,20 +818,22 @@ M.dapr_logs = shared({ components = true }, function(a)
       for _, p in ipairs(k8s.list("pods", { namespace = ctx.params.namespace })) do
         local has_daprd = false
         for _, c in ipairs(p.spec.containers or {}) do has_daprd = has_daprd or c.name == "daprd" end
-        if (p.metadata.annotations or {})["dapr.io/app-id"] == ctx.params.app_id and has_daprd then
+        if has_daprd then
+          local app = (p.metadata.annotations or {})["dapr.io/app-id"] == ctx.params.app_id
           local lines = k8s.logs("pod/" .. p.metadata.name,
             { namespace = ctx.params.namespace, container = "daprd", since = ctx.params.log_since })
+          local errors, first = 0, nil
           for _, l in ipairs(lines) do
-            if l:lower():find("pubsub", 1, true) then
-              out.pubsub_lines = out.pubsub_lines + 1
-              if l:match("level=error") or l:match("level=fatal") then
-                problem("pod %s daprd: %s", p.metadata.name, dapr_message(l))
-              end
+            if app and l:lower():find("pubsub", 1, true) then out.pubsub_lines = out.pubsub_lines + 1 end
+            if l:match("level=error") or l:match("level=fatal") then
+              errors, first = errors + 1, first or dapr_message(l)
             end
           end
+          if errors > 0 then problem("pod %s daprd logged %d errors, the first: %s", p.metadata.name, errors, first) end
         end
       end
-      log.info("%d daprd lines of %s name pub/sub in the last %s", out.pubsub_lines, ctx.params.app_id,
+      log.info("the daprd sidecars logged no errors but those named; %d lines of %s's name pub/sub in the last %s",
+        out.pubsub_lines, ctx.params.app_id,
         require("duration").format(ctx.params.log_since))
       return out
     end,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # runbook serve, measured in one run (issue 25). The rule's runbook is a dry
 # run of one step; every figure comes from this one serve:
-# - idle: the resident memory of serve;
+# - idle: the resident memory of serve, and of its zygote and waiting run;
 # - the machine's own latency: GET /healthz, 100 times, p50 and p99;
 # - alert to run start, over 100 alerts of new label sets sent one after
 #   another: the response (the run's process exists: forked) and the run's
@@ -9,7 +9,8 @@
 # - intake of 10,000 alerts in 100 Alertmanager payloads over one keep-alive
 #   connection (300 label sets, so the rest are deduplicated), as alerts/s,
 #   with serve's own CPU time; then the same again, all deduplicated;
-# - CPU per run: the 400 runs' CPU time (serve's reaped children) over their
+# - CPU per run: the 400 runs' CPU time (serve's reaped children) and the
+#   zygote's (its own and its intermediates', which fork the runs), over their
 #   number. Serve's own CPU against the runs' is where the time goes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -37,9 +38,9 @@ trap 'kill $serve; rm -rf "$tmp"' EXIT
 i=0; until grep -q listening "$tmp/out" || [ $i -ge 200 ]; do sleep 0.05; i=$((i+1)); done
 port=$(sed -n 's/.*127\.0\.0\.1:\([0-9]*\).*/\1/p' "$tmp/out")
 sleep 1
-mem() { awk '/^Rss:/ {r = $2} /^Pss:/ {p = $2} END {printf "%.1f MB resident (%.1f MB proportional)", r / 1024, p / 1024}' \
-  "/proc/$1/smaps_rollup"; }
-echo "idle serve: $(mem $serve)"
+mem() { awk '/^Rss:/ {r += $2} /^Pss:/ {p += $2} END {printf "%.1f MB resident (%.1f MB proportional)", r / 1024, p / 1024}' \
+  $(printf '/proc/%s/smaps_rollup ' "$@"); }
+echo "idle serve: $(mem $serve); its children (the zygote, the next run waiting): $(mem $(pgrep -P $serve))"
 python3 - "$port" "$token" "$tmp" "$serve" <<'PY'
 import http.client, json, os, sys, time
 port, token, tmp, serve = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -48,6 +49,15 @@ tick = os.sysconf("SC_CLK_TCK")
 def cpu(pid, children=False):   # seconds: the process's own, or its reaped children's
     f = open("/proc/%s/stat" % pid).read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12]) if not children else int(f[13]) + int(f[14])) / tick
+def zygote():   # serve's zygote (host/zygote.c): its CPU and its reaped children's, in seconds; 0 without one
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and open("/proc/%s/cmdline" % p, "rb").read().endswith(b"\0serve\0--zygote\0") \
+                    and open("/proc/%s/stat" % p).read().rsplit(")", 1)[1].split()[1] == serve:
+                return cpu(p) + cpu(p, children=True)
+        except OSError:
+            pass
+    return 0
 def payload(alerts):
     return json.dumps({"version": "4", "status": "firing", "receiver": "runbook", "groupKey": "{}:{}",
         "alerts": [{"status": "firing", "labels": {"alertname": "BenchAlert", "group": g}, "annotations": {}}
@@ -105,7 +115,8 @@ while time.time() < deadline and b"400" not in request("GET", "/metrics").split(
 while time.time() < deadline and len([f for f in os.listdir(tmp + "/state/runs")]) < 400:
     time.sleep(0.5)
 time.sleep(3)
-print("CPU per run (a one-step dry run, exec'd by serve): %.1f ms; serve's own CPU in all: %.2f s"
-      % (cpu(serve, children=True) / 400 * 1000, cpu(serve)))
+forks = zygote()
+print("CPU per run (a one-step dry run): %.1f ms (the zygote's forks %.1f ms of it); serve's own CPU in all: %.2f s"
+      % ((cpu(serve, children=True) + forks) / 400 * 1000, forks / 400 * 1000, cpu(serve)))
 PY
 curl -s "http://127.0.0.1:$port/metrics" | grep -E '^runbook_(alerts|serve)' || true

@@ -343,7 +343,7 @@ describe("k8s stand-in with kubectl", function()
             assert.matches("\nstatefulset%.apps/dapr%-placement%-server%s+1/1%s", out)
             assert.matches("\npod/dapr%-placement%-server%-0%s+1/1%s+Running%s", out)
             assert.matches('level=info msg="[^"]+" instance=dapr%-operator%-[%w-]+ scope=dapr%.operator',
-                k("logs -n dapr-system -l app=dapr-operator --tail=5"))
+                k("logs -n dapr-system -l app=dapr-operator --tail=-1"))
             k("rollout restart sts/dapr-placement-server -n dapr-system")
             assert.matches("roll out complete", k("rollout status sts/dapr-placement-server -n dapr-system --timeout=30s"))
             assert.matches("\ndapr%-placement%-server%-0%s+1/1%s+Running%s+0%s+%d+s\n",
@@ -1137,7 +1137,8 @@ spec:
         end)
 
         it("reset clears every fault", function()
-            ctl("api-latency 2s")
+            -- Far above kubectl's own time on a loaded machine.
+            ctl("api-latency 20s")
             ctl("crashloop websocket")
             ctl("reset")
             local status = cjson.decode(ctl("status"))
@@ -1145,7 +1146,7 @@ spec:
             assert.equal(0, status.api_latency)
             local t0 = now()
             k("get --raw /api/v1/namespaces/" .. NS .. "/configmaps")
-            assert.is_true(now() - t0 < 2)
+            assert.is_true(now() - t0 < 20)
         end)
     end)
 end)

@@ -83,6 +83,50 @@ describe("data-corruption", function()
     assert.are_not.equal(good, corrupted)
   end)
 
+  it("seed 001's data loss: finds the audit log's gap, restores, and sets the consumers back to replay the events since", function()
+    -- a topic and a consumer group of this test's own, committed at the end of the topic (everything processed)
+    local topic, group = ("dl-spec-%d-%d"):format(os.time(), math.random(1e6)), "dl-spec-group"
+    local function produce(from, to)
+      local lines = {}
+      for i = from, to do lines[#lines + 1] = ("k%d:event-%d"):format(i, i) end
+      assert(select(2, sb.sh(("printf '%s\\n' | timeout 20 kcat -b %s -P -t %s -K:"):format(table.concat(lines, "\\n"),
+        sb.quote(sb.env("KAFKA_BROKERS")), topic))))
+    end
+    local commit = cli.runbook(([[
+name = "commit-latest"
+description = "the group has processed everything"
+replaces = {}
+step "commit" { run = function() kafka.reset_offsets { group = %q, topics = { %q }, to = "latest" } end }
+]]):format(group, topic))
+    local function processed() assert.are.equal(0, cli.run({ "run", commit, "--yes" }).code) end
+    produce(1, 30)
+    processed()
+    local r = cli.run { "run", "runbooks/backup.lua", "--yes", "-p", "dir=" .. dir, "-p", ("groups=%s:%s"):format(group, topic) }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local set = dir .. "/" .. sets(dir, "^todo%-2")[#sets(dir, "^todo%-2")]
+    local function committed()
+      local out = {}
+      for _, part in ipairs(select(2, sb.lag(group, topic))) do out[part.partition] = part.committed end
+      return out
+    end
+    local at_backup = committed()
+    -- 10 more events processed; then their rows, and the audit entries 101..110, are lost
+    produce(31, 40)
+    processed()
+    assert.are.equal(0, (sb.lag(group, topic)))
+    psql("DELETE FROM audit_log WHERE sequence_number BETWEEN 101 AND 110")
+    r = cli.run { "run", RUNBOOK, "--yes", "-p", "dir=" .. dir, "-p", "set=" .. set }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("audit_log.sequence_number is missing 101%-110", r.stdout)
+    assert.are.equal(good, state())
+    assert.are.equal("6000 0", psql("SELECT count(*) || ' ' || (SELECT count(*) FROM (SELECT sequence_number - lag(sequence_number)"
+      .. " OVER (ORDER BY sequence_number) AS d FROM audit_log) x WHERE d > 1) FROM audit_log"))
+    -- the group is back where it was at the backup: the 10 events since are to be processed again
+    assert.are.equal(10, (sb.lag(group, topic)))
+    assert.are.same(at_backup, committed())
+    assert.are.same(before, replicas())
+  end)
+
   it("on a terminal: the operator keeps the writers running and confirms the restore; nothing is scaled", function()
     sb.sleep(1.1)
     corrupt()

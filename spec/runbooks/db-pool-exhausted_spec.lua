@@ -6,6 +6,9 @@
 -- with curl against Kubernetes. A NetworkPolicy that denies the backend's
 -- egress to the database is named (kubectl reads the same policy), one that
 -- allows it is not, and the app's Secret is shown with its passwords masked.
+-- A PostgreSQL StatefulSet in the cluster (the stand-in's pods): its pods,
+-- logs and disk are read, and a restart replaces its pod (kubectl sees a new
+-- uid, ready); a dry run leaves the pod.
 local cli = require "spec.support.cli"
 local backends = require "spec.support.backends"
 local sb = require "spec.sandbox.sandbox_helper"
@@ -147,5 +150,37 @@ describe("db-pool-exhausted", function()
       .. port .. "/todo", r.stdout)
     assert.matches("JWT_SECRET: %(%d+ bytes%)", r.stdout)
     assert.falsy((r.stdout .. r.stderr):find(password, 1, true), "the password printed")
+  end)
+
+  it("reads a database StatefulSet's pods, logs and disk, and restarts it when asked; a dry run leaves it", function()
+    finally(function() sb.kubectl("-n todo-chatbot delete statefulset postgres --ignore-not-found") end)
+    local out, ok = sb.kubectl("apply -f -", require("cjson").encode { apiVersion = "apps/v1", kind = "StatefulSet",
+      metadata = { name = "postgres", namespace = kh.NS, labels = { app = "postgres" } },
+      spec = { replicas = 1, serviceName = "postgres", selector = { matchLabels = { app = "postgres" } },
+        template = { metadata = { labels = { app = "postgres" } }, spec = { containers = {
+          { name = "postgres", image = "postgres:15-alpine", ports = { { containerPort = 5432 } } } } } } } })
+    assert(ok, out)
+    local function pod()
+      local o, k = sb.kubectl("-n todo-chatbot get pod postgres-0 -o jsonpath='{.metadata.uid} {.status.conditions[?(@.type==\"Ready\")].status}'")
+      return k and o:match("^(%S+) True") or nil
+    end
+    local uid = sb.wait_until(30, pod)
+    assert(uid, "postgres-0 never became ready")
+    local function run(mode)
+      return cli.run { "run", RUNBOOK, "-p", "db_workload=statefulset/postgres", "-p", "restart_db=true", mode }
+    end
+    local r = run("--dry-run")
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("database pod postgres%-0: Running, ready, 0 restarts", r.stdout)
+    assert.matches("starting postgres", r.stdout)                       -- its log
+    assert.matches("df %-h: the fullest filesystem is %S+ at %d+%%", r.stdout)
+    assert.matches("would delete pod postgres%-0", r.stdout)
+    assert.are.equal(uid, pod())
+    r = run("--yes")
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.matches("statefulset/postgres: every pod restarted and ready", r.stdout)
+    -- kubectl: a new postgres-0, ready
+    local new = sb.wait_until(30, pod)
+    assert.truthy(new and new ~= uid, "postgres-0 was not replaced")
   end)
 end)

@@ -10,7 +10,8 @@ local certs = require "spec.support.certs"
 local dir = cli.tmpdir()
 local PARAMS = {
   ["backup"] = { "dir=" .. dir },
-  ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY" },
+  ["security-incident"] = { "deployment=todo-chatbot-backend", "dir=" .. dir, "rotate=todo-chatbot-secrets/API_KEY",
+    "rotate_all=true", "image=registry.digitalocean.com/todo-chatbot/backend:v1.5.0" },
   ["rotate-secret"] = { "secret=todo-chatbot-secrets", "key=API_KEY" },
   ["cert-check"] = { "renew_secret=todo-chatbot-tls", "cert_file=" .. dir .. "/renewed.crt", "key_file=" .. dir .. "/renewed.key",
     "renew=expiring" },
@@ -20,7 +21,8 @@ local PARAMS = {
   ["consumer-offset-reset"] = { "to=earliest" },
   ["crashloop-triage"] = { "deployment=todo-chatbot-backend", "observe=1s", "fix=restart" },
   ["data-corruption"] = { "dir=" .. dir, "force=true" },
-  ["db-pool-exhausted"] = { "idle_for=0s", "running_for=0s", "pool_size=30" },
+  ["db-pool-exhausted"] = { "idle_for=0s", "running_for=0s", "pool_size=30",
+    "db_workload=deployment/todo-chatbot-notification", "restart_db=true" },   -- any workload's pods stand for the database's
   ["kafka-lag-remediation"] = { "threshold=0", "watch=1s", "interval=1s" },
   ["outage-recovery"] = { "settle=1s" },
   ["restore"] = { "dir=" .. dir, "kubernetes=true", "topics=all" },
@@ -49,11 +51,11 @@ local MAY_NOT_REACH = { ["heap-dump"] = true, ["canary-deployment"] = true, ["hi
 
 -- What a runbook needs in the sandbox to reach its confirm steps.
 local SETUP = {
-  -- a backup set to restore, with the namespace's objects and a topic
+  -- a backup set to restore, with the namespace's objects, a topic and a group's offsets
   ["restore"] = function()
     if not io.open(dir .. "/done") then
       assert.are.equal(0, cli.run({ "run", "runbooks/backup.lua", "-p", "dir=" .. dir, "-p", "kubernetes=true",
-        "-p", "topics=reminders-dlq", "--yes" }).code)
+        "-p", "topics=reminders-dlq", "-p", "groups=recurring-task-service:task-events", "--yes" }).code)
       io.open(dir .. "/done", "w"):close()
     end
   end,

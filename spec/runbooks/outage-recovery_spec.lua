@@ -51,6 +51,29 @@ describe("outage-recovery", function()
     assert.matches("runbook report %d+T%d+Z%-%x+", r.stdout)
   end)
 
+  it("rolls a Helm release back as helm rollback does when its recent upgrade is what fails", function()
+    sb.ctl("k8s helm-upgrade backend v1.5.0")  -- helm upgrade --set backend.image.tag=v1.5.0: revision 4
+    sb.ctl("k8s crashloop backend")
+    kh.wait_waiting("backend", "CrashLoopBackOff")
+    local r = cli.run { "run", RUNBOOK, "--yes", "--output", "json", "-p", "settle=20s", "-p", "error_rate_window=10s", "-p", "error_rate_hold=2s" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local events = cli.events(r.stdout)
+    assert.are.same({}, effects(events, "rollout_undo"))
+    assert.are.same({ "sh.helm.release.v1.todo-chatbot.v5" }, effects(events, "create"))
+    assert.matches("rolled back: release todo%-chatbot %(revision 4 %-> 3, recorded as 5%)", r.stdout)
+    -- kubectl: revision 3's image again, and the records as helm rollback leaves them
+    assert.are.equal("v1.4.0", kh.tag("backend"))
+    local labels = sb.kubectl("-n todo-chatbot get secrets -l owner=helm,status=deployed -o jsonpath='{.items[*].metadata.name}'")
+    assert.are.equal("sh.helm.release.v1.todo-chatbot.v5", labels)
+    local rec, ok = sb.sh(("KUBECONFIG=%s kubectl -n todo-chatbot get secret sh.helm.release.v1.todo-chatbot.v5 -o jsonpath='{.data.release}'"
+      .. " | base64 -d | base64 -d | gunzip"):format(sb.quote(sb.env("KUBECONFIG"))))
+    assert(ok, rec)
+    assert.matches('"description":"Rollback to 3"', rec)
+    assert.matches('"backend":{"image":{"tag":"v1.4.0"}}', rec)
+    assert.truthy(kh.wait_rolled_out("backend"))
+    assert.are.equal(200, kh.health("backend", 8000))
+  end)
+
   it("does not roll back a deployment whose last change is old, and fails saying what remains", function()
     sb.ctl("k8s crashloop frontend")          -- its current image has run for two days
     kh.wait_waiting("frontend", "CrashLoopBackOff")

@@ -71,6 +71,29 @@ describe("restore", function()
     assert.are.equal(5000, m.tables["public.audit_log"])
   end)
 
+  it("with kubernetes=true and topics: deleted objects and a topic come back beside the database", function()
+    local r = cli.run { "run", "runbooks/backup.lua", "--yes", "-p", "dir=" .. dir, "-p", "kubernetes=true", "-p", "topics=reminders-dlq" }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    local full = (sb.sh("ls -d " .. sb.quote(dir) .. "/todo-2* | tail -1"):gsub("%s+$", ""))
+    assert(sb.kubectl("-n todo-chatbot delete configmap todo-chatbot-config"))
+    assert(sb.kubectl("-n todo-chatbot delete service todo-chatbot-frontend"))
+    corrupt()
+    local target = ("restore-spec-%d-%d"):format(os.time(), math.random(1e6))
+    sb.kcat("-L -t " .. target) -- an empty topic, as a new cluster's (the mock brokers create it)
+    r = cli.run { "run", RUNBOOK, "--yes", "-p", "set=" .. full, "-p", "safety_backup=false", "-p", "kubernetes=true",
+      "-p", "topics=reminders-dlq=" .. target }
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal(good, counts())
+    assert.matches("LOG_LEVEL", (sb.kubectl("-n todo-chatbot get configmap todo-chatbot-config -o jsonpath='{.data}'")))
+    assert.is_true(select(2, sb.kubectl("-n todo-chatbot get service todo-chatbot-frontend")))
+    local m = require("cjson").decode((sb.sh("cat " .. sb.quote(full .. "/manifest.json"))))
+    local out = sb.kcat(("-C -t %s -e -q -f '%%o\\n'"):format(target))
+    local n = 0
+    for _ in out:gmatch("[^\n]+") do n = n + 1 end
+    assert.are.equal(m.kafka.topics["reminders-dlq"], n)
+    assert.are.same(before, replicas())
+  end)
+
   it("on a terminal: the operator keeps the writers running and confirms the restore; nothing is scaled", function()
     corrupt()
     -- the two confirm steps ask: Stop writes (no), Restore the database (yes)

@@ -67,7 +67,9 @@ describe("security-incident", function()
     end
     assert.is_true(n > 0, pods)
     assert.truthy(io.open(set .. "/pods.yaml") and io.open(set .. "/events.yaml") and io.open(set .. "/k8s/deployments.yaml"))
-    assert.matches("rotate: runbook run rotate%-secret %-p namespace=todo%-chatbot %-p secret=todo%-chatbot%-secrets", out)
+    assert.matches("to rotate: [^\n]*rotate%-secret %-p namespace=todo%-chatbot %-p secret=todo%-chatbot%-secrets", out)
+    -- seed 002's access audit: the WARN and ERROR lines, sealed with the rest
+    assert.truthy(io.open(set .. "/audit.log"), "no audit.log")
   end)
 
   it("rotates the credentials it is given, restarting their readers, and never prints them", function()
@@ -90,5 +92,44 @@ describe("security-incident", function()
       :find("restartedAt", 1, true))
     assert.falsy(kubectl(("-n %s get secrets -o name"):format(NS)):find("leaked-before", 1, true))
     kubectl(("-n %s delete secret leaked"):format(NS))
+  end)
+
+  it("seed 002: every secret rotated (the database password in PostgreSQL too), the allow policy no longer reaching the pods, the patched image rolled out", function()
+    local function key(k) return kubectl(("-n %s get secret todo-chatbot-secrets -o jsonpath='{.data.%s}' | base64 -d"):format(NS, k)) end
+    local before = { url = key("DATABASE_URL"), jwt = key("JWT_SECRET"), redis = key("REDIS_URL"), redis_pw = key("REDIS_PASSWORD") }
+    local env_url = sb.env("DATABASE_URL")
+    local old_pw = env_url:match("^postgres%a*://[^:]+:([^@]+)@")
+    finally(function() -- the sandbox's password back, whatever happened
+      if not select(2, sb.psql("SELECT 1")) then
+        sb.psql(("ALTER ROLE todo PASSWORD '%s'"):format(old_pw), env_url:gsub(":[^:@/]+@", ":" .. key("POSTGRES_PASSWORD") .. "@", 1))
+      end
+    end)
+    local image = "registry.digitalocean.com/todo-chatbot/backend:v1.5.0"
+    local r = cli.run { "run", RUNBOOK, "--yes", "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir, "-p", "log_tail=10",
+      "-p", "rotate_all=true", "-p", "image=" .. image }
+    local out = r.stdout .. r.stderr
+    assert.are.equal(0, r.code, out)
+    -- the database password: the Secret's new URL connects, the old password is refused
+    local new_url = key("DATABASE_URL")
+    assert.are_not.equal(before.url, new_url)
+    local new_pw = new_url:match("^postgres%a*://[^:]+:([^@]+)@")
+    assert.are.equal(new_pw, key("POSTGRES_PASSWORD"))
+    assert.falsy(out:find(new_pw, 1, true), "the new password was printed")
+    local url = env_url:gsub(":[^:@/]+@", ":" .. new_pw .. "@", 1)
+    assert.matches("^%s*1", (sb.psql("SELECT 1", url)))
+    assert.is_false(select(2, sb.psql("SELECT 1", env_url)))
+    sb.psql(("ALTER ROLE todo PASSWORD '%s'"):format(old_pw), url)
+    -- the app's own keys: new, and still equal to each other; Redis's credentials named, not changed
+    assert.are_not.equal(before.jwt, key("JWT_SECRET"))
+    assert.are.equal(key("JWT_SECRET"), key("BETTER_AUTH_SECRET"))
+    assert.are.equal(before.redis, key("REDIS_URL"))
+    assert.are.equal(before.redis_pw, key("REDIS_PASSWORD"))
+    assert.matches("not rotated: todo%-chatbot%-secrets/REDIS_URL", out)
+    -- the namespace-wide allow policy leaves the backend's pods to the deny-all
+    local np = json.decode(kubectl(("-n %s get networkpolicy allow-same-namespace -o json"):format(NS)))
+    assert.are.same({ { key = "app.kubernetes.io/component", operator = "NotIn", values = { "backend" } } },
+      np.spec.podSelector.matchExpressions)
+    assert.truthy(policy())
+    assert.are.equal(image, kubectl(("-n %s get deploy todo-chatbot-backend -o jsonpath='{.spec.template.spec.containers[0].image}'"):format(NS)))
   end)
 end)

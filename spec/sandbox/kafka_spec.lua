@@ -164,12 +164,13 @@ describe("sandbox Kafka", function()
                 .. sb.quote(sb.env("KAFKA_BROKERS")) .. " >/dev/null; echo $((($(date +%s%N) - s) / 1000000))")
             return tonumber(out:match("(%d+)%s*$"))
         end
-        assert.is_true(select(2, sb.ctl("kafka rtt 500ms")))
+        -- Far above kcat's own time on a loaded machine.
+        assert.is_true(select(2, sb.ctl("kafka rtt 2s")))
         local slow = metadata_ms()
-        assert.is_true(slow >= 500, slow)
+        assert.is_true(slow >= 2000, slow)
         assert.is_true(select(2, sb.ctl("kafka rtt 0")))
         local fast = metadata_ms()
-        assert.is_true(fast < 500, fast)
+        assert.is_true(fast < 2000, fast)
     end)
 
     it("fails the next requests of one kind with ctl kafka errors", function()

@@ -4,7 +4,8 @@ local M = {}
 
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
 M.sandbox = here .. "/../../examples/sandbox"
-M.state = M.sandbox .. "/.state"
+-- The sandbox of SANDBOX_STATE when set (spec/suite gives each worker its own).
+M.state = os.getenv("SANDBOX_STATE") or M.sandbox .. "/.state"
 
 function M.quote(s)
     return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
@@ -132,7 +133,8 @@ end
 -- sends OffsetFetch and ListOffsets (no JoinGroup, no commit); specs cross-check
 -- its high watermarks with kcat -Q.
 local function lag_cmd(group, topic)
-    return M.state .. "/bin/kafka-sandbox lag " .. M.quote(M.env("KAFKA_BROKERS")) .. " " .. group .. " " .. topic
+    -- Built once per checkout, in the first sandbox's state (examples/sandbox/lib.sh).
+    return M.sandbox .. "/.state/bin/kafka-sandbox lag " .. M.quote(M.env("KAFKA_BROKERS")) .. " " .. group .. " " .. topic
 end
 
 local function parse_lag(out, ok)

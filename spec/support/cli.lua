@@ -53,27 +53,36 @@ end
 --- The JSON lines of every run this process starts with `--output json` (and
 -- every resume that writes them) are kept in build/spec-events/PID/, for
 -- spec/validate_events_spec.lua to check against the schemas once the other
--- specs ran; those of processes that ended are removed. A run ended by
--- SIGKILL is left out: its last line may be torn. A runbook that writes to
--- standard output itself (io.write, io.stdout) puts lines of its own among the
--- events: its run is marked (FILE.raw), and the check passes over them.
+-- specs ran; those of processes that ended are removed. spec/suite, which runs
+-- each file in a process of its own, names one directory for them all instead
+-- (RUNBOOK_SPEC_EVENTS). A run ended by SIGKILL is left out: its last line may
+-- be torn. A runbook that writes to standard output itself (io.write,
+-- io.stdout) puts lines of its own among the events: its run is marked
+-- (FILE.raw), and the check passes over them.
 M.EVENTS = "build/spec-events"
 
+local events
 local function events_dir()
+  if events then return events end
   local lfs = require "lfs"
+  events = os.getenv("RUNBOOK_SPEC_EVENTS")
+  if events then
+    os.execute("mkdir -p " .. shell_quote(events))
+    return events
+  end
   local f = assert(io.open("/proc/self/stat"))
   local pid = f:read("n")
   f:close()
-  local dir = ("%s/%d"):format(M.EVENTS, pid)
-  if lfs.attributes(dir, "mode") ~= "directory" then
-    os.execute("mkdir -p " .. shell_quote(dir))
+  events = ("%s/%d"):format(M.EVENTS, pid)
+  if lfs.attributes(events, "mode") ~= "directory" then
+    os.execute("mkdir -p " .. shell_quote(events))
     for old in lfs.dir(M.EVENTS) do
       if old:match("^%d+$") and not lfs.attributes("/proc/" .. old, "mode") then
         os.execute("rm -rf " .. shell_quote(M.EVENTS .. "/" .. old))
       end
     end
   end
-  return dir
+  return events
 end
 M.events_dir = events_dir
 

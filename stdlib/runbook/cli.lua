@@ -342,8 +342,31 @@ local function show_help(parser, o)
   return asked and EXIT.ok or EXIT.usage
 end
 
+-- What a run loads before its run_start, whatever its command: the zygote loads it once.
+local ZYGOTE_PRELOAD = { "runbook.run", "runbook.loader", "runbook.env", "runbook.deadline", "runbook.journal",
+  "runbook.events", "runbook.params", "runbook.output", "runbook.engine", "runbook.heartbeat", "runbook.lock",
+  "runbook.plan", "runbook.grammar", "argparse", "duration", "cjson", "lfs" }
+
+--- `runbook serve --zygote`, serve's pre-loaded child (host/zygote.c): the
+-- command line of a run forked from it, or nil once serve has gone (and why
+-- when this is not serve's child).
+local function zygote()
+  for _, name in ipairs(ZYGOTE_PRELOAD) do require(name) end
+  collectgarbage()
+  local args, why = host.zygote_wait()
+  -- A forked run starts with the zygote's random state: its own, as an exec'd run's is.
+  if args then math.randomseed(math.floor(host.wallclock() * 1e6), host.identity().pid) end
+  return args, why
+end
+
 function M.main(args)
   _G.print = redacting_print
+  if args[1] == "serve" and args[2] == "--zygote" and #args == 2 then
+    local why
+    args, why = zygote()
+    if why then err("%s", why) end
+    if not args then return why and EXIT.usage or EXIT.ok end
+  end
   local plain = plain_run(args)
   if plain then
     apply_globals(plain)

@@ -17,7 +17,7 @@ local M = {}
 M.libraries = {
   json = "json", yaml = "runbook.yaml", log = "log", exec = "exec", http = "http", fs = "fs",
   time = "time", duration = "duration", secret = "secret", gate = "gate", tls = "tls", rotation = "rotation",
-  k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify", checks = "checks", base64 = "base64",
+  k8s = "k8s", kafka = "kafka", pg = "pg", redis = "redis", dapr = "dapr", notify = "notify", checks = "checks", base64 = "base64", helm = "helm",
   backupset = "backupset", prom = "prom", alertmanager = "alertmanager", steps = "steps",
 }
 

@@ -263,7 +263,7 @@ local function open(run)
   end
   install_sinks(run, sink)
   host.install_signal_handlers()
-  math.randomseed(math.floor(host.wallclock() * 1000))
+  math.randomseed(math.floor(host.wallclock() * 1e6), host.identity().pid)   -- two runs in one ms differ too
   host.set_mode(run.dry_run and "dry-run" or "run")
   return lock
 end

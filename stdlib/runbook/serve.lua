@@ -225,7 +225,9 @@ function Server:spawn(argv, name, runbook, mode, user, params, resumes)
   end
   local input = params and next(params) and cjson.encode(params)
   if input then argv[#argv + 1], argv[#argv + 2] = "--params-file", "/dev/stdin" end
-  local ok, pid = pcall(require("runbook.httpd").spawn, argv, log, { "RUNBOOK_USER=" .. user }, input or nil)
+  local env = { "RUNBOOK_USER=" .. user }
+  local ok, pid = pcall(host.zygote_spawn, argv, log, env, input or nil)
+  if ok and not pid then ok, pid = pcall(require("runbook.httpd").spawn, argv, log, env, input or nil) end
   if not ok then return nil, type(pid) == "table" and pid.message or tostring(pid) end
   self.children[pid], self.nchildren = { run_id = run_id, runbook = runbook, mode = mode, started = host.now() },
     self.nchildren + 1
@@ -573,6 +575,9 @@ function M.serve(o, resolve)
     max_body = o.max_body or 1048576, timeout = o.timeout or 10, tls_cert = tls.tls_cert, tls_key = tls.tls_key,
     handler = function(req) return self:handle(req) end })
   if not ok then say("%s", type(server) == "table" and server.message or tostring(server)); return EXIT.usage end
+  -- Runs are forked from a pre-loaded child (host/zygote.c); without it, exec'd.
+  local zok, zerr = pcall(host.zygote_start, { self.bin, "serve", "--zygote" })
+  if not zok then say("%s; runs are exec'd", type(zerr) == "table" and zerr.message or tostring(zerr)) end
   io.stdout:write(("runbook serve: listening on %s://%s:%d (%d rules)\n"):format(tls.tls_cert and "https" or "http",
     addr, server:port(), #rules))
   io.stdout:flush()

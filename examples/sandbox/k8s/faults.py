@@ -65,6 +65,37 @@ def bad_image(cluster, f, args):
     return "deployment %s: image set to %s (cannot be pulled)" % (d["metadata"]["name"], bad)
 
 
+def helm_upgrade(cluster, f, args):
+    """helm-upgrade APP TAG: `helm upgrade todo-chatbot --set APP.image.tag=TAG`, as helm
+    leaves it: a new release record deployed, the last one superseded, the Deployment's
+    image changed. `reset --world` undoes it."""
+    import base64
+    import helmrelease
+    import resources
+    import seed
+    app, tag = args[0], args[1]
+    records = [s for s in cluster.store.list("secrets", NS) if s.get("type") == "helm.sh/release.v1"
+               and s["metadata"]["labels"].get("name") == "todo-chatbot"]
+    last = max(records, key=lambda s: int(s["metadata"]["labels"]["version"]))
+    rel = helmrelease.decode(base64.b64decode(last["data"]["release"]))
+    tags = {name: v["image"]["tag"] for name, v in rel["config"].items()}
+    if app not in tags:
+        raise LookupError('release todo-chatbot has no app "%s" (apps: %s)' % (app, ", ".join(sorted(tags))))
+    tags[app] = tag
+    secrets = resources.lookup("", "v1", "secrets")
+    rel["info"]["status"] = "superseded"
+    cluster.api.commit(secrets, last, helmrelease.secret(rel), {}, "helm")
+    new = seed.chart_release(rel["version"] + 1, "deployed", "Upgrade complete", tags, time.time(), time.time())
+    new["info"]["first_deployed"] = rel["info"]["first_deployed"]
+    cluster.api.create(secrets, NS, helmrelease.secret(new), {}, "helm")
+    d = find_deployment(cluster.store, app)
+    changed = copy.deepcopy(d)
+    app_container(changed)["image"] = app_image(d).rsplit(":", 1)[0] + ":" + tag
+    cluster.api.commit(lookup_res("deployments"), d, changed, {}, "helm")
+    return "release todo-chatbot: revision %d deployed (%s at %s), revision %d superseded" % (
+        new["version"], app, tag, rel["version"])
+
+
 def change_template(cluster, f, d, change):
     """A release that changes the pod template (change(spec) edits it); reset undoes it while
     the template is still the fault's."""
@@ -399,6 +430,7 @@ COMMANDS = {"crashloop": (crashloop, 1), "oom": (oom, 1), "bad-image": (bad_imag
             "exec-protocol": (exec_protocol, 1), "log-errors": (log_errors, 1), "disk-full": (disk_full, 1),
             "dapr-stuck": (dapr_stuck, 1), "cert-expiring": (cert_expiring, 1),
             "unschedulable": (unschedulable, 1), "evicted": (evicted, 1), "pvc-pending": (pvc_pending, 1), "pull-secret": (pull_secret, 1),
+            "helm-upgrade": (helm_upgrade, 2),
             "populate": (populate, 2), "depopulate": (depopulate, 1), "requests": (requests, 0)}
 
 

@@ -10,6 +10,7 @@ import re
 import time
 from urllib.parse import urlparse
 
+import helmrelease
 from api import apply_defaults
 from controller import REV, owner_ref, template_hash
 from resources import crd_of, custom_resources, lookup
@@ -95,6 +96,7 @@ class Seeder:
         for name, port, replicas, images in APPS:
             self.app(name, port, replicas, images)
         self.config()
+        self.helm_release()
         self.dapr_resources()
         self.extras()
         self.settle(time.time() - 2 * DAY)
@@ -106,16 +108,13 @@ class Seeder:
     # apps ----------------------------------------------------------------------
     def app(self, name, port, replicas, images):
         full = "todo-chatbot-" + name
-        labels = {"app.kubernetes.io/name": "todo-chatbot", "app.kubernetes.io/instance": "todo-chatbot",
-                  "app.kubernetes.io/component": name}
+        labels = app_labels(name)
         tmpl = lambda tag: pod_template(name, port, labels, "%s/%s:%s" % (REGISTRY, name, tag))
-        d = self.put("apps", "v1", "deployments", {
-            "metadata": {"name": full, "namespace": NS, "generation": len(images),
-                         "labels": dict(labels, **{"app.kubernetes.io/managed-by": "Helm", "helm.sh/chart": "todo-chatbot-0.5.0"}),
-                         "annotations": {"meta.helm.sh/release-name": "todo-chatbot", "meta.helm.sh/release-namespace": NS}},
-            "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)}, "template": tmpl(images[-1]),
-                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}},
-            "status": {}}, 10)
+        d = chart_deployment(name, port, replicas, images[-1])
+        d["metadata"].update(namespace=NS, generation=len(images), annotations={
+            "meta.helm.sh/release-name": "todo-chatbot", "meta.helm.sh/release-namespace": NS})
+        d["status"] = {}
+        d = self.put("apps", "v1", "deployments", d, 10)
         for rev, tag in enumerate(images[:-1], 1):
             t = tmpl(tag)
             apply_defaults(lookup("apps", "v1", "replicasets"), {"metadata": {}, "spec": {"template": t}})
@@ -180,6 +179,17 @@ class Seeder:
         for name, *_ in APPS:
             self.put("", "v1", "serviceaccounts", {"metadata": {"name": "todo-chatbot-" + name, "namespace": NS}}, 10)
 
+    def helm_release(self):
+        """Release todo-chatbot as `helm install` and two `helm upgrade`s left it: revision 1
+        installed every app at v1.3.0, 2 moved the backend to v1.3.1, 3 (deployed) all to v1.4.0."""
+        now = time.time()
+        revisions = [(10, "Install complete", {}), (4, "Upgrade complete", {"backend": "v1.3.1"}),
+                     (2, "Upgrade complete", {a[0]: a[3][-1] for a in APPS})]
+        for rev, (days, description, tags) in enumerate(revisions, 1):
+            rel = chart_release(rev, "deployed" if rev == len(revisions) else "superseded", description,
+                                dict({a[0]: "v1.3.0" for a in APPS}, **tags), now - 10 * DAY, now - days * DAY)
+            self.put("", "v1", "secrets", helmrelease.secret(rel), days)
+
     def dapr_resources(self):
         for r in custom_resources():
             crd = crd_of(r)
@@ -240,6 +250,35 @@ class Seeder:
             "metadata": {"name": "recurring-task-scheduler", "namespace": NS},
             "spec": {"holderIdentity": "", "leaseDurationSeconds": 15, "leaseTransitions": 3,
                      "acquireTime": lease_time, "renewTime": lease_time}}, 10)
+
+
+def app_labels(name):
+    return {"app.kubernetes.io/name": "todo-chatbot", "app.kubernetes.io/instance": "todo-chatbot",
+            "app.kubernetes.io/component": name}
+
+
+def chart_deployment(name, port, replicas, tag):
+    """An app's Deployment as the todo-chatbot chart renders it."""
+    labels = app_labels(name)
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "todo-chatbot-" + name,
+                         "labels": dict(labels, **{"app.kubernetes.io/managed-by": "Helm", "helm.sh/chart": "todo-chatbot-0.5.0"})},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": dict(labels)},
+                     "template": pod_template(name, port, labels, "%s/%s:%s" % (REGISTRY, name, tag)),
+                     "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}}}
+
+
+def chart_release(revision, status, description, tags, first, last):
+    """Revision `revision` of release todo-chatbot with each app's image tag from `tags`
+    (the user's values, as `--set APP.image.tag=TAG` gives them)."""
+    defaults = {"global": {"registry": REGISTRY}}
+    for name, port, replicas, _ in APPS:
+        defaults[name] = {"replicaCount": replicas, "image": {"tag": "latest"}, "service": {"port": port},
+                          "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}}}
+    config = {name: {"image": {"tag": tags[name]}} for name, *_ in APPS}
+    docs = [("%s-deployment.yaml" % name, chart_deployment(name, port, replicas, tags[name]))
+            for name, port, replicas, _ in APPS]
+    return helmrelease.release("todo-chatbot", NS, revision, status, description, config, docs, first, last, defaults)
 
 
 def pod_template(name, port, labels, image):
