@@ -2,9 +2,9 @@
 -- real Alertmanager; amtool (Debian's prometheus-alertmanager) says what it
 -- holds. Each run is `runbook run` of a small runbook, as an operator's.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local sb = require("sandbox_helper")
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local AM = os.getenv("ALERTMANAGER_URL")
 

@@ -1,8 +1,8 @@
 -- backupset: sets written against the sandbox's PostgreSQL, then damaged with
 -- the shell (a flipped byte, a missing file, a half-written set) to show that
 -- verify, list, find and prune see what is on disk, not what they were told.
-local backupset = require "backupset"
-local cli = require "spec.support.cli"
+local backupset = require("backupset")
+local cli = require("spec.support.cli")
 
 local function sh(cmd)
   local ok = os.execute(cmd)

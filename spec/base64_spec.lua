@@ -1,5 +1,5 @@
 -- base64: RFC 4648's test vectors, every byte value, and what is not base64.
-local base64 = require "base64"
+local base64 = require("base64")
 
 describe("base64", function()
   it("encodes and decodes RFC 4648's test vectors", function()

@@ -1,7 +1,7 @@
 -- The command line as kubectl and ansible-playbook users expect it: --help on
 -- every command, "did you mean", global options, verbosity and colour.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local COMMANDS = { "run", "resume", "history", "report", "describe", "lint", "list", "version", "help" }
 

@@ -1,5 +1,5 @@
 -- The command line: describe, lint, list, version, help and usage errors.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 describe("cli", function()
   teardown(cli.cleanup)

@@ -2,7 +2,7 @@
 -- bash's completion function called as bash-completion calls it, and zsh's
 -- through a real interactive zsh on a pty, pressing TAB. Runbook names and
 -- params come from the checkout's `runbook list` and `runbook describe`.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local PATH = "PATH=" .. cli.quote(os.getenv("PWD") .. ":" .. os.getenv("PATH"))
 

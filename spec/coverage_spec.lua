@@ -2,7 +2,7 @@
 -- replaces (`replaces`, shown by `runbook describe`), and README.md's two
 -- tables say the same: "Seed coverage" gives every id of docs/seed-procedures.md
 -- once, and "Shipped runbooks" each runbook's ids.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local ID = "%d%d%d%-%d+"
 

@@ -4,8 +4,8 @@
 -- Role and ClusterRole the file ships, and fails with a 403 naming the missing
 -- permission once one rule is removed. The objects are applied and the token
 -- made with kubectl, from the file itself.
-local cli = require "spec.support.cli"
-local lyaml = require "lyaml"
+local cli = require("spec.support.cli")
+local lyaml = require("lyaml")
 
 local FILE = "examples/team/cronjob.yaml"
 local RBAC = { ServiceAccount = true, Role = true, RoleBinding = true, ClusterRole = true, ClusterRoleBinding = true }

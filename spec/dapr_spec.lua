@@ -1,11 +1,11 @@
 -- dapr: every call against the sandbox's Dapr sidecar stand-in (Redis-backed
 -- state, Kafka-backed pub/sub), cross-checked with redis-cli and kcat.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local dapr = require "dapr"
-local host = require "runbook.host"
-local cjson = require "cjson"
-local cli = require "spec.support.cli"
+local sb = require("sandbox_helper")
+local dapr = require("dapr")
+local host = require("runbook.host")
+local cjson = require("cjson")
+local cli = require("spec.support.cli")
 
 local function raises(f, ...)
   local ok, err = pcall(f, ...)

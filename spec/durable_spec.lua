@@ -1,7 +1,7 @@
 -- Durable runs: the journal, resume after SIGKILL at several points, --from,
 -- locking, SIGINT, history and report, and secrets kept out of all of them.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 -- Each step logs itself (an fs append, so a performed effect) when it
 -- finishes; `pause` makes the named step wait until the test creates `go`.

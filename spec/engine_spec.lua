@@ -1,5 +1,5 @@
 -- The step engine: order, outputs, when, retries, timeouts, undo, modes.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local function run_json(src, extra)
   local args = { "run", cli.runbook(src), "--output", "json", "--yes" }

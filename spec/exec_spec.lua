@@ -1,5 +1,5 @@
 -- exec: real processes, no fakes.
-local exec = require "exec"
+local exec = require("exec")
 
 local function tmpdir()
   return (exec.read{ "mktemp", "-d" }.stdout:gsub("%s+$", ""))
@@ -124,7 +124,7 @@ describe("exec.run", function()
 end)
 
 describe("exec and the effect gate", function()
-  local host = require "runbook.host"
+  local host = require("runbook.host")
   local effects
 
   before_each(function()

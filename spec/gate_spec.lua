@@ -1,7 +1,7 @@
 -- The effect gate end to end: a dry run changes nothing, a normal run does it
 -- all, and a runbook has no way around the gate.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local function start_server(dir)
   local p = io.popen(([[python3 spec/fixtures/http_server.py %s/port >%s/server.log 2>&1 & echo $!;
@@ -99,7 +99,7 @@ describe("the effect gate", function()
 end)
 
 describe("the standard library's writers in a dry run", function()
-  local host = require "runbook.host"
+  local host = require("runbook.host")
   local dir
   setup(function() dir = cli.tmpdir() end)
   teardown(function() host.set_mode("run"); cli.cleanup() end)

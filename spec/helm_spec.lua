@@ -1,10 +1,10 @@
 -- stdlib/helm.lua against the sandbox's Helm release todo-chatbot (three release
 -- records written as helm writes them): what it reads is checked against the
 -- records decoded by base64 and gunzip, a rollback against kubectl.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
-local json = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
+local json = require("cjson")
 
 local NS = "todo-chatbot"
 

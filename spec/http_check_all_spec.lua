@@ -1,8 +1,8 @@
 -- http.check_all: 200 health checks at once against real local servers
 -- (spec/fixtures/http_server.py): fast, slow, failing, timing out, and ports
 -- that refuse connections.
-local http = require "http"
-local exec = require "exec"
+local http = require("http")
+local exec = require("exec")
 
 local fixtures = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") .. "/fixtures"
 

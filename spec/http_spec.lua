@@ -1,6 +1,6 @@
 -- http: against a real local server (spec/fixtures/http_server.py), no fakes.
-local http = require "http"
-local exec = require "exec"
+local http = require("http")
+local exec = require("exec")
 
 local fixtures = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") .. "/fixtures"
 
@@ -214,7 +214,7 @@ describe("http over TLS", function()
 end)
 
 describe("http and the effect gate", function()
-  local host = require "runbook.host"
+  local host = require("runbook.host")
   local effects
 
   before_each(function()

@@ -6,8 +6,8 @@
 -- Failures: refused upgrades (ctl dapr ws-refuse), refused connections, a
 -- server that never answers, a reply that does not match, bad options; each
 -- a clear error naming the URL, never a traceback.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local URL = sb.env("WEBSOCKET_URL")
 

@@ -3,7 +3,7 @@
 -- run with podman against the sandbox (host network), as the CronJob of
 -- examples/team/cronjob.yaml runs it: as its own user, the journal on a
 -- volume that outlives the container.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local function sh(cmd)
   local p = io.popen("(" .. cmd .. ") 2>&1")

@@ -1,9 +1,9 @@
 -- Inside the pods: log queries, exec and copy, each run from a runbook by
 -- ./runbook against the sandbox's Kubernetes stand-in and checked with kubectl.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local k8s_helper = require "spec.runbooks.k8s_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local k8s_helper = require("spec.runbooks.k8s_helper")
+local cjson = require("cjson")
 
 local NS = "todo-chatbot"
 local KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"

@@ -3,10 +3,10 @@
 -- Writes go to a namespace of the spec's own; todo-chatbot is only read,
 -- except by the fault specs, which restore it.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local k8s = require "k8s"
-local host = require "runbook.host"
-local cjson = require "cjson"
+local sb = require("sandbox_helper")
+local k8s = require("k8s")
+local host = require("runbook.host")
+local cjson = require("cjson")
 
 local NS = "k8s-spec"
 local APP_NS = "todo-chatbot"
@@ -669,7 +669,7 @@ describe("k8s lease lock", function()
 end)
 
 describe("k8s lease lock and the run's heartbeat", function()
-  local time = require "time"
+  local time = require("time")
 
   it("renews a held lease while a step sleeps, so nobody else can take it", function()
     local a = k8s.lease_lock { namespace = NS, name = "heartbeat-lock", duration = "3s", identity = "sleeper" }
@@ -687,7 +687,7 @@ describe("k8s lease lock and the run's heartbeat", function()
 end)
 
 describe("runbook run --lock=k8s:NAMESPACE/NAME", function()
-  local cli = require "spec.support.cli"
+  local cli = require("spec.support.cli")
   local state, rb
   local function lease() return k8s.get("lease/cron-lock", { namespace = NS }).spec end
 
@@ -904,7 +904,7 @@ describe("k8s waits when the server no longer has the watch's history", function
 end)
 
 describe("k8s in a pod (in-cluster configuration)", function()
-  local cli = require "spec.support.cli"
+  local cli = require("spec.support.cli")
   after_each(function() cli.cleanup() end)
 
   it("uses the service account's token, CA and namespace, with no kubeconfig", function()

@@ -2,9 +2,9 @@
 -- kcat and an independent librdkafka client (spec/fixtures/kafka_offsets.py,
 -- python3-confluent-kafka). Every spec works on topics and groups of its own.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local kafka = require "kafka"
-local host = require "runbook.host"
+local sb = require("sandbox_helper")
+local kafka = require("kafka")
+local host = require("runbook.host")
 
 local fixtures = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") .. "/fixtures"
 local run_id = tostring(os.time()) .. tostring(math.random(1000, 9999))
@@ -187,7 +187,7 @@ end)
 -- per request allow: metadata once, a FindCoordinator and an OffsetFetch per
 -- group, a ListOffsets per leader broker (counted from debug=protocol lines).
 describe("kafka requests at scale", function()
-  local cli = require "spec.support.cli"
+  local cli = require("spec.support.cli")
   after_each(cli.cleanup)
 
   local function requests(src)
@@ -249,7 +249,7 @@ end)
 -- says why and how it is avoided. Run in a process of its own: a crash must
 -- fail this spec, not end the suite.
 describe("kafka.lag while the group's coordinator moves", function()
-  local cli = require "spec.support.cli"
+  local cli = require("spec.support.cli")
   after_each(function()
     sb.ctl("kafka clear-errors 9")
     cli.cleanup()
@@ -497,7 +497,7 @@ describe("kafka.replay", function()
 end)
 
 describe("kafka client closing", function()
-  local cli = require "spec.support.cli"
+  local cli = require("spec.support.cli")
   after_each(cli.cleanup)
   it("a client closed after lag and then collected at exit ends the process cleanly", function()
     -- close() ran again from __gc and destroyed lag's queue twice (exit 139)

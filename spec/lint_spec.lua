@@ -1,6 +1,6 @@
 -- `runbook lint`: the typos an operator would otherwise meet at 3 a.m., each
 -- named file:line:col, and every shipped runbook clean.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local HEAD = 'name = "typo" description = "d"\nparam "namespace" { default = "x" }\n'
 
@@ -70,7 +70,7 @@ step "Stop writes" (steps.stop_writers {})
   end)
 
   it("knows every function of every library a runbook can use (the definition is made from the stdlib)", function()
-    local env = require "runbook.env"
+    local env = require("runbook.env")
     local lines = { 'name = "all" description = "every library function"', 'step "A" { run = function()' }
     for global, module in pairs(env.libraries) do
       for k, v in pairs(require(module)) do

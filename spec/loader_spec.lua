@@ -1,5 +1,5 @@
 -- Loading runbooks: malformed ones fail before anything runs, with exit 3 and file:line.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local cases = {
   { "a syntax error", "name = 'x'\ndescription = 'd'\nstep 'a' { run = function() end\n", ":4:", "expected" },
@@ -63,7 +63,7 @@ describe("loading", function()
     f = io.open(d .. "/rb.lua", "w")
     f:write([[
 name = "req" description = "d"
-local h = require "helpers"
+local h = require("helpers")
 step "use" { run = function() return { v = h.double(21) } end }
 step "sneak" { run = function() h.sneak() end }
 ]])

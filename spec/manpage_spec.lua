@@ -1,6 +1,6 @@
 -- The man page runbook(1): built from pkg/runbook.1.scd by scdoc, and naming
 -- every command and option `runbook help` names.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local function sh(cmd)
   local p = io.popen("(" .. cmd .. ") 2>&1")

@@ -1,11 +1,11 @@
 -- notify: Slack, webhooks and mail against local receivers (an HTTP server
 -- that captures posts, spec/fixtures/http_server.py, and an SMTP receiver,
 -- spec/fixtures/smtp_server.py), and the runbook-level hooks end to end.
-local notify = require "notify"
-local host = require "runbook.host"
-local events = require "runbook.events"
-local cjson = require "cjson"
-local cli = require "spec.support.cli"
+local notify = require("notify")
+local host = require("runbook.host")
+local events = require("runbook.events")
+local cjson = require("cjson")
+local cli = require("spec.support.cli")
 
 local dir, base, smtp, silent_smtp, mailbox, pids
 

@@ -2,7 +2,7 @@
 -- observation of the issue "The engine under an operator's hands" (declining
 -- a step, previews, resume after undo, locks, setup errors, --from, Ctrl-C).
 -- The two that need the sandbox's runbooks are in spec/runbooks/decline_spec.lua.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local function exists(path)
   local f = io.open(path, "rb")

@@ -4,7 +4,7 @@
 -- the same untouched root), its Depends resolved from Debian's archive. The
 -- installed command then runs against the sandbox: version, a shipped
 -- runbook's dry run by name, and a team spec through `runbook test`.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local CACHE, DIR = "build/bookworm-minbase", "build/deb-test"
 local ROOT = "pkg/debian-root.sh"

@@ -1,5 +1,5 @@
 -- Params: parsing, types, defaults and the errors that stop a run before it starts.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local RB = [[
 name = "p"

@@ -1,10 +1,10 @@
 -- pg: against the sandbox's PostgreSQL, cross-checked with psql.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local pg = require "pg"
-local json = require "json"
-local host = require "runbook.host"
-local cli = require "spec.support.cli"
+local sb = require("sandbox_helper")
+local pg = require("pg")
+local json = require("json")
+local host = require("runbook.host")
+local cli = require("spec.support.cli")
 
 local function url() return sb.env("DATABASE_URL") end
 

@@ -5,9 +5,9 @@
 -- what changes between the plan and the apply, the exit status, the words
 -- that say why, and, checked by the clients, that the apply changed nothing.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local sb = require("sandbox_helper")
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local NS, DEPLOY = "plan-spec", "web"
 local FIXTURE = "spec/fixtures/plan/add_capacity.lua"

@@ -1,9 +1,9 @@
 -- prom: runbooks querying the sandbox's real Prometheus, each answer checked
 -- against curl's; every error path; and the metric gate (passing, failing,
 -- dry run) with faults from `ctl metrics`.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local cjson = require("cjson")
 
 local function runbook(body, args)
   local path = cli.runbook(('name = "prom-spec"\ndescription = "prom spec"\nstep "s" { run = function(ctx)\n%s\nend }\n'):format(body))

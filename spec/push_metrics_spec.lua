@@ -3,8 +3,8 @@
 -- and Prometheus, which scrapes it. Each case runs a runbook of its own name,
 -- in a state directory of its own, so the counts start at zero.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local cli = require "spec.support.cli"
+local sb = require("sandbox_helper")
+local cli = require("spec.support.cli")
 
 local GATEWAY = sb.env("RUNBOOK_PUSHGATEWAY")   -- the sandbox's (make test clears it for the other specs)
 

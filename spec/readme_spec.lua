@@ -10,7 +10,7 @@
 -- ARGS may begin with NAME=value settings of the environment. In the Lua
 -- blocks lint may find unused locals (a snippet names what a call returns);
 -- anything else it finds fails the spec.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local HEAD = 'name = "readme-example" description = "an example of README.md"\n'
 

@@ -1,10 +1,10 @@
 -- redis: against the sandbox's Redis, cross-checked with redis-cli.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local redis = require "redis"
-local json = require "json"
-local host = require "runbook.host"
-local cli = require "spec.support.cli"
+local sb = require("sandbox_helper")
+local redis = require("redis")
+local json = require("json")
+local host = require("runbook.host")
+local cli = require("spec.support.cli")
 
 local function url() return sb.env("REDIS_URL") end
 

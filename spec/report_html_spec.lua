@@ -2,7 +2,7 @@
 -- SVG timeline with a bar per step coloured by its status, every step with its
 -- logs and effects, everything escaped, secrets masked), rendered by headless
 -- Chromium to check the DOM it builds from it.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local RB = [[
 name = "html <report>" description = "steps of every status"

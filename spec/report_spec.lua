@@ -1,6 +1,6 @@
 -- `runbook report` for a postmortem: every time with its date and UTC offset,
 -- and the timeline as a Mermaid Gantt chart (rendered by GitHub and GitLab).
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local RB = [[
 name = "timed" description = "three steps, one failing"
@@ -36,7 +36,7 @@ describe("report", function()
   end)
 end)
 
-local cjson = require "cjson"
+local cjson = require("cjson")
 
 --- The events of a run's journal, read from its file.
 local function journal_events(state, id)

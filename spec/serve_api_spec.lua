@@ -3,8 +3,8 @@
 -- security limits (token, body size, malformed JSON, secrets, TLS, a request
 -- sent too slowly). Checked with curl; the runbooks write files, checked with
 -- the file system; the sandbox's Prometheus scrapes /metrics.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local TOKEN = "serve-api-token-7d41b0c3"
 local SECRET = "hunter2-serve-api-secret"
@@ -282,7 +282,7 @@ describe("runbook serve's API", function()
 
   it("is scraped by the sandbox's Prometheus", function()
     package.path = "spec/sandbox/?.lua;" .. package.path
-    local sb = require "sandbox_helper"
+    local sb = require("sandbox_helper")
     local targets = sb.state .. "/prometheus/targets/serve.json"
     cli.write(targets, cjson.encode { { targets = { url:match("//(.*)$") } } })
     local ok, rows = pcall(wait_until, 90, function()

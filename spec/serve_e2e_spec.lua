@@ -7,10 +7,10 @@
 -- rolls back without anyone. curl against the API server, Alertmanager and
 -- Prometheus says what happened. Waits are polls with generous deadlines: the
 -- alert needs its 30 s rate window and `for: 10s` to fire, and to resolve.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
+local cjson = require("cjson")
 
 local TOKEN = "serve-e2e-token-8c1d5e7a"
 local RUNBOOK = require("lfs").currentdir() .. "/runbooks/high-error-rate.lua"

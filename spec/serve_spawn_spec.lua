@@ -4,8 +4,8 @@
 -- Its journal and output are the CLI's, its exit status is serve's to account
 -- for, ps shows its command line, it is serve's child, and it draws its own
 -- random numbers. Checked with the file system, /proc, ps and curl.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local TOKEN = "serve-spawn-token-52c0e1f7"
 local SECRET = "serve-spawn-secret-9d3a"

@@ -4,9 +4,9 @@
 -- deployment (curl against the API server says so); a rule in run mode runs
 -- at once. Bad requests and bad rules files are rows of their own.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local sb = require("sandbox_helper")
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local NS, DEPLOY = "plan-spec", "serve-web"
 local PATH = "/apis/apps/v1/namespaces/" .. NS .. "/deployments/" .. DEPLOY

@@ -1,5 +1,5 @@
 -- --step and confirm = true, driven through a real pseudo-terminal.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local RB = [[
 name = "steps" description = "three writes"

@@ -1,7 +1,7 @@
 -- The human view on a terminal (through a pty) and piped: coloured WARN and
 -- ERROR, multi-line and long messages kept under the step's bar, a spinner
 -- that says what it waits for and how long is left, no repeated words.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local TALK = [[
 name = "talk" description = "messages of every shape"

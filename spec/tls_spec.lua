@@ -1,8 +1,8 @@
 -- tls: certificates made and served by the openssl CLI, read by tls.parse and
 -- tls.certificate, compared with what `openssl x509` says about the same files.
-local tls = require "tls"
-local cli = require "spec.support.cli"
-local certs = require "spec.support.certs"
+local tls = require("tls")
+local cli = require("spec.support.cli")
+local certs = require("spec.support.certs")
 
 local function raises(f)
   local ok, err = pcall(f)

@@ -5,7 +5,7 @@
 -- no "\/" escapes). Busted runs a directory's files in sorted order, so this
 -- file, sorting after every other one in spec/, runs once they all have; its
 -- own runs make sure every event type is there when it runs alone.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local UNDO = [[
 name = "undo-demo" description = "a step that fails after one that can be undone"

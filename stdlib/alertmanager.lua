@@ -24,10 +24,10 @@
 -- and creates nothing. Errors raise with the HTTP status as the code
 -- ("400" for a matcher Alertmanager refuses) and its message; an endpoint
 -- that cannot be reached raises with curl's reason ("couldnt_connect").
-local native = require "runbook.http"
-local cjson = require "cjson"
-local duration = require "duration"
-local host = require "runbook.host"
+local native = require("runbook.http")
+local cjson = require("cjson")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local M = {}
 local Client = {}

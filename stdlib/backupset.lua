@@ -34,13 +34,13 @@
 -- Writes (directories, dumps, files, renames, deletes) go through the effect
 -- gate: in a dry run nothing is written and the functions say what they would do.
 local library_effect = require("runbook.effect").library
-local host = require "runbook.host"
-local json = require "json"
-local exec = require "exec"
-local fs = require "fs"
-local lfs = require "lfs"
-local pg = require "pg"
-local log = require "log"
+local host = require("runbook.host")
+local json = require("json")
+local exec = require("exec")
+local fs = require("fs")
+local lfs = require("lfs")
+local pg = require("pg")
+local log = require("log")
 
 local M = {}
 
@@ -194,7 +194,7 @@ end
 -- With opts.passphrase each file is encrypted (k8s/KIND.yaml.enc, M.ENCRYPTION)
 -- and no plaintext touches the disk.
 function M.dump_kubernetes(set, opts)
-  local k8s = require "k8s"
+  local k8s = require("k8s")
   local ns = opts.namespace
   local kinds = { table.unpack(M.KINDS) }
   if opts.secrets then kinds[#kinds + 1] = { type = "secrets", file = "secrets" } end
@@ -221,7 +221,7 @@ end
 
 --- Each topic's messages as JSON Lines (kafka.backup_topic).
 function M.dump_topics(set, topics)
-  local kafka = require "kafka"
+  local kafka = require("kafka")
   local out = { files = {}, topics = {} }
   if #topics == 0 then return out end
   if written(set) then fs.mkdir(set.partial .. "/kafka") end
@@ -241,7 +241,7 @@ end
 -- (at least once: one processed between this read and the dump's snapshot
 -- is processed twice). -> {groups = {group = {topic = {["0"] = offset...}}}}
 function M.record_offsets(list)
-  local kafka = require "kafka"
+  local kafka = require("kafka")
   local out = { files = {}, groups = {} }
   for _, item in ipairs(list) do
     local group, topic = item:match("^([^:]+):(.+)$")
@@ -448,7 +448,7 @@ end
 -- Returns {namespace, created, applied = {file = n}, held}.
 function M.restore_kubernetes(path, manifest, opts)
   opts = opts or {}
-  local k8s = require "k8s"
+  local k8s = require("k8s")
   local ns = opts.namespace or (manifest.kubernetes or {}).namespace
   if not ns then raise { op = "restore_kubernetes", code = "bad_manifest", message = path .. " names no namespace" } end
   local want = {}
@@ -496,7 +496,7 @@ end
 -- topics, each "NAME" or "NAME=TARGET" to restore beside it (default all).
 -- Returns {restored = {target = n}, kept = {target = reason}}.
 function M.restore_topics(path, manifest, opts)
-  local kafka = require "kafka"
+  local kafka = require("kafka")
   local inset = (manifest.kafka or {}).topics or {}
   local pairs_ = {}
   for _, item in ipairs(opts and opts.topics or {}) do
@@ -541,7 +541,7 @@ end
 -- consumers replay what came after. Their consumers must be stopped.
 -- -> {groups = {group = messages to replay}}
 function M.replay_events(manifest)
-  local kafka = require "kafka"
+  local kafka = require("kafka")
   local out = { groups = {}, total = 0 }
   local groups = {}
   for g in pairs(manifest.offsets or {}) do groups[#groups + 1] = g end

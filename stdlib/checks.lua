@@ -40,7 +40,7 @@ function M.error_rate_query(selector, window, by, status)
 end
 
 function M.error_rate(opts)
-  local log = require "log"
+  local log = require("log")
   if (os.getenv("PROMETHEUS_URL") or "") == "" then
     log.info("%s: no PROMETHEUS_URL, not checked", opts.name)
     return { skipped = true }
@@ -69,7 +69,7 @@ local IN_POD = {
 -- {ok = true} | {ok = true, skipped = true} (no such tool or variable) |
 -- {ok = false, error = the client's last line}; opts.namespace, opts.container.
 function M.in_pod(name, target, opts)
-  local log = require "log"
+  local log = require("log")
   local what = ("%s from %s"):format(name, target)
   local r = require("k8s").exec(target, { "sh", "-c", IN_POD[name] or error("checks.in_pod: postgres or redis", 2) },
     { namespace = opts.namespace, container = opts.container, read = true, check = false, timeout = "20s" })
@@ -86,7 +86,7 @@ end
 function M.dependencies(opts)
   opts = opts or {}
   local warn_share = opts.pg_connections_warn or 0.8
-  local log = require "log"
+  local log = require("log")
   local deps, down = {}, {}
   local function check(name, configured, fn)
     if not configured then
@@ -134,7 +134,7 @@ function M.dependencies(opts)
   end
   from_pod("postgres")
   from_pod("redis")
-  local dapr = require "dapr"
+  local dapr = require("dapr")
   check("dapr sidecars", opts.namespace, function()
     local s = dapr.sidecar_status(opts.namespace)
     local bad = {}

@@ -34,9 +34,9 @@
 -- message}) raise structured errors: code is the errorCode, status the HTTP
 -- status; an ETag mismatch (409) has code "conflict". A sidecar that cannot
 -- be reached raises with curl's reason ("couldnt_connect").
-local cjson = require "cjson"
-local duration = require "duration"
-local host = require "runbook.host"
+local cjson = require("cjson")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local api = require("http.api").new("dapr", "sidecar")
 local M, Client, raise = api.module, api.Client, api.raise
@@ -471,7 +471,7 @@ end
 -- Returns {{group, app_id, component}, ...} sorted by group, each group once.
 function M.consumer_groups(namespace)
   check_name(namespace, "namespace", "consumer_groups")
-  local k8s = require "k8s"
+  local k8s = require("k8s")
   local apps = {}
   for _, d in ipairs(k8s.list("deployments", { namespace = namespace })) do
     local ann = d.spec.template.metadata and d.spec.template.metadata.annotations or {}

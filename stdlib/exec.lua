@@ -20,9 +20,9 @@
 --
 -- Timeouts and Ctrl-C kill the process's whole group and raise errors with
 -- code "timeout" (retryable) and "interrupted".
-local native = require "runbook.exec"
-local duration = require "duration"
-local host = require "runbook.host"
+local native = require("runbook.exec")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local raise = host.raiser "exec"
 

@@ -4,8 +4,8 @@
 -- host.mkdir) also refuse in C during a dry run (host/guard.c), so a write
 -- never happens in one even if the Lua around it was replaced.
 local library_effect = require("runbook.effect").library
-local host = require "runbook.host"
-local lfs = require "lfs"
+local host = require("runbook.host")
+local lfs = require("lfs")
 
 local M = {}
 

@@ -9,7 +9,7 @@
 --     simulate = function() ... return would_be end, -- optional: a native dry run
 --   }
 -- returns the result, or {skipped = true} when the write was not simulated.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 

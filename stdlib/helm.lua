@@ -31,11 +31,11 @@
 -- Errors are structured (module "helm"): code "release_not_found", "revision_not_found",
 -- "corrupt_record" (a record that is not base64 of gzip of JSON: the message names the
 -- Secret), "rollback_failed".
-local zlib = require "zlib"
-local host = require "runbook.host"
-local base64 = require "base64"
-local client = require "k8s.client"
-local k8s = require "k8s"
+local zlib = require("zlib")
+local host = require("runbook.host")
+local base64 = require("base64")
+local client = require("k8s.client")
+local k8s = require("k8s")
 
 local M = {}
 

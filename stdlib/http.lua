@@ -47,10 +47,10 @@
 --
 -- TLS is verified by default; insecure=true turns that off, with a warning.
 -- A password in the URL and Authorization header values never print.
-local native = require "runbook.http"
-local cjson = require "cjson"
-local duration = require "duration"
-local host = require "runbook.host"
+local native = require("runbook.http")
+local cjson = require("cjson")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local raise = host.raiser "http"
 

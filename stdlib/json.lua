@@ -1,7 +1,7 @@
 --- JSON for runbooks, over lua-cjson. json.null is the distinct null value;
 -- encode/decode errors are raised as structured errors naming the operation.
-local cjson = require "cjson"
-local host = require "runbook.host"
+local cjson = require("cjson")
+local host = require("runbook.host")
 
 local codec = cjson.new()
 codec.encode_sparse_array(true)

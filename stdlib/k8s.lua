@@ -96,12 +96,12 @@
 -- reason ("couldnt_connect"), with reason ("NotFound") and status fields.
 -- Reads are retried with backoff on 429/5xx and connection failures.
 -- k8s.array() is an empty list that encodes as [] (lua-cjson writes {} otherwise).
-local client = require "k8s.client"
-local verbs = require "k8s.verbs"
-require "k8s.health"
-require "k8s.logs"
-require "k8s.exec"
-local lease = require "k8s.lease"
+local client = require("k8s.client")
+local verbs = require("k8s.verbs")
+require("k8s.health")
+require("k8s.logs")
+require("k8s.exec")
+local lease = require("k8s.lease")
 
 local Client = client.Client
 local k8s = {}

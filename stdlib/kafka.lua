@@ -31,12 +31,12 @@
 -- Errors are structured (module "kafka"); code is librdkafka's error name
 -- ("UNKNOWN_TOPIC_OR_PART", "_UNSUPPORTED_FEATURE"), "timeout" for a
 -- timeout (as in every module), or "bad_argument" for a call that cannot be right.
-local native = require "runbook.kafka"
-local host = require "runbook.host"
+local native = require("runbook.kafka")
+local host = require("runbook.host")
 local library_effect = require("runbook.effect").library
-local json = require "json"
-local duration = require "duration"
-local base64 = require "base64"
+local json = require("json")
+local duration = require("duration")
+local base64 = require("base64")
 
 local M = { librdkafka_version = native.librdkafka_version }
 local Client = {}
@@ -50,7 +50,7 @@ local raise = host.raiser "kafka"
 local function bad(op, message) raise { op = op, code = "bad_argument", message = message } end
 
 local function log()
-  return require "log"
+  return require("log")
 end
 
 --- opts must be a table, and each field named after it a non-empty string.

@@ -1,7 +1,7 @@
 --- Runbook logging: log.info("scaled %s to %d", name, n). Messages go to the
 -- terminal, JSON lines and the journal as `log` events of the current step.
-local events = require "runbook.events"
-local host = require "runbook.host"
+local events = require("runbook.events")
+local host = require("runbook.host")
 
 local M = {}
 

@@ -17,12 +17,12 @@
 -- Runbook-level hooks, sent when the run ends (see M.check_hooks):
 --   notify = { on_failure = { slack = {webhook=...}, email = {...}, webhook = {...} },
 --              on_success = function(run) ... end }
-local host = require "runbook.host"
-local duration = require "duration"
+local host = require("runbook.host")
+local duration = require("duration")
 
 local M = {}
 
-local function native() return require "runbook.http" end
+local function native() return require("runbook.http") end
 
 local function check_string(v, what, op, level)
   if type(v) ~= "string" or v == "" then

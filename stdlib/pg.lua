@@ -40,13 +40,13 @@
 --
 -- Errors are structured: code is the SQLSTATE ("42P01", "23505", "57014"),
 -- "08001" when connecting fails, "timeout" when the step's time runs out.
-local native = require "runbook.pg"
-local json = require "json"
-local duration = require "duration"
-local exec = require "exec"
-local gate = require "gate"
+local native = require("runbook.pg")
+local json = require("json")
+local duration = require("duration")
+local exec = require("exec")
+local gate = require("gate")
 local library_effect = require("runbook.effect").library
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 native.set_json(json.encode, json.decode, json.null)
 

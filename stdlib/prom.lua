@@ -46,9 +46,9 @@
 --   In a dry run it evaluates once against the live data and reports
 --   (`would wait 2m for error rate < 1%: now 0.4%`), never failing on the values.
 --   -> {values = {name = value}, held = seconds, evaluations = n}
-local cjson = require "cjson"
-local duration = require "duration"
-local host = require "runbook.host"
+local cjson = require("cjson")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local api = require("http.api").new("prom", "Prometheus")
 local M, Client, raise = api.module, api.Client, api.raise
@@ -218,7 +218,7 @@ function Client:verify(opts)
   local every = duration.check(opts.every or "15s", "prom.verify every")
   local warmup = duration.check(opts.warmup or 0, "prom.verify warmup")
   if every <= 0 then error("prom.verify: every must be above 0", 2) end
-  local log, gate, time = require "log", require "gate", require "time"
+  local log, gate, time = require("log"), require("gate"), require("time")
   local what = {}
   for i, c in ipairs(conds) do what[i] = text(c) end
   what = table.concat(what, " and ")

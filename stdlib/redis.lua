@@ -31,9 +31,9 @@
 -- everything else writes, including scripts (EVAL, FCALL; EVAL_RO and
 -- FCALL_RO are reads), MULTI/EXEC and commands the server does not know. A dry
 -- run reports writes without sending them and returns {skipped = true}.
-local native = require "runbook.redis"
-local json = require "json"
-local duration = require "duration"
+local native = require("runbook.redis")
+local json = require("json")
+local duration = require("duration")
 
 native.set_null(json.null)
 

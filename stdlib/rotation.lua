@@ -14,10 +14,10 @@
 --   rotation.db_credentials(url) -> user, password   of a postgresql://USER:PASSWORD@... URL (nil if not one)
 --   rotation.with_password(url, password) -> url     the URL with another password
 --   rotation.set_db_password(url, user, password)    ALTER ROLE user PASSWORD, connected by url (a gated write)
-local k8s = require "k8s"
-local base64 = require "base64"
-local json = require "json"
-local secret = require "secret"
+local k8s = require("k8s")
+local base64 = require("base64")
+local json = require("json")
+local secret = require("secret")
 
 local M = {}
 
@@ -99,7 +99,7 @@ function M.with_password(url, password)
 end
 
 function M.set_db_password(url, user, password)
-  local pg = require "pg"
+  local pg = require("pg")
   local db <close> = pg.connect(url, { connect_timeout = "10s" })
   db:exec(("ALTER ROLE %s PASSWORD '%s'"):format(pg.quote_ident(user), password:gsub("'", "''")))
 end

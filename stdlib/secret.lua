@@ -1,7 +1,7 @@
 --- Secrets for runbooks: values that must never appear in any output. Params
 -- declared `secret = true` and the passwords and tokens modules read are
 -- registered already; a runbook registers what else it obtains.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 

@@ -75,7 +75,7 @@ end
 --- The deployments of param `deployments` (names, "deploy/NAME"s, or "all")
 -- in param namespace, each as {name, replicas}; a name the namespace lacks is an error.
 function M.deployments(ctx)
-  local k8s, ns = require "k8s", ctx.params.namespace
+  local k8s, ns = require("k8s"), ctx.params.namespace
   local objs = {}
   if ctx.params.deployments == "all" then
     objs = k8s.list("deployments", { namespace = ns })
@@ -232,7 +232,7 @@ M.backup_database = shared({ suffix = true }, function(a)
   local suffix = a.suffix
   return {
     run = function(ctx)
-      local backupset = require "backupset"
+      local backupset = require("backupset")
       local set = backupset.new(ctx.params.dir, ctx.params.prefix .. suffix)
       local m = backupset.seal(set, { database = backupset.dump_database(set, { url = ctx.params.database_url }) })
       require("log").info("the database as it was is kept in %s", set.final)
@@ -270,7 +270,7 @@ M.replay_events = shared({ set = true }, function(a)
     confirm = true,
     when = function(ctx) return require("backupset").manifest(set_of(ctx)).offsets ~= nil end,
     run = function(ctx)
-      local backupset = require "backupset"
+      local backupset = require("backupset")
       return backupset.replay_events(backupset.manifest(set_of(ctx)))
     end,
   }
@@ -320,7 +320,7 @@ M.verify_health = shared({ services = true }, function(a)
     description = "The deployment healthy, and GET health_path through each of its services (API server proxy)",
     retry = { attempts = 5, base = "1s", max = "5s" },
     run = function(ctx)
-      local k8s, log = require "k8s", require "log"
+      local k8s, log = require("k8s"), require("log")
       local h = k8s.deployment_health(ctx.params.namespace, ctx.params.deployment)
       if not h.healthy and not ctx.dry_run then error("not healthy: " .. table.concat(h.problems, "; "), 0) end
       if not services then return { healthy = h.healthy } end
@@ -346,7 +346,7 @@ M.validate = shared({ set = true, queries = true, kept = true }, function(a)
   local set_of, queries, kept = a.set, a.queries, a.kept
   return {
     run = function(ctx)
-      local backupset = require "backupset"
+      local backupset = require("backupset")
       local path = set_of(ctx)
       local problems = backupset.validate { manifest = backupset.verify(path), url = ctx.params.database_url,
         queries = type(queries) == "function" and queries(ctx) or backupset.queries(ctx.params[queries]) }
@@ -374,7 +374,7 @@ end
 -- the app container's limits: {replicas, limits = {cpu, memory} (strings, as
 -- written), pods = k8s.top's rows, highest CPU first}.
 local function pod_usage(ctx, name)
-  local k8s = require "k8s"
+  local k8s = require("k8s")
   local d = k8s.get("deploy/" .. name, { namespace = ctx.params.namespace })
   local sel = {}
   for k, v in pairs(d.spec.selector.matchLabels or {}) do sel[#sel + 1] = k .. "=" .. v end
@@ -415,7 +415,7 @@ M.top_errors = shared({ deployment = true, since = true }, function(a)
       local since = type(a.since) == "function" and a.since(ctx) or a.since
       local q = require("k8s").log_query { target = "deploy/" .. deployment_of(a, ctx), namespace = ctx.params.namespace,
         since = since, where = { level = "ERROR" }, count_by = "message", top = 5 }
-      local log = require "log"
+      local log = require("log")
       log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count,
         type(since) == "number" and require("duration").format(since) or since, #q.pods, q.count > 0 and ":" or "")
       for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
@@ -429,7 +429,7 @@ end)
 -- otherwise); `tick()`, when given, is called at each look (every second).
 -- -> {healthy = true}
 function M.watch_restarts(ctx, name, tick)
-  local k8s, time = require "k8s", require "time"
+  local k8s, time = require("k8s"), require("time")
   local function restarts()
     local h = k8s.deployment_health(ctx.params.namespace, name)
     local n = 0
@@ -485,7 +485,7 @@ M.measure_metric = shared({ metric = true }, function(a)
   local m = a.metric
   return {
     run = function(ctx)
-      local prom, log = require "prom", require "log"
+      local prom, log = require("prom"), require("log")
       local rows = prom.query(m:promql(ctx, m.by), { allow_empty = true })
       local function key(r) return r.value == r.value and r.value or -1 end
       table.sort(rows, function(x, y) return key(x) > key(y) end)
@@ -534,7 +534,7 @@ M.smoke_test = shared({ target = true }, function(a)
     description = "GET each of smoke_paths through the Services of its pods, then the smoke command; all must pass",
     when = function(ctx) return ctx.params.smoke ~= "" or ctx.params.smoke_paths ~= "" end,
     run = function(ctx)
-      local k8s, log, name, ns = require "k8s", require "log", target(ctx), ctx.params.namespace
+      local k8s, log, name, ns = require("k8s"), require("log"), target(ctx), ctx.params.namespace
       local paths = {}
       for p in ctx.params.smoke_paths:gmatch("[^,%s]+") do paths[#paths + 1] = p end
       if #paths == 0 then paths[1] = ctx.params.health_path end
@@ -610,7 +610,7 @@ M.sibling_service = shared({ deployed = true, live = true }, function(a)
     description = "A Service named like the new deployment, selecting its pods, with the live Service's ports",
     needs = { live, deployed },
     run = function(ctx)
-      local k8s = require "k8s"
+      local k8s = require("k8s")
       local d = ctx.outputs[deployed]
       if k8s.get("svc/" .. d.name, { namespace = ctx.params.namespace, missing_ok = true }) then
         require("log").info("service %s exists", d.name)
@@ -693,7 +693,7 @@ M.dapr_component = shared({}, function()
     description = "kubectl get components: each with its type; the pub/sub component is deployed as pubsub.kafka and its brokers are reachable",
     run = function(ctx)
       local problems, problem = collector()
-      local k8s = require "k8s"
+      local k8s = require("k8s")
       local all = {}
       for _, comp in ipairs(k8s.list("components.dapr.io", { namespace = ctx.params.namespace })) do
         all[#all + 1] = ("%s (%s)"):format(comp.metadata.name, tostring((comp.spec or {}).type))
@@ -744,7 +744,7 @@ M.dapr_publish = shared({}, function()
   return {
     description = "The app's sidecar: healthz, outbound, the component loaded, its subscriptions; then POST /v1.0/publish and read the event back from Kafka",
     run = function(ctx)
-      local kafka, log = require "kafka", require "log"
+      local kafka, log = require("kafka"), require("log")
       local problems, problem = collector()
       local before = kafka.watermarks(ctx.params.topic)
       local rep = require("dapr").check_app(ctx.params.app_id, {
@@ -790,7 +790,7 @@ M.dapr_logs = shared({ components = true }, function(a)
   return {
     description = "kubectl logs -l app=dapr-... -n dapr-system and -c daprd: the errors of the control plane and the sidecars; the app's daprd lines about pub/sub",
     run = function(ctx)
-      local k8s, log = require "k8s", require "log"
+      local k8s, log = require("k8s"), require("log")
       local problems, problem = collector()
       local out = { components = {}, pubsub_lines = 0, problems = problems }
       for _, c in ipairs(M.DAPR_CONTROL_PLANE) do

@@ -1,8 +1,8 @@
 --- Time for runbooks: sleeping that respects the step deadline and Ctrl-C,
 -- polling with a deadline, and durations.
-local duration = require "duration"
-local host = require "runbook.host"
-local heartbeat = require "runbook.heartbeat"
+local duration = require("duration")
+local host = require("runbook.host")
+local heartbeat = require("runbook.heartbeat")
 
 local raise = host.raiser "time"
 
@@ -25,7 +25,7 @@ function M.wait_until(opts, fn)
   local timeout = duration.check(opts.timeout or "1m", "time.wait_until timeout")
   local every = duration.check(opts.every or "1s", "time.wait_until every")
   local deadline = host.now() + timeout
-  local output = require "runbook.output"
+  local output = require("runbook.output")
   while true do
     local v = fn()
     if v then output.waiting(""); return v end

@@ -20,10 +20,10 @@
 -- Errors are structured (module "tls"): op "parse", code "bad_pem", naming
 -- `where` and which certificate; op "peer_chain" (see modules/tls.c) naming
 -- host:port, code "connection_refused", "timeout", "not_tls", ...
-local x509 = require "openssl.x509"
-local pkey = require "openssl.pkey"
-local native = require "runbook.tls"
-local host = require "runbook.host"
+local x509 = require("openssl.x509")
+local pkey = require("openssl.pkey")
+local native = require("runbook.tls")
+local host = require("runbook.host")
 
 local M = {}
 local raise = host.raiser "tls"

@@ -3,8 +3,8 @@
 -- before and after (one made beforehand for the rows that try to expire it),
 -- and they must be the same. A row may be refused with an error or skipped as
 -- a write; either way nothing is silenced or expired.
-local adv = require "spec.adversarial.support"
-local cli = require "spec.support.cli"
+local adv = require("spec.adversarial.support")
+local cli = require("spec.support.cli")
 
 local AM = os.getenv("ALERTMANAGER_URL")
 local amtool = "amtool --alertmanager.url=" .. cli.quote(AM)

@@ -3,10 +3,10 @@
 -- interrupt it, ended by the watchdog (exit 124); either way within its
 -- limit plus the watchdog's grace. On a host without a hard bound these ran
 -- on; `timeout` ends them so the spec fails instead of hanging.
-local adv = require "spec.adversarial.support"
-local cli = require "spec.support.cli"
-local assert = require "luassert"
-local host = require "runbook.host"
+local adv = require("spec.adversarial.support")
+local cli = require("spec.support.cli")
+local assert = require("luassert")
+local host = require("runbook.host")
 
 local HEAD = 'name = "deadline" description = "does not stop"\nparam "dir" { required = true }\n'
 local SLACK = 6   -- seconds: a loaded machine starts and reports slowly

@@ -3,9 +3,9 @@
 -- Deployments (generation, resourceVersion) and Secrets (resourceVersion)
 -- before and after, and they must be the same. A row may fail with an error;
 -- either way nothing is rolled back and no record is written.
-local adv = require "spec.adversarial.support"
-local sb = require "spec.sandbox.sandbox_helper"
-local cli = require "spec.support.cli"
+local adv = require("spec.adversarial.support")
+local sb = require("spec.sandbox.sandbox_helper")
+local cli = require("spec.support.cli")
 
 local function objects()
   local out, ok = sb.kubectl("-n todo-chatbot get deployments,secrets -o jsonpath='{range .items[*]}{.kind}/{.metadata.name}"

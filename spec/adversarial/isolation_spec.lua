@@ -1,9 +1,9 @@
 -- Class 1: host state a runbook can reach. Each variant assigns or replaces
 -- something the host also uses (a library table, a standard table, a
 -- metatable) and then tries to write a file or change what the host prints.
-local adv = require "spec.adversarial.support"
-local cli = require "spec.support.cli"
-local assert = require "luassert"
+local adv = require("spec.adversarial.support")
+local cli = require("spec.support.cli")
+local assert = require("luassert")
 
 local WRITE = [[ fs.write(DIR .. "/x", "y") ]]
 local OPEN = [[ local f = io.open(DIR .. "/x", "w") f:write("y") f:close() ]]

@@ -9,8 +9,8 @@
 -- Adding a variant: a row {name, body = <Lua run inside the step>,
 -- check = <a key of backends>}. ${NAME} in the body is replaced by the value
 -- of NAME in `vars` (set up below).
-local cli = require "spec.support.cli"
-local adv = require "spec.adversarial.support"
+local cli = require("spec.support.cli")
+local adv = require("spec.adversarial.support")
 
 local NS = "adversarial-net"
 

@@ -5,9 +5,9 @@
 -- still be alive, a listener that must hear nothing, a file that must not
 -- exist. Adding a variant is one row in `variants`.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local cli = require "spec.support.cli"
-local adv = require "spec.adversarial.support"
+local sb = require("sandbox_helper")
+local cli = require("spec.support.cli")
+local adv = require("spec.adversarial.support")
 
 local function url() return sb.env("DATABASE_URL") end
 

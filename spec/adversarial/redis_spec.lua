@@ -3,9 +3,9 @@
 -- against the sandbox, then checked with redis-cli. Adding a variant is one
 -- row in `variants`.
 package.path = "spec/sandbox/?.lua;" .. package.path
-local sb = require "sandbox_helper"
-local cli = require "spec.support.cli"
-local adv = require "spec.adversarial.support"
+local sb = require("sandbox_helper")
+local cli = require("spec.support.cli")
+local adv = require("spec.adversarial.support")
 
 local function rcli(args)
   local out, ok = sb.redis(args)

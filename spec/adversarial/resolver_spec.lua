@@ -5,8 +5,8 @@
 -- sees a resolver of its own: /etc/resolv.conf bound, in a mount namespace of
 -- its own (unshare -m, as root), to a file naming a local UDP port that
 -- swallows every query (127.0.0.153, clear of any local resolver).
-local cli = require "spec.support.cli"
-local host = require "runbook.host"
+local cli = require("spec.support.cli")
+local host = require("runbook.host")
 
 local NAME = "dns-blackhole.runbook-spec.example"
 local LIMIT, SLACK = 2, 4   -- the calls' own timeouts; what a loaded machine adds

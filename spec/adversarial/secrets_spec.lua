@@ -10,9 +10,9 @@
 -- A place is {canary = fn() -> the secret, read = Lua source of a function
 -- body giving the secret inside a step, env =, args =, setup =, teardown =};
 -- a channel is fn(run) -> the text it emitted. Adding one is a few lines.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local cjson = require("cjson")
 
 local NS = "todo-chatbot"
 

@@ -2,7 +2,7 @@
 -- tries to get around the dry run, run with --dry-run, and a check with an
 -- independent client (ls, ps, psql, redis-cli, kubectl...) that nothing changed.
 --
---   local adv = require "spec.adversarial.support"
+--   local adv = require("spec.adversarial.support")
 --   local VARIANTS = {
 --     { "gate.effect replaced", step = [[
 --         gate.effect = function(e) return e.perform() end
@@ -18,9 +18,9 @@
 --   params = {k = v}                    more -p params
 --   under = {"timeout", "60"}           a command to run it under (bounds a run that hangs)
 --   check = function(r, dir)            more assertions on r = {code, stdout, stderr, seconds}
-local cli = require "spec.support.cli"
-local assert = require "luassert"
-local host = require "runbook.host"
+local cli = require("spec.support.cli")
+local assert = require("luassert")
+local host = require("runbook.host")
 
 local M = {}
 

@@ -1,7 +1,7 @@
 -- Class 7: os.tmpname creates a file (mkstemp), so a runbook cannot have it.
-local adv = require "spec.adversarial.support"
-local cli = require "spec.support.cli"
-local assert = require "luassert"
+local adv = require("spec.adversarial.support")
+local cli = require("spec.support.cli")
+local assert = require("luassert")
 
 --- The step prints the name it got; no such file may exist afterwards.
 local function no_file(r)

@@ -5,7 +5,7 @@
 -- new run appear on the list and its steps appear live, approves a plan by
 -- clicking and applies it, denies the other without JavaScript on a phone's
 -- screen, and takes screenshots into build/console-screenshots/.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 local TOKEN = "browser-serve-token-2c8e51a0"
 local ALICE = "alice-browser-token-6a1f03"   -- a viewer's refusal: console_spec.lua

@@ -3,8 +3,8 @@
 -- approver roles, and hostile text (a param, an alert's label, a log line)
 -- shown escaped. Plans are made with `runbook plan`; what an approval
 -- recorded is read from the state directory, and apply's answer from the CLI.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local TOKEN = "console-serve-token-5f0c9a1e"
 local ALICE, VICTOR = "alice-approver-token-41d7e2", "victor-viewer-token-93b0c8"

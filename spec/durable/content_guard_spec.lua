@@ -1,8 +1,8 @@
 -- The content guard covers everything a run loaded: a resume refuses when a
 -- Lua file the runbook required (at load or inside a step) or its params file
 -- changed since, naming each by path and sha256; --force runs the new text.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local write = cli.write
 
@@ -12,7 +12,7 @@ name = "guarded"
 description = "requires helpers"
 param "n" { default = "1" }
 param "dir" { required = true }
-local early = require "early"
+local early = require("early")
 step "a" { run = function(ctx) require("late").mark(ctx); early.mark(ctx) end }
 step "b" { run = function(ctx)
   log.info("holding")

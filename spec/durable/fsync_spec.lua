@@ -3,7 +3,7 @@
 -- PostgreSQL transaction, together before the batch is sent or committed), its
 -- outcome with the next sync, and the ends of the step and run that performed
 -- it; a run that performs nothing pays no fsync.
-local cli = require "spec.support.cli"
+local cli = require("spec.support.cli")
 
 --- The journal lines written before each fsync of the journal's descriptor.
 local function synced(src, args)

@@ -13,9 +13,9 @@
 -- Rows give short module timeouts to stay quick; the "defaults" rows give
 -- none, and show every module's connect timeout is the same 10s. The
 -- PostgreSQL rows need the sandbox (DATABASE_URL).
-local cli = require "spec.support.cli"
-local assert = require "luassert"
-local host = require "runbook.host"
+local cli = require("spec.support.cli")
+local assert = require("luassert")
+local host = require("runbook.host")
 
 local SLACK = 20   -- seconds: start-up and reporting on a loaded machine, 30 runs at once
 local DB = os.getenv("DATABASE_URL")

@@ -1,8 +1,8 @@
 -- A journal that survives anything: torn, truncated, malformed and fuzzed
 -- journals never give a Lua error in any reader, a bad one is named by file
 -- and line, `history` goes on listing the others, and a torn journal resumes.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local RUNBOOK = [[
 name = "fuzzed"
@@ -77,8 +77,8 @@ end
 
 local function readers_hold(id)
   -- In-process readers, one call per reader; any Lua error fails the case.
-  local report = require "runbook.report"
-  local journal = require "runbook.journal"
+  local report = require("runbook.report")
+  local journal = require("runbook.journal")
   local events, err = journal.read(id)
   if events then journal.summarize(events) else assert.is_string(err) end
   for _, fmt in ipairs { "markdown", "json", "html" } do
@@ -120,7 +120,7 @@ describe("fuzzed journals", function()
 
     local env = { RUNBOOK_STATE_DIR = state }
     -- readers run in this process with the state dir set for them
-    local journal = require "runbook.journal"
+    local journal = require("runbook.journal")
     local state_dir = journal.state_dir
     finally(function() journal.state_dir = state_dir end)
     journal.state_dir = function() return state end

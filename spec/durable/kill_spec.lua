@@ -4,8 +4,8 @@
 -- with a torn journal line, on a full disk), resumed, and every effect is
 -- counted with an independent client (cat, psql, redis-cli, kubectl, kcat).
 -- Prints the table. Without the sandbox only the file and command effects run.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local RB = "spec/durable/effects_runbook.lua"
 local SANDBOX = os.getenv("DATABASE_URL") and os.getenv("REDIS_URL") and os.getenv("KUBECONFIG")

@@ -3,8 +3,8 @@
 -- Lease) and never runs while another process holds it; two processes never
 -- act for one run id; a loser always names the holder. Checked with kubectl
 -- and with the runs' own journals.
-local cli = require "spec.support.cli"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local cjson = require("cjson")
 
 local HOLD = [[
 name = "lock-follows"

@@ -1,9 +1,9 @@
 -- runbooks/backup.lua against the sandbox: the set it writes is checked with
 -- sha256sum, pg_restore and psql (never through runbook's own modules), old
 -- sets are pruned, and a dry run writes and deletes nothing.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local RUNBOOK = "runbooks/backup.lua"
 

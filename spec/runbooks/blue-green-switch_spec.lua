@@ -3,10 +3,10 @@
 -- labelled current, and a later rollback=true switches back; a new color that
 -- cannot start, fails its smoke test, or fails while watched never keeps the
 -- traffic. Checked with curl against the Kubernetes API.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/blue-green-switch.lua"
 local NSP = "/apis/networking.k8s.io/v1/namespaces/todo-chatbot/ingresses/todo-chatbot"

@@ -1,10 +1,10 @@
 -- runbooks/canary-deployment.lua against the sandbox: a good canary is
 -- promoted, a bad one is aborted at its first gate and removed, and a dry run
 -- changes nothing; checked with kubectl and curl (Prometheus, the API).
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/canary-deployment.lua"
 local FAST = { "-p", "interval=3s", "-p", "every=1s", "-p", "window=10s", "-p", "warmup=30s" }

@@ -4,10 +4,10 @@
 -- the verdicts checked, a renewal checked with kubectl and openssl. A
 -- cert-manager Certificate (the stand-in issues it) near expiry whose renewal
 -- failed: warned about, then renewed through cert-manager.
-local cli = require "spec.support.cli"
-local certs = require "spec.support.certs"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local certs = require("spec.support.certs")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/cert-check.lua"
 local NS = "todo-chatbot"

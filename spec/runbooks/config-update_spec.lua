@@ -4,10 +4,10 @@
 -- user's new pods crash-loop goes back to its old value; a Dapr component's
 -- metadata item (seed 002 edits the component) reaches the apps in its scopes;
 -- checked with kubectl.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/config-update.lua"
 local APPS = { "backend", "frontend", "websocket", "recurring-task", "notification" }

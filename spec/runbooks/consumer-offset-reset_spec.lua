@@ -2,10 +2,10 @@
 -- is 1560+ behind on task-events; the runbook stops its consumers, moves the
 -- group's offsets and starts them again. Checked with the sandbox's read-only
 -- lag client and curl against the Kubernetes API.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/consumer-offset-reset.lua"
 

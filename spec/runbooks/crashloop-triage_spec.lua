@@ -1,10 +1,10 @@
 -- runbooks/crashloop-triage.lua against the sandbox: an OOM kill and a release
 -- that crash-loops are injected with the stand-in's faults; the runbook finds
 -- the cause and applies its fix; curl against the Kubernetes API checks it.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/crashloop-triage.lua"
 

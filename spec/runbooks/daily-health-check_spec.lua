@@ -4,11 +4,11 @@
 -- crash-looping deployment, Redis down and the WebSocket endpoint refusing
 -- upgrades (curl sees the 503); an evicted pod, every namespace and node as
 -- kubectl lists and tops them; and it never writes anything.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
+local cjson = require("cjson")
 
 local RUNBOOK = "runbooks/daily-health-check.lua"
 

@@ -2,11 +2,11 @@
 -- sidecar injector (its logs full of errors, a pod made meanwhile without
 -- daprd) is restarted and the pod re-created; a crash-looping operator and a
 -- placement server scaled to 0 are named. kubectl checks the outcome.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
+local cjson = require("cjson")
 
 local RUNBOOK = "runbooks/dapr-control-plane.lua"
 

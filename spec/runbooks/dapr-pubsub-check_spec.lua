@@ -2,9 +2,9 @@
 -- sidecar publishes to the sandbox's Kafka. Faults: Produce requests failing
 -- at the brokers, Redis (the sidecar's outbound dependency) down, a sidecar
 -- reporting not ready. kcat reads the test event back independently.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local RUNBOOK = "runbooks/dapr-pubsub-check.lua"
 

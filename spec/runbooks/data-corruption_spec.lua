@@ -2,10 +2,10 @@
 -- (seed 002's check) after a good backup was taken; the runbook finds it,
 -- restores the good set and resumes writes. psql and curl to the Kubernetes
 -- API check the outcome, never runbook's own modules.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/data-corruption.lua"
 

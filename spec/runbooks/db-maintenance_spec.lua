@@ -1,9 +1,9 @@
 -- runbooks/db-maintenance.lua against the sandbox's PostgreSQL: checkpoints
 -- holds 2000 rows, most older than 30 days. The runbook purges those in
 -- batches and vacuums; psql checks the rows and the vacuum independently.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local RUNBOOK = "runbooks/db-maintenance.lua"
 

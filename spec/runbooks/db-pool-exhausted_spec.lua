@@ -9,10 +9,10 @@
 -- A PostgreSQL StatefulSet in the cluster (the stand-in's pods): its pods,
 -- logs and disk are read, and a restart replaces its pod (kubectl sees a new
 -- uid, ready); a dry run leaves the pod.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/db-pool-exhausted.lua"
 

@@ -2,10 +2,10 @@
 -- one dry run per step through a terminal (--step asks before every step;
 -- each answer but that one is y): the run ends coherently, never with a Lua
 -- error about ctx.outputs.
-local cli = require "spec.support.cli"
-local loader = require "runbook.loader"
-local sb = require "spec.sandbox.sandbox_helper"
-local certs = require "spec.support.certs"
+local cli = require("spec.support.cli")
+local loader = require("runbook.loader")
+local sb = require("spec.sandbox.sandbox_helper")
+local certs = require("spec.support.certs")
 
 local dir = cli.tmpdir()
 local PARAMS = {

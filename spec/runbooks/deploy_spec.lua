@@ -3,10 +3,10 @@
 -- ready, a failing smoke test and a hotfix that crashes while watched each
 -- end on the image that ran before. Checked with curl against the Kubernetes
 -- API, ls and the smoke command's own file.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/deploy.lua"
 

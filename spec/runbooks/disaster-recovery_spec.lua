@@ -3,11 +3,11 @@
 -- is deleted (or some of its objects) and a table truncated, and kubectl, psql
 -- and kcat (never runbook's own modules) check that the runbook brought them
 -- back, and that its dry run changed nothing.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local json = require "json"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local json = require("json")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/disaster-recovery.lua"
 local NS = "todo-chatbot"

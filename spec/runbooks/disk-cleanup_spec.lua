@@ -1,8 +1,8 @@
 -- runbooks/disk-cleanup.lua against the sandbox: the disk-full fault fills the
 -- pods' log volume with an old rotated log; the runbook deletes them and
 -- only them; kubectl exec lists what is left.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local RUNBOOK = "runbooks/disk-cleanup.lua"
 local KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"

@@ -1,10 +1,10 @@
 -- runbooks/dlq-replay.lua against the sandbox: reminders-dlq holds 25 failed
 -- reminders (mail failures and template errors). The runbook replays them to
 -- reminders; kcat reads both topics independently.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/dlq-replay.lua"
 

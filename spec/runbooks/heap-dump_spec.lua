@@ -3,12 +3,12 @@
 -- against kubectl get; a pod that OOMs gets the memory limit asked for, after
 -- its dump is safe (kubectl reads the limit rolled out); a dry run leaves the
 -- pod, its limit and the directory as they were.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local cjson = require("cjson")
 
 local RUNBOOK = "runbooks/heap-dump.lua"
-local kh = require "spec.runbooks.k8s_helper"
+local kh = require("spec.runbooks.k8s_helper")
 local KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"
 local cache
 

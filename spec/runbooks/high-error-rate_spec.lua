@@ -3,10 +3,10 @@
 -- database the app's pods cannot reach (their Secret's DATABASE_URL, while
 -- this machine's works) stops it before any change; a dry run changes nothing
 -- and names the most frequent error messages of the pods' logs with their counts.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/high-error-rate.lua"
 

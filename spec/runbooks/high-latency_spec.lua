@@ -1,10 +1,10 @@
 -- runbooks/high-latency.lua against the sandbox: pods past their capacity
 -- are slow; scaling out brings p95 back under 500ms, verified with Prometheus;
 -- a dry run changes nothing.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/high-latency.lua"
 -- the runbook's own query at window=10s

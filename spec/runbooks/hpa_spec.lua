@@ -2,10 +2,10 @@
 -- CPU alone while seed 002 wants up to 12 (the partitions) on consumer lag too:
 -- adjusted; a deployment without an HPA gets one as kubectl autoscale makes it;
 -- one the controller never observes is deleted again; checked with kubectl.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local cjson = require("cjson")
 
 local RUNBOOK = "runbooks/hpa.lua"
 local HPAS = "/apis/autoscaling/v2/namespaces/todo-chatbot/horizontalpodautoscalers/"

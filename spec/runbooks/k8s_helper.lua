@@ -1,6 +1,6 @@
 --- What the runbook specs do to the Kubernetes stand-in and read from it, with
 --- curl (sandbox_helper.k8s), never through runbook's own k8s module.
-local sb = require "spec.sandbox.sandbox_helper"
+local sb = require("spec.sandbox.sandbox_helper")
 
 local M = {}
 

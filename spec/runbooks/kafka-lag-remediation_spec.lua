@@ -2,10 +2,10 @@
 -- starts 1560 behind on task-events and, at its one replica, falls further
 -- behind. The runbook scales it and the lag really drains; checked with the
 -- sandbox's read-only lag client and curl against the Kubernetes API.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/kafka-lag-remediation.lua"
 local HPA = "/apis/autoscaling/v2/namespaces/todo-chatbot/horizontalpodautoscalers/recurring-task-service-hpa"

@@ -1,9 +1,9 @@
 -- runbooks/kafka-topics.lua against the sandbox's brokers: every topic and
 -- partition kcat's metadata shows, with its leader and ISR; a broker taken down
 -- (seed 002 describes topics when the cluster misbehaves) is named and the run fails.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local RUNBOOK = "runbooks/kafka-topics.lua"
 

@@ -1,9 +1,9 @@
 -- runbooks/log-search.lua against the sandbox's pods' logs, counted again
 -- from kubectl logs read before and after the run; its follow against
 -- kubectl logs -f of each pod, run beside it.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local cjson = require("cjson")
 
 local RUNBOOK = "runbooks/log-search.lua"
 local KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"

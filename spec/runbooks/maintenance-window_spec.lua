@@ -2,11 +2,11 @@
 -- the window silences the namespace's alerts in the real Alertmanager, scales
 -- up, rolls out the new image, watches the error rate, scales back and ends
 -- the silence. curl against the API server and amtool say what happened.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
-local cjson = require "cjson"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
+local cjson = require("cjson")
 
 local RUNBOOK = "runbooks/maintenance-window.lua"
 local IMAGE = "registry.digitalocean.com/todo-chatbot/frontend:v1.5.0"

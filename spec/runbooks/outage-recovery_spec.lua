@@ -2,10 +2,10 @@
 -- that crash-loops, an image that cannot be pulled) is injected with the
 -- stand-in's faults, the runbook runs as an operator runs it, and the result
 -- is checked with curl against the Kubernetes API.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/outage-recovery.lua"
 

@@ -4,10 +4,10 @@
 -- errors (ctl k8s log-errors); the runbook adds three keys to the Secret and
 -- restarts its readers, and the 429 share falls under 1%: the Secret read back
 -- with curl, the share with Prometheus. No key ever prints; a dry run changes nothing.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/rate-limit.lua"
 local SECRET = "/api/v1/namespaces/todo-chatbot/secrets/todo-chatbot-secrets"

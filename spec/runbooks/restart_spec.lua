@@ -2,10 +2,10 @@
 -- seeds restart to pick up new configuration or to reset connections) are all
 -- replaced, for one deployment and for all; new pods that crash-loop stop the
 -- run naming them; checked with kubectl.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/restart.lua"
 local APPS = { "backend", "frontend", "websocket", "recurring-task", "notification" }

@@ -1,10 +1,10 @@
 -- runbooks/restore.lua against the sandbox: rows are corrupted with psql, the
 -- runbook restores the set backup.lua took, and psql and curl to the
 -- Kubernetes API (never runbook's own modules) check the data and the writers.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/restore.lua"
 

@@ -1,9 +1,9 @@
 -- runbooks/rollback.lua against the sandbox: a release that crash-loops is
 -- rolled back, past the restart someone tried first; checked with curl.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/rollback.lua"
 

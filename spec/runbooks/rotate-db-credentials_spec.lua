@@ -2,11 +2,11 @@
 -- password is really rotated; psql checks that the new one connects and the
 -- old one is refused, curl that the deployments read the new Secret and the
 -- old one is gone. The spec puts the old password back afterwards.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
-local base64 = require "base64"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
+local base64 = require("base64")
 
 local RUNBOOK = "runbooks/rotate-db-credentials.lua"
 local SECRETS = "/api/v1/namespaces/todo-chatbot/secrets"

@@ -2,9 +2,9 @@
 -- frontend (env valueFrom) and the websocket (a volume) is rotated; kubectl
 -- checks the value, the restarts, and that a dry run or a failed check leaves
 -- the old value. The new value never prints.
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/rotate-secret.lua"
 local NS = "todo-chatbot"

@@ -1,10 +1,10 @@
 -- runbooks/scale.lua against the sandbox: too few replicas for the load (seed
 -- 000 scales the websocket for more connections) fixed for one deployment
 -- and for all (several: the dry run); a scale whose new pods crash-loop goes back; checked with kubectl.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/scale.lua"
 local APPS = { "backend", "frontend", "websocket", "recurring-task", "notification" }

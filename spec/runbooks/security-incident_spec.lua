@@ -1,10 +1,10 @@
 -- runbooks/security-incident.lua against the sandbox: the backend taken as
 -- compromised; kubectl checks the deny-all NetworkPolicy, sha256sum the
 -- sealed evidence, and a dry run leaves no policy and no evidence behind.
-local cli = require "spec.support.cli"
-local json = require "json"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local json = require("json")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/security-incident.lua"
 local NS = "todo-chatbot"

@@ -3,10 +3,10 @@
 -- isolates it, doubles its requests and limits, runs it with debug logging
 -- for a while and turns that back; kubectl then shows the raised limits, the
 -- replicas back, no LOG_LEVEL override and no restart. A dry run changes nothing.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/service-degradation.lua"
 

@@ -4,10 +4,10 @@
 -- WebSockets after nginx's 60 s; the runbook raises the timeouts, restarts and
 -- scales out, checked with curl; a JWT_SECRET that differs from
 -- BETTER_AUTH_SECRET is named, never printed; a dry run changes nothing.
-local cli = require "spec.support.cli"
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local cli = require("spec.support.cli")
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local RUNBOOK = "runbooks/websocket-triage.lua"
 local INGRESS = "/apis/networking.k8s.io/v1/namespaces/todo-chatbot/ingresses/todo-chatbot"

@@ -1,7 +1,7 @@
 -- The dry-run check every runbook spec relies on must see a change in each backend.
-local backends = require "spec.support.backends"
-local sb = require "spec.sandbox.sandbox_helper"
-local kh = require "spec.runbooks.k8s_helper"
+local backends = require("spec.support.backends")
+local sb = require("spec.sandbox.sandbox_helper")
+local kh = require("spec.runbooks.k8s_helper")
 
 local function changed(fn)
   local ok, err = pcall(backends.assert_unchanged, fn)

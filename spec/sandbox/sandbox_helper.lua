@@ -15,7 +15,7 @@ end
 -- A spec may have put the host in dry-run mode, where io.popen refuses: the
 -- spec's own client is no runbook's, so it runs in run mode.
 function M.sh(cmd)
-    local host = require "runbook.host"
+    local host = require("runbook.host")
     local mode = host.mode()
     host.set_mode("run")
     local ok, p = pcall(io.popen, "(" .. cmd .. ") 2>&1; echo \"__rc=$?\"")

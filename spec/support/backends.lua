@@ -2,7 +2,7 @@
 --- backends' own clients (curl to the Kubernetes API, psql, redis-cli, kcat and
 --- the sandbox's read-only lag client), never through runbook's modules: specs
 --- use them to show that a dry run changed nothing.
-local sb = require "spec.sandbox.sandbox_helper"
+local sb = require("spec.sandbox.sandbox_helper")
 
 local M = {}
 

@@ -4,8 +4,8 @@
 -- (its pem is then the chain: the leaf, then the CA). certs.openssl(args) runs
 -- openssl and returns its output; certs.serve(cert) serves one on a free local
 -- TLS port (openssl s_server) -> port, stop().
-local cli = require "spec.support.cli"
-local sb = require "spec.sandbox.sandbox_helper"
+local cli = require("spec.support.cli")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local M = {}
 local q = cli.quote

@@ -64,7 +64,7 @@ M.EVENTS = "build/spec-events"
 local events
 local function events_dir()
   if events then return events end
-  local lfs = require "lfs"
+  local lfs = require("lfs")
   events = os.getenv("RUNBOOK_SPEC_EVENTS")
   if events then
     os.execute("mkdir -p " .. shell_quote(events))
@@ -191,7 +191,7 @@ end
 
 --- Decode JSON Lines output into a list of events.
 function M.events(stdout)
-  local cjson = require "cjson"
+  local cjson = require("cjson")
   local out = {}
   for line in stdout:gmatch("[^\n]+") do out[#out + 1] = cjson.decode(line) end
   return out

@@ -14,9 +14,9 @@
 -- and ca_file. A request that cannot reach the API raises the library's
 -- structured error with curl's reason as the code ("couldnt_connect"); what
 -- the API answered is the library's to judge.
-local native = require "runbook.http"
-local duration = require "duration"
-local host = require "runbook.host"
+local native = require("runbook.http")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local Api = {}
 Api.__index = Api

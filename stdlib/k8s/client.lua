@@ -1,11 +1,11 @@
 --- The core of the k8s module: a client over one connection, API errors,
 -- discovery, resource names, the generic verbs and the gated write.
 -- stdlib/k8s.lua documents the public API; this file is its machinery.
-local native = require "runbook.k8s"
-local cjson = require "cjson"
-local host = require "runbook.host"
-local config = require "k8s.config"
-local diff = require "k8s.diff"
+local native = require("runbook.k8s")
+local cjson = require("cjson")
+local host = require("runbook.host")
+local config = require("k8s.config")
+local diff = require("k8s.diff")
 
 local codec = cjson.new()
 codec.encode_sparse_array(true)
@@ -116,7 +116,7 @@ local announced = setmetatable({}, { __mode = "k" })
 --- Journal a kubernetes_context event the first time the current run connects to
 -- this context, namespace and server.
 local function announce(cfg)
-  local events = require "runbook.events"
+  local events = require("runbook.events")
   local run = events.run
   if not run then return end
   local key = ("%s\0%s\0%s"):format(cfg.context, cfg.namespace, cfg.server)
@@ -131,7 +131,7 @@ end
 function M.new(opts)
   local cfg = config.resolve(opts)
   if cfg.insecure then warn(("k8s: TLS verification is disabled for %s (insecure-skip-tls-verify)"):format(cfg.server)) end
-  local duration = require "duration"
+  local duration = require("duration")
   local c = setmetatable({ cfg = cfg, namespace = cfg.namespace, context = cfg.context, server = cfg.server,
     user = cfg.user, timeout = opts and opts.timeout and duration.check(opts.timeout, "k8s timeout"),
     connect_timeout = opts and opts.connect_timeout and duration.check(opts.connect_timeout, "k8s connect_timeout") },

@@ -13,8 +13,8 @@
 -- credentials(cfg, refresh) -> the token/cert/key to send now: a token file is
 -- re-read when older than a minute (service account tokens rotate); an exec
 -- plugin's credential is cached until its expirationTimestamp.
-local cjson = require "cjson"
-local host = require "runbook.host"
+local cjson = require("cjson")
+local host = require("runbook.host")
 
 local M = {}
 

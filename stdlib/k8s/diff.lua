@@ -9,7 +9,7 @@
 -- maintains (resourceVersion, generation, managedFields, uid, timestamps)
 -- are ignored. Lists whose items have a name (containers, env, ports) are
 -- compared by name; a Secret's values are never shown.
-local cjson = require "cjson"
+local cjson = require("cjson")
 
 local M = {}
 

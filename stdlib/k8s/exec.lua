@@ -2,10 +2,10 @@
 -- them): exec, and cp over it (tar, as kubectl cp does). The WebSocket exchange and the gate are in modules/k8s_exec.c,
 -- loaded on first use; this file picks the pod and container as kubectl
 -- does and reads the exit status.
-local cjson = require "cjson"
-local client = require "k8s.client"
-local logs = require "k8s.logs"
-local duration = require "duration"
+local cjson = require("cjson")
+local client = require("k8s.client")
+local logs = require("k8s.logs")
+local duration = require("duration")
 
 local Client = client.Client
 local raise = client.raise

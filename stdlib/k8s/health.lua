@@ -1,6 +1,6 @@
 --- Summaries runbooks decide on: deployment_health and namespace_health.
-local client = require "k8s.client"
-local verbs = require "k8s.verbs"
+local client = require("k8s.client")
+local verbs = require("k8s.verbs")
 
 local Client = client.Client
 local condition = verbs.condition

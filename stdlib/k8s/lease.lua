@@ -20,9 +20,9 @@
 -- duration should call lock:renew() (or k8s.lease_renew_due()).
 -- In a dry run every write is sent with dryRun=All, so the lock is checked but
 -- not taken (lock.simulated is true).
-local host = require "runbook.host"
-local client = require "k8s.client"
-local duration = require "duration"
+local host = require("runbook.host")
+local client = require("k8s.client")
+local duration = require("duration")
 
 local M = {}
 local Lock = {}

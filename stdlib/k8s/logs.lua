@@ -1,10 +1,10 @@
 --- Logs as data, as methods of the client (stdlib/k8s.lua documents them):
 -- logs, log_query, and target_pods, the pods a target names (exec and cp
 -- share it).
-local cjson = require "cjson"
-local client = require "k8s.client"
-local duration = require "duration"
-local host = require "runbook.host"
+local cjson = require("cjson")
+local client = require("k8s.client")
+local duration = require("duration")
+local host = require("runbook.host")
 
 local Client = client.Client
 local raise, path_of = client.raise, client.path

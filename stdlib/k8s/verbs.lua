@@ -3,11 +3,11 @@
 -- start_workloads, rollout_restart,
 -- rollout_status, rollout_history, rollout_undo, set_image, set_env,
 -- users_of, events, wait, top, proxy_get (logs are in k8s/logs.lua).
-local cjson = require "cjson"
-local host = require "runbook.host"
-local client = require "k8s.client"
-local duration = require "duration"
-local heartbeat = require "runbook.heartbeat"
+local cjson = require("cjson")
+local host = require("runbook.host")
+local client = require("k8s.client")
+local duration = require("duration")
+local heartbeat = require("runbook.heartbeat")
 
 local Client = client.Client
 local raise, write, path_of, qualified, target_of = client.raise, client.write, client.path, client.qualified, client.target

@@ -4,13 +4,13 @@
 -- (o["--dry-run"]), as runbook.run and runbook.resume read it.
 -- Modules that a plain run does not need are required where they are used:
 -- loading them is most of start-up.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 
 M.VERSION = "0.1.0"
 
-local EXIT = require "runbook.exit"
+local EXIT = require("runbook.exit")
 
 --- "; did you mean 'x'?" when `word` is close to one of `names`, else "".
 local function hint(word, names) return require("runbook.suggest").hint(word, names) end
@@ -29,7 +29,7 @@ end
 -- ./runbooks and the shipped runbooks; a directory named twice (in the
 -- checkout, ./runbooks is the shipped one) counts once.
 local function search_path()
-  local lfs = require "lfs"
+  local lfs = require("lfs")
   local dirs, seen = {}, {}
   local default = "runbooks:" .. host.stdlib_dir .. "/../runbooks"
   for d in (os.getenv("RUNBOOK_PATH") or default):gmatch("[^:]+") do
@@ -43,7 +43,7 @@ end
 --- Every runbook on the path, once by name (the first directory wins, as for
 -- `run NAME`), sorted: {{name, path}...}.
 local function runbooks_on_path()
-  local lfs = require "lfs"
+  local lfs = require("lfs")
   local found, by_name = {}, {}
   for _, d in ipairs(search_path()) do
     if lfs.attributes(d, "mode") == "directory" then
@@ -75,7 +75,7 @@ end
 local function load_runbook(ref)
   local path, perr = resolve_runbook(ref)
   if not path then err("%s", perr); return nil, EXIT.load end
-  local loader = require "runbook.loader"
+  local loader = require("runbook.loader")
   local ok, rb = pcall(loader.load, path)
   if ok then return rb end
   if getmetatable(rb) == loader.LoadError then
@@ -221,7 +221,7 @@ function commands.lint(o)
 end
 
 function commands.list()
-  local loader = require "runbook.loader"
+  local loader = require("runbook.loader")
   for _, f in ipairs(runbooks_on_path()) do
     local ok, rb = pcall(loader.load, f.path)
     if ok then
@@ -243,7 +243,7 @@ end
 --- The global options take effect: verbosity and colour for the output,
 -- --kubeconfig, --context and --namespace as the k8s library's defaults.
 local function apply_globals(o)
-  local output = require "runbook.output"
+  local output = require("runbook.output")
   output.verbosity = o["--verbose"] and 1 or o["--quiet"] and -1 or 0
   output.no_color = o["--no-color"] or nil
   if o["--kubeconfig"] or o["--context"] or o["--namespace"] then

@@ -7,12 +7,12 @@
 -- memory: an HttpOnly, SameSite=Strict cookie, and a CSRF token every POST
 -- carries. Pages are plain HTML under a strict Content-Security-Policy: one
 -- style sheet and one script, both files; every text passes esc().
-local cjson = require "cjson"
-local host = require "runbook.host"
-local journal = require "runbook.journal"
-local plan = require "runbook.plan"
-local report = require "runbook.report"
-local assets = require "runbook.console_assets"
+local cjson = require("cjson")
+local host = require("runbook.host")
+local journal = require("runbook.journal")
+local plan = require("runbook.plan")
+local report = require("runbook.report")
+local assets = require("runbook.console_assets")
 
 local H = report.html
 local esc, stamp, dur = H.esc, H.stamp, H.dur
@@ -250,7 +250,7 @@ end
 
 --- Plans that wait for approval, newest first.
 function Console:pending()
-  local lfs, out = require "lfs", {}
+  local lfs, out = require("lfs"), {}
   local dir = plan.dir()
   if lfs.attributes(dir, "mode") ~= "directory" then return out end
   for f in lfs.dir(dir) do
@@ -294,7 +294,7 @@ end
 --- A stream that says "changed" when the newest runs' journals do (a new run,
 -- a line written): the list's script then fetches the table again.
 function Console:runs_changes()
-  local lfs, last, at = require "lfs", nil, 0
+  local lfs, last, at = require("lfs"), nil, 0
   return function()
     if host.now() - at < 0.5 then return "" end
     at = host.now()

@@ -4,7 +4,7 @@
 -- every coroutine; the watchdog thread ends the process a grace later if the
 -- code still runs (stuck in C, or in an error handler that loops while hooks
 -- are off), after appending `watch.events` to the run's journal.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 
@@ -15,7 +15,7 @@ M.LIMIT = { run = 3600, when = 60, undo = 3600, notify = 30, load = 10 }
 -- {message, run_id, events}: what to say on stderr, and the events to
 -- journal, stamped with the time the watchdog would fire.
 local function instructions(at, watch)
-  local journal, events = require "runbook.journal", require "runbook.events"
+  local journal, events = require("runbook.journal"), require("runbook.events")
   local time = events.iso8601(host.wallclock() + at - host.now() + host.watchdog_grace)
   local lines = {}
   for i, e in ipairs(watch.events or {}) do

@@ -1,5 +1,5 @@
 --- `runbook describe`: a runbook shown as a runbook page, nothing run.
-local duration = require "duration"
+local duration = require("duration")
 
 local M = {}
 

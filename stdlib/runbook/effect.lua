@@ -9,7 +9,7 @@
 -- so apply holds each C module write inside it to the plan on its own
 -- (host/plan.c), or a planned description could wrap any write. Runbooks
 -- cannot require this file.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 

@@ -1,10 +1,10 @@
 --- The step engine: runs the steps of a run (made by runbook.run) in order
 -- with their `when`, confirmation, timeout, retry and undo, emitting events
 -- for every sink.
-local events = require "runbook.events"
-local EXIT = require "runbook.exit"
-local host = require "runbook.host"
-local deadline = require "runbook.deadline"
+local events = require("runbook.events")
+local EXIT = require("runbook.exit")
+local host = require("runbook.host")
+local deadline = require("runbook.deadline")
 
 local M = {}
 

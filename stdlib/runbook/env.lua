@@ -139,7 +139,7 @@ local function read_source(path)
   if not f then error(err, 3) end
   local text = f:read("a")
   f:close()
-  local host = require "runbook.host"
+  local host = require("runbook.host")
   local rec = { path = host.absolute(path), sha256 = host.sha256(text) }
   M.sources[#M.sources + 1] = rec
   if M.on_source then M.on_source(rec) end
@@ -167,7 +167,7 @@ end
 
 --- pcall, xpcall and coroutine.resume that re-raise once the step is out of
 -- time or interrupted, so `while true do pcall(...) end` cannot outlive its step.
-local host = require "runbook.host"
+local host = require("runbook.host")
 local check = host.check_deadline
 
 local function rethrowing(catch)

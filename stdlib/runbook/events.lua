@@ -3,7 +3,7 @@
 -- Sinks redact their own final text, so no secret leaves through any of them.
 -- The bus serves one run at a time; a log or effect event belongs to that
 -- run's current step (run.step).
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = { sinks = {}, run = nil }
 

@@ -4,7 +4,7 @@
 -- journal that is valid up to its last complete line and loses no effect.
 -- Also reads journals back into the run summaries that resume, history and
 -- report use.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 
@@ -163,7 +163,7 @@ end
 
 --- Run ids in the state directory, newest first.
 function M.list()
-  local lfs = require "lfs"
+  local lfs = require("lfs")
   local ids = {}
   if lfs.attributes(M.runs_dir(), "mode") ~= "directory" then return ids end
   for f in lfs.dir(M.runs_dir()) do

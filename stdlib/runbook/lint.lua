@@ -11,8 +11,8 @@
 -- Steps' functions name their context `ctx` (the convention of every runbook
 -- and of the README); a name given by a top-level `local X = "literal"` counts
 -- as that literal. Each problem is "file:line:col: message".
-local env = require "runbook.env"
-local suggest = require "runbook.suggest"
+local env = require("runbook.env")
+local suggest = require("runbook.suggest")
 
 local M = {}
 

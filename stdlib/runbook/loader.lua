@@ -2,9 +2,9 @@
 -- where `param "x" {...}` and `step "Name" {...}` record declarations in
 -- order, then the whole is checked. Every problem is raised as a load error
 -- carrying file:line, which the CLI turns into exit status 3.
-local duration = require "duration"
-local env = require "runbook.env"
-local deadline = require "runbook.deadline"
+local duration = require("duration")
+local env = require("runbook.env")
+local deadline = require("runbook.deadline")
 
 local M = {}
 

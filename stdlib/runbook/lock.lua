@@ -7,8 +7,8 @@
 -- A key "k8s:NAMESPACE/NAME" (or "k8s:NAME", in the kubeconfig context's
 -- namespace) is a cluster-wide lock instead: a coordination.k8s.io Lease, so
 -- runs on several machines or overlapping CronJob pods exclude each other.
-local host = require "runbook.host"
-local journal = require "runbook.journal"
+local host = require("runbook.host")
+local journal = require("runbook.journal")
 
 local M = {}
 
@@ -86,7 +86,7 @@ M.LEASE_DURATION = "2m"
 -- In a dry run the Lease is only checked.
 function M.lease(key, holder, wait)
   local lease = assert(M.lease_name(key))
-  local k8s = require "k8s"
+  local k8s = require("k8s")
   local namespace = lease.namespace or k8s.client().namespace
   host.plan_own("k8s", "lease", namespace .. "/lease/" .. lease.name)   -- the run's lock, not a planned effect
   return k8s.lease_lock {

@@ -12,9 +12,9 @@
 -- its lock, so one at a time updates them) and PUTs the whole group
 -- job="runbook", runbook=NAME: the Pushgateway keeps the last push of each
 -- runbook.
-local host = require "runbook.host"
-local cjson = require "cjson"
-local EXIT = require "runbook.exit"
+local host = require("runbook.host")
+local cjson = require("cjson")
+local EXIT = require("runbook.exit")
 
 local M = {}
 
@@ -125,7 +125,7 @@ local function save(rb, m)
   local h = m.durations[rb]
   local buckets = {}
   for i in ipairs(M.BUCKETS) do buckets[i] = h.buckets[i] or 0 end
-  local journal = require "runbook.journal"
+  local journal = require("runbook.journal")
   journal.mkdirs(journal.state_dir() .. "/metrics")
   local ok, err = host.plan_write(state_path(rb), cjson.encode { runs = runs, last_success = m.last_success[rb],
     duration = { count = h.count, sum = h.sum, buckets = buckets } })

@@ -1,8 +1,8 @@
 --- Output sinks for the event bus: a live view on a terminal, plain lines
 -- otherwise, and JSON Lines for --output json (schema in the README). Each
 -- redacts its final text.
-local duration = require "duration"
-local host = require "runbook.host"
+local duration = require("duration")
+local host = require("runbook.host")
 
 local M = {}
 

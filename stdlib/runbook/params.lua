@@ -1,8 +1,8 @@
 --- Resolving a runbook's params from -p key=value, --params-file and defaults.
 -- Every problem names the param; the CLI turns it into exit status 2 before
 -- any step runs.
-local duration = require "duration"
-local host = require "runbook.host"
+local duration = require("duration")
+local host = require("runbook.host")
 
 local M = {}
 

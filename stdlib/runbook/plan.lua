@@ -8,10 +8,10 @@
 -- runbook, params or target changed, or that lacks its approvals, then runs
 -- for real with the plan handed to the gate (host/plan.c), which holds every
 -- effect to it before it is performed.
-local host = require "runbook.host"
-local cjson = require "cjson"
-local EXIT = require "runbook.exit"
-local journal = require "runbook.journal"
+local host = require("runbook.host")
+local cjson = require("cjson")
+local EXIT = require("runbook.exit")
+local journal = require("runbook.journal")
 
 local M = {}
 
@@ -123,7 +123,7 @@ end
 -- the state directory and to `out` when given; `alert` names the alert it
 -- answers (serve's), whose resolution cancels it. Returns the exit status.
 function M.make(rb, req, out, require_n, alert)
-  local params = require "runbook.params"
+  local params = require("runbook.params")
   local pok, values = pcall(params.resolve, rb, req.given, req.params_file)
   if not pok then
     say("%s", getmetatable(values) == params.ParamError and values.message or tostring(values))
@@ -363,7 +363,7 @@ end
 --- The params of the plan over the secrets given again with -p, checked
 -- against the plan's hash. Returns the values, or nil, why and the exit status.
 local function plan_params(rb, plan, given)
-  local params = require "runbook.params"
+  local params = require("runbook.params")
   local ok, values = pcall(params.resolve, rb, given, nil, plan.params)
   if not ok then
     return nil, getmetatable(values) == params.ParamError and values.message or tostring(values), EXIT.usage
@@ -442,7 +442,7 @@ function M.apply(ref, o, load_runbook)
     list[#list + 1] = { module = e.module, op = e.op, target = e.target, summary = e.summary }
   end
   host.plan_load(by_step)
-  local run = require "runbook.run"
+  local run = require("runbook.run")
   local req = run.request(o)
   req.given, req.mode, req.lock = {}, "run", plan.lock
   local signed = {}

@@ -1,5 +1,5 @@
 --- Asking the operator before a step (--step, or a step with confirm = true).
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 local M = {}
 

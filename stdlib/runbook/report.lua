@@ -2,9 +2,9 @@
 -- journals. A report is a run's timeline for a postmortem, in Markdown that
 -- reads well pasted into an incident document, as a self-contained HTML page,
 -- or in JSON.
-local duration = require "duration"
-local host = require "runbook.host"
-local journal = require "runbook.journal"
+local duration = require("duration")
+local host = require("runbook.host")
+local journal = require("runbook.journal")
 
 local M = {}
 
@@ -33,7 +33,7 @@ end
 -- given). Reads only the runs it shows, and of each no more than it must
 -- (journal.row); the filter looks at each journal's first line alone.
 function M.history(runbook, limit, as_json)
-  local events_mod = require "runbook.events"
+  local events_mod = require("runbook.events")
   local shown = 0
   if not as_json then
     print(("%-26s %-24s %-20s %9s %-7s %-11s %s"):format("RUN ID", "RUNBOOK", "STARTED", "DURATION", "MODE",

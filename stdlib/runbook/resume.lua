@@ -1,12 +1,12 @@
 --- `runbook resume RUN_ID`: read a run's journal and work out how to continue
 -- it: which steps finished (their outputs restored), where to start, with
 -- which params, and whether the runbook changed since.
-local host = require "runbook.host"
-local journal = require "runbook.journal"
+local host = require("runbook.host")
+local journal = require("runbook.journal")
 
 local M = {}
 
-local EXIT = require "runbook.exit"
+local EXIT = require("runbook.exit")
 
 local function fail(code, fmt, ...)
   io.stderr:write(host.redact("runbook: resume: " .. fmt:format(...) .. "\n"))

@@ -3,10 +3,10 @@
 -- params, the lock or Lease, the journal, the output sinks, the signal
 -- handlers, run_start and run_end, the notifications. The engine
 -- (runbook.engine) runs the steps of the run object made here.
-local events = require "runbook.events"
-local EXIT = require "runbook.exit"
-local deadline = require "runbook.deadline"
-local host = require "runbook.host"
+local events = require("runbook.events")
+local EXIT = require("runbook.exit")
+local deadline = require("runbook.deadline")
+local host = require("runbook.host")
 
 local M = {}
 
@@ -125,7 +125,7 @@ local function release_lease(lease)
 end
 
 local function install_sinks(run, journal_sink)
-  local output = require "runbook.output"
+  local output = require("runbook.output")
   events.reset(run)
   if run.request.output == "json" then
     events.add_sink(output.json(io.stdout))
@@ -171,7 +171,7 @@ local function earlier_steps(rb, req)
   if not req.from then return nil end
   local from, outputs, skipped = rb.steps_by_name[req.from].index, {}, {}
   if req.outputs_from then
-    local journal = require "runbook.journal"
+    local journal = require("runbook.journal")
     local events, err = journal.read(req.outputs_from)
     if not events then return nil, "--outputs-from: " .. err end
     local s = journal.summarize(events)
@@ -215,7 +215,7 @@ end
 --- Resolve the params of `req` over `base` (a resumed run's). Returns values,
 -- their redacted copy and the redacted text as written, or nil and the exit status.
 local function resolve_params(rb, req, base)
-  local params = require "runbook.params"
+  local params = require("runbook.params")
   local ok, values, written = pcall(params.resolve, rb, req.given, req.params_file, base)
   if not ok then
     if getmetatable(values) == params.ParamError then say("%s", values.message); return nil, EXIT.usage end

@@ -3,12 +3,12 @@
 -- server is libmicrohttpd (modules/httpd.c); each plan or run is a child
 -- `runbook plan|run` process of its own, so serve itself never loads a
 -- runbook and a runbook never sees serve's token.
-local host = require "runbook.host"
-local cjson = require "cjson"
-local EXIT = require "runbook.exit"
-local run_metrics = require "runbook.metrics"
+local host = require("runbook.host")
+local cjson = require("cjson")
+local EXIT = require("runbook.exit")
+local run_metrics = require("runbook.metrics")
 local label, sorted_keys = run_metrics.label, run_metrics.sorted_keys
-local journal = require "runbook.journal"
+local journal = require("runbook.journal")
 
 local M = {}
 
@@ -444,7 +444,7 @@ function Server:decide(id, verb, body)
     ttl, why = require("duration").parse(tostring(doc.expires))
     if not ttl then return 400, { error = "expires: " .. why } end
   end
-  local plan = require "runbook.plan"
+  local plan = require("runbook.plan")
   if not require("lfs").attributes(plan.path(id)) then return 404, { error = "no plan " .. id } end
   local rec, err, code = plan.decide(id, doc.by, verb == "deny", doc.comment, ttl)
   if rec then return 200, rec end
@@ -453,7 +453,7 @@ end
 
 --- Plans in the state directory that wait for approval.
 function Server:pending_plans()
-  local plan, lfs, n = require "runbook.plan", require "lfs", 0
+  local plan, lfs, n = require("runbook.plan"), require("lfs"), 0
   local dir = plan.dir()
   if lfs.attributes(dir, "mode") ~= "directory" then return 0 end
   for f in lfs.dir(dir) do
@@ -545,7 +545,7 @@ function M.serve(o, resolve)
     return EXIT.usage
   end
   host.secret(token)
-  local console, users = require "runbook.console", nil
+  local console, users = require("runbook.console"), nil
   if o.users then
     local text, uerr = slurp(o.users)
     if text then users, uerr = console.load_users(o.users, text) end

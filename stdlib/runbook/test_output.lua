@@ -1,10 +1,10 @@
 --- busted output handler: busted's own terminal output, then the slowest
 -- spec files (to keep the suite's time in view) and the plain closing line
 -- "N passed, N failed[, N skipped]" that CI reads.
-local host = require "runbook.host"
+local host = require("runbook.host")
 
 return function(options)
-  local busted = require "busted"
+  local busted = require("busted")
   local name = host.isatty(1) and "utfTerminal" or "plainTerminal"
   local handler = require("busted.outputHandlers." .. name)(options)
   local subscribe = handler.subscribe

@@ -1,7 +1,7 @@
 --- YAML for runbooks, over lyaml. load() returns the first document,
 -- load_all() every document (Kubernetes manifests are often several).
-local lyaml = require "lyaml"
-local host = require "runbook.host"
+local lyaml = require("lyaml")
+local host = require("runbook.host")
 
 local M = { null = lyaml.null }
 

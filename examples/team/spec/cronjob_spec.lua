@@ -2,10 +2,10 @@
 -- the cluster-wide Lease lock. Run from the repository root against the
 -- sandbox (runbook test examples/team/spec): the command they run is taken
 -- from the files themselves, so the spec checks what is shipped.
-local k8s = require "k8s"
-local lyaml = require "lyaml"
+local k8s = require("k8s")
+local lyaml = require("lyaml")
 
-local run = require "examples.team.spec.run"
+local run = require("examples.team.spec.run")
 
 local NS, LEASE = "todo-chatbot", "outage-recovery"
 
@@ -30,7 +30,7 @@ local ERROR_RATE = 'sum(rate(http_requests_total{namespace="todo-chatbot",status
   .. ' / sum(rate(http_requests_total{namespace="todo-chatbot"}[1m]))'
 local function settle_error_rate()
   assert(os.execute("examples/sandbox/ctl metrics reset >/dev/null"))
-  local prom = require "prom"
+  local prom = require("prom")
   for _ = 1, 90 do
     local rate = prom.value(ERROR_RATE, { allow_empty = true })
     if rate and rate == rate and rate < 0.005 then return end

@@ -4,8 +4,8 @@
 -- It runs the runbook as the team does (the `runbook` command, JSON output)
 -- against the cluster KUBECONFIG names (here the sandbox's), and reads the
 -- result back with the k8s module, which `runbook test` can load.
-local k8s = require "k8s"
-local run = require "examples.team.spec.run"
+local k8s = require("k8s")
+local run = require("examples.team.spec.run")
 
 local NS = "todo-chatbot"
 

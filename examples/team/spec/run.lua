@@ -1,6 +1,6 @@
 --- Runs the `runbook` command as the team's cron and CI do (no terminal,
 --- JSON lines) for the team's specs: run{args...} -> exit code, events, output.
-local cjson = require "cjson"
+local cjson = require("cjson")
 
 local RUNBOOK = os.getenv("RUNBOOK_BIN") or "./runbook"
 

@@ -4,8 +4,8 @@
 -- ConfigMap load in `runbook serve`, and amtool accepts the Alertmanager
 -- configuration that sends to it. Run from the repository root (runbook test
 -- examples/team/spec).
-local cli = require "spec.support.cli"
-local lyaml = require "lyaml"
+local cli = require("spec.support.cli")
+local lyaml = require("lyaml")
 
 local FILE = "examples/team/serve.yaml"
 
