@@ -289,4 +289,17 @@ function M.metrics_reset()
         "errors still showing 60 s after the faults ended: " .. table.concat(M.erroring(0.01), ", "))
 end
 
+-- Ends the metric faults and waits (90 s at most) until the namespace's 5xx
+-- share over 1m, which outage-recovery's gate holds under 1%, is under 0.5%:
+-- faults an earlier spec injected must first leave that window.
+function M.settle_error_rate()
+    M.ctl("metrics reset")
+    local q = 'sum(rate(http_requests_total{namespace="todo-chatbot",status=~"5.."}[1m]))'
+        .. ' / sum(rate(http_requests_total{namespace="todo-chatbot"}[1m]))'
+    assert(M.wait_until(90, function()
+        local rows = M.promql(q)
+        return #rows == 0 or rows[1].value < 0.005
+    end), "the namespace's error rate did not settle under 0.5% within 90 s")
+end
+
 return M

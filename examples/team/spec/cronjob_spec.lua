@@ -6,6 +6,7 @@ local k8s = require("k8s")
 local lyaml = require("lyaml")
 
 local run = require("examples.team.spec.run")
+local sb = require("spec.sandbox.sandbox_helper")
 
 local NS, LEASE = "todo-chatbot", "outage-recovery"
 
@@ -23,21 +24,6 @@ local function cronjob()
 end
 
 local function micro_time(t) return os.date("!%Y-%m-%dT%H:%M:%S.000000Z", t) end
-
--- The shipped command holds the namespace's 1m 5xx share under 1%, so faults
--- that earlier specs injected are cleared and must first leave that window.
-local ERROR_RATE = 'sum(rate(http_requests_total{namespace="todo-chatbot",status=~"5.."}[1m]))'
-  .. ' / sum(rate(http_requests_total{namespace="todo-chatbot"}[1m]))'
-local function settle_error_rate()
-  assert(os.execute("examples/sandbox/ctl metrics reset >/dev/null"))
-  local prom = require("prom")
-  for _ = 1, 90 do
-    local rate = prom.value(ERROR_RATE, { allow_empty = true })
-    if rate and rate == rate and rate < 0.005 then return end
-    os.execute("sleep 1")
-  end
-  error("the namespace's error rate did not settle under 0.5% within 90 s")
-end
 
 describe("the team's scheduled outage-recovery", function()
   local job = cronjob()
@@ -66,7 +52,7 @@ describe("the team's scheduled outage-recovery", function()
   end)
 
   it("runs the recovery holding the Lease, and hands it back", function()
-    settle_error_rate()
+    sb.settle_error_rate()
     -- the error rate held 2 s instead of the shipped minute: the Lease is the point here
     local argv = { table.unpack(args) }
     table.move({ "-p", "error_rate_hold=2s" }, 1, 2, #argv + 1, argv)
