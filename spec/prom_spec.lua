@@ -35,9 +35,21 @@ describe("prom", function()
 
   it("query returns the vector curl sees, with labels and numbers", function()
     local q = 'count by (service) (up{job="todo-chatbot"})'
-    local mine = result_of(("return prom.query(%q)"):format(q))
-    local theirs = {}
-    for _, row in ipairs(sb.promql(q)) do theirs[row.labels.service] = row.value end
+    local function curl()
+      local t = {}
+      for _, row in ipairs(sb.promql(q)) do t[row.labels.service] = row.value end
+      return t
+    end
+    -- Pods an earlier spec scaled may still come and go: compare while curl's answer holds still.
+    local mine, theirs
+    assert.truthy(sb.wait_until(60, function()
+      local before = curl()
+      mine = result_of(("return prom.query(%q)"):format(q))
+      theirs = curl()
+      for k, v in pairs(before) do if theirs[k] ~= v then return false end end
+      for k in pairs(theirs) do if before[k] == nil then return false end end
+      return true
+    end), "the targets kept changing")
     assert.are.equal(5, #mine)
     for _, row in ipairs(mine) do assert.are.equal(theirs[row.labels.service], row.value) end
   end)
@@ -115,6 +127,11 @@ describe("prom.verify (the metric gate)", function()
   end)
 
   it("passes once the condition has held for the whole period", function()
+    -- An earlier spec's errors leave the 30 s rate window first.
+    assert(sb.wait_until(60, function()
+      local v = sb.promql(ERRORS)[1]
+      return not v or v.value < 0.05
+    end), "the frontend's error rate stayed over 5%")
     local r = runbook(([[prom.verify{name = "error rate", query = %q, below = 0.05, unit = "percent", hold = "3s", every = "1s"}]]):format(ERRORS))
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.matches("error rate < 5%% held for 3s: error rate [%d.]+%%", r.stdout)
