@@ -21,12 +21,7 @@ step "Break" { run = function() log.warn("about to break\nsecond line"); error("
 local STATUSES = { "ok", "skipped", "failed" }
 local COLOURS = { ok = "#2da44e", skipped = "#8c959f", failed = "#cf222e" }
 
-local function sh(cmd)
-  local p = io.popen(cmd)
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = cli.sh
 
 describe("report --html", function()
   teardown(cli.cleanup)

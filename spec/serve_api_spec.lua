@@ -12,19 +12,9 @@ local dir, serve, url, tls_serve, tls_url
 
 local wait_until = cli.wait_until
 
-local function sh(cmd)
-  local p = io.popen(cmd)
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = cli.sh
 
---- curl ARGS: the HTTP status (0 when there was no answer) and the body.
-local function curl(args)
-  local out = sh("curl -s -m 30 -w '\\n%{http_code}' " .. args)
-  local body, status = out:match("^(.*)\n(%d+)%s*$")
-  return tonumber(status), body
-end
+local curl = cli.curl
 
 local function auth(token) return cli.quote("-HAuthorization: Bearer " .. (token or TOKEN)) end
 

@@ -32,18 +32,9 @@ step "see" { run = function(ctx)
 end }
 ]]
 
-local function sh(cmd)
-  local p = io.popen(cmd)
-  local out = p:read("a")
-  p:close()
-  return out
-end
+local sh = cli.sh
 
-local function curl(args)
-  local out = sh("curl -s -m 30 -w '\\n%{http_code}' " .. args)
-  local body, status = out:match("^(.*)\n(%d+)%s*$")
-  return tonumber(status), body
-end
+local curl = cli.curl
 
 local function get(path)
   return curl(cli.quote("-HAuthorization: Bearer " .. TOKEN) .. " " .. cli.quote(url .. path))
@@ -87,10 +78,8 @@ rules:
     mode: dry-run
 runs: [%s/probe.lua]
 ]]):format(dir, dir))
-  serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:0", "--token-file",
-    cli.write(dir .. "/token", TOKEN .. "\n"), "--max-runs", "10" }, { RUNBOOK_USER = "runbook-serve" })
-  url = cli.wait_until(60, function() return cli.slurp(serve.dir .. "/out"):match("http://127%.0%.0%.1:%d+") end)
-  assert.truthy(url, "serve did not listen: " .. cli.slurp(serve.dir .. "/err"))
+  serve, url = cli.serve({ "--rules", rules, "--token-file", cli.write(dir .. "/token", TOKEN .. "\n"), "--max-runs", "10" },
+    { RUNBOOK_USER = "runbook-serve" })
 end)
 
 teardown(function()

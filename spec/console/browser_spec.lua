@@ -12,7 +12,6 @@ local ALICE = "alice-browser-token-6a1f03"   -- a viewer's refusal: console_spec
 local PLAYWRIGHT = os.getenv("PWD") .. "/build/node/node_modules/playwright-core"
 local dir, serve, results, missing = nil, nil, {}, nil
 
-local wait_until = cli.wait_until
 
 -- A run whose steps wait for go files: the browser sees each appear.
 local LIVE = [[
@@ -50,10 +49,9 @@ setup(function()
   local rules = cli.write(dir .. "/rules.yml", ("rules:\n  - name: none\n    match: {alertname: None}\n"
     .. "    runbook: %s\n    mode: plan\nruns: [%s]\n"):format(live, live))
   local users = cli.write(dir .. "/users", ("alice approver %s\n"):format(ALICE))
-  serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:0", "--token-file",
-    cli.write(dir .. "/token", TOKEN .. "\n"), "--users", users }, { RUNBOOK_USER = "runbook-serve" })
-  local url = wait_until(60, function() return cli.slurp(serve.dir .. "/out"):match("http://127%.0%.0%.1:%d+") end)
-  assert.truthy(url, "serve did not listen: " .. cli.slurp(serve.dir .. "/err"))
+  local url
+  serve, url = cli.serve({ "--rules", rules, "--token-file", cli.write(dir .. "/token", TOKEN .. "\n"), "--users", users },
+    { RUNBOOK_USER = "runbook-serve" })
   local plans = { plan_by("carol"), plan_by("carol") }
   local env = { URL = url, ALICE = ALICE, SERVE_TOKEN = TOKEN, PLANS = table.concat(plans, " "),
     LIVE = live, DIR = dir, SHOTS = os.getenv("PWD") .. "/build/console-screenshots", PLAYWRIGHT_CORE = PLAYWRIGHT }

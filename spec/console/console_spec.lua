@@ -102,10 +102,8 @@ runs: [%s, %s]
 ]]):format(writer, dir, writer, flaky))
   local users = cli.write(dir .. "/users", ("# name role token\nalice approver %s\nvictor viewer %s\n"):format(ALICE,
     VICTOR))
-  serve = cli.spawn({ "serve", "--rules", rules, "--listen", "127.0.0.1:0", "--token-file",
-    cli.write(dir .. "/token", TOKEN .. "\n"), "--users", users }, { RUNBOOK_USER = "runbook-serve" })
-  url = wait_until(60, function() return cli.slurp(serve.dir .. "/out"):match("http://127%.0%.0%.1:%d+") end)
-  assert.truthy(url, "serve did not listen: " .. cli.slurp(serve.dir .. "/err"))
+  serve, url = cli.serve({ "--rules", rules, "--token-file", cli.write(dir .. "/token", TOKEN .. "\n"), "--users", users },
+    { RUNBOOK_USER = "runbook-serve" })
 end)
 
 teardown(function()

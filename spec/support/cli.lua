@@ -257,4 +257,31 @@ function M.spawn(args, env)
     end }
 end
 
+--- Start `runbook serve` on a free port of 127.0.0.1 with `args` after it
+-- (rules, token file, users ...) and env; returns the spawned process
+-- (M.spawn's) and the URL it listens on, once it does.
+function M.serve(args, env)
+  local argv = { "serve", "--listen", "127.0.0.1:0" }
+  table.move(args, 1, #args, #argv + 1, argv)
+  local s = M.spawn(argv, env)
+  local url = M.wait_until(60, function() return slurp(s.dir .. "/out"):match("http://127%.0%.0%.1:%d+") end)
+  assert(url, "serve did not listen: " .. slurp(s.dir .. "/err"))
+  return s, url
+end
+
+--- The standard output of shell command `cmd`.
+function M.sh(cmd)
+  local p = io.popen(cmd)
+  local out = p:read("a")
+  p:close()
+  return out
+end
+
+--- curl ARGS (shell words): the HTTP status (0 when there was no answer) and the body.
+function M.curl(args)
+  local out = M.sh("curl -s -m 30 -w '\\n%{http_code}' " .. args)
+  local body, status = out:match("^(.*)\n(%d+)%s*$")
+  return tonumber(status), body
+end
+
 return M
