@@ -74,13 +74,7 @@ end
 
 -- Sorted lines "partition|key|value|headers" of a whole topic, read by kcat.
 local function kcat_dump(topic, with_partition)
-  local fmt = with_partition and "%p|%k|%s|%h\\n" or "%k|%s|%h\\n"
-  local out, ok = sb.kcat(("-C -t %s -e -q -f '%s'"):format(topic, fmt))
-  assert(ok, out)
-  local lines = {}
-  for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
-  table.sort(lines)
-  return lines
+  return sb.topic_lines(topic, with_partition and "%p|%k|%s|%h\\n" or "%k|%s|%h\\n")
 end
 
 setup(function()

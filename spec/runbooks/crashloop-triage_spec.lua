@@ -12,14 +12,7 @@ local function memory_limit(app)
   return kh.deployment(app).spec.template.spec.containers[1].resources.limits.memory
 end
 
-local function oom_killed(app)
-  for _, p in ipairs(kh.pods(app)) do
-    for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
-      if ((cs.lastState or {}).terminated or {}).reason == "OOMKilled" then return true end
-    end
-  end
-  return false
-end
+local oom_killed = kh.oom_killed
 
 -- The shortest time, in seconds, that any of the app's containers has run since it last started.
 local function up_for(app)

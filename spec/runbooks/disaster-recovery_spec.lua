@@ -40,14 +40,7 @@ local function objects()
 end
 
 -- The messages of a topic as kcat reads them: "key value" lines, sorted.
-local function messages(topic)
-  local out, ok = sb.kcat(("-C -t %s -e -q -f '%%k %%s\\n'"):format(topic))
-  assert(ok, out)
-  local lines = {}
-  for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
-  table.sort(lines)
-  return lines
-end
+local function messages(topic) return sb.topic_lines(topic, "%k %s\\n") end
 
 describe("disaster-recovery", function()
   local dir, set, good, before, topic

@@ -32,14 +32,6 @@ local function resources()
   return kh.deployment("backend").spec.template.spec.containers[1].resources
 end
 
-local function oom_killed()
-  for _, p in ipairs(kh.pods("backend")) do
-    for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
-      if ((cs.lastState or {}).terminated or {}).reason == "OOMKilled" then return true end
-    end
-  end
-  return false
-end
 
 local function clear_dumps()
   for _, pod in ipairs(pods()) do kubectl(("exec %s -c backend -- rm -f /tmp/heap.hprof"):format(pod)) end
@@ -91,7 +83,7 @@ describe("heap-dump", function()
     finally(kh.reset_world)
     clear_dumps()
     sb.ctl("k8s oom backend")
-    assert.truthy(sb.wait_until(25, oom_killed), "backend was never OOM-killed")
+    assert.truthy(sb.wait_until(25, function() return kh.oom_killed("backend") end), "backend was never OOM-killed")
     local dir = cli.tmpdir()
     local r = cli.run { "run", RUNBOOK, "-p", "deployment=todo-chatbot-backend", "-p", "dir=" .. dir,
       "-p", "memory_limit=512Mi", "-p", "memory_request=256Mi", "--yes" }

@@ -88,6 +88,16 @@ function M.health(app, port)
   return status
 end
 
+--- True when a container of one of the app's pods was last OOM-killed.
+function M.oom_killed(app)
+  for _, p in ipairs(M.pods(app)) do
+    for _, cs in ipairs((p.status or {}).containerStatuses or {}) do
+      if ((cs.lastState or {}).terminated or {}).reason == "OOMKilled" then return true end
+    end
+  end
+  return false
+end
+
 --- Faults cleared and every object reseeded (history, images, pods), so specs do not depend on order.
 function M.reset_world()
   local out, ok = sb.ctl("k8s reset --world")

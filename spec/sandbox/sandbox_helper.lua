@@ -107,6 +107,16 @@ function M.kcat(args)
 end
 
 -- High watermarks per partition ({[0] = n, ...}) from `kcat -Q` (ListOffsets, latest).
+-- The lines of a whole topic as kcat prints them in format `fmt`, sorted.
+function M.topic_lines(topic, fmt)
+    local out, ok = M.kcat(("-C -t %s -e -q -f '%s'"):format(topic, fmt))
+    assert(ok, out)
+    local lines = {}
+    for l in out:gmatch("[^\n]+") do lines[#lines + 1] = l end
+    table.sort(lines)
+    return lines
+end
+
 function M.watermarks(topic, partitions)
     return M.all_watermarks({ [topic] = partitions })[topic]
 end
