@@ -8,7 +8,6 @@ import base64
 import copy
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -224,6 +223,7 @@ class Controller:
         self.deleting = {}      # pod uid -> when it was first seen Terminating
         self.bare = {}          # (uid, resourceVersion) -> bare_template of a ReplicaSet
         self.replicas_written = {}
+        self.ws_stuck_pods = {}   # app -> uids of its pods when ctl dapr ws-stuck was first seen
         self.reported = set()
         self.quiet = {}         # deployment uid -> the families() signature it was found at rest with
         self.lists, self.lists_rv = {}, None   # shared() lists, valid while the store's resourceVersion stays
@@ -1054,6 +1054,8 @@ class Controller:
         if not self.state_dir:
             return
         for d in self.shared("deployments.apps", "todo-chatbot"):
+            # At every pass: the pods may all be new by now without the ready count changing.
+            self.heal_ws_stuck(d)
             full = d["metadata"]["name"]
             n = d.get("status", {}).get("readyReplicas", 0)
             if self.replicas_written.get(full) == n:
@@ -1066,22 +1068,26 @@ class Controller:
                     f.write("%d\n" % n)
                 os.rename(tmp, os.path.join(folder, name))
             self.replicas_written[full] = n
-            self.heal_ws_stuck(d)
 
     def heal_ws_stuck(self, d):
         """`ctl dapr ws-stuck APP`: the app refuses WebSocket upgrades (the Dapr stand-in reads the
-        file) until its pods are replaced: once every ready pod was created after the fault, it goes."""
+        file) until its pods are replaced. The pods the controller finds when it first sees the file
+        (within a tick of it) are the stuck ones; once no ready pod is one of them, the file goes."""
         app = d["metadata"].get("labels", {}).get("app.kubernetes.io/component")
         path = os.path.join(self.state_dir, "dapr", "ws-refused", app or "")
         try:
             with open(path) as f:
-                if not app or f.read().strip() != "until-restart":
-                    return
-            since = math.ceil(os.stat(path).st_mtime)
+                stuck = app and f.read().strip() == "until-restart"
         except OSError:
+            stuck = False
+        if not stuck:
+            self.ws_stuck_pods.pop(app, None)
             return
-        ready = [p for p in self.shared("pods", d["metadata"]["namespace"])
-                 if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == app
-                 and self.pod_is_ready(p) and not p["metadata"].get("deletionTimestamp")]
-        if ready and all(parse_iso(p["metadata"]["creationTimestamp"]) >= since for p in ready):
+        pods = [p for p in self.shared("pods", d["metadata"]["namespace"])
+                if p["metadata"].get("labels", {}).get("app.kubernetes.io/component") == app
+                and not p["metadata"].get("deletionTimestamp")]
+        old = self.ws_stuck_pods.setdefault(app, {p["metadata"]["uid"] for p in pods})
+        ready = [p for p in pods if self.pod_is_ready(p)]
+        if ready and not any(p["metadata"]["uid"] in old for p in ready):
             os.remove(path)
+            del self.ws_stuck_pods[app]
