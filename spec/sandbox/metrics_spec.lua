@@ -98,15 +98,21 @@ describe("sandbox metrics", function()
     end)
 
     it("serves each service's metrics in the exposition format", function()
-        local f = assert(io.open(sb.state .. "/prometheus/targets/pods.json"))
-        local groups = require("cjson").decode(f:read("a"))
-        f:close()
-        local seen = {}
-        for _, g in ipairs(groups) do
-            local body, ok = sb.sh("curl -sf " .. sb.quote("http://" .. g.targets[1] .. g.labels.__metrics_path__))
-            assert(ok, body)
-            seen[g.labels.service] = body
-        end
+        -- Read again while a pod an earlier case scaled away is still listed.
+        local seen, failed
+        assert(sb.wait_until(30, function()
+            local f = assert(io.open(sb.state .. "/prometheus/targets/pods.json"))
+            local groups = require("cjson").decode(f:read("a"))
+            f:close()
+            seen = {}
+            for _, g in ipairs(groups) do
+                local url = "http://" .. g.targets[1] .. g.labels.__metrics_path__
+                local body, ok = sb.sh("curl -sf " .. sb.quote(url))
+                if not ok then failed = url; return false end
+                seen[g.labels.service] = body
+            end
+            return true
+        end), "a target of pods.json did not answer: " .. tostring(failed))
         for _, svc in ipairs { "backend", "frontend", "websocket", "recurring-task", "notification" } do
             assert.matches('http_requests_total{method="GET",status="200"} %d+', seen[svc])
             assert.matches('http_request_duration_seconds_bucket{le="0.1"} %d+', seen[svc])
