@@ -157,10 +157,9 @@ step "Summarize the debug logs" {
     local q = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = window,
       container = ctx.outputs["Enable debug logging"].container, count_by = "level" }
     log.info("%d records in the %s with debug logging on", q.count, duration.format(window))
-    for _, b in ipairs(q.by) do log.info("  %6d  %s", b.count, b.value) end
-    local bad = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = window,
-      container = ctx.outputs["Enable debug logging"].container, where = { level = { "ERROR", "WARNING" } }, count_by = "message", top = 5 }
-    for _, b in ipairs(bad.by) do log.info("  %6d  %s", b.count, b.value) end
+    for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
+    local bad = steps.top_messages(ctx, { deployment = ctx.params.deployment, since = window,
+      container = ctx.outputs["Enable debug logging"].container, levels = { "ERROR", "WARNING" } })
     return { records = q.count, errors = bad.count, by_level = q.by }
   end,
 }

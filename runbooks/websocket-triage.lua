@@ -136,9 +136,8 @@ step "Search the logs" {
     local q = k8s.log_query { target = "deploy/" .. ctx.params.deployment, namespace = ctx.params.namespace,
       since = ctx.params.log_since, match = "[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]", count_by = "level", top = 5 }
     log.info("%d WebSocket records in the last %s across %d pod(s)", q.count, duration.format(ctx.params.log_since), #q.pods)
-    local bad = k8s.log_query { target = "deploy/" .. ctx.params.deployment, namespace = ctx.params.namespace,
-      since = ctx.params.log_since, where = { level = { "ERROR", "WARNING" } }, count_by = "message", top = 5 }
-    for _, b in ipairs(bad.by) do log.info("  %5d  %s", b.count, b.value) end
+    local bad = steps.top_messages(ctx, { deployment = ctx.params.deployment, since = ctx.params.log_since,
+      levels = { "ERROR", "WARNING" } })
     return { records = q.count, errors = bad.count, top = bad.by }
   end,
 }

@@ -413,16 +413,26 @@ M.top_errors = shared({ deployment = true, since = true }, function(a)
     description = "kubectl logs --since | jq select(.level == \"ERROR\") | sort | uniq -c: which error, in every pod",
     run = function(ctx)
       local since = type(a.since) == "function" and a.since(ctx) or a.since
-      local q = require("k8s").log_query { target = "deploy/" .. deployment_of(a, ctx), namespace = ctx.params.namespace,
-        since = since, where = { level = "ERROR" }, count_by = "message", top = 5 }
-      local log = require("log")
-      log.info("%d ERROR records in the last %s across %d pod(s)%s", q.count,
-        type(since) == "number" and require("duration").format(since) or since, #q.pods, q.count > 0 and ":" or "")
-      for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
+      local q = M.top_messages(ctx, { deployment = deployment_of(a, ctx), since = since, header = function(q)
+        return ("%d ERROR records in the last %s across %d pod(s)%s"):format(q.count,
+          type(since) == "number" and require("duration").format(since) or since, #q.pods, q.count > 0 and ":" or "")
+      end })
       return { errors = q.count, top = q.by }
     end,
   }
 end)
+
+--- The records of deployment `o.deployment` (param namespace; `o.container`)
+-- since `o.since` at `o.levels` (default "ERROR"), counted by message: the
+-- line `o.header(q)` when given, then the top five logged. -> k8s.log_query's result
+function M.top_messages(ctx, o)
+  local q = require("k8s").log_query { target = "deploy/" .. o.deployment, namespace = ctx.params.namespace,
+    since = o.since, container = o.container, where = { level = o.levels or "ERROR" }, count_by = "message", top = 5 }
+  local log = require("log")
+  if o.header then log.info("%s", o.header(q)) end
+  for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
+  return q
+end
 
 --- Watch deployment `name` (param namespace) for param observe: no pod may
 -- restart once it is healthy, and it must be healthy at the end (raises
