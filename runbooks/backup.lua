@@ -28,16 +28,10 @@ param "namespace" { default = "todo-chatbot", help = "Kubernetes namespace whose
 param "encrypt" { type = "boolean", default = false,
   help = "encrypt the Kubernetes files (k8s/KIND.yaml.enc: AES-256-CBC, PBKDF2, openssl enc's format) with passphrase" }
 param "passphrase" { secret = true, default = os.getenv("BACKUP_PASSPHRASE"), help = "with encrypt=true (default $BACKUP_PASSPHRASE)" }
-param "topics" { default = "", help = "comma-separated Kafka topics to back up as JSON Lines (default: none)" }
-param "groups" { default = "",
+param "topics" { type = "list", default = "", help = "Kafka topics to back up as JSON Lines (default: none)" }
+param "groups" { type = "list", default = "",
   help = "GROUP:TOPIC,... consumer groups whose committed offsets are recorded before the dump, so a restore can replay the events after it" }
 param "min_free" { type = "number", default = 1.5, help = "free space needed at DIR, as a multiple of the database's size" }
-
-local function topics(ctx)
-  local list = {}
-  for t in ctx.params.topics:gmatch("[^,%s]+") do list[#list + 1] = t end
-  return list
-end
 
 step "Preflight" {
   description = "The database answers; its size against the free space at the destination; the sets already there",
@@ -62,11 +56,9 @@ step "Preflight" {
 step "Dump the database" {
   description = "The groups' committed offsets (when asked), then pg_dump --format=custom into a partial set directory and pg_restore --list to prove it reads back",
   run = function(ctx)
-    local groups = {}
-    for g in ctx.params.groups:gmatch("[^,%s]+") do groups[#groups + 1] = g end
     local set = backupset.new(ctx.params.dir, ctx.params.prefix)
     -- the offsets first: what the consumers committed before the snapshot is in it
-    local offsets = #groups > 0 and backupset.record_offsets(groups) or nil
+    local offsets = #ctx.params.groups > 0 and backupset.record_offsets(ctx.params.groups) or nil
     local db = backupset.dump_database(set, { url = ctx.params.database_url })
     return { set = set, database = db, offsets = offsets }
   end,
@@ -87,20 +79,19 @@ step "Back up the Kubernetes configuration" {
 step "Back up Kafka topics" {
   description = "Every message of each chosen topic (keys, headers, timestamps) as JSON Lines",
   needs = { "Dump the database" },
-  when = function(ctx) return #topics(ctx) > 0 end,
+  when = function(ctx) return #ctx.params.topics > 0 end,
   run = function(ctx)
-    return backupset.dump_topics(ctx.outputs["Dump the database"].set, topics(ctx))
+    return backupset.dump_topics(ctx.outputs["Dump the database"].set, ctx.params.topics)
   end,
 }
 
 step "Seal the set" {
   description = "Write manifest.json (every file's sha256 and size, row counts per table, times), rename the set to its timestamped name, verify it",
   needs = { "Dump the database" }, uses = { "Back up the Kubernetes configuration", "Back up Kafka topics" },
-  run = function(ctx)
-    local dumped = ctx.outputs["Dump the database"]
+  run = function(ctx, dumped)
     local parts = { database = dumped.database, offsets = dumped.offsets }
     if ctx.params.kubernetes and not ctx.skipped("Back up the Kubernetes configuration") then parts.kubernetes = ctx.outputs["Back up the Kubernetes configuration"] end
-    if #topics(ctx) > 0 and not ctx.skipped("Back up Kafka topics") then parts.kafka = ctx.outputs["Back up Kafka topics"] end
+    if #ctx.params.topics > 0 and not ctx.skipped("Back up Kafka topics") then parts.kafka = ctx.outputs["Back up Kafka topics"] end
     local m = backupset.seal(dumped.set, parts)
     if ctx.dry_run then
       log.info("would seal %s", dumped.set.final)

@@ -30,14 +30,14 @@ on_failure = "undo"
 
 param "namespace" (steps.params.namespace)
 param "all_namespaces" { type = "boolean", default = false, help = "every namespace's TLS Secrets (kubectl -A)" }
-param "endpoints" { default = "", help = "HOST:PORT[@NAME],... live TLS endpoints; NAME is the SNI and the name the certificate must cover (default HOST)" }
+param "endpoints" { type = "list", default = "", help = "HOST:PORT[@NAME],... live TLS endpoints; NAME is the SNI and the name the certificate must cover (default HOST)" }
 param "warn_days" { type = "integer", default = 30, help = "warn when a certificate expires within this many days" }
 param "critical_days" { type = "integer", default = 7, help = "fail when a certificate expires within this many days" }
 param "timeout" { type = "duration", default = "10s", help = "per endpoint: connect and TLS handshake" }
 param "renew_secret" { help = "the TLS Secret to renew (in namespace) from cert_file and key_file" }
 param "cert_file" { help = "PEM certificate (with its chain) for renew_secret" }
 param "key_file" { help = "PEM private key for renew_secret" }
-param "renew" { default = "", help = "cert-manager Certificates to renew now (cmctl renew): NAME,... or expiring (those within warn_days)" }
+param "renew" { type = "list", default = "", help = "cert-manager Certificates to renew now (cmctl renew): NAME,... or expiring (those within warn_days)" }
 param "renew_timeout" { type = "duration", default = "5m", help = "how long cert-manager may take to issue each renewed certificate" }
 param "rollout_timeout" { type = "duration", default = "5m", help = "how long each restarted workload may take" }
 
@@ -131,7 +131,7 @@ step "Check the Certificates" {
     end
     local hosts, rows, renew = ingress_hosts(ctx), {}, {}
     local wanted = {}
-    for n in ctx.params.renew:gmatch("[^,%s]+") do wanted[n] = true end
+    for _, n in ipairs(ctx.params.renew) do wanted[n] = true end
     for _, c in ipairs(items) do
       local ns, st, cond = c.metadata.namespace, c.status or {}, conditions(c)
       local sid = ns .. "/" .. c.spec.secretName
@@ -170,7 +170,7 @@ step "Check the endpoints" {
   description = "Each HOST:PORT[@NAME]: the certificate it presents (verified or not), its chain, expiry and names",
   run = function(ctx)
     local rows = {}
-    for entry in ctx.params.endpoints:gmatch("[^,%s]+") do
+    for _, entry in ipairs(ctx.params.endpoints) do
       local hostname, port, sni = entry:match("^%[?([^%]@]-)%]?:(%d+)@?(.*)$")
       if not hostname then error(("param endpoints: %q is not HOST:PORT[@NAME]"):format(entry), 0) end
       local name = sni ~= "" and sni or hostname
@@ -250,7 +250,7 @@ step "Replace the certificate" {
 step "Renew the Certificates" {
   description = "cmctl renew of each Certificate of param renew: its Issuing condition set (reason ManuallyTriggered); wait until cert-manager has issued the new certificate, Ready",
   needs = { "Report", "Check the Certificates" },
-  when = function(ctx) return ctx.params.renew ~= "" end,
+  when = function(ctx) return #ctx.params.renew > 0 end,
   confirm = true,
   run = function(ctx)
     local done = {}
@@ -300,7 +300,7 @@ end
 step "Restart the workloads that mount it" {
   description = "The deployments, statefulsets and daemonsets whose pods read a renewed Secret (volumes, envFrom, env): a rolling restart each, waited for",
   uses = { "Replace the certificate", "Renew the Certificates" },
-  when = function(ctx) return ctx.params.renew_secret ~= nil or ctx.params.renew ~= "" end,
+  when = function(ctx) return ctx.params.renew_secret ~= nil or #ctx.params.renew > 0 end,
   confirm = true,
   run = function(ctx)
     local restarted = {}

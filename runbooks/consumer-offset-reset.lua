@@ -21,7 +21,7 @@ param "group" (steps.params.group)
 param "topic" (steps.params.topic)
 param "to" { required = true,
   help = "earliest | latest | offset:N | shift:N (e.g. shift:-500 replays 500 per partition) | datetime:2026-11-22T10:00:00Z" }
-param "partitions" { default = "", help = "comma-separated partitions (default: all of the topic's)" }
+param "partitions" { type = "list", default = "", help = "the partitions (default: all of the topic's)" }
 param "deployment" (steps.params.consumers)
 param "namespace" (steps.params.namespace)
 param "timeout" { type = "duration", default = "2m", help = "how long the consumers may take to stop, and to come back" }
@@ -36,10 +36,10 @@ local function target(text)
 end
 
 local function partitions(ctx)
-  if ctx.params.partitions == "" then return nil end
-  local list = {}
-  for p in ctx.params.partitions:gmatch("[^,%s]+") do
-    list[#list + 1] = math.tointeger(tonumber(p)) or error(("param partitions: %q is not a partition number"):format(p), 0)
+  local list = ctx.params.partitions
+  if #list == 0 then return nil end
+  for i, p in ipairs(list) do
+    list[i] = math.tointeger(tonumber(p)) or error(("param partitions: %q is not a partition number"):format(p), 0)
   end
   return list
 end
@@ -98,8 +98,8 @@ step "Reset the offsets" {
 step "Verify the offsets" {
   description = "Read the group's committed offsets back from the broker: each selected partition at its target",
   needs = { "Reset the offsets" },
-  run = function(ctx)
-    local want = ctx.outputs["Reset the offsets"].targets
+  run = function(ctx, reset)
+    local want = reset.targets
     if ctx.dry_run then log.info("would read the committed offsets back and compare them with the plan"); return end
     local wrong = {}
     for _, p in ipairs(lag(ctx).partitions) do

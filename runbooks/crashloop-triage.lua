@@ -240,8 +240,7 @@ step "Apply the fix" {
   needs = { "Diagnose" },
   confirm = true,
   when = function(ctx) return ctx.outputs["Diagnose"].fix ~= "none" end,
-  run = function(ctx)
-    local dx = ctx.outputs["Diagnose"]
+  run = function(ctx, dx)
     if dx.fix == "memory" then
       steps.set_memory(ctx, ctx.params.deployment, dx.detail.container, dx.detail.memory_limit)
     elseif dx.fix == "rollback" then

@@ -23,10 +23,10 @@ replaces = { "000-1", "000-15", "001-1", "001-3", "001-11", "001-12", "002-1", "
 version = "1.0.0"
 
 param "namespace" (steps.params.namespace)
-param "namespaces" { default = "", help = "the namespaces whose deployments, pods and resource use are checked: NS,NS... or all (kubectl get pods -A); default the namespace" }
+param "namespaces" { type = "list", default = "", help = "the namespaces whose deployments, pods and resource use are checked: NS,NS... or all (kubectl get pods -A); default the namespace" }
 param "dapr_namespace" { default = "dapr-system", help = "the namespace of Dapr's control plane (dapr status -k)" }
 param "health_path" (steps.params.health_path)
-param "groups" { default = "all", help = "consumer groups whose lag is checked: comma-separated, or all (every group the brokers list; where they cannot, those of the namespace's Dapr Kafka components)" }
+param "groups" { type = "list", default = "all", help = "consumer groups whose lag is checked: comma-separated, or all (every group the brokers list; where they cannot, those of the namespace's Dapr Kafka components)" }
 param "lag_threshold" { type = "integer", default = 1000, help = "a group's total lag above this is unhealthy (seed 002: >1000)" }
 param "pg_connections_warn" { type = "number", default = 0.8, help = "PostgreSQL connections at this share of max_connections are unhealthy (seed 003: 80%)" }
 param "memory_warn" { type = "number", default = 0.85, help = "warn for a container using this share of its memory limit (seed 003: 85%)" }
@@ -77,11 +77,10 @@ local CHECKS = { "Deployments and nodes", "Failed and evicted pods", "Dapr contr
 
 -- The namespaces param as a list (the namespace when empty; every namespace for "all").
 local function namespaces(ctx)
-  local list = {}
-  if ctx.params.namespaces == "all" then
-    for _, ns in ipairs(k8s.list("namespaces")) do list[#list + 1] = ns.metadata.name end
-  else
-    for ns in ctx.params.namespaces:gmatch("[^,%s]+") do list[#list + 1] = ns end
+  local list = ctx.params.namespaces
+  if list[1] == "all" then
+    list = {}
+    for i, ns in ipairs(k8s.list("namespaces")) do list[i] = ns.metadata.name end
   end
   if #list == 0 then list[1] = ctx.params.namespace end
   return list
@@ -124,7 +123,7 @@ step "Failed and evicted pods" (check_step("kubectl get pods -A --field-selector
     local failed = {}
     for _, p in ipairs(k8s.list("pods", { all_namespaces = true, field_selector = "status.phase=Failed" })) do
       local ns = p.metadata.namespace
-      if ctx.params.namespaces == "all" or wanted[ns] then
+      if ctx.params.namespaces[1] == "all" or wanted[ns] then
         local st = p.status or {}
         failed[#failed + 1] = { namespace = ns, pod = p.metadata.name, reason = st.reason, message = st.message }
         f.warning("pod %s/%s %s%s: kubectl delete pod %s -n %s once understood", ns, p.metadata.name,
@@ -171,11 +170,7 @@ step "Dependencies" (check_step("PostgreSQL connections against max_connections,
 
 -- The groups param as a list of names, and where they came from.
 local function consumer_groups(ctx)
-  if ctx.params.groups ~= "all" then
-    local list = {}
-    for g in ctx.params.groups:gmatch("[^,%s]+") do list[#list + 1] = g end
-    return list, "named"
-  end
+  if ctx.params.groups[1] ~= "all" then return ctx.params.groups, "named" end
   local ok, listed = pcall(kafka.list_groups)
   if ok then
     local list = {}

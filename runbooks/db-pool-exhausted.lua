@@ -428,8 +428,7 @@ step "Raise the pool" {
   needs = { "Measure the connections" },
   confirm = true,
   when = function(ctx) return ctx.params.pool_size > 0 end,
-  run = function(ctx)
-    local m = ctx.outputs["Measure the connections"]
+  run = function(ctx, m)
     local want = ctx.params.pool_size + ctx.params.max_overflow
     local d = k8s.get("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace })
     local replicas = d.spec.replicas or 1

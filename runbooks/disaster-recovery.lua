@@ -32,7 +32,7 @@ param "set" { default = "", help = "the backup set directory to restore (default
 param "namespace" { default = "", help = "the namespace to restore into (default: the one the set was taken from)" }
 param "database_url" (steps.params.database_url)
 param "writers" (steps.params.writers)
-param "topics" { default = "", help = "the set's topics to restore, NAME or NAME=TARGET, comma-separated (default: every topic in the set)" }
+param "topics" { type = "list", default = "", help = "the set's topics to restore, NAME or NAME=TARGET, comma-separated (default: every topic in the set)" }
 param "validate" { default = "SELECT count(*) FROM tasks WHERE user_id IS NULL",
   help = "validation queries separated by ';', each must return 0 after the restore" }
 param "passphrase" { secret = true, default = os.getenv("BACKUP_PASSPHRASE"), help = "for a set whose Kubernetes files are encrypted (default $BACKUP_PASSPHRASE)" }
@@ -98,7 +98,7 @@ local function held_writers(ctx)
   local inset = {}
   for _, o in ipairs(objects_of(ctx, ctx.outputs[SET].path, "deployments")) do inset[o.name] = true end
   local out = {}
-  for w in ctx.params.writers:gmatch("[^,%s]+") do if inset[w] then out[#out + 1] = w end end
+  for _, w in ipairs(ctx.params.writers) do if inset[w] then out[#out + 1] = w end end
   return out
 end
 
@@ -111,13 +111,6 @@ local function restore(ctx, files, hold)
   local s = ctx.outputs[SET]
   return backupset.restore_kubernetes(s.path, manifest(ctx),
     { namespace = s.namespace, files = in_set(ctx, files), hold = hold, passphrase = ctx.params.passphrase })
-end
-
-local function topic_list(ctx)
-  if ctx.params.topics == "" then return nil end
-  local out = {}
-  for t in ctx.params.topics:gmatch("[^,%s]+") do out[#out + 1] = t end
-  return out
 end
 
 step(SET) {
@@ -144,8 +137,7 @@ step(SET) {
 step(ASSESS) {
   description = "The scope: the API and nodes, what of the set the cluster lacks, failing deployments, dependencies (PostgreSQL, Redis, Kafka), the database against the set",
   needs = { SET },
-  run = function(ctx)
-    local s = ctx.outputs[SET]
+  run = function(ctx, s)
     local scope = {}
     local ns_obj = k8s.get("namespaces/" .. s.namespace, { missing_ok = true })
     local missing, all = missing_objects(ctx, s.path, s.files, s.namespace)
@@ -210,8 +202,7 @@ step(WORKLOADS) {
   description = "The set's deployments (the writers held at 0 until the data is back), statefulsets, daemonsets, cronjobs, HPAs and ingresses; waits for the rollouts",
   needs = { SET, CONFIG },
   confirm = true,
-  run = function(ctx)
-    local s = ctx.outputs[SET]
+  run = function(ctx, s)
     local writers = held_writers(ctx)
     local r = restore(ctx, WORKLOAD_FILES, writers)
     local saved = r.held
@@ -251,9 +242,8 @@ step(TOPICS) {
   needs = { SET, WORKLOADS },
   when = function(ctx) return #ctx.outputs[SET].topics > 0 end,
   confirm = true,
-  run = function(ctx)
-    local s = ctx.outputs[SET]
-    return backupset.restore_topics(s.path, manifest(ctx), { topics = topic_list(ctx) })
+  run = function(ctx, s)
+    return backupset.restore_topics(s.path, manifest(ctx), { topics = #ctx.params.topics > 0 and ctx.params.topics or nil })
   end,
 }
 
@@ -265,8 +255,7 @@ step(VERIFY) {
   uses = { DATABASE, TOPICS },
   idempotent = true,
   retry = { attempts = 3, base = "2s" },
-  run = function(ctx)
-    local s = ctx.outputs[SET]
+  run = function(ctx, s)
     local problems = {}
     local missing = missing_objects(ctx, s.path, s.files, s.namespace)
     if #missing > 0 then problems[#problems + 1] = "missing: " .. table.concat(missing, ", ") end
@@ -300,8 +289,7 @@ step "Report" {
   description = "The outcome and the time it took, to Slack when SLACK_WEBHOOK is set; the Ingress hosts and addresses DNS must point at",
   needs = { SET, VERIFY },
   uses = { "Announce the recovery", CONFIG, SERVICES, WORKLOADS, DATABASE, TOPICS },
-  run = function(ctx)
-    local s = ctx.outputs[SET]
+  run = function(ctx, s)
     local lines = { ("%s %s from %s"):format(s.namespace, ctx.dry_run and "would be recovered (dry run)" or "recovered", s.path) }
     for _, st in ipairs { CONFIG, SERVICES, WORKLOADS, DATABASE, TOPICS } do
       local why = ctx.skipped(st)

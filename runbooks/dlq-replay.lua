@@ -149,8 +149,7 @@ step "Replay" {
 step "Verify" {
   description = "Every replayed message was delivered, and the group's position on the DLQ moved past what was read",
   needs = { "Replay" }, -- skipped with it: nothing eligible, or the operator declined
-  run = function(ctx)
-    local r = ctx.outputs["Replay"]
+  run = function(ctx, r)
     if ctx.dry_run then log.info("would check that %d messages were delivered", r.matched); return end
     if r.moved ~= r.matched then error(("only %d of %d messages were delivered"):format(r.moved, r.matched), 0) end
     local now, left = committed(ctx)

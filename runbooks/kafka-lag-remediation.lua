@@ -119,8 +119,7 @@ step "Scale the consumers" {
   needs = { "Plan the replicas" },
   confirm = true,
   when = function(ctx) return scaling(ctx) end,
-  run = function(ctx)
-    local p = ctx.outputs["Plan the replicas"]
+  run = function(ctx, p)
     if p.hpa and (p.hpa.min < p.target or p.hpa.max < p.target) then
       k8s.patch("horizontalpodautoscalers/" .. p.hpa.name,
         { spec = { minReplicas = math.max(p.hpa.min, p.target), maxReplicas = math.max(p.hpa.max, p.target) } },
@@ -176,8 +175,7 @@ step "Watch the lag fall" {
 step "Report or escalate" {
   description = "Say what was done; when the lag did not fall within `watch`, post to Slack and fail the run (seed: escalate to engineering)",
   needs = { "Measure the lag", "Plan the replicas" }, uses = { "Scale the consumers", "Watch the lag fall" },
-  run = function(ctx)
-    local m = ctx.outputs["Measure the lag"]
+  run = function(ctx, m)
     local p = ctx.outputs["Plan the replicas"]
     local scaled = ("no scaling (%s at %d replicas)"):format(ctx.params.deployment, p.current)
     if ctx.skipped("Scale the consumers") == "operator" then

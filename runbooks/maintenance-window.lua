@@ -110,8 +110,7 @@ step "Scale back" {
 step "End the silence" {
   description = "Expire the window's silence, so the next page is a real one",
   needs = { "Silence the namespace's alerts" },
-  run = function(ctx)
-    local id = ctx.outputs["Silence the namespace's alerts"].silence
-    if id then alertmanager.expire(id) end
+  run = function(ctx, silenced)
+    if silenced.silence then alertmanager.expire(silenced.silence) end
   end,
 }

@@ -337,8 +337,7 @@ step "Final verification" {
 step "Report" {
   description = "Post the outcome to Slack (when a webhook is set) and point to the run's report; fail the run when not recovered",
   needs = { "Final verification" }, uses = { "Restart unhealthy deployments", "Roll back recent changes that still fail", "Check dependencies" },
-  run = function(ctx)
-    local final = ctx.outputs["Final verification"]
+  run = function(ctx, final)
     local restarted = ctx.skipped(RESTART) and {} or ctx.outputs[RESTART].restarted
     local rolled = {}
     local ROLLBACK = "Roll back recent changes that still fail"

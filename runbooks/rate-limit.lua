@@ -19,11 +19,11 @@ version = "1.0.0"
 
 params (steps.metric_params) { "service", "deployment", "namespace", "window", "hold", "every" }
 param "max_throttled" { type = "number", default = 0.01, help = "the share of requests answered 429 the service must stay under" }
-param "log_since" { type = "duration", default = "15m", help = "how far back the logs are searched" }
+param "log_since" (steps.params.log_since)
 param "log_pattern" { default = "[Rr]ate[%s_-]?[Ll]imit", help = "a Lua pattern a rate-limit log record matches (grep \"rate limit\")" }
 param "secret" { default = "todo-chatbot-secrets", help = "the Secret holding the service's API keys" }
 param "key_prefix" { default = "LLM_API_KEY", help = "the API keys' names: KEY_PREFIX, KEY_PREFIX_2, KEY_PREFIX_3 ..." }
-param "add_keys" { default = "", secret = true, help = "comma-separated new API keys, added as the next KEY_PREFIX_N (none: nothing is added)" }
+param "add_keys" { type = "list", default = "", secret = true, help = "new API keys, added as the next KEY_PREFIX_N (none: nothing is added)" }
 param "cache_selector" { default = "app=redis", help = "labels of the cache's pods (kubectl get pods -l), if it runs in the namespace" }
 param "timeout" { type = "duration", default = "5m", help = "how long each restart may take to roll out" }
 
@@ -92,11 +92,11 @@ step "Check the cache" {
 step "Add API keys" {
   description = "kubectl edit secret: each of add_keys as the next KEY_PREFIX_N (never printed); undo removes them",
   needs = { "Measure the throttled share" },
-  when = function(ctx) return ctx.params.add_keys ~= "" end,
+  when = function(ctx) return #ctx.params.add_keys > 0 end,
   confirm = true,
   run = function(ctx)
     local k, data, added = api_keys(ctx), {}, {}
-    for v in ctx.params.add_keys:gmatch("[^,%s]+") do
+    for _, v in ipairs(ctx.params.add_keys) do
       local name = k.next == 1 and ctx.params.key_prefix or ("%s_%d"):format(ctx.params.key_prefix, k.next)
       data[name], k.next = base64.encode(v), k.next + 1
       added[#added + 1] = name

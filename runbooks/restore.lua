@@ -36,16 +36,14 @@ param "timeout" (steps.params.writers_timeout)
 param "kubernetes" { type = "boolean", default = false,
   help = "first put the set's Kubernetes objects back (server-side apply in dependency order; the namespace created when missing)" }
 param "passphrase" { secret = true, default = os.getenv("BACKUP_PASSPHRASE"), help = "for a set whose Kubernetes files are encrypted (default $BACKUP_PASSPHRASE)" }
-param "topics" { default = "", help = "the set's topics to produce back into topics that hold no message: all, or NAME or NAME=TARGET, comma-separated (default: none)" }
+param "topics" { type = "list", default = "", help = "the set's topics to produce back into topics that hold no message: all, or NAME or NAME=TARGET, comma-separated (default: none)" }
 
 local VERIFY = "Verify the backup set"
 
 -- Param topics as backupset.restore_topics takes it: nil for all.
 local function topics(ctx)
-  if ctx.params.topics == "all" then return nil end
-  local out = {}
-  for t in ctx.params.topics:gmatch("[^,%s]+") do out[#out + 1] = t end
-  return out
+  local list = ctx.params.topics
+  if list[1] ~= "all" then return list end
 end
 
 step "Verify the backup set" {
@@ -61,7 +59,7 @@ step "Verify the backup set" {
     if ctx.params.kubernetes and #backupset.kubernetes_files(m) == 0 then
       error(path .. " holds no Kubernetes objects (take sets with backup -p kubernetes=true)", 0)
     end
-    if ctx.params.topics ~= "" and not (m.kafka and next(m.kafka.topics or {})) then
+    if #ctx.params.topics > 0 and not (m.kafka and next(m.kafka.topics or {})) then
       error(path .. " holds no topics (take sets with backup -p topics=...)", 0)
     end
     steps.writers(ctx)
@@ -101,7 +99,7 @@ step "Restore the database" (steps.restore_database {
 step "Restore the topics" {
   description = "The set's topics produced back (keys, headers, timestamps, partitions) into topics that hold no message; a topic with messages is kept as it is",
   needs = { VERIFY },
-  when = function(ctx) return ctx.params.topics ~= "" end,
+  when = function(ctx) return #ctx.params.topics > 0 end,
   confirm = true,
   run = function(ctx)
     local path = ctx.outputs[VERIFY].path

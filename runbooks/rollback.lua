@@ -48,8 +48,7 @@ step "Show the rollout history" {
 step "Pick the revision" {
   description = "The revision to return to: to_revision, or the one before the last change; it must exist and differ",
   needs = { "Show the rollout history" },
-  run = function(ctx)
-    local h = ctx.outputs["Show the rollout history"]
+  run = function(ctx, h)
     local to = ctx.params.to_revision ~= 0 and ctx.params.to_revision or h.previous
     if not to then error(("%s has no revision before %d to roll back to"):format(ctx.params.deployment, h.current), 0) end
     local known = false

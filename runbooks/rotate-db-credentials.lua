@@ -205,8 +205,7 @@ step "Roll the deployments onto the new Secret" {
 step "Verify" {
   description = "The new password connects, the old one is refused, and every deployment is healthy on the new Secret",
   needs = { "Find the credentials and their users", "Roll the deployments onto the new Secret" },
-  run = function(ctx)
-    local f = ctx.outputs["Find the credentials and their users"]
+  run = function(ctx, f)
     if ctx.dry_run then log.info("would connect with the new password and check the old one is refused"); return end
     local db <close> = pg.connect(url_with(ctx, password_in(ctx, f.new_secret)), { connect_timeout = "10s" })
     log.info("the new password connects as %s", db:value("SELECT current_user"))
@@ -225,8 +224,7 @@ step "Delete the old Secret" {
   description = "kubectl delete secret OLD, unless something besides the rolled deployments still names it",
   needs = { "Find the credentials and their users", "Verify" },
   confirm = true,
-  run = function(ctx)
-    local f = ctx.outputs["Find the credentials and their users"]
+  run = function(ctx, f)
     local deployments, others = users_of(ctx, ctx.params.secret)
     if not ctx.dry_run and #deployments > 0 then others[#others + 1] = "deployments " .. table.concat(deployments, ", ") end
     if #others > 0 then

@@ -35,14 +35,14 @@ param "deployment" { required = true, help = "the compromised deployment" }
 param "namespace" (steps.params.namespace)
 param "dir" { default = "./evidence", help = "where the evidence set is written (a directory of its own, mode 0700)" }
 param "log_tail" { type = "integer", default = 5000, help = "lines of each container's log to keep" }
-param "rotate" { default = "", help = "SECRET/KEY,... credentials to rotate now (rotate-secret's way: a generated value, the readers restarted, the old value back on failure)" }
+param "rotate" { type = "list", default = "", help = "SECRET/KEY,... credentials to rotate now (rotate-secret's way: a generated value, the readers restarted, the old value back on failure)" }
 param "rollout_timeout" { type = "duration", default = "5m", help = "how long each workload restarted after a rotation may take" }
 param "rotate_all" { type = "boolean", default = false,
   help = "rotate every key of every Secret the pods read (a database URL's password in PostgreSQL too; other servers' credentials are named, not changed)" }
 param "connect_url" { secret = true, default = os.getenv("DATABASE_URL"),
   help = "with rotate_all, how this runbook reaches the database with the current password (default $DATABASE_URL)" }
 param "image" { default = "", help = "a patched image for the deployment's first container, rolled out while the pods are isolated" }
-param "audit_levels" { default = "WARN,ERROR", help = "the log levels the access audit keeps (JSON lines' level field)" }
+param "audit_levels" { type = "list", default = "WARN,ERROR", help = "the log levels the access audit keeps (JSON lines' level field)" }
 
 local SLACK = os.getenv("SLACK_WEBHOOK")
 local ASSESS, EVIDENCE, ISOLATE = "Assess", "Preserve the evidence", "Isolate the pods"
@@ -144,16 +144,14 @@ step(EVIDENCE) {
       end
     end
     -- seed 002's access log audit: every WARN and ERROR line of the deployment's pods
-    local levels = {}
-    for l in p.audit_levels:gmatch("[^,%s]+") do levels[#levels + 1] = l end
     local audit = k8s.log_query { target = "deploy/" .. p.deployment, namespace = p.namespace, tail = p.log_tail,
-      where = { level = levels }, count_by = "level", prefix = true }
+      where = { level = p.audit_levels }, count_by = "level", prefix = true }
     local lines = {}
     for i, rec in ipairs(audit.records) do lines[i] = ("%s %s/%s %s"):format(rec.stamp or "", rec.pod, rec.container, rec.line) end
     keep("audit.log", #lines > 0 and table.concat(lines, "\n") .. "\n" or "")
     local by = {}
     for _, b in ipairs(audit.by or {}) do by[#by + 1] = ("%s %d"):format(b.value, b.count) end
-    log.info("access audit: %d %s lines of %d read%s", #lines, table.concat(levels, "/"), audit.scanned,
+    log.info("access audit: %d %s lines of %d read%s", #lines, table.concat(p.audit_levels, "/"), audit.scanned,
       #by > 0 and (" (" .. table.concat(by, ", ") .. ")") or "")
     local objects = backupset.dump_kubernetes(set, { namespace = p.namespace })
     objects.namespace = p.namespace
@@ -205,7 +203,7 @@ step(ISOLATE) {
 -- SECRET/KEY pairs of param rotate.
 local function pairs_to_rotate(ctx)
   local out = {}
-  for item in ctx.params.rotate:gmatch("[^,%s]+") do
+  for _, item in ipairs(ctx.params.rotate) do
     local s, k = item:match("^([^/]+)/(.+)$")
     if not s then error(("param rotate: %q is not SECRET/KEY"):format(item), 0) end
     out[#out + 1] = { secret = s, key = k }
@@ -300,7 +298,7 @@ end
 step "Rotate the credentials" {
   description = "The keys of param rotate, or (rotate_all) every key of every Secret the pods read, get new values (the old ones copied aside; a database password changed in PostgreSQL too); the readers restarted; any failure puts every old value back",
   needs = { ASSESS, ISOLATE },
-  when = function(ctx) return ctx.params.rotate ~= "" or ctx.params.rotate_all end,
+  when = function(ctx) return #ctx.params.rotate > 0 or ctx.params.rotate_all end,
   confirm = true,
   run = function(ctx)
     local p, done, altered = ctx.params, {}, {}

@@ -112,8 +112,7 @@ step "Enable debug logging" {
   description = "kubectl set env debug_env=debug_value on the app container (the value it had is remembered)",
   confirm = true,
   run = function(ctx)
-    local c = app_container(ctx)
-    local was = false
+    local c, was = app_container(ctx), false
     for _, e in ipairs(c.env or {}) do
       if e.name == ctx.params.debug_env and e.value then was = e.value end
     end
@@ -150,25 +149,17 @@ step "Watch for restarts" {
 step "Summarize the debug logs" {
   description = "After debug_for with debug logging on, the app's records since it was enabled, by level, and the top errors and warnings",
   needs = { "Enable debug logging" },
-  run = function(ctx)
-    local since = ctx.outputs["Enable debug logging"].since
-    if not ctx.dry_run then time.sleep(math.max(0, ctx.params.debug_for - (os.time() - since))) end
-    local window = math.max(1, os.time() - since)
-    local q = k8s.log_query { target = target(ctx), namespace = ctx.params.namespace, since = window,
-      container = ctx.outputs["Enable debug logging"].container, count_by = "level" }
-    log.info("%d records in the %s with debug logging on", q.count, duration.format(window))
-    for _, b in ipairs(q.by) do log.info("  %5d  %s", b.count, b.value) end
-    local bad = steps.top_messages(ctx, { deployment = ctx.params.deployment, since = window,
-      container = ctx.outputs["Enable debug logging"].container, levels = { "ERROR", "WARNING" } })
-    return { records = q.count, errors = bad.count, by_level = q.by }
+  run = function(ctx, enabled)
+    if not ctx.dry_run then time.sleep(math.max(0, ctx.params.debug_for - (os.time() - enabled.since))) end
+    return steps.log_levels(ctx, { deployment = ctx.params.deployment, since = math.max(1, os.time() - enabled.since),
+      container = enabled.container, what = "debug-logging" })
   end,
 }
 
 step "Turn debug logging back" {
   description = "debug_env as it was (removed when it was not set on the container), and wait for the rollout",
   needs = { "Enable debug logging" },
-  run = function(ctx)
-    local o = ctx.outputs["Enable debug logging"]
+  run = function(ctx, o)
     k8s.set_env(target(ctx), { [ctx.params.debug_env] = o.was }, { namespace = ctx.params.namespace, container = o.container })
     k8s.rollout_status(target(ctx), { namespace = ctx.params.namespace, timeout = ctx.params.timeout, fail_fast = true })
   end,

@@ -27,9 +27,9 @@ param "max_connections" { type = "integer", default = 500, help = "connections o
 param "connections_warn" { type = "number", default = 0.8, help = "scale out when the connections per pod reach this share of max_connections (seed 000: 400 of 500)" }
 param "max_replicas" { type = "integer", default = 10, help = "never scale out beyond this many replicas" }
 param "secret" { default = "todo-chatbot-secrets", help = "the Secret holding the token keys" }
-param "same_keys" { default = "JWT_SECRET,BETTER_AUTH_SECRET", help = "keys of secret that must hold the same value (tokens signed with one are checked with the other)" }
+param "same_keys" { type = "list", default = "JWT_SECRET,BETTER_AUTH_SECRET", help = "keys of secret that must hold the same value (tokens signed with one are checked with the other)" }
 param "ingress_timeout" { type = "integer", default = 3600, help = "seconds the Ingress keeps an idle WebSocket open (nginx proxy-read-timeout and proxy-send-timeout)" }
-param "log_since" { type = "duration", default = "15m", help = "how far back the logs are searched" }
+param "log_since" (steps.params.log_since)
 param "settle" { type = "duration", default = "1m", help = "how long the verification waits for the pods, the handshake and the connections to come right" }
 param "timeout" { type = "duration", default = "5m", help = "how long a restart or a scale-out may take to roll out" }
 
@@ -102,8 +102,7 @@ step "Compare the token secrets" {
   description = "JWT_SECRET must match BETTER_AUTH_SECRET: the same_keys of the Secret hold one value (never printed)",
   run = function(ctx)
     local data = k8s.get("secret/" .. ctx.params.secret, ns(ctx)).data or {}
-    local keys, problems = {}, {}
-    for k in ctx.params.same_keys:gmatch("[^,%s]+") do keys[#keys + 1] = k end
+    local keys, problems = ctx.params.same_keys, {}
     for _, k in ipairs(keys) do
       if data[k] == nil then problems[#problems + 1] = ("secret %s has no key %s"):format(ctx.params.secret, k) end
     end
@@ -133,12 +132,8 @@ step "Test the upgrade handshake" {
 step "Search the logs" {
   description = "kubectl logs | grep -i websocket: the deployment's WebSocket records of log_since, errors and warnings counted by message",
   run = function(ctx)
-    local q = k8s.log_query { target = "deploy/" .. ctx.params.deployment, namespace = ctx.params.namespace,
-      since = ctx.params.log_since, match = "[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]", count_by = "level", top = 5 }
-    log.info("%d WebSocket records in the last %s across %d pod(s)", q.count, duration.format(ctx.params.log_since), #q.pods)
-    local bad = steps.top_messages(ctx, { deployment = ctx.params.deployment, since = ctx.params.log_since,
-      levels = { "ERROR", "WARNING" } })
-    return { records = q.count, errors = bad.count, top = bad.by }
+    return steps.log_levels(ctx, { deployment = ctx.params.deployment, since = ctx.params.log_since,
+      match = "[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]", what = "WebSocket" })
   end,
 }
 

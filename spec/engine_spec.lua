@@ -253,6 +253,17 @@ step "E" { uses = { "C" }, run = function(ctx) return { c = not ctx.skipped("C")
     assert.are.same({ c = false }, ends[5].outputs)
   end)
 
+  it("gives run the outputs of the steps it needs, in order, after ctx", function()
+    local r = run_json [[
+name = "args" description = "d"
+step "A" { run = function() return { n = 1 } end }
+step "B" { run = function() end }
+step "C" { needs = { "A", "B" }, run = function(ctx, a, b) return { n = a.n, b = next(b) == nil, extra = select("#", ctx, a, b) } end }
+]]
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.same({ n = 1, b = true, extra = 3 }, cli.only(r.events, "step_end")[3].outputs)
+  end)
+
   it("refuses at load a need that names no earlier step", function()
     local r = cli.run { "run", cli.runbook [[
 name = "bad-needs" description = "d"

@@ -109,4 +109,61 @@ step "Show" { run = function(ctx) return { target = ctx.params.target, zone = ct
       assert.truthy(r.stderr:find("params: no shared spec 'zoen' (known: target, zone)", 1, true), r.stderr)
     end)
   end)
+
+  -- type = "list": comma- or space-separated text, or a list in a params file; the step sees a table.
+  describe("of type list", function()
+    local LIST = [[
+name = "lists"
+description = "d"
+param "topics" { type = "list", default = "a,b", help = "topics" }
+param "keys" { type = "list", default = "", secret = true }
+param "gate" { default = "" }
+step "Show" { run = function(ctx) return { topics = ctx.params.topics, n = #ctx.params.topics, keys = #ctx.params.keys } end }
+step "Gate" { run = function(ctx)
+  if ctx.params.gate ~= "" and not io.open(ctx.params.gate) then error("gate closed", 0) end
+  return { topics = ctx.params.topics }
+end }
+]]
+    local p
+    setup(function() p = cli.runbook(LIST) end)
+
+    it("splits -p text and takes a list from a params file", function()
+      local r = cli.run { "run", p, "--output", "json", "-p", "topics=x, y,,z" }
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.same({ topics = { "x", "y", "z" }, n = 3, keys = 0 }, outputs(r))
+      r = cli.run { "run", p, "--output", "json" }
+      assert.are.same({ topics = { "a", "b" }, n = 2, keys = 0 }, outputs(r))
+      r = cli.run { "run", p, "--output", "json", "-p", "topics=" }
+      assert.are.equal(0, outputs(r).n)
+      local d = cli.tmpdir()
+      cli.write(d .. "/p.yaml", "topics: [one, two]\n")
+      r = cli.run { "run", p, "--output", "json", "--params-file", d .. "/p.yaml" }
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.same({ "one", "two" }, outputs(r).topics)
+      cli.write(d .. "/bad.yaml", "topics: [{name: one}]\n")
+      r = cli.run { "run", p, "--params-file", d .. "/bad.yaml" }
+      assert.are.equal(2, r.code)
+      assert.truthy(r.stderr:find("param 'topics': expected a list of strings", 1, true), r.stderr)
+      assert.truthy(cli.run { "describe", p }.stdout:find("list, default a,b", 1, true))
+    end)
+
+    it("keeps a secret list's items out of the output", function()
+      local r = cli.run { "run", p, "--output", "json", "-v", "-p", "keys=sekrit-one,sekrit-two" }
+      assert.are.equal(0, r.code, r.stderr)
+      assert.are.equal(2, outputs(r).keys)
+      assert.falsy((r.stdout .. r.stderr):find("sekrit", 1, true))
+    end)
+
+    it("is the same list when the run is resumed", function()
+      local gate = cli.tmpdir() .. "/open"
+      local r = cli.run { "run", p, "--output", "json", "-p", "topics=t1,t2", "-p", "gate=" .. gate }
+      assert.are.equal(1, r.code, r.stderr)
+      local id = cli.only(cli.events(r.stdout), "run_start")[1].run_id
+      cli.write(gate, "")
+      r = cli.run { "resume", id, "--output", "json", "-p", "keys=" }
+      assert.are.equal(0, r.code, r.stderr)
+      local ends = cli.only(cli.events(r.stdout), "step_end")
+      assert.are.same({ topics = { "t1", "t2" } }, ends[#ends].outputs)
+    end)
+  end)
 end)

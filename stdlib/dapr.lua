@@ -450,6 +450,7 @@ end
 function M.sidecar_status(namespace, opts)
   check_name(namespace, "namespace", "sidecar_status")
   local items = require("k8s").list("pods", { namespace = namespace, selector = opts and opts.selector })
+  table.sort(items, function(a, b) return a.metadata.name < b.metadata.name end)
   local out = { ok = true, pods = {} }
   for _, pod in ipairs(items) do
     local ann = pod.metadata.annotations or {}
@@ -459,7 +460,6 @@ function M.sidecar_status(namespace, opts)
       out.pods[#out.pods + 1] = row
     end
   end
-  table.sort(out.pods, function(a, b) return a.pod < b.pod end)
   return out
 end
 

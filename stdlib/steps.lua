@@ -14,8 +14,8 @@ local M = {}
 M.params = {
   deployment = { required = true, help = "the deployment, e.g. todo-chatbot-backend" },
   namespace = { default = "todo-chatbot", help = "Kubernetes namespace" },
-  writers = { default = "todo-chatbot-backend,todo-chatbot-recurring-task",
-    help = "comma-separated deployments that write to the database: scaled to 0 while the data is replaced" },
+  writers = { type = "list", default = "todo-chatbot-backend,todo-chatbot-recurring-task",
+    help = "deployments that write to the database: scaled to 0 while the data is replaced" },
   -- as param "timeout", which stop_writers and start_writers read
   writers_timeout = { type = "duration", default = "2m", help = "how long the writers may take to stop, and to come back" },
   database_url = { secret = true, default = os.getenv("DATABASE_URL"), help = "the database (default $DATABASE_URL)" },
@@ -23,6 +23,7 @@ M.params = {
   container = { default = "", help = "the app container (default: each pod's default container)" },
   health_path = { default = "/health", help = "path the services answer health checks on (through the API server's service proxy)" },
   error_rate_window = { default = "1m", help = "PromQL rate window of the error rate" },
+  log_since = { type = "duration", default = "15m", help = "how far back the logs are searched" },
   -- a consumer group, the topic it consumes and the deployment running its consumers
   group = { default = "recurring-task-service", help = "the consumer group" },
   topic = { default = "task-events", help = "the topic the group consumes" },
@@ -31,10 +32,10 @@ M.params = {
   smoke = { default = "", help = "a smoke-test command (sh -c on this host, not run in a dry run) that must exit 0; it gets "
     .. "TARGET_NAMESPACE, TARGET_DEPLOYMENT, TARGET_SERVICE and TARGET_PROXY (the Service's API server proxy path: "
     .. "kubectl get --raw \"$TARGET_PROXY/health\")" },
-  smoke_paths = { default = "", help = "comma-separated paths GET through each Service selecting the pods (API server proxy) "
+  smoke_paths = { type = "list", default = "", help = "paths GET through each Service selecting the pods (API server proxy) "
     .. "as a smoke test: each must answer below 400" },
   -- for M.deployments
-  deployments = { required = true, help = "comma-separated deployments, or all: every deployment in the namespace" },
+  deployments = { type = "list", required = true, help = "deployments, or all: every deployment in the namespace" },
 }
 
 --- The params of a service whose metric is too high, which service_deployment,
@@ -64,10 +65,10 @@ local function shared(own, build)
   end
 end
 
---- The deployments of param `writers` (comma-separated names) as targets.
+--- The deployments of param `writers` as targets.
 function M.writers(ctx)
   local list = {}
-  for d in ctx.params.writers:gmatch("[^,%s]+") do list[#list + 1] = "deploy/" .. d end
+  for i, d in ipairs(ctx.params.writers) do list[i] = "deploy/" .. d end
   if #list == 0 then error("param writers: name at least one deployment", 0) end
   return list
 end
@@ -77,11 +78,11 @@ end
 function M.deployments(ctx)
   local k8s, ns = require("k8s"), ctx.params.namespace
   local objs = {}
-  if ctx.params.deployments == "all" then
+  if ctx.params.deployments[1] == "all" then
     objs = k8s.list("deployments", { namespace = ns })
     if #objs == 0 then error(("namespace %s has no deployments"):format(ns), 0) end
   else
-    for name in ctx.params.deployments:gmatch("[^,%s]+") do
+    for _, name in ipairs(ctx.params.deployments) do
       objs[#objs + 1] = k8s.get("deploy/" .. name:gsub("^deploy/", ""), { namespace = ns })
     end
     if #objs == 0 then error("param deployments: name at least one deployment, or all", 0) end
@@ -434,6 +435,22 @@ function M.top_messages(ctx, o)
   return q
 end
 
+--- The records of deployment `o.deployment` (param namespace) of the last
+-- `o.since` seconds (of `o.container`; those matching the Lua pattern
+-- `o.match`, called `o.what`), counted by level, then their top ERROR and
+-- WARNING messages, listed. -> {records, errors, by_level, top}
+function M.log_levels(ctx, o)
+  local q = require("k8s").log_query { target = "deploy/" .. o.deployment, namespace = ctx.params.namespace,
+    since = o.since, container = o.container, match = o.match, count_by = "level" }
+  local levels = {}
+  for i, b in ipairs(q.by) do levels[i] = ("%s %d"):format(b.value, b.count) end
+  require("log").info("%d %srecords in the last %s across %d pod(s)%s", q.count, o.what and (o.what .. " ") or "",
+    require("duration").format(o.since), #q.pods, #levels > 0 and (": " .. table.concat(levels, ", ")) or "")
+  local bad = M.top_messages(ctx, { deployment = o.deployment, since = o.since, container = o.container,
+    levels = { "ERROR", "WARNING" }, header = function(t) return ("%d errors and warnings, by message:"):format(t.count) end })
+  return { records = q.count, errors = bad.count, by_level = q.by, top = bad.by }
+end
+
 --- Watch deployment `name` (param namespace) for param observe: no pod may
 -- restart once it is healthy, and it must be healthy at the end (raises
 -- otherwise); `tick()`, when given, is called at each look (every second).
@@ -542,12 +559,10 @@ M.smoke_test = shared({ target = true }, function(a)
   local target = a.target
   return {
     description = "GET each of smoke_paths through the Services of its pods, then the smoke command; all must pass",
-    when = function(ctx) return ctx.params.smoke ~= "" or ctx.params.smoke_paths ~= "" end,
+    when = function(ctx) return ctx.params.smoke ~= "" or #ctx.params.smoke_paths > 0 end,
     run = function(ctx)
       local k8s, log, name, ns = require("k8s"), require("log"), target(ctx), ctx.params.namespace
-      local paths = {}
-      for p in ctx.params.smoke_paths:gmatch("[^,%s]+") do paths[#paths + 1] = p end
-      if #paths == 0 then paths[1] = ctx.params.health_path end
+      local paths = #ctx.params.smoke_paths > 0 and ctx.params.smoke_paths or { ctx.params.health_path }
       if ctx.dry_run then
         log.info("would GET %s through the Services of %s%s", table.concat(paths, ", "), name,
           ctx.params.smoke ~= "" and (" and run the smoke command: " .. ctx.params.smoke) or "")
@@ -653,7 +668,7 @@ M.dapr_params = {
   pubsub = { default = "kafka-pubsub", help = "the pub/sub component's name" },
   app_id = { default = "backend", help = "the app whose sidecar publishes (DAPR_HTTP_ENDPOINT is its sidecar)" },
   topic = { default = "task-events", help = "the topic the test event goes to" },
-  topics = { default = "task-events,task-updates,reminders", help = "topics that must exist on the brokers (comma-separated)" },
+  topics = { type = "list", default = "task-events,task-updates,reminders", help = "topics that must exist on the brokers" },
   test_publish = { type = "boolean", default = true, help = "publish a test event through the sidecar and look for it on Kafka" },
   publish_timeout = { type = "duration", default = "10s", help = "how long to look for the test event on the topic" },
   log_since = { type = "duration", default = "15m", help = "how far back the Dapr logs are read for errors" },
@@ -738,7 +753,7 @@ M.dapr_topics = shared({}, function()
       local problems, problem = collector()
       local have = {}
       for _, t in ipairs(require("kafka").topics()) do have[t.name] = t.partitions end
-      for t in ctx.params.topics:gmatch("[^,%s]+") do
+      for _, t in ipairs(ctx.params.topics) do
         if not have[t] then problem("topic %s does not exist on the brokers", t)
         else require("log").info("topic %s: %d partitions", t, have[t]) end
       end

@@ -406,7 +406,7 @@ function Console:plan_page(id, session, message, status)
   local keys = {}
   for k in pairs(p.params or {}) do keys[#keys + 1] = k end
   table.sort(keys)
-  for i, k in ipairs(keys) do keys[i] = esc(k) .. "=<code>" .. esc(tostring(p.params[k])) .. "</code>" end
+  for i, k in ipairs(keys) do keys[i] = esc(k) .. "=<code>" .. esc(require("runbook.params").text(p.params[k])) .. "</code>" end
   add("<tr><th>Params</th><td>%s</td></tr>", #keys > 0 and table.concat(keys, ", ") or "none")
   add("<tr><th>Approvals</th><td>%d needed%s, %d valid</td></tr>", p.approval.required or 0,
     type(p.approval.by) == "table" and #p.approval.by > 0 and (" from " .. esc(table.concat(p.approval.by, ", ")))

@@ -8,7 +8,7 @@ local function param_line(p)
   local bits = { ty }
   if p.required then bits[#bits + 1] = "required" end
   if p.default ~= nil then
-    bits[#bits + 1] = "default " .. (p.secret and "***" or tostring(p.default))
+    bits[#bits + 1] = "default " .. (p.secret and "***" or require("runbook.params").text(p.default))
   end
   if p.secret then bits[#bits + 1] = "secret" end
   return ("  %-20s %s%s"):format(p.name, table.concat(bits, ", "), p.help and ("\n  %-20s %s"):format("", p.help) or "")

@@ -102,13 +102,23 @@ local function step_call(rb, step, ctx, what, fn, ...)
   return deadline.call(limit, deadline.step_watch(ctx, step, what, limit), protected, rb, fn, ...)
 end
 
+--- The arguments of `fn` after ctx: for the step's run, the outputs of the
+-- steps it needs, in their order (a fallback runs because one is missing).
+local function needed(step, fn, ctx)
+  local out = {}
+  if fn == step.run then
+    for i, name in ipairs(step.needs or {}) do out[i] = ctx.outputs[name] end
+  end
+  return table.unpack(out, 1, #out)
+end
+
 --- One attempt of one step's function `fn` (its run or fallback) under its deadline.
 -- Under `apply`, the gate holds each effect to the plan's effects of this
 -- step, counted from the attempt's start; a difference it found fails the
 -- attempt whatever the step did with the error.
 local function attempt(rb, step, fn, ctx)
   host.plan_step(step.name)
-  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx)) end)
+  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx, needed(step, fn, ctx))) end)
   host.plan_step(nil)
   local drift = host.plan_drift()
   if drift then return false, { message = drift, code = "drift", module = "runbook", op = "apply" } end
@@ -233,7 +243,9 @@ local function run_ctx(run)
       error(("ctx.params.%s: %s declares no param '%s'%s"):format(tostring(name), rb.name, tostring(name),
         type(name) == "string" and require("runbook.suggest").hint(name, known) or ""), 2)
     end
-    return run.params[name]
+    local v = run.params[name]
+    -- a list is the step's own copy: what one step does to it, the next does not see
+    return type(v) == "table" and table.move(v, 1, #v, 1, {}) or v
   end
   local ctx = { params = setmetatable({}, { __index = param,
       __newindex = function() error("ctx.params is read-only", 2) end }),

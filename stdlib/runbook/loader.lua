@@ -13,7 +13,7 @@ local FIELDS = { name = "string", description = "string", version = "string", lo
   on_failure = "string", notify = "table", approval = "table", replaces = "table" }
 
 local PARAM_KEYS = { type = true, values = true, required = true, default = true, help = true, secret = true }
-local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true }
+local PARAM_TYPES = { string = true, number = true, integer = true, boolean = true, duration = true, enum = true, list = true }
 local STEP_KEYS = { description = true, run = true, confirm = true, timeout = true, retry = true,
   undo = true, when = true, idempotent = true, check = true, needs = true, uses = true, fallback = true }
 local RETRY_KEYS = { attempts = true, backoff = true, base = true, max = true, jitter = true }

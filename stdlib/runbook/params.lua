@@ -40,6 +40,21 @@ local function convert(p, v)
     local secs, err = duration.parse(v)
     if secs then return secs end
     fail("param '%s': %s", p.name, err)
+  elseif t == "list" then
+    -- "a,b c" as -p and a default give it; a list as a params file and the journal do
+    local items = {}
+    if type(v) == "string" or type(v) == "number" then
+      for item in tostring(v):gmatch("[^,%s]+") do items[#items + 1] = item end
+      return items
+    elseif type(v) == "table" then
+      for k, item in pairs(v) do
+        if math.type(k) ~= "integer" or (type(item) ~= "string" and type(item) ~= "number") then
+          fail("param '%s': expected a list of strings", p.name)
+        end
+      end
+      for i = 1, #v do items[i] = tostring(v[i]) end
+      return items
+    end
   elseif t == "enum" then
     for _, allowed in ipairs(p.values) do
       if tostring(allowed) == tostring(v) then return allowed end
@@ -110,12 +125,20 @@ function M.resolve(rb, given, file, base)
     if v == nil then
       if p.required then fail("missing required param '%s'%s", p.name, p.help and (" (" .. p.help .. ")") or "") end
     else
-      if p.secret then host.secret(tostring(v)) end
+      if p.secret and type(v) ~= "table" then host.secret(tostring(v)) end
       values[p.name] = convert(p, v)
+      if p.secret and p.type == "list" then
+        for _, item in ipairs(values[p.name]) do host.secret(item) end
+      end
       written[p.name] = type(v) == "table" and v or tostring(v)
     end
   end
   return values, written
+end
+
+--- A param's value as text: a list as its items joined by commas.
+function M.text(v)
+  return type(v) == "table" and table.concat(v, ",") or tostring(v)
 end
 
 --- The params with secret values shown as "***", for output and the journal.

@@ -209,7 +209,7 @@ local function params_text(plan)
   local keys, out = {}, {}
   for k in pairs(plan.params or {}) do keys[#keys + 1] = k end
   table.sort(keys)
-  for i, k in ipairs(keys) do out[i] = k .. "=" .. tostring(plan.params[k]) end
+  for i, k in ipairs(keys) do out[i] = k .. "=" .. require("runbook.params").text(plan.params[k]) end
   return #out > 0 and table.concat(out, ", ") or "none"
 end
 
