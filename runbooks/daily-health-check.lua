@@ -135,19 +135,27 @@ step "Failed and evicted pods" (check_step("kubectl get pods -A --field-selector
     return { failed = failed }
   end))
 
-step "Dapr control plane" (check_step("dapr status -k: the deployments of Dapr's control plane (operator, sentry, sidecar injector ...) in dapr_namespace are healthy",
+step "Dapr control plane" (check_step("dapr status -k: the deployments and statefulsets of Dapr's control plane (operator, placement, sentry, sidecar injector ...) in dapr_namespace are healthy, none scaled to 0",
   function(ctx, f)
     local ns = ctx.params.dapr_namespace
-    local h = k8s.namespace_health(ns)
-    if #h.deployments == 0 then
-      log.info("Dapr's control plane is not installed (no deployments in namespace %s): not checked", ns)
+    local workloads = {}
+    for _, d in ipairs(k8s.namespace_health(ns).deployments) do workloads[#workloads + 1] = { kind = "deployment", h = d } end
+    for _, s in ipairs(k8s.list("statefulsets", { namespace = ns })) do
+      workloads[#workloads + 1] = { kind = "statefulset", h = k8s.deployment_health(ns, "statefulset/" .. s.metadata.name) }
+    end
+    if #workloads == 0 then
+      log.info("Dapr's control plane is not installed (no deployments or statefulsets in namespace %s): not checked", ns)
       return { checked = false }
     end
-    for _, p in ipairs(h.problems) do
-      if not p:match("^node ") then f.problem("%s: %s", ns, p) end   -- nodes are the first check's
+    local healthy = 0
+    for _, w in ipairs(workloads) do
+      local problems = w.h.problems
+      if w.h.desired == 0 then problems = { "scaled to 0" } end
+      for _, p in ipairs(problems) do f.problem("%s: %s %s: %s", ns, w.kind, w.h.name, p) end
+      if #problems == 0 then healthy = healthy + 1 end
     end
-    log.info("%d of %d control-plane deployments healthy in %s", #h.deployments - #f.problems, #h.deployments, ns)
-    return { checked = true, deployments = #h.deployments }
+    log.info("%d of %d control-plane workloads healthy in %s", healthy, #workloads, ns)
+    return { checked = true, workloads = #workloads }
   end))
 
 step "Services answer health checks" (check_step("curl /api/health for every service: GET health_path through each Service in front of a deployment",
