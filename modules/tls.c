@@ -17,7 +17,9 @@
 #define _GNU_SOURCE   /* getaddrinfo_a, in net.h */
 #include <arpa/inet.h>
 #include <stdarg.h>
+#include <limits.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 
@@ -131,8 +133,67 @@ static int tls_peer_chain(lua_State *L) {
                     "%s:%d: %s", host, (int)port, f.why);
 }
 
+/* backupset's encryption, as `openssl enc -aes-256-cbc -pbkdf2` does it.
+ * lua-luaossl has both, but its kdf.derive leaks the EVP_KDF it fetches on
+ * every call, and a failed decryption makes it read a freed error string. */
+
+/* pbkdf2(pass, salt, iter, md, len) -> len bytes of key: PKCS5_PBKDF2_HMAC. */
+static int tls_pbkdf2(lua_State *L)
+{
+    size_t plen, slen;
+    const char *pass = luaL_checklstring(L, 1, &plen);
+    const char *salt = luaL_checklstring(L, 2, &slen);
+    lua_Integer iter = luaL_checkinteger(L, 3);
+    const EVP_MD *md = EVP_get_digestbyname(luaL_checkstring(L, 4));
+    lua_Integer len = luaL_checkinteger(L, 5);
+    unsigned char out[1024];
+    luaL_argcheck(L, plen <= INT_MAX && slen <= INT_MAX, 1, "too long");
+    luaL_argcheck(L, iter > 0 && iter <= INT_MAX, 3, "a positive iteration count");
+    luaL_argcheck(L, md != NULL, 4, "a digest name (sha256)");
+    luaL_argcheck(L, len > 0 && len <= (lua_Integer)sizeof out, 5, "a key length (1-1024 bytes)");
+    if (!PKCS5_PBKDF2_HMAC(pass, (int)plen, (const unsigned char *)salt, (int)slen, (int)iter, md, (int)len, out))
+        return rb_error(L, "tls", "pbkdf2", "crypto", 0, "PKCS5_PBKDF2_HMAC failed");
+    lua_pushlstring(L, (const char *)out, (size_t)len);
+    OPENSSL_cleanse(out, sizeof out);
+    return 1;
+}
+
+/* cipher(name, key, iv, data, encrypt) -> the output of EVP_Cipher*, or nil
+ * when it fails (a decryption: a wrong key, or damaged data). */
+static int tls_cipher(lua_State *L)
+{
+    size_t klen, ivlen, dlen;
+    const EVP_CIPHER *c = EVP_get_cipherbyname(luaL_checkstring(L, 1));
+    const char *key = luaL_checklstring(L, 2, &klen);
+    const char *iv = luaL_checklstring(L, 3, &ivlen);
+    const char *data = luaL_checklstring(L, 4, &dlen);
+    int enc = lua_toboolean(L, 5), n = 0, m = 0;
+    luaL_argcheck(L, c != NULL, 1, "a cipher name (aes-256-cbc)");
+    luaL_argcheck(L, (int)klen == EVP_CIPHER_get_key_length(c), 2, "a key of the cipher's length");
+    luaL_argcheck(L, (int)ivlen == EVP_CIPHER_get_iv_length(c), 3, "an IV of the cipher's length");
+    luaL_argcheck(L, dlen <= INT_MAX - EVP_MAX_BLOCK_LENGTH, 4, "too long");
+    /* the output lives in Lua's buffer, so nothing of OpenSSL's is held when Lua may raise */
+    luaL_Buffer b;
+    unsigned char *out = (unsigned char *)luaL_buffinitsize(L, &b, dlen + EVP_MAX_BLOCK_LENGTH);
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    int ok = ctx && EVP_CipherInit_ex(ctx, c, NULL, (const unsigned char *)key, (const unsigned char *)iv, enc)
+             && EVP_CipherUpdate(ctx, out, &n, (const unsigned char *)data, (int)dlen)
+             && EVP_CipherFinal_ex(ctx, out + n, &m);
+    EVP_CIPHER_CTX_free(ctx);
+    ERR_clear_error();
+    if (!ok) {
+        OPENSSL_cleanse(out, dlen + EVP_MAX_BLOCK_LENGTH);
+        lua_pushnil(L);
+        return 1;
+    }
+    luaL_pushresultsize(&b, (size_t)(n + m));
+    return 1;
+}
+
 static const luaL_Reg tls_funcs[] = {
+    {"cipher", tls_cipher},
     {"peer_chain", tls_peer_chain},
+    {"pbkdf2", tls_pbkdf2},
     {NULL, NULL}
 };
 

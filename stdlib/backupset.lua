@@ -160,8 +160,7 @@ M.ENCRYPTION = { cipher = "aes-256-cbc", kdf = "pbkdf2", md = "sha256", iter = 1
   decrypt = "openssl enc -d -aes-256-cbc -pbkdf2 -iter 100000 -md sha256 -pass env:BACKUP_PASSPHRASE -in FILE" }
 
 local function key_iv(passphrase, salt)
-  local kiv = require("openssl.kdf").derive { type = "PBKDF2", md = M.ENCRYPTION.md, pass = passphrase, salt = salt,
-    iter = M.ENCRYPTION.iter, outlen = 48 }
+  local kiv = require("runbook.tls").pbkdf2(passphrase, salt, M.ENCRYPTION.iter, M.ENCRYPTION.md, 48)
   return kiv:sub(1, 32), kiv:sub(33, 48)
 end
 
@@ -169,7 +168,9 @@ end
 function M.encrypt(text, passphrase)
   local salt = require("openssl.rand").bytes(8)
   local key, iv = key_iv(passphrase, salt)
-  return "Salted__" .. salt .. require("openssl.cipher").new(M.ENCRYPTION.cipher):encrypt(key, iv):final(text)
+  local out = require("runbook.tls").cipher(M.ENCRYPTION.cipher, key, iv, text, true)
+  if not out then raise { op = "encrypt", code = "encrypt", message = "the cipher refused to encrypt" } end
+  return "Salted__" .. salt .. out
 end
 
 --- The plaintext of M.encrypt's output; raises code "decrypt" naming `what`
@@ -182,11 +183,7 @@ function M.decrypt(data, passphrase, what)
   end
   if data:sub(1, 8) ~= "Salted__" or #data < 32 then fail() end
   local key, iv = key_iv(passphrase, data:sub(9, 16))
-  local ok, text = pcall(function()
-    return require("openssl.cipher").new(M.ENCRYPTION.cipher):decrypt(key, iv):final(data:sub(17))
-  end)
-  if not ok or not text then fail() end
-  return text
+  return require("runbook.tls").cipher(M.ENCRYPTION.cipher, key, iv, data:sub(17), false) or fail()
 end
 
 --- The namespace's configuration as YAML, one file per kind (secrets only
