@@ -68,8 +68,8 @@ step "Back up the Kubernetes configuration" {
   description = "Deployments, statefulsets, daemonsets, cronjobs, services, configmaps, service accounts, network policies, HPAs, ingresses, Dapr components and subscriptions (secrets only with secrets=true) as YAML, encrypted with encrypt=true",
   needs = { "Dump the database" },
   when = function(ctx) return ctx.params.kubernetes end,
-  run = function(ctx)
-    local out = backupset.dump_kubernetes(ctx.outputs["Dump the database"].set,
+  run = function(ctx, dumped)
+    local out = backupset.dump_kubernetes(dumped.set,
       { namespace = ctx.params.namespace, secrets = ctx.params.secrets, passphrase = ctx.params.encrypt and ctx.params.passphrase or nil })
     out.namespace = ctx.params.namespace
     return out
@@ -80,8 +80,8 @@ step "Back up Kafka topics" {
   description = "Every message of each chosen topic (keys, headers, timestamps) as JSON Lines",
   needs = { "Dump the database" },
   when = function(ctx) return #ctx.params.topics > 0 end,
-  run = function(ctx)
-    return backupset.dump_topics(ctx.outputs["Dump the database"].set, ctx.params.topics)
+  run = function(ctx, dumped)
+    return backupset.dump_topics(dumped.set, ctx.params.topics)
   end,
 }
 

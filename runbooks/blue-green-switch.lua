@@ -101,8 +101,8 @@ step "Deploy the new color" {
   description = "Create (or update) the new color's deployment: FROM's template, the new image tag, FROM's replicas",
   needs = { "Check the live color" },
   when = function(ctx) return not ctx.params.rollback end,
-  run = function(ctx)
-    local replicas = ctx.outputs["Check the live color"].replicas
+  run = function(ctx, live)
+    local replicas = live.replicas
     local existed = k8s.get("deploy/" .. to_name(ctx), { namespace = ctx.params.namespace, missing_ok = true })
     if existed then -- an earlier color, kept at 0 replicas: its own selector stays, the image and size change
       local revision = k8s.last_change("deploy/" .. to_name(ctx), ns(ctx)).revision
@@ -138,8 +138,8 @@ step "Scale the other color back up" {
   description = "In a rollback: the color switched back to, at FROM's replicas again",
   needs = { "Check the live color" },
   when = function(ctx) return ctx.params.rollback end,
-  run = function(ctx)
-    local replicas = math.max(ctx.outputs["Check the live color"].replicas, 1)
+  run = function(ctx, live)
+    local replicas = math.max(live.replicas, 1)
     local before = k8s.get("deploy/" .. to_name(ctx), ns(ctx)).spec.replicas or 1
     if before < replicas then k8s.scale("deploy/" .. to_name(ctx), replicas, ns(ctx)) end
     log.info("%s: %d replicas (was %d)", to_name(ctx), math.max(before, replicas), before)

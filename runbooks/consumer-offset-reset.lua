@@ -116,8 +116,8 @@ step "Verify the offsets" {
 step "Start the consumers" {
   description = "Scale the consumers back to their replicas and wait until they are ready",
   needs = { "Stop the consumers" }, uses = { "Reset the offsets" },
-  run = function(ctx)
-    k8s.start_workloads(ctx.outputs["Stop the consumers"].saved, { timeout = ctx.params.timeout })
+  run = function(ctx, stopped)
+    k8s.start_workloads(stopped.saved, { timeout = ctx.params.timeout })
     if ctx.skipped("Reset the offsets") then
       log.info("%s consumes again from its old offsets: the operator skipped the reset", ctx.params.group)
       return

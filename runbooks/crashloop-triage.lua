@@ -188,8 +188,7 @@ step "Check the configuration" {
 step "Diagnose" {
   description = "Name the cause and the fix to offer: more memory for OOM kills, a rollback for crashes and bad images",
   needs = { "Find the failing pods", "Check the configuration" },
-  run = function(ctx)
-    local pods, cfg = ctx.outputs["Find the failing pods"], ctx.outputs["Check the configuration"]
+  run = function(ctx, pods, cfg)
     local fix, detail = ctx.params.fix, {}
     local app = cfg.containers[1]
     local auto, why

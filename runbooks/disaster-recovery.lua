@@ -170,8 +170,7 @@ step(ASSESS) {
 step "Announce the recovery" {
   description = "The scope, the set and the expected recovery time, to Slack when SLACK_WEBHOOK is set",
   needs = { SET, ASSESS },
-  run = function(ctx)
-    local s, a = ctx.outputs[SET], ctx.outputs[ASSESS]
+  run = function(ctx, s, a)
     local eta = os.date("!%H:%M UTC", os.time() + ctx.params.eta)
     say(ctx, table.concat({ ("Disaster recovery of %s started from %s (taken %s); expected back by %s."):format(
       s.namespace, s.path, s.created_at, eta), "Scope: " .. (#a.scope > 0 and table.concat(a.scope, "; ") or "nothing failing (forced)"),

@@ -65,8 +65,8 @@ step "Find the pod" {
 step "Dump the heap" {
   description = "kubectl exec POD -- <dump command>; sha256sum of the dump in the pod",
   needs = { "Find the pod" },
-  run = function(ctx)
-    local pod = "pod/" .. ctx.outputs["Find the pod"].pod
+  run = function(ctx, found)
+    local pod = "pod/" .. found.pod
     local r = k8s.exec(pod, { "sh", "-c", ctx.params.dump_command }, opts(ctx))
     if r.skipped then return { dumped = false } end
     local sum = k8s.exec(pod, { "sha256sum", ctx.params.dump_file }, opts(ctx, { read = true }))
@@ -81,8 +81,8 @@ step "Copy the dump out" {
   description = "kubectl cp POD:/tmp/heap.hprof DIR/...; sha256sum here must match the pod's",
   needs = { "Find the pod", "Dump the heap" },
   when = function(ctx) return ctx.outputs["Dump the heap"].dumped end,
-  run = function(ctx)
-    local pod, dump = ctx.outputs["Find the pod"].pod, ctx.outputs["Dump the heap"]
+  run = function(ctx, found, dump)
+    local pod = found.pod
     local to = ("%s/heap-%s-%s.hprof"):format(ctx.params.dir, pod, os.date("!%Y%m%dT%H%M%SZ"))
     exec.run { "mkdir", "-p", ctx.params.dir }
     k8s.cp(("pod/%s:%s"):format(pod, ctx.params.dump_file), to, opts(ctx))
@@ -98,8 +98,8 @@ step "Restart the pod" {
   needs = { "Find the pod", "Copy the dump out" },
   when = function(ctx) return ctx.params.restart end,
   confirm = true,
-  run = function(ctx)
-    local pod = ctx.outputs["Find the pod"].pod
+  run = function(ctx, found)
+    local pod = found.pod
     k8s.delete("pod/" .. pod, { namespace = ctx.params.namespace })
     k8s.rollout_status("deploy/" .. ctx.params.deployment, { namespace = ctx.params.namespace, timeout = ctx.params.timeout })
     return { deleted = pod }

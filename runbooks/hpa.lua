@@ -67,8 +67,8 @@ step "Apply the HPA" {
   description = "kubectl patch the HPA's spec, or create it (undo: the old spec, or the new HPA deleted)",
   confirm = true,
   needs = { "Read the HPA" },
-  run = function(ctx)
-    local p, found = ctx.params, ctx.outputs["Read the HPA"]
+  run = function(ctx, found)
+    local p = ctx.params
     local spec = { minReplicas = p.min, maxReplicas = p.max, metrics = metrics(ctx) }
     if found.old then
       k8s.patch("horizontalpodautoscalers/" .. found.name, { spec = spec }, { namespace = p.namespace, type = "merge" })

@@ -141,8 +141,8 @@ step "Watch the lag fall" {
   description = "Measure the lag every `interval` until it is within the threshold, for at most `watch`",
   needs = { "Measure the lag" },
   when = function(ctx) return ctx.outputs["Measure the lag"].over end,
-  run = function(ctx)
-    local start = ctx.outputs["Measure the lag"].total
+  run = function(ctx, measured)
+    local start = measured.total
     if ctx.dry_run then
       log.info("would watch the lag of %s fall from %d below %d for up to %s", ctx.params.group, start,
         ctx.params.threshold, duration.format(ctx.params.watch))

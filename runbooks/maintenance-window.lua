@@ -102,8 +102,8 @@ step "Watch the error rate" {
 step "Scale back" {
   description = "Back to the replicas it had before the window",
   needs = { "Scale up for buffer" },
-  run = function(ctx)
-    k8s.scale(target(ctx), ctx.outputs["Scale up for buffer"].replicas, ns(ctx))
+  run = function(ctx, buffer)
+    k8s.scale(target(ctx), buffer.replicas, ns(ctx))
   end,
 }
 

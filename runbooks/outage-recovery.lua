@@ -186,8 +186,8 @@ step "Wait for rollouts" {
   description = "Wait until each restarted deployment has rolled out; stop waiting on one whose new pods crash-loop",
   needs = { "Restart unhealthy deployments" },
   idempotent = true,
-  run = function(ctx)
-    return { rollouts = wait_rollouts(ctx, ctx.outputs["Restart unhealthy deployments"].restarted) }
+  run = function(ctx, restart)
+    return { rollouts = wait_rollouts(ctx, restart.restarted) }
   end,
 }
 
@@ -218,8 +218,8 @@ step "Roll back recent changes that still fail" {
     .. " past restarts, of each other deployment still failing whose last change is recent; then wait for them",
   needs = { "Verify service health", "Check dependencies" },
   confirm = true,
-  run = function(ctx)
-    local failing = ctx.outputs["Verify service health"].failing
+  run = function(ctx, health)
+    local failing = health.failing
     if #failing == 0 or not ctx.params.rollback then
       log.info(#failing == 0 and "nothing is failing: nothing to roll back"
         or "rollback=false: not rolling back " .. #failing .. " failing deployments")

@@ -36,8 +36,8 @@ step "Restart" {
   description = "kubectl rollout restart of each deployment",
   confirm = true,
   needs = { "Find the deployments" },
-  run = function(ctx)
-    for _, d in ipairs(ctx.outputs["Find the deployments"].deployments) do
+  run = function(ctx, found)
+    for _, d in ipairs(found.deployments) do
       k8s.rollout_restart("deploy/" .. d.name, { namespace = ctx.params.namespace })
     end
   end,

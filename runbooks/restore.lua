@@ -72,8 +72,8 @@ step "Restore the Kubernetes objects" {
   needs = { VERIFY },
   when = function(ctx) return ctx.params.kubernetes end,
   confirm = true,
-  run = function(ctx)
-    local path = ctx.outputs[VERIFY].path
+  run = function(ctx, verified)
+    local path = verified.path
     local r = backupset.restore_kubernetes(path, backupset.manifest(path),
       { namespace = ctx.params.namespace, passphrase = ctx.params.passphrase })
     for _, file in ipairs(backupset.RESTORE_ORDER) do
@@ -101,8 +101,8 @@ step "Restore the topics" {
   needs = { VERIFY },
   when = function(ctx) return #ctx.params.topics > 0 end,
   confirm = true,
-  run = function(ctx)
-    local path = ctx.outputs[VERIFY].path
+  run = function(ctx, verified)
+    local path = verified.path
     return backupset.restore_topics(path, backupset.manifest(path), { topics = topics(ctx) })
   end,
 }

@@ -71,8 +71,8 @@ step "Roll back" {
   description = "kubectl rollout undo --to-revision",
   needs = { "Pick the revision" },
   confirm = true,
-  run = function(ctx)
-    local to = ctx.outputs["Pick the revision"].revision
+  run = function(ctx, picked)
+    local to = picked.revision
     k8s.rollout_undo(target(ctx), { namespace = ctx.params.namespace, to_revision = to })
     return { revision = to }
   end,

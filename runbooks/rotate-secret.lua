@@ -77,8 +77,8 @@ step "Restart the workloads that use it" {
   description = "A rolling restart of each deployment, statefulset and daemonset reading the Secret, waited for (gives up at once on a crash loop)",
   needs = { FIND, "Set the new value" },
   confirm = true,
-  run = function(ctx)
-    rotation.restart(ctx.outputs[FIND].users, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout })
+  run = function(ctx, found)
+    rotation.restart(found.users, { namespace = ctx.params.namespace, timeout = ctx.params.rollout_timeout })
     if #ctx.outputs[FIND].users == 0 then log.info("no workload reads secret %s: nothing to restart", ctx.params.secret) end
     return { restarted = ctx.outputs[FIND].users }
   end,
@@ -87,8 +87,8 @@ step "Restart the workloads that use it" {
 step "Verify" {
   description = "The Secret holds a new value, every restarted workload is healthy, and the check answers",
   needs = { FIND, "Set the new value", "Restart the workloads that use it" },
-  run = function(ctx)
-    local p, f = ctx.params, ctx.outputs[FIND]
+  run = function(ctx, f)
+    local p = ctx.params
     if ctx.dry_run then log.info("would read secret %s back and check %s", p.secret, p.check or "the workloads' health"); return end
     if not rotation.holds_new { namespace = p.namespace, secret = p.secret, key = p.key, copy = ctx.outputs["Set the new value"].copy } then
       error(("secret %s key %s does not hold the new value"):format(p.secret, p.key), 0)
@@ -114,7 +114,7 @@ step "Verify" {
 step "Delete the copy of the old value" {
   description = "The old value is no longer needed once the new one is verified",
   needs = { "Set the new value", "Verify" },
-  run = function(ctx)
-    k8s.delete("secret/" .. ctx.outputs["Set the new value"].copy, { namespace = ctx.params.namespace, missing_ok = true })
+  run = function(ctx, set)
+    k8s.delete("secret/" .. set.copy, { namespace = ctx.params.namespace, missing_ok = true })
   end,
 }

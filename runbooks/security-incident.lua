@@ -118,8 +118,8 @@ step(ASSESS) {
 step(EVIDENCE) {
   description = "Pods, every container's logs (current and previous), the WARN/ERROR access audit, events and the namespace's objects as YAML, sealed with a sha256 manifest and verified",
   needs = { ASSESS },
-  run = function(ctx)
-    local p, a = ctx.params, ctx.outputs[ASSESS]
+  run = function(ctx, a)
+    local p = ctx.params
     local set = backupset.new(p.dir, "evidence-" .. p.deployment)
     local files = {}
     local function keep(rel, text)
@@ -337,8 +337,8 @@ step "Notify and report" {
   description = "What was kept and done, to Slack when SLACK_WEBHOOK is set; what is left to rotate; the scope assessment and the review, which are people's, with what the run gathered for them",
   needs = { ASSESS, EVIDENCE },
   uses = { ISOLATE, "Rotate the credentials", "Roll out the patched image" },
-  run = function(ctx)
-    local p, a, e = ctx.params, ctx.outputs[ASSESS], ctx.outputs[EVIDENCE]
+  run = function(ctx, a, e)
+    local p = ctx.params
     local isolated = ctx.skipped(ISOLATE) and "NOT isolated" or ctx.dry_run and "would be isolated"
       or ("isolated by networkpolicy " .. ctx.outputs[ISOLATE].policy)
     local lines = { ("Security incident: deployment %s in %s, %s"):format(p.deployment, p.namespace, isolated),
