@@ -118,7 +118,8 @@ end
 -- attempt whatever the step did with the error.
 local function attempt(rb, step, fn, ctx)
   host.plan_step(step.name)
-  local ok, res = step_call(rb, step, ctx, "run", function() return check_outputs(step, fn(ctx, needed(step, fn, ctx))) end)
+  local ok, res = step_call(rb, step, ctx, "run",
+    function() return check_outputs(step, fn(ctx, needed(step, fn, ctx))) end)
   host.plan_step(nil)
   local drift = host.plan_drift()
   if drift then return false, { message = drift, code = "drift", module = "runbook", op = "apply" } end
